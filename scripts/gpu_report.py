@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Writes DIR/report.md from what scripts/gpu-check.sh left in DIR, and prints a compact
+summary (under ~6,000 characters, verdict last) to stdout.
+
+    python3 scripts/gpu_report.py --out DIR
+
+Reads (any may be missing; the report then says "missing"):
+  DIR/logs/results.tsv      one row per step run: step, name, status, detail, seconds
+                            (or logs/results.tsv inside DIR/logs.tar.gz, for a finished run)
+  DIR/logs/cli-*.log        cuattn info / check output, quoted in the report
+  DIR/bench_<family>.json   `cuattn bench <family> --json`
+  DIR/torch_<family>.json   scripts/torch_baseline.py on the same shapes
+Standard library only; never needs torch or a GPU.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+
+FAILING = ("fail", "timeout", "missing")
+SANITIZERS = ("memcheck", "racecheck", "synccheck", "initcheck")
+STDOUT_BUDGET = 6000
+
+
+# --------------------------------------------------------------------------------- reading
+def read_text(out, rel):
+    """DIR/rel, else rel inside DIR/logs.tar.gz; None if neither."""
+    path = os.path.join(out, rel)
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            return f.read()
+    tgz = os.path.join(out, "logs.tar.gz")
+    if os.path.isfile(tgz):
+        try:
+            with tarfile.open(tgz) as tar:
+                f = tar.extractfile(rel)
+                if f is not None:
+                    return f.read().decode(errors="replace")
+        except (KeyError, tarfile.TarError, OSError):
+            pass
+    return None
+
+
+def load_results(out):
+    text = read_text(out, "logs/results.tsv")
+    if text is None:
+        return None
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip() or (i == 0 and line.startswith("step\t")):
+            continue
+        parts = line.split("\t") + [""] * 5
+        step, name, status, detail, secs = parts[:5]
+        try:
+            secs = float(secs)
+        except ValueError:
+            secs = None
+        rows.append({"step": step, "name": name, "status": status, "detail": detail, "seconds": secs})
+    return rows
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def kv(detail):
+    """'passed=3 failed=0 rc=0' -> dict."""
+    return dict(re.findall(r"(\w+)=(\S*)", detail or ""))
+
+
+def num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+# -------------------------------------------------------------------------------- formatting
+def fmt(v, spec="", missing="missing"):
+    if v is None:
+        return missing
+    if isinstance(v, float) and spec:
+        return format(v, spec)
+    return str(v)
+
+
+def fmt_secs(s):
+    return "" if s is None else f"{s:.1f}"
+
+
+def md_table(header, rows):
+    def cell(c):
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(header, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def code_block(text, max_lines, tail=False):
+    lines = (text or "").rstrip("\n").splitlines()
+    cut = len(lines) > max_lines
+    lines = lines[-max_lines:] if tail else lines[:max_lines]
+    if cut:
+        lines.insert(0, "[...]") if tail else lines.append("[...]")
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+# ---------------------------------------------------------------------------------- content
+def header_info(results):
+    info = {r["name"]: r for r in results or [] if r["step"] in ("info", "env") and r["status"] in ("ok", "warn")}
+    gpu = info.get("gpu", {}).get("detail", "")
+    parts = [p.strip() for p in gpu.split(",")] if gpu else []
+    return {
+        "card": parts[0] if parts else None,
+        "driver": parts[1] if len(parts) > 1 else None,
+        "memory": parts[2] if len(parts) > 2 else None,
+        "max_sm_clock": parts[3] if len(parts) > 3 else None,
+        "date": info.get("date", {}).get("detail") or None,
+        "commit": info.get("commit", {}).get("detail") or None,
+        "built": info.get("built", {}).get("detail") or None,
+        "libs": info.get("libs", {}).get("detail") or None,
+    }
+
+
+def test_rows(results):
+    rows = []
+    for r in results or []:
+        if r["step"] != "test":
+            continue
+        d = kv(r["detail"])
+        rows.append([r["name"], r["status"], d.get("passed", "?"), d.get("failed", "?"), d.get("ignored", "?"),
+                     d.get("skipped", "?"), fmt_secs(r["seconds"])])
+    return rows
+
+
+def sanitizer_rows(results):
+    rows = []
+    for r in results or []:
+        if r["step"] in SANITIZERS:
+            d = kv(r["detail"])
+            rows.append([r["step"], r["name"], r["status"], d.get("errors", r["detail"] or "?"), fmt_secs(r["seconds"])])
+    return rows
+
+
+def step_rows(results, steps):
+    return [[r["step"], r["name"], r["status"], r["detail"], fmt_secs(r["seconds"])]
+            for r in results or [] if r["step"] in steps]
+
+
+def families(out, results):
+    fams = set()
+    for pat in ("bench_*.json", "torch_*.json"):
+        for p in glob.glob(os.path.join(out, pat)):
+            fams.add(os.path.basename(p).split("_", 1)[1][: -len(".json")])
+    for r in results or []:
+        if r["step"] in ("bench", "torch"):
+            fams.add(r["name"])
+    return sorted(fams)
+
+
+def row_key(row):
+    return (row.get("op"), row.get("dtype"), row.get("rows"), row.get("hidden"))
+
+
+def shape_of(row):
+    if "rows" in row and "hidden" in row:
+        return f"{row['rows']}x{row['hidden']}"
+    dims = [f"{k}={row[k]}" for k in ("batch", "heads", "seq_q", "seq_k", "seq", "head_dim") if k in row]
+    return " ".join(dims) or "?"
+
+
+def bench_table(ours, theirs):
+    """Rows: op, dtype, shape, ours us, ours GB/s, % copy, torch us, torch GB/s, torch/ours."""
+    torch_rows = {row_key(r): r for r in (theirs or {}).get("rows", [])}
+    our_copy = num((ours or {}).get("copy_bandwidth_gbs"))
+    table, ratios = [], []
+    for r in (ours or {}).get("rows", []):
+        t = torch_rows.get(row_key(r)) if theirs else None
+        us, gbs, pct = num(r.get("time_us")), num(r.get("gbs")), num(r.get("pct_copy"))
+        if pct is None and gbs is not None and our_copy:
+            pct = 100.0 * gbs / our_copy
+        t_us = num(t.get("time_us")) if t else None
+        t_gbs = num(t.get("gbs")) if t else None
+        ratio = t_us / us if t_us and us else None
+        if ratio:
+            ratios.append((r.get("op"), r.get("dtype"), ratio))
+        torch_missing = "missing" if theirs is None or t is None else ("error" if t.get("error") else "missing")
+        table.append([
+            r.get("op", "?"), r.get("dtype", "?"), shape_of(r),
+            fmt(us, ".2f"), fmt(gbs, ".0f"), fmt(pct, ".1f"),
+            fmt(t_us, ".2f", torch_missing), fmt(t_gbs, ".0f", torch_missing),
+            fmt(ratio, ".2f", torch_missing),
+        ])
+    return table, ratios
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+# -------------------------------------------------------------------------------------- main
+def build(out):
+    results = load_results(out)
+    h = header_info(results)
+    failing = [r for r in results or [] if r["status"] in FAILING]
+    verdict = ("FAIL" if failing else "PASS") if results is not None else "UNKNOWN (results.tsv missing)"
+    md, txt = [], []
+
+    # header
+    card = h["card"] or "missing"
+    md.append(f"# GPU check: {card}\n")
+    md.append(md_table(["", ""], [
+        ["card", card], ["driver", fmt(h["driver"])], ["memory", fmt(h["memory"])],
+        ["max SM clock", fmt(h["max_sm_clock"])], ["date (UTC)", fmt(h["date"])],
+        ["commit", fmt(h["commit"])], ["bundle built", fmt(h["built"])], ["libraries", fmt(h["libs"])],
+        ["verdict", f"**{verdict}**" + (f" ({len(failing)} failing rows)" if failing else "")],
+    ]))
+    txt.append(f"== GPU report: {card} | driver {fmt(h['driver'])} | {fmt(h['date'])} | commit {fmt(h['commit'])}")
+    if results is None:
+        md.append("\nlogs/results.tsv is missing: gpu-check.sh did not get far enough to write it.")
+        txt.append("results.tsv: missing")
+
+    # tests
+    trows = test_rows(results)
+    hdr = ["binary", "status", "passed", "failed", "ignored", "skipped", "s"]
+    md.append("\n## Tests (CUATTN_REQUIRE_GPU=1)\n")
+    md.append(md_table(hdr, trows) if trows else "missing: no test binary was run")
+    fails = [r for r in results or [] if r["step"] == "test-failure"]
+    if fails:
+        md.append("\nFailing tests:\n")
+        md.append(md_table(["test", "message"], [[r["name"], r["detail"]] for r in fails]))
+    txt.append("\n-- tests")
+    txt.append(text_table(hdr, trows) if trows else "missing")
+    for r in fails[:15]:
+        txt.append(f"  FAILED {r['name']}: {r['detail'][:150]}")
+    if len(fails) > 15:
+        txt.append(f"  ... {len(fails) - 15} more failing tests in report.md")
+
+    # sanitizer
+    srows = sanitizer_rows(results)
+    hdr = ["tool", "binary", "status", "errors", "s"]
+    md.append("\n## compute-sanitizer (PROPTEST_CASES=3)\n")
+    md.append(md_table(hdr, srows) if srows else "missing: no sanitizer run")
+    if any(r[2] == "unsupported" for r in srows):
+        md.append("\n`unsupported`: compute-sanitizer refused this device (seen on gVisor machines); not counted as a failure.")
+    txt.append("\n-- compute-sanitizer")
+    txt.append(text_table(hdr, srows) if srows else "missing")
+
+    # cli + bench steps
+    crows = step_rows(results, ("cli", "bench", "torch", "criterion", "env"))
+    hdr = ["step", "name", "status", "detail", "s"]
+    md.append("\n## CLI and benchmark steps\n")
+    md.append(md_table(hdr, crows) if crows else "missing")
+    txt.append("\n-- cli / bench steps")
+    txt.append(text_table(hdr, [[*r[:3], r[3][:70], r[4]] for r in crows if r[0] != "env"]) if crows else "missing")
+    info_log = read_text(out, "logs/cli-info.log")
+    check_log = read_text(out, "logs/cli-check.log")
+    md.append("\n### `cuattn info`\n")
+    md.append(code_block(info_log, 40) if info_log is not None else "missing")
+    md.append("\n### `cuattn check`\n")
+    md.append(code_block(check_log, 80, tail=True) if check_log is not None else "missing")
+
+    # benchmarks
+    bench_txt = []
+    for fam in families(out, results):
+        ours = load_json(os.path.join(out, f"bench_{fam}.json"))
+        theirs = load_json(os.path.join(out, f"torch_{fam}.json"))
+        table, ratios = bench_table(ours, theirs)
+        md.append(f"\n## Benchmark: {fam}\n")
+        md.append(md_table(["", ""], [
+            ["cuattn device", fmt((ours or {}).get("device"))],
+            ["cuattn copy bandwidth (GB/s)", fmt(num((ours or {}).get("copy_bandwidth_gbs")), ".0f")],
+            ["torch", fmt((theirs or {}).get("torch_version"))],
+            ["torch copy bandwidth (GB/s)", fmt(num((theirs or {}).get("copy_bandwidth_gbs")), ".0f")],
+            ["torch timer", fmt((theirs or {}).get("timer"))],
+        ]))
+        hdr = ["op", "dtype", "shape", "ours us", "ours GB/s", "% copy", "torch us", "torch GB/s", "torch/ours"]
+        md.append("")
+        if ours is None:
+            md.append(f"bench_{fam}.json: missing")
+        else:
+            md.append(md_table(hdr, table))
+            md.append("\n% copy: our GB/s over our own measured device-to-device copy bandwidth. "
+                      "torch/ours > 1: we are faster.")
+        by_op = {}
+        for op, dtype, ratio in ratios:
+            by_op.setdefault((op, dtype), []).append(ratio)
+        gm = [[op, dt, f"{geomean(v):.2f}", len(v)] for (op, dt), v in sorted(by_op.items())]
+        if gm:
+            md.append("\nGeometric mean of torch/ours per op and dtype:\n")
+            md.append(md_table(["op", "dtype", "torch/ours", "shapes"], gm))
+        errs = [r for r in (theirs or {}).get("rows", []) if r.get("error")]
+        if errs:
+            md.append("\ntorch rows with errors:\n")
+            md.append(md_table(["op", "dtype", "shape", "error"],
+                               [[r.get("op"), r.get("dtype"), shape_of(r), r["error"]] for r in errs]))
+        copy = num((ours or {}).get("copy_bandwidth_gbs"))
+        head = [f"\n-- bench {fam}: our copy {fmt(copy, '.0f')} GB/s; torch {fmt((theirs or {}).get('torch_version'))}"
+                + ("" if theirs else f" (torch_{fam}.json missing)")]
+        ops = {}
+        for op, dt, v, _n in gm:
+            ops.setdefault(op, []).append(f"{dt} {v}")
+        for op, parts in ops.items():
+            head.append(f"  torch/ours geomean {op}: " + ", ".join(parts))
+        if ours is None:
+            head.append(f"bench_{fam}.json: missing")
+        bench_txt.append((head, [r[:6] + [r[6], r[8]] for r in table]))
+
+    # failing rows: listed last, just above the verdict
+    if failing:
+        md.append("\n## Failing steps\n")
+        md.append(md_table(["step", "name", "status", "detail"], [[r["step"], r["name"], r["status"], r["detail"]] for r in failing]))
+    md.append("")
+
+    # stdout: fit the budget by trimming bench rows first
+    tail = []
+    if failing:
+        tail.append("\n-- failing steps")
+        for r in failing[:20]:
+            tail.append(f"  {r['step']} {r['name']}: {r['status']} {r['detail'][:120]}")
+        if len(failing) > 20:
+            tail.append(f"  ... {len(failing) - 20} more in report.md")
+    tail.append(f"\nRESULT: {verdict}" + (f" ({len(failing)} failing rows)" if failing else "") + f"; full report: {os.path.join(out, 'report.md')}")
+    head = "\n".join(txt)
+    end = "\n".join(tail)
+    room = STDOUT_BUDGET - len(head) - len(end) - 2
+
+    def render(limit):
+        parts = []
+        for fam_head, rows in bench_txt:
+            parts.extend(fam_head)
+            if rows and limit > 0:
+                parts.append(text_table(["op", "dtype", "shape", "us", "GB/s", "%copy", "torch_us", "t/ours"], rows[:limit]))
+            if len(rows) > limit:
+                parts.append(f"[... {len(rows) - max(limit, 0)} more rows in report.md]")
+        return "\n".join(parts)
+
+    limit = max([len(rows) for _, rows in bench_txt] + [0])
+    bench = render(limit)
+    while len(bench) > room and limit > 0:
+        limit = limit - max(1, limit // 8)
+        bench = render(limit)
+    return "\n".join(md), "\n".join(x for x in (head, bench, end) if x)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write DIR/report.md from a gpu-check.sh run and print a summary.")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder gpu-check.sh wrote ($OUT)")
+    args = p.parse_args(argv)
+    report, summary = build(args.out)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(report)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

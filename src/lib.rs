@@ -1,0 +1,32 @@
+//! cuattn: hand-written CUDA kernels for attention and the ops around it, each with a CPU
+//! reference it is tested against, and a small transformer runtime on top.
+//!
+//! Layout of the crate:
+//! - [`error`], [`dtype`], [`tensor`]: the one error type, element types, shapes and strides.
+//! - [`reference`]: CPU references in f64 for every kernel.
+//! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
+//! - `gpu` (feature `cuda`): the device layer: context, stream, modules, device tensors.
+//! - `ops` (feature `cuda`): safe wrappers that validate inputs and launch the kernels.
+//! - `bench` (feature `cuda`): timing with CUDA events and the benchmark of each kernel family.
+//! - `check` (feature `cuda`): each kernel against its reference on random inputs.
+//! - [`kernels`]: what the build compiled: kernel names and ptxas' resource report.
+
+pub mod dtype;
+pub mod error;
+pub mod kernels;
+pub mod reference;
+pub mod tensor;
+pub mod tolerance;
+
+#[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod check;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod ops;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use tensor::{HostTensor, Layout};

@@ -1,0 +1,255 @@
+//! `cuattn`: the command line of the crate.
+//!
+//! - `cuattn info`: version, the nvcc that built the kernels, every kernel's ptxas report, the GPU.
+//! - `cuattn check`: every kernel against its CPU reference on the GPU, as a pass/fail table.
+//! - `cuattn bench <family>`: benchmark tables (or `--json`).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cuattn",
+    version,
+    about = "Hand-written CUDA attention kernels: info, checks and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Crate version, kernel build (nvcc, ptxas resources per kernel) and the GPU found.
+    Info {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every kernel against its CPU reference on random inputs (needs a GPU).
+    /// Exit status: 0 all pass, 1 a check failed, 2 no GPU.
+    Check,
+    /// Benchmark a kernel family (needs a GPU).
+    Bench {
+        family: Family,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Small tensors and few iterations: a smoke test, not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Only these dtypes (default: all).
+        #[arg(long, value_delimiter = ',')]
+        dtype: Vec<cuattn::DType>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Family {
+    Layernorm,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { json } => info(json),
+        Command::Check => check(),
+        Command::Bench {
+            family,
+            json,
+            quick,
+            dtype,
+        } => bench(family, json, quick, dtype),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status of `check` and `bench` when there is no GPU to run on (1 means a failure).
+const NO_GPU: u8 = 2;
+
+type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn info(json: bool) -> CliResult {
+    let resources = cuattn::kernels::resources();
+    let gpu = gpu_summary();
+    if json {
+        let v = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "nvcc": cuattn::kernels::nvcc_version(),
+            "kernels": resources,
+            "gpu": gpu.as_ref().map_err(|e| e.to_string()).ok(),
+            "gpu_error": gpu.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("cuattn {}", env!("CARGO_PKG_VERSION"));
+    println!("kernels built by: {}", cuattn::kernels::nvcc_version());
+    let modules: Vec<_> = cuattn::kernels::modules()
+        .iter()
+        .map(|m| format!("{} ({} KiB)", m.name, m.fatbin.len() / 1024))
+        .collect();
+    println!(
+        "modules: {}",
+        if modules.is_empty() {
+            "none".to_string()
+        } else {
+            modules.join(", ")
+        }
+    );
+    if !resources.is_empty() {
+        println!();
+        println!(
+            "{:<32} {:<6} {:>5} {:>10} {:>7} {:>12}",
+            "kernel", "arch", "regs", "smem (B)", "stack", "spills st/ld"
+        );
+        for r in &resources {
+            println!(
+                "{:<32} {:<6} {:>5} {:>10} {:>7} {:>7}/{:<4}",
+                r.kernel,
+                r.arch,
+                r.registers,
+                r.shared_bytes,
+                r.stack_bytes,
+                r.spill_store_bytes,
+                r.spill_load_bytes
+            );
+        }
+        println!("(smem: static only; dynamic shared memory is sized per launch)");
+    }
+    println!();
+    match gpu {
+        Ok(g) => println!("GPU: {g}"),
+        Err(e) => println!("GPU: no CUDA device ({e})"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_summary() -> Result<String, cuattn::Error> {
+    let gpu = cuattn::gpu::Gpu::shared()?;
+    let i = gpu.info();
+    Ok(format!(
+        "{} (compute capability {}.{}, {:.1} GiB, {} SMs, {} KiB shared memory per block)",
+        i.name,
+        i.compute_capability.0,
+        i.compute_capability.1,
+        i.total_memory_bytes as f64 / (1u64 << 30) as f64,
+        i.multiprocessors,
+        i.max_shared_per_block_optin / 1024
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_summary() -> Result<String, cuattn::Error> {
+    Err(cuattn::Error::CudaDisabled)
+}
+
+#[cfg(feature = "cuda")]
+fn check() -> CliResult {
+    use cuattn::check::layernorm as ln;
+    let gpu = match cuattn::gpu::Gpu::shared() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cuattn check needs a CUDA GPU: {e}");
+            return Ok(ExitCode::from(NO_GPU));
+        }
+    };
+    println!(
+        "checking every kernel against its CPU reference on {}",
+        gpu.info().name
+    );
+    println!("{:<10} {:<36} {:<7} detail", "kernel", "case", "result");
+    let mut failures = 0;
+    let mut report = |kernel: &str, case: &str, r: Result<(), String>| {
+        let (status, detail) = match r {
+            Ok(()) => ("pass", String::new()),
+            Err(e) => {
+                failures += 1;
+                ("FAIL", e)
+            }
+        };
+        println!("{kernel:<10} {case:<36} {status:<7} {detail}");
+    };
+    for (name, case) in ln::standard_cases() {
+        report("ln_fwd", &name, ln::forward(&gpu, &case, false).map(|_| ()));
+        report(
+            "ln_add_fwd",
+            &name,
+            ln::forward(&gpu, &case, true).map(|_| ()),
+        );
+        report("ln_bwd", &name, ln::backward(&gpu, &case));
+    }
+    if failures > 0 {
+        println!("{failures} check(s) FAILED");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("all checks passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check() -> CliResult {
+    eprintln!("cuattn check needs a CUDA GPU: this build has no `cuda` feature");
+    Ok(ExitCode::from(NO_GPU))
+}
+
+#[cfg(feature = "cuda")]
+fn bench(family: Family, json: bool, quick: bool, dtypes: Vec<cuattn::DType>) -> CliResult {
+    let gpu = match cuattn::gpu::Gpu::shared() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cuattn bench needs a CUDA GPU: {e}");
+            return Ok(ExitCode::from(NO_GPU));
+        }
+    };
+    let dtypes = if dtypes.is_empty() {
+        cuattn::DType::ALL.to_vec()
+    } else {
+        dtypes
+    };
+    let copy_gbs = cuattn::bench::copy_bandwidth_gbs(&gpu, if quick { 64 << 20 } else { 1 << 30 })?;
+    match family {
+        Family::Layernorm => {
+            let rows = cuattn::bench::layernorm::run(&gpu, &dtypes, quick, copy_gbs)?;
+            if json {
+                let v = serde_json::json!({
+                    "family": "layernorm",
+                    "device": gpu.info().name,
+                    "copy_bandwidth_gbs": copy_gbs,
+                    "rows": rows,
+                });
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "LayerNorm on {} (measured copy bandwidth {:.0} GB/s)",
+                    gpu.info().name,
+                    copy_gbs
+                );
+                println!(
+                    "{:<17} {:<5} {:>8} {:>6} {:>10} {:>8} {:>7}",
+                    "op", "dtype", "rows", "hidden", "time (µs)", "GB/s", "% copy"
+                );
+                for r in rows {
+                    println!(
+                        "{:<17} {:<5} {:>8} {:>6} {:>10.1} {:>8.0} {:>6.1}%",
+                        r.op, r.dtype, r.rows, r.hidden, r.time_us, r.gbs, r.pct_copy
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>) -> CliResult {
+    eprintln!("cuattn bench needs a CUDA GPU: this build has no `cuda` feature");
+    Ok(ExitCode::from(NO_GPU))
+}

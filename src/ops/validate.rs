@@ -1,0 +1,102 @@
+//! Argument checks shared by the ops. Each returns an [`Error`] naming the argument.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Layout;
+
+/// What an op needs to know about one device view.
+pub(crate) struct ViewInfo<'l> {
+    pub arg: &'static str,
+    pub ptr: u64,
+    pub bytes: usize,
+    pub dtype: DType,
+    pub layout: &'l Layout,
+}
+
+/// A view seen as evenly spaced contiguous rows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rows {
+    pub ptr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+impl Rows {
+    /// Whether every row starts on a 16-byte boundary.
+    pub fn rows_16b_aligned(&self, dtype: DType) -> bool {
+        self.ptr % 16 == 0 && (self.rows <= 1 || (self.row_stride * dtype.size_bytes()) % 16 == 0)
+    }
+}
+
+pub(crate) fn dtype(v: &ViewInfo, expected: DType) -> Result<()> {
+    if v.dtype != expected {
+        return Err(Error::DType {
+            arg: v.arg,
+            expected,
+            got: v.dtype,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the view's layout fits its memory and its address is aligned to its element size.
+pub(crate) fn memory(v: &ViewInfo) -> Result<()> {
+    let size = v.dtype.size_bytes();
+    if v.ptr % size as u64 != 0 {
+        return Err(Error::Alignment {
+            arg: v.arg,
+            ptr: v.ptr,
+            align: size,
+        });
+    }
+    v.layout.check_fits(v.arg, v.bytes / size)
+}
+
+/// The view as rows (outer dims collapsed), non-empty, with its memory checked.
+pub(crate) fn rows(v: &ViewInfo) -> Result<Rows> {
+    if v.layout.numel() == 0 {
+        return Err(Error::Empty {
+            arg: v.arg,
+            shape: v.layout.shape().to_vec(),
+        });
+    }
+    memory(v)?;
+    let (rows, cols, row_stride) = v.layout.as_rows(v.arg)?;
+    Ok(Rows {
+        ptr: v.ptr,
+        rows,
+        cols,
+        row_stride,
+    })
+}
+
+/// A contiguous vector of exactly `len` elements (any shape whose numel is `len`).
+pub(crate) fn vector(v: &ViewInfo, len: usize, what: &str) -> Result<()> {
+    if v.layout.numel() != len {
+        return Err(Error::Shape {
+            arg: v.arg,
+            expected: format!("{len} elements ({what})"),
+            got: v.layout.shape().to_vec(),
+        });
+    }
+    if !v.layout.is_contiguous() {
+        return Err(Error::layout(
+            v.arg,
+            format!("must be contiguous, got strides {:?}", v.layout.strides()),
+        ));
+    }
+    memory(v)
+}
+
+/// Two views must have the same shape.
+pub(crate) fn same_shape(a: &ViewInfo, b: &ViewInfo) -> Result<()> {
+    if a.layout.shape() != b.layout.shape() {
+        return Err(Error::Shape {
+            arg: b.arg,
+            expected: format!("{:?} (the shape of `{}`)", a.layout.shape(), a.arg),
+            got: b.layout.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
