@@ -38,3 +38,28 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 }  // namespace cuattn
+
+namespace cuattn {
+
+// Streaming (evict-first) access for data touched once, as 16-byte packs where possible.
+template <typename P> __device__ __forceinline__ P load_stream(const void* base, int64_t index) {
+    if constexpr (sizeof(P) == 16) {
+        const uint4 u = __ldcs(reinterpret_cast<const uint4*>(base) + index);
+        P out;
+        memcpy(&out, &u, 16);
+        return out;
+    } else {
+        return reinterpret_cast<const P*>(base)[index];
+    }
+}
+template <typename P> __device__ __forceinline__ void store_stream(void* base, int64_t index, const P& v) {
+    if constexpr (sizeof(P) == 16) {
+        uint4 u;
+        memcpy(&u, &v, 16);
+        __stcs(reinterpret_cast<uint4*>(base) + index, u);
+    } else {
+        reinterpret_cast<P*>(base)[index] = v;
+    }
+}
+
+}  // namespace cuattn

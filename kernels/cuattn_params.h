@@ -37,9 +37,16 @@ typedef struct cuattn_layernorm_fwd_params {
     float eps;
 } cuattn_layernorm_fwd_params;
 
-/* LayerNorm backward, stage 1: dx per row, and per-block partial sums of dgamma and dbeta.
- * Block b handles rows b, b + gridDim.x, ... and leaves its partials in
- * partials[b][0][:] (dgamma) and partials[b][1][:] (dbeta), f32. */
+/* Where the backward accumulates its per-block dgamma/dbeta partials. */
+#define CUATTN_LN_PARTIALS_REGISTERS 0 /* register path: each thread's columns, combined per block */
+#define CUATTN_LN_PARTIALS_SHARED 1    /* generic path: 2*hidden floats of dynamic smem per block */
+#define CUATTN_LN_PARTIALS_GLOBAL 2    /* generic path: the block's slice of the workspace */
+#define CUATTN_LN_PARTIALS_NONE 3      /* generic path: dx only; layernorm_bwd_columns does dgamma/dbeta */
+
+/* LayerNorm backward, stage 1: dx per row, and (unless partials_mode == NONE) per-block partial
+ * sums of dgamma and dbeta, left in partials[b][0][:] (dgamma) and partials[b][1][:] (dbeta),
+ * f32, for block b. A block holds rows_per_block groups of threads_per_row threads; group g
+ * of block b handles rows (b * rows_per_block + g) + k * gridDim.x * rows_per_block. */
 typedef struct cuattn_layernorm_bwd_params {
     uint64_t dy;       /* [rows, hidden] T */
     uint64_t x;        /* [rows, hidden] T: the forward's input (s for the fused residual form) */
@@ -53,10 +60,29 @@ typedef struct cuattn_layernorm_bwd_params {
     int64_t x_row_stride;
     int64_t dx_row_stride;
     int32_t hidden;
+    int32_t threads_per_row;    /* power of two in [32, 1024] */
+    int32_t rows_per_block;     /* register path only; the generic path has one group per block */
     int32_t vectorized;         /* as in the forward, for dy, x and dx */
-    int32_t partials_in_smem;   /* 1: accumulate partials in dynamic smem, write them once at the end */
-    int32_t cache_rows_in_smem; /* 1: dynamic smem (after the partials) caches the row of x and dy */
+    int32_t partials_mode;      /* CUATTN_LN_PARTIALS_* */
+    int32_t cache_rows_in_smem; /* generic path: dynamic smem (after any partials) caches x and dy */
 } cuattn_layernorm_bwd_params;
+
+/* LayerNorm backward, dgamma/dbeta by columns (for rows too wide for per-block partials):
+ * block (bx, by) sums rows [by * rows_per_chunk, (by + 1) * rows_per_chunk) of the column
+ * packs [bx * 32, bx * 32 + 32) into partials[by][0..2][:]. blockDim = (32, 8). */
+typedef struct cuattn_layernorm_bwd_columns_params {
+    uint64_t dy;       /* [rows, hidden] T */
+    uint64_t x;        /* [rows, hidden] T */
+    uint64_t mean;     /* [rows] f32 */
+    uint64_t rstd;     /* [rows] f32 */
+    uint64_t partials; /* [gridDim.y, 2, hidden] f32 */
+    int64_t rows;
+    int64_t dy_row_stride;
+    int64_t x_row_stride;
+    int64_t rows_per_chunk;
+    int32_t hidden;
+    int32_t vectorized;
+} cuattn_layernorm_bwd_columns_params;
 
 /* LayerNorm backward, stage 2: dgamma[j] = sum_b partials[b][0][j], dbeta likewise, summed in
  * block order so the result is bitwise deterministic. */

@@ -285,7 +285,8 @@ sanitize() { # TOOL BIN CAP
   # shellcheck disable=SC2086 # SANITIZER_TEST_ARGS is a list of words
   run_timed "$cap" "$log" env PROPTEST_CASES=3 CUATTN_REQUIRE_GPU=1 \
     "$SANITIZER" --tool "$tool" --error-exitcode 99 "$bin" $SANITIZER_TEST_ARGS
-  errs="$(sed -n 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p' "$log" | tail -n1)"
+  errs="$(sed -n -e 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p' \
+    -e 's/.*RACECHECK SUMMARY: [0-9]* hazards displayed (\([0-9][0-9]*\) error.*/\1/p' "$log" | tail -n1)"
   case "$RC" in
     0) s=ok ;;
     124) s=timeout ;;

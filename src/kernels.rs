@@ -156,4 +156,5 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_fwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_reduce_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_columns_params {}
 }

@@ -7,7 +7,7 @@
 use cuattn::check::layernorm::{self as check, Case};
 use cuattn::check::{gpu_or_skip, Placement};
 use cuattn::gpu::Gpu;
-use cuattn::ops::layernorm::{self as ln, Tuning};
+use cuattn::ops::layernorm::{self as ln, ParamGrads, Tuning};
 use cuattn::{DType, Error};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -30,13 +30,20 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         row_pad: pad * 8 + pad % 2,
         offset: misalign as usize,
     });
+    let grads = prop::option::of(prop::sample::select(vec![
+        ParamGrads::Shared,
+        ParamGrads::Global,
+        ParamGrads::Columns,
+    ]));
     let tuning = (
         prop::option::of(any::<bool>()),
         prop::option::of(any::<bool>()),
+        grads,
     )
-        .prop_map(|(smem_cache, smem_partials)| Tuning {
+        .prop_map(|(registers, smem_cache, param_grads)| Tuning {
+            registers,
             smem_cache,
-            smem_partials,
+            param_grads,
         });
     (
         prop::sample::select(DType::ALL.to_vec()),
@@ -125,29 +132,68 @@ fn backward_matches_reference_on_random_cases() {
     );
 }
 
-/// Every dtype, forward, fused forward and backward, through each launch path.
+/// Every launch path: the planner's choice, then the generic path with each way of forming
+/// dγ/dβ, with and without the shared-memory row cache.
+fn every_path() -> Vec<Tuning> {
+    let generic = |smem_cache, grads| Tuning {
+        registers: Some(false),
+        smem_cache: Some(smem_cache),
+        param_grads: Some(grads),
+    };
+    vec![
+        Tuning::default(),
+        generic(true, ParamGrads::Shared),
+        generic(false, ParamGrads::Global),
+        generic(true, ParamGrads::Columns),
+    ]
+}
+
+/// Every dtype, forward, fused forward and backward, through every launch path.
 fn sizes_users_hit(name: &str, rows: usize, hidden: usize) {
     let Some(gpu) = gpu_or_skip(name) else { return };
     for dt in DType::ALL {
-        let c = Case::plain(dt, rows, hidden);
-        check::forward(&gpu, &c, false).unwrap();
-        check::forward(&gpu, &c, true).unwrap();
-        check::backward(&gpu, &c).unwrap();
-        let reread = Case {
-            tuning: Tuning {
-                smem_cache: Some(false),
-                smem_partials: Some(false),
-            },
-            ..c
-        };
-        check::forward(&gpu, &reread, false).unwrap();
-        check::backward(&gpu, &reread).unwrap();
+        for tuning in every_path() {
+            let c = Case {
+                tuning,
+                ..Case::plain(dt, rows, hidden)
+            };
+            check::forward(&gpu, &c, false).unwrap();
+            check::forward(&gpu, &c, true).unwrap();
+            check::backward(&gpu, &c).unwrap();
+        }
     }
 }
 
 #[test]
 fn hidden_1_normalises_to_beta() {
     sizes_users_hit("hidden_1_normalises_to_beta", 37, 1);
+}
+
+#[test]
+fn hidden_1_gives_exactly_beta() {
+    let Some(gpu) = gpu_or_skip("hidden_1_gives_exactly_beta") else {
+        return;
+    };
+    for dt in DType::ALL {
+        let inp = check::inputs(&Case::plain(dt, 37, 1));
+        let up = |v: &[f32], shape: &[usize]| {
+            gpu.upload(&cuattn::HostTensor::from_f32(dt, shape, v).unwrap())
+                .unwrap()
+        };
+        let x = up(&inp.x, &[37, 1]);
+        let beta = up(inp.beta.as_ref().unwrap(), &[1]);
+        let gamma = up(inp.gamma.as_ref().unwrap(), &[1]);
+        let y = ln::forward(&x, Some(&gamma), Some(&beta), 1e-5)
+            .unwrap()
+            .y
+            .to_f32_vec()
+            .unwrap();
+        let b = inp.beta.as_ref().unwrap()[0];
+        assert!(
+            y.iter().all(|&v| v.to_bits() == b.to_bits()),
+            "{dt}: {y:?} is not all {b}"
+        );
+    }
 }
 
 #[test]
@@ -176,9 +222,14 @@ fn odd_hidden_sizes_take_the_scalar_path() {
     };
     for hidden in [3, 7, 33, 255, 1023, 4097] {
         for dt in DType::ALL {
-            let c = Case::plain(dt, 19, hidden);
-            check::forward(&gpu, &c, false).unwrap();
-            check::backward(&gpu, &c).unwrap();
+            for tuning in every_path() {
+                let c = Case {
+                    tuning,
+                    ..Case::plain(dt, 19, hidden)
+                };
+                check::forward(&gpu, &c, false).unwrap();
+                check::backward(&gpu, &c).unwrap();
+            }
         }
     }
 }

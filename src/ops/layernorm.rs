@@ -9,8 +9,10 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, Kernel, TensorMut, TensorRef};
 use crate::kernels::params::{
-    cuattn_layernorm_bwd_params, cuattn_layernorm_bwd_reduce_params, cuattn_layernorm_fwd_params,
-    CUATTN_LAYERNORM_MAX_HIDDEN,
+    cuattn_layernorm_bwd_columns_params, cuattn_layernorm_bwd_params,
+    cuattn_layernorm_bwd_reduce_params, cuattn_layernorm_fwd_params, CUATTN_LAYERNORM_MAX_HIDDEN,
+    CUATTN_LN_PARTIALS_GLOBAL, CUATTN_LN_PARTIALS_NONE, CUATTN_LN_PARTIALS_REGISTERS,
+    CUATTN_LN_PARTIALS_SHARED,
 };
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -22,13 +24,28 @@ pub const MAX_HIDDEN: usize = CUATTN_LAYERNORM_MAX_HIDDEN as usize;
 const REDUCE_THREADS: u32 = 256;
 
 /// Choices the launch makes that do not change the result's meaning; tests force each path.
-#[derive(Clone, Copy, Debug, Default)]
+/// `None` everywhere (the default) lets the planner decide by size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tuning {
-    /// Keep rows in shared memory between passes: `None` decides by size, `Some(false)`
-    /// forces the re-read path, `Some(true)` asks for the cache where it fits.
+    /// Keep each thread's share of a row in registers when the row is narrow enough
+    /// (`Some(false)`: always take the generic loop path).
+    pub registers: Option<bool>,
+    /// Generic path: keep rows in shared memory between passes where they fit
+    /// (`Some(false)`: re-read them from global memory).
     pub smem_cache: Option<bool>,
-    /// Backward: accumulate the dγ/dβ partials in shared memory (`None`: when they fit).
-    pub smem_partials: Option<bool>,
+    /// Generic backward path: where the dγ/dβ partial sums are formed.
+    pub param_grads: Option<ParamGrads>,
+}
+
+/// How the generic backward path forms dγ/dβ partial sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamGrads {
+    /// Per block, in shared memory (needs 8·hidden bytes).
+    Shared,
+    /// Per block, read-modify-write in the block's slice of the workspace.
+    Global,
+    /// A separate column kernel re-reads x and dy (any hidden size).
+    Columns,
 }
 
 /// Outputs of the forward.
@@ -50,28 +67,128 @@ pub struct Gradients {
     pub dbeta: DeviceTensor,
 }
 
+/// Every kernel of the module, by stage, for [f32, f16, bf16].
+const KERNELS: &[(&str, [&str; 3])] = &[
+    (
+        "fwd",
+        [
+            "layernorm_fwd_f32",
+            "layernorm_fwd_f16",
+            "layernorm_fwd_bf16",
+        ],
+    ),
+    (
+        "fwd_regs1",
+        [
+            "layernorm_fwd_regs1_f32",
+            "layernorm_fwd_regs1_f16",
+            "layernorm_fwd_regs1_bf16",
+        ],
+    ),
+    (
+        "fwd_regs2",
+        [
+            "layernorm_fwd_regs2_f32",
+            "layernorm_fwd_regs2_f16",
+            "layernorm_fwd_regs2_bf16",
+        ],
+    ),
+    (
+        "fwd_regs4",
+        [
+            "layernorm_fwd_regs4_f32",
+            "layernorm_fwd_regs4_f16",
+            "layernorm_fwd_regs4_bf16",
+        ],
+    ),
+    (
+        "bwd",
+        [
+            "layernorm_bwd_f32",
+            "layernorm_bwd_f16",
+            "layernorm_bwd_bf16",
+        ],
+    ),
+    (
+        "bwd_regs1",
+        [
+            "layernorm_bwd_regs1_f32",
+            "layernorm_bwd_regs1_f16",
+            "layernorm_bwd_regs1_bf16",
+        ],
+    ),
+    (
+        "bwd_regs2",
+        [
+            "layernorm_bwd_regs2_f32",
+            "layernorm_bwd_regs2_f16",
+            "layernorm_bwd_regs2_bf16",
+        ],
+    ),
+    (
+        "bwd_columns",
+        [
+            "layernorm_bwd_columns_f32",
+            "layernorm_bwd_columns_f16",
+            "layernorm_bwd_columns_bf16",
+        ],
+    ),
+    (
+        "reduce",
+        [
+            "layernorm_bwd_reduce_f32",
+            "layernorm_bwd_reduce_f16",
+            "layernorm_bwd_reduce_bf16",
+        ],
+    ),
+];
+
 fn kernel_name(stage: &str, dtype: DType) -> &'static str {
-    // Names are a closed set, so leak-free &'static strs via a match.
-    match (stage, dtype) {
-        ("fwd", DType::F32) => "layernorm_fwd_f32",
-        ("fwd", DType::F16) => "layernorm_fwd_f16",
-        ("fwd", DType::BF16) => "layernorm_fwd_bf16",
-        ("bwd", DType::F32) => "layernorm_bwd_f32",
-        ("bwd", DType::F16) => "layernorm_bwd_f16",
-        ("bwd", DType::BF16) => "layernorm_bwd_bf16",
-        ("reduce", DType::F32) => "layernorm_bwd_reduce_f32",
-        ("reduce", DType::F16) => "layernorm_bwd_reduce_f16",
-        ("reduce", DType::BF16) => "layernorm_bwd_reduce_bf16",
-        _ => unreachable!("unknown layernorm stage {stage}"),
+    let names = KERNELS
+        .iter()
+        .find(|(s, _)| *s == stage)
+        .unwrap_or_else(|| unreachable!("unknown layernorm stage {stage}"))
+        .1;
+    match dtype {
+        DType::F32 => names[0],
+        DType::F16 => names[1],
+        DType::BF16 => names[2],
     }
 }
 
-/// Threads that share one row: about four 16-byte packs (or elements) each, a power of two
-/// between one warp and a full block.
-fn threads_per_row(units_per_row: usize) -> u32 {
-    (units_per_row.div_ceil(4))
+/// Most threads a register-path block may have (the kernels' `__launch_bounds__`).
+const REGS_MAX_THREADS: usize = 512;
+/// Most packs per thread on the register paths: forward, backward (whose dγ/dβ partials live
+/// in registers too).
+const FWD_REGS_MAX_PACKS: usize = 4;
+const BWD_REGS_MAX_PACKS: usize = 2;
+/// Generic backward: widest row whose partials go to shared memory by default.
+const SHARED_PARTIALS_MAX_HIDDEN: usize = 2048;
+/// Column kernel tile: 32 packs wide, 8 threads down (`layernorm_bwd_columns`).
+const COLUMN_TILE_PACKS: usize = 32;
+const COLUMN_THREADS_Y: u32 = 8;
+
+/// A row group of `tpr` threads with `packs` packs each, for a row of `units` packs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RowSplit {
+    tpr: u32,
+    packs: usize,
+    rows_per_block: u32,
+}
+
+/// Splits a row of `units` packs over a power-of-two group of 32..=`max_tpr` threads with
+/// about `target_packs` packs each; `rows_per_block` fills a block of about 256 threads.
+fn split_row(units: usize, target_packs: usize, max_tpr: usize) -> RowSplit {
+    let tpr = units
+        .div_ceil(target_packs)
         .next_power_of_two()
-        .clamp(32, 1024) as u32
+        .clamp(32, max_tpr);
+    let packs = units.div_ceil(tpr).next_power_of_two();
+    RowSplit {
+        tpr: tpr as u32,
+        packs,
+        rows_per_block: (256 / tpr as u32).max(1),
+    }
 }
 
 fn check_hidden(arg: &'static str, hidden: usize) -> Result<()> {
@@ -199,12 +316,22 @@ fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
     let (gamma, beta, mean, rstd) = (c.gamma, c.beta, c.mean, c.rstd);
     let pack = 16 / dtype.size_bytes();
     let units = if vectorized { x.cols / pack } else { x.cols };
-    let tpr = threads_per_row(units);
-    let rows_per_block = (256 / tpr).max(1);
+    let regs = split_row(units, FWD_REGS_MAX_PACKS, REGS_MAX_THREADS);
+    let use_regs = tuning.registers != Some(false) && regs.packs <= FWD_REGS_MAX_PACKS;
+    let (split, stage) = if use_regs {
+        (
+            regs,
+            ["fwd_regs1", "fwd_regs2", "fwd_regs4"][regs.packs.trailing_zeros() as usize],
+        )
+    } else {
+        (split_row(units, 4, 1024), "fwd")
+    };
+    let (tpr, rows_per_block) = (split.tpr, split.rows_per_block);
     let threads = tpr * rows_per_block;
+    let kernel = gpu.kernel(MODULE, kernel_name(stage, dtype))?;
     let cache_bytes = rows_per_block as usize * x.cols * dtype.size_bytes();
-    let kernel = gpu.kernel(MODULE, kernel_name("fwd", dtype))?;
-    let cache = tuning.smem_cache.unwrap_or(true) && cache_bytes <= kernel.max_dynamic_smem;
+    let cache =
+        !use_regs && tuning.smem_cache.unwrap_or(true) && cache_bytes <= kernel.max_dynamic_smem;
     let smem = if cache { cache_bytes } else { 0 };
 
     let groups = x.rows.div_ceil(rows_per_block as usize);
@@ -232,20 +359,20 @@ fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
         cache_rows_in_smem: cache as i32,
         eps: c.eps,
     };
-    launch(gpu, &kernel, &p, grid, threads, smem)
+    launch(gpu, &kernel, &p, (grid, 1), (threads, 1), smem)
 }
 
 fn launch<P: cudarc::driver::DeviceRepr>(
     gpu: &Gpu,
     kernel: &Kernel,
     params: &P,
-    grid: u32,
-    threads: u32,
+    grid: (u32, u32),
+    block: (u32, u32),
     smem: usize,
 ) -> Result<()> {
     let cfg = LaunchConfig {
-        grid_dim: (grid.max(1), 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        block_dim: (block.0, block.1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: the caller validated every pointer in `params` (dtype, shape, strides, alignment,
@@ -383,19 +510,24 @@ pub fn add_forward(
     Ok((s, ForwardOutput { y, mean, rstd }))
 }
 
-/// Launch plan of the backward: blocks of stage 1 and shared-memory use.
+/// Launch plan of the backward.
+#[derive(Debug)]
 struct BackwardPlan {
-    threads: u32,
+    kernel: Kernel,
+    split: RowSplit,
     grid: u32,
     smem: usize,
-    partials_in_smem: bool,
+    partials_mode: u32,
     cache: bool,
-    vectorized: bool,
+    /// Column kernel launch, when dγ/dβ come from it: (grid x, grid y, rows per chunk).
+    columns: Option<(u32, u32, usize)>,
+    /// Partial rows stage 2 sums.
+    num_partials: usize,
+    workspace_bytes: usize,
 }
 
 fn plan_backward(
     gpu: &Gpu,
-    kernel: &Kernel,
     dtype: DType,
     rows: usize,
     hidden: usize,
@@ -404,22 +536,88 @@ fn plan_backward(
 ) -> Result<BackwardPlan> {
     let pack = 16 / dtype.size_bytes();
     let units = if vectorized { hidden / pack } else { hidden };
-    let threads = threads_per_row(units);
+    let regs = split_row(units, BWD_REGS_MAX_PACKS, REGS_MAX_THREADS);
+    if tuning.registers != Some(false) && regs.packs <= BWD_REGS_MAX_PACKS {
+        let kernel = gpu.kernel(
+            MODULE,
+            kernel_name(["bwd_regs1", "bwd_regs2"][regs.packs - 1], dtype),
+        )?;
+        let threads = regs.tpr * regs.rows_per_block;
+        let smem = regs.rows_per_block as usize * 2 * hidden * 4;
+        let resident =
+            gpu.blocks_per_sm(&kernel, threads, smem)?.max(1) * gpu.info().multiprocessors;
+        let grid = rows
+            .div_ceil(regs.rows_per_block as usize)
+            .min(resident as usize) as u32;
+        return Ok(BackwardPlan {
+            kernel,
+            split: regs,
+            grid,
+            smem,
+            partials_mode: CUATTN_LN_PARTIALS_REGISTERS,
+            cache: false,
+            columns: None,
+            num_partials: grid as usize,
+            workspace_bytes: grid as usize * 2 * hidden * 4,
+        });
+    }
+
+    let kernel = gpu.kernel(MODULE, kernel_name("bwd", dtype))?;
+    let split = RowSplit {
+        rows_per_block: 1,
+        ..split_row(units, 4, 1024)
+    };
     let budget = kernel.max_dynamic_smem;
     let partial_bytes = 2 * hidden * 4;
+    let grads = tuning
+        .param_grads
+        .unwrap_or(if hidden <= SHARED_PARTIALS_MAX_HIDDEN {
+            ParamGrads::Shared
+        } else {
+            ParamGrads::Columns
+        });
+    let grads = if grads == ParamGrads::Shared && partial_bytes > budget {
+        ParamGrads::Columns
+    } else {
+        grads
+    };
+    let used = if grads == ParamGrads::Shared {
+        partial_bytes
+    } else {
+        0
+    };
     let cache_bytes = 2 * hidden * dtype.size_bytes();
-    let partials_in_smem = tuning.smem_partials.unwrap_or(true) && partial_bytes <= budget;
-    let used = if partials_in_smem { partial_bytes } else { 0 };
     let cache = tuning.smem_cache.unwrap_or(true) && used + cache_bytes <= budget;
     let smem = used + if cache { cache_bytes } else { 0 };
-    let resident = gpu.blocks_per_sm(kernel, threads, smem)?.max(1) * gpu.info().multiprocessors;
+    let resident = gpu.blocks_per_sm(&kernel, split.tpr, smem)?.max(1) * gpu.info().multiprocessors;
+    let grid = rows.min(resident as usize) as u32;
+    let (partials_mode, columns, num_partials) = match grads {
+        ParamGrads::Shared => (CUATTN_LN_PARTIALS_SHARED, None, grid as usize),
+        ParamGrads::Global => (CUATTN_LN_PARTIALS_GLOBAL, None, grid as usize),
+        ParamGrads::Columns => {
+            // Enough row chunks that the column kernel fills the GPU about four blocks deep.
+            let grid_x = units.div_ceil(COLUMN_TILE_PACKS);
+            let want = (4 * gpu.info().multiprocessors as usize).div_ceil(grid_x);
+            let chunks = want.clamp(1, rows.div_ceil(COLUMN_THREADS_Y as usize).max(1));
+            let rows_per_chunk = rows.div_ceil(chunks);
+            let grid_y = rows.div_ceil(rows_per_chunk);
+            (
+                CUATTN_LN_PARTIALS_NONE,
+                Some((grid_x as u32, grid_y as u32, rows_per_chunk)),
+                grid_y,
+            )
+        }
+    };
     Ok(BackwardPlan {
-        threads,
-        grid: rows.min(resident as usize) as u32,
+        kernel,
+        split,
+        grid,
         smem,
-        partials_in_smem,
+        partials_mode,
         cache,
-        vectorized,
+        columns,
+        num_partials,
+        workspace_bytes: num_partials * 2 * hidden * 4,
     })
 }
 
@@ -494,10 +692,13 @@ pub fn backward_workspace_bytes(
     rows: usize,
     hidden: usize,
 ) -> Result<usize> {
-    let kernel = gpu.kernel(MODULE, kernel_name("bwd", dtype))?;
-    let plan = plan_backward(gpu, &kernel, dtype, rows, hidden, false, Tuning::default())?;
-    let vec_plan = plan_backward(gpu, &kernel, dtype, rows, hidden, true, Tuning::default())?;
-    Ok(plan.grid.max(vec_plan.grid) as usize * 2 * hidden * 4)
+    let mut most = 0;
+    for vectorized in [false, true] {
+        most = most.max(
+            plan_backward(gpu, dtype, rows, hidden, vectorized, Tuning::default())?.workspace_bytes,
+        );
+    }
+    Ok(most)
 }
 
 /// LayerNorm backward into caller-owned views. `x` is the forward's input (its `residual_out`
@@ -521,21 +722,17 @@ pub fn backward_into<'a>(
     let c = check_backward(dy, x, gamma, mean, rstd, dx, dgamma, dbeta)?;
     let (dtype, xr, dyr, dxr, vectorized) = (c.dtype, c.x, c.dy, c.dx, c.vectorized);
     let (gamma_ptr, dgamma_ptr, dbeta_ptr) = (c.gamma, c.dgamma, c.dbeta);
-    let kernel = gpu.kernel(MODULE, kernel_name("bwd", dtype))?;
-    let plan = plan_backward(gpu, &kernel, dtype, xr.rows, xr.cols, vectorized, tuning)?;
-    let ws_bytes = plan.grid as usize * 2 * xr.cols * 4;
+    let plan = plan_backward(gpu, dtype, xr.rows, xr.cols, vectorized, tuning)?;
+    let ws_bytes = plan.workspace_bytes;
     let ws_ptr = match workspace {
         Some(ws) => {
             let info = ws.info("workspace");
             validate::dtype(&info, DType::F32)?;
             validate::memory(&info)?;
-            if ws.bytes < ws_bytes || ws.ptr % 4 != 0 {
+            if ws.bytes < ws_bytes {
                 return Err(Error::invalid(
                     "workspace",
-                    format!(
-                        "needs {ws_bytes} bytes (4-byte aligned), got {} bytes",
-                        ws.bytes
-                    ),
+                    format!("needs {ws_bytes} bytes, got {} bytes", ws.bytes),
                 ));
             }
             ws.ptr
@@ -556,25 +753,53 @@ pub fn backward_into<'a>(
         x_row_stride: xr.row_stride as i64,
         dx_row_stride: dxr.row_stride as i64,
         hidden: xr.cols as i32,
-        vectorized: plan.vectorized as i32,
-        partials_in_smem: plan.partials_in_smem as i32,
+        threads_per_row: plan.split.tpr as i32,
+        rows_per_block: plan.split.rows_per_block as i32,
+        vectorized: vectorized as i32,
+        partials_mode: plan.partials_mode as i32,
         cache_rows_in_smem: plan.cache as i32,
     };
-    launch(gpu, &kernel, &p, plan.grid, plan.threads, plan.smem)?;
-
-    if dgamma_ptr != 0 || dbeta_ptr != 0 {
-        let reduce = gpu.kernel(MODULE, kernel_name("reduce", dtype))?;
-        let rp = cuattn_layernorm_bwd_reduce_params {
-            partials: ws_ptr,
-            dgamma: dgamma_ptr,
-            dbeta: dbeta_ptr,
-            num_partials: plan.grid as i32,
-            hidden: xr.cols as i32,
-        };
-        let grid = (xr.cols as u32).div_ceil(REDUCE_THREADS);
-        launch(gpu, &reduce, &rp, grid, REDUCE_THREADS, 0)?;
+    let threads = plan.split.tpr * plan.split.rows_per_block;
+    launch(
+        gpu,
+        &plan.kernel,
+        &p,
+        (plan.grid, 1),
+        (threads, 1),
+        plan.smem,
+    )?;
+    if dgamma_ptr == 0 && dbeta_ptr == 0 {
+        return Ok(());
     }
-    Ok(())
+
+    if let Some((grid_x, grid_y, rows_per_chunk)) = plan.columns {
+        let cp = cuattn_layernorm_bwd_columns_params {
+            dy: dyr.ptr,
+            x: xr.ptr,
+            mean: mean.ptr,
+            rstd: rstd.ptr,
+            partials: ws_ptr,
+            rows: xr.rows as i64,
+            dy_row_stride: dyr.row_stride as i64,
+            x_row_stride: xr.row_stride as i64,
+            rows_per_chunk: rows_per_chunk as i64,
+            hidden: xr.cols as i32,
+            vectorized: vectorized as i32,
+        };
+        let columns = gpu.kernel(MODULE, kernel_name("bwd_columns", dtype))?;
+        let block = (COLUMN_TILE_PACKS as u32, COLUMN_THREADS_Y);
+        launch(gpu, &columns, &cp, (grid_x, grid_y), block, 0)?;
+    }
+    let reduce = gpu.kernel(MODULE, kernel_name("reduce", dtype))?;
+    let rp = cuattn_layernorm_bwd_reduce_params {
+        partials: ws_ptr,
+        dgamma: dgamma_ptr,
+        dbeta: dbeta_ptr,
+        num_partials: plan.num_partials as i32,
+        hidden: xr.cols as i32,
+    };
+    let grid = (xr.cols as u32).div_ceil(REDUCE_THREADS);
+    launch(gpu, &reduce, &rp, (grid, 1), (REDUCE_THREADS, 1), 0)
 }
 
 /// LayerNorm backward, allocating dx (x's shape), dγ (when γ is given) and dβ.
@@ -834,5 +1059,70 @@ mod tests {
         let err = check_backward(&dy, &x, None, &mean, &rstd, &dx, None, None).unwrap_err();
         assert!(matches!(err, Error::Shape { arg: "rstd", .. }), "{err}");
         assert!(check_backward(&dy, &x, None, &mean, &mean, &dx, None, None).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    #[test]
+    fn split_row_covers_every_pack_with_power_of_two_groups() {
+        for (target, max_tpr) in [
+            (FWD_REGS_MAX_PACKS, REGS_MAX_THREADS),
+            (BWD_REGS_MAX_PACKS, REGS_MAX_THREADS),
+            (4, 1024),
+        ] {
+            for units in 1..=70_000usize {
+                let s = split_row(units, target, max_tpr);
+                assert!(
+                    s.tpr.is_power_of_two() && (32..=max_tpr as u32).contains(&s.tpr),
+                    "{units}: {s:?}"
+                );
+                assert!(
+                    s.packs.is_power_of_two() && s.packs * s.tpr as usize >= units,
+                    "{units}: {s:?}"
+                );
+                assert!(s.rows_per_block * s.tpr <= 256.max(s.tpr), "{units}: {s:?}");
+                // Never more than one pack beyond what the row needs per thread, rounded up.
+                assert!(
+                    s.packs < 2 * units.div_ceil(s.tpr as usize),
+                    "{units}: {s:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn register_paths_take_the_rows_they_can_hold() {
+        // Forward: up to 512 threads × 4 packs; backward: 512 × 2.
+        assert!(split_row(2048, FWD_REGS_MAX_PACKS, REGS_MAX_THREADS).packs <= FWD_REGS_MAX_PACKS);
+        assert!(split_row(2049, FWD_REGS_MAX_PACKS, REGS_MAX_THREADS).packs > FWD_REGS_MAX_PACKS);
+        assert!(split_row(1024, BWD_REGS_MAX_PACKS, REGS_MAX_THREADS).packs <= BWD_REGS_MAX_PACKS);
+        assert!(split_row(1025, BWD_REGS_MAX_PACKS, REGS_MAX_THREADS).packs > BWD_REGS_MAX_PACKS);
+    }
+
+    #[test]
+    fn every_kernel_stage_names_a_kernel_for_each_dtype() {
+        for (stage, names) in KERNELS {
+            for (dt, name) in DType::ALL.iter().zip(names) {
+                assert_eq!(kernel_name(stage, *dt), *name);
+                assert!(name.ends_with(dt.kernel_suffix()), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_named_kernel_was_compiled_for_sm80_and_sm90_without_spills() {
+        let built = crate::kernels::resources();
+        for (_, names) in KERNELS {
+            for name in names {
+                for arch in ["sm_80", "sm_90"] {
+                    let r = built.iter().find(|r| r.kernel == *name && r.arch == arch);
+                    let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
+                    assert_eq!((r.spill_store_bytes, r.spill_load_bytes), (0, 0), "{name} spills on {arch}");
+                }
+            }
+        }
     }
 }

@@ -98,7 +98,10 @@ pub fn backward(
         "x.len() must be a multiple of hidden"
     );
     assert_eq!(dy.len(), x.len(), "dy and x must have the same length");
-    assert!(gamma.is_none_or(|g| g.len() == hidden), "gamma must have hidden elements");
+    assert!(
+        gamma.is_none_or(|g| g.len() == hidden),
+        "gamma must have hidden elements"
+    );
     let n = hidden as f64;
     let mut out = BackwardOutput {
         dx: Vec::with_capacity(x.len()),
