@@ -85,17 +85,28 @@ __device__ void layernorm_fwd_regs(const cuattn_layernorm_fwd_params& p) {
     const float inv_n = 1.f / (float)p.hidden;
     const bool fused = p.residual != 0;
 
-    for (int64_t row0 = (int64_t)blockIdx.x * p.rows_per_block; row0 < p.rows;
-         row0 += (int64_t)gridDim.x * p.rows_per_block) {
+    const int64_t stride = (int64_t)gridDim.x * p.rows_per_block;
+    // x of the group's next row is loaded before this row's reductions, so its bytes are in
+    // flight while the row is reduced and written (one row of prefetch in registers).
+    auto fetch = [&](int64_t row, P (&v)[PACKS]) {
+        if (row >= p.rows) return;
+        const T* x = row_ptr<T>(p.x, row, p.x_row_stride);
+#pragma unroll
+        for (int k = 0; k < PACKS; ++k)
+            if (t + k * tpr < nvec) v[k] = load_stream<P>(x, t + k * tpr);
+    };
+    P next[PACKS];
+    fetch((int64_t)blockIdx.x * p.rows_per_block + group, next);
+
+    for (int64_t row0 = (int64_t)blockIdx.x * p.rows_per_block; row0 < p.rows; row0 += stride) {
         const int64_t row = row0 + group;
         const bool active = row < p.rows;  // tail groups still join the barriers
         P v[PACKS];
+#pragma unroll
+        for (int k = 0; k < PACKS; ++k) v[k] = next[k];
+        fetch(row + stride, next);
         float sum = 0.f;
         if (active) {
-            const T* x = row_ptr<T>(p.x, row, p.x_row_stride);
-#pragma unroll
-            for (int k = 0; k < PACKS; ++k)
-                if (t + k * tpr < nvec) v[k] = load_stream<P>(x, t + k * tpr);
             if (fused) {
                 const T* res = row_ptr<T>(p.residual, row, p.residual_row_stride);
                 T* res_out = row_ptr_mut<T>(p.residual_out, row, p.residual_out_row_stride);
@@ -256,26 +267,45 @@ __device__ void layernorm_bwd_regs(const cuattn_layernorm_bwd_params& p, float* 
 #pragma unroll
         for (int e = 0; e < VEC; ++e) dg[k][e] = db[k][e] = 0.f;
 
-    for (int64_t row0 = (int64_t)blockIdx.x * p.rows_per_block; row0 < p.rows;
-         row0 += (int64_t)gridDim.x * p.rows_per_block) {
+    // γ is the same for every row: load the thread's packs once.
+    P gv[PACKS];
+    if (p.gamma) {
+#pragma unroll
+        for (int k = 0; k < PACKS; ++k)
+            if (t + k * tpr < nvec) gv[k] = load<P>(reinterpret_cast<const void*>(p.gamma), t + k * tpr);
+    }
+    // x, dy, mean and rstd of the group's next row load while this row is reduced and written.
+    struct Row {
+        P x[PACKS], dy[PACKS];
+        float mean, rstd;
+    };
+    auto fetch = [&](int64_t row, Row& r) {
+        if (row >= p.rows) return;
+        const T* x = row_ptr<T>(p.x, row, p.x_row_stride);
+        const T* dy = row_ptr<T>(p.dy, row, p.dy_row_stride);
+#pragma unroll
+        for (int k = 0; k < PACKS; ++k) {
+            if (t + k * tpr >= nvec) continue;
+            r.x[k] = load_stream<P>(x, t + k * tpr);
+            r.dy[k] = load_stream<P>(dy, t + k * tpr);
+        }
+        r.mean = reinterpret_cast<const float*>(p.mean)[row];
+        r.rstd = reinterpret_cast<const float*>(p.rstd)[row];
+    };
+    const int64_t stride = (int64_t)gridDim.x * p.rows_per_block;
+    Row next;
+    fetch((int64_t)blockIdx.x * p.rows_per_block + group, next);
+
+    for (int64_t row0 = (int64_t)blockIdx.x * p.rows_per_block; row0 < p.rows; row0 += stride) {
         const int64_t row = row0 + group;
         const bool active = row < p.rows;
-        P xv[PACKS], dv[PACKS], gv[PACKS];
-        float mean = 0.f, rstd = 0.f;
+        const Row cur = next;
+        fetch(row + stride, next);
+        const P* xv = cur.x;
+        const P* dv = cur.dy;
+        const float mean = cur.mean, rstd = cur.rstd;
         float2 sums = make_float2(0.f, 0.f);  // Σg, Σg·x̂
         if (active) {
-            const T* x = row_ptr<T>(p.x, row, p.x_row_stride);
-            const T* dy = row_ptr<T>(p.dy, row, p.dy_row_stride);
-#pragma unroll
-            for (int k = 0; k < PACKS; ++k) {
-                const int i = t + k * tpr;
-                if (i >= nvec) continue;
-                xv[k] = load_stream<P>(x, i);
-                dv[k] = load_stream<P>(dy, i);
-                if (p.gamma) gv[k] = load<P>(reinterpret_cast<const void*>(p.gamma), i);
-            }
-            mean = reinterpret_cast<const float*>(p.mean)[row];
-            rstd = reinterpret_cast<const float*>(p.rstd)[row];
 #pragma unroll
             for (int k = 0; k < PACKS; ++k) {
                 if (t + k * tpr >= nvec) continue;

@@ -41,6 +41,10 @@ enum Command {
         /// Only these dtypes (default: all).
         #[arg(long, value_delimiter = ',')]
         dtype: Vec<cuattn::DType>,
+        /// Instead of the table, time every launch variant (register path with 1/2/4 packs per
+        /// thread, generic path with and without the row cache) on the headline shapes.
+        #[arg(long)]
+        sweep: bool,
     },
 }
 
@@ -59,7 +63,8 @@ fn main() -> ExitCode {
             json,
             quick,
             dtype,
-        } => bench(family, json, quick, dtype),
+            sweep,
+        } => bench(family, json, quick, dtype, sweep),
     };
     match result {
         Ok(code) => code,
@@ -201,7 +206,13 @@ fn check() -> CliResult {
 }
 
 #[cfg(feature = "cuda")]
-fn bench(family: Family, json: bool, quick: bool, dtypes: Vec<cuattn::DType>) -> CliResult {
+fn bench(
+    family: Family,
+    json: bool,
+    quick: bool,
+    dtypes: Vec<cuattn::DType>,
+    sweep: bool,
+) -> CliResult {
     let gpu = match cuattn::gpu::Gpu::shared() {
         Ok(g) => g,
         Err(e) => {
@@ -216,6 +227,29 @@ fn bench(family: Family, json: bool, quick: bool, dtypes: Vec<cuattn::DType>) ->
     };
     let copy_gbs = cuattn::bench::copy_bandwidth_gbs(&gpu, if quick { 64 << 20 } else { 1 << 30 })?;
     match family {
+        Family::Layernorm if sweep => {
+            let rows = cuattn::bench::layernorm::sweep(&gpu, &dtypes, copy_gbs)?;
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                println!(
+                    "LayerNorm launch variants on {} (copy {:.0} GB/s)",
+                    gpu.info().name,
+                    copy_gbs
+                );
+                println!(
+                    "{:<9} {:<5} {:>14} {:<16} {:>10} {:>7}",
+                    "op", "dtype", "shape", "variant", "time (µs)", "% copy"
+                );
+                for r in rows {
+                    let shape = format!("{}x{}", r.rows, r.hidden);
+                    println!(
+                        "{:<9} {:<5} {:>14} {:<16} {:>10.1} {:>6.1}%",
+                        r.op, r.dtype, shape, r.variant, r.time_us, r.pct_copy
+                    );
+                }
+            }
+        }
         Family::Layernorm => {
             let rows = cuattn::bench::layernorm::run(&gpu, &dtypes, quick, copy_gbs)?;
             if json {
@@ -249,7 +283,7 @@ fn bench(family: Family, json: bool, quick: bool, dtypes: Vec<cuattn::DType>) ->
 }
 
 #[cfg(not(feature = "cuda"))]
-fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>) -> CliResult {
+fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>, _: bool) -> CliResult {
     eprintln!("cuattn bench needs a CUDA GPU: this build has no `cuda` feature");
     Ok(ExitCode::from(NO_GPU))
 }

@@ -35,16 +35,21 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         ParamGrads::Global,
         ParamGrads::Columns,
     ]));
+    let packs = prop::option::of(prop::sample::select(vec![1usize, 2, 4]));
     let tuning = (
         prop::option::of(any::<bool>()),
         prop::option::of(any::<bool>()),
         grads,
+        packs,
     )
-        .prop_map(|(registers, smem_cache, param_grads)| Tuning {
-            registers,
-            smem_cache,
-            param_grads,
-        });
+        .prop_map(
+            |(registers, smem_cache, param_grads, packs_per_thread)| Tuning {
+                registers,
+                smem_cache,
+                param_grads,
+                packs_per_thread,
+            },
+        );
     (
         prop::sample::select(DType::ALL.to_vec()),
         1usize..=300,
@@ -139,9 +144,15 @@ fn every_path() -> Vec<Tuning> {
         registers: Some(false),
         smem_cache: Some(smem_cache),
         param_grads: Some(grads),
+        packs_per_thread: None,
+    };
+    let regs = |packs| Tuning {
+        packs_per_thread: Some(packs),
+        ..Tuning::default()
     };
     vec![
         Tuning::default(),
+        regs(1),
         generic(true, ParamGrads::Shared),
         generic(false, ParamGrads::Global),
         generic(true, ParamGrads::Columns),
@@ -306,6 +317,29 @@ fn dgamma_dbeta_are_bitwise_deterministic_across_30_runs() {
             );
         }
     }
+}
+
+#[test]
+fn concurrent_backwards_from_many_threads_share_the_workspace_safely() {
+    let Some(gpu) =
+        gpu_or_skip("concurrent_backwards_from_many_threads_share_the_workspace_safely")
+    else {
+        return;
+    };
+    // Different sizes make the shared workspace grow while other threads use it.
+    std::thread::scope(|s| {
+        for t in 0..8usize {
+            let gpu = gpu.clone();
+            s.spawn(move || {
+                for round in 0..6usize {
+                    let hidden = [51, 768, 1600, 4096, 9000, 65536][(t + round) % 6];
+                    let c = Case::plain(DType::F16, 8 + 5 * t, hidden);
+                    check::backward(&gpu, &c)
+                        .unwrap_or_else(|e| panic!("thread {t} round {round}: {e}"));
+                }
+            });
+        }
+    });
 }
 
 #[test]

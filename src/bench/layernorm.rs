@@ -163,3 +163,110 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool, copy_gbs: f64) -> Resu
     }
     Ok(out)
 }
+
+/// One row of the launch-path sweep: the same op and shape under one forced [`Tuning`].
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRow {
+    pub op: &'static str,
+    pub variant: &'static str,
+    pub dtype: DType,
+    pub rows: usize,
+    pub hidden: usize,
+    pub time_us: f64,
+    pub pct_copy: f64,
+}
+
+/// The launch variants the sweep compares (the default is the planner's choice).
+pub fn sweep_variants() -> Vec<(&'static str, Tuning)> {
+    let regs = |p| Tuning {
+        packs_per_thread: Some(p),
+        ..Tuning::default()
+    };
+    let generic = |cache| Tuning {
+        registers: Some(false),
+        smem_cache: Some(cache),
+        ..Tuning::default()
+    };
+    vec![
+        ("default", Tuning::default()),
+        ("regs-p1", regs(1)),
+        ("regs-p2", regs(2)),
+        ("regs-p4", regs(4)),
+        ("generic", generic(true)),
+        ("generic-nocache", generic(false)),
+    ]
+}
+
+/// Times forward and backward of every headline shape under every variant, to choose the
+/// planner's defaults from measurements.
+pub fn sweep(gpu: &Arc<Gpu>, dtypes: &[DType], copy_gbs: f64) -> Result<Vec<SweepRow>> {
+    let eps = 1e-5f32;
+    let mut out = Vec::new();
+    for &dt in dtypes {
+        for (rows, hidden) in shapes(dt, false) {
+            let shape = [rows, hidden];
+            let x = gpu.random(dt, &shape, 1, 0.3, 2.0)?;
+            let dy = gpu.random(dt, &shape, 3, 0.0, 1.0)?;
+            let gamma = gpu.random(dt, &[hidden], 4, 1.0, 0.5)?;
+            let beta = gpu.random(dt, &[hidden], 5, 0.0, 1.0)?;
+            let mut y = gpu.full(dt, &shape, 0.0)?;
+            let mut dx = gpu.full(dt, &shape, 0.0)?;
+            let mut dgamma = gpu.full(dt, &[hidden], 0.0)?;
+            let mut dbeta = gpu.full(dt, &[hidden], 0.0)?;
+            let fwd = ln::forward(&x, Some(&gamma), Some(&beta), eps)?;
+            let (xv, dyv, gv, bv) = (x.view(), dy.view(), gamma.view(), beta.view());
+            let (mv, sv) = (fwd.mean.view(), fwd.rstd.view());
+            for (variant, tuning) in sweep_variants() {
+                let us = super::time_us(gpu, 3, 15, || {
+                    ln::forward_into(
+                        gpu,
+                        &xv,
+                        Some(&gv),
+                        Some(&bv),
+                        eps,
+                        &mut y.view_mut(),
+                        None,
+                        None,
+                        tuning,
+                    )
+                })?;
+                let gbs = forward_bytes(dt, rows, hidden, false) as f64 / (us * 1e-6) / 1e9;
+                out.push(SweepRow {
+                    op: "forward",
+                    variant,
+                    dtype: dt,
+                    rows,
+                    hidden,
+                    time_us: us,
+                    pct_copy: 100.0 * gbs / copy_gbs,
+                });
+                let us = super::time_us(gpu, 3, 15, || {
+                    ln::backward_into(
+                        gpu,
+                        &dyv,
+                        &xv,
+                        Some(&gv),
+                        &mv,
+                        &sv,
+                        &mut dx.view_mut(),
+                        Some(&mut dgamma.view_mut()),
+                        Some(&mut dbeta.view_mut()),
+                        None,
+                        tuning,
+                    )
+                })?;
+                let gbs = backward_bytes(dt, rows, hidden) as f64 / (us * 1e-6) / 1e9;
+                out.push(SweepRow {
+                    op: "backward",
+                    variant,
+                    dtype: dt,
+                    rows,
+                    hidden,
+                    time_us: us,
+                    pct_copy: 100.0 * gbs / copy_gbs,
+                });
+            }
+        }
+    }
+    Ok(out)
+}

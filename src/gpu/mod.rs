@@ -208,18 +208,31 @@ impl Gpu {
             .map_err(|e| Error::driver(format!("occupancy of `{}`", kernel.name), e))
     }
 
-    /// A device address of at least `bytes` bytes of scratch memory owned by this Gpu, reused
-    /// across calls (ops that need a workspace use it when the caller passes none). Work that
-    /// uses it must be queued on this Gpu's stream, which orders it after earlier users.
-    pub(crate) fn workspace(&self, bytes: usize) -> Result<u64> {
-        let mut ws = self.workspace.lock().unwrap();
+    /// Runs `enqueue` with the device address of at least `bytes` bytes of scratch memory
+    /// owned by this Gpu (ops that need a workspace use it when the caller passes none).
+    ///
+    /// The lock is held while `enqueue` queues its kernels, so one op's kernels stand together
+    /// in the stream: another thread's op cannot slip in between and overwrite the scratch, and
+    /// a reallocation (whose free is stream-ordered) comes after every earlier user's kernels.
+    pub(crate) fn with_workspace<R>(
+        &self,
+        bytes: usize,
+        enqueue: impl FnOnce(u64) -> Result<R>,
+    ) -> Result<R> {
+        let mut ws = self
+            .workspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if ws.as_ref().is_none_or(|w| w.len() < bytes) {
             // SAFETY: the buffer is scratch; every kernel that uses it writes before it reads.
             let buf = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
                 .map_err(|e| Error::driver(format!("allocating a {bytes}-byte workspace"), e))?;
             *ws = Some(buf);
         }
-        let (ptr, _sync) = ws.as_ref().unwrap().device_ptr(&self.stream);
-        Ok(ptr)
+        let (ptr, _sync) = ws
+            .as_ref()
+            .expect("allocated above")
+            .device_ptr(&self.stream);
+        enqueue(ptr)
     }
 }

@@ -35,6 +35,9 @@ pub struct Tuning {
     pub smem_cache: Option<bool>,
     /// Generic backward path: where the dγ/dβ partial sums are formed.
     pub param_grads: Option<ParamGrads>,
+    /// Register paths: packs per thread to aim for (1, 2 or 4 forward; 1 or 2 backward);
+    /// fewer means more threads per row.
+    pub packs_per_thread: Option<usize>,
 }
 
 /// How the generic backward path forms dγ/dβ partial sums.
@@ -162,6 +165,9 @@ const REGS_MAX_THREADS: usize = 512;
 /// in registers too).
 const FWD_REGS_MAX_PACKS: usize = 4;
 const BWD_REGS_MAX_PACKS: usize = 2;
+/// Packs per thread the planner aims for by default (see `cuattn bench layernorm --sweep`).
+const FWD_PACKS_TARGET: usize = 4;
+const BWD_PACKS_TARGET: usize = 2;
 /// Generic backward: widest row whose partials go to shared memory by default.
 const SHARED_PARTIALS_MAX_HIDDEN: usize = 2048;
 /// Column kernel tile: 32 packs wide, 8 threads down (`layernorm_bwd_columns`).
@@ -316,7 +322,11 @@ fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
     let (gamma, beta, mean, rstd) = (c.gamma, c.beta, c.mean, c.rstd);
     let pack = 16 / dtype.size_bytes();
     let units = if vectorized { x.cols / pack } else { x.cols };
-    let regs = split_row(units, FWD_REGS_MAX_PACKS, REGS_MAX_THREADS);
+    let target = tuning
+        .packs_per_thread
+        .unwrap_or(FWD_PACKS_TARGET)
+        .clamp(1, FWD_REGS_MAX_PACKS);
+    let regs = split_row(units, target, REGS_MAX_THREADS);
     let use_regs = tuning.registers != Some(false) && regs.packs <= FWD_REGS_MAX_PACKS;
     let (split, stage) = if use_regs {
         (
@@ -536,7 +546,11 @@ fn plan_backward(
 ) -> Result<BackwardPlan> {
     let pack = 16 / dtype.size_bytes();
     let units = if vectorized { hidden / pack } else { hidden };
-    let regs = split_row(units, BWD_REGS_MAX_PACKS, REGS_MAX_THREADS);
+    let target = tuning
+        .packs_per_thread
+        .unwrap_or(BWD_PACKS_TARGET)
+        .clamp(1, BWD_REGS_MAX_PACKS);
+    let regs = split_row(units, target, REGS_MAX_THREADS);
     if tuning.registers != Some(false) && regs.packs <= BWD_REGS_MAX_PACKS {
         let kernel = gpu.kernel(
             MODULE,
@@ -723,83 +737,86 @@ pub fn backward_into<'a>(
     let (dtype, xr, dyr, dxr, vectorized) = (c.dtype, c.x, c.dy, c.dx, c.vectorized);
     let (gamma_ptr, dgamma_ptr, dbeta_ptr) = (c.gamma, c.dgamma, c.dbeta);
     let plan = plan_backward(gpu, dtype, xr.rows, xr.cols, vectorized, tuning)?;
-    let ws_bytes = plan.workspace_bytes;
-    let ws_ptr = match workspace {
-        Some(ws) => {
-            let info = ws.info("workspace");
-            validate::dtype(&info, DType::F32)?;
-            validate::memory(&info)?;
-            if ws.bytes < ws_bytes {
-                return Err(Error::invalid(
-                    "workspace",
-                    format!("needs {ws_bytes} bytes, got {} bytes", ws.bytes),
-                ));
-            }
-            ws.ptr
-        }
-        None => gpu.workspace(ws_bytes)?,
-    };
-
-    let p = cuattn_layernorm_bwd_params {
-        dy: dyr.ptr,
-        x: xr.ptr,
-        gamma: gamma_ptr,
-        mean: mean.ptr,
-        rstd: rstd.ptr,
-        dx: dxr.ptr,
-        partials: ws_ptr,
-        rows: xr.rows as i64,
-        dy_row_stride: dyr.row_stride as i64,
-        x_row_stride: xr.row_stride as i64,
-        dx_row_stride: dxr.row_stride as i64,
-        hidden: xr.cols as i32,
-        threads_per_row: plan.split.tpr as i32,
-        rows_per_block: plan.split.rows_per_block as i32,
-        vectorized: vectorized as i32,
-        partials_mode: plan.partials_mode as i32,
-        cache_rows_in_smem: plan.cache as i32,
-    };
-    let threads = plan.split.tpr * plan.split.rows_per_block;
-    launch(
-        gpu,
-        &plan.kernel,
-        &p,
-        (plan.grid, 1),
-        (threads, 1),
-        plan.smem,
-    )?;
-    if dgamma_ptr == 0 && dbeta_ptr == 0 {
-        return Ok(());
-    }
-
-    if let Some((grid_x, grid_y, rows_per_chunk)) = plan.columns {
-        let cp = cuattn_layernorm_bwd_columns_params {
+    let launch_all = |ws_ptr: u64| -> Result<()> {
+        let p = cuattn_layernorm_bwd_params {
             dy: dyr.ptr,
             x: xr.ptr,
+            gamma: gamma_ptr,
             mean: mean.ptr,
             rstd: rstd.ptr,
+            dx: dxr.ptr,
             partials: ws_ptr,
             rows: xr.rows as i64,
             dy_row_stride: dyr.row_stride as i64,
             x_row_stride: xr.row_stride as i64,
-            rows_per_chunk: rows_per_chunk as i64,
+            dx_row_stride: dxr.row_stride as i64,
             hidden: xr.cols as i32,
+            threads_per_row: plan.split.tpr as i32,
+            rows_per_block: plan.split.rows_per_block as i32,
             vectorized: vectorized as i32,
+            partials_mode: plan.partials_mode as i32,
+            cache_rows_in_smem: plan.cache as i32,
         };
-        let columns = gpu.kernel(MODULE, kernel_name("bwd_columns", dtype))?;
-        let block = (COLUMN_TILE_PACKS as u32, COLUMN_THREADS_Y);
-        launch(gpu, &columns, &cp, (grid_x, grid_y), block, 0)?;
-    }
-    let reduce = gpu.kernel(MODULE, kernel_name("reduce", dtype))?;
-    let rp = cuattn_layernorm_bwd_reduce_params {
-        partials: ws_ptr,
-        dgamma: dgamma_ptr,
-        dbeta: dbeta_ptr,
-        num_partials: plan.num_partials as i32,
-        hidden: xr.cols as i32,
+        let threads = plan.split.tpr * plan.split.rows_per_block;
+        launch(
+            gpu,
+            &plan.kernel,
+            &p,
+            (plan.grid, 1),
+            (threads, 1),
+            plan.smem,
+        )?;
+        if dgamma_ptr == 0 && dbeta_ptr == 0 {
+            return Ok(());
+        }
+
+        if let Some((grid_x, grid_y, rows_per_chunk)) = plan.columns {
+            let cp = cuattn_layernorm_bwd_columns_params {
+                dy: dyr.ptr,
+                x: xr.ptr,
+                mean: mean.ptr,
+                rstd: rstd.ptr,
+                partials: ws_ptr,
+                rows: xr.rows as i64,
+                dy_row_stride: dyr.row_stride as i64,
+                x_row_stride: xr.row_stride as i64,
+                rows_per_chunk: rows_per_chunk as i64,
+                hidden: xr.cols as i32,
+                vectorized: vectorized as i32,
+            };
+            let columns = gpu.kernel(MODULE, kernel_name("bwd_columns", dtype))?;
+            let block = (COLUMN_TILE_PACKS as u32, COLUMN_THREADS_Y);
+            launch(gpu, &columns, &cp, (grid_x, grid_y), block, 0)?;
+        }
+        let reduce = gpu.kernel(MODULE, kernel_name("reduce", dtype))?;
+        let rp = cuattn_layernorm_bwd_reduce_params {
+            partials: ws_ptr,
+            dgamma: dgamma_ptr,
+            dbeta: dbeta_ptr,
+            num_partials: plan.num_partials as i32,
+            hidden: xr.cols as i32,
+        };
+        let grid = (xr.cols as u32).div_ceil(REDUCE_THREADS);
+        launch(gpu, &reduce, &rp, (grid, 1), (REDUCE_THREADS, 1), 0)
     };
-    let grid = (xr.cols as u32).div_ceil(REDUCE_THREADS);
-    launch(gpu, &reduce, &rp, (grid, 1), (REDUCE_THREADS, 1), 0)
+    match workspace {
+        Some(ws) => {
+            let info = ws.info("workspace");
+            validate::dtype(&info, DType::F32)?;
+            validate::memory(&info)?;
+            if ws.bytes < plan.workspace_bytes {
+                return Err(Error::invalid(
+                    "workspace",
+                    format!(
+                        "needs {} bytes, got {} bytes",
+                        plan.workspace_bytes, ws.bytes
+                    ),
+                ));
+            }
+            launch_all(ws.ptr)
+        }
+        None => gpu.with_workspace(plan.workspace_bytes, launch_all),
+    }
 }
 
 /// LayerNorm backward, allocating dx (x's shape), dγ (when γ is given) and dβ.
@@ -1120,7 +1137,11 @@ mod plan_tests {
                 for arch in ["sm_80", "sm_90"] {
                     let r = built.iter().find(|r| r.kernel == *name && r.arch == arch);
                     let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
-                    assert_eq!((r.spill_store_bytes, r.spill_load_bytes), (0, 0), "{name} spills on {arch}");
+                    assert_eq!(
+                        (r.spill_store_bytes, r.spill_load_bytes),
+                        (0, 0),
+                        "{name} spills on {arch}"
+                    );
                 }
             }
         }
