@@ -43,6 +43,15 @@ impl DType {
         }
     }
 
+    /// Largest finite value of the format; results beyond it are stored as ±inf.
+    pub const fn max_finite(self) -> f64 {
+        match self {
+            DType::F32 => f32::MAX as f64,
+            DType::F16 => 65504.0,
+            DType::BF16 => 3.389_531_389_251_535e38,
+        }
+    }
+
     /// Rounds an f32 to this dtype and back, as storing it in a tensor of this dtype would.
     pub fn round(self, v: f32) -> f32 {
         match self {

@@ -24,6 +24,9 @@ pub struct Tolerance {
     pub rtol: f64,
     /// Bound on ‖out−ref‖₂/‖ref‖₂ over the whole output.
     pub rel_norm_bound: f64,
+    /// Largest finite value of the output dtype: where the exact result is beyond it, the
+    /// stored value must be the infinity (or the maximum) of the same sign.
+    pub max_finite: f64,
 }
 
 impl Tolerance {
@@ -37,6 +40,7 @@ impl Tolerance {
             atol: acc * scale + f64::MIN_POSITIVE,
             rtol,
             rel_norm_bound: 2.0 * rtol + acc,
+            max_finite: out.max_finite(),
         }
     }
 }
@@ -68,6 +72,16 @@ pub fn compare(out: &[f32], reference: &[f64], tol: Tolerance) -> Comparison {
     let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
     for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
         let o = o as f64;
+        if r.abs() > tol.max_finite {
+            // Out of the dtype's range: round-to-nearest stores ±inf (±max just above it).
+            let stored = (o.is_infinite() || o.abs() == tol.max_finite) && o.signum() == r.signum();
+            if !stored {
+                c.non_finite += 1;
+                c.worst_ratio = f64::INFINITY;
+                c.worst_index = i;
+            }
+            continue;
+        }
         if !o.is_finite() && r.is_finite() {
             c.non_finite += 1;
             c.worst_index = i;
@@ -131,6 +145,15 @@ mod tests {
         let tiny = (0.5 * tol.atol) as f32;
         assert!(compare(&[tiny, -tiny], &[0.0, 0.0], tol).passed);
         assert!(!compare(&[(3.0 * tol.atol) as f32, 0.0], &[0.0, 0.0], tol).passed);
+    }
+
+    #[test]
+    fn results_beyond_the_dtype_range_must_be_stored_as_infinity() {
+        let tol = Tolerance::for_output(DType::F16, 2, 1.0);
+        assert!(compare(&[f32::NEG_INFINITY], &[-157_734.6], tol).passed);
+        assert!(!compare(&[f32::INFINITY], &[-157_734.6], tol).passed);
+        assert!(!compare(&[-1.0], &[-157_734.6], tol).passed);
+        assert!(!compare(&[f32::NAN], &[-157_734.6], tol).passed);
     }
 
     #[test]

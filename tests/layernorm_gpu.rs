@@ -147,12 +147,14 @@ fn every_path() -> Vec<Tuning> {
         packs_per_thread: None,
     };
     let regs = |packs| Tuning {
+        registers: Some(true),
         packs_per_thread: Some(packs),
         ..Tuning::default()
     };
     vec![
         Tuning::default(),
         regs(1),
+        regs(4),
         generic(true, ParamGrads::Shared),
         generic(false, ParamGrads::Global),
         generic(true, ParamGrads::Columns),

@@ -179,6 +179,7 @@ pub struct SweepRow {
 /// The launch variants the sweep compares (the default is the planner's choice).
 pub fn sweep_variants() -> Vec<(&'static str, Tuning)> {
     let regs = |p| Tuning {
+        registers: Some(true),
         packs_per_thread: Some(p),
         ..Tuning::default()
     };
