@@ -5,6 +5,7 @@
 //! - [`error`], [`dtype`], [`tensor`]: the one error type, element types, shapes and strides.
 //! - [`reference`]: CPU references in f64 for every kernel.
 //! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
+//! - [`twin`]: CPU twins that run each kernel's own block loop in f32.
 //! - `gpu` (feature `cuda`): the device layer: context, stream, modules, device tensors.
 //! - `ops` (feature `cuda`): safe wrappers that validate inputs and launch the kernels.
 //! - `bench` (feature `cuda`): timing with CUDA events and the benchmark of each kernel family.
@@ -17,6 +18,7 @@ pub mod kernels;
 pub mod reference;
 pub mod tensor;
 pub mod tolerance;
+pub mod twin;
 
 #[cfg(feature = "cuda")]
 pub mod bench;

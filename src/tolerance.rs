@@ -17,6 +17,8 @@
 
 use crate::dtype::DType;
 
+pub mod layernorm;
+
 /// The bound for one output of an op.
 #[derive(Clone, Copy, Debug)]
 pub struct Tolerance {

@@ -17,26 +17,51 @@ const L2_FLUSH_BYTES: usize = 256 << 20;
 /// Median time in microseconds of `iters` runs of `f`, each bracketed by CUDA events on the
 /// Gpu's stream and preceded (outside the events) by a write of 256 MiB that flushes L2, after
 /// `warmup` untimed runs.
-pub fn time_us(gpu: &Gpu, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_us(
+    gpu: &Gpu,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
     // SAFETY: scratch that is only ever written (by the memset below), never read.
-    let flush = unsafe { gpu.stream().alloc::<u8>(L2_FLUSH_BYTES) }.map_err(|e| Error::driver("alloc", e))?;
+    let flush = unsafe { gpu.stream().alloc::<u8>(L2_FLUSH_BYTES) }
+        .map_err(|e| Error::driver("alloc", e))?;
     let (flush_ptr, _sync) = flush.device_ptr(gpu.stream());
     let ctx = gpu.context();
-    let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::driver("cuEventCreate", e));
+    let ev = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::driver("cuEventCreate", e))
+    };
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         // SAFETY: `flush` holds L2_FLUSH_BYTES bytes, allocated on this stream.
-        unsafe { cudarc::driver::result::memset_d8_async(flush_ptr, 0, L2_FLUSH_BYTES, gpu.stream().cu_stream()) }
-            .map_err(|e| Error::driver("cuMemsetD8Async", e))?;
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                flush_ptr,
+                0,
+                L2_FLUSH_BYTES,
+                gpu.stream().cu_stream(),
+            )
+        }
+        .map_err(|e| Error::driver("cuMemsetD8Async", e))?;
         let (start, end) = (ev()?, ev()?);
-        start.record(gpu.stream()).map_err(|e| Error::driver("cuEventRecord", e))?;
+        start
+            .record(gpu.stream())
+            .map_err(|e| Error::driver("cuEventRecord", e))?;
         f()?;
-        end.record(gpu.stream()).map_err(|e| Error::driver("cuEventRecord", e))?;
-        end.synchronize().map_err(|e| Error::driver("cuEventSynchronize", e))?;
-        times.push(start.elapsed_ms(&end).map_err(|e| Error::driver("cuEventElapsedTime", e))? as f64 * 1e3);
+        end.record(gpu.stream())
+            .map_err(|e| Error::driver("cuEventRecord", e))?;
+        end.synchronize()
+            .map_err(|e| Error::driver("cuEventSynchronize", e))?;
+        times.push(
+            start
+                .elapsed_ms(&end)
+                .map_err(|e| Error::driver("cuEventElapsedTime", e))? as f64
+                * 1e3,
+        );
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])

@@ -171,10 +171,6 @@ pub fn read_vec(t: &DeviceTensor) -> CheckResult<Vec<f32>> {
     t.to_f32_vec().map_err(gpu_err)
 }
 
-pub fn max_abs(v: impl IntoIterator<Item = f64>) -> f64 {
-    v.into_iter().fold(0.0, |m, x| m.max(x.abs()))
-}
-
 /// Compares under `tol`, describing the worst element on failure.
 pub fn expect_close(what: &str, out: &[f32], reference: &[f64], tol: Tolerance) -> CheckResult {
     let r = compare(out, reference, tol);
