@@ -7,7 +7,7 @@
 
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::gpu::Gpu;
+use crate::gpu::{DeviceTensor, Gpu};
 use crate::ops::layernorm::{self as ln, Tuning};
 use serde::Serialize;
 use std::sync::Arc;
@@ -57,31 +57,136 @@ pub fn backward_bytes(dtype: DType, rows: usize, hidden: usize) -> u64 {
     3 * t + 3 * (hidden * dtype.size_bytes()) as u64 + 2 * 4 * rows as u64
 }
 
+/// The tensors of one benchmark shape (inputs random, never zeros), and one launch per op.
+pub struct Workload {
+    pub dtype: DType,
+    pub rows: usize,
+    pub hidden: usize,
+    pub eps: f32,
+    x: DeviceTensor,
+    residual: DeviceTensor,
+    dy: DeviceTensor,
+    gamma: DeviceTensor,
+    beta: DeviceTensor,
+    y: DeviceTensor,
+    residual_out: DeviceTensor,
+    dx: DeviceTensor,
+    mean: DeviceTensor,
+    rstd: DeviceTensor,
+    dgamma: DeviceTensor,
+    dbeta: DeviceTensor,
+}
+
+impl Workload {
+    /// Allocates the tensors and runs one forward, so `mean`/`rstd` hold x's statistics.
+    pub fn new(gpu: &Arc<Gpu>, dtype: DType, rows: usize, hidden: usize) -> Result<Self> {
+        let shape = [rows, hidden];
+        let mut w = Workload {
+            dtype,
+            rows,
+            hidden,
+            eps: 1e-5,
+            x: gpu.random(dtype, &shape, 1, 0.3, 2.0)?,
+            residual: gpu.random(dtype, &shape, 2, 0.0, 1.0)?,
+            dy: gpu.random(dtype, &shape, 3, 0.0, 1.0)?,
+            gamma: gpu.random(dtype, &[hidden], 4, 1.0, 0.5)?,
+            beta: gpu.random(dtype, &[hidden], 5, 0.0, 1.0)?,
+            y: gpu.full(dtype, &shape, 0.0)?,
+            residual_out: gpu.full(dtype, &shape, 0.0)?,
+            dx: gpu.full(dtype, &shape, 0.0)?,
+            mean: gpu.full(DType::F32, &[rows], 0.0)?,
+            rstd: gpu.full(DType::F32, &[rows], 0.0)?,
+            dgamma: gpu.full(dtype, &[hidden], 0.0)?,
+            dbeta: gpu.full(dtype, &[hidden], 0.0)?,
+        };
+        w.forward(gpu, Tuning::default())?;
+        Ok(w)
+    }
+
+    /// y, mean, rstd = LayerNorm(x).
+    pub fn forward(&mut self, gpu: &Gpu, tuning: Tuning) -> Result<()> {
+        let (x, g, b) = (self.x.view(), self.gamma.view(), self.beta.view());
+        let (mut y, mut m, mut r) = (
+            self.y.view_mut(),
+            self.mean.view_mut(),
+            self.rstd.view_mut(),
+        );
+        ln::forward_into(
+            gpu,
+            &x,
+            Some(&g),
+            Some(&b),
+            self.eps,
+            &mut y,
+            Some(&mut m),
+            Some(&mut r),
+            tuning,
+        )
+    }
+
+    /// residual_out = x + residual; y, mean, rstd = LayerNorm(residual_out).
+    pub fn residual_forward(&mut self, gpu: &Gpu, tuning: Tuning) -> Result<()> {
+        let (x, res, g, b) = (
+            self.x.view(),
+            self.residual.view(),
+            self.gamma.view(),
+            self.beta.view(),
+        );
+        let (mut s, mut y) = (self.residual_out.view_mut(), self.y.view_mut());
+        let (mut m, mut r) = (self.mean.view_mut(), self.rstd.view_mut());
+        ln::add_forward_into(
+            gpu,
+            &x,
+            &res,
+            Some(&g),
+            Some(&b),
+            self.eps,
+            &mut s,
+            &mut y,
+            Some(&mut m),
+            Some(&mut r),
+            tuning,
+        )
+    }
+
+    /// dx, dγ, dβ from dy and x's statistics (left in mean/rstd by `new`; a residual forward in
+    /// between would change them).
+    pub fn backward(&mut self, gpu: &Gpu, tuning: Tuning) -> Result<()> {
+        let (dy, x, g) = (self.dy.view(), self.x.view(), self.gamma.view());
+        let (m, r) = (self.mean.view(), self.rstd.view());
+        let (mut dx, mut dg, mut db) = (
+            self.dx.view_mut(),
+            self.dgamma.view_mut(),
+            self.dbeta.view_mut(),
+        );
+        ln::backward_into(
+            gpu,
+            &dy,
+            &x,
+            Some(&g),
+            &m,
+            &r,
+            &mut dx,
+            Some(&mut dg),
+            Some(&mut db),
+            None,
+            tuning,
+        )
+    }
+}
+
 /// Runs every (dtype, shape, op) and returns the rows.
 pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool, copy_gbs: f64) -> Result<Vec<Row>> {
-    let eps = 1e-5f32;
     let (warmup, iters) = if quick { (2, 5) } else { (5, 25) };
     let mut out = Vec::new();
     for &dt in dtypes {
         for (rows, hidden) in shapes(dt, quick) {
-            let shape = [rows, hidden];
-            let x = gpu.random(dt, &shape, 1, 0.3, 2.0)?;
-            let res = gpu.random(dt, &shape, 2, 0.0, 1.0)?;
-            let dy = gpu.random(dt, &shape, 3, 0.0, 1.0)?;
-            let gamma = gpu.random(dt, &[hidden], 4, 1.0, 0.5)?;
-            let beta = gpu.random(dt, &[hidden], 5, 0.0, 1.0)?;
-            let mut y = gpu.full(dt, &shape, 0.0)?;
-            let mut s = gpu.full(dt, &shape, 0.0)?;
-            let mut dx = gpu.full(dt, &shape, 0.0)?;
-            let mut mean = gpu.full(DType::F32, &[rows], 0.0)?;
-            let mut rstd = gpu.full(DType::F32, &[rows], 0.0)?;
-            let mut dgamma = gpu.full(dt, &[hidden], 0.0)?;
-            let mut dbeta = gpu.full(dt, &[hidden], 0.0)?;
-            let (xv, rv, dyv, gv, bv) =
-                (x.view(), res.view(), dy.view(), gamma.view(), beta.view());
-            let mut push = |op: &'static str, bytes: u64, us: f64| {
+            let mut w = Workload::new(gpu, dt, rows, hidden)?;
+            let eps = w.eps;
+            let row = |op, bytes: u64, us: f64| {
                 let gbs = bytes as f64 / (us * 1e-6) / 1e9;
-                out.push(Row {
+                let pct_copy = 100.0 * gbs / copy_gbs;
+                Row {
                     op,
                     dtype: dt,
                     rows,
@@ -90,75 +195,20 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool, copy_gbs: f64) -> Resu
                     bytes,
                     time_us: us,
                     gbs,
-                    pct_copy: 100.0 * gbs / copy_gbs,
-                });
+                    pct_copy,
+                }
             };
-
-            let us = super::time_us(gpu, warmup, iters, || {
-                ln::forward_into(
-                    gpu,
-                    &xv,
-                    Some(&gv),
-                    Some(&bv),
-                    eps,
-                    &mut y.view_mut(),
-                    Some(&mut mean.view_mut()),
-                    Some(&mut rstd.view_mut()),
-                    Tuning::default(),
-                )
-            })?;
-            push("forward", forward_bytes(dt, rows, hidden, false), us);
-
-            let us = super::time_us(gpu, warmup, iters, || {
-                ln::add_forward_into(
-                    gpu,
-                    &xv,
-                    &rv,
-                    Some(&gv),
-                    Some(&bv),
-                    eps,
-                    &mut s.view_mut(),
-                    &mut y.view_mut(),
-                    Some(&mut mean.view_mut()),
-                    Some(&mut rstd.view_mut()),
-                    Tuning::default(),
-                )
-            })?;
-            push(
+            let tuning = Tuning::default();
+            let fwd = super::time_us(gpu, warmup, iters, || w.forward(gpu, tuning))?;
+            let bwd = super::time_us(gpu, warmup, iters, || w.backward(gpu, tuning))?;
+            let fused = super::time_us(gpu, warmup, iters, || w.residual_forward(gpu, tuning))?;
+            out.push(row("forward", forward_bytes(dt, rows, hidden, false), fwd));
+            out.push(row(
                 "residual_forward",
                 forward_bytes(dt, rows, hidden, true),
-                us,
-            );
-
-            // Fresh statistics of x for the backward.
-            ln::forward_into(
-                gpu,
-                &xv,
-                Some(&gv),
-                Some(&bv),
-                eps,
-                &mut y.view_mut(),
-                Some(&mut mean.view_mut()),
-                Some(&mut rstd.view_mut()),
-                Tuning::default(),
-            )?;
-            let (mv, sv) = (mean.view(), rstd.view());
-            let us = super::time_us(gpu, warmup, iters, || {
-                ln::backward_into(
-                    gpu,
-                    &dyv,
-                    &xv,
-                    Some(&gv),
-                    &mv,
-                    &sv,
-                    &mut dx.view_mut(),
-                    Some(&mut dgamma.view_mut()),
-                    Some(&mut dbeta.view_mut()),
-                    None,
-                    Tuning::default(),
-                )
-            })?;
-            push("backward", backward_bytes(dt, rows, hidden), us);
+                fused,
+            ));
+            out.push(row("backward", backward_bytes(dt, rows, hidden), bwd));
         }
     }
     Ok(out)
@@ -201,71 +251,28 @@ pub fn sweep_variants() -> Vec<(&'static str, Tuning)> {
 /// Times forward and backward of every headline shape under every variant, to choose the
 /// planner's defaults from measurements.
 pub fn sweep(gpu: &Arc<Gpu>, dtypes: &[DType], copy_gbs: f64) -> Result<Vec<SweepRow>> {
-    let eps = 1e-5f32;
     let mut out = Vec::new();
     for &dt in dtypes {
         for (rows, hidden) in shapes(dt, false) {
-            let shape = [rows, hidden];
-            let x = gpu.random(dt, &shape, 1, 0.3, 2.0)?;
-            let dy = gpu.random(dt, &shape, 3, 0.0, 1.0)?;
-            let gamma = gpu.random(dt, &[hidden], 4, 1.0, 0.5)?;
-            let beta = gpu.random(dt, &[hidden], 5, 0.0, 1.0)?;
-            let mut y = gpu.full(dt, &shape, 0.0)?;
-            let mut dx = gpu.full(dt, &shape, 0.0)?;
-            let mut dgamma = gpu.full(dt, &[hidden], 0.0)?;
-            let mut dbeta = gpu.full(dt, &[hidden], 0.0)?;
-            let fwd = ln::forward(&x, Some(&gamma), Some(&beta), eps)?;
-            let (xv, dyv, gv, bv) = (x.view(), dy.view(), gamma.view(), beta.view());
-            let (mv, sv) = (fwd.mean.view(), fwd.rstd.view());
+            let mut w = Workload::new(gpu, dt, rows, hidden)?;
             for (variant, tuning) in sweep_variants() {
-                let us = super::time_us(gpu, 3, 15, || {
-                    ln::forward_into(
-                        gpu,
-                        &xv,
-                        Some(&gv),
-                        Some(&bv),
-                        eps,
-                        &mut y.view_mut(),
-                        None,
-                        None,
-                        tuning,
-                    )
-                })?;
-                let gbs = forward_bytes(dt, rows, hidden, false) as f64 / (us * 1e-6) / 1e9;
-                out.push(SweepRow {
-                    op: "forward",
-                    variant,
-                    dtype: dt,
-                    rows,
-                    hidden,
-                    time_us: us,
-                    pct_copy: 100.0 * gbs / copy_gbs,
-                });
-                let us = super::time_us(gpu, 3, 15, || {
-                    ln::backward_into(
-                        gpu,
-                        &dyv,
-                        &xv,
-                        Some(&gv),
-                        &mv,
-                        &sv,
-                        &mut dx.view_mut(),
-                        Some(&mut dgamma.view_mut()),
-                        Some(&mut dbeta.view_mut()),
-                        None,
-                        tuning,
-                    )
-                })?;
-                let gbs = backward_bytes(dt, rows, hidden) as f64 / (us * 1e-6) / 1e9;
-                out.push(SweepRow {
-                    op: "backward",
-                    variant,
-                    dtype: dt,
-                    rows,
-                    hidden,
-                    time_us: us,
-                    pct_copy: 100.0 * gbs / copy_gbs,
-                });
+                let fwd = super::time_us(gpu, 3, 15, || w.forward(gpu, tuning))?;
+                let bwd = super::time_us(gpu, 3, 15, || w.backward(gpu, tuning))?;
+                for (op, bytes, us) in [
+                    ("forward", forward_bytes(dt, rows, hidden, false), fwd),
+                    ("backward", backward_bytes(dt, rows, hidden), bwd),
+                ] {
+                    let gbs = bytes as f64 / (us * 1e-6) / 1e9;
+                    out.push(SweepRow {
+                        op,
+                        variant,
+                        dtype: dt,
+                        rows,
+                        hidden,
+                        time_us: us,
+                        pct_copy: 100.0 * gbs / copy_gbs,
+                    });
+                }
             }
         }
     }
