@@ -17,6 +17,7 @@
 
 use crate::dtype::DType;
 
+pub mod attention;
 pub mod layernorm;
 
 /// The bound for one output of an op.

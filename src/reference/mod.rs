@@ -2,4 +2,5 @@
 //! than speed. GPU kernels are held to these by the property tests, and the references are in
 //! turn checked against independent formulas and finite differences (tests/reference_*.rs).
 
+pub mod attention;
 pub mod layernorm;

@@ -2,4 +2,5 @@
 //! order and memory layouts on the CPU in f32, so the algorithm and its index arithmetic are
 //! proven against the f64 references on machines without a GPU.
 
+pub mod attention;
 pub mod layernorm;
