@@ -94,4 +94,34 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
     int32_t hidden;
 } cuattn_layernorm_bwd_reduce_params;
 
+/* Scaled dot-product attention forward. Element (b, h, i, d) of Q lives at
+ *   q + b*q_batch_stride + h*q_head_stride + (row0_q(b) + i)*q_row_stride + d
+ * (likewise K, V, O), where row0_q(b) is 0 for dense batches and cu_seqlens_q[b] for packed
+ * variable-length ones (whose batch strides are then 0). LSE (f32) of (b, h, i) lives at
+ *   lse + b*lse_batch_stride + h*lse_head_stride + row0_q(b) + i. */
+#define CUATTN_CAUSAL_NONE 0
+#define CUATTN_CAUSAL_TOP_LEFT 1     /* key j visible to query i iff j <= i */
+#define CUATTN_CAUSAL_BOTTOM_RIGHT 2 /* iff j <= i + key_len - len_q (KV-cache convention) */
+#define CUATTN_ATTENTION_MAX_HEAD_DIM 256
+
+typedef struct cuattn_attention_fwd_params {
+    uint64_t q, k, v; /* T */
+    uint64_t o;       /* T */
+    uint64_t lse;     /* f32, or 0: not written */
+    uint64_t key_lens;      /* int32 [batch]: valid keys per sequence, or 0 (all) */
+    uint64_t cu_seqlens_q;  /* int32 [batch + 1] for packed variable-length batches, or 0 */
+    uint64_t cu_seqlens_k;  /* int32 [batch + 1], with cu_seqlens_q */
+    int64_t q_batch_stride, q_head_stride, q_row_stride;
+    int64_t k_batch_stride, k_head_stride, k_row_stride;
+    int64_t v_batch_stride, v_head_stride, v_row_stride;
+    int64_t o_batch_stride, o_head_stride, o_row_stride;
+    int64_t lse_batch_stride, lse_head_stride;
+    int32_t batch, heads_q, heads_kv;
+    int32_t len_q, len_k; /* dense: the lengths; packed: the longest sequence's */
+    int32_t dim_qk, dim_v;
+    int32_t causal;       /* CUATTN_CAUSAL_* */
+    float scale;          /* multiplies q.k */
+    int32_t rows_per_block; /* exact kernel: one warp per query row */
+} cuattn_attention_fwd_params;
+
 #endif /* CUATTN_PARAMS_H */

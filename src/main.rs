@@ -131,7 +131,7 @@ fn info(json: bool) -> CliResult {
     println!();
     match gpu {
         Ok(g) => println!("GPU: {g}"),
-        Err(e) => println!("GPU: no CUDA device ({e})"),
+        Err(e) => println!("GPU: {e}"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -190,6 +190,13 @@ fn check() -> CliResult {
             ln::forward(&gpu, &case, true).map(|_| ()),
         );
         report("ln_bwd", &name, ln::backward(&gpu, &case));
+    }
+    for (name, case) in cuattn::check::attention::standard_cases() {
+        report(
+            "attn_exact",
+            &name,
+            cuattn::check::attention::forward(&gpu, &case),
+        );
     }
     if failures > 0 {
         println!("{failures} check(s) FAILED");

@@ -5,6 +5,7 @@
 //! Outputs are poisoned with NaN before each launch, inputs carry NaN in the gaps between rows,
 //! and a kernel that writes outside its rows fails the check.
 
+pub mod attention;
 pub mod layernorm;
 
 use crate::dtype::DType;

@@ -2,6 +2,7 @@
 //! alignment, size of the memory behind each view), picks a launch configuration, and makes
 //! one `unsafe` launch whose soundness rests on those checks.
 
+pub mod attention;
 pub mod layernorm;
 mod validate;
 

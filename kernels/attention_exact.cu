@@ -1,0 +1,108 @@
+// Scaled dot-product attention forward, exact path: f32 arithmetic on every element (no tensor
+// cores), for f32 inputs and as a cross-check of the tensor-core kernels for f16/bf16.
+//
+// Algorithm: for query row i, over its admissible keys j (j < key_len, and j ≤ i + offset when
+// causal; offset = 0 top-left, key_len − len_q bottom-right), online softmax in the exp2
+// domain: running max m of raw scores, running sum l, unnormalised O; O /= l at the end and
+// LSE = scale·m + ln l. Keys outside the admissible range are never read, so NaN there cannot
+// reach the output; a row with no admissible key writes O = 0 and LSE = −inf.
+//
+// Ownership: one warp per query row, `rows_per_block` warps per block; the grid is flattened
+// over (query-row blocks, heads, batch) in x, so B·H is not limited by gridDim.y/z. Lane l owns
+// head-dim elements l, l+32, ... (up to 8 each: D ≤ 256) of q and of the output row; a score
+// is a warp-shuffle sum of the lanes' partial dot products. K and V rows are read from global
+// memory by every warp that needs them (the warps of a block share them through L1).
+//
+// Bytes and FLOPs: 4·B·Hq·Lq·Lk·D FLOPs (half when causal); K and V are read once per query
+// row through L1/L2, so this path is bound by cache bandwidth and shuffles, not by HBM.
+
+#include "common.cuh"
+#include "cuattn_params.h"
+
+using namespace cuattn;
+
+namespace {
+
+constexpr int MAX_PER_LANE = CUATTN_ATTENTION_MAX_HEAD_DIM / 32;
+
+template <typename T>
+__device__ void attention_exact(const cuattn_attention_fwd_params& p) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t row_blocks = (p.len_q + p.rows_per_block - 1) / p.rows_per_block;
+    const int64_t flat = blockIdx.x;
+    const int64_t rb = flat % row_blocks;
+    const int h = (int)((flat / row_blocks) % p.heads_q);
+    const int b = (int)(flat / (row_blocks * p.heads_q));
+    const int64_t i = rb * p.rows_per_block + warp;
+
+    const bool packed = p.cu_seqlens_q != 0;
+    const int* cu_q = reinterpret_cast<const int*>(p.cu_seqlens_q);
+    const int* cu_k = reinterpret_cast<const int*>(p.cu_seqlens_k);
+    const int64_t row0_q = packed ? cu_q[b] : 0;
+    const int64_t row0_k = packed ? cu_k[b] : 0;
+    const int64_t len_q = packed ? cu_q[b + 1] - cu_q[b] : p.len_q;
+    int64_t key_len = packed ? cu_k[b + 1] - cu_k[b] : p.len_k;
+    if (p.key_lens) key_len = min(key_len, (int64_t) reinterpret_cast<const int*>(p.key_lens)[b]);
+    if (i >= len_q) return;  // warp-uniform: no barriers in this kernel
+
+    int64_t end = key_len;  // admissible keys: [0, end)
+    if (p.causal == CUATTN_CAUSAL_TOP_LEFT) end = min(end, i + 1);
+    if (p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT) end = min(end, max((int64_t)0, i + key_len - len_q + 1));
+
+    const int hk = h / (p.heads_q / p.heads_kv);
+    const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                 (row0_q + i) * p.q_row_stride;
+    const T* k = reinterpret_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                 row0_k * p.k_row_stride;
+    const T* v = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                 row0_k * p.v_row_stride;
+    T* o = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + (row0_q + i) * p.o_row_stride;
+
+    float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; ++e) {
+        const int d = lane + 32 * e;
+        qr[e] = d < p.dim_qk ? to_f32(q[d]) : 0.f;
+        acc[e] = 0.f;
+    }
+    const float c = p.scale * 1.4426950408889634f;  // exp(scale·s) = 2^(c·s)
+    float m = -INFINITY, l = 0.f;
+    for (int64_t j = 0; j < end; ++j) {
+        const T* kj = k + j * p.k_row_stride;
+        float partial = 0.f;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; ++e) {
+            const int d = lane + 32 * e;
+            if (d < p.dim_qk) partial += qr[e] * to_f32(kj[d]);
+        }
+        const float s = warp_sum(partial);  // every lane holds the score
+        const float m_new = fmaxf(m, s);
+        const float alpha = exp2f(c * (m - m_new));  // m = −inf at the first key: exp2(−inf) = 0
+        const float pj = exp2f(c * (s - m_new));
+        l = l * alpha + pj;
+        const T* vj = v + j * p.v_row_stride;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; ++e) {
+            const int d = lane + 32 * e;
+            if (d < p.dim_v) acc[e] = acc[e] * alpha + pj * to_f32(vj[d]);
+        }
+        m = m_new;
+    }
+    const bool any = l > 0.f;
+    const float inv_l = any ? 1.f / l : 0.f;
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; ++e) {
+        const int d = lane + 32 * e;
+        if (d < p.dim_v) o[d] = from_f32<T>(any ? acc[e] * inv_l : 0.f);
+    }
+    if (p.lse && lane == 0) {
+        float* lse = reinterpret_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + row0_q + i;
+        *lse = any ? p.scale * m + logf(l) : -INFINITY;
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void attention_exact_f32(const cuattn_attention_fwd_params p) { attention_exact<float>(p); }
+extern "C" __global__ void attention_exact_f16(const cuattn_attention_fwd_params p) { attention_exact<__half>(p); }
+extern "C" __global__ void attention_exact_bf16(const cuattn_attention_fwd_params p) { attention_exact<__nv_bfloat16>(p); }

@@ -1,0 +1,316 @@
+//! Attention forward against [`crate::reference::attention`], under
+//! [`crate::tolerance::attention`]. Outputs are poisoned with NaN before each launch.
+
+use super::{expect_close, random_values, CheckResult};
+use crate::dtype::{self, DType};
+use crate::gpu::{DeviceTensor, Gpu};
+use crate::ops::attention::{self as attn, Options, Sequences};
+use crate::reference::attention::{self as reference, CausalAlign, Shape};
+use crate::tensor::{HostTensor, Layout};
+use crate::tolerance::attention as tolerances;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+/// One randomized attention check.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub dtype: DType,
+    pub shape: Shape,
+    pub causal: Option<CausalAlign>,
+    /// Dense batches: valid keys per sequence.
+    pub key_lens: Option<Vec<i32>>,
+    /// Packed batches: (query lengths, key lengths) per sequence; `shape.batch` must match,
+    /// and `shape.len_q`/`len_k` are ignored.
+    pub packed: Option<(Vec<usize>, Vec<usize>)>,
+    /// Dense batches: lay Q, K, V and O out as BSHD in memory (read through strides).
+    pub bshd: bool,
+    pub scale: Option<f32>,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn dense(dtype: DType, shape: Shape) -> Case {
+        Case {
+            dtype,
+            shape,
+            causal: None,
+            key_lens: None,
+            packed: None,
+            bshd: false,
+            scale: None,
+            seed: 0x5eed ^ (shape.len_q * 131 + shape.len_k) as u64,
+        }
+    }
+}
+
+fn err(e: crate::Error) -> String {
+    e.to_string()
+}
+
+/// A [B, H, L, D] tensor uploaded as BHSD or, with `bshd`, as BSHD memory seen through strides;
+/// `values` are in BHSD order. `fill` everywhere when `values` is `None`.
+fn upload_4d(
+    gpu: &Arc<Gpu>,
+    dtype: DType,
+    dims: [usize; 4],
+    bshd: bool,
+    values: Option<&[f32]>,
+    fill: f32,
+) -> CheckResult<DeviceTensor> {
+    let [b, h, l, d] = dims;
+    let n = b * h * l * d;
+    let (layout, mut storage) = if bshd {
+        (
+            Layout::strided("t", &dims, &[l * h * d, d, h * d, 1]).map_err(err)?,
+            vec![fill; n],
+        )
+    } else {
+        (Layout::contiguous(&dims), vec![fill; n])
+    };
+    if let Some(values) = values {
+        for bi in 0..b {
+            for hi in 0..h {
+                for li in 0..l {
+                    let src = ((bi * h + hi) * l + li) * d;
+                    let dst = if bshd {
+                        ((bi * l + li) * h + hi) * d
+                    } else {
+                        src
+                    };
+                    storage[dst..dst + d].copy_from_slice(&values[src..src + d]);
+                }
+            }
+        }
+    }
+    let host =
+        HostTensor::from_bytes(dtype, layout, dtype::encode(dtype, &storage)).map_err(err)?;
+    gpu.upload(&host).map_err(err)
+}
+
+fn upload_flat(
+    gpu: &Arc<Gpu>,
+    dtype: DType,
+    shape: &[usize],
+    values: &[f32],
+) -> CheckResult<DeviceTensor> {
+    gpu.upload(&HostTensor::from_f32(dtype, shape, values).map_err(err)?)
+        .map_err(err)
+}
+
+/// Runs the case and checks O and LSE.
+pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
+    let s = c.shape;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(c.seed);
+    let ctx = |what: &str| format!("{what} for {c:?}");
+    match &c.packed {
+        None => {
+            let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
+            let k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
+            let v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
+            let qd = upload_4d(
+                gpu,
+                c.dtype,
+                [s.batch, s.heads_q, s.len_q, s.dim_qk],
+                c.bshd,
+                Some(&q),
+                0.0,
+            )?;
+            let kd = upload_4d(
+                gpu,
+                c.dtype,
+                [s.batch, s.heads_kv, s.len_k, s.dim_qk],
+                c.bshd,
+                Some(&k),
+                0.0,
+            )?;
+            let vd = upload_4d(
+                gpu,
+                c.dtype,
+                [s.batch, s.heads_kv, s.len_k, s.dim_v],
+                c.bshd,
+                Some(&v),
+                0.0,
+            )?;
+            let mut od = upload_4d(
+                gpu,
+                c.dtype,
+                [s.batch, s.heads_q, s.len_q, s.dim_v],
+                c.bshd,
+                None,
+                f32::NAN,
+            )?;
+            let mut lse = gpu
+                .full(DType::F32, &[s.batch, s.heads_q, s.len_q], f32::NAN)
+                .map_err(err)?;
+            let opts = Options {
+                scale: c.scale,
+                causal: c.causal,
+                sequences: Sequences::Dense {
+                    key_lens: c.key_lens.as_deref(),
+                },
+            };
+            attn::forward_into(
+                gpu,
+                &qd.view(),
+                &kd.view(),
+                &vd.view(),
+                &mut od.view_mut(),
+                Some(&mut lse.view_mut()),
+                &opts,
+            )
+            .map_err(|e| ctx(&e.to_string()))?;
+            let ropts = reference::Options {
+                scale: c.scale.map_or(1.0 / (s.dim_qk as f64).sqrt(), |x| x as f64),
+                causal: c.causal,
+                key_lens: c
+                    .key_lens
+                    .as_ref()
+                    .map(|l| l.iter().map(|&x| x as usize).collect()),
+            };
+            let want = reference::forward(&q, &k, &v, &s, &ropts);
+            let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
+            expect_close(&ctx("O"), &od.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
+            expect_close(
+                &ctx("LSE"),
+                &lse.to_f32_vec().map_err(err)?,
+                &want.lse,
+                tol.lse,
+            )
+        }
+        Some((lens_q, lens_k)) => {
+            let cu = |lens: &[usize]| -> Vec<usize> {
+                std::iter::once(0)
+                    .chain(lens.iter().scan(0, |acc, &l| {
+                        *acc += l;
+                        Some(*acc)
+                    }))
+                    .collect()
+            };
+            let (cu_q, cu_k) = (cu(lens_q), cu(lens_k));
+            let (tq, tk) = (cu_q[s.batch], cu_k[s.batch]);
+            let q = random_values(&mut rng, c.dtype, tq * s.heads_q * s.dim_qk, 0.0, 2.0);
+            let k = random_values(&mut rng, c.dtype, tk * s.heads_kv * s.dim_qk, 0.0, 2.0);
+            let v = random_values(&mut rng, c.dtype, tk * s.heads_kv * s.dim_v, 0.0, 1.0);
+            // Packed tensors need at least one row each; empty totals get one unused row.
+            let rows = |t: usize| t.max(1);
+            let pad = |x: &[f32], w: usize, t: usize| -> Vec<f32> {
+                let mut p = x.to_vec();
+                p.resize(rows(t) * w, 0.0);
+                p
+            };
+            let qd = upload_flat(
+                gpu,
+                c.dtype,
+                &[rows(tq), s.heads_q, s.dim_qk],
+                &pad(&q, s.heads_q * s.dim_qk, tq),
+            )?;
+            let kd = upload_flat(
+                gpu,
+                c.dtype,
+                &[rows(tk), s.heads_kv, s.dim_qk],
+                &pad(&k, s.heads_kv * s.dim_qk, tk),
+            )?;
+            let vd = upload_flat(
+                gpu,
+                c.dtype,
+                &[rows(tk), s.heads_kv, s.dim_v],
+                &pad(&v, s.heads_kv * s.dim_v, tk),
+            )?;
+            let mut od = gpu
+                .full(c.dtype, &[rows(tq), s.heads_q, s.dim_v], f32::NAN)
+                .map_err(err)?;
+            let mut lse = gpu
+                .full(DType::F32, &[s.heads_q, rows(tq)], f32::NAN)
+                .map_err(err)?;
+            let (cq, ck): (Vec<i32>, Vec<i32>) = (
+                cu_q.iter().map(|&x| x as i32).collect(),
+                cu_k.iter().map(|&x| x as i32).collect(),
+            );
+            let opts = Options {
+                scale: c.scale,
+                causal: c.causal,
+                sequences: Sequences::Packed {
+                    cu_seqlens_q: &cq,
+                    cu_seqlens_k: &ck,
+                },
+            };
+            attn::forward_into(
+                gpu,
+                &qd.view(),
+                &kd.view(),
+                &vd.view(),
+                &mut od.view_mut(),
+                Some(&mut lse.view_mut()),
+                &opts,
+            )
+            .map_err(|e| ctx(&e.to_string()))?;
+            let ropts = reference::Options {
+                scale: c.scale.map_or(1.0 / (s.dim_qk as f64).sqrt(), |x| x as f64),
+                causal: c.causal,
+                key_lens: None,
+            };
+            let want = reference::forward_varlen(
+                &q, &k, &v, &cu_q, &cu_k, s.heads_q, s.heads_kv, s.dim_qk, s.dim_v, &ropts,
+            );
+            let shape = Shape {
+                len_q: lens_q.iter().copied().max().unwrap_or(0),
+                len_k: lens_k.iter().copied().max().unwrap_or(0),
+                ..s
+            };
+            let tol = tolerances::bounds(&q, &k, &v, &shape, ropts.scale, c.dtype);
+            let o = od.to_f32_vec().map_err(err)?;
+            expect_close(&ctx("O"), &o[..tq * s.heads_q * s.dim_v], &want.o, tol.o)?;
+            let lse_all = lse.to_f32_vec().map_err(err)?;
+            // LSE is [Hq, rows(tq)]: take the first tq of each head.
+            let lse_got: Vec<f32> = (0..s.heads_q)
+                .flat_map(|h| lse_all[h * rows(tq)..h * rows(tq) + tq].to_vec())
+                .collect();
+            expect_close(&ctx("LSE"), &lse_got, &want.lse, tol.lse)
+        }
+    }
+}
+
+/// The fixed list `cuattn check` runs.
+pub fn standard_cases() -> Vec<(String, Case)> {
+    let shape = |b, hq, hkv, lq, lk, d, dv| Shape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        len_q: lq,
+        len_k: lk,
+        dim_qk: d,
+        dim_v: dv,
+    };
+    let mut out = Vec::new();
+    for dt in DType::ALL {
+        out.push((
+            format!("{dt} 2x4x100x130 d64"),
+            Case::dense(dt, shape(2, 4, 4, 100, 130, 64, 64)),
+        ));
+        out.push((
+            format!("{dt} gqa 8/2 causal-br 70x33 d72/40"),
+            Case {
+                causal: Some(CausalAlign::BottomRight),
+                ..Case::dense(dt, shape(1, 8, 2, 70, 33, 72, 40))
+            },
+        ));
+        out.push((
+            format!("{dt} bshd causal-tl padded d128"),
+            Case {
+                causal: Some(CausalAlign::TopLeft),
+                key_lens: Some(vec![90, 0]),
+                bshd: true,
+                ..Case::dense(dt, shape(2, 2, 1, 64, 96, 128, 128))
+            },
+        ));
+        out.push((
+            format!("{dt} varlen 4 seqs d256"),
+            Case {
+                packed: Some((vec![5, 0, 33, 1], vec![7, 3, 0, 40])),
+                causal: Some(CausalAlign::BottomRight),
+                ..Case::dense(dt, shape(4, 2, 2, 0, 0, 256, 256))
+            },
+        ));
+    }
+    out
+}

@@ -1,0 +1,756 @@
+//! Scaled dot-product attention forward on the GPU: O = softmax(Q·Kᵀ·scale + mask)·V and the
+//! per-row log-sum-exp. The CPU reference is [`crate::reference::attention`], whose docs define
+//! the masks; the kernel here is the exact f32 path (`kernels/attention_exact.cu`).
+//!
+//! Layouts are given by strides: any 4-D view [B, H, L, D] whose last dim is contiguous is read
+//! as it is (BHSD, BSHD, or a slice of a larger buffer); packed variable-length batches are
+//! 3-D views [total, H, D] with cumulative sequence offsets.
+
+use super::validate::{self, ViewInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
+use crate::kernels::params::{
+    cuattn_attention_fwd_params, CUATTN_ATTENTION_MAX_HEAD_DIM, CUATTN_CAUSAL_BOTTOM_RIGHT,
+    CUATTN_CAUSAL_NONE, CUATTN_CAUSAL_TOP_LEFT,
+};
+pub use crate::reference::attention::CausalAlign;
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+const MODULE: &str = "attention_exact";
+/// Largest head dim (of Q/K and of V) accepted.
+pub const MAX_HEAD_DIM: usize = CUATTN_ATTENTION_MAX_HEAD_DIM as usize;
+/// Query rows per block of the exact kernel (one warp each).
+const EXACT_ROWS_PER_BLOCK: usize = 4;
+
+/// How the batch is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sequences<'s> {
+    /// Q [B, Hq, Lq, D], K [B, Hkv, Lk, D], V [B, Hkv, Lk, Dv], O [B, Hq, Lq, Dv]; LSE
+    /// [B, Hq, Lq]. `key_lens[b]` (0..=Lk) limits sequence b's keys (key padding).
+    Dense { key_lens: Option<&'s [i32]> },
+    /// Q [total_q, Hq, D], K [total_k, Hkv, D], V [total_k, Hkv, Dv], O [total_q, Hq, Dv];
+    /// LSE [Hq, total_q]. Sequence b owns rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` (and the
+    /// same of the keys); offsets start at 0 and never decrease.
+    Packed {
+        cu_seqlens_q: &'s [i32],
+        cu_seqlens_k: &'s [i32],
+    },
+}
+
+/// Options of one call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options<'s> {
+    /// Multiplies Q·Kᵀ; `None` for 1/√D.
+    pub scale: Option<f32>,
+    pub causal: Option<CausalAlign>,
+    pub sequences: Sequences<'s>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            scale: None,
+            causal: None,
+            sequences: Sequences::Dense { key_lens: None },
+        }
+    }
+}
+
+/// A view's strides as (batch, head, row) in elements, after checking its shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Strides {
+    batch: i64,
+    head: i64,
+    row: i64,
+}
+
+/// Checked sizes of a call.
+#[derive(Clone, Debug, PartialEq)]
+struct Checked {
+    dtype: DType,
+    batch: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    len_q: usize,
+    len_k: usize,
+    dim_qk: usize,
+    dim_v: usize,
+    scale: f32,
+    q: Strides,
+    k: Strides,
+    v: Strides,
+    o: Strides,
+    lse: Option<(i64, i64)>,
+}
+
+fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
+    Error::Shape {
+        arg,
+        expected: expected.into(),
+        got: got.to_vec(),
+    }
+}
+
+/// Checks a view of `rank` dims with a contiguous last dim and its memory; returns its shape
+/// and strides.
+fn view<'l>(v: &'l ViewInfo<'l>, rank: usize, what: &str) -> Result<(&'l [usize], &'l [usize])> {
+    let (shape, strides) = (v.layout.shape(), v.layout.strides());
+    if shape.len() != rank {
+        return Err(shape_err(v.arg, format!("{rank} dims {what}"), shape));
+    }
+    if shape.contains(&0) {
+        return Err(Error::Empty {
+            arg: v.arg,
+            shape: shape.to_vec(),
+        });
+    }
+    if shape[rank - 1] > 1 && strides[rank - 1] != 1 {
+        return Err(Error::layout(
+            v.arg,
+            format!("the last dim must be contiguous (stride 1), got strides {strides:?}"),
+        ));
+    }
+    validate::memory(v)?;
+    Ok((shape, strides))
+}
+
+fn check_head_dim(arg: &'static str, d: usize) -> Result<()> {
+    if d == 0 || d > MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            arg,
+            format!("head dim must be in 1..={MAX_HEAD_DIM}, got {d}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks cumulative offsets: batch + 1 entries, starting at 0, never decreasing, ending
+/// within `rows`. Returns the longest sequence.
+fn check_offsets(arg: &'static str, cu: &[i32], batch: usize, rows: usize) -> Result<usize> {
+    if cu.len() != batch + 1 {
+        return Err(shape_err(
+            arg,
+            format!("{} offsets (batch + 1)", batch + 1),
+            &[cu.len()],
+        ));
+    }
+    if cu[0] != 0 {
+        return Err(Error::invalid(
+            arg,
+            format!("offsets must start at 0, got {}", cu[0]),
+        ));
+    }
+    let mut longest = 0usize;
+    for (b, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::invalid(
+                arg,
+                format!("offsets decrease at sequence {b}: {} then {}", w[0], w[1]),
+            ));
+        }
+        longest = longest.max((w[1] - w[0]) as usize);
+    }
+    let last = cu[batch] as usize;
+    if last > rows {
+        return Err(Error::invalid(
+            arg,
+            format!("last offset {last} is past the {rows} rows of the tensor"),
+        ));
+    }
+    Ok(longest)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    o: &TensorMut,
+    lse: Option<&TensorMut>,
+    opts: &Options,
+) -> Result<Checked> {
+    let dtype = q.dtype;
+    let (qi, ki, vi, oi) = (q.info("q"), k.info("k"), v.info("v"), o.info("o"));
+    for x in [&ki, &vi, &oi] {
+        validate::dtype(x, dtype)?;
+    }
+    let packed = matches!(opts.sequences, Sequences::Packed { .. });
+    let rank = if packed { 3 } else { 4 };
+    let what = if packed {
+        "[total, heads, dim]"
+    } else {
+        "[batch, heads, len, dim]"
+    };
+    let (qs, qst) = view(&qi, rank, what)?;
+    let (ks, kst) = view(&ki, rank, what)?;
+    let (vs, vst) = view(&vi, rank, what)?;
+    let (os, ost) = view(&oi, rank, what)?;
+    // Dense dims (b, h, l, d) or packed (t, h, d).
+    let (hq, hkv) = (qs[1], ks[1]); // heads are dim 1 in both layouts
+    let (dim_qk, dim_v) = (qs[rank - 1], vs[rank - 1]);
+    check_head_dim("q", dim_qk)?;
+    check_head_dim("v", dim_v)?;
+    if hq % hkv != 0 {
+        return Err(Error::invalid(
+            "k",
+            format!("query heads ({hq}) must be a multiple of key/value heads ({hkv})"),
+        ));
+    }
+    if ks[rank - 1] != dim_qk {
+        return Err(shape_err("k", format!("head dim {dim_qk} (that of q)"), ks));
+    }
+    let expect = |arg: &'static str, got: &[usize], want: Vec<usize>| {
+        if got != want.as_slice() {
+            Err(shape_err(arg, format!("{want:?}"), got))
+        } else {
+            Ok(())
+        }
+    };
+    // Packed: rows are dim 0 and heads dim 1; dense: heads dim 1 and rows dim 2.
+    let head_stride = |st: &[usize]| st[1] as i64;
+    let (batch, len_q, len_k, q_strides, k_strides, v_strides, o_strides);
+    match opts.sequences {
+        Sequences::Dense { key_lens } => {
+            batch = qs[0];
+            (len_q, len_k) = (qs[2], ks[2]);
+            expect("k", ks, vec![batch, hkv, len_k, dim_qk])?;
+            expect("v", vs, vec![batch, hkv, len_k, dim_v])?;
+            expect("o", os, vec![batch, hq, len_q, dim_v])?;
+            if let Some(lens) = key_lens {
+                if lens.len() != batch {
+                    return Err(shape_err(
+                        "key_lens",
+                        format!("{batch} lengths (one per sequence)"),
+                        &[lens.len()],
+                    ));
+                }
+                if let Some((b, &l)) = lens
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &l)| l < 0 || l as usize > len_k)
+                {
+                    return Err(Error::invalid(
+                        "key_lens",
+                        format!("sequence {b} has {l} keys, outside 0..={len_k}"),
+                    ));
+                }
+            }
+            let s = |st: &[usize]| Strides {
+                batch: st[0] as i64,
+                head: head_stride(st),
+                row: st[2] as i64,
+            };
+            (q_strides, k_strides, v_strides, o_strides) = (s(qst), s(kst), s(vst), s(ost));
+        }
+        Sequences::Packed {
+            cu_seqlens_q,
+            cu_seqlens_k,
+        } => {
+            batch = cu_seqlens_q.len().saturating_sub(1);
+            if batch == 0 {
+                return Err(Error::invalid(
+                    "cu_seqlens_q",
+                    "a packed batch needs at least one sequence",
+                ));
+            }
+            len_q = check_offsets("cu_seqlens_q", cu_seqlens_q, batch, qs[0])?;
+            len_k = check_offsets("cu_seqlens_k", cu_seqlens_k, batch, ks[0])?;
+            expect("v", vs, vec![ks[0], hkv, dim_v])?;
+            expect("o", os, vec![qs[0], hq, dim_v])?;
+            let s = |st: &[usize]| Strides {
+                batch: 0,
+                head: head_stride(st),
+                row: st[0] as i64,
+            };
+            (q_strides, k_strides, v_strides, o_strides) = (s(qst), s(kst), s(vst), s(ost));
+        }
+    }
+    if batch == 0 {
+        return Err(Error::invalid("q", "batch must be at least 1"));
+    }
+    let lse = match lse {
+        None => None,
+        Some(l) => {
+            let info = l.info("lse");
+            validate::dtype(&info, DType::F32)?;
+            let (want, strides) = if packed {
+                (vec![hq, qs[0]], (0, qs[0] as i64))
+            } else {
+                (vec![batch, hq, len_q], ((hq * len_q) as i64, len_q as i64))
+            };
+            validate::vector(&info, want.iter().product(), "one per query row and head")?;
+            if l.shape() != want.as_slice() {
+                return Err(shape_err("lse", format!("{want:?}"), l.shape()));
+            }
+            Some(strides)
+        }
+    };
+    let scale = opts.scale.unwrap_or(1.0 / (dim_qk as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::invalid(
+            "scale",
+            format!("must be finite, got {scale}"),
+        ));
+    }
+    Ok(Checked {
+        dtype,
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        len_q,
+        len_k,
+        dim_qk,
+        dim_v,
+        scale,
+        q: q_strides,
+        k: k_strides,
+        v: v_strides,
+        o: o_strides,
+        lse,
+    })
+}
+
+fn kernel_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "attention_exact_f32",
+        DType::F16 => "attention_exact_f16",
+        DType::BF16 => "attention_exact_bf16",
+    }
+}
+
+/// Attention forward into caller-owned views (see the module docs for layouts). `lse` (f32),
+/// when given, receives each row's log-sum-exp in natural-log units (−inf for a fully masked
+/// row, whose output is 0).
+pub fn forward_into<'a>(
+    gpu: &Gpu,
+    q: &TensorRef<'a>,
+    k: &TensorRef<'a>,
+    v: &TensorRef<'a>,
+    o: &mut TensorMut<'a>,
+    lse: Option<&mut TensorMut<'a>>,
+    opts: &Options,
+) -> Result<()> {
+    let c = check(q, k, v, o, lse.as_deref(), opts)?;
+    let row_blocks = c.len_q.div_ceil(EXACT_ROWS_PER_BLOCK);
+    let blocks = row_blocks as u64 * c.heads_q as u64 * c.batch as u64;
+    if blocks == 0 {
+        return Ok(()); // every sequence is empty: nothing to write
+    }
+    if blocks > i32::MAX as u64 {
+        return Err(Error::invalid(
+            "q",
+            format!("{blocks} blocks of {EXACT_ROWS_PER_BLOCK} query rows exceed the grid"),
+        ));
+    }
+    // Small host arrays go to the device on this stream; their buffers are freed after the
+    // kernel in stream order.
+    let upload = |a: &[i32]| {
+        gpu.stream()
+            .clone_htod(a)
+            .map_err(|e| Error::driver("copy host to device", e))
+    };
+    let (key_lens, cu_q, cu_k) = match opts.sequences {
+        Sequences::Dense { key_lens } => (key_lens.map(upload).transpose()?, None, None),
+        Sequences::Packed {
+            cu_seqlens_q,
+            cu_seqlens_k,
+        } => (
+            None,
+            Some(upload(cu_seqlens_q)?),
+            Some(upload(cu_seqlens_k)?),
+        ),
+    };
+    let ptr = |b: &Option<cudarc::driver::CudaSlice<i32>>| {
+        b.as_ref().map_or(0, |b| b.device_ptr(gpu.stream()).0)
+    };
+    let (lse_ptr, (lse_bs, lse_hs)) = match (&lse, c.lse) {
+        (Some(l), Some(s)) => (l.ptr, s),
+        _ => (0, (0, 0)),
+    };
+    let p = cuattn_attention_fwd_params {
+        q: q.ptr,
+        k: k.ptr,
+        v: v.ptr,
+        o: o.ptr,
+        lse: lse_ptr,
+        key_lens: ptr(&key_lens),
+        cu_seqlens_q: ptr(&cu_q),
+        cu_seqlens_k: ptr(&cu_k),
+        q_batch_stride: c.q.batch,
+        q_head_stride: c.q.head,
+        q_row_stride: c.q.row,
+        k_batch_stride: c.k.batch,
+        k_head_stride: c.k.head,
+        k_row_stride: c.k.row,
+        v_batch_stride: c.v.batch,
+        v_head_stride: c.v.head,
+        v_row_stride: c.v.row,
+        o_batch_stride: c.o.batch,
+        o_head_stride: c.o.head,
+        o_row_stride: c.o.row,
+        lse_batch_stride: lse_bs,
+        lse_head_stride: lse_hs,
+        batch: c.batch as i32,
+        heads_q: c.heads_q as i32,
+        heads_kv: c.heads_kv as i32,
+        len_q: c.len_q as i32,
+        len_k: c.len_k as i32,
+        dim_qk: c.dim_qk as i32,
+        dim_v: c.dim_v as i32,
+        causal: match opts.causal {
+            None => CUATTN_CAUSAL_NONE,
+            Some(CausalAlign::TopLeft) => CUATTN_CAUSAL_TOP_LEFT,
+            Some(CausalAlign::BottomRight) => CUATTN_CAUSAL_BOTTOM_RIGHT,
+        } as i32,
+        scale: c.scale,
+        rows_per_block: EXACT_ROWS_PER_BLOCK as i32,
+    };
+    let kernel = gpu.kernel(MODULE, kernel_name(c.dtype))?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * EXACT_ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `check` validated every view (dtypes, shapes, a contiguous last dim, that each
+    // layout fits the memory behind it, alignment) and the sequence lengths/offsets, so every
+    // address the kernel forms from these strides and lengths is inside its view.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&kernel.func)
+            .arg(&p)
+            .launch(cfg)
+    }
+    .map(|_| ())
+    .map_err(|e| Error::driver(format!("launching `{}`", kernel.name), e))
+}
+
+/// Attention forward, allocating O (contiguous, q's layout order: dense [B, Hq, Lq, Dv] or
+/// packed [total_q, Hq, Dv]) and LSE.
+pub fn forward(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    opts: &Options,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let gpu: &Arc<Gpu> = q.gpu();
+    let (qs, vs) = (q.shape(), v.shape());
+    let (o_shape, lse_shape) = match opts.sequences {
+        Sequences::Dense { .. } if qs.len() == 4 && vs.len() == 4 => {
+            (vec![qs[0], qs[1], qs[2], vs[3]], vec![qs[0], qs[1], qs[2]])
+        }
+        Sequences::Packed { .. } if qs.len() == 3 && vs.len() == 3 => {
+            (vec![qs[0], qs[1], vs[2]], vec![qs[1], qs[0]])
+        }
+        _ => {
+            return Err(shape_err(
+                "q",
+                "4 dims (dense) or 3 dims (packed), as q and v",
+                qs,
+            ))
+        }
+    };
+    let mut o = gpu.full(q.dtype(), &o_shape, 0.0)?;
+    let mut lse = gpu.full(DType::F32, &lse_shape, 0.0)?;
+    forward_into(
+        gpu,
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &mut o.view_mut(),
+        Some(&mut lse.view_mut()),
+        opts,
+    )?;
+    Ok((o, lse))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Argument validation without a GPU: fake addresses, never dereferenced.
+    use super::*;
+    use crate::tensor::Layout;
+
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    fn r(dtype: DType, shape: &[usize], at: u64) -> TensorRef<'static> {
+        let layout = Layout::contiguous(shape);
+        // SAFETY: validation only reads the address as a number.
+        unsafe {
+            TensorRef::from_raw(
+                BASE + at,
+                layout.numel() * dtype.size_bytes(),
+                dtype,
+                layout,
+            )
+        }
+    }
+
+    fn w(dtype: DType, shape: &[usize], at: u64) -> TensorMut<'static> {
+        let layout = Layout::contiguous(shape);
+        // SAFETY: as in `r`.
+        unsafe {
+            TensorMut::from_raw(
+                BASE + at,
+                layout.numel() * dtype.size_bytes(),
+                dtype,
+                layout,
+            )
+        }
+    }
+
+    fn dense(
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        lq: usize,
+        lk: usize,
+        d: usize,
+        dv: usize,
+    ) -> Result<Checked> {
+        let dt = DType::BF16;
+        let (q, k, v) = (
+            r(dt, &[b, hq, lq, d], 0),
+            r(dt, &[b, hkv, lk, d], 1 << 32),
+            r(dt, &[b, hkv, lk, dv], 2 << 32),
+        );
+        let o = w(dt, &[b, hq, lq, dv], 3 << 32);
+        let lse = w(DType::F32, &[b, hq, lq], 4 << 32);
+        check(&q, &k, &v, &o, Some(&lse), &Options::default())
+    }
+
+    #[test]
+    fn the_exact_kernels_were_compiled_for_sm80_and_sm90_without_spills() {
+        let built = crate::kernels::resources();
+        for dt in DType::ALL {
+            for arch in ["sm_80", "sm_90"] {
+                let name = kernel_name(dt);
+                let r = built.iter().find(|r| r.kernel == name && r.arch == arch);
+                let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
+                assert_eq!(
+                    (r.spill_store_bytes, r.spill_load_bytes, r.stack_bytes),
+                    (0, 0, 0),
+                    "{name} on {arch}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn good_dense_arguments_pass_with_gqa_and_unequal_head_dims() {
+        let c = dense(2, 8, 2, 5, 7, 72, 40).unwrap();
+        assert_eq!(
+            (c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.dim_qk, c.dim_v),
+            (2, 8, 2, 5, 7, 72, 40)
+        );
+        assert_eq!(
+            c.q,
+            Strides {
+                batch: 8 * 5 * 72,
+                head: 5 * 72,
+                row: 72
+            }
+        );
+        assert!((c.scale - 1.0 / 72f32.sqrt()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn heads_q_not_a_multiple_of_heads_kv_is_an_error() {
+        assert!(matches!(
+            dense(1, 6, 4, 3, 3, 8, 8),
+            Err(Error::InvalidArgument { arg: "k", .. })
+        ));
+    }
+
+    #[test]
+    fn head_dim_above_256_or_zero_is_an_error() {
+        assert!(matches!(
+            dense(1, 1, 1, 3, 3, 257, 8),
+            Err(Error::InvalidArgument { arg: "q", .. })
+        ));
+        assert!(matches!(
+            dense(1, 1, 1, 3, 3, 8, 300),
+            Err(Error::InvalidArgument { arg: "v", .. })
+        ));
+    }
+
+    #[test]
+    fn zero_batch_or_empty_sequences_are_errors() {
+        assert!(matches!(
+            dense(0, 1, 1, 3, 3, 8, 8),
+            Err(Error::Empty { .. })
+        ));
+        assert!(matches!(
+            dense(1, 1, 1, 0, 3, 8, 8),
+            Err(Error::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn mismatched_dtypes_and_shapes_are_errors() {
+        let dt = DType::F16;
+        let (q, k) = (r(dt, &[1, 2, 3, 8], 0), r(dt, &[1, 2, 4, 8], 1 << 32));
+        let v_bad = r(DType::F32, &[1, 2, 4, 8], 2 << 32);
+        let o = w(dt, &[1, 2, 3, 8], 3 << 32);
+        assert!(matches!(
+            check(&q, &k, &v_bad, &o, None, &Options::default()),
+            Err(Error::DType { arg: "v", .. })
+        ));
+        let v_short = r(dt, &[1, 2, 3, 8], 2 << 32);
+        assert!(matches!(
+            check(&q, &k, &v_short, &o, None, &Options::default()),
+            Err(Error::Shape { arg: "v", .. })
+        ));
+        let k_dim = r(dt, &[1, 2, 4, 9], 1 << 32);
+        let v = r(dt, &[1, 2, 4, 8], 2 << 32);
+        assert!(matches!(
+            check(&q, &k_dim, &v, &o, None, &Options::default()),
+            Err(Error::Shape { arg: "k", .. })
+        ));
+    }
+
+    #[test]
+    fn a_bshd_view_is_read_through_its_strides_and_a_transposed_last_dim_is_rejected() {
+        let dt = DType::F16;
+        // BSHD memory [1, 4 rows, 2 heads, 8] seen as [B, H, L, D].
+        let bshd = Layout::strided("q", &[1, 2, 4, 8], &[64, 8, 16, 1]).unwrap();
+        // SAFETY: never dereferenced.
+        let q = unsafe { TensorRef::from_raw(BASE, 64 * 2, dt, bshd) };
+        let (k, v) = (r(dt, &[1, 2, 4, 8], 1 << 32), r(dt, &[1, 2, 4, 8], 2 << 32));
+        let o = w(dt, &[1, 2, 4, 8], 3 << 32);
+        let c = check(&q, &k, &v, &o, None, &Options::default()).unwrap();
+        assert_eq!(
+            c.q,
+            Strides {
+                batch: 64,
+                head: 8,
+                row: 16
+            }
+        );
+        let transposed = Layout::strided("q", &[1, 2, 4, 8], &[64, 32, 1, 4]).unwrap();
+        // SAFETY: never dereferenced.
+        let qt = unsafe { TensorRef::from_raw(BASE, 64 * 2, dt, transposed) };
+        assert!(matches!(
+            check(&qt, &k, &v, &o, None, &Options::default()),
+            Err(Error::Layout { arg: "q", .. })
+        ));
+    }
+
+    #[test]
+    fn misaligned_pointers_and_views_past_their_memory_are_errors() {
+        let dt = DType::F16;
+        let (k, v) = (r(dt, &[1, 1, 4, 8], 1 << 32), r(dt, &[1, 1, 4, 8], 2 << 32));
+        let o = w(dt, &[1, 1, 4, 8], 3 << 32);
+        let q_odd = r(dt, &[1, 1, 4, 8], 1);
+        assert!(matches!(
+            check(&q_odd, &k, &v, &o, None, &Options::default()),
+            Err(Error::Alignment { arg: "q", .. })
+        ));
+        // SAFETY: never dereferenced.
+        let q_short =
+            unsafe { TensorRef::from_raw(BASE, 10, dt, Layout::contiguous(&[1, 1, 4, 8])) };
+        assert!(matches!(
+            check(&q_short, &k, &v, &o, None, &Options::default()),
+            Err(Error::Layout { arg: "q", .. })
+        ));
+    }
+
+    #[test]
+    fn key_lengths_must_fit_the_keys() {
+        let dt = DType::F32;
+        let (q, k, v) = (
+            r(dt, &[2, 1, 3, 4], 0),
+            r(dt, &[2, 1, 5, 4], 1 << 32),
+            r(dt, &[2, 1, 5, 4], 2 << 32),
+        );
+        let o = w(dt, &[2, 1, 3, 4], 3 << 32);
+        let opts = |lens: &'static [i32]| Options {
+            sequences: Sequences::Dense {
+                key_lens: Some(lens),
+            },
+            ..Options::default()
+        };
+        assert!(check(&q, &k, &v, &o, None, &opts(&[5, 0])).is_ok());
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &opts(&[6, 1])),
+            Err(Error::InvalidArgument {
+                arg: "key_lens",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &opts(&[-1, 1])),
+            Err(Error::InvalidArgument {
+                arg: "key_lens",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &opts(&[1])),
+            Err(Error::Shape {
+                arg: "key_lens",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn packed_offsets_must_start_at_zero_never_decrease_and_stay_in_the_buffer() {
+        let dt = DType::BF16;
+        let (q, k, v) = (
+            r(dt, &[6, 2, 8], 0),
+            r(dt, &[9, 1, 8], 1 << 32),
+            r(dt, &[9, 1, 8], 2 << 32),
+        );
+        let o = w(dt, &[6, 2, 8], 3 << 32);
+        let lse = w(DType::F32, &[2, 6], 4 << 32);
+        let opts = |cq: &'static [i32], ck: &'static [i32]| Options {
+            sequences: Sequences::Packed {
+                cu_seqlens_q: cq,
+                cu_seqlens_k: ck,
+            },
+            ..Options::default()
+        };
+        let c = check(
+            &q,
+            &k,
+            &v,
+            &o,
+            Some(&lse),
+            &opts(&[0, 1, 1, 6], &[0, 4, 4, 9]),
+        )
+        .unwrap();
+        assert_eq!((c.batch, c.len_q, c.len_k), (3, 5, 5));
+        assert_eq!(
+            c.q,
+            Strides {
+                batch: 0,
+                head: 8,
+                row: 16
+            }
+        );
+        let bad = [
+            opts(&[1, 2, 6], &[0, 4, 9]),
+            opts(&[0, 3, 2], &[0, 4, 9]),
+            opts(&[0, 3, 7], &[0, 4, 9]),
+            opts(&[0, 3, 6], &[0, 4, 10]),
+        ];
+        for o2 in bad {
+            assert!(
+                matches!(
+                    check(&q, &k, &v, &o, None, &o2),
+                    Err(Error::InvalidArgument { .. })
+                ),
+                "{o2:?}"
+            );
+        }
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &opts(&[0, 6], &[0, 4, 9])),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &opts(&[0], &[0])),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+}

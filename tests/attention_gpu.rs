@@ -1,0 +1,195 @@
+//! The exact attention kernel held to the f64 reference on the GPU: random shapes, head dims,
+//! GQA, masks, key padding, BHSD/BSHD layouts and packed variable-length batches (proptest),
+//! and the edge cases of ../shared/anchors.md as named tests. The checks themselves (poisoned
+//! outputs, the tolerance rule) are `cuattn::check::attention`.
+
+use cuattn::check::attention::{self as check, Case};
+use cuattn::check::gpu_or_skip;
+use cuattn::reference::attention::{CausalAlign, Shape};
+use cuattn::DType;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+fn shape(b: usize, hq: usize, hkv: usize, lq: usize, lk: usize, d: usize, dv: usize) -> Shape {
+    Shape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        len_q: lq,
+        len_k: lk,
+        dim_qk: d,
+        dim_v: dv,
+    }
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let dim = prop_oneof![
+        1usize..=256,
+        prop::sample::select(vec![64usize, 72, 80, 96, 128, 224, 256])
+    ];
+    let causal = prop::option::of(prop::sample::select(vec![
+        CausalAlign::TopLeft,
+        CausalAlign::BottomRight,
+    ]));
+    (
+        prop::sample::select(DType::ALL.to_vec()),
+        (1usize..=3, 1usize..=3, 1usize..=3),
+        (1usize..=80, 1usize..=80),
+        (dim.clone(), dim),
+        causal,
+        (any::<bool>(), any::<bool>(), any::<bool>()),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(dtype, (b, hkv, group), (lq, lk), (d, dv), causal, (pad, bshd, packed), seed)| {
+                let s = shape(b, hkv * group, hkv, lq, lk, d, dv);
+                let key_lens = pad.then(|| {
+                    (0..b)
+                        .map(|i| ((seed as usize >> i) % (lk + 1)) as i32)
+                        .collect()
+                });
+                let packed = packed.then(|| {
+                    let lens = |n: usize, salt: u64| {
+                        (0..b)
+                            .map(|i| {
+                                ((seed.rotate_left(salt as u32 + i as u32 * 7)) as usize) % (n + 1)
+                            })
+                            .collect()
+                    };
+                    (lens(lq, 3), lens(lk, 17))
+                });
+                Case {
+                    dtype,
+                    shape: s,
+                    causal,
+                    key_lens: if packed.is_some() { None } else { key_lens },
+                    packed,
+                    bshd: bshd && !pad,
+                    scale: None,
+                    seed,
+                }
+            },
+        )
+}
+
+#[test]
+fn exact_kernel_matches_reference_on_random_cases() {
+    let Some(gpu) = gpu_or_skip("exact_kernel_matches_reference_on_random_cases") else {
+        return;
+    };
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&case_strategy(), |c| {
+        check::forward(&gpu, &c).map_err(TestCaseError::fail)
+    }) {
+        panic!("{e}");
+    }
+}
+
+fn run(name: &str, cases: Vec<Case>) {
+    let Some(gpu) = gpu_or_skip(name) else { return };
+    for c in cases {
+        check::forward(&gpu, &c).unwrap();
+    }
+}
+
+fn every_dtype(f: impl Fn(DType) -> Case) -> Vec<Case> {
+    DType::ALL.into_iter().map(f).collect()
+}
+
+#[test]
+fn fully_masked_rows_give_zero_and_negative_infinite_lse() {
+    // Bottom-right with Lq > Lk, and a sequence with no valid key at all.
+    run(
+        "fully_masked_rows_give_zero_and_negative_infinite_lse",
+        every_dtype(|dt| Case {
+            causal: Some(CausalAlign::BottomRight),
+            key_lens: Some(vec![5, 0]),
+            ..Case::dense(dt, shape(2, 2, 1, 40, 9, 64, 64))
+        }),
+    );
+}
+
+#[test]
+fn causal_alignments_differ_when_lq_differs_from_lk() {
+    let mut cases = Vec::new();
+    for causal in [CausalAlign::TopLeft, CausalAlign::BottomRight] {
+        for (lq, lk) in [(17, 50), (50, 17), (1, 33), (33, 1)] {
+            cases.extend(every_dtype(|dt| Case {
+                causal: Some(causal),
+                ..Case::dense(dt, shape(1, 2, 2, lq, lk, 64, 64))
+            }));
+        }
+    }
+    run("causal_alignments_differ_when_lq_differs_from_lk", cases);
+}
+
+#[test]
+fn odd_head_dims_and_unequal_qk_and_v_dims() {
+    let mut cases = Vec::new();
+    for (d, dv) in [
+        (1, 1),
+        (72, 72),
+        (80, 96),
+        (96, 80),
+        (224, 32),
+        (256, 256),
+        (3, 255),
+    ] {
+        cases.extend(every_dtype(|dt| {
+            Case::dense(dt, shape(1, 3, 1, 19, 23, d, dv))
+        }));
+    }
+    run("odd_head_dims_and_unequal_qk_and_v_dims", cases);
+}
+
+#[test]
+fn bshd_layout_is_read_through_strides() {
+    run(
+        "bshd_layout_is_read_through_strides",
+        every_dtype(|dt| Case {
+            bshd: true,
+            causal: Some(CausalAlign::TopLeft),
+            ..Case::dense(dt, shape(2, 4, 2, 31, 45, 128, 128))
+        }),
+    );
+}
+
+#[test]
+fn varlen_with_empty_sequences_and_fewer_tokens_than_sequences() {
+    run(
+        "varlen_with_empty_sequences_and_fewer_tokens_than_sequences",
+        every_dtype(|dt| Case {
+            packed: Some((vec![1, 0, 2, 0, 0], vec![3, 2, 0, 0, 1])),
+            causal: Some(CausalAlign::BottomRight),
+            ..Case::dense(dt, shape(5, 2, 1, 0, 0, 64, 64))
+        }),
+    );
+}
+
+#[test]
+fn large_logits_do_not_overflow() {
+    // Scores around ±600 overflow f16 if formed in f16; the kernel accumulates in f32.
+    run(
+        "large_logits_do_not_overflow",
+        every_dtype(|dt| Case {
+            scale: Some(30.0),
+            ..Case::dense(dt, shape(1, 1, 1, 16, 16, 64, 64))
+        }),
+    );
+}
+
+#[test]
+fn sequence_length_one() {
+    run(
+        "sequence_length_one",
+        every_dtype(|dt| Case::dense(dt, shape(3, 2, 2, 1, 1, 64, 64))),
+    );
+}
