@@ -122,6 +122,8 @@ typedef struct cuattn_attention_fwd_params {
     int32_t causal;       /* CUATTN_CAUSAL_* */
     float scale;          /* multiplies q.k */
     int32_t rows_per_block; /* exact kernel: one warp per query row */
+    int32_t vectorized;     /* tensor-core kernel: every Q/K/V row starts 16-byte aligned and
+                               D, Dv are multiples of 8, so tiles load as 16-byte chunks */
 } cuattn_attention_fwd_params;
 
 #endif /* CUATTN_PARAMS_H */

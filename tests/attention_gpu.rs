@@ -1,10 +1,11 @@
-//! The exact attention kernel held to the f64 reference on the GPU: random shapes, head dims,
+//! The attention kernels (exact, and tensor cores for f16/bf16) held to the f64 reference on the GPU: random shapes, head dims,
 //! GQA, masks, key padding, BHSD/BSHD layouts and packed variable-length batches (proptest),
 //! and the edge cases of ../shared/anchors.md as named tests. The checks themselves (poisoned
 //! outputs, the tolerance rule) are `cuattn::check::attention`.
 
 use cuattn::check::attention::{self as check, Case};
 use cuattn::check::gpu_or_skip;
+use cuattn::ops::attention::Kernel;
 use cuattn::reference::attention::{CausalAlign, Shape};
 use cuattn::DType;
 use proptest::prelude::*;
@@ -37,11 +38,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         (1usize..=80, 1usize..=80),
         (dim.clone(), dim),
         causal,
-        (any::<bool>(), any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         any::<u64>(),
     )
         .prop_map(
-            |(dtype, (b, hkv, group), (lq, lk), (d, dv), causal, (pad, bshd, packed), seed)| {
+            |(dtype, (b, hkv, group), (lq, lk), (d, dv), causal, (pad, bshd, packed, tc), seed)| {
                 let s = shape(b, hkv * group, hkv, lq, lk, d, dv);
                 let key_lens = pad.then(|| {
                     (0..b)
@@ -66,6 +67,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     packed,
                     bshd: bshd && !pad,
                     scale: None,
+                    kernel: if tc && dtype != DType::F32 {
+                        Kernel::TensorCore
+                    } else {
+                        Kernel::Exact
+                    },
                     seed,
                 }
             },
@@ -73,8 +79,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
 }
 
 #[test]
-fn exact_kernel_matches_reference_on_random_cases() {
-    let Some(gpu) = gpu_or_skip("exact_kernel_matches_reference_on_random_cases") else {
+fn kernels_match_reference_on_random_cases() {
+    let Some(gpu) = gpu_or_skip("kernels_match_reference_on_random_cases") else {
         return;
     };
     let cases = std::env::var("PROPTEST_CASES")
@@ -100,8 +106,20 @@ fn run(name: &str, cases: Vec<Case>) {
     }
 }
 
+/// The case for every dtype, with the exact kernel, and with tensor cores for f16/bf16.
 fn every_dtype(f: impl Fn(DType) -> Case) -> Vec<Case> {
-    DType::ALL.into_iter().map(f).collect()
+    let mut out: Vec<Case> = DType::ALL
+        .into_iter()
+        .map(|dt| Case {
+            kernel: Kernel::Exact,
+            ..f(dt)
+        })
+        .collect();
+    out.extend([DType::F16, DType::BF16].map(|dt| Case {
+        kernel: Kernel::TensorCore,
+        ..f(dt)
+    }));
+    out
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use super::{expect_close, random_values, CheckResult};
 use crate::dtype::{self, DType};
 use crate::gpu::{DeviceTensor, Gpu};
-use crate::ops::attention::{self as attn, Options, Sequences};
+use crate::ops::attention::{self as attn, Kernel, Options, Sequences};
 use crate::reference::attention::{self as reference, CausalAlign, Shape};
 use crate::tensor::{HostTensor, Layout};
 use crate::tolerance::attention as tolerances;
@@ -25,6 +25,7 @@ pub struct Case {
     /// Dense batches: lay Q, K, V and O out as BSHD in memory (read through strides).
     pub bshd: bool,
     pub scale: Option<f32>,
+    pub kernel: Kernel,
     pub seed: u64,
 }
 
@@ -38,6 +39,7 @@ impl Case {
             packed: None,
             bshd: false,
             scale: None,
+            kernel: Kernel::Auto,
             seed: 0x5eed ^ (shape.len_q * 131 + shape.len_k) as u64,
         }
     }
@@ -145,6 +147,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let opts = Options {
                 scale: c.scale,
                 causal: c.causal,
+                kernel: c.kernel,
                 sequences: Sequences::Dense {
                     key_lens: c.key_lens.as_deref(),
                 },
@@ -229,6 +232,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let opts = Options {
                 scale: c.scale,
                 causal: c.causal,
+                kernel: c.kernel,
                 sequences: Sequences::Packed {
                     cu_seqlens_q: &cq,
                     cu_seqlens_k: &ck,
@@ -312,5 +316,17 @@ pub fn standard_cases() -> Vec<(String, Case)> {
             },
         ));
     }
+    let tensor_core: Vec<(String, Case)> = out
+        .iter()
+        .filter(|(_, c)| c.dtype != DType::F32)
+        .map(|(name, c)| {
+            let case = Case {
+                kernel: Kernel::TensorCore,
+                ..c.clone()
+            };
+            (format!("{name} [tensor cores]"), case)
+        })
+        .collect();
+    out.extend(tensor_core);
     out
 }

@@ -18,7 +18,10 @@ pub use crate::reference::attention::CausalAlign;
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-const MODULE: &str = "attention_exact";
+const EXACT_MODULE: &str = "attention_exact";
+const TC_MODULE: &str = "attention_tc";
+/// Query rows per block of the tensor-core kernel (4 warps × 16).
+const TC_BLOCK_Q: usize = 64;
 /// Largest head dim (of Q/K and of V) accepted.
 pub const MAX_HEAD_DIM: usize = CUATTN_ATTENTION_MAX_HEAD_DIM as usize;
 /// Query rows per block of the exact kernel (one warp each).
@@ -39,6 +42,19 @@ pub enum Sequences<'s> {
     },
 }
 
+/// Which kernel runs the call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernel {
+    /// The exact f32 kernel for now; the tensor-core kernel becomes the f16/bf16 default once
+    /// the GPU tests have passed on it (it was written without a device).
+    #[default]
+    Auto,
+    /// f32 arithmetic on every element, any dtype (`kernels/attention_exact.cu`).
+    Exact,
+    /// mma.sync tensor cores, f16/bf16 only (`kernels/attention_tc.cu`).
+    TensorCore,
+}
+
 /// Options of one call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Options<'s> {
@@ -46,6 +62,7 @@ pub struct Options<'s> {
     pub scale: Option<f32>,
     pub causal: Option<CausalAlign>,
     pub sequences: Sequences<'s>,
+    pub kernel: Kernel,
 }
 
 impl Default for Options<'_> {
@@ -54,6 +71,7 @@ impl Default for Options<'_> {
             scale: None,
             causal: None,
             sequences: Sequences::Dense { key_lens: None },
+            kernel: Kernel::Auto,
         }
     }
 }
@@ -312,6 +330,17 @@ fn check(
     })
 }
 
+fn tc_kernel_name(dtype: DType, head_dim_tile: usize) -> &'static str {
+    match (dtype, head_dim_tile) {
+        (DType::F16, 64) => "attention_tc_hd64_f16",
+        (DType::F16, 128) => "attention_tc_hd128_f16",
+        (DType::F16, _) => "attention_tc_hd256_f16",
+        (DType::BF16, 64) => "attention_tc_hd64_bf16",
+        (DType::BF16, 128) => "attention_tc_hd128_bf16",
+        _ => "attention_tc_hd256_bf16",
+    }
+}
+
 fn kernel_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "attention_exact_f32",
@@ -333,7 +362,29 @@ pub fn forward_into<'a>(
     opts: &Options,
 ) -> Result<()> {
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
-    let row_blocks = c.len_q.div_ceil(EXACT_ROWS_PER_BLOCK);
+    let tensor_cores = match opts.kernel {
+        Kernel::Auto | Kernel::Exact => false,
+        Kernel::TensorCore if c.dtype == DType::F32 => {
+            return Err(Error::DType {
+                arg: "q",
+                expected: DType::BF16,
+                got: DType::F32,
+            })
+        }
+        Kernel::TensorCore => true,
+    };
+    // Tensor cores: head dims padded to a tile of 64, 128 or 256 (key tiles of 64, 32 at 256).
+    let tc_hd = [64usize, 128, 256]
+        .into_iter()
+        .find(|&hd| hd >= c.dim_qk.max(c.dim_v))
+        .unwrap_or(256);
+    let tc_bn = if tc_hd == 256 { 32 } else { 64 };
+    let rows_per_block = if tensor_cores {
+        TC_BLOCK_Q
+    } else {
+        EXACT_ROWS_PER_BLOCK
+    };
+    let row_blocks = c.len_q.div_ceil(rows_per_block);
     let blocks = row_blocks as u64 * c.heads_q as u64 * c.batch as u64;
     if blocks == 0 {
         return Ok(()); // every sequence is empty: nothing to write
@@ -341,11 +392,17 @@ pub fn forward_into<'a>(
     if blocks > i32::MAX as u64 {
         return Err(Error::invalid(
             "q",
-            format!("{blocks} blocks of {EXACT_ROWS_PER_BLOCK} query rows exceed the grid"),
+            format!("{blocks} blocks of {rows_per_block} query rows exceed the grid"),
         ));
     }
-    // Small host arrays go to the device on this stream; their buffers are freed after the
-    // kernel in stream order.
+    // 16-byte tile loads need every row start aligned: base addresses, all strides (elements)
+    // and both head dims.
+    let vectorized = [q.ptr, k.ptr, v.ptr].iter().all(|p| p % 16 == 0)
+        && [c.q, c.k, c.v]
+            .iter()
+            .all(|s| [s.batch, s.head, s.row].iter().all(|x| x % 8 == 0))
+        && c.dim_qk % 8 == 0
+        && c.dim_v % 8 == 0;
     let upload = |a: &[i32]| {
         gpu.stream()
             .clone_htod(a)
@@ -405,17 +462,46 @@ pub fn forward_into<'a>(
             Some(CausalAlign::BottomRight) => CUATTN_CAUSAL_BOTTOM_RIGHT,
         } as i32,
         scale: c.scale,
-        rows_per_block: EXACT_ROWS_PER_BLOCK as i32,
+        rows_per_block: rows_per_block as i32,
+        vectorized: vectorized as i32,
     };
-    let kernel = gpu.kernel(MODULE, kernel_name(c.dtype))?;
+    let (kernel, smem) = if tensor_cores {
+        let name = tc_kernel_name(c.dtype, tc_hd);
+        // Q tile plus one K and one V tile, rows padded by 8 elements.
+        (
+            gpu.kernel(TC_MODULE, name)?,
+            (TC_BLOCK_Q + 2 * tc_bn) * (tc_hd + 8) * 2,
+        )
+    } else {
+        (gpu.kernel(EXACT_MODULE, kernel_name(c.dtype))?, 0)
+    };
+    if smem > kernel.max_dynamic_smem {
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "needs {smem} bytes of shared memory, the GPU allows {}",
+                kernel.max_dynamic_smem
+            ),
+        ));
+    }
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * EXACT_ROWS_PER_BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (
+            if tensor_cores {
+                128
+            } else {
+                32 * EXACT_ROWS_PER_BLOCK as u32
+            },
+            1,
+            1,
+        ),
+        shared_mem_bytes: smem as u32,
     };
     // SAFETY: `check` validated every view (dtypes, shapes, a contiguous last dim, that each
     // layout fits the memory behind it, alignment) and the sequence lengths/offsets, so every
-    // address the kernel forms from these strides and lengths is inside its view.
+    // address the kernel forms from these strides and lengths is inside its view; 16-byte
+    // loads are used only when `vectorized` established their alignment, and `smem` is within
+    // the function's raised dynamic shared-memory limit.
     unsafe {
         gpu.stream()
             .launch_builder(&kernel.func)
@@ -522,9 +608,12 @@ mod tests {
     #[test]
     fn the_exact_kernels_were_compiled_for_sm80_and_sm90_without_spills() {
         let built = crate::kernels::resources();
-        for dt in DType::ALL {
+        let mut names: Vec<&str> = DType::ALL.iter().map(|&dt| kernel_name(dt)).collect();
+        for dt in [DType::F16, DType::BF16] {
+            names.extend([64, 128, 256].map(|hd| tc_kernel_name(dt, hd)));
+        }
+        for name in names {
             for arch in ["sm_80", "sm_90"] {
-                let name = kernel_name(dt);
                 let r = built.iter().find(|r| r.kernel == name && r.arch == arch);
                 let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
                 assert_eq!(
