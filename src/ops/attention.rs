@@ -306,10 +306,12 @@ fn check(
         }
     };
     let scale = opts.scale.unwrap_or(1.0 / (dim_qk as f32).sqrt());
-    if !scale.is_finite() {
+    // The kernels track the running maximum of raw scores, which is the maximum of scaled
+    // scores only for a positive scale.
+    if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::invalid(
             "scale",
-            format!("must be finite, got {scale}"),
+            format!("must be positive and finite, got {scale}"),
         ));
     }
     Ok(Checked {
@@ -742,6 +744,27 @@ mod tests {
             check(&q_short, &k, &v, &o, None, &Options::default()),
             Err(Error::Layout { arg: "q", .. })
         ));
+    }
+
+    #[test]
+    fn scale_must_be_positive_and_finite() {
+        let dt = DType::F16;
+        let (q, k, v) = (
+            r(dt, &[1, 1, 2, 8], 0),
+            r(dt, &[1, 1, 2, 8], 1 << 32),
+            r(dt, &[1, 1, 2, 8], 2 << 32),
+        );
+        let o = w(dt, &[1, 1, 2, 8], 3 << 32);
+        for scale in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+            let opts = Options {
+                scale: Some(scale),
+                ..Options::default()
+            };
+            assert!(matches!(
+                check(&q, &k, &v, &o, None, &opts),
+                Err(Error::InvalidArgument { arg: "scale", .. })
+            ));
+        }
     }
 
     #[test]
