@@ -51,6 +51,7 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum Family {
     Layernorm,
+    Attention,
 }
 
 fn main() -> ExitCode {
@@ -253,6 +254,34 @@ fn bench(
                     println!(
                         "{:<9} {:<5} {:>14} {:<16} {:>10.1} {:>6.1}%",
                         r.op, r.dtype, shape, r.variant, r.time_us, r.pct_copy
+                    );
+                }
+            }
+        }
+        Family::Attention => {
+            let dtypes: Vec<_> = if dtypes.len() == 3 {
+                vec![cuattn::DType::F16, cuattn::DType::BF16]
+            } else {
+                dtypes
+            };
+            let rows = cuattn::bench::attention::run(&gpu, &dtypes, quick)?;
+            if json {
+                let v = serde_json::json!({"family": "attention", "device": gpu.info().name, "rows": rows});
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "Attention forward on {} (FLOPs 4·B·H·L²·D, half when causal)",
+                    gpu.info().name
+                );
+                println!(
+                    "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11} {:>9}",
+                    "kernel", "dtype", "B×H×L", "D", "causal", "time (µs)", "TFLOP/s"
+                );
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    println!(
+                        "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
+                        r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
                     );
                 }
             }

@@ -2,6 +2,7 @@
 //! measured device-to-device copy bandwidth (the ceiling of memory-bound kernels), and one
 //! module per kernel family.
 
+pub mod attention;
 pub mod layernorm;
 
 use crate::error::{Error, Result};
