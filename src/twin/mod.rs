@@ -3,4 +3,5 @@
 //! proven against the f64 references on machines without a GPU.
 
 pub mod attention;
+pub mod decode;
 pub mod layernorm;
