@@ -17,15 +17,16 @@
 #   device, as on gVisor machines; skip: optional step left out for time; warn: a library not found).
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
-# Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 270),
-#   BENCH_FAMILIES (default "layernorm"), GPU_CHECK_SYNCCHECK=0 to skip synccheck.
+# Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
+#   BENCH_FAMILIES (default "layernorm attention"), GPU_CHECK_SYNCCHECK=0 to skip synccheck.
+# Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
 
-BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-270}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 OUT="${OUT:-${TMPDIR:-/tmp}/cuattn-gpu-check}"
 BUNDLE="$root/gpu-bundle"
 LOGS="$OUT/logs"
@@ -55,15 +56,21 @@ record() {
   printf '[%6.1fs] %-12s %-30s %-11s %s\n' "$(awk -v m="$(now_ms)" 'BEGIN{print m/1000}')" "$1" "$2" "$3" "$(clean "$4" | cut -c1-120)"
 }
 
+# time_limit CAP: min(CAP, budget left - 15 s), the timeout run_timed gives a step
+time_limit() {
+  local left lim="$1"
+  left=$(($(remaining_s) - 15))
+  [ "$left" -lt "$lim" ] && lim=$left
+  echo "$lim"
+}
+
 # run_timed CAP LOG CMD... : runs CMD with a timeout of min(CAP, budget left - 15 s), output to LOG.
 # Sets RC (124 = timed out, 200 = not run: no time left) and SECS.
 run_timed() {
   local cap="$1" log="$2"
   shift 2
-  local left lim start
-  left=$(($(remaining_s) - 15))
-  lim=$cap
-  [ "$left" -lt "$lim" ] && lim=$left
+  local lim start
+  lim="$(time_limit "$cap")"
   if [ "$lim" -lt 5 ]; then
     echo "not run: time budget of ${BUDGET_S}s spent" >"$log"
     RC=200
@@ -239,12 +246,14 @@ fi
 
 # ---------------------------------------------------------------- e. benchmarks + torch baseline
 json_ok() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d.get("rows", [])))' "$1" 2>/dev/null; }
+bench_cap() { case "$1" in attention) echo 240 ;; *) echo 120 ;; esac; } # cuattn bench FAMILY
+torch_cap() { case "$1" in attention) echo 120 ;; *) echo 120 ;; esac; } # torch_baseline.py FAMILY
 for fam in $BENCH_FAMILIES; do
   ours="$OUT/bench_$fam.json"
   theirs="$OUT/torch_$fam.json"
   if [ -x "$CLI" ]; then
     # shellcheck disable=SC2016 # expanded by the inner bash
-    run_timed 120 "$LOGS/bench-$fam.log" bash -c '"$1" bench "$2" --json >"$3.tmp"' _ "$CLI" "$fam" "$ours"
+    run_timed "$(bench_cap "$fam")" "$LOGS/bench-$fam.log" bash -c '"$1" bench "$2" --json >"$3.tmp"' _ "$CLI" "$fam" "$ours"
     n="$(json_ok "$ours.tmp")"
     if [ "$RC" -eq 0 ] && [ -n "$n" ]; then
       mv "$ours.tmp" "$ours"
@@ -258,8 +267,13 @@ for fam in $BENCH_FAMILIES; do
     record bench "$fam" missing "no cuattn binary" 0
   fi
   if [ -f "$ours" ]; then
+    # torch_baseline.py stops measuring (rows left: "skipped") 15 s before its timeout, so the
+    # JSON still comes out (attention only; layernorm ignores --time-budget-s)
+    tb=$(($(time_limit "$(torch_cap "$fam")") - 15))
+    [ "$tb" -lt 1 ] && tb=1
     # shellcheck disable=SC2016 # expanded by the inner bash
-    run_timed 120 "$LOGS/torch-$fam.log" bash -c 'python3 scripts/torch_baseline.py "$1" --shapes-from "$2" --json >"$3.tmp"' _ "$fam" "$ours" "$theirs"
+    run_timed "$(torch_cap "$fam")" "$LOGS/torch-$fam.log" bash -c \
+      'python3 scripts/torch_baseline.py "$1" --shapes-from "$2" --time-budget-s "$4" --json >"$3.tmp"' _ "$fam" "$ours" "$theirs" "$tb"
     n="$(json_ok "$theirs.tmp")"
     if [ "$RC" -eq 0 ] && [ -n "$n" ]; then
       mv "$theirs.tmp" "$theirs"

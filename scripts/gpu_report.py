@@ -11,6 +11,10 @@ Reads (any may be missing; the report then says "missing"):
   DIR/bench_<family>.json   `cuattn bench <family> --json`
   DIR/torch_<family>.json   scripts/torch_baseline.py on the same shapes
 Standard library only; never needs torch or a GPU.
+
+Families are joined per family: layernorm (and any family without its own code) by
+(op, dtype, rows, hidden), times compared as torch/ours; attention by (op, dtype, batch, heads,
+len, dim, causal), TFLOP/s compared as ours (tensor_cores kernel) / the best torch SDPA backend.
 """
 import argparse
 import glob
@@ -214,6 +218,208 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
+# ---------------------------------------------------------------------------------- attention
+ATTN_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def attn_key(row):
+    """(op, dtype, batch, heads, len, dim, causal), or None if the row lacks one of them."""
+    try:
+        return (row.get("op") or "forward", str(row["dtype"]), int(row["batch"]), int(row["heads"]),
+                int(row["len"]), int(row["dim"]), bool(row.get("causal", False)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def tflops_of(row):
+    if row is None:
+        return None
+    tf = num(row.get("tflops"))
+    if tf is None:
+        t, f = num(row.get("time_us")), num(row.get("flops"))
+        tf = f / (t * 1e-6) / 1e12 if t and f else None
+    return tf if tf and tf > 0 else None
+
+
+def why_none(row, absent="missing", short=False):
+    """What to print for a row without a TFLOP/s figure."""
+    if row is None:
+        return absent
+    if row.get("skipped"):
+        return "skip" if short else "skipped"
+    if row.get("error"):
+        return "err" if short else "error"
+    return "null" if short else "no time"
+
+
+def attention_join(ours, theirs):
+    """key -> {"ours": {kernel: row}, "torch": {backend: row}}, over both files' rows."""
+    joined = {}
+    for r in (ours or {}).get("rows", []) or []:
+        k = attn_key(r) if isinstance(r, dict) else None
+        if k is not None:
+            joined.setdefault(k, {"ours": {}, "torch": {}})["ours"][str(r.get("kernel"))] = r
+    for r in (theirs or {}).get("rows", []) or []:
+        k = attn_key(r) if isinstance(r, dict) else None
+        if k is not None:
+            joined.setdefault(k, {"ours": {}, "torch": {}})["torch"][str(r.get("backend"))] = r
+    return joined
+
+
+def best_torch(entry):
+    best = None
+    for name, r in entry["torch"].items():
+        tf = tflops_of(r)
+        if tf is not None and (best is None or tf > best[1]):
+            best = (name, tf)
+    return best
+
+
+def attention_section(fam, ours, theirs):
+    """(markdown lines, summary head lines, summary table header, summary table rows)."""
+    md, head = [], []
+    joined = attention_join(ours, theirs)
+    mm = num((theirs or {}).get("matmul_tflops"))
+    md.append(md_table(["", ""], [
+        ["cuattn device", fmt((ours or {}).get("device"))],
+        ["torch device", fmt((theirs or {}).get("device"))],
+        ["torch", fmt((theirs or {}).get("torch_version"))],
+        ["torch timer", fmt((theirs or {}).get("timer"))
+         + (f" (warm-up {theirs.get('warmup_ms')} ms, rep {theirs.get('rep_ms')} ms)"
+            if theirs and theirs.get("rep_ms") is not None else "")],
+        ["torch bf16 matmul 8192³ (TFLOP/s)", fmt(mm, ".1f", fmt((theirs or {}).get("matmul_error")))],
+    ]))
+    if ours is None:
+        md.append(f"\nbench_{fam}.json: missing")
+    if theirs is None:
+        md.append(f"\ntorch_{fam}.json: missing")
+
+    # order: op, dtype, dim, causal, len, then the rest
+    keys = sorted(joined, key=lambda k: (k[0], k[1], k[5], k[6], k[4], k[2], k[3]))
+    ratios = {}  # (dtype, causal) -> [tc / best torch]
+    per_backend = {}  # (dtype, causal, backend) -> [tc / backend]
+    groups = {}  # (op, dtype, dim) -> md rows
+    for k in keys:
+        op, dtype, b, h, length, d, causal = k
+        e = joined[k]
+        tc_row, ex_row = e["ours"].get("tensor_cores"), e["ours"].get("exact")
+        tc, ex = tflops_of(tc_row), tflops_of(ex_row)
+        best = best_torch(e)
+        ratio = tc / best[1] if tc is not None and best else None
+        if ratio is not None:
+            ratios.setdefault((dtype, causal), []).append(ratio)
+        for name in ATTN_BACKENDS:
+            tf = tflops_of(e["torch"].get(name))
+            if tc is not None and tf is not None:
+                per_backend.setdefault((dtype, causal, name), []).append(tc / tf)
+        tc_us = num(tc_row.get("time_us")) if tc_row else None
+        no_best = "missing" if theirs is None or not e["torch"] else "none ran"
+        row = [f"{b}×{h}×{length}", "yes" if causal else "no",
+               fmt(tc_us, ".1f", why_none(tc_row)), fmt(tc, ".1f", why_none(tc_row)),
+               fmt(ex, ".1f", "–" if ex_row is None else why_none(ex_row)),
+               fmt(best[1] if best else None, ".1f", no_best), best[0] if best else "",
+               fmt(ratio, ".2f", "–")]
+        if mm:
+            row.append(fmt(100.0 * tc / mm if tc is not None else None, ".0f", "–"))
+        row += [fmt(tflops_of(e["torch"].get(n)), ".1f", why_none(e["torch"].get(n)))
+                for n in ATTN_BACKENDS]
+        groups.setdefault((op, dtype, d), []).append(row)
+
+    hdr = ["B×H×L", "causal", "ours tc µs", "ours tc", "ours exact", "best torch", "backend", "tc/best"]
+    if mm:
+        hdr.append("tc % matmul")
+    hdr += list(ATTN_BACKENDS)
+    for (op, dtype, d), rows in groups.items():
+        md.append(f"\n### {op} {dtype}, head dim {d}\n")
+        md.append(md_table(hdr, rows))
+    if groups:
+        md.append("\nTFLOP/s with FLOPs = 4·B·H·L²·D, halved when causal (both sides). ours tc: the "
+                  "tensor_cores kernel; ours exact: the exact kernel (run at L ≤ 1024 only). best torch: "
+                  "the fastest SDPA backend that ran; tc/best > 1: we are faster. "
+                  + ("tc % matmul: our tc TFLOP/s over torch's bf16 8192³ matmul. " if mm else "")
+                  + "flash/efficient/cudnn/math: each SDPA backend's TFLOP/s (skipped: math at L > 4096).")
+
+    gm_rows = []
+    for (dtype, causal), v in sorted(ratios.items()):
+        gm_rows.append([dtype, "yes" if causal else "no", f"{geomean(v):.2f}", len(v)]
+                       + [fmt(geomean(per_backend.get((dtype, causal, n), [])), ".2f", "–") for n in ATTN_BACKENDS])
+    if gm_rows:
+        md.append("\nGeometric mean of ours tc / torch per dtype and causal:\n")
+        md.append(md_table(["dtype", "causal", "tc/best", "shapes"] + [f"tc/{n}" for n in ATTN_BACKENDS], gm_rows))
+
+    trows = [r for r in (theirs or {}).get("rows", []) or [] if isinstance(r, dict)]
+    errs = [r for r in trows if r.get("error")]
+    if errs:
+        md.append("\ntorch rows with errors:\n")
+        md.append(md_table(["backend", "dtype", "B×H×L", "dim", "causal", "error"],
+                           [[r.get("backend"), r.get("dtype"), f"{r.get('batch')}×{r.get('heads')}×{r.get('len')}",
+                             r.get("dim"), "yes" if r.get("causal") else "no", r["error"]] for r in errs]))
+    skips = {}
+    for r in trows:
+        if r.get("skipped") and not r.get("error"):
+            skips.setdefault((str(r.get("backend")), str(r["skipped"])), []).append(r)
+    if skips:
+        md.append("\ntorch rows skipped:\n")
+        md.append(md_table(["backend", "reason", "rows"], [[b, why, len(v)] for (b, why), v in sorted(skips.items())]))
+    our_errs = [r for e in joined.values() for r in e["ours"].values() if tflops_of(r) is None]
+    if our_errs:
+        md.append("\ncuattn rows without a time:\n")
+        md.append(md_table(["kernel", "dtype", "B×H×L", "dim", "causal", "error"],
+                           [[r.get("kernel"), r.get("dtype"), f"{r.get('batch')}×{r.get('heads')}×{r.get('len')}",
+                             r.get("dim"), "yes" if r.get("causal") else "no", r.get("error") or "no time"]
+                            for r in our_errs]))
+
+    # summary: one pivot block per (op, dtype, dim, causal, heads, tokens), columns = L
+    head.append(f"\n-- bench {fam}: ours {fmt((ours or {}).get('device'))}; torch {fmt((theirs or {}).get('torch_version'))}"
+                + (f"; bf16 matmul {mm:.0f} TFLOP/s" if mm else "; bf16 matmul: missing")
+                + ("" if ours else f" (bench_{fam}.json missing)") + ("" if theirs else f" (torch_{fam}.json missing)"))
+    if ratios:
+        head.append("  ours tc / best torch TFLOP/s geomean (> 1: we are faster): " + ", ".join(
+            f"{dt} {'causal' if c else 'full'} {geomean(v):.2f} ({len(v)})" for (dt, c), v in sorted(ratios.items())))
+    if errs or skips:
+        head.append(f"  torch rows: {len(errs)} with errors, {sum(len(v) for v in skips.values())} skipped (see report.md)")
+    if our_errs:
+        head.append(f"  cuattn rows without a time: {len(our_errs)} (see report.md)")
+    lens = sorted({k[4] for k in keys})
+    pivot = {}
+    for k in keys:
+        op, dtype, b, h, length, d, causal = k
+        pivot.setdefault((op, dtype, d, causal, h, b * length), {})[length] = joined[k]
+    short = {}
+    for g in pivot:
+        short.setdefault(g[:4], []).append(g)
+    letter = {"flash": "f", "efficient": "e", "cudnn": "c", "math": "m"}
+    rows = []
+    for g, by_len in pivot.items():
+        op, dtype, d, causal, h, tokens = g
+        label = (f"{'' if op == 'forward' else op + ' '}{dtype} d{d} {'causal' if causal else 'full'}"
+                 + (f" H{h} BL{tokens}" if len(short[g[:4]]) > 1 else ""))
+        tc_cells, best_cells, ratio_cells = [], [], []
+        for length in lens:
+            e = by_len.get(length)
+            if e is None:
+                for c in (tc_cells, best_cells, ratio_cells):
+                    c.append("")
+                continue
+            tc_row = e["ours"].get("tensor_cores")
+            tc, best = tflops_of(tc_row), best_torch(e)
+            tc_cells.append(fmt(tc, ".0f", why_none(tc_row, "-", short=True)))
+            best_cells.append(f"{best[1]:.0f}{letter.get(best[0], '?')}" if best else "-")
+            ratio_cells.append(fmt(tc / best[1] if tc is not None and best else None, ".2f", "-"))
+        rows.append([label, "ours tc", *tc_cells])
+        rows.append(["", "best torch", *best_cells])
+        rows.append(["", "tc/torch", *ratio_cells])
+    exact = [(k, tflops_of(e["ours"]["exact"])) for k, e in joined.items() if "exact" in e["ours"]]
+    ex_tf = [tf for _, tf in exact if tf is not None]
+    if exact:
+        head.append(f"  ours exact kernel: {min(ex_tf):.0f}-{max(ex_tf):.0f} TFLOP/s on {len(ex_tf)} of {len(exact)} shapes"
+                    f" (L <= {max(k[4] for k, _ in exact)}; per shape in report.md)" if ex_tf else
+                    f"  ours exact kernel: no time on {len(exact)} shapes (see report.md)")
+    if rows:
+        head.append("  ours tc / best torch SDPA backend, TFLOP/s by L (f=flash e=efficient c=cudnn m=math):")
+    return md, head, ["attention", "L:", *[str(x) for x in lens]], rows
+
+
 # -------------------------------------------------------------------------------------- main
 def build(out):
     results = load_results(out)
@@ -277,10 +483,16 @@ def build(out):
     md.append(code_block(check_log, 80, tail=True) if check_log is not None else "missing")
 
     # benchmarks
-    bench_txt = []
+    bench_txt = []  # (head lines, table header, table rows, head lines kept when even 0 rows do not fit)
     for fam in families(out, results):
         ours = load_json(os.path.join(out, f"bench_{fam}.json"))
         theirs = load_json(os.path.join(out, f"torch_{fam}.json"))
+        if fam == "attention":
+            fam_md, fam_head, fam_hdr, fam_rows = attention_section(fam, ours, theirs)
+            md.append(f"\n## Benchmark: {fam}\n")
+            md.extend(fam_md)
+            bench_txt.append((fam_head, fam_hdr, fam_rows, 2))  # title and geomean line
+            continue
         table, ratios = bench_table(ours, theirs)
         md.append(f"\n## Benchmark: {fam}\n")
         md.append(md_table(["", ""], [
@@ -320,7 +532,8 @@ def build(out):
             head.append(f"  torch/ours geomean {op}: " + ", ".join(parts))
         if ours is None:
             head.append(f"bench_{fam}.json: missing")
-        bench_txt.append((head, [r[:6] + [r[6], r[8]] for r in table]))
+        bench_txt.append((head, ["op", "dtype", "shape", "us", "GB/s", "%copy", "torch_us", "t/ours"],
+                          [r[:6] + [r[6], r[8]] for r in table], None))
 
     # failing rows: listed last, just above the verdict
     if failing:
@@ -341,21 +554,27 @@ def build(out):
     end = "\n".join(tail)
     room = STDOUT_BUDGET - len(head) - len(end) - 2
 
-    def render(limit):
+    def render(limits, short=False):
         parts = []
-        for fam_head, rows in bench_txt:
-            parts.extend(fam_head)
+        for (fam_head, fam_hdr, rows, keep), limit in zip(bench_txt, limits):
+            parts.extend(fam_head[:keep] if short and keep else fam_head)
             if rows and limit > 0:
-                parts.append(text_table(["op", "dtype", "shape", "us", "GB/s", "%copy", "torch_us", "t/ours"], rows[:limit]))
+                parts.append(text_table(fam_hdr, rows[:limit]))
             if len(rows) > limit:
                 parts.append(f"[... {len(rows) - max(limit, 0)} more rows in report.md]")
         return "\n".join(parts)
 
-    limit = max([len(rows) for _, rows in bench_txt] + [0])
-    bench = render(limit)
-    while len(bench) > room and limit > 0:
-        limit = limit - max(1, limit // 8)
-        bench = render(limit)
+    # one row limit per family; over budget, cut the family whose table is now the longest
+    limits = [len(rows) for _, _, rows, _ in bench_txt]
+    bench = render(limits)
+    while len(bench) > room and any(n > 0 for n in limits):
+        sizes = [len(text_table(hdr, rows[:n])) if rows and n > 0 else -1
+                 for (_, hdr, rows, _), n in zip(bench_txt, limits)]
+        i = sizes.index(max(sizes))
+        limits[i] = limits[i] - max(1, limits[i] // 8)
+        bench = render(limits)
+    if len(bench) > room:  # still over with no rows left: families that can say less do
+        bench = render(limits, short=True)
     return "\n".join(md), "\n".join(x for x in (head, bench, end) if x)
 
 

@@ -3,8 +3,11 @@
 file, and prints the same JSON format, so that docs/gpu.md's report can put both side by side.
 
     python3 scripts/torch_baseline.py layernorm --shapes-from bench_layernorm.json --json
+    python3 scripts/torch_baseline.py attention --shapes-from bench_attention.json --json
 
-Input and output are one JSON object:
+Input and output are one JSON object.
+
+layernorm:
     {"family": "layernorm", "device": "...", "copy_bandwidth_gbs": 4300.0,
      "rows": [{"op": "forward", "dtype": "bf16", "rows": 32768, "hidden": 4096, "eps": 1e-5,
                "bytes": 536870912, "time_us": 130.5, "gbs": 4114.0, "pct_copy": 95.6}, ...]}
@@ -12,18 +15,39 @@ The output adds "torch_version" and "timer". "bytes" is copied from the input ro
 sides' GB/s count the same traffic. "copy_bandwidth_gbs" is torch's own device-to-device copy
 of a 1 GiB buffer (bytes read + written / time); "pct_copy" is relative to that.
 
+attention: input rows {"op": "forward", "kernel": ..., "dtype", "batch", "heads", "len", "dim",
+"causal", ...}; "kernel" is ignored and rows with the same (op, dtype, batch, heads, len, dim,
+causal) are timed once. Each is timed with F.scaled_dot_product_attention(q, k, v,
+is_causal=causal) (q, k, v randn [B, H, L, D], contiguous) once per SDPA backend, forced with
+torch.nn.attention.sdpa_kernel([backend]). Output:
+    {"family": "attention", "device": "...", "matmul_tflops": 700.0, "torch_version", "timer",
+     "warmup_ms", "rep_ms", "rows": [{"op": "forward", "backend": "flash", "dtype": "bf16",
+       "batch": 8, "heads": 16, "len": 2048, "dim": 128, "causal": false, "flops": 1.1e12,
+       "time_us": 1234.5, "tflops": 350.1}, ...]}
+backend is flash | efficient | cudnn | math. flops = 4*B*H*L*L*D, halved when causal
+(FlashAttention's convention, as cuattn's). A backend that refuses a shape gets "time_us": null,
+"tflops": null and "error"; math is not run for L > 4096 (O(L^2) memory) and gets "skipped";
+so does every measurement left when --time-budget-s is spent. "matmul_tflops" is torch.matmul
+of two 8192x8192 bf16 matrices (2*8192^3 FLOPs), median time.
+
 Timer: triton.testing.do_bench (median; it flushes the L2 cache before every call) when triton
 imports, else CUDA events around batches of calls after a warm-up (median of the batches);
---timer picks one. A row whose op this script does not know gets "time_us": null and "error".
+--timer picks one. Warm-up/measured time default to 25/100 ms for layernorm and 5/20 ms for
+attention (~48 shapes x 4 backends in well under a minute on an H100). A layernorm row whose op
+this script does not know gets "time_us": null and "error".
 
 torch is imported lazily, so --help works without it. New families: write a function
-`bench_<family>(rows, args, timer) -> list of rows` and add it to FAMILIES.
+`bench_<family>(rows, args, timer, ctx) -> list of rows` (ctx: what the family's prelude
+returned) and add it to FAMILIES.
 """
 import argparse
 import json
 import statistics
 import sys
+import time
+from collections import namedtuple
 
+T0 = time.monotonic()  # --time-budget-s counts from here (torch's import and CUDA start-up included)
 DTYPES = ("f32", "f16", "bf16")
 
 
@@ -201,9 +225,188 @@ def bench_layernorm(rows, args, timer, copy_gbs):
     return out
 
 
-# family -> (benchmark function, default rows). "attention" (SDPA per backend) comes later.
+# ---------------------------------------------------------------------------------- attention
+ATTENTION_OPS = ("forward",)
+# (name in our rows, torch.nn.attention.SDPBackend member), in the order rows are written
+SDPA_BACKENDS = (
+    ("flash", "FLASH_ATTENTION"),
+    ("efficient", "EFFICIENT_ATTENTION"),
+    ("cudnn", "CUDNN_ATTENTION"),
+    ("math", "MATH"),
+)
+MATH_MAX_LEN = 4096  # the math backend materialises [B, H, L, L] scores (in f32): skip above this
+ATTENTION_KEY = ("op", "dtype", "batch", "heads", "len", "dim", "causal")
+
+
+def attention_flops(b, h, length, d, causal):
+    """FlashAttention's convention: 4*B*H*L*L*D (QK^T and PV), halved when causal."""
+    f = 4.0 * b * h * length * length * d
+    return f / 2 if causal else f
+
+
+def attention_default_rows():
+    """Shapes used without --shapes-from: cuattn's attention bench shapes (B*L = 16384 tokens,
+    hidden 2048 = heads * dim)."""
+    rows = []
+    for dtype in ("f16", "bf16"):
+        for d in (64, 128):
+            for length in (512, 1024, 2048, 4096, 8192, 16384):
+                for causal in (False, True):
+                    rows.append({"op": "forward", "dtype": dtype, "batch": 16384 // length, "heads": 2048 // d,
+                                 "len": length, "dim": d, "causal": causal})
+    return rows
+
+
+def attention_shapes(rows):
+    """Distinct (op, dtype, batch, heads, len, dim, causal) of the input rows, first-seen order;
+    our "kernel" field and timings are dropped. Rows that do not parse are returned apart."""
+    shapes, bad, seen = [], [], set()
+    for row in rows:
+        try:
+            shape = {
+                "op": row.get("op", "forward"), "dtype": row["dtype"], "batch": int(row["batch"]),
+                "heads": int(row["heads"]), "len": int(row["len"]), "dim": int(row["dim"]),
+                "causal": bool(row.get("causal", False)),
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            bad.append((row, f"torch_baseline cannot read this attention row: {type(e).__name__}: {e}"))
+            continue
+        key = tuple(shape[k] for k in ATTENTION_KEY)
+        if key not in seen:
+            seen.add(key)
+            shapes.append(shape)
+    return shapes, bad
+
+
+def attention_row(shape, backend, time_us=None, **extra):
+    row = dict(shape)
+    row["backend"] = backend
+    flops = attention_flops(shape["batch"], shape["heads"], shape["len"], shape["dim"], shape["causal"])
+    row["flops"] = flops
+    row["time_us"] = round(time_us, 3) if time_us is not None else None
+    row["tflops"] = round(flops / (time_us * 1e-6) / 1e12, 2) if time_us else None
+    row.update(extra)
+    return row
+
+
+def matmul_tflops(timer):
+    """bf16 torch.matmul of two 8192x8192 randn matrices: 2*8192^3 FLOPs over the median time."""
+    import torch
+
+    n = 8192
+    g = torch.Generator(device="cuda").manual_seed(4321)
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda", generator=g)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda", generator=g)
+    with torch.no_grad():
+        us = timer(lambda: torch.matmul(a, b))
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * n**3 / (us * 1e-6) / 1e12
+
+
+def attention_prelude(timer):
+    try:
+        tf = matmul_tflops(timer)
+        log(f"bf16 matmul 8192^3: {tf:.1f} TFLOP/s")
+        return None, {"matmul_tflops": round(tf, 1)}
+    except Exception as e:  # report it, keep going: the attention rows matter more
+        log(f"bf16 matmul: {type(e).__name__}: {e}")
+        return None, {"matmul_tflops": None, "matmul_error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def bench_attention(rows, args, timer, _ctx):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t_start = time.monotonic()
+    budget = args.time_budget_s  # seconds since the script started
+    shapes, bad = attention_shapes(rows)
+    log(f"attention: {len(shapes)} distinct shapes x {len(SDPA_BACKENDS)} backends"
+        + (f", time budget {budget:.0f}s" if budget else ""))
+    results = {}  # (shape index, backend) -> row
+
+    def label(shape):
+        return (f"{shape['dtype']:4s} B{shape['batch']}xH{shape['heads']}xL{shape['len']} d{shape['dim']}"
+                + (" causal" if shape["causal"] else ""))
+
+    def run_shape(i, shape, backends):
+        dt = torch_dtype(shape["dtype"]) if shape["dtype"] in DTYPES else None
+        if shape["op"] not in ATTENTION_OPS or dt is None:
+            for name, _ in backends:
+                results[i, name] = attention_row(
+                    shape, name, error=f"torch_baseline knows no attention op {shape['op']!r} / dtype {shape['dtype']!r}")
+            return
+        t = {}  # this shape's tensors, freed before the next shape
+        try:
+            g = torch.Generator(device="cuda").manual_seed(1234)
+            dims = (shape["batch"], shape["heads"], shape["len"], shape["dim"])
+            for k in ("q", "k", "v"):
+                t[k] = torch.randn(*dims, dtype=dt, device="cuda", generator=g)
+            causal = shape["causal"]
+
+            def fn():
+                return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)
+
+            for name, member in backends:
+                if budget and time.monotonic() - T0 > budget:
+                    results[i, name] = attention_row(shape, name, skipped=f"time budget of {budget:.0f}s spent")
+                    continue
+                if name == "math" and shape["len"] > MATH_MAX_LEN:
+                    results[i, name] = attention_row(
+                        shape, name, skipped=f"L > {MATH_MAX_LEN}: math materialises [B,H,L,L] scores")
+                    continue
+                backend = getattr(SDPBackend, member, None)
+                if backend is None:
+                    results[i, name] = attention_row(shape, name, error=f"this torch has no SDPBackend.{member}")
+                    continue
+                try:
+                    with sdpa_kernel([backend]), torch.no_grad():
+                        us = timer(fn)
+                    results[i, name] = attention_row(shape, name, us)
+                    log(f"{name:9s} {label(shape)}: {us:10.1f} us {results[i, name]['tflops'] or 0:7.1f} TFLOP/s")
+                except Exception as e:  # the backend refuses this shape, or out of memory: record, go on
+                    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+                    results[i, name] = attention_row(shape, name, error=msg[:200])
+                    log(f"{name:9s} {label(shape)}: {msg[:200]}")
+                    torch.cuda.empty_cache()
+        except Exception as e:  # could not even make the inputs
+            msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+            for name, _ in backends:
+                results.setdefault((i, name), attention_row(shape, name, error=msg))
+            log(f"{label(shape)}: {msg}")
+        finally:
+            t.clear()
+            torch.cuda.empty_cache()
+
+    # Two passes, so that if the time budget runs out it is the math backend's rows that go.
+    fast = [b for b in SDPA_BACKENDS if b[0] != "math"]
+    slow = [b for b in SDPA_BACKENDS if b[0] == "math"]
+    for i, shape in enumerate(shapes):
+        run_shape(i, shape, fast)
+    for i, shape in enumerate(shapes):
+        run_shape(i, shape, slow)
+    out = [results[i, name] for i in range(len(shapes)) for name, _ in SDPA_BACKENDS]
+    for row, msg in bad:
+        row = {k: v for k, v in row.items() if k not in ("kernel", "time_us", "tflops")}
+        row.update(backend=None, time_us=None, tflops=None, error=msg[:200])
+        out.append(row)
+    log(f"attention: {len(out)} rows in {time.monotonic() - t_start:.1f}s")
+    return out
+
+
+def layernorm_prelude(timer):
+    copy_gbs = copy_bandwidth_gbs(timer)
+    log(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    return copy_gbs, {"copy_bandwidth_gbs": round(copy_gbs, 1)}
+
+
+# bench(rows, args, timer, ctx) -> rows; default_rows() -> rows without --shapes-from;
+# prelude(timer) -> (ctx for bench, top-level fields of the output); default warm-up/rep in ms.
+Family = namedtuple("Family", "bench default_rows prelude warmup_ms rep_ms time_budget_s")
 FAMILIES = {
-    "layernorm": (bench_layernorm, layernorm_default_rows),
+    "layernorm": Family(bench_layernorm, layernorm_default_rows, layernorm_prelude, 25.0, 100.0, None),
+    "attention": Family(bench_attention, attention_default_rows, attention_prelude, 5.0, 20.0, 100.0),
 }
 
 
@@ -218,14 +421,27 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print the JSON object (else a table)")
     p.add_argument("--timer", choices=("auto", "triton", "events"), default="auto",
                    help="auto: triton's do_bench if it imports, else CUDA events")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (ms)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="measured time per measurement (ms)")
-    return p.parse_args(argv)
+    p.add_argument("--warmup-ms", type=float, default=None,
+                   help="warm-up per measurement (ms; default: layernorm 25, attention 5)")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="measured time per measurement (ms; default: layernorm 100, attention 20)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="attention: once this many seconds since the start are spent, the measurements left "
+                        "are written as skipped (default 100; 0: no limit)")
+    args = p.parse_args(argv)
+    fam = FAMILIES[args.family]
+    if args.warmup_ms is None:
+        args.warmup_ms = fam.warmup_ms
+    if args.rep_ms is None:
+        args.rep_ms = fam.rep_ms
+    if args.time_budget_s is None:
+        args.time_budget_s = fam.time_budget_s
+    return args
 
 
 def load_rows(args):
     if not args.shapes_from:
-        return FAMILIES[args.family][1](), None
+        return FAMILIES[args.family].default_rows(), None
     with open(args.shapes_from) as f:
         src = json.load(f)
     if src.get("family") not in (None, args.family):
@@ -237,6 +453,18 @@ def load_rows(args):
 
 def print_table(result):
     print(f"{result['family']} on {result['device']}, torch {result['torch_version']}, timer: {result['timer']}")
+    if result["family"] == "attention":
+        mm = result.get("matmul_tflops")
+        print(f"bf16 matmul 8192^3: {'-' if mm is None else f'{mm:.1f}'} TFLOP/s")
+        print(f"{'backend':9s} {'dtype':5s} {'BxHxL':>14s} {'dim':>4s} {'causal':6s} {'time_us':>10s} {'TFLOP/s':>8s}")
+        for r in result["rows"]:
+            t = "-" if r.get("time_us") is None else f"{r['time_us']:.1f}"
+            tf = "-" if r.get("tflops") is None else f"{r['tflops']:.1f}"
+            shape = f"{r.get('batch')}x{r.get('heads')}x{r.get('len')}"
+            note = r.get("error") or r.get("skipped")
+            print(f"{str(r.get('backend')):9s} {str(r.get('dtype')):5s} {shape:>14s} {str(r.get('dim')):>4s} "
+                  f"{'yes' if r.get('causal') else 'no':6s} {t:>10s} {tf:>8s}" + (f"  {note}" if note else ""))
+        return
     print(f"copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
     print(f"{'op':17s} {'dtype':5s} {'shape':>12s} {'time_us':>10s} {'GB/s':>8s} {'%copy':>6s}")
     for r in result["rows"]:
@@ -255,20 +483,17 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         raise SystemExit("torch_baseline: torch sees no CUDA device")
+    fam = FAMILIES[args.family]
     timer = Timer(args.timer, args.warmup_ms, args.rep_ms)
-    log(f"timer: {timer.name}; {len(rows)} rows")
-    copy_gbs = copy_bandwidth_gbs(timer)
-    log(f"copy bandwidth {copy_gbs:.0f} GB/s")
-    fn = FAMILIES[args.family][0]
-    out_rows = fn(rows, args, timer, copy_gbs)
-    result = {
-        "family": args.family,
-        "device": torch.cuda.get_device_name(),
-        "copy_bandwidth_gbs": round(copy_gbs, 1),
-        "torch_version": torch.__version__,
-        "timer": timer.name,
-        "rows": out_rows,
-    }
+    log(f"timer: {timer.name}, warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms; {len(rows)} rows")
+    ctx, top = fam.prelude(timer)
+    out_rows = fam.bench(rows, args, timer, ctx)
+    result = {"family": args.family, "device": torch.cuda.get_device_name()}
+    result.update(top)
+    result.update(torch_version=torch.__version__, timer=timer.name)
+    if args.family != "layernorm":  # layernorm's output stays as it was
+        result.update(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    result["rows"] = out_rows
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
