@@ -17,6 +17,7 @@
 // row through L1/L2, so this path is bound by cache bandwidth and shuffles, not by HBM.
 
 #include "common.cuh"
+#include "attention_common.cuh"
 #include "cuattn_params.h"
 
 using namespace cuattn;
@@ -35,14 +36,8 @@ __device__ void attention_exact(const cuattn_attention_fwd_params& p) {
     const int b = (int)(flat / (row_blocks * p.heads_q));
     const int64_t i = rb * p.rows_per_block + warp;
 
-    const bool packed = p.cu_seqlens_q != 0;
-    const int* cu_q = reinterpret_cast<const int*>(p.cu_seqlens_q);
-    const int* cu_k = reinterpret_cast<const int*>(p.cu_seqlens_k);
-    const int64_t row0_q = packed ? cu_q[b] : 0;
-    const int64_t row0_k = packed ? cu_k[b] : 0;
-    const int64_t len_q = packed ? cu_q[b + 1] - cu_q[b] : p.len_q;
-    int64_t key_len = packed ? cu_k[b + 1] - cu_k[b] : p.len_k;
-    if (p.key_lens) key_len = min(key_len, (int64_t) reinterpret_cast<const int*>(p.key_lens)[b]);
+    const SequenceBounds seq = sequence_bounds(p, b);
+    const int64_t row0_q = seq.row0_q, row0_k = seq.row0_k, len_q = seq.len_q, key_len = seq.key_len;
     if (i >= len_q) return;  // warp-uniform: no barriers in this kernel
 
     int64_t end = key_len;  // admissible keys: [0, end)

@@ -123,6 +123,34 @@ pub fn compare(out: &[f32], reference: &[f64], tol: Tolerance) -> Comparison {
     c
 }
 
+/// [`compare`], as a `Result` whose error describes the worst element: what tests and checks
+/// report.
+pub fn expect_close(
+    what: &str,
+    out: &[f32],
+    reference: &[f64],
+    tol: Tolerance,
+) -> Result<(), String> {
+    let r = compare(out, reference, tol);
+    if r.passed {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: worst element {} = {} vs reference {} (err/bound {:.3}), max abs err {:.3e}, \
+         rel norm err {:.3e} (bound {:.3e}), {} non-finite, {} vs {} elements",
+        r.worst_index,
+        out.get(r.worst_index).copied().unwrap_or(f32::NAN),
+        reference.get(r.worst_index).copied().unwrap_or(f64::NAN),
+        r.worst_ratio,
+        r.max_abs_err,
+        r.rel_norm_err,
+        tol.rel_norm_bound,
+        r.non_finite,
+        out.len(),
+        reference.len()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,18 +11,6 @@ use cuattn::DType;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-fn shape(b: usize, hq: usize, hkv: usize, lq: usize, lk: usize, d: usize, dv: usize) -> Shape {
-    Shape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        len_q: lq,
-        len_k: lk,
-        dim_qk: d,
-        dim_v: dv,
-    }
-}
-
 fn case_strategy() -> impl Strategy<Value = Case> {
     let dim = prop_oneof![
         1usize..=256,
@@ -43,7 +31,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     )
         .prop_map(
             |(dtype, (b, hkv, group), (lq, lk), (d, dv), causal, (pad, bshd, packed, tc), seed)| {
-                let s = shape(b, hkv * group, hkv, lq, lk, d, dv);
+                let s = Shape::new(b, hkv * group, hkv, lq, lk, d, dv);
                 let key_lens = pad.then(|| {
                     (0..b)
                         .map(|i| ((seed as usize >> i) % (lk + 1)) as i32)
@@ -130,7 +118,7 @@ fn fully_masked_rows_give_zero_and_negative_infinite_lse() {
         every_dtype(|dt| Case {
             causal: Some(CausalAlign::BottomRight),
             key_lens: Some(vec![5, 0]),
-            ..Case::dense(dt, shape(2, 2, 1, 40, 9, 64, 64))
+            ..Case::dense(dt, Shape::new(2, 2, 1, 40, 9, 64, 64))
         }),
     );
 }
@@ -142,7 +130,7 @@ fn causal_alignments_differ_when_lq_differs_from_lk() {
         for (lq, lk) in [(17, 50), (50, 17), (1, 33), (33, 1)] {
             cases.extend(every_dtype(|dt| Case {
                 causal: Some(causal),
-                ..Case::dense(dt, shape(1, 2, 2, lq, lk, 64, 64))
+                ..Case::dense(dt, Shape::new(1, 2, 2, lq, lk, 64, 64))
             }));
         }
     }
@@ -162,7 +150,7 @@ fn odd_head_dims_and_unequal_qk_and_v_dims() {
         (3, 255),
     ] {
         cases.extend(every_dtype(|dt| {
-            Case::dense(dt, shape(1, 3, 1, 19, 23, d, dv))
+            Case::dense(dt, Shape::new(1, 3, 1, 19, 23, d, dv))
         }));
     }
     run("odd_head_dims_and_unequal_qk_and_v_dims", cases);
@@ -175,7 +163,7 @@ fn bshd_layout_is_read_through_strides() {
         every_dtype(|dt| Case {
             bshd: true,
             causal: Some(CausalAlign::TopLeft),
-            ..Case::dense(dt, shape(2, 4, 2, 31, 45, 128, 128))
+            ..Case::dense(dt, Shape::new(2, 4, 2, 31, 45, 128, 128))
         }),
     );
 }
@@ -187,7 +175,7 @@ fn varlen_with_empty_sequences_and_fewer_tokens_than_sequences() {
         every_dtype(|dt| Case {
             packed: Some((vec![1, 0, 2, 0, 0], vec![3, 2, 0, 0, 1])),
             causal: Some(CausalAlign::BottomRight),
-            ..Case::dense(dt, shape(5, 2, 1, 0, 0, 64, 64))
+            ..Case::dense(dt, Shape::new(5, 2, 1, 0, 0, 64, 64))
         }),
     );
 }
@@ -199,7 +187,7 @@ fn large_logits_do_not_overflow() {
         "large_logits_do_not_overflow",
         every_dtype(|dt| Case {
             scale: Some(30.0),
-            ..Case::dense(dt, shape(1, 1, 1, 16, 16, 64, 64))
+            ..Case::dense(dt, Shape::new(1, 1, 1, 16, 16, 64, 64))
         }),
     );
 }
@@ -208,6 +196,6 @@ fn large_logits_do_not_overflow() {
 fn sequence_length_one() {
     run(
         "sequence_length_one",
-        every_dtype(|dt| Case::dense(dt, shape(3, 2, 2, 1, 1, 64, 64))),
+        every_dtype(|dt| Case::dense(dt, Shape::new(3, 2, 2, 1, 1, 64, 64))),
     );
 }

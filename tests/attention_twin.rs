@@ -5,7 +5,7 @@
 //! skipping count and NaN in keys no query may see. CPU only.
 
 use cuattn::reference::attention::{self as reference, CausalAlign, Options, Shape};
-use cuattn::tolerance::{attention as tolerances, compare, Tolerance};
+use cuattn::tolerance::{attention as tolerances, expect_close, Tolerance};
 use cuattn::twin::attention::{self as twin, TileCounts, Tiling};
 use cuattn::DType;
 use rand::rngs::SmallRng;
@@ -18,17 +18,9 @@ fn rand_vec(rng: &mut SmallRng, dtype: DType, n: usize, spread: f32) -> Vec<f32>
 }
 
 fn expect(what: &str, out: &[f32], want: &[f64], tol: Tolerance) {
-    let r = compare(out, want, tol);
-    assert!(
-        r.passed,
-        "{what}: element {} = {} vs {} (err/bound {:.3}), rel norm {:.2e}, {} non-finite",
-        r.worst_index,
-        out.get(r.worst_index).copied().unwrap_or(f32::NAN),
-        want.get(r.worst_index).copied().unwrap_or(f64::NAN),
-        r.worst_ratio,
-        r.rel_norm_err,
-        r.non_finite
-    );
+    if let Err(e) = expect_close(what, out, want, tol) {
+        panic!("{e}");
+    }
 }
 
 const TILING: Tiling = Tiling {

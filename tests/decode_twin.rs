@@ -4,7 +4,7 @@
 //! guards for empty splits and fully masked rows. CPU only.
 
 use cuattn::reference::attention::{self as reference, CausalAlign, Options, Shape};
-use cuattn::tolerance::{attention as tolerances, compare, Tolerance};
+use cuattn::tolerance::{attention as tolerances, expect_close, Tolerance};
 use cuattn::twin::decode::{self as twin, merge, split_range, Partial};
 use cuattn::DType;
 use rand::rngs::SmallRng;
@@ -17,12 +17,9 @@ fn rand_vec(rng: &mut SmallRng, n: usize, spread: f32) -> Vec<f32> {
 }
 
 fn expect(what: &str, out: &[f32], want: &[f64], tol: Tolerance) {
-    let r = compare(out, want, tol);
-    assert!(
-        r.passed,
-        "{what}: element {} err/bound {:.3}, {} non-finite",
-        r.worst_index, r.worst_ratio, r.non_finite
-    );
+    if let Err(e) = expect_close(what, out, want, tol) {
+        panic!("{e}");
+    }
 }
 
 #[test]

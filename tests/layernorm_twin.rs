@@ -4,7 +4,7 @@
 //! the row count, vector and scalar packs, and both ways of forming dγ/dβ. Runs without a GPU.
 
 use cuattn::reference::layernorm as reference;
-use cuattn::tolerance::{compare, layernorm as tolerances, Tolerance};
+use cuattn::tolerance::{expect_close, layernorm as tolerances, Tolerance};
 use cuattn::twin::layernorm::{self as twin, Launch, Partials};
 use cuattn::DType;
 use rand::rngs::SmallRng;
@@ -17,17 +17,9 @@ fn values(rng: &mut SmallRng, dtype: DType, n: usize, center: f32, spread: f32) 
 }
 
 fn expect(what: &str, out: &[f32], want: &[f64], tol: Tolerance) {
-    let r = compare(out, want, tol);
-    assert!(
-        r.passed,
-        "{what}: element {} = {} vs {} (err/bound {:.3}), rel norm {:.2e}, {} non-finite",
-        r.worst_index,
-        out[r.worst_index],
-        want[r.worst_index],
-        r.worst_ratio,
-        r.rel_norm_err,
-        r.non_finite
-    );
+    if let Err(e) = expect_close(what, out, want, tol) {
+        panic!("{e}");
+    }
 }
 
 /// The launches the planner can make for a row of `hidden` elements: scalar and (when the row

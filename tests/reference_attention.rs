@@ -15,18 +15,6 @@ fn rand_vec(rng: &mut SmallRng, n: usize, spread: f32) -> Vec<f32> {
         .collect()
 }
 
-fn shape(batch: usize, hq: usize, hkv: usize, lq: usize, lk: usize, d: usize, dv: usize) -> Shape {
-    Shape {
-        batch,
-        heads_q: hq,
-        heads_kv: hkv,
-        len_q: lq,
-        len_k: lk,
-        dim_qk: d,
-        dim_v: dv,
-    }
-}
-
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
 }
@@ -62,7 +50,7 @@ fn admissible_keys_follow_both_causal_alignments() {
 #[test]
 fn equal_keys_give_the_mean_of_the_admissible_values() {
     let mut rng = SmallRng::seed_from_u64(1);
-    let s = shape(1, 1, 1, 4, 6, 8, 5);
+    let s = Shape::new(1, 1, 1, 4, 6, 8, 5);
     let q = rand_vec(&mut rng, s.q_len(), 1.0);
     let row = rand_vec(&mut rng, 8, 1.0);
     let k: Vec<f32> = (0..6).flat_map(|_| row.clone()).collect();
@@ -91,7 +79,7 @@ fn equal_keys_give_the_mean_of_the_admissible_values() {
 
 #[test]
 fn a_dominant_key_takes_all_the_weight() {
-    let s = shape(1, 1, 1, 1, 3, 2, 2);
+    let s = Shape::new(1, 1, 1, 1, 3, 2, 2);
     let q = [1.0f32, 0.0];
     let k = [0.0f32, 0.0, 200.0, 0.0, 0.0, 1.0];
     let v = [1.0f32, 2.0, -3.0, 4.0, 5.0, 6.0];
@@ -115,7 +103,7 @@ fn a_dominant_key_takes_all_the_weight() {
 #[test]
 fn lse_normalises_the_softmax() {
     let mut rng = SmallRng::seed_from_u64(2);
-    let s = shape(2, 2, 1, 5, 7, 6, 3);
+    let s = Shape::new(2, 2, 1, 5, 7, 6, 3);
     let (q, k, v) = (
         rand_vec(&mut rng, s.q_len(), 2.0),
         rand_vec(&mut rng, s.k_len(), 2.0),
@@ -159,7 +147,7 @@ fn lse_normalises_the_softmax() {
 #[test]
 fn key_order_does_not_matter_without_a_causal_mask() {
     let mut rng = SmallRng::seed_from_u64(3);
-    let s = shape(1, 1, 1, 3, 5, 4, 4);
+    let s = Shape::new(1, 1, 1, 3, 5, 4, 4);
     let (q, k, v) = (
         rand_vec(&mut rng, s.q_len(), 1.0),
         rand_vec(&mut rng, s.k_len(), 1.0),
@@ -183,7 +171,7 @@ fn key_order_does_not_matter_without_a_causal_mask() {
 #[test]
 fn grouped_query_attention_equals_repeating_the_kv_heads() {
     let mut rng = SmallRng::seed_from_u64(4);
-    let gqa = shape(2, 6, 2, 3, 4, 5, 3);
+    let gqa = Shape::new(2, 6, 2, 3, 4, 5, 3);
     let (q, k, v) = (
         rand_vec(&mut rng, gqa.q_len(), 1.0),
         rand_vec(&mut rng, gqa.k_len(), 1.0),
@@ -215,7 +203,7 @@ fn grouped_query_attention_equals_repeating_the_kv_heads() {
 #[test]
 fn both_alignments_agree_when_lq_equals_lk() {
     let mut rng = SmallRng::seed_from_u64(5);
-    let s = shape(1, 2, 2, 6, 6, 4, 4);
+    let s = Shape::new(1, 2, 2, 6, 6, 4, 4);
     let (q, k, v) = (
         rand_vec(&mut rng, s.q_len(), 1.0),
         rand_vec(&mut rng, s.k_len(), 1.0),
@@ -248,7 +236,7 @@ fn both_alignments_agree_when_lq_equals_lk() {
 #[test]
 fn key_padding_equals_truncating_the_keys_and_never_reads_the_padding() {
     let mut rng = SmallRng::seed_from_u64(6);
-    let s = shape(1, 1, 1, 4, 7, 3, 2);
+    let s = Shape::new(1, 1, 1, 4, 7, 3, 2);
     let q = rand_vec(&mut rng, s.q_len(), 1.0);
     let mut k = rand_vec(&mut rng, s.k_len(), 1.0);
     let mut v = rand_vec(&mut rng, s.v_len(), 1.0);
@@ -287,7 +275,7 @@ fn key_padding_equals_truncating_the_keys_and_never_reads_the_padding() {
 fn fully_masked_rows_give_zero_output_and_negative_infinite_lse() {
     let mut rng = SmallRng::seed_from_u64(7);
     // Bottom-right with Lq = 5 > Lk = 3: rows 0 and 1 see no key. Key length 0: no row sees any.
-    let s = shape(2, 1, 1, 5, 3, 4, 4);
+    let s = Shape::new(2, 1, 1, 5, 3, 4, 4);
     let (q, k, v) = (
         rand_vec(&mut rng, s.q_len(), 1.0),
         rand_vec(&mut rng, s.k_len(), 1.0),
@@ -335,7 +323,7 @@ fn varlen_equals_one_call_per_sequence_including_empty_ones() {
         };
         let out = reference::forward_varlen(&q, &k, &v, &cu_q, &cu_k, hq, hkv, d, dv, &opts);
         for b in 0..4 {
-            let s = shape(1, hq, hkv, lens_q[b], lens_k[b], d, dv);
+            let s = Shape::new(1, hq, hkv, lens_q[b], lens_k[b], d, dv);
             let to_bhsd = |x: &[f32], r0: usize, n: usize, heads: usize, w: usize| -> Vec<f32> {
                 (0..heads)
                     .flat_map(|h| {

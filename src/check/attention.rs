@@ -276,15 +276,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
 
 /// The fixed list `cuattn check` runs.
 pub fn standard_cases() -> Vec<(String, Case)> {
-    let shape = |b, hq, hkv, lq, lk, d, dv| Shape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        len_q: lq,
-        len_k: lk,
-        dim_qk: d,
-        dim_v: dv,
-    };
+    let shape = Shape::new;
     let mut out = Vec::new();
     for dt in DType::ALL {
         out.push((

@@ -11,7 +11,6 @@ pub mod layernorm;
 use crate::dtype::DType;
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
 use crate::tensor::{HostTensor, Layout};
-use crate::tolerance::{compare, Tolerance};
 use rand::rngs::SmallRng;
 use rand::Rng;
 use std::sync::Arc;
@@ -172,27 +171,7 @@ pub fn read_vec(t: &DeviceTensor) -> CheckResult<Vec<f32>> {
     t.to_f32_vec().map_err(gpu_err)
 }
 
-/// Compares under `tol`, describing the worst element on failure.
-pub fn expect_close(what: &str, out: &[f32], reference: &[f64], tol: Tolerance) -> CheckResult {
-    let r = compare(out, reference, tol);
-    if r.passed {
-        return Ok(());
-    }
-    Err(format!(
-        "{what}: worst element {} = {} vs reference {} (err/bound {:.3}), max abs err {:.3e}, \
-         rel norm err {:.3e} (bound {:.3e}), {} non-finite, {} vs {} elements",
-        r.worst_index,
-        out.get(r.worst_index).copied().unwrap_or(f32::NAN),
-        reference.get(r.worst_index).copied().unwrap_or(f64::NAN),
-        r.worst_ratio,
-        r.max_abs_err,
-        r.rel_norm_err,
-        tol.rel_norm_bound,
-        r.non_finite,
-        out.len(),
-        reference.len()
-    ))
-}
+pub use crate::tolerance::expect_close;
 
 /// The GPU for a test, or `None` after printing a visible `SKIPPED (no CUDA device)` line.
 /// With `CUATTN_REQUIRE_GPU=1` a missing GPU panics (fails the test) instead.

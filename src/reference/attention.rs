@@ -37,6 +37,26 @@ pub struct Shape {
 }
 
 impl Shape {
+    pub fn new(
+        batch: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        len_q: usize,
+        len_k: usize,
+        dim_qk: usize,
+        dim_v: usize,
+    ) -> Self {
+        Shape {
+            batch,
+            heads_q,
+            heads_kv,
+            len_q,
+            len_k,
+            dim_qk,
+            dim_v,
+        }
+    }
+
     pub fn q_len(&self) -> usize {
         self.batch * self.heads_q * self.len_q * self.dim_qk
     }
