@@ -15,7 +15,7 @@ use crate::kernels::params::{
     CUATTN_CAUSAL_NONE, CUATTN_CAUSAL_TOP_LEFT,
 };
 pub use crate::reference::attention::CausalAlign;
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DevicePtr;
 use std::sync::Arc;
 
 const EXACT_MODULE: &str = "attention_exact";
@@ -486,32 +486,17 @@ pub fn forward_into<'a>(
             ),
         ));
     }
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (
-            if tensor_cores {
-                128
-            } else {
-                32 * EXACT_ROWS_PER_BLOCK as u32
-            },
-            1,
-            1,
-        ),
-        shared_mem_bytes: smem as u32,
+    let threads = if tensor_cores {
+        128
+    } else {
+        32 * EXACT_ROWS_PER_BLOCK as u32
     };
     // SAFETY: `check` validated every view (dtypes, shapes, a contiguous last dim, that each
     // layout fits the memory behind it, alignment) and the sequence lengths/offsets, so every
     // address the kernel forms from these strides and lengths is inside its view; 16-byte
     // loads are used only when `vectorized` established their alignment, and `smem` is within
-    // the function's raised dynamic shared-memory limit.
-    unsafe {
-        gpu.stream()
-            .launch_builder(&kernel.func)
-            .arg(&p)
-            .launch(cfg)
-    }
-    .map(|_| ())
-    .map_err(|e| Error::driver(format!("launching `{}`", kernel.name), e))
+    // the function's raised dynamic shared-memory limit (checked above).
+    unsafe { super::launch(gpu, &kernel, &p, (blocks as u32, 1), (threads, 1), smem) }
 }
 
 /// Attention forward, allocating O (contiguous, q's layout order: dense [B, Hq, Lq, Dv] or

@@ -4,6 +4,7 @@
 //! The `*_into` functions write into views the caller owns (for embedding in other runtimes);
 //! the others allocate their outputs. All of them validate every argument before a launch.
 
+use super::launch;
 use super::validate::{self, Rows};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -14,7 +15,6 @@ use crate::kernels::params::{
     CUATTN_LN_PARTIALS_GLOBAL, CUATTN_LN_PARTIALS_NONE, CUATTN_LN_PARTIALS_REGISTERS,
     CUATTN_LN_PARTIALS_SHARED,
 };
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "layernorm";
@@ -374,33 +374,10 @@ fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
         cache_rows_in_smem: cache as i32,
         eps: c.eps,
     };
-    launch(gpu, &kernel, &p, (grid, 1), (threads, 1), smem)
-}
-
-fn launch<P: cudarc::driver::DeviceRepr>(
-    gpu: &Gpu,
-    kernel: &Kernel,
-    params: &P,
-    grid: (u32, u32),
-    block: (u32, u32),
-    smem: usize,
-) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
-        block_dim: (block.0, block.1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    // SAFETY: the caller validated every pointer in `params` (dtype, shape, strides, alignment,
-    // and that each view's layout fits the memory behind it) and sized `smem` within the
-    // function's raised dynamic shared-memory limit; the kernel touches nothing else.
-    unsafe {
-        gpu.stream()
-            .launch_builder(&kernel.func)
-            .arg(params)
-            .launch(cfg)
-    }
-    .map(|_| ())
-    .map_err(|e| Error::driver(format!("launching `{}`", kernel.name), e))
+    // SAFETY: `check_forward` validated every pointer in `p` against its view (dtype, shape,
+    // row strides, alignment, memory size), `vectorized` only where 16-byte access is aligned,
+    // and `smem` is within the kernel's limit (`cache` checked it).
+    unsafe { launch(gpu, &kernel, &p, (grid, 1), (threads, 1), smem) }
 }
 
 /// LayerNorm forward into caller-owned views: `y = (x − mean)·rstd·γ + β` over the last dim.
@@ -763,14 +740,19 @@ pub fn backward_into<'a>(
             cache_rows_in_smem: plan.cache as i32,
         };
         let threads = plan.split.tpr * plan.split.rows_per_block;
-        launch(
-            gpu,
-            &plan.kernel,
-            &p,
-            (plan.grid, 1),
-            (threads, 1),
-            plan.smem,
-        )?;
+        // SAFETY: `check_backward` validated every view; the workspace holds
+        // `plan.workspace_bytes` (the Gpu's own, or checked above); `plan.smem` is within the
+        // kernel's limit by construction in `plan_backward`.
+        unsafe {
+            launch(
+                gpu,
+                &plan.kernel,
+                &p,
+                (plan.grid, 1),
+                (threads, 1),
+                plan.smem,
+            )?
+        };
         if dgamma_ptr == 0 && dbeta_ptr == 0 {
             return Ok(());
         }
@@ -791,7 +773,9 @@ pub fn backward_into<'a>(
             };
             let columns = gpu.kernel(MODULE, kernel_name("bwd_columns", dtype))?;
             let block = (COLUMN_TILE_PACKS as u32, COLUMN_THREADS_Y);
-            launch(gpu, &columns, &cp, (grid_x, grid_y), block, 0)?;
+            // SAFETY: as stage 1; the column kernel writes partial rows 0..grid_y, which the
+            // workspace size counts (`num_partials`).
+            unsafe { launch(gpu, &columns, &cp, (grid_x, grid_y), block, 0)? };
         }
         let reduce = gpu.kernel(MODULE, kernel_name("reduce", dtype))?;
         let rp = cuattn_layernorm_bwd_reduce_params {
@@ -802,7 +786,8 @@ pub fn backward_into<'a>(
             hidden: xr.cols as i32,
         };
         let grid = (xr.cols as u32).div_ceil(REDUCE_THREADS);
-        launch(gpu, &reduce, &rp, (grid, 1), (REDUCE_THREADS, 1), 0)
+        // SAFETY: reads the `num_partials` partial rows stage 1 wrote; dγ/dβ were validated.
+        unsafe { launch(gpu, &reduce, &rp, (grid, 1), (REDUCE_THREADS, 1), 0) }
     };
     match workspace {
         Some(ws) => {

@@ -7,3 +7,37 @@ pub mod layernorm;
 mod validate;
 
 pub(crate) use validate::ViewInfo;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Kernel};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// Launches `kernel` with its parameter struct on the Gpu's stream.
+///
+/// # Safety
+/// Every device address in `params` must be valid for what the kernel does with it at the
+/// sizes and strides `params` gives (the op's validation establishes this), and `smem` must be
+/// within the kernel's dynamic shared-memory limit.
+pub(crate) unsafe fn launch<P: DeviceRepr>(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    params: &P,
+    grid: (u32, u32),
+    block: (u32, u32),
+    smem: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        block_dim: (block.0, block.1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: the caller upholds this function's contract (above).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&kernel.func)
+            .arg(params)
+            .launch(cfg)
+    }
+    .map(|_| ())
+    .map_err(|e| Error::driver(format!("launching `{}`", kernel.name), e))
+}
