@@ -1,0 +1,6 @@
+//! Every GPU test in one binary (each test binary embeds every kernel's fatbin, and the GPU
+//! check carries the binaries to the device under a size limit). Without a GPU each test
+//! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
+
+mod attention;
+mod layernorm;
