@@ -109,38 +109,13 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
             let k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
             let v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
-            let qd = upload_4d(
-                gpu,
-                c.dtype,
-                [s.batch, s.heads_q, s.len_q, s.dim_qk],
-                c.bshd,
-                Some(&q),
-                0.0,
-            )?;
-            let kd = upload_4d(
-                gpu,
-                c.dtype,
-                [s.batch, s.heads_kv, s.len_k, s.dim_qk],
-                c.bshd,
-                Some(&k),
-                0.0,
-            )?;
-            let vd = upload_4d(
-                gpu,
-                c.dtype,
-                [s.batch, s.heads_kv, s.len_k, s.dim_v],
-                c.bshd,
-                Some(&v),
-                0.0,
-            )?;
-            let mut od = upload_4d(
-                gpu,
-                c.dtype,
-                [s.batch, s.heads_q, s.len_q, s.dim_v],
-                c.bshd,
-                None,
-                f32::NAN,
-            )?;
+            let up = |dims, values: Option<&[f32]>, fill| {
+                upload_4d(gpu, c.dtype, dims, c.bshd, values, fill)
+            };
+            let qd = up([s.batch, s.heads_q, s.len_q, s.dim_qk], Some(&q), 0.0)?;
+            let kd = up([s.batch, s.heads_kv, s.len_k, s.dim_qk], Some(&k), 0.0)?;
+            let vd = up([s.batch, s.heads_kv, s.len_k, s.dim_v], Some(&v), 0.0)?;
+            let mut od = up([s.batch, s.heads_q, s.len_q, s.dim_v], None, f32::NAN)?;
             let mut lse = gpu
                 .full(DType::F32, &[s.batch, s.heads_q, s.len_q], f32::NAN)
                 .map_err(err)?;

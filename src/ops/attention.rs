@@ -15,6 +15,7 @@ use crate::kernels::params::{
     CUATTN_CAUSAL_NONE, CUATTN_CAUSAL_TOP_LEFT,
 };
 pub use crate::reference::attention::CausalAlign;
+use crate::reference::attention::Shape;
 use cudarc::driver::DevicePtr;
 use std::sync::Arc;
 
@@ -84,17 +85,11 @@ struct Strides {
     row: i64,
 }
 
-/// Checked sizes of a call.
+/// Checked sizes of a call (for packed batches, `len_q`/`len_k` are the longest sequence's).
 #[derive(Clone, Debug, PartialEq)]
 struct Checked {
     dtype: DType,
-    batch: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    len_q: usize,
-    len_k: usize,
-    dim_qk: usize,
-    dim_v: usize,
+    shape: Shape,
     scale: f32,
     q: Strides,
     k: Strides,
@@ -132,16 +127,6 @@ fn view<'l>(v: &'l ViewInfo<'l>, rank: usize, what: &str) -> Result<(&'l [usize]
     }
     validate::memory(v)?;
     Ok((shape, strides))
-}
-
-fn check_head_dim(arg: &'static str, d: usize) -> Result<()> {
-    if d == 0 || d > MAX_HEAD_DIM {
-        return Err(Error::invalid(
-            arg,
-            format!("head dim must be in 1..={MAX_HEAD_DIM}, got {d}"),
-        ));
-    }
-    Ok(())
 }
 
 /// Checks cumulative offsets: batch + 1 entries, starting at 0, never decreasing, ending
@@ -208,8 +193,8 @@ fn check(
     // Dense dims (b, h, l, d) or packed (t, h, d).
     let (hq, hkv) = (qs[1], ks[1]); // heads are dim 1 in both layouts
     let (dim_qk, dim_v) = (qs[rank - 1], vs[rank - 1]);
-    check_head_dim("q", dim_qk)?;
-    check_head_dim("v", dim_v)?;
+    validate::size_in("q", "head dim", dim_qk, MAX_HEAD_DIM)?;
+    validate::size_in("v", "head dim", dim_v, MAX_HEAD_DIM)?;
     if hq % hkv != 0 {
         return Err(Error::invalid(
             "k",
@@ -316,13 +301,7 @@ fn check(
     }
     Ok(Checked {
         dtype,
-        batch,
-        heads_q: hq,
-        heads_kv: hkv,
-        len_q,
-        len_k,
-        dim_qk,
-        dim_v,
+        shape: Shape::new(batch, hq, hkv, len_q, len_k, dim_qk, dim_v),
         scale,
         q: q_strides,
         k: k_strides,
@@ -378,7 +357,7 @@ pub fn forward_into<'a>(
     // Tensor cores: head dims padded to a tile of 64, 128 or 256 (key tiles of 64, 32 at 256).
     let tc_hd = [64usize, 128, 256]
         .into_iter()
-        .find(|&hd| hd >= c.dim_qk.max(c.dim_v))
+        .find(|&hd| hd >= c.shape.dim_qk.max(c.shape.dim_v))
         .unwrap_or(256);
     let tc_bn = if tc_hd == 256 { 32 } else { 64 };
     let rows_per_block = if tensor_cores {
@@ -386,8 +365,8 @@ pub fn forward_into<'a>(
     } else {
         EXACT_ROWS_PER_BLOCK
     };
-    let row_blocks = c.len_q.div_ceil(rows_per_block);
-    let blocks = row_blocks as u64 * c.heads_q as u64 * c.batch as u64;
+    let row_blocks = c.shape.len_q.div_ceil(rows_per_block);
+    let blocks = row_blocks as u64 * c.shape.heads_q as u64 * c.shape.batch as u64;
     if blocks == 0 {
         return Ok(()); // every sequence is empty: nothing to write
     }
@@ -403,8 +382,8 @@ pub fn forward_into<'a>(
         && [c.q, c.k, c.v]
             .iter()
             .all(|s| [s.batch, s.head, s.row].iter().all(|x| x % 8 == 0))
-        && c.dim_qk % 8 == 0
-        && c.dim_v % 8 == 0;
+        && c.shape.dim_qk % 8 == 0
+        && c.shape.dim_v % 8 == 0;
     let upload = |a: &[i32]| {
         gpu.stream()
             .clone_htod(a)
@@ -451,13 +430,13 @@ pub fn forward_into<'a>(
         o_row_stride: c.o.row,
         lse_batch_stride: lse_bs,
         lse_head_stride: lse_hs,
-        batch: c.batch as i32,
-        heads_q: c.heads_q as i32,
-        heads_kv: c.heads_kv as i32,
-        len_q: c.len_q as i32,
-        len_k: c.len_k as i32,
-        dim_qk: c.dim_qk as i32,
-        dim_v: c.dim_v as i32,
+        batch: c.shape.batch as i32,
+        heads_q: c.shape.heads_q as i32,
+        heads_kv: c.shape.heads_kv as i32,
+        len_q: c.shape.len_q as i32,
+        len_k: c.shape.len_k as i32,
+        dim_qk: c.shape.dim_qk as i32,
+        dim_v: c.shape.dim_v as i32,
         causal: match opts.causal {
             None => CUATTN_CAUSAL_NONE,
             Some(CausalAlign::TopLeft) => CUATTN_CAUSAL_TOP_LEFT,
@@ -616,7 +595,15 @@ mod tests {
     fn good_dense_arguments_pass_with_gqa_and_unequal_head_dims() {
         let c = dense(2, 8, 2, 5, 7, 72, 40).unwrap();
         assert_eq!(
-            (c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.dim_qk, c.dim_v),
+            (
+                c.shape.batch,
+                c.shape.heads_q,
+                c.shape.heads_kv,
+                c.shape.len_q,
+                c.shape.len_k,
+                c.shape.dim_qk,
+                c.shape.dim_v
+            ),
             (2, 8, 2, 5, 7, 72, 40)
         );
         assert_eq!(
@@ -817,7 +804,7 @@ mod tests {
             &opts(&[0, 1, 1, 6], &[0, 4, 4, 9]),
         )
         .unwrap();
-        assert_eq!((c.batch, c.len_q, c.len_k), (3, 5, 5));
+        assert_eq!((c.shape.batch, c.shape.len_q, c.shape.len_k), (3, 5, 5));
         assert_eq!(
             c.q,
             Strides {

@@ -198,16 +198,6 @@ fn split_row(units: usize, target_packs: usize, max_tpr: usize) -> RowSplit {
     }
 }
 
-fn check_hidden(arg: &'static str, hidden: usize) -> Result<()> {
-    if hidden == 0 || hidden > MAX_HIDDEN {
-        return Err(Error::invalid(
-            arg,
-            format!("hidden size (last dim) must be in 1..={MAX_HIDDEN}, got {hidden}"),
-        ));
-    }
-    Ok(())
-}
-
 fn check_eps(eps: f32) -> Result<()> {
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(Error::invalid(
@@ -278,7 +268,7 @@ fn check_forward(v: &ForwardViews) -> Result<CheckedForward> {
     let dtype = v.x.dtype;
     let x_info = v.x.info("x");
     if let Some(&hidden) = v.x.shape().last() {
-        check_hidden("x", hidden)?;
+        validate::size_in("x", "hidden size (last dim)", hidden, MAX_HIDDEN)?;
     }
     let x = validate::rows(&x_info)?;
     check_eps(v.eps)?;
@@ -644,7 +634,7 @@ fn check_backward(
     let dtype = x.dtype;
     let x_info = x.info("x");
     if let Some(&hidden) = x.shape().last() {
-        check_hidden("x", hidden)?;
+        validate::size_in("x", "hidden size (last dim)", hidden, MAX_HIDDEN)?;
     }
     let xr = validate::rows(&x_info)?;
     let dyr = check_rows_like(&x_info, &dy.info("dy"))?;

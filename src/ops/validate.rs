@@ -89,6 +89,17 @@ pub(crate) fn vector(v: &ViewInfo, len: usize, what: &str) -> Result<()> {
     memory(v)
 }
 
+/// A size that must be in 1..=max, named `what` in the error.
+pub(crate) fn size_in(arg: &'static str, what: &str, value: usize, max: usize) -> Result<()> {
+    if value == 0 || value > max {
+        return Err(Error::invalid(
+            arg,
+            format!("{what} must be in 1..={max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Two views must have the same shape.
 pub(crate) fn same_shape(a: &ViewInfo, b: &ViewInfo) -> Result<()> {
     if a.layout.shape() != b.layout.shape() {
