@@ -1,28 +1,42 @@
-// Scaled dot-product attention forward on tensor cores (f16/bf16 in, f32 accumulation):
-// a first FlashAttention-2-schedule kernel, written for correctness first. UNVERIFIED ON
-// HARDWARE when written (2026-11-26, no device time left); the op does not pick it by default
-// (`ops::attention::Kernel::TensorCore` asks for it) until the GPU tests have passed on it.
+// Scaled dot-product attention forward on tensor cores (f16/bf16 in, f32 accumulation), v2:
+// the FlashAttention-2 schedule with 128-row query blocks and a cp.async pipeline.
+// History and measured speeds: kernels/dev/attention_tc_v1.cu (v1: 64-row blocks, synchronous
+// loads, ~170 TFLOP/s at hd128 on an H200).
 //
-// Algorithm (see ../shared/attention-kernel-notes.md §4–§5 and src/twin/attention.rs, its CPU
-// twin): one CTA per (query block of BM = 64 rows, head, batch), flattened into gridDim.x; four
-// warps, each owning 16 query rows. For each key tile of BN keys:
-//   S = Q·Kᵀ with mma.m16n8k16 (A = Q from shared memory by ldmatrix, B = K rows by ldmatrix);
-//   tiles wholly above the causal diagonal are never loaded; tiles on the diagonal or past the
-//   last key are masked element by element by assignment to −inf;
+// Algorithm (../shared/attention-kernel-notes.md §4–§5; CPU twin: src/twin/attention.rs; warp
+// fragment twin: tests/attention_tc_fragments.rs): one CTA per (query block of BM rows, head,
+// batch), flattened into gridDim.x with the query block fastest and visited last-to-first, so
+// causal masks start the heaviest (most key tiles) blocks first and the short ones fill the
+// tail. Four warps; each owns MT = BM/64 slabs of 16 consecutive query rows. For each key tile
+// of BN keys:
+//   S = Q·Kᵀ with mma.m16n8k16 (A = Q from shared memory by ldmatrix, B = K rows by ldmatrix;
+//       one K fragment feeds the warp's MT row slabs);
+//   tiles wholly above the causal diagonal are never loaded; tiles that straddle the diagonal
+//       or run past the last key are masked element by element by assignment to −inf;
 //   online softmax in the exp2 domain on raw scores (running max m, per-lane partial sums l,
-//   unnormalised O; mu = 0 while m is −inf);
-//   P (rounded to the input dtype) is re-used from the S accumulators as the A operand of
-//   O += P·V (B = V by ldmatrix.trans), with no trip through shared memory.
+//       unnormalised O; mu = 0 while m is −inf, so fully-masked rows never make NaN);
+//   O += P·V with P (rounded to the input dtype) re-used from the S accumulators as the A
+//       operand (no trip through shared memory), B = V by ldmatrix.trans.
 // Finalisation: l summed over the quad, O /= l, LSE = scale·m + ln l; O = 0 and LSE = −inf when
-// l = 0 (fully masked rows). K and V rows past the block's last admissible key are zero-filled,
-// so NaN in keys no row of the block may see cannot reach the output through 0·NaN.
+// l = 0. K/V rows past the block's last admissible key are zero-filled, so NaN in keys that no
+// row of the block may see cannot reach the output through 0·NaN.
 //
-// Tiles: head dims padded with zeros to HD ∈ {64, 128, 256}; BN = 64 (32 for HD = 256). Shared
-// memory rows are padded by 8 elements (16 bytes) so ldmatrix row addresses fall in different
-// banks. This first version loads tiles synchronously (no cp.async pipeline) and reloads Q
-// fragments from shared memory every tile: FA2-class speed needs both (next steps).
+// Pipeline (one buffer each for Q, K, V; cp.async.cg 16-byte copies with zero-fill):
+//   load Q, K₀ ─┐ loop n: wait K_n; barrier; start V_n; S = Q·K_nᵀ; softmax;
+//               └──────── wait V_n; barrier; start K_{n+1}; O += P·V_n
+// so V_n arrives while S is computed and K_{n+1} while P·V runs. Layouts that are not 16-byte
+// aligned (odd strides or head dims) take synchronous element loads through the same schedule.
 //
-// FLOPs: 4·B·Hq·Lq·Lk·D (half when causal). Bytes: Q, K, V read once per query block.
+// Tiles (cuattn_params.h): HD ∈ {64, 128, 256} (head dims padded with zeros); BM×BN = 128×64
+// for HD 64 and 128, 64×32 for HD 256 (registers: O alone is BM/4·HD/32 floats per thread).
+// Shared rows are padded by 8 elements (16 bytes), so the 8 row addresses of each ldmatrix
+// 8×8 matrix fall in 8 different 16-byte bank groups: conflict-free without a swizzle.
+// Why 128 rows: each CTA streams all of K and V through L2; 64-row blocks needed ~10 TB/s of L2
+// traffic at 170 TFLOP/s (v1). Shared-memory traffic per 128×64×128 tile: each warp reads K, V
+// (16 KiB each) and its Q slabs (8 KiB): 160 KiB for 4.2 MFLOP, under the SM's ldmatrix rate at
+// the tensor-core peak.
+//
+// FLOPs: 4·B·Hq·Lq·Lk·D (half when causal). Bytes: Q and O once, K and V once per query block.
 
 #include "common.cuh"
 #include "attention_common.cuh"
@@ -32,9 +46,9 @@ using namespace cuattn;
 
 namespace {
 
-constexpr int BM = 64;
 constexpr int WARPS = 4;
-constexpr int THREADS = 32 * WARPS;
+constexpr int THREADS = CUATTN_ATTN_TC_THREADS;
+static_assert(THREADS == 32 * WARPS, "one CTA is four warps");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -84,19 +98,41 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, fl
     return u;
 }
 
-// Copies rows [row0, row0 + ROWS) × cols [0, HD) of a global matrix (row stride in elements)
-// into shared memory with pitch HD + 8; rows ≥ rows_valid and cols ≥ cols_valid become 0.
+// 2^x by the SFU alone: exp2f adds a denormal-range fix-up around it (three more instructions
+// per element); flushing results below 2^-126 to zero changes P by less than f16/bf16 can hold.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    // src-size 0 reads nothing and zero-fills the 16 bytes; src is then any valid address.
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Starts copying rows [0, ROWS) × cols [0, HD) of a global matrix (row stride in elements) into
+// shared memory with pitch HD + 8; rows ≥ rows_valid and cols ≥ cols_valid become 0. With `vec`
+// the copy is asynchronous (complete after cp_async_wait_all); without it, synchronous.
+// src must point at a valid element (row 0 of the matrix) even when no row is valid.
 template <typename T, int HD, int ROWS>
-__device__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t rows_valid, int cols_valid, bool vec) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t rows_valid, int cols_valid,
+                                          bool vec) {
     constexpr int PITCH = HD + 8;
     if (vec) {
         constexpr int CHUNKS = HD / 8;
-        for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
+        static_assert(ROWS * CHUNKS % THREADS == 0, "tile copies split evenly over the CTA");
+#pragma unroll
+        for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
+            const int idx = threadIdx.x + i * THREADS;
             const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r < rows_valid && c < cols_valid) val = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
-            *reinterpret_cast<uint4*>(dst + r * PITCH + c) = val;
+            const bool ok = r < rows_valid && c < cols_valid;
+            cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : src, ok);
         }
+        cp_async_commit();
     } else {
         for (int idx = threadIdx.x; idx < ROWS * HD; idx += THREADS) {
             const int r = idx / HD, c = idx % HD;
@@ -105,9 +141,11 @@ __device__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t rows
     }
 }
 
-template <typename T, int HD, int BN>
+template <typename T, int HD, int BM, int BN>
 __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     constexpr int PITCH = HD + 8;
+    constexpr int MT = BM / (16 * WARPS);  // 16-row slabs per warp
+    static_assert(MT * 16 * WARPS == BM, "BM is a multiple of 64");
     T* sQ = smem;
     T* sK = sQ + BM * PITCH;
     T* sV = sK + BN * PITCH;
@@ -116,25 +154,27 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
 
     const int64_t q_blocks = (p.len_q + BM - 1) / BM;
     const int64_t flat = blockIdx.x;
-    const int64_t mb = flat % q_blocks;
+    const int64_t mb = q_blocks - 1 - flat % q_blocks;  // last block first (see header)
     const int h = (int)((flat / q_blocks) % p.heads_q);
     const int b = (int)(flat / (q_blocks * p.heads_q));
 
     const SequenceBounds seq = sequence_bounds(p, b);
-    const int64_t row0_q = seq.row0_q, row0_k = seq.row0_k, len_q = seq.len_q, key_len = seq.key_len;
-    const int64_t q0 = mb * BM;
+    // Row and key indices are 32-bit (lengths are int32); only pointer offsets need 64 bits.
+    const int64_t row0_q = seq.row0_q, row0_k = seq.row0_k;
+    const int len_q = (int)seq.len_q, key_len = (int)seq.key_len;
+    const int q0 = (int)mb * BM;
     if (q0 >= len_q) return;  // CTA-uniform, before any barrier
 
     const bool causal = p.causal != CUATTN_CAUSAL_NONE;
-    const int64_t off = p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
-    const int64_t n_tiles = (key_len + BN - 1) / BN;
-    int64_t n_max = n_tiles;
-    int64_t kv_end = key_len;  // K/V rows at or past this are zero-filled
+    const int off = p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
+    const int n_tiles = (key_len + BN - 1) / BN;
+    int n_max = n_tiles;
+    int kv_end = key_len;  // K/V rows at or past this are zero-filled
     if (causal) {
-        const int64_t a = q0 + BM + off;  // ceil_div(a, BN), a possibly ≤ 0
-        const int64_t c = a > 0 ? (a + BN - 1) / BN : 0;
+        const int64_t a = (int64_t)q0 + BM + off;  // ceil_div(a, BN), a possibly ≤ 0
+        const int c = a > 0 ? (int)((a + BN - 1) / BN) : 0;
         n_max = min(n_tiles, c);
-        kv_end = max((int64_t)0, min(key_len, min(len_q, q0 + BM) + off));
+        kv_end = max(0, min(key_len, min(len_q, q0 + BM) + off));
     }
 
     const int hk = h / (p.heads_q / p.heads_kv);
@@ -144,39 +184,51 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     const bool vec = p.vectorized != 0;
 
     load_tile<T, HD, BM>(sQ, gq, p.q_row_stride, len_q - q0, p.dim_qk, vec);
+    if (n_max > 0) load_tile<T, HD, BN>(sK, gk, p.k_row_stride, kv_end, p.dim_qk, vec);
 
-    float o[HD / 8][4];
+    float o[MT][HD / 8][4];
 #pragma unroll
-    for (int nd = 0; nd < HD / 8; ++nd)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[nd][e] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+        for (int nd = 0; nd < HD / 8; ++nd)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
     const float c = p.scale * 1.4426950408889634f;
-    const int64_t row_base = q0 + warp * 16 + g;  // this lane's rows: row_base and row_base + 8
+    const int wrow = warp * 16 * MT;     // the warp's first row in the block
+    const int row_base = q0 + wrow + g;  // this lane's rows: row_base + 16·mt + {0, 8}
 
-    for (int64_t n = 0; n < n_max; ++n) {
-        const int64_t key0 = n * BN;
-        __syncthreads();  // previous tile's K/V fully consumed (and sQ written, first time)
-        load_tile<T, HD, BN>(sK, gk + key0 * p.k_row_stride, p.k_row_stride, kv_end - key0, p.dim_qk, vec);
-        load_tile<T, HD, BN>(sV, gv + key0 * p.v_row_stride, p.v_row_stride, kv_end - key0, p.dim_v, vec);
-        __syncthreads();
+    for (int n = 0; n < n_max; ++n) {
+        const int key0 = n * BN;
+        if (vec) cp_async_wait_all();  // K_n (and Q, the first time)
+        __syncthreads();               // ... visible to all; every warp is done with V_{n-1}
+        load_tile<T, HD, BN>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_end - key0, p.dim_v, vec);
 
-        // S = Q·Kᵀ for this warp's 16 rows: BN/8 accumulators of 16×8.
-        float s[BN / 8][4];
+        // S = Q·Kᵀ for this warp's MT slabs: BN/8 accumulators of 16×8 each.
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
+            for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nb][e] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ++ks) {
-            uint32_t a[4];
-            ldmatrix_x4(a, sQ + (warp * 16 + (lane & 15)) * PITCH + ks * 16 + 8 * (lane >> 4));
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(a[mt], sQ + (wrow + 16 * mt + (lane & 15)) * PITCH + ks * 16 + 8 * (lane >> 4));
 #pragma unroll
             for (int nb2 = 0; nb2 < BN / 16; ++nb2) {
-                uint32_t kb[4];  // K2 order: reg0 n-block 0, reg0 n-block 1, reg1 n-block 0, reg1 n-block 1
+                uint32_t kb[4];  // reg0 n-block 0, reg0 n-block 1, reg1 n-block 0, reg1 n-block 1
                 ldmatrix_x4(kb, sK + (nb2 * 16 + (lane & 15)) * PITCH + ks * 16 + 8 * (lane >> 4));
-                mma16816<T>(s[2 * nb2], a, kb[0], kb[2]);
-                mma16816<T>(s[2 * nb2 + 1], a, kb[1], kb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(s[mt][2 * nb2], a[mt], kb[0], kb[2]);
+                    mma16816<T>(s[mt][2 * nb2 + 1], a[mt], kb[1], kb[3]);
+                }
             }
         }
 
@@ -185,97 +237,120 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         const bool tail = key0 + BN > key_len;
         if (diag || tail) {
 #pragma unroll
-            for (int nb = 0; nb < BN / 8; ++nb)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int64_t row = row_base + 8 * (e >> 1);
-                    const int64_t col = key0 + nb * 8 + 2 * t + (e & 1);
-                    if (col >= key_len || (causal && col > row + off)) s[nb][e] = -INFINITY;
-                }
+                for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = row_base + 16 * mt + 8 * (e >> 1);
+                        const int col = key0 + nb * 8 + 2 * t + (e & 1);
+                        if (col >= key_len || (causal && col > row + off)) s[mt][nb][e] = -INFINITY;
+                    }
         }
 
-        // Online softmax for rows g (r = 0: elements 0, 1) and g + 8 (r = 1: elements 2, 3).
+        // Online softmax; per slab, rows g (r = 0: elements 0, 1) and g + 8 (r = 1: 2, 3).
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mt = -INFINITY;
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nb = 0; nb < BN / 8; ++nb) mt = fmaxf(mt, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
-            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
-            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
-            const float m_new = fmaxf(m[r], mt);
-            const float mu = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = exp2f(c * (m[r] - mu));
-            l[r] *= alpha;
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
 #pragma unroll
-            for (int nd = 0; nd < HD / 8; ++nd) {
-                o[nd][2 * r] *= alpha;
-                o[nd][2 * r + 1] *= alpha;
+                for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[mt][r], mx);
+                const float mu_c = (m_new == -INFINITY ? 0.f : m_new) * c;
+                const float alpha = exp2_ftz(fmaf(m[mt][r], c, -mu_c));
+                l[mt][r] *= alpha;
+                // Once the running max settles, alpha is 1 for every row of the warp: skip the
+                // HD/4 multiplies (the vote keeps the branch warp-uniform).
+                if (__any_sync(0xffffffffu, alpha != 1.f)) {
+#pragma unroll
+                    for (int nd = 0; nd < HD / 8; ++nd) {
+                        o[mt][nd][2 * r] *= alpha;
+                        o[mt][nd][2 * r + 1] *= alpha;
+                    }
+                }
+#pragma unroll
+                for (int nb = 0; nb < BN / 8; ++nb) {
+                    s[mt][nb][2 * r] = exp2_ftz(fmaf(s[mt][nb][2 * r], c, -mu_c));
+                    s[mt][nb][2 * r + 1] = exp2_ftz(fmaf(s[mt][nb][2 * r + 1], c, -mu_c));
+                    l[mt][r] += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+                }
+                m[mt][r] = m_new;
             }
-#pragma unroll
-            for (int nb = 0; nb < BN / 8; ++nb) {
-                s[nb][2 * r] = exp2f(s[nb][2 * r] * c - mu * c);
-                s[nb][2 * r + 1] = exp2f(s[nb][2 * r + 1] * c - mu * c);
-                l[r] += s[nb][2 * r] + s[nb][2 * r + 1];
-            }
-            m[r] = m_new;
-        }
+
+        if (vec) cp_async_wait_all();  // V_n
+        __syncthreads();               // ... visible to all; every warp is done with K_n
+        if (n + 1 < n_max)
+            load_tile<T, HD, BN>(sK, gk + (int64_t)(key0 + BN) * p.k_row_stride, p.k_row_stride, kv_end - key0 - BN, p.dim_qk, vec);
 
         // O += P·V, P taken from the S accumulators as A fragments (notes §3).
 #pragma unroll
         for (int j = 0; j < BN / 16; ++j) {
-            uint32_t pa[4];
-            pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
-            pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
-            pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
-            pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
+                pa[mt][1] = pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
+                pa[mt][2] = pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
+                pa[mt][3] = pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
+            }
 #pragma unroll
             for (int nd2 = 0; nd2 < HD / 16; ++nd2) {
                 uint32_t vb[4];  // .trans: reg0/reg1 of dims nd2*16..+7, then reg0/reg1 of +8..+15
                 ldmatrix_x4_trans(vb, sV + (j * 16 + (lane & 15)) * PITCH + nd2 * 16 + 8 * (lane >> 4));
-                mma16816<T>(o[2 * nd2], pa, vb[0], vb[1]);
-                mma16816<T>(o[2 * nd2 + 1], pa, vb[2], vb[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(o[mt][2 * nd2], pa[mt], vb[0], vb[1]);
+                    mma16816<T>(o[mt][2 * nd2 + 1], pa[mt], vb[2], vb[3]);
+                }
             }
         }
     }
+    if (vec) cp_async_wait_all();  // n_max = 0: nothing may stay in flight past the CTA's end
 
     // Finalise and write this lane's rows.
     T* go = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row0_q * p.o_row_stride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = l[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int64_t row = row_base + 8 * r;
-        const bool any = sum > 0.f;
-        const float inv = any ? 1.f / sum : 0.f;
-        if (row < len_q) {
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nd = 0; nd < HD / 8; ++nd)
+        for (int r = 0; r < 2; ++r) {
+            float sum = l[mt][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int row = row_base + 16 * mt + 8 * r;
+            const bool any = sum > 0.f;
+            const float inv = any ? 1.f / sum : 0.f;
+            if (row < len_q) {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = nd * 8 + 2 * t + e;
-                    if (col < p.dim_v) go[row * p.o_row_stride + col] = from_f32<T>(any ? o[nd][2 * r + e] * inv : 0.f);
+                for (int nd = 0; nd < HD / 8; ++nd)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int col = nd * 8 + 2 * t + e;
+                        if (col < p.dim_v) go[(int64_t)row * p.o_row_stride + col] = from_f32<T>(any ? o[mt][nd][2 * r + e] * inv : 0.f);
+                    }
+                if (p.lse && t == 0) {
+                    float* lse = reinterpret_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + row0_q + row;
+                    *lse = any ? p.scale * m[mt][r] + logf(sum) : -INFINITY;
                 }
-            if (p.lse && t == 0) {
-                float* lse = reinterpret_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + row0_q + row;
-                *lse = any ? p.scale * m[r] + logf(sum) : -INFINITY;
             }
         }
-    }
 }
 
 }  // namespace
 
-#define CUATTN_ATTENTION_TC(T, SUFFIX, HD, BN)                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                          \
-        attention_tc_hd##HD##_##SUFFIX(const cuattn_attention_fwd_params p) {                        \
-        extern __shared__ __align__(16) unsigned char smem_tc_hd##HD##_##SUFFIX[];                   \
-        attention_tc<T, HD, BN>(p, reinterpret_cast<T*>(smem_tc_hd##HD##_##SUFFIX));                 \
+#define CUATTN_ATTENTION_TC(T, SUFFIX, HD)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                           \
+        attention_tc_hd##HD##_##SUFFIX(const cuattn_attention_fwd_params p) {                         \
+        extern __shared__ __align__(16) unsigned char smem_tc_hd##HD##_##SUFFIX[];                    \
+        attention_tc<T, HD, CUATTN_ATTN_TC_BM_HD##HD, CUATTN_ATTN_TC_BN_HD##HD>(                      \
+            p, reinterpret_cast<T*>(smem_tc_hd##HD##_##SUFFIX));                                      \
     }
 
-CUATTN_ATTENTION_TC(__half, f16, 64, 64)
-CUATTN_ATTENTION_TC(__half, f16, 128, 64)
-CUATTN_ATTENTION_TC(__half, f16, 256, 32)
-CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 64, 64)
-CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 128, 64)
-CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 256, 32)
+CUATTN_ATTENTION_TC(__half, f16, 64)
+CUATTN_ATTENTION_TC(__half, f16, 128)
+CUATTN_ATTENTION_TC(__half, f16, 256)
+CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 64)
+CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 128)
+CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 256)

@@ -104,6 +104,17 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
 #define CUATTN_CAUSAL_BOTTOM_RIGHT 2 /* iff j <= i + key_len - len_q (KV-cache convention) */
 #define CUATTN_ATTENTION_MAX_HEAD_DIM 256
 
+/* Tensor-core kernel tiles (kernels/attention_tc.cu), by head dim padded to 64, 128 or 256:
+ * query rows per CTA (BM) and keys per tile (BN); CUATTN_ATTN_TC_THREADS threads per CTA.
+ * Shared memory: (BM + 2*BN) * (HD + 8) * 2 bytes. */
+#define CUATTN_ATTN_TC_THREADS 128
+#define CUATTN_ATTN_TC_BM_HD64 128
+#define CUATTN_ATTN_TC_BN_HD64 64
+#define CUATTN_ATTN_TC_BM_HD128 128
+#define CUATTN_ATTN_TC_BN_HD128 32
+#define CUATTN_ATTN_TC_BM_HD256 64
+#define CUATTN_ATTN_TC_BN_HD256 32
+
 typedef struct cuattn_attention_fwd_params {
     uint64_t q, k, v; /* T */
     uint64_t o;       /* T */
@@ -125,5 +136,17 @@ typedef struct cuattn_attention_fwd_params {
     int32_t vectorized;     /* tensor-core kernel: every Q/K/V row starts 16-byte aligned and
                                D, Dv are multiples of 8, so tiles load as 16-byte chunks */
 } cuattn_attention_fwd_params;
+
+/* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)
+ * [rows, len_k], row = bh*len_q + i for head-batch bh and query i; writes probabilities P (T,
+ * same shape, 0 for masked keys) and, if lse != 0, LSE (f32 [rows]). */
+typedef struct cuattn_attention_softmax_params {
+    uint64_t scores; /* f32 */
+    uint64_t probs;  /* T */
+    uint64_t lse;    /* f32, or 0 */
+    int32_t len_q, len_k;
+    int32_t causal; /* CUATTN_CAUSAL_* */
+    float scale;
+} cuattn_attention_softmax_params;
 
 #endif /* CUATTN_PARAMS_H */

@@ -18,7 +18,8 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention"), GPU_CHECK_SYNCCHECK=0 to skip synccheck.
+#   BENCH_FAMILIES (default "layernorm attention"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
+#   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
@@ -266,7 +267,9 @@ for fam in $BENCH_FAMILIES; do
   else
     record bench "$fam" missing "no cuattn binary" 0
   fi
-  if [ -f "$ours" ]; then
+  if [ "${GPU_CHECK_TORCH:-1}" = 0 ]; then
+    record torch "$fam" skip "GPU_CHECK_TORCH=0" 0
+  elif [ -f "$ours" ]; then
     # torch_baseline.py stops measuring (rows left: "skipped") 15 s before its timeout, so the
     # JSON still comes out (attention only; layernorm ignores --time-budget-s)
     tb=$(($(time_limit "$(torch_cap "$fam")") - 15))

@@ -303,7 +303,8 @@ def attention_section(fam, ours, theirs):
         op, dtype, b, h, length, d, causal = k
         e = joined[k]
         tc_row, ex_row = e["ours"].get("tensor_cores"), e["ours"].get("exact")
-        tc, ex = tflops_of(tc_row), tflops_of(ex_row)
+        un_row = e["ours"].get("unfused_cublas")
+        tc, ex, un = tflops_of(tc_row), tflops_of(ex_row), tflops_of(un_row)
         best = best_torch(e)
         ratio = tc / best[1] if tc is not None and best else None
         if ratio is not None:
@@ -317,6 +318,7 @@ def attention_section(fam, ours, theirs):
         row = [f"{b}×{h}×{length}", "yes" if causal else "no",
                fmt(tc_us, ".1f", why_none(tc_row)), fmt(tc, ".1f", why_none(tc_row)),
                fmt(ex, ".1f", "–" if ex_row is None else why_none(ex_row)),
+               fmt(un, ".1f", "–" if un_row is None else why_none(un_row)),
                fmt(best[1] if best else None, ".1f", no_best), best[0] if best else "",
                fmt(ratio, ".2f", "–")]
         if mm:
@@ -325,7 +327,8 @@ def attention_section(fam, ours, theirs):
                 for n in ATTN_BACKENDS]
         groups.setdefault((op, dtype, d), []).append(row)
 
-    hdr = ["B×H×L", "causal", "ours tc µs", "ours tc", "ours exact", "best torch", "backend", "tc/best"]
+    hdr = ["B×H×L", "causal", "ours tc µs", "ours tc", "ours exact", "ours unfused", "best torch", "backend",
+           "tc/best"]
     if mm:
         hdr.append("tc % matmul")
     hdr += list(ATTN_BACKENDS)
@@ -334,7 +337,7 @@ def attention_section(fam, ours, theirs):
         md.append(md_table(hdr, rows))
     if groups:
         md.append("\nTFLOP/s with FLOPs = 4·B·H·L²·D, halved when causal (both sides). ours tc: the "
-                  "tensor_cores kernel; ours exact: the exact kernel (run at L ≤ 1024 only). best torch: "
+                  "tensor_cores kernel; ours exact: the exact kernel (run at L ≤ 1024 only); ours unfused: cuBLAS QKᵀ, our softmax kernel, cuBLAS PV. best torch: "
                   "the fastest SDPA backend that ran; tc/best > 1: we are faster. "
                   + ("tc % matmul: our tc TFLOP/s over torch's bf16 8192³ matmul. " if mm else "")
                   + "flash/efficient/cudnn/math: each SDPA backend's TFLOP/s (skipped: math at L > 4096).")
@@ -415,6 +418,12 @@ def attention_section(fam, ours, theirs):
         head.append(f"  ours exact kernel: {min(ex_tf):.0f}-{max(ex_tf):.0f} TFLOP/s on {len(ex_tf)} of {len(exact)} shapes"
                     f" (L <= {max(k[4] for k, _ in exact)}; per shape in report.md)" if ex_tf else
                     f"  ours exact kernel: no time on {len(exact)} shapes (see report.md)")
+    unf = [(tflops_of(e["ours"].get("tensor_cores")), tflops_of(e["ours"]["unfused_cublas"]))
+           for e in joined.values() if "unfused_cublas" in e["ours"]]
+    unf = [(a, b) for a, b in unf if a is not None and b]
+    if unf:
+        head.append(f"  ours tc / our unfused cuBLAS baseline: geomean {geomean([a / b for a, b in unf]):.2f} "
+                    f"over {len(unf)} rows")
     if rows:
         head.append("  ours tc / best torch SDPA backend, TFLOP/s by L (f=flash e=efficient c=cudnn m=math):")
     return md, head, ["attention", "L:", *[str(x) for x in lens]], rows

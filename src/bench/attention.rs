@@ -7,6 +7,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::attention::{self as attn, CausalAlign, Kernel, Options};
+use crate::ops::attention_unfused::Unfused;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -56,9 +57,25 @@ pub fn flops(batch: usize, heads: usize, len: usize, dim: usize, causal: bool) -
 /// path, tens of times slower.
 const EXACT_MAX_LEN: usize = 1024;
 
-/// Times every (dtype, shape, causal, kernel).
+/// Which implementation a row timed.
+#[derive(Clone, Copy, Debug)]
+enum Impl {
+    Fused(Kernel),
+    /// cuBLAS QKᵀ, softmax kernel, cuBLAS PV ([`crate::ops::attention_unfused`]).
+    Unfused,
+}
+
+/// Times every (dtype, shape, causal, kernel): the fused kernels, and the unfused cuBLAS
+/// baseline (left out, with a note on stderr, when cuBLAS cannot be loaded).
 pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
     let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
+    let mut unfused = match Unfused::new(gpu) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            eprintln!("bench attention: no unfused baseline rows: {e}");
+            None
+        }
+    };
     let mut out = Vec::new();
     for &dt in dtypes {
         for (batch, heads, len, dim) in shapes(quick) {
@@ -70,29 +87,41 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
             let mut lse = gpu.full(DType::F32, &[batch, heads, len], 0.0)?;
             let (qv, kv, vv) = (q.view(), k.view(), v.view());
             for causal in [false, true] {
-                let mut kernels = Vec::new();
+                let mut impls = Vec::new();
                 if dt != DType::F32 {
-                    kernels.push(("tensor_cores", Kernel::TensorCore));
+                    impls.push(("tensor_cores", Impl::Fused(Kernel::TensorCore)));
                 }
                 if len <= EXACT_MAX_LEN || quick {
-                    kernels.push(("exact", Kernel::Exact));
+                    impls.push(("exact", Impl::Fused(Kernel::Exact)));
                 }
-                for (name, kernel) in kernels {
+                if unfused.is_some() {
+                    impls.push(("unfused_cublas", Impl::Unfused));
+                }
+                for (name, which) in impls {
                     let opts = Options {
                         causal: causal.then_some(CausalAlign::TopLeft),
-                        kernel,
+                        kernel: match which {
+                            Impl::Fused(k) => k,
+                            Impl::Unfused => Kernel::Auto,
+                        },
                         ..Options::default()
                     };
                     let us = super::time_us(gpu, warmup, iters, || {
-                        attn::forward_into(
-                            gpu,
-                            &qv,
-                            &kv,
-                            &vv,
-                            &mut o.view_mut(),
-                            Some(&mut lse.view_mut()),
-                            &opts,
-                        )
+                        let (mut ov, mut lv) = (o.view_mut(), lse.view_mut());
+                        match (which, unfused.as_mut()) {
+                            (Impl::Unfused, Some(u)) => {
+                                u.forward_into(&qv, &kv, &vv, &mut ov, Some(&mut lv), &opts)
+                            }
+                            _ => attn::forward_into(
+                                gpu,
+                                &qv,
+                                &kv,
+                                &vv,
+                                &mut ov,
+                                Some(&mut lv),
+                                &opts,
+                            ),
+                        }
                     })?;
                     let f = flops(batch, heads, len, dim, causal);
                     out.push(Row {

@@ -5,6 +5,7 @@ use super::{expect_close, random_values, CheckResult};
 use crate::dtype::{self, DType};
 use crate::gpu::{DeviceTensor, Gpu};
 use crate::ops::attention::{self as attn, Kernel, Options, Sequences};
+use crate::ops::attention_unfused as attn_unfused;
 use crate::reference::attention::{self as reference, CausalAlign, Shape};
 use crate::tensor::{HostTensor, Layout};
 use crate::tolerance::attention as tolerances;
@@ -107,8 +108,20 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     match &c.packed {
         None => {
             let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
-            let k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
-            let v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
+            let mut k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
+            let mut v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
+            // Keys past a sequence's key length are NaN: none may reach the output (pytorch#101967).
+            if let Some(lens) = &c.key_lens {
+                for (b, &kl) in lens.iter().enumerate() {
+                    for h in 0..s.heads_kv {
+                        for j in (kl.max(0) as usize).min(s.len_k)..s.len_k {
+                            let row = (b * s.heads_kv + h) * s.len_k + j;
+                            k[row * s.dim_qk..(row + 1) * s.dim_qk].fill(f32::NAN);
+                            v[row * s.dim_v..(row + 1) * s.dim_v].fill(f32::NAN);
+                        }
+                    }
+                }
+            }
             let up = |dims, values: Option<&[f32]>, fill| {
                 upload_4d(gpu, c.dtype, dims, c.bshd, values, fill)
             };
@@ -296,4 +309,118 @@ pub fn standard_cases() -> Vec<(String, Case)> {
         .collect();
     out.extend(tensor_core);
     out
+}
+
+/// Dense BHSD Q, K, V of `s` with fresh random values (and NaN-poisoned O, LSE) on the GPU.
+struct DenseInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    qd: DeviceTensor,
+    kd: DeviceTensor,
+    vd: DeviceTensor,
+}
+
+impl DenseInputs {
+    fn new(gpu: &Arc<Gpu>, dtype: DType, s: &Shape, seed: u64) -> CheckResult<DenseInputs> {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let q = random_values(&mut rng, dtype, s.q_len(), 0.0, 2.0);
+        let k = random_values(&mut rng, dtype, s.k_len(), 0.0, 2.0);
+        let v = random_values(&mut rng, dtype, s.v_len(), 0.0, 1.0);
+        let up = |dims: [usize; 4], x: &[f32]| upload_4d(gpu, dtype, dims, false, Some(x), 0.0);
+        Ok(DenseInputs {
+            qd: up([s.batch, s.heads_q, s.len_q, s.dim_qk], &q)?,
+            kd: up([s.batch, s.heads_kv, s.len_k, s.dim_qk], &k)?,
+            vd: up([s.batch, s.heads_kv, s.len_k, s.dim_v], &v)?,
+            q,
+            k,
+            v,
+        })
+    }
+
+    /// (O, LSE) from the fused op (`kernel`) or, with `None`, the unfused cuBLAS baseline.
+    fn run(
+        &self,
+        gpu: &Arc<Gpu>,
+        dtype: DType,
+        s: &Shape,
+        causal: Option<CausalAlign>,
+        kernel: Option<Kernel>,
+    ) -> CheckResult<(Vec<f32>, Vec<f32>)> {
+        let mut o = upload_4d(
+            gpu,
+            dtype,
+            [s.batch, s.heads_q, s.len_q, s.dim_v],
+            false,
+            None,
+            f32::NAN,
+        )?;
+        let mut lse = gpu
+            .full(DType::F32, &[s.batch, s.heads_q, s.len_q], f32::NAN)
+            .map_err(err)?;
+        let opts = Options {
+            causal,
+            kernel: kernel.unwrap_or_default(),
+            ..Options::default()
+        };
+        let (q, k, v) = (self.qd.view(), self.kd.view(), self.vd.view());
+        let (mut ov, mut lv) = (o.view_mut(), lse.view_mut());
+        match kernel {
+            Some(_) => attn::forward_into(gpu, &q, &k, &v, &mut ov, Some(&mut lv), &opts),
+            None => attn_unfused::Unfused::new(gpu)
+                .and_then(|mut u| u.forward_into(&q, &k, &v, &mut ov, Some(&mut lv), &opts)),
+        }
+        .map_err(err)?;
+        Ok((o.to_f32_vec().map_err(err)?, lse.to_f32_vec().map_err(err)?))
+    }
+}
+
+/// The unfused cuBLAS baseline against the f64 reference (dense BHSD, Hq = Hkv).
+pub fn unfused(
+    gpu: &Arc<Gpu>,
+    dtype: DType,
+    s: Shape,
+    causal: Option<CausalAlign>,
+    seed: u64,
+) -> CheckResult {
+    let ctx = |what: &str| format!("unfused {what} for {dtype} {s:?} {causal:?}");
+    let x = DenseInputs::new(gpu, dtype, &s, seed)?;
+    let (o, lse) = x.run(gpu, dtype, &s, causal, None)?;
+    let ropts = reference::Options {
+        scale: 1.0 / (s.dim_qk as f64).sqrt(),
+        causal,
+        key_lens: None,
+    };
+    let want = reference::forward(&x.q, &x.k, &x.v, &s, &ropts);
+    let tol = tolerances::bounds(&x.q, &x.k, &x.v, &s, ropts.scale, dtype);
+    expect_close(&ctx("O"), &o, &want.o, tol.o)?;
+    expect_close(&ctx("LSE"), &lse, &want.lse, tol.lse)
+}
+
+/// The fused op (`kernel`) against the unfused baseline, at sizes the CPU reference is too slow
+/// for. Each side is within the reference bound of the exact result, so they may differ by the
+/// sum of the two bounds: twice the bound, by the triangle inequality.
+pub fn fused_vs_unfused(
+    gpu: &Arc<Gpu>,
+    dtype: DType,
+    s: Shape,
+    causal: Option<CausalAlign>,
+    kernel: Kernel,
+    seed: u64,
+) -> CheckResult {
+    let ctx =
+        |what: &str| format!("fused ({kernel:?}) vs unfused {what} for {dtype} {s:?} {causal:?}");
+    let x = DenseInputs::new(gpu, dtype, &s, seed)?;
+    let (o, lse) = x.run(gpu, dtype, &s, causal, Some(kernel))?;
+    let (uo, ulse) = x.run(gpu, dtype, &s, causal, None)?;
+    let tol = tolerances::bounds(&x.q, &x.k, &x.v, &s, 1.0 / (s.dim_qk as f64).sqrt(), dtype);
+    let twice = |t: crate::tolerance::Tolerance| crate::tolerance::Tolerance {
+        atol: 2.0 * t.atol,
+        rtol: 2.0 * t.rtol,
+        rel_norm_bound: 2.0 * t.rel_norm_bound,
+        ..t
+    };
+    let f64s = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+    expect_close(&ctx("O"), &o, &f64s(&uo), twice(tol.o))?;
+    expect_close(&ctx("LSE"), &lse, &f64s(&ulse), twice(tol.lse))
 }

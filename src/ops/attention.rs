@@ -1,6 +1,7 @@
 //! Scaled dot-product attention forward on the GPU: O = softmax(Q·Kᵀ·scale + mask)·V and the
 //! per-row log-sum-exp. The CPU reference is [`crate::reference::attention`], whose docs define
-//! the masks; the kernel here is the exact f32 path (`kernels/attention_exact.cu`).
+//! the masks. f16/bf16 run on tensor cores (`kernels/attention_tc.cu`); f32, or any dtype on
+//! request, on the exact f32 path (`kernels/attention_exact.cu`).
 //!
 //! Layouts are given by strides: any 4-D view [B, H, L, D] whose last dim is contiguous is read
 //! as it is (BHSD, BSHD, or a slice of a larger buffer); packed variable-length batches are
@@ -14,6 +15,11 @@ use crate::kernels::params::{
     cuattn_attention_fwd_params, CUATTN_ATTENTION_MAX_HEAD_DIM, CUATTN_CAUSAL_BOTTOM_RIGHT,
     CUATTN_CAUSAL_NONE, CUATTN_CAUSAL_TOP_LEFT,
 };
+use crate::kernels::params::{
+    CUATTN_ATTN_TC_BM_HD128, CUATTN_ATTN_TC_BM_HD256, CUATTN_ATTN_TC_BM_HD64,
+    CUATTN_ATTN_TC_BN_HD128, CUATTN_ATTN_TC_BN_HD256, CUATTN_ATTN_TC_BN_HD64,
+    CUATTN_ATTN_TC_THREADS,
+};
 pub use crate::reference::attention::CausalAlign;
 use crate::reference::attention::Shape;
 use cudarc::driver::DevicePtr;
@@ -21,8 +27,8 @@ use std::sync::Arc;
 
 const EXACT_MODULE: &str = "attention_exact";
 const TC_MODULE: &str = "attention_tc";
-/// Query rows per block of the tensor-core kernel (4 warps × 16).
-const TC_BLOCK_Q: usize = 64;
+/// Threads per block of the tensor-core kernel.
+const TC_THREADS: u32 = CUATTN_ATTN_TC_THREADS;
 /// Largest head dim (of Q/K and of V) accepted.
 pub const MAX_HEAD_DIM: usize = CUATTN_ATTENTION_MAX_HEAD_DIM as usize;
 /// Query rows per block of the exact kernel (one warp each).
@@ -46,8 +52,7 @@ pub enum Sequences<'s> {
 /// Which kernel runs the call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernel {
-    /// The exact f32 kernel for now; the tensor-core kernel becomes the f16/bf16 default once
-    /// the GPU tests have passed on it (it was written without a device).
+    /// Tensor cores for f16/bf16, the exact kernel for f32.
     #[default]
     Auto,
     /// f32 arithmetic on every element, any dtype (`kernels/attention_exact.cu`).
@@ -79,23 +84,23 @@ impl Default for Options<'_> {
 
 /// A view's strides as (batch, head, row) in elements, after checking its shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Strides {
-    batch: i64,
-    head: i64,
-    row: i64,
+pub(super) struct Strides {
+    pub(super) batch: i64,
+    pub(super) head: i64,
+    pub(super) row: i64,
 }
 
 /// Checked sizes of a call (for packed batches, `len_q`/`len_k` are the longest sequence's).
 #[derive(Clone, Debug, PartialEq)]
-struct Checked {
-    dtype: DType,
-    shape: Shape,
-    scale: f32,
-    q: Strides,
-    k: Strides,
-    v: Strides,
-    o: Strides,
-    lse: Option<(i64, i64)>,
+pub(super) struct Checked {
+    pub(super) dtype: DType,
+    pub(super) shape: Shape,
+    pub(super) scale: f32,
+    pub(super) q: Strides,
+    pub(super) k: Strides,
+    pub(super) v: Strides,
+    pub(super) o: Strides,
+    pub(super) lse: Option<(i64, i64)>,
 }
 
 fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
@@ -166,7 +171,7 @@ fn check_offsets(arg: &'static str, cu: &[i32], batch: usize, rows: usize) -> Re
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(
+pub(super) fn check(
     q: &TensorRef,
     k: &TensorRef,
     v: &TensorRef,
@@ -311,6 +316,37 @@ fn check(
     })
 }
 
+/// The tensor-core kernel's tile for given head dims (constants from `cuattn_params.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcTile {
+    /// Head dim the kernel is specialised for (Q/K and V dims padded up to it with zeros).
+    head_dim: usize,
+    /// Query rows per block.
+    rows: usize,
+    /// Keys per tile.
+    keys: usize,
+}
+
+impl TcTile {
+    fn for_head_dims(dim_qk: usize, dim_v: usize) -> TcTile {
+        let (head_dim, rows, keys) = match dim_qk.max(dim_v) {
+            0..=64 => (64, CUATTN_ATTN_TC_BM_HD64, CUATTN_ATTN_TC_BN_HD64),
+            65..=128 => (128, CUATTN_ATTN_TC_BM_HD128, CUATTN_ATTN_TC_BN_HD128),
+            _ => (256, CUATTN_ATTN_TC_BM_HD256, CUATTN_ATTN_TC_BN_HD256),
+        };
+        TcTile {
+            head_dim,
+            rows: rows as usize,
+            keys: keys as usize,
+        }
+    }
+
+    /// Q tile plus one K and one V tile of 2-byte elements, rows padded by 8 elements.
+    fn shared_bytes(self) -> usize {
+        (self.rows + 2 * self.keys) * (self.head_dim + 8) * 2
+    }
+}
+
 fn tc_kernel_name(dtype: DType, head_dim_tile: usize) -> &'static str {
     match (dtype, head_dim_tile) {
         (DType::F16, 64) => "attention_tc_hd64_f16",
@@ -344,7 +380,8 @@ pub fn forward_into<'a>(
 ) -> Result<()> {
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
     let tensor_cores = match opts.kernel {
-        Kernel::Auto | Kernel::Exact => false,
+        Kernel::Auto => c.dtype != DType::F32,
+        Kernel::Exact => false,
         Kernel::TensorCore if c.dtype == DType::F32 => {
             return Err(Error::DType {
                 arg: "q",
@@ -354,14 +391,9 @@ pub fn forward_into<'a>(
         }
         Kernel::TensorCore => true,
     };
-    // Tensor cores: head dims padded to a tile of 64, 128 or 256 (key tiles of 64, 32 at 256).
-    let tc_hd = [64usize, 128, 256]
-        .into_iter()
-        .find(|&hd| hd >= c.shape.dim_qk.max(c.shape.dim_v))
-        .unwrap_or(256);
-    let tc_bn = if tc_hd == 256 { 32 } else { 64 };
+    let tile = TcTile::for_head_dims(c.shape.dim_qk, c.shape.dim_v);
     let rows_per_block = if tensor_cores {
-        TC_BLOCK_Q
+        tile.rows
     } else {
         EXACT_ROWS_PER_BLOCK
     };
@@ -447,12 +479,8 @@ pub fn forward_into<'a>(
         vectorized: vectorized as i32,
     };
     let (kernel, smem) = if tensor_cores {
-        let name = tc_kernel_name(c.dtype, tc_hd);
-        // Q tile plus one K and one V tile, rows padded by 8 elements.
-        (
-            gpu.kernel(TC_MODULE, name)?,
-            (TC_BLOCK_Q + 2 * tc_bn) * (tc_hd + 8) * 2,
-        )
+        let name = tc_kernel_name(c.dtype, tile.head_dim);
+        (gpu.kernel(TC_MODULE, name)?, tile.shared_bytes())
     } else {
         (gpu.kernel(EXACT_MODULE, kernel_name(c.dtype))?, 0)
     };
@@ -466,7 +494,7 @@ pub fn forward_into<'a>(
         ));
     }
     let threads = if tensor_cores {
-        128
+        TC_THREADS
     } else {
         32 * EXACT_ROWS_PER_BLOCK as u32
     };

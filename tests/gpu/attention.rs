@@ -23,7 +23,10 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     (
         prop::sample::select(DType::ALL.to_vec()),
         (1usize..=3, 1usize..=3, 1usize..=3),
-        (1usize..=80, 1usize..=80),
+        prop_oneof![
+            3 => (1usize..=80, 1usize..=80),
+            1 => (1usize..=300, 1usize..=300), // several 128-row query blocks and key tiles
+        ],
         (dim.clone(), dim),
         causal,
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
@@ -198,4 +201,66 @@ fn sequence_length_one() {
         "sequence_length_one",
         every_dtype(|dt| Case::dense(dt, Shape::new(3, 2, 2, 1, 1, 64, 64))),
     );
+}
+
+#[test]
+fn several_query_blocks_and_key_tiles_with_tails() {
+    // Lengths around the tensor-core tiles (128-row query blocks, 32/64-key tiles): causal
+    // blocks on and off the diagonal, tail tiles, blocks with no admissible key.
+    let mut cases = Vec::new();
+    for (lq, lk) in [(128, 128), (129, 127), (200, 300), (300, 140), (257, 64)] {
+        for causal in [
+            None,
+            Some(CausalAlign::TopLeft),
+            Some(CausalAlign::BottomRight),
+        ] {
+            for d in [64, 128] {
+                cases.extend(every_dtype(|dt| Case {
+                    causal,
+                    key_lens: Some(vec![lk as i32, (lk / 3) as i32]),
+                    ..Case::dense(dt, Shape::new(2, 2, 1, lq, lk, d, d))
+                }));
+            }
+        }
+    }
+    run("several_query_blocks_and_key_tiles_with_tails", cases);
+}
+
+#[test]
+fn unfused_baseline_matches_reference() {
+    let Some(gpu) = gpu_or_skip("unfused_baseline_matches_reference") else {
+        return;
+    };
+    for dt in DType::ALL {
+        for causal in [
+            None,
+            Some(CausalAlign::TopLeft),
+            Some(CausalAlign::BottomRight),
+        ] {
+            check::unfused(&gpu, dt, Shape::new(2, 3, 3, 100, 130, 64, 64), causal, 7).unwrap();
+            // Lq > Lk: bottom-right leaves rows with no key (O = 0, LSE = −inf).
+            check::unfused(&gpu, dt, Shape::new(1, 2, 2, 130, 70, 128, 96), causal, 8).unwrap();
+        }
+    }
+}
+
+#[test]
+fn fused_matches_unfused_baseline_at_long_sequences() {
+    let Some(gpu) = gpu_or_skip("fused_matches_unfused_baseline_at_long_sequences") else {
+        return;
+    };
+    for causal in [
+        None,
+        Some(CausalAlign::TopLeft),
+        Some(CausalAlign::BottomRight),
+    ] {
+        for dt in [DType::F16, DType::BF16] {
+            for (l, d) in [(2048, 128), (1536, 64), (1024, 256)] {
+                let s = Shape::new(1, 4, 4, l, l, d, d);
+                check::fused_vs_unfused(&gpu, dt, s, causal, Kernel::TensorCore, 9).unwrap();
+            }
+        }
+        let s = Shape::new(1, 2, 2, 1024, 1024, 64, 64);
+        check::fused_vs_unfused(&gpu, DType::F32, s, causal, Kernel::Exact, 10).unwrap();
+    }
 }
