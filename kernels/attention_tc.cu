@@ -27,14 +27,20 @@
 // so V_n arrives while S is computed and K_{n+1} while P·V runs. Layouts that are not 16-byte
 // aligned (odd strides or head dims) take synchronous element loads through the same schedule.
 //
-// Tiles (cuattn_params.h): HD ∈ {64, 128, 256} (head dims padded with zeros); BM×BN = 128×64
-// for HD 64 and 128, 64×32 for HD 256 (registers: O alone is BM/4·HD/32 floats per thread).
-// Shared rows are padded by 8 elements (16 bytes), so the 8 row addresses of each ldmatrix
-// 8×8 matrix fall in 8 different 16-byte bank groups: conflict-free without a swizzle.
+// Tiles (cuattn_params.h): HD ∈ {64, 128, 256} (head dims padded with zeros); BM×BN = 128×128
+// for HD 64, 128×64 for HD 128, 64×32 for HD 256. Shared rows are padded by 8 elements (16
+// bytes), so the 8 row addresses of each ldmatrix 8×8 matrix fall in 8 different 16-byte bank
+// groups: conflict-free without a swizzle.
 // Why 128 rows: each CTA streams all of K and V through L2; 64-row blocks needed ~10 TB/s of L2
-// traffic at 170 TFLOP/s (v1). Shared-memory traffic per 128×64×128 tile: each warp reads K, V
-// (16 KiB each) and its Q slabs (8 KiB): 160 KiB for 4.2 MFLOP, under the SM's ldmatrix rate at
-// the tensor-core peak.
+// traffic at 170 TFLOP/s (v1). Why these BN: measured on an H200 (2026-11-26,
+// docs/gpu-runs/2026-11-26-h200-attention-tile-variants.txt; kernels/dev/attention_tc_variants.cu),
+// bf16, L = 16k, TFLOP/s non-causal / causal:
+//   HD 128: 128×64 4 warps 294/267 (255 registers, ~130 bytes spilled) · 128×32 4 warps 274/252
+//           (no spills) · 128×32 8 warps 255/232 · 64×64 4 warps 251/249 · 128×64 8 warps 217/217
+//   HD 64:  128×128 4 warps 273/259 (~110 bytes spilled) · 128×64 4 warps 253/243 · 8 warps ≤246
+// The small spills cost less than the extra barriers and row-max passes of half-size key tiles;
+// eight warps of 16 rows each read every K/V fragment twice as often from shared memory.
+// Per thread at HD 128: O is 2·16·4 = 128 f32 registers, S 2·8·4 = 64.
 //
 // FLOPs: 4·B·Hq·Lq·Lk·D (half when causal). Bytes: Q and O once, K and V once per query block.
 
@@ -46,9 +52,7 @@ using namespace cuattn;
 
 namespace {
 
-constexpr int WARPS = 4;
-constexpr int THREADS = CUATTN_ATTN_TC_THREADS;
-static_assert(THREADS == 32 * WARPS, "one CTA is four warps");
+constexpr int WARPS = CUATTN_ATTN_TC_THREADS / 32;  // of the built kernels; dev variants vary it
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -118,7 +122,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // shared memory with pitch HD + 8; rows ≥ rows_valid and cols ≥ cols_valid become 0. With `vec`
 // the copy is asynchronous (complete after cp_async_wait_all); without it, synchronous.
 // src must point at a valid element (row 0 of the matrix) even when no row is valid.
-template <typename T, int HD, int ROWS>
+template <typename T, int HD, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t rows_valid, int cols_valid,
                                           bool vec) {
     constexpr int PITCH = HD + 8;
@@ -141,11 +145,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
     }
 }
 
-template <typename T, int HD, int BM, int BN>
+template <typename T, int HD, int BM, int BN, int WARPS>
 __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     constexpr int PITCH = HD + 8;
+    constexpr int THREADS = 32 * WARPS;
     constexpr int MT = BM / (16 * WARPS);  // 16-row slabs per warp
-    static_assert(MT * 16 * WARPS == BM, "BM is a multiple of 64");
+    static_assert(MT * 16 * WARPS == BM, "BM is a multiple of 16 rows per warp");
     T* sQ = smem;
     T* sK = sQ + BM * PITCH;
     T* sV = sK + BN * PITCH;
@@ -183,8 +188,8 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     const T* gv = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + row0_k * p.v_row_stride;
     const bool vec = p.vectorized != 0;
 
-    load_tile<T, HD, BM>(sQ, gq, p.q_row_stride, len_q - q0, p.dim_qk, vec);
-    if (n_max > 0) load_tile<T, HD, BN>(sK, gk, p.k_row_stride, kv_end, p.dim_qk, vec);
+    load_tile<T, HD, BM, THREADS>(sQ, gq, p.q_row_stride, len_q - q0, p.dim_qk, vec);
+    if (n_max > 0) load_tile<T, HD, BN, THREADS>(sK, gk, p.k_row_stride, kv_end, p.dim_qk, vec);
 
     float o[MT][HD / 8][4];
 #pragma unroll
@@ -204,7 +209,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         const int key0 = n * BN;
         if (vec) cp_async_wait_all();  // K_n (and Q, the first time)
         __syncthreads();               // ... visible to all; every warp is done with V_{n-1}
-        load_tile<T, HD, BN>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_end - key0, p.dim_v, vec);
+        load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_end - key0, p.dim_v, vec);
 
         // S = Q·Kᵀ for this warp's MT slabs: BN/8 accumulators of 16×8 each.
         float s[MT][BN / 8][4];
@@ -283,7 +288,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         if (vec) cp_async_wait_all();  // V_n
         __syncthreads();               // ... visible to all; every warp is done with K_n
         if (n + 1 < n_max)
-            load_tile<T, HD, BN>(sK, gk + (int64_t)(key0 + BN) * p.k_row_stride, p.k_row_stride, kv_end - key0 - BN, p.dim_qk, vec);
+            load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)(key0 + BN) * p.k_row_stride, p.k_row_stride, kv_end - key0 - BN, p.dim_qk, vec);
 
         // O += P·V, P taken from the S accumulators as A fragments (notes §3).
 #pragma unroll
@@ -341,10 +346,10 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
 }  // namespace
 
 #define CUATTN_ATTENTION_TC(T, SUFFIX, HD)                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                           \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 2)                                           \
         attention_tc_hd##HD##_##SUFFIX(const cuattn_attention_fwd_params p) {                         \
         extern __shared__ __align__(16) unsigned char smem_tc_hd##HD##_##SUFFIX[];                    \
-        attention_tc<T, HD, CUATTN_ATTN_TC_BM_HD##HD, CUATTN_ATTN_TC_BN_HD##HD>(                      \
+        attention_tc<T, HD, CUATTN_ATTN_TC_BM_HD##HD, CUATTN_ATTN_TC_BN_HD##HD, WARPS>(               \
             p, reinterpret_cast<T*>(smem_tc_hd##HD##_##SUFFIX));                                      \
     }
 

@@ -109,9 +109,9 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
  * Shared memory: (BM + 2*BN) * (HD + 8) * 2 bytes. */
 #define CUATTN_ATTN_TC_THREADS 128
 #define CUATTN_ATTN_TC_BM_HD64 128
-#define CUATTN_ATTN_TC_BN_HD64 64
+#define CUATTN_ATTN_TC_BN_HD64 128
 #define CUATTN_ATTN_TC_BM_HD128 128
-#define CUATTN_ATTN_TC_BN_HD128 32
+#define CUATTN_ATTN_TC_BN_HD128 64
 #define CUATTN_ATTN_TC_BM_HD256 64
 #define CUATTN_ATTN_TC_BN_HD256 32
 

@@ -19,7 +19,8 @@
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
 #   BENCH_FAMILIES (default "layernorm attention"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
-#   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers).
+#   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
+#   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
@@ -322,7 +323,9 @@ gpu_bins=()
 for bin in "${test_bins[@]}"; do
   case "$(basename "$bin")" in *gpu*) gpu_bins+=("$bin") ;; esac
 done
-if [ -z "$SANITIZER" ]; then
+if [ "${GPU_CHECK_SANITIZERS:-1}" = 0 ]; then
+  record memcheck "-" skip "GPU_CHECK_SANITIZERS=0" 0
+elif [ -z "$SANITIZER" ]; then
   record memcheck "-" missing "compute-sanitizer not found" 0
 elif [ "${#gpu_bins[@]}" -eq 0 ]; then
   record memcheck "-" skip "no test binary named *gpu*" 0
@@ -347,7 +350,7 @@ for bin in "$BUNDLE"/benches/*; do
 done
 
 # ---------------------------------------------------------------- c2. synccheck (optional)
-if [ -n "$SANITIZER" ] && [ "${GPU_CHECK_SYNCCHECK:-1}" != 0 ]; then
+if [ -n "$SANITIZER" ] && [ "${GPU_CHECK_SYNCCHECK:-1}" != 0 ] && [ "${GPU_CHECK_SANITIZERS:-1}" != 0 ]; then
   for bin in "${gpu_bins[@]}"; do
     if [ "$(remaining_s)" -lt 90 ]; then
       record synccheck "$(basename "$bin")" skip "time budget" 0
