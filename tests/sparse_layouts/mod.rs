@@ -39,25 +39,16 @@ pub fn self_attention_only(kind: Kind) -> bool {
 /// `truth(stored_head, i, j)` for `i < len_q`, `j < len_k`.
 pub struct Generated {
     pub layout: BlockLayout,
-    pub truth: Box<dyn Fn(usize, usize, usize) -> bool>,
+    pub truth: ElementMask,
 }
+
+/// `keep(stored_head, i, j)`.
+pub type ElementMask = Box<dyn Fn(usize, usize, usize) -> bool>;
 
 /// A layout of `kind` (causal version when `causal`) over `len_q × len_k` in blocks of
 /// `block_size`, its parameters drawn from `seed`; per-head where the kind allows and the
-/// seed says so (`heads_q` heads). Block-level patterns use `len_q` for both sides.
-pub fn random_layout(
-    kind: Kind,
-    causal: bool,
-    len_q: usize,
-    len_k: usize,
-    block_size: usize,
-    heads_q: usize,
-    seed: u64,
-) -> BlockLayout {
-    generate(kind, causal, len_q, len_k, block_size, heads_q, seed).layout
-}
-
-/// [`random_layout`] with its independent element mask.
+/// seed says so (`heads_q` heads), with its independent element mask. Block-level patterns
+/// use `len_q` for both sides.
 pub fn generate(
     kind: Kind,
     causal: bool,
@@ -82,7 +73,7 @@ pub fn generate(
     };
     // Causal for the self-attention patterns: j ≤ i.
     let below = move |i: usize, j: usize| !causal || j <= i;
-    let (layout, truth): (_, Box<dyn Fn(usize, usize, usize) -> bool>) = match kind {
+    let (layout, truth): (_, ElementMask) = match kind {
         Kind::Banded => {
             let window = rng
                 .gen_bool(0.7)
