@@ -8,7 +8,7 @@ mod sparse_layouts;
 
 use cuattn::error::SparseLayoutError;
 use cuattn::reference::attention::{self as reference, CausalAlign, Options, Shape, Window};
-use cuattn::sparse::{BlockKind, BlockLayout, Heads};
+use cuattn::sparse::{BlockKind, BlockLayout, Heads, DEFAULT_BLOCK_SIZE};
 use cuattn::tolerance::{attention as tolerances, expect_close, Tolerance};
 use cuattn::twin::attention::{self as dense_twin, Tiling};
 use cuattn::twin::sparse_attention as twin;
@@ -31,7 +31,7 @@ fn check(what: &str, out: &[f32], want: &[f64], tol: Tolerance) -> Result<(), Te
 const BS: usize = 16;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn twin_matches_the_reference_with_the_patterns_element_mask(
@@ -42,14 +42,21 @@ proptest! {
         gqa in any::<bool>(),
         padded in any::<bool>(),
         dtype in 0..3usize,
+        kernel_tile in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let kind = KINDS[kind];
         let dtype = DType::ALL[dtype];
+        // Mostly 16-token blocks (more blocks per case); some at the kernel's 64, longer.
+        let (bs, len_q, len_k) = if kernel_tile {
+            (DEFAULT_BLOCK_SIZE, 2 * len_q, 2 * len_k)
+        } else {
+            (BS, len_q, len_k)
+        };
         let len_k = if self_attention_only(kind) { len_q } else { len_k };
         let (d, dv) = if seed % 2 == 0 { (8, 8) } else { (9, 5) };
         let s = Shape::new(2, 4, if gqa { 2 } else { 4 }, len_q, len_k, d, dv);
-        let g = generate(kind, causal, len_q, len_k, BS, s.heads_q, seed);
+        let g = generate(kind, causal, len_q, len_k, bs, s.heads_q, seed);
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
         let q = rand_vec(&mut rng, dtype, s.q_len(), 2.0);
         let k = rand_vec(&mut rng, dtype, s.k_len(), 2.0);
@@ -63,9 +70,12 @@ proptest! {
         let want = reference::forward_masked(&q, &k, &v, &s, &opts, &|_, h, i, j| {
             (g.truth)(layout.head_of(h), i, j)
         });
-        let (got, counts) = twin::forward(&q, &k, &v, &s, &opts, layout, BS, dtype).unwrap();
+        let (got, counts) = twin::forward(&q, &k, &v, &s, &opts, layout, bs, dtype).unwrap();
         let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, dtype);
-        let what = format!("{kind:?} causal {causal} {dtype} {len_q}×{len_k} {:?}", opts.key_lens);
+        let what = format!(
+            "{kind:?} causal {causal} {dtype} {len_q}×{len_k} blocks of {bs} {:?}",
+            opts.key_lens
+        );
         check(&format!("{what}: O"), &got.o, &want.o, tol.o)?;
         check(&format!("{what}: LSE"), &got.lse, &want.lse, tol.lse)?;
         // Without padding the programs compute exactly the kept blocks, no others.
