@@ -6,6 +6,54 @@ use crate::dtype::DType;
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What is wrong with a block-sparse layout ([`crate::sparse::BlockLayout`]). Heads, query
+/// blocks and key blocks are indices into the layout (head 0 for a layout shared by all heads).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SparseLayoutError {
+    /// The block size is not one the layout type (or the kernel it is used with) supports.
+    #[error("block size {got} is not supported (expected one of {supported:?})")]
+    BlockSize { got: usize, supported: Vec<usize> },
+    /// A row of the compressed layout lists a key block after a larger one.
+    #[error("head {head}, query block {q_block}: key block {next} follows {prev} (rows must be sorted ascending)")]
+    Unsorted {
+        head: usize,
+        q_block: usize,
+        prev: usize,
+        next: usize,
+    },
+    /// A row of the compressed layout lists a key block twice.
+    #[error("head {head}, query block {q_block}: key block {k_block} is listed twice")]
+    Duplicate {
+        head: usize,
+        q_block: usize,
+        k_block: usize,
+    },
+    /// A key block index is past the last key block.
+    #[error("head {head}, query block {q_block}: key block {k_block} is out of range (the keys have {k_blocks} blocks)")]
+    OutOfRange {
+        head: usize,
+        q_block: usize,
+        k_block: usize,
+        k_blocks: usize,
+    },
+    /// The row offsets are not a valid compressed-row index.
+    #[error("row offsets: {reason}")]
+    RowOffsets { reason: String },
+    /// The layout was built for other sizes than the call's (`what`: len_q, len_k or heads).
+    #[error("layout has {what} = {layout}, the call has {call}")]
+    ShapeMismatch {
+        what: &'static str,
+        layout: usize,
+        call: usize,
+    },
+    /// A pattern parameter is out of range (a zero stride, more global blocks than blocks...).
+    #[error("pattern parameter `{param}`: {reason}")]
+    Pattern { param: &'static str, reason: String },
+    /// A value does not fit in the device's 32-bit indices.
+    #[error("{what} = {value} does not fit in i32")]
+    IndexOverflow { what: &'static str, value: i64 },
+}
+
 /// Everything that can go wrong in cuattn. Library code returns this; it never panics on user input.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,6 +112,10 @@ pub enum Error {
     /// A CUDA driver call failed.
     #[error("CUDA driver error in {context}: {message}")]
     Driver { context: String, message: String },
+
+    /// A block-sparse layout is malformed or does not fit the call it is used with.
+    #[error("block-sparse layout: {0}")]
+    SparseLayout(#[from] SparseLayoutError),
 
     /// An I/O error, for example while reading a model file.
     #[error("I/O error on {path}: {source}")]

@@ -4,6 +4,8 @@
 //! Layout of the crate:
 //! - [`error`], [`dtype`], [`tensor`]: the one error type, element types, shapes and strides.
 //! - [`reference`]: CPU references in f64 for every kernel.
+//! - [`key_band`]: the keys a query row may see under key length, causal and sliding window.
+//! - [`sparse`]: block-sparse attention layouts (which key blocks each query block keeps).
 //! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
 //! - [`twin`]: CPU twins that run each kernel's own block loop in f32.
 //! - `gpu` (feature `cuda`): the device layer: context, stream, modules, device tensors.
@@ -15,7 +17,9 @@
 pub mod dtype;
 pub mod error;
 pub mod kernels;
+pub mod key_band;
 pub mod reference;
+pub mod sparse;
 pub mod tensor;
 pub mod tolerance;
 pub mod twin;

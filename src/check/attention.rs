@@ -157,6 +157,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
                     .key_lens
                     .as_ref()
                     .map(|l| l.iter().map(|&x| x as usize).collect()),
+                window: None,
             };
             let want = reference::forward(&q, &k, &v, &s, &ropts);
             let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
@@ -240,6 +241,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
                 scale: c.scale.map_or(1.0 / (s.dim_qk as f64).sqrt(), |x| x as f64),
                 causal: c.causal,
                 key_lens: None,
+                window: None,
             };
             let want = reference::forward_varlen(
                 &q, &k, &v, &cu_q, &cu_k, s.heads_q, s.heads_kv, s.dim_qk, s.dim_v, &ropts,

@@ -13,7 +13,14 @@
 //! there cannot reach the output. A row with no admissible key (fully masked) gives O = 0 and
 //! LSE = −inf.
 //!
+//! A sliding window ([`Window`]) narrows each row further to a band around the diagonal; with
+//! the causal mask and the key length it leaves every row one contiguous run of keys
+//! ([`KeyBand`]). [`forward_masked`] takes, on top of these, an arbitrary element mask (what a
+//! block-sparse layout expands to).
+//!
 //! LSE is in natural-log units: LSE_i = ln Σ_j exp(scale·s_ij) over admissible j.
+
+pub use crate::key_band::{KeyBand, Window};
 
 /// Which corner the causal mask is aligned to when Lq ≠ Lk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -82,6 +89,8 @@ pub struct Options {
     pub causal: Option<CausalAlign>,
     /// Per-sequence number of valid keys (key padding); `None`: all `len_k` keys.
     pub key_lens: Option<Vec<usize>>,
+    /// Sliding-window band (tokens left and right of the diagonal); `None`: no window.
+    pub window: Option<Window>,
 }
 
 impl Options {
@@ -91,7 +100,17 @@ impl Options {
             scale: 1.0 / (dim_qk as f64).sqrt(),
             causal: None,
             key_lens: None,
+            window: None,
         }
+    }
+
+    /// The admissible-key band of batch entry `b` of a call of `shape`.
+    pub fn key_band(&self, shape: &Shape, b: usize) -> KeyBand {
+        let key_len = self
+            .key_lens
+            .as_ref()
+            .map_or(shape.len_k, |l| l[b].min(shape.len_k));
+        KeyBand::new(shape.len_q, key_len, self.causal, self.window)
     }
 }
 
@@ -102,27 +121,15 @@ pub struct Output {
     pub lse: Vec<f64>,
 }
 
-/// The admissible keys of query `i`: `0..end` (end ≤ key_len), empty when the row is fully masked.
+/// The admissible keys of query `i` without a window: `0..end` (end ≤ key_len), empty when
+/// the row is fully masked. (With a window: [`KeyBand::keys`].)
 pub fn admissible_keys(
     i: usize,
     len_q: usize,
     key_len: usize,
     causal: Option<CausalAlign>,
 ) -> std::ops::Range<usize> {
-    let end = match causal {
-        None => key_len,
-        Some(CausalAlign::TopLeft) => key_len.min(i + 1),
-        Some(CausalAlign::BottomRight) => {
-            // j ≤ i + key_len − len_q, in signed arithmetic.
-            let last = i as i64 + key_len as i64 - len_q as i64;
-            if last < 0 {
-                0
-            } else {
-                key_len.min(last as usize + 1)
-            }
-        }
-    };
-    0..end
+    KeyBand::new(len_q, key_len, causal, None).keys(i)
 }
 
 /// Attention over the BHSD-contiguous inputs described in the module docs.
@@ -130,6 +137,21 @@ pub fn admissible_keys(
 /// Panics if the slices do not match `shape` or Hq is not a multiple of Hkv (callers are
 /// tests and checks, which build the inputs; the GPU ops validate user input).
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -> Output {
+    forward_masked(q, k, v, shape, opts, &|_, _, _, _| true)
+}
+
+/// [`forward`] with an element mask on top of `opts`' masks: query `i` of batch entry `b`,
+/// head `h` attends to key `j` iff `opts` admits it and `keep(b, h, i, j)`. Keys the mask
+/// removes are never read, and a row left with no key gives O = 0, LSE = −inf, as in
+/// [`forward`].
+pub fn forward_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    keep: &dyn Fn(usize, usize, usize, usize) -> bool,
+) -> Output {
     let s = shape;
     assert_eq!(q.len(), s.q_len(), "q length");
     assert_eq!(k.len(), s.k_len(), "k length");
@@ -144,11 +166,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -
         lse: vec![f64::NEG_INFINITY; s.lse_len()],
     };
     let mut scores = vec![0.0f64; s.len_k];
+    let mut keys = Vec::with_capacity(s.len_k);
     for b in 0..s.batch {
-        let key_len = opts
-            .key_lens
-            .as_ref()
-            .map_or(s.len_k, |l| l[b].min(s.len_k));
+        let band = opts.key_band(s, b);
         for h in 0..s.heads_q {
             let hk = h / group;
             let q_base = ((b * s.heads_q + h) * s.len_q) * s.dim_qk;
@@ -156,13 +176,14 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -
             let v_base = ((b * s.heads_kv + hk) * s.len_k) * s.dim_v;
             let o_base = ((b * s.heads_q + h) * s.len_q) * s.dim_v;
             for i in 0..s.len_q {
-                let keys = admissible_keys(i, s.len_q, key_len, opts.causal);
+                keys.clear();
+                keys.extend(band.keys(i).filter(|&j| keep(b, h, i, j)));
                 if keys.is_empty() {
                     continue; // O = 0, LSE = −inf
                 }
                 let qi = &q[q_base + i * s.dim_qk..q_base + (i + 1) * s.dim_qk];
                 let mut max = f64::NEG_INFINITY;
-                for j in keys.clone() {
+                for &j in &keys {
                     let kj = &k[k_base + j * s.dim_qk..k_base + (j + 1) * s.dim_qk];
                     let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
                     scores[j] = dot * opts.scale;
@@ -170,7 +191,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -
                 }
                 let mut sum = 0.0f64;
                 let o_row = &mut out.o[o_base + i * s.dim_v..o_base + (i + 1) * s.dim_v];
-                for j in keys {
+                for &j in &keys {
                     let p = (scores[j] - max).exp();
                     sum += p;
                     let vj = &v[v_base + j * s.dim_v..v_base + (j + 1) * s.dim_v];

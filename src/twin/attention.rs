@@ -3,21 +3,24 @@
 //!
 //! - one query block of `block_q` rows per (batch, head, block) program; key tiles of
 //!   `block_k` keys, walked in order;
-//! - causal tiles beyond the block's last admissible key are skipped (never computed), tiles
-//!   that straddle the diagonal or the end of the keys are masked element by element by
-//!   assignment to −inf, the rest run unmasked;
+//! - key tiles holding no key any row of the block may see (beyond the causal diagonal, outside
+//!   the sliding window) are skipped (never computed): the block's tiles are
+//!   [`KeyBand::key_tiles`](crate::key_band::KeyBand::key_tiles); tiles that straddle the diagonal, a window edge or the end of the
+//!   keys are masked element by element by assignment to −inf, the rest
+//!   ([`KeyBand::tile_is_full`](crate::key_band::KeyBand::tile_is_full)) run unmasked;
 //! - online softmax in the exp2 domain on raw scores: running max m (raw units), running sum l,
 //!   unnormalised O; `mu = 0` when the running max is still −inf, so −inf − −inf never happens;
 //! - P is rounded to the input dtype before P·V (the tensor cores take f16/bf16), while l sums
 //!   the f32 P, as the kernel does;
-//! - V rows past the block's last admissible key are read as zero, so NaN in keys that no query
-//!   of the block may see cannot reach the output through 0·NaN;
+//! - V rows outside the block's admissible keys
+//!   ([`KeyBand::keys_of_rows`](crate::key_band::KeyBand::keys_of_rows)) are read as zero,
+//!   so NaN in keys that no query of the block may see cannot reach the output through 0·NaN;
 //! - finalisation: O /= l, LSE = scale·m + ln l; a row with l = 0 gives O = 0 and LSE = −inf.
 //!
 //! Inputs follow [`crate::reference::attention`] (BHSD, values already rounded to the dtype).
 
 use crate::dtype::DType;
-use crate::reference::attention::{CausalAlign, Options, Shape};
+use crate::reference::attention::{Options, Shape};
 
 /// Tile sizes of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,13 +43,137 @@ pub struct TileCounts {
     pub full: usize,
     /// Tiles computed with the element mask (diagonal or key tail).
     pub masked: usize,
-    /// Tiles never computed because the causal mask removes them entirely.
+    /// Tiles never computed because the causal or window mask (or, in the sparse twin, the
+    /// layout) removes them entirely.
     pub skipped: usize,
 }
 
-/// ceil(a / b) for a possibly negative `a` and positive `b`.
-fn ceil_div(a: i64, b: i64) -> i64 {
-    (a + b - 1).div_euclid(b)
+/// One query block's running state: the online softmax of rows `row0 .. row0 + rows`.
+pub(crate) struct BlockState {
+    row0: usize,
+    rows: usize,
+    dim_v: usize,
+    /// Running max of the raw scores (−inf until a key is seen).
+    m: Vec<f32>,
+    /// Running sum of exp2(c·(s − m)).
+    l: Vec<f32>,
+    /// Unnormalised O, `rows × dim_v`.
+    acc: Vec<f32>,
+}
+
+/// One (batch, query head) program's operands: its Q rows, and its K/V head.
+pub(crate) struct HeadOperands<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub dim_qk: usize,
+}
+
+impl<'a> HeadOperands<'a> {
+    /// The operands of batch entry `b`, query head `h` in the BHSD inputs of `s`.
+    pub fn new(q: &'a [f32], k: &'a [f32], v: &'a [f32], s: &Shape, b: usize, h: usize) -> Self {
+        let hk = h / (s.heads_q / s.heads_kv);
+        let q0 = (b * s.heads_q + h) * s.len_q * s.dim_qk;
+        let k0 = (b * s.heads_kv + hk) * s.len_k * s.dim_qk;
+        let v0 = (b * s.heads_kv + hk) * s.len_k * s.dim_v;
+        HeadOperands {
+            q: &q[q0..q0 + s.len_q * s.dim_qk],
+            k: &k[k0..k0 + s.len_k * s.dim_qk],
+            v: &v[v0..v0 + s.len_k * s.dim_v],
+            dim_qk: s.dim_qk,
+        }
+    }
+}
+
+impl BlockState {
+    pub fn new(row0: usize, rows: usize, dim_v: usize) -> Self {
+        BlockState {
+            row0,
+            rows,
+            dim_v,
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            acc: vec![0.0; rows * dim_v],
+        }
+    }
+
+    /// Folds key tile `key0 .. key0 + block_k` into the state. `keep`: the element mask of a
+    /// masked tile (masked scores are assigned −inf without reading K); `None` for a tile that
+    /// runs unmasked, whose keys must all be valid. `read_v(j)`: whether V row `j` is loaded;
+    /// rows not loaded act as zero, as the kernel zero-fills rows no query of the block sees.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fold_tile(
+        &mut self,
+        ops: &HeadOperands,
+        key0: usize,
+        block_k: usize,
+        c: f32,
+        dtype: DType,
+        keep: Option<&dyn Fn(usize, usize) -> bool>,
+        read_v: &dyn Fn(usize) -> bool,
+    ) {
+        let (d, dv) = (ops.dim_qk, self.dim_v);
+        let mut st = vec![f32::NEG_INFINITY; block_k];
+        for r in 0..self.rows {
+            let i = self.row0 + r;
+            // Scores of this tile (raw, f32), masked by assignment.
+            for (jj, sc) in st.iter_mut().enumerate() {
+                let j = key0 + jj;
+                *sc = f32::NEG_INFINITY;
+                if keep.is_some_and(|keep| !keep(i, j)) {
+                    continue;
+                }
+                let qi = &ops.q[i * d..(i + 1) * d];
+                let kj = &ops.k[j * d..(j + 1) * d];
+                *sc = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+            }
+            let mt = st.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = self.m[r].max(mt);
+            let mu = if m_new == f32::NEG_INFINITY {
+                0.0
+            } else {
+                m_new
+            };
+            let alpha = (c * (self.m[r] - mu)).exp2();
+            self.l[r] *= alpha;
+            let acc = &mut self.acc[r * dv..(r + 1) * dv];
+            acc.iter_mut().for_each(|a| *a *= alpha);
+            for (jj, &sc) in st.iter().enumerate() {
+                let p = (sc * c - mu * c).exp2();
+                self.l[r] += p;
+                let j = key0 + jj;
+                if !read_v(j) {
+                    continue; // V row read as zero: p·0 adds nothing
+                }
+                let p_in = dtype.round(p);
+                let vj = &ops.v[j * dv..(j + 1) * dv];
+                for (a, &vv) in acc.iter_mut().zip(vj) {
+                    *a += p_in * vv;
+                }
+            }
+            self.m[r] = m_new;
+        }
+    }
+
+    /// O /= l, LSE = scale·m + ln l; a row with l = 0 gives O = 0 and LSE = −inf. `o` and
+    /// `lse` are the head's rows (`len_q × dim_v` and `len_q`).
+    pub fn finish(&self, scale: f32, dtype: DType, o: &mut [f32], lse: &mut [f32]) {
+        let dv = self.dim_v;
+        for r in 0..self.rows {
+            let i = self.row0 + r;
+            let o_row = &mut o[i * dv..(i + 1) * dv];
+            if self.l[r] > 0.0 {
+                let inv = 1.0 / self.l[r];
+                for (o, a) in o_row.iter_mut().zip(&self.acc[r * dv..(r + 1) * dv]) {
+                    *o = dtype.round(a * inv);
+                }
+                lse[i] = scale * self.m[r] + self.l[r].ln();
+            } else {
+                o_row.iter_mut().for_each(|o| *o = 0.0);
+                lse[i] = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// The twin's forward. Returns the outputs and the tile counts.
@@ -61,7 +188,6 @@ pub fn forward(
 ) -> (Output, TileCounts) {
     let s = shape;
     let (bm, bn) = (tiling.block_q, tiling.block_k);
-    let group = s.heads_q / s.heads_kv;
     let scale = opts.scale as f32;
     let c = scale * std::f32::consts::LOG2_E; // exp(scale·x) = 2^(c·x)
     let mut out = Output {
@@ -71,110 +197,44 @@ pub fn forward(
     let mut counts = TileCounts::default();
 
     for b in 0..s.batch {
-        let key_len = opts
-            .key_lens
-            .as_ref()
-            .map_or(s.len_k, |l| l[b].min(s.len_k));
-        let off: i64 = match opts.causal {
-            Some(CausalAlign::BottomRight) => key_len as i64 - s.len_q as i64,
-            _ => 0,
-        };
-        let n_tiles = key_len.div_ceil(bn) as i64;
+        let band = opts.key_band(s, b);
+        let n_tiles = band.key_len.div_ceil(bn);
         for h in 0..s.heads_q {
-            let hk = h / group;
-            let q_base = (b * s.heads_q + h) * s.len_q * s.dim_qk;
-            let k_base = (b * s.heads_kv + hk) * s.len_k * s.dim_qk;
-            let v_base = (b * s.heads_kv + hk) * s.len_k * s.dim_v;
-            let o_base = (b * s.heads_q + h) * s.len_q * s.dim_v;
-            let lse_base = (b * s.heads_q + h) * s.len_q;
+            let ops = HeadOperands::new(q, k, v, s, b, h);
+            let o_head = (b * s.heads_q + h) * s.len_q;
             for mb in 0..s.len_q.div_ceil(bm) {
-                let row0 = mb * bm;
-                let rows = bm.min(s.len_q - row0);
-                // Tiles past the block's last admissible key are skipped; V rows past it are zero.
-                let (n_max, kv_end) = if opts.causal.is_some() {
-                    let last_key_excl = (row0 + rows) as i64 + off; // last row's keys end here
-                    let n_max = n_tiles
-                        .min(ceil_div((row0 + bm) as i64 + off, bn as i64))
-                        .max(0);
-                    (
-                        n_max as usize,
-                        last_key_excl.clamp(0, key_len as i64) as usize,
-                    )
-                } else {
-                    (n_tiles as usize, key_len)
-                };
-                counts.skipped += n_tiles as usize - n_max;
+                let rows = mb * bm..(s.len_q).min((mb + 1) * bm);
+                // Tiles holding no key any row of the block sees are skipped; V rows outside
+                // the block's keys are zero.
+                let tiles = band.key_tiles(rows.clone(), bn);
+                let kv = band.keys_of_rows(rows.clone());
+                counts.skipped += n_tiles - tiles.len();
 
-                let mut m = vec![f32::NEG_INFINITY; rows];
-                let mut l = vec![0.0f32; rows];
-                let mut acc = vec![0.0f32; rows * s.dim_v];
-                for n in 0..n_max {
-                    let key0 = n * bn;
-                    let diag =
-                        opts.causal.is_some() && ((n + 1) * bn) as i64 - 1 > row0 as i64 + off;
-                    let tail = (n + 1) * bn > key_len;
-                    if diag || tail {
+                let mut state = BlockState::new(rows.start, rows.len(), s.dim_v);
+                for n in tiles {
+                    let masked = !band.tile_is_full(rows.clone(), n, bn);
+                    if masked {
                         counts.masked += 1;
                     } else {
                         counts.full += 1;
                     }
-                    for r in 0..rows {
-                        let i = row0 + r;
-                        // Scores of this tile (raw, f32), masked by assignment.
-                        let mut st = vec![f32::NEG_INFINITY; bn];
-                        for (jj, sc) in st.iter_mut().enumerate() {
-                            let j = key0 + jj;
-                            let masked = j >= key_len
-                                || (opts.causal.is_some() && j as i64 > i as i64 + off);
-                            if (diag || tail) && masked {
-                                continue;
-                            }
-                            let qi = &q[q_base + i * s.dim_qk..q_base + (i + 1) * s.dim_qk];
-                            let kj = &k[k_base + j * s.dim_qk..k_base + (j + 1) * s.dim_qk];
-                            *sc = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                        }
-                        let mt = st.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        let m_new = m[r].max(mt);
-                        let mu = if m_new == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            m_new
-                        };
-                        let alpha = (c * (m[r] - mu)).exp2();
-                        l[r] *= alpha;
-                        acc[r * s.dim_v..(r + 1) * s.dim_v]
-                            .iter_mut()
-                            .for_each(|a| *a *= alpha);
-                        for (jj, &sc) in st.iter().enumerate() {
-                            let p = (sc * c - mu * c).exp2();
-                            l[r] += p;
-                            let j = key0 + jj;
-                            if j >= kv_end {
-                                continue; // V row read as zero: p·0 adds nothing
-                            }
-                            let p_in = dtype.round(p);
-                            let vj = &v[v_base + j * s.dim_v..v_base + (j + 1) * s.dim_v];
-                            for (a, &vv) in acc[r * s.dim_v..(r + 1) * s.dim_v].iter_mut().zip(vj) {
-                                *a += p_in * vv;
-                            }
-                        }
-                        m[r] = m_new;
-                    }
+                    let keep = |i: usize, j: usize| band.admits(i, j);
+                    state.fold_tile(
+                        &ops,
+                        n * bn,
+                        bn,
+                        c,
+                        dtype,
+                        masked.then_some(&keep as &dyn Fn(usize, usize) -> bool),
+                        &|j| kv.contains(&j),
+                    );
                 }
-                for r in 0..rows {
-                    let i = row0 + r;
-                    let o_row = &mut out.o[o_base + i * s.dim_v..o_base + (i + 1) * s.dim_v];
-                    if l[r] > 0.0 {
-                        let inv = 1.0 / l[r];
-                        for (o, a) in o_row.iter_mut().zip(&acc[r * s.dim_v..(r + 1) * s.dim_v]) {
-                            *o = dtype.round(a * inv);
-                        }
-                        out.lse[lse_base + i] = scale * m[r] + l[r].ln();
-                    } else {
-                        o_row.iter_mut().for_each(|o| *o = 0.0);
-                        out.lse[lse_base + i] = f32::NEG_INFINITY;
-                    }
-                }
+                state.finish(
+                    scale,
+                    dtype,
+                    &mut out.o[o_head * s.dim_v..(o_head + s.len_q) * s.dim_v],
+                    &mut out.lse[o_head..o_head + s.len_q],
+                );
             }
         }
     }

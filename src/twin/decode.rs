@@ -10,7 +10,7 @@
 //!
 //! (../shared/attention-kernel-notes.md §6.) Inputs follow [`crate::reference::attention`].
 
-use crate::reference::attention::{admissible_keys, Options, Shape};
+use crate::reference::attention::{Options, Shape};
 
 /// One split's result for one query row.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,14 +75,11 @@ pub fn forward(
     let mut o = vec![f32::NAN; s.o_len()];
     let mut lse = vec![f32::NAN; s.lse_len()];
     for b in 0..s.batch {
-        let key_len = opts
-            .key_lens
-            .as_ref()
-            .map_or(s.len_k, |l| l[b].min(s.len_k));
+        let band = opts.key_band(s, b);
         for h in 0..s.heads_q {
             let hk = h / group;
             for i in 0..s.len_q {
-                let admissible = admissible_keys(i, s.len_q, key_len, opts.causal);
+                let admissible = band.keys(i);
                 let qi = &q[((b * s.heads_q + h) * s.len_q + i) * s.dim_qk..][..s.dim_qk];
                 let parts: Vec<Partial> = (0..splits)
                     .map(|sp| {

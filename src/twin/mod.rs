@@ -5,3 +5,4 @@
 pub mod attention;
 pub mod decode;
 pub mod layernorm;
+pub mod sparse_attention;
