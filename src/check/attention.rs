@@ -392,6 +392,7 @@ pub fn unfused(
         scale: 1.0 / (s.dim_qk as f64).sqrt(),
         causal,
         key_lens: None,
+        window: None,
     };
     let want = reference::forward(&x.q, &x.k, &x.v, &s, &ropts);
     let tol = tolerances::bounds(&x.q, &x.k, &x.v, &s, ropts.scale, dtype);
