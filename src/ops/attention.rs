@@ -600,20 +600,28 @@ mod tests {
     }
 
     #[test]
-    fn the_exact_kernels_were_compiled_for_sm80_and_sm90_without_spills() {
+    fn the_attention_kernels_were_compiled_for_sm80_and_sm90_within_their_spill_budget() {
         let built = crate::kernels::resources();
-        let mut names: Vec<&str> = DType::ALL.iter().map(|&dt| kernel_name(dt)).collect();
+        // The exact kernels must not spill. The tensor-core tiles for head dims 64 and 128 spill
+        // ~100-200 bytes at 255 registers: measured faster than the spill-free half-size key
+        // tiles (kernels/attention_tc.cu), so they get a small budget that catches a blow-up.
+        let mut names: Vec<(&str, u32)> =
+            DType::ALL.iter().map(|&dt| (kernel_name(dt), 0)).collect();
         for dt in [DType::F16, DType::BF16] {
-            names.extend([64, 128, 256].map(|hd| tc_kernel_name(dt, hd)));
+            names.extend([64, 128, 256].map(|hd| (tc_kernel_name(dt, hd), 256)));
         }
-        for name in names {
+        for (name, budget) in names {
             for arch in ["sm_80", "sm_90"] {
                 let r = built.iter().find(|r| r.kernel == name && r.arch == arch);
                 let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
-                assert_eq!(
-                    (r.spill_store_bytes, r.spill_load_bytes, r.stack_bytes),
-                    (0, 0, 0),
-                    "{name} on {arch}"
+                assert!(
+                    r.spill_store_bytes <= budget
+                        && r.spill_load_bytes <= budget
+                        && r.stack_bytes <= budget,
+                    "{name} on {arch}: spills {} / {} bytes, stack {} (budget {budget})",
+                    r.spill_store_bytes,
+                    r.spill_load_bytes,
+                    r.stack_bytes
                 );
             }
         }
