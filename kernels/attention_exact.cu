@@ -2,7 +2,7 @@
 // cores), for f32 inputs and as a cross-check of the tensor-core kernels for f16/bf16.
 //
 // Algorithm: for query row i, over its admissible keys j (j < key_len, and j ≤ i + offset when
-// causal; offset = 0 top-left, key_len − len_q bottom-right), online softmax in the exp2
+// causal, offset = 0 top-left, key_len − len_q bottom-right; within the sliding window when one is set), online softmax in the exp2
 // domain: running max m of raw scores, running sum l, unnormalised O; O /= l at the end and
 // LSE = scale·m + ln l. Keys outside the admissible range are never read, so NaN there cannot
 // reach the output; a row with no admissible key writes O = 0 and LSE = −inf.
@@ -40,9 +40,14 @@ __device__ void attention_exact(const cuattn_attention_fwd_params& p) {
     const int64_t row0_q = seq.row0_q, row0_k = seq.row0_k, len_q = seq.len_q, key_len = seq.key_len;
     if (i >= len_q) return;  // warp-uniform: no barriers in this kernel
 
-    int64_t end = key_len;  // admissible keys: [0, end)
+    int64_t begin = 0, end = key_len;  // admissible keys: [begin, end)
     if (p.causal == CUATTN_CAUSAL_TOP_LEFT) end = min(end, i + 1);
     if (p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT) end = min(end, max((int64_t)0, i + key_len - len_q + 1));
+    if (p.window_left >= 0 || p.window_right >= 0) {  // sliding window around the window's diagonal
+        const int64_t ow = p.window_align == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
+        if (p.window_left >= 0) begin = max(begin, i + ow - p.window_left);
+        if (p.window_right >= 0) end = min(end, max((int64_t)0, i + ow + p.window_right + 1));
+    }
 
     const int hk = h / (p.heads_q / p.heads_kv);
     const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
@@ -62,7 +67,7 @@ __device__ void attention_exact(const cuattn_attention_fwd_params& p) {
     }
     const float c = p.scale * 1.4426950408889634f;  // exp(scale·s) = 2^(c·s)
     float m = -INFINITY, l = 0.f;
-    for (int64_t j = 0; j < end; ++j) {
+    for (int64_t j = begin; j < end; ++j) {
         const T* kj = k + j * p.k_row_stride;
         float partial = 0.f;
 #pragma unroll

@@ -11,8 +11,11 @@
 // of BN keys:
 //   S = Q·Kᵀ with mma.m16n8k16 (A = Q from shared memory by ldmatrix, B = K rows by ldmatrix;
 //       one K fragment feeds the warp's MT row slabs);
-//   tiles wholly above the causal diagonal are never loaded; tiles that straddle the diagonal
-//       or run past the last key are masked element by element by assignment to −inf;
+//   the key tiles are those of the row band [i + lo, i + hi] that causal masks and sliding
+//       windows leave (src/key_band.rs): tiles outside it are never loaded; tiles that cross
+//       its edges or run past the last key are masked element by element (assignment to −inf);
+//       block-sparse entries (SPARSE) instead visit the kept blocks of a layout
+//       (src/sparse/), running full blocks unmasked and partial ones with their band/bitmask;
 //   online softmax in the exp2 domain on raw scores (running max m, per-lane partial sums l,
 //       unnormalised O; mu = 0 while m is −inf, so fully-masked rows never make NaN);
 //   O += P·V with P (rounded to the input dtype) re-used from the S accumulators as the A
@@ -119,13 +122,19 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // Starts copying rows [0, ROWS) × cols [0, HD) of a global matrix (row stride in elements) into
-// shared memory with pitch HD + 8; rows ≥ rows_valid and cols ≥ cols_valid become 0. With `vec`
-// the copy is asynchronous (complete after cp_async_wait_all); without it, synchronous.
-// src must point at a valid element (row 0 of the matrix) even when no row is valid.
+// shared memory with pitch HD + 8. Row r is copied iff row_lo ≤ r < row_hi and bit r of the
+// 128-bit keep mask (keep_lo: rows 0–63, keep_hi: 64–127) is set; other rows, and cols ≥
+// cols_valid, become 0. With `vec` the copy is asynchronous (complete after cp_async_wait_all);
+// without it, synchronous. `fallback` is any valid address: zero-fill copies name it instead
+// of the (possibly out-of-range) row they skip.
 template <typename T, int HD, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t rows_valid, int cols_valid,
-                                          bool vec) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_lo, int row_hi, int cols_valid,
+                                          bool vec, const T* fallback, uint64_t keep_lo = ~0ull, uint64_t keep_hi = ~0ull) {
     constexpr int PITCH = HD + 8;
+    static_assert(ROWS <= 128, "the keep mask covers 128 rows");
+    const auto keep = [&](int r) {
+        return r >= row_lo && r < row_hi && (((r < 64 ? keep_lo : keep_hi) >> (r & 63)) & 1);
+    };
     if (vec) {
         constexpr int CHUNKS = HD / 8;
         static_assert(ROWS * CHUNKS % THREADS == 0, "tile copies split evenly over the CTA");
@@ -133,19 +142,43 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
         for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
             const int idx = threadIdx.x + i * THREADS;
             const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-            const bool ok = r < rows_valid && c < cols_valid;
-            cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : src, ok);
+            const bool ok = keep(r) && c < cols_valid;
+            cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : fallback, ok);
         }
         cp_async_commit();
     } else {
         for (int idx = threadIdx.x; idx < ROWS * HD; idx += THREADS) {
             const int r = idx / HD, c = idx % HD;
-            dst[r * PITCH + c] = (r < rows_valid && c < cols_valid) ? src[r * row_stride + c] : from_f32<T>(0.f);
+            dst[r * PITCH + c] = (keep(r) && c < cols_valid) ? src[r * row_stride + c] : from_f32<T>(0.f);
         }
     }
 }
 
-template <typename T, int HD, int BM, int BN, int WARPS>
+// Keys per query row: keep j iff row + lo ≤ j ≤ row + hi and j < key_len (causal masks and
+// sliding windows are bands; unbounded sides are clamped so the sums stay in int32).
+struct Band {
+    int lo, hi;
+};
+
+__device__ __forceinline__ int diagonal_offset(int align, int len_q, int key_len) {
+    return align == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
+}
+
+// The dense band of one sequence from the causal mask and the sliding window.
+__device__ __forceinline__ Band dense_band(const cuattn_attention_fwd_params& p, int len_q, int key_len) {
+    Band band{-len_q - 1, key_len};
+    if (p.causal != CUATTN_CAUSAL_NONE) band.hi = min(band.hi, diagonal_offset(p.causal, len_q, key_len));
+    if (p.window_left >= 0 || p.window_right >= 0) {
+        const int ow = diagonal_offset(p.window_align, len_q, key_len);
+        if (p.window_left >= 0) band.lo = max(band.lo, ow - min(p.window_left, len_q + key_len + 1));
+        if (p.window_right >= 0) band.hi = min(band.hi, ow + min(p.window_right, len_q + key_len + 1));
+    }
+    return band;
+}
+
+// SPARSE: the key tiles are the kept blocks of the block-sparse layout in `p` (sp_*), each of
+// BM = block size keys cut into BM/BN tiles; otherwise every tile of the dense band.
+template <typename T, int HD, int BM, int BN, int WARPS, bool SPARSE>
 __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     constexpr int PITCH = HD + 8;
     constexpr int THREADS = 32 * WARPS;
@@ -170,17 +203,76 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     const int q0 = (int)mb * BM;
     if (q0 >= len_q) return;  // CTA-uniform, before any barrier
 
-    const bool causal = p.causal != CUATTN_CAUSAL_NONE;
-    const int off = p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
-    const int n_tiles = (key_len + BN - 1) / BN;
-    int n_max = n_tiles;
-    int kv_end = key_len;  // K/V rows at or past this are zero-filled
-    if (causal) {
-        const int64_t a = (int64_t)q0 + BM + off;  // ceil_div(a, BN), a possibly ≤ 0
-        const int c = a > 0 ? (int)((a + BN - 1) / BN) : 0;
-        n_max = min(n_tiles, c);
-        kv_end = max(0, min(key_len, min(len_q, q0 + BM) + off));
+    const int q_last = min(len_q, q0 + BM) - 1;  // the block's last real row
+    // Dense: the band's key range [kb, ke) for the block's rows, as whole tiles from n_begin.
+    // Sparse: the row of kept blocks (per-block bands and bitmasks are read per tile).
+    const Band band = dense_band(p, len_q, key_len);
+    int n_begin = 0, n_tiles = 0, kb = 0, ke = key_len;
+    int sp_first = 0;  // sparse: first kept block of this row
+    constexpr int SUB = SPARSE ? BM / BN : 1;  // sparse: tiles per kept block
+    static_assert(!SPARSE || BM % BN == 0, "a kept block is whole key tiles");
+    if constexpr (SPARSE) {
+        const int* ro = reinterpret_cast<const int*>(p.sp_row_offsets);
+        const int r = (p.sp_stored_heads == 1 ? 0 : h) * p.sp_q_blocks + (int)mb;
+        sp_first = ro[r];
+        n_tiles = (ro[r + 1] - sp_first) * SUB;
+    } else {
+        kb = max(0, q0 + band.lo);
+        ke = min(key_len, q_last + band.hi + 1);
+        if (ke > kb) {
+            n_begin = kb / BN;
+            n_tiles = (ke + BN - 1) / BN - n_begin;
+        }
     }
+    // Key tile `tile` of this block: its first key, which K/V rows to load, and how it is masked.
+    struct TileInfo {
+        int key0, kind, lo, hi, bits;  // kind: CUATTN_SPARSE_* for sparse tiles
+        int kv_lo, kv_hi;              // rows of the tile whose K/V any row of the block keeps
+        uint64_t keep_lo, keep_hi;     // ... and the bitmask's union of kept keys
+    };
+    const auto tile_info = [&](int tile) {
+        TileInfo ti;
+        ti.keep_lo = ti.keep_hi = ~0ull;
+        ti.bits = -1;
+        if constexpr (SPARSE) {
+            const int idx = sp_first + tile / SUB;
+            const int bs_col = reinterpret_cast<const int*>(p.sp_col_indices)[idx] * BM;
+            ti.key0 = bs_col + (tile % SUB) * BN;
+            ti.kind = reinterpret_cast<const int*>(p.sp_mask_kind)[idx];
+            ti.lo = band.lo, ti.hi = key_len;
+            int lo_key = 0, hi_key = key_len;
+            if (ti.kind == CUATTN_SPARSE_BAND) {
+                ti.lo = reinterpret_cast<const int*>(p.sp_band_lo)[idx];
+                ti.hi = reinterpret_cast<const int*>(p.sp_band_hi)[idx];
+                lo_key = max(0, q0 + ti.lo), hi_key = min(key_len, q_last + ti.hi + 1);
+            } else if (ti.kind == CUATTN_SPARSE_BITS) {
+                ti.bits = reinterpret_cast<const int*>(p.sp_bits_index)[idx];
+                // union of the block's rows, for this tile's BN keys (BN ≤ 128, offset a multiple of BN)
+                const uint64_t* u = reinterpret_cast<const uint64_t*>(p.sp_bits_union) + (int64_t)ti.bits * p.sp_words_per_row;
+                const int c0 = (tile % SUB) * BN;  // first column of the tile in the block
+                if (BN >= 64) {
+                    ti.keep_lo = u[c0 / 64];
+                    ti.keep_hi = BN > 64 ? u[c0 / 64 + 1] : 0;
+                } else {
+                    ti.keep_lo = (u[c0 / 64] >> (c0 % 64)) & ((1ull << BN) - 1);
+                    ti.keep_hi = 0;
+                }
+            }
+            ti.kv_lo = max(0, lo_key - ti.key0);
+            ti.kv_hi = min(BN, hi_key - ti.key0);
+        } else {
+            ti.key0 = (n_begin + tile) * BN;
+            ti.kind = CUATTN_SPARSE_BAND;
+            ti.lo = band.lo, ti.hi = band.hi;
+            ti.kv_lo = max(0, kb - ti.key0);
+            ti.kv_hi = min(BN, ke - ti.key0);
+            // Full tile: every row's band encloses it (the block's last row's start, first row's end).
+            if (q_last + band.lo <= ti.key0 && ti.key0 + BN - 1 <= q0 + band.hi && ti.key0 + BN <= key_len)
+                ti.kind = CUATTN_SPARSE_FULL;
+        }
+        if (ti.kind == CUATTN_SPARSE_FULL && ti.key0 + BN > key_len) ti.kind = CUATTN_SPARSE_KEY_TAIL;
+        return ti;
+    };
 
     const int hk = h / (p.heads_q / p.heads_kv);
     const T* gq = reinterpret_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + (row0_q + q0) * p.q_row_stride;
@@ -188,8 +280,12 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     const T* gv = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + row0_k * p.v_row_stride;
     const bool vec = p.vectorized != 0;
 
-    load_tile<T, HD, BM, THREADS>(sQ, gq, p.q_row_stride, len_q - q0, p.dim_qk, vec);
-    if (n_max > 0) load_tile<T, HD, BN, THREADS>(sK, gk, p.k_row_stride, kv_end, p.dim_qk, vec);
+    load_tile<T, HD, BM, THREADS>(sQ, gq, p.q_row_stride, 0, len_q - q0, p.dim_qk, vec, gq);
+    TileInfo ti{};  // the tile being computed; K of tile 0 starts loading now
+    if (n_tiles > 0) ti = tile_info(0);
+    if (n_tiles > 0)
+        load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)ti.key0 * p.k_row_stride, p.k_row_stride, ti.kv_lo, ti.kv_hi,
+                                      p.dim_qk, vec, gk, ti.keep_lo, ti.keep_hi);
 
     float o[MT][HD / 8][4];
 #pragma unroll
@@ -205,11 +301,12 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     const int wrow = warp * 16 * MT;     // the warp's first row in the block
     const int row_base = q0 + wrow + g;  // this lane's rows: row_base + 16·mt + {0, 8}
 
-    for (int n = 0; n < n_max; ++n) {
-        const int key0 = n * BN;
+    for (int n = 0; n < n_tiles; ++n) {
+        const int key0 = ti.key0;
         if (vec) cp_async_wait_all();  // K_n (and Q, the first time)
         __syncthreads();               // ... visible to all; every warp is done with V_{n-1}
-        load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_end - key0, p.dim_v, vec);
+        load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, ti.kv_lo, ti.kv_hi,
+                                      p.dim_v, vec, gv, ti.keep_lo, ti.keep_hi);
 
         // S = Q·Kᵀ for this warp's MT slabs: BN/8 accumulators of 16×8 each.
         float s[MT][BN / 8][4];
@@ -237,10 +334,13 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
             }
         }
 
-        // Mask by assignment where the tile straddles the diagonal or the end of the keys.
-        const bool diag = causal && key0 + BN - 1 > q0 + off;
-        const bool tail = key0 + BN > key_len;
-        if (diag || tail) {
+        // Mask by assignment in tiles where some element is masked: the band (dense, or a sparse
+        // band block), the key tail, or a sparse block's bitmask.
+        if (ti.kind != CUATTN_SPARSE_FULL) {
+            const uint64_t* bits = ti.kind == CUATTN_SPARSE_BITS
+                                       ? reinterpret_cast<const uint64_t*>(p.sp_bits) + (int64_t)ti.bits * BM * p.sp_words_per_row
+                                       : nullptr;
+            const int block_col0 = SPARSE ? key0 - key0 % BM : 0;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -249,7 +349,13 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
                     for (int e = 0; e < 4; ++e) {
                         const int row = row_base + 16 * mt + 8 * (e >> 1);
                         const int col = key0 + nb * 8 + 2 * t + (e & 1);
-                        if (col >= key_len || (causal && col > row + off)) s[mt][nb][e] = -INFINITY;
+                        bool keep = col < key_len && col >= row + ti.lo && col <= row + ti.hi;
+                        if (bits) {
+                            const int c = col - block_col0;
+                            keep = col < key_len && row < len_q &&
+                                   ((bits[(int64_t)(row - q0) * p.sp_words_per_row + c / 64] >> (c % 64)) & 1);
+                        }
+                        if (!keep) s[mt][nb][e] = -INFINITY;
                     }
         }
 
@@ -287,8 +393,10 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
 
         if (vec) cp_async_wait_all();  // V_n
         __syncthreads();               // ... visible to all; every warp is done with K_n
-        if (n + 1 < n_max)
-            load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)(key0 + BN) * p.k_row_stride, p.k_row_stride, kv_end - key0 - BN, p.dim_qk, vec);
+        const TileInfo next = tile_info(n + 1 < n_tiles ? n + 1 : n);
+        if (n + 1 < n_tiles)
+            load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)next.key0 * p.k_row_stride, p.k_row_stride, next.kv_lo,
+                                          next.kv_hi, p.dim_qk, vec, gk, next.keep_lo, next.keep_hi);
 
         // O += P·V, P taken from the S accumulators as A fragments (notes §3).
 #pragma unroll
@@ -312,8 +420,9 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
                 }
             }
         }
+        ti = next;
     }
-    if (vec) cp_async_wait_all();  // n_max = 0: nothing may stay in flight past the CTA's end
+    if (vec) cp_async_wait_all();  // no tiles: nothing may stay in flight past the CTA's end
 
     // Finalise and write this lane's rows.
     T* go = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row0_q * p.o_row_stride;
@@ -346,10 +455,10 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
 }  // namespace
 
 #define CUATTN_ATTENTION_TC(T, SUFFIX, HD)                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS, 2)                                           \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 2)                                        \
         attention_tc_hd##HD##_##SUFFIX(const cuattn_attention_fwd_params p) {                         \
         extern __shared__ __align__(16) unsigned char smem_tc_hd##HD##_##SUFFIX[];                    \
-        attention_tc<T, HD, CUATTN_ATTN_TC_BM_HD##HD, CUATTN_ATTN_TC_BN_HD##HD, WARPS>(               \
+        attention_tc<T, HD, CUATTN_ATTN_TC_BM_HD##HD, CUATTN_ATTN_TC_BN_HD##HD, WARPS, false>(        \
             p, reinterpret_cast<T*>(smem_tc_hd##HD##_##SUFFIX));                                      \
     }
 
@@ -359,3 +468,24 @@ CUATTN_ATTENTION_TC(__half, f16, 256)
 CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 64)
 CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 128)
 CUATTN_ATTENTION_TC(__nv_bfloat16, bf16, 256)
+
+// Block-sparse entries: query blocks of the layout's block size BS, key tiles of min(BS, the
+// dense BN) (cuattn_params.h: CUATTN_SPARSE_BN_*).
+#define CUATTN_ATTENTION_SPARSE(T, SUFFIX, BS, HD)                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 2)                                        \
+        attention_sparse_bs##BS##_hd##HD##_##SUFFIX(const cuattn_attention_fwd_params p) {            \
+        extern __shared__ __align__(16) unsigned char smem_sp_bs##BS##_hd##HD##_##SUFFIX[];           \
+        attention_tc<T, HD, BS, CUATTN_SPARSE_BN_BS##BS##_HD##HD, WARPS, true>(                       \
+            p, reinterpret_cast<T*>(smem_sp_bs##BS##_hd##HD##_##SUFFIX));                             \
+    }
+
+CUATTN_ATTENTION_SPARSE(__half, f16, 64, 64)
+CUATTN_ATTENTION_SPARSE(__half, f16, 64, 128)
+CUATTN_ATTENTION_SPARSE(__half, f16, 64, 256)
+CUATTN_ATTENTION_SPARSE(__half, f16, 128, 64)
+CUATTN_ATTENTION_SPARSE(__half, f16, 128, 128)
+CUATTN_ATTENTION_SPARSE(__nv_bfloat16, bf16, 64, 64)
+CUATTN_ATTENTION_SPARSE(__nv_bfloat16, bf16, 64, 128)
+CUATTN_ATTENTION_SPARSE(__nv_bfloat16, bf16, 64, 256)
+CUATTN_ATTENTION_SPARSE(__nv_bfloat16, bf16, 128, 64)
+CUATTN_ATTENTION_SPARSE(__nv_bfloat16, bf16, 128, 128)

@@ -115,6 +115,19 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
 #define CUATTN_ATTN_TC_BM_HD256 64
 #define CUATTN_ATTN_TC_BN_HD256 32
 
+/* Block-sparse entries (attention_sparse_bs{BS}_hd{HD}_{f16,bf16}): query blocks of the layout's
+ * block size BS ∈ {64, 128} (128 only for HD ≤ 128), key tiles of CUATTN_SPARSE_BN_BS{BS}_HD{HD}.
+ * Per kept block, the element-mask kind (src/sparse/layout.rs DeviceLayout): */
+#define CUATTN_SPARSE_FULL 0
+#define CUATTN_SPARSE_KEY_TAIL 1
+#define CUATTN_SPARSE_BAND 2 /* keep i + band_lo <= j <= i + band_hi */
+#define CUATTN_SPARSE_BITS 3 /* keep iff bit (i, j) of the block's bitmask is set */
+#define CUATTN_SPARSE_BN_BS64_HD64 64
+#define CUATTN_SPARSE_BN_BS64_HD128 64
+#define CUATTN_SPARSE_BN_BS64_HD256 32
+#define CUATTN_SPARSE_BN_BS128_HD64 128
+#define CUATTN_SPARSE_BN_BS128_HD128 64
+
 typedef struct cuattn_attention_fwd_params {
     uint64_t q, k, v; /* T */
     uint64_t o;       /* T */
@@ -135,6 +148,19 @@ typedef struct cuattn_attention_fwd_params {
     int32_t rows_per_block; /* exact kernel: one warp per query row */
     int32_t vectorized;     /* tensor-core kernel: every Q/K/V row starts 16-byte aligned and
                                D, Dv are multiples of 8, so tiles load as 16-byte chunks */
+    /* Sliding window (tensor-core kernel): query i sees keys i + o - left ..= i + o + right, o the
+     * diagonal offset of window_align (CUATTN_CAUSAL_TOP_LEFT/_BOTTOM_RIGHT); -1: that side open.
+     * Combined with `causal` the band is the intersection. */
+    int32_t window_left, window_right, window_align;
+    /* Block-sparse layout (attention_sparse_* entries; 0 otherwise). Row (head, q_block) at
+     * r = (sp_stored_heads == 1 ? 0 : head) * sp_q_blocks + q_block keeps key blocks
+     * sp_col_indices[sp_row_offsets[r] .. sp_row_offsets[r + 1]]; per kept block: sp_mask_kind
+     * (CUATTN_SPARSE_*), sp_band_lo/hi, sp_bits_index (int32). sp_bits: u64 bitmasks, block
+     * index x, row i, key column c at sp_bits[(x*BS + i)*sp_words_per_row + c/64] bit c%64;
+     * sp_bits_union: per bitmask, the OR of its rows (sp_words_per_row words). */
+    uint64_t sp_row_offsets, sp_col_indices, sp_mask_kind, sp_band_lo, sp_band_hi, sp_bits_index;
+    uint64_t sp_bits, sp_bits_union;
+    int32_t sp_stored_heads, sp_q_blocks, sp_words_per_row;
 } cuattn_attention_fwd_params;
 
 /* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)

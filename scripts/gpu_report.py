@@ -430,6 +430,44 @@ def attention_section(fam, ours, theirs):
 
 
 # -------------------------------------------------------------------------------------- main
+def sparse_section(ours, theirs):
+    """Block-sparse: per length, our time at each density, the speedup over our dense kernel, and
+    FlexAttention's time with the same blocks (torch_sparse.json)."""
+    rows = (ours or {}).get("rows", [])
+    flex = {(r.get("len"), r.get("density"), r.get("seed")): r for r in (theirs or {}).get("rows", [])}
+    md, table, txt_rows, ratios = [], [], [], []
+    for r in rows:
+        if r.get("kernel") != "sparse":
+            continue
+        f = flex.get((r.get("len"), r.get("density"), r.get("seed")))
+        f_us = num(f.get("time_us")) if f else None
+        us = num(r.get("time_us"))
+        ratio = f_us / us if f_us and us else None
+        if ratio:
+            ratios.append(ratio)
+        why = "missing" if f is None else (f.get("error") or f.get("skipped") or "none")[:60]
+        cells = [f"1×{r.get('heads')}×{r.get('len')}", fmt(num(r.get("density")), ".2f"),
+                 fmt(num(r.get("kept_fraction")), ".3f"), fmt(us, ".1f"), fmt(num(r.get("tflops")), ".1f"),
+                 fmt(num(r.get("speedup_vs_dense")), ".2f"), fmt(f_us, ".1f", why), fmt(ratio, ".2f", "–")]
+        table.append(cells)
+        txt_rows.append([cells[0], cells[1], cells[3], cells[5], cells[6], cells[7]])
+    dense = [r for r in rows if r.get("kernel") == "dense"]
+    md.append(md_table(["", ""], [
+        ["cuattn device", fmt((ours or {}).get("device"))],
+        ["torch", fmt((theirs or {}).get("torch_version"))],
+        ["our dense kernel (µs by L)", ", ".join(f"{r.get('len')}: {fmt(num(r.get('time_us')), '.0f')}" for r in dense) or "missing"],
+    ]))
+    md.append("")
+    hdr = ["B×H×L", "density", "kept", "ours µs", "ours TFLOP/s", "dense/ours", "flex µs", "flex/ours"]
+    md.append(md_table(hdr, table) if table else "bench_sparse.json: missing or empty")
+    md.append("\nbf16, D = 128, blocks of 128, random block masks (all kept blocks full). TFLOP/s count kept "
+              "blocks only. dense/ours: our dense kernel's time over the sparse one's (target ≥8× at 10% kept, "
+              "L = 16k); flex/ours > 1: we are faster than torch.compile'd FlexAttention with the same blocks.")
+    head = [f"\n-- bench sparse: torch {fmt((theirs or {}).get('torch_version'))}"
+            + (f"; flex/ours geomean {geomean(ratios):.2f} over {len(ratios)} rows" if ratios else "")]
+    return md, head, ["B×H×L", "density", "us", "dense/us", "flex_us", "flex/ours"], txt_rows
+
+
 def build(out):
     results = load_results(out)
     h = header_info(results)
@@ -496,6 +534,12 @@ def build(out):
     for fam in families(out, results):
         ours = load_json(os.path.join(out, f"bench_{fam}.json"))
         theirs = load_json(os.path.join(out, f"torch_{fam}.json"))
+        if fam == "sparse":
+            fam_md, fam_head, fam_hdr, fam_rows = sparse_section(ours, theirs)
+            md.append(f"\n## Benchmark: {fam}\n")
+            md.extend(fam_md)
+            bench_txt.append((fam_head, fam_hdr, fam_rows, 1))
+            continue
         if fam == "attention":
             fam_md, fam_head, fam_hdr, fam_rows = attention_section(fam, ours, theirs)
             md.append(f"\n## Benchmark: {fam}\n")

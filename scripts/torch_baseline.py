@@ -395,6 +395,85 @@ def bench_attention(rows, args, timer, _ctx):
     return out
 
 
+M64 = (1 << 64) - 1
+
+
+def splitmix64(x):
+    """cuattn::bench::sparse::splitmix64, bit for bit."""
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def sparse_block_mask(n, seed, density):
+    """cuattn::bench::sparse::keeps_block for every (qb, kb) of an n x n block grid, as a list of rows."""
+    return [[(splitmix64(((qb << 32) | kb) ^ seed) >> 11) / float(1 << 53) < density for kb in range(n)]
+            for qb in range(n)]
+
+
+def sparse_default_rows():
+    rows = []
+    for length in (4096, 16384, 32768):
+        for i, density in enumerate((0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)):
+            rows.append({"op": "sparse_forward", "kernel": "sparse", "dtype": "bf16", "batch": 1, "heads": 16,
+                         "len": length, "dim": 128, "block": 128, "density": density, "seed": 0x5EED0000 + i})
+    return rows
+
+
+def bench_sparse(rows, args, timer, _ctx):
+    """FlexAttention (torch.compile'd flex_attention with a BlockMask of the same kept blocks, all
+    full: no mask_mod work inside blocks) on every "sparse" row; FLOPs count kept blocks, as ours."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    budget = args.time_budget_s
+    flex = torch.compile(flex_attention, dynamic=False)
+    out = []
+    for row in rows:
+        if row.get("kernel") != "sparse":
+            continue
+        r = {k: row[k] for k in ("op", "dtype", "batch", "heads", "len", "dim", "block", "density", "seed")}
+        r["backend"] = "flex"
+        if budget and time.monotonic() - T0 > budget:
+            r.update(time_us=None, tflops=None, skipped=f"time budget of {budget:.0f}s spent")
+            out.append(r)
+            continue
+        try:
+            b, h, length, d, bs = r["batch"], r["heads"], r["len"], r["dim"], r["block"]
+            n = (length + bs - 1) // bs
+            mask = torch.tensor(sparse_block_mask(n, r["seed"], r["density"]), dtype=torch.bool, device="cuda")
+            counts = mask.sum(dim=1, dtype=torch.int32)  # kept blocks per query block
+            # kept column indices first (ascending), then the rest: argsort of (not kept, index)
+            order = torch.argsort((~mask).to(torch.int32) * n + torch.arange(n, device="cuda"), dim=1)
+            kv_num = counts.view(1, 1, n).expand(b, h, n).contiguous()
+            kv_idx = order.to(torch.int32).view(1, 1, n, n).expand(b, h, n, n).contiguous()
+            zeros = torch.zeros_like(kv_num)
+            bm = BlockMask.from_kv_blocks(zeros, kv_idx, kv_num, kv_idx, BLOCK_SIZE=bs, mask_mod=None,
+                                          seq_lengths=(length, length))
+            g = torch.Generator(device="cuda").manual_seed(1234)
+            dt = torch_dtype(r["dtype"])
+            q, k, v = (torch.randn(b, h, length, d, dtype=dt, device="cuda", generator=g) for _ in range(3))
+            with torch.no_grad():
+                us = timer(lambda: flex(q, k, v, block_mask=bm))
+            kept = int(counts.sum().item())
+            flops = 4.0 * b * h * kept * bs * bs * d
+            r.update(kept_blocks=kept, flops=flops, time_us=round(us, 3), tflops=round(flops / (us * 1e-6) / 1e12, 2))
+            log(f"flex L{length} density {r['density']}: {us:10.1f} us {r['tflops']:7.1f} TFLOP/s")
+            del q, k, v, bm, mask
+        except Exception as e:  # record and go on
+            msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+            r.update(time_us=None, tflops=None, error=msg)
+            log(f"flex L{r['len']} density {r['density']}: {msg}")
+        torch.cuda.empty_cache()
+        out.append(r)
+    return out
+
+
+def no_prelude(_timer):
+    return None, {}
+
+
 def layernorm_prelude(timer):
     copy_gbs = copy_bandwidth_gbs(timer)
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
@@ -407,6 +486,7 @@ Family = namedtuple("Family", "bench default_rows prelude warmup_ms rep_ms time_
 FAMILIES = {
     "layernorm": Family(bench_layernorm, layernorm_default_rows, layernorm_prelude, 25.0, 100.0, None),
     "attention": Family(bench_attention, attention_default_rows, attention_prelude, 5.0, 20.0, 100.0),
+    "sparse": Family(bench_sparse, sparse_default_rows, no_prelude, 5.0, 20.0, 100.0),
 }
 
 

@@ -52,6 +52,8 @@ enum Command {
 enum Family {
     Layernorm,
     Attention,
+    /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
+    Sparse,
 }
 
 fn main() -> ExitCode {
@@ -282,6 +284,36 @@ fn bench(
                     println!(
                         "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
                         r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
+                    );
+                }
+            }
+        }
+        Family::Sparse => {
+            let rows = cuattn::bench::sparse::run(&gpu, quick)?;
+            if json {
+                let v = serde_json::json!({"family": "sparse", "device": gpu.info().name, "rows": rows});
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "Block-sparse attention on {} (bf16, D 128, blocks of {}; FLOPs of kept blocks)",
+                    gpu.info().name,
+                    cuattn::bench::sparse::BLOCK
+                );
+                println!(
+                    "{:<7} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
+                    "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
+                );
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    println!(
+                        "{:<7} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
+                        r.kernel,
+                        shape,
+                        r.density,
+                        r.kept_fraction,
+                        r.time_us,
+                        r.tflops,
+                        r.speedup_vs_dense
                     );
                 }
             }

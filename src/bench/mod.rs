@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod layernorm;
+pub mod sparse;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

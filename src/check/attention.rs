@@ -4,7 +4,7 @@
 use super::{expect_close, random_values, CheckResult};
 use crate::dtype::{self, DType};
 use crate::gpu::{DeviceTensor, Gpu};
-use crate::ops::attention::{self as attn, Kernel, Options, Sequences};
+use crate::ops::attention::{self as attn, Kernel, Options, Sequences, Window};
 use crate::ops::attention_unfused as attn_unfused;
 use crate::reference::attention::{self as reference, CausalAlign, Shape};
 use crate::tensor::{HostTensor, Layout};
@@ -18,6 +18,8 @@ pub struct Case {
     pub dtype: DType,
     pub shape: Shape,
     pub causal: Option<CausalAlign>,
+    /// Sliding window (dense and packed batches).
+    pub window: Option<Window>,
     /// Dense batches: valid keys per sequence.
     pub key_lens: Option<Vec<i32>>,
     /// Packed batches: (query lengths, key lengths) per sequence; `shape.batch` must match,
@@ -36,6 +38,7 @@ impl Case {
             dtype,
             shape,
             causal: None,
+            window: None,
             key_lens: None,
             packed: None,
             bshd: false,
@@ -46,13 +49,13 @@ impl Case {
     }
 }
 
-fn err(e: crate::Error) -> String {
+pub(super) fn err(e: crate::Error) -> String {
     e.to_string()
 }
 
 /// A [B, H, L, D] tensor uploaded as BHSD or, with `bshd`, as BSHD memory seen through strides;
 /// `values` are in BHSD order. `fill` everywhere when `values` is `None`.
-fn upload_4d(
+pub(super) fn upload_4d(
     gpu: &Arc<Gpu>,
     dtype: DType,
     dims: [usize; 4],
@@ -135,6 +138,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let opts = Options {
                 scale: c.scale,
                 causal: c.causal,
+                window: c.window,
                 kernel: c.kernel,
                 sequences: Sequences::Dense {
                     key_lens: c.key_lens.as_deref(),
@@ -157,7 +161,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
                     .key_lens
                     .as_ref()
                     .map(|l| l.iter().map(|&x| x as usize).collect()),
-                window: None,
+                window: c.window,
             };
             let want = reference::forward(&q, &k, &v, &s, &ropts);
             let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
@@ -221,6 +225,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let opts = Options {
                 scale: c.scale,
                 causal: c.causal,
+                window: c.window,
                 kernel: c.kernel,
                 sequences: Sequences::Packed {
                     cu_seqlens_q: &cq,
@@ -241,7 +246,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
                 scale: c.scale.map_or(1.0 / (s.dim_qk as f64).sqrt(), |x| x as f64),
                 causal: c.causal,
                 key_lens: None,
-                window: None,
+                window: c.window,
             };
             let want = reference::forward_varlen(
                 &q, &k, &v, &cu_q, &cu_k, s.heads_q, s.heads_kv, s.dim_qk, s.dim_v, &ropts,

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod layernorm;
+pub mod sparse;
 
 use crate::dtype::DType;
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};

@@ -20,6 +20,11 @@ use crate::kernels::params::{
     CUATTN_ATTN_TC_BN_HD128, CUATTN_ATTN_TC_BN_HD256, CUATTN_ATTN_TC_BN_HD64,
     CUATTN_ATTN_TC_THREADS,
 };
+use crate::kernels::params::{
+    CUATTN_SPARSE_BN_BS128_HD128, CUATTN_SPARSE_BN_BS128_HD64, CUATTN_SPARSE_BN_BS64_HD128,
+    CUATTN_SPARSE_BN_BS64_HD256, CUATTN_SPARSE_BN_BS64_HD64,
+};
+pub use crate::key_band::Window;
 pub use crate::reference::attention::CausalAlign;
 use crate::reference::attention::Shape;
 use cudarc::driver::DevicePtr;
@@ -67,6 +72,9 @@ pub struct Options<'s> {
     /// Multiplies Q·Kᵀ; `None` for 1/√D.
     pub scale: Option<f32>,
     pub causal: Option<CausalAlign>,
+    /// Sliding-window (local) attention, as in [`crate::reference::attention`]; with `causal`
+    /// the band is the intersection. Tile skipping follows the band.
+    pub window: Option<Window>,
     pub sequences: Sequences<'s>,
     pub kernel: Kernel,
 }
@@ -76,6 +84,7 @@ impl Default for Options<'_> {
         Options {
             scale: None,
             causal: None,
+            window: None,
             sequences: Sequences::Dense { key_lens: None },
             kernel: Kernel::Auto,
         }
@@ -341,6 +350,33 @@ impl TcTile {
         }
     }
 
+    /// The block-sparse entry's tile for layouts of `block_size`: query blocks of that size,
+    /// key tiles of `CUATTN_SPARSE_BN_*` (cuattn_params.h).
+    fn sparse(self, block_size: usize) -> Result<TcTile> {
+        let keys = match (block_size, self.head_dim) {
+            (64, 64) => CUATTN_SPARSE_BN_BS64_HD64,
+            (64, 128) => CUATTN_SPARSE_BN_BS64_HD128,
+            (64, _) => CUATTN_SPARSE_BN_BS64_HD256,
+            (128, 64) => CUATTN_SPARSE_BN_BS128_HD64,
+            (128, 128) => CUATTN_SPARSE_BN_BS128_HD128,
+            _ => {
+                return Err(Error::invalid(
+                    "layout",
+                    format!(
+                        "block size {block_size} with head dim {} (padded): the kernels take \
+                         64 for every head dim, and 128 for head dims up to 128",
+                        self.head_dim
+                    ),
+                ))
+            }
+        };
+        Ok(TcTile {
+            rows: block_size,
+            keys: keys as usize,
+            ..self
+        })
+    }
+
     /// Q tile plus one K and one V tile of 2-byte elements, rows padded by 8 elements.
     fn shared_bytes(self) -> usize {
         (self.rows + 2 * self.keys) * (self.head_dim + 8) * 2
@@ -355,6 +391,22 @@ fn tc_kernel_name(dtype: DType, head_dim_tile: usize) -> &'static str {
         (DType::BF16, 64) => "attention_tc_hd64_bf16",
         (DType::BF16, 128) => "attention_tc_hd128_bf16",
         _ => "attention_tc_hd256_bf16",
+    }
+}
+
+fn sparse_kernel_name(dtype: DType, block_size: usize, head_dim_tile: usize) -> &'static str {
+    let f16 = dtype == DType::F16;
+    match (block_size, head_dim_tile) {
+        (64, 64) if f16 => "attention_sparse_bs64_hd64_f16",
+        (64, 128) if f16 => "attention_sparse_bs64_hd128_f16",
+        (64, _) if f16 => "attention_sparse_bs64_hd256_f16",
+        (_, 64) if f16 => "attention_sparse_bs128_hd64_f16",
+        (_, _) if f16 => "attention_sparse_bs128_hd128_f16",
+        (64, 64) => "attention_sparse_bs64_hd64_bf16",
+        (64, 128) => "attention_sparse_bs64_hd128_bf16",
+        (64, _) => "attention_sparse_bs64_hd256_bf16",
+        (_, 64) => "attention_sparse_bs128_hd64_bf16",
+        _ => "attention_sparse_bs128_hd128_bf16",
     }
 }
 
@@ -379,6 +431,33 @@ pub fn forward_into<'a>(
     opts: &Options,
 ) -> Result<()> {
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
+    launch_forward(gpu, q, k, v, o, lse, opts, &c, None)
+}
+
+/// The block-sparse layout arrays on the device, for [`launch_forward`].
+pub(super) struct SparseArgs {
+    pub(super) block_size: usize,
+    pub(super) stored_heads: i32,
+    pub(super) q_blocks: i32,
+    pub(super) words_per_row: i32,
+    /// row_offsets, col_indices, mask_kind, band_lo, band_hi, bits_index (i32); bits,
+    /// bits_union (u64).
+    pub(super) ptrs: [u64; 8],
+}
+
+/// Launches the dense kernels, or with `sparse` the block-sparse entries, on checked views.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_forward(
+    gpu: &Gpu,
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    o: &mut TensorMut,
+    lse: Option<&mut TensorMut>,
+    opts: &Options,
+    c: &Checked,
+    sparse: Option<&SparseArgs>,
+) -> Result<()> {
     let tensor_cores = match opts.kernel {
         Kernel::Auto => c.dtype != DType::F32,
         Kernel::Exact => false,
@@ -391,7 +470,16 @@ pub fn forward_into<'a>(
         }
         Kernel::TensorCore => true,
     };
-    let tile = TcTile::for_head_dims(c.shape.dim_qk, c.shape.dim_v);
+    if sparse.is_some() && !tensor_cores {
+        return Err(Error::invalid(
+            "kernel",
+            "block-sparse attention runs on tensor cores only (f16/bf16)",
+        ));
+    }
+    let mut tile = TcTile::for_head_dims(c.shape.dim_qk, c.shape.dim_v);
+    if let Some(sp) = sparse {
+        tile = tile.sparse(sp.block_size)?;
+    }
     let rows_per_block = if tensor_cores {
         tile.rows
     } else {
@@ -477,9 +565,33 @@ pub fn forward_into<'a>(
         scale: c.scale,
         rows_per_block: rows_per_block as i32,
         vectorized: vectorized as i32,
+        window_left: opts
+            .window
+            .map_or(-1, |w| w.left.min(i32::MAX as usize) as i32),
+        window_right: opts
+            .window
+            .map_or(-1, |w| w.right.min(i32::MAX as usize) as i32),
+        window_align: match opts.window.map(|w| w.align) {
+            Some(CausalAlign::BottomRight) => CUATTN_CAUSAL_BOTTOM_RIGHT,
+            _ => CUATTN_CAUSAL_TOP_LEFT,
+        } as i32,
+        sp_row_offsets: sparse.map_or(0, |s| s.ptrs[0]),
+        sp_col_indices: sparse.map_or(0, |s| s.ptrs[1]),
+        sp_mask_kind: sparse.map_or(0, |s| s.ptrs[2]),
+        sp_band_lo: sparse.map_or(0, |s| s.ptrs[3]),
+        sp_band_hi: sparse.map_or(0, |s| s.ptrs[4]),
+        sp_bits_index: sparse.map_or(0, |s| s.ptrs[5]),
+        sp_bits: sparse.map_or(0, |s| s.ptrs[6]),
+        sp_bits_union: sparse.map_or(0, |s| s.ptrs[7]),
+        sp_stored_heads: sparse.map_or(0, |s| s.stored_heads),
+        sp_q_blocks: sparse.map_or(0, |s| s.q_blocks),
+        sp_words_per_row: sparse.map_or(0, |s| s.words_per_row),
     };
     let (kernel, smem) = if tensor_cores {
-        let name = tc_kernel_name(c.dtype, tile.head_dim);
+        let name = match sparse {
+            Some(_) => sparse_kernel_name(c.dtype, tile.rows, tile.head_dim),
+            None => tc_kernel_name(c.dtype, tile.head_dim),
+        };
         (gpu.kernel(TC_MODULE, name)?, tile.shared_bytes())
     } else {
         (gpu.kernel(EXACT_MODULE, kernel_name(c.dtype))?, 0)

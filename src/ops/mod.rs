@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod attention_unfused;
 pub mod layernorm;
+pub mod sparse_attention;
 mod validate;
 
 pub(crate) use validate::ViewInfo;

@@ -5,7 +5,7 @@
 
 use cuattn::check::attention::{self as check, Case};
 use cuattn::check::gpu_or_skip;
-use cuattn::ops::attention::Kernel;
+use cuattn::ops::attention::{Kernel, Window};
 use cuattn::reference::attention::{CausalAlign, Shape};
 use cuattn::DType;
 use proptest::prelude::*;
@@ -50,10 +50,20 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     };
                     (lens(lq, 3), lens(lk, 17))
                 });
+                // One case in four with a sliding window (widths and alignment from the seed).
+                let window = (seed % 4 == 0).then(|| {
+                    let align = if seed & 16 == 0 {
+                        CausalAlign::TopLeft
+                    } else {
+                        CausalAlign::BottomRight
+                    };
+                    Window::new((seed >> 8) as usize % 60, (seed >> 16) as usize % 60, align)
+                });
                 Case {
                     dtype,
                     shape: s,
                     causal,
+                    window,
                     key_lens: if packed.is_some() { None } else { key_lens },
                     packed,
                     bshd: bshd && !pad,
@@ -263,4 +273,24 @@ fn fused_matches_unfused_baseline_at_long_sequences() {
         let s = Shape::new(1, 2, 2, 1024, 1024, 64, 64);
         check::fused_vs_unfused(&gpu, DType::F32, s, causal, Kernel::Exact, 10).unwrap();
     }
+}
+
+#[test]
+fn sliding_window_with_and_without_causal() {
+    let mut cases = Vec::new();
+    for (lq, lk) in [(300, 300), (200, 331), (129, 64)] {
+        for (left, right) in [(0, 0), (37, 5), (100, 0), (5, 200)] {
+            for align in [CausalAlign::TopLeft, CausalAlign::BottomRight] {
+                for causal in [None, Some(align)] {
+                    cases.extend(every_dtype(|dt| Case {
+                        causal,
+                        window: Some(Window::new(left, right, align)),
+                        key_lens: Some(vec![lk as i32, (lk / 2) as i32]),
+                        ..Case::dense(dt, Shape::new(2, 2, 1, lq, lk, 64, 64))
+                    }));
+                }
+            }
+        }
+    }
+    run("sliding_window_with_and_without_causal", cases);
 }

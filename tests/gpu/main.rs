@@ -4,3 +4,7 @@
 
 mod attention;
 mod layernorm;
+mod sparse;
+#[path = "../sparse_layouts/mod.rs"]
+#[allow(dead_code)] // the CPU tests use the independent element masks too
+mod sparse_layouts;

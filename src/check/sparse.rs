@@ -1,0 +1,112 @@
+//! Block-sparse attention ([`crate::ops::sparse_attention`]) against the f64 reference with the
+//! layout's expanded element mask ([`reference::forward_masked`]), under the dense tolerance
+//! rule. Outputs are poisoned with NaN before the launch; K/V rows past a sequence's key length,
+//! and rows of keys that no query of any head keeps, are NaN and must not reach the output.
+
+use super::attention::{err, upload_4d};
+use super::{expect_close, random_values, CheckResult};
+use crate::dtype::DType;
+use crate::gpu::Gpu;
+use crate::ops::attention::{Options, Sequences};
+use crate::ops::sparse_attention::{self as sparse, DeviceBlockLayout};
+use crate::reference::attention::{self as reference, Shape};
+use crate::sparse::BlockLayout;
+use crate::tolerance::attention as tolerances;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+/// One block-sparse check.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub dtype: DType,
+    pub shape: Shape,
+    pub layout: BlockLayout,
+    /// Valid keys per sequence (key padding).
+    pub key_lens: Option<Vec<i32>>,
+    /// Lay Q, K, V and O out as BSHD in memory (read through strides).
+    pub bshd: bool,
+    pub seed: u64,
+}
+
+/// Runs the case and checks O and LSE.
+pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
+    let s = c.shape;
+    let l = &c.layout;
+    let ctx = |what: &str| {
+        format!(
+            "sparse {what} for {} {s:?} block {} kept {}/{} key_lens {:?} bshd {} seed {}",
+            c.dtype,
+            l.block_size(),
+            l.kept_blocks(),
+            l.q_blocks() * l.k_blocks() * l.heads().stored(),
+            c.key_lens,
+            c.bshd,
+            c.seed
+        )
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(c.seed);
+    let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
+    let mut k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
+    let mut v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
+    let unkept: Vec<bool> = (0..s.len_k)
+        .map(|j| !(0..l.heads().stored()).any(|h| (0..s.len_q).any(|i| l.admits(h, i, j))))
+        .collect();
+    for b in 0..s.batch {
+        let kl = c
+            .key_lens
+            .as_ref()
+            .map_or(s.len_k, |x| x[b].max(0) as usize);
+        for h in 0..s.heads_kv {
+            for (j, &dead) in unkept.iter().enumerate() {
+                if dead || j >= kl {
+                    let row = (b * s.heads_kv + h) * s.len_k + j;
+                    k[row * s.dim_qk..(row + 1) * s.dim_qk].fill(f32::NAN);
+                    v[row * s.dim_v..(row + 1) * s.dim_v].fill(f32::NAN);
+                }
+            }
+        }
+    }
+    let up = |dims, x: Option<&[f32]>, fill| upload_4d(gpu, c.dtype, dims, c.bshd, x, fill);
+    let qd = up([s.batch, s.heads_q, s.len_q, s.dim_qk], Some(&q), 0.0)?;
+    let kd = up([s.batch, s.heads_kv, s.len_k, s.dim_qk], Some(&k), 0.0)?;
+    let vd = up([s.batch, s.heads_kv, s.len_k, s.dim_v], Some(&v), 0.0)?;
+    let mut od = up([s.batch, s.heads_q, s.len_q, s.dim_v], None, f32::NAN)?;
+    let mut lse = gpu
+        .full(DType::F32, &[s.batch, s.heads_q, s.len_q], f32::NAN)
+        .map_err(err)?;
+    let dl = DeviceBlockLayout::upload(gpu, l).map_err(|e| ctx(&e.to_string()))?;
+    let opts = Options {
+        sequences: Sequences::Dense {
+            key_lens: c.key_lens.as_deref(),
+        },
+        ..Options::default()
+    };
+    sparse::forward_into(
+        gpu,
+        &qd.view(),
+        &kd.view(),
+        &vd.view(),
+        &mut od.view_mut(),
+        Some(&mut lse.view_mut()),
+        &dl,
+        &opts,
+    )
+    .map_err(|e| ctx(&e.to_string()))?;
+    let ropts = reference::Options {
+        key_lens: c
+            .key_lens
+            .as_ref()
+            .map(|x| x.iter().map(|&n| n.max(0) as usize).collect()),
+        ..reference::Options::new(s.dim_qk)
+    };
+    let keep = |_b: usize, h: usize, i: usize, j: usize| l.admits(l.head_of(h), i, j);
+    let want = reference::forward_masked(&q, &k, &v, &s, &ropts, &keep);
+    let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
+    expect_close(&ctx("O"), &od.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
+    expect_close(
+        &ctx("LSE"),
+        &lse.to_f32_vec().map_err(err)?,
+        &want.lse,
+        tol.lse,
+    )
+}
