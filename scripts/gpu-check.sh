@@ -20,7 +20,8 @@
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
 #   BENCH_FAMILIES (default "layernorm attention sparse"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
-#   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report).
+#   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
+#   GPU_CHECK_CRITERION=0 to skip the criterion benches.
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
@@ -339,6 +340,10 @@ fi
 for bin in "$BUNDLE"/benches/*; do
   [ -x "$bin" ] || continue
   name="$(basename "$bin")"
+  if [ "${GPU_CHECK_CRITERION:-1}" = 0 ]; then
+    record criterion "$name" skip "GPU_CHECK_CRITERION=0" 0
+    continue
+  fi
   if [ "$(remaining_s)" -lt 60 ]; then
     record criterion "$name" skip "time budget" 0
     continue
