@@ -250,7 +250,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
                 // union of the block's rows, for this tile's BN keys (BN ≤ 128, offset a multiple of BN)
                 const uint64_t* u = reinterpret_cast<const uint64_t*>(p.sp_bits_union) + (int64_t)ti.bits * p.sp_words_per_row;
                 const int c0 = (tile % SUB) * BN;  // first column of the tile in the block
-                if (BN >= 64) {
+                if constexpr (BN >= 64) {
                     ti.keep_lo = u[c0 / 64];
                     ti.keep_hi = BN > 64 ? u[c0 / 64 + 1] : 0;
                 } else {
