@@ -59,7 +59,8 @@ template <typename T, int HD, int HPB> struct Geometry {
     static constexpr int TPK = PACKS < 32 ? PACKS : 32;       // threads per key
     static constexpr int NP = PACKS / TPK;                    // packs per thread
     static constexpr int NG = THREADS / TPK;                  // key groups per block
-    static constexpr int KPG = NP * HPB <= 4 ? 4 : 2;         // keys per group per iteration
+    // Keys per group per iteration: fewer as the per-thread q and O grow, to stay in registers.
+    static constexpr int KPG = NP * HPB <= 2 ? 4 : (NP * HPB <= 8 ? 2 : 1);
     static constexpr int BLOCK_KEYS = NG * KPG;               // keys per block iteration
 };
 
@@ -149,13 +150,12 @@ __device__ void decode_split(const cuattn_decode_params& p) {
 
     const T* kb = reinterpret_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
     const T* vb = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-    for (int base = start; base < end; base += G::BLOCK_KEYS) {
-        const int j0 = base + g * KPG;
-        // Every load of the iteration first, so they are all in flight together.
-        Pack<T, VEC> kr[KPG][NP], vr[KPG][NP];
+    // Issues every K and V load of the block iteration starting at `base` (keys past `end`:
+    // none, zero packs).
+    auto load_keys = [&](int base, Pack<T, VEC> (&kr)[KPG][NP], Pack<T, VEC> (&vr)[KPG][NP]) {
 #pragma unroll
         for (int kk = 0; kk < KPG; ++kk) {
-            const int j = j0 + kk;
+            const int j = base + g * KPG + kk;
             const bool ok = j < end;
             const T* krow = kb + (int64_t)j * p.k_row_stride;
             const T* vrow = vb + (int64_t)j * p.v_row_stride;
@@ -165,6 +165,22 @@ __device__ void decode_split(const cuattn_decode_params& p) {
                 vr[kk][n] = load_pack<T, VEC, VECTOR>(vrow, t + n * TPK, p.dim, ok);
             }
         }
+    };
+    // Software pipeline: iteration i + 1's loads are issued before iteration i's arithmetic,
+    // so each warp keeps two iterations of K/V in flight.
+    Pack<T, VEC> k_next[KPG][NP], v_next[KPG][NP];
+    if (start < end) load_keys(start, k_next, v_next);
+    for (int base = start; base < end; base += G::BLOCK_KEYS) {
+        const int j0 = base + g * KPG;
+        Pack<T, VEC> kr[KPG][NP], vr[KPG][NP];
+#pragma unroll
+        for (int kk = 0; kk < KPG; ++kk)
+#pragma unroll
+            for (int n = 0; n < NP; ++n) {
+                kr[kk][n] = k_next[kk][n];
+                vr[kk][n] = v_next[kk][n];
+            }
+        if (base + G::BLOCK_KEYS < end) load_keys(base + G::BLOCK_KEYS, k_next, v_next);
 #pragma unroll
         for (int hh = 0; hh < HPB; ++hh) {
             float s[KPG];

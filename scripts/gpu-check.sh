@@ -18,7 +18,9 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention"), GPU_CHECK_SYNCCHECK=0 to skip synccheck.
+#   BENCH_FAMILIES (default "layernorm attention"; "decode" is also a family: cuattn bench decode
+#   and torch_baseline.py decode, e.g. BENCH_FAMILIES="layernorm attention decode", capped like
+#   layernorm; gpu_report.py has no decode-specific join yet), GPU_CHECK_SYNCCHECK=0 to skip synccheck.
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 

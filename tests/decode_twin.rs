@@ -143,7 +143,7 @@ fn merge_guards_empty_splits_and_all_empty_rows() {
 
 // ---- The kernel's own loop (`twin::decode::forward_kernel`) --------------------------------
 
-use cuattn::twin::decode::{forward_kernel, plan_splits, Geometry, SPLIT_TILE};
+use cuattn::twin::decode::{forward_kernel, plan_splits, Geometry, MIN_KEYS_PER_SPLIT, SPLIT_TILE};
 use proptest::prelude::*;
 
 /// q [B, Hq, D], K/V [B, Hkv, capacity, D]; the reference sees one query row per head, the
@@ -226,7 +226,9 @@ fn planner_fills_the_gpu_without_empty_splits() {
         assert!((1..=256).contains(&s));
         // Every split of the longest cache has keys.
         assert!(!split_range(s - 1, s, len, SPLIT_TILE).is_empty() || len == 0);
-        assert!(len == 0 || s == 1 || split_range(0, s, len, SPLIT_TILE).len() >= 256);
+        assert!(
+            len == 0 || s == 1 || split_range(0, s, len, SPLIT_TILE).len() >= MIN_KEYS_PER_SPLIT
+        );
     }
 }
 
@@ -251,4 +253,26 @@ proptest! {
         check_kernel_twin(seed, dtype, (batch, heads_kv, group, dim), lens, capacity, splits)
             .map_err(TestCaseError::fail)?;
     }
+}
+
+#[test]
+fn geometry_follows_the_kernels_constants() {
+    let fields = |g: Geometry| {
+        (
+            g.head_dim_tile,
+            g.heads_per_block,
+            g.vec,
+            g.threads_per_key,
+            g.packs_per_thread,
+            g.groups,
+            g.keys_per_group,
+        )
+    };
+    // f16, D 128, 4 query heads per kv-head: 16 packs → 16 threads per key, 8 groups.
+    assert_eq!(fields(Geometry::new(2, 128, 4)), (128, 4, 8, 16, 1, 8, 2));
+    // f16, D 64, MHA: 8 threads per key, 16 groups, 4 keys each.
+    assert_eq!(fields(Geometry::new(2, 64, 1)), (64, 1, 8, 8, 1, 16, 4));
+    // f32, D 200 → 256, group 12 → 8 per block: 64 packs, 2 per thread, 1 key per group.
+    assert_eq!(fields(Geometry::new(4, 200, 12)), (256, 8, 4, 32, 2, 4, 1));
+    assert_eq!(Geometry::new(4, 200, 12).head_chunks(12), 2);
 }

@@ -3,6 +3,7 @@
 //! one `unsafe` launch whose soundness rests on those checks.
 
 pub mod attention;
+pub mod decode;
 pub mod layernorm;
 mod validate;
 

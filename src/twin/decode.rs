@@ -135,7 +135,7 @@ pub const THREADS: usize = 128;
 pub const SPLIT_TILE: usize = 64;
 /// Fewest keys a split is given when the planner can choose (each split writes D + 1 floats
 /// and costs a block launch: below this the merge traffic stops being small).
-pub const MIN_KEYS_PER_SPLIT: usize = 256;
+pub const MIN_KEYS_PER_SPLIT: usize = 128;
 /// Most splits the planner picks (bounds the workspace: B·Hq·splits·(D + 1) floats).
 pub const MAX_SPLITS: usize = 256;
 
@@ -184,10 +184,10 @@ impl Geometry {
             threads_per_key,
             packs_per_thread,
             groups: THREADS / threads_per_key,
-            keys_per_group: if packs_per_thread * heads_per_block <= 4 {
-                4
-            } else {
-                2
+            keys_per_group: match packs_per_thread * heads_per_block {
+                0..=2 => 4,
+                3..=8 => 2,
+                _ => 1,
             },
         }
     }

@@ -3,4 +3,5 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
+mod decode;
 mod layernorm;
