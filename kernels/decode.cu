@@ -10,7 +10,8 @@
 // the host planner and the twin use the same `split_range`).
 //   Threads: a key row of HD elements is HD·sizeof(T)/16 packs of 16 bytes; TPK = min(32, that)
 //   threads own one key (thread t of the group holds packs t, t+TPK, ...: NP packs), so the
-//   block holds NG = 128/TPK key groups. Per iteration the block takes NG·KPG consecutive keys,
+//   block holds NG = 128/TPK key groups. Per iteration the block takes NG·KPG consecutive keys
+//   (KPG = 4, 2 or 1 as the per-thread q and O, NP·HPB packs, grow),
 //   group g the KPG keys g·KPG.. of them. Each thread first issues every K and V load of its
 //   KPG keys (16-byte LDG, evict-first: the cache is streamed once), then per head: partial
 //   dot products with its q packs (q pre-multiplied by scale·log2 e, so scores are in the exp2
@@ -32,13 +33,21 @@
 // Bytes: K and V read once: 2·B·Hkv·len·D·sizeof(T); q, O, and the workspace, B·Hq·splits·(D+1)
 // f32 written and read once, are small next to it. FLOPs: 4·B·Hq·len·D. The kernel is bound by
 // HBM bandwidth when enough blocks are in flight: the host picks `splits` so that
-// B·Hkv·chunks·splits fills every SM (src/ops/decode.rs `plan_splits`).
+// B·Hkv·chunks·splits fills every SM (`plan_splits` in src/twin/decode.rs, called by
+// src/ops/decode.rs with the GPU's resident-block count).
 //
-// ptxas (CUDA 13.0, -Xptxas -v, sm_80 and sm_90): see the commit that last touched this
-// header and `cuattn info`; no spill stores/loads and no stack frame in any decode kernel
-// (test ops::decode::tests::decode_kernels_compiled_without_spills). SASS (cuobjdump -sass,
-// sm_90): the split kernels' main loop loads K and V with LDG.E.EF.128 (16-byte evict-first);
-// UNVERIFIED ON HARDWARE when written (no device in this session).
+// Pipelining: iteration i + 1's K/V loads are issued before iteration i's arithmetic, so a
+// warp keeps two iterations in flight (2·KPG·NP 16-byte loads each of K and V per thread).
+//
+// Build findings (CUDA 13.0 ptxas -v, 2026-11-26; `cuattn info` prints the current ones): no
+// stack frame and no spills in any decode kernel on sm_80 or sm_90 (enforced by the test
+// ops::decode::tests::every_decode_kernel_was_compiled_for_sm80_and_sm90_without_spills).
+// Registers on sm_90: f16/bf16 split kernels 168 at HPB 4 (3 blocks/SM), 176 at HPB 1,
+// ~210 at HPB 2, 255 at HPB 8; f32 100–217; merge 40. SASS (cuobjdump -sass, sm_90): the
+// vectorised main loop of e.g. decode_split_f16_hd128_h4 issues its 4 prefetch
+// LDG.E.EF.128 back to back before the shuffles and FMAs (8 in all with the prologue), no
+// LDL/STL, and no BRA.DIV (every lane reaches every shuffle). UNVERIFIED ON HARDWARE when
+// written: correctness and bandwidth await the GPU tests and `cuattn bench decode`.
 
 #include "common.cuh"
 #include "cuattn_params.h"

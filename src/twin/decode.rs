@@ -328,13 +328,13 @@ pub fn forward_kernel(
                                 let p: Vec<f32> = sc.iter().map(|&x| (x - mu).exp2()).collect();
                                 let psum = p.iter().fold(0.0f32, |a, &x| a + x);
                                 l[g][hh] = l[g][hh] * alpha + psum;
-                                for d in 0..hd {
-                                    let mut a = acc[g][hh][d] * alpha;
+                                for (d, acc_d) in acc[g][hh].iter_mut().enumerate() {
+                                    let mut a = *acc_d * alpha;
                                     for (kk, key) in keys.iter().enumerate() {
                                         let vd = key.as_ref().map_or(0.0, |kv| kv.1[d]);
                                         a = p[kk].mul_add(vd, a);
                                     }
-                                    acc[g][hh][d] = a;
+                                    *acc_d = a;
                                 }
                                 m[g][hh] = m_new;
                             }
