@@ -73,6 +73,19 @@ template <typename T, int HD, int HPB> struct Geometry {
     static constexpr int BLOCK_KEYS = NG * KPG;               // keys per block iteration
 };
 
+// Pinned to the CPU twin's `Geometry` (tests/decode_twin.rs, geometry_follows_the_kernels_constants):
+// change both together.
+static_assert(Geometry<__half, 128, 4>::TPK == 16 && Geometry<__half, 128, 4>::NG == 8 &&
+                  Geometry<__half, 128, 4>::KPG == 2,
+              "f16 D128 HPB4 geometry differs from twin::decode::Geometry");
+static_assert(Geometry<__half, 64, 1>::TPK == 8 && Geometry<__half, 64, 1>::NG == 16 &&
+                  Geometry<__half, 64, 1>::KPG == 4,
+              "f16 D64 HPB1 geometry differs from twin::decode::Geometry");
+static_assert(Geometry<float, 256, 8>::TPK == 32 && Geometry<float, 256, 8>::NP == 2 &&
+                  Geometry<float, 256, 8>::NG == 4 && Geometry<float, 256, 8>::KPG == 1,
+              "f32 D256 HPB8 geometry differs from twin::decode::Geometry");
+static_assert(TILE == 64 && THREADS == 128, "twin::decode::{SPLIT_TILE, THREADS} differ");
+
 // Key range [start, end) of split s (the host planner and the twin compute the same).
 __device__ __forceinline__ void split_range(int s, int splits, int len, int& start, int& end) {
     const int tiles = (len + TILE - 1) / TILE;

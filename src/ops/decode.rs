@@ -14,12 +14,19 @@ use super::validate::{self, ViewInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, Kernel, TensorMut, TensorRef};
-use crate::kernels::params::{cuattn_decode_params, CUATTN_DECODE_MAX_HEAD_DIM};
-use crate::twin::decode::{plan_splits, Geometry, MAX_SPLITS, THREADS};
+use crate::kernels::params::{
+    cuattn_decode_params, CUATTN_DECODE_MAX_HEAD_DIM, CUATTN_DECODE_SPLIT_TILE,
+    CUATTN_DECODE_THREADS,
+};
+use crate::twin::decode::{plan_splits, Geometry, MAX_SPLITS, SPLIT_TILE, THREADS};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::sync::Arc;
 
 const MODULE: &str = "decode";
+// The twin's constants (which the planner and the geometry use) are the header's.
+const _: () = assert!(
+    THREADS == CUATTN_DECODE_THREADS as usize && SPLIT_TILE == CUATTN_DECODE_SPLIT_TILE as usize
+);
 /// Largest head dim accepted.
 pub const MAX_HEAD_DIM: usize = CUATTN_DECODE_MAX_HEAD_DIM as usize;
 /// Rows (one warp each) per block of the merge kernel.
