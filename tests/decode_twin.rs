@@ -216,8 +216,13 @@ fn every_length_zero_gives_zero_output_and_negative_infinite_lse() {
 
 #[test]
 fn planner_fills_the_gpu_without_empty_splits() {
-    // 132 SMs × 4 resident blocks; one sequence of 8 kv-heads.
-    assert_eq!(plan_splits(8, 32768, 528), 64);
+    // 132 SMs × 3 resident blocks. One sequence of 8 kv-heads at 32k: 43 splits, 344 blocks in
+    // one wave (90% of the best wave efficiency, then whole tiles per split).
+    assert_eq!(plan_splits(8, 32768, 396), 43);
+    // Eight sequences: 6 splits, 384 blocks, one wave, where 7 would need a second wave.
+    assert_eq!(plan_splits(64, 32768, 396), 6);
+    // A short cache: every split it can have (32 of 128 keys), all in one wave.
+    assert_eq!(plan_splits(8, 4096, 396), 32);
     assert_eq!(plan_splits(8, 0, 528), 1);
     assert_eq!(plan_splits(8, 100, 528), 1);
     assert_eq!(plan_splits(1024, 131072, 528), 1);

@@ -203,15 +203,34 @@ impl Geometry {
     }
 }
 
-/// The number of splits: enough blocks to fill `target_blocks` (the GPU's resident blocks)
-/// over `base_blocks` = B·Hkv·chunks, with at least [`MIN_KEYS_PER_SPLIT`] keys of the longest
-/// cache (`max_len`) each, at most [`MAX_SPLITS`], and no split left empty for that cache.
-pub fn plan_splits(base_blocks: usize, max_len: usize, target_blocks: usize) -> usize {
+/// Fraction of the best wave efficiency the planner accepts in exchange for fewer splits.
+const WAVE_EFFICIENCY: f64 = 0.9;
+
+/// The number of splits for `base_blocks` = B·Hkv·chunks blocks per split, a longest cache of
+/// `max_len` keys and `resident_blocks` blocks resident on the whole GPU at once.
+///
+/// Each split gets at least [`MIN_KEYS_PER_SPLIT`] keys; at most [`MAX_SPLITS`]. While all the
+/// blocks fit in one wave, as many splits as that allows. Beyond, the blocks run in waves and
+/// a last, partly filled wave costs as long as a full one (every block streams the same number
+/// of keys): the count is the smallest whose wave efficiency, blocks / (waves · resident), is
+/// within [`WAVE_EFFICIENCY`] of the best (FlashAttention-2's `num_splits_heuristic` rule).
+/// Finally whole tiles per split: no split is left empty for the longest cache.
+pub fn plan_splits(base_blocks: usize, max_len: usize, resident_blocks: usize) -> usize {
+    let (base, resident) = (base_blocks.max(1), resident_blocks.max(1));
+    let max_s = (max_len / MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
+    let s = if base * max_s <= resident {
+        max_s
+    } else {
+        let eff = |s: usize| {
+            let blocks = base * s;
+            blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
+        };
+        let best = (1..=max_s).map(eff).fold(0.0, f64::max);
+        (1..=max_s)
+            .find(|&s| eff(s) >= WAVE_EFFICIENCY * best)
+            .unwrap_or(1)
+    };
     let tiles = max_len.div_ceil(SPLIT_TILE);
-    let useful = (max_len / MIN_KEYS_PER_SPLIT).max(1);
-    let want = target_blocks.div_ceil(base_blocks.max(1));
-    let s = want.min(useful).clamp(1, MAX_SPLITS);
-    // Whole tiles per split: fewer splits may cover the same tiles (the rest would be empty).
     let per = tiles.div_ceil(s).max(1);
     tiles.div_ceil(per).max(1)
 }
