@@ -174,5 +174,38 @@ typedef struct cuattn_attention_softmax_params {
     int32_t causal; /* CUATTN_CAUSAL_* */
     float scale;
 } cuattn_attention_softmax_params;
+/* ---- Single-token decode attention over a KV cache (kernels/decode.cu) ----------------------
+ * Query (b, h) [one token] at q + b*q_batch_stride + h*q_head_stride + d; cache row j of
+ * kv-head hk at k + b*k_batch_stride + hk*k_head_stride + j*k_row_stride + d (likewise V).
+ * Sequence b attends to cache rows [0, clamp(cache_lens[b], 0, capacity)).
+ * Split s of `splits` covers key tiles of CUATTN_DECODE_SPLIT_TILE rows:
+ *   per = ceil(ceil(len/TILE)/splits); keys [s*per*TILE, (s+1)*per*TILE) ∩ [0, len).
+ * Phase 1 (decode_split_*): one block per (batch, kv-head, head chunk, split), flattened in x;
+ * writes workspace O_s (f32, normalised) and LSE_s, or, when splits == 1, O and LSE directly.
+ * Phase 2 (decode_merge_*): one warp per (batch, q-head) row merges the splits. */
+#define CUATTN_DECODE_SPLIT_TILE 64
+#define CUATTN_DECODE_MAX_HEAD_DIM 256
+#define CUATTN_DECODE_THREADS 128 /* threads of a split block */
+
+typedef struct cuattn_decode_params {
+    uint64_t q;          /* [B, Hq, D] T */
+    uint64_t k, v;       /* [B, Hkv, capacity, D] T */
+    uint64_t o;          /* [B, Hq, D] T */
+    uint64_t lse;        /* [B, Hq] f32 (contiguous), or 0: not written */
+    uint64_t cache_lens; /* int32 [B] on the device */
+    uint64_t ws_o;       /* f32 [B, Hq, splits, D]: split outputs (splits > 1) */
+    uint64_t ws_lse;     /* f32 [B, Hq, splits] */
+    int64_t q_batch_stride, q_head_stride;
+    int64_t k_batch_stride, k_head_stride, k_row_stride;
+    int64_t v_batch_stride, v_head_stride, v_row_stride;
+    int64_t o_batch_stride, o_head_stride;
+    int32_t batch, heads_q, heads_kv;
+    int32_t capacity;     /* cache rows allocated per sequence */
+    int32_t dim;          /* head dim of q, K, V and O */
+    int32_t splits;
+    int32_t head_chunks;  /* ceil((Hq/Hkv) / heads per block) */
+    int32_t vectorized;   /* 1: K/V base, strides and dim allow 16-byte loads */
+    float scale;          /* multiplies q.k; positive */
+} cuattn_decode_params;
 
 #endif /* CUATTN_PARAMS_H */

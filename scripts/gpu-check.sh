@@ -18,17 +18,19 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention sparse"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
+#   BENCH_FAMILIES (default "layernorm attention sparse decode"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches.
+#   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
+#   capped like layernorm).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
 
-BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention sparse}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention sparse decode}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 OUT="${OUT:-${TMPDIR:-/tmp}/cuattn-gpu-check}"
 BUNDLE="$root/gpu-bundle"

@@ -30,6 +30,13 @@ backend is flash | efficient | cudnn | math. flops = 4*B*H*L*L*D, halved when ca
 so does every measurement left when --time-budget-s is spent. "matmul_tflops" is torch.matmul
 of two 8192x8192 bf16 matrices (2*8192^3 FLOPs), median time.
 
+decode: input rows {"op": "decode", "dtype", "batch", "heads_q", "heads_kv", "len", "dim",
+"bytes", ...} (cuattn bench decode --json). Each is timed with F.scaled_dot_product_attention(q,
+k, v, enable_gqa=True), q randn [B, Hq, 1, D], k/v randn [B, Hkv, L, D] (one query token against
+the cache), once per SDPA backend (flash, efficient, math; a backend that refuses the shape or
+GQA gets "error"). Output rows add "backend", "time_us", "gbs" and "pct_copy", with "bytes"
+copied from the input (K + V + q + O) and the copy bandwidth measured as for layernorm.
+
 Timer: triton.testing.do_bench (median; it flushes the L2 cache before every call) when triton
 imports, else CUDA events around batches of calls after a warm-up (median of the batches);
 --timer picks one. Warm-up/measured time default to 25/100 ms for layernorm and 5/20 ms for
@@ -480,6 +487,71 @@ def layernorm_prelude(timer):
     return copy_gbs, {"copy_bandwidth_gbs": round(copy_gbs, 1)}
 
 
+# ------------------------------------------------------------------------------------- decode
+DECODE_BACKENDS = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("math", "MATH"))
+
+
+def decode_default_rows():
+    """Shapes used without --shapes-from: cuattn's decode bench (Hq 32, Hkv 8, D 128)."""
+    rows = []
+    for dtype in ("f16", "bf16"):
+        for batch in (1, 8):
+            for length in (4096, 8192, 16384, 32768, 65536, 131072):
+                e = elem_size(dtype)
+                rows.append({"op": "decode", "dtype": dtype, "batch": batch, "heads_q": 32, "heads_kv": 8,
+                             "len": length, "dim": 128,
+                             "bytes": 2 * batch * 8 * length * 128 * e + 2 * batch * 32 * 128 * e})
+    return rows
+
+
+def bench_decode(rows, args, timer, copy_gbs):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = []
+    for row in rows:
+        base = {k: v for k, v in row.items() if k not in ("splits",)}
+        try:
+            dt = torch_dtype(row["dtype"])
+            b, hq, hkv = int(row["batch"]), int(row["heads_q"]), int(row["heads_kv"])
+            length, d = int(row["len"]), int(row["dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            out.append(failed_row(base, f"torch_baseline cannot read this decode row: {type(e).__name__}: {e}"))
+            continue
+        t = {}
+        try:
+            g = torch.Generator(device="cuda").manual_seed(1234)
+            t["q"] = torch.randn(b, hq, 1, d, dtype=dt, device="cuda", generator=g)
+            t["k"] = torch.randn(b, hkv, length, d, dtype=dt, device="cuda", generator=g)
+            t["v"] = torch.randn(b, hkv, length, d, dtype=dt, device="cuda", generator=g)
+
+            def fn():
+                return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], enable_gqa=hq != hkv)
+
+            for name, member in DECODE_BACKENDS:
+                r = dict(base, backend=name)
+                if args.time_budget_s and time.monotonic() - T0 > args.time_budget_s:
+                    out.append(failed_row(r, f"time budget of {args.time_budget_s:.0f}s spent"))
+                    continue
+                try:
+                    with sdpa_kernel([getattr(SDPBackend, member)]), torch.no_grad():
+                        us = timer(fn)
+                    out.append(finish_row(r, us, copy_gbs))
+                    log(f"decode {name:9s} {row['dtype']} B{b} L{length}: {us:9.1f} us")
+                except Exception as e:  # the backend refuses the shape (or GQA): record, go on
+                    msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+                    out.append(failed_row(r, msg))
+                    log(f"decode {name:9s} {row['dtype']} B{b} L{length}: {msg}")
+                    torch.cuda.empty_cache()
+        except Exception as e:  # could not make the inputs (out of memory)
+            out.append(failed_row(dict(base, backend=None), f"{type(e).__name__}: {e}"[:200]))
+        finally:
+            t.clear()
+            torch.cuda.empty_cache()
+    return out
+
+
 # bench(rows, args, timer, ctx) -> rows; default_rows() -> rows without --shapes-from;
 # prelude(timer) -> (ctx for bench, top-level fields of the output); default warm-up/rep in ms.
 Family = namedtuple("Family", "bench default_rows prelude warmup_ms rep_ms time_budget_s")
@@ -487,6 +559,7 @@ FAMILIES = {
     "layernorm": Family(bench_layernorm, layernorm_default_rows, layernorm_prelude, 25.0, 100.0, None),
     "attention": Family(bench_attention, attention_default_rows, attention_prelude, 5.0, 20.0, 100.0),
     "sparse": Family(bench_sparse, sparse_default_rows, no_prelude, 5.0, 20.0, 100.0),
+    "decode": Family(bench_decode, decode_default_rows, layernorm_prelude, 5.0, 20.0, 200.0),
 }
 
 
@@ -544,6 +617,16 @@ def print_table(result):
             note = r.get("error") or r.get("skipped")
             print(f"{str(r.get('backend')):9s} {str(r.get('dtype')):5s} {shape:>14s} {str(r.get('dim')):>4s} "
                   f"{'yes' if r.get('causal') else 'no':6s} {t:>10s} {tf:>8s}" + (f"  {note}" if note else ""))
+        return
+    if result["family"] == "decode":
+        print(f"copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
+        print(f"{'backend':9s} {'dtype':5s} {'batch':>5s} {'len':>7s} {'time_us':>10s} {'GB/s':>8s} {'%copy':>6s}")
+        for r in result["rows"]:
+            t = "-" if r.get("time_us") is None else f"{r['time_us']:.1f}"
+            gbs = "-" if r.get("gbs") is None else f"{r['gbs']:.0f}"
+            pct = "-" if r.get("pct_copy") is None else f"{r['pct_copy']:.1f}"
+            print(f"{str(r.get('backend')):9s} {str(r.get('dtype')):5s} {str(r.get('batch')):>5s} "
+                  f"{str(r.get('len')):>7s} {t:>10s} {gbs:>8s} {pct:>6s}" + (f"  {r['error']}" if r.get("error") else ""))
         return
     print(f"copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
     print(f"{'op':17s} {'dtype':5s} {'shape':>12s} {'time_us':>10s} {'GB/s':>8s} {'%copy':>6s}")

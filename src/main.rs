@@ -54,6 +54,7 @@ enum Family {
     Attention,
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
+    Decode,
 }
 
 fn main() -> ExitCode {
@@ -201,6 +202,9 @@ fn check() -> CliResult {
             cuattn::check::attention::forward(&gpu, &case),
         );
     }
+    for (name, case) in cuattn::check::decode::standard_cases() {
+        report("decode", &name, cuattn::check::decode::forward(&gpu, &case));
+    }
     if failures > 0 {
         println!("{failures} check(s) FAILED");
         return Ok(ExitCode::FAILURE);
@@ -314,6 +318,37 @@ fn bench(
                         r.time_us,
                         r.tflops,
                         r.speedup_vs_dense
+                    );
+                }
+            }
+        }
+        Family::Decode => {
+            let rows = cuattn::bench::decode::run(&gpu, &dtypes, quick, copy_gbs)?;
+            if json {
+                let v = serde_json::json!({
+                    "family": "decode",
+                    "device": gpu.info().name,
+                    "copy_bandwidth_gbs": copy_gbs,
+                    "rows": rows,
+                });
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "Decode attention on {} (Hq {}, Hkv {}, D {}; bytes = K + V + q + O; copy {:.0} GB/s)",
+                    gpu.info().name,
+                    cuattn::bench::decode::HEADS_Q,
+                    cuattn::bench::decode::HEADS_KV,
+                    cuattn::bench::decode::DIM,
+                    copy_gbs
+                );
+                println!(
+                    "{:<5} {:>5} {:>7} {:>6} {:>10} {:>8} {:>7}",
+                    "dtype", "batch", "len", "splits", "time (µs)", "GB/s", "% copy"
+                );
+                for r in rows {
+                    println!(
+                        "{:<5} {:>5} {:>7} {:>6} {:>10.1} {:>8.0} {:>6.1}%",
+                        r.dtype, r.batch, r.len, r.splits, r.time_us, r.gbs, r.pct_copy
                     );
                 }
             }

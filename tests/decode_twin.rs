@@ -140,3 +140,144 @@ fn merge_guards_empty_splits_and_all_empty_rows() {
     assert!((lse - (3.5 + 2f32.ln())).abs() < 1e-6);
     assert!((o[0] - 2.0).abs() < 1e-6 && (o[1] + 1.0).abs() < 1e-6);
 }
+
+// ---- The kernel's own loop (`twin::decode::forward_kernel`) --------------------------------
+
+use cuattn::twin::decode::{forward_kernel, plan_splits, Geometry, MIN_KEYS_PER_SPLIT, SPLIT_TILE};
+use proptest::prelude::*;
+
+/// q [B, Hq, D], K/V [B, Hkv, capacity, D]; the reference sees one query row per head, the
+/// cache lengths as key padding.
+fn check_kernel_twin(
+    seed: u64,
+    dtype: DType,
+    (batch, heads_kv, group, dim): (usize, usize, usize, usize),
+    lens: &[usize],
+    capacity: usize,
+    splits: usize,
+) -> Result<(), String> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let s = Shape::new(batch, heads_kv * group, heads_kv, 1, capacity, dim, dim);
+    let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|a| dtype.round(a)).collect() };
+    let q = round(rand_vec(&mut rng, s.q_len(), 2.0));
+    let k = round(rand_vec(&mut rng, s.k_len(), 2.0));
+    let v = round(rand_vec(&mut rng, s.v_len(), 1.0));
+    let opts = Options {
+        key_lens: Some(lens.to_vec()),
+        ..Options::new(dim)
+    };
+    let want = reference::forward(&q, &k, &v, &s, &opts);
+    let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, DType::F32);
+    let geo = Geometry::new(dtype.size_bytes(), dim, group);
+    let (o, lse) = forward_kernel(&q, &k, &v, &s, lens, opts.scale as f32, splits, &geo);
+    let what =
+        format!("B{batch} Hkv{heads_kv} G{group} D{dim} lens {lens:?} splits {splits} {dtype}");
+    expect_close(&format!("{what}: O"), &o, &want.o, tol.o)?;
+    expect_close(&format!("{what}: LSE"), &lse, &want.lse, tol.lse)
+}
+
+#[test]
+fn kernel_loop_handles_length_zero_short_and_tile_edge_caches() {
+    for dtype in DType::ALL {
+        for dim in [64usize, 128, 80, 256, 3] {
+            for splits in [1usize, 2, 7] {
+                let lens = [0usize, 1, 63, 64, 65, 129];
+                check_kernel_twin(dim as u64, dtype, (6, 1, 1, dim), &lens, 129, splits).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_loop_groups_query_heads_in_chunks() {
+    // Groups 1..=12: 1, 2, 4 and 8 heads per block, and two chunks (12 = 8 + 4 left over).
+    for group in [1usize, 2, 3, 4, 5, 8, 12] {
+        check_kernel_twin(
+            group as u64,
+            DType::F16,
+            (2, 2, group, 64),
+            &[200, 37],
+            200,
+            3,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn every_length_zero_gives_zero_output_and_negative_infinite_lse() {
+    let s = Shape::new(2, 2, 1, 1, 8, 16, 16);
+    let (q, k, v) = (vec![1.0; 64], vec![f32::NAN; 256], vec![f32::NAN; 256]);
+    let geo = Geometry::new(2, 16, 2);
+    let (o, lse) = forward_kernel(&q, &k, &v, &s, &[0, 0], 0.25, 3, &geo);
+    assert!(o.iter().all(|&x| x == 0.0), "{o:?}");
+    assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY), "{lse:?}");
+}
+
+#[test]
+fn planner_fills_the_gpu_without_empty_splits() {
+    // 132 SMs × 3 resident blocks. One sequence of 8 kv-heads at 32k: 43 splits, 344 blocks in
+    // one wave (90% of the best wave efficiency, then whole tiles per split).
+    assert_eq!(plan_splits(8, 32768, 396), 43);
+    // Eight sequences: 6 splits, 384 blocks, one wave, where 7 would need a second wave.
+    assert_eq!(plan_splits(64, 32768, 396), 6);
+    // A short cache: every split it can have (32 of 128 keys), all in one wave.
+    assert_eq!(plan_splits(8, 4096, 396), 32);
+    assert_eq!(plan_splits(8, 0, 528), 1);
+    assert_eq!(plan_splits(8, 100, 528), 1);
+    assert_eq!(plan_splits(1024, 131072, 528), 1);
+    for (base, len) in [(8usize, 4096usize), (64, 131072), (1, 1000), (3, 70000)] {
+        let s = plan_splits(base, len, 528);
+        assert!((1..=256).contains(&s));
+        // Every split of the longest cache has keys.
+        assert!(!split_range(s - 1, s, len, SPLIT_TILE).is_empty() || len == 0);
+        assert!(
+            len == 0 || s == 1 || split_range(0, s, len, SPLIT_TILE).len() >= MIN_KEYS_PER_SPLIT
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Cache lengths 0..=5000 per sequence, 1 to 40 splits (more splits than tiles leaves
+    /// empty ones), any head dim up to 256, GQA groups, every dtype's pack geometry.
+    #[test]
+    fn kernel_loop_matches_the_reference(
+        seed in any::<u64>(),
+        dtype in prop::sample::select(DType::ALL.to_vec()),
+        batch in 1usize..=3,
+        heads_kv in 1usize..=2,
+        group in prop::sample::select(vec![1usize, 2, 3, 4, 6, 8]),
+        dim in prop_oneof![prop::sample::select(vec![64usize, 128]), 1usize..=256],
+        raw_lens in prop::collection::vec(0usize..=5000, 3),
+        splits in 1usize..=40,
+    ) {
+        let lens = &raw_lens[..batch];
+        let capacity = lens.iter().copied().max().unwrap_or(0).max(1);
+        check_kernel_twin(seed, dtype, (batch, heads_kv, group, dim), lens, capacity, splits)
+            .map_err(TestCaseError::fail)?;
+    }
+}
+
+#[test]
+fn geometry_follows_the_kernels_constants() {
+    let fields = |g: Geometry| {
+        (
+            g.head_dim_tile,
+            g.heads_per_block,
+            g.vec,
+            g.threads_per_key,
+            g.packs_per_thread,
+            g.groups,
+            g.keys_per_group,
+        )
+    };
+    // f16, D 128, 4 query heads per kv-head: 16 packs → 16 threads per key, 8 groups.
+    assert_eq!(fields(Geometry::new(2, 128, 4)), (128, 4, 8, 16, 1, 8, 2));
+    // f16, D 64, MHA: 8 threads per key, 16 groups, 4 keys each.
+    assert_eq!(fields(Geometry::new(2, 64, 1)), (64, 1, 8, 8, 1, 16, 4));
+    // f32, D 200 → 256, group 12 → 8 per block: 64 packs, 2 per thread, 1 key per group.
+    assert_eq!(fields(Geometry::new(4, 200, 12)), (256, 8, 4, 32, 2, 4, 1));
+    assert_eq!(Geometry::new(4, 200, 12).head_chunks(12), 2);
+}

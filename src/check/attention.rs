@@ -55,7 +55,7 @@ pub(super) fn err(e: crate::Error) -> String {
 
 /// A [B, H, L, D] tensor uploaded as BHSD or, with `bshd`, as BSHD memory seen through strides;
 /// `values` are in BHSD order. `fill` everywhere when `values` is `None`.
-pub(super) fn upload_4d(
+pub(crate) fn upload_4d(
     gpu: &Arc<Gpu>,
     dtype: DType,
     dims: [usize; 4],

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod attention_unfused;
+pub mod decode;
 pub mod layernorm;
 pub mod sparse_attention;
 mod validate;

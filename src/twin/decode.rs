@@ -125,3 +125,278 @@ pub fn forward(
     }
     (o, lse)
 }
+
+/// Threads of one split block (`CUATTN_DECODE_THREADS`).
+pub const THREADS: usize = 128;
+/// Splits cover whole tiles of this many keys (`CUATTN_DECODE_SPLIT_TILE`).
+pub const SPLIT_TILE: usize = 64;
+/// Fewest keys a split is given when the planner can choose (each split writes D + 1 floats
+/// and costs a block launch: below this the merge traffic stops being small).
+pub const MIN_KEYS_PER_SPLIT: usize = 128;
+/// Most splits the planner picks (bounds the workspace: B·Hq·splits·(D + 1) floats).
+pub const MAX_SPLITS: usize = 256;
+
+/// The split kernel's geometry for one call, as `Geometry` in kernels/decode.cu computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Padded head dim HD: 64, 128 or 256.
+    pub head_dim_tile: usize,
+    /// Query heads per block (HPB): 1, 2, 4 or 8.
+    pub heads_per_block: usize,
+    /// Elements per 16-byte pack.
+    pub vec: usize,
+    /// Threads sharing one key row (TPK).
+    pub threads_per_key: usize,
+    /// Packs per thread (NP).
+    pub packs_per_thread: usize,
+    /// Key groups per block (NG = THREADS / TPK).
+    pub groups: usize,
+    /// Keys per group per iteration (KPG).
+    pub keys_per_group: usize,
+}
+
+impl Geometry {
+    /// For elements of `elem_bytes` bytes, head dim `dim` (1..=256) and `group` query heads
+    /// per key/value head.
+    pub fn new(elem_bytes: usize, dim: usize, group: usize) -> Geometry {
+        let head_dim_tile = match dim {
+            0..=64 => 64,
+            65..=128 => 128,
+            _ => 256,
+        };
+        let heads_per_block = match group {
+            0 | 1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
+        let vec = 16 / elem_bytes;
+        let packs = head_dim_tile / vec;
+        let threads_per_key = packs.min(32);
+        let packs_per_thread = packs / threads_per_key;
+        Geometry {
+            head_dim_tile,
+            heads_per_block,
+            vec,
+            threads_per_key,
+            packs_per_thread,
+            groups: THREADS / threads_per_key,
+            keys_per_group: match packs_per_thread * heads_per_block {
+                0..=2 => 4,
+                3..=8 => 2,
+                _ => 1,
+            },
+        }
+    }
+
+    /// Keys one block takes per iteration.
+    pub fn block_keys(&self) -> usize {
+        self.groups * self.keys_per_group
+    }
+
+    /// Blocks per (batch, kv-head) pair needed to cover `group` query heads.
+    pub fn head_chunks(&self, group: usize) -> usize {
+        group.div_ceil(self.heads_per_block)
+    }
+}
+
+/// Fraction of the best wave efficiency the planner accepts in exchange for fewer splits.
+const WAVE_EFFICIENCY: f64 = 0.9;
+
+/// The number of splits for `base_blocks` = B·Hkv·chunks blocks per split, a longest cache of
+/// `max_len` keys and `resident_blocks` blocks resident on the whole GPU at once.
+///
+/// Each split gets at least [`MIN_KEYS_PER_SPLIT`] keys; at most [`MAX_SPLITS`]. While all the
+/// blocks fit in one wave, as many splits as that allows. Beyond, the blocks run in waves and
+/// a last, partly filled wave costs as long as a full one (every block streams the same number
+/// of keys): the count is the smallest whose wave efficiency, blocks / (waves · resident), is
+/// within [`WAVE_EFFICIENCY`] of the best (FlashAttention-2's `num_splits_heuristic` rule).
+/// Finally whole tiles per split: no split is left empty for the longest cache.
+pub fn plan_splits(base_blocks: usize, max_len: usize, resident_blocks: usize) -> usize {
+    let (base, resident) = (base_blocks.max(1), resident_blocks.max(1));
+    let max_s = (max_len / MIN_KEYS_PER_SPLIT).clamp(1, MAX_SPLITS);
+    let s = if base * max_s <= resident {
+        max_s
+    } else {
+        let eff = |s: usize| {
+            let blocks = base * s;
+            blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
+        };
+        let best = (1..=max_s).map(eff).fold(0.0, f64::max);
+        (1..=max_s)
+            .find(|&s| eff(s) >= WAVE_EFFICIENCY * best)
+            .unwrap_or(1)
+    };
+    let tiles = max_len.div_ceil(SPLIT_TILE);
+    let per = tiles.div_ceil(s).max(1);
+    tiles.div_ceil(per).max(1)
+}
+
+/// Sum over a key group's `n` threads by xor butterflies, as `group_sum` in the kernel: every
+/// thread ends with the same value.
+fn group_sum(parts: &mut [f32]) -> f32 {
+    let n = parts.len();
+    let mut off = n / 2;
+    while off > 0 {
+        let prev = parts.to_vec();
+        for (t, p) in parts.iter_mut().enumerate() {
+            *p = prev[t] + prev[t ^ off];
+        }
+        off /= 2;
+    }
+    parts[0]
+}
+
+/// Decode attention as kernels/decode.cu runs it: q [B, Hq, D], K and V [B, Hkv, capacity, D]
+/// (BHSD, contiguous), sequence b attending to its first min(lens[b], capacity) cache rows.
+/// Runs each block's key assignment, per-thread partial dot products, group butterflies,
+/// online softmax (exp2 domain, once per KPG keys), the in-block group merge, and the split
+/// merge ([`merge`]; the kernel sums its Σ over lanes then a butterfly, the twin in order).
+/// Returns O [B, Hq, D] and LSE [B, Hq] in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_kernel(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &Shape,
+    lens: &[usize],
+    scale: f32,
+    splits: usize,
+    geo: &Geometry,
+) -> (Vec<f32>, Vec<f32>) {
+    let s = shape;
+    let (dim, cap) = (s.dim_qk, s.len_k);
+    let group = s.heads_q / s.heads_kv;
+    let (hd, tpk, vec, npk) = (
+        geo.head_dim_tile,
+        geo.threads_per_key,
+        geo.vec,
+        geo.packs_per_thread,
+    );
+    let c = scale * std::f32::consts::LOG2_E;
+    let mut o = vec![f32::NAN; s.batch * s.heads_q * dim];
+    let mut lse = vec![f32::NAN; s.batch * s.heads_q];
+    for b in 0..s.batch {
+        let len = lens[b].min(cap);
+        for hk in 0..s.heads_kv {
+            for chunk in 0..geo.head_chunks(group) {
+                let h0 = hk * group + chunk * geo.heads_per_block;
+                let nh = geo.heads_per_block.min(group - chunk * geo.heads_per_block);
+                let mut parts: Vec<Vec<Partial>> = vec![Vec::new(); nh];
+                for sp in 0..splits {
+                    let r = split_range(sp, splits, len, SPLIT_TILE);
+                    let qr: Vec<Vec<f32>> = (0..nh)
+                        .map(|hh| {
+                            let qh = &q[((b * s.heads_q + h0 + hh) * dim)..][..dim];
+                            (0..hd)
+                                .map(|d| if d < dim { c * qh[d] } else { 0.0 })
+                                .collect()
+                        })
+                        .collect();
+                    // Per group and head: m, l and O over the padded dims.
+                    let mut m = vec![vec![f32::NEG_INFINITY; nh]; geo.groups];
+                    let mut l = vec![vec![0.0f32; nh]; geo.groups];
+                    let mut acc = vec![vec![vec![0.0f32; hd]; nh]; geo.groups];
+                    let row = |x: &[f32], j: usize| -> Vec<f32> {
+                        let base = ((b * s.heads_kv + hk) * cap + j) * dim;
+                        (0..hd)
+                            .map(|d| if d < dim { x[base + d] } else { 0.0 })
+                            .collect()
+                    };
+                    let mut base = r.start;
+                    while base < r.end {
+                        for g in 0..geo.groups {
+                            let j0 = base + g * geo.keys_per_group;
+                            let keys: Vec<Option<(Vec<f32>, Vec<f32>)>> = (0..geo.keys_per_group)
+                                .map(|kk| {
+                                    (j0 + kk < r.end).then(|| (row(k, j0 + kk), row(v, j0 + kk)))
+                                })
+                                .collect();
+                            for hh in 0..nh {
+                                let mut sc = vec![f32::NEG_INFINITY; geo.keys_per_group];
+                                let mut m_new = m[g][hh];
+                                for (kk, key) in keys.iter().enumerate() {
+                                    // Thread t's partial: its packs n, elements e, in order.
+                                    let mut partial = vec![0.0f32; tpk];
+                                    for (t, pt) in partial.iter_mut().enumerate() {
+                                        for n in 0..npk {
+                                            for e in 0..vec {
+                                                let d = (t + n * tpk) * vec + e;
+                                                let kd = key.as_ref().map_or(0.0, |kv| kv.0[d]);
+                                                *pt = qr[hh][d].mul_add(kd, *pt);
+                                            }
+                                        }
+                                    }
+                                    let dot = group_sum(&mut partial);
+                                    sc[kk] = if key.is_some() {
+                                        dot
+                                    } else {
+                                        f32::NEG_INFINITY
+                                    };
+                                    m_new = m_new.max(sc[kk]);
+                                }
+                                let mu = if m_new == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    m_new
+                                };
+                                let alpha = (m[g][hh] - mu).exp2();
+                                let p: Vec<f32> = sc.iter().map(|&x| (x - mu).exp2()).collect();
+                                let psum = p.iter().fold(0.0f32, |a, &x| a + x);
+                                l[g][hh] = l[g][hh] * alpha + psum;
+                                for (d, acc_d) in acc[g][hh].iter_mut().enumerate() {
+                                    let mut a = *acc_d * alpha;
+                                    for (kk, key) in keys.iter().enumerate() {
+                                        let vd = key.as_ref().map_or(0.0, |kv| kv.1[d]);
+                                        a = p[kk].mul_add(vd, a);
+                                    }
+                                    *acc_d = a;
+                                }
+                                m[g][hh] = m_new;
+                            }
+                        }
+                        base += geo.block_keys();
+                    }
+                    // Merge the groups (fixed group order), as the end of the kernel's block.
+                    for hh in 0..nh {
+                        let mx = (0..geo.groups)
+                            .map(|g| m[g][hh])
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        let mu = if mx == f32::NEG_INFINITY { 0.0 } else { mx };
+                        let total = (0..geo.groups)
+                            .fold(0.0f32, |a, g| a + (m[g][hh] - mu).exp2() * l[g][hh]);
+                        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+                        let od: Vec<f32> = (0..dim)
+                            .map(|d| {
+                                let sum = (0..geo.groups).fold(0.0f32, |a, g| {
+                                    a + acc[g][hh][d] * (m[g][hh] - mu).exp2()
+                                });
+                                sum * inv
+                            })
+                            .collect();
+                        let part_lse = if total > 0.0 {
+                            (mu + total.log2()) * std::f32::consts::LN_2
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        parts[hh].push(Partial {
+                            o: od,
+                            lse: part_lse,
+                        });
+                    }
+                }
+                for (hh, ps) in parts.iter().enumerate() {
+                    let row = b * s.heads_q + h0 + hh;
+                    let (oi, li) = if splits == 1 {
+                        (ps[0].o.clone(), ps[0].lse)
+                    } else {
+                        merge(ps, dim)
+                    };
+                    o[row * dim..(row + 1) * dim].copy_from_slice(&oi);
+                    lse[row] = li;
+                }
+            }
+        }
+    }
+    (o, lse)
+}

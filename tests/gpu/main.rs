@@ -3,6 +3,7 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
+mod decode;
 mod layernorm;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
