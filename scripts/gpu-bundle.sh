@@ -4,7 +4,7 @@
 #
 #   gpu-bundle/bin/cuattn              the CLI (info, check, bench)
 #   gpu-bundle/tests/<target>          one per tests/*.rs target; the lib's unit tests as tests/lib
-#   gpu-bundle/benches/<bench>         criterion benches
+#   gpu-bundle/benches/<bench>         criterion benches (only with GPU_BUNDLE_BENCHES=1: size)
 #   gpu-bundle/MANIFEST.txt            commit (+ -dirty), date, rustc, every file with size and sha256
 #
 # Then, on the device: bash scripts/gpu-check.sh (see docs/gpu.md).
@@ -25,8 +25,13 @@ trap 'rm -rf "$work"' EXIT
 
 echo "gpu-bundle: cargo test --release --no-run" >&2
 cargo test --release --no-run --message-format=json >"$work/test.json"
-echo "gpu-bundle: cargo bench --no-run" >&2
-cargo bench --no-run --message-format=json >"$work/bench.json"
+# Criterion benches embed every kernel (~11 MB each) and only feed logs: left out unless asked for.
+if [ "${GPU_BUNDLE_BENCHES:-0}" = 1 ]; then
+  echo "gpu-bundle: cargo bench --no-run" >&2
+  cargo bench --no-run --message-format=json >"$work/bench.json"
+else
+  : >"$work/bench.json"
+fi
 echo "gpu-bundle: cargo build --release --bin cuattn" >&2
 cargo build --release --bin cuattn --message-format=json >"$work/bin.json"
 
