@@ -2,7 +2,8 @@
 // cores), for f32 inputs and as a cross-check of the tensor-core kernels for f16/bf16.
 //
 // Algorithm: for query row i, over its admissible keys j (j < key_len, and j ≤ i + offset when
-// causal, offset = 0 top-left, key_len − len_q bottom-right; within the sliding window when one is set), online softmax in the exp2
+// causal, offset = 0 top-left, key_len − len_q bottom-right; within the sliding window when one is set;
+// with a block-sparse layout, the keys of the kept blocks that the block's element mask admits), online softmax in the exp2
 // domain: running max m of raw scores, running sum l, unnormalised O; O /= l at the end and
 // LSE = scale·m + ln l. Keys outside the admissible range are never read, so NaN there cannot
 // reach the output; a row with no admissible key writes O = 0 and LSE = −inf.
@@ -67,7 +68,8 @@ __device__ void attention_exact(const cuattn_attention_fwd_params& p) {
     }
     const float c = p.scale * 1.4426950408889634f;  // exp(scale·s) = 2^(c·s)
     float m = -INFINITY, l = 0.f;
-    for (int64_t j = begin; j < end; ++j) {
+    // One key: score, online-softmax update, O update. Warp-uniform (i and j are the warp's).
+    const auto visit = [&](int64_t j) {
         const T* kj = k + j * p.k_row_stride;
         float partial = 0.f;
 #pragma unroll
@@ -87,6 +89,34 @@ __device__ void attention_exact(const cuattn_attention_fwd_params& p) {
             if (d < p.dim_v) acc[e] = acc[e] * alpha + pj * to_f32(vj[d]);
         }
         m = m_new;
+    };
+    if (p.sp_row_offsets) {
+        // Block-sparse: the kept key blocks of row i's query block, each key tested against the
+        // block's element mask (CUATTN_SPARSE_*); keys past key_len are never visited.
+        const int bs = p.sp_block_size;
+        const int64_t qb = i / bs;
+        const int r = (p.sp_stored_heads == 1 ? 0 : h) * p.sp_q_blocks + (int)qb;
+        const int* ro = reinterpret_cast<const int*>(p.sp_row_offsets);
+        for (int x = ro[r]; x < ro[r + 1]; ++x) {
+            const int kind = reinterpret_cast<const int*>(p.sp_mask_kind)[x];
+            const int64_t j0 = (int64_t)reinterpret_cast<const int*>(p.sp_col_indices)[x] * bs;
+            const int64_t j1 = min(j0 + bs, key_len);
+            const int lo = kind == CUATTN_SPARSE_BAND ? reinterpret_cast<const int*>(p.sp_band_lo)[x] : 0;
+            const int hi = kind == CUATTN_SPARSE_BAND ? reinterpret_cast<const int*>(p.sp_band_hi)[x] : 0;
+            const uint64_t* bits = kind == CUATTN_SPARSE_BITS
+                                       ? reinterpret_cast<const uint64_t*>(p.sp_bits) +
+                                             ((int64_t)reinterpret_cast<const int*>(p.sp_bits_index)[x] * bs + (i - qb * bs)) *
+                                                 p.sp_words_per_row
+                                       : nullptr;
+            for (int64_t j = j0; j < j1; ++j) {
+                bool keep = true;
+                if (kind == CUATTN_SPARSE_BAND) keep = j >= i + lo && j <= i + hi;
+                if (bits) keep = (bits[(j - j0) / 64] >> ((j - j0) % 64)) & 1;
+                if (keep) visit(j);
+            }
+        }
+    } else {
+        for (int64_t j = begin; j < end; ++j) visit(j);
     }
     const bool any = l > 0.f;
     const float inv_l = any ? 1.f / l : 0.f;

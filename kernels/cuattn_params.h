@@ -160,7 +160,7 @@ typedef struct cuattn_attention_fwd_params {
      * sp_bits_union: per bitmask, the OR of its rows (sp_words_per_row words). */
     uint64_t sp_row_offsets, sp_col_indices, sp_mask_kind, sp_band_lo, sp_band_hi, sp_bits_index;
     uint64_t sp_bits, sp_bits_union;
-    int32_t sp_stored_heads, sp_q_blocks, sp_words_per_row;
+    int32_t sp_block_size, sp_stored_heads, sp_q_blocks, sp_words_per_row;
 } cuattn_attention_fwd_params;
 
 /* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)

@@ -470,14 +470,8 @@ pub(super) fn launch_forward(
         }
         Kernel::TensorCore => true,
     };
-    if sparse.is_some() && !tensor_cores {
-        return Err(Error::invalid(
-            "kernel",
-            "block-sparse attention runs on tensor cores only (f16/bf16)",
-        ));
-    }
     let mut tile = TcTile::for_head_dims(c.shape.dim_qk, c.shape.dim_v);
-    if let Some(sp) = sparse {
+    if let (Some(sp), true) = (sparse, tensor_cores) {
         tile = tile.sparse(sp.block_size)?;
     }
     let rows_per_block = if tensor_cores {
@@ -583,6 +577,7 @@ pub(super) fn launch_forward(
         sp_bits_index: sparse.map_or(0, |s| s.ptrs[5]),
         sp_bits: sparse.map_or(0, |s| s.ptrs[6]),
         sp_bits_union: sparse.map_or(0, |s| s.ptrs[7]),
+        sp_block_size: sparse.map_or(0, |s| s.block_size as i32),
         sp_stored_heads: sparse.map_or(0, |s| s.stored_heads),
         sp_q_blocks: sparse.map_or(0, |s| s.q_blocks),
         sp_words_per_row: sparse.map_or(0, |s| s.words_per_row),

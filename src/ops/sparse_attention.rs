@@ -3,12 +3,13 @@
 //! [`BlockLayout`] only, so the cost follows the number of blocks kept. Full blocks run without
 //! element masking; partial blocks apply their band or bitmask (and key padding) by element.
 //!
-//! Everything else is as in [`super::attention`]: dtypes f16/bf16, head dims 1–256, GQA, BHSD or
+//! f32 (or any dtype with `Kernel::Exact`) runs the exact kernel over the same kept blocks, key by
+//! key. Everything else is as in [`super::attention`]: head dims 1–256, GQA, BHSD or
 //! BSHD through strides, key padding (`Sequences::Dense { key_lens }`), LSE, fully-masked rows
 //! giving O = 0 and LSE = −inf. Causal and sliding-window masks belong in the layout
 //! ([`crate::sparse::patterns`]), so `Options::causal`/`window` must be `None` here; packed
-//! batches are not supported. Layout block sizes: 64 for every head dim, 128 for head dims up
-//! to 128.
+//! batches are not supported. Layout block sizes on tensor cores: 64 for every head dim, 128 for
+//! head dims up to 128; the exact kernel takes any supported block size.
 
 use super::attention::{check, launch_forward, Options, Sequences, SparseArgs};
 use crate::dtype::DType;
@@ -113,13 +114,6 @@ pub fn forward_into<'a>(
         ));
     }
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
-    if c.dtype == DType::F32 {
-        return Err(Error::DType {
-            arg: "q",
-            expected: DType::BF16,
-            got: DType::F32,
-        });
-    }
     let l = &layout.layout;
     l.check_call(&c.shape, l.block_size())?;
     let stream = gpu.stream();
