@@ -1,4 +1,4 @@
-//! Block-sparse attention (tensor cores, f16/bf16) against the f64 reference with the layout's
+//! Block-sparse attention (tensor cores for f16/bf16, the exact kernel for f32) against the f64 reference with the layout's
 //! expanded element mask, on random layouts of every kind (tests/sparse_layouts), block sizes
 //! 64 and 128, head dims 64/128/256 and odd ones, GQA, key padding, BHSD and BSHD. The check
 //! (NaN-poisoned outputs, NaN in keys no query keeps and past the key length) is
@@ -30,11 +30,8 @@ fn sparse_kernel_matches_reference_on_random_layouts_of_every_kind() {
     for round in 0..rounds {
         for &kind in &KINDS {
             let seed = rng.gen::<u64>();
-            let dtype = if rng.gen_bool(0.5) {
-                DType::F16
-            } else {
-                DType::BF16
-            };
+            // f32 runs the exact kernel over the kept blocks; f16/bf16 the tensor-core entries.
+            let dtype = [DType::F16, DType::BF16, DType::F32][rng.gen_range(0..3)];
             let (d, dv) = *[(64, 64), (128, 128), (72, 40), (256, 256), (96, 128)]
                 .get(rng.gen_range(0..5))
                 .unwrap();
