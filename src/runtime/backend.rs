@@ -1,0 +1,157 @@
+//! The one interface every model is written against. A [`Backend`] owns tensors of its own kind
+//! (host f32 vectors, device buffers) and runs the handful of ops a transformer needs on them;
+//! the layers in [`super::layers`] and the models ([`super::bert`]) call only these, so a model
+//! is written once and runs on either backend.
+//!
+//! Tensors are row-major and contiguous. Activations are 2-D `[rows, width]` with rows =
+//! batch·length (sequence-major: row `b·len + t` is token t of sequence b); weights keep their
+//! checkpoint shapes.
+
+use crate::error::Result;
+pub use crate::reference::attention::CausalAlign;
+
+/// Elementwise activations of the feed-forward blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Identity (a bias add only).
+    None,
+    /// GELU with the exact erf: x·Φ(x) (BERT's `gelu`).
+    GeluErf,
+    /// GELU's tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (GPT-2's `gelu_new`).
+    GeluTanh,
+    Relu,
+    /// tanh (BERT's pooler).
+    Tanh,
+}
+
+impl Activation {
+    /// The activation of a Hugging Face `hidden_act` / `activation_function` name.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "relu" => Some(Activation::Relu),
+            "linear" => Some(Activation::None),
+            _ => None,
+        }
+    }
+
+    /// The activation in f32 (the CPU backend's arithmetic; the CUDA kernel uses the same forms).
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::None => x,
+            Activation::GeluErf => {
+                0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+            }
+            Activation::GeluTanh => {
+                const C: f32 = 0.797_884_6; // √(2/π)
+                0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Activation::Relu => x.max(0.0),
+            Activation::Tanh => x.tanh(),
+        }
+    }
+}
+
+/// Where a group of attention heads lives inside a 2-D activation: columns
+/// `col .. col + heads·dim` of `tensor` (`[batch·len, width]`), head h at `col + h·dim`. Lets
+/// Q, K and V be read straight out of one fused projection's output.
+#[derive(Debug)]
+pub struct Heads<'a, T> {
+    pub tensor: &'a T,
+    pub col: usize,
+    pub heads: usize,
+    pub dim: usize,
+}
+
+// By hand: derived impls would require `T: Copy`, but only the reference is copied.
+impl<T> Clone for Heads<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Heads<'_, T> {}
+
+/// Sizes and masks of one attention call: `batch` sequences of `len_q` queries and `len_k`
+/// keys. Query i of sequence b sees key j iff j < key_lens[b] (key padding) and, when causal,
+/// j ≤ i + offset as [`crate::reference::attention::admissible_keys`] defines it. A query row
+/// with no admissible key gives zeros.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionMask<'a> {
+    pub batch: usize,
+    pub len_q: usize,
+    pub len_k: usize,
+    /// Valid keys per sequence (padding after them); `None`: all `len_k`.
+    pub key_lens: Option<&'a [usize]>,
+    pub causal: Option<CausalAlign>,
+    /// Multiplies Q·Kᵀ; `None` for 1/√dim.
+    pub scale: Option<f32>,
+}
+
+/// The ops a model needs. Every op checks its inputs' shapes and returns
+/// [`crate::Error`] on a mismatch.
+pub trait Backend {
+    /// A tensor on this backend.
+    type Tensor;
+
+    /// The element type tensors are stored in (activations and weights).
+    fn dtype(&self) -> crate::DType;
+
+    /// Short description, e.g. `cpu (f32, 2 threads)` or `cuda:0 NVIDIA H100 (f16)`.
+    fn describe(&self) -> String;
+
+    /// A tensor of `shape` from row-major f32 values (rounded to the backend's dtype).
+    fn from_f32(&self, shape: &[usize], values: &[f32]) -> Result<Self::Tensor>;
+
+    /// The tensor's values, row-major, as f32.
+    fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
+
+    /// `y[r, o] = Σ_i x[r, i]·w[o, i] + bias[o]`, then `act`: x `[rows, in]`, w `[out, in]`
+    /// (PyTorch `nn.Linear` layout), bias `[out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// `a @ bᵀ` per batch: a `[batch, m, k]`, b `[batch, n, k]` → `[batch, m, n]` (given as 2-D
+    /// `[batch·m, k]` etc.). The unparameterised building blocks use it.
+    fn batched_matmul_nt(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        batch: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// Elementwise `a + b` (same shape).
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// LayerNorm over the last dim of `x + residual` (or of `x`), with gamma/beta `[width]`.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: Option<&Self::Tensor>,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Rows `ids` of `table` `[n, width]` → `[ids.len(), width]` (embedding lookup). An id
+    /// outside the table is an error.
+    fn gather_rows(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// Scaled dot-product attention per head: softmax(Q·Kᵀ·scale + mask)·V. Q rows are
+    /// `b·len_q + i`, K/V rows `b·len_k + j`; the output is `[batch·len_q, heads_q·dim_v]`
+    /// (heads side by side). Query head h reads K/V head h / (heads_q / heads_kv).
+    fn attention(
+        &self,
+        q: Heads<'_, Self::Tensor>,
+        k: Heads<'_, Self::Tensor>,
+        v: Heads<'_, Self::Tensor>,
+        mask: &AttentionMask<'_>,
+    ) -> Result<Self::Tensor>;
+}
