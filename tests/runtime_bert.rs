@@ -293,9 +293,9 @@ fn half_precision_tensors_convert_exactly() {
     let a = c.take("a", &[2, 3]).unwrap();
     let b = c.take("b", &[6]).unwrap();
     c.finish().unwrap();
-    for i in 0..6 {
-        assert_eq!(a.values[i], half::f16::from_f32(values[i]).to_f32());
-        assert_eq!(b.values[i], half::bf16::from_f32(values[i]).to_f32());
+    for (i, &v) in values.iter().enumerate() {
+        assert_eq!(a.values[i], half::f16::from_f32(v).to_f32());
+        assert_eq!(b.values[i], half::bf16::from_f32(v).to_f32());
     }
 }
 

@@ -116,13 +116,13 @@ fn attention_reference_is_uniform_averaging_when_scores_tie() {
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let be = Cpu;
-    let x = be.from_f32(&[2, 3], &[1.0; 6]).unwrap();
-    let w = be.from_f32(&[4, 5], &[1.0; 20]).unwrap();
+    let x = be.upload(&[2, 3], &[1.0; 6]).unwrap();
+    let w = be.upload(&[4, 5], &[1.0; 20]).unwrap();
     assert!(matches!(
         be.linear(&x, &w, None, Activation::None),
         Err(Error::Shape { arg: "w", .. })
     ));
-    assert!(be.from_f32(&[2, 2], &[1.0; 3]).is_err());
+    assert!(be.upload(&[2, 2], &[1.0; 3]).is_err());
     assert!(matches!(
         be.gather_rows(&x, &[2]),
         Err(Error::InvalidArgument { arg: "ids", .. })

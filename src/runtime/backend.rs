@@ -101,7 +101,7 @@ pub trait Backend {
     fn describe(&self) -> String;
 
     /// A tensor of `shape` from row-major f32 values (rounded to the backend's dtype).
-    fn from_f32(&self, shape: &[usize], values: &[f32]) -> Result<Self::Tensor>;
+    fn upload(&self, shape: &[usize], values: &[f32]) -> Result<Self::Tensor>;
 
     /// The tensor's values, row-major, as f32.
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;

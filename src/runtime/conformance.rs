@@ -68,7 +68,7 @@ fn compare<B: Backend>(
 }
 
 fn up<B: Backend>(be: &B, shape: &[usize], v: &[f32]) -> Result<B::Tensor, String> {
-    be.from_f32(shape, v).map_err(err)
+    be.upload(shape, v).map_err(err)
 }
 
 /// `linear` with and without bias, each activation.
@@ -735,8 +735,8 @@ impl<B: Backend> KvCache<B> for HostKvCache {
         let len_k = self.k[0].len() / self.width;
         let cat = |parts: &[Vec<f32>]| parts.concat();
         Ok(CachedKv {
-            k: be.from_f32(&[batch * len_k, self.width], &cat(&self.k))?,
-            v: be.from_f32(&[batch * len_k, self.width], &cat(&self.v))?,
+            k: be.upload(&[batch * len_k, self.width], &cat(&self.k))?,
+            v: be.upload(&[batch * len_k, self.width], &cat(&self.v))?,
             len_k,
             key_lens: None,
         })

@@ -129,7 +129,7 @@ impl Backend for Cpu {
         format!("cpu (f32, {} threads)", rayon::current_num_threads())
     }
 
-    fn from_f32(&self, shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
+    fn upload(&self, shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
         CpuTensor::new(shape, values.to_vec())
     }
 

@@ -10,7 +10,7 @@ use super::checkpoint::HostParam;
 use crate::error::{Error, Result};
 
 fn upload<B: Backend>(be: &B, p: &HostParam) -> Result<B::Tensor> {
-    be.from_f32(&p.shape, &p.values)
+    be.upload(&p.shape, &p.values)
 }
 
 /// `y = x·Wᵀ + b` with W `[out, in]`.

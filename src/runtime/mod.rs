@@ -16,6 +16,8 @@ pub mod bert;
 pub mod checkpoint;
 pub mod conformance;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod layers;
 pub mod pooling;
 pub mod sentence;

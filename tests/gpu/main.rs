@@ -4,3 +4,4 @@
 
 mod attention;
 mod layernorm;
+mod runtime;
