@@ -161,3 +161,17 @@ fn bad_shapes_are_errors_not_panics() {
         Err(Error::Shape { arg: "q", .. })
     ));
 }
+
+#[test]
+fn fast_erf_is_within_2e7_of_the_f64_erf() {
+    let mut worst = 0f64;
+    for i in -700_000..=700_000 {
+        let x = i as f32 * 1e-5;
+        let err = (cuattn::runtime::backend::erf(x) as f64 - libm::erf(x as f64)).abs();
+        worst = worst.max(err);
+    }
+    assert!(worst <= 2e-7, "max abs error {worst:e}");
+    assert_eq!(cuattn::runtime::backend::erf(0.0), 0.0);
+    assert_eq!(cuattn::runtime::backend::erf(-9.0), -1.0);
+    assert!(cuattn::runtime::backend::erf(f32::NAN).is_nan());
+}

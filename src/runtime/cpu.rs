@@ -1,6 +1,7 @@
-//! The CPU backend: f32 tensors in host memory, GEMMs through `matrixmultiply` (single-threaded
-//! calls on row blocks, the blocks spread over rayon's threads), everything else a plain loop
-//! parallel over rows.
+//! The CPU backend: f32 tensors in host memory. GEMMs through the `gemm` crate (pure Rust,
+//! AVX-512/AVX2 kernels picked at run time): a linear layer is one GEMM threaded over rayon's
+//! pool, attention runs one (sequence, head) per task with single-threaded GEMMs; everything
+//! else is a plain loop parallel over rows.
 
 use super::backend::{Activation, AttentionMask, Backend, Heads};
 use crate::error::{Error, Result};
@@ -68,7 +69,9 @@ fn rows_per_block(rows: usize) -> usize {
     rows.div_ceil(rayon::current_num_threads()).max(32)
 }
 
-/// `c[m, n] = a[m, k] · b[k, n]` for strided row-major views (strides in elements).
+/// `c[m, n] = a[m, k] · b[k, n]` for strided row-major views (strides in elements), on
+/// rayon's threads when `parallel` (one big GEMM) or on the calling thread (many small ones
+/// already spread over the threads).
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
     m: usize,
@@ -80,6 +83,7 @@ fn sgemm(
     (rsb, csb): (usize, usize),
     c: &mut [f32],
     rsc: usize,
+    parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -96,24 +100,35 @@ fn sgemm(
         "sgemm: b out of bounds"
     );
     assert!(last(m, rsc, n, 1) < c.len(), "sgemm: c out of bounds");
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the asserts above keep every element the GEMM addresses inside `a`, `b` and
-    // `c`; `c` is borrowed mutably, so nothing else aliases it.
+    // `c`; `c` is borrowed mutably, so nothing else aliases it. read_dst = false: c is only
+    // written (c = 1·a·b).
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            0.0,
+            k,
             c.as_mut_ptr(),
-            rsc as isize,
             1,
+            rsc as isize,
+            false,
+            a.as_ptr(),
+            csa as isize,
+            rsa as isize,
+            b.as_ptr(),
+            csb as isize,
+            rsb as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
         )
     }
 }
@@ -162,26 +177,32 @@ impl Backend for Cpu {
         if out == 0 {
             return CpuTensor::new(&[rows, out], y);
         }
+        // One GEMM over all rows, threaded inside the GEMM (the weight is packed once, not
+        // once per thread), then bias and activation by row blocks.
+        // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`.
+        sgemm(
+            rows,
+            inp,
+            out,
+            &x.data,
+            (inp, 1),
+            &w.data,
+            (1, inp),
+            &mut y,
+            out,
+            true,
+        );
         let block = rows_per_block(rows);
-        y.par_chunks_mut(block * out)
-            .zip(x.data.par_chunks(block * inp.max(1)))
-            .for_each(|(yb, xb)| {
-                let m = yb.len() / out;
-                // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`.
-                sgemm(m, inp, out, xb, (inp, 1), &w.data, (1, inp), yb, out);
-                for row in yb.chunks_mut(out) {
-                    if let Some(b) = bias {
-                        for (v, bv) in row.iter_mut().zip(&b.data) {
-                            *v += bv;
-                        }
-                    }
-                    if act != Activation::None {
-                        for v in row.iter_mut() {
-                            *v = act.apply(*v);
-                        }
+        y.par_chunks_mut(block * out).for_each(|yb| {
+            for row in yb.chunks_mut(out) {
+                if let Some(b) = bias {
+                    for (v, bv) in row.iter_mut().zip(&b.data) {
+                        *v += bv;
                     }
                 }
-            });
+                act.apply_slice(row);
+            }
+        });
         CpuTensor::new(&[rows, out], y)
     }
 
@@ -202,7 +223,7 @@ impl Backend for Cpu {
             .for_each(|(i, cb)| {
                 let ab = &a.data[i * m * k..(i + 1) * m * k];
                 let bb = &b.data[i * n * k..(i + 1) * n * k];
-                sgemm(m, k, n, ab, (k, 1), bb, (1, k), cb, n);
+                sgemm(m, k, n, ab, (k, 1), bb, (1, k), cb, n, false);
             });
         CpuTensor::new(&[ar, n], c)
     }
@@ -307,6 +328,7 @@ impl Backend for Cpu {
                     (1, wk),
                     &mut s,
                     key_len.max(1),
+                    false,
                 );
                 for (i, row) in s.chunks_mut(key_len.max(1)).enumerate().take(m.len_q) {
                     let keys =
@@ -324,6 +346,7 @@ impl Backend for Cpu {
                     (wv, 1),
                     &mut o,
                     dim_v,
+                    false,
                 );
                 o
             })
