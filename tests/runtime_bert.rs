@@ -89,6 +89,36 @@ fn tiny_bert_matches_hugging_face() {
     assert!(pooled <= 1e-4, "pooled output max abs err {pooled}");
 }
 
+#[test]
+fn more_tokens_than_positions_is_an_error_and_ids_are_checked() {
+    let bert = Bert::from_folder(&Cpu, &tiny_dir()).unwrap();
+    let positions = bert.config.max_position_embeddings;
+    let long = TokenBatch {
+        ids: vec![1; positions + 1],
+        type_ids: vec![0; positions + 1],
+        lens: vec![positions + 1],
+        len: positions + 1,
+        truncated: vec![],
+    };
+    match bert.forward(&Cpu, &long) {
+        Err(Error::InvalidArgument { reason, .. }) => {
+            assert!(reason.contains("positions"), "{reason}")
+        }
+        other => panic!("expected an error, got {:?}", other.err()),
+    }
+    let bad_id = TokenBatch {
+        ids: vec![bert.config.vocab_size as u32],
+        type_ids: vec![0],
+        lens: vec![1],
+        len: 1,
+        truncated: vec![],
+    };
+    assert!(matches!(
+        bert.forward(&Cpu, &bad_id),
+        Err(Error::InvalidArgument { arg: "ids", .. })
+    ));
+}
+
 /// A scratch copy of the tiny model whose tensors `edit` may change.
 struct Scratch(PathBuf);
 

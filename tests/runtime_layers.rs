@@ -175,3 +175,41 @@ fn fast_erf_is_within_2e7_of_the_f64_erf() {
     assert_eq!(cuattn::runtime::backend::erf(-9.0), -1.0);
     assert!(cuattn::runtime::backend::erf(f32::NAN).is_nan());
 }
+
+#[test]
+fn conv1d_weights_load_transposed_and_hf_activation_names_map() {
+    use cuattn::runtime::checkpoint::HostParam;
+    use cuattn::runtime::layers::Linear;
+    let be = Cpu;
+    // A Conv1D stores [in, out]; loading it must give the same layer as nn.Linear's [out, in].
+    let (inp, out) = (5usize, 3usize);
+    let w_out_in = HostParam {
+        shape: vec![out, inp],
+        values: check::random(cuattn::DType::F32, out * inp, 1.0, 7),
+    };
+    let w_in_out = w_out_in.transposed().unwrap();
+    assert_eq!(w_in_out.shape, vec![inp, out]);
+    // Element (o = 2, i = 1) of [out, in] is element (i = 1, o = 2) of [in, out].
+    assert_eq!(w_in_out.values[out + 2], w_out_in.values[2 * inp + 1]);
+    let x = be
+        .upload(
+            &[2, inp],
+            &check::random(cuattn::DType::F32, 2 * inp, 1.0, 8),
+        )
+        .unwrap();
+    let a = Linear::new(&be, &w_out_in, None)
+        .unwrap()
+        .forward(&be, &x, Activation::None)
+        .unwrap();
+    let b = Linear::from_conv1d(&be, &w_in_out, None)
+        .unwrap()
+        .forward(&be, &x, Activation::None)
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        Activation::from_hf_name("gelu_new"),
+        Some(Activation::GeluTanh)
+    );
+    assert_eq!(Activation::from_hf_name("gelu"), Some(Activation::GeluErf));
+    assert_eq!(Activation::from_hf_name("swish"), None);
+}
