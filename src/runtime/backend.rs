@@ -7,7 +7,7 @@
 //! batch·length (sequence-major: row `b·len + t` is token t of sequence b); weights keep their
 //! checkpoint shapes.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use crate::reference::attention::CausalAlign;
 
 /// Elementwise activations of the feed-forward blocks.
@@ -260,4 +260,75 @@ pub trait Backend {
         v: Heads<'_, Self::Tensor>,
         mask: &AttentionMask<'_>,
     ) -> Result<Self::Tensor>;
+}
+
+fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
+    Error::Shape {
+        arg,
+        expected: expected.into(),
+        got: got.to_vec(),
+    }
+}
+
+/// Checks an attention call's views against its mask; returns the row widths of q, k and v.
+pub(crate) fn check_attention<T: HasShape>(
+    q: &Heads<'_, T>,
+    k: &Heads<'_, T>,
+    v: &Heads<'_, T>,
+    m: &AttentionMask<'_>,
+) -> Result<(usize, usize, usize)> {
+    let width = |arg: &'static str, h: &Heads<'_, T>, rows: usize| -> Result<usize> {
+        let s = h.tensor.dims();
+        if s.len() != 2 || s[0] != rows || h.col + h.heads * h.dim > s[1] || h.heads == 0 {
+            return Err(shape_err(
+                arg,
+                format!(
+                    "[{rows}, ≥ {}] holding {} heads of dim {} at column {}",
+                    h.col + h.heads * h.dim,
+                    h.heads,
+                    h.dim,
+                    h.col
+                ),
+                s,
+            ));
+        }
+        Ok(s[1])
+    };
+    let wq = width("q", q, m.batch * m.len_q)?;
+    let wk = width("k", k, m.batch * m.len_k)?;
+    let wv = width("v", v, m.batch * m.len_k)?;
+    if k.dim != q.dim || v.heads != k.heads || q.heads % k.heads != 0 {
+        return Err(Error::invalid(
+            "k",
+            format!(
+                "q has {} heads of dim {}, k {} of dim {}, v {} heads: need equal q/k dims, \
+                 equal k/v heads, and q heads a multiple of k heads",
+                q.heads, q.dim, k.heads, k.dim, v.heads
+            ),
+        ));
+    }
+    if q.dim == 0 || v.dim == 0 {
+        return Err(Error::invalid("q", "head dims must be ≥ 1"));
+    }
+    if let Some(lens) = m.key_lens {
+        if lens.len() != m.batch {
+            return Err(shape_err(
+                "key_lens",
+                format!("[{}]", m.batch),
+                &[lens.len()],
+            ));
+        }
+        if let Some(&bad) = lens.iter().find(|&&l| l > m.len_k) {
+            return Err(Error::invalid(
+                "key_lens",
+                format!("key length {bad} exceeds the {} keys", m.len_k),
+            ));
+        }
+    }
+    Ok((wq, wk, wv))
+}
+
+/// Shape access shared by the backends' tensors (for the common checks).
+pub(crate) trait HasShape {
+    fn dims(&self) -> &[usize];
 }

@@ -3,7 +3,7 @@
 //! pool, attention runs one (sequence, head) per task with single-threaded GEMMs; everything
 //! else is a plain loop parallel over rows.
 
-use super::backend::{Activation, AttentionMask, Backend, Heads};
+use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -379,69 +379,6 @@ fn softmax_prefix(row: &mut [f32], end: usize, scale: f32) {
     for s in keep.iter_mut() {
         *s /= sum;
     }
-}
-
-/// Checks an attention call's views against its mask; returns the row widths of q, k and v.
-pub(crate) fn check_attention<T: HasShape>(
-    q: &Heads<'_, T>,
-    k: &Heads<'_, T>,
-    v: &Heads<'_, T>,
-    m: &AttentionMask<'_>,
-) -> Result<(usize, usize, usize)> {
-    let width = |arg: &'static str, h: &Heads<'_, T>, rows: usize| -> Result<usize> {
-        let s = h.tensor.dims();
-        if s.len() != 2 || s[0] != rows || h.col + h.heads * h.dim > s[1] || h.heads == 0 {
-            return Err(shape_err(
-                arg,
-                format!(
-                    "[{rows}, ≥ {}] holding {} heads of dim {} at column {}",
-                    h.col + h.heads * h.dim,
-                    h.heads,
-                    h.dim,
-                    h.col
-                ),
-                s,
-            ));
-        }
-        Ok(s[1])
-    };
-    let wq = width("q", q, m.batch * m.len_q)?;
-    let wk = width("k", k, m.batch * m.len_k)?;
-    let wv = width("v", v, m.batch * m.len_k)?;
-    if k.dim != q.dim || v.heads != k.heads || q.heads % k.heads != 0 {
-        return Err(Error::invalid(
-            "k",
-            format!(
-                "q has {} heads of dim {}, k {} of dim {}, v {} heads: need equal q/k dims, \
-                 equal k/v heads, and q heads a multiple of k heads",
-                q.heads, q.dim, k.heads, k.dim, v.heads
-            ),
-        ));
-    }
-    if q.dim == 0 || v.dim == 0 {
-        return Err(Error::invalid("q", "head dims must be ≥ 1"));
-    }
-    if let Some(lens) = m.key_lens {
-        if lens.len() != m.batch {
-            return Err(shape_err(
-                "key_lens",
-                format!("[{}]", m.batch),
-                &[lens.len()],
-            ));
-        }
-        if let Some(&bad) = lens.iter().find(|&&l| l > m.len_k) {
-            return Err(Error::invalid(
-                "key_lens",
-                format!("key length {bad} exceeds the {} keys", m.len_k),
-            ));
-        }
-    }
-    Ok((wq, wk, wv))
-}
-
-/// Shape access shared by the backends' tensors (for the common checks).
-pub(crate) trait HasShape {
-    fn dims(&self) -> &[usize];
 }
 
 impl HasShape for CpuTensor {

@@ -6,8 +6,7 @@
 //!
 //! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes.
 
-use super::backend::{Activation, AttentionMask, Backend, Heads};
-use super::cpu::{check_attention, HasShape};
+use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, Kernel};

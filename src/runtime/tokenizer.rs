@@ -100,16 +100,4 @@ impl Tokenizer {
         }
         Ok(batch)
     }
-
-    /// Token count of `text` before truncation (special tokens included).
-    pub fn count_tokens(&self, text: &str) -> Result<usize> {
-        let mut untruncated = self.inner.clone();
-        untruncated
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        untruncated
-            .encode(text, true)
-            .map(|e| e.len())
-            .map_err(|e| Error::Tokenizer(e.to_string()))
-    }
 }
