@@ -81,6 +81,15 @@ fn int(arg: &'static str, v: usize) -> Result<i32> {
 impl Cuda {
     /// A backend on `gpu` storing tensors in `dtype`.
     pub fn new(gpu: Arc<Gpu>, dtype: DType) -> Result<Cuda> {
+        // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
+        // SAFETY: only tries to dlopen libcublas by its usual names; no cuBLAS call is made.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "cuBLAS 13 (libcublas.so.13) was not found: put its folder (e.g. PyTorch's \
+                 site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("cublasCreate", e))?;
         Ok(Cuda { gpu, dtype, blas })
     }
