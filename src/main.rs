@@ -385,12 +385,10 @@ fn embed(args: EmbedArgs) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn embed_cuda(args: &EmbedArgs, texts: &[String], fallback: bool) -> CliResult {
-    match cuattn::gpu::Gpu::shared() {
-        Ok(gpu) => embed_on(
-            &cuattn::runtime::cuda::Cuda::new(gpu, args.dtype)?,
-            args,
-            texts,
-        ),
+    match cuattn::gpu::Gpu::shared()
+        .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, args.dtype))
+    {
+        Ok(be) => embed_on(&be, args, texts),
         Err(e) if fallback => {
             eprintln!("no usable GPU ({e}); embedding on the CPU");
             embed_on(&cuattn::runtime::Cpu, args, texts)
