@@ -1,15 +1,30 @@
 # Two commands on a fresh machine:
-#   make demo   installs the toolchain, builds, prints `cuattn info` and runs `cuattn check`
-#               (the check needs a GPU; without one it says so and the demo still succeeds)
+#   make demo   installs the toolchain, fetches all-MiniLM-L6-v2 into models/ if missing, builds,
+#               embeds a handful of sentences (GPU if there is one, else CPU) and prints their
+#               cosine-similarity matrix
 #   make test   installs the toolchain and runs every test (GPU tests print SKIPPED without a GPU)
+# `make demo-kernels` is the kernels' demo: `cuattn info`, then `cuattn check` (needs a GPU).
 CARGO ?= cargo
 
-.PHONY: demo test toolchain lint bundle bench clean-toolchain
+.PHONY: demo demo-kernels minilm test toolchain lint bundle bench clean-toolchain
 
 toolchain:
 	bash scripts/install-cuda-toolchain.sh
 
-demo: toolchain
+minilm:
+	bash scripts/fetch-minilm.sh
+
+demo: toolchain minilm
+	$(CARGO) build --release --bin cuattn
+	./target/release/cuattn embed --model models/all-MiniLM-L6-v2 --similarity \
+	  "A man is eating food." \
+	  "A man is eating a piece of bread." \
+	  "The girl is carrying a baby." \
+	  "A man is riding a horse." \
+	  "A woman is playing violin." \
+	  "A monkey is playing drums."
+
+demo-kernels: toolchain
 	$(CARGO) build --release --bin cuattn
 	./target/release/cuattn info
 	@./target/release/cuattn check; rc=$$?; \

@@ -208,4 +208,38 @@ typedef struct cuattn_decode_params {
     float scale;          /* multiplies q.k; positive */
 } cuattn_decode_params;
 
+/* ------------------------------------------------------------------------------------------
+ * Transformer runtime's small elementwise ops (kernels/runtime_ops.cu). Element type T
+ * (f32/f16/bf16) is given by the kernel's name suffix; arithmetic is f32.
+ * ------------------------------------------------------------------------------------------ */
+#define CUATTN_ACT_NONE 0
+#define CUATTN_ACT_GELU_ERF 1  /* x * Phi(x), exact erf */
+#define CUATTN_ACT_GELU_TANH 2 /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+#define CUATTN_ACT_RELU 3
+#define CUATTN_ACT_TANH 4
+
+/* In place: x[r, c] = act(x[r, c] + bias[c]) over a contiguous [rows, cols] tensor. */
+typedef struct cuattn_bias_act_params {
+    uint64_t x;    /* [rows, cols] T */
+    uint64_t bias; /* [cols] T, or 0: no bias */
+    int64_t rows;
+    int64_t cols;
+    int32_t act;   /* CUATTN_ACT_* */
+} cuattn_bias_act_params;
+
+/* out[i] = a[i] + b[i] over n contiguous elements (out may alias a or b). */
+typedef struct cuattn_add_params {
+    uint64_t a, b, out; /* [n] T */
+    int64_t n;
+} cuattn_add_params;
+
+/* out[r, :] = table[ids[r], :] (embedding lookup); ids are checked on the host. */
+typedef struct cuattn_gather_rows_params {
+    uint64_t table; /* [table_rows, width] T */
+    uint64_t ids;   /* [rows] uint32 */
+    uint64_t out;   /* [rows, width] T */
+    int64_t rows;
+    int64_t width;
+} cuattn_gather_rows_params;
+
 #endif /* CUATTN_PARAMS_H */

@@ -116,6 +116,19 @@ pub enum Error {
     /// A block-sparse layout is malformed or does not fit the call it is used with.
     #[error("block-sparse layout: {0}")]
     SparseLayout(#[from] SparseLayoutError),
+    /// A model folder's configuration is missing, unreadable or describes something the
+    /// runtime does not support.
+    #[error("model config {file}: {reason}")]
+    Config { file: String, reason: String },
+
+    /// A checkpoint's tensors do not match the model: a missing, extra or mis-shaped tensor
+    /// (named), an unsupported dtype, or a corrupt or truncated file.
+    #[error("checkpoint {file}: {reason}")]
+    Checkpoint { file: String, reason: String },
+
+    /// The tokenizer could not be loaded or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 
     /// An I/O error, for example while reading a model file.
     #[error("I/O error on {path}: {source}")]

@@ -160,4 +160,7 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_fwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_softmax_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_decode_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_act_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_add_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_gather_rows_params {}
 }

@@ -13,12 +13,15 @@
 //! - `bench` (feature `cuda`): timing with CUDA events and the benchmark of each kernel family.
 //! - `check` (feature `cuda`): each kernel against its reference on random inputs.
 //! - [`kernels`]: what the build compiled: kernel names and ptxas' resource report.
+//! - [`runtime`]: a small transformer runtime (CPU and CUDA backends, Hugging Face
+//!   checkpoints, BERT sentence embeddings).
 
 pub mod dtype;
 pub mod error;
 pub mod kernels;
 pub mod key_band;
 pub mod reference;
+pub mod runtime;
 pub mod sparse;
 pub mod tensor;
 pub mod tolerance;

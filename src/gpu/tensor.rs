@@ -140,6 +140,22 @@ impl Gpu {
         self.upload(&host)
     }
 
+    /// A contiguous device tensor of `shape` with every byte zero: a device-side memset, no
+    /// host buffer (the runtime's outputs; [`Gpu::full`] uploads its fill from the host).
+    pub fn zeros(self: &Arc<Self>, dtype: DType, shape: &[usize]) -> Result<DeviceTensor> {
+        let n: usize = shape.iter().product();
+        let buf = self
+            .stream
+            .alloc_zeros::<u8>((n * dtype.size_bytes()).max(1))
+            .map_err(|e| Error::driver("alloc_zeros", e))?;
+        Ok(DeviceTensor {
+            buf,
+            dtype,
+            layout: Layout::contiguous(shape),
+            gpu: self.clone(),
+        })
+    }
+
     /// A device tensor with `layout` over a buffer of `len_elems` elements, all set to `fill`.
     pub fn full_strided(
         self: &Arc<Self>,

@@ -4,3 +4,4 @@
 
 pub mod attention;
 pub mod layernorm;
+pub mod runtime;

@@ -5,6 +5,7 @@
 mod attention;
 mod decode;
 mod layernorm;
+mod runtime;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too

@@ -1,0 +1,203 @@
+//! Hugging Face model folders: `config.json` and `model.safetensors` (memory-mapped, read
+//! zero-copy, converted to f32 on the host as each tensor is taken).
+//!
+//! A model takes its tensors by name with the shape it expects; [`Checkpoint::finish`] then
+//! reports every tensor it did not take. So a missing, extra or mis-shaped tensor is an error
+//! that names it, never a silently half-loaded model.
+
+use crate::error::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Host copy of one parameter, in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostParam {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl HostParam {
+    /// A 2-D parameter transposed: `[a, b]` → `[b, a]` (GPT-2's Conv1D stores `[in, out]`
+    /// where a linear layer wants `[out, in]`).
+    pub fn transposed(&self) -> Result<HostParam> {
+        let [a, b] = self.shape[..] else {
+            return Err(Error::Shape {
+                arg: "param",
+                expected: "2 dims to transpose".into(),
+                got: self.shape.clone(),
+            });
+        };
+        let mut values = vec![0f32; a * b];
+        for i in 0..a {
+            for j in 0..b {
+                values[j * a + i] = self.values[i * b + j];
+            }
+        }
+        Ok(HostParam {
+            shape: vec![b, a],
+            values,
+        })
+    }
+}
+
+/// Reads a JSON file of a model folder; a missing or malformed file is an [`Error::Config`].
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        file: path.display().to_string(),
+        reason: if e.kind() == std::io::ErrorKind::NotFound {
+            "not found (is this a Hugging Face model folder?)".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: path.display().to_string(),
+        reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// Tensor-name suffixes that are buffers, not parameters (recomputed by the model), skipped
+/// without complaint.
+const BUFFERS: &[&str] = &["position_ids"];
+
+/// The tensors of one `model.safetensors`, memory-mapped.
+pub struct Checkpoint {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    names: BTreeSet<String>,
+    taken: BTreeSet<String>,
+    /// Prefix every name the model asks for gets (e.g. `bert.` when a BertModel was saved
+    /// inside a task model).
+    prefix: String,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("tensors", &self.names.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checkpoint {
+    /// Maps `path` and reads its header. A truncated or corrupt file is an error here.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let file = std::fs::File::open(path).map_err(|e| Error::Checkpoint {
+            file: path.display().to_string(),
+            reason: format!("cannot open: {e}"),
+        })?;
+        // SAFETY: the map is read-only; the file is a model checkpoint nobody is expected to
+        // modify while the model loads (a concurrent writer could change the bytes we read,
+        // not break memory safety of this process beyond that, as with any mmap reader).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let names = {
+            let st = SafeTensors::deserialize(&map).map_err(|e| Error::Checkpoint {
+                file: path.display().to_string(),
+                reason: format!("not a valid safetensors file (corrupt or truncated?): {e}"),
+            })?;
+            st.names().into_iter().map(str::to_string).collect()
+        };
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            map,
+            names,
+            taken: BTreeSet::new(),
+            prefix: String::new(),
+        })
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Checkpoint {
+            file: self.path.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Every tensor name in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    /// Uses `prefix` for every later lookup when the file holds `prefix + probe`
+    /// (and not `probe` itself). Returns whether it did.
+    pub fn detect_prefix(&mut self, prefix: &str, probe: &str) -> bool {
+        let found = !self.names.contains(probe) && self.names.contains(&format!("{prefix}{probe}"));
+        if found {
+            self.prefix = prefix.to_string();
+        }
+        found
+    }
+
+    /// Whether the file holds `name` (after the prefix).
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(&format!("{}{name}", self.prefix))
+    }
+
+    /// Takes tensor `name` (after the prefix), which must have `shape`, as f32.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostParam> {
+        let full = format!("{}{name}", self.prefix);
+        let st = SafeTensors::deserialize(&self.map).map_err(|e| self.err(e.to_string()))?;
+        let view = st.tensor(&full).map_err(|_| {
+            self.err(format!(
+                "missing tensor `{full}` (expected shape {shape:?})"
+            ))
+        })?;
+        if view.shape() != shape {
+            return Err(self.err(format!(
+                "tensor `{full}` has shape {:?}, expected {shape:?}",
+                view.shape()
+            )));
+        }
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(self.err(format!(
+                    "tensor `{full}` has dtype {other:?}; only F32, F16 and BF16 are supported"
+                )))
+            }
+        };
+        self.taken.insert(full);
+        Ok(HostParam {
+            shape: shape.to_vec(),
+            values,
+        })
+    }
+
+    /// Checks that every tensor of the file was taken (buffers such as `position_ids`
+    /// excepted); names the ones that were not.
+    pub fn finish(self) -> Result<()> {
+        let extra: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|n| !self.taken.contains(*n))
+            .filter(|n| !BUFFERS.iter().any(|b| n.ends_with(b)))
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = extra.iter().take(8).map(|s| s.as_str()).collect();
+        Err(self.err(format!(
+            "{} unexpected tensor(s) the model does not use: {}{}",
+            extra.len(),
+            shown.join(", "),
+            if extra.len() > 8 { ", ..." } else { "" }
+        )))
+    }
+}

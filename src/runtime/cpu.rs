@@ -1,0 +1,388 @@
+//! The CPU backend: f32 tensors in host memory. GEMMs through the `gemm` crate (pure Rust,
+//! AVX-512/AVX2 kernels picked at run time): a linear layer is one GEMM threaded over rayon's
+//! pool, attention runs one (sequence, head) per task with single-threaded GEMMs; everything
+//! else is a plain loop parallel over rows.
+
+use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// A row-major f32 tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// A tensor of `shape` over `data` (its length must be the product of `shape`).
+    pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::Shape {
+                arg: "data",
+                expected: format!("{n} values for shape {shape:?}"),
+                got: vec![data.len()],
+            });
+        }
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+    fn rows_cols(&self, arg: &'static str) -> Result<(usize, usize)> {
+        match self.shape.as_slice() {
+            [r, c] => Ok((*r, *c)),
+            s => Err(Error::Shape {
+                arg,
+                expected: "2 dims [rows, width]".into(),
+                got: s.to_vec(),
+            }),
+        }
+    }
+}
+
+/// Runs on the host in f32, with rayon's global thread pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
+    Error::Shape {
+        arg,
+        expected: expected.into(),
+        got: got.to_vec(),
+    }
+}
+
+/// Rows per parallel GEMM block: enough blocks for every thread, none so thin that packing
+/// the shared operand dominates.
+fn rows_per_block(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads()).max(32)
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` for strided row-major views (strides in elements), on
+/// rayon's threads when `parallel` (one big GEMM) or on the calling thread (many small ones
+/// already spread over the threads).
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    rsc: usize,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds the kernel will touch, checked here so the unsafe call reads and writes only
+    // inside the slices.
+    let last = |r: usize, rs: usize, cc: usize, cs: usize| (r - 1) * rs + (cc - 1) * cs;
+    assert!(
+        k == 0 || last(m, rsa, k, csa) < a.len(),
+        "sgemm: a out of bounds"
+    );
+    assert!(
+        k == 0 || last(k, rsb, n, csb) < b.len(),
+        "sgemm: b out of bounds"
+    );
+    assert!(last(m, rsc, n, 1) < c.len(), "sgemm: c out of bounds");
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element the GEMM addresses inside `a`, `b` and
+    // `c`; `c` is borrowed mutably, so nothing else aliases it. read_dst = false: c is only
+    // written (c = 1·a·b).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            rsc as isize,
+            false,
+            a.as_ptr(),
+            csa as isize,
+            rsa as isize,
+            b.as_ptr(),
+            csb as isize,
+            rsb as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl Backend for Cpu {
+    type Tensor = CpuTensor;
+
+    fn dtype(&self) -> crate::DType {
+        crate::DType::F32
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
+        CpuTensor::new(shape, values.to_vec())
+    }
+
+    fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        let (rows, inp) = x.rows_cols("x")?;
+        let (out, w_in) = w.rows_cols("w")?;
+        if w_in != inp {
+            return Err(shape_err("w", format!("[out, {inp}]"), &w.shape));
+        }
+        if let Some(b) = bias {
+            if b.shape != [out] {
+                return Err(shape_err("bias", format!("[{out}]"), &b.shape));
+            }
+        }
+        let mut y = vec![0f32; rows * out];
+        if out == 0 {
+            return CpuTensor::new(&[rows, out], y);
+        }
+        // One GEMM over all rows, threaded inside the GEMM (the weight is packed once, not
+        // once per thread), then bias and activation by row blocks.
+        // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`.
+        sgemm(
+            rows,
+            inp,
+            out,
+            &x.data,
+            (inp, 1),
+            &w.data,
+            (1, inp),
+            &mut y,
+            out,
+            true,
+        );
+        let block = rows_per_block(rows);
+        y.par_chunks_mut(block * out).for_each(|yb| {
+            for row in yb.chunks_mut(out) {
+                if let Some(b) = bias {
+                    for (v, bv) in row.iter_mut().zip(&b.data) {
+                        *v += bv;
+                    }
+                }
+                act.apply_slice(row);
+            }
+        });
+        CpuTensor::new(&[rows, out], y)
+    }
+
+    fn batched_matmul_nt(&self, a: &CpuTensor, b: &CpuTensor, batch: usize) -> Result<CpuTensor> {
+        let (ar, k) = a.rows_cols("a")?;
+        let (br, bk) = b.rows_cols("b")?;
+        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
+            return Err(shape_err(
+                "b",
+                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
+                &b.shape,
+            ));
+        }
+        let (m, n) = (ar / batch, br / batch);
+        let mut c = vec![0f32; ar * n];
+        c.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(i, cb)| {
+                let ab = &a.data[i * m * k..(i + 1) * m * k];
+                let bb = &b.data[i * n * k..(i + 1) * n * k];
+                sgemm(m, k, n, ab, (k, 1), bb, (1, k), cb, n, false);
+            });
+        CpuTensor::new(&[ar, n], c)
+    }
+
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        if a.shape != b.shape {
+            return Err(shape_err(
+                "b",
+                format!("{:?} (a's shape)", a.shape),
+                &b.shape,
+            ));
+        }
+        let data = a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect();
+        CpuTensor::new(&a.shape, data)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        residual: Option<&CpuTensor>,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let width = *x
+            .shape
+            .last()
+            .ok_or_else(|| shape_err("x", "≥ 1 dim", &x.shape))?;
+        if width == 0 {
+            return Err(Error::Empty {
+                arg: "x",
+                shape: x.shape.clone(),
+            });
+        }
+        let mut y = match residual {
+            Some(r) => self.add(x, r)?.data,
+            None => x.data.clone(),
+        };
+        for (arg, p) in [("gamma", gamma), ("beta", beta)] {
+            if p.shape != [width] {
+                return Err(shape_err(arg, format!("[{width}]"), &p.shape));
+            }
+        }
+        y.par_chunks_mut(width).for_each(|row| {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+            let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+            for ((v, g), b) in row.iter_mut().zip(&gamma.data).zip(&beta.data) {
+                *v = (*v - mean) * rstd * g + b;
+            }
+        });
+        CpuTensor::new(&x.shape, y)
+    }
+
+    fn gather_rows(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
+        let (n, width) = table.rows_cols("table")?;
+        let mut out = Vec::with_capacity(ids.len() * width);
+        for &id in ids {
+            let id = id as usize;
+            if id >= n {
+                return Err(Error::invalid(
+                    "ids",
+                    format!("id {id} is outside the table's {n} rows"),
+                ));
+            }
+            out.extend_from_slice(&table.data[id * width..(id + 1) * width]);
+        }
+        CpuTensor::new(&[ids.len(), width], out)
+    }
+
+    fn attention(
+        &self,
+        q: Heads<'_, CpuTensor>,
+        k: Heads<'_, CpuTensor>,
+        v: Heads<'_, CpuTensor>,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CpuTensor> {
+        let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
+        let m = *mask;
+        let (dim, dim_v) = (q.dim, v.dim);
+        let scale = m.scale.unwrap_or(1.0 / (dim as f32).sqrt());
+        let group = q.heads / k.heads;
+        let width_o = q.heads * dim_v;
+        // One [len_q, dim_v] block per (sequence, head), scattered into place afterwards.
+        let blocks: Vec<Vec<f32>> = (0..m.batch * q.heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / q.heads, bh % q.heads);
+                let hk = h / group;
+                let key_len = m.key_lens.map_or(m.len_k, |l| l[b]);
+                let qa = &q.tensor.data[b * m.len_q * wq + q.col + h * dim..];
+                let ka = &k.tensor.data[b * m.len_k * wk + k.col + hk * dim..];
+                let va = &v.tensor.data[b * m.len_k * wv + v.col + hk * dim_v..];
+                let mut s = vec![0f32; m.len_q * key_len];
+                sgemm(
+                    m.len_q,
+                    dim,
+                    key_len,
+                    qa,
+                    (wq, 1),
+                    ka,
+                    (1, wk),
+                    &mut s,
+                    key_len.max(1),
+                    false,
+                );
+                for (i, row) in s.chunks_mut(key_len.max(1)).enumerate().take(m.len_q) {
+                    let keys =
+                        crate::reference::attention::admissible_keys(i, m.len_q, key_len, m.causal);
+                    softmax_prefix(row, keys.end, scale);
+                }
+                let mut o = vec![0f32; m.len_q * dim_v];
+                sgemm(
+                    m.len_q,
+                    key_len,
+                    dim_v,
+                    &s,
+                    (key_len, 1),
+                    va,
+                    (wv, 1),
+                    &mut o,
+                    dim_v,
+                    false,
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; m.batch * m.len_q * width_o];
+        for (bh, o) in blocks.iter().enumerate() {
+            let (b, h) = (bh / q.heads, bh % q.heads);
+            for i in 0..m.len_q {
+                let dst = (b * m.len_q + i) * width_o + h * dim_v;
+                out[dst..dst + dim_v].copy_from_slice(&o[i * dim_v..(i + 1) * dim_v]);
+            }
+        }
+        CpuTensor::new(&[m.batch * m.len_q, width_o], out)
+    }
+}
+
+/// In place: the first `end` scores become softmax(scale·s), the rest 0 (all 0 if end = 0).
+fn softmax_prefix(row: &mut [f32], end: usize, scale: f32) {
+    let (keep, masked) = row.split_at_mut(end.min(row.len()));
+    masked.fill(0.0);
+    if keep.is_empty() {
+        return;
+    }
+    let max = keep.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+    let mut sum = 0f32;
+    for s in keep.iter_mut() {
+        *s = (*s * scale - max).exp();
+        sum += *s;
+    }
+    for s in keep.iter_mut() {
+        *s /= sum;
+    }
+}
+
+impl HasShape for CpuTensor {
+    fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+}

@@ -1,0 +1,496 @@
+//! The CUDA backend: tensors in device memory in f32, f16 or bf16; linear layers and batched
+//! products through cuBLAS (f32 accumulation), attention through cuattn's fused kernel (key
+//! padding via `key_lens`, heads read in place through strides), LayerNorm through cuattn's
+//! kernel (residual add fused), and bias + activation, add and the embedding gather through
+//! the small kernels of `kernels/runtime_ops.cu`.
+//!
+//! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes.
+
+use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceTensor, Gpu, Kernel};
+use crate::kernels::params::{
+    cuattn_add_params, cuattn_bias_act_params, cuattn_gather_rows_params, CUATTN_ACT_GELU_ERF,
+    CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
+};
+use crate::ops::attention::{self as attn, Options, Sequences};
+use crate::ops::launch;
+use crate::ops::layernorm::{self as ln, Tuning};
+use crate::tensor::{HostTensor, Layout};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::DevicePtr;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+const MODULE: &str = "runtime_ops";
+const THREADS: u32 = 256;
+
+/// Runs on one GPU with tensors stored in `dtype`.
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    dtype: DType,
+    blas: CudaBlas,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("gpu", &self.gpu.info().name)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HasShape for DeviceTensor {
+    fn dims(&self) -> &[usize] {
+        self.shape()
+    }
+}
+
+fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
+    Error::Shape {
+        arg,
+        expected: expected.into(),
+        got: got.to_vec(),
+    }
+}
+
+fn rows_cols(arg: &'static str, t: &DeviceTensor) -> Result<(usize, usize)> {
+    match t.shape() {
+        [r, c] => Ok((*r, *c)),
+        s => Err(shape_err(arg, "2 dims [rows, width]", s)),
+    }
+}
+
+fn ptr(t: &DeviceTensor) -> u64 {
+    t.view().device_ptr()
+}
+
+fn blas_err(context: &str, e: blas::CublasError) -> Error {
+    Error::Driver {
+        context: context.to_string(),
+        message: format!("{e:?}"),
+    }
+}
+
+fn int(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(arg, format!("{v} exceeds cuBLAS's 32-bit sizes")))
+}
+
+impl Cuda {
+    /// A backend on `gpu` storing tensors in `dtype`.
+    pub fn new(gpu: Arc<Gpu>, dtype: DType) -> Result<Cuda> {
+        // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
+        // SAFETY: only tries to dlopen libcublas by its usual names; no cuBLAS call is made.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "cuBLAS 13 (libcublas.so.13) was not found: put its folder (e.g. PyTorch's \
+                 site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("cublasCreate", e))?;
+        Ok(Cuda { gpu, dtype, blas })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn kernel(&self, op: &str) -> Result<Kernel> {
+        let name: &'static str = match (op, self.dtype) {
+            ("bias_act", DType::F32) => "rt_bias_act_f32",
+            ("bias_act", DType::F16) => "rt_bias_act_f16",
+            ("bias_act", DType::BF16) => "rt_bias_act_bf16",
+            ("add", DType::F32) => "rt_add_f32",
+            ("add", DType::F16) => "rt_add_f16",
+            ("add", DType::BF16) => "rt_add_bf16",
+            ("gather", DType::F32) => "rt_gather_rows_f32",
+            ("gather", DType::F16) => "rt_gather_rows_f16",
+            ("gather", DType::BF16) => "rt_gather_rows_bf16",
+            _ => return Err(Error::invalid("op", format!("no runtime kernel `{op}`"))),
+        };
+        self.gpu.kernel(MODULE, name)
+    }
+
+    fn grid(&self, elems: usize) -> u32 {
+        let resident = self.gpu.info().multiprocessors as usize * 8;
+        elems.div_ceil(THREADS as usize).clamp(1, resident) as u32
+    }
+
+    fn check_dtype(&self, arg: &'static str, t: &DeviceTensor) -> Result<()> {
+        if t.dtype() != self.dtype {
+            return Err(Error::DType {
+                arg,
+                expected: self.dtype,
+                got: t.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    fn cuda_dtype(&self) -> blas_sys::cudaDataType {
+        match self.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    /// Column-major `C[m, n] = op(A)·op(B)`, strided-batched, f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        transa: bool,
+        transb: bool,
+        (m, n, k): (usize, usize, usize),
+        (a, lda, stride_a): (u64, usize, usize),
+        (b, ldb, stride_b): (u64, usize, usize),
+        (c, ldc, stride_c): (u64, usize, usize),
+        batch: usize,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let dt = self.cuda_dtype();
+        // SAFETY: every caller derives a, b, c and their leading dims and batch strides from
+        // tensors whose shapes it checked (m·n·k and batch within each buffer); alpha and beta
+        // are host f32 scalars, as cuBLAS' default host pointer mode and COMPUTE_32F expect;
+        // the handle's stream is the Gpu's stream, which orders the GEMM after the writes of
+        // its inputs.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(transa),
+                op(transb),
+                int("m", m)?,
+                int("n", n)?,
+                int("k", k)?,
+                (&alpha as *const f32).cast::<c_void>(),
+                a as *const c_void,
+                dt,
+                int("lda", lda)?,
+                stride_a as i64,
+                b as *const c_void,
+                dt,
+                int("ldb", ldb)?,
+                stride_b as i64,
+                (&beta as *const f32).cast::<c_void>(),
+                c as *mut c_void,
+                dt,
+                int("ldc", ldc)?,
+                stride_c as i64,
+                int("batch", batch)?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
+    }
+
+    fn bias_act(
+        &self,
+        y: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        act: Activation,
+    ) -> Result<()> {
+        let (rows, cols) = rows_cols("y", y)?;
+        let act = match act {
+            Activation::None => CUATTN_ACT_NONE,
+            Activation::GeluErf => CUATTN_ACT_GELU_ERF,
+            Activation::GeluTanh => CUATTN_ACT_GELU_TANH,
+            Activation::Relu => CUATTN_ACT_RELU,
+            Activation::Tanh => CUATTN_ACT_TANH,
+        } as i32;
+        let p = cuattn_bias_act_params {
+            x: ptr(y),
+            bias: bias.map_or(0, ptr),
+            rows: rows as i64,
+            cols: cols as i64,
+            act,
+        };
+        let k = self.kernel("bias_act")?;
+        // SAFETY: y is a contiguous [rows, cols] tensor of this dtype and bias (checked by
+        // `linear`) holds cols elements of it; the kernel touches exactly rows·cols + cols.
+        unsafe {
+            launch(
+                &self.gpu,
+                &k,
+                &p,
+                (self.grid(rows * cols), 1),
+                (THREADS, 1),
+                0,
+            )
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = DeviceTensor;
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda:{} {} ({})",
+            self.gpu.info().ordinal,
+            self.gpu.info().name,
+            self.dtype
+        )
+    }
+
+    fn upload(&self, shape: &[usize], values: &[f32]) -> Result<DeviceTensor> {
+        self.gpu
+            .upload(&HostTensor::from_f32(self.dtype, shape, values)?)
+    }
+
+    fn to_f32(&self, t: &DeviceTensor) -> Result<Vec<f32>> {
+        t.to_f32_vec()
+    }
+
+    fn shape<'t>(&self, t: &'t DeviceTensor) -> &'t [usize] {
+        t.shape()
+    }
+
+    fn linear(
+        &self,
+        x: &DeviceTensor,
+        w: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        act: Activation,
+    ) -> Result<DeviceTensor> {
+        let (rows, inp) = rows_cols("x", x)?;
+        let (out, w_in) = rows_cols("w", w)?;
+        self.check_dtype("x", x)?;
+        self.check_dtype("w", w)?;
+        if w_in != inp {
+            return Err(shape_err("w", format!("[out, {inp}]"), w.shape()));
+        }
+        if let Some(b) = bias {
+            self.check_dtype("bias", b)?;
+            if b.shape() != [out] {
+                return Err(shape_err("bias", format!("[{out}]"), b.shape()));
+            }
+        }
+        let y = self.gpu.zeros(self.dtype, &[rows, out])?;
+        if rows == 0 || out == 0 {
+            return Ok(y);
+        }
+        // Row-major Y = X·Wᵀ is column-major Yᵀ[out, rows] = W·Xᵀ: W's bytes are a
+        // column-major [in, out] matrix (so op T), X's a column-major [in, rows] one.
+        self.gemm(
+            true,
+            false,
+            (out, rows, inp),
+            (ptr(w), inp, 0),
+            (ptr(x), inp, 0),
+            (ptr(&y), out, 0),
+            1,
+        )?;
+        if bias.is_some() || act != Activation::None {
+            self.bias_act(&y, bias, act)?;
+        }
+        Ok(y)
+    }
+
+    fn batched_matmul_nt(
+        &self,
+        a: &DeviceTensor,
+        b: &DeviceTensor,
+        batch: usize,
+    ) -> Result<DeviceTensor> {
+        let (ar, k) = rows_cols("a", a)?;
+        let (br, bk) = rows_cols("b", b)?;
+        self.check_dtype("a", a)?;
+        self.check_dtype("b", b)?;
+        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
+            return Err(shape_err(
+                "b",
+                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
+                b.shape(),
+            ));
+        }
+        let (m, n) = (ar / batch, br / batch);
+        let c = self.gpu.zeros(self.dtype, &[ar, n])?;
+        if m == 0 || n == 0 {
+            return Ok(c);
+        }
+        // Row-major C_b = A_b·B_bᵀ is column-major C_bᵀ[n, m] = B_b·A_bᵀ.
+        self.gemm(
+            true,
+            false,
+            (n, m, k),
+            (ptr(b), k, n * k),
+            (ptr(a), k, m * k),
+            (ptr(&c), n, m * n),
+            batch,
+        )?;
+        Ok(c)
+    }
+
+    fn add(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_dtype("a", a)?;
+        self.check_dtype("b", b)?;
+        if a.shape() != b.shape() {
+            return Err(shape_err(
+                "b",
+                format!("{:?} (a's shape)", a.shape()),
+                b.shape(),
+            ));
+        }
+        let out = self.gpu.zeros(self.dtype, a.shape())?;
+        let n: usize = a.shape().iter().product();
+        let p = cuattn_add_params {
+            a: ptr(a),
+            b: ptr(b),
+            out: ptr(&out),
+            n: n as i64,
+        };
+        let k = self.kernel("add")?;
+        // SAFETY: a, b and out are contiguous tensors of this dtype with n elements each.
+        unsafe { launch(&self.gpu, &k, &p, (self.grid(n), 1), (THREADS, 1), 0) }?;
+        Ok(out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &DeviceTensor,
+        residual: Option<&DeviceTensor>,
+        gamma: &DeviceTensor,
+        beta: &DeviceTensor,
+        eps: f32,
+    ) -> Result<DeviceTensor> {
+        let (g, b) = (gamma.view(), beta.view());
+        let mut y = self.gpu.zeros(self.dtype, x.shape())?;
+        match residual {
+            None => ln::forward_into(
+                &self.gpu,
+                &x.view(),
+                Some(&g),
+                Some(&b),
+                eps,
+                &mut y.view_mut(),
+                None,
+                None,
+                Tuning::default(),
+            )?,
+            Some(r) => {
+                let mut sum = self.gpu.zeros(self.dtype, x.shape())?;
+                ln::add_forward_into(
+                    &self.gpu,
+                    &x.view(),
+                    &r.view(),
+                    Some(&g),
+                    Some(&b),
+                    eps,
+                    &mut sum.view_mut(),
+                    &mut y.view_mut(),
+                    None,
+                    None,
+                    Tuning::default(),
+                )?
+            }
+        }
+        Ok(y)
+    }
+
+    fn gather_rows(&self, table: &DeviceTensor, ids: &[u32]) -> Result<DeviceTensor> {
+        let (n, width) = rows_cols("table", table)?;
+        self.check_dtype("table", table)?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::invalid(
+                "ids",
+                format!("id {bad} is outside the table's {n} rows"),
+            ));
+        }
+        let out = self.gpu.zeros(self.dtype, &[ids.len(), width])?;
+        if ids.is_empty() || width == 0 {
+            return Ok(out);
+        }
+        let dev_ids = self
+            .gpu
+            .stream()
+            .clone_htod(ids)
+            .map_err(|e| Error::driver("copy ids to device", e))?;
+        let (ids_ptr, _sync) = dev_ids.device_ptr(self.gpu.stream());
+        let p = cuattn_gather_rows_params {
+            table: ptr(table),
+            ids: ids_ptr,
+            out: ptr(&out),
+            rows: ids.len() as i64,
+            width: width as i64,
+        };
+        let k = self.kernel("gather")?;
+        // SAFETY: every id was checked < n above, so each read row lies in the [n, width]
+        // table; out holds ids.len()·width elements; dev_ids (ids.len() u32) is freed in
+        // stream order after the kernel.
+        unsafe {
+            launch(
+                &self.gpu,
+                &k,
+                &p,
+                (self.grid(ids.len() * width), 1),
+                (THREADS, 1),
+                0,
+            )
+        }?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        q: Heads<'_, DeviceTensor>,
+        k: Heads<'_, DeviceTensor>,
+        v: Heads<'_, DeviceTensor>,
+        mask: &AttentionMask<'_>,
+    ) -> Result<DeviceTensor> {
+        let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
+        for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
+            self.check_dtype(arg, h.tensor)?;
+        }
+        let m = *mask;
+        let width_o = q.heads * v.dim;
+        let mut out = self.gpu.zeros(self.dtype, &[m.batch * m.len_q, width_o])?;
+        if m.batch == 0 || m.len_q == 0 || m.len_k == 0 {
+            return Ok(out);
+        }
+        // [B, H, L, D] views of the heads in place: rows b·L + t of a `width`-wide tensor.
+        let layout = |len: usize, heads: usize, dim: usize, width: usize| {
+            Layout::strided(
+                "heads",
+                &[m.batch, heads, len, dim],
+                &[len * width, dim, width, 1],
+            )
+        };
+        let qv = q
+            .tensor
+            .view_at(q.col, layout(m.len_q, q.heads, q.dim, wq)?)?;
+        let kv = k
+            .tensor
+            .view_at(k.col, layout(m.len_k, k.heads, k.dim, wk)?)?;
+        let vv = v
+            .tensor
+            .view_at(v.col, layout(m.len_k, v.heads, v.dim, wv)?)?;
+        let key_lens: Option<Vec<i32>> = m.key_lens.map(|l| l.iter().map(|&x| x as i32).collect());
+        let opts = Options {
+            scale: m.scale,
+            causal: m.causal,
+            sequences: Sequences::Dense {
+                key_lens: key_lens.as_deref(),
+            },
+            ..Options::default()
+        };
+        let o_layout = layout(m.len_q, q.heads, v.dim, width_o)?;
+        let mut ov = out.view_mut_at(0, o_layout)?;
+        attn::forward_into(&self.gpu, &qv, &kv, &vv, &mut ov, None, &opts)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,477 @@
+//! The building blocks of a transformer, written once against [`Backend`]: linear layers,
+//! LayerNorm, the feed-forward block, positional encodings (sinusoidal and learned), and the
+//! attention family (basic unparameterised self-attention, single-head scaled dot-product
+//! attention with learned projections, multi-head self and cross attention, masked).
+//!
+//! Parameters arrive as [`HostParam`]s (f32, checkpoint shapes) and are uploaded once.
+
+use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
+use super::checkpoint::HostParam;
+use crate::error::{Error, Result};
+
+fn upload<B: Backend>(be: &B, p: &HostParam) -> Result<B::Tensor> {
+    be.upload(&p.shape, &p.values)
+}
+
+/// `y = x·Wᵀ + b` with W `[out, in]`.
+pub struct Linear<B: Backend> {
+    pub weight: B::Tensor,
+    pub bias: Option<B::Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl<B: Backend> Linear<B> {
+    /// From a `[out, in]` weight (PyTorch `nn.Linear`) and an optional `[out]` bias.
+    pub fn new(be: &B, weight: &HostParam, bias: Option<&HostParam>) -> Result<Self> {
+        let [out, inp] = weight.shape[..] else {
+            return Err(Error::Shape {
+                arg: "weight",
+                expected: "[out, in]".into(),
+                got: weight.shape.clone(),
+            });
+        };
+        if let Some(b) = bias {
+            if b.shape != [out] {
+                return Err(Error::Shape {
+                    arg: "bias",
+                    expected: format!("[{out}]"),
+                    got: b.shape.clone(),
+                });
+            }
+        }
+        Ok(Linear {
+            weight: upload(be, weight)?,
+            bias: bias.map(|b| upload(be, b)).transpose()?,
+            in_features: inp,
+            out_features: out,
+        })
+    }
+
+    /// From a Conv1D weight stored `[in, out]` (GPT-2).
+    pub fn from_conv1d(be: &B, weight: &HostParam, bias: Option<&HostParam>) -> Result<Self> {
+        Self::new(be, &weight.transposed()?, bias)
+    }
+
+    /// Several linear layers over the same input fused into one (their outputs side by side,
+    /// in order): one GEMM instead of several. Every part needs a bias, or none does.
+    pub fn fused(be: &B, parts: &[(&HostParam, Option<&HostParam>)]) -> Result<Self> {
+        let (mut w, mut b) = (Vec::new(), Vec::new());
+        let mut out = 0;
+        let inp = parts
+            .first()
+            .map_or(0, |(w, _)| w.shape.get(1).copied().unwrap_or(0));
+        let with_bias = parts.first().is_some_and(|(_, b)| b.is_some());
+        for (pw, pb) in parts {
+            if pw.shape.len() != 2 || pw.shape[1] != inp || pb.is_some() != with_bias {
+                return Err(Error::Shape {
+                    arg: "weight",
+                    expected: format!("[out, {inp}] (all parts alike, all with a bias or none)"),
+                    got: pw.shape.clone(),
+                });
+            }
+            w.extend_from_slice(&pw.values);
+            out += pw.shape[0];
+            if let Some(pb) = pb {
+                b.extend_from_slice(&pb.values);
+            }
+        }
+        let weight = HostParam {
+            shape: vec![out, inp],
+            values: w,
+        };
+        let bias = with_bias.then_some(HostParam {
+            shape: vec![out],
+            values: b,
+        });
+        Self::new(be, &weight, bias.as_ref())
+    }
+
+    pub fn forward(&self, be: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
+        be.linear(x, &self.weight, self.bias.as_ref(), act)
+    }
+}
+
+/// LayerNorm over the last dim with learned gain and bias.
+pub struct LayerNorm<B: Backend> {
+    pub gamma: B::Tensor,
+    pub beta: B::Tensor,
+    pub eps: f32,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(be: &B, gamma: &HostParam, beta: &HostParam, eps: f32) -> Result<Self> {
+        if gamma.shape.len() != 1 || beta.shape != gamma.shape {
+            return Err(Error::Shape {
+                arg: "beta",
+                expected: format!("{:?} (gamma's, 1 dim)", gamma.shape),
+                got: beta.shape.clone(),
+            });
+        }
+        Ok(LayerNorm {
+            gamma: upload(be, gamma)?,
+            beta: upload(be, beta)?,
+            eps,
+        })
+    }
+
+    /// LayerNorm(x + residual), or LayerNorm(x).
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        residual: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
+        be.layer_norm(x, residual, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+/// Position-wise feed-forward: `W₂·act(W₁·x + b₁) + b₂`.
+pub struct FeedForward<B: Backend> {
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+    pub act: Activation,
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = self.up.forward(be, x, self.act)?;
+        self.down.forward(be, &h, Activation::None)
+    }
+}
+
+/// The sinusoidal encoding of "Attention Is All You Need": `[len, dim]` with
+/// PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). Computed in f64.
+pub fn sinusoidal_positions(len: usize, dim: usize) -> HostParam {
+    let mut values = vec![0f32; len * dim];
+    for p in 0..len {
+        for c in 0..dim {
+            let i = (c / 2) as f64;
+            let angle = p as f64 / 10000f64.powf(2.0 * i / dim as f64);
+            values[p * dim + c] = if c % 2 == 0 { angle.sin() } else { angle.cos() } as f32;
+        }
+    }
+    HostParam {
+        shape: vec![len, dim],
+        values,
+    }
+}
+
+/// A table of position (or token) vectors looked up by index: learned positional encodings,
+/// or the sinusoidal table uploaded once.
+pub struct Embedding<B: Backend> {
+    pub table: B::Tensor,
+    pub rows: usize,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn new(be: &B, table: &HostParam) -> Result<Self> {
+        if table.shape.len() != 2 {
+            return Err(Error::Shape {
+                arg: "table",
+                expected: "[rows, width]".into(),
+                got: table.shape.clone(),
+            });
+        }
+        Ok(Embedding {
+            table: upload(be, table)?,
+            rows: table.shape[0],
+        })
+    }
+
+    pub fn forward(&self, be: &B, ids: &[u32]) -> Result<B::Tensor> {
+        be.gather_rows(&self.table, ids)
+    }
+}
+
+/// Basic self-attention with no parameters: `softmax(X·Xᵀ)·X` per sequence (no scaling), X
+/// `[batch·len, width]`.
+pub fn basic_self_attention<B: Backend>(
+    be: &B,
+    x: &B::Tensor,
+    batch: usize,
+    len: usize,
+) -> Result<B::Tensor> {
+    let width = be.shape(x).get(1).copied().unwrap_or(0);
+    let h = Heads {
+        tensor: x,
+        col: 0,
+        heads: 1,
+        dim: width,
+    };
+    let mask = AttentionMask {
+        batch,
+        len_q: len,
+        len_k: len,
+        key_lens: None,
+        causal: None,
+        scale: Some(1.0),
+    };
+    be.attention(h, h, h, &mask)
+}
+
+/// Single-head scaled dot-product attention with learned projections:
+/// `softmax((X·W_qᵀ)(X·W_kᵀ)ᵀ / √d)·(X·W_vᵀ)`.
+pub struct SingleHeadAttention<B: Backend> {
+    /// W_q, W_k, W_v fused, `[3·d, in]`.
+    pub qkv: Linear<B>,
+    pub dim: usize,
+}
+
+impl<B: Backend> SingleHeadAttention<B> {
+    pub fn new(be: &B, wq: &HostParam, wk: &HostParam, wv: &HostParam) -> Result<Self> {
+        let dim = wq.shape.first().copied().unwrap_or(0);
+        Ok(SingleHeadAttention {
+            qkv: Linear::fused(be, &[(wq, None), (wk, None), (wv, None)])?,
+            dim,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        batch: usize,
+        len: usize,
+        causal: bool,
+    ) -> Result<B::Tensor> {
+        let qkv = self.qkv.forward(be, x, Activation::None)?;
+        let heads = |i: usize| Heads {
+            tensor: &qkv,
+            col: i * self.dim,
+            heads: 1,
+            dim: self.dim,
+        };
+        let mask = AttentionMask {
+            batch,
+            len_q: len,
+            len_k: len,
+            key_lens: None,
+            causal: causal.then_some(CausalAlign::TopLeft),
+            scale: None,
+        };
+        be.attention(heads(0), heads(1), heads(2), &mask)
+    }
+}
+
+/// Keys and values of all the positions a decoder has seen, per layer: the hook through which
+/// incremental decoding (a KV cache) plugs into [`MultiHeadAttention::forward_self`].
+pub trait KvCache<B: Backend> {
+    /// Appends this step's keys and values (rows `b·len_new + t`, heads as given) and returns
+    /// every key and value so far: tensors of rows `b·len_k + j`, `heads·dim` wide, with each
+    /// sequence's count of valid keys (`None`: all `len_k`).
+    fn append(
+        &mut self,
+        be: &B,
+        k: Heads<'_, B::Tensor>,
+        v: Heads<'_, B::Tensor>,
+        batch: usize,
+        len_new: usize,
+    ) -> Result<CachedKv<B::Tensor>>;
+}
+
+/// What a [`KvCache`] hands back for the attention of one step.
+pub struct CachedKv<T> {
+    pub k: T,
+    pub v: T,
+    pub len_k: usize,
+    pub key_lens: Option<Vec<usize>>,
+}
+
+/// Multi-head attention: projections, per-head scaled dot-product attention, output projection.
+/// Self-attention projects Q, K and V in one GEMM; cross-attention projects Q from the
+/// queries and K, V (in one GEMM) from the memory.
+pub struct MultiHeadAttention<B: Backend> {
+    projections: Projections<B>,
+    pub out: Linear<B>,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+enum Projections<B: Backend> {
+    /// `[3·heads·dim, in]`: Q rows, then K, then V.
+    SelfQkv(Linear<B>),
+    Cross {
+        q: Linear<B>,
+        kv: Linear<B>,
+    },
+}
+
+type LinearParts<'a> = (&'a HostParam, Option<&'a HostParam>);
+
+impl<B: Backend> MultiHeadAttention<B> {
+    fn check_heads(width: usize, heads: usize) -> Result<usize> {
+        if heads == 0 || width % heads != 0 {
+            return Err(Error::invalid(
+                "heads",
+                format!("{heads} heads do not divide the width {width}"),
+            ));
+        }
+        Ok(width / heads)
+    }
+
+    /// Self-attention from Q, K, V and output projections (each `[out, in]` + bias).
+    pub fn self_attention(
+        be: &B,
+        heads: usize,
+        q: LinearParts<'_>,
+        k: LinearParts<'_>,
+        v: LinearParts<'_>,
+        out: LinearParts<'_>,
+    ) -> Result<Self> {
+        let head_dim = Self::check_heads(q.0.shape.first().copied().unwrap_or(0), heads)?;
+        Ok(MultiHeadAttention {
+            projections: Projections::SelfQkv(Linear::fused(be, &[q, k, v])?),
+            out: Linear::new(be, out.0, out.1)?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// Self-attention from an already fused `[3·width, in]` projection (GPT-2's `c_attn`).
+    pub fn from_fused_qkv(heads: usize, qkv: Linear<B>, out: Linear<B>) -> Result<Self> {
+        let head_dim = Self::check_heads(qkv.out_features / 3, heads)?;
+        if qkv.out_features % 3 != 0 {
+            return Err(Error::invalid(
+                "qkv",
+                "fused projection width is not 3·width",
+            ));
+        }
+        Ok(MultiHeadAttention {
+            projections: Projections::SelfQkv(qkv),
+            out,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// Cross-attention: Q from the queries, K and V from the memory.
+    pub fn cross_attention(
+        be: &B,
+        heads: usize,
+        q: LinearParts<'_>,
+        k: LinearParts<'_>,
+        v: LinearParts<'_>,
+        out: LinearParts<'_>,
+    ) -> Result<Self> {
+        let head_dim = Self::check_heads(q.0.shape.first().copied().unwrap_or(0), heads)?;
+        Ok(MultiHeadAttention {
+            projections: Projections::Cross {
+                q: Linear::new(be, q.0, q.1)?,
+                kv: Linear::fused(be, &[k, v])?,
+            },
+            out: Linear::new(be, out.0, out.1)?,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn heads_at<'t>(&self, t: &'t B::Tensor, col: usize) -> Heads<'t, B::Tensor> {
+        Heads {
+            tensor: t,
+            col,
+            heads: self.heads,
+            dim: self.head_dim,
+        }
+    }
+
+    /// Self-attention over `x` `[batch·len, width]`. `key_lens` masks padding; `causal`
+    /// makes it masked (decoder) attention. With a `cache`, this step's keys and values are
+    /// appended to it and the queries attend to everything cached (causal alignment
+    /// bottom-right, so the last query sees every key).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_self(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        batch: usize,
+        len: usize,
+        key_lens: Option<&[usize]>,
+        causal: bool,
+        cache: Option<&mut dyn KvCache<B>>,
+    ) -> Result<B::Tensor> {
+        let Projections::SelfQkv(qkv_proj) = &self.projections else {
+            return Err(Error::invalid(
+                "self",
+                "this layer was built for cross-attention",
+            ));
+        };
+        let qkv = qkv_proj.forward(be, x, Activation::None)?;
+        let width = self.heads * self.head_dim;
+        let (q, k, v) = (
+            self.heads_at(&qkv, 0),
+            self.heads_at(&qkv, width),
+            self.heads_at(&qkv, 2 * width),
+        );
+        let ctx = match cache {
+            None => be.attention(
+                q,
+                k,
+                v,
+                &AttentionMask {
+                    batch,
+                    len_q: len,
+                    len_k: len,
+                    key_lens,
+                    causal: causal.then_some(CausalAlign::TopLeft),
+                    scale: None,
+                },
+            )?,
+            Some(cache) => {
+                let all = cache.append(be, k, v, batch, len)?;
+                be.attention(
+                    q,
+                    self.heads_at(&all.k, 0),
+                    self.heads_at(&all.v, 0),
+                    &AttentionMask {
+                        batch,
+                        len_q: len,
+                        len_k: all.len_k,
+                        key_lens: all.key_lens.as_deref(),
+                        causal: causal.then_some(CausalAlign::BottomRight),
+                        scale: None,
+                    },
+                )?
+            }
+        };
+        self.out.forward(be, &ctx, Activation::None)
+    }
+
+    /// Cross-attention of `x` `[batch·len_q, width]` over `memory` `[batch·len_k, width_m]`,
+    /// whose padding `memory_lens` masks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cross(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        memory: &B::Tensor,
+        batch: usize,
+        len_q: usize,
+        len_k: usize,
+        memory_lens: Option<&[usize]>,
+    ) -> Result<B::Tensor> {
+        let Projections::Cross { q, kv } = &self.projections else {
+            return Err(Error::invalid(
+                "cross",
+                "this layer was built for self-attention",
+            ));
+        };
+        let q = q.forward(be, x, Activation::None)?;
+        let kv = kv.forward(be, memory, Activation::None)?;
+        let width = self.heads * self.head_dim;
+        let ctx = be.attention(
+            self.heads_at(&q, 0),
+            self.heads_at(&kv, 0),
+            self.heads_at(&kv, width),
+            &AttentionMask {
+                batch,
+                len_q,
+                len_k,
+                key_lens: memory_lens,
+                causal: None,
+                scale: None,
+            },
+        )?;
+        self.out.forward(be, &ctx, Activation::None)
+    }
+}

@@ -1,0 +1,27 @@
+//! A small transformer runtime on top of the kernels: a model is written once against
+//! [`Backend`] and runs on the CPU ([`cpu::Cpu`], f32) or the GPU (`cuda::Cuda`, feature
+//! `cuda`: cuBLAS GEMMs, cuattn's attention and LayerNorm kernels, f32/f16/bf16).
+//!
+//! - [`backend`]: the op interface and its small types (activations, head views, masks).
+//! - [`cpu`], `cuda`: the two backends.
+//! - [`layers`]: building blocks (linear, LayerNorm, feed-forward, positional encodings,
+//!   attention: basic, single-head, multi-head self/cross/masked, with a KV-cache hook).
+//! - [`checkpoint`]: Hugging Face folders (`config.json`, memory-mapped `model.safetensors`).
+//! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' padding and truncation.
+//! - [`bert`]: BERT encoder and pooler.
+//! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
+
+pub mod backend;
+pub mod bert;
+pub mod checkpoint;
+pub mod conformance;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod layers;
+pub mod pooling;
+pub mod sentence;
+pub mod tokenizer;
+
+pub use backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
+pub use cpu::{Cpu, CpuTensor};

@@ -1,0 +1,101 @@
+//! Sentence embeddings from a sentence-transformers folder: tokenizer, BERT, pooling,
+//! normalization, batched like sentence-transformers (sentences sorted by length so each
+//! batch pads little, results returned in input order).
+
+use super::backend::Backend;
+use super::bert::Bert;
+use super::checkpoint::read_json;
+use super::pooling::Pooling;
+use super::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// A sentence-embedding model on backend `B`.
+pub struct SentenceEmbedder<B: Backend> {
+    pub bert: Bert<B>,
+    pub tokenizer: Tokenizer,
+    pub pooling: Pooling,
+}
+
+/// Embeddings of a list of sentences, in input order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub dim: usize,
+    /// Inputs (indices) cut at the model's maximum sequence length.
+    pub truncated: Vec<usize>,
+}
+
+impl<B: Backend> SentenceEmbedder<B> {
+    /// Loads the model, `tokenizer.json` and the pooling configuration from `dir`. Sentences
+    /// are truncated at `max_seq_length` from `sentence_bert_config.json` when present, never
+    /// beyond the model's positions.
+    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
+        let bert = Bert::from_folder(be, dir)?;
+        let positions = bert.config.max_position_embeddings;
+        let st_config = dir.join("sentence_bert_config.json");
+        let max_len = if st_config.exists() {
+            read_json(&st_config)?["max_seq_length"]
+                .as_u64()
+                .map_or(positions, |m| m as usize)
+        } else {
+            positions
+        }
+        .min(positions);
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
+        let pooling = Pooling::from_folder(dir)?;
+        Ok(SentenceEmbedder {
+            bert,
+            tokenizer,
+            pooling,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.bert.config.hidden_size
+    }
+
+    /// Embeds `texts` in batches of `batch_size`; `progress` is called with the number of
+    /// sentences done after each batch. An empty list is an error.
+    pub fn embed(
+        &self,
+        be: &B,
+        texts: &[&str],
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Embeddings> {
+        if texts.is_empty() {
+            return Err(Error::invalid("texts", "no sentences to embed"));
+        }
+        if batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be ≥ 1"));
+        }
+        // Longest first, as sentence-transformers sorts (by characters): batches of similar
+        // lengths pad little. The mask makes each result independent of its batch-mates.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].chars().count()));
+        let width = self.dim();
+        let mut vectors = vec![Vec::new(); texts.len()];
+        let mut truncated = Vec::new();
+        let mut done = 0;
+        for chunk in order.chunks(batch_size) {
+            let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let tokens = self.tokenizer.encode_batch(&batch_texts)?;
+            truncated.extend(tokens.truncated.iter().map(|&j| chunk[j]));
+            let out = self.bert.forward(be, &tokens)?;
+            let hidden = be.to_f32(&out.hidden)?;
+            let pooled = self.pooling.apply(&hidden, &tokens.lens, tokens.len, width);
+            for (&i, v) in chunk.iter().zip(pooled) {
+                vectors[i] = v;
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        truncated.sort_unstable();
+        Ok(Embeddings {
+            vectors,
+            dim: width,
+            truncated,
+        })
+    }
+}
