@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Second device call of the GPU check (docs/gpu.md §3): the runtime's GPU tests with the f16
 # MiniLM copy carried in models/minilm-f16, over the gpu-bundle/ that the first call left on the
-# warm machine. Writes $OUT/minilm.log; exit status that of the test binary.
+# warm machine, then sentence-transformers on the same sentences (scripts/bench-embed-gpu.py).
+# Writes $OUT/minilm.log; exit status that of the test binary.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
@@ -28,5 +29,6 @@ bin="$root/gpu-bundle/tests/gpu"
   CUATTN_MINILM_DIR=models/minilm-f16 CUATTN_REQUIRE_GPU=1 timeout 240 "$bin" runtime --include-ignored --show-output --test-threads=1
 } >"$OUT/minilm.log" 2>&1
 rc=$?
+timeout 120 python3 scripts/bench-embed-gpu.py models/minilm-f16 >>"$OUT/minilm.log" 2>&1
 tail -n 40 "$OUT/minilm.log"
 exit $rc
