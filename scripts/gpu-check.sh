@@ -20,6 +20,7 @@
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
 #   BENCH_FAMILIES (default "layernorm attention sparse decode"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
+#   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
@@ -276,6 +277,8 @@ for fam in $BENCH_FAMILIES; do
   fi
   if [ "${GPU_CHECK_TORCH:-1}" = 0 ]; then
     record torch "$fam" skip "GPU_CHECK_TORCH=0" 0
+  elif [ -n "${TORCH_FAMILIES+x}" ] && ! [[ " $TORCH_FAMILIES " == *" $fam "* ]]; then
+    record torch "$fam" skip "not in TORCH_FAMILIES" 0
   elif [ -f "$ours" ]; then
     # torch_baseline.py stops measuring (rows left: "skipped") 15 s before its timeout, so the
     # JSON still comes out (attention only; layernorm ignores --time-budget-s)
