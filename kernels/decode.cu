@@ -19,9 +19,10 @@
 //   butterfly per key, then every lane of the group runs the same online-softmax update per
 //   KPG keys (running max m, sum l, unnormalised O in f32 registers).
 //   f16/bf16 otherwise (SCATTER, v2): the HPB·KPG (head, key) partials go through one
-//   reduce-scatter over the group's lanes (log2 TPK shuffle levels in all, each halving what
-//   a lane carries, instead of log2 TPK per score), so each lane ends with the full score of
-//   one slot (slot t / REPL, REPL = TPK / (HPB·KPG) lanes per slot), bitwise the butterfly's.
+//   reduce-scatter over the group's lanes (N = HPB·KPG scores: N − 1 + log2(TPK/N) shuffles,
+//   each level halving what a lane carries, instead of N·log2 TPK), so each lane ends with
+//   the full score of one slot (slot t / REPL, REPL = TPK / N lanes per slot), bitwise the
+//   butterfly's.
 //   The lane runs the online softmax for its slot only: the head's max over its KPG slots
 //   (log2 KPG shuffles), one alpha and one p (2 exp2 per lane instead of HPB·(KPG+1)), a
 //   running sum l per slot (summed per head at the end of the block, butterfly order); then
@@ -72,7 +73,10 @@
 // 56 FMUL; v2 351 in the loop, 327 issued, with 21 SHFL, 10 FADD, 2 MUFU.) Per KiB of K+V,
 // f16 HPB 4 went from 220 to 164 warp-instructions, below f32's 176. The 4 prefetch
 // LDG.E.EF.128 still go out back to back before the arithmetic; no LDL/STL, and no BRA.DIV
-// (the vote branches hold no shuffle).
+// (the vote branches hold no shuffle). Tried and dropped (ptxas, sm_90): two iterations per
+// trip on ping-pong K/V buffers, to drop the ~30 MOV/PRMT that copy the prefetched packs each
+// iteration, took HPB 4 to 199 registers (2 blocks/SM) and spilled at HPB 8;
+// __launch_bounds__(128, 4) for 2-byte types (4 blocks/SM) spills 124–1372 bytes everywhere.
 // UNVERIFIED ON HARDWARE (v2): correctness and bandwidth await the GPU tests and
 // `cuattn bench decode`; v1 passed them all on H200.
 
