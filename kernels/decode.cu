@@ -13,11 +13,23 @@
 //   block holds NG = 128/TPK key groups. Per iteration the block takes NG·KPG consecutive keys
 //   (KPG = 4, 2 or 1 as the per-thread q and O, NP·HPB packs, grow),
 //   group g the KPG keys g·KPG.. of them. Each thread first issues every K and V load of its
-//   KPG keys (16-byte LDG, evict-first: the cache is streamed once), then per head: partial
-//   dot products with its q packs (q pre-multiplied by scale·log2 e, so scores are in the exp2
-//   domain), a shuffle-xor sum inside the group, one online-softmax update per KPG keys
-//   (running max m, sum l, unnormalised O in f32 registers). Keys past the split's end are not
-//   loaded and get score −inf, p = 0.
+//   KPG keys (16-byte LDG, evict-first: the cache is streamed once), then partial dot products
+//   with its q packs (q pre-multiplied by scale·log2 e, so scores are in the exp2 domain).
+//   f32 (and 2-byte types where HPB·KPG > TPK: HD 64 with 8 heads): per head, a shuffle-xor
+//   butterfly per key, then every lane of the group runs the same online-softmax update per
+//   KPG keys (running max m, sum l, unnormalised O in f32 registers).
+//   f16/bf16 otherwise (SCATTER, v2): the HPB·KPG (head, key) partials go through one
+//   reduce-scatter over the group's lanes (N = HPB·KPG scores: N − 1 + log2(TPK/N) shuffles,
+//   each level halving what a lane carries, instead of N·log2 TPK), so each lane ends with
+//   the full score of one slot (slot t / REPL, REPL = TPK / N lanes per slot), bitwise the
+//   butterfly's.
+//   The lane runs the online softmax for its slot only: the head's max over its KPG slots
+//   (log2 KPG shuffles), one alpha and one p (2 exp2 per lane instead of HPB·(KPG+1)), a
+//   running sum l per slot (summed per head at the end of the block, butterfly order); then
+//   every lane fetches each head's alpha and the slots' p (HPB·(KPG+1) indexed shuffles) for
+//   its O packs, and O is rescaled only when some alpha of the warp is not 1 (a warp vote:
+//   multiplying by 1 is exact, so skipping changes no bit, and the max seldom moves after the
+//   first keys). Keys past the split's end are not loaded and get score −inf, p = 0.
 //   End of the block: the NG groups' (m, l, O) are merged through shared memory per head:
 //   M = max m_g, w_g = 2^(m_g − M), L = Σ w_g l_g, O = Σ w_g O_g / L (fixed group order).
 //   Written: O_s (f32, normalised) and LSE_s = (M + log2 L)·ln 2 into the workspace; an empty
@@ -39,15 +51,34 @@
 // Pipelining: iteration i + 1's K/V loads are issued before iteration i's arithmetic, so a
 // warp keeps two iterations in flight (2·KPG·NP 16-byte loads each of K and V per thread).
 //
+// History: v1 (kernels/dev/decode_v1.cu, measured on H200: f32 60–94% of copy bandwidth at
+// L ≥ 32k, f16/bf16 only 38–64%, PyTorch's flash backend 1.4–1.5x faster) ran the butterfly
+// and the online softmax redundantly on all lanes of a key for every type. Its f16 main loop
+// cost 110 warp-instructions per key against f32's 176 per key with twice the bytes per key:
+// the 2-byte types were bound by instructions per key, not memory. v2 changes only the
+// 2-byte path (SCATTER above); the f32 kernels' SASS is identical to v1's.
+//
 // Build findings (CUDA 13.0 ptxas -v, 2026-11-26; `cuattn info` prints the current ones): no
 // stack frame and no spills in any decode kernel on sm_80 or sm_90 (enforced by the test
 // ops::decode::tests::every_decode_kernel_was_compiled_for_sm80_and_sm90_without_spills).
-// Registers on sm_90: f16/bf16 split kernels 168 at HPB 4 (3 blocks/SM), 176 at HPB 1,
-// ~210 at HPB 2, 255 at HPB 8; f32 100–217; merge 40. SASS (cuobjdump -sass, sm_90): the
-// vectorised main loop of e.g. decode_split_f16_hd128_h4 issues its 4 prefetch
-// LDG.E.EF.128 back to back before the shuffles and FMAs (8 in all with the prologue), no
-// LDL/STL, and no BRA.DIV (every lane reaches every shuffle). UNVERIFIED ON HARDWARE when
-// written: correctness and bandwidth await the GPU tests and `cuattn bench decode`.
+// Registers on sm_90: f16/bf16 split kernels 167 at HPB 4 (3 blocks/SM), 161 at HPB 1,
+// 195 at HPB 2, 243–255 at HPB 8; f32 100–217; merge 40. SASS (cuobjdump -sass, sm_90), the
+// vectorised main loop per thread per block iteration, counting as issued what runs while no
+// max moves (the rescales behind the vote branches skipped), in warp-instructions per key:
+//   HD 128      HPB 1         HPB 2         HPB 4          HPB 8
+//   f16 v1→v2   47.0 → 42.5   65.4 → 54.1   110.2 → 81.8   191.8 → 131.2
+//   bf16 v1→v2  53.1 → 48.1   71.5 → 59.5   116.2 → 87.0   197.5 → 136.8
+//   f32 (same)  63.8          93.0          176.5          299.5
+// (f16 HPB 4, 16 keys per iteration: v1 441 instructions with 32 SHFL, 52 FADD, 12 MUFU,
+// 56 FMUL; v2 351 in the loop, 327 issued, with 21 SHFL, 10 FADD, 2 MUFU.) Per KiB of K+V,
+// f16 HPB 4 went from 220 to 164 warp-instructions, below f32's 176. The 4 prefetch
+// LDG.E.EF.128 still go out back to back before the arithmetic; no LDL/STL, and no BRA.DIV
+// (the vote branches hold no shuffle). Tried and dropped (ptxas, sm_90): two iterations per
+// trip on ping-pong K/V buffers, to drop the ~30 MOV/PRMT that copy the prefetched packs each
+// iteration, took HPB 4 to 199 registers (2 blocks/SM) and spilled at HPB 8;
+// __launch_bounds__(128, 4) for 2-byte types (4 blocks/SM) spills 124–1372 bytes everywhere.
+// UNVERIFIED ON HARDWARE (v2): correctness and bandwidth await the GPU tests and
+// `cuattn bench decode`; v1 passed them all on H200.
 
 #include "common.cuh"
 #include "cuattn_params.h"
@@ -71,6 +102,12 @@ template <typename T, int HD, int HPB> struct Geometry {
     // Keys per group per iteration: fewer as the per-thread q and O grow, to stay in registers.
     static constexpr int KPG = NP * HPB <= 2 ? 4 : (NP * HPB <= 8 ? 2 : 1);
     static constexpr int BLOCK_KEYS = NG * KPG;               // keys per block iteration
+    // 2-byte types score by reduce-scatter (header): the group's SCORES = HPB·KPG dot products
+    // end one per lane, each held by REPL adjacent lanes; where there are more scores than
+    // lanes (HD 64 with 8 heads) and for f32, the butterfly per score.
+    static constexpr int SCORES = HPB * KPG;
+    static constexpr bool SCATTER = sizeof(T) == 2 && SCORES <= TPK;
+    static constexpr int REPL = SCATTER ? TPK / SCORES : 1;
 };
 
 // Pinned to the CPU twin's `Geometry` (tests/decode_twin.rs, geometry_follows_the_kernels_constants):
@@ -84,6 +121,9 @@ static_assert(Geometry<__half, 64, 1>::TPK == 8 && Geometry<__half, 64, 1>::NG =
 static_assert(Geometry<float, 256, 8>::TPK == 32 && Geometry<float, 256, 8>::NP == 2 &&
                   Geometry<float, 256, 8>::NG == 4 && Geometry<float, 256, 8>::KPG == 1,
               "f32 D256 HPB8 geometry differs from twin::decode::Geometry");
+static_assert(Geometry<__half, 128, 4>::SCATTER && Geometry<__nv_bfloat16, 64, 1>::SCATTER &&
+                  !Geometry<__half, 64, 8>::SCATTER && !Geometry<float, 128, 4>::SCATTER,
+              "reduce-scatter scoring differs from twin::decode::Geometry::scatter_scores");
 static_assert(TILE == 64 && THREADS == 128, "twin::decode::{SPLIT_TILE, THREADS} differ");
 
 // Key range [start, end) of split s (the host planner and the twin compute the same).
@@ -117,6 +157,30 @@ template <int TPK> __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
     for (int off = TPK / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
+}
+
+// Reduce-scatter over a key group's lanes (thread t of the group), from offset OFF down: on
+// entry x[i] is this lane's partial of score i (2·HALF scores of a power of two, at most the
+// group's lanes); on return x[0] is the group's full sum of score t / (lanes / scores). Each
+// step halves the scores a lane carries (it keeps the half its OFF bit selects and sends the
+// other); once one is left, plain butterflies. Every sum is own + partner at group_sum's
+// offsets, so each score equals group_sum's bit for bit. Recursion over the steps keeps every
+// index a compile-time constant (x stays in registers).
+template <int OFF, int HALF, int N> __device__ __forceinline__ void group_reduce_scatter(float (&x)[N], int t) {
+    if constexpr (HALF >= 1) {
+        static_assert(OFF >= 1, "more scores than lanes");
+        const bool upper = (t & OFF) != 0;
+#pragma unroll
+        for (int i = 0; i < HALF; ++i) {
+            const float keep = upper ? x[i + HALF] : x[i];
+            const float send = upper ? x[i] : x[i + HALF];
+            x[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+        }
+        group_reduce_scatter<OFF / 2, HALF / 2>(x, t);
+    } else {
+#pragma unroll
+        for (int off = OFF; off > 0; off >>= 1) x[0] += __shfl_xor_sync(0xffffffffu, x[0], off);
+    }
 }
 
 template <typename T, int HD, int HPB, bool VECTOR>
@@ -160,6 +224,11 @@ __device__ void decode_split(const cuattn_decode_params& p) {
     }
 
     float m[HPB], l[HPB], acc[HPB][NP][VEC];
+    // SCATTER: this lane's score slot (head own_h, key own_k of the group's KPG), the running
+    // max of head own_h and the running sum of slot (own_h, own_k) alone; m and l unused.
+    constexpr int REPL = G::REPL;
+    const int own = t / REPL, own_h = own / KPG, own_k = own % KPG;
+    float m_own = -INFINITY, l_own = 0.f;
 #pragma unroll
     for (int hh = 0; hh < HPB; ++hh) {
         m[hh] = -INFINITY;
@@ -203,47 +272,111 @@ __device__ void decode_split(const cuattn_decode_params& p) {
                 vr[kk][n] = v_next[kk][n];
             }
         if (base + G::BLOCK_KEYS < end) load_keys(base + G::BLOCK_KEYS, k_next, v_next);
+        if constexpr (G::SCATTER) {
+            // Partial dot products of every (head, key) slot, then one reduce-scatter: the
+            // online softmax runs once per lane on its slot, not on every lane for every slot.
+            float x[G::SCORES];
 #pragma unroll
-        for (int hh = 0; hh < HPB; ++hh) {
-            float s[KPG];
-            float m_new = m[hh];
+            for (int hh = 0; hh < HPB; ++hh)
 #pragma unroll
-            for (int kk = 0; kk < KPG; ++kk) {
-                float part = 0.f;
+                for (int kk = 0; kk < KPG; ++kk) {
+                    float part = 0.f;
+#pragma unroll
+                    for (int n = 0; n < NP; ++n)
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) part = fmaf(qr[hh][n][e], to_f32(kr[kk][n].v[e]), part);
+                    x[hh * KPG + kk] = part;
+                }
+            group_reduce_scatter<TPK / 2, G::SCORES / 2>(x, t);
+            const float dot = x[0];
+            const float sc = j0 + own_k < end ? dot : -INFINITY;
+            // Max over the head's KPG slots (lanes REPL·kk apart), largest offset first.
+            float m_new = fmaxf(m_own, sc);
+#pragma unroll
+            for (int off = KPG * REPL / 2; off >= REPL; off >>= 1) m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, off));
+            // While no key has been seen m_new is −inf: use 0 so that exp2 gets −inf, not NaN.
+            const float mu = m_new == -INFINITY ? 0.f : m_new;
+            const float alpha = exp2f(m_own - mu);
+            const float pk = exp2f(sc - mu);
+            l_own = fmaf(l_own, alpha, pk);
+            m_own = m_new;
+#pragma unroll
+            for (int hh = 0; hh < HPB; ++hh) {
+                // Every lane needs every slot's p and its head's alpha for its O packs.
+                const float a = __shfl_sync(0xffffffffu, alpha, hh * KPG * REPL, TPK);
+                float ph[KPG];
+#pragma unroll
+                for (int kk = 0; kk < KPG; ++kk) ph[kk] = __shfl_sync(0xffffffffu, pk, (hh * KPG + kk) * REPL, TPK);
+                // Rescale only when some head's max moved in this warp (rare after the first
+                // keys); multiplying by alpha = 1 is exact, so skipping changes no bit.
+                if (__any_sync(0xffffffffu, a != 1.f)) {
+#pragma unroll
+                    for (int n = 0; n < NP; ++n)
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[hh][n][e] *= a;
+                }
 #pragma unroll
                 for (int n = 0; n < NP; ++n)
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) part = fmaf(qr[hh][n][e], to_f32(kr[kk][n].v[e]), part);
-                // Every lane shuffles (groups of one warp may differ in validity).
-                const float dot = group_sum<TPK>(part);
-                s[kk] = j0 + kk < end ? dot : -INFINITY;
-                m_new = fmaxf(m_new, s[kk]);
+                    for (int e = 0; e < VEC; ++e) {
+                        float acc_e = acc[hh][n][e];
+#pragma unroll
+                        for (int kk = 0; kk < KPG; ++kk) acc_e = fmaf(ph[kk], to_f32(vr[kk][n].v[e]), acc_e);
+                        acc[hh][n][e] = acc_e;
+                    }
             }
-            // While no key has been seen m_new is −inf: use 0 so that exp2 gets −inf, not NaN.
-            const float mu = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = exp2f(m[hh] - mu);
-            float psum = 0.f, pk[KPG];
+        } else {
 #pragma unroll
-            for (int kk = 0; kk < KPG; ++kk) {
-                pk[kk] = exp2f(s[kk] - mu);
-                psum += pk[kk];
-            }
-            l[hh] = l[hh] * alpha + psum;
+            for (int hh = 0; hh < HPB; ++hh) {
+                float s[KPG];
+                float m_new = m[hh];
 #pragma unroll
-            for (int n = 0; n < NP; ++n)
+                for (int kk = 0; kk < KPG; ++kk) {
+                    float part = 0.f;
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    float a = acc[hh][n][e] * alpha;
+                    for (int n = 0; n < NP; ++n)
 #pragma unroll
-                    for (int kk = 0; kk < KPG; ++kk) a = fmaf(pk[kk], to_f32(vr[kk][n].v[e]), a);
-                    acc[hh][n][e] = a;
+                        for (int e = 0; e < VEC; ++e) part = fmaf(qr[hh][n][e], to_f32(kr[kk][n].v[e]), part);
+                    // Every lane shuffles (groups of one warp may differ in validity).
+                    const float dot = group_sum<TPK>(part);
+                    s[kk] = j0 + kk < end ? dot : -INFINITY;
+                    m_new = fmaxf(m_new, s[kk]);
                 }
-            m[hh] = m_new;
+                // While no key has been seen m_new is −inf: use 0 so that exp2 gets −inf, not NaN.
+                const float mu = m_new == -INFINITY ? 0.f : m_new;
+                const float alpha = exp2f(m[hh] - mu);
+                float psum = 0.f, pk[KPG];
+#pragma unroll
+                for (int kk = 0; kk < KPG; ++kk) {
+                    pk[kk] = exp2f(s[kk] - mu);
+                    psum += pk[kk];
+                }
+                l[hh] = l[hh] * alpha + psum;
+#pragma unroll
+                for (int n = 0; n < NP; ++n)
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) {
+                        float a = acc[hh][n][e] * alpha;
+#pragma unroll
+                        for (int kk = 0; kk < KPG; ++kk) a = fmaf(pk[kk], to_f32(vr[kk][n].v[e]), a);
+                        acc[hh][n][e] = a;
+                    }
+                m[hh] = m_new;
+            }
         }
     }
 
     // Merge the NG groups, one head at a time.
-    if (t == 0) {
+    if constexpr (G::SCATTER) {
+        // The head's sum over its KPG slots, largest offset first (the twin's group_sum).
+        float l_head = l_own;
+#pragma unroll
+        for (int off = KPG * REPL / 2; off >= REPL; off >>= 1) l_head += __shfl_xor_sync(0xffffffffu, l_head, off);
+        if (t % (KPG * REPL) == 0) {
+            s_m[g][own_h] = m_own;
+            s_l[g][own_h] = l_head;
+        }
+    } else if (t == 0) {
 #pragma unroll
         for (int hh = 0; hh < HPB; ++hh) {
             s_m[g][hh] = m[hh];
@@ -261,7 +394,7 @@ __device__ void decode_split(const cuattn_decode_params& p) {
         float total = 0.f;
 #pragma unroll
         for (int gg = 0; gg < NG; ++gg) total += exp2f(s_m[gg][hh] - mu) * s_l[gg][hh];
-        const float w = exp2f(m[hh] - mu);
+        const float w = exp2f((G::SCATTER ? s_m[g][hh] : m[hh]) - mu);
 #pragma unroll
         for (int n = 0; n < NP; ++n)
 #pragma unroll

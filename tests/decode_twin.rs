@@ -271,13 +271,29 @@ fn geometry_follows_the_kernels_constants() {
             g.packs_per_thread,
             g.groups,
             g.keys_per_group,
+            g.scatter_scores,
         )
     };
     // f16, D 128, 4 query heads per kv-head: 16 packs → 16 threads per key, 8 groups.
-    assert_eq!(fields(Geometry::new(2, 128, 4)), (128, 4, 8, 16, 1, 8, 2));
+    assert_eq!(
+        fields(Geometry::new(2, 128, 4)),
+        (128, 4, 8, 16, 1, 8, 2, true)
+    );
     // f16, D 64, MHA: 8 threads per key, 16 groups, 4 keys each.
-    assert_eq!(fields(Geometry::new(2, 64, 1)), (64, 1, 8, 8, 1, 16, 4));
+    assert_eq!(
+        fields(Geometry::new(2, 64, 1)),
+        (64, 1, 8, 8, 1, 16, 4, true)
+    );
     // f32, D 200 → 256, group 12 → 8 per block: 64 packs, 2 per thread, 1 key per group.
-    assert_eq!(fields(Geometry::new(4, 200, 12)), (256, 8, 4, 32, 2, 4, 1));
+    assert_eq!(
+        fields(Geometry::new(4, 200, 12)),
+        (256, 8, 4, 32, 2, 4, 1, false)
+    );
     assert_eq!(Geometry::new(4, 200, 12).head_chunks(12), 2);
+    // f16, D 64, 8 heads per block: 16 scores for 8 lanes, so butterflies as f32.
+    assert_eq!(
+        fields(Geometry::new(2, 64, 8)),
+        (64, 8, 8, 8, 1, 16, 2, false)
+    );
+    assert!(!Geometry::new(4, 128, 4).scatter_scores);
 }

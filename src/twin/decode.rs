@@ -153,6 +153,10 @@ pub struct Geometry {
     pub groups: usize,
     /// Keys per group per iteration (KPG).
     pub keys_per_group: usize,
+    /// 2-byte types where the group's HPB·KPG scores fit its lanes (`SCATTER`): the partial
+    /// dot products are reduce-scattered, one (head, key) slot per lane, and each slot keeps
+    /// its own running sum l, summed per head by a butterfly at the end of the block.
+    pub scatter_scores: bool,
 }
 
 impl Geometry {
@@ -174,6 +178,11 @@ impl Geometry {
         let packs = head_dim_tile / vec;
         let threads_per_key = packs.min(32);
         let packs_per_thread = packs / threads_per_key;
+        let keys_per_group = match packs_per_thread * heads_per_block {
+            0..=2 => 4,
+            3..=8 => 2,
+            _ => 1,
+        };
         Geometry {
             head_dim_tile,
             heads_per_block,
@@ -181,11 +190,8 @@ impl Geometry {
             threads_per_key,
             packs_per_thread,
             groups: THREADS / threads_per_key,
-            keys_per_group: match packs_per_thread * heads_per_block {
-                0..=2 => 4,
-                3..=8 => 2,
-                _ => 1,
-            },
+            keys_per_group,
+            scatter_scores: elem_bytes == 2 && heads_per_block * keys_per_group <= threads_per_key,
         }
     }
 
@@ -247,11 +253,48 @@ fn group_sum(parts: &mut [f32]) -> f32 {
     parts[0]
 }
 
+/// The kernel's `group_reduce_scatter` over a key group's lanes: `parts[t][i]` is lane t's
+/// partial of score i (n scores, n ≤ lanes, powers of two). Each step halves the scores a lane
+/// carries: at offset `off` a lane keeps the half its `off` bit selects, adds the partner's
+/// value of the same scores, and sends the other half; once one score is left, butterflies.
+/// Returns each lane's value: the full sum of score t / (lanes / n).
+pub fn group_reduce_scatter(parts: &[Vec<f32>]) -> Vec<f32> {
+    let lanes = parts.len();
+    let mut x = parts.to_vec();
+    let (mut half, mut off) = (parts.first().map_or(0, Vec::len) / 2, lanes / 2);
+    while half >= 1 {
+        let prev = x.clone();
+        for (t, xt) in x.iter_mut().enumerate() {
+            let upper = t & off != 0;
+            for i in 0..half {
+                let (kept, partner_sent) = if upper {
+                    (prev[t][i + half], prev[t ^ off][i + half])
+                } else {
+                    (prev[t][i], prev[t ^ off][i])
+                };
+                xt[i] = kept + partner_sent;
+            }
+        }
+        half /= 2;
+        off /= 2;
+    }
+    let mut v: Vec<f32> = x.iter().map(|xt| xt[0]).collect();
+    while off > 0 {
+        let prev = v.clone();
+        for (t, vt) in v.iter_mut().enumerate() {
+            *vt = prev[t] + prev[t ^ off];
+        }
+        off /= 2;
+    }
+    v
+}
+
 /// Decode attention as kernels/decode.cu runs it: q [B, Hq, D], K and V [B, Hkv, capacity, D]
 /// (BHSD, contiguous), sequence b attending to its first min(lens[b], capacity) cache rows.
-/// Runs each block's key assignment, per-thread partial dot products, group butterflies,
-/// online softmax (exp2 domain, once per KPG keys), the in-block group merge, and the split
-/// merge ([`merge`]; the kernel sums its Σ over lanes then a butterfly, the twin in order).
+/// Runs each block's key assignment, per-thread partial dot products, group butterflies (or
+/// the reduce-scatter, whose sums are the butterflies' bit for bit), online softmax (exp2
+/// domain, once per KPG keys; with `scatter_scores` one running sum per key slot), the
+/// in-block group merge, and the split merge ([`merge`]; the kernel sums its Σ over lanes then a butterfly, the twin in order).
 /// Returns O [B, Hq, D] and LSE [B, Hq] in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_kernel(
@@ -296,6 +339,8 @@ pub fn forward_kernel(
                     // Per group and head: m, l and O over the padded dims.
                     let mut m = vec![vec![f32::NEG_INFINITY; nh]; geo.groups];
                     let mut l = vec![vec![0.0f32; nh]; geo.groups];
+                    // scatter_scores: the running sum of each (group, head, key slot).
+                    let mut l_slot = vec![vec![vec![0.0f32; geo.keys_per_group]; nh]; geo.groups];
                     let mut acc = vec![vec![vec![0.0f32; hd]; nh]; geo.groups];
                     let row = |x: &[f32], j: usize| -> Vec<f32> {
                         let base = ((b * s.heads_kv + hk) * cap + j) * dim;
@@ -312,22 +357,52 @@ pub fn forward_kernel(
                                     (j0 + kk < r.end).then(|| (row(k, j0 + kk), row(v, j0 + kk)))
                                 })
                                 .collect();
+                            // Thread t's partials for head hh (zero q past nh) and key kk: its
+                            // packs n, elements e, in order.
+                            let partials = |hh: usize, kk: usize| -> Vec<f32> {
+                                (0..tpk)
+                                    .map(|t| {
+                                        let mut pt = 0.0f32;
+                                        for n in 0..npk {
+                                            for e in 0..vec {
+                                                let d = (t + n * tpk) * vec + e;
+                                                let kd =
+                                                    keys[kk].as_ref().map_or(0.0, |kv| kv.0[d]);
+                                                let qd = qr.get(hh).map_or(0.0, |qh| qh[d]);
+                                                pt = qd.mul_add(kd, pt);
+                                            }
+                                        }
+                                        pt
+                                    })
+                                    .collect()
+                            };
+                            // scatter_scores: every (head, key) slot of the block's HPB heads,
+                            // reduce-scattered lane by lane; slot i is read from lane i·REPL,
+                            // as the kernel's broadcasts do.
+                            let scattered: Vec<f32> = if geo.scatter_scores {
+                                let kpg = geo.keys_per_group;
+                                let slots = geo.heads_per_block * kpg;
+                                let lane_parts: Vec<Vec<f32>> = {
+                                    let per_slot: Vec<Vec<f32>> =
+                                        (0..slots).map(|i| partials(i / kpg, i % kpg)).collect();
+                                    (0..tpk)
+                                        .map(|t| per_slot.iter().map(|ps| ps[t]).collect())
+                                        .collect()
+                                };
+                                let lanes = group_reduce_scatter(&lane_parts);
+                                (0..slots).map(|i| lanes[i * (tpk / slots)]).collect()
+                            } else {
+                                Vec::new()
+                            };
                             for hh in 0..nh {
                                 let mut sc = vec![f32::NEG_INFINITY; geo.keys_per_group];
                                 let mut m_new = m[g][hh];
                                 for (kk, key) in keys.iter().enumerate() {
-                                    // Thread t's partial: its packs n, elements e, in order.
-                                    let mut partial = vec![0.0f32; tpk];
-                                    for (t, pt) in partial.iter_mut().enumerate() {
-                                        for n in 0..npk {
-                                            for e in 0..vec {
-                                                let d = (t + n * tpk) * vec + e;
-                                                let kd = key.as_ref().map_or(0.0, |kv| kv.0[d]);
-                                                *pt = qr[hh][d].mul_add(kd, *pt);
-                                            }
-                                        }
-                                    }
-                                    let dot = group_sum(&mut partial);
+                                    let dot = if geo.scatter_scores {
+                                        scattered[hh * geo.keys_per_group + kk]
+                                    } else {
+                                        group_sum(&mut partials(hh, kk))
+                                    };
                                     sc[kk] = if key.is_some() {
                                         dot
                                     } else {
@@ -342,8 +417,16 @@ pub fn forward_kernel(
                                 };
                                 let alpha = (m[g][hh] - mu).exp2();
                                 let p: Vec<f32> = sc.iter().map(|&x| (x - mu).exp2()).collect();
-                                let psum = p.iter().fold(0.0f32, |a, &x| a + x);
-                                l[g][hh] = l[g][hh] * alpha + psum;
+                                if geo.scatter_scores {
+                                    for (ls, &pk) in l_slot[g][hh].iter_mut().zip(&p) {
+                                        *ls = ls.mul_add(alpha, pk);
+                                    }
+                                } else {
+                                    let psum = p.iter().fold(0.0f32, |a, &x| a + x);
+                                    l[g][hh] = l[g][hh] * alpha + psum;
+                                }
+                                // The kernel skips this rescale while every alpha of the warp is
+                                // 1; multiplying by 1 is exact, so the twin always rescales.
                                 for (d, acc_d) in acc[g][hh].iter_mut().enumerate() {
                                     let mut a = *acc_d * alpha;
                                     for (kk, key) in keys.iter().enumerate() {
@@ -358,6 +441,13 @@ pub fn forward_kernel(
                         base += geo.block_keys();
                     }
                     // Merge the groups (fixed group order), as the end of the kernel's block.
+                    if geo.scatter_scores {
+                        for (lg, slots) in l.iter_mut().zip(&mut l_slot) {
+                            for (lh, ls) in lg.iter_mut().zip(slots.iter_mut()) {
+                                *lh = group_sum(ls);
+                            }
+                        }
+                    }
                     for hh in 0..nh {
                         let mx = (0..geo.groups)
                             .map(|g| m[g][hh])
@@ -399,4 +489,40 @@ pub fn forward_kernel(
         }
     }
     (o, lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn decode_reduce_scatter_gives_each_lane_the_butterfly_sum_of_its_score() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        for lanes in [8usize, 16, 32] {
+            let mut n = 1;
+            while n <= lanes {
+                // Mixed magnitudes, so a different summation order would change bits.
+                let parts: Vec<Vec<f32>> = (0..lanes)
+                    .map(|_| {
+                        (0..n)
+                            .map(|_| rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-3..4)))
+                            .collect()
+                    })
+                    .collect();
+                let got = group_reduce_scatter(&parts);
+                for (t, &g) in got.iter().enumerate() {
+                    let score = t / (lanes / n);
+                    let mut column: Vec<f32> = parts.iter().map(|p| p[score]).collect();
+                    let want = group_sum(&mut column);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "lanes {lanes} scores {n} lane {t}"
+                    );
+                }
+                n *= 2;
+            }
+        }
+    }
 }
