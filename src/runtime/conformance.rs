@@ -307,13 +307,17 @@ pub fn attention<B: Backend>(be: &B, c: &AttentionCase, seed: u64) -> Check {
         );
         (o, r)
     };
+    // One stored intermediate: the fused kernels round the probabilities P to the input dtype
+    // before P·V (as src/tolerance/attention.rs budgets with its 2·u_in term). Without it, an
+    // H200 run (2026-11-26) failed an f16 case by an element error of 4.8e-4 against a bound of
+    // 7.6e-6, within the 2·u_f16·max|O| = 9.8e-4 that this rounding allows.
     compare(
         be,
         &format!("attention {c:?}"),
         &out,
         &r,
         c.dim + c.len_k,
-        0,
+        1,
     )
 }
 
