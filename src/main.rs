@@ -243,6 +243,14 @@ fn check() -> CliResult {
             cuattn::check::attention::forward(&gpu, &case),
         );
     }
+    match cuattn::check::sparse::standard_cases() {
+        Ok(cases) => {
+            for (name, case) in cases {
+                report("sparse", &name, cuattn::check::sparse::forward(&gpu, &case));
+            }
+        }
+        Err(e) => report("sparse", "layouts", Err(e.to_string())),
+    }
     for (name, case) in cuattn::check::decode::standard_cases() {
         report("decode", &name, cuattn::check::decode::forward(&gpu, &case));
     }

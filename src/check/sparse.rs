@@ -110,3 +110,74 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
         tol.lse,
     )
 }
+
+/// The fixed list `cuattn check` runs: a causal BigBird layout (f16, blocks of 64), a sliding
+/// window with key padding (bf16, blocks of 128), and a bitmask layout from an element
+/// predicate (f32, exact kernel).
+pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
+    use crate::sparse::{BigBird, Heads};
+    let bigbird = BlockLayout::bigbird(
+        300,
+        64,
+        Heads::PerHead(4),
+        BigBird {
+            global_blocks: 1,
+            window_radius: 1,
+            random_blocks: 1,
+            seed: 5,
+        },
+        true,
+    )?;
+    let window = BlockLayout::sliding_window(260, 128, 40, 0, true)?;
+    let predicate = BlockLayout::from_predicate(100, 130, 64, |i, j| (i + 2 * j) % 5 != 0)?;
+    Ok(vec![
+        (
+            "f16 bigbird causal 300 d64 gqa".into(),
+            Case {
+                dtype: DType::F16,
+                shape: Shape::new(2, 4, 2, 300, 300, 64, 64),
+                layout: bigbird,
+                key_lens: None,
+                bshd: false,
+                seed: 1,
+            },
+        ),
+        (
+            "bf16 window 40 causal 260 d128 padded".into(),
+            Case {
+                dtype: DType::BF16,
+                shape: Shape::new(2, 2, 2, 260, 260, 128, 128),
+                layout: window,
+                key_lens: Some(vec![260, 101]),
+                bshd: false,
+                seed: 2,
+            },
+        ),
+        (
+            "f32 predicate bitmask 100x130 d72".into(),
+            Case {
+                dtype: DType::F32,
+                shape: Shape::new(1, 2, 1, 100, 130, 72, 72),
+                layout: predicate,
+                key_lens: None,
+                bshd: true,
+                seed: 3,
+            },
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_standard_cases_build_and_fit_their_shapes() {
+        let cases = super::standard_cases().unwrap();
+        assert_eq!(cases.len(), 3);
+        for (name, c) in cases {
+            c.layout
+                .check_call(&c.shape, c.layout.block_size())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(c.layout.kept_blocks() > 0, "{name}");
+        }
+    }
+}
