@@ -705,7 +705,7 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
     if args.timing {
         let tokens: usize = out.generated.iter().map(Vec::len).sum();
         eprintln!(
-            "generated {tokens} tokens for {} prompt(s) in {seconds:.3} s ({} model steps): \
+            "generated {tokens} tokens for {} prompt(s) in {seconds:.6} s ({} model steps): \
              {:.1} tokens/s on {}",
             prompts.len(),
             out.steps,

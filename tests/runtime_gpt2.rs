@@ -165,9 +165,7 @@ fn kv_cache_decode_equals_full_recompute() {
             for (b, p) in prompts.iter().enumerate() {
                 ids[b * longest..b * longest + p.len()].copy_from_slice(p);
             }
-            let pos = (0..batch * longest)
-                .map(|r| (r % longest) as u32)
-                .collect();
+            let pos = (0..batch * longest).map(|r| (r % longest) as u32).collect();
             (ids, pos, longest, prompts.iter().map(Vec::len).collect())
         } else {
             (
@@ -180,15 +178,19 @@ fn kv_cache_decode_equals_full_recompute() {
         for cache in caches.iter_mut() {
             cache.begin_step(&valid).unwrap();
         }
-        let mut refs: Vec<&mut dyn KvCache<Cpu>> =
-            caches.iter_mut().map(|c| c as &mut dyn KvCache<Cpu>).collect();
+        let mut refs: Vec<&mut dyn KvCache<Cpu>> = caches
+            .iter_mut()
+            .map(|c| c as &mut dyn KvCache<Cpu>)
+            .collect();
         let hidden = m
             .forward(&Cpu, &ids, &positions, batch, len, Some(&mut refs))
             .unwrap();
         let rows: Vec<u32> = (0..batch)
             .map(|b| (b * len + if step == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
             .collect();
-        let cached = Cpu.to_f32(&m.logits(&Cpu, &hidden, &rows).unwrap()).unwrap();
+        let cached = Cpu
+            .to_f32(&m.logits(&Cpu, &hidden, &rows).unwrap())
+            .unwrap();
         for b in 0..batch {
             let full = m.sequence_logits(&Cpu, &seqs[b]).unwrap();
             let last = &full[(seqs[b].len() - 1) * c.vocab_size..];
@@ -231,7 +233,11 @@ fn sampling_is_reproducible_and_top_k_1_is_greedy() {
     let g = run(&m, &prompts, &greedy(12)).generated;
     assert_ne!(a, g, "sampling at temperature 1.5 is not greedy");
     assert_eq!(sampled(3, 0.8, 1, 1.0), g, "top-k 1 is greedy");
-    assert_eq!(sampled(3, 0.8, 0, 1e-9), g, "a tiny top-p keeps only the top token");
+    assert_eq!(
+        sampled(3, 0.8, 0, 1e-9),
+        g,
+        "a tiny top-p keeps only the top token"
+    );
     // Recompute and cache draw the same tokens from the same seed.
     let opts = GenerateOptions {
         max_new_tokens: 12,
@@ -294,11 +300,27 @@ fn sampler_draws_from_the_filtered_distribution() {
         top_p,
         seed: 0,
     };
-    check(freq(s(1.0, 0, 1.0), &mut rng), softmax(1.0, &[0, 1, 2, 3, 4, 5]), "plain");
-    check(freq(s(2.0, 0, 1.0), &mut rng), softmax(2.0, &[0, 1, 2, 3, 4, 5]), "T=2");
-    check(freq(s(1.0, 3, 1.0), &mut rng), softmax(1.0, &[5, 0, 1]), "top-k 3");
+    check(
+        freq(s(1.0, 0, 1.0), &mut rng),
+        softmax(1.0, &[0, 1, 2, 3, 4, 5]),
+        "plain",
+    );
+    check(
+        freq(s(2.0, 0, 1.0), &mut rng),
+        softmax(2.0, &[0, 1, 2, 3, 4, 5]),
+        "T=2",
+    );
+    check(
+        freq(s(1.0, 3, 1.0), &mut rng),
+        softmax(1.0, &[5, 0, 1]),
+        "top-k 3",
+    );
     // At T=1: p(5) ≈ 0.61, p(0) ≈ 0.22 → top-p 0.8 keeps tokens 5 and 0 (0.84 ≥ 0.8).
-    check(freq(s(1.0, 0, 0.8), &mut rng), softmax(1.0, &[5, 0]), "top-p 0.8");
+    check(
+        freq(s(1.0, 0, 0.8), &mut rng),
+        softmax(1.0, &[5, 0]),
+        "top-p 0.8",
+    );
     assert_eq!(s(0.0, 0, 1.0).sample(&logits, &mut rng).unwrap(), 5);
     assert!(s(1.0, 0, 1.0).sample(&[0.0, f32::NAN], &mut rng).is_err());
 }
@@ -353,7 +375,9 @@ fn bad_inputs_are_clear_errors() {
             .unwrap();
     config["vocab_size"] = 1000.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let e = Gpt2Tokenizer::from_folder(&dir, 1000).unwrap_err().to_string();
+    let e = Gpt2Tokenizer::from_folder(&dir, 1000)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("1000") && e.contains("50257"), "{e}");
 }
 
@@ -404,11 +428,18 @@ fn checkpoint_variants_load_and_missing_tensors_are_named() {
     assert!(!m.separate_lm_head);
     // Bare GPT2Model names, a separate lm_head equal to the embedding, and the old causal-mask
     // buffers.
-    let wte = cuattn::runtime::checkpoint::Checkpoint::open(&fixture("tiny-gpt2/model.safetensors"))
-        .and_then(|mut c| c.take("transformer.wte.weight", &[50257, 16]))
-        .unwrap();
+    let wte =
+        cuattn::runtime::checkpoint::Checkpoint::open(&fixture("tiny-gpt2/model.safetensors"))
+            .and_then(|mut c| c.take("transformer.wte.weight", &[50257, 16]))
+            .unwrap();
     let buffers = (0..2)
-        .map(|i| (format!("h.{i}.attn.bias"), vec![1, 1, 2, 2], vec![1.0, 0.0, 1.0, 1.0]))
+        .map(|i| {
+            (
+                format!("h.{i}.attn.bias"),
+                vec![1, 1, 2, 2],
+                vec![1.0, 0.0, 1.0, 1.0],
+            )
+        })
         .collect::<Vec<_>>();
     let mut extra = vec![("lm_head.weight".to_string(), vec![50257, 16], wte.values)];
     extra.extend(buffers);
@@ -432,7 +463,11 @@ fn checkpoint_variants_load_and_missing_tensors_are_named() {
     let dir = rewritten(
         "extra",
         |n| Some(n.to_string()),
-        vec![("transformer.h.2.ln_1.weight".into(), vec![16], vec![1.0; 16])],
+        vec![(
+            "transformer.h.2.ln_1.weight".into(),
+            vec![16],
+            vec![1.0; 16],
+        )],
     );
     let e = Gpt2::from_folder(&Cpu, &dir).err().unwrap().to_string();
     assert!(e.contains("transformer.h.2.ln_1.weight"), "{e}");

@@ -135,9 +135,19 @@ impl Sampling {
 }
 
 /// f32 with a total order (NaN is rejected before sorting).
-#[derive(PartialEq, PartialOrd, Clone, Copy)]
+#[derive(Clone, Copy)]
 struct OrdF32(f32);
+impl PartialEq for OrdF32 {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
 impl Eq for OrdF32 {}
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for OrdF32 {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)
@@ -248,7 +258,9 @@ impl GenerateBackend for super::cuda::Cuda {
 ///
 /// The first step (the prefill, any number of tokens, right-padded) attends to its own keys
 /// only; every later step appends one token per sequence and attends to the sequence's cache,
-/// with a sequence marked finished (0 valid tokens) appending nothing.
+/// with a sequence marked finished (0 valid tokens) appending nothing. Each decode step hands
+/// the attention a compact copy of the cached rows (`[batch·longest, width]`: the hook returns
+/// owned tensors), a copy as large as what the attention then reads.
 #[derive(Debug)]
 pub struct HostKvCache {
     batch: usize,
@@ -347,8 +359,7 @@ impl KvCache<Cpu> for HostKvCache {
         batch: usize,
         len_new: usize,
     ) -> Result<CachedKv<CpuTensor>> {
-        if batch != self.batch || k.heads * k.dim != self.width || v.heads * v.dim != self.width
-        {
+        if batch != self.batch || k.heads * k.dim != self.width || v.heads * v.dim != self.width {
             return Err(Error::invalid(
                 "kv_cache",
                 format!(
@@ -388,7 +399,8 @@ impl KvCache<Cpu> for HostKvCache {
                 let rows = batch * len_new;
                 let mut out = vec![0f32; rows * w];
                 for r in 0..rows {
-                    out[r * w..(r + 1) * w].copy_from_slice(&data[r * rw + h.col..r * rw + h.col + w]);
+                    out[r * w..(r + 1) * w]
+                        .copy_from_slice(&data[r * rw + h.col..r * rw + h.col + w]);
                 }
                 CpuTensor::new(&[rows, w], out)
             };
@@ -449,7 +461,10 @@ pub fn generate<B: GenerateBackend>(
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::invalid(
                 "prompt",
-                format!("prompt {i}: token id {bad} is outside the vocabulary of {}", c.vocab_size),
+                format!(
+                    "prompt {i}: token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                ),
             ));
         }
     }
@@ -519,7 +534,9 @@ pub fn generate<B: GenerateBackend>(
                     ids[b * len..b * len + s.len()].copy_from_slice(s);
                 }
                 let hidden = model.forward(be, &ids, &positions, batch, len, None)?;
-                let rows: Vec<u32> = (0..batch).map(|b| (b * len + seqs[b].len() - 1) as u32).collect();
+                let rows: Vec<u32> = (0..batch)
+                    .map(|b| (b * len + seqs[b].len() - 1) as u32)
+                    .collect();
                 be.to_f32(&model.logits(be, &hidden, &rows)?)?
             }
         };
@@ -546,7 +563,10 @@ pub fn generate<B: GenerateBackend>(
     }
     Ok(Generation {
         generated,
-        stop: stop.into_iter().map(|s| s.unwrap_or(StopReason::MaxNewTokens)).collect(),
+        stop: stop
+            .into_iter()
+            .map(|s| s.unwrap_or(StopReason::MaxNewTokens))
+            .collect(),
         steps,
     })
 }

@@ -94,7 +94,9 @@ impl Gpt2Config {
             )));
         }
         if c.n_embd == 0 || c.n_positions == 0 || c.vocab_size == 0 || c.n_inner == 0 {
-            return Err(err("n_embd, n_positions, vocab_size and n_inner must be ≥ 1".into()));
+            return Err(err(
+                "n_embd, n_positions, vocab_size and n_inner must be ≥ 1".into(),
+            ));
         }
         Ok(c)
     }
@@ -225,7 +227,10 @@ impl<B: Backend> Gpt2<B> {
                 ));
             }
         }
-        if let Some(&bad) = positions.iter().find(|&&p| p as usize >= self.config.n_positions) {
+        if let Some(&bad) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.config.n_positions)
+        {
             return Err(Error::invalid(
                 "positions",
                 format!(
@@ -237,7 +242,10 @@ impl<B: Backend> Gpt2<B> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(Error::invalid(
                 "ids",
-                format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size),
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                ),
             ));
         }
         let mut x = be.add(

@@ -39,8 +39,9 @@ impl std::fmt::Debug for Gpt2Tokenizer {
 /// GPT-2's `bytes_to_unicode`: every byte gets a printable character, the printable Latin-1
 /// bytes themselves and the rest 256, 257, … in byte order.
 pub fn byte_to_unicode() -> [char; 256] {
-    let printable =
-        |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..256u32 {
@@ -130,8 +131,10 @@ impl Gpt2Tokenizer {
                 let s = t.id_to_token(id).ok_or_else(unknown)?;
                 // Byte-level pieces map back char by char; an added token that is not
                 // byte-level text (none in GPT-2's files) keeps its UTF-8.
-                let mapped: Option<Vec<u8>> =
-                    s.chars().map(|c| self.unicode_to_byte.get(&c).copied()).collect();
+                let mapped: Option<Vec<u8>> = s
+                    .chars()
+                    .map(|c| self.unicode_to_byte.get(&c).copied())
+                    .collect();
                 Ok(mapped.unwrap_or_else(|| s.into_bytes()))
             }
             Source::Tiktoken(bpe) => bpe.decode_bytes(&[id]).map_err(|_| unknown()),

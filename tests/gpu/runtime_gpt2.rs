@@ -63,7 +63,10 @@ fn runtime_gpt2_matches_hugging_face() {
         let logits = model.sequence_logits(&be, &uints(&case["ids"])).unwrap();
         let mut worst = 0f64;
         for (t, pos) in case["logits"].as_array().unwrap().iter().enumerate() {
-            for (c, v) in uints(&pos["columns"]).iter().zip(pos["values"].as_array().unwrap()) {
+            for (c, v) in uints(&pos["columns"])
+                .iter()
+                .zip(pos["values"].as_array().unwrap())
+            {
                 let d = (logits[t * vocab + *c as usize] as f64 - v.as_f64().unwrap()).abs();
                 worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
             }
@@ -88,19 +91,29 @@ fn runtime_gpt2_matches_hugging_face() {
         let mut seq = prompt.clone();
         seq.extend(&greedy);
         let logits = model.sequence_logits(&be, &seq).unwrap();
-        assert!(logits.iter().all(|x| x.is_finite()), "non-finite f16 logits");
+        assert!(
+            logits.iter().all(|x| x.is_finite()),
+            "non-finite f16 logits"
+        );
         for (i, (&want, &margin)) in greedy.iter().zip(&margins).enumerate() {
             let t = prompt.len() - 1 + i;
             let got = argmax(&logits[t * vocab..(t + 1) * vocab]);
             if margin > F16_MARGIN {
-                assert_eq!(got, want, "step {i} of {:?} (HF margin {margin})", case["prompt"]);
+                assert_eq!(
+                    got, want,
+                    "step {i} of {:?} (HF margin {margin})",
+                    case["prompt"]
+                );
                 checked += 1;
             } else {
                 skipped += 1;
             }
         }
         // The generation loop on the device: same tokens up to the first close call.
-        let first_close = margins.iter().position(|&m| m <= F16_MARGIN).unwrap_or(margins.len());
+        let first_close = margins
+            .iter()
+            .position(|&m| m <= F16_MARGIN)
+            .unwrap_or(margins.len());
         let opts = GenerateOptions {
             max_new_tokens: greedy.len(),
             ..GenerateOptions::default()
