@@ -13,6 +13,25 @@ tests/fixtures/tiny-bert-outputs.json
 tests/fixtures/minilm-embeddings.json
                                     sentences (one longer than max_seq_length) with
                                     sentence-transformers' token ids and embeddings (CPU, f32)
+tests/fixtures/tiny-gpt2/           a random GPT2LMHeadModel with GPT-2's real vocabulary
+                                    (50257) but n_embd 16, 2 layers, 2 heads, n_positions 128
+                                    (config.json, model.safetensors; no tokenizer files: the
+                                    runtime falls back to GPT-2's BPE embedded in tiktoken-rs)
+tests/fixtures/tiny-gpt2-outputs.json
+                                    prompts, their GPT-2 token ids, logits at every position for
+                                    a fixed sample of vocabulary columns, and greedy
+                                    continuations (generate(do_sample=False)) with the top-2
+                                    logit margin of every step
+
+Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
+n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
+with those same f16-rounded values in f32, so nothing is lost for the comparison. Full logits
+would be 50257 values per position, so the JSON keeps, per position, every 131st column (384
+columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
+whole vocabulary at every step.
+
+Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
+tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
 
 The tiny model's weights are redrawn with larger spread than BERT's 0.02 initialisation so
 every layer changes the hidden states measurably (a near-identity model would hide bugs).
@@ -25,7 +44,7 @@ import torch
 import transformers
 import sentence_transformers
 from sentence_transformers import SentenceTransformer
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -118,14 +137,132 @@ def minilm(folder):
         json.dump(record, f)
 
 
+GPT2_PROMPTS = [
+    "Hello, my dog is cute",
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905, Albert Einstein published",
+    " naïve café — 🤖 ünïcödé!",
+]
+
+
+def find_gpt2_bpe_dir(given):
+    if given:
+        return given
+    import glob
+    hits = sorted(glob.glob(os.path.expanduser(
+        "~/.cargo/registry/src/*/tiktoken-rs-*/assets/encoder.json")))
+    if not hits:
+        raise SystemExit("no tiktoken-rs assets in ~/.cargo/registry: run `cargo fetch` first "
+                         "or pass --gpt2-bpe-dir")
+    return os.path.dirname(hits[-1])
+
+
+def tiny_gpt2(bpe_dir):
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's byte-level BPE from its original files (transformers 5's GPT2TokenizerFast
+    # no longer loads them from file arguments; the tokenizers library does).
+    tok = Tokenizer(models.BPE.from_file(os.path.join(bpe_dir, "encoder.json"),
+                                         os.path.join(bpe_dir, "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    torch.manual_seed(4321)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=128,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_inner=None,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        # Larger spread than GPT-2's 0.02 initialisation: every layer matters and the logits
+        # have real margins (a near-uniform distribution would make greedy decoding a coin toss).
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.3)
+        # The stored embedding is f16: compute the reference with the same rounded values.
+        wte = model.transformer.wte.weight
+        wte.copy_(wte.half().float())
+    out_dir = os.path.join(FIXTURES, "tiny-gpt2")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    for k in list(tensors):
+        if k.endswith("wte.weight"):
+            tensors[k] = tensors[k].half()
+        tensors[k] = tensors[k].contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(out_dir, extra)):
+            os.remove(os.path.join(out_dir, extra))
+
+    cols = list(range(0, config.vocab_size, 131))
+    cases = []
+    for prompt in GPT2_PROMPTS:
+        ids = tok.encode(prompt).ids
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0]
+            gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=20, pad_token_id=50256,
+                                 output_scores=True, return_dict_in_generate=True)
+        positions = []
+        for t in range(len(ids)):
+            row = logits[t]
+            top = torch.topk(row, 8).indices.tolist()
+            c = sorted(set(cols) | set(top))
+            positions.append({"columns": c, "values": [round(float(row[j]), 7) for j in c]})
+        margins = []
+        for s in gen.scores:
+            top2 = torch.topk(s[0].float(), 2).values
+            margins.append(round(float(top2[0] - top2[1]), 6))
+        cases.append({
+            "prompt": prompt,
+            "ids": ids,
+            "logits": positions,
+            "greedy": gen.sequences[0, len(ids):].tolist(),
+            "greedy_text": tok.decode(gen.sequences[0, len(ids):].tolist()),
+            "greedy_margins": margins,
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "max_new_tokens": 20,
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "tiny-gpt2-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
+    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2"], default="all")
+    ap.add_argument("--gpt2-bpe-dir", default=None,
+                    help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
     os.makedirs(FIXTURES, exist_ok=True)
     torch.set_num_threads(1)
-    tiny_bert()
-    minilm(args.minilm)
+    if args.only in ("all", "bert"):
+        tiny_bert()
+    if args.only in ("all", "minilm"):
+        minilm(args.minilm)
+    if args.only in ("all", "gpt2"):
+        tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
     print("fixtures written to", FIXTURES)
 
 

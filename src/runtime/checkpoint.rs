@@ -138,6 +138,17 @@ impl Checkpoint {
         self.names.contains(&format!("{}{name}", self.prefix))
     }
 
+    /// Marks tensor `name` (after the prefix) as used without reading it: buffers a model
+    /// recomputes (GPT-2's causal-mask `attn.bias`). Returns whether the file had it.
+    pub fn discard(&mut self, name: &str) -> bool {
+        let full = format!("{}{name}", self.prefix);
+        let found = self.names.contains(&full);
+        if found {
+            self.taken.insert(full);
+        }
+        found
+    }
+
     /// Takes tensor `name` (after the prefix), which must have `shape`, as f32.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostParam> {
         let full = format!("{}{name}", self.prefix);

@@ -10,6 +10,8 @@
 //! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' padding and truncation.
 //! - [`bert`]: BERT encoder and pooler.
 //! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
+//! - [`gpt2`], [`gpt2_tokenizer`], [`generate`]: GPT-2 language model, its byte-level BPE, and
+//!   text generation (sampling, KV cache, batches of prompts).
 
 pub mod backend;
 pub mod bert;
@@ -18,6 +20,9 @@ pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod generate;
+pub mod gpt2;
+pub mod gpt2_tokenizer;
 pub mod layers;
 pub mod pooling;
 pub mod sentence;

@@ -6,6 +6,7 @@ mod attention;
 mod decode;
 mod layernorm;
 mod runtime;
+mod runtime_gpt2;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too

@@ -1,0 +1,572 @@
+//! Text generation with a [`Gpt2`]: prefill the prompts, then one token per step, sampled
+//! greedily or from the temperature/top-k/top-p filtered distribution with a seeded RNG.
+//!
+//! Batches of prompts of different lengths: the prefill pads each prompt on the right (causal
+//! attention keeps the padding out of every real token's view), and every sequence keeps its
+//! own length from then on: its positions count from 0 at its first token and its new token
+//! goes to its own next position. A batch therefore gives each prompt what it would get alone
+//! (what Hugging Face gets with left padding and position ids taken from the attention mask).
+//!
+//! Two ways to run the steps, chosen by the backend ([`GenerateBackend`]):
+//! - a KV cache ([`HostKvCache`], the CPU backend): per layer, keys and values of every
+//!   position so far in buffers allocated once for the longest sequence the call can reach;
+//!   each step runs the model on one token per sequence.
+//! - full recompute (the CUDA backend for now): each step runs the model over every token so
+//!   far. Same results, quadratic cost; the device-side cache with the split-KV decode kernel
+//!   is future work.
+
+use super::backend::{Backend, Heads};
+use super::cpu::{Cpu, CpuTensor};
+use super::gpt2::Gpt2;
+use super::layers::{CachedKv, KvCache};
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (argmax, lowest id on ties); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: no limit).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`, in (0, 1]
+    /// (1: no limit).
+    pub top_p: f32,
+    /// Seed of the RNG (one RNG per call, drawn from in sequence order at each step).
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::invalid(
+                "temperature",
+                format!("{} is not a finite number ≥ 0", self.temperature),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(
+                "top_p",
+                format!("{} is outside (0, 1]", self.top_p),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Chooses a token from one row of logits.
+    pub fn sample(&self, logits: &[f32], rng: &mut impl Rng) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::invalid("logits", "no logits to sample from"));
+        }
+        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+            return Err(Error::invalid(
+                "logits",
+                format!("logit {i} is NaN (the model's arithmetic overflowed?)"),
+            ));
+        }
+        let argmax = || {
+            let mut best = 0;
+            for (i, &x) in logits.iter().enumerate() {
+                if x > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        if self.temperature == 0.0 || self.top_k == 1 {
+            return Ok(argmax());
+        }
+        // Candidates by decreasing logit (ties by id), cut to top-k.
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let key = |&i: &u32| (std::cmp::Reverse(OrdF32(logits[i as usize])), i);
+        let k = if self.top_k == 0 {
+            order.len()
+        } else {
+            self.top_k.min(order.len())
+        };
+        if k < order.len() {
+            order.select_nth_unstable_by_key(k - 1, key);
+            order.truncate(k);
+        }
+        order.sort_unstable_by_key(key);
+        // Softmax over the survivors in f64.
+        let t = self.temperature as f64;
+        let top = logits[order[0] as usize] as f64 / t;
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| (logits[i as usize] as f64 / t - top).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        // Nucleus: the shortest prefix whose mass reaches top_p (at least one token).
+        if self.top_p < 1.0 {
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (n, p) in probs.iter().enumerate() {
+                mass += p;
+                if mass >= self.top_p as f64 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = rng.gen::<f64>() * total;
+        for (n, p) in probs.iter().enumerate() {
+            if u < *p {
+                return Ok(order[n]);
+            }
+            u -= p;
+        }
+        Ok(order[probs.len() - 1])
+    }
+}
+
+/// f32 with a total order (NaN is rejected before sorting).
+#[derive(Clone, Copy)]
+struct OrdF32(f32);
+impl PartialEq for OrdF32 {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for OrdF32 {}
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrdF32 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// Options of a generation call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Stop a sequence when it generates the end-of-text token (which is kept as its last
+    /// generated id).
+    pub stop_at_eos: bool,
+    /// Use the backend's KV cache when it has one (false: recompute every step; for tests
+    /// and comparisons).
+    pub use_kv_cache: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 32,
+            sampling: Sampling::default(),
+            stop_at_eos: true,
+            use_kv_cache: true,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// It generated the end-of-text token.
+    EndOfText,
+    /// `max_new_tokens` reached.
+    MaxNewTokens,
+    /// Prompt plus continuation filled the model's `n_positions`.
+    ContextFull,
+}
+
+/// What a generation call returns, per prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub generated: Vec<Vec<u32>>,
+    pub stop: Vec<StopReason>,
+    /// Model steps run (prefill included).
+    pub steps: usize,
+}
+
+/// A KV cache a generation loop can drive: before each model call it learns how many of the
+/// step's tokens per sequence are real (the rest is padding, or a finished sequence).
+pub trait StepKvCache<B: Backend>: KvCache<B> {
+    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()>;
+    fn as_kv_cache(&mut self) -> &mut dyn KvCache<B>;
+}
+
+/// Backends generation runs on, and how (see the module docs).
+pub trait GenerateBackend: Backend + Sized {
+    /// One cache per layer for `batch` sequences of up to `capacity` positions, or `None` when
+    /// this backend recomputes instead.
+    fn kv_caches(
+        &self,
+        layers: usize,
+        batch: usize,
+        capacity: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>>;
+}
+
+impl GenerateBackend for Cpu {
+    fn kv_caches(
+        &self,
+        layers: usize,
+        batch: usize,
+        capacity: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>> {
+        Some(
+            (0..layers)
+                .map(|_| {
+                    Box::new(HostKvCache::new(batch, capacity, heads * head_dim))
+                        as Box<dyn StepKvCache<Cpu>>
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl GenerateBackend for super::cuda::Cuda {
+    fn kv_caches(
+        &self,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>> {
+        None
+    }
+}
+
+/// One layer's keys and values in host memory: `[batch, capacity, width]` each, allocated
+/// once, with each sequence's count of cached positions.
+///
+/// The first step (the prefill, any number of tokens, right-padded) attends to its own keys
+/// only; every later step appends one token per sequence and attends to the sequence's cache,
+/// with a sequence marked finished (0 valid tokens) appending nothing. Each decode step hands
+/// the attention a compact copy of the cached rows (`[batch·longest, width]`: the hook returns
+/// owned tensors), a copy as large as what the attention then reads.
+#[derive(Debug)]
+pub struct HostKvCache {
+    batch: usize,
+    capacity: usize,
+    width: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    lens: Vec<usize>,
+    valid_new: Vec<usize>,
+}
+
+impl HostKvCache {
+    pub fn new(batch: usize, capacity: usize, width: usize) -> Self {
+        HostKvCache {
+            batch,
+            capacity,
+            width,
+            k: vec![0.0; batch * capacity * width],
+            v: vec![0.0; batch * capacity * width],
+            lens: vec![0; batch],
+            valid_new: vec![0; batch],
+        }
+    }
+
+    /// Positions cached per sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Copies the `valid_new[b]` first rows of sequence b of `src` (`len_new` rows per
+    /// sequence) behind what is cached.
+    fn store(&mut self, src: &Heads<'_, CpuTensor>, len_new: usize, into_v: bool) -> Result<()> {
+        let data = src.tensor.data();
+        let row_width = src.tensor.shape()[1];
+        let w = self.width;
+        let dst = if into_v { &mut self.v } else { &mut self.k };
+        for b in 0..self.batch {
+            for t in 0..self.valid_new[b] {
+                let from = (b * len_new + t) * row_width + src.col;
+                let to = (b * self.capacity + self.lens[b] + t) * w;
+                dst[to..to + w].copy_from_slice(&data[from..from + w]);
+            }
+        }
+        Ok(())
+    }
+
+    fn gathered(&self, from_v: bool, len_k: usize) -> Result<CpuTensor> {
+        let w = self.width;
+        let src = if from_v { &self.v } else { &self.k };
+        let mut out = vec![0f32; self.batch * len_k * w];
+        for b in 0..self.batch {
+            let n = self.lens[b] * w;
+            out[b * len_k * w..b * len_k * w + n]
+                .copy_from_slice(&src[b * self.capacity * w..b * self.capacity * w + n]);
+        }
+        CpuTensor::new(&[self.batch * len_k, w], out)
+    }
+}
+
+impl StepKvCache<Cpu> for HostKvCache {
+    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
+        if valid_new.len() != self.batch {
+            return Err(Error::Shape {
+                arg: "valid_new",
+                expected: format!("[{}]", self.batch),
+                got: vec![valid_new.len()],
+            });
+        }
+        for (b, (&len, &n)) in self.lens.iter().zip(valid_new).enumerate() {
+            if len + n > self.capacity {
+                return Err(Error::invalid(
+                    "kv_cache",
+                    format!(
+                        "sequence {b} would hold {} positions, past the cache's {}",
+                        len + n,
+                        self.capacity
+                    ),
+                ));
+            }
+        }
+        self.valid_new.copy_from_slice(valid_new);
+        Ok(())
+    }
+
+    fn as_kv_cache(&mut self) -> &mut dyn KvCache<Cpu> {
+        self
+    }
+}
+
+impl KvCache<Cpu> for HostKvCache {
+    fn append(
+        &mut self,
+        _: &Cpu,
+        k: Heads<'_, CpuTensor>,
+        v: Heads<'_, CpuTensor>,
+        batch: usize,
+        len_new: usize,
+    ) -> Result<CachedKv<CpuTensor>> {
+        if batch != self.batch || k.heads * k.dim != self.width || v.heads * v.dim != self.width {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!(
+                    "a cache for {} sequences of width {} got {batch} of widths {} and {}",
+                    self.batch,
+                    self.width,
+                    k.heads * k.dim,
+                    v.heads * v.dim
+                ),
+            ));
+        }
+        if let Some(b) = (0..batch).find(|&b| self.valid_new[b] > len_new) {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!("sequence {b}: more valid tokens than the step has"),
+            ));
+        }
+        let first = self.lens.iter().all(|&l| l == 0);
+        if !first && len_new != 1 {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!("after the prefill a step appends 1 token per sequence, not {len_new}"),
+            ));
+        }
+        self.store(&k, len_new, false)?;
+        self.store(&v, len_new, true)?;
+        for b in 0..batch {
+            self.lens[b] += self.valid_new[b];
+        }
+        if first {
+            // The prefill attends to its own (right-padded) keys: causality keeps the padding
+            // out of every real query's view.
+            let w = self.width;
+            let copy = |h: &Heads<'_, CpuTensor>| -> Result<CpuTensor> {
+                let data = h.tensor.data();
+                let rw = h.tensor.shape()[1];
+                let rows = batch * len_new;
+                let mut out = vec![0f32; rows * w];
+                for r in 0..rows {
+                    out[r * w..(r + 1) * w]
+                        .copy_from_slice(&data[r * rw + h.col..r * rw + h.col + w]);
+                }
+                CpuTensor::new(&[rows, w], out)
+            };
+            return Ok(CachedKv {
+                k: copy(&k)?,
+                v: copy(&v)?,
+                len_k: len_new,
+                key_lens: None,
+            });
+        }
+        let len_k = self.lens.iter().copied().max().unwrap_or(0).max(1);
+        Ok(CachedKv {
+            k: self.gathered(false, len_k)?,
+            v: self.gathered(true, len_k)?,
+            len_k,
+            // A finished sequence still runs a (discarded) query over its cache; an empty
+            // cache never happens after the prefill since prompts are not empty.
+            key_lens: Some(self.lens.clone()),
+        })
+    }
+}
+
+/// Generates continuations of `prompts` (token ids). `on_token(sequence, id)` is called for
+/// every generated token as soon as it is chosen.
+///
+/// Errors: no prompts, an empty prompt, a prompt longer than `n_positions`, an id outside the
+/// vocabulary, invalid sampling options. A prompt of exactly `n_positions` tokens gets no
+/// continuation ([`StopReason::ContextFull`]): prompt plus continuation never exceed the context.
+pub fn generate<B: GenerateBackend>(
+    be: &B,
+    model: &Gpt2<B>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Generation> {
+    opts.sampling.validate()?;
+    let c = &model.config;
+    if prompts.is_empty() {
+        return Err(Error::invalid("prompts", "no prompts to continue"));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::invalid(
+                "prompt",
+                format!("prompt {i} is empty: GPT-2 needs at least one token to continue"),
+            ));
+        }
+        if p.len() > c.n_positions {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "prompt {i} has {} tokens, more than the model's context of {}",
+                    p.len(),
+                    c.n_positions
+                ),
+            ));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "prompt {i}: token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                ),
+            ));
+        }
+    }
+    let batch = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let capacity = c.n_positions.min(longest + opts.max_new_tokens);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.sampling.seed);
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut generated = vec![Vec::new(); batch];
+    let mut stop: Vec<Option<StopReason>> = vec![None; batch];
+    for (b, s) in stop.iter_mut().enumerate() {
+        if opts.max_new_tokens == 0 {
+            *s = Some(StopReason::MaxNewTokens);
+        } else if prompts[b].len() >= c.n_positions {
+            *s = Some(StopReason::ContextFull);
+        }
+    }
+    let mut caches = if opts.use_kv_cache {
+        be.kv_caches(c.n_layer, batch, capacity, c.n_head, c.head_dim())
+    } else {
+        None
+    };
+    let mut steps = 0;
+    while stop.iter().any(Option::is_none) {
+        // Logits of each sequence's last token.
+        let logits = match caches.as_mut() {
+            Some(caches) => {
+                let (ids, positions, len, valid) = if steps == 0 {
+                    let mut ids = vec![c.eos_token_id; batch * longest];
+                    let mut positions = vec![0u32; batch * longest];
+                    for (b, p) in prompts.iter().enumerate() {
+                        ids[b * longest..b * longest + p.len()].copy_from_slice(p);
+                        for t in 0..longest {
+                            positions[b * longest + t] = t as u32;
+                        }
+                    }
+                    let valid = prompts.iter().map(Vec::len).collect::<Vec<_>>();
+                    (ids, positions, longest, valid)
+                } else {
+                    // One token per sequence at its next position; finished ones append
+                    // nothing and their output is ignored.
+                    let ids = seqs.iter().map(|s| *s.last().unwrap_or(&0)).collect();
+                    let positions = seqs
+                        .iter()
+                        .map(|s| ((s.len() - 1).min(c.n_positions - 1)) as u32)
+                        .collect();
+                    let valid = stop.iter().map(|s| usize::from(s.is_none())).collect();
+                    (ids, positions, 1, valid)
+                };
+                for cache in caches.iter_mut() {
+                    cache.begin_step(&valid)?;
+                }
+                let mut refs: Vec<&mut dyn KvCache<B>> =
+                    caches.iter_mut().map(|c| c.as_kv_cache()).collect();
+                let hidden = model.forward(be, &ids, &positions, batch, len, Some(&mut refs))?;
+                let rows: Vec<u32> = (0..batch)
+                    .map(|b| (b * len + if steps == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
+                    .collect();
+                be.to_f32(&model.logits(be, &hidden, &rows)?)?
+            }
+            None => {
+                // Everything so far, right-padded.
+                let len = seqs.iter().map(Vec::len).max().unwrap_or(1);
+                let mut ids = vec![c.eos_token_id; batch * len];
+                let positions: Vec<u32> = (0..batch * len).map(|r| (r % len) as u32).collect();
+                for (b, s) in seqs.iter().enumerate() {
+                    ids[b * len..b * len + s.len()].copy_from_slice(s);
+                }
+                let hidden = model.forward(be, &ids, &positions, batch, len, None)?;
+                let rows: Vec<u32> = (0..batch)
+                    .map(|b| (b * len + seqs[b].len() - 1) as u32)
+                    .collect();
+                be.to_f32(&model.logits(be, &hidden, &rows)?)?
+            }
+        };
+        steps += 1;
+        for b in 0..batch {
+            if stop[b].is_some() {
+                continue;
+            }
+            let row = &logits[b * c.vocab_size..(b + 1) * c.vocab_size];
+            let token = opts.sampling.sample(row, &mut rng)?;
+            seqs[b].push(token);
+            generated[b].push(token);
+            on_token(b, token);
+            stop[b] = if opts.stop_at_eos && token == c.eos_token_id {
+                Some(StopReason::EndOfText)
+            } else if generated[b].len() >= opts.max_new_tokens {
+                Some(StopReason::MaxNewTokens)
+            } else if seqs[b].len() >= c.n_positions {
+                Some(StopReason::ContextFull)
+            } else {
+                None
+            };
+        }
+    }
+    Ok(Generation {
+        generated,
+        stop: stop
+            .into_iter()
+            .map(|s| s.unwrap_or(StopReason::MaxNewTokens))
+            .collect(),
+        steps,
+    })
+}
