@@ -508,35 +508,9 @@ pub fn forward(
 mod tests {
     //! Argument validation without a GPU: fake addresses, never dereferenced.
     use super::*;
+
+    use crate::ops::fake_views::{fake_mut as w, fake_ref as r, BASE};
     use crate::tensor::Layout;
-
-    const BASE: u64 = 0x7f00_0000_0000;
-
-    fn r(dtype: DType, shape: &[usize], at: u64) -> TensorRef<'static> {
-        let layout = Layout::contiguous(shape);
-        // SAFETY: validation only reads the address as a number.
-        unsafe {
-            TensorRef::from_raw(
-                BASE + at,
-                layout.numel() * dtype.size_bytes(),
-                dtype,
-                layout,
-            )
-        }
-    }
-
-    fn w(dtype: DType, shape: &[usize], at: u64) -> TensorMut<'static> {
-        let layout = Layout::contiguous(shape);
-        // SAFETY: as in `r`.
-        unsafe {
-            TensorMut::from_raw(
-                BASE + at,
-                layout.numel() * dtype.size_bytes(),
-                dtype,
-                layout,
-            )
-        }
-    }
 
     fn host(l: &[i32]) -> LensInfo<'_> {
         LensInfo {

@@ -841,21 +841,7 @@ mod tests {
     use super::*;
     use crate::tensor::Layout;
 
-    const BASE: u64 = 0x7f00_0000_0000;
-
-    fn view(dtype: DType, shape: &[usize], at: u64) -> TensorRef<'static> {
-        let layout = Layout::contiguous(shape);
-        let bytes = layout.numel() * dtype.size_bytes();
-        // SAFETY: validation only reads the address as a number; it is never dereferenced.
-        unsafe { TensorRef::from_raw(BASE + at, bytes, dtype, layout) }
-    }
-
-    fn view_mut(dtype: DType, shape: &[usize], at: u64) -> TensorMut<'static> {
-        let layout = Layout::contiguous(shape);
-        let bytes = layout.numel() * dtype.size_bytes();
-        // SAFETY: as in `view`.
-        unsafe { TensorMut::from_raw(BASE + at, bytes, dtype, layout) }
-    }
+    use crate::ops::fake_views::{fake_mut as view_mut, fake_ref as view, BASE};
 
     struct Args {
         x: TensorRef<'static>,

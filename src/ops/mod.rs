@@ -5,6 +5,8 @@
 pub mod attention;
 pub mod attention_unfused;
 pub mod decode;
+#[cfg(test)]
+mod fake_views;
 pub mod layernorm;
 pub mod sparse_attention;
 mod validate;
