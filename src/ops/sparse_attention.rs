@@ -16,7 +16,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
 use crate::sparse::BlockLayout;
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use std::sync::Arc;
 
 /// A block-sparse layout uploaded once and reused by every call with the same layout.
@@ -42,29 +42,8 @@ impl DeviceBlockLayout {
                 (0..wpr).map(move |w| block.chunks(wpr).fold(0u64, |acc, row| acc | row[w]))
             })
             .collect();
-        // Device buffers need at least one element; an empty array is never read.
-        let nonempty_i32 = |mut v: Vec<i32>| {
-            if v.is_empty() {
-                v.push(0);
-            }
-            v
-        };
-        let nonempty_u64 = |mut v: Vec<u64>| {
-            if v.is_empty() {
-                v.push(0);
-            }
-            v
-        };
-        let up_i32 = |v: Vec<i32>| {
-            gpu.stream()
-                .clone_htod(&nonempty_i32(v))
-                .map_err(|e| Error::driver("copying a sparse layout", e))
-        };
-        let up_u64 = |v: Vec<u64>| {
-            gpu.stream()
-                .clone_htod(&nonempty_u64(v))
-                .map_err(|e| Error::driver("copying a sparse layout", e))
-        };
+        let up_i32 = |v: Vec<i32>| upload_nonempty(gpu, v);
+        let up_u64 = |v: Vec<u64>| upload_nonempty(gpu, v);
         Ok(DeviceBlockLayout {
             layout: layout.clone(),
             words_per_row: wpr,
@@ -85,6 +64,17 @@ impl DeviceBlockLayout {
     pub fn layout(&self) -> &BlockLayout {
         &self.layout
     }
+}
+
+/// Copies `v` to the device; an empty array becomes one unread 0 (device buffers need at least
+/// one element).
+fn upload_nonempty<T: DeviceRepr + Default>(gpu: &Gpu, mut v: Vec<T>) -> Result<CudaSlice<T>> {
+    if v.is_empty() {
+        v.push(T::default());
+    }
+    gpu.stream()
+        .clone_htod(&v)
+        .map_err(|e| Error::driver("copying a sparse layout", e))
 }
 
 /// Block-sparse attention into caller-owned views (see the module docs); `lse` as in

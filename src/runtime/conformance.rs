@@ -46,6 +46,24 @@ pub fn tolerance(dtype: DType, n: usize, scale: f64, stored: usize) -> Tolerance
     t
 }
 
+/// Weights and biases of the four projections (Q, K, V, output) of a `width`-wide attention
+/// layer: weights spread `spread`, biases 0.2.
+fn projection_params(
+    dt: DType,
+    width: usize,
+    spread: f32,
+    seed: u64,
+) -> Vec<(HostParam, HostParam)> {
+    (0..4)
+        .map(|i| {
+            (
+                param(dt, &[width, width], spread, seed + 10 * i),
+                param(dt, &[width], 0.2, seed + 10 * i + 1),
+            )
+        })
+        .collect()
+}
+
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
@@ -392,14 +410,7 @@ pub fn multi_head_self_attention<B: Backend>(be: &B, causal: bool, seed: u64) ->
     let (batch, len, width, heads) = (2usize, 7usize, 24usize, 3usize);
     let key_lens = [7usize, 4];
     let s = 1.0 / (width as f32).sqrt();
-    let ps: Vec<(HostParam, HostParam)> = (0..4)
-        .map(|i| {
-            (
-                param(dt, &[width, width], s, seed + 10 * i),
-                param(dt, &[width], 0.2, seed + 10 * i + 1),
-            )
-        })
-        .collect();
+    let ps = projection_params(dt, width, s, seed);
     let p = |i: usize| (&ps[i].0, Some(&ps[i].1));
     let mha = MultiHeadAttention::self_attention(be, heads, p(0), p(1), p(2), p(3)).map_err(err)?;
     let x = random(dt, batch * len * width, 1.0, seed + 99);
@@ -473,14 +484,7 @@ pub fn multi_head_cross_attention<B: Backend>(be: &B, seed: u64) -> Check {
     let (batch, len_q, len_k, width, heads) = (2usize, 3usize, 6usize, 16usize, 2usize);
     let mem_lens = [6usize, 2];
     let s = 1.0 / (width as f32).sqrt();
-    let ps: Vec<(HostParam, HostParam)> = (0..4)
-        .map(|i| {
-            (
-                param(dt, &[width, width], s, seed + 10 * i),
-                param(dt, &[width], 0.2, seed + 10 * i + 1),
-            )
-        })
-        .collect();
+    let ps = projection_params(dt, width, s, seed);
     let p = |i: usize| (&ps[i].0, Some(&ps[i].1));
     let mha =
         MultiHeadAttention::cross_attention(be, heads, p(0), p(1), p(2), p(3)).map_err(err)?;
@@ -753,14 +757,7 @@ pub fn kv_cache_hook<B: Backend>(be: &B, seed: u64) -> Check {
     let dt = be.dtype();
     let (batch, len, width, heads) = (2usize, 6usize, 16usize, 4usize);
     let s = 1.0 / (width as f32).sqrt();
-    let ps: Vec<(HostParam, HostParam)> = (0..4)
-        .map(|i| {
-            (
-                param(dt, &[width, width], s, seed + 10 * i),
-                param(dt, &[width], 0.2, seed + 10 * i + 1),
-            )
-        })
-        .collect();
+    let ps = projection_params(dt, width, s, seed);
     let p = |i: usize| (&ps[i].0, Some(&ps[i].1));
     let mha = MultiHeadAttention::self_attention(be, heads, p(0), p(1), p(2), p(3)).map_err(err)?;
     let x = random(dt, batch * len * width, 1.0, seed + 5);
