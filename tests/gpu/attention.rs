@@ -9,7 +9,6 @@ use cuattn::ops::attention::{Kernel, Window};
 use cuattn::reference::attention::{CausalAlign, Shape};
 use cuattn::DType;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     let dim = prop_oneof![
@@ -84,20 +83,12 @@ fn kernels_match_reference_on_random_cases() {
     let Some(gpu) = gpu_or_skip("kernels_match_reference_on_random_cases") else {
         return;
     };
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&case_strategy(), |c| {
-        check::forward(&gpu, &c).map_err(TestCaseError::fail)
-    }) {
-        panic!("{e}");
-    }
+    crate::run_proptest(
+        "kernels_match_reference_on_random_cases",
+        case_strategy(),
+        64,
+        |c| check::forward(&gpu, &c),
+    );
 }
 
 fn run(name: &str, cases: Vec<Case>) {

@@ -8,7 +8,6 @@ use cuattn::check::decode::{self as check, Case};
 use cuattn::check::gpu_or_skip;
 use cuattn::DType;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     let dim = prop_oneof![
@@ -50,20 +49,12 @@ fn decode_matches_reference_on_random_cases() {
     let Some(gpu) = gpu_or_skip("decode_matches_reference_on_random_cases") else {
         return;
     };
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&case_strategy(), |c| {
-        check::forward(&gpu, &c).map_err(TestCaseError::fail)
-    }) {
-        panic!("{e}");
-    }
+    crate::run_proptest(
+        "decode_matches_reference_on_random_cases",
+        case_strategy(),
+        48,
+        |c| check::forward(&gpu, &c),
+    );
 }
 
 fn run(name: &str, cases: Vec<Case>) {

@@ -10,15 +10,7 @@ use cuattn::gpu::Gpu;
 use cuattn::ops::layernorm::{self as ln, ParamGrads, Tuning};
 use cuattn::{DType, Error};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::sync::Arc;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     let hidden = prop_oneof![
@@ -99,17 +91,7 @@ fn run_property(
     f: impl Fn(&Arc<Gpu>, &Case) -> Result<(), String>,
 ) {
     let Some(gpu) = gpu_or_skip(name) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(default_cases),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let result = runner.run(&case_strategy(), |c| {
-        f(&gpu, &c).map_err(TestCaseError::fail)
-    });
-    if let Err(e) = result {
-        panic!("{name}: {e}");
-    }
+    crate::run_proptest(name, case_strategy(), default_cases, |c| f(&gpu, &c));
 }
 
 #[test]

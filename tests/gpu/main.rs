@@ -11,3 +11,34 @@ mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+
+use proptest::strategy::Strategy;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// Cases of a GPU property test: `PROPTEST_CASES` (the GPU check lowers it under the
+/// sanitizers), else `default`.
+fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `check` on `proptest_cases(default)` values drawn from `strategy` (no failure files:
+/// the binary runs on a machine whose tree is thrown away), panicking with proptest's report
+/// of the smallest failing case.
+fn run_proptest<S: Strategy>(
+    name: &str,
+    strategy: S,
+    default: u32,
+    check: impl Fn(S::Value) -> Result<(), String>,
+) {
+    let mut runner = TestRunner::new(Config {
+        cases: proptest_cases(default),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&strategy, |c| check(c).map_err(TestCaseError::fail)) {
+        panic!("{name}: {e}");
+    }
+}

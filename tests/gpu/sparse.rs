@@ -12,13 +12,6 @@ use cuattn::DType;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-fn cases_from_env(default: usize) -> usize {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn sparse_kernel_matches_reference_on_random_layouts_of_every_kind() {
     let Some(gpu) = gpu_or_skip("sparse_kernel_matches_reference_on_random_layouts_of_every_kind")
@@ -26,7 +19,9 @@ fn sparse_kernel_matches_reference_on_random_layouts_of_every_kind() {
         return;
     };
     let mut rng = SmallRng::seed_from_u64(0x5a55);
-    let rounds = cases_from_env(64).div_ceil(KINDS.len()).max(1);
+    let rounds = (crate::proptest_cases(64) as usize)
+        .div_ceil(KINDS.len())
+        .max(1);
     for round in 0..rounds {
         for &kind in &KINDS {
             let seed = rng.gen::<u64>();
