@@ -123,17 +123,20 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // Starts copying rows [0, ROWS) × cols [0, HD) of a global matrix (row stride in elements) into
 // shared memory with pitch HD + 8. Row r is copied iff row_lo ≤ r < row_hi and bit r of the
-// 128-bit keep mask (keep_lo: rows 0–63, keep_hi: 64–127) is set; other rows, and cols ≥
+// 128-bit keep mask (KEEP_MASK only; keep_lo: rows 0–63, keep_hi: 64–127) is set; other rows, and cols ≥
 // cols_valid, become 0. With `vec` the copy is asynchronous (complete after cp_async_wait_all);
 // without it, synchronous. `fallback` is any valid address: zero-fill copies name it instead
 // of the (possibly out-of-range) row they skip.
-template <typename T, int HD, int ROWS, int THREADS>
+template <typename T, int HD, int ROWS, int THREADS, bool KEEP_MASK = false>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_lo, int row_hi, int cols_valid,
                                           bool vec, const T* fallback, uint64_t keep_lo = ~0ull, uint64_t keep_hi = ~0ull) {
     constexpr int PITCH = HD + 8;
     static_assert(ROWS <= 128, "the keep mask covers 128 rows");
     const auto keep = [&](int r) {
-        return r >= row_lo && r < row_hi && (((r < 64 ? keep_lo : keep_hi) >> (r & 63)) & 1);
+        if constexpr (KEEP_MASK) {  // only sparse bitmask tiles have one; dense loads skip the test
+            if (!(((r < 64 ? keep_lo : keep_hi) >> (r & 63)) & 1)) return false;
+        }
+        return r >= row_lo && r < row_hi;
     };
     if (vec) {
         constexpr int CHUNKS = HD / 8;
@@ -284,7 +287,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     TileInfo ti{};  // the tile being computed; K of tile 0 starts loading now
     if (n_tiles > 0) ti = tile_info(0);
     if (n_tiles > 0)
-        load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)ti.key0 * p.k_row_stride, p.k_row_stride, ti.kv_lo, ti.kv_hi,
+        load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)ti.key0 * p.k_row_stride, p.k_row_stride, ti.kv_lo, ti.kv_hi,
                                       p.dim_qk, vec, gk, ti.keep_lo, ti.keep_hi);
 
     float o[MT][HD / 8][4];
@@ -305,7 +308,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         const int key0 = ti.key0;
         if (vec) cp_async_wait_all();  // K_n (and Q, the first time)
         __syncthreads();               // ... visible to all; every warp is done with V_{n-1}
-        load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, ti.kv_lo, ti.kv_hi,
+        load_tile<T, HD, BN, THREADS, SPARSE>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, ti.kv_lo, ti.kv_hi,
                                       p.dim_v, vec, gv, ti.keep_lo, ti.keep_hi);
 
         // S = Q·Kᵀ for this warp's MT slabs: BN/8 accumulators of 16×8 each.
@@ -395,7 +398,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         __syncthreads();               // ... visible to all; every warp is done with K_n
         const TileInfo next = tile_info(n + 1 < n_tiles ? n + 1 : n);
         if (n + 1 < n_tiles)
-            load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)next.key0 * p.k_row_stride, p.k_row_stride, next.kv_lo,
+            load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)next.key0 * p.k_row_stride, p.k_row_stride, next.kv_lo,
                                           next.kv_hi, p.dim_qk, vec, gk, next.keep_lo, next.keep_hi);
 
         // O += P·V, P taken from the S accumulators as A fragments (notes §3).
