@@ -53,6 +53,25 @@ pub(super) fn err(e: crate::Error) -> String {
     e.to_string()
 }
 
+/// Sets the K and V rows (BHSD) of key `j` of batch entry `b` to NaN wherever `hidden(b, j)`:
+/// keys no query may see, which must never reach the output (pytorch#101967).
+pub(super) fn poison_keys(
+    k: &mut [f32],
+    v: &mut [f32],
+    s: &Shape,
+    hidden: impl Fn(usize, usize) -> bool,
+) {
+    for b in 0..s.batch {
+        for j in (0..s.len_k).filter(|&j| hidden(b, j)) {
+            for h in 0..s.heads_kv {
+                let row = (b * s.heads_kv + h) * s.len_k + j;
+                k[row * s.dim_qk..(row + 1) * s.dim_qk].fill(f32::NAN);
+                v[row * s.dim_v..(row + 1) * s.dim_v].fill(f32::NAN);
+            }
+        }
+    }
+}
+
 /// A [B, H, L, D] tensor uploaded as BHSD or, with `bshd`, as BSHD memory seen through strides;
 /// `values` are in BHSD order. `fill` everywhere when `values` is `None`.
 pub(crate) fn upload_4d(
@@ -113,18 +132,12 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
             let mut k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
             let mut v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
-            // Keys past a sequence's key length are NaN: none may reach the output (pytorch#101967).
-            if let Some(lens) = &c.key_lens {
-                for (b, &kl) in lens.iter().enumerate() {
-                    for h in 0..s.heads_kv {
-                        for j in (kl.max(0) as usize).min(s.len_k)..s.len_k {
-                            let row = (b * s.heads_kv + h) * s.len_k + j;
-                            k[row * s.dim_qk..(row + 1) * s.dim_qk].fill(f32::NAN);
-                            v[row * s.dim_v..(row + 1) * s.dim_v].fill(f32::NAN);
-                        }
-                    }
-                }
-            }
+            let key_len = |b: usize| {
+                c.key_lens
+                    .as_ref()
+                    .map_or(s.len_k, |l| l[b].max(0) as usize)
+            };
+            poison_keys(&mut k, &mut v, &s, |b, j| j >= key_len(b));
             let up = |dims, values: Option<&[f32]>, fill| {
                 upload_4d(gpu, c.dtype, dims, c.bshd, values, fill)
             };

@@ -3,7 +3,7 @@
 //! [`crate::tolerance::attention`]. O and LSE are poisoned with NaN before the launch, and every
 //! cache row at or past a sequence's length holds NaN: a kernel that reads one shows it.
 
-use super::attention::upload_4d;
+use super::attention::{poison_keys, upload_4d};
 use super::{expect_close, random_values, CheckResult};
 use crate::dtype::DType;
 use crate::gpu::Gpu;
@@ -86,21 +86,12 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     let q = random_values(&mut rng, c.dtype, s.q_len(), 0.0, 2.0);
     let k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
     let v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
-    // Rows at or past each sequence's length: NaN on the device.
-    let poison = |x: &[f32]| -> Vec<f32> {
-        let mut p = x.to_vec();
-        for b in 0..c.batch {
-            for h in 0..c.heads_kv {
-                let row0 = (b * c.heads_kv + h) * c.capacity;
-                let from = (row0 + c.lens[b].min(c.capacity)) * c.dim;
-                p[from..(row0 + c.capacity) * c.dim].fill(f32::NAN);
-            }
-        }
-        p
-    };
+    // Rows at or past each sequence's length: NaN in the copies uploaded to the device.
+    let (mut kp, mut vp) = (k.clone(), v.clone());
+    poison_keys(&mut kp, &mut vp, &s, |b, j| j >= c.lens[b]);
     let cache = [c.batch, c.heads_kv, c.capacity, c.dim];
-    let kd = upload_4d(gpu, c.dtype, cache, c.bshd, Some(&poison(&k)), f32::NAN)?;
-    let vd = upload_4d(gpu, c.dtype, cache, c.bshd, Some(&poison(&v)), f32::NAN)?;
+    let kd = upload_4d(gpu, c.dtype, cache, c.bshd, Some(&kp), f32::NAN)?;
+    let vd = upload_4d(gpu, c.dtype, cache, c.bshd, Some(&vp), f32::NAN)?;
     let qd = upload_4d(
         gpu,
         c.dtype,

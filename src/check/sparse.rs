@@ -3,7 +3,7 @@
 //! rule. Outputs are poisoned with NaN before the launch; K/V rows past a sequence's key length,
 //! and rows of keys that no query of any head keeps, are NaN and must not reach the output.
 
-use super::attention::{err, upload_4d};
+use super::attention::{err, poison_keys, upload_4d};
 use super::{expect_close, random_values, CheckResult};
 use crate::dtype::DType;
 use crate::gpu::Gpu;
@@ -51,21 +51,12 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     let unkept: Vec<bool> = (0..s.len_k)
         .map(|j| !(0..l.heads().stored()).any(|h| (0..s.len_q).any(|i| l.admits(h, i, j))))
         .collect();
-    for b in 0..s.batch {
-        let kl = c
-            .key_lens
+    let key_len = |b: usize| {
+        c.key_lens
             .as_ref()
-            .map_or(s.len_k, |x| x[b].max(0) as usize);
-        for h in 0..s.heads_kv {
-            for (j, &dead) in unkept.iter().enumerate() {
-                if dead || j >= kl {
-                    let row = (b * s.heads_kv + h) * s.len_k + j;
-                    k[row * s.dim_qk..(row + 1) * s.dim_qk].fill(f32::NAN);
-                    v[row * s.dim_v..(row + 1) * s.dim_v].fill(f32::NAN);
-                }
-            }
-        }
-    }
+            .map_or(s.len_k, |x| x[b].max(0) as usize)
+    };
+    poison_keys(&mut k, &mut v, &s, |b, j| unkept[j] || j >= key_len(b));
     let up = |dims, x: Option<&[f32]>, fill| upload_4d(gpu, c.dtype, dims, c.bshd, x, fill);
     let qd = up([s.batch, s.heads_q, s.len_q, s.dim_qk], Some(&q), 0.0)?;
     let kd = up([s.batch, s.heads_kv, s.len_k, s.dim_qk], Some(&k), 0.0)?;
