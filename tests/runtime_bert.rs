@@ -14,32 +14,16 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 
+mod fixture_files;
+
+use fixture_files::{fixture, floats, json, tiny_bert_batch, uints};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn tiny_dir() -> PathBuf {
-    root().join("tests/fixtures/tiny-bert")
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn uints(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    fixture("tests/fixtures/tiny-bert")
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
@@ -50,27 +34,9 @@ fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The fixture's padded batch.
-fn fixture_batch() -> (TokenBatch, serde_json::Value) {
-    let f = json(&root().join("tests/fixtures/tiny-bert-outputs.json"));
-    let batch = TokenBatch {
-        ids: uints(&f["ids"]),
-        type_ids: uints(&f["type_ids"]),
-        lens: f["lens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect(),
-        len: f["len"].as_u64().unwrap() as usize,
-        truncated: vec![],
-    };
-    (batch, f)
-}
-
 /// Runs the model in `dir` on the fixture batch; returns (hidden, pooled) max abs errors.
 fn errors_vs_hf(dir: &Path) -> Result<(f64, f64), Error> {
-    let (batch, f) = fixture_batch();
+    let (batch, f) = tiny_bert_batch();
     let bert = Bert::from_folder(&Cpu, dir)?;
     let out = bert.forward(&Cpu, &batch)?;
     let hidden = Cpu.to_f32(&out.hidden)?;
@@ -350,7 +316,7 @@ fn minilm_matches_sentence_transformers() {
     let Some(dir) = minilm_or_skip("minilm_matches_sentence_transformers") else {
         return;
     };
-    let f = json(&root().join("tests/fixtures/minilm-embeddings.json"));
+    let f = json("tests/fixtures/minilm-embeddings.json");
     let sentences: Vec<&str> = f["sentences"]
         .as_array()
         .unwrap()

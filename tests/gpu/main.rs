@@ -4,6 +4,8 @@
 
 mod attention;
 mod decode;
+#[path = "../fixture_files/mod.rs"]
+mod fixture_files;
 mod layernorm;
 mod runtime;
 mod runtime_gpt2;

@@ -12,37 +12,11 @@ use cuattn::runtime::conformance as check;
 use cuattn::runtime::cuda::Cuda;
 use cuattn::runtime::pooling::cosine;
 use cuattn::runtime::sentence::SentenceEmbedder;
-use cuattn::runtime::tokenizer::TokenBatch;
 use cuattn::runtime::{Activation, Backend};
 use cuattn::DType;
 use std::path::PathBuf;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The fixtures, found next to the test binary's source or, in a GPU bundle run from the
-/// repository root, in the working directory.
-fn fixture(rel: &str) -> PathBuf {
-    let here = root().join(rel);
-    if here.exists() {
-        here
-    } else {
-        PathBuf::from(rel)
-    }
-}
-
-fn json(rel: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
+use crate::fixture_files::{fixture, floats, json, tiny_bert_batch};
 
 #[test]
 fn runtime_ops_match_references_every_dtype() {
@@ -96,26 +70,7 @@ fn runtime_tiny_bert_matches_hugging_face() {
     let Some(gpu) = gpu_or_skip("runtime_tiny_bert_matches_hugging_face") else {
         return;
     };
-    let f = json("tests/fixtures/tiny-bert-outputs.json");
-    let uints = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let batch = TokenBatch {
-        ids: uints(&f["ids"]),
-        type_ids: uints(&f["type_ids"]),
-        lens: f["lens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect(),
-        len: f["len"].as_u64().unwrap() as usize,
-        truncated: vec![],
-    };
+    let (batch, f) = tiny_bert_batch();
     let want = floats(&f["hidden"]);
     let ref_norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     // f32: the CPU bound. f16/bf16: ‖err‖/‖ref‖ within ~12 roundings of the storage dtype

@@ -7,7 +7,6 @@ use cuattn::runtime::cuda::Cuda;
 use cuattn::runtime::generate::{generate, GenerateOptions};
 use cuattn::runtime::gpt2::Gpt2;
 use cuattn::DType;
-use std::path::PathBuf;
 
 /// Smallest top-2 margin at which an f16 run must pick Hugging Face's token. The tiny model's
 /// logits reach |6.9|; f16 keeps 2⁻¹¹ ≈ 4.9e-4 relative per rounding and the 2-layer model
@@ -16,22 +15,7 @@ use std::path::PathBuf;
 /// A budget, not a measured fit (no device run has checked it yet).
 const F16_MARGIN: f64 = 0.1;
 
-fn fixture(rel: &str) -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
-    if here.exists() {
-        here
-    } else {
-        PathBuf::from(rel)
-    }
-}
-
-fn uints(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use crate::fixture_files::{fixture, uints};
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
