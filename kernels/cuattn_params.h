@@ -242,4 +242,20 @@ typedef struct cuattn_gather_rows_params {
     int64_t width;
 } cuattn_gather_rows_params;
 
+/* KV-cache append: for each sequence b and t < count[b], row b·len_new + t of the step's keys
+   and values (a `width`-column block of rows `src_row_stride` apart: a fused projection's
+   output) is copied to cache row b·capacity + start[b] + t. Rows past the capacity are never
+   written (the host checks start + count ≤ capacity; the kernel guards it too). Bit copies:
+   the kernel's suffix is the element size (b32: f32, b16: f16/bf16). */
+typedef struct cuattn_append_kv_params {
+    uint64_t src_k, src_v;     /* first element of the key / value block, T */
+    uint64_t dst_k, dst_v;     /* caches [batch, capacity, width] T, contiguous */
+    uint64_t start_count;      /* [2·batch] int32: start[b] for all b, then count[b] */
+    int64_t src_row_stride;    /* elements between consecutive source rows */
+    int64_t batch;
+    int64_t len_new;           /* source rows per sequence */
+    int64_t capacity;          /* cache rows per sequence */
+    int64_t width;             /* elements per row (heads·dim) */
+} cuattn_append_kv_params;
+
 #endif /* CUATTN_PARAMS_H */

@@ -1,11 +1,13 @@
 // The transformer runtime's small elementwise ops (src/runtime/cuda.rs): bias + activation
-// after a cuBLAS GEMM, elementwise add, and the embedding gather. All memory-bound, no reuse.
+// after a cuBLAS GEMM, elementwise add, the embedding gather, and the KV-cache append of text
+// generation (src/runtime/kv_cache.rs). All memory-bound, no reuse.
 //
 // Algorithm and ownership: a 1-D grid-stride loop, one thread per element (gather: per element
 // of the output row, the row index read once per element from the ids array, which stays in
 // L1). f32 arithmetic, results rounded once to T on store.
 // Bytes: bias_act reads and writes rows·cols·sizeof(T) (bias from L1/L2); add reads 2n and
-// writes n elements; gather reads and writes rows·width elements. FLOPs: a few per element
+// writes n elements; gather reads and writes rows·width elements; append_kv reads and writes
+// 2·Σ_b count[b]·width elements (a decode step: 2·batch·width, a few KB per layer). FLOPs: a few per element
 // (GELU: one erff or tanhf).
 
 #include "common.cuh"
@@ -62,6 +64,30 @@ template <typename T> __device__ void gather_rows(const cuattn_gather_rows_param
     }
 }
 
+// One thread per element of the step's [batch, len_new, width] block; rows a sequence does not
+// append (t ≥ count[b]: padding, or a finished sequence) are skipped. Bit copies of element
+// type E (uint32_t for f32, uint16_t for f16/bf16).
+template <typename E> __device__ void append_kv(const cuattn_append_kv_params& p) {
+    const int32_t* start = reinterpret_cast<const int32_t*>(p.start_count);
+    const int32_t* count = start + p.batch;
+    const E* src_k = reinterpret_cast<const E*>(p.src_k);
+    const E* src_v = reinterpret_cast<const E*>(p.src_v);
+    E* dst_k = reinterpret_cast<E*>(p.dst_k);
+    E* dst_v = reinterpret_cast<E*>(p.dst_v);
+    const int64_t n = p.batch * p.len_new * p.width;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t c = i % p.width, row = i / p.width;  // row = b·len_new + t
+        const int64_t b = row / p.len_new, t = row % p.len_new;
+        const int64_t to = (int64_t)start[b] + t;
+        if (t >= count[b] || to < 0 || to >= p.capacity) continue;
+        const int64_t from = row * p.src_row_stride + c;
+        const int64_t dst = (b * p.capacity + to) * p.width + c;
+        dst_k[dst] = src_k[from];
+        dst_v[dst] = src_v[from];
+    }
+}
+
 }  // namespace
 
 #define CUATTN_RUNTIME_OPS(T, SUFFIX)                                                              \
@@ -76,3 +102,10 @@ template <typename T> __device__ void gather_rows(const cuattn_gather_rows_param
 CUATTN_RUNTIME_OPS(float, f32)
 CUATTN_RUNTIME_OPS(__half, f16)
 CUATTN_RUNTIME_OPS(__nv_bfloat16, bf16)
+
+extern "C" __global__ void rt_append_kv_b32(const cuattn_append_kv_params p) {
+    append_kv<uint32_t>(p);
+}
+extern "C" __global__ void rt_append_kv_b16(const cuattn_append_kv_params p) {
+    append_kv<uint16_t>(p);
+}

@@ -9,7 +9,8 @@
 #      over the *gpu* test binaries               (both only if the time budget allows)
 #   f. scripts/gpu_report.py -> $OUT/report.md and the summary (printed last);
 #      $OUT/logs/ is packed into $OUT/logs.tar.gz.
-# Order run: a b d e c e2 c2 f, so the benchmark data is taken before the slow sanitizer runs.
+#   e3. GPT-2 generation tokens/s against Hugging Face (scripts/bench-generate.py -> $OUT/generate.md)
+# Order run: a b d e e3 c e2 c2 f, so the benchmark data is taken before the slow sanitizer runs.
 #
 # results.tsv: header "step name status detail seconds", tab-separated, one row per run;
 #   status is ok | fail | timeout | missing | unsupported | skip | warn;
@@ -23,6 +24,7 @@
 #   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
+#   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 200 s cap),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
 #   MiniLM folder is not carried; docs/gpu.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
@@ -300,6 +302,27 @@ for fam in $BENCH_FAMILIES; do
     record torch "$fam" missing "no bench_$fam.json to take shapes from" 0
   fi
 done
+
+# ---------------------------------------------------------------- e3. text generation
+# GPT-2 tokens/s, ours (device KV cache) against Hugging Face (sdpa and eager) on the same card,
+# tiny fixture and a 124M-shaped random model the script writes to /tmp. Table in $OUT/generate.md.
+if [ "${GPU_CHECK_GENERATE:-1}" = 0 ]; then
+  record generate gpt2 skip "GPU_CHECK_GENERATE=0" 0
+elif [ ! -x "$CLI" ]; then
+  record generate gpt2 missing "no cuattn binary" 0
+else
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  run_timed 200 "$LOGS/generate.log" bash -c \
+    'python3 scripts/bench-generate.py --device cuda --dtype f16 --bin "$1" --repeats 2 --max-new-tokens 64 >"$2.tmp"' _ "$CLI" "$OUT/generate.md"
+  if [ "$RC" -eq 0 ] && grep -q '^| 124m | 8 ' "$OUT/generate.md.tmp"; then
+    mv "$OUT/generate.md.tmp" "$OUT/generate.md"
+    record generate gpt2 ok "tiny and 124m, batch 1 and 8" "$SECS"
+  else
+    [ -f "$OUT/generate.md.tmp" ] && mv "$OUT/generate.md.tmp" "$LOGS/generate.stdout"
+    case "$RC" in 124) s=timeout ;; 200) s=timeout ;; *) s=fail ;; esac
+    record generate gpt2 "$s" "rc=$RC; see logs/generate.log" "$SECS"
+  fi
+fi
 
 # ---------------------------------------------------------------- c. compute-sanitizer
 # Tests that repeat large launches many times add minutes under the sanitizer and no coverage:

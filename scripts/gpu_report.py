@@ -633,6 +633,14 @@ def build(out):
         bench_txt.append((head, ["op", "dtype", "shape", "us", "GB/s", "%copy", "torch_us", "t/ours"],
                           [r[:6] + [r[6], r[8]] for r in table], None))
 
+    gen = read_text(out, "generate.md")
+    if gen is not None:
+        md.append("\n## Benchmark: GPT-2 generation (scripts/bench-generate.py)\n")
+        # The script's first line ("# date, commit, card, versions") is a note, not a heading.
+        md.append("\n".join(l[2:] if l.startswith("# ") else l for l in gen.strip().splitlines()))
+        txt.append("\n-- generate (tokens/s)")
+        txt.extend(line for line in gen.splitlines() if line.startswith("| ") and "---" not in line)
+
     # failing rows: listed last, just above the verdict
     if failing:
         md.append("\n## Failing steps\n")

@@ -163,4 +163,5 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_act_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_add_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_gather_rows_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_append_kv_params {}
 }

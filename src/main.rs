@@ -88,6 +88,13 @@ struct GenerateArgs {
     /// Print generated tokens/s (model loading and tokenization excluded) on stderr.
     #[arg(long)]
     timing: bool,
+    /// Before the timed call, generate 2 tokens for the same prompts (loads the kernels and
+    /// sets up cuBLAS outside the timing; for benchmarks).
+    #[arg(long)]
+    warmup: bool,
+    /// Recompute the whole sequence every step instead of using the KV cache (for comparisons).
+    #[arg(long)]
+    recompute: bool,
 }
 
 #[derive(clap::Args)]
@@ -653,8 +660,16 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
+        use_kv_cache: !args.recompute,
         ..GenerateOptions::default()
     };
+    if args.warmup {
+        let short = GenerateOptions {
+            max_new_tokens: opts.max_new_tokens.min(2),
+            ..opts
+        };
+        generate(be, &model, &prompts, &short, &mut |_, _| {})?;
+    }
     let eos = model.config.eos_token_id;
     // Stream only a single prompt's continuation, and only as text.
     let stream = !args.json && prompts.len() == 1;

@@ -8,9 +8,11 @@ use cuattn::runtime::generate::{
 use cuattn::runtime::gpt2::Gpt2;
 use cuattn::runtime::gpt2_tokenizer::{byte_to_unicode, Gpt2Tokenizer, Utf8Stream};
 use cuattn::runtime::layers::KvCache;
-use cuattn::runtime::{Backend, Cpu};
+use cuattn::runtime::Cpu;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
+
+mod gpt2_cache;
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -147,67 +149,47 @@ fn greedy_tokens_match_hugging_face_alone_and_batched() {
 }
 
 /// Logits of every decode step through the KV cache against a full forward pass over the
-/// same tokens, for a batch of two prompts of different lengths.
+/// same tokens, for a batch of two prompts of different lengths, one finishing early.
 #[test]
 fn kv_cache_decode_equals_full_recompute() {
-    let m = model();
-    let c = m.config.clone();
-    let prompts = [vec![464u32, 2068, 7586, 21831, 18045], vec![15496u32, 11]];
-    let (batch, longest) = (2, 5);
-    let mut caches: Vec<HostKvCache> = (0..c.n_layer)
-        .map(|_| HostKvCache::new(batch, 40, c.n_embd))
-        .collect();
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
-    let mut worst = 0f32;
-    for step in 0..30 {
-        let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) = if step == 0 {
-            let mut ids = vec![0; batch * longest];
-            for (b, p) in prompts.iter().enumerate() {
-                ids[b * longest..b * longest + p.len()].copy_from_slice(p);
-            }
-            let pos = (0..batch * longest).map(|r| (r % longest) as u32).collect();
-            (ids, pos, longest, prompts.iter().map(Vec::len).collect())
-        } else {
-            (
-                seqs.iter().map(|s| *s.last().unwrap()).collect(),
-                seqs.iter().map(|s| (s.len() - 1) as u32).collect(),
-                1,
-                vec![1, 1],
-            )
-        };
-        for cache in caches.iter_mut() {
-            cache.begin_step(&valid).unwrap();
-        }
-        let mut refs: Vec<&mut dyn KvCache<Cpu>> = caches
-            .iter_mut()
-            .map(|c| c as &mut dyn KvCache<Cpu>)
-            .collect();
-        let hidden = m
-            .forward(&Cpu, &ids, &positions, batch, len, Some(&mut refs))
-            .unwrap();
-        let rows: Vec<u32> = (0..batch)
-            .map(|b| (b * len + if step == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
-            .collect();
-        let cached = Cpu
-            .to_f32(&m.logits(&Cpu, &hidden, &rows).unwrap())
-            .unwrap();
-        for b in 0..batch {
-            let full = m.sequence_logits(&Cpu, &seqs[b]).unwrap();
-            let last = &full[(seqs[b].len() - 1) * c.vocab_size..];
-            let got = &cached[b * c.vocab_size..(b + 1) * c.vocab_size];
-            for (x, y) in got.iter().zip(last) {
-                let d = (x - y).abs();
-                assert!(!d.is_nan());
-                worst = worst.max(d);
-            }
-            // Continue with a token that is not the argmax, to move off the greedy path.
-            let next = (step as u32 * 7919 + b as u32 * 104_729) % c.vocab_size as u32;
-            seqs[b].push(next);
-        }
-    }
-    assert_eq!(caches[0].lens(), &[5 + 29, 2 + 29]);
+    let worst = gpt2_cache::cache_vs_recompute(&Cpu, &model(), 30, 12);
     println!("max abs difference cache vs recompute: {worst:.2e}");
     assert!(worst <= 1e-4, "{worst:e}");
+}
+
+/// The cache's own checks: lengths past the capacity, a wrong batch, several tokens after the
+/// prefill.
+#[test]
+fn kv_cache_rejects_misuse() {
+    let m = model();
+    let c = m.config.clone();
+    let mut cache = HostKvCache::new(c.n_layer, 2, 6, c.n_embd).unwrap();
+    assert!(
+        cache.begin_step(&[7, 1]).is_err(),
+        "7 positions in a cache of 6"
+    );
+    assert!(
+        cache.begin_step(&[1]).is_err(),
+        "one count for two sequences"
+    );
+    assert!(HostKvCache::new(1, 0, 4, 8).is_err());
+    // Prefill 3 + 2 tokens, then a step of 2 tokens per sequence.
+    cache.begin_step(&[3, 2]).unwrap();
+    run_step(&m, &mut cache, &[1, 2, 3, 4, 5, 0], 3).unwrap();
+    cache.begin_step(&[1, 1]).unwrap();
+    let err = run_step(&m, &mut cache, &[1, 2, 3, 4], 2).unwrap_err();
+    assert!(err.to_string().contains("1 token per sequence"), "{err}");
+}
+
+fn run_step(m: &Gpt2<Cpu>, cache: &mut HostKvCache, ids: &[u32], len: usize) -> cuattn::Result<()> {
+    let positions: Vec<u32> = (0..ids.len()).map(|r| (r % len) as u32).collect();
+    let mut layers = cache.layers();
+    let mut refs: Vec<&mut dyn KvCache<Cpu>> = layers
+        .iter_mut()
+        .map(|l| &mut **l as &mut dyn KvCache<Cpu>)
+        .collect();
+    m.forward(&Cpu, ids, &positions, 2, len, Some(&mut refs))
+        .map(|_| ())
 }
 
 #[test]

@@ -388,6 +388,29 @@ pub fn attention_cases() -> Vec<AttentionCase> {
             len_q: 1,
             len_k: 1,
             fused: true,
+            ..base.clone()
+        },
+        // One query against many keys (a decode step; the CUDA backend runs the split-KV
+        // decode kernel): grouped heads, an empty cache, bottom-right and no causal mask.
+        AttentionCase {
+            len_q: 1,
+            len_k: 13,
+            heads_kv: 2,
+            key_lens: Some(vec![13, 5, 0]),
+            causal: Some(CausalAlign::BottomRight),
+            ..base.clone()
+        },
+        AttentionCase {
+            len_q: 1,
+            len_k: 40,
+            dim: 64,
+            ..base.clone()
+        },
+        // Top-left with one query keeps key 0 only: not a decode step.
+        AttentionCase {
+            len_q: 1,
+            len_k: 6,
+            causal: Some(CausalAlign::TopLeft),
             ..base
         },
     ]
@@ -706,31 +729,33 @@ pub fn blocks<B: Backend>(be: &B, seed: u64) -> Check {
 
 /// A KV cache for the checks: keeps every step's keys and values on the host and uploads
 /// the concatenation (simple and slow; the point is the hook, not the cache).
-pub struct HostKvCache {
+pub struct ConcatKvCache<T> {
     width: usize,
     k: Vec<Vec<f32>>, // per sequence, rows of `width`
     v: Vec<Vec<f32>>,
+    uploaded: Option<(T, T)>,
 }
 
-impl HostKvCache {
+impl<T> ConcatKvCache<T> {
     pub fn new(batch: usize, width: usize) -> Self {
-        HostKvCache {
+        ConcatKvCache {
             width,
             k: vec![Vec::new(); batch],
             v: vec![Vec::new(); batch],
+            uploaded: None,
         }
     }
 }
 
-impl<B: Backend> KvCache<B> for HostKvCache {
-    fn append(
-        &mut self,
+impl<B: Backend> KvCache<B> for ConcatKvCache<B::Tensor> {
+    fn append<'a>(
+        &'a mut self,
         be: &B,
-        k: Heads<'_, B::Tensor>,
-        v: Heads<'_, B::Tensor>,
+        k: Heads<'a, B::Tensor>,
+        v: Heads<'a, B::Tensor>,
         batch: usize,
         len_new: usize,
-    ) -> crate::Result<CachedKv<B::Tensor>> {
+    ) -> crate::Result<CachedKv<'a, B::Tensor>> {
         let wide = be.shape(k.tensor)[1];
         let (kh, vh) = (be.to_f32(k.tensor)?, be.to_f32(v.tensor)?);
         for b in 0..batch {
@@ -742,9 +767,18 @@ impl<B: Backend> KvCache<B> for HostKvCache {
         }
         let len_k = self.k[0].len() / self.width;
         let cat = |parts: &[Vec<f32>]| parts.concat();
+        let (kt, vt) = self.uploaded.insert((
+            be.upload(&[batch * len_k, self.width], &cat(&self.k))?,
+            be.upload(&[batch * len_k, self.width], &cat(&self.v))?,
+        ));
+        let at = |tensor| Heads {
+            tensor,
+            col: 0,
+            ..k
+        };
         Ok(CachedKv {
-            k: be.upload(&[batch * len_k, self.width], &cat(&self.k))?,
-            v: be.upload(&[batch * len_k, self.width], &cat(&self.v))?,
+            k: at(kt),
+            v: at(vt),
             len_k,
             key_lens: None,
         })
@@ -773,7 +807,7 @@ pub fn kv_cache_hook<B: Backend>(be: &B, seed: u64) -> Check {
         )
         .map_err(err)?;
     let full = be.to_f32(&full).map_err(err)?;
-    let mut cache = HostKvCache::new(batch, width);
+    let mut cache = ConcatKvCache::new(batch, width);
     for t in 0..len {
         let step: Vec<f32> = (0..batch)
             .flat_map(|b| {

@@ -39,6 +39,9 @@ impl CpuTensor {
     pub fn into_data(self) -> Vec<f32> {
         self.data
     }
+    pub(crate) fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
     fn rows_cols(&self, arg: &'static str) -> Result<(usize, usize)> {
         match self.shape.as_slice() {
             [r, c] => Ok((*r, *c)),

@@ -1,25 +1,29 @@
 //! The CUDA backend: tensors in device memory in f32, f16 or bf16; linear layers and batched
 //! products through cuBLAS (f32 accumulation), attention through cuattn's fused kernel (key
-//! padding via `key_lens`, heads read in place through strides), LayerNorm through cuattn's
-//! kernel (residual add fused), and bias + activation, add and the embedding gather through
-//! the small kernels of `kernels/runtime_ops.cu`.
+//! padding via `key_lens`, heads read in place through strides; one query per sequence against
+//! many keys goes to the split-KV decode kernel instead), LayerNorm through cuattn's kernel
+//! (residual add fused), and bias + activation, add, the embedding gather and the KV-cache
+//! append through the small kernels of `kernels/runtime_ops.cu`.
 //!
 //! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes.
 
-use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
+use super::backend::{
+    check_attention, Activation, AttentionMask, Backend, CausalAlign, HasShape, Heads,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, Kernel};
 use crate::kernels::params::{
-    cuattn_add_params, cuattn_bias_act_params, cuattn_gather_rows_params, CUATTN_ACT_GELU_ERF,
-    CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
+    cuattn_add_params, cuattn_append_kv_params, cuattn_bias_act_params, cuattn_gather_rows_params,
+    CUATTN_ACT_GELU_ERF, CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
 };
 use crate::ops::attention::{self as attn, Options, Sequences};
+use crate::ops::decode;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
 use crate::tensor::{HostTensor, Layout};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::DevicePtr;
+use cudarc::driver::{CudaSlice, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -228,6 +232,172 @@ impl Cuda {
                 0,
             )
         }
+    }
+}
+
+impl Cuda {
+    /// Copies the step's keys and values into the caches: row b·len_new + t of `k`/`v` to row
+    /// b·capacity + start[b] + t of `k_cache`/`v_cache` (`[batch·capacity, width]`) for
+    /// t < count[b], with `start_count` = [start; count] on the device (`2·batch` i32).
+    /// `host_start_count` is the same array on the host, checked here.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn append_kv(
+        &self,
+        k: Heads<'_, DeviceTensor>,
+        v: Heads<'_, DeviceTensor>,
+        k_cache: &mut DeviceTensor,
+        v_cache: &mut DeviceTensor,
+        (start_count, host_start_count): (&CudaSlice<i32>, &[i32]),
+        batch: usize,
+        len_new: usize,
+    ) -> Result<()> {
+        let width = k.heads * k.dim;
+        let (src_rows, src_width) = rows_cols("k", k.tensor)?;
+        let (cache_rows, cache_width) = rows_cols("k_cache", k_cache)?;
+        for (arg, t) in [("k", k.tensor), ("v", v.tensor), ("k_cache", &*k_cache)] {
+            self.check_dtype(arg, t)?;
+        }
+        self.check_dtype("v_cache", v_cache)?;
+        // One row stride serves both sources.
+        if v.tensor.shape() != k.tensor.shape() {
+            return Err(shape_err(
+                "v",
+                format!("{:?} (k's)", k.tensor.shape()),
+                v.tensor.shape(),
+            ));
+        }
+        if batch == 0
+            || src_rows != batch * len_new
+            || v.heads * v.dim != width
+            || k.col.max(v.col) + width > src_width
+        {
+            return Err(shape_err(
+                "k",
+                format!("[{batch}·{len_new}, ≥ col + {width}] with k and v blocks {width} wide"),
+                k.tensor.shape(),
+            ));
+        }
+        if cache_width != width || cache_rows % batch != 0 || v_cache.shape() != k_cache.shape() {
+            return Err(shape_err(
+                "k_cache",
+                format!("[{batch}·capacity, {width}], v_cache alike"),
+                k_cache.shape(),
+            ));
+        }
+        let capacity = cache_rows / batch;
+        let (start, count) = host_start_count.split_at(batch.min(host_start_count.len()));
+        if host_start_count.len() != 2 * batch
+            || start_count.len() != 2 * batch
+            || (0..batch).any(|b| {
+                start[b] < 0
+                    || count[b] < 0
+                    || count[b] as usize > len_new
+                    || start[b] as i64 + count[b] as i64 > capacity as i64
+            })
+        {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!(
+                    "starts and counts {host_start_count:?} do not fit {batch} sequences of \
+                     {len_new} new rows in a cache of {capacity}"
+                ),
+            ));
+        }
+        if width == 0 || len_new == 0 {
+            return Ok(());
+        }
+        let size = self.dtype.size_bytes() as u64;
+        let name = if size == 4 {
+            "rt_append_kv_b32"
+        } else {
+            "rt_append_kv_b16"
+        };
+        let kernel = self.gpu.kernel(MODULE, name)?;
+        let p = cuattn_append_kv_params {
+            src_k: ptr(k.tensor) + k.col as u64 * size,
+            src_v: ptr(v.tensor) + v.col as u64 * size,
+            dst_k: ptr(k_cache),
+            dst_v: ptr(v_cache),
+            start_count: start_count.device_ptr(self.gpu.stream()).0,
+            src_row_stride: src_width as i64,
+            batch: batch as i64,
+            len_new: len_new as i64,
+            capacity: capacity as i64,
+            width: width as i64,
+        };
+        // SAFETY: the sources are [batch·len_new, src_width] tensors of this dtype with the
+        // key and value blocks inside each row (col + width ≤ src_width, checked); the caches
+        // are [batch·capacity, width]; the device array holds 2·batch i32 equal to the host
+        // array checked above (0 ≤ start, 0 ≤ count ≤ len_new, start + count ≤ capacity), and
+        // the kernel also skips any row at or past the capacity.
+        unsafe {
+            launch(
+                &self.gpu,
+                &kernel,
+                &p,
+                (self.grid(batch * len_new * width), 1),
+                (THREADS, 1),
+                0,
+            )
+        }
+    }
+
+    /// Attention of one query per sequence over cached keys through the split-KV decode
+    /// kernel, when the call is of that shape: `None` when it is not (the fused kernel runs).
+    fn try_decode(
+        &self,
+        q: &Heads<'_, DeviceTensor>,
+        k: &Heads<'_, DeviceTensor>,
+        v: &Heads<'_, DeviceTensor>,
+        m: &AttentionMask<'_>,
+        (wq, wk, wv): (usize, usize, usize),
+        out: &mut DeviceTensor,
+    ) -> Option<Result<()>> {
+        // With one query, no mask or the bottom-right one keeps every valid key; top-left would
+        // keep key 0 only, which the decode kernel does not do. The decode kernel's running
+        // maximum also needs a positive scale.
+        let decode_shaped = m.len_q == 1
+            && matches!(m.causal, None | Some(CausalAlign::BottomRight))
+            && m.scale.is_none_or(|s| s.is_finite() && s > 0.0)
+            && v.dim == q.dim
+            && q.dim <= decode::MAX_HEAD_DIM;
+        if !decode_shaped {
+            return None;
+        }
+        Some((|| {
+            let width_o = q.heads * v.dim;
+            let rows = |heads: usize, dim: usize, width: usize| {
+                Layout::strided("heads", &[m.batch, heads, dim], &[width, dim, 1])
+            };
+            let cache = |heads: usize, dim: usize, width: usize| {
+                Layout::strided(
+                    "cache",
+                    &[m.batch, heads, m.len_k, dim],
+                    &[m.len_k * width, dim, width, 1],
+                )
+            };
+            let qv = q.tensor.view_at(q.col, rows(q.heads, q.dim, wq)?)?;
+            let kv = k.tensor.view_at(k.col, cache(k.heads, k.dim, wk)?)?;
+            let vv = v.tensor.view_at(v.col, cache(v.heads, v.dim, wv)?)?;
+            let lens: Vec<i32> = match m.key_lens {
+                Some(l) => l.iter().map(|&x| x as i32).collect(),
+                None => vec![m.len_k as i32; m.batch],
+            };
+            let mut ov = out.view_mut_at(0, rows(q.heads, v.dim, width_o)?)?;
+            decode::forward_into(
+                &self.gpu,
+                &qv,
+                &kv,
+                &vv,
+                decode::CacheLens::Host(&lens),
+                &mut ov,
+                None,
+                &decode::Options {
+                    scale: m.scale,
+                    splits: None,
+                },
+            )
+        })())
     }
 }
 
@@ -461,6 +631,9 @@ impl Backend for Cuda {
         let mut out = self.gpu.zeros(self.dtype, &[m.batch * m.len_q, width_o])?;
         if m.batch == 0 || m.len_q == 0 || m.len_k == 0 {
             return Ok(out);
+        }
+        if let Some(done) = self.try_decode(&q, &k, &v, &m, (wq, wk, wv), &mut out) {
+            return done.map(|()| out);
         }
         // [B, H, L, D] views of the heads in place: rows b·L + t of a `width`-wide tensor.
         let layout = |len: usize, heads: usize, dim: usize, width: usize| {

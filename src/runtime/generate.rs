@@ -7,18 +7,17 @@
 //! goes to its own next position. A batch therefore gives each prompt what it would get alone
 //! (what Hugging Face gets with left padding and position ids taken from the attention mask).
 //!
-//! Two ways to run the steps, chosen by the backend ([`GenerateBackend`]):
-//! - a KV cache ([`HostKvCache`], the CPU backend): per layer, keys and values of every
-//!   position so far in buffers allocated once for the longest sequence the call can reach;
-//!   each step runs the model on one token per sequence.
-//! - full recompute (the CUDA backend for now): each step runs the model over every token so
-//!   far. Same results, quadratic cost; the device-side cache with the split-KV decode kernel
-//!   is future work.
+//! Each step after the prefill runs the model on one token per sequence against a KV cache
+//! ([`super::kv_cache`]: host memory on the CPU backend, device memory on the CUDA backend,
+//! where the one-token attention runs the split-KV decode kernel), allocated once for the
+//! longest sequence the call can reach. `use_kv_cache: false` recomputes the whole sequence
+//! every step instead (same results, quadratic cost; for tests and comparisons).
 
-use super::backend::{Backend, Heads};
-use super::cpu::{Cpu, CpuTensor};
+use super::backend::Backend;
+use super::cpu::Cpu;
 use super::gpt2::Gpt2;
-use super::layers::{CachedKv, KvCache};
+pub use super::kv_cache::{HostKvCache, StepKvCache};
+use super::layers::KvCache;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
 
@@ -198,228 +197,45 @@ pub struct Generation {
     pub steps: usize,
 }
 
-/// A KV cache a generation loop can drive: before each model call it learns how many of the
-/// step's tokens per sequence are real (the rest is padding, or a finished sequence).
-pub trait StepKvCache<B: Backend>: KvCache<B> {
-    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()>;
-    fn as_kv_cache(&mut self) -> &mut dyn KvCache<B>;
-}
-
 /// Backends generation runs on, and how (see the module docs).
 pub trait GenerateBackend: Backend + Sized {
-    /// One cache per layer for `batch` sequences of up to `capacity` positions, or `None` when
-    /// this backend recomputes instead.
-    fn kv_caches(
+    /// A cache of `layers` layers for `batch` sequences of up to `capacity` positions, rows
+    /// `width` wide, or `None` when this backend recomputes instead.
+    fn kv_cache(
         &self,
         layers: usize,
         batch: usize,
         capacity: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>>;
+        width: usize,
+    ) -> Result<Option<Box<dyn StepKvCache<Self>>>>;
 }
 
 impl GenerateBackend for Cpu {
-    fn kv_caches(
+    fn kv_cache(
         &self,
         layers: usize,
         batch: usize,
         capacity: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>> {
-        Some(
-            (0..layers)
-                .map(|_| {
-                    Box::new(HostKvCache::new(batch, capacity, heads * head_dim))
-                        as Box<dyn StepKvCache<Cpu>>
-                })
-                .collect(),
-        )
+        width: usize,
+    ) -> Result<Option<Box<dyn StepKvCache<Self>>>> {
+        Ok(Some(Box::new(HostKvCache::new(
+            layers, batch, capacity, width,
+        )?)))
     }
 }
 
 #[cfg(feature = "cuda")]
 impl GenerateBackend for super::cuda::Cuda {
-    fn kv_caches(
+    fn kv_cache(
         &self,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> Option<Vec<Box<dyn StepKvCache<Self>>>> {
-        None
-    }
-}
-
-/// One layer's keys and values in host memory: `[batch, capacity, width]` each, allocated
-/// once, with each sequence's count of cached positions.
-///
-/// The first step (the prefill, any number of tokens, right-padded) attends to its own keys
-/// only; every later step appends one token per sequence and attends to the sequence's cache,
-/// with a sequence marked finished (0 valid tokens) appending nothing. Each decode step hands
-/// the attention a compact copy of the cached rows (`[batch·longest, width]`: the hook returns
-/// owned tensors), a copy as large as what the attention then reads.
-#[derive(Debug)]
-pub struct HostKvCache {
-    batch: usize,
-    capacity: usize,
-    width: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    lens: Vec<usize>,
-    valid_new: Vec<usize>,
-}
-
-impl HostKvCache {
-    pub fn new(batch: usize, capacity: usize, width: usize) -> Self {
-        HostKvCache {
-            batch,
-            capacity,
-            width,
-            k: vec![0.0; batch * capacity * width],
-            v: vec![0.0; batch * capacity * width],
-            lens: vec![0; batch],
-            valid_new: vec![0; batch],
-        }
-    }
-
-    /// Positions cached per sequence.
-    pub fn lens(&self) -> &[usize] {
-        &self.lens
-    }
-
-    /// Copies the `valid_new[b]` first rows of sequence b of `src` (`len_new` rows per
-    /// sequence) behind what is cached.
-    fn store(&mut self, src: &Heads<'_, CpuTensor>, len_new: usize, into_v: bool) -> Result<()> {
-        let data = src.tensor.data();
-        let row_width = src.tensor.shape()[1];
-        let w = self.width;
-        let dst = if into_v { &mut self.v } else { &mut self.k };
-        for b in 0..self.batch {
-            for t in 0..self.valid_new[b] {
-                let from = (b * len_new + t) * row_width + src.col;
-                let to = (b * self.capacity + self.lens[b] + t) * w;
-                dst[to..to + w].copy_from_slice(&data[from..from + w]);
-            }
-        }
-        Ok(())
-    }
-
-    fn gathered(&self, from_v: bool, len_k: usize) -> Result<CpuTensor> {
-        let w = self.width;
-        let src = if from_v { &self.v } else { &self.k };
-        let mut out = vec![0f32; self.batch * len_k * w];
-        for b in 0..self.batch {
-            let n = self.lens[b] * w;
-            out[b * len_k * w..b * len_k * w + n]
-                .copy_from_slice(&src[b * self.capacity * w..b * self.capacity * w + n]);
-        }
-        CpuTensor::new(&[self.batch * len_k, w], out)
-    }
-}
-
-impl StepKvCache<Cpu> for HostKvCache {
-    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
-        if valid_new.len() != self.batch {
-            return Err(Error::Shape {
-                arg: "valid_new",
-                expected: format!("[{}]", self.batch),
-                got: vec![valid_new.len()],
-            });
-        }
-        for (b, (&len, &n)) in self.lens.iter().zip(valid_new).enumerate() {
-            if len + n > self.capacity {
-                return Err(Error::invalid(
-                    "kv_cache",
-                    format!(
-                        "sequence {b} would hold {} positions, past the cache's {}",
-                        len + n,
-                        self.capacity
-                    ),
-                ));
-            }
-        }
-        self.valid_new.copy_from_slice(valid_new);
-        Ok(())
-    }
-
-    fn as_kv_cache(&mut self) -> &mut dyn KvCache<Cpu> {
-        self
-    }
-}
-
-impl KvCache<Cpu> for HostKvCache {
-    fn append(
-        &mut self,
-        _: &Cpu,
-        k: Heads<'_, CpuTensor>,
-        v: Heads<'_, CpuTensor>,
+        layers: usize,
         batch: usize,
-        len_new: usize,
-    ) -> Result<CachedKv<CpuTensor>> {
-        if batch != self.batch || k.heads * k.dim != self.width || v.heads * v.dim != self.width {
-            return Err(Error::invalid(
-                "kv_cache",
-                format!(
-                    "a cache for {} sequences of width {} got {batch} of widths {} and {}",
-                    self.batch,
-                    self.width,
-                    k.heads * k.dim,
-                    v.heads * v.dim
-                ),
-            ));
-        }
-        if let Some(b) = (0..batch).find(|&b| self.valid_new[b] > len_new) {
-            return Err(Error::invalid(
-                "kv_cache",
-                format!("sequence {b}: more valid tokens than the step has"),
-            ));
-        }
-        let first = self.lens.iter().all(|&l| l == 0);
-        if !first && len_new != 1 {
-            return Err(Error::invalid(
-                "kv_cache",
-                format!("after the prefill a step appends 1 token per sequence, not {len_new}"),
-            ));
-        }
-        self.store(&k, len_new, false)?;
-        self.store(&v, len_new, true)?;
-        for b in 0..batch {
-            self.lens[b] += self.valid_new[b];
-        }
-        if first {
-            // The prefill attends to its own (right-padded) keys: causality keeps the padding
-            // out of every real query's view.
-            let w = self.width;
-            let copy = |h: &Heads<'_, CpuTensor>| -> Result<CpuTensor> {
-                let data = h.tensor.data();
-                let rw = h.tensor.shape()[1];
-                let rows = batch * len_new;
-                let mut out = vec![0f32; rows * w];
-                for r in 0..rows {
-                    out[r * w..(r + 1) * w]
-                        .copy_from_slice(&data[r * rw + h.col..r * rw + h.col + w]);
-                }
-                CpuTensor::new(&[rows, w], out)
-            };
-            return Ok(CachedKv {
-                k: copy(&k)?,
-                v: copy(&v)?,
-                len_k: len_new,
-                key_lens: None,
-            });
-        }
-        let len_k = self.lens.iter().copied().max().unwrap_or(0).max(1);
-        Ok(CachedKv {
-            k: self.gathered(false, len_k)?,
-            v: self.gathered(true, len_k)?,
-            len_k,
-            // A finished sequence still runs a (discarded) query over its cache; an empty
-            // cache never happens after the prefill since prompts are not empty.
-            key_lens: Some(self.lens.clone()),
-        })
+        capacity: usize,
+        width: usize,
+    ) -> Result<Option<Box<dyn StepKvCache<Self>>>> {
+        Ok(Some(Box::new(super::kv_cache::DeviceKvCache::new(
+            self, layers, batch, capacity, width,
+        )?)))
     }
 }
 
@@ -482,16 +298,16 @@ pub fn generate<B: GenerateBackend>(
             *s = Some(StopReason::ContextFull);
         }
     }
-    let mut caches = if opts.use_kv_cache {
-        be.kv_caches(c.n_layer, batch, capacity, c.n_head, c.head_dim())
+    let mut cache = if opts.use_kv_cache {
+        be.kv_cache(c.n_layer, batch, capacity, c.n_embd)?
     } else {
         None
     };
     let mut steps = 0;
     while stop.iter().any(Option::is_none) {
         // Logits of each sequence's last token.
-        let logits = match caches.as_mut() {
-            Some(caches) => {
+        let logits = match cache.as_mut() {
+            Some(cache) => {
                 let (ids, positions, len, valid) = if steps == 0 {
                     let mut ids = vec![c.eos_token_id; batch * longest];
                     let mut positions = vec![0u32; batch * longest];
@@ -514,11 +330,12 @@ pub fn generate<B: GenerateBackend>(
                     let valid = stop.iter().map(|s| usize::from(s.is_none())).collect();
                     (ids, positions, 1, valid)
                 };
-                for cache in caches.iter_mut() {
-                    cache.begin_step(&valid)?;
-                }
-                let mut refs: Vec<&mut dyn KvCache<B>> =
-                    caches.iter_mut().map(|c| c.as_kv_cache()).collect();
+                cache.begin_step(&valid)?;
+                let mut layers = cache.layers();
+                let mut refs: Vec<&mut dyn KvCache<B>> = layers
+                    .iter_mut()
+                    .map(|l| &mut **l as &mut dyn KvCache<B>)
+                    .collect();
                 let hidden = model.forward(be, &ids, &positions, batch, len, Some(&mut refs))?;
                 let rows: Vec<u32> = (0..batch)
                     .map(|b| (b * len + if steps == 0 { prompts[b].len() - 1 } else { 0 }) as u32)

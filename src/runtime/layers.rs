@@ -258,24 +258,26 @@ impl<B: Backend> SingleHeadAttention<B> {
 /// incremental decoding (a KV cache) plugs into [`MultiHeadAttention::forward_self`].
 pub trait KvCache<B: Backend> {
     /// Appends this step's keys and values (rows `b·len_new + t`, heads as given) and returns
-    /// every key and value so far: tensors of rows `b·len_k + j`, `heads·dim` wide, with each
-    /// sequence's count of valid keys (`None`: all `len_k`).
-    fn append(
-        &mut self,
+    /// views of every key and value the step's queries attend to: rows `b·len_k + j`, with
+    /// each sequence's count of valid keys (`None`: all `len_k`). The views borrow either the
+    /// step's own heads or the cache, so no keys are copied to hand them over.
+    fn append<'a>(
+        &'a mut self,
         be: &B,
-        k: Heads<'_, B::Tensor>,
-        v: Heads<'_, B::Tensor>,
+        k: Heads<'a, B::Tensor>,
+        v: Heads<'a, B::Tensor>,
         batch: usize,
         len_new: usize,
-    ) -> Result<CachedKv<B::Tensor>>;
+    ) -> Result<CachedKv<'a, B::Tensor>>;
 }
 
-/// What a [`KvCache`] hands back for the attention of one step.
-pub struct CachedKv<T> {
-    pub k: T,
-    pub v: T,
+/// What a [`KvCache`] hands back for the attention of one step. The step's queries are aligned
+/// bottom-right to each sequence's valid keys (the last query sees every valid key).
+pub struct CachedKv<'a, T> {
+    pub k: Heads<'a, T>,
+    pub v: Heads<'a, T>,
     pub len_k: usize,
-    pub key_lens: Option<Vec<usize>>,
+    pub key_lens: Option<&'a [usize]>,
 }
 
 /// Multi-head attention: projections, per-head scaled dot-product attention, output projection.
@@ -421,13 +423,13 @@ impl<B: Backend> MultiHeadAttention<B> {
                 let all = cache.append(be, k, v, batch, len)?;
                 be.attention(
                     q,
-                    self.heads_at(&all.k, 0),
-                    self.heads_at(&all.v, 0),
+                    all.k,
+                    all.v,
                     &AttentionMask {
                         batch,
                         len_q: len,
                         len_k: all.len_k,
-                        key_lens: all.key_lens.as_deref(),
+                        key_lens: all.key_lens,
                         causal: causal.then_some(CausalAlign::BottomRight),
                         scale: None,
                     },

@@ -11,7 +11,7 @@
 //! - [`bert`]: BERT encoder and pooler.
 //! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
 //! - [`gpt2`], [`gpt2_tokenizer`], [`generate`]: GPT-2 language model, its byte-level BPE, and
-//!   text generation (sampling, KV cache, batches of prompts).
+//!   text generation (sampling, batches of prompts), [`kv_cache`]: its host and device caches.
 
 pub mod backend;
 pub mod bert;
@@ -23,6 +23,7 @@ pub mod cuda;
 pub mod generate;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
+pub mod kv_cache;
 pub mod layers;
 pub mod pooling;
 pub mod sentence;

@@ -6,6 +6,8 @@ mod attention;
 mod decode;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
+#[path = "../gpt2_cache/mod.rs"]
+mod gpt2_cache;
 mod layernorm;
 mod runtime;
 mod runtime_gpt2;
