@@ -66,7 +66,7 @@ template <typename T> __device__ void gather_rows(const cuattn_gather_rows_param
 
 // One thread per element of the step's [batch, len_new, width] block; rows a sequence does not
 // append (t ≥ count[b]: padding, or a finished sequence) are skipped. Bit copies of element
-// type E (uint32_t for f32, uint16_t for f16/bf16).
+// type E (uint32_t for f32, uint16_t for f16/bf16). CPU twin: src/twin/kv_append.rs.
 template <typename E> __device__ void append_kv(const cuattn_append_kv_params& p) {
     const int32_t* start = reinterpret_cast<const int32_t*>(p.start_count);
     const int32_t* count = start + p.batch;

@@ -35,6 +35,11 @@ pub struct Cuda {
     gpu: Arc<Gpu>,
     dtype: DType,
     blas: CudaBlas,
+    /// The key lengths of the last decode-shaped attention and their device copy: every layer
+    /// of a generation step has the same, so they are uploaded once per step. Never written
+    /// after upload (a change allocates a new buffer; the old one is freed in stream order),
+    /// so kernels still queued keep reading the lengths they were launched with.
+    decode_lens: std::sync::Mutex<Option<(Vec<i32>, CudaSlice<i32>)>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -95,7 +100,12 @@ impl Cuda {
             ));
         }
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("cublasCreate", e))?;
-        Ok(Cuda { gpu, dtype, blas })
+        Ok(Cuda {
+            gpu,
+            dtype,
+            blas,
+            decode_lens: std::sync::Mutex::new(None),
+        })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -379,9 +389,27 @@ impl Cuda {
             let qv = q.tensor.view_at(q.col, rows(q.heads, q.dim, wq)?)?;
             let kv = k.tensor.view_at(k.col, cache(k.heads, k.dim, wk)?)?;
             let vv = v.tensor.view_at(v.col, cache(v.heads, v.dim, wv)?)?;
+            // check_attention bounded every length by len_k, which the cache views hold.
             let lens: Vec<i32> = match m.key_lens {
                 Some(l) => l.iter().map(|&x| x as i32).collect(),
                 None => vec![m.len_k as i32; m.batch],
+            };
+            let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
+            let mut memo = self
+                .decode_lens
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if memo.as_ref().is_none_or(|(host, _)| *host != lens) {
+                let dev = self
+                    .gpu
+                    .stream()
+                    .clone_htod(&lens)
+                    .map_err(|e| Error::driver("copy key lengths to device", e))?;
+                *memo = Some((lens, dev));
+            }
+            let dev_lens = match memo.as_ref() {
+                Some((_, dev)) => dev,
+                None => return Err(Error::invalid("key_lens", "no device copy")),
             };
             let mut ov = out.view_mut_at(0, rows(q.heads, v.dim, width_o)?)?;
             decode::forward_into(
@@ -389,7 +417,10 @@ impl Cuda {
                 &qv,
                 &kv,
                 &vv,
-                decode::CacheLens::Host(&lens),
+                decode::CacheLens::Device {
+                    lens: dev_lens,
+                    max_len,
+                },
                 &mut ov,
                 None,
                 &decode::Options {

@@ -4,5 +4,6 @@
 
 pub mod attention;
 pub mod decode;
+pub mod kv_append;
 pub mod layernorm;
 pub mod sparse_attention;
