@@ -148,7 +148,7 @@ def test_rows(results):
             continue
         d = kv(r["detail"])
         rows.append([r["name"], r["status"], d.get("passed", "?"), d.get("failed", "?"), d.get("ignored", "?"),
-                     d.get("skipped", "?"), fmt_secs(r["seconds"])])
+                     d.get("skipped", "?"), d.get("absent", "-"), fmt_secs(r["seconds"])])
     return rows
 
 
@@ -530,9 +530,11 @@ def build(out):
 
     # tests
     trows = test_rows(results)
-    hdr = ["binary", "status", "passed", "failed", "ignored", "skipped", "s"]
+    hdr = ["binary", "status", "passed", "failed", "ignored", "skipped", "absent", "s"]
     md.append("\n## Tests (CUATTN_REQUIRE_GPU=1)\n")
     md.append(md_table(hdr, trows) if trows else "missing: no test binary was run")
+    md.append("\nskipped (a failure): a GPU test binary's SKIPPED lines, or no CUDA device anywhere; "
+              "absent: CPU tests skipped for a model folder this call did not carry (listed only).")
     fails = [r for r in results or [] if r["step"] == "test-failure"]
     if fails:
         md.append("\nFailing tests:\n")
