@@ -157,6 +157,17 @@ fn kv_cache_decode_equals_full_recompute() {
     assert!(worst <= 1e-4, "{worst:e}");
 }
 
+/// A sequence whose cache is full (a prompt of the whole context) beside one that generates:
+/// the latter still gets Hugging Face's greedy tokens.
+#[test]
+fn a_full_context_neighbour_changes_nothing() {
+    let out = outputs();
+    let case = &out["cases"][1];
+    let greedy = ids(&case["greedy"]);
+    let got = gpt2_cache::beside_a_full_context(&Cpu, &model(), &ids(&case["ids"]), greedy.len());
+    assert_eq!(got, greedy);
+}
+
 /// The cache's own checks: lengths past the capacity, a wrong batch, several tokens after the
 /// prefill.
 #[test]

@@ -286,7 +286,9 @@ pub fn generate<B: GenerateBackend>(
     }
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let capacity = c.n_positions.min(longest + opts.max_new_tokens);
+    let capacity = c
+        .n_positions
+        .min(longest.saturating_add(opts.max_new_tokens));
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.sampling.seed);
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     let mut generated = vec![Vec::new(); batch];

@@ -1,14 +1,15 @@
 //! The KV-cache generation path against full recomputation on any backend, shared by the CPU
 //! and GPU GPT-2 tests.
 
-use cuattn::runtime::generate::GenerateBackend;
+use cuattn::runtime::generate::{generate, GenerateBackend, GenerateOptions, StopReason};
 use cuattn::runtime::gpt2::Gpt2;
 use cuattn::runtime::layers::KvCache;
 
 /// Drives a backend's KV cache the way `generate` does — a ragged prefill of two prompts
 /// (5 and 2 tokens), then `steps − 1` one-token steps, the second sequence finishing (appending
 /// nothing) after `finish_after` of them — and compares each step's logits with a full forward
-/// pass over the same tokens. The tokens fed are not the argmax (off the greedy path, spread
+/// pass over the same tokens. The cache is exactly as long as the first sequence gets, so its
+/// last step fills it. The tokens fed are not the argmax (off the greedy path, spread
 /// over the vocabulary). Returns the largest absolute logit difference (∞ for NaN).
 pub fn cache_vs_recompute<B: GenerateBackend>(
     be: &B,
@@ -19,7 +20,7 @@ pub fn cache_vs_recompute<B: GenerateBackend>(
     let c = m.config.clone();
     let prompts = [vec![464u32, 2068, 7586, 21831, 18045], vec![15496u32, 11]];
     let (batch, longest) = (2, 5);
-    let capacity = longest + steps + 3;
+    let capacity = longest + steps - 1;
     let mut cache = be
         .kv_cache(c.n_layer, batch, capacity, c.n_embd)
         .unwrap()
@@ -76,4 +77,25 @@ pub fn cache_vs_recompute<B: GenerateBackend>(
     let expect = [5 + steps - 1, 2 + finish_after.min(steps - 1)];
     assert_eq!(cache.lens(), &expect, "cached lengths");
     worst
+}
+
+/// A prompt that fills the model's context, batched before `prompt`. It stops at once with its cache full (later steps append nothing at start = capacity) while `prompt`
+/// generates `max_new` greedy tokens, which are returned (to be compared with what `prompt`
+/// gets alone or with Hugging Face's greedy continuation).
+pub fn beside_a_full_context<B: GenerateBackend>(
+    be: &B,
+    m: &Gpt2<B>,
+    prompt: &[u32],
+    max_new: usize,
+) -> Vec<u32> {
+    let n = m.config.n_positions;
+    let full: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % 50_000).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        ..GenerateOptions::default()
+    };
+    let out = generate(be, m, &[full, prompt.to_vec()], &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(out.stop[0], StopReason::ContextFull);
+    assert!(out.generated[0].is_empty());
+    out.generated[1].clone()
 }

@@ -188,3 +188,97 @@ fn runtime_minilm_throughput() {
         );
     }
 }
+
+/// One query per sequence goes to the split-KV decode kernel: the backend's attention over a
+/// cache-shaped view (GQA, ragged and empty caches, K/V read at a column offset of a fused
+/// tensor) equals `ops::decode` on the same views bit for bit, in every dtype. (The fused
+/// kernel rounds its probabilities differently, so a silent fallback to it shows here.)
+#[test]
+fn one_query_attention_runs_the_decode_kernel() {
+    use cuattn::ops::decode;
+    use cuattn::runtime::{AttentionMask, CausalAlign, Heads};
+    use cuattn::tensor::Layout;
+    let Some(gpu) = gpu_or_skip("one_query_attention_runs_the_decode_kernel") else {
+        return;
+    };
+    let (batch, hq, hkv, dim, cap) = (3usize, 8usize, 2usize, 64usize, 300usize);
+    let (wq, wkv) = (hq * dim, 2 * hkv * dim); // K and V side by side in one tensor
+    let lens = [300usize, 77, 0];
+    for dtype in DType::ALL {
+        let be = Cuda::new(gpu.clone(), dtype).unwrap();
+        let rand = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+                    ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let q = be.upload(&[batch, wq], &rand(batch * wq, 1)).unwrap();
+        let kv = be
+            .upload(&[batch * cap, wkv], &rand(batch * cap * wkv, 2))
+            .unwrap();
+        let heads = |tensor, col, heads| Heads {
+            tensor,
+            col,
+            heads,
+            dim,
+        };
+        let out = be
+            .attention(
+                heads(&q, 0, hq),
+                heads(&kv, 0, hkv),
+                heads(&kv, hkv * dim, hkv),
+                &AttentionMask {
+                    batch,
+                    len_q: 1,
+                    len_k: cap,
+                    key_lens: Some(&lens),
+                    causal: Some(CausalAlign::BottomRight),
+                    scale: None,
+                },
+            )
+            .unwrap();
+        let cache = |col| {
+            kv.view_at(
+                col,
+                Layout::strided("kv", &[batch, hkv, cap, dim], &[cap * wkv, dim, wkv, 1]).unwrap(),
+            )
+            .unwrap()
+        };
+        let qv = q
+            .view_at(
+                0,
+                Layout::strided("q", &[batch, hq, dim], &[wq, dim, 1]).unwrap(),
+            )
+            .unwrap();
+        let mut o = gpu.full(dtype, &[batch, hq, dim], f32::NAN).unwrap();
+        let host_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        decode::forward_into(
+            &gpu,
+            &qv,
+            &cache(0),
+            &cache(hkv * dim),
+            decode::CacheLens::Host(&host_lens),
+            &mut o.view_mut(),
+            None,
+            &decode::Options::default(),
+        )
+        .unwrap();
+        let (got, want) = (out.to_f32_vec().unwrap(), o.to_f32_vec().unwrap());
+        assert!(
+            want.iter().all(|x| x.is_finite()),
+            "{dtype}: decode left NaN"
+        );
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{dtype}: the backend's one-query attention is not the decode kernel's"
+        );
+        // The empty cache's rows are zero.
+        assert!(got[2 * hq * dim..].iter().all(|&x| x == 0.0), "{dtype}");
+    }
+}

@@ -24,7 +24,7 @@ const F16_MARGIN: f64 = 0.1;
 const F16_CACHE_BOUND: f32 = 0.08;
 
 use crate::fixture_files::{fixture, uints};
-use crate::gpt2_cache::cache_vs_recompute;
+use crate::gpt2_cache::{beside_a_full_context, cache_vs_recompute};
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -180,4 +180,7 @@ fn runtime_gpt2_f32_greedy_matches_hugging_face_on_the_device() {
     .unwrap();
     assert_eq!(out.generated, expected);
     assert_eq!(streamed, expected);
+    // Beside a sequence whose cache is full (appending nothing at start = capacity).
+    let got = beside_a_full_context(&be, &model, &prompts[1], expected[1].len());
+    assert_eq!(got, expected[1]);
 }
