@@ -179,8 +179,8 @@ for f in "$BUNDLE"/tests/*; do [ -x "$f" ] && test_bins+=("$f"); done
 # ---------------------------------------------------------------- b. test binaries
 # parse_test LOG STRICT -> "passed=N failed=M ignored=K skipped=S absent=A results=R", and LOG.failures
 # (name<TAB>message). skipped (a failure): SKIPPED lines of a GPU test binary (STRICT=1), or
-# "SKIPPED (no CUDA device)" anywhere; absent: the CPU binaries' other SKIPPED lines (a model folder
-# this call did not carry: cli_embed and runtime_bert need models/all-MiniLM-L6-v2), listed only.
+# "SKIPPED (no CUDA device)" anywhere; absent: other binaries' other SKIPPED lines (a model folder
+# this call did not carry), listed only.
 parse_test() {
   awk -v failures="$1.failures" -v strict="$2" '
     /^test result: / {
