@@ -148,6 +148,15 @@ impl Error {
         }
     }
 
+    /// Shorthand for [`Error::Shape`].
+    pub fn shape(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Self {
+        Error::Shape {
+            arg,
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+
     /// Shorthand for [`Error::Layout`].
     pub fn layout(arg: &'static str, reason: impl Into<String>) -> Self {
         Error::Layout {

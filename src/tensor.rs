@@ -171,11 +171,11 @@ impl HostTensor {
     pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Result<Self> {
         let layout = Layout::contiguous(shape);
         if layout.numel() != values.len() {
-            return Err(Error::Shape {
-                arg: "values",
-                expected: format!("{} values for shape {shape:?}", layout.numel()),
-                got: vec![values.len()],
-            });
+            return Err(Error::shape(
+                "values",
+                format!("{} values for shape {shape:?}", layout.numel()),
+                &[values.len()],
+            ));
         }
         Ok(HostTensor {
             data: dtype::encode(dtype, values),

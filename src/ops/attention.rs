@@ -7,7 +7,7 @@
 //! as it is (BHSD, BSHD, or a slice of a larger buffer); packed variable-length batches are
 //! 3-D views [total, H, D] with cumulative sequence offsets.
 
-use super::validate::{self, ViewInfo};
+use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
@@ -112,42 +112,11 @@ pub(super) struct Checked {
     pub(super) lse: Option<(i64, i64)>,
 }
 
-fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
-    Error::Shape {
-        arg,
-        expected: expected.into(),
-        got: got.to_vec(),
-    }
-}
-
-/// Checks a view of `rank` dims with a contiguous last dim and its memory; returns its shape
-/// and strides.
-fn view<'l>(v: &'l ViewInfo<'l>, rank: usize, what: &str) -> Result<(&'l [usize], &'l [usize])> {
-    let (shape, strides) = (v.layout.shape(), v.layout.strides());
-    if shape.len() != rank {
-        return Err(shape_err(v.arg, format!("{rank} dims {what}"), shape));
-    }
-    if shape.contains(&0) {
-        return Err(Error::Empty {
-            arg: v.arg,
-            shape: shape.to_vec(),
-        });
-    }
-    if shape[rank - 1] > 1 && strides[rank - 1] != 1 {
-        return Err(Error::layout(
-            v.arg,
-            format!("the last dim must be contiguous (stride 1), got strides {strides:?}"),
-        ));
-    }
-    validate::memory(v)?;
-    Ok((shape, strides))
-}
-
 /// Checks cumulative offsets: batch + 1 entries, starting at 0, never decreasing, ending
 /// within `rows`. Returns the longest sequence.
 fn check_offsets(arg: &'static str, cu: &[i32], batch: usize, rows: usize) -> Result<usize> {
     if cu.len() != batch + 1 {
-        return Err(shape_err(
+        return Err(Error::shape(
             arg,
             format!("{} offsets (batch + 1)", batch + 1),
             &[cu.len()],
@@ -200,10 +169,10 @@ pub(super) fn check(
     } else {
         "[batch, heads, len, dim]"
     };
-    let (qs, qst) = view(&qi, rank, what)?;
-    let (ks, kst) = view(&ki, rank, what)?;
-    let (vs, vst) = view(&vi, rank, what)?;
-    let (os, ost) = view(&oi, rank, what)?;
+    let (qs, qst) = validate::strided(&qi, rank, what)?;
+    let (ks, kst) = validate::strided(&ki, rank, what)?;
+    let (vs, vst) = validate::strided(&vi, rank, what)?;
+    let (os, ost) = validate::strided(&oi, rank, what)?;
     // Dense dims (b, h, l, d) or packed (t, h, d).
     let (hq, hkv) = (qs[1], ks[1]); // heads are dim 1 in both layouts
     let (dim_qk, dim_v) = (qs[rank - 1], vs[rank - 1]);
@@ -216,11 +185,15 @@ pub(super) fn check(
         ));
     }
     if ks[rank - 1] != dim_qk {
-        return Err(shape_err("k", format!("head dim {dim_qk} (that of q)"), ks));
+        return Err(Error::shape(
+            "k",
+            format!("head dim {dim_qk} (that of q)"),
+            ks,
+        ));
     }
     let expect = |arg: &'static str, got: &[usize], want: Vec<usize>| {
         if got != want.as_slice() {
-            Err(shape_err(arg, format!("{want:?}"), got))
+            Err(Error::shape(arg, format!("{want:?}"), got))
         } else {
             Ok(())
         }
@@ -237,7 +210,7 @@ pub(super) fn check(
             expect("o", os, vec![batch, hq, len_q, dim_v])?;
             if let Some(lens) = key_lens {
                 if lens.len() != batch {
-                    return Err(shape_err(
+                    return Err(Error::shape(
                         "key_lens",
                         format!("{batch} lengths (one per sequence)"),
                         &[lens.len()],
@@ -299,7 +272,7 @@ pub(super) fn check(
             };
             validate::vector(&info, want.iter().product(), "one per query row and head")?;
             if l.shape() != want.as_slice() {
-                return Err(shape_err("lse", format!("{want:?}"), l.shape()));
+                return Err(Error::shape("lse", format!("{want:?}"), l.shape()));
             }
             Some(strides)
         }
@@ -631,7 +604,7 @@ pub fn forward(
             (vec![qs[0], qs[1], vs[2]], vec![qs[1], qs[0]])
         }
         _ => {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "q",
                 "4 dims (dense) or 3 dims (packed), as q and v",
                 qs,

@@ -10,7 +10,7 @@
 //! workspace and a second kernel merges them. The CPU twin of both kernels is
 //! [`crate::twin::decode::forward_kernel`].
 
-use super::validate::{self, ViewInfo};
+use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, Kernel, TensorMut, TensorRef};
@@ -90,36 +90,6 @@ struct LensInfo<'s> {
     max_len: usize,
 }
 
-fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
-    Error::Shape {
-        arg,
-        expected: expected.into(),
-        got: got.to_vec(),
-    }
-}
-
-/// A view of `rank` dims, non-empty, contiguous in its last dim, inside its memory.
-fn view<'l>(v: &'l ViewInfo<'l>, rank: usize, what: &str) -> Result<(&'l [usize], &'l [usize])> {
-    let (shape, strides) = (v.layout.shape(), v.layout.strides());
-    if shape.len() != rank {
-        return Err(shape_err(v.arg, format!("{rank} dims {what}"), shape));
-    }
-    if shape.contains(&0) {
-        return Err(Error::Empty {
-            arg: v.arg,
-            shape: shape.to_vec(),
-        });
-    }
-    if shape[rank - 1] > 1 && strides[rank - 1] != 1 {
-        return Err(Error::layout(
-            v.arg,
-            format!("the last dim must be contiguous (stride 1), got strides {strides:?}"),
-        ));
-    }
-    validate::memory(v)?;
-    Ok((shape, strides))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn check(
     q: &TensorRef,
@@ -135,22 +105,22 @@ fn check(
     for x in [&ki, &vi, &oi] {
         validate::dtype(x, dtype)?;
     }
-    let (qs, qst) = view(&qi, 3, "[batch, heads_q, dim]")?;
-    let (ks, kst) = view(&ki, 4, "[batch, heads_kv, capacity, dim]")?;
-    let (vs, vst) = view(&vi, 4, "[batch, heads_kv, capacity, dim]")?;
-    let (os, ost) = view(&oi, 3, "[batch, heads_q, dim]")?;
+    let (qs, qst) = validate::strided(&qi, 3, "[batch, heads_q, dim]")?;
+    let (ks, kst) = validate::strided(&ki, 4, "[batch, heads_kv, capacity, dim]")?;
+    let (vs, vst) = validate::strided(&vi, 4, "[batch, heads_kv, capacity, dim]")?;
+    let (os, ost) = validate::strided(&oi, 3, "[batch, heads_q, dim]")?;
     let (batch, heads_q, dim) = (qs[0], qs[1], qs[2]);
     let (heads_kv, capacity) = (ks[1], ks[2]);
     validate::size_in("q", "head dim", dim, MAX_HEAD_DIM)?;
     let cache = [batch, heads_kv, capacity, dim];
     if ks != cache {
-        return Err(shape_err("k", format!("{cache:?}"), ks));
+        return Err(Error::shape("k", format!("{cache:?}"), ks));
     }
     if vs != cache {
-        return Err(shape_err("v", format!("{cache:?} (the shape of k)"), vs));
+        return Err(Error::shape("v", format!("{cache:?} (the shape of k)"), vs));
     }
     if os != qs {
-        return Err(shape_err("o", format!("{qs:?} (the shape of q)"), os));
+        return Err(Error::shape("o", format!("{qs:?} (the shape of q)"), os));
     }
     if heads_q % heads_kv != 0 {
         return Err(Error::invalid(
@@ -165,7 +135,7 @@ fn check(
         ));
     }
     if lens.count != batch {
-        return Err(shape_err(
+        return Err(Error::shape(
             "cache_lens",
             format!("{batch} lengths (one per sequence)"),
             &[lens.count],
@@ -196,7 +166,11 @@ fn check(
         validate::dtype(&info, DType::F32)?;
         validate::vector(&info, batch * heads_q, "one per sequence and query head")?;
         if l.shape() != [batch, heads_q] {
-            return Err(shape_err("lse", format!("[{batch}, {heads_q}]"), l.shape()));
+            return Err(Error::shape(
+                "lse",
+                format!("[{batch}, {heads_q}]"),
+                l.shape(),
+            ));
         }
     }
     let scale = opts.scale.unwrap_or(1.0 / (dim as f32).sqrt());
@@ -487,7 +461,7 @@ pub fn forward(
     let gpu: &Arc<Gpu> = q.gpu();
     let qs = q.shape();
     if qs.len() != 3 {
-        return Err(shape_err("q", "3 dims [batch, heads_q, dim]", qs));
+        return Err(Error::shape("q", "3 dims [batch, heads_q, dim]", qs));
     }
     let mut o = gpu.full(q.dtype(), qs, 0.0)?;
     let mut lse = gpu.full(DType::F32, &qs[..2], 0.0)?;

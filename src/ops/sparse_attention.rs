@@ -134,11 +134,7 @@ pub fn forward(
     let gpu: &Arc<Gpu> = q.gpu();
     let (qs, vs) = (q.shape(), v.shape());
     if qs.len() != 4 || vs.len() != 4 {
-        return Err(Error::Shape {
-            arg: "q",
-            expected: "4 dims [B, H, L, D], as v".into(),
-            got: qs.to_vec(),
-        });
+        return Err(Error::shape("q", "4 dims [B, H, L, D], as v", qs));
     }
     let mut o = gpu.full(q.dtype(), &[qs[0], qs[1], qs[2], vs[3]], 0.0)?;
     let mut lse = gpu.full(DType::F32, &[qs[0], qs[1], qs[2]], 0.0)?;

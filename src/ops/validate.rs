@@ -74,11 +74,11 @@ pub(crate) fn rows(v: &ViewInfo) -> Result<Rows> {
 /// A contiguous vector of exactly `len` elements (any shape whose numel is `len`).
 pub(crate) fn vector(v: &ViewInfo, len: usize, what: &str) -> Result<()> {
     if v.layout.numel() != len {
-        return Err(Error::Shape {
-            arg: v.arg,
-            expected: format!("{len} elements ({what})"),
-            got: v.layout.shape().to_vec(),
-        });
+        return Err(Error::shape(
+            v.arg,
+            format!("{len} elements ({what})"),
+            v.layout.shape(),
+        ));
     }
     if !v.layout.is_contiguous() {
         return Err(Error::layout(
@@ -103,11 +103,38 @@ pub(crate) fn size_in(arg: &'static str, what: &str, value: usize, max: usize) -
 /// Two views must have the same shape.
 pub(crate) fn same_shape(a: &ViewInfo, b: &ViewInfo) -> Result<()> {
     if a.layout.shape() != b.layout.shape() {
-        return Err(Error::Shape {
-            arg: b.arg,
-            expected: format!("{:?} (the shape of `{}`)", a.layout.shape(), a.arg),
-            got: b.layout.shape().to_vec(),
-        });
+        return Err(Error::shape(
+            b.arg,
+            format!("{:?} (the shape of `{}`)", a.layout.shape(), a.arg),
+            b.layout.shape(),
+        ));
     }
     Ok(())
+}
+
+/// A view of `rank` dims, non-empty, contiguous in its last dim, inside its memory: its shape
+/// and strides.
+pub(crate) fn strided<'l>(
+    v: &'l ViewInfo<'l>,
+    rank: usize,
+    what: &str,
+) -> Result<(&'l [usize], &'l [usize])> {
+    let (shape, strides) = (v.layout.shape(), v.layout.strides());
+    if shape.len() != rank {
+        return Err(Error::shape(v.arg, format!("{rank} dims {what}"), shape));
+    }
+    if shape.contains(&0) {
+        return Err(Error::Empty {
+            arg: v.arg,
+            shape: shape.to_vec(),
+        });
+    }
+    if shape[rank - 1] > 1 && strides[rank - 1] != 1 {
+        return Err(Error::layout(
+            v.arg,
+            format!("the last dim must be contiguous (stride 1), got strides {strides:?}"),
+        ));
+    }
+    memory(v)?;
+    Ok((shape, strides))
 }

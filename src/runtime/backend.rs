@@ -262,14 +262,6 @@ pub trait Backend {
     ) -> Result<Self::Tensor>;
 }
 
-fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
-    Error::Shape {
-        arg,
-        expected: expected.into(),
-        got: got.to_vec(),
-    }
-}
-
 /// Checks an attention call's views against its mask; returns the row widths of q, k and v.
 pub(crate) fn check_attention<T: HasShape>(
     q: &Heads<'_, T>,
@@ -280,7 +272,7 @@ pub(crate) fn check_attention<T: HasShape>(
     let width = |arg: &'static str, h: &Heads<'_, T>, rows: usize| -> Result<usize> {
         let s = h.tensor.dims();
         if s.len() != 2 || s[0] != rows || h.col + h.heads * h.dim > s[1] || h.heads == 0 {
-            return Err(shape_err(
+            return Err(Error::shape(
                 arg,
                 format!(
                     "[{rows}, ≥ {}] holding {} heads of dim {} at column {}",
@@ -312,7 +304,7 @@ pub(crate) fn check_attention<T: HasShape>(
     }
     if let Some(lens) = m.key_lens {
         if lens.len() != m.batch {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "key_lens",
                 format!("[{}]", m.batch),
                 &[lens.len()],

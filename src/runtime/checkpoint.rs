@@ -22,11 +22,7 @@ impl HostParam {
     /// where a linear layer wants `[out, in]`).
     pub fn transposed(&self) -> Result<HostParam> {
         let [a, b] = self.shape[..] else {
-            return Err(Error::Shape {
-                arg: "param",
-                expected: "2 dims to transpose".into(),
-                got: self.shape.clone(),
-            });
+            return Err(Error::shape("param", "2 dims to transpose", &self.shape));
         };
         let mut values = vec![0f32; a * b];
         for i in 0..a {

@@ -19,11 +19,11 @@ impl CpuTensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if data.len() != n {
-            return Err(Error::Shape {
-                arg: "data",
-                expected: format!("{n} values for shape {shape:?}"),
-                got: vec![data.len()],
-            });
+            return Err(Error::shape(
+                "data",
+                format!("{n} values for shape {shape:?}"),
+                &[data.len()],
+            ));
         }
         Ok(CpuTensor {
             shape: shape.to_vec(),
@@ -45,11 +45,7 @@ impl CpuTensor {
     fn rows_cols(&self, arg: &'static str) -> Result<(usize, usize)> {
         match self.shape.as_slice() {
             [r, c] => Ok((*r, *c)),
-            s => Err(Error::Shape {
-                arg,
-                expected: "2 dims [rows, width]".into(),
-                got: s.to_vec(),
-            }),
+            s => Err(Error::shape(arg, "2 dims [rows, width]", s)),
         }
     }
 }
@@ -57,14 +53,6 @@ impl CpuTensor {
 /// Runs on the host in f32, with rayon's global thread pool.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
-
-fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
-    Error::Shape {
-        arg,
-        expected: expected.into(),
-        got: got.to_vec(),
-    }
-}
 
 /// Rows per parallel GEMM block: enough blocks for every thread, none so thin that packing
 /// the shared operand dominates.
@@ -169,11 +157,11 @@ impl Backend for Cpu {
         let (rows, inp) = x.rows_cols("x")?;
         let (out, w_in) = w.rows_cols("w")?;
         if w_in != inp {
-            return Err(shape_err("w", format!("[out, {inp}]"), &w.shape));
+            return Err(Error::shape("w", format!("[out, {inp}]"), &w.shape));
         }
         if let Some(b) = bias {
             if b.shape != [out] {
-                return Err(shape_err("bias", format!("[{out}]"), &b.shape));
+                return Err(Error::shape("bias", format!("[{out}]"), &b.shape));
             }
         }
         let mut y = vec![0f32; rows * out];
@@ -213,7 +201,7 @@ impl Backend for Cpu {
         let (ar, k) = a.rows_cols("a")?;
         let (br, bk) = b.rows_cols("b")?;
         if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "b",
                 format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
                 &b.shape,
@@ -233,7 +221,7 @@ impl Backend for Cpu {
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
         if a.shape != b.shape {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "b",
                 format!("{:?} (a's shape)", a.shape),
                 &b.shape,
@@ -254,7 +242,7 @@ impl Backend for Cpu {
         let width = *x
             .shape
             .last()
-            .ok_or_else(|| shape_err("x", "≥ 1 dim", &x.shape))?;
+            .ok_or_else(|| Error::shape("x", "≥ 1 dim", &x.shape))?;
         if width == 0 {
             return Err(Error::Empty {
                 arg: "x",
@@ -267,7 +255,7 @@ impl Backend for Cpu {
         };
         for (arg, p) in [("gamma", gamma), ("beta", beta)] {
             if p.shape != [width] {
-                return Err(shape_err(arg, format!("[{width}]"), &p.shape));
+                return Err(Error::shape(arg, format!("[{width}]"), &p.shape));
             }
         }
         y.par_chunks_mut(width).for_each(|row| {

@@ -57,18 +57,10 @@ impl HasShape for DeviceTensor {
     }
 }
 
-fn shape_err(arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Error {
-    Error::Shape {
-        arg,
-        expected: expected.into(),
-        got: got.to_vec(),
-    }
-}
-
 fn rows_cols(arg: &'static str, t: &DeviceTensor) -> Result<(usize, usize)> {
     match t.shape() {
         [r, c] => Ok((*r, *c)),
-        s => Err(shape_err(arg, "2 dims [rows, width]", s)),
+        s => Err(Error::shape(arg, "2 dims [rows, width]", s)),
     }
 }
 
@@ -270,7 +262,7 @@ impl Cuda {
         self.check_dtype("v_cache", v_cache)?;
         // One row stride serves both sources.
         if v.tensor.shape() != k.tensor.shape() {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "v",
                 format!("{:?} (k's)", k.tensor.shape()),
                 v.tensor.shape(),
@@ -281,14 +273,14 @@ impl Cuda {
             || v.heads * v.dim != width
             || k.col.max(v.col) + width > src_width
         {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "k",
                 format!("[{batch}·{len_new}, ≥ col + {width}] with k and v blocks {width} wide"),
                 k.tensor.shape(),
             ));
         }
         if cache_width != width || cache_rows % batch != 0 || v_cache.shape() != k_cache.shape() {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "k_cache",
                 format!("[{batch}·capacity, {width}], v_cache alike"),
                 k_cache.shape(),
@@ -473,12 +465,12 @@ impl Backend for Cuda {
         self.check_dtype("x", x)?;
         self.check_dtype("w", w)?;
         if w_in != inp {
-            return Err(shape_err("w", format!("[out, {inp}]"), w.shape()));
+            return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
         }
         if let Some(b) = bias {
             self.check_dtype("bias", b)?;
             if b.shape() != [out] {
-                return Err(shape_err("bias", format!("[{out}]"), b.shape()));
+                return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
             }
         }
         let y = self.gpu.zeros(self.dtype, &[rows, out])?;
@@ -513,7 +505,7 @@ impl Backend for Cuda {
         self.check_dtype("a", a)?;
         self.check_dtype("b", b)?;
         if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "b",
                 format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
                 b.shape(),
@@ -541,7 +533,7 @@ impl Backend for Cuda {
         self.check_dtype("a", a)?;
         self.check_dtype("b", b)?;
         if a.shape() != b.shape() {
-            return Err(shape_err(
+            return Err(Error::shape(
                 "b",
                 format!("{:?} (a's shape)", a.shape()),
                 b.shape(),

@@ -213,11 +213,11 @@ impl<B: Backend> Gpt2<B> {
         caches: Option<&mut [&mut dyn KvCache<B>]>,
     ) -> Result<B::Tensor> {
         if ids.len() != batch * len || positions.len() != ids.len() || ids.is_empty() {
-            return Err(Error::Shape {
-                arg: "ids",
-                expected: format!("{batch}·{len} ids and as many positions, at least one"),
-                got: vec![ids.len(), positions.len()],
-            });
+            return Err(Error::shape(
+                "ids",
+                format!("{batch}·{len} ids and as many positions, at least one"),
+                &[ids.len(), positions.len()],
+            ));
         }
         if let Some(c) = caches.as_deref() {
             if c.len() != self.blocks.len() {

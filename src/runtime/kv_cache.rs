@@ -76,11 +76,11 @@ impl StepLens {
 
     fn begin(&mut self, valid_new: &[usize]) -> Result<()> {
         if valid_new.len() != self.batch {
-            return Err(Error::Shape {
-                arg: "valid_new",
-                expected: format!("[{}]", self.batch),
-                got: vec![valid_new.len()],
-            });
+            return Err(Error::shape(
+                "valid_new",
+                format!("[{}]", self.batch),
+                &[valid_new.len()],
+            ));
         }
         for (b, (&len, &n)) in self.lens.iter().zip(valid_new).enumerate() {
             if len + n > self.capacity {

@@ -25,19 +25,11 @@ impl<B: Backend> Linear<B> {
     /// From a `[out, in]` weight (PyTorch `nn.Linear`) and an optional `[out]` bias.
     pub fn new(be: &B, weight: &HostParam, bias: Option<&HostParam>) -> Result<Self> {
         let [out, inp] = weight.shape[..] else {
-            return Err(Error::Shape {
-                arg: "weight",
-                expected: "[out, in]".into(),
-                got: weight.shape.clone(),
-            });
+            return Err(Error::shape("weight", "[out, in]", &weight.shape));
         };
         if let Some(b) = bias {
             if b.shape != [out] {
-                return Err(Error::Shape {
-                    arg: "bias",
-                    expected: format!("[{out}]"),
-                    got: b.shape.clone(),
-                });
+                return Err(Error::shape("bias", format!("[{out}]"), &b.shape));
             }
         }
         Ok(Linear {
@@ -64,11 +56,11 @@ impl<B: Backend> Linear<B> {
         let with_bias = parts.first().is_some_and(|(_, b)| b.is_some());
         for (pw, pb) in parts {
             if pw.shape.len() != 2 || pw.shape[1] != inp || pb.is_some() != with_bias {
-                return Err(Error::Shape {
-                    arg: "weight",
-                    expected: format!("[out, {inp}] (all parts alike, all with a bias or none)"),
-                    got: pw.shape.clone(),
-                });
+                return Err(Error::shape(
+                    "weight",
+                    format!("[out, {inp}] (all parts alike, all with a bias or none)"),
+                    &pw.shape,
+                ));
             }
             w.extend_from_slice(&pw.values);
             out += pw.shape[0];
@@ -102,11 +94,11 @@ pub struct LayerNorm<B: Backend> {
 impl<B: Backend> LayerNorm<B> {
     pub fn new(be: &B, gamma: &HostParam, beta: &HostParam, eps: f32) -> Result<Self> {
         if gamma.shape.len() != 1 || beta.shape != gamma.shape {
-            return Err(Error::Shape {
-                arg: "beta",
-                expected: format!("{:?} (gamma's, 1 dim)", gamma.shape),
-                got: beta.shape.clone(),
-            });
+            return Err(Error::shape(
+                "beta",
+                format!("{:?} (gamma's, 1 dim)", gamma.shape),
+                &beta.shape,
+            ));
         }
         Ok(LayerNorm {
             gamma: upload(be, gamma)?,
@@ -167,11 +159,7 @@ pub struct Embedding<B: Backend> {
 impl<B: Backend> Embedding<B> {
     pub fn new(be: &B, table: &HostParam) -> Result<Self> {
         if table.shape.len() != 2 {
-            return Err(Error::Shape {
-                arg: "table",
-                expected: "[rows, width]".into(),
-                got: table.shape.clone(),
-            });
+            return Err(Error::shape("table", "[rows, width]", &table.shape));
         }
         Ok(Embedding {
             table: upload(be, table)?,

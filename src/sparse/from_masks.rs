@@ -100,11 +100,11 @@ impl BlockLayout {
         let (nq, nk) = (b.layout().q_blocks(), b.layout().k_blocks());
         let want = heads.stored() * nq * nk;
         if mask.len() != want {
-            return Err(Error::Shape {
-                arg: "block mask",
-                expected: format!("[{}, {nq}, {nk}] ({want} entries)", heads.stored()),
-                got: vec![mask.len()],
-            });
+            return Err(Error::shape(
+                "block mask",
+                format!("[{}, {nq}, {nk}] ({want} entries)", heads.stored()),
+                &[mask.len()],
+            ));
         }
         for h in 0..heads.stored() {
             for qb in 0..nq {
