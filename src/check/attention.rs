@@ -52,6 +52,21 @@ impl Case {
 pub(super) fn err(e: crate::Error) -> String {
     e.to_string()
 }
+/// The device O and LSE against the reference's, each within its bound.
+pub(super) fn expect_o_and_lse(
+    ctx: &dyn Fn(&str) -> String,
+    (o, lse): (&DeviceTensor, &DeviceTensor),
+    want: &reference::Output,
+    tol: &tolerances::Tolerances,
+) -> CheckResult {
+    expect_close(&ctx("O"), &o.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
+    expect_close(
+        &ctx("LSE"),
+        &lse.to_f32_vec().map_err(err)?,
+        &want.lse,
+        tol.lse,
+    )
+}
 
 /// Sets the K and V rows (BHSD) of key `j` of batch entry `b` to NaN wherever `hidden(b, j)`:
 /// keys no query may see, which must never reach the output (pytorch#101967).
@@ -178,13 +193,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             };
             let want = reference::forward(&q, &k, &v, &s, &ropts);
             let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
-            expect_close(&ctx("O"), &od.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
-            expect_close(
-                &ctx("LSE"),
-                &lse.to_f32_vec().map_err(err)?,
-                &want.lse,
-                tol.lse,
-            )
+            expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
         }
         Some((lens_q, lens_k)) => {
             let cu = |lens: &[usize]| -> Vec<usize> {

@@ -3,8 +3,8 @@
 //! [`crate::tolerance::attention`]. O and LSE are poisoned with NaN before the launch, and every
 //! cache row at or past a sequence's length holds NaN: a kernel that reads one shows it.
 
-use super::attention::{poison_keys, upload_4d};
-use super::{expect_close, random_values, CheckResult};
+use super::attention::{expect_o_and_lse, poison_keys, upload_4d};
+use super::{random_values, CheckResult};
 use crate::dtype::DType;
 use crate::gpu::Gpu;
 use crate::ops::decode::{self as decode, CacheLens, Options};
@@ -161,13 +161,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     };
     let want = reference::forward(&q, &k, &v, &s, &ropts);
     let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
-    expect_close(&ctx("O"), &od.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
-    expect_close(
-        &ctx("LSE"),
-        &lse.to_f32_vec().map_err(err)?,
-        &want.lse,
-        tol.lse,
-    )
+    expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
 }
 
 /// The fixed list `cuattn check` runs.

@@ -3,8 +3,8 @@
 //! rule. Outputs are poisoned with NaN before the launch; K/V rows past a sequence's key length,
 //! and rows of keys that no query of any head keeps, are NaN and must not reach the output.
 
-use super::attention::{err, poison_keys, upload_4d};
-use super::{expect_close, random_values, CheckResult};
+use super::attention::{err, expect_o_and_lse, poison_keys, upload_4d};
+use super::{random_values, CheckResult};
 use crate::dtype::DType;
 use crate::gpu::Gpu;
 use crate::ops::attention::{Options, Sequences};
@@ -93,13 +93,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     let keep = |_b: usize, h: usize, i: usize, j: usize| l.admits(l.head_of(h), i, j);
     let want = reference::forward_masked(&q, &k, &v, &s, &ropts, &keep);
     let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
-    expect_close(&ctx("O"), &od.to_f32_vec().map_err(err)?, &want.o, tol.o)?;
-    expect_close(
-        &ctx("LSE"),
-        &lse.to_f32_vec().map_err(err)?,
-        &want.lse,
-        tol.lse,
-    )
+    expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
 }
 
 /// The fixed list `cuattn check` runs: a causal BigBird layout (f16, blocks of 64), a sliding
