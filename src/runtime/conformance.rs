@@ -64,6 +64,48 @@ fn projection_params(
         .collect()
 }
 
+/// The reference of a multi-head attention layer with [`projection_params`]: Q from `x`, K
+/// and V from `memory` (`x` again for self-attention), per-head attention, output projection.
+fn reference_mha(
+    ps: &[(HostParam, HostParam)],
+    width: usize,
+    heads: usize,
+    (x, memory): (&[f32], &[f32]),
+    sizes: &AttentionSizes,
+) -> Vec<f64> {
+    let proj = |i: usize, inp: &[f32]| -> Vec<f32> {
+        reference::linear(
+            inp,
+            width,
+            &ps[i].0.values,
+            width,
+            Some(&ps[i].1.values),
+            Activation::None,
+        )
+        .iter()
+        .map(|&v| v as f32)
+        .collect()
+    };
+    let (q, k, v) = (proj(0, x), proj(1, memory), proj(2, memory));
+    let ctx: Vec<f32> = reference::attention(
+        packed(&q, width, heads),
+        packed(&k, width, heads),
+        packed(&v, width, heads),
+        sizes,
+    )
+    .iter()
+    .map(|&v| v as f32)
+    .collect();
+    reference::linear(
+        &ctx,
+        width,
+        &ps[3].0.values,
+        width,
+        Some(&ps[3].1.values),
+        Activation::None,
+    )
+}
+
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
@@ -448,29 +490,11 @@ pub fn multi_head_self_attention<B: Backend>(be: &B, causal: bool, seed: u64) ->
             None,
         )
         .map_err(err)?;
-    let proj = |i: usize, inp: &[f32]| -> Vec<f32> {
-        reference::linear(
-            inp,
-            width,
-            &ps[i].0.values,
-            width,
-            Some(&ps[i].1.values),
-            Activation::None,
-        )
-        .iter()
-        .map(|&v| v as f32)
-        .collect()
-    };
-    let (q, k, v) = (proj(0, &x), proj(1, &x), proj(2, &x));
-    let hr = (
-        packed(&q, width, heads),
-        packed(&k, width, heads),
-        packed(&v, width, heads),
-    );
-    let ctx: Vec<f32> = reference::attention(
-        hr.0,
-        hr.1,
-        hr.2,
+    let r = reference_mha(
+        &ps,
+        width,
+        heads,
+        (&x, &x),
         &AttentionSizes {
             batch,
             len_q: len,
@@ -479,17 +503,6 @@ pub fn multi_head_self_attention<B: Backend>(be: &B, causal: bool, seed: u64) ->
             causal: causal.then_some(CausalAlign::TopLeft),
             scale: 1.0 / ((width / heads) as f64).sqrt(),
         },
-    )
-    .iter()
-    .map(|&v| v as f32)
-    .collect();
-    let r = reference::linear(
-        &ctx,
-        width,
-        &ps[3].0.values,
-        width,
-        Some(&ps[3].1.values),
-        Activation::None,
     );
     compare(
         be,
@@ -524,24 +537,11 @@ pub fn multi_head_cross_attention<B: Backend>(be: &B, seed: u64) -> Check {
             Some(&mem_lens),
         )
         .map_err(err)?;
-    let proj = |i: usize, inp: &[f32]| -> Vec<f32> {
-        reference::linear(
-            inp,
-            width,
-            &ps[i].0.values,
-            width,
-            Some(&ps[i].1.values),
-            Activation::None,
-        )
-        .iter()
-        .map(|&v| v as f32)
-        .collect()
-    };
-    let (q, k, v) = (proj(0, &x), proj(1, &m), proj(2, &m));
-    let ctx: Vec<f32> = reference::attention(
-        packed(&q, width, heads),
-        packed(&k, width, heads),
-        packed(&v, width, heads),
+    let r = reference_mha(
+        &ps,
+        width,
+        heads,
+        (&x, &m),
         &AttentionSizes {
             batch,
             len_q,
@@ -550,17 +550,6 @@ pub fn multi_head_cross_attention<B: Backend>(be: &B, seed: u64) -> Check {
             causal: None,
             scale: 1.0 / ((width / heads) as f64).sqrt(),
         },
-    )
-    .iter()
-    .map(|&v| v as f32)
-    .collect();
-    let r = reference::linear(
-        &ctx,
-        width,
-        &ps[3].0.values,
-        width,
-        Some(&ps[3].1.values),
-        Activation::None,
     );
     compare(
         be,
