@@ -14,13 +14,17 @@
 //!   text generation (sampling, batches of prompts), [`kv_cache`]: its host and device caches.
 
 pub mod backend;
+pub mod bart;
+pub mod beam;
 pub mod bert;
+pub mod bert_pretraining;
 pub mod checkpoint;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod generate;
+pub mod generation_config;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
 pub mod kv_cache;
