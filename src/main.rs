@@ -38,9 +38,14 @@ enum Command {
     /// Sentence embeddings with a sentence-transformers / BERT model folder: one sentence per
     /// TEXT argument and per line of --input.
     Embed(cli::embed::EmbedArgs),
-    /// Continue a prompt with a GPT-2 model folder (config.json, model.safetensors; the
-    /// tokenizer from tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
+    /// Continue a prompt with a GPT-2 model folder, or transform it with a BART one
+    /// (config.json, model.safetensors, generation_config.json; the tokenizer from
+    /// tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
+    /// Show BART's noising transforms on a text.
+    Noise(cli::noise::NoiseArgs),
+    /// Predict the [MASK] tokens of a text with a BertForMaskedLM / BertForPreTraining folder.
+    FillMask(cli::fill_mask::FillMaskArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run(args),
         Command::Embed(args) => cli::embed::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Noise(args) => cli::noise::run(args),
+        Command::FillMask(args) => cli::fill_mask::run(args),
     };
     match result {
         Ok(code) => code,

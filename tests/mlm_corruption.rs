@@ -49,7 +49,11 @@ fn fifteen_percent_chosen_and_split_80_10_10() {
     }
     // Binomial standard errors are ≤ 0.2% here; 1% bounds fail only on a real bias. A random
     // replacement equal to the original (1 in 30000) counts as kept.
-    assert!((chosen / eligible - 0.15).abs() < 0.01, "{}", chosen / eligible);
+    assert!(
+        (chosen / eligible - 0.15).abs() < 0.01,
+        "{}",
+        chosen / eligible
+    );
     assert!((masked / chosen - 0.8).abs() < 0.01, "{}", masked / chosen);
     assert!((random / chosen - 0.1).abs() < 0.01, "{}", random / chosen);
     assert!((kept / chosen - 0.1).abs() < 0.01, "{}", kept / chosen);

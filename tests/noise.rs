@@ -143,7 +143,10 @@ fn different_seeds_give_different_noise() {
         mask_tokens(&t, &w, &MASK, &a).unwrap(),
         mask_tokens(&t, &w, &MASK, &b).unwrap()
     );
-    assert_ne!(infill(&t, &w, &MASK, &a).unwrap(), infill(&t, &w, &MASK, &b).unwrap());
+    assert_ne!(
+        infill(&t, &w, &MASK, &a).unwrap(),
+        infill(&t, &w, &MASK, &b).unwrap()
+    );
 }
 
 #[test]
@@ -155,9 +158,16 @@ fn infilling_masks_about_the_ratio_with_poisson_spans_of_mean_lambda() {
     let (_, spans) = infill(&t, &w, &MASK, &NoiseOptions::default()).unwrap();
     let covered: usize = spans.iter().map(|s| s.len).sum();
     let mean = covered as f64 / spans.len() as f64;
-    assert!((0.2..=0.32).contains(&(covered as f64 / 2000.0)), "{covered}");
+    assert!(
+        (0.2..=0.32).contains(&(covered as f64 / 2000.0)),
+        "{covered}"
+    );
     assert!((2.0..=3.6).contains(&mean), "mean span {mean}");
-    assert!(spans.iter().any(|s| s.len == 0), "no zero-length span among {}", spans.len());
+    assert!(
+        spans.iter().any(|s| s.len == 0),
+        "no zero-length span among {}",
+        spans.len()
+    );
 }
 
 #[test]
@@ -177,7 +187,10 @@ fn bad_rates_and_shapes_are_errors() {
         ratio: 1.5,
         ..NoiseOptions::default()
     };
-    assert!(delete_tokens(&t, &o).unwrap_err().to_string().contains("ratio"));
+    assert!(delete_tokens(&t, &o)
+        .unwrap_err()
+        .to_string()
+        .contains("ratio"));
     let o = NoiseOptions {
         poisson_lambda: f64::NAN,
         ..NoiseOptions::default()

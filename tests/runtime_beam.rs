@@ -59,10 +59,9 @@ fn run(m: &Gpt2<Cpu>, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Generatio
 }
 
 fn cases() -> Vec<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("tiny-gpt2-beams.json")).unwrap(),
-    )
-    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-gpt2-beams.json")).unwrap())
+            .unwrap();
     v["cases"].as_array().unwrap().clone()
 }
 
@@ -101,8 +100,15 @@ fn beam_search_and_processors_match_hugging_face() {
 #[test]
 fn beam_search_with_the_cache_equals_recomputation() {
     let m = Gpt2::from_folder(&Cpu, &fixture("tiny-gpt2")).unwrap();
-    let prompts = vec![vec![15496u32, 11, 616], vec![464u32, 2068, 7586, 21831, 18045]];
-    for early_stopping in [EarlyStopping::Yes, EarlyStopping::Heuristic, EarlyStopping::Never] {
+    let prompts = vec![
+        vec![15496u32, 11, 616],
+        vec![464u32, 2068, 7586, 21831, 18045],
+    ];
+    for early_stopping in [
+        EarlyStopping::Yes,
+        EarlyStopping::Heuristic,
+        EarlyStopping::Never,
+    ] {
         let opts = GenerateOptions {
             max_new_tokens: 6,
             num_beams: 3,

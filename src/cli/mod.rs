@@ -4,8 +4,10 @@
 pub mod bench;
 pub mod check;
 pub mod embed;
+pub mod fill_mask;
 pub mod generate;
 pub mod info;
+pub mod noise;
 
 use clap::ValueEnum;
 use std::process::ExitCode;

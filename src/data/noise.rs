@@ -77,7 +77,10 @@ impl NoiseOptions {
                 format!("{} is outside [0, 1]", self.ratio),
             ));
         }
-        if !(self.poisson_lambda.is_finite() && self.poisson_lambda >= 0.0 && self.poisson_lambda <= 64.0) {
+        if !(self.poisson_lambda.is_finite()
+            && self.poisson_lambda >= 0.0
+            && self.poisson_lambda <= 64.0)
+        {
             return Err(Error::invalid(
                 "poisson_lambda",
                 format!("{} is outside [0, 64]", self.poisson_lambda),
@@ -190,14 +193,19 @@ pub fn infill<T: Clone>(
         covered += l;
         lens.push(l);
     }
-    let mut starts: Vec<usize> = rand::seq::index::sample(&mut rng, ws.len(), lens.len()).into_vec();
+    let mut starts: Vec<usize> =
+        rand::seq::index::sample(&mut rng, ws.len(), lens.len()).into_vec();
     starts.sort_unstable();
     let mut spans = Vec::with_capacity(lens.len());
     for (i, (&w, &l)) in starts.iter().zip(&lens).enumerate() {
         let next = starts.get(i + 1).copied().unwrap_or(ws.len());
         let end_word = (w + l).min(next);
         let start = ws[w].0;
-        let end = if end_word > w { ws[end_word - 1].1 } else { start };
+        let end = if end_word > w {
+            ws[end_word - 1].1
+        } else {
+            start
+        };
         spans.push(Span {
             start,
             len: end - start,

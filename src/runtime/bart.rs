@@ -80,7 +80,9 @@ impl BartConfig {
             .ok_or_else(|| err(format!("unsupported activation_function `{act_name}`")))?;
         for key in ["normalize_before", "add_final_layer_norm"] {
             if v[key].as_bool() == Some(true) {
-                return Err(err(format!("unsupported `{key}`: true (mBART-style pre-LN)")));
+                return Err(err(format!(
+                    "unsupported `{key}`: true (mBART-style pre-LN)"
+                )));
             }
         }
         let eos = id("eos_token_id", 2);
@@ -250,7 +252,9 @@ impl<B: Backend> Bart<B> {
             let k = linear(ckpt, &format!("{name}.k_proj"), d, d)?;
             let val = linear(ckpt, &format!("{name}.v_proj"), d, d)?;
             let o = linear(ckpt, &format!("{name}.out_proj"), d, d)?;
-            let part = |p: &(HostParam, HostParam)| (&p.0, Some(&p.1));
+            fn part(p: &(HostParam, HostParam)) -> (&HostParam, Option<&HostParam>) {
+                (&p.0, Some(&p.1))
+            }
             if cross {
                 MultiHeadAttention::cross_attention(
                     be,
@@ -350,7 +354,10 @@ impl<B: Backend> Bart<B> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::invalid(
                 "ids",
-                format!("token id {bad} is outside the vocabulary of {}", c.vocab_size),
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                ),
             ));
         }
         if let Some(&bad) = positions
@@ -368,7 +375,13 @@ impl<B: Backend> Bart<B> {
         Ok(positions.iter().map(|p| p + POSITION_OFFSET).collect())
     }
 
-    fn embed(&self, be: &B, e: &Embeddings<B>, ids: &[u32], positions: &[u32]) -> Result<B::Tensor> {
+    fn embed(
+        &self,
+        be: &B,
+        e: &Embeddings<B>,
+        ids: &[u32],
+        positions: &[u32],
+    ) -> Result<B::Tensor> {
         let rows = self.check_ids(ids, positions)?;
         let tok = e.tokens.forward(be, ids)?;
         let pos = e.positions.forward(be, &rows)?;
@@ -377,7 +390,14 @@ impl<B: Backend> Bart<B> {
 
     /// The encoder's last hidden states `[batch·len, d_model]` of `batch` inputs of `len`
     /// tokens (`ids` row-major, right-padded; `lens` the real lengths).
-    pub fn encode_hidden(&self, be: &B, ids: &[u32], batch: usize, len: usize, lens: &[usize]) -> Result<B::Tensor> {
+    pub fn encode_hidden(
+        &self,
+        be: &B,
+        ids: &[u32],
+        batch: usize,
+        len: usize,
+        lens: &[usize],
+    ) -> Result<B::Tensor> {
         if ids.len() != batch * len || ids.is_empty() || lens.len() != batch {
             return Err(Error::shape(
                 "ids",
@@ -386,12 +406,17 @@ impl<B: Backend> Bart<B> {
             ));
         }
         if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > len) {
-            return Err(Error::invalid("lens", format!("length {bad} is outside 1 ..= {len}")));
+            return Err(Error::invalid(
+                "lens",
+                format!("length {bad} is outside 1 ..= {len}"),
+            ));
         }
         let positions: Vec<u32> = (0..batch * len).map(|r| (r % len) as u32).collect();
         let mut x = self.embed(be, &self.encoder_embed, ids, &positions)?;
         for l in &self.encoder {
-            let a = l.self_attn.forward_self(be, &x, batch, len, Some(lens), false, None)?;
+            let a = l
+                .self_attn
+                .forward_self(be, &x, batch, len, Some(lens), false, None)?;
             x = l.self_attn_layer_norm.forward(be, &a, Some(&x))?;
             let f = l.ffn.forward(be, &x)?;
             x = l.final_layer_norm.forward(be, &f, Some(&x))?;
@@ -401,7 +426,15 @@ impl<B: Backend> Bart<B> {
 
     /// Cross-attention keys and values of every decoder layer for encoder states `hidden`
     /// (`[batch·len_k, d]`), each input's repeated `copies` times.
-    pub fn memory(&self, be: &B, hidden: &B::Tensor, batch: usize, len_k: usize, lens: &[usize], copies: usize) -> Result<BartMemory<B>> {
+    pub fn memory(
+        &self,
+        be: &B,
+        hidden: &B::Tensor,
+        batch: usize,
+        len_k: usize,
+        lens: &[usize],
+        copies: usize,
+    ) -> Result<BartMemory<B>> {
         let rows: Vec<u32> = (0..batch * copies * len_k)
             .map(|r| {
                 let (row, t) = (r / len_k, r % len_k);
@@ -423,7 +456,10 @@ impl<B: Backend> Bart<B> {
         Ok(BartMemory {
             kv,
             len_k,
-            lens: lens.iter().flat_map(|&l| std::iter::repeat_n(l, copies)).collect(),
+            lens: lens
+                .iter()
+                .flat_map(|&l| std::iter::repeat_n(l, copies))
+                .collect(),
         })
     }
 
@@ -484,7 +520,9 @@ impl<B: Backend> Bart<B> {
                 Some(it) => it.next().map(|c| &mut **c as &mut dyn KvCache<B>),
                 None => None,
             };
-            let a = l.self_attn.forward_self(be, &x, batch, len, None, true, cache)?;
+            let a = l
+                .self_attn
+                .forward_self(be, &x, batch, len, None, true, cache)?;
             x = l.self_attn_layer_norm.forward(be, &a, Some(&x))?;
             let a = l.encoder_attn.forward_cross_kv(
                 be,
@@ -513,7 +551,15 @@ impl<B: Backend> Bart<B> {
     pub fn sequence_logits(&self, be: &B, input: &[u32], decoder_ids: &[u32]) -> Result<Vec<f32>> {
         let memory = self.encode(be, &[input.to_vec()], 1)?;
         let positions: Vec<u32> = (0..decoder_ids.len() as u32).collect();
-        let hidden = self.decode_hidden(be, &memory, decoder_ids, &positions, 1, decoder_ids.len(), None)?;
+        let hidden = self.decode_hidden(
+            be,
+            &memory,
+            decoder_ids,
+            &positions,
+            1,
+            decoder_ids.len(),
+            None,
+        )?;
         be.to_f32(&self.logits(be, &hidden, &positions)?)
     }
 }

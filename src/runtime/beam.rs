@@ -113,7 +113,14 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let capacity = ctx.min(longest.saturating_add(opts.max_new_tokens)).max(1);
     let memory = model.encode(be, inputs, beams)?;
-    let mut stepper = Stepper::new(be, model, memory, batch * beams, capacity, opts.use_kv_cache)?;
+    let mut stepper = Stepper::new(
+        be,
+        model,
+        memory,
+        batch * beams,
+        capacity,
+        opts.use_kv_cache,
+    )?;
     while searches.iter().any(|s| !s.done) {
         let seqs: Vec<Vec<u32>> = searches
             .iter()
@@ -168,8 +175,8 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
                 })
                 .collect();
             // Finished hypotheses.
-            let full = s.finished.iter().all(|h| h.finished)
-                && opts.early_stopping == EarlyStopping::Yes;
+            let full =
+                s.finished.iter().all(|h| h.finished) && opts.early_stopping == EarlyStopping::Yes;
             let new_len = (cur_len + 1 - s.prompt_len) as f32;
             let mut merged = s.finished.clone();
             for (r, &(beam, token, sc, hits)) in cands.iter().enumerate() {
@@ -202,11 +209,12 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
             // Can the running beams still improve on the finished ones?
             let cur_len = cur_len + 1;
             if s.heuristic_unsatisfied {
-                let length = if opts.early_stopping == EarlyStopping::Never && opts.length_penalty > 0.0 {
-                    s.max_len - s.prompt_len
-                } else {
-                    cur_len - s.prompt_len
-                };
+                let length =
+                    if opts.early_stopping == EarlyStopping::Never && opts.length_penalty > 0.0 {
+                        s.max_len - s.prompt_len
+                    } else {
+                        cur_len - s.prompt_len
+                    };
                 let best = s.running[0].score / (length as f32).powf(opts.length_penalty);
                 let worst = s
                     .finished

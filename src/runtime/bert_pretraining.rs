@@ -158,7 +158,11 @@ impl<B: Backend> BertPretraining<B> {
                 if labels.len() != batch.batch() || labels.iter().any(|l| !(0..2).contains(l)) {
                     return Err(Error::invalid(
                         "nsp_labels",
-                        format!("{} labels for {} sequences, each 0 or 1", labels.len(), batch.batch()),
+                        format!(
+                            "{} labels for {} sequences, each 0 or 1",
+                            labels.len(),
+                            batch.batch()
+                        ),
                     ));
                 }
                 let pooled = out
@@ -180,9 +184,93 @@ pub fn cross_entropy(logits: &[f32], width: usize, labels: &[i64]) -> f64 {
         .zip(labels)
         .map(|(row, &l)| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             lse - row[l as usize] as f64
         })
         .sum();
     total / labels.len() as f64
+}
+
+/// One proposal of [`fill_mask`] (Hugging Face's fill-mask pipeline fields).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FillMaskProposal {
+    /// Softmax probability of the token at the mask.
+    pub score: f64,
+    pub token: u32,
+    /// The token decoded alone.
+    pub token_str: String,
+    /// The text with the mask replaced: special tokens left out when there is one mask, kept
+    /// (so the other masks show) when there are several.
+    pub sequence: String,
+}
+
+/// Hugging Face's fill-mask pipeline: the `top_k` most likely tokens at every `[MASK]` of
+/// `text` (one list per mask, in text order).
+pub fn fill_mask<B: Backend>(
+    be: &B,
+    model: &BertPretraining<B>,
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+    top_k: usize,
+) -> Result<Vec<Vec<FillMaskProposal>>> {
+    let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let mask_id = tokenizer
+        .token_to_id("[MASK]")
+        .ok_or_else(|| Error::Tokenizer("the tokenizer has no [MASK] token".into()))?;
+    let pad_id = tokenizer.token_to_id("[PAD]");
+    let enc = tokenizer.encode(text, true).map_err(tok_err)?;
+    let ids = enc.get_ids().to_vec();
+    let masks: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask_id).collect();
+    if masks.is_empty() {
+        return Err(Error::invalid("text", "no [MASK] token in the text"));
+    }
+    let len = ids.len();
+    if len > model.bert.config.max_position_embeddings {
+        return Err(Error::invalid(
+            "text",
+            format!(
+                "{len} tokens exceed the model's {} positions",
+                model.bert.config.max_position_embeddings
+            ),
+        ));
+    }
+    let batch = TokenBatch {
+        ids: ids.clone(),
+        type_ids: vec![0; len],
+        lens: vec![len],
+        len,
+        truncated: vec![0],
+    };
+    let out = model.bert.forward(be, &batch)?;
+    let rows: Vec<u32> = masks.iter().map(|&i| i as u32).collect();
+    let logits = be.to_f32(&model.mlm_logits(be, &out.hidden, &rows)?)?;
+    let vocab = model.bert.config.vocab_size;
+    let single = masks.len() == 1;
+    let mut result = Vec::with_capacity(masks.len());
+    for (m, row) in masks.iter().zip(logits.chunks_exact(vocab)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let probs: Vec<f64> = row.iter().map(|&x| (x as f64 - max).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut proposals = Vec::new();
+        for &p in order.iter().take(top_k) {
+            let mut filled = ids.clone();
+            filled[*m] = p as u32;
+            filled.retain(|&t| Some(t) != pad_id);
+            proposals.push(FillMaskProposal {
+                score: probs[p] / total,
+                token: p as u32,
+                token_str: tokenizer.decode(&[p as u32], false).map_err(tok_err)?,
+                sequence: tokenizer.decode(&filled, single).map_err(tok_err)?,
+            });
+        }
+        result.push(proposals);
+    }
+    Ok(result)
 }

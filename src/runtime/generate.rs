@@ -550,26 +550,34 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
             for (b, s) in seqs.iter().enumerate() {
                 ids[b * len..b * len + s.len()].copy_from_slice(s);
             }
-            let rows: Vec<u32> = (0..batch).map(|b| (b * len + seqs[b].len() - 1) as u32).collect();
+            let rows: Vec<u32> = (0..batch)
+                .map(|b| (b * len + seqs[b].len() - 1) as u32)
+                .collect();
             return model.decode(be, &self.memory, &ids, &positions, batch, len, &rows, None);
         };
-        let (ids, positions, len, valid) = if !self.prefilled {
-            let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
-            let mut ids = vec![pad; batch * longest];
-            for (b, s) in seqs.iter().enumerate() {
-                ids[b * longest..b * longest + s.len()].copy_from_slice(s);
-            }
-            let positions = (0..batch * longest).map(|r| (r % longest) as u32).collect();
-            (ids, positions, longest, seqs.iter().map(Vec::len).collect())
-        } else {
-            let max_pos = model.max_positions().max(1) - 1;
-            let ids = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
-            let positions = seqs
-                .iter()
-                .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
-                .collect();
-            (ids, positions, 1, live.iter().map(|&l| usize::from(l)).collect::<Vec<_>>())
-        };
+        let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) =
+            if !self.prefilled {
+                let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+                let mut ids = vec![pad; batch * longest];
+                for (b, s) in seqs.iter().enumerate() {
+                    ids[b * longest..b * longest + s.len()].copy_from_slice(s);
+                }
+                let positions = (0..batch * longest).map(|r| (r % longest) as u32).collect();
+                (ids, positions, longest, seqs.iter().map(Vec::len).collect())
+            } else {
+                let max_pos = model.max_positions().max(1) - 1;
+                let ids = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+                let positions = seqs
+                    .iter()
+                    .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
+                    .collect();
+                (
+                    ids,
+                    positions,
+                    1,
+                    live.iter().map(|&l| usize::from(l)).collect(),
+                )
+            };
         cache.begin_step(&valid)?;
         let rows: Vec<u32> = (0..batch)
             .map(|b| (b * len + if self.prefilled { 0 } else { seqs[b].len() - 1 }) as u32)

@@ -16,6 +16,8 @@ pub struct GenerationConfig {
     pub max_length: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub min_new_tokens: Option<usize>,
+    /// Decoder prompt plus new tokens before end-of-text is allowed.
+    pub min_length: Option<usize>,
     pub num_beams: Option<usize>,
     pub num_return_sequences: Option<usize>,
     pub length_penalty: Option<f32>,
@@ -41,7 +43,10 @@ impl GenerationConfig {
         let uint = |key: &str| -> Result<Option<u64>> {
             match &v[key] {
                 serde_json::Value::Null => Ok(None),
-                x => x.as_u64().map(Some).ok_or_else(|| err(key, "a non-negative integer")),
+                x => x
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| err(key, "a non-negative integer")),
             }
         };
         let id = |key: &str| -> Result<Option<u32>> {
@@ -59,7 +64,10 @@ impl GenerationConfig {
         };
         let length_penalty = match &v["length_penalty"] {
             serde_json::Value::Null => None,
-            x => Some(x.as_f64().ok_or_else(|| err("length_penalty", "a number"))? as f32),
+            x => Some(
+                x.as_f64()
+                    .ok_or_else(|| err("length_penalty", "a number"))? as f32,
+            ),
         };
         Ok(GenerationConfig {
             decoder_start_token_id: id("decoder_start_token_id")?,
@@ -68,6 +76,7 @@ impl GenerationConfig {
             max_length: size("max_length")?,
             max_new_tokens: size("max_new_tokens")?,
             min_new_tokens: size("min_new_tokens")?,
+            min_length: size("min_length")?,
             num_beams: size("num_beams")?,
             num_return_sequences: size("num_return_sequences")?,
             length_penalty,
@@ -76,9 +85,9 @@ impl GenerationConfig {
         })
     }
 
-    /// Options with this file's values where it sets them (over `base`); `max_length` becomes
-    /// `max_new_tokens` for a decoder prompt of `prompt_len` tokens unless `max_new_tokens` is
-    /// set.
+    /// Options with this file's values where it sets them (over `base`); `max_length` and
+    /// `min_length` become `max_new_tokens` and `min_new_tokens` for a decoder prompt of
+    /// `prompt_len` tokens unless those are set.
     pub fn apply(&self, base: GenerateOptions, prompt_len: usize) -> GenerateOptions {
         let mut o = base;
         if let Some(n) = self.max_new_tokens {
@@ -86,7 +95,11 @@ impl GenerationConfig {
         } else if let Some(m) = self.max_length {
             o.max_new_tokens = m.saturating_sub(prompt_len);
         }
-        o.min_new_tokens = self.min_new_tokens.unwrap_or(o.min_new_tokens);
+        o.min_new_tokens = match (self.min_new_tokens, self.min_length) {
+            (Some(n), _) => n,
+            (None, Some(m)) => m.saturating_sub(prompt_len),
+            (None, None) => o.min_new_tokens,
+        };
         o.num_beams = self.num_beams.unwrap_or(o.num_beams);
         o.num_return_sequences = self.num_return_sequences.unwrap_or(o.num_return_sequences);
         o.length_penalty = self.length_penalty.unwrap_or(o.length_penalty);

@@ -111,7 +111,11 @@ impl StepLens {
     /// of every destination row (`[batch·capacity]`).
     fn reorder(&mut self, src: &[usize]) -> Result<Vec<u32>> {
         if src.len() != self.batch {
-            return Err(Error::shape("src", format!("[{}]", self.batch), &[src.len()]));
+            return Err(Error::shape(
+                "src",
+                format!("[{}]", self.batch),
+                &[src.len()],
+            ));
         }
         if let Some(&bad) = src.iter().find(|&&s| s >= self.batch) {
             return Err(Error::invalid(
@@ -123,9 +127,10 @@ impl StepLens {
             return Err(Error::invalid("kv_cache", "too many rows to reorder"));
         }
         self.lens = src.iter().map(|&s| self.lens[s]).collect();
+        let cap = self.capacity;
         Ok(src
             .iter()
-            .flat_map(|&s| (0..self.capacity).map(move |t| (s * self.capacity + t) as u32))
+            .flat_map(|&s| (0..cap).map(move |t| (s * cap + t) as u32))
             .collect())
     }
 
