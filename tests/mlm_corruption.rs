@@ -29,6 +29,7 @@ proptest! {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // three parallel arrays
 fn fifteen_percent_chosen_and_split_80_10_10() {
     let n = 200_000;
     let ids: Vec<u32> = (0..n).map(|i| (i % 1000) as u32 + 1).collect();
