@@ -48,10 +48,12 @@
 
 namespace {
 
+constexpr int THREADS = CUATTN_ATTN_HOPPER_THREADS;
+
+#ifdef CUATTN_HOPPER
 constexpr int BM = CUATTN_ATTN_HOPPER_BM;
 constexpr int BN = CUATTN_ATTN_HOPPER_BN;
 constexpr int STAGES = CUATTN_ATTN_HOPPER_STAGES;
-constexpr int THREADS = CUATTN_ATTN_HOPPER_THREADS;
 constexpr int BOX = CUATTN_ATTN_HOPPER_BOX_COLS;
 constexpr int CONSUMER_THREADS = THREADS - 128;
 static_assert(BM == 2 * 64, "two consumer warpgroups of 64 rows");
@@ -73,6 +75,9 @@ template <int D> struct __align__(1024) Smem {
     uint64_t k_full[STAGES], v_full[STAGES];
     uint64_t k_empty[STAGES], v_empty[STAGES];
 };
+
+static_assert(sizeof(Smem<64>) + 1024 == CUATTN_ATTN_HOPPER_SMEM_HD64, "CUATTN_ATTN_HOPPER_SMEM_HD64");
+static_assert(sizeof(Smem<128>) + 1024 == CUATTN_ATTN_HOPPER_SMEM_HD128, "CUATTN_ATTN_HOPPER_SMEM_HD128");
 
 // Keys of query row i: i + lo ≤ j ≤ i + hi, j < key_len (sums clamped to stay in int32).
 struct Band {
@@ -117,8 +122,6 @@ __device__ __forceinline__ TileRange tile_range(const cuattn_attention_fwd_param
     }
     return r;
 }
-
-#ifdef CUATTN_HOPPER
 
 // The wgmma shapes per element type, chosen by accumulator size (m64n64: 32 floats per thread,
 // m64n128: 64). S = Q·Kᵀ has both operands K-major (no transposes); O += P·V reads V, stored
@@ -218,8 +221,10 @@ __device__ __forceinline__ void zero_rows(uint8_t* tile, int from, int ctid) {
 template <typename T, int D>
 __device__ void attention_hopper(const cuattn_attention_fwd_params& p, const CUtensorMap* tm_q,
                                  const CUtensorMap* tm_k, const CUtensorMap* tm_v) {
+    // Dynamic shared memory is only guaranteed 16-byte alignment: skip to the next 1024-byte
+    // boundary of the shared window (the host adds 1 KiB for this).
     extern __shared__ __align__(1024) uint8_t smem_raw[];
-    Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw);
+    Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
     const int tid = threadIdx.x, wg = tid / 128;
     const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int h_kv = h / (p.heads_q / p.heads_kv);

@@ -129,6 +129,10 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
 #define CUATTN_ATTN_HOPPER_REGS_CONSUMER 240
 #define CUATTN_ATTN_HOPPER_BAR_TURN0 1
 #define CUATTN_ATTN_HOPPER_BAR_VPAD 3
+/* Dynamic shared memory per block: Q, STAGES K and V tiles and the mbarriers, plus 1 KiB the
+ * kernel may skip to put its tiles on a 1024-byte boundary (the 128-byte swizzle's period). */
+#define CUATTN_ATTN_HOPPER_SMEM_HD64 83968  /* 82944 + 1024 */
+#define CUATTN_ATTN_HOPPER_SMEM_HD128 165888 /* 164864 + 1024 */
 /* One TMA box: 64 columns (128 bytes of a 16-bit type, the 128-byte swizzle span) by BM or BN rows. */
 #define CUATTN_ATTN_HOPPER_BOX_COLS 64
 

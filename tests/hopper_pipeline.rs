@@ -13,7 +13,11 @@ fn protocol_finishes_for_every_tile_count_and_schedule() {
         for pad in pads {
             for seed in 0..SCHEDULES {
                 let out = run(tiles, pad, Variant::Kernel, seed);
-                assert_eq!(out, Outcome::Finished, "tiles {tiles}, pad {pad:?}, seed {seed}");
+                assert_eq!(
+                    out,
+                    Outcome::Finished,
+                    "tiles {tiles}, pad {pad:?}, seed {seed}"
+                );
             }
         }
     }
@@ -23,7 +27,11 @@ fn protocol_finishes_for_every_tile_count_and_schedule() {
 fn caught(variant: Variant, pad_anywhere: bool) -> Option<Outcome> {
     for tiles in 1..=5 {
         for seed in 0..SCHEDULES {
-            let pad = if pad_anywhere { Some(0) } else { Some(tiles - 1) };
+            let pad = if pad_anywhere {
+                Some(0)
+            } else {
+                Some(tiles - 1)
+            };
             let out = run(tiles, pad, variant, seed);
             if out != Outcome::Finished {
                 return Some(out);

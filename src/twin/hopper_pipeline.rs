@@ -63,17 +63,33 @@ enum Named {
 #[derive(Clone, Copy, Debug)]
 enum Step {
     /// mbarrier arrive with expected transaction bytes, then the TMA load of `tile` into stage.
-    ExpectAndLoad { bar: Bar, kind: Kind, stage: usize, tile: usize },
+    ExpectAndLoad {
+        bar: Bar,
+        kind: Kind,
+        stage: usize,
+        tile: usize,
+    },
     /// mbarrier try_wait.parity loop; `phase` is the completed-phase count the waiter means.
-    Wait { bar: Bar, parity: u32, phase: u64 },
+    Wait {
+        bar: Bar,
+        parity: u32,
+        phase: u64,
+    },
     Arrive(Bar),
     /// A wgmma reading stage `stage` expecting `tile`, opened in the current (uncommitted) group.
-    Gemm { kind: Kind, stage: usize, tile: usize },
+    Gemm {
+        kind: Kind,
+        stage: usize,
+        tile: usize,
+    },
     Commit,
     /// wgmma.wait_group n.
     WaitGroup(usize),
     /// Generic-proxy zeroing of V padding rows in `stage` (tile `tile`).
-    ZeroPad { stage: usize, tile: usize },
+    ZeroPad {
+        stage: usize,
+        tile: usize,
+    },
     BarSync(Named),
     BarArrive(Named),
 }
@@ -396,7 +412,10 @@ impl Model {
             Step::Arrive(bar) => {
                 if let Bar::Empty(kind, st) = bar {
                     let reading = self.agents[i].open.contains(&(kind, st))
-                        || self.agents[i].groups.iter().any(|g| g.contains(&(kind, st)));
+                        || self.agents[i]
+                            .groups
+                            .iter()
+                            .any(|g| g.contains(&(kind, st)));
                     if reading {
                         return Err(format!(
                             "{who}: releases {kind:?} stage {st} while its own wgmma may still read it"
@@ -441,10 +460,14 @@ impl Model {
             Step::ZeroPad { stage, tile } => {
                 let s = *self.stage(Kind::V, stage);
                 if s.tile != Some(tile) || !s.landed {
-                    return Err(format!("{who}: zeroes V stage {stage} before tile {tile} landed"));
+                    return Err(format!(
+                        "{who}: zeroes V stage {stage} before tile {tile} landed"
+                    ));
                 }
                 if self.being_read(Kind::V, stage) {
-                    return Err(format!("{who}: zeroes V stage {stage} while a wgmma reads it"));
+                    return Err(format!(
+                        "{who}: zeroes V stage {stage} while a wgmma reads it"
+                    ));
                 }
                 self.v[stage].zeroed_by |= 1 << (i - 1);
             }
@@ -512,7 +535,11 @@ pub fn run(tiles: usize, pad_tile: Option<usize>, variant: Variant, seed: u64) -
                 }
             } else if e < g0 {
                 let t = &mut m.transfers[e - 3];
-                let piece = if t.left > 1 && rng.gen_bool(0.5) { 1 } else { t.left };
+                let piece = if t.left > 1 && rng.gen_bool(0.5) {
+                    1
+                } else {
+                    t.left
+                };
                 t.left -= piece;
                 let (bar, kind, stage, left) = (t.bar, t.kind, t.stage, t.left);
                 if left == 0 {
