@@ -28,7 +28,7 @@ demo-kernels: toolchain
 	$(CARGO) build --release --bin cuattn
 	./target/release/cuattn info
 	@./target/release/cuattn check; rc=$$?; \
-	  if [ $$rc -eq 2 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
+	  if [ $$rc -eq 3 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
 	  else exit $$rc; fi
 
 test: toolchain

@@ -15,7 +15,9 @@ use std::process::ExitCode;
 #[command(
     name = "cuattn",
     version,
-    about = "Hand-written CUDA attention kernels: info, checks and benchmarks"
+    about = "Hand-written CUDA attention kernels and a small transformer runtime: kernel info, \
+             checks and benchmarks (GPU), sentence embeddings and GPT-2 generation (CPU or GPU)",
+    after_help = cli::EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,7 +33,7 @@ enum Command {
         json: bool,
     },
     /// Run every kernel against its CPU reference on random inputs (needs a GPU).
-    /// Exit status: 0 all pass, 1 a check failed, 2 no GPU.
+    /// Exit status: 0 all pass, 1 a check failed, 3 no GPU.
     Check,
     /// Benchmark a kernel family (needs a GPU).
     Bench(cli::bench::BenchArgs),
@@ -44,7 +46,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let code = if e.use_stderr() { cli::USAGE_ERROR } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Info { json } => cli::info::run(json),
         Command::Check => cli::check::run(),
@@ -55,8 +65,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            let (code, message) = cli::exit_for(&*e);
+            if let Some(m) = message {
+                eprintln!("error: {m}");
+            }
+            ExitCode::from(code)
         }
     }
 }
