@@ -34,6 +34,9 @@ demo-kernels: toolchain
 test: toolchain
 	$(CARGO) test --release
 	$(CARGO) test --release --no-default-features
+	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
+	@# (nothing recompiles, the CUDA build is still current).
+	$(CARGO) build --release --bin cuattn
 
 lint: toolchain
 	$(CARGO) fmt --check

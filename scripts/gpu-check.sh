@@ -5,7 +5,7 @@
 # Steps (each timed, each logged under $OUT/logs/, each one row in $OUT/logs/results.tsv):
 #   a. card, date, commit                      d. cuattn info / cuattn check
 #   b. every test binary, CUATTN_REQUIRE_GPU=1 e. cuattn bench <family> --json + torch baseline
-#   c. compute-sanitizer memcheck + racecheck  e2. criterion benches (short), c2. synccheck
+#   c. compute-sanitizer memcheck + racecheck + initcheck  e2. criterion benches (short), c2. synccheck
 #      over the *gpu* test binaries               (both only if the time budget allows)
 #   f. scripts/gpu_report.py -> $OUT/report.md and the summary (printed last);
 #      $OUT/logs/ is packed into $OUT/logs.tar.gz.
@@ -369,7 +369,7 @@ elif [ -z "$SANITIZER" ]; then
 elif [ "${#gpu_bins[@]}" -eq 0 ]; then
   record memcheck "-" skip "no test binary named *gpu*" 0
 else
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     for bin in "${gpu_bins[@]}"; do sanitize "$tool" "$bin" 120; done
   done
 fi
