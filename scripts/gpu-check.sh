@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ON THE GPU MACHINE from the repo root, over the binaries that scripts/gpu-bundle.sh
-# built into gpu-bundle/ (no cargo needed there). See docs/gpu.md.
+# built into gpu-bundle/ (no cargo needed there). See docs/gpu-runs/README.md.
 #
 # Steps (each timed, each logged under $OUT/logs/, each one row in $OUT/logs/results.tsv):
 #   a. card, date, commit                      d. cuattn info / cuattn check
@@ -26,7 +26,7 @@
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 200 s cap),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
-#   MiniLM folder is not carried; docs/gpu.md runs that test in a second call).
+#   MiniLM folder is not carried; docs/gpu-runs/README.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
 #   capped like layernorm).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
