@@ -46,7 +46,7 @@ fi
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "install-cuda-toolchain: python3 with pip is required" >&2; exit 1; }
 
-echo "install-cuda-toolchain: downloading and installing the CUDA 13.0 nvcc wheels (about 120 MB to download, 280 MB installed) into $prefix; pip names each file as it downloads" >&2
+echo "install-cuda-toolchain: downloading and installing the CUDA 13.0 nvcc wheels (about 280 MB once installed) into $prefix; pip names each file as it downloads" >&2
 rm -rf "$prefix"
 mkdir -p "$prefix"
 "$python" -m pip install --progress-bar on --disable-pip-version-check --root-user-action=ignore --no-deps --target "$prefix" "${pins[@]}"
