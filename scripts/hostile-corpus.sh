@@ -160,7 +160,7 @@ args=(); for i in $(seq 1 10000); do args+=(--prompt "p$i"); done
 run input "10000 prompts" O '[ $(wc -l < "$out") -ge 10000 ]' -- "$bin" generate --device cpu --model "$gpt2" --max-new-tokens 2 "${args[@]}"
 printf 'ok\n\xff\xfe bad utf8\n' > "$work/bad-utf8.txt"
 run input "--input not UTF-8" E true -- "$bin" embed --device cpu --model "$minilm" --input "$work/bad-utf8.txt"
-run input "empty prompt" O true -- "$bin" generate --device cpu --model "$gpt2" --prompt "" --max-new-tokens 2
+run input "empty prompt (nothing to continue)" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt "" --max-new-tokens 2
 
 # ---- flags: none silently ignored
 run flags "--top-k without --temperature" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --max-new-tokens 2 --top-k 5
