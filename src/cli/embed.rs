@@ -13,6 +13,10 @@ use std::process::ExitCode;
 /// Sentences read per chunk (each chunk is sorted by length and cut into batches).
 const CHUNK: usize = 1024;
 
+/// A chunk also ends once its text passes this many bytes (with at least one sentence), so a
+/// file of long lines holds no more than this and one line in memory.
+const CHUNK_BYTES: usize = 64 << 20;
+
 /// Longest `--input` line accepted, in bytes (a file without newlines, or `/dev/zero`, is an
 /// error after this much, not a process that reads until it is killed).
 const LINE_LIMIT: u64 = 64 << 20;
@@ -119,14 +123,16 @@ impl Sentences {
         })
     }
 
-    /// Up to `n` more sentences (fewer only at the end).
+    /// Up to `n` more sentences (fewer at the end, or when they pass [`CHUNK_BYTES`]); empty
+    /// only at the end.
     fn next_chunk(&mut self, n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
         let mut out: Vec<String> = self.args.by_ref().take(n).collect();
         let Some((reader, name)) = self.input.as_mut() else {
             return Ok(out);
         };
         let mut buf = Vec::new();
-        while out.len() < n {
+        let mut bytes: usize = out.iter().map(String::len).sum();
+        while out.len() < n && (out.is_empty() || bytes < CHUNK_BYTES) {
             buf.clear();
             let got = std::io::Read::take(&mut **reader, LINE_LIMIT + 1)
                 .read_until(b'\n', &mut buf)
@@ -151,6 +157,7 @@ impl Sentences {
             }
             let text = String::from_utf8(std::mem::take(&mut buf))
                 .map_err(|_| format!("{name}, line {}: not valid UTF-8", self.line))?;
+            bytes += text.len();
             out.push(text);
         }
         Ok(out)
