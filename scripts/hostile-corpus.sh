@@ -5,6 +5,7 @@
 # every run is bounded (time and peak memory; a run over either fails the case).
 #
 #   scripts/hostile-corpus.sh [BIN]     (default target/release/cuattn)
+#   TIME_S (60), RSS_MB (1500), VMEM_MB (6000): per-case limits; ONLY=REGEX: a subset.
 #
 # Needs models/all-MiniLM-L6-v2 (scripts/fetch-minilm.sh) and tests/fixtures/tiny-gpt2; CPU only.
 # Prints one line per case and a table of passed/failed cases per category.
@@ -39,6 +40,8 @@ jqset() { jq "$2" "$1" > "$1.new" && mv "$1.new" "$1"; }
 # $out/$err; `true` for none). The command runs with stdout in $out and stderr in $err.
 run() {
     local cat=$1 name=$2 expect=$3 check=$4; shift 5
+    # ONLY=REGEX runs just the cases whose "category/name" matches (e.g. to rerun timeouts).
+    if [ -n "${ONLY:-}" ] && ! [[ "$cat/$name" =~ $ONLY ]]; then return; fi
     local out="$work/out" err="$work/err" tm="$work/time"
     # Address space capped too, so a runaway allocation fails here rather than on the machine.
     (ulimit -v $((VMEM_MB * 1024)); timeout "$TIME_S" /usr/bin/time -o "$tm" -f %M "$@" > "$out" 2> "$err")
