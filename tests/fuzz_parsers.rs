@@ -18,9 +18,12 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
 
+/// Valid inputs of each target, by target name.
+type Seeds = Vec<(&'static str, Vec<Vec<u8>>)>;
+
 /// Valid inputs per target, to mutate.
 fn seeds(target: &str) -> &'static [Vec<u8>] {
-    static SEEDS: OnceLock<Vec<(&'static str, Vec<Vec<u8>>)>> = OnceLock::new();
+    static SEEDS: OnceLock<Seeds> = OnceLock::new();
     let all = SEEDS.get_or_init(|| {
         let read = |rel: &str| std::fs::read(hostile::repo(rel)).unwrap();
         let dir = hostile::scratch("seeds");

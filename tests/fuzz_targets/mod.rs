@@ -158,8 +158,11 @@ pub fn sampling(data: &[u8]) {
     }
 }
 
+/// A target's name and function.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target, by name (the harness and the cargo-fuzz targets use the same table).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("config", config),
     ("tokenizer", tokenizer),
