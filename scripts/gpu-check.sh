@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs ON THE GPU MACHINE from the repo root, over the binaries that scripts/gpu-bundle.sh
-# built into gpu-bundle/ (no cargo needed there). See docs/gpu.md.
+# built into gpu-bundle/ (no cargo needed there). See docs/gpu-runs/README.md.
 #
 # Steps (each timed, each logged under $OUT/logs/, each one row in $OUT/logs/results.tsv):
 #   a. card, date, commit                      d. cuattn info / cuattn check
 #   b. every test binary, CUATTN_REQUIRE_GPU=1 e. cuattn bench <family> --json + torch baseline
-#   c. compute-sanitizer memcheck + racecheck  e2. criterion benches (short), c2. synccheck
+#   c. compute-sanitizer memcheck + racecheck + initcheck  e2. criterion benches (short), c2. synccheck
 #      over the *gpu* test binaries               (both only if the time budget allows)
 #   f. scripts/gpu_report.py -> $OUT/report.md and the summary (printed last);
 #      $OUT/logs/ is packed into $OUT/logs.tar.gz.
@@ -26,7 +26,7 @@
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 200 s cap),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
-#   MiniLM folder is not carried; docs/gpu.md runs that test in a second call).
+#   MiniLM folder is not carried; docs/gpu-runs/README.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
 #   capped like layernorm).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
@@ -369,7 +369,7 @@ elif [ -z "$SANITIZER" ]; then
 elif [ "${#gpu_bins[@]}" -eq 0 ]; then
   record memcheck "-" skip "no test binary named *gpu*" 0
 else
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     for bin in "${gpu_bins[@]}"; do sanitize "$tool" "$bin" 120; done
   done
 fi
