@@ -140,6 +140,9 @@ enum Family {
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
     Decode,
+    /// Training ops (bias+GELU, column sums, dropout, embedding backward, cross-entropy,
+    /// gradient norm and clipping, AdamW) at BERT/GPT-2 step sizes.
+    TrainingOps,
 }
 
 fn main() -> ExitCode {
@@ -300,6 +303,9 @@ fn check() -> CliResult {
     for (name, case) in cuattn::check::decode::standard_cases() {
         report("decode", &name, cuattn::check::decode::forward(&gpu, &case));
     }
+    for (name, run) in cuattn::check::training::standard_cases() {
+        report("training", &name, run(&gpu));
+    }
     if failures > 0 {
         println!("{failures} check(s) FAILED");
         return Ok(ExitCode::FAILURE);
@@ -447,6 +453,10 @@ fn bench(
                     );
                 }
             }
+        }
+        Family::TrainingOps => {
+            let rows = cuattn::bench::training_ops::run(&gpu, &dtypes, quick, copy_gbs)?;
+            cuattn::bench::training_ops::print(&gpu, &rows, copy_gbs, json)?;
         }
         Family::Layernorm => {
             let rows = cuattn::bench::layernorm::run(&gpu, &dtypes, quick, copy_gbs)?;

@@ -249,3 +249,127 @@ fn dropout_reference_rescales_kept_elements_by_one_over_one_minus_p() {
         assert_close(*a as f64, *b, 1e-6 * b.abs(), "rng::Dropout::apply");
     }
 }
+
+/// PyTorch's own results on small f64 cases (`scripts/make_fixtures.py --only training`).
+fn torch_fixture() -> serde_json::Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/training-ops.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("training-ops fixture"))
+        .expect("fixture JSON")
+}
+
+fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+#[track_caller]
+fn assert_all_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_close(*g, *w, tol * (1.0 + w.abs()), &format!("{what}[{i}]"));
+    }
+}
+
+#[test]
+fn references_match_pytorch_on_the_committed_fixture() {
+    let fx = torch_fixture();
+    for case in fx["bias_gelu"].as_array().unwrap() {
+        let kind = match case["kind"].as_str().unwrap() {
+            "erf" => Gelu::Erf,
+            _ => Gelu::Tanh,
+        };
+        let cols = case["cols"].as_u64().unwrap() as usize;
+        let (x, b, dy) = (f32s(&case["x"]), f32s(&case["bias"]), f32s(&case["dy"]));
+        let y = bias_gelu_forward(&x, Some(&b), cols, kind);
+        assert_all_close(&y, &f64s(&case["y"]), 1e-12, "gelu y");
+        let (dx, db) = bias_gelu_backward(&dy, &x, Some(&b), cols, kind);
+        assert_all_close(&dx, &f64s(&case["dx"]), 1e-12, "gelu dx");
+        assert_all_close(&db, &f64s(&case["dbias"]), 1e-12, "gelu dbias");
+    }
+    for case in fx["cross_entropy"].as_array().unwrap() {
+        let labels: Vec<i32> = case["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_i64().unwrap() as i32)
+            .collect();
+        let (loss, d) = cross_entropy(
+            &f32s(&case["logits"]),
+            case["classes"].as_u64().unwrap() as usize,
+            &labels,
+            case["ignore_index"].as_i64().unwrap() as i32,
+            case["smoothing"].as_f64().unwrap(),
+        );
+        assert_close(loss, case["loss"].as_f64().unwrap(), 1e-12, "xent loss");
+        assert_all_close(&d, &f64s(&case["dlogits"]), 1e-12, "xent dlogits");
+    }
+    let e = &fx["embedding"];
+    let ids: Vec<u32> = e["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let got = embedding_backward(
+        &f32s(&e["dy"]),
+        e["width"].as_u64().unwrap() as usize,
+        &ids,
+        e["vocab"].as_u64().unwrap() as usize,
+    );
+    assert_all_close(&got, &f64s(&e["dtable"]), 1e-12, "embedding");
+    let c = &fx["clip"];
+    let grads: Vec<Vec<f32>> = c["grads"].as_array().unwrap().iter().map(f32s).collect();
+    let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+    let norm = global_norm(&refs);
+    assert_close(norm, c["norm"].as_f64().unwrap(), 1e-12, "clip norm");
+    let coef = clip_coefficient(norm, c["max_norm"].as_f64().unwrap());
+    for (g, want) in grads.iter().zip(c["clipped"].as_array().unwrap()) {
+        let got: Vec<f64> = g.iter().map(|&v| v as f64 * coef).collect();
+        assert_all_close(&got, &f64s(want), 1e-12, "clipped grads");
+    }
+    let a = &fx["adamw"];
+    let cfg = AdamWConfig {
+        lr: a["lr"].as_f64().unwrap(),
+        beta1: a["beta1"].as_f64().unwrap(),
+        beta2: a["beta2"].as_f64().unwrap(),
+        eps: a["eps"].as_f64().unwrap(),
+        weight_decay: a["weight_decay"].as_f64().unwrap(),
+    };
+    let mut params: Vec<Vec<f64>> = a["start"].as_array().unwrap().iter().map(f64s).collect();
+    let mut m: Vec<Vec<f64>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+    let mut v = m.clone();
+    for (step, s) in a["steps"].as_array().unwrap().iter().enumerate() {
+        for k in 0..2 {
+            let g = f64s(&s["grads"][k]);
+            adamw_step(
+                &cfg,
+                step as u32 + 1,
+                k == 0,
+                &mut params[k],
+                &g,
+                &mut m[k],
+                &mut v[k],
+            );
+            assert_all_close(
+                &params[k],
+                &f64s(&s["params"][k]),
+                1e-12,
+                &format!("adamw step {} tensor {k}", step + 1),
+            );
+        }
+    }
+}
