@@ -30,6 +30,13 @@ would be 50257 values per position, so the JSON keeps, per position, every 131st
 columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
 whole vocabulary at every step.
 
+tests/fixtures/training-ops.json
+                                    PyTorch (f64, CPU) on small inputs: F.gelu (erf, tanh) of
+                                    x + b with autograd's dx and dbias, F.cross_entropy with
+                                    ignore_index and label smoothing (loss, dlogits), the
+                                    embedding gradient, clip_grad_norm_, and three
+                                    torch.optim.AdamW steps (decay and no-decay groups)
+
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
 
@@ -248,10 +255,74 @@ def tiny_gpt2(bpe_dir):
         json.dump(record, f)
 
 
+def training_ops():
+    """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
+    references read exactly the same values."""
+    torch.manual_seed(99)
+    f = torch.nn.functional
+
+    def rand(*shape, spread=1.0):
+        return ((torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread).double()
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    out = {}
+    gelu = []
+    for kind, approx in (("erf", "none"), ("tanh", "tanh")):
+        x, b, dy = rand(4, 6, spread=3.0), rand(6), rand(4, 6)
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        y = f.gelu(x + b, approximate=approx)
+        y.backward(dy)
+        gelu.append({"kind": kind, "rows": 4, "cols": 6, "x": flat(x), "bias": flat(b),
+                     "dy": flat(dy), "y": flat(y), "dx": flat(x.grad), "dbias": flat(b.grad)})
+    out["bias_gelu"] = gelu
+    xent = []
+    for eps in (0.0, 0.1):
+        logits = rand(5, 7, spread=4.0).requires_grad_(True)
+        labels = torch.tensor([3, -100, 0, 6, 2])
+        loss = f.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
+        loss.backward()
+        xent.append({"smoothing": eps, "ignore_index": -100, "classes": 7,
+                     "logits": flat(logits), "labels": labels.tolist(), "loss": loss.item(),
+                     "dlogits": flat(logits.grad)})
+    out["cross_entropy"] = xent
+    ids = torch.tensor([4, 1, 4, 0, 4, 2, 1, 4, 0])
+    w = rand(5, 3).requires_grad_(True)
+    dy = rand(9, 3)
+    f.embedding(ids, w).backward(dy)
+    out["embedding"] = {"vocab": 5, "width": 3, "ids": ids.tolist(), "dy": flat(dy),
+                        "dtable": flat(w.grad)}
+    grads = [rand(7), rand(3, 2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p_, g in zip(params, grads):
+        p_.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    out["clip"] = {"max_norm": 0.5, "grads": [flat(g) for g in grads], "norm": norm.item(),
+                   "clipped": [flat(p_.grad) for p_ in params]}
+    decayed, plain = rand(6).requires_grad_(True), rand(4).requires_grad_(True)
+    start = [flat(decayed), flat(plain)]
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": 0.1},
+                             {"params": [plain], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    steps = []
+    for _ in range(3):
+        g = [rand(6, spread=2.0), rand(4, spread=2.0)]
+        decayed.grad, plain.grad = g[0].clone(), g[1].clone()
+        opt.step()
+        steps.append({"grads": [flat(t) for t in g], "params": [flat(decayed), flat(plain)]})
+    out["adamw"] = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                    "weight_decay": 0.1, "start": start, "steps": steps}
+    out["torch_version"] = torch.__version__
+    with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
+        json.dump(out, fh)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "training"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -263,6 +334,8 @@ def main():
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "training"):
+        training_ops()
     print("fixtures written to", FIXTURES)
 
 

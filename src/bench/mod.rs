@@ -6,6 +6,7 @@ pub mod attention;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;
+pub mod training_ops;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

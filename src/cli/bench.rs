@@ -30,6 +30,9 @@ pub enum Family {
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
     Decode,
+    /// Training ops (bias+GELU, column sums, dropout, embedding backward, cross-entropy,
+    /// gradient norm and clipping, AdamW) at BERT/GPT-2 step sizes.
+    TrainingOps,
 }
 
 pub fn run(args: BenchArgs) -> CliResult {
@@ -157,6 +160,10 @@ fn bench(
                     )?;
                 }
             }
+        }
+        Family::TrainingOps => {
+            let rows = cuattn::bench::training_ops::run(&gpu, &dtypes, quick, copy_gbs)?;
+            cuattn::bench::training_ops::print(&gpu, &rows, copy_gbs, json)?;
         }
         Family::Decode => {
             let rows = cuattn::bench::decode::run(&gpu, &dtypes, quick, copy_gbs)?;

@@ -63,6 +63,9 @@ pub fn run() -> CliResult {
     for (name, case) in cuattn::check::decode::standard_cases() {
         report("decode", &name, cuattn::check::decode::forward(&gpu, &case))?;
     }
+    for (name, run) in cuattn::check::training::standard_cases() {
+        report("training", &name, run(&gpu))?;
+    }
     if failures > 0 {
         writeln!(out, "{failures} check(s) FAILED")?;
         return Ok(ExitCode::FAILURE);

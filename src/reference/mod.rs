@@ -5,3 +5,4 @@
 pub mod attention;
 pub mod layernorm;
 pub mod runtime;
+pub mod training;

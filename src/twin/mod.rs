@@ -7,3 +7,4 @@ pub mod decode;
 pub mod kv_append;
 pub mod layernorm;
 pub mod sparse_attention;
+pub mod training;
