@@ -137,6 +137,8 @@ enum DeviceChoice {
 enum Family {
     Layernorm,
     Attention,
+    /// Attention backward (dQ, dK, dV): deterministic and fast modes, TFLOP/s = 2.5× forward FLOPs.
+    AttentionBackward,
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
     Decode,
@@ -289,6 +291,13 @@ fn check() -> CliResult {
             cuattn::check::attention::forward(&gpu, &case),
         );
     }
+    for (name, case) in cuattn::check::attention_backward::standard_cases() {
+        report(
+            "attn_bwd",
+            &name,
+            cuattn::check::attention_backward::backward(&gpu, &case),
+        );
+    }
     match cuattn::check::sparse::standard_cases() {
         Ok(cases) => {
             for (name, case) in cases {
@@ -372,6 +381,34 @@ fn bench(
             } else {
                 println!(
                     "Attention forward on {} (FLOPs 4·B·H·L²·D, half when causal)",
+                    gpu.info().name
+                );
+                println!(
+                    "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11} {:>9}",
+                    "kernel", "dtype", "B×H×L", "D", "causal", "time (µs)", "TFLOP/s"
+                );
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    println!(
+                        "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
+                        r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
+                    );
+                }
+            }
+        }
+        Family::AttentionBackward => {
+            let dtypes: Vec<_> = if dtypes.len() == 3 {
+                vec![cuattn::DType::F16, cuattn::DType::BF16]
+            } else {
+                dtypes
+            };
+            let rows = cuattn::bench::attention_backward::run(&gpu, &dtypes, quick)?;
+            if json {
+                let v = serde_json::json!({"family": "attention-backward", "device": gpu.info().name, "rows": rows});
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "Attention backward on {} (FLOPs 2.5·4·B·H·L²·D, half when causal)",
                     gpu.info().name
                 );
                 println!(
