@@ -162,8 +162,20 @@ fn causal_masks_skip_the_tiles_beyond_the_diagonal() {
     let all = dense.check(Mode::Deterministic, TILING).unwrap();
     let tri = causal.check(Mode::Deterministic, TILING).unwrap();
     // 8×8 tiles: 64 in all, 36 on or below the diagonal.
-    assert_eq!(all, Visits { dkdv_tiles: 64, dq_tiles: 64 });
-    assert_eq!(tri, Visits { dkdv_tiles: 36, dq_tiles: 36 });
+    assert_eq!(
+        all,
+        Visits {
+            dkdv_tiles: 64,
+            dq_tiles: 64
+        }
+    );
+    assert_eq!(
+        tri,
+        Visits {
+            dkdv_tiles: 36,
+            dq_tiles: 36
+        }
+    );
 }
 
 #[test]

@@ -15,7 +15,8 @@ use std::sync::Arc;
 /// Longest sequence the exact path is timed at (it is a reference path).
 const EXACT_MAX_LEN: usize = 1024;
 
-/// Times the deterministic and fast tensor-core modes (f16/bf16) and the exact path.
+/// Times the deterministic (kernel "tensor_cores") and fast ("tensor_cores_fast") tensor-core
+/// modes for f16/bf16, and the exact path ("exact").
 pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
     let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
     let mut out = Vec::new();
@@ -39,18 +40,15 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
                 let (o, lse) = attn::forward(&q, &k, &v, &fwd_opts)?;
                 let mut impls = Vec::new();
                 if dt != DType::F32 && dim <= bwd::TC_MAX_HEAD_DIM {
-                    impls.push(("deterministic", Kernel::TensorCore, Mode::Deterministic));
-                    impls.push(("fast", Kernel::TensorCore, Mode::Fast));
+                    impls.push(("tensor_cores", Kernel::TensorCore, Mode::Deterministic));
+                    impls.push(("tensor_cores_fast", Kernel::TensorCore, Mode::Fast));
                 }
                 if len <= EXACT_MAX_LEN || quick {
                     impls.push(("exact", Kernel::Exact, Mode::Deterministic));
                 }
                 for (name, kernel, mode) in impls {
                     let opts = bwd::Options {
-                        forward: attn::Options {
-                            kernel,
-                            ..fwd_opts
-                        },
+                        forward: attn::Options { kernel, ..fwd_opts },
                         mode,
                     };
                     let us = super::time_us(gpu, warmup, iters, || {

@@ -95,7 +95,11 @@ impl Inputs {
                 let mut k = random_values(&mut rng, c.dtype, s.k_len(), 0.0, 2.0);
                 let mut v = random_values(&mut rng, c.dtype, s.v_len(), 0.0, 1.0);
                 let d_o = random_values(&mut rng, c.dtype, s.o_len(), 0.0, 1.0);
-                let key_len = |b: usize| c.key_lens.as_ref().map_or(s.len_k, |l| l[b].max(0) as usize);
+                let key_len = |b: usize| {
+                    c.key_lens
+                        .as_ref()
+                        .map_or(s.len_k, |l| l[b].max(0) as usize)
+                };
                 poison_keys(&mut k, &mut v, &s, |b, j| j >= key_len(b));
                 let up = |dims, x: &[f32]| upload_4d(gpu, c.dtype, dims, c.bshd, Some(x), 0.0);
                 Ok(Inputs {
@@ -167,7 +171,11 @@ impl Inputs {
         let (o, lse) = attn::forward(&self.qd, &self.kd, &self.vd, fwd).map_err(err)?;
         // Contiguous outputs shaped like the inputs (BHSD even when the inputs are BSHD).
         let poisoned = |t: &DeviceTensor| gpu.full(t.dtype(), t.shape(), f32::NAN).map_err(err);
-        let (mut dq, mut dk, mut dv) = (poisoned(&self.qd)?, poisoned(&self.kd)?, poisoned(&self.vd)?);
+        let (mut dq, mut dk, mut dv) = (
+            poisoned(&self.qd)?,
+            poisoned(&self.kd)?,
+            poisoned(&self.vd)?,
+        );
         bwd::backward_into(
             gpu,
             &self.qd.view(),
@@ -295,7 +303,11 @@ pub fn bitwise_repeatable(gpu: &Arc<Gpu>, c: &Case, runs: usize) -> CheckResult 
     for run in 1..runs {
         let again = x.grads(gpu, c, &opts, &opts)?;
         for (name, (a, b)) in ["dQ", "dK", "dV"].iter().zip(first.iter().zip(&again)) {
-            if let Some(i) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+            if let Some(i) = a
+                .iter()
+                .zip(b)
+                .position(|(x, y)| x.to_bits() != y.to_bits())
+            {
                 return Err(format!(
                     "{name} differs at element {i} on run {run}: {} vs {} for {c:?}",
                     a[i], b[i]

@@ -20,7 +20,9 @@
 //! Workspace: D = rowsum(dO∘O) (f32, one per query row and head), and in [`Mode::Fast`] an f32
 //! dQ accumulator of Q's size; both are allocated per call. Memory is O(L): no L×L matrix.
 
-use super::attention::{self, check_views, fwd_params, Checked, Kernel, SequenceArrays, Sequences, Strides};
+use super::attention::{
+    self, check_views, fwd_params, Checked, Kernel, SequenceArrays, Sequences, Strides,
+};
 use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -218,7 +220,8 @@ pub fn kernel_names() -> Vec<&'static str> {
 /// Dynamic shared memory of the tensor-core kernels (attention_bwd.cu's header).
 fn shared_bytes(hd: usize, atomic_dq: bool) -> (usize, usize) {
     let pitch = hd + 8;
-    let dkdv = (2 * BN + 2 * BM) * pitch * 2 + 2 * BM * 4 + if atomic_dq { BN * (BM + 8) * 2 } else { 0 };
+    let dkdv =
+        (2 * BN + 2 * BM) * pitch * 2 + 2 * BM * 4 + if atomic_dq { BN * (BM + 8) * 2 } else { 0 };
     let dq = (2 * BM + 2 * BN) * pitch * 2;
     (dkdv, dq)
 }
@@ -275,9 +278,14 @@ pub fn backward_into(
         None
     };
     // 16-byte tile loads need every row of Q, K, V and dO aligned.
-    let vectorized = [q.device_ptr(), k.device_ptr(), v.device_ptr(), d_o.device_ptr()]
-        .iter()
-        .all(|p| p % 16 == 0)
+    let vectorized = [
+        q.device_ptr(),
+        k.device_ptr(),
+        v.device_ptr(),
+        d_o.device_ptr(),
+    ]
+    .iter()
+    .all(|p| p % 16 == 0)
         && [c.q, c.k, c.v, cb.d_o]
             .iter()
             .all(|st| [st.batch, st.head, st.row].iter().all(|x| x % 8 == 0))
@@ -286,7 +294,13 @@ pub fn backward_into(
     let seqs = SequenceArrays::upload(gpu, &opts.forward)?;
     let fwd = fwd_params(
         gpu,
-        [q.device_ptr(), k.device_ptr(), v.device_ptr(), o.device_ptr(), lse.device_ptr()],
+        [
+            q.device_ptr(),
+            k.device_ptr(),
+            v.device_ptr(),
+            o.device_ptr(),
+            lse.device_ptr(),
+        ],
         &opts.forward,
         c,
         &seqs,
@@ -446,7 +460,16 @@ mod tests {
         dv: TensorMut<'static>,
     }
 
-    fn views(dt: DType, b: usize, hq: usize, hkv: usize, lq: usize, lk: usize, d: usize, dv: usize) -> Views {
+    fn views(
+        dt: DType,
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        lq: usize,
+        lk: usize,
+        d: usize,
+        dv: usize,
+    ) -> Views {
         Views {
             q: r(dt, &[b, hq, lq, d], 0),
             k: r(dt, &[b, hkv, lk, d], 1 << 32),
@@ -461,7 +484,9 @@ mod tests {
     }
 
     fn run_check(x: &Views, opts: &Options) -> Result<CheckedBwd> {
-        check(&x.q, &x.k, &x.v, &x.o, &x.lse, &x.d_o, &x.dq, &x.dk, &x.dv, opts)
+        check(
+            &x.q, &x.k, &x.v, &x.o, &x.lse, &x.d_o, &x.dq, &x.dk, &x.dv, opts,
+        )
     }
 
     #[test]
@@ -512,13 +537,21 @@ mod tests {
 
     #[test]
     fn tensor_cores_take_f16_and_bf16_up_to_head_dim_128_and_the_rest_runs_exact() {
-        let big = run_check(&views(DType::BF16, 1, 1, 1, 4, 4, 192, 64), &Options::default()).unwrap();
+        let big = run_check(
+            &views(DType::BF16, 1, 1, 1, 4, 4, 192, 64),
+            &Options::default(),
+        )
+        .unwrap();
         assert!(!use_tensor_cores(&big.c, Kernel::Auto).unwrap());
         assert!(matches!(
             use_tensor_cores(&big.c, Kernel::TensorCore),
             Err(Error::InvalidArgument { arg: "q", .. })
         ));
-        let f32c = run_check(&views(DType::F32, 1, 1, 1, 4, 4, 64, 64), &Options::default()).unwrap();
+        let f32c = run_check(
+            &views(DType::F32, 1, 1, 1, 4, 4, 64, 64),
+            &Options::default(),
+        )
+        .unwrap();
         assert!(!use_tensor_cores(&f32c.c, Kernel::Auto).unwrap());
         assert!(matches!(
             use_tensor_cores(&f32c.c, Kernel::TensorCore),

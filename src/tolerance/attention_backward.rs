@@ -50,9 +50,7 @@ pub fn bounds(
     let score_err = (4.0 * (s.dim_qk as f64).sqrt() + 8.0) * u32_ * score_scale;
     let eps = score_err + fwd.lse.atol + fwd.lse.rtol * score_scale + 2.0 * u_in;
     let dv_f = s.dim_v as f64;
-    let e_d = dv_f
-        * max_abs(d_o)
-        * (max_abs(v) * (u_in + 4.0 * dv_f.sqrt() * u32_) + fwd.o.atol);
+    let e_d = dv_f * max_abs(d_o) * (max_abs(v) * (u_in + 4.0 * dv_f.sqrt() * u32_) + fwd.o.atol);
 
     // max over outputs of Σ |term| bounds, by one f64 pass over the admissible pairs.
     let group = s.heads_q / s.heads_kv;
@@ -60,7 +58,8 @@ pub fn bounds(
     let mut a_dq = vec![0.0f64; s.q_len()];
     let mut a_dk = vec![0.0f64; s.k_len()];
     let mut a_dv = vec![0.0f64; s.v_len()];
-    let dot = |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
     let mut p = vec![0.0f64; s.len_k];
     let mut dp = vec![0.0f64; s.len_k];
     for b in 0..s.batch {

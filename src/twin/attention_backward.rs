@@ -182,7 +182,8 @@ pub fn backward(
                                     continue; // P = dS = 0
                                 }
                                 let r = r0 + i as usize;
-                                let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                                let (qi, doi) =
+                                    (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
                                 let kj = k_row(key);
                                 let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
                                 let ds = p * (dot(doi, v_row(key)) - delta[r]);
@@ -209,7 +210,10 @@ pub fn backward(
                     for (out, &a) in g.dk[kr..kr + d].iter_mut().zip(&dk[kk * d..(kk + 1) * d]) {
                         *out = dtype.round(a * scale);
                     }
-                    for (out, &a) in g.dv[vr..vr + dvn].iter_mut().zip(&dv[kk * dvn..(kk + 1) * dvn]) {
+                    for (out, &a) in g.dv[vr..vr + dvn]
+                        .iter_mut()
+                        .zip(&dv[kk * dvn..(kk + 1) * dvn])
+                    {
                         *out = dtype.round(a);
                     }
                 }
@@ -254,8 +258,16 @@ pub fn backward(
                                 continue;
                             }
                             let loaded = j >= kb && j < ke;
-                            let kj = if loaded { &k_head[j as usize * d..][..d] } else { &zeros[..d] };
-                            let vj = if loaded { &v_head[j as usize * dvn..][..dvn] } else { &zeros[..dvn] };
+                            let kj = if loaded {
+                                &k_head[j as usize * d..][..d]
+                            } else {
+                                &zeros[..d]
+                            };
+                            let vj = if loaded {
+                                &v_head[j as usize * dvn..][..dvn]
+                            } else {
+                                &zeros[..dvn]
+                            };
                             let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
                             let ds = dtype.round(p * (dot(doi, vj) - delta[r]));
                             for (a, &x) in dq[row * d..(row + 1) * d].iter_mut().zip(kj) {
@@ -266,7 +278,10 @@ pub fn backward(
                 }
                 for row in 0..bm.min(s.len_q - q0 as usize) {
                     let r = r0 + q0 as usize + row;
-                    for (out, &a) in g.dq[r * d..(r + 1) * d].iter_mut().zip(&dq[row * d..(row + 1) * d]) {
+                    for (out, &a) in g.dq[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .zip(&dq[row * d..(row + 1) * d])
+                    {
                         *out = dtype.round(a * scale);
                     }
                 }

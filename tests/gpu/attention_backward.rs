@@ -34,7 +34,15 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         any::<u64>(),
     )
         .prop_map(
-            |(dtype, (b, hkv, group), (lq, lk), (d, dv), causal, (pad, bshd, packed, path), seed)| {
+            |(
+                dtype,
+                (b, hkv, group),
+                (lq, lk),
+                (d, dv),
+                causal,
+                (pad, bshd, packed, path),
+                seed,
+            )| {
                 let s = Shape::new(b, hkv * group, hkv, lq, lk, d, dv);
                 let key_lens = pad.then(|| {
                     (0..b)
@@ -135,10 +143,13 @@ fn fully_masked_rows_get_zero_gradients() {
 fn gqa_and_mqa_sum_dk_and_dv_over_the_group() {
     run(
         "gqa_and_mqa_sum_dk_and_dv_over_the_group",
-        [Shape::new(1, 8, 2, 70, 90, 64, 64), Shape::new(2, 6, 1, 33, 130, 128, 96)]
-            .into_iter()
-            .flat_map(|s| every_path(move |dt| Case::dense(dt, s)))
-            .collect(),
+        [
+            Shape::new(1, 8, 2, 70, 90, 64, 64),
+            Shape::new(2, 6, 1, 33, 130, 128, 96),
+        ]
+        .into_iter()
+        .flat_map(|s| every_path(move |dt| Case::dense(dt, s)))
+        .collect(),
     );
 }
 
