@@ -19,7 +19,7 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention sparse decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
+#   BENCH_FAMILIES (default "layernorm attention attention-backward sparse decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
 #   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
@@ -35,7 +35,7 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
 
-BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention sparse decode training-ops}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention attention-backward sparse decode training-ops}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 OUT="${OUT:-${TMPDIR:-/tmp}/cuattn-gpu-check}"
 BUNDLE="$root/gpu-bundle"
@@ -262,7 +262,7 @@ fi
 
 # ---------------------------------------------------------------- e. benchmarks + torch baseline
 json_ok() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d.get("rows", [])))' "$1" 2>/dev/null; }
-bench_cap() { case "$1" in attention) echo 240 ;; *) echo 120 ;; esac; } # cuattn bench FAMILY
+bench_cap() { case "$1" in attention | attention-backward) echo 240 ;; *) echo 120 ;; esac; } # cuattn bench FAMILY
 torch_cap() { case "$1" in attention) echo 120 ;; sparse) echo 150 ;; *) echo 120 ;; esac; } # torch_baseline.py FAMILY (sparse: torch.compile)
 for fam in $BENCH_FAMILIES; do
   ours="$OUT/bench_$fam.json"

@@ -22,6 +22,11 @@ tests/fixtures/tiny-gpt2-outputs.json
                                     a fixed sample of vocabulary columns, and greedy
                                     continuations (generate(do_sample=False)) with the top-2
                                     logit margin of every step
+tests/fixtures/attention-backward.json
+                                    small attention calls (GQA, D != Dv, causal top-left and
+                                    bottom-right with Lq != Lk, key padding, a sliding window)
+                                    with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
+                                    (`--only attention-backward`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -317,12 +322,72 @@ def training_ops():
     out["torch_version"] = torch.__version__
     with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
         json.dump(out, fh)
+def attention_backward():
+    """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
+    matrices (key j visible to query i), independently of the crate's band code; inputs are
+    f32 values carried in f64, and no case has a fully masked row (softmax would give NaN)."""
+    gen = torch.Generator().manual_seed(4321)
+    cases = []
+    specs = [
+        # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_lens, window (left, right, align)
+        ("gqa_unequal_dims", 2, 4, 2, 5, 7, 6, 4, None, None, None),
+        ("causal_top_left", 1, 2, 1, 6, 4, 5, 5, "top_left", None, None),
+        ("causal_bottom_right", 1, 2, 2, 4, 7, 4, 3, "bottom_right", None, None),
+        ("key_padding_mqa", 2, 3, 1, 5, 6, 4, 4, None, [6, 2], None),
+        ("window_causal", 1, 2, 1, 7, 7, 4, 4, "top_left", None, (2, 0, "top_left")),
+    ]
+    for name, b, hq, hkv, lq, lk, d, dv, causal, key_lens, window in specs:
+        q = torch.randn(b, hq, lq, d, generator=gen).float().double().requires_grad_()
+        k = torch.randn(b, hkv, lk, d, generator=gen).float().double().requires_grad_()
+        v = torch.randn(b, hkv, lk, dv, generator=gen).float().double().requires_grad_()
+        do = torch.randn(b, hq, lq, dv, generator=gen).float().double()
+        scale = 1.0 / d ** 0.5
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        for bb in range(b):
+            kl = key_lens[bb] if key_lens else lk
+            for i in range(lq):
+                for j in range(lk):
+                    ok = j < kl
+                    off = lambda align: 0 if align == "top_left" else kl - lq
+                    if causal:
+                        ok = ok and j <= i + off(causal)
+                    if window:
+                        left, right, align = window
+                        ok = ok and i + off(align) - left <= j <= i + off(align) + right
+                    keep[bb, 0, i, j] = ok
+        assert keep.any(dim=-1).all(), name
+        group = hq // hkv
+        kr = k.repeat_interleave(group, dim=1)
+        vr = v.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=keep, scale=scale)
+        (o * do).sum().backward()
+        cases.append({
+            "name": name,
+            "shape": [b, hq, hkv, lq, lk, d, dv],
+            "causal": causal,
+            "key_lens": key_lens,
+            "window": list(window) if window else None,
+            "q": q.detach().flatten().tolist(),
+            "k": k.detach().flatten().tolist(),
+            "v": v.detach().flatten().tolist(),
+            "do": do.flatten().tolist(),
+            "o": o.detach().flatten().tolist(),
+            "dq": q.grad.flatten().tolist(),
+            "dk": k.grad.flatten().tolist(),
+            "dv": v.grad.flatten().tolist(),
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py attention_backward, torch {torch.__version__}, f64 autograd through SDPA",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "attention-backward.json"), "w") as f:
+        json.dump(record, f)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "training"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -336,6 +401,8 @@ def main():
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
     if args.only in ("all", "training"):
         training_ops()
+    if args.only in ("all", "attention-backward"):
+        attention_backward()
     print("fixtures written to", FIXTURES)
 
 

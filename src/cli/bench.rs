@@ -27,6 +27,8 @@ pub struct BenchArgs {
 pub enum Family {
     Layernorm,
     Attention,
+    /// Attention backward (dQ, dK, dV): deterministic and fast modes, TFLOP/s = 2.5× forward FLOPs.
+    AttentionBackward,
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
     Decode,
@@ -157,6 +159,37 @@ fn bench(
                         r.time_us,
                         r.tflops,
                         r.speedup_vs_dense
+                    )?;
+                }
+            }
+        }
+        Family::AttentionBackward => {
+            let dtypes: Vec<_> = if dtypes.len() == 3 {
+                vec![cuattn::DType::F16, cuattn::DType::BF16]
+            } else {
+                dtypes
+            };
+            let rows = cuattn::bench::attention_backward::run(&gpu, &dtypes, quick)?;
+            if json {
+                let v = serde_json::json!({"family": "attention-backward", "device": gpu.info().name, "rows": rows});
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "Attention backward on {} (FLOPs 2.5·4·B·H·L²·D, half when causal)",
+                    gpu.info().name
+                )?;
+                writeln!(
+                    out,
+                    "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11} {:>9}",
+                    "kernel", "dtype", "B×H×L", "D", "causal", "time (µs)", "TFLOP/s"
+                )?;
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    writeln!(
+                        out,
+                        "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
+                        r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
                     )?;
                 }
             }

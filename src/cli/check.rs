@@ -52,6 +52,13 @@ pub fn run() -> CliResult {
             cuattn::check::attention::forward(&gpu, &case),
         )?;
     }
+    for (name, case) in cuattn::check::attention_backward::standard_cases() {
+        report(
+            "attn_bwd",
+            &name,
+            cuattn::check::attention_backward::backward(&gpu, &case),
+        )?;
+    }
     match cuattn::check::sparse::standard_cases() {
         Ok(cases) => {
             for (name, case) in cases {
