@@ -208,7 +208,7 @@ fn two_adamw_steps_with_clipping_match_torch_optim_adamw() {
     // Each step moves a weight by at most ~lr; a weight within 1% of lr of PyTorch's is the
     // same trajectory (a sign flip of one update would be 2·lr off).
     let all = torch_tensors();
-    let mut worst = 0f64;
+    let (mut worst, mut total, mut skipped) = (0f64, 0usize, 0usize);
     for p in m.parameters() {
         if p.name.ends_with("attention.self.key.bias") {
             // Its gradient is zero up to rounding (see above), and Adam turns rounding noise
@@ -216,15 +216,34 @@ fn two_adamw_steps_with_clipping_match_torch_optim_adamw() {
             continue;
         }
         let want = torch(&all, &format!("adamw2.{}", p.name));
-        let (e, _, _) = errors(&Cpu.to_f32(&p.value).unwrap(), &want);
-        assert!(
-            e <= 0.01 * lr as f64,
-            "{}: max abs err {e:.3e} after two steps",
-            p.name
-        );
-        worst = worst.max(e);
+        let got = Cpu.to_f32(&p.value).unwrap();
+        let g1 = torch(&all, &format!("grad.{}", p.name));
+        // An element whose gradient is below 1% of the gradient test's bound (1e-6 here) has no
+        // determined sign: Adam's normalised step m̂/√v̂ turns its rounding into up to ±lr.
+        // (Exact zeros, e.g. unused embedding rows, are compared: only the decay moves them.)
+        let gmax = g1.iter().fold(0f64, |a, &b| a.max(b.abs() as f64));
+        let undetermined = 1e-4 * gmax.max(1.0) * 1e-2;
+        for i in 0..got.len() {
+            total += 1;
+            if g1[i] != 0.0 && (g1[i].abs() as f64) < undetermined {
+                skipped += 1;
+                continue;
+            }
+            let e = (got[i] as f64 - want[i] as f64).abs();
+            assert!(
+                e <= 0.01 * lr as f64,
+                "{}[{i}]: {e:.3e} off PyTorch after two steps (gradient {:.3e})",
+                p.name,
+                g1[i]
+            );
+            worst = worst.max(e);
+        }
     }
-    eprintln!("two AdamW steps: max weight difference {worst:.2e} (lr {lr})");
+    eprintln!(
+        "two AdamW steps: max weight difference {worst:.2e} (lr {lr}); {skipped} of {total} \
+         elements with an undetermined gradient sign skipped"
+    );
+    assert!(skipped * 1000 < total, "{skipped} of {total} skipped");
 }
 
 #[test]
