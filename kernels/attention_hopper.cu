@@ -79,39 +79,19 @@ template <int D> struct __align__(1024) Smem {
 static_assert(sizeof(Smem<64>) + 1024 == CUATTN_ATTN_HOPPER_SMEM_HD64, "CUATTN_ATTN_HOPPER_SMEM_HD64");
 static_assert(sizeof(Smem<128>) + 1024 == CUATTN_ATTN_HOPPER_SMEM_HD128, "CUATTN_ATTN_HOPPER_SMEM_HD128");
 
-// Keys of query row i: i + lo ≤ j ≤ i + hi, j < key_len (sums clamped to stay in int32).
-struct Band {
-    int lo, hi;
-};
-
-__device__ __forceinline__ int diag_offset(int align, int len_q, int key_len) {
-    return align == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
-}
-
-__device__ __forceinline__ Band band_of(const cuattn_attention_fwd_params& p, int len_q, int key_len) {
-    Band band{-len_q - 1, key_len};
-    if (p.causal != CUATTN_CAUSAL_NONE) band.hi = min(band.hi, diag_offset(p.causal, len_q, key_len));
-    if (p.window_left >= 0 || p.window_right >= 0) {
-        const int ow = diag_offset(p.window_align, len_q, key_len);
-        if (p.window_left >= 0) band.lo = max(band.lo, ow - min(p.window_left, len_q + key_len + 1));
-        if (p.window_right >= 0) band.hi = min(band.hi, ow + min(p.window_right, len_q + key_len + 1));
-    }
-    return band;
-}
-
 // The key tiles block m_block visits: [first, first + count). Producer and consumers both call
 // this, so they agree on the tile sequence.
 struct TileRange {
     int first, count;
     int key_len;
-    Band band;
+    cuattn::Band band;
 };
 
 __device__ __forceinline__ TileRange tile_range(const cuattn_attention_fwd_params& p, int b, int m_block) {
     int key_len = p.len_k;
     if (p.key_lens) key_len = min(key_len, reinterpret_cast<const int*>(p.key_lens)[b]);
     key_len = max(key_len, 0);
-    const Band band = band_of(p, p.len_q, key_len);
+    const cuattn::Band band = cuattn::dense_band(p, p.len_q, key_len);
     const int q0 = m_block * BM, q_last = min(q0 + BM, p.len_q) - 1;
     const int kb = max(0, q0 + band.lo);
     const int ke = min(key_len, q_last + band.hi + 1);
@@ -131,13 +111,13 @@ template <> struct Mma<__nv_bfloat16> {
     static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) { wgmma_m64n128k16_ss_bf16<0, 0>(d, a, b, acc); }
     static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int acc) { wgmma_m64n64k16_rs_bf16<1>(d, a, b, acc); }
     static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) { wgmma_m64n128k16_rs_bf16<1>(d, a, b, acc); }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2_bf16(lo, hi); }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return cuattn::pack2<__nv_bfloat16>(lo, hi); }
 };
 template <> struct Mma<__half> {
     static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) { wgmma_m64n128k16_ss_f16<0, 0>(d, a, b, acc); }
     static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int acc) { wgmma_m64n64k16_rs_f16<1>(d, a, b, acc); }
     static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) { wgmma_m64n128k16_rs_f16<1>(d, a, b, acc); }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2_f16(lo, hi); }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return cuattn::pack2<__half>(lo, hi); }
 };
 
 // S(64×BN) = Q_c(64×D)·Kᵀ. K-major, 128-byte swizzle: 8-row groups 1024 bytes apart; a k16 step

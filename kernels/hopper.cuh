@@ -7,6 +7,7 @@
  * on compute capability 9.0. */
 #pragma once
 #include <cstdint>
+#include "common.cuh"
 #include <cuda.h> /* CUtensorMap: a 128-byte opaque tensor map, passed as a __grid_constant__ */
 
 #define HOPPER_DEV __device__ __forceinline__
@@ -14,10 +15,7 @@
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define CUATTN_HOPPER 1
 
-/* The 32-bit shared-window address PTX wants for every .shared operand. */
-HOPPER_DEV uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using cuattn::smem_addr; /* common.cuh: the 32-bit shared-window address PTX operands want */
 
 /* ---- wgmma operand descriptors -------------------------------------------------------------
  * A 64-bit word per shared-memory operand: bits 0-13 start address / 16, bits 16-29 the
@@ -112,16 +110,4 @@ HOPPER_DEV void bar_arrive(uint32_t id, uint32_t threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-/* ---- packing f32 pairs into the 16-bit A operand -------------------------------------------
- * cvt.rn.{bf16x2,f16x2}.f32 d, a, b puts a in the HIGH half and b in the low half. */
-HOPPER_DEV uint32_t pack2_bf16(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-HOPPER_DEV uint32_t pack2_f16(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 #endif /* sm_90a */

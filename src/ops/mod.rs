@@ -4,12 +4,15 @@
 
 pub mod attention;
 mod attention_hopper;
+pub mod attention_backward;
 pub mod attention_unfused;
 pub mod decode;
 #[cfg(test)]
 mod fake_views;
+pub mod gemm;
 pub mod layernorm;
 pub mod sparse_attention;
+pub mod training;
 mod validate;
 
 pub(crate) use validate::ViewInfo;

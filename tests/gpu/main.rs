@@ -4,6 +4,7 @@
 
 mod attention;
 mod attention_hopper;
+mod attention_backward;
 mod decode;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
@@ -16,6 +17,7 @@ mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+mod training_ops;
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
