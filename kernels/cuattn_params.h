@@ -115,6 +115,27 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
 #define CUATTN_ATTN_TC_BM_HD256 64
 #define CUATTN_ATTN_TC_BN_HD256 32
 
+/* Hopper kernel (kernels/attention_hopper.cu, sm_90a only): one producer warpgroup issuing TMA
+ * loads and two consumer warpgroups of 64 query rows each; key tiles of BN rows in a ring of
+ * STAGES buffers. Head dims 64 and 128 (D = Dv). Named barrier ids: 0 is __syncthreads, 1 and 2
+ * the consumers' turn-taking (ping-pong), 3 the consumers' V-padding fence. Register budget
+ * after setmaxnreg: producer REGS_PRODUCER, consumers REGS_CONSUMER
+ * (128*REGS_PRODUCER + 256*REGS_CONSUMER <= 65536). */
+#define CUATTN_ATTN_HOPPER_THREADS 384
+#define CUATTN_ATTN_HOPPER_BM 128
+#define CUATTN_ATTN_HOPPER_BN 128
+#define CUATTN_ATTN_HOPPER_STAGES 2
+#define CUATTN_ATTN_HOPPER_REGS_PRODUCER 24
+#define CUATTN_ATTN_HOPPER_REGS_CONSUMER 240
+#define CUATTN_ATTN_HOPPER_BAR_TURN0 1
+#define CUATTN_ATTN_HOPPER_BAR_VPAD 3
+/* Dynamic shared memory per block: Q, STAGES K and V tiles and the mbarriers, plus 1 KiB the
+ * kernel may skip to put its tiles on a 1024-byte boundary (the 128-byte swizzle's period). */
+#define CUATTN_ATTN_HOPPER_SMEM_HD64 83968  /* 82944 + 1024 */
+#define CUATTN_ATTN_HOPPER_SMEM_HD128 165888 /* 164864 + 1024 */
+/* One TMA box: 64 columns (128 bytes of a 16-bit type, the 128-byte swizzle span) by BM or BN rows. */
+#define CUATTN_ATTN_HOPPER_BOX_COLS 64
+
 /* Block-sparse entries (attention_sparse_bs{BS}_hd{HD}_{f16,bf16}): query blocks of the layout's
  * block size BS ∈ {64, 128} (128 only for HD ≤ 128), key tiles of CUATTN_SPARSE_BN_BS{BS}_HD{HD}.
  * Per kept block, the element-mask kind (src/sparse/layout.rs DeviceLayout): */
