@@ -163,6 +163,37 @@ typedef struct cuattn_attention_fwd_params {
     int32_t sp_block_size, sp_stored_heads, sp_q_blocks, sp_words_per_row;
 } cuattn_attention_fwd_params;
 
+/* ---- Attention backward (kernels/attention_bwd.cu) -------------------------------------------
+ * dQ, dK, dV of the forward above, for output gradient dO. `fwd` describes the forward call
+ * exactly as it ran (Q, K, V, its O and LSE, masks, layout; its rows_per_block is the exact
+ * kernels' warps per block). dO and dQ are laid out like O and Q by their own strides, dK and dV
+ * like K and V. delta (f32, D_i = rowsum(dO∘O)) is laid out like LSE. dq_accum (f32, fast mode
+ * only) holds row r of the LSE layout at r·dim_qk: element (b, h, i, d) at
+ *   (b*lse_batch_stride + h*lse_head_stride + row0_q(b) + i) * dim_qk + d.
+ * Every element of dQ, dK, dV is written (zeros where no admissible pair reaches it). */
+#define CUATTN_ATTN_BWD_THREADS 128
+/* Tensor-core tiles, head dims padded to 64 or 128: keys per CTA of the dK/dV kernel (16 per
+ * warp) and query rows per tile it walks; the dQ kernel swaps the roles (query rows per CTA,
+ * keys per tile). Shared memory: see attention_bwd.cu. */
+#define CUATTN_ATTN_BWD_BN 64
+#define CUATTN_ATTN_BWD_BM 64
+/* Query rows per block of the delta and dQ-convert kernels (one warp each). */
+#define CUATTN_ATTN_BWD_ROWS_PER_BLOCK 4
+
+typedef struct cuattn_attention_bwd_params {
+    cuattn_attention_fwd_params fwd;
+    uint64_t d_o;      /* T, strides do_* */
+    uint64_t dq;       /* T, strides dq_* */
+    uint64_t dk, dv;   /* T, strides dk_*, dv_* */
+    uint64_t delta;    /* f32, LSE layout */
+    uint64_t dq_accum; /* f32, see above; 0 in deterministic mode */
+    int64_t do_batch_stride, do_head_stride, do_row_stride;
+    int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+    int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+    int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+    int32_t atomic_dq; /* 1: the dK/dV kernel adds dQ into dq_accum (f32 atomics) */
+} cuattn_attention_bwd_params;
+
 /* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)
  * [rows, len_k], row = bh*len_q + i for head-batch bh and query i; writes probabilities P (T,
  * same shape, 0 for masked keys) and, if lse != 0, LSE (f32 [rows]). */

@@ -22,6 +22,11 @@ tests/fixtures/tiny-gpt2-outputs.json
                                     a fixed sample of vocabulary columns, and greedy
                                     continuations (generate(do_sample=False)) with the top-2
                                     logit margin of every step
+tests/fixtures/attention-backward.json
+                                    small attention calls (GQA, D != Dv, causal top-left and
+                                    bottom-right with Lq != Lk, key padding, a sliding window)
+                                    with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
+                                    (`--only attention-backward`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -36,6 +41,19 @@ tests/fixtures/training-ops.json
                                     ignore_index and label smoothing (loss, dlogits), the
                                     embedding gradient, clip_grad_norm_, and three
                                     torch.optim.AdamW steps (decay and no-decay groups)
+tests/fixtures/tiny-bert-cls/      the tiny BERT as a BertForSequenceClassification with 3 labels
+                                    (`bert.`-prefixed keys + classifier.weight/bias; the head
+                                    redrawn with the same spread as the encoder)
+tests/fixtures/tiny-bert-cls-train.json
+                                    the tiny BERT batch with labels: logits and cross-entropy
+                                    loss (dropout off), a label-smoothed/ignore_index loss and its
+                                    dlogits, and two torch.optim.AdamW steps (clip_grad_norm_ 1.0,
+                                    no decay on biases/LayerNorm) with the loss and gradient norm
+                                    before each step
+tests/fixtures/tiny-bert-cls-grads.safetensors
+                                    autograd's gradient of every parameter (`grad.<name>`) at the
+                                    fixture weights, and every parameter after the two AdamW
+                                    steps (`adamw2.<name>`), f32
 
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
@@ -124,6 +142,92 @@ SENTENCES = [
     # Longer than max_seq_length (256 tokens): sentence-transformers truncates it.
     " ".join(["the quick brown fox jumps over the lazy dog"] * 40),
 ]
+
+
+def tiny_bert_batch():
+    with open(os.path.join(FIXTURES, "tiny-bert-outputs.json")) as f:
+        rec = json.load(f)
+    n, length = len(rec["lens"]), rec["len"]
+    ids = torch.tensor(rec["ids"]).reshape(n, length)
+    types = torch.tensor(rec["type_ids"]).reshape(n, length)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for b, l in enumerate(rec["lens"]):
+        mask[b, :l] = 1
+    return rec, ids, types, mask
+
+
+def tiny_bert_cls():
+    """Gradients and two AdamW steps of a BertForSequenceClassification on the tiny BERT."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(4321)
+    labels_names = ["neg", "neu", "pos"]
+    model = BertForSequenceClassification.from_pretrained(
+        os.path.join(FIXTURES, "tiny-bert"),
+        num_labels=3,
+        id2label=dict(enumerate(labels_names)),
+        label2id={n: i for i, n in enumerate(labels_names)},
+        attn_implementation="eager",
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.3)
+        model.classifier.bias.normal_(0.0, 0.2)
+    model.architectures = ["BertForSequenceClassification"]
+    out_dir = os.path.join(FIXTURES, "tiny-bert-cls")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # Dropout off (model.eval()), gradients still flow.
+    model.eval()
+    rec, ids, types, mask = tiny_bert_batch()
+    labels = torch.tensor([2, 0, 1])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out
+
+    out = loss_and_grads()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "labels": labels.tolist(),
+        "logits": out.logits.detach().flatten().tolist(),
+        "loss": out.loss.item(),
+    }
+    # The loss op alone: label smoothing and an ignored row.
+    z = out.logits.detach().clone().requires_grad_(True)
+    smooth_labels = torch.tensor([2, -100, 1])
+    smooth = torch.nn.functional.cross_entropy(z, smooth_labels, ignore_index=-100, label_smoothing=0.1)
+    smooth.backward()
+    record["smoothing"] = {
+        "labels": smooth_labels.tolist(),
+        "label_smoothing": 0.1,
+        "loss": smooth.item(),
+        "dlogits": z.grad.flatten().tolist(),
+    }
+    # Two AdamW steps from the saved weights, HF Trainer's grouping (no decay on biases and
+    # LayerNorm weights), clipping at global norm 1.0 before each step.
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False,
+    )
+    losses, norms = [], []
+    for _ in range(2):
+        out = loss_and_grads()
+        losses.append(out.loss.item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"]).item())
+        opt.step()
+    record["adamw"] = dict(hp, losses=losses, grad_norms=norms)
+    for n, p in model.named_parameters():
+        tensors[f"adamw2.{n}"] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-cls-grads.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-cls-train.json"), "w") as f:
+        json.dump(record, f)
 
 
 def minilm(folder):
@@ -317,12 +421,72 @@ def training_ops():
     out["torch_version"] = torch.__version__
     with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
         json.dump(out, fh)
+def attention_backward():
+    """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
+    matrices (key j visible to query i), independently of the crate's band code; inputs are
+    f32 values carried in f64, and no case has a fully masked row (softmax would give NaN)."""
+    gen = torch.Generator().manual_seed(4321)
+    cases = []
+    specs = [
+        # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_lens, window (left, right, align)
+        ("gqa_unequal_dims", 2, 4, 2, 5, 7, 6, 4, None, None, None),
+        ("causal_top_left", 1, 2, 1, 6, 4, 5, 5, "top_left", None, None),
+        ("causal_bottom_right", 1, 2, 2, 4, 7, 4, 3, "bottom_right", None, None),
+        ("key_padding_mqa", 2, 3, 1, 5, 6, 4, 4, None, [6, 2], None),
+        ("window_causal", 1, 2, 1, 7, 7, 4, 4, "top_left", None, (2, 0, "top_left")),
+    ]
+    for name, b, hq, hkv, lq, lk, d, dv, causal, key_lens, window in specs:
+        q = torch.randn(b, hq, lq, d, generator=gen).float().double().requires_grad_()
+        k = torch.randn(b, hkv, lk, d, generator=gen).float().double().requires_grad_()
+        v = torch.randn(b, hkv, lk, dv, generator=gen).float().double().requires_grad_()
+        do = torch.randn(b, hq, lq, dv, generator=gen).float().double()
+        scale = 1.0 / d ** 0.5
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        for bb in range(b):
+            kl = key_lens[bb] if key_lens else lk
+            for i in range(lq):
+                for j in range(lk):
+                    ok = j < kl
+                    off = lambda align: 0 if align == "top_left" else kl - lq
+                    if causal:
+                        ok = ok and j <= i + off(causal)
+                    if window:
+                        left, right, align = window
+                        ok = ok and i + off(align) - left <= j <= i + off(align) + right
+                    keep[bb, 0, i, j] = ok
+        assert keep.any(dim=-1).all(), name
+        group = hq // hkv
+        kr = k.repeat_interleave(group, dim=1)
+        vr = v.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=keep, scale=scale)
+        (o * do).sum().backward()
+        cases.append({
+            "name": name,
+            "shape": [b, hq, hkv, lq, lk, d, dv],
+            "causal": causal,
+            "key_lens": key_lens,
+            "window": list(window) if window else None,
+            "q": q.detach().flatten().tolist(),
+            "k": k.detach().flatten().tolist(),
+            "v": v.detach().flatten().tolist(),
+            "do": do.flatten().tolist(),
+            "o": o.detach().flatten().tolist(),
+            "dq": q.grad.flatten().tolist(),
+            "dk": k.grad.flatten().tolist(),
+            "dv": v.grad.flatten().tolist(),
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py attention_backward, torch {torch.__version__}, f64 autograd through SDPA",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "attention-backward.json"), "w") as f:
+        json.dump(record, f)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "training"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -330,12 +494,16 @@ def main():
     torch.set_num_threads(1)
     if args.only in ("all", "bert"):
         tiny_bert()
+    if args.only in ("all", "bert", "bert-cls"):
+        tiny_bert_cls()
     if args.only in ("all", "minilm"):
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
     if args.only in ("all", "training"):
         training_ops()
+    if args.only in ("all", "attention-backward"):
+        attention_backward()
     print("fixtures written to", FIXTURES)
 
 

@@ -158,6 +158,7 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_reduce_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_columns_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_fwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_bwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_softmax_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_decode_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_act_params {}

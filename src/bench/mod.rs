@@ -3,6 +3,7 @@
 //! module per kernel family.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;

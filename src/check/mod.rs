@@ -6,6 +6,7 @@
 //! and a kernel that writes outside its rows fails the check.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;

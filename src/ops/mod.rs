@@ -3,6 +3,7 @@
 //! one `unsafe` launch whose soundness rests on those checks.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod attention_unfused;
 pub mod decode;
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! proven against the f64 references on machines without a GPU.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
 pub mod kv_append;
 pub mod layernorm;

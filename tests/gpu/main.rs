@@ -3,6 +3,7 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
+mod attention_backward;
 mod decode;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
