@@ -45,7 +45,7 @@ proptest! {
         let (dx, sums) = if gelu == 2 {
             twin::colsum(dtype, &dy, None, rows, cols, rows_per_chunk)
         } else {
-            twin::colsum(dtype, &dy, Some((&x, Some(&bias), kind)), rows, cols, rows_per_chunk)
+            twin::colsum(dtype, &dy, Some(twin::GeluInput { x: &x, bias: Some(&bias), kind }), rows, cols, rows_per_chunk)
         };
         let (want_dx, want_sums) = if gelu == 2 {
             (Vec::new(), reference::column_sums(&dy, cols))

@@ -53,14 +53,22 @@ pub fn block_sum(values: &[f32]) -> f32 {
     totals[0]
 }
 
-/// Column sums of `dy` ([rows, cols], values already in their dtype), or with `gelu` =
-/// (x, bias, kind) the fused bias + GELU backward: g = dy·gelu'(x + bias) stored to dx in
+/// The fused form's inputs: the GELU's input before the bias, the bias, the GELU.
+#[derive(Clone, Copy, Debug)]
+pub struct GeluInput<'a> {
+    pub x: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub kind: Gelu,
+}
+
+/// Column sums of `dy` ([rows, cols], values already in their dtype), or with `gelu` given
+/// the fused bias + GELU backward: g = dy·gelu'(x + bias) stored to dx in
 /// `dtype`, summed. Returns (dx, sums) with the kernel's chunking: `rows_per_chunk` rows per
 /// chunk, 8 row phases per block summed in order, chunks added in order.
 pub fn colsum(
     dtype: DType,
     dy: &[f32],
-    gelu: Option<(&[f32], Option<&[f32]>, Gelu)>,
+    gelu: Option<GeluInput>,
     rows: usize,
     cols: usize,
     rows_per_chunk: usize,
@@ -83,7 +91,7 @@ pub fn colsum(
                     while r < r1 {
                         let i = r * cols + c;
                         let mut g = dy[i];
-                        if let Some((x, bias, kind)) = gelu {
+                        if let Some(GeluInput { x, bias, kind }) = gelu {
                             let b = bias.map_or(0.0, |b| b[c]);
                             g *= gelu_grad_f32(x[i] + b, kind);
                             dx[i] = dtype.round(g);
