@@ -4,6 +4,7 @@
 //! Layout of the crate:
 //! - [`error`], [`dtype`], [`tensor`]: the one error type, element types, shapes and strides.
 //! - [`reference`]: CPU references in f64 for every kernel.
+//! - [`rng`]: Philox4x32-10 and the dropout mask, bit-identical on the CPU and the GPU.
 //! - [`key_band`]: the keys a query row may see under key length, causal and sliding window.
 //! - [`sparse`]: block-sparse attention layouts (which key blocks each query block keeps).
 //! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
@@ -24,6 +25,7 @@ pub mod finetune;
 pub mod kernels;
 pub mod key_band;
 pub mod reference;
+pub mod rng;
 pub mod runtime;
 pub mod sparse;
 pub mod tensor;

@@ -12,12 +12,15 @@
 //! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
 //! - [`gpt2`], [`gpt2_tokenizer`], [`generate`]: GPT-2 language model, its byte-level BPE, and
 //!   text generation (sampling, batches of prompts), [`kv_cache`]: its host and device caches.
+//! - [`train`]: gradients (the [`train::TrainBackend`] ops, every layer's backward, a
+//!   trainable `BertForSequenceClassification`, AdamW); the CPU side in `cpu_train.rs`.
 
 pub mod backend;
 pub mod bert;
 pub mod checkpoint;
 pub mod conformance;
 pub mod cpu;
+mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod generate;
@@ -28,6 +31,7 @@ pub mod layers;
 pub mod pooling;
 pub mod sentence;
 pub mod tokenizer;
+pub mod train;
 
 pub use backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
 pub use cpu::{Cpu, CpuTensor};
