@@ -153,27 +153,18 @@ pub fn run(args: FinetuneArgs) -> CliResult {
     }
 }
 
-#[cfg(feature = "cuda")]
-fn finetune_cuda(args: &FinetuneArgs, prepared: Prepared, fallback: bool) -> CliResult {
-    match cuattn::gpu::Gpu::shared()
-        .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, args.dtype))
-    {
-        Ok(be) => finetune_on(&be, args, prepared),
-        Err(e) if fallback => {
-            eprintln!("no usable GPU ({e}); training on the CPU in f32");
-            finetune_on(&cuattn::runtime::Cpu, args, prepared)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
+/// The CUDA backend does not implement the training runtime yet (`docs/training.md`): `cuda`
+/// says so; `auto` trains on the CPU.
 fn finetune_cuda(args: &FinetuneArgs, prepared: Prepared, fallback: bool) -> CliResult {
     if fallback {
-        finetune_on(&cuattn::runtime::Cpu, args, prepared)
-    } else {
-        Err(cuattn::Error::CudaDisabled.into())
+        if !args.json {
+            eprintln!("training on the CPU in f32 (GPU training is not implemented yet)");
+        }
+        return finetune_on(&cuattn::runtime::Cpu, args, prepared);
     }
+    Err("--device cuda: the CUDA backend does not implement training yet (the training \
+         runtime runs on the CPU; use --device cpu)"
+        .into())
 }
 
 fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> CliResult {

@@ -328,10 +328,10 @@ mod tests {
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
                 loss += m + s.ln() - z[y];
-                for c in 0..self.k {
-                    let p = (z[c] - m).exp() / s - f64::from(u8::from(c == y));
-                    for i in 0..self.v {
-                        self.g[c * self.v + i] += scale as f64 * p * x[i] / n;
+                for (c, (zc, g)) in z.iter().zip(self.g.chunks_mut(self.v)).enumerate() {
+                    let p = (zc - m).exp() / s - f64::from(u8::from(c == y));
+                    for (g, xi) in g.iter_mut().zip(&x) {
+                        *g += scale as f64 * p * xi / n;
                     }
                 }
             }
