@@ -131,10 +131,15 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
         let t = theirs["lr"].as_f64().unwrap();
         assert!((lr - t).abs() <= 1e-12, "lr {lr} vs {t}");
     }
-    // Weights: AdamW moves a weight by at most about lr per step whatever the gradient's size,
-    // so gradients that agree to f32 rounding give updates that agree to a small fraction of
-    // lr; 5% of lr is far below one step (a missing clip, a wrong schedule, decay on a
-    // LayerNorm weight or a wrong accumulation scale each move weights by a sizeable part of lr).
+    // Weights: AdamW moves a weight by about lr per step whatever the gradient's size, so
+    // gradients that agree to f32 rounding give updates that agree to a small fraction of lr;
+    // 1% of lr is far below one step (a missing clip, a wrong schedule, decay on a LayerNorm
+    // weight or a wrong accumulation scale each move weights by a sizeable part of lr; the
+    // worst difference measured is about 1e-4·lr).
+    // Except the key biases: their gradient is zero in exact arithmetic (a key bias adds the
+    // same q·b to every score of a row, which softmax ignores), so both sides hold rounding
+    // noise there, which Adam normalises into steps of up to about lr in either direction.
+    // They are only held to moving no more than noise can (4·lr per step on each side).
     let lr = e["run"]["lr"].as_f64().unwrap();
     let ours = read_safetensors(&out.join("model.safetensors"));
     let theirs = read_safetensors(&fixture("tests/fixtures/finetune-tiny/expected.safetensors"));
@@ -143,8 +148,15 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
     let initial = read_safetensors(&fixture("tests/fixtures/finetune-tiny/model/model.safetensors"));
     let mut worst = (0.0f64, String::new());
     let mut moved = 0usize;
+    let steps_lr: f64 = steps.iter().map(|s| s["lr"].as_f64().unwrap()).sum();
     for (((name, a), (_, b)), (_, w0)) in ours.iter().zip(&theirs).zip(&initial) {
         assert_eq!(a.len(), b.len(), "{name}");
+        if name.ends_with("attention.self.key.bias") {
+            for (x, z) in a.iter().zip(w0) {
+                assert!(((x - z).abs() as f64) <= 4.0 * steps_lr, "{name}: {x} from {z}");
+            }
+            continue;
+        }
         for ((x, y), z) in a.iter().zip(b).zip(w0) {
             let d = (*x as f64 - *y as f64).abs();
             if d > worst.0 {
@@ -154,11 +166,11 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
         }
     }
     assert!(
-        worst.0 <= 0.05 * lr,
+        worst.0 <= 0.01 * lr,
         "worst weight difference {} in {} (bound {})",
         worst.0,
         worst.1,
-        0.05 * lr
+        0.01 * lr
     );
     assert!(moved > 1000, "the run must move weights: {moved}");
 }
