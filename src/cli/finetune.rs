@@ -206,11 +206,17 @@ fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> Cli
                 "epoch {} loss {:.4} lr {:.2e} {:.1} samples/s",
                 r.epoch, r.loss, r.lr, r.samples_per_s
             ));
-            if let Some(m) = r.eval {
-                bar.println(format!(
+            if let (Some(m), false) = (r.eval, args.json) {
+                let line = format!(
                     "epoch {}: eval loss {:.4}, accuracy {:.4}",
                     r.epoch, m.loss, m.accuracy
-                ));
+                );
+                // A hidden bar (stderr not a terminal) prints nothing of its own.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
         },
     )?;

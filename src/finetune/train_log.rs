@@ -139,6 +139,7 @@ pub fn plot_loss(path: &Path, records: &[StepRecord], title: &str) -> Result<()>
     chart
         .configure_mesh()
         .x_desc("optimizer step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("cross-entropy loss")
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
