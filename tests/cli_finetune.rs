@@ -347,7 +347,9 @@ fn bad_options_and_folders_are_clear_errors() {
         ("--max-steps", "0", "max_steps"),
         ("--max-grad-norm", "-1", "max_grad_norm"),
     ] {
-        fails_with(base(&out).args([flag, value]).output().unwrap(), &[needle]);
+        // `--flag=value`: a bare `-1` would read as an option.
+        let arg = format!("{flag}={value}");
+        fails_with(base(&out).arg(arg).output().unwrap(), &[needle]);
         assert!(!out.exists(), "{flag} {value}: nothing written on bad input");
     }
     fails_with(
