@@ -30,7 +30,7 @@ demo-kernels: toolchain
 	$(CARGO) build --release --bin cuattn
 	./target/release/cuattn info
 	@./target/release/cuattn check; rc=$$?; \
-	  if [ $$rc -eq 2 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
+	  if [ $$rc -eq 3 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
 	  else exit $$rc; fi
 
 FINETUNE_OUT ?= target/finetune-demo
@@ -51,6 +51,9 @@ finetune-demo: minilm
 test: toolchain
 	$(CARGO) test --release
 	$(CARGO) test --release --no-default-features
+	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
+	@# (nothing recompiles, the CUDA build is still current).
+	$(CARGO) build --release --bin cuattn
 
 lint: toolchain
 	$(CARGO) fmt --check

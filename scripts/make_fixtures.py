@@ -22,6 +22,11 @@ tests/fixtures/tiny-gpt2-outputs.json
                                     a fixed sample of vocabulary columns, and greedy
                                     continuations (generate(do_sample=False)) with the top-2
                                     logit margin of every step
+tests/fixtures/attention-backward.json
+                                    small attention calls (GQA, D != Dv, causal top-left and
+                                    bottom-right with Lq != Lk, key padding, a sliding window)
+                                    with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
+                                    (`--only attention-backward`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -30,32 +35,7 @@ would be 50257 values per position, so the JSON keeps, per position, every 131st
 columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
 whole vocabulary at every step.
 
-tests/fixtures/tiny-bert-cls/      the tiny BERT as a BertForSequenceClassification with 3 labels
-                                    (`bert.`-prefixed keys + classifier.weight/bias; the head
-                                    redrawn with the same spread as the encoder)
-tests/fixtures/tiny-bert-cls-train.json
-                                    the tiny BERT batch with labels: logits and cross-entropy
-                                    loss (dropout off), a label-smoothed/ignore_index loss and its
-                                    dlogits, and two torch.optim.AdamW steps (clip_grad_norm_ 1.0,
-                                    no decay on biases/LayerNorm) with the loss and gradient norm
-                                    before each step
-tests/fixtures/tiny-bert-cls-grads.safetensors
-                                    autograd's gradient of every parameter (`grad.<name>`) at the
-                                    fixture weights, and every parameter after the two AdamW
-                                    steps (`adamw2.<name>`), f32
-tests/fixtures/finetune-tiny/       `cuattn finetune` vs PyTorch (`--only finetune`):
-    model/                          a tiny BertForSequenceClassification (labels negative/
-                                    positive, dropout 0) with a WordPiece tokenizer of 64 words
-    train.tsv                       14 sentences of that vocabulary
-    expected.json                   the run's options, and PyTorch's loss, rate and gradient
-                                    norm per step (AdamW with decay/no-decay groups as the HF
-                                    Trainer builds them, linear warm-up/decay schedule,
-                                    clip_grad_norm_, micro-batches of 3 accumulated in pairs,
-                                    file order), and the trained model's logits for probe texts
-    expected.safetensors            every weight after those steps
-    hf-logits.json                  written by scripts/hf_logits.py from a folder that
-                                    `cuattn finetune` wrote: what Hugging Face computes with OUR
-                                    output (rerun it by hand when the training changes)
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "finetune", "training", "attention-backward"], default="all")
 
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
@@ -507,12 +487,134 @@ def finetune_tiny():
     }
     with open(os.path.join(base, "expected.json"), "w") as f:
         json.dump(record, f, indent=1)
+def training_ops():
+    """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
+    references read exactly the same values."""
+    torch.manual_seed(99)
+    f = torch.nn.functional
+
+    def rand(*shape, spread=1.0):
+        return ((torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread).double()
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    out = {}
+    gelu = []
+    for kind, approx in (("erf", "none"), ("tanh", "tanh")):
+        x, b, dy = rand(4, 6, spread=3.0), rand(6), rand(4, 6)
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        y = f.gelu(x + b, approximate=approx)
+        y.backward(dy)
+        gelu.append({"kind": kind, "rows": 4, "cols": 6, "x": flat(x), "bias": flat(b),
+                     "dy": flat(dy), "y": flat(y), "dx": flat(x.grad), "dbias": flat(b.grad)})
+    out["bias_gelu"] = gelu
+    xent = []
+    for eps in (0.0, 0.1):
+        logits = rand(5, 7, spread=4.0).requires_grad_(True)
+        labels = torch.tensor([3, -100, 0, 6, 2])
+        loss = f.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
+        loss.backward()
+        xent.append({"smoothing": eps, "ignore_index": -100, "classes": 7,
+                     "logits": flat(logits), "labels": labels.tolist(), "loss": loss.item(),
+                     "dlogits": flat(logits.grad)})
+    out["cross_entropy"] = xent
+    ids = torch.tensor([4, 1, 4, 0, 4, 2, 1, 4, 0])
+    w = rand(5, 3).requires_grad_(True)
+    dy = rand(9, 3)
+    f.embedding(ids, w).backward(dy)
+    out["embedding"] = {"vocab": 5, "width": 3, "ids": ids.tolist(), "dy": flat(dy),
+                        "dtable": flat(w.grad)}
+    grads = [rand(7), rand(3, 2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p_, g in zip(params, grads):
+        p_.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    out["clip"] = {"max_norm": 0.5, "grads": [flat(g) for g in grads], "norm": norm.item(),
+                   "clipped": [flat(p_.grad) for p_ in params]}
+    decayed, plain = rand(6).requires_grad_(True), rand(4).requires_grad_(True)
+    start = [flat(decayed), flat(plain)]
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": 0.1},
+                             {"params": [plain], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    steps = []
+    for _ in range(3):
+        g = [rand(6, spread=2.0), rand(4, spread=2.0)]
+        decayed.grad, plain.grad = g[0].clone(), g[1].clone()
+        opt.step()
+        steps.append({"grads": [flat(t) for t in g], "params": [flat(decayed), flat(plain)]})
+    out["adamw"] = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                    "weight_decay": 0.1, "start": start, "steps": steps}
+    out["torch_version"] = torch.__version__
+    with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
+        json.dump(out, fh)
+def attention_backward():
+    """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
+    matrices (key j visible to query i), independently of the crate's band code; inputs are
+    f32 values carried in f64, and no case has a fully masked row (softmax would give NaN)."""
+    gen = torch.Generator().manual_seed(4321)
+    cases = []
+    specs = [
+        # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_lens, window (left, right, align)
+        ("gqa_unequal_dims", 2, 4, 2, 5, 7, 6, 4, None, None, None),
+        ("causal_top_left", 1, 2, 1, 6, 4, 5, 5, "top_left", None, None),
+        ("causal_bottom_right", 1, 2, 2, 4, 7, 4, 3, "bottom_right", None, None),
+        ("key_padding_mqa", 2, 3, 1, 5, 6, 4, 4, None, [6, 2], None),
+        ("window_causal", 1, 2, 1, 7, 7, 4, 4, "top_left", None, (2, 0, "top_left")),
+    ]
+    for name, b, hq, hkv, lq, lk, d, dv, causal, key_lens, window in specs:
+        q = torch.randn(b, hq, lq, d, generator=gen).float().double().requires_grad_()
+        k = torch.randn(b, hkv, lk, d, generator=gen).float().double().requires_grad_()
+        v = torch.randn(b, hkv, lk, dv, generator=gen).float().double().requires_grad_()
+        do = torch.randn(b, hq, lq, dv, generator=gen).float().double()
+        scale = 1.0 / d ** 0.5
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        for bb in range(b):
+            kl = key_lens[bb] if key_lens else lk
+            for i in range(lq):
+                for j in range(lk):
+                    ok = j < kl
+                    off = lambda align: 0 if align == "top_left" else kl - lq
+                    if causal:
+                        ok = ok and j <= i + off(causal)
+                    if window:
+                        left, right, align = window
+                        ok = ok and i + off(align) - left <= j <= i + off(align) + right
+                    keep[bb, 0, i, j] = ok
+        assert keep.any(dim=-1).all(), name
+        group = hq // hkv
+        kr = k.repeat_interleave(group, dim=1)
+        vr = v.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=keep, scale=scale)
+        (o * do).sum().backward()
+        cases.append({
+            "name": name,
+            "shape": [b, hq, hkv, lq, lk, d, dv],
+            "causal": causal,
+            "key_lens": key_lens,
+            "window": list(window) if window else None,
+            "q": q.detach().flatten().tolist(),
+            "k": k.detach().flatten().tolist(),
+            "v": v.detach().flatten().tolist(),
+            "do": do.flatten().tolist(),
+            "o": o.detach().flatten().tolist(),
+            "dq": q.grad.flatten().tolist(),
+            "dk": k.grad.flatten().tolist(),
+            "dv": v.grad.flatten().tolist(),
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py attention_backward, torch {torch.__version__}, f64 autograd through SDPA",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "attention-backward.json"), "w") as f:
+        json.dump(record, f)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "finetune"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "finetune", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -528,6 +630,10 @@ def main():
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
     if args.only in ("all", "finetune"):
         finetune_tiny()
+    if args.only in ("all", "training"):
+        training_ops()
+    if args.only in ("all", "attention-backward"):
+        attention_backward()
     print("fixtures written to", FIXTURES)
 
 

@@ -8,6 +8,7 @@
 //! - [`key_band`]: the keys a query row may see under key length, causal and sliding window.
 //! - [`sparse`]: block-sparse attention layouts (which key blocks each query block keeps).
 //! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
+//! - [`training`]: host-side plans of the training-op kernels (chunk tables, token groups).
 //! - [`twin`]: CPU twins that run each kernel's own block loop in f32.
 //! - `gpu` (feature `cuda`): the device layer: context, stream, modules, device tensors.
 //! - `ops` (feature `cuda`): safe wrappers that validate inputs and launch the kernels.
@@ -30,6 +31,7 @@ pub mod runtime;
 pub mod sparse;
 pub mod tensor;
 pub mod tolerance;
+pub mod training;
 pub mod twin;
 
 #[cfg(feature = "cuda")]

@@ -2,7 +2,7 @@
 //! text with a `BertForSequenceClassification` folder (one written by `cuattn finetune`, or
 //! any Hugging Face one with a fast tokenizer), on the CPU or the GPU.
 
-use super::super::{CliResult, DeviceChoice};
+use super::{CliResult, DeviceChoice};
 use cuattn::finetune::classify::SequenceClassifier;
 use cuattn::runtime::Backend;
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! classification (a new head on a bare encoder, or an existing head trained further) and
 //! writes a Hugging Face folder, `train_log.csv` and `loss.png`.
 
-use super::super::{CliResult, DeviceChoice};
+use super::{CliResult, DeviceChoice};
 use cuattn::finetune::classify::{require_tokenizer, HeadConfig};
 use cuattn::finetune::data::{self, Example, LabelSet};
 use cuattn::finetune::export;

@@ -6,7 +6,9 @@
 //! - [`cpu`], `cuda`: the two backends.
 //! - [`layers`]: building blocks (linear, LayerNorm, feed-forward, positional encodings,
 //!   attention: basic, single-head, multi-head self/cross/masked, with a KV-cache hook).
-//! - [`checkpoint`]: Hugging Face folders (`config.json`, memory-mapped `model.safetensors`).
+//! - [`checkpoint`]: Hugging Face folders (`config.json`, memory-mapped `model.safetensors`);
+//!   [`config`]: typed, range-checked config fields; [`folder`]: bounded reads of a folder's
+//!   files and paths that stay inside it.
 //! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' padding and truncation.
 //! - [`bert`]: BERT encoder and pooler.
 //! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
@@ -18,11 +20,13 @@
 pub mod backend;
 pub mod bert;
 pub mod checkpoint;
+pub mod config;
 pub mod conformance;
 pub mod cpu;
 mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod folder;
 pub mod generate;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
