@@ -409,7 +409,7 @@ impl TrainBackend for Cpu {
         let width_o = g.heads_q * g.dim_v;
         // One task per (sequence, K/V head): its query heads run in order and their dK, dV
         // add up in the task's own buffers.
-        let blocks: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> = (0..g.batch * g.heads_kv)
+        let blocks: Vec<GroupGrads> = (0..g.batch * g.heads_kv)
             .into_par_iter()
             .map(|bk| {
                 let (b, hk) = (bk / g.heads_kv, bk % g.heads_kv);
@@ -621,6 +621,9 @@ impl TrainBackend for Cpu {
         Ok(())
     }
 }
+
+/// One (sequence, K/V head) task's gradients: dQ of each query head of the group, dK, dV.
+type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
 
 /// `c[m, n] += a·b` (strided views, single-threaded: called inside parallel tasks).
 #[allow(clippy::too_many_arguments)]

@@ -83,8 +83,9 @@ pub enum Head {
     New { num_labels: usize, seed: u64 },
 }
 
-/// Options of one training forward + backward.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Options of one training forward + backward (default: no dropout, step 0, no
+/// recomputation, PyTorch's cross-entropy defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepOptions {
     /// Dropout seed; `None` runs without dropout (as `model.eval()`).
     pub dropout_seed: Option<u64>,
@@ -94,17 +95,6 @@ pub struct StepOptions {
     /// backward (less memory, one more forward of the encoder).
     pub recompute: bool,
     pub loss: CrossEntropy,
-}
-
-impl Default for StepOptions {
-    fn default() -> Self {
-        StepOptions {
-            dropout_seed: None,
-            step: 0,
-            recompute: false,
-            loss: CrossEntropy::default(),
-        }
-    }
 }
 
 /// What a training step computes.

@@ -10,7 +10,6 @@ use crate::error::Result;
 use crate::runtime::backend::{Activation, AttentionMask, Heads};
 
 /// A linear layer's parameters: W `[out, in]`, b `[out]`.
-#[derive(Clone, Copy)]
 pub struct LinearParams<'a, T> {
     pub w: &'a T,
     pub b: Option<&'a T>,
@@ -56,7 +55,6 @@ pub fn linear_backward<B: TrainBackend>(
 }
 
 /// LayerNorm's parameters.
-#[derive(Clone, Copy)]
 pub struct LayerNormParams<'a, T> {
     pub gamma: &'a T,
     pub beta: &'a T,
@@ -104,7 +102,6 @@ pub fn maybe_dropout<B: TrainBackend>(
 
 /// Multi-head self-attention's parameters (separate Q, K, V projections, as checkpoints
 /// store them) and head count.
-#[derive(Clone, Copy)]
 pub struct SelfAttentionParams<'a, T> {
     pub q: LinearParams<'a, T>,
     pub k: LinearParams<'a, T>,
@@ -209,7 +206,6 @@ pub fn copy<B: TrainBackend>(be: &B, t: &B::Tensor) -> Result<B::Tensor> {
 }
 
 /// The feed-forward block's parameters: `down(act(up(x)))`.
-#[derive(Clone, Copy)]
 pub struct FeedForwardParams<'a, T> {
     pub up: LinearParams<'a, T>,
     pub down: LinearParams<'a, T>,
@@ -282,3 +278,35 @@ pub fn embeddings_backward<B: TrainBackend>(
         |i: usize| be.gather_rows_backward(dsum, ids[i], be.shape(tables[i])[0], padding_idx[i]);
     Ok([g(0)?, g(1)?, g(2)?])
 }
+
+// By hand: derived impls would require `T: Copy`, but only references are copied.
+impl<T> Clone for LinearParams<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for LinearParams<'_, T> {}
+
+// By hand: derived impls would require `T: Copy`, but only references are copied.
+impl<T> Clone for LayerNormParams<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for LayerNormParams<'_, T> {}
+
+// By hand: derived impls would require `T: Copy`, but only references are copied.
+impl<T> Clone for SelfAttentionParams<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SelfAttentionParams<'_, T> {}
+
+// By hand: derived impls would require `T: Copy`, but only references are copied.
+impl<T> Clone for FeedForwardParams<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for FeedForwardParams<'_, T> {}

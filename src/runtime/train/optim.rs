@@ -65,7 +65,7 @@ impl<T> Gradients<T> {
         be: &B,
         max_norm: f32,
     ) -> Result<f64> {
-        if !(max_norm > 0.0) {
+        if max_norm.is_nan() || max_norm <= 0.0 {
             return Err(Error::invalid(
                 "max_norm",
                 format!("must be > 0, got {max_norm}"),
