@@ -55,9 +55,17 @@ fn fixture_run_args(out: &Path) -> Vec<String> {
         .map(String::from)
         .to_vec();
     a.push("--model".into());
-    a.push(fixture("tests/fixtures/finetune-tiny/model").display().to_string());
+    a.push(
+        fixture("tests/fixtures/finetune-tiny/model")
+            .display()
+            .to_string(),
+    );
     a.push("--train".into());
-    a.push(fixture("tests/fixtures/finetune-tiny/train.tsv").display().to_string());
+    a.push(
+        fixture("tests/fixtures/finetune-tiny/train.tsv")
+            .display()
+            .to_string(),
+    );
     a.push("--out".into());
     a.push(out.display().to_string());
     for key in [
@@ -120,7 +128,10 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
     // Losses: the same f32 model on the same batches; they differ by summation order only.
     for (ours, theirs) in floats(&v["losses"]).iter().zip(steps) {
         let t = theirs["loss"].as_f64().unwrap();
-        assert!((ours - t).abs() <= 1e-5 * t.abs().max(1.0), "loss {ours} vs {t}");
+        assert!(
+            (ours - t).abs() <= 1e-5 * t.abs().max(1.0),
+            "loss {ours} vs {t}"
+        );
     }
     // Rates, from train_log.csv (warm-up step 1 at rate 0, then linear decay).
     let log = std::fs::read_to_string(out.join("train_log.csv")).unwrap();
@@ -142,10 +153,14 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
     // They are only held to moving no more than noise can (4·lr per step on each side).
     let lr = e["run"]["lr"].as_f64().unwrap();
     let ours = read_safetensors(&out.join("model.safetensors"));
-    let theirs = read_safetensors(&fixture("tests/fixtures/finetune-tiny/expected.safetensors"));
+    let theirs = read_safetensors(&fixture(
+        "tests/fixtures/finetune-tiny/expected.safetensors",
+    ));
     let names = |t: &[(String, Vec<f32>)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     assert_eq!(names(&ours), names(&theirs), "the same HF tensor names");
-    let initial = read_safetensors(&fixture("tests/fixtures/finetune-tiny/model/model.safetensors"));
+    let initial = read_safetensors(&fixture(
+        "tests/fixtures/finetune-tiny/model/model.safetensors",
+    ));
     let mut worst = (0.0f64, String::new());
     let mut moved = 0usize;
     let steps_lr: f64 = steps.iter().map(|s| s["lr"].as_f64().unwrap()).sum();
@@ -153,7 +168,10 @@ fn four_steps_match_pytorch_losses_rates_and_weights() {
         assert_eq!(a.len(), b.len(), "{name}");
         if name.ends_with("attention.self.key.bias") {
             for (x, z) in a.iter().zip(w0) {
-                assert!(((x - z).abs() as f64) <= 4.0 * steps_lr, "{name}: {x} from {z}");
+                assert!(
+                    ((x - z).abs() as f64) <= 4.0 * steps_lr,
+                    "{name}: {x} from {z}"
+                );
             }
             continue;
         }
@@ -183,7 +201,13 @@ fn output_folder_is_a_complete_hf_classifier() {
     assert_eq!(c["id2label"]["0"], "negative");
     assert_eq!(c["label2id"]["positive"], 1);
     let src = json("tests/fixtures/finetune-tiny/model/config.json");
-    for key in ["hidden_size", "vocab_size", "num_hidden_layers", "model_type", "pad_token_id"] {
+    for key in [
+        "hidden_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "model_type",
+        "pad_token_id",
+    ] {
         assert_eq!(c[key], src[key], "{key} carried over");
     }
     for f in ["tokenizer.json", "tokenizer_config.json", "vocab.txt"] {
@@ -200,7 +224,10 @@ fn output_folder_is_a_complete_hf_classifier() {
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(
-        meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str),
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
         Some("pt"),
         "transformers refuses safetensors without format metadata"
     );
@@ -231,7 +258,10 @@ fn classify_gives_the_logits_hugging_face_computes_from_our_folder() {
         let ours = floats(&v["logits"][i]);
         // f32 forward of a 2-layer model: a few ulps of the activations' size.
         for (a, b) in ours.iter().zip(&theirs) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "text {i}: {ours:?} vs {theirs:?}");
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "text {i}: {ours:?} vs {theirs:?}"
+            );
         }
         let probs = floats(&v["probabilities"][i]);
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5);
@@ -258,7 +288,11 @@ fn bare_encoder(name: &str) -> PathBuf {
     let dir = temp(name);
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture(&format!("tests/fixtures/tiny-bert/{f}")), dir.join(f)).unwrap();
+        std::fs::copy(
+            fixture(&format!("tests/fixtures/tiny-bert/{f}")),
+            dir.join(f),
+        )
+        .unwrap();
     }
     for f in ["tokenizer.json", "tokenizer_config.json", "vocab.txt"] {
         std::fs::copy(
@@ -286,7 +320,16 @@ fn new_head_takes_sorted_labels_from_the_file_and_seeded_runs_repeat() {
     let run = |out: &Path, seed: &str| {
         ok(cuattn()
             .args(["finetune", "--device", "cpu", "--json", "--max-steps", "3"])
-            .args(["--batch-size", "2", "--lr", "1e-3", "--max-len", "16", "--seed", seed])
+            .args([
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--max-len",
+                "16",
+                "--seed",
+                seed,
+            ])
             .arg("--model")
             .arg(&model)
             .arg("--train")
@@ -303,7 +346,10 @@ fn new_head_takes_sorted_labels_from_the_file_and_seeded_runs_repeat() {
     run(&b, "1");
     run(&c, "2");
     let cfg = json(&a.join("config.json").display().to_string());
-    assert_eq!(cfg["id2label"], serde_json::json!({"0": "angry", "1": "happy", "2": "sad"}));
+    assert_eq!(
+        cfg["id2label"],
+        serde_json::json!({"0": "angry", "1": "happy", "2": "sad"})
+    );
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
     // Shuffling, dropout and the new head all follow the seed.
     let wa = std::fs::read(a.join("model.safetensors")).unwrap();
@@ -315,7 +361,9 @@ fn new_head_takes_sorted_labels_from_the_file_and_seeded_runs_repeat() {
         .collect();
     assert!(names.contains(&"classifier.weight".to_string()));
     assert!(names.contains(&"bert.pooler.dense.weight".to_string()));
-    assert!(names.iter().all(|n| n.starts_with("bert.") || n.starts_with("classifier.")));
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("bert.") || n.starts_with("classifier.")));
     // The evaluation at the end: accuracy is a fraction of 5 examples, the loss finite.
     let acc = va["eval"]["accuracy"].as_f64().unwrap();
     assert!((acc * 5.0 - (acc * 5.0).round()).abs() < 1e-9, "{acc}");
@@ -350,7 +398,10 @@ fn bad_options_and_folders_are_clear_errors() {
         // `--flag=value`: a bare `-1` would read as an option.
         let arg = format!("{flag}={value}");
         fails_with(base(&out).arg(arg).output().unwrap(), &[needle]);
-        assert!(!out.exists(), "{flag} {value}: nothing written on bad input");
+        assert!(
+            !out.exists(),
+            "{flag} {value}: nothing written on bad input"
+        );
     }
     fails_with(
         base(&out).args(["--dtype", "bf16"]).output().unwrap(),
@@ -359,7 +410,10 @@ fn bad_options_and_folders_are_clear_errors() {
     // An existing folder is refused unless --overwrite.
     let existing = temp("existing");
     std::fs::create_dir_all(&existing).unwrap();
-    fails_with(base(&existing).output().unwrap(), &["already exists", "--overwrite"]);
+    fails_with(
+        base(&existing).output().unwrap(),
+        &["already exists", "--overwrite"],
+    );
     // Writing over the model being read is refused even with --overwrite.
     fails_with(
         base(&model).arg("--overwrite").output().unwrap(),
@@ -406,7 +460,11 @@ fn bad_data_files_name_the_file_and_line() {
     };
     // The fixture model's head knows negative/positive only.
     fails_with(
-        run("unknown.tsv", "text\tlabel\ngood\tpositive\nmeh\tneutral\n", true),
+        run(
+            "unknown.tsv",
+            "text\tlabel\ngood\tpositive\nmeh\tneutral\n",
+            true,
+        ),
         &["unknown.tsv", "line 3", "`neutral`", "negative, positive"],
     );
     fails_with(
@@ -414,13 +472,24 @@ fn bad_data_files_name_the_file_and_line() {
         &["nolabel.csv", "line 1", "`label`"],
     );
     fails_with(run("empty.tsv", "", false), &["empty.tsv", "empty"]);
-    fails_with(run("header-only.jsonl", "\n", false), &["header-only.jsonl", "empty"]);
     fails_with(
-        run("short.tsv", "text\tlabel\ngood\tpositive\njust text\n", false),
+        run("header-only.jsonl", "\n", false),
+        &["header-only.jsonl", "empty"],
+    );
+    fails_with(
+        run(
+            "short.tsv",
+            "text\tlabel\ngood\tpositive\njust text\n",
+            false,
+        ),
         &["short.tsv", "line 3", "malformed"],
     );
     fails_with(
-        run("broken.jsonl", "{\"text\": \"a\", \"label\": 0}\n{\"text\": \n", false),
+        run(
+            "broken.jsonl",
+            "{\"text\": \"a\", \"label\": 0}\n{\"text\": \n",
+            false,
+        ),
         &["broken.jsonl", "line 2", "malformed"],
     );
     fails_with(
@@ -478,5 +547,9 @@ fn sentiment_data_set_is_balanced_disjoint_and_large_enough() {
     all.sort();
     let n = all.len();
     all.dedup();
-    assert_eq!(all.len(), n, "no sentence twice (in particular none in both files)");
+    assert_eq!(
+        all.len(),
+        n,
+        "no sentence twice (in particular none in both files)"
+    );
 }

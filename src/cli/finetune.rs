@@ -162,9 +162,11 @@ fn finetune_cuda(args: &FinetuneArgs, prepared: Prepared, fallback: bool) -> Cli
         }
         return finetune_on(&cuattn::runtime::Cpu, args, prepared);
     }
-    Err("--device cuda: the CUDA backend does not implement training yet (the training \
+    Err(
+        "--device cuda: the CUDA backend does not implement training yet (the training \
          runtime runs on the CPU; use --device cpu)"
-        .into())
+            .into(),
+    )
 }
 
 fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> CliResult {
@@ -262,7 +264,9 @@ fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> Cli
         if let Some(m) = report.final_eval {
             println!(
                 "eval ({}): accuracy {:.4}, loss {:.4}",
-                args.eval.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                args.eval
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
                 m.accuracy,
                 m.loss
             );

@@ -347,7 +347,10 @@ mod tests {
 
     #[test]
     fn tsv_with_names_reads_rows_and_lines() {
-        let p = write("a.tsv", "text\tlabel\ngood \"film\"\tpositive\nbad one\tnegative\n");
+        let p = write(
+            "a.tsv",
+            "text\tlabel\ngood \"film\"\tpositive\nbad one\tnegative\n",
+        );
         let rows = read_file(&p).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].text, "good \"film\"");
@@ -389,7 +392,10 @@ mod tests {
     fn missing_columns_name_the_file_and_header_line() {
         let p = write("d.tsv", "sentence\ttarget\nx\t1\n");
         let e = err_text(read_file(&p));
-        assert!(e.contains("d.tsv") && e.contains("line 1") && e.contains("`label`"), "{e}");
+        assert!(
+            e.contains("d.tsv") && e.contains("line 1") && e.contains("`label`"),
+            "{e}"
+        );
         let p = write("e.tsv", "words\tlabel\nx\t1\n");
         let e = err_text(read_file(&p));
         assert!(e.contains("`text` or `sentence`"), "{e}");
@@ -399,11 +405,17 @@ mod tests {
     fn malformed_rows_name_their_line() {
         let p = write("f.tsv", "text\tlabel\nok\tpos\nno label here\nfine\tneg\n");
         let e = err_text(read_file(&p));
-        assert!(e.contains("f.tsv") && e.contains("line 3") && e.contains("malformed"), "{e}");
+        assert!(
+            e.contains("f.tsv") && e.contains("line 3") && e.contains("malformed"),
+            "{e}"
+        );
         let p = write("g.tsv", "text\tlabel\nok\t \n");
         let e = err_text(read_file(&p));
         assert!(e.contains("line 2") && e.contains("empty label"), "{e}");
-        let p = write("h.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"\n");
+        let p = write(
+            "h.jsonl",
+            "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"\n",
+        );
         let e = err_text(read_file(&p));
         assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
         let p = write("i.jsonl", "{\"text\": \"a\", \"label\": -1}\n");
@@ -416,7 +428,11 @@ mod tests {
 
     #[test]
     fn empty_files_and_unknown_formats_are_errors() {
-        for (name, body) in [("k.tsv", ""), ("l.tsv", "text\tlabel\n"), ("m.jsonl", "\n\n")] {
+        for (name, body) in [
+            ("k.tsv", ""),
+            ("l.tsv", "text\tlabel\n"),
+            ("m.jsonl", "\n\n"),
+        ] {
             let p = write(name, body);
             let e = err_text(read_file(&p));
             assert!(e.contains(name) && e.contains("empty"), "{name}: {e}");

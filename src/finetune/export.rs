@@ -236,7 +236,10 @@ mod tests {
         check_out_dir(&out, &model, false).unwrap();
         create_out_dir(&out).unwrap();
         let e = check_out_dir(&out, &model, false).unwrap_err().to_string();
-        assert!(e.contains("already exists") && e.contains("--overwrite"), "{e}");
+        assert!(
+            e.contains("already exists") && e.contains("--overwrite"),
+            "{e}"
+        );
         check_out_dir(&out, &model, true).unwrap();
     }
 }

@@ -7,8 +7,7 @@ use super::trainer::{decays, ClassifierTraining, TrainOptions};
 use crate::error::{Error, Result};
 use crate::runtime::tokenizer::TokenBatch;
 use crate::runtime::train::{
-    AdamW, AdamWConfig, BertForSequenceClassification, Gradients, Head, StepOptions,
-    TrainBackend,
+    AdamW, AdamWConfig, BertForSequenceClassification, Gradients, Head, StepOptions, TrainBackend,
 };
 use std::path::Path;
 
@@ -96,7 +95,9 @@ impl<B: TrainBackend> ClassifierTraining for BertTrainee<'_, B> {
             step: micro_batch,
             ..StepOptions::default()
         };
-        let mut out = self.model.forward_backward(self.be, batch, &labels, &opts)?;
+        let mut out = self
+            .model
+            .forward_backward(self.be, batch, &labels, &opts)?;
         if scale != 1.0 {
             out.grads.scale(self.be, scale)?;
         }

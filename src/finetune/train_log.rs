@@ -100,7 +100,10 @@ fn register_font() -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid("font", "the embedded DejaVu Sans did not load"))
+        Err(Error::invalid(
+            "font",
+            "the embedded DejaVu Sans did not load",
+        ))
     }
 }
 
@@ -156,7 +159,10 @@ pub fn plot_loss(path: &Path, records: &[StepRecord], title: &str) -> Result<()>
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], light));
     chart
         .draw_series(LineSeries::new(
-            records.iter().zip(&smooth).map(|(r, s)| (r.step as f64, *s)),
+            records
+                .iter()
+                .zip(&smooth)
+                .map(|(r, s)| (r.step as f64, *s)),
             BLUE.stroke_width(2),
         ))
         .map_err(|e| err(&e))?
@@ -206,7 +212,10 @@ mod tests {
 
     #[test]
     fn moving_average_uses_the_available_prefix() {
-        assert_eq!(moving_average(&[2.0, 4.0, 6.0, 8.0], 2), [2.0, 3.0, 5.0, 7.0]);
+        assert_eq!(
+            moving_average(&[2.0, 4.0, 6.0, 8.0], 2),
+            [2.0, 3.0, 5.0, 7.0]
+        );
     }
 
     #[test]

@@ -112,7 +112,10 @@ impl TrainOptions {
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return Err(Error::invalid(
                 "max_grad_norm",
-                format!("{} is not a finite value ≥ 0 (0 turns clipping off)", self.max_grad_norm),
+                format!(
+                    "{} is not a finite value ≥ 0 (0 turns clipping off)",
+                    self.max_grad_norm
+                ),
             ));
         }
         Ok(())
@@ -196,7 +199,11 @@ pub fn train<M: ClassifierTraining>(
         return Err(Error::invalid("train", "no training examples"));
     }
     let k = model.num_labels();
-    if let Some(bad) = train.iter().chain(eval.unwrap_or(&[])).find(|e| e.label >= k) {
+    if let Some(bad) = train
+        .iter()
+        .chain(eval.unwrap_or(&[]))
+        .find(|e| e.label >= k)
+    {
         return Err(Error::invalid(
             "labels",
             format!("label id {} for a head of {k} classes", bad.label),
@@ -230,7 +237,10 @@ pub fn train<M: ClassifierTraining>(
                 if !l.is_finite() {
                     return Err(Error::invalid(
                         "loss",
-                        format!("step {}: the loss is {l} (learning rate too high?)", step + 1),
+                        format!(
+                            "step {}: the loss is {l} (learning rate too high?)",
+                            step + 1
+                        ),
                     ));
                 }
                 loss += l / group.len() as f64;
@@ -384,7 +394,11 @@ mod tests {
     fn data(n: usize) -> Vec<Example> {
         (0..n)
             .map(|i| Example {
-                text: if i % 2 == 0 { "abab".into() } else { "cdc".into() },
+                text: if i % 2 == 0 {
+                    "abab".into()
+                } else {
+                    "cdc".into()
+                },
                 label: i % 2,
             })
             .collect()
@@ -513,14 +527,50 @@ mod tests {
         let r = train(&mut m, &encode, &data(4), None, &opts(), |_, _| {}).unwrap();
         assert!((r.records[0].loss - std::f64::consts::LN_2).abs() < 1e-12);
         for (o, what) in [
-            (TrainOptions { batch_size: 0, ..opts() }, "batch_size"),
+            (
+                TrainOptions {
+                    batch_size: 0,
+                    ..opts()
+                },
+                "batch_size",
+            ),
             (TrainOptions { lr: 0.0, ..opts() }, "lr"),
             (TrainOptions { lr: -1.0, ..opts() }, "lr"),
-            (TrainOptions { lr: f64::NAN, ..opts() }, "lr"),
-            (TrainOptions { grad_accum: 0, ..opts() }, "grad_accum"),
-            (TrainOptions { max_steps: Some(0), ..opts() }, "max_steps"),
-            (TrainOptions { weight_decay: -0.1, ..opts() }, "weight_decay"),
-            (TrainOptions { max_grad_norm: f64::NAN, ..opts() }, "max_grad_norm"),
+            (
+                TrainOptions {
+                    lr: f64::NAN,
+                    ..opts()
+                },
+                "lr",
+            ),
+            (
+                TrainOptions {
+                    grad_accum: 0,
+                    ..opts()
+                },
+                "grad_accum",
+            ),
+            (
+                TrainOptions {
+                    max_steps: Some(0),
+                    ..opts()
+                },
+                "max_steps",
+            ),
+            (
+                TrainOptions {
+                    weight_decay: -0.1,
+                    ..opts()
+                },
+                "weight_decay",
+            ),
+            (
+                TrainOptions {
+                    max_grad_norm: f64::NAN,
+                    ..opts()
+                },
+                "max_grad_norm",
+            ),
         ] {
             let e = train(&mut m, &encode, &data(4), None, &o, |_, _| {}).unwrap_err();
             assert!(e.to_string().contains(what), "{what}: {e}");
