@@ -359,6 +359,152 @@ def tiny_gpt2(bpe_dir):
         json.dump(record, f)
 
 
+TINY_WORDS = (
+    "the a film movie food meal service staff hotel room trip show book app was is were "
+    "very so not really and but too it this that i we loved hated liked great good lovely "
+    "kind clean fast fresh fun bad awful rude dirty slow cold boring terrible broken late "
+    "again never always ."
+).split()
+
+TINY_TRAIN = [
+    ("the film was great", "positive"),
+    ("the food was cold and bad", "negative"),
+    ("we loved the hotel room", "positive"),
+    ("the staff were rude", "negative"),
+    ("a very fun show", "positive"),
+    ("the service was slow and the room was dirty", "negative"),
+    ("i liked this book", "positive"),
+    ("the app is broken again", "negative"),
+    ("so kind and fast", "positive"),
+    ("boring movie", "negative"),
+    ("the meal was fresh and really good", "positive"),
+    ("we hated it", "negative"),
+    ("lovely clean room", "positive"),
+    ("the trip was awful", "negative"),
+]
+
+TINY_PROBES = [
+    "the film was great",
+    "the staff were rude and slow",
+    "not good",
+    "i loved the meal but the room was cold",
+]
+
+# The `cuattn finetune` options of the fixture run (tests/cli_finetune.rs passes the same).
+TINY_RUN = {
+    "batch_size": 3,
+    "grad_accum": 2,
+    "max_steps": 4,
+    "lr": 5e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 1,
+    "max_grad_norm": 0.5,
+    "max_len": 16,
+}
+
+
+def finetune_tiny():
+    """A tiny classifier, its tokenizer and data, and PyTorch's run of the options above."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    base = os.path.join(FIXTURES, "finetune-tiny")
+    model_dir = os.path.join(base, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS
+    vocab_file = os.path.join(model_dir, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True, model_max_length=32)
+    tok.save_pretrained(model_dir)
+
+    torch.manual_seed(2024)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act="gelu",
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.7, 1.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(model_dir, extra)):
+            os.remove(os.path.join(model_dir, extra))
+    with open(os.path.join(base, "train.tsv"), "w") as f:
+        f.write("text\tlabel\n")
+        for t, l in TINY_TRAIN:
+            f.write(f"{t}\t{l}\n")
+
+    run = TINY_RUN
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        low = n.lower()
+        (no_decay if ("bias" in low or "layernorm" in low) else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=run["lr"], betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, run["warmup_steps"], run["max_steps"])
+    label2id = config.label2id
+    micro = [TINY_TRAIN[i:i + run["batch_size"]]
+             for i in range(0, len(TINY_TRAIN), run["batch_size"])]
+    groups = [micro[i:i + run["grad_accum"]] for i in range(0, len(micro), run["grad_accum"])]
+    model.train()
+    steps = []
+    step = 0
+    while step < run["max_steps"]:
+        for group in groups:
+            if step >= run["max_steps"]:
+                break
+            lr = sched.get_last_lr()[0]
+            loss_sum = 0.0
+            for mb in group:
+                enc = tok([t for t, _ in mb], padding="longest", truncation=True,
+                          max_length=run["max_len"], return_tensors="pt")
+                y = torch.tensor([label2id[l] for _, l in mb])
+                out = model(**enc)
+                loss = torch.nn.functional.cross_entropy(out.logits, y)
+                (loss / len(group)).backward()
+                loss_sum += float(loss.detach()) / len(group)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            steps.append({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(norm)})
+    model.eval()
+    with torch.no_grad():
+        enc = tok(TINY_PROBES, padding="longest", return_tensors="pt")
+        logits = model(**enc).logits
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, os.path.join(base, "expected.safetensors"), metadata={"format": "pt"})
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "run": run,
+        "steps": steps,
+        "probes": TINY_PROBES,
+        "probe_logits": logits.tolist(),
+    }
+    with open(os.path.join(base, "expected.json"), "w") as f:
+        json.dump(record, f, indent=1)
 def training_ops():
     """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
     references read exactly the same values."""
@@ -486,7 +632,7 @@ def attention_backward():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "training", "attention-backward"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "finetune", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -500,6 +646,8 @@ def main():
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "finetune"):
+        finetune_tiny()
     if args.only in ("all", "training"):
         training_ops()
     if args.only in ("all", "attention-backward"):

@@ -135,6 +135,15 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A data file (training or evaluation examples) is unreadable, empty or has a bad row;
+    /// names the file and, where there is one, the line (from 1).
+    #[error("data file {file}{}: {reason}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Data {
+        file: String,
+        line: Option<usize>,
+        reason: String,
+    },
+
     /// An I/O error, for example while reading a model file.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -17,9 +17,12 @@
 //! - [`kernels`]: what the build compiled: kernel names and ptxas' resource report.
 //! - [`runtime`]: a small transformer runtime (CPU and CUDA backends, Hugging Face
 //!   checkpoints, BERT sentence embeddings).
+//! - [`finetune`]: fine-tuning BERT for sequence classification (data files, schedules, the
+//!   training loop, Hugging Face output folders) and classification inference.
 
 pub mod dtype;
 pub mod error;
+pub mod finetune;
 pub mod kernels;
 pub mod key_band;
 pub mod reference;

@@ -5,6 +5,8 @@
 //! - `cuattn bench <family>`: benchmark tables (or `--json`).
 //! - `cuattn embed --model DIR [TEXT ...]`: sentence embeddings (CPU or GPU runtime).
 //! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 text generation (CPU or GPU runtime).
+//! - `cuattn finetune --model DIR --train FILE --out DIR`: fine-tune BERT for classification.
+//! - `cuattn classify --model DIR [TEXT ...]`: labels and probabilities with such a model.
 
 mod cli;
 
@@ -43,6 +45,11 @@ enum Command {
     /// Continue a prompt with a GPT-2 model folder (config.json, model.safetensors; the
     /// tokenizer from tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
+    /// Fine-tune a BERT folder for sequence classification on a .tsv/.csv/.jsonl file and
+    /// write a Hugging Face BertForSequenceClassification folder (+ train_log.csv, loss.png).
+    Finetune(Box<cli::finetune::FinetuneArgs>),
+    /// Predicted label and probability per text with a BertForSequenceClassification folder.
+    Classify(cli::classify::ClassifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +68,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run(args),
         Command::Embed(args) => cli::embed::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Finetune(args) => cli::finetune::run(*args),
+        Command::Classify(args) => cli::classify::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod check;
+pub mod classify;
 pub mod embed;
+pub mod finetune;
 pub mod generate;
 pub mod info;
 
