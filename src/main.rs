@@ -79,7 +79,8 @@ struct GenerateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Storage type on the GPU (the CPU computes in f32).
+    /// Storage type: on the GPU of weights and activations; on the CPU of the weight
+    /// matrices (f32 or bf16; arithmetic in f32).
     #[arg(long, default_value = "f32")]
     dtype: cuattn::DType,
     /// Print one JSON object {"prompt_ids", "generated_ids", "text"} instead of streaming.
@@ -105,7 +106,8 @@ struct EmbedArgs {
     model: std::path::PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Storage type on the GPU (the CPU computes in f32).
+    /// Storage type: on the GPU of weights and activations; on the CPU of the weight
+    /// matrices (f32 or bf16; arithmetic in f32).
     #[arg(long, default_value = "f32")]
     dtype: cuattn::DType,
     #[arg(long, default_value_t = 32)]
@@ -498,7 +500,7 @@ fn embed(args: EmbedArgs) -> CliResult {
         texts.extend(content.lines().map(str::to_string));
     }
     match args.device {
-        DeviceChoice::Cpu => embed_on(&cuattn::runtime::Cpu, &args, &texts),
+        DeviceChoice::Cpu => embed_cpu(&args, &texts),
         DeviceChoice::Cuda => embed_cuda(&args, &texts, false),
         DeviceChoice::Auto => embed_cuda(&args, &texts, true),
     }
@@ -512,7 +514,7 @@ fn embed_cuda(args: &EmbedArgs, texts: &[String], fallback: bool) -> CliResult {
         Ok(be) => embed_on(&be, args, texts),
         Err(e) if fallback => {
             eprintln!("no usable GPU ({e}); embedding on the CPU");
-            embed_on(&cuattn::runtime::Cpu, args, texts)
+            embed_cpu(args, texts)
         }
         Err(e) => Err(e.into()),
     }
@@ -521,10 +523,26 @@ fn embed_cuda(args: &EmbedArgs, texts: &[String], fallback: bool) -> CliResult {
 #[cfg(not(feature = "cuda"))]
 fn embed_cuda(args: &EmbedArgs, texts: &[String], fallback: bool) -> CliResult {
     if fallback {
-        embed_on(&cuattn::runtime::Cpu, args, texts)
+        embed_cpu(args, texts)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
     }
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn embed_cpu(args: &EmbedArgs, texts: &[String]) -> CliResult {
+    match args.dtype {
+        cuattn::DType::F32 => embed_on(&cuattn::runtime::Cpu, args, texts),
+        cuattn::DType::BF16 => embed_on(&cuattn::runtime::CpuBf16, args, texts),
+        cuattn::DType::F16 => Err(cpu_f16_refused().into()),
+    }
+}
+
+fn cpu_f16_refused() -> cuattn::Error {
+    cuattn::Error::invalid(
+        "dtype",
+        "the CPU backend stores weights in f32 or bf16 (--dtype f32 or bf16), not f16",
+    )
 }
 
 fn embed_on<B: cuattn::runtime::Backend>(be: &B, args: &EmbedArgs, texts: &[String]) -> CliResult {
@@ -606,7 +624,7 @@ fn embed_on<B: cuattn::runtime::Backend>(be: &B, args: &EmbedArgs, texts: &[Stri
 
 fn generate(args: GenerateArgs) -> CliResult {
     match args.device {
-        DeviceChoice::Cpu => generate_on(&cuattn::runtime::Cpu, &args),
+        DeviceChoice::Cpu => generate_cpu(&args),
         DeviceChoice::Cuda => generate_cuda(&args, false),
         DeviceChoice::Auto => generate_cuda(&args, true),
     }
@@ -620,7 +638,7 @@ fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
         Ok(be) => generate_on(&be, args),
         Err(e) if fallback => {
             eprintln!("no usable GPU ({e}); generating on the CPU");
-            generate_on(&cuattn::runtime::Cpu, args)
+            generate_cpu(args)
         }
         Err(e) => Err(e.into()),
     }
@@ -629,9 +647,18 @@ fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
 #[cfg(not(feature = "cuda"))]
 fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
     if fallback {
-        generate_on(&cuattn::runtime::Cpu, args)
+        generate_cpu(args)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
+    }
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn generate_cpu(args: &GenerateArgs) -> CliResult {
+    match args.dtype {
+        cuattn::DType::F32 => generate_on(&cuattn::runtime::Cpu, args),
+        cuattn::DType::BF16 => generate_on(&cuattn::runtime::CpuBf16, args),
+        cuattn::DType::F16 => Err(cpu_f16_refused().into()),
     }
 }
 

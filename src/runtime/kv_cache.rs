@@ -21,7 +21,7 @@
 //! sequence there).
 
 use super::backend::{Backend, Heads};
-use super::cpu::{Cpu, CpuTensor};
+use super::cpu::CpuTensor;
 use super::layers::{CachedKv, KvCache};
 use crate::error::{Error, Result};
 
@@ -189,7 +189,8 @@ impl StepLens {
     }
 }
 
-/// Keys and values of every layer in host memory (the CPU backend's cache).
+/// Keys and values of every layer in host memory (the cache of the CPU backends, whose
+/// tensors are [`CpuTensor`]s).
 #[derive(Debug)]
 pub struct HostKvCache {
     step: StepLens,
@@ -217,7 +218,7 @@ impl HostKvCache {
     }
 }
 
-impl StepKvCache<Cpu> for HostKvCache {
+impl<B: Backend<Tensor = CpuTensor>> StepKvCache<B> for HostKvCache {
     fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
         self.step.begin(valid_new)
     }
@@ -226,11 +227,11 @@ impl StepKvCache<Cpu> for HostKvCache {
         &self.step.lens
     }
 
-    fn layers(&mut self) -> Vec<Box<dyn KvCache<Cpu> + '_>> {
+    fn layers(&mut self) -> Vec<Box<dyn KvCache<B> + '_>> {
         let step = &self.step;
         self.layers
             .iter_mut()
-            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<Cpu>>)
+            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<B>>)
             .collect()
     }
 }
@@ -258,10 +259,10 @@ impl HostLayer<'_> {
     }
 }
 
-impl KvCache<Cpu> for HostLayer<'_> {
+impl<B: Backend<Tensor = CpuTensor>> KvCache<B> for HostLayer<'_> {
     fn append<'a>(
         &'a mut self,
-        be: &Cpu,
+        be: &B,
         k: Heads<'a, CpuTensor>,
         v: Heads<'a, CpuTensor>,
         batch: usize,
