@@ -133,50 +133,99 @@ fn f16_on_the_cpu_is_refused_with_a_message() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// bf16 weights move the logits by at most `bound` from the f32 model's (measured here over
-/// every prompt position); greedy decoding then follows Hugging Face's f32 ids until a step
-/// whose f32 margin (top-1 minus top-2 logit) is within 2·bound, where a flip is explained by
-/// the rounding. At least the steps before the first such narrow margin must agree, and the
-/// logit change must stay within bf16's rounding of the weights (2^-8 relative, here taken
-/// against the largest logit).
-#[test]
-fn bf16_greedy_ids_follow_hugging_face_until_a_margin_within_rounding() {
+/// The fixture checkpoint with every value rounded to bf16 (stored as f32), in a
+/// new folder with the fixture's config: what [`CpuBf16`] should compute exactly, in f32.
+fn bf16_rounded_fixture() -> PathBuf {
+    use safetensors::tensor::TensorView;
     let dir = fixture("tests/fixtures/tiny-gpt2");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rounded: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => panic!("{name}: fixture dtype {other:?}"),
+            };
+            let data = values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_f32().to_le_bytes())
+                .collect();
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = rounded
+        .iter()
+        .map(|(n, s, b)| {
+            let v = TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!("cuattn-bf16-rounded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    out
+}
+
+/// bf16 storage is only a storage change: [`CpuBf16`] on the fixture gives the logits of
+/// [`Cpu`] on the same checkpoint with its values rounded to bf16, within f32 summation-order
+/// differences (the few-row kernel against the GEMM, 1e-4 as the f32 model is held to HF).
+/// Greedy decoding then follows Hugging Face's f32 ids until a step whose f32 margin (top-1
+/// minus top-2 logit) is within twice the largest logit change that rounding the weights
+/// causes (measured over every prompt position), where a flip is explained by the rounding.
+#[test]
+fn bf16_weights_compute_the_rounded_model_and_follow_hugging_face_within_its_margins() {
+    let dir = fixture("tests/fixtures/tiny-gpt2");
+    let rounded_dir = bf16_rounded_fixture();
     let f32_model = Gpt2::from_folder(&Cpu, &dir).unwrap();
+    let rounded = Gpt2::from_folder(&Cpu, &rounded_dir).unwrap();
     let bf16_model = Gpt2::from_folder(&CpuBf16, &dir).unwrap();
+    let _ = std::fs::remove_dir_all(&rounded_dir);
     let (prompts, greedy, margins, max_new) = cases();
-    let mut bound = 0f32;
-    let mut largest = 0f32;
+    let (mut storage, mut bound) = (0f32, 0f32);
     for p in &prompts {
         let a = f32_model.sequence_logits(&Cpu, p).unwrap();
+        let r = rounded.sequence_logits(&Cpu, p).unwrap();
+        // One row at a time too: the decode path (the few-row kernel with bf16 weights).
         let b = bf16_model.sequence_logits(&CpuBf16, p).unwrap();
-        for (x, y) in a.iter().zip(&b) {
+        for ((x, y), z) in a.iter().zip(&b).zip(&r) {
             assert!(y.is_finite());
+            storage = storage.max((y - z).abs());
             bound = bound.max((x - y).abs());
-            largest = largest.max(x.abs());
         }
     }
-    println!("bf16 vs f32 logits: max |difference| {bound:.3e}, largest |logit| {largest:.3e}");
-    assert!(bound <= largest / 256.0, "{bound} vs {largest}");
+    println!("bf16 vs bf16-rounded f32 logits: {storage:.2e}; vs the f32 model: {bound:.3e}");
+    assert!(storage <= 1e-4, "{storage:e}");
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         ..GenerateOptions::default()
     };
     let g = generate(&CpuBf16, &bf16_model, &prompts, &opts, &mut |_, _| {}).unwrap();
     for (i, (got, want)) in g.generated.iter().zip(&greedy).enumerate() {
-        let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
-        if let Some(t) = first_diff {
-            let narrow = margins[i][..=t]
-                .iter()
-                .any(|&m| m <= 2.0 * bound as f64);
-            assert!(
-                narrow,
-                "prompt {i}: bf16 ids leave Hugging Face's at step {t} with margins {:?} > 2·{bound}",
-                &margins[i][..=t]
-            );
-            println!("prompt {i}: first difference at step {t} (a margin within 2·bound)");
-        } else {
-            println!("prompt {i}: all {} ids equal", got.len());
+        assert_eq!(got.len(), want.len());
+        match got.iter().zip(want).position(|(a, b)| a != b) {
+            Some(t) => {
+                let narrow = margins[i][..=t].iter().any(|&m| m <= 2.0 * bound as f64);
+                assert!(
+                    narrow,
+                    "prompt {i}: bf16 ids leave Hugging Face's at step {t}, margins {:?} > 2·{bound}",
+                    &margins[i][..=t]
+                );
+                println!("prompt {i}: first difference at step {t}, after a margin within 2·bound");
+            }
+            None => println!("prompt {i}: all {} ids equal to Hugging Face's", got.len()),
         }
     }
 }
