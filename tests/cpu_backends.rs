@@ -19,7 +19,14 @@ use std::process::Command;
 /// at a time, k with and without a vector remainder, on both backends.
 #[test]
 fn few_row_linear_matches_the_reference_on_every_tile_shape() {
-    for (rows, inp, out) in [(1, 768, 9), (2, 37, 5), (3, 16, 4), (4, 200, 33), (7, 1, 6), (8, 96, 130)] {
+    for (rows, inp, out) in [
+        (1, 768, 9),
+        (2, 37, 5),
+        (3, 16, 4),
+        (4, 200, 33),
+        (7, 1, 6),
+        (8, 96, 130),
+    ] {
         for (i, act) in [Activation::None, Activation::GeluErf, Activation::GeluTanh]
             .into_iter()
             .enumerate()
@@ -112,7 +119,12 @@ fn generation_with_avx2_and_portable_kernels_forced_gives_hugging_faces_ids() {
             let got: Vec<Vec<u32>> = if batch == 1 {
                 vec![uints(&v["generated_ids"])]
             } else {
-                v["generated_ids"].as_array().unwrap().iter().map(uints).collect()
+                v["generated_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(uints)
+                    .collect()
             };
             assert_eq!(got, greedy[..batch], "{isa}, batch {batch}");
         }
@@ -123,7 +135,9 @@ fn generation_with_avx2_and_portable_kernels_forced_gives_hugging_faces_ids() {
 fn f16_on_the_cpu_is_refused_with_a_message() {
     let model = fixture("tests/fixtures/tiny-gpt2");
     let o = cuattn()
-        .args(["generate", "--device", "cpu", "--dtype", "f16", "--prompt", "Hi", "--model"])
+        .args([
+            "generate", "--device", "cpu", "--dtype", "f16", "--prompt", "Hi", "--model",
+        ])
         .arg(&model)
         .output()
         .unwrap();

@@ -364,16 +364,14 @@ impl Backend for Cpu {
         let mut y = vec![0f32; xd.len()];
         let isa = Isa::current();
         let block = rows_per_block(y.len() / width) * width;
-        y.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(i, yb)| {
-                let at = i * block;
-                for (j, row) in yb.chunks_mut(width).enumerate() {
-                    let s = at + j * width;
-                    let rr = rd.map(|r| &r[s..s + width]);
-                    vmath::layer_norm_row(isa, &xd[s..s + width], rr, &gd, &bd, eps, row);
-                }
-            });
+        y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
+            let at = i * block;
+            for (j, row) in yb.chunks_mut(width).enumerate() {
+                let s = at + j * width;
+                let rr = rd.map(|r| &r[s..s + width]);
+                vmath::layer_norm_row(isa, &xd[s..s + width], rr, &gd, &bd, eps, row);
+            }
+        });
         CpuTensor::new(&x.shape, y)
     }
 
@@ -408,11 +406,7 @@ impl Backend for Cpu {
         mask: &AttentionMask<'_>,
     ) -> Result<CpuTensor> {
         let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
-        let (qd, kd, vd) = (
-            q.tensor.f32s(),
-            k.tensor.f32s(),
-            v.tensor.f32s(),
-        );
+        let (qd, kd, vd) = (q.tensor.f32s(), k.tensor.f32s(), v.tensor.f32s());
         let m = *mask;
         let (dim, dim_v) = (q.dim, v.dim);
         let scale = m.scale.unwrap_or(1.0 / (dim as f32).sqrt());

@@ -21,7 +21,7 @@
 //! sequence there).
 
 use super::backend::{Backend, Heads};
-use super::cpu::CpuTensor;
+use super::cpu::{Cpu, CpuBf16, CpuTensor};
 use super::layers::{CachedKv, KvCache};
 use crate::error::{Error, Result};
 
@@ -218,7 +218,18 @@ impl HostKvCache {
     }
 }
 
-impl<B: Backend<Tensor = CpuTensor>> StepKvCache<B> for HostKvCache {
+impl HostKvCache {
+    /// The per-layer views for any backend whose tensors are [`CpuTensor`]s.
+    fn host_layers<B: Backend<Tensor = CpuTensor>>(&mut self) -> Vec<Box<dyn KvCache<B> + '_>> {
+        let step = &self.step;
+        self.layers
+            .iter_mut()
+            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<B>>)
+            .collect()
+    }
+}
+
+impl StepKvCache<Cpu> for HostKvCache {
     fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
         self.step.begin(valid_new)
     }
@@ -227,12 +238,27 @@ impl<B: Backend<Tensor = CpuTensor>> StepKvCache<B> for HostKvCache {
         &self.step.lens
     }
 
-    fn layers(&mut self) -> Vec<Box<dyn KvCache<B> + '_>> {
-        let step = &self.step;
-        self.layers
-            .iter_mut()
-            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<B>>)
-            .collect()
+    fn layers(&mut self) -> Vec<Box<dyn KvCache<Cpu> + '_>> {
+        self.host_layers()
+    }
+}
+
+/// A [`HostKvCache`] for [`CpuBf16`] (the same f32 keys and values; a separate type so that
+/// calls on a `HostKvCache` keep naming one backend).
+#[derive(Debug)]
+pub struct HostKvCacheBf16(pub HostKvCache);
+
+impl StepKvCache<CpuBf16> for HostKvCacheBf16 {
+    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
+        self.0.step.begin(valid_new)
+    }
+
+    fn lens(&self) -> &[usize] {
+        &self.0.step.lens
+    }
+
+    fn layers(&mut self) -> Vec<Box<dyn KvCache<CpuBf16> + '_>> {
+        self.0.host_layers()
     }
 }
 

@@ -117,8 +117,8 @@ impl crate::runtime::generate::GenerateBackend for CpuBf16 {
         capacity: usize,
         width: usize,
     ) -> Result<Option<Box<dyn crate::runtime::kv_cache::StepKvCache<Self>>>> {
-        Ok(Some(Box::new(crate::runtime::kv_cache::HostKvCache::new(
-            layers, batch, capacity, width,
-        )?)))
+        use crate::runtime::kv_cache::{HostKvCache, HostKvCacheBf16};
+        let cache = HostKvCache::new(layers, batch, capacity, width)?;
+        Ok(Some(Box::new(HostKvCacheBf16(cache))))
     }
 }

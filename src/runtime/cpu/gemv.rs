@@ -124,7 +124,15 @@ fn run<W: Elem + Kernels>(
     let task = |c: usize, out: &mut [f32]| {
         let o0 = c * cols;
         let o1 = o0 + out.len() / rows;
-        block(isa, x, rows, k, &w[o0 * k..o1 * k], bias.map(|b| &b[o0..o1]), out);
+        block(
+            isa,
+            x,
+            rows,
+            k,
+            &w[o0 * k..o1 * k],
+            bias.map(|b| &b[o0..o1]),
+            out,
+        );
         super::vmath::activation(isa, act, out);
     };
     if rows == 1 {
@@ -365,14 +373,50 @@ mod x86 {
         };
     }
 
-    kernel!(avx512_f32, "avx512f", f32, 16, _mm512_setzero_ps, load16_f32, _mm512_loadu_ps,
-        _mm512_fmadd_ps, _mm512_reduce_add_ps);
-    kernel!(avx512_bf16, "avx512f", u16, 16, _mm512_setzero_ps, load16_bf16, _mm512_loadu_ps,
-        _mm512_fmadd_ps, _mm512_reduce_add_ps);
-    kernel!(avx2_f32, "avx2,fma", f32, 8, _mm256_setzero_ps, load8_f32, _mm256_loadu_ps,
-        _mm256_fmadd_ps, hsum8);
-    kernel!(avx2_bf16, "avx2,fma", u16, 8, _mm256_setzero_ps, load8_bf16, _mm256_loadu_ps,
-        _mm256_fmadd_ps, hsum8);
+    kernel!(
+        avx512_f32,
+        "avx512f",
+        f32,
+        16,
+        _mm512_setzero_ps,
+        load16_f32,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    kernel!(
+        avx512_bf16,
+        "avx512f",
+        u16,
+        16,
+        _mm512_setzero_ps,
+        load16_bf16,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    kernel!(
+        avx2_f32,
+        "avx2,fma",
+        f32,
+        8,
+        _mm256_setzero_ps,
+        load8_f32,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum8
+    );
+    kernel!(
+        avx2_bf16,
+        "avx2,fma",
+        u16,
+        8,
+        _mm256_setzero_ps,
+        load8_bf16,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum8
+    );
 }
 
 #[cfg(test)]
@@ -388,10 +432,19 @@ mod tests {
     fn every_isa_matches_an_f64_reference_for_f32_and_bf16_weights() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
         for isa in Isa::all_supported() {
-            for &(rows, k, n) in &[(1, 768, 70), (3, 37, 9), (8, 200, 133), (5, 16, 4), (2, 1, 3)] {
+            for &(rows, k, n) in &[
+                (1, 768, 70),
+                (3, 37, 9),
+                (8, 200, 133),
+                (5, 16, 4),
+                (2, 1, 3),
+            ] {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                let wb: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let wb: Vec<u16> = wf
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
                 let bias: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 for (weights, name) in [(Weights::F32(&wf), "f32"), (Weights::Bf16(&wb), "bf16")] {
                     let wv = |i: usize| match weights {
@@ -399,7 +452,17 @@ mod tests {
                         Weights::Bf16(w) => w[i].to_f32() as f64,
                     };
                     let mut y = vec![f32::NAN; rows * n];
-                    linear(isa, &x, rows, k, weights, n, Some(&bias), Activation::GeluTanh, &mut y);
+                    linear(
+                        isa,
+                        &x,
+                        rows,
+                        k,
+                        weights,
+                        n,
+                        Some(&bias),
+                        Activation::GeluTanh,
+                        &mut y,
+                    );
                     for m in 0..rows {
                         for o in 0..n {
                             let mut s = bias[o] as f64;

@@ -55,7 +55,15 @@ pub fn exp(x: f32) -> f32 {
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = p * r + c;
     }
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -201,7 +209,10 @@ mod tests {
             worst = worst.max(rel);
             x += 0.0173;
         }
-        assert!(worst < 4.0 * f32::EPSILON as f64, "worst relative error {worst}");
+        assert!(
+            worst < 4.0 * f32::EPSILON as f64,
+            "worst relative error {worst}"
+        );
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
     }
@@ -212,23 +223,40 @@ mod tests {
     fn every_isa_computes_max_exp_sum_and_layer_norm() {
         for isa in Isa::all_supported() {
             for len in [1usize, 15, 16, 37, 384] {
-                let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0).collect();
-                let r: Vec<f32> = (0..len).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+                let x: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+                    .collect();
+                let r: Vec<f32> = (0..len)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                    .collect();
                 let g: Vec<f32> = (0..len).map(|i| 0.5 + (i % 7) as f32 / 10.0).collect();
                 let b: Vec<f32> = (0..len).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect();
                 let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 assert_eq!(max(isa, &x), m, "{isa:?} max");
                 let mut e = x.clone();
                 let s = exp_sum(isa, &mut e, 0.7, m * 0.7);
-                let want: Vec<f64> = x.iter().map(|&v| (v as f64 * 0.7 - m as f64 * 0.7).exp()).collect();
+                let want: Vec<f64> = x
+                    .iter()
+                    .map(|&v| (v as f64 * 0.7 - m as f64 * 0.7).exp())
+                    .collect();
                 let ws: f64 = want.iter().sum();
-                assert!(((s as f64) - ws).abs() <= 1e-5 * ws, "{isa:?} sum {s} vs {ws}");
+                assert!(
+                    ((s as f64) - ws).abs() <= 1e-5 * ws,
+                    "{isa:?} sum {s} vs {ws}"
+                );
                 for (got, w) in e.iter().zip(&want) {
-                    assert!((*got as f64 - w).abs() <= 1e-6 * w.max(1e-30) + 1e-38, "{isa:?} exp");
+                    assert!(
+                        (*got as f64 - w).abs() <= 1e-6 * w.max(1e-30) + 1e-38,
+                        "{isa:?} exp"
+                    );
                 }
                 let mut out = vec![f32::NAN; len];
                 layer_norm_row(isa, &x, Some(&r), &g, &b, 1e-5, &mut out);
-                let v: Vec<f64> = x.iter().zip(&r).map(|(a, c)| *a as f64 + *c as f64).collect();
+                let v: Vec<f64> = x
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, c)| *a as f64 + *c as f64)
+                    .collect();
                 let mean = v.iter().sum::<f64>() / len as f64;
                 let var = v.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / len as f64;
                 for i in 0..len {
