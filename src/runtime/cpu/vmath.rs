@@ -259,12 +259,11 @@ mod tests {
                     .collect();
                 let mean = v.iter().sum::<f64>() / len as f64;
                 let var = v.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / len as f64;
-                for i in 0..len {
-                    let want = (v[i] - mean) / (var + 1e-5).sqrt() * g[i] as f64 + b[i] as f64;
+                for (i, (((got, vi), gi), bi)) in out.iter().zip(&v).zip(&g).zip(&b).enumerate() {
+                    let want = (vi - mean) / (var + 1e-5).sqrt() * *gi as f64 + *bi as f64;
                     assert!(
-                        (out[i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{isa:?} layer norm [{i}] of {len}: {} vs {want}",
-                        out[i]
+                        (*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{isa:?} layer norm [{i}] of {len}: {got} vs {want}"
                     );
                 }
             }
