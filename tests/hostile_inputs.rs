@@ -406,7 +406,7 @@ fn options_without_effect_are_refused_with_the_reason() {
     };
     assert_clean_error(&gen(&["--prompt", "hi", "--top-k", "5"]), "--temperature");
     assert_clean_error(&gen(&["--prompt", "hi", "--top-p", "0.5"]), "--temperature");
-    assert_clean_error(&gen(&["--prompt", "hi", "--dtype", "bf16"]), "CPU");
+    assert_clean_error(&gen(&["--prompt", "hi", "--dtype", "f16"]), "CPU");
     assert_clean_error(
         &gen(&["--prompt", "hi", "--max-new-tokens", "500"]),
         "at most 127 new tokens fit",

@@ -5,7 +5,7 @@
 //! memory follows the model and the batch, not the input. Only `--similarity`, whose output
 //! is a matrix of every pair, keeps every vector.
 
-use super::{check_cpu_dtype, CliResult, DeviceChoice};
+use super::{cpu_dtype, CliResult, DeviceChoice};
 use cuattn::runtime::sentence::SentenceEmbedder;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -61,8 +61,7 @@ pub fn run(args: EmbedArgs) -> CliResult {
     }
     match args.device {
         DeviceChoice::Cpu => {
-            check_cpu_dtype(args.dtype)?;
-            embed_on(&cuattn::runtime::Cpu, &args)
+            embed_cpu(&args)
         }
         DeviceChoice::Cuda => embed_cuda(&args, false),
         DeviceChoice::Auto => embed_cuda(&args, true),
@@ -75,9 +74,9 @@ fn embed_cuda(args: &EmbedArgs, fallback: bool) -> CliResult {
     match cuattn::gpu::Gpu::shared().and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, dtype)) {
         Ok(be) => embed_on(&be, args),
         Err(e) if fallback => {
-            check_cpu_dtype(args.dtype)?;
+            cpu_dtype(args.dtype)?;
             eprintln!("no usable GPU ({e}); embedding on the CPU");
-            embed_on(&cuattn::runtime::Cpu, args)
+            embed_cpu(args)
         }
         Err(e) => Err(e.into()),
     }
@@ -86,8 +85,7 @@ fn embed_cuda(args: &EmbedArgs, fallback: bool) -> CliResult {
 #[cfg(not(feature = "cuda"))]
 fn embed_cuda(args: &EmbedArgs, fallback: bool) -> CliResult {
     if fallback {
-        check_cpu_dtype(args.dtype)?;
-        embed_on(&cuattn::runtime::Cpu, args)
+        embed_cpu(args)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
     }
@@ -284,4 +282,12 @@ fn embed_on<B: cuattn::runtime::Backend>(be: &B, args: &EmbedArgs) -> CliResult 
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn embed_cpu(args: &EmbedArgs) -> CliResult {
+    match cpu_dtype(args.dtype)? {
+        cuattn::DType::BF16 => embed_on(&cuattn::runtime::CpuBf16, args),
+        _ => embed_on(&cuattn::runtime::Cpu, args),
+    }
 }

@@ -1,6 +1,6 @@
 //! `cuattn generate --model DIR --prompt TEXT`: GPT-2 text generation (CPU or GPU runtime).
 
-use super::{check_cpu_dtype, CliResult, DeviceChoice};
+use super::{cpu_dtype, CliResult, DeviceChoice};
 use std::process::ExitCode;
 
 /// Prompts run together in one generation call; more run in successive groups, so memory
@@ -77,8 +77,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     }
     match args.device {
         DeviceChoice::Cpu => {
-            check_cpu_dtype(args.dtype)?;
-            generate_on(&cuattn::runtime::Cpu, &args)
+            generate_cpu(&args)
         }
         DeviceChoice::Cuda => generate_cuda(&args, false),
         DeviceChoice::Auto => generate_cuda(&args, true),
@@ -91,9 +90,9 @@ fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
     match cuattn::gpu::Gpu::shared().and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, dtype)) {
         Ok(be) => generate_on(&be, args),
         Err(e) if fallback => {
-            check_cpu_dtype(args.dtype)?;
+            cpu_dtype(args.dtype)?;
             eprintln!("no usable GPU ({e}); generating on the CPU");
-            generate_on(&cuattn::runtime::Cpu, args)
+            generate_cpu(args)
         }
         Err(e) => Err(e.into()),
     }
@@ -102,8 +101,7 @@ fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
 #[cfg(not(feature = "cuda"))]
 fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
     if fallback {
-        check_cpu_dtype(args.dtype)?;
-        generate_on(&cuattn::runtime::Cpu, args)
+        generate_cpu(args)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
     }
@@ -246,4 +244,12 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn generate_cpu(args: &GenerateArgs) -> CliResult {
+    match cpu_dtype(args.dtype)? {
+        cuattn::DType::BF16 => generate_on(&cuattn::runtime::CpuBf16, args),
+        _ => generate_on(&cuattn::runtime::Cpu, args),
+    }
 }

@@ -57,15 +57,27 @@ pub fn exit_for(e: &(dyn std::error::Error + 'static)) -> (u8, Option<String>) {
     (RUNTIME_ERROR, Some(e.to_string()))
 }
 
-/// What `--dtype` does on the CPU: the CPU backend computes and stores in f32, so any other
-/// dtype is refused there rather than ignored.
+/// What `--dtype` does on the CPU for commands that only run models (`embed`, `generate`):
+/// f32 (the default), or bf16 weight matrices with f32 arithmetic (`CpuBf16`); f16 is refused
+/// rather than ignored.
+pub fn cpu_dtype(dtype: Option<cuattn::DType>) -> Result<cuattn::DType, cuattn::Error> {
+    match dtype.unwrap_or(cuattn::DType::F32) {
+        cuattn::DType::F16 => Err(cuattn::Error::invalid(
+            "--dtype",
+            "the CPU backend stores weights in f32 or bf16 (--dtype f32 or bf16), not f16              (f16 applies on the GPU: --device cuda)",
+        )),
+        d => Ok(d),
+    }
+}
+
+/// `--dtype` for CPU commands that compute in f32 only (`classify`, `finetune`): anything else
+/// is refused rather than ignored.
 pub fn check_cpu_dtype(dtype: Option<cuattn::DType>) -> Result<(), cuattn::Error> {
     match dtype {
         Some(d) if d != cuattn::DType::F32 => Err(cuattn::Error::invalid(
             "--dtype",
             format!(
-                "{d} applies on the GPU only: the CPU backend computes in f32 (use --device \
-                 cuda on a machine with a GPU, or leave --dtype out)"
+                "{d} applies on the GPU only: this command computes in f32 on the CPU (use                  --device cuda on a machine with a GPU, or leave --dtype out)"
             ),
         )),
         _ => Ok(()),

@@ -137,9 +137,9 @@ impl<B: Backend> Bert<B> {
             LayerNorm::new(be, &gamma, &beta, c.layer_norm_eps)
         };
         let table = |ckpt: &mut Checkpoint, name: &str, rows: usize| -> Result<Embedding<B>> {
-            Embedding::new(
+            Embedding::from_owned(
                 be,
-                &ckpt.take(&format!("embeddings.{name}.weight"), &[rows, h])?,
+                ckpt.take(&format!("embeddings.{name}.weight"), &[rows, h])?,
             )
         };
         let word = table(ckpt, "word_embeddings", c.vocab_size)?;
@@ -173,8 +173,8 @@ impl<B: Backend> Bert<B> {
                 attention,
                 attention_norm: ln(ckpt, &format!("{p}.attention.output.LayerNorm"))?,
                 ffn: FeedForward {
-                    up: Linear::new(be, &up.0, Some(&up.1))?,
-                    down: Linear::new(be, &down.0, Some(&down.1))?,
+                    up: Linear::from_owned(be, up.0, Some(up.1))?,
+                    down: Linear::from_owned(be, down.0, Some(down.1))?,
                     act: c.hidden_act,
                 },
                 output_norm: ln(ckpt, &format!("{p}.output.LayerNorm"))?,
@@ -183,7 +183,7 @@ impl<B: Backend> Bert<B> {
         let pooler = if ckpt.contains("pooler.dense.weight") || ckpt.contains("pooler.dense.bias") {
             let w = ckpt.take("pooler.dense.weight", &[h, h])?;
             let b = ckpt.take("pooler.dense.bias", &[h])?;
-            Some(Linear::new(be, &w, Some(&b))?)
+            Some(Linear::from_owned(be, w, Some(b))?)
         } else {
             None
         };

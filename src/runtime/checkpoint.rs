@@ -25,10 +25,16 @@ impl HostParam {
         let [a, b] = self.shape[..] else {
             return Err(Error::shape("param", "2 dims to transpose", &self.shape));
         };
+        // In 32×32 tiles, so both the reads and the writes stay within a few cache lines.
+        const TILE: usize = 32;
         let mut values = vec![0f32; a * b];
-        for i in 0..a {
-            for j in 0..b {
-                values[j * a + i] = self.values[i * b + j];
+        for i0 in (0..a).step_by(TILE) {
+            for j0 in (0..b).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(a) {
+                    for j in j0..(j0 + TILE).min(b) {
+                        values[j * a + i] = self.values[i * b + j];
+                    }
+                }
             }
         }
         Ok(HostParam {
@@ -247,6 +253,24 @@ impl Checkpoint {
                     .chunks_exact(2)
                     .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             ),
+        }
+        // The values are copied out: drop the tensor's file pages from this process's
+        // resident set, so loading holds the checkpoint in memory once (as converted values),
+        // not twice. Only a hint: on failure the pages simply stay until the map is dropped.
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            // SAFETY: the map is a read-only shared file mapping and no borrow of this range
+            // outlives this statement (`values` is an owned copy), so MADV_DONTNEED only
+            // makes later reads of these pages fault them back in from the file; it cannot
+            // change what any live reference sees.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
+            };
         }
         self.taken.insert(full);
         Ok(HostParam {

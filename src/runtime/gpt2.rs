@@ -101,9 +101,9 @@ pub struct Gpt2<B: Backend> {
     wpe: Embedding<B>,
     blocks: Vec<Block<B>>,
     ln_f: LayerNorm<B>,
-    /// `[vocab, n_embd]`, no bias: the token embedding again when tied (uploaded twice, once
-    /// as a table and once as a GEMM operand).
-    lm_head: Linear<B>,
+    /// `[vocab, n_embd]`, no bias, when the checkpoint has its own; `None` when tied: the
+    /// logits then read `wte`'s table itself (one copy of the largest tensor, not two).
+    lm_head: Option<Linear<B>>,
     /// Whether the checkpoint had its own `lm_head.weight`.
     pub separate_lm_head: bool,
 }
@@ -123,8 +123,9 @@ impl<B: Backend> Gpt2<B> {
     pub fn from_checkpoint(be: &B, config: Gpt2Config, ckpt: &mut Checkpoint) -> Result<Self> {
         // `lm_head.weight` never carries the prefix, so look for it before choosing one.
         let separate_lm_head = ckpt.contains("lm_head.weight");
-        let lm_head_param = if separate_lm_head {
-            Some(ckpt.take("lm_head.weight", &[config.vocab_size, config.n_embd])?)
+        let lm_head = if separate_lm_head {
+            let w = ckpt.take("lm_head.weight", &[config.vocab_size, config.n_embd])?;
+            Some(Linear::from_owned(be, w, None)?)
         } else {
             None
         };
@@ -145,9 +146,8 @@ impl<B: Backend> Gpt2<B> {
             let b = ckpt.take(&format!("{name}.bias"), &[out])?;
             Linear::from_conv1d(be, &w, Some(&b))
         };
-        let wte_param = ckpt.take("wte.weight", &[c.vocab_size, e])?;
-        let wte = Embedding::new(be, &wte_param)?;
-        let wpe = Embedding::new(be, &ckpt.take("wpe.weight", &[c.n_positions, e])?)?;
+        let wte = Embedding::from_owned(be, ckpt.take("wte.weight", &[c.vocab_size, e])?)?;
+        let wpe = Embedding::from_owned(be, ckpt.take("wpe.weight", &[c.n_positions, e])?)?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("h.{i}");
@@ -168,7 +168,6 @@ impl<B: Backend> Gpt2<B> {
             });
         }
         let ln_f = ln(ckpt, "ln_f")?;
-        let lm_head = Linear::new(be, lm_head_param.as_ref().unwrap_or(&wte_param), None)?;
         Ok(Gpt2 {
             config,
             wte,
@@ -257,7 +256,10 @@ impl<B: Backend> Gpt2<B> {
     /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
     pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
         let picked = be.gather_rows(hidden, rows)?;
-        self.lm_head.forward(be, &picked, Activation::None)
+        match &self.lm_head {
+            Some(head) => head.forward(be, &picked, Activation::None),
+            None => be.linear(&picked, &self.wte.table, None, Activation::None),
+        }
     }
 
     /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).

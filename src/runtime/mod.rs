@@ -3,7 +3,7 @@
 //! `cuda`: cuBLAS GEMMs, cuattn's attention and LayerNorm kernels, f32/f16/bf16).
 //!
 //! - [`backend`]: the op interface and its small types (activations, head views, masks).
-//! - [`cpu`], `cuda`: the two backends.
+//! - [`cpu`], `cuda`: the two backends ([`cpu::CpuBf16`]: the CPU one with bf16 weights).
 //! - [`layers`]: building blocks (linear, LayerNorm, feed-forward, positional encodings,
 //!   attention: basic, single-head, multi-head self/cross/masked, with a KV-cache hook).
 //! - [`checkpoint`]: Hugging Face folders (`config.json`, memory-mapped `model.safetensors`);
@@ -38,4 +38,4 @@ pub mod tokenizer;
 pub mod train;
 
 pub use backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
-pub use cpu::{Cpu, CpuTensor};
+pub use cpu::{Cpu, CpuBf16, CpuTensor};
