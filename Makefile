@@ -28,12 +28,15 @@ demo-kernels: toolchain
 	$(CARGO) build --release --bin cuattn
 	./target/release/cuattn info
 	@./target/release/cuattn check; rc=$$?; \
-	  if [ $$rc -eq 2 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
+	  if [ $$rc -eq 3 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
 	  else exit $$rc; fi
 
 test: toolchain
 	$(CARGO) test --release
 	$(CARGO) test --release --no-default-features
+	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
+	@# (nothing recompiles, the CUDA build is still current).
+	$(CARGO) build --release --bin cuattn
 
 lint: toolchain
 	$(CARGO) fmt --check

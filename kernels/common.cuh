@@ -66,6 +66,30 @@ template <typename P> __device__ __forceinline__ void store_stream(void* base, i
 
 }  // namespace cuattn
 
+// ---- Block reductions (added with the training ops) ---------------------------------------
+// Deterministic: the order of every addition depends only on blockDim, never on timing.
+namespace cuattn {
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over a 1-D block (blockDim.x a multiple of 32); every thread gets the same result.
+// smem: 32 floats. Each warp sums by butterfly, then every warp sums the warp totals in the
+// same butterfly order. Starts with a barrier, so smem may be reused between calls.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < warps ? smem[lane] : 0.0f);
+}
+
+}  // namespace cuattn
+
 // Tensor-core and asynchronous-copy primitives (sm_80+), shared by the attention kernels.
 namespace cuattn {
 

@@ -35,6 +35,26 @@ would be 50257 values per position, so the JSON keeps, per position, every 131st
 columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
 whole vocabulary at every step.
 
+tests/fixtures/training-ops.json
+                                    PyTorch (f64, CPU) on small inputs: F.gelu (erf, tanh) of
+                                    x + b with autograd's dx and dbias, F.cross_entropy with
+                                    ignore_index and label smoothing (loss, dlogits), the
+                                    embedding gradient, clip_grad_norm_, and three
+                                    torch.optim.AdamW steps (decay and no-decay groups)
+tests/fixtures/tiny-bert-cls/      the tiny BERT as a BertForSequenceClassification with 3 labels
+                                    (`bert.`-prefixed keys + classifier.weight/bias; the head
+                                    redrawn with the same spread as the encoder)
+tests/fixtures/tiny-bert-cls-train.json
+                                    the tiny BERT batch with labels: logits and cross-entropy
+                                    loss (dropout off), a label-smoothed/ignore_index loss and its
+                                    dlogits, and two torch.optim.AdamW steps (clip_grad_norm_ 1.0,
+                                    no decay on biases/LayerNorm) with the loss and gradient norm
+                                    before each step
+tests/fixtures/tiny-bert-cls-grads.safetensors
+                                    autograd's gradient of every parameter (`grad.<name>`) at the
+                                    fixture weights, and every parameter after the two AdamW
+                                    steps (`adamw2.<name>`), f32
+
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
 
@@ -122,6 +142,92 @@ SENTENCES = [
     # Longer than max_seq_length (256 tokens): sentence-transformers truncates it.
     " ".join(["the quick brown fox jumps over the lazy dog"] * 40),
 ]
+
+
+def tiny_bert_batch():
+    with open(os.path.join(FIXTURES, "tiny-bert-outputs.json")) as f:
+        rec = json.load(f)
+    n, length = len(rec["lens"]), rec["len"]
+    ids = torch.tensor(rec["ids"]).reshape(n, length)
+    types = torch.tensor(rec["type_ids"]).reshape(n, length)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for b, l in enumerate(rec["lens"]):
+        mask[b, :l] = 1
+    return rec, ids, types, mask
+
+
+def tiny_bert_cls():
+    """Gradients and two AdamW steps of a BertForSequenceClassification on the tiny BERT."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(4321)
+    labels_names = ["neg", "neu", "pos"]
+    model = BertForSequenceClassification.from_pretrained(
+        os.path.join(FIXTURES, "tiny-bert"),
+        num_labels=3,
+        id2label=dict(enumerate(labels_names)),
+        label2id={n: i for i, n in enumerate(labels_names)},
+        attn_implementation="eager",
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.3)
+        model.classifier.bias.normal_(0.0, 0.2)
+    model.architectures = ["BertForSequenceClassification"]
+    out_dir = os.path.join(FIXTURES, "tiny-bert-cls")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # Dropout off (model.eval()), gradients still flow.
+    model.eval()
+    rec, ids, types, mask = tiny_bert_batch()
+    labels = torch.tensor([2, 0, 1])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out
+
+    out = loss_and_grads()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "labels": labels.tolist(),
+        "logits": out.logits.detach().flatten().tolist(),
+        "loss": out.loss.item(),
+    }
+    # The loss op alone: label smoothing and an ignored row.
+    z = out.logits.detach().clone().requires_grad_(True)
+    smooth_labels = torch.tensor([2, -100, 1])
+    smooth = torch.nn.functional.cross_entropy(z, smooth_labels, ignore_index=-100, label_smoothing=0.1)
+    smooth.backward()
+    record["smoothing"] = {
+        "labels": smooth_labels.tolist(),
+        "label_smoothing": 0.1,
+        "loss": smooth.item(),
+        "dlogits": z.grad.flatten().tolist(),
+    }
+    # Two AdamW steps from the saved weights, HF Trainer's grouping (no decay on biases and
+    # LayerNorm weights), clipping at global norm 1.0 before each step.
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False,
+    )
+    losses, norms = [], []
+    for _ in range(2):
+        out = loss_and_grads()
+        losses.append(out.loss.item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"]).item())
+        opt.step()
+    record["adamw"] = dict(hp, losses=losses, grad_norms=norms)
+    for n, p in model.named_parameters():
+        tensors[f"adamw2.{n}"] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-cls-grads.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-cls-train.json"), "w") as f:
+        json.dump(record, f)
 
 
 def minilm(folder):
@@ -253,6 +359,68 @@ def tiny_gpt2(bpe_dir):
         json.dump(record, f)
 
 
+def training_ops():
+    """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
+    references read exactly the same values."""
+    torch.manual_seed(99)
+    f = torch.nn.functional
+
+    def rand(*shape, spread=1.0):
+        return ((torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread).double()
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    out = {}
+    gelu = []
+    for kind, approx in (("erf", "none"), ("tanh", "tanh")):
+        x, b, dy = rand(4, 6, spread=3.0), rand(6), rand(4, 6)
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        y = f.gelu(x + b, approximate=approx)
+        y.backward(dy)
+        gelu.append({"kind": kind, "rows": 4, "cols": 6, "x": flat(x), "bias": flat(b),
+                     "dy": flat(dy), "y": flat(y), "dx": flat(x.grad), "dbias": flat(b.grad)})
+    out["bias_gelu"] = gelu
+    xent = []
+    for eps in (0.0, 0.1):
+        logits = rand(5, 7, spread=4.0).requires_grad_(True)
+        labels = torch.tensor([3, -100, 0, 6, 2])
+        loss = f.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
+        loss.backward()
+        xent.append({"smoothing": eps, "ignore_index": -100, "classes": 7,
+                     "logits": flat(logits), "labels": labels.tolist(), "loss": loss.item(),
+                     "dlogits": flat(logits.grad)})
+    out["cross_entropy"] = xent
+    ids = torch.tensor([4, 1, 4, 0, 4, 2, 1, 4, 0])
+    w = rand(5, 3).requires_grad_(True)
+    dy = rand(9, 3)
+    f.embedding(ids, w).backward(dy)
+    out["embedding"] = {"vocab": 5, "width": 3, "ids": ids.tolist(), "dy": flat(dy),
+                        "dtable": flat(w.grad)}
+    grads = [rand(7), rand(3, 2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p_, g in zip(params, grads):
+        p_.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    out["clip"] = {"max_norm": 0.5, "grads": [flat(g) for g in grads], "norm": norm.item(),
+                   "clipped": [flat(p_.grad) for p_ in params]}
+    decayed, plain = rand(6).requires_grad_(True), rand(4).requires_grad_(True)
+    start = [flat(decayed), flat(plain)]
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": 0.1},
+                             {"params": [plain], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    steps = []
+    for _ in range(3):
+        g = [rand(6, spread=2.0), rand(4, spread=2.0)]
+        decayed.grad, plain.grad = g[0].clone(), g[1].clone()
+        opt.step()
+        steps.append({"grads": [flat(t) for t in g], "params": [flat(decayed), flat(plain)]})
+    out["adamw"] = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                    "weight_decay": 0.1, "start": start, "steps": steps}
+    out["torch_version"] = torch.__version__
+    with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
+        json.dump(out, fh)
 def attention_backward():
     """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
     matrices (key j visible to query i), independently of the crate's band code; inputs are
@@ -318,7 +486,7 @@ def attention_backward():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "attention-backward"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -326,10 +494,14 @@ def main():
     torch.set_num_threads(1)
     if args.only in ("all", "bert"):
         tiny_bert()
+    if args.only in ("all", "bert", "bert-cls"):
+        tiny_bert_cls()
     if args.only in ("all", "minilm"):
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "training"):
+        training_ops()
     if args.only in ("all", "attention-backward"):
         attention_backward()
     print("fixtures written to", FIXTURES)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times PyTorch's own kernels on the shapes, dtypes and ops of a `cuattn bench <family> --json`
-file, and prints the same JSON format, so that docs/gpu.md's report can put both side by side.
+file, and prints the same JSON format, so that the report of docs/gpu-runs/README.md can put both side by side.
 
     python3 scripts/torch_baseline.py layernorm --shapes-from bench_layernorm.json --json
     python3 scripts/torch_baseline.py attention --shapes-from bench_attention.json --json

@@ -126,6 +126,11 @@ pub enum Error {
     #[error("checkpoint {file}: {reason}")]
     Checkpoint { file: String, reason: String },
 
+    /// A model produced NaN or infinite values for an input (corrupt weights, or arithmetic
+    /// that overflowed); `input` counts from 1 in the order the inputs were given.
+    #[error("input {input}: {reason}")]
+    NonFinite { input: usize, reason: String },
+
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -7,6 +7,7 @@ pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;
+pub mod training_ops;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

@@ -65,6 +65,10 @@ pub enum Kernel {
     Exact,
     /// mma.sync tensor cores, f16/bf16 only (`kernels/attention_tc.cu`).
     TensorCore,
+    /// Hopper's wgmma/TMA kernel (`kernels/attention_hopper.cu`): compute capability 9.0,
+    /// f16/bf16, D = Dv ∈ {64, 128}, dense batches. Not yet run on hardware, so never chosen by
+    /// `Auto`; anything it cannot take is an error naming why.
+    Hopper,
 }
 
 /// Options of one call.
@@ -454,6 +458,12 @@ pub(super) fn launch_forward(
     sparse: Option<&SparseArgs>,
 ) -> Result<()> {
     let tensor_cores = match opts.kernel {
+        Kernel::Hopper => {
+            if let Some(why) = super::attention_hopper::ineligible(gpu, c, opts, sparse.is_some()) {
+                return Err(Error::invalid("kernel", format!("Kernel::Hopper {why}")));
+            }
+            true
+        }
         Kernel::Auto => c.dtype != DType::F32,
         Kernel::Exact => false,
         Kernel::TensorCore if c.dtype == DType::F32 => {
@@ -508,6 +518,9 @@ pub(super) fn launch_forward(
         rows_per_block,
         vectorized,
     );
+    if opts.kernel == Kernel::Hopper {
+        return super::attention_hopper::launch(gpu, q, k, v, o, c, &p);
+    }
     let (kernel, smem) = if tensor_cores {
         let name = match sparse {
             Some(_) => sparse_kernel_name(c.dtype, tile.rows, tile.head_dim),

@@ -147,6 +147,10 @@ fn use_tensor_cores(c: &Checked, kernel: Kernel) -> Result<bool> {
             ),
         )),
         Kernel::TensorCore => Ok(true),
+        Kernel::Hopper => Err(Error::invalid(
+            "kernel",
+            "Kernel::Hopper is a forward kernel; the backward runs with Auto, Exact or TensorCore",
+        )),
     }
 }
 

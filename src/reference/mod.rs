@@ -6,3 +6,4 @@ pub mod attention;
 pub mod attention_backward;
 pub mod layernorm;
 pub mod runtime;
+pub mod training;

@@ -64,7 +64,7 @@ fn rows_per_block(rows: usize) -> usize {
 /// rayon's threads when `parallel` (one big GEMM) or on the calling thread (many small ones
 /// already spread over the threads).
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(super) fn sgemm(
     m: usize,
     k: usize,
     n: usize,

@@ -5,6 +5,8 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod decode;
+pub mod hopper_pipeline;
 pub mod kv_append;
 pub mod layernorm;
 pub mod sparse_attention;
+pub mod training;
