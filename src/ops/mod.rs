@@ -3,8 +3,8 @@
 //! one `unsafe` launch whose soundness rests on those checks.
 
 pub mod attention;
-mod attention_hopper;
 pub mod attention_backward;
+mod attention_hopper;
 pub mod attention_unfused;
 pub mod decode;
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
-mod attention_hopper;
 mod attention_backward;
+mod attention_hopper;
 mod decode;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
