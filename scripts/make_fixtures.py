@@ -22,6 +22,11 @@ tests/fixtures/tiny-gpt2-outputs.json
                                     a fixed sample of vocabulary columns, and greedy
                                     continuations (generate(do_sample=False)) with the top-2
                                     logit margin of every step
+tests/fixtures/attention-backward.json
+                                    small attention calls (GQA, D != Dv, causal top-left and
+                                    bottom-right with Lq != Lk, key padding, a sliding window)
+                                    with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
+                                    (`--only attention-backward`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -30,28 +35,25 @@ would be 50257 values per position, so the JSON keeps, per position, every 131st
 columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
 whole vocabulary at every step.
 
-tests/fixtures/tiny-gpt2-beams.json
-                                    beam search (and greedy with logits processors) on the
-                                    tiny GPT-2: generate() options, generated ids after the
-                                    prompt (cut after end-of-text) and sequences_scores
-tests/fixtures/tiny-bart/, tiny-bart-untied/
-                                    random BartForConditionalGeneration models (d_model 16,
-                                    2+2 layers) with a 420-token byte-level BPE trained on a few
-                                    sentences (tokenizer.json) and a generation_config.json:
-                                    tied head without scale_embedding (gelu), untied head with
-                                    scale_embedding (relu)
-tests/fixtures/tiny-bart-outputs.json
-                                    per variant and text: input ids, encoder states, teacher-
-                                    forced logits of the greedy decoder ids, greedy ids
-                                    (12 new tokens) and beam ids + scores under the folder's
-                                    generation_config.json; a padded batch of the three texts
-tests/fixtures/tiny-bert-pretraining/
-                                    a random BertForPreTraining (hidden 24, 2 layers) with a
-                                    160-token WordPiece vocabulary trained on a few sentences
-tests/fixtures/tiny-bert-pretraining-outputs.json
-                                    HF's fill-mask pipeline (top 5) on three texts, and on a
-                                    padded pair batch: prediction and next-sentence logits,
-                                    masked-LM, next-sentence and total losses
+tests/fixtures/training-ops.json
+                                    PyTorch (f64, CPU) on small inputs: F.gelu (erf, tanh) of
+                                    x + b with autograd's dx and dbias, F.cross_entropy with
+                                    ignore_index and label smoothing (loss, dlogits), the
+                                    embedding gradient, clip_grad_norm_, and three
+                                    torch.optim.AdamW steps (decay and no-decay groups)
+tests/fixtures/tiny-bert-cls/      the tiny BERT as a BertForSequenceClassification with 3 labels
+                                    (`bert.`-prefixed keys + classifier.weight/bias; the head
+                                    redrawn with the same spread as the encoder)
+tests/fixtures/tiny-bert-cls-train.json
+                                    the tiny BERT batch with labels: logits and cross-entropy
+                                    loss (dropout off), a label-smoothed/ignore_index loss and its
+                                    dlogits, and two torch.optim.AdamW steps (clip_grad_norm_ 1.0,
+                                    no decay on biases/LayerNorm) with the loss and gradient norm
+                                    before each step
+tests/fixtures/tiny-bert-cls-grads.safetensors
+                                    autograd's gradient of every parameter (`grad.<name>`) at the
+                                    fixture weights, and every parameter after the two AdamW
+                                    steps (`adamw2.<name>`), f32
 
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
@@ -140,6 +142,92 @@ SENTENCES = [
     # Longer than max_seq_length (256 tokens): sentence-transformers truncates it.
     " ".join(["the quick brown fox jumps over the lazy dog"] * 40),
 ]
+
+
+def tiny_bert_batch():
+    with open(os.path.join(FIXTURES, "tiny-bert-outputs.json")) as f:
+        rec = json.load(f)
+    n, length = len(rec["lens"]), rec["len"]
+    ids = torch.tensor(rec["ids"]).reshape(n, length)
+    types = torch.tensor(rec["type_ids"]).reshape(n, length)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for b, l in enumerate(rec["lens"]):
+        mask[b, :l] = 1
+    return rec, ids, types, mask
+
+
+def tiny_bert_cls():
+    """Gradients and two AdamW steps of a BertForSequenceClassification on the tiny BERT."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(4321)
+    labels_names = ["neg", "neu", "pos"]
+    model = BertForSequenceClassification.from_pretrained(
+        os.path.join(FIXTURES, "tiny-bert"),
+        num_labels=3,
+        id2label=dict(enumerate(labels_names)),
+        label2id={n: i for i, n in enumerate(labels_names)},
+        attn_implementation="eager",
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.3)
+        model.classifier.bias.normal_(0.0, 0.2)
+    model.architectures = ["BertForSequenceClassification"]
+    out_dir = os.path.join(FIXTURES, "tiny-bert-cls")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # Dropout off (model.eval()), gradients still flow.
+    model.eval()
+    rec, ids, types, mask = tiny_bert_batch()
+    labels = torch.tensor([2, 0, 1])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out
+
+    out = loss_and_grads()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "labels": labels.tolist(),
+        "logits": out.logits.detach().flatten().tolist(),
+        "loss": out.loss.item(),
+    }
+    # The loss op alone: label smoothing and an ignored row.
+    z = out.logits.detach().clone().requires_grad_(True)
+    smooth_labels = torch.tensor([2, -100, 1])
+    smooth = torch.nn.functional.cross_entropy(z, smooth_labels, ignore_index=-100, label_smoothing=0.1)
+    smooth.backward()
+    record["smoothing"] = {
+        "labels": smooth_labels.tolist(),
+        "label_smoothing": 0.1,
+        "loss": smooth.item(),
+        "dlogits": z.grad.flatten().tolist(),
+    }
+    # Two AdamW steps from the saved weights, HF Trainer's grouping (no decay on biases and
+    # LayerNorm weights), clipping at global norm 1.0 before each step.
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False,
+    )
+    losses, norms = [], []
+    for _ in range(2):
+        out = loss_and_grads()
+        losses.append(out.loss.item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"]).item())
+        opt.step()
+    record["adamw"] = dict(hp, losses=losses, grad_norms=norms)
+    for n, p in model.named_parameters():
+        tensors[f"adamw2.{n}"] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-cls-grads.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-cls-train.json"), "w") as f:
+        json.dump(record, f)
 
 
 def minilm(folder):
@@ -271,8 +359,275 @@ def tiny_gpt2(bpe_dir):
         json.dump(record, f)
 
 
-# ---------------------------------------------------------------------------------------------
-# Beam search on the tiny GPT-2, BART, and their generation settings (issue 15).
+TINY_WORDS = (
+    "the a film movie food meal service staff hotel room trip show book app was is were "
+    "very so not really and but too it this that i we loved hated liked great good lovely "
+    "kind clean fast fresh fun bad awful rude dirty slow cold boring terrible broken late "
+    "again never always ."
+).split()
+
+TINY_TRAIN = [
+    ("the film was great", "positive"),
+    ("the food was cold and bad", "negative"),
+    ("we loved the hotel room", "positive"),
+    ("the staff were rude", "negative"),
+    ("a very fun show", "positive"),
+    ("the service was slow and the room was dirty", "negative"),
+    ("i liked this book", "positive"),
+    ("the app is broken again", "negative"),
+    ("so kind and fast", "positive"),
+    ("boring movie", "negative"),
+    ("the meal was fresh and really good", "positive"),
+    ("we hated it", "negative"),
+    ("lovely clean room", "positive"),
+    ("the trip was awful", "negative"),
+]
+
+TINY_PROBES = [
+    "the film was great",
+    "the staff were rude and slow",
+    "not good",
+    "i loved the meal but the room was cold",
+]
+
+# The `cuattn finetune` options of the fixture run (tests/cli_finetune.rs passes the same).
+TINY_RUN = {
+    "batch_size": 3,
+    "grad_accum": 2,
+    "max_steps": 4,
+    "lr": 5e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 1,
+    "max_grad_norm": 0.5,
+    "max_len": 16,
+}
+
+
+def finetune_tiny():
+    """A tiny classifier, its tokenizer and data, and PyTorch's run of the options above."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    base = os.path.join(FIXTURES, "finetune-tiny")
+    model_dir = os.path.join(base, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS
+    vocab_file = os.path.join(model_dir, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True, model_max_length=32)
+    tok.save_pretrained(model_dir)
+
+    torch.manual_seed(2024)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act="gelu",
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.7, 1.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(model_dir, extra)):
+            os.remove(os.path.join(model_dir, extra))
+    with open(os.path.join(base, "train.tsv"), "w") as f:
+        f.write("text\tlabel\n")
+        for t, l in TINY_TRAIN:
+            f.write(f"{t}\t{l}\n")
+
+    run = TINY_RUN
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        low = n.lower()
+        (no_decay if ("bias" in low or "layernorm" in low) else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=run["lr"], betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, run["warmup_steps"], run["max_steps"])
+    label2id = config.label2id
+    micro = [TINY_TRAIN[i:i + run["batch_size"]]
+             for i in range(0, len(TINY_TRAIN), run["batch_size"])]
+    groups = [micro[i:i + run["grad_accum"]] for i in range(0, len(micro), run["grad_accum"])]
+    model.train()
+    steps = []
+    step = 0
+    while step < run["max_steps"]:
+        for group in groups:
+            if step >= run["max_steps"]:
+                break
+            lr = sched.get_last_lr()[0]
+            loss_sum = 0.0
+            for mb in group:
+                enc = tok([t for t, _ in mb], padding="longest", truncation=True,
+                          max_length=run["max_len"], return_tensors="pt")
+                y = torch.tensor([label2id[l] for _, l in mb])
+                out = model(**enc)
+                loss = torch.nn.functional.cross_entropy(out.logits, y)
+                (loss / len(group)).backward()
+                loss_sum += float(loss.detach()) / len(group)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            steps.append({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(norm)})
+    model.eval()
+    with torch.no_grad():
+        enc = tok(TINY_PROBES, padding="longest", return_tensors="pt")
+        logits = model(**enc).logits
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, os.path.join(base, "expected.safetensors"), metadata={"format": "pt"})
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "run": run,
+        "steps": steps,
+        "probes": TINY_PROBES,
+        "probe_logits": logits.tolist(),
+    }
+    with open(os.path.join(base, "expected.json"), "w") as f:
+        json.dump(record, f, indent=1)
+def training_ops():
+    """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
+    references read exactly the same values."""
+    torch.manual_seed(99)
+    f = torch.nn.functional
+
+    def rand(*shape, spread=1.0):
+        return ((torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread).double()
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    out = {}
+    gelu = []
+    for kind, approx in (("erf", "none"), ("tanh", "tanh")):
+        x, b, dy = rand(4, 6, spread=3.0), rand(6), rand(4, 6)
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        y = f.gelu(x + b, approximate=approx)
+        y.backward(dy)
+        gelu.append({"kind": kind, "rows": 4, "cols": 6, "x": flat(x), "bias": flat(b),
+                     "dy": flat(dy), "y": flat(y), "dx": flat(x.grad), "dbias": flat(b.grad)})
+    out["bias_gelu"] = gelu
+    xent = []
+    for eps in (0.0, 0.1):
+        logits = rand(5, 7, spread=4.0).requires_grad_(True)
+        labels = torch.tensor([3, -100, 0, 6, 2])
+        loss = f.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
+        loss.backward()
+        xent.append({"smoothing": eps, "ignore_index": -100, "classes": 7,
+                     "logits": flat(logits), "labels": labels.tolist(), "loss": loss.item(),
+                     "dlogits": flat(logits.grad)})
+    out["cross_entropy"] = xent
+    ids = torch.tensor([4, 1, 4, 0, 4, 2, 1, 4, 0])
+    w = rand(5, 3).requires_grad_(True)
+    dy = rand(9, 3)
+    f.embedding(ids, w).backward(dy)
+    out["embedding"] = {"vocab": 5, "width": 3, "ids": ids.tolist(), "dy": flat(dy),
+                        "dtable": flat(w.grad)}
+    grads = [rand(7), rand(3, 2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p_, g in zip(params, grads):
+        p_.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    out["clip"] = {"max_norm": 0.5, "grads": [flat(g) for g in grads], "norm": norm.item(),
+                   "clipped": [flat(p_.grad) for p_ in params]}
+    decayed, plain = rand(6).requires_grad_(True), rand(4).requires_grad_(True)
+    start = [flat(decayed), flat(plain)]
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": 0.1},
+                             {"params": [plain], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    steps = []
+    for _ in range(3):
+        g = [rand(6, spread=2.0), rand(4, spread=2.0)]
+        decayed.grad, plain.grad = g[0].clone(), g[1].clone()
+        opt.step()
+        steps.append({"grads": [flat(t) for t in g], "params": [flat(decayed), flat(plain)]})
+    out["adamw"] = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                    "weight_decay": 0.1, "start": start, "steps": steps}
+    out["torch_version"] = torch.__version__
+    with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
+        json.dump(out, fh)
+def attention_backward():
+    """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
+    matrices (key j visible to query i), independently of the crate's band code; inputs are
+    f32 values carried in f64, and no case has a fully masked row (softmax would give NaN)."""
+    gen = torch.Generator().manual_seed(4321)
+    cases = []
+    specs = [
+        # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_lens, window (left, right, align)
+        ("gqa_unequal_dims", 2, 4, 2, 5, 7, 6, 4, None, None, None),
+        ("causal_top_left", 1, 2, 1, 6, 4, 5, 5, "top_left", None, None),
+        ("causal_bottom_right", 1, 2, 2, 4, 7, 4, 3, "bottom_right", None, None),
+        ("key_padding_mqa", 2, 3, 1, 5, 6, 4, 4, None, [6, 2], None),
+        ("window_causal", 1, 2, 1, 7, 7, 4, 4, "top_left", None, (2, 0, "top_left")),
+    ]
+    for name, b, hq, hkv, lq, lk, d, dv, causal, key_lens, window in specs:
+        q = torch.randn(b, hq, lq, d, generator=gen).float().double().requires_grad_()
+        k = torch.randn(b, hkv, lk, d, generator=gen).float().double().requires_grad_()
+        v = torch.randn(b, hkv, lk, dv, generator=gen).float().double().requires_grad_()
+        do = torch.randn(b, hq, lq, dv, generator=gen).float().double()
+        scale = 1.0 / d ** 0.5
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        for bb in range(b):
+            kl = key_lens[bb] if key_lens else lk
+            for i in range(lq):
+                for j in range(lk):
+                    ok = j < kl
+                    off = lambda align: 0 if align == "top_left" else kl - lq
+                    if causal:
+                        ok = ok and j <= i + off(causal)
+                    if window:
+                        left, right, align = window
+                        ok = ok and i + off(align) - left <= j <= i + off(align) + right
+                    keep[bb, 0, i, j] = ok
+        assert keep.any(dim=-1).all(), name
+        group = hq // hkv
+        kr = k.repeat_interleave(group, dim=1)
+        vr = v.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=keep, scale=scale)
+        (o * do).sum().backward()
+        cases.append({
+            "name": name,
+            "shape": [b, hq, hkv, lq, lk, d, dv],
+            "causal": causal,
+            "key_lens": key_lens,
+            "window": list(window) if window else None,
+            "q": q.detach().flatten().tolist(),
+            "k": k.detach().flatten().tolist(),
+            "v": v.detach().flatten().tolist(),
+            "do": do.flatten().tolist(),
+            "o": o.detach().flatten().tolist(),
+            "dq": q.grad.flatten().tolist(),
+            "dk": k.grad.flatten().tolist(),
+            "dv": v.grad.flatten().tolist(),
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py attention_backward, torch {torch.__version__}, f64 autograd through SDPA",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "attention-backward.json"), "w") as f:
+        json.dump(record, f)
+
 
 GPT2_BEAM_CASES = [
     # (prompts, generate kwargs)
@@ -335,12 +690,14 @@ BART_TEXTS = [
     "BART joins a bidirectional encoder with an autoregressive decoder.",
 ]
 
+
 BART_CORPUS = BART_TEXTS + [
     "A man is eating food. A man is riding a horse. The girl is carrying a baby.",
     "the quick brown fox jumps over the lazy dog " * 3,
     "Denoising autoencoders reconstruct text from corrupted inputs: masking, deletion, "
     "infilling, permutation and rotation.",
 ]
+
 
 BART_VARIANTS = {
     # name: (tie_word_embeddings, scale_embedding, activation, generation kwargs)
@@ -451,9 +808,6 @@ def tiny_bart():
         json.dump(record, f)
 
 
-# ---------------------------------------------------------------------------------------------
-# BERT's pretraining heads (issue 15).
-
 BERT_PT_CORPUS = [
     "the capital of france is paris .",
     "the capital of italy is rome .",
@@ -461,6 +815,7 @@ BERT_PT_CORPUS = [
     "the girl is carrying a baby . the dog runs in the park .",
     "paris is a city in france and rome is a city in italy .",
 ]
+
 
 FILL_MASK_TEXTS = [
     "The capital of France is [MASK].",
@@ -545,10 +900,11 @@ def tiny_bert_pretraining():
         json.dump(record, f)
 
 
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -556,6 +912,8 @@ def main():
     torch.set_num_threads(1)
     if args.only in ("all", "bert"):
         tiny_bert()
+    if args.only in ("all", "bert", "bert-cls"):
+        tiny_bert_cls()
     if args.only in ("all", "minilm"):
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
@@ -566,6 +924,12 @@ def main():
         tiny_bart()
     if args.only in ("all", "bert-pretraining"):
         tiny_bert_pretraining()
+    if args.only in ("all", "finetune"):
+        finetune_tiny()
+    if args.only in ("all", "training"):
+        training_ops()
+    if args.only in ("all", "attention-backward"):
+        attention_backward()
     print("fixtures written to", FIXTURES)
 
 

@@ -5,6 +5,8 @@
 //! - `cuattn bench <family>`: benchmark tables (or `--json`).
 //! - `cuattn embed --model DIR [TEXT ...]`: sentence embeddings (CPU or GPU runtime).
 //! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 text generation (CPU or GPU runtime).
+//! - `cuattn finetune --model DIR --train FILE --out DIR`: fine-tune BERT for classification.
+//! - `cuattn classify --model DIR [TEXT ...]`: labels and probabilities with such a model.
 
 mod cli;
 
@@ -15,7 +17,9 @@ use std::process::ExitCode;
 #[command(
     name = "cuattn",
     version,
-    about = "Hand-written CUDA attention kernels: info, checks and benchmarks"
+    about = "Hand-written CUDA attention kernels and a small transformer runtime: kernel info, \
+             checks and benchmarks (GPU), sentence embeddings and GPT-2 generation (CPU or GPU)",
+    after_help = cli::EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,7 +35,7 @@ enum Command {
         json: bool,
     },
     /// Run every kernel against its CPU reference on random inputs (needs a GPU).
-    /// Exit status: 0 all pass, 1 a check failed, 2 no GPU.
+    /// Exit status: 0 all pass, 1 a check failed, 3 no GPU.
     Check,
     /// Benchmark a kernel family (needs a GPU).
     Bench(cli::bench::BenchArgs),
@@ -42,6 +46,11 @@ enum Command {
     /// (config.json, model.safetensors, generation_config.json; the tokenizer from
     /// tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
+    /// Fine-tune a BERT folder for sequence classification on a .tsv/.csv/.jsonl file and
+    /// write a Hugging Face BertForSequenceClassification folder (+ train_log.csv, loss.png).
+    Finetune(Box<cli::finetune::FinetuneArgs>),
+    /// Predicted label and probability per text with a BertForSequenceClassification folder.
+    Classify(cli::classify::ClassifyArgs),
     /// Show BART's noising transforms on a text.
     Noise(cli::noise::NoiseArgs),
     /// Predict the [MASK] tokens of a text with a BertForMaskedLM / BertForPreTraining folder.
@@ -49,21 +58,34 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let code = if e.use_stderr() { cli::USAGE_ERROR } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Info { json } => cli::info::run(json),
         Command::Check => cli::check::run(),
         Command::Bench(args) => cli::bench::run(args),
         Command::Embed(args) => cli::embed::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Finetune(args) => cli::finetune::run(*args),
+        Command::Classify(args) => cli::classify::run(args),
         Command::Noise(args) => cli::noise::run(args),
         Command::FillMask(args) => cli::fill_mask::run(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            let (code, message) = cli::exit_for(&*e);
+            if let Some(m) = message {
+                eprintln!("error: {m}");
+            }
+            ExitCode::from(code)
         }
     }
 }

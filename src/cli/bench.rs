@@ -13,11 +13,12 @@ pub struct BenchArgs {
     /// Small tensors and few iterations: a smoke test, not a measurement.
     #[arg(long)]
     quick: bool,
-    /// Only these dtypes (default: all).
+    /// Only these dtypes, comma-separated: f32, f16, bf16 (default: all; attention: f16,bf16).
     #[arg(long, value_delimiter = ',')]
     dtype: Vec<cuattn::DType>,
-    /// Instead of the table, time every launch variant (register path with 1/2/4 packs per
-    /// thread, generic path with and without the row cache) on the headline shapes.
+    /// `layernorm` only: instead of the table, time every launch variant (register path with
+    /// 1/2/4 packs per thread, generic path with and without the row cache) on the headline
+    /// shapes. Other families have no variants: an error.
     #[arg(long)]
     sweep: bool,
 }
@@ -26,12 +27,25 @@ pub struct BenchArgs {
 pub enum Family {
     Layernorm,
     Attention,
+    /// Attention backward (dQ, dK, dV): deterministic and fast modes, TFLOP/s = 2.5× forward FLOPs.
+    AttentionBackward,
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
     Decode,
+    /// Training ops (bias+GELU, column sums, dropout, embedding backward, cross-entropy,
+    /// gradient norm and clipping, AdamW) at BERT/GPT-2 step sizes.
+    TrainingOps,
 }
 
 pub fn run(args: BenchArgs) -> CliResult {
+    // Options are checked before looking for a GPU: a wrong one is a usage error anywhere.
+    if args.sweep && !matches!(args.family, Family::Layernorm) {
+        return Err(cuattn::Error::invalid(
+            "--sweep",
+            "only `bench layernorm` has launch variants to sweep",
+        )
+        .into());
+    }
     bench(args.family, args.json, args.quick, args.dtype, args.sweep)
 }
 
@@ -43,6 +57,7 @@ fn bench(
     dtypes: Vec<cuattn::DType>,
     sweep: bool,
 ) -> CliResult {
+    use std::io::Write;
     let gpu = match cuattn::gpu::Gpu::shared() {
         Ok(g) => g,
         Err(e) => {
@@ -50,6 +65,7 @@ fn bench(
             return Ok(ExitCode::from(NO_GPU));
         }
     };
+    let mut out = std::io::stdout().lock();
     let dtypes = if dtypes.is_empty() {
         cuattn::DType::ALL.to_vec()
     } else {
@@ -60,23 +76,26 @@ fn bench(
         Family::Layernorm if sweep => {
             let rows = cuattn::bench::layernorm::sweep(&gpu, &dtypes, copy_gbs)?;
             if json {
-                println!("{}", serde_json::to_string(&rows)?);
+                writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "LayerNorm launch variants on {} (copy {:.0} GB/s)",
                     gpu.info().name,
                     copy_gbs
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "{:<9} {:<5} {:>14} {:<16} {:>10} {:>7}",
                     "op", "dtype", "shape", "variant", "time (µs)", "% copy"
-                );
+                )?;
                 for r in rows {
                     let shape = format!("{}x{}", r.rows, r.hidden);
-                    println!(
+                    writeln!(
+                        out,
                         "{:<9} {:<5} {:>14} {:<16} {:>10.1} {:>6.1}%",
                         r.op, r.dtype, shape, r.variant, r.time_us, r.pct_copy
-                    );
+                    )?;
                 }
             }
         }
@@ -89,22 +108,25 @@ fn bench(
             let rows = cuattn::bench::attention::run(&gpu, &dtypes, quick)?;
             if json {
                 let v = serde_json::json!({"family": "attention", "device": gpu.info().name, "rows": rows});
-                println!("{}", serde_json::to_string(&v)?);
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "Attention forward on {} (FLOPs 4·B·H·L²·D, half when causal)",
                     gpu.info().name
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11} {:>9}",
                     "kernel", "dtype", "B×H×L", "D", "causal", "time (µs)", "TFLOP/s"
-                );
+                )?;
                 for r in rows {
                     let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
-                    println!(
+                    writeln!(
+                        out,
                         "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
                         r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
-                    );
+                    )?;
                 }
             }
         }
@@ -112,20 +134,23 @@ fn bench(
             let rows = cuattn::bench::sparse::run(&gpu, quick)?;
             if json {
                 let v = serde_json::json!({"family": "sparse", "device": gpu.info().name, "rows": rows});
-                println!("{}", serde_json::to_string(&v)?);
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "Block-sparse attention on {} (bf16, D 128, blocks of {}; FLOPs of kept blocks)",
                     gpu.info().name,
                     cuattn::bench::sparse::BLOCK
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "{:<7} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
                     "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
-                );
+                )?;
                 for r in rows {
                     let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
-                    println!(
+                    writeln!(
+                        out,
                         "{:<7} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
                         r.kernel,
                         shape,
@@ -134,9 +159,44 @@ fn bench(
                         r.time_us,
                         r.tflops,
                         r.speedup_vs_dense
-                    );
+                    )?;
                 }
             }
+        }
+        Family::AttentionBackward => {
+            let dtypes: Vec<_> = if dtypes.len() == 3 {
+                vec![cuattn::DType::F16, cuattn::DType::BF16]
+            } else {
+                dtypes
+            };
+            let rows = cuattn::bench::attention_backward::run(&gpu, &dtypes, quick)?;
+            if json {
+                let v = serde_json::json!({"family": "attention-backward", "device": gpu.info().name, "rows": rows});
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "Attention backward on {} (FLOPs 2.5·4·B·H·L²·D, half when causal)",
+                    gpu.info().name
+                )?;
+                writeln!(
+                    out,
+                    "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11} {:>9}",
+                    "kernel", "dtype", "B×H×L", "D", "causal", "time (µs)", "TFLOP/s"
+                )?;
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    writeln!(
+                        out,
+                        "{:<13} {:<5} {:>16} {:>4} {:<7} {:>11.1} {:>9.1}",
+                        r.kernel, r.dtype, shape, r.dim, r.causal, r.time_us, r.tflops
+                    )?;
+                }
+            }
+        }
+        Family::TrainingOps => {
+            let rows = cuattn::bench::training_ops::run(&gpu, &dtypes, quick, copy_gbs)?;
+            cuattn::bench::training_ops::print(&gpu, &rows, copy_gbs, json)?;
         }
         Family::Decode => {
             let rows = cuattn::bench::decode::run(&gpu, &dtypes, quick, copy_gbs)?;
@@ -147,25 +207,28 @@ fn bench(
                     "copy_bandwidth_gbs": copy_gbs,
                     "rows": rows,
                 });
-                println!("{}", serde_json::to_string(&v)?);
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "Decode attention on {} (Hq {}, Hkv {}, D {}; bytes = K + V + q + O; copy {:.0} GB/s)",
                     gpu.info().name,
                     cuattn::bench::decode::HEADS_Q,
                     cuattn::bench::decode::HEADS_KV,
                     cuattn::bench::decode::DIM,
                     copy_gbs
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "{:<5} {:>5} {:>7} {:>6} {:>10} {:>8} {:>7}",
                     "dtype", "batch", "len", "splits", "time (µs)", "GB/s", "% copy"
-                );
+                )?;
                 for r in rows {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<5} {:>5} {:>7} {:>6} {:>10.1} {:>8.0} {:>6.1}%",
                         r.dtype, r.batch, r.len, r.splits, r.time_us, r.gbs, r.pct_copy
-                    );
+                    )?;
                 }
             }
         }
@@ -178,22 +241,25 @@ fn bench(
                     "copy_bandwidth_gbs": copy_gbs,
                     "rows": rows,
                 });
-                println!("{}", serde_json::to_string(&v)?);
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "LayerNorm on {} (measured copy bandwidth {:.0} GB/s)",
                     gpu.info().name,
                     copy_gbs
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "{:<17} {:<5} {:>8} {:>6} {:>10} {:>8} {:>7}",
                     "op", "dtype", "rows", "hidden", "time (µs)", "GB/s", "% copy"
-                );
+                )?;
                 for r in rows {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<17} {:<5} {:>8} {:>6} {:>10.1} {:>8.0} {:>6.1}%",
                         r.op, r.dtype, r.rows, r.hidden, r.time_us, r.gbs, r.pct_copy
-                    );
+                    )?;
                 }
             }
         }

@@ -4,17 +4,22 @@
 //! prompt is the encoder's input (`<s> text </s>`) and the output the decoder's tokens after
 //! its start token.
 
-use super::{CliResult, DeviceChoice};
+use super::{cpu_dtype, CliResult, DeviceChoice};
 use cuattn::runtime::generate::{generate, GenerateBackend, GenerateOptions, Sampling, TokenModel};
 use cuattn::runtime::generation_config::GenerationConfig;
 use std::process::ExitCode;
+
+/// Prompts run together in one generation call; more run in successive groups, so memory
+/// (logits, KV cache) follows this, not the number of prompts.
+const PROMPT_GROUP: usize = 64;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     #[arg(long)]
     model: std::path::PathBuf,
-    /// The text to continue. Repeat for a batch: the continuations then print after each
-    /// other when all are done (and --json gives arrays).
+    /// The text to continue (`<|endoftext|>` in it is the end-of-text token, as in Hugging
+    /// Face). Repeat for a batch: the continuations then print one per line when done (and
+    /// --json gives arrays); prompts run in groups of 64.
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// New tokens per sequence (default: generation_config.json's max_new_tokens or
@@ -39,22 +44,26 @@ pub struct GenerateArgs {
     /// Hypotheses printed per prompt (≤ num_beams).
     #[arg(long)]
     num_return_sequences: Option<usize>,
-    /// 0: greedy.
+    /// 0: greedy (argmax); > 0: sample from softmax(logits / temperature).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Sample among the K most likely tokens only (0: all).
+    /// Sample among the K most likely tokens only (0: all). Needs --temperature > 0.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    /// Sample among the most likely tokens holding this much probability, in (0, 1].
+    /// Sample among the most likely tokens holding this much probability, in (0, 1]. Needs
+    /// --temperature > 0.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Seed of the sampler (group g of 64 prompts uses seed + g).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// auto: the GPU when one is usable, else the CPU; cpu; cuda (an error without a GPU).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Storage type on the GPU (the CPU computes in f32).
-    #[arg(long, default_value = "f32")]
-    dtype: cuattn::DType,
+    /// Storage type: on the GPU of weights and activations (f32 default, f16, bf16); on the
+    /// CPU of the weight matrices (f32 or bf16, arithmetic in f32; f16 is refused there).
+    #[arg(long)]
+    dtype: Option<cuattn::DType>,
     /// Print one JSON object {"prompt_ids", "generated_ids", "text"} instead of streaming.
     #[arg(long)]
     json: bool,
@@ -71,8 +80,25 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
+    // Options out of range, then options that would have no effect, are refused before the
+    // model loads.
+    Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    }
+    .validate()?;
+    if args.temperature == 0.0 && (args.top_k != 0 || args.top_p != 1.0) {
+        return Err(cuattn::Error::invalid(
+            "--top-k/--top-p",
+            "they filter the tokens sampling draws from, and --temperature 0 (the default) is \
+             greedy: set --temperature > 0 to sample",
+        )
+        .into());
+    }
     match args.device {
-        DeviceChoice::Cpu => generate_on(&cuattn::runtime::Cpu, &args),
+        DeviceChoice::Cpu => generate_cpu(&args),
         DeviceChoice::Cuda => generate_cuda(&args, false),
         DeviceChoice::Auto => generate_cuda(&args, true),
     }
@@ -80,13 +106,13 @@ pub fn run(args: GenerateArgs) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
-    match cuattn::gpu::Gpu::shared()
-        .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, args.dtype))
-    {
+    let dtype = args.dtype.unwrap_or(cuattn::DType::F32);
+    match cuattn::gpu::Gpu::shared().and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, dtype)) {
         Ok(be) => generate_on(&be, args),
         Err(e) if fallback => {
+            cpu_dtype(args.dtype)?;
             eprintln!("no usable GPU ({e}); generating on the CPU");
-            generate_on(&cuattn::runtime::Cpu, args)
+            generate_cpu(args)
         }
         Err(e) => Err(e.into()),
     }
@@ -95,9 +121,17 @@ fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
 #[cfg(not(feature = "cuda"))]
 fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
     if fallback {
-        generate_on(&cuattn::runtime::Cpu, args)
+        generate_cpu(args)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
+    }
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn generate_cpu(args: &GenerateArgs) -> CliResult {
+    match cpu_dtype(args.dtype)? {
+        cuattn::DType::BF16 => generate_on(&cuattn::runtime::CpuBf16, args),
+        _ => generate_on(&cuattn::runtime::Cpu, args),
     }
 }
 
@@ -154,6 +188,23 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
                 .collect::<cuattn::Result<Vec<_>>>()?;
             let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
             let opts = options(args, gen_config.apply(GenerateOptions::default(), longest))?;
+            let context = model.config.n_positions;
+            for (i, ids) in prompts.iter().enumerate() {
+                if !ids.is_empty() && ids.len().saturating_add(opts.max_new_tokens) > context {
+                    return Err(cuattn::Error::invalid(
+                        "--max-new-tokens",
+                        format!(
+                            "{}: prompt {} has {} tokens and the model's context is {context} \
+                             positions, so at most {} new tokens fit",
+                            opts.max_new_tokens,
+                            i + 1,
+                            ids.len(),
+                            context.saturating_sub(ids.len())
+                        ),
+                    )
+                    .into());
+                }
+            }
             let eos = model.config.eos_token_id;
             run_model(be, &model, &tokenizer, &prompts, &[eos], &opts, args)
         }
@@ -216,55 +267,69 @@ fn run_model<B: GenerateBackend, M: TokenModel<B>>(
     let mut utf8 = Utf8Stream::default();
     let mut stdout = std::io::stdout().lock();
     let mut stream_error = None;
-    let start = std::time::Instant::now();
-    let out = generate(be, model, inputs, opts, &mut |_, token| {
-        if !stream || special.contains(&token) || stream_error.is_some() {
-            return;
+    let (mut seconds, mut steps) = (0.0, 0usize);
+    let (mut generated, mut stop, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+    for (g, group) in inputs.chunks(PROMPT_GROUP).enumerate() {
+        let opts = GenerateOptions {
+            sampling: Sampling {
+                seed: opts.sampling.seed.wrapping_add(g as u64),
+                ..opts.sampling
+            },
+            ..*opts
+        };
+        let start = std::time::Instant::now();
+        let out = generate(be, model, group, &opts, &mut |_, token| {
+            if !stream || special.contains(&token) || stream_error.is_some() {
+                return;
+            }
+            let piece = tokenizer
+                .token_bytes(token)
+                .map(|b| utf8.push(&b))
+                .map_err(Box::<dyn std::error::Error>::from)
+                .and_then(|s| {
+                    stdout.write_all(s.as_bytes())?;
+                    Ok(stdout.flush()?)
+                });
+            if let Err(e) = piece {
+                stream_error = Some(e);
+            }
+        })?;
+        seconds += start.elapsed().as_secs_f64();
+        if let Some(e) = stream_error.take() {
+            return Err(e);
         }
-        let piece = tokenizer
-            .token_bytes(token)
-            .map(|b| utf8.push(&b))
-            .map_err(Box::<dyn std::error::Error>::from)
-            .and_then(|s| {
-                stdout.write_all(s.as_bytes())?;
-                Ok(stdout.flush()?)
-            });
-        if let Err(e) = piece {
-            stream_error = Some(e);
-        }
-    })?;
-    let seconds = start.elapsed().as_secs_f64();
-    if let Some(e) = stream_error {
-        return Err(e);
+        steps += out.steps;
+        generated.extend(out.generated);
+        stop.extend(out.stop);
+        scores.extend(out.scores);
     }
     // The text leaves out special tokens (GPT-2: a final end-of-text).
-    let texts = out
-        .generated
+    let texts = generated
         .iter()
         .map(|g| {
             let kept: Vec<u32> = g.iter().copied().filter(|t| !special.contains(t)).collect();
             tokenizer.decode(&kept)
         })
         .collect::<cuattn::Result<Vec<_>>>()?;
-    let stops: Vec<&str> = out.stop.iter().map(|s| s.as_str()).collect();
+    let stops: Vec<&str> = stop.iter().map(|s| s.as_str()).collect();
     if args.json {
-        let mut v = if inputs.len() == 1 && out.generated.len() == 1 {
+        let mut v = if inputs.len() == 1 && generated.len() == 1 {
             serde_json::json!({
                 "prompt_ids": inputs[0],
-                "generated_ids": out.generated[0],
+                "generated_ids": generated[0],
                 "text": texts[0],
                 "stop_reason": stops[0],
             })
         } else {
             serde_json::json!({
                 "prompt_ids": inputs,
-                "generated_ids": out.generated,
+                "generated_ids": generated,
                 "text": texts,
                 "stop_reason": stops,
             })
         };
-        if !out.scores.is_empty() {
-            v["scores"] = serde_json::json!(out.scores);
+        if !scores.is_empty() {
+            v["scores"] = serde_json::json!(scores);
         }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else if stream {
@@ -275,12 +340,12 @@ fn run_model<B: GenerateBackend, M: TokenModel<B>>(
         }
     }
     if args.timing {
-        let tokens: usize = out.generated.iter().map(Vec::len).sum();
+        let tokens: usize = generated.iter().map(Vec::len).sum();
         eprintln!(
             "generated {tokens} tokens for {} prompt(s) in {seconds:.6} s ({} model steps): \
              {:.1} tokens/s on {}",
             inputs.len(),
-            out.steps,
+            steps,
             tokens as f64 / seconds,
             be.describe()
         );

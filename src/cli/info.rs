@@ -1,9 +1,11 @@
 //! `cuattn info`: version, the nvcc that built the kernels, every kernel's ptxas report, the GPU.
 
 use super::CliResult;
+use std::io::Write;
 use std::process::ExitCode;
 
 pub fn run(json: bool) -> CliResult {
+    let mut out = std::io::stdout().lock();
     let resources = cuattn::kernels::resources();
     let gpu = gpu_summary();
     if json {
@@ -14,31 +16,34 @@ pub fn run(json: bool) -> CliResult {
             "gpu": gpu.as_ref().map_err(|e| e.to_string()).ok(),
             "gpu_error": gpu.as_ref().err().map(|e| e.to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("cuattn {}", env!("CARGO_PKG_VERSION"));
-    println!("kernels built by: {}", cuattn::kernels::nvcc_version());
+    writeln!(out, "cuattn {}", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "kernels built by: {}", cuattn::kernels::nvcc_version())?;
     let modules: Vec<_> = cuattn::kernels::modules()
         .iter()
         .map(|m| format!("{} ({} KiB)", m.name, m.fatbin.len() / 1024))
         .collect();
-    println!(
+    writeln!(
+        out,
         "modules: {}",
         if modules.is_empty() {
             "none".to_string()
         } else {
             modules.join(", ")
         }
-    );
+    )?;
     if !resources.is_empty() {
-        println!();
-        println!(
+        writeln!(out)?;
+        writeln!(
+            out,
             "{:<32} {:<6} {:>5} {:>10} {:>7} {:>12}",
             "kernel", "arch", "regs", "smem (B)", "stack", "spills st/ld"
-        );
+        )?;
         for r in &resources {
-            println!(
+            writeln!(
+                out,
                 "{:<32} {:<6} {:>5} {:>10} {:>7} {:>7}/{:<4}",
                 r.kernel,
                 r.arch,
@@ -47,14 +52,17 @@ pub fn run(json: bool) -> CliResult {
                 r.stack_bytes,
                 r.spill_store_bytes,
                 r.spill_load_bytes
-            );
+            )?;
         }
-        println!("(smem: static only; dynamic shared memory is sized per launch)");
+        writeln!(
+            out,
+            "(smem: static only; dynamic shared memory is sized per launch)"
+        )?;
     }
-    println!();
+    writeln!(out)?;
     match gpu {
-        Ok(g) => println!("GPU: {g}"),
-        Err(e) => println!("GPU: {e}"),
+        Ok(g) => writeln!(out, "GPU: {g}")?,
+        Err(e) => writeln!(out, "GPU: {e}")?,
     }
     Ok(ExitCode::SUCCESS)
 }

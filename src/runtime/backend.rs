@@ -209,6 +209,12 @@ pub trait Backend {
     /// A tensor of `shape` from row-major f32 values (rounded to the backend's dtype).
     fn upload(&self, shape: &[usize], values: &[f32]) -> Result<Self::Tensor>;
 
+    /// [`Backend::upload`] of values the caller gives away: a host backend keeps them
+    /// without copying (model loading uploads each parameter this way once).
+    fn upload_owned(&self, shape: &[usize], values: Vec<f32>) -> Result<Self::Tensor> {
+        self.upload(shape, &values)
+    }
+
     /// The tensor's values, row-major, as f32.
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 

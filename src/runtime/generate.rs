@@ -84,6 +84,28 @@ impl Sampling {
                 format!("logit {i} is NaN (the model's arithmetic overflowed?)"),
             ));
         }
+        // A +Inf logit is certain: sampling picks it as greedy does (the limit of the softmax
+        // puts all the mass there, split evenly between several). Without this the softmax
+        // below would compute Inf − Inf.
+        let certain: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] == f32::INFINITY)
+            .collect();
+        if !certain.is_empty() {
+            if self.temperature == 0.0 || self.top_k == 1 || certain.len() == 1 {
+                return Ok(certain[0]);
+            }
+            let n = match self.top_k {
+                0 => certain.len(),
+                k => k.min(certain.len()),
+            };
+            return Ok(certain[rng.gen_range(0..n)]);
+        }
+        if logits.iter().all(|&x| x == f32::NEG_INFINITY) {
+            return Err(Error::invalid(
+                "logits",
+                "every logit is -Inf: no token can be chosen",
+            ));
+        }
         let argmax = || {
             let mut best = 0;
             for (i, &x) in logits.iter().enumerate() {
@@ -110,11 +132,13 @@ impl Sampling {
         }
         order.sort_unstable_by_key(key);
         // Softmax over the survivors in f64.
+        // Differences first, then the division: a tiny temperature gives -Inf (probability
+        // 0), never Inf − Inf.
         let t = self.temperature as f64;
-        let top = logits[order[0] as usize] as f64 / t;
+        let top = logits[order[0] as usize] as f64;
         let mut probs: Vec<f64> = order
             .iter()
-            .map(|&i| (logits[i as usize] as f64 / t - top).exp())
+            .map(|&i| ((logits[i as usize] as f64 - top) / t).exp())
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);

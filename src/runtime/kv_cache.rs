@@ -21,7 +21,7 @@
 //! sequence there).
 
 use super::backend::{Backend, Heads};
-use super::cpu::{Cpu, CpuTensor};
+use super::cpu::{Cpu, CpuBf16, CpuTensor};
 use super::layers::{CachedKv, KvCache};
 use crate::error::{Error, Result};
 
@@ -220,7 +220,8 @@ impl StepLens {
     }
 }
 
-/// Keys and values of every layer in host memory (the CPU backend's cache).
+/// Keys and values of every layer in host memory (the cache of the CPU backends, whose
+/// tensors are [`CpuTensor`]s).
 #[derive(Debug)]
 pub struct HostKvCache {
     step: StepLens,
@@ -248,6 +249,17 @@ impl HostKvCache {
     }
 }
 
+impl HostKvCache {
+    /// The per-layer views for any backend whose tensors are [`CpuTensor`]s.
+    fn host_layers<B: Backend<Tensor = CpuTensor>>(&mut self) -> Vec<Box<dyn KvCache<B> + '_>> {
+        let step = &self.step;
+        self.layers
+            .iter_mut()
+            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<B>>)
+            .collect()
+    }
+}
+
 impl StepKvCache<Cpu> for HostKvCache {
     fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
         self.step.begin(valid_new)
@@ -258,11 +270,26 @@ impl StepKvCache<Cpu> for HostKvCache {
     }
 
     fn layers(&mut self) -> Vec<Box<dyn KvCache<Cpu> + '_>> {
-        let step = &self.step;
-        self.layers
-            .iter_mut()
-            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<Cpu>>)
-            .collect()
+        self.host_layers()
+    }
+}
+
+/// A [`HostKvCache`] for [`CpuBf16`] (the same f32 keys and values; a separate type so that
+/// calls on a `HostKvCache` keep naming one backend).
+#[derive(Debug)]
+pub struct HostKvCacheBf16(pub HostKvCache);
+
+impl StepKvCache<CpuBf16> for HostKvCacheBf16 {
+    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
+        self.0.step.begin(valid_new)
+    }
+
+    fn lens(&self) -> &[usize] {
+        &self.0.step.lens
+    }
+
+    fn layers(&mut self) -> Vec<Box<dyn KvCache<CpuBf16> + '_>> {
+        self.0.host_layers()
     }
 
     fn reorder(&mut self, be: &Cpu, src: &[usize]) -> Result<()> {
@@ -298,10 +325,10 @@ impl HostLayer<'_> {
     }
 }
 
-impl KvCache<Cpu> for HostLayer<'_> {
+impl<B: Backend<Tensor = CpuTensor>> KvCache<B> for HostLayer<'_> {
     fn append<'a>(
         &'a mut self,
-        be: &Cpu,
+        be: &B,
         k: Heads<'a, CpuTensor>,
         v: Heads<'a, CpuTensor>,
         batch: usize,

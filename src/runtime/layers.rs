@@ -40,9 +40,30 @@ impl<B: Backend> Linear<B> {
         })
     }
 
+    /// [`Linear::new`] from parameters the layer takes over (uploaded without a host copy
+    /// on the CPU backend).
+    pub fn from_owned(be: &B, weight: HostParam, bias: Option<HostParam>) -> Result<Self> {
+        let [out, inp] = weight.shape[..] else {
+            return Err(Error::shape("weight", "[out, in]", &weight.shape));
+        };
+        if let Some(b) = &bias {
+            if b.shape != [out] {
+                return Err(Error::shape("bias", format!("[{out}]"), &b.shape));
+            }
+        }
+        Ok(Linear {
+            weight: be.upload_owned(&weight.shape, weight.values)?,
+            bias: bias
+                .map(|b| be.upload_owned(&b.shape, b.values))
+                .transpose()?,
+            in_features: inp,
+            out_features: out,
+        })
+    }
+
     /// From a Conv1D weight stored `[in, out]` (GPT-2).
     pub fn from_conv1d(be: &B, weight: &HostParam, bias: Option<&HostParam>) -> Result<Self> {
-        Self::new(be, &weight.transposed()?, bias)
+        Self::from_owned(be, weight.transposed()?, bias.cloned())
     }
 
     /// Several linear layers over the same input fused into one (their outputs side by side,
@@ -76,7 +97,7 @@ impl<B: Backend> Linear<B> {
             shape: vec![out],
             values: b,
         });
-        Self::new(be, &weight, bias.as_ref())
+        Self::from_owned(be, weight, bias)
     }
 
     pub fn forward(&self, be: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
@@ -164,6 +185,17 @@ impl<B: Backend> Embedding<B> {
         Ok(Embedding {
             table: upload(be, table)?,
             rows: table.shape[0],
+        })
+    }
+
+    /// [`Embedding::new`] from a table the layer takes over (no host copy on the CPU).
+    pub fn from_owned(be: &B, table: HostParam) -> Result<Self> {
+        if table.shape.len() != 2 {
+            return Err(Error::shape("table", "[rows, width]", &table.shape));
+        }
+        Ok(Embedding {
+            rows: table.shape[0],
+            table: be.upload_owned(&table.shape, table.values)?,
         })
     }
 

@@ -3,6 +3,8 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
+mod attention_backward;
+mod attention_hopper;
 mod decode;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
@@ -16,6 +18,7 @@ mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+mod training_ops;
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
