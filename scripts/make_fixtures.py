@@ -629,10 +629,282 @@ def attention_backward():
         json.dump(record, f)
 
 
+GPT2_BEAM_CASES = [
+    # (prompts, generate kwargs)
+    (["Hello, my dog is cute"], dict(num_beams=4, max_new_tokens=10)),
+    (["The quick brown fox jumps over the lazy dog."],
+     dict(num_beams=3, num_return_sequences=2, length_penalty=2.0, early_stopping=True,
+          max_new_tokens=8)),
+    (["In 1905, Albert Einstein published"],
+     dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=2, length_penalty=0.5,
+          early_stopping="never", max_new_tokens=9)),
+    (["Hello, my dog is cute", "In 1905"], dict(num_beams=3, max_new_tokens=7)),
+    # Greedy with the logits processors.
+    (["Hello, my dog is cute"], dict(num_beams=1, no_repeat_ngram_size=2, max_new_tokens=16)),
+]
+
+
+def generation_record(gen, prompt_len, eos, nrs):
+    """Generated ids after the prompt, cut after the first end-of-text (HF pads behind it),
+    and the sequence scores when there are any."""
+    out = []
+    for row in gen.sequences[:, prompt_len:].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        out.append(row)
+    scores = gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else []
+    return out, [round(float(s), 6) for s in scores]
+
+
+def gpt2_beams(bpe_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.BPE.from_file(os.path.join(bpe_dir, "encoder.json"),
+                                         os.path.join(bpe_dir, "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny-gpt2"),
+                                            attn_implementation="eager").eval()
+    cases = []
+    for prompts, kwargs in GPT2_BEAM_CASES:
+        ids = [tok.encode(p).ids for p in prompts]
+        width = max(map(len, ids))
+        # Left padding, as HF batches decoder-only prompts.
+        x = torch.tensor([[50256] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.no_grad():
+            gen = model.generate(x, attention_mask=mask, do_sample=False, pad_token_id=50256,
+                                 return_dict_in_generate=True, output_scores=True, **kwargs)
+        generated, scores = generation_record(gen, width, 50256, kwargs.get("num_return_sequences", 1))
+        cases.append({"prompts": prompts, "ids": ids, "options": kwargs,
+                      "generated": generated, "scores": scores})
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "tiny-gpt2-beams.json"), "w") as f:
+        json.dump(record, f)
+
+
+BART_TEXTS = [
+    "The tower is 324 metres tall, about the same height as an 81-storey building.",
+    "Hello world!",
+    "BART joins a bidirectional encoder with an autoregressive decoder.",
+]
+
+
+BART_CORPUS = BART_TEXTS + [
+    "A man is eating food. A man is riding a horse. The girl is carrying a baby.",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "Denoising autoencoders reconstruct text from corrupted inputs: masking, deletion, "
+    "infilling, permutation and rotation.",
+]
+
+
+BART_VARIANTS = {
+    # name: (tie_word_embeddings, scale_embedding, activation, generation kwargs)
+    "tiny-bart": (True, False, "gelu",
+                  dict(forced_bos_token_id=0, forced_eos_token_id=2, no_repeat_ngram_size=3,
+                       num_beams=4, length_penalty=1.0, early_stopping=True, max_length=16)),
+    "tiny-bart-untied": (False, True, "relu",
+                         dict(forced_eos_token_id=2, num_beams=3, length_penalty=2.0,
+                              early_stopping=False, max_length=14)),
+}
+
+
+def bart_tokenizer(out_dir):
+    """A byte-level BPE of 420 tokens trained on a few sentences (BART's real one has 50265
+    and would make the fixture megabytes), with BART's special tokens and post-processor."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(BART_CORPUS, vocab_size=420, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return tok
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "variants": {},
+    }
+    for name, (tied, scaled, act, gen_kwargs) in BART_VARIANTS.items():
+        torch.manual_seed(2024 + len(name))
+        out_dir = os.path.join(FIXTURES, name)
+        os.makedirs(out_dir, exist_ok=True)
+        tok = bart_tokenizer(out_dir)
+        vocab = tok.get_vocab_size()
+        config = BartConfig(
+            vocab_size=vocab, d_model=16, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=24,
+            decoder_ffn_dim=20, activation_function=act, max_position_embeddings=64,
+            scale_embedding=scaled, tie_word_embeddings=tied, dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0, bos_token_id=0, pad_token_id=1,
+            eos_token_id=2, decoder_start_token_id=2, attn_implementation="eager",
+        )
+        model = BartForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "layer_norm" in pname or "layernorm" in pname:
+                    (p.uniform_(0.5, 1.5) if pname.endswith("weight") else p.normal_(0.0, 0.2))
+                elif pname.endswith("bias"):
+                    p.normal_(0.0, 0.2)
+                elif scaled and ("shared" in pname or "embed_tokens" in pname):
+                    p.normal_(0.0, 0.3 / 4)  # √d_model = 4 brings them back to 0.3
+                else:
+                    p.normal_(0.0, 0.3)
+            bias = torch.randn(1, vocab) * 0.2
+            # End-of-text likely enough to end some beams early.
+            bias[0, 2] += 2.5 if tied else 1.0
+            model.final_logits_bias.copy_(bias)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        gc = {k: v for k, v in gen_kwargs.items()}
+        gc.update(decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gc, f, indent=2)
+        model = BartForConditionalGeneration.from_pretrained(out_dir, attn_implementation="eager").eval()
+        cases = []
+        for text in BART_TEXTS:
+            ids = tok.encode(text).ids
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                enc = model.get_encoder()(input_ids=x).last_hidden_state[0]
+                greedy = model.generate(x, attention_mask=torch.ones_like(x), num_beams=1,
+                                        do_sample=False, max_new_tokens=12,
+                                        return_dict_in_generate=True)
+                beams = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                       num_return_sequences=2, return_dict_in_generate=True,
+                                       output_scores=True, **gen_kwargs)
+                dec = greedy.sequences
+                logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+            g, _ = generation_record(greedy, 1, 2, 1)
+            bm, sc = generation_record(beams, 1, 2, 2)
+            cases.append({
+                "text": text, "ids": ids,
+                "encoder_hidden": [round(float(v), 7) for v in enc.flatten()],
+                "decoder_ids": dec[0].tolist(),
+                "logits": [round(float(v), 7) for v in logits.flatten()],
+                "greedy": g[0], "beams": bm, "beam_scores": sc,
+            })
+        # A padded batch: every input's encoder states and greedy output as if alone.
+        batch = [tok.encode(t).ids for t in BART_TEXTS]
+        width = max(map(len, batch))
+        x = torch.tensor([i + [1] * (width - len(i)) for i in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in batch])
+        with torch.no_grad():
+            gen = model.generate(x, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=12, return_dict_in_generate=True)
+            bgen = model.generate(x, attention_mask=mask, do_sample=False,
+                                  return_dict_in_generate=True, output_scores=True, **gen_kwargs)
+        bg, _ = generation_record(gen, 1, 2, 1)
+        bb, bsc = generation_record(bgen, 1, 2, 1)
+        record["variants"][name] = {
+            "config": {"tie_word_embeddings": tied, "scale_embedding": scaled, "activation": act},
+            "generation": gen_kwargs,
+            "cases": cases,
+            "batch": {"greedy": bg, "beams": bb, "beam_scores": bsc},
+        }
+    with open(os.path.join(FIXTURES, "tiny-bart-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+BERT_PT_CORPUS = [
+    "the capital of france is paris .",
+    "the capital of italy is rome .",
+    "a man is eating food . a man is riding a horse .",
+    "the girl is carrying a baby . the dog runs in the park .",
+    "paris is a city in france and rome is a city in italy .",
+]
+
+
+FILL_MASK_TEXTS = [
+    "The capital of France is [MASK].",
+    "a man is [MASK] a horse .",
+    "the [MASK] is carrying a [MASK] .",
+]
+
+
+def tiny_bert_pretraining():
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForPreTraining, BertTokenizerFast, pipeline
+    out_dir = os.path.join(FIXTURES, "tiny-bert-pretraining")
+    os.makedirs(out_dir, exist_ok=True)
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(BERT_PT_CORPUS, vocab_size=160, min_frequency=1, show_progress=False,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wp.save(os.path.join(out_dir, "tokenizer.json"))
+    tok = BertTokenizerFast(tokenizer_file=os.path.join(out_dir, "tokenizer.json"))
+    tok.save_pretrained(out_dir)
+    torch.manual_seed(777)
+    config = BertConfig(
+        vocab_size=wp.get_vocab_size(), hidden_size=24, num_hidden_layers=2,
+        num_attention_heads=3, intermediate_size=40, hidden_act="gelu",
+        max_position_embeddings=48, type_vocab_size=2, layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        attn_implementation="eager",
+    )
+    model = BertForPreTraining(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    model = BertForPreTraining.from_pretrained(out_dir, attn_implementation="eager").eval()
+
+    fill = pipeline("fill-mask", model=out_dir, tokenizer=tok, device="cpu")
+    fills = []
+    for text in FILL_MASK_TEXTS:
+        res = fill(text, top_k=5)
+        if isinstance(res[0], dict):
+            res = [res]
+        fills.append({"text": text, "ids": tok(text)["input_ids"],
+                      "results": [[{"score": round(float(r["score"]), 7), "token": r["token"],
+                                    "token_str": r["token_str"], "sequence": r["sequence"]}
+                                   for r in per_mask] for per_mask in res]})
+
+    # Losses on a padded pair batch with MLM labels and NSP labels.
+    pairs = [("the capital of france is paris .", "the dog runs in the park ."),
+             ("a man is eating food .", "a man is riding a horse .")]
+    enc = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.full_like(enc["input_ids"], -100)
+    special = torch.isin(enc["input_ids"], torch.tensor([0, 2, 3]))
+    pick = (torch.rand(enc["input_ids"].shape, generator=gen) < 0.3) & ~special
+    labels[pick] = enc["input_ids"][pick]
+    inputs = enc["input_ids"].clone()
+    inputs[pick] = 4  # [MASK]
+    nsp = torch.tensor([1, 0])
+    with torch.no_grad():
+        out = model(input_ids=inputs, token_type_ids=enc["token_type_ids"],
+                    attention_mask=enc["attention_mask"], labels=labels, next_sentence_label=nsp)
+        mlm_loss = torch.nn.functional.cross_entropy(
+            out.prediction_logits.view(-1, config.vocab_size), labels.view(-1))
+        nsp_loss = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "fill_mask": fills,
+        "batch": {
+            "ids": inputs.tolist(), "type_ids": enc["token_type_ids"].tolist(),
+            "lens": enc["attention_mask"].sum(1).tolist(), "mlm_labels": labels.tolist(),
+            "nsp_labels": nsp.tolist(),
+            "prediction_logits": [round(float(x), 6) for x in out.prediction_logits.flatten()],
+            "nsp_logits": [round(float(x), 6) for x in out.seq_relationship_logits.flatten()],
+            "mlm_loss": float(mlm_loss), "nsp_loss": float(nsp_loss), "loss": float(out.loss),
+        },
+    }
+    with open(os.path.join(FIXTURES, "tiny-bert-pretraining-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "finetune", "training", "attention-backward"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -646,6 +918,12 @@ def main():
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "gpt2", "gpt2-beams"):
+        gpt2_beams(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "bart"):
+        tiny_bart()
+    if args.only in ("all", "bert-pretraining"):
+        tiny_bert_pretraining()
     if args.only in ("all", "finetune"):
         finetune_tiny()
     if args.only in ("all", "training"):

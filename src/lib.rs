@@ -15,11 +15,13 @@
 //! - `bench` (feature `cuda`): timing with CUDA events and the benchmark of each kernel family.
 //! - `check` (feature `cuda`): each kernel against its reference on random inputs.
 //! - [`kernels`]: what the build compiled: kernel names and ptxas' resource report.
+//! - [`data`]: training-data transforms (BART's noising).
 //! - [`runtime`]: a small transformer runtime (CPU and CUDA backends, Hugging Face
 //!   checkpoints, BERT sentence embeddings).
 //! - [`finetune`]: fine-tuning BERT for sequence classification (data files, schedules, the
 //!   training loop, Hugging Face output folders) and classification inference.
 
+pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod finetune;

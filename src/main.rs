@@ -42,14 +42,19 @@ enum Command {
     /// Sentence embeddings with a sentence-transformers / BERT model folder: one sentence per
     /// TEXT argument and per line of --input.
     Embed(cli::embed::EmbedArgs),
-    /// Continue a prompt with a GPT-2 model folder (config.json, model.safetensors; the
-    /// tokenizer from tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
+    /// Continue a prompt with a GPT-2 model folder, or transform it with a BART one
+    /// (config.json, model.safetensors, generation_config.json; the tokenizer from
+    /// tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
     /// Fine-tune a BERT folder for sequence classification on a .tsv/.csv/.jsonl file and
     /// write a Hugging Face BertForSequenceClassification folder (+ train_log.csv, loss.png).
     Finetune(Box<cli::finetune::FinetuneArgs>),
     /// Predicted label and probability per text with a BertForSequenceClassification folder.
     Classify(cli::classify::ClassifyArgs),
+    /// Show BART's noising transforms on a text.
+    Noise(cli::noise::NoiseArgs),
+    /// Predict the [MASK] tokens of a text with a BertForMaskedLM / BertForPreTraining folder.
+    FillMask(cli::fill_mask::FillMaskArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args),
         Command::Finetune(args) => cli::finetune::run(*args),
         Command::Classify(args) => cli::classify::run(args),
+        Command::Noise(args) => cli::noise::run(args),
+        Command::FillMask(args) => cli::fill_mask::run(args),
     };
     match result {
         Ok(code) => code,

@@ -6,8 +6,10 @@ pub mod check;
 pub mod classify;
 pub mod embed;
 pub mod finetune;
+pub mod fill_mask;
 pub mod generate;
 pub mod info;
+pub mod noise;
 
 use clap::ValueEnum;
 use std::process::ExitCode;

@@ -34,6 +34,10 @@ pub trait StepKvCache<B: Backend> {
     fn lens(&self) -> &[usize];
     /// One cache per layer for this step's model call, in layer order.
     fn layers(&mut self) -> Vec<Box<dyn KvCache<B> + '_>>;
+    /// Between steps: sequence r continues from sequence `src[r]` (beam search keeps the
+    /// best continuations, several of which may share a parent): every layer's rows and the
+    /// lengths are gathered accordingly.
+    fn reorder(&mut self, be: &B, src: &[usize]) -> Result<()>;
 }
 
 /// The lengths every layer of a cache shares, and this step's bookkeeping.
@@ -101,6 +105,33 @@ impl StepLens {
             *l += n;
         }
         Ok(())
+    }
+
+    /// Checks a reorder and applies it to the lengths; returns, for the buffers, the source row
+    /// of every destination row (`[batch·capacity]`).
+    fn reorder(&mut self, src: &[usize]) -> Result<Vec<u32>> {
+        if src.len() != self.batch {
+            return Err(Error::shape(
+                "src",
+                format!("[{}]", self.batch),
+                &[src.len()],
+            ));
+        }
+        if let Some(&bad) = src.iter().find(|&&s| s >= self.batch) {
+            return Err(Error::invalid(
+                "src",
+                format!("sequence {bad} is outside the cache's {}", self.batch),
+            ));
+        }
+        if self.capacity.saturating_mul(self.batch) > u32::MAX as usize {
+            return Err(Error::invalid("kv_cache", "too many rows to reorder"));
+        }
+        self.lens = src.iter().map(|&s| self.lens[s]).collect();
+        let cap = self.capacity;
+        Ok(src
+            .iter()
+            .flat_map(|&s| (0..cap).map(move |t| (s * cap + t) as u32))
+            .collect())
     }
 
     /// Checks one layer's append against the step: `batch` sequences of `len_new` rows, key
@@ -260,6 +291,15 @@ impl StepKvCache<CpuBf16> for HostKvCacheBf16 {
     fn layers(&mut self) -> Vec<Box<dyn KvCache<CpuBf16> + '_>> {
         self.0.host_layers()
     }
+
+    fn reorder(&mut self, be: &Cpu, src: &[usize]) -> Result<()> {
+        let rows = self.step.reorder(src)?;
+        for (k, v) in &mut self.layers {
+            *k = be.gather_rows(k, &rows)?;
+            *v = be.gather_rows(v, &rows)?;
+        }
+        Ok(())
+    }
 }
 
 /// One layer of a [`HostKvCache`] during a step.
@@ -403,6 +443,15 @@ mod device {
                     }) as Box<dyn KvCache<Cuda>>
                 })
                 .collect()
+        }
+
+        fn reorder(&mut self, be: &Cuda, src: &[usize]) -> Result<()> {
+            let rows = self.step.reorder(src)?;
+            for (k, v) in &mut self.layers {
+                *k = be.gather_rows(k, &rows)?;
+                *v = be.gather_rows(v, &rows)?;
+            }
+            Ok(())
         }
     }
 

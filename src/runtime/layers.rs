@@ -472,19 +472,47 @@ impl<B: Backend> MultiHeadAttention<B> {
         len_k: usize,
         memory_lens: Option<&[usize]>,
     ) -> Result<B::Tensor> {
-        let Projections::Cross { q, kv } = &self.projections else {
+        let kv = self.cross_kv(be, memory)?;
+        self.forward_cross_kv(be, x, &kv, batch, len_q, len_k, memory_lens)
+    }
+
+    /// The keys and values of `memory` side by side, `[rows, 2·width]`: computed once per
+    /// input and reused by every decoding step ([`Self::forward_cross_kv`]).
+    pub fn cross_kv(&self, be: &B, memory: &B::Tensor) -> Result<B::Tensor> {
+        let Projections::Cross { kv, .. } = &self.projections else {
+            return Err(Error::invalid(
+                "cross",
+                "this layer was built for self-attention",
+            ));
+        };
+        kv.forward(be, memory, Activation::None)
+    }
+
+    /// Cross-attention of `x` `[batch·len_q, width]` over keys and values from
+    /// [`Self::cross_kv`] (`[batch·len_k, 2·width]`), whose padding `memory_lens` masks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cross_kv(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        kv: &B::Tensor,
+        batch: usize,
+        len_q: usize,
+        len_k: usize,
+        memory_lens: Option<&[usize]>,
+    ) -> Result<B::Tensor> {
+        let Projections::Cross { q, .. } = &self.projections else {
             return Err(Error::invalid(
                 "cross",
                 "this layer was built for self-attention",
             ));
         };
         let q = q.forward(be, x, Activation::None)?;
-        let kv = kv.forward(be, memory, Activation::None)?;
         let width = self.heads * self.head_dim;
         let ctx = be.attention(
             self.heads_at(&q, 0),
-            self.heads_at(&kv, 0),
-            self.heads_at(&kv, width),
+            self.heads_at(kv, 0),
+            self.heads_at(kv, width),
             &AttentionMask {
                 batch,
                 len_q,

@@ -18,7 +18,10 @@
 //!   trainable `BertForSequenceClassification`, AdamW); the CPU side in `cpu_train.rs`.
 
 pub mod backend;
+pub mod bart;
+pub mod beam;
 pub mod bert;
+pub mod bert_pretraining;
 pub mod checkpoint;
 pub mod config;
 pub mod conformance;
@@ -28,6 +31,7 @@ mod cpu_train;
 pub mod cuda;
 pub mod folder;
 pub mod generate;
+pub mod generation_config;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
 pub mod kv_cache;

@@ -12,6 +12,7 @@ mod fixture_files;
 mod gpt2_cache;
 mod layernorm;
 mod runtime;
+mod runtime_bart;
 mod runtime_gpt2;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
