@@ -61,7 +61,10 @@ fn cuattn() -> Command {
 }
 
 /// The fixture's prompts' ids and Hugging Face's greedy continuations.
-fn cases() -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<f64>>, usize) {
+/// Prompts, Hugging Face's greedy ids, its logit margins, and the new-token count.
+type Cases = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<f64>>, usize);
+
+fn cases() -> Cases {
     let f = json("tests/fixtures/tiny-gpt2-outputs.json");
     let cases = f["cases"].as_array().unwrap();
     let margins = cases

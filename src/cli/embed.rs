@@ -60,9 +60,7 @@ pub fn run(args: EmbedArgs) -> CliResult {
         return Err(cuattn::Error::invalid("--batch-size", "must be ≥ 1").into());
     }
     match args.device {
-        DeviceChoice::Cpu => {
-            embed_cpu(&args)
-        }
+        DeviceChoice::Cpu => embed_cpu(&args),
         DeviceChoice::Cuda => embed_cuda(&args, false),
         DeviceChoice::Auto => embed_cuda(&args, true),
     }

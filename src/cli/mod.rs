@@ -5,8 +5,8 @@ pub mod bench;
 pub mod check;
 pub mod classify;
 pub mod embed;
-pub mod finetune;
 pub mod fill_mask;
+pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod noise;
@@ -66,22 +66,9 @@ pub fn cpu_dtype(dtype: Option<cuattn::DType>) -> Result<cuattn::DType, cuattn::
     match dtype.unwrap_or(cuattn::DType::F32) {
         cuattn::DType::F16 => Err(cuattn::Error::invalid(
             "--dtype",
-            "the CPU backend stores weights in f32 or bf16 (--dtype f32 or bf16), not f16              (f16 applies on the GPU: --device cuda)",
+            "the CPU backend stores weights in f32 or bf16 (--dtype f32 or bf16), not f16 \
+             (f16 applies on the GPU: --device cuda)",
         )),
         d => Ok(d),
-    }
-}
-
-/// `--dtype` for CPU commands that compute in f32 only (`classify`, `finetune`): anything else
-/// is refused rather than ignored.
-pub fn check_cpu_dtype(dtype: Option<cuattn::DType>) -> Result<(), cuattn::Error> {
-    match dtype {
-        Some(d) if d != cuattn::DType::F32 => Err(cuattn::Error::invalid(
-            "--dtype",
-            format!(
-                "{d} applies on the GPU only: this command computes in f32 on the CPU (use                  --device cuda on a machine with a GPU, or leave --dtype out)"
-            ),
-        )),
-        _ => Ok(()),
     }
 }

@@ -501,8 +501,8 @@ pub(super) fn launch_forward(
         && [c.q, c.k, c.v]
             .iter()
             .all(|s| [s.batch, s.head, s.row].iter().all(|x| x % 8 == 0))
-        && c.shape.dim_qk % 8 == 0
-        && c.shape.dim_v % 8 == 0;
+        && c.shape.dim_qk.is_multiple_of(8)
+        && c.shape.dim_v.is_multiple_of(8);
     let seqs = SequenceArrays::upload(gpu, opts)?;
     let lse_ptr = match (&lse, c.lse) {
         (Some(l), Some(_)) => l.ptr,

@@ -464,6 +464,7 @@ mod tests {
         dv: TensorMut<'static>,
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn views(
         dt: DType,
         b: usize,

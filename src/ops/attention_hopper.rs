@@ -64,7 +64,7 @@ fn encode(
     arg: &'static str,
 ) -> Result<TensorMap> {
     let esize = dtype.size_bytes() as u64;
-    if ptr % 16 != 0 {
+    if !ptr.is_multiple_of(16) {
         return Err(Error::invalid(
             arg,
             "the Hopper kernel's TMA loads need a 16-byte aligned base",
@@ -155,7 +155,7 @@ pub(super) fn launch(
 ) -> Result<()> {
     let s = &c.shape;
     let d = s.dim_qk;
-    if o.ptr % 4 != 0 || c.o.row % 2 != 0 {
+    if !o.ptr.is_multiple_of(4) || c.o.row % 2 != 0 {
         return Err(Error::invalid(
             "o",
             "the Hopper kernel stores pairs of values: O rows must be 4-byte aligned",

@@ -157,7 +157,7 @@ pub fn forward_masked(
     assert_eq!(k.len(), s.k_len(), "k length");
     assert_eq!(v.len(), s.v_len(), "v length");
     assert!(
-        s.heads_kv > 0 && s.heads_q % s.heads_kv == 0,
+        s.heads_kv > 0 && s.heads_q.is_multiple_of(s.heads_kv),
         "Hq must be a multiple of Hkv"
     );
     let group = s.heads_q / s.heads_kv;

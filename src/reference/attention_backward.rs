@@ -61,7 +61,7 @@ pub fn backward_masked(
     assert_eq!(v.len(), s.v_len(), "v length");
     assert_eq!(d_o.len(), s.o_len(), "dO length");
     assert!(
-        s.heads_kv > 0 && s.heads_q % s.heads_kv == 0,
+        s.heads_kv > 0 && s.heads_q.is_multiple_of(s.heads_kv),
         "Hq must be a multiple of Hkv"
     );
     let group = s.heads_q / s.heads_kv;

@@ -47,7 +47,7 @@ pub fn forward(
     eps: f32,
 ) -> ForwardOutput {
     assert!(
-        hidden > 0 && x.len() % hidden == 0,
+        hidden > 0 && x.len().is_multiple_of(hidden),
         "x.len() must be a multiple of hidden"
     );
     let rows = x.len() / hidden;
@@ -94,7 +94,7 @@ pub fn backward(
     eps: f32,
 ) -> BackwardOutput {
     assert!(
-        hidden > 0 && x.len() % hidden == 0,
+        hidden > 0 && x.len().is_multiple_of(hidden),
         "x.len() must be a multiple of hidden"
     );
     assert_eq!(dy.len(), x.len(), "dy and x must have the same length");

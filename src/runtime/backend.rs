@@ -295,7 +295,7 @@ pub(crate) fn check_attention<T: HasShape>(
     let wq = width("q", q, m.batch * m.len_q)?;
     let wk = width("k", k, m.batch * m.len_k)?;
     let wv = width("v", v, m.batch * m.len_k)?;
-    if k.dim != q.dim || v.heads != k.heads || q.heads % k.heads != 0 {
+    if k.dim != q.dim || v.heads != k.heads || !q.heads.is_multiple_of(k.heads) {
         return Err(Error::invalid(
             "k",
             format!(

@@ -107,7 +107,7 @@ impl BartConfig {
             forced_eos_token_id: opt_id("forced_eos_token_id"),
         };
         for heads in [c.encoder_attention_heads, c.decoder_attention_heads] {
-            if heads == 0 || c.d_model % heads != 0 {
+            if heads == 0 || !c.d_model.is_multiple_of(heads) {
                 return Err(err(format!(
                     "d_model {} is not a multiple of {heads} attention heads",
                     c.d_model

@@ -66,7 +66,7 @@ impl BertConfig {
             type_vocab_size: f.int_or("type_vocab_size", 2, 1..=MAX_COUNT)?,
             layer_norm_eps: f.epsilon_or("layer_norm_eps", 1e-12)?,
         };
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(f.err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

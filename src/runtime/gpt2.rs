@@ -73,7 +73,7 @@ impl Gpt2Config {
             layer_norm_epsilon: f.epsilon_or("layer_norm_epsilon", 1e-5)?,
             eos_token_id: f.int_or("eos_token_id", 50256, 0..=vocab_size - 1)? as u32,
         };
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(f.err(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 c.n_embd, c.n_head

@@ -272,6 +272,26 @@ impl StepKvCache<Cpu> for HostKvCache {
     fn layers(&mut self) -> Vec<Box<dyn KvCache<Cpu> + '_>> {
         self.host_layers()
     }
+
+    fn reorder(&mut self, be: &Cpu, src: &[usize]) -> Result<()> {
+        self.reorder_rows(be, src)
+    }
+}
+
+impl HostKvCache {
+    /// Beam search's reorder: row r of every layer's cache becomes row `src[r]`'s.
+    fn reorder_rows<B: Backend<Tensor = CpuTensor>>(
+        &mut self,
+        be: &B,
+        src: &[usize],
+    ) -> Result<()> {
+        let rows = self.step.reorder(src)?;
+        for (k, v) in &mut self.layers {
+            *k = be.gather_rows(k, &rows)?;
+            *v = be.gather_rows(v, &rows)?;
+        }
+        Ok(())
+    }
 }
 
 /// A [`HostKvCache`] for [`CpuBf16`] (the same f32 keys and values; a separate type so that
@@ -292,13 +312,8 @@ impl StepKvCache<CpuBf16> for HostKvCacheBf16 {
         self.0.host_layers()
     }
 
-    fn reorder(&mut self, be: &Cpu, src: &[usize]) -> Result<()> {
-        let rows = self.step.reorder(src)?;
-        for (k, v) in &mut self.layers {
-            *k = be.gather_rows(k, &rows)?;
-            *v = be.gather_rows(v, &rows)?;
-        }
-        Ok(())
+    fn reorder(&mut self, be: &CpuBf16, src: &[usize]) -> Result<()> {
+        self.0.reorder_rows(be, src)
     }
 }
 

@@ -323,7 +323,7 @@ type LinearParts<'a> = (&'a HostParam, Option<&'a HostParam>);
 
 impl<B: Backend> MultiHeadAttention<B> {
     fn check_heads(width: usize, heads: usize) -> Result<usize> {
-        if heads == 0 || width % heads != 0 {
+        if heads == 0 || !width.is_multiple_of(heads) {
             return Err(Error::invalid(
                 "heads",
                 format!("{heads} heads do not divide the width {width}"),
@@ -353,7 +353,7 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention from an already fused `[3·width, in]` projection (GPT-2's `c_attn`).
     pub fn from_fused_qkv(heads: usize, qkv: Linear<B>, out: Linear<B>) -> Result<Self> {
         let head_dim = Self::check_heads(qkv.out_features / 3, heads)?;
-        if qkv.out_features % 3 != 0 {
+        if !qkv.out_features.is_multiple_of(3) {
             return Err(Error::invalid(
                 "qkv",
                 "fused projection width is not 3·width",

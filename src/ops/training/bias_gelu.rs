@@ -78,8 +78,10 @@ pub fn bias_gelu_forward_into(
     same_or_disjoint(&xi, &yi)?;
     let bias_ptr = check_bias(bias, dtype, xr.cols)?;
     let pack = 16 / dtype.size_bytes();
-    let vectorized =
-        x.ptr % 16 == 0 && y.ptr % 16 == 0 && bias_ptr % 16 == 0 && xr.cols % pack == 0;
+    let vectorized = x.ptr.is_multiple_of(16)
+        && y.ptr.is_multiple_of(16)
+        && bias_ptr % 16 == 0
+        && xr.cols % pack == 0;
     let p = cuattn_bias_gelu_fwd_params {
         x: x.ptr,
         bias: bias_ptr,

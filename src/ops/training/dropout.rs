@@ -48,7 +48,7 @@ pub fn dropout_into(
         offset: opts.offset,
         threshold: d.threshold(),
         scale: d.scale(),
-        vectorized: (x.ptr % align == 0 && y.ptr % align == 0) as i32,
+        vectorized: (x.ptr.is_multiple_of(align) && y.ptr.is_multiple_of(align)) as i32,
     };
     let k = kernel(
         gpu,

@@ -86,7 +86,7 @@ fn disjoint(mut ranges: Vec<(u64, u64, &'static str)>) -> Result<()> {
 
 /// Whether a pointer is aligned to 4 elements of `dtype` (the kernels' vector accesses).
 fn aligned4(ptr: u64, dtype: DType) -> bool {
-    ptr % (4 * dtype.size_bytes() as u64) == 0
+    ptr.is_multiple_of(4 * dtype.size_bytes() as u64)
 }
 
 struct Tables {
