@@ -3,7 +3,7 @@
 // History and measured speeds: kernels/dev/attention_tc_v1.cu (v1: 64-row blocks, synchronous
 // loads, ~170 TFLOP/s at hd128 on an H200).
 //
-// Algorithm (../shared/attention-kernel-notes.md §4–§5; CPU twin: src/twin/attention.rs; warp
+// Algorithm (docs/kernels/attention-forward.md; CPU twin: src/twin/attention.rs; warp
 // fragment twin: tests/attention_tc_fragments.rs): one CTA per (query block of BM rows, head,
 // batch), flattened into gridDim.x with the query block fastest and visited last-to-first, so
 // causal masks start the heaviest (most key tiles) blocks first and the short ones fill the
