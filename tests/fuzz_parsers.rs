@@ -158,6 +158,23 @@ proptest! {
     }
 }
 
+/// Inputs the time-bounded fuzzer once found panicking, replayed from their seeds (the seed
+/// pool is part of the repository, so a seed names the same bytes on every machine).
+#[test]
+fn inputs_that_once_panicked_stay_fixed() {
+    // tokenizer.json with a JSON syntax error inside `decoder`: the tokenizers crate panics
+    // (`expect("Helper")`) unless the file is refused as JSON first (CI, 2026-11-29).
+    for seed in [
+        9687183133262577240u64,
+        9687183133262584608,
+        9687183133262594136,
+        9687183133262611716,
+        9687183133262635020,
+    ] {
+        target("tokenizer")(&input("tokenizer", seed));
+    }
+}
+
 /// Every target in turn until `CUATTN_FUZZ_SECONDS` (default 60) are spent.
 #[test]
 #[ignore = "time-bounded fuzzing: run by .ci/run with --ignored"]

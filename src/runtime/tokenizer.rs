@@ -149,10 +149,10 @@ pub(crate) fn no_panic<T>(f: impl FnOnce() -> T) -> Result<T> {
 /// ids as tokens), and its single-sequence template may only use sequence `A`.
 pub(crate) fn check_post_processor(bytes: &[u8], path: &Path) -> Result<()> {
     let bad = |reason: String| Error::Tokenizer(format!("{}: {reason}", path.display()));
-    // Not JSON at all: the tokenizers crate's own parse error says more.
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Ok(());
-    };
+    // Malformed JSON must be refused here: the tokenizers crate panics (an `expect` in its
+    // decoder deserializer) on a syntax error inside the `decoder` value.
+    let v = serde_json::from_slice::<serde_json::Value>(bytes)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))?;
     fn walk(p: &serde_json::Value, bad: &dyn Fn(String) -> Error) -> Result<()> {
         match p["type"].as_str() {
             Some("Sequence") => {
