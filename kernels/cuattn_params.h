@@ -475,4 +475,78 @@ typedef struct cuattn_dropout_params {
     int32_t vectorized; /* 1: x and y aligned to 4 elements */
 } cuattn_dropout_params;
 
+/* ---- The training runtime's glue kernels (kernels/training_ops.cu, src/runtime/cuda_train.rs) */
+
+/* dst[i] = round_D(src[i]) over n contiguous elements; kernel cast_{S}_to_{D}. */
+typedef struct cuattn_cast_params {
+    uint64_t src; /* [n] S */
+    uint64_t dst; /* [n] D, disjoint from src */
+    int64_t n;
+} cuattn_cast_params;
+
+/* A 2-D block copy (column slices and concatenation; kernel copy2d_b32 / copy2d_b16 by element
+ * size): dst[r * dst_stride + c] = src[r * src_stride + c] for r < rows, c < width. src and
+ * dst point at the block's first element and do not overlap. */
+typedef struct cuattn_copy2d_params {
+    uint64_t src;
+    uint64_t dst;
+    int64_t rows;
+    int64_t width;
+    int64_t src_stride;
+    int64_t dst_stride;
+} cuattn_copy2d_params;
+
+/* Elementwise ops (kernel ew_{T}): out[i] = f(a[i], b[i]) over n contiguous elements in f32,
+ * rounded once to T. out may be a or b exactly (each element is read, then written, by one
+ * thread). */
+#define CUATTN_EW_MUL 0         /* a * b */
+#define CUATTN_EW_SIGMOID 1     /* 1 / (1 + exp(-a)); b unused */
+#define CUATTN_EW_SIGMOID_BWD 2 /* b * a * (1 - a), a the sigmoid's output */
+#define CUATTN_EW_TANH_BWD 3    /* b * (1 - a * a), a the tanh's output */
+#define CUATTN_EW_ACT_BWD 4     /* b * act'(a), a the activation's input, act a CUATTN_ACT_* */
+#define CUATTN_EW_AXPY 5        /* a + alpha * b */
+#define CUATTN_EW_SCALE 6       /* alpha * a; b unused */
+typedef struct cuattn_ew_params {
+    uint64_t a;   /* [n] T */
+    uint64_t b;   /* [n] T, or 0 where the op has no second operand */
+    uint64_t out; /* [n] T */
+    int64_t n;
+    int32_t op;   /* CUATTN_EW_* */
+    int32_t act;  /* CUATTN_ACT_*, for CUATTN_EW_ACT_BWD */
+    float alpha;
+} cuattn_ew_params;
+
+/* Row softmax of the unfused attention with dropout (kernel attn_softmax_fwd_{T}). Row r of the
+ * [batch, heads_q, len_q, len_k] f32 scores is query i = r % len_q of head-batch r / len_q,
+ * sequence b = r / (heads_q * len_q). Its admissible keys are [0, end): end = key_len(b)
+ * (key_lens[b] clamped to [0, len_k], or len_k), cut at i + off + 1 by a causal mask (off = 0
+ * top-left, key_len(b) - len_q bottom-right). P = exp(scale * s - lse) for j < end, 0 for
+ * end <= j < len_k. lse_in = 0: lse = log sum_j exp(scale * s_j) is computed and written (-inf
+ * when end = 0); lse_in = 1: lse is read (the backward recomputing the forward's P). */
+typedef struct cuattn_attn_softmax_fwd_params {
+    uint64_t scores;   /* [rows, len_k] f32 */
+    uint64_t probs;    /* [rows, len_k] T */
+    uint64_t lse;      /* [rows] f32 */
+    uint64_t key_lens; /* [batch] int32, or 0: every sequence has len_k keys */
+    int64_t rows;
+    int32_t heads_q;
+    int32_t len_q;
+    int32_t len_k;
+    int32_t causal; /* CUATTN_CAUSAL_* */
+    int32_t lse_in;
+    float scale;
+} cuattn_attn_softmax_fwd_params;
+
+/* Softmax backward of the same rows (kernel attn_softmax_bwd_{T}):
+ * dS[r, j] = scale * P[r, j] * (dP[r, j] - sum_k P[r, k] dP[r, k]), P the undropped
+ * probabilities and dP = dL/dP (through the dropout mask). Masked keys have P = 0, so dS = 0. */
+typedef struct cuattn_attn_softmax_bwd_params {
+    uint64_t probs;   /* [rows, len_k] T */
+    uint64_t dprobs;  /* [rows, len_k] f32 */
+    uint64_t dscores; /* [rows, len_k] T */
+    int64_t rows;
+    int32_t len_k;
+    float scale;
+} cuattn_attn_softmax_bwd_params;
+
 #endif /* CUATTN_PARAMS_H */

@@ -26,6 +26,21 @@
 //   The norm's per-chunk sums of squares are added by `sum_f32` in chunk order.
 // dropout — one Philox4x32-10 block (4 words) per 4 consecutive elements; no mask stored, the
 //   backward regenerates it from (seed, offset). Bytes: 2·n·sizeof T. CPU twin: src/rng.rs.
+//
+// The training runtime's glue (src/runtime/cuda_train.rs), all grid-stride loops or one block
+// per row:
+// cast — dst = round_D(src), one element per thread per step. Bytes: n·(sizeof S + sizeof D).
+// copy2d — a [rows, width] block between row strides (column slices, concatenation), one
+//   element per thread per step. Bytes: 2·rows·width·sizeof E.
+// ew — the elementwise products and derivatives of the runtime (a·b, sigmoid, its and tanh's
+//   backward from the saved output, an activation's backward from its input, a + α·b, α·a),
+//   one element per thread per step, f32 arithmetic. Bytes: 2 or 3 · n · sizeof T.
+// attn_softmax_fwd / attn_softmax_bwd — the row softmax of attention with dropout on the
+//   probabilities, which runs unfused (S = Q·Kᵀ and the products by cuBLAS): one block per
+//   score row; the forward takes the row's max and Σ exp by block reductions (fixed order)
+//   and writes P (or, given the forward's LSE, recomputes the same P); the backward forms
+//   dS = scale·P∘(dP − Σ P∘dP). Bytes per row: len_k·(4 + sizeof T) (+ 4 more for the
+//   backward's dP), S re-read from L1/L2 by the later passes.
 
 #include "common.cuh"
 #include "cuattn_params.h"
@@ -358,6 +373,123 @@ template <typename T> __device__ void dropout(const cuattn_dropout_params& p) {
     }
 }
 
+
+// d act / dx at x (the forms of activate() in runtime_ops.cu; GELU as gelu_grad above).
+__device__ __forceinline__ float act_grad(float x, int act) {
+    switch (act) {
+        case CUATTN_ACT_GELU_ERF:
+        case CUATTN_ACT_GELU_TANH: return gelu_grad(x, act);
+        case CUATTN_ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+        case CUATTN_ACT_TANH: {
+            const float t = tanhf(x);
+            return 1.0f - t * t;
+        }
+        default: return 1.0f;
+    }
+}
+
+template <typename S, typename D> __device__ void cast(const cuattn_cast_params& p) {
+    const S* src = reinterpret_cast<const S*>(p.src);
+    D* dst = reinterpret_cast<D*>(p.dst);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+template <typename E> __device__ void copy2d(const cuattn_copy2d_params& p) {
+    const E* src = reinterpret_cast<const E*>(p.src);
+    E* dst = reinterpret_cast<E*>(p.dst);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.rows * p.width;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = i / p.width, c = i % p.width;
+        dst[r * p.dst_stride + c] = src[r * p.src_stride + c];
+    }
+}
+
+template <typename T> __device__ void elementwise(const cuattn_ew_params& p) {
+    const T* a = reinterpret_cast<const T*>(p.a);
+    const T* b = reinterpret_cast<const T*>(p.b);
+    T* out = reinterpret_cast<T*>(p.out);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = to_f32(a[i]);
+        const float y = b ? to_f32(b[i]) : 0.0f;
+        float r;
+        switch (p.op) {
+            case CUATTN_EW_MUL: r = x * y; break;
+            case CUATTN_EW_SIGMOID: r = 1.0f / (1.0f + expf(-x)); break;
+            case CUATTN_EW_SIGMOID_BWD: r = y * x * (1.0f - x); break;
+            case CUATTN_EW_TANH_BWD: r = y * (1.0f - x * x); break;
+            case CUATTN_EW_ACT_BWD: r = y * act_grad(x, p.act); break;
+            case CUATTN_EW_AXPY: r = x + p.alpha * y; break;
+            default: r = p.alpha * x; break;  // CUATTN_EW_SCALE
+        }
+        out[i] = from_f32<T>(r);
+    }
+}
+
+// Max over a 1-D block, every thread getting the result (as block_sum; smem: 32 floats).
+__device__ __forceinline__ float block_max(float v, float* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    return warp_max(lane < warps ? smem[lane] : -INFINITY);
+}
+
+template <typename T> __device__ void attn_softmax_fwd(const cuattn_attn_softmax_fwd_params& p) {
+    __shared__ float smem[32];
+    const int32_t* key_lens = reinterpret_cast<const int32_t*>(p.key_lens);
+    float* lse_out = reinterpret_cast<float*>(p.lse);
+    for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+        const int i = (int)(r % p.len_q);
+        const int64_t b = r / ((int64_t)p.heads_q * p.len_q);
+        const int kl = key_lens ? min(max(key_lens[b], 0), p.len_k) : p.len_k;
+        int end = kl;
+        if (p.causal != CUATTN_CAUSAL_NONE) {
+            const int off = p.causal == CUATTN_CAUSAL_BOTTOM_RIGHT ? kl - p.len_q : 0;
+            end = max(0, min(kl, i + off + 1));
+        }
+        const float* s = reinterpret_cast<const float*>(p.scores) + r * p.len_k;
+        T* out = reinterpret_cast<T*>(p.probs) + r * p.len_k;
+        float lse;
+        if (p.lse_in) {
+            lse = lse_out[r];
+        } else {
+            float mx = -INFINITY;
+            for (int j = threadIdx.x; j < end; j += blockDim.x) mx = fmaxf(mx, p.scale * s[j]);
+            mx = block_max(mx, smem);
+            float sum = 0.0f;
+            for (int j = threadIdx.x; j < end; j += blockDim.x) sum += expf(p.scale * s[j] - mx);
+            sum = block_sum(sum, smem);
+            lse = end > 0 ? mx + logf(sum) : -INFINITY;
+            if (threadIdx.x == 0) lse_out[r] = lse;
+        }
+        for (int j = threadIdx.x; j < p.len_k; j += blockDim.x)
+            out[j] = from_f32<T>(j < end ? expf(p.scale * s[j] - lse) : 0.0f);
+    }
+}
+
+template <typename T> __device__ void attn_softmax_bwd(const cuattn_attn_softmax_bwd_params& p) {
+    __shared__ float smem[32];
+    for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+        const T* prob = reinterpret_cast<const T*>(p.probs) + r * p.len_k;
+        const float* dp = reinterpret_cast<const float*>(p.dprobs) + r * p.len_k;
+        T* ds = reinterpret_cast<T*>(p.dscores) + r * p.len_k;
+        float d = 0.0f;
+        for (int j = threadIdx.x; j < p.len_k; j += blockDim.x) {
+            const float pj = to_f32(prob[j]);
+            if (pj != 0.0f) d += pj * dp[j];  // masked keys (P = 0) add nothing, whatever dP is
+        }
+        d = block_sum(d, smem);
+        for (int j = threadIdx.x; j < p.len_k; j += blockDim.x) {
+            const float pj = to_f32(prob[j]);
+            ds[j] = from_f32<T>(pj != 0.0f ? p.scale * pj * (dp[j] - d) : 0.0f);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void sum_f32(const cuattn_sum_params p) { sum_values(p); }
@@ -396,8 +528,28 @@ extern "C" __global__ void sum_f32(const cuattn_sum_params p) { sum_values(p); }
     }                                                                                              \
     extern "C" __global__ void embedding_bwd_##SUFFIX##_same(const cuattn_embedding_bwd_params p) { \
         embedding_bwd<T, T>(p);                                                                    \
+    }                                                                                              \
+    extern "C" __global__ void ew_##SUFFIX(const cuattn_ew_params p) { elementwise<T>(p); }        \
+    extern "C" __global__ void attn_softmax_fwd_##SUFFIX(const cuattn_attn_softmax_fwd_params p) { \
+        attn_softmax_fwd<T>(p);                                                                    \
+    }                                                                                              \
+    extern "C" __global__ void attn_softmax_bwd_##SUFFIX(const cuattn_attn_softmax_bwd_params p) { \
+        attn_softmax_bwd<T>(p);                                                                    \
     }
 
 CUATTN_TRAINING_OPS(float, f32)
 CUATTN_TRAINING_OPS(__half, f16)
 CUATTN_TRAINING_OPS(__nv_bfloat16, bf16)
+
+#define CUATTN_CAST(S, SN, D, DN)                                                                  \
+    extern "C" __global__ void cast_##SN##_to_##DN(const cuattn_cast_params p) { cast<S, D>(p); }
+
+CUATTN_CAST(float, f32, __half, f16)
+CUATTN_CAST(float, f32, __nv_bfloat16, bf16)
+CUATTN_CAST(__half, f16, float, f32)
+CUATTN_CAST(__half, f16, __nv_bfloat16, bf16)
+CUATTN_CAST(__nv_bfloat16, bf16, float, f32)
+CUATTN_CAST(__nv_bfloat16, bf16, __half, f16)
+
+extern "C" __global__ void copy2d_b32(const cuattn_copy2d_params p) { copy2d<uint32_t>(p); }
+extern "C" __global__ void copy2d_b16(const cuattn_copy2d_params p) { copy2d<uint16_t>(p); }

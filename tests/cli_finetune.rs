@@ -553,3 +553,47 @@ fn sentiment_data_set_is_balanced_disjoint_and_large_enough() {
         "no sentence twice (in particular none in both files)"
     );
 }
+
+/// `--device cuda` trains on the GPU when one is usable; without one (or in a build without
+/// the `cuda` feature) it is the no-device error, exit status 3, never a panic. `--device auto`
+/// trains either way (on the CPU without a GPU).
+#[test]
+fn device_cuda_needs_a_gpu_and_auto_falls_back_to_the_cpu() {
+    let model = fixture("tests/fixtures/finetune-tiny/model");
+    let train = fixture("tests/fixtures/finetune-tiny/train.tsv");
+    let run = |device: &str, out: &Path| {
+        cuattn()
+            .args(["finetune", "--device", device, "--max-steps", "1", "--model"])
+            .arg(&model)
+            .arg("--train")
+            .arg(&train)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = temp("device-cuda");
+    let o = run("cuda", &out);
+    let e = stderr(&o);
+    assert!(!e.contains("panicked"), "{e}");
+    if o.status.success() {
+        assert!(out.join("model.safetensors").is_file(), "{e}");
+    } else {
+        assert_eq!(o.status.code(), Some(3), "{e}");
+        assert!(
+            e.contains("no CUDA device") || e.contains("without the `cuda` feature"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing is written without a device");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let out = temp("device-auto");
+    let o = ok(run("auto", &out));
+    assert!(out.join("model.safetensors").is_file());
+    let e = stderr(&o);
+    assert!(
+        e.contains("on cuda:") || e.contains("training on the CPU"),
+        "the log says where it trains: {e}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -153,24 +153,36 @@ pub fn run(args: FinetuneArgs) -> CliResult {
     }
 }
 
-/// The CUDA backend does not implement the training runtime yet (`docs/training.md`): `cuda`
-/// says so; `auto` trains on the CPU.
+/// The GPU with `--dtype` activations and f32 master weights (f16: dynamic loss scaling).
+/// Without a usable GPU, `cuda` is an error and `auto` trains on the CPU in f32.
+#[cfg(feature = "cuda")]
+fn finetune_cuda(args: &FinetuneArgs, prepared: Prepared, fallback: bool) -> CliResult {
+    match cuattn::gpu::Gpu::shared()
+        .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, args.dtype))
+    {
+        Ok(be) => finetune_on(&be, args, prepared),
+        Err(e) if fallback => finetune_cpu_fallback(args, prepared, &e.to_string()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
 fn finetune_cuda(args: &FinetuneArgs, prepared: Prepared, fallback: bool) -> CliResult {
     if fallback {
-        if !args.json {
-            eprintln!("training on the CPU in f32 (GPU training is not implemented yet)");
-        }
-        return finetune_on(&cuattn::runtime::Cpu, args, prepared);
+        return finetune_cpu_fallback(args, prepared, &cuattn::Error::CudaDisabled.to_string());
     }
-    Err(
-        "--device cuda: the CUDA backend does not implement training yet (the training \
-         runtime runs on the CPU; use --device cpu)"
-            .into(),
-    )
+    Err(cuattn::Error::CudaDisabled.into())
+}
+
+fn finetune_cpu_fallback(args: &FinetuneArgs, prepared: Prepared, why: &str) -> CliResult {
+    if !args.json {
+        eprintln!("no usable GPU ({why}); training on the CPU in f32");
+    }
+    finetune_on(&cuattn::runtime::Cpu, args, prepared)
 }
 
 fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> CliResult {
-    let mut model = BertTrainee::load(be, &args.model, p.head, &p.opts)?;
+    let model = BertTrainee::load(be, &args.model, p.head, &p.opts)?;
     let positions = model.max_positions();
     let tokenizer = Tokenizer::from_file(
         &args.model.join("tokenizer.json"),
@@ -185,6 +197,19 @@ fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> Cli
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{bar:30} step {pos}/{len} {msg} (eta {eta})",
     )?);
+    // f16 activations need loss scaling; a skipped step is said on stderr as it happens.
+    let mut model = if be.dtype() == cuattn::DType::F16 {
+        let log_bar = bar.clone();
+        model.with_loss_scaling(move |line| {
+            if log_bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                log_bar.println(line);
+            }
+        })
+    } else {
+        model
+    };
     if !args.json {
         eprintln!(
             "fine-tuning {} on {} ({} examples, {} labels: {}) for {total} steps, on {}",
@@ -223,6 +248,7 @@ fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> Cli
         },
     )?;
     bar.finish_and_clear();
+    let skipped = model.loss_scaler().map_or(0, |s| s.skipped.len());
 
     export::create_out_dir(&args.out)?;
     let config = export::classification_config(&p.source_config, &p.labels);
@@ -261,6 +287,13 @@ fn finetune_on<B: TrainBackend>(be: &B, args: &FinetuneArgs, p: Prepared) -> Cli
             losses.first().copied().unwrap_or(f64::NAN),
             losses.last().copied().unwrap_or(f64::NAN),
         );
+        if let Some(s) = model.loss_scaler() {
+            println!(
+                "f16 loss scaling: {skipped} step(s) skipped for non-finite gradients, final \
+                 scale {}",
+                s.scale
+            );
+        }
         if let Some(m) = report.final_eval {
             println!(
                 "eval ({}): accuracy {:.4}, loss {:.4}",

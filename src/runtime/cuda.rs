@@ -104,6 +104,11 @@ impl Cuda {
         &self.gpu
     }
 
+    /// The cuBLAS handle (on the Gpu's stream), for the training ops (`cuda_train/`).
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
     fn kernel(&self, op: &str) -> Result<Kernel> {
         let name: &'static str = match (op, self.dtype) {
             ("bias_act", DType::F32) => "rt_bias_act_f32",
@@ -112,9 +117,6 @@ impl Cuda {
             ("add", DType::F32) => "rt_add_f32",
             ("add", DType::F16) => "rt_add_f16",
             ("add", DType::BF16) => "rt_add_bf16",
-            ("gather", DType::F32) => "rt_gather_rows_f32",
-            ("gather", DType::F16) => "rt_gather_rows_f16",
-            ("gather", DType::BF16) => "rt_gather_rows_bf16",
             _ => return Err(Error::invalid("op", format!("no runtime kernel `{op}`"))),
         };
         self.gpu.kernel(MODULE, name)
@@ -200,7 +202,7 @@ impl Cuda {
         .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
     }
 
-    fn bias_act(
+    pub(crate) fn bias_act(
         &self,
         y: &DeviceTensor,
         bias: Option<&DeviceTensor>,
@@ -463,12 +465,18 @@ impl Backend for Cuda {
         let (rows, inp) = rows_cols("x", x)?;
         let (out, w_in) = rows_cols("w", w)?;
         self.check_dtype("x", x)?;
-        self.check_dtype("w", w)?;
+        // Parameters stored in another dtype (a trainer's f32 master weights on a 16-bit
+        // backend) are read converted to this one.
+        let (mut w_slot, mut b_slot) = (None, None);
+        let w = self.in_compute_dtype(w, &mut w_slot)?;
+        let bias = match bias {
+            Some(b) => Some(self.in_compute_dtype(b, &mut b_slot)?),
+            None => None,
+        };
         if w_in != inp {
             return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
         }
         if let Some(b) = bias {
-            self.check_dtype("bias", b)?;
             if b.shape() != [out] {
                 return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
             }
@@ -561,6 +569,9 @@ impl Backend for Cuda {
         beta: &DeviceTensor,
         eps: f32,
     ) -> Result<DeviceTensor> {
+        let (mut g_slot, mut b_slot) = (None, None);
+        let gamma = self.in_compute_dtype(gamma, &mut g_slot)?;
+        let beta = self.in_compute_dtype(beta, &mut b_slot)?;
         let (g, b) = (gamma.view(), beta.view());
         let mut y = self.gpu.zeros(self.dtype, x.shape())?;
         match residual {
@@ -597,16 +608,17 @@ impl Backend for Cuda {
 
     fn gather_rows(&self, table: &DeviceTensor, ids: &[u32]) -> Result<DeviceTensor> {
         let (n, width) = rows_cols("table", table)?;
-        self.check_dtype("table", table)?;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
             return Err(Error::invalid(
                 "ids",
                 format!("id {bad} is outside the table's {n} rows"),
             ));
         }
-        let out = self.gpu.zeros(self.dtype, &[ids.len(), width])?;
+        // A table stored in another dtype (a trainer's f32 master weights) is gathered in its
+        // own dtype and the rows converted.
+        let out = self.gpu.zeros(table.dtype(), &[ids.len(), width])?;
         if ids.is_empty() || width == 0 {
-            return Ok(out);
+            return self.converted(&out, self.dtype);
         }
         let dev_ids = self
             .gpu
@@ -621,7 +633,14 @@ impl Backend for Cuda {
             rows: ids.len() as i64,
             width: width as i64,
         };
-        let k = self.kernel("gather")?;
+        let k = self.gpu.kernel(
+            MODULE,
+            match table.dtype() {
+                DType::F32 => "rt_gather_rows_f32",
+                DType::F16 => "rt_gather_rows_f16",
+                DType::BF16 => "rt_gather_rows_bf16",
+            },
+        )?;
         // SAFETY: every id was checked < n above, so each read row lies in the [n, width]
         // table; out holds ids.len()·width elements; dev_ids (ids.len() u32) is freed in
         // stream order after the kernel.
@@ -635,7 +654,11 @@ impl Backend for Cuda {
                 0,
             )
         }?;
-        Ok(out)
+        if out.dtype() == self.dtype {
+            Ok(out)
+        } else {
+            self.converted(&out, self.dtype)
+        }
     }
 
     fn attention(

@@ -15,7 +15,8 @@
 //! - [`gpt2`], [`gpt2_tokenizer`], [`generate`]: GPT-2 language model, its byte-level BPE, and
 //!   text generation (sampling, batches of prompts), [`kv_cache`]: its host and device caches.
 //! - [`train`]: gradients (the [`train::TrainBackend`] ops, every layer's backward, a
-//!   trainable `BertForSequenceClassification`, AdamW); the CPU side in `cpu_train.rs`.
+//!   trainable `BertForSequenceClassification`, AdamW); the CPU side in `cpu_train.rs`, the
+//!   CUDA side in `cuda_train/`.
 
 pub mod backend;
 pub mod bart;
@@ -29,6 +30,8 @@ pub mod cpu;
 mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_train;
 pub mod folder;
 pub mod generate;
 pub mod generation_config;

@@ -18,6 +18,7 @@ mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+mod train_backend;
 mod training_ops;
 
 use proptest::strategy::Strategy;

@@ -115,6 +115,17 @@ pub trait TrainBackend: Backend {
     /// Σ x² over all elements, accumulated in f64.
     fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
 
+    /// Σ x² over every element of every tensor (the square of a global gradient norm). The
+    /// default adds [`TrainBackend::sum_squares`] tensor by tensor; a device backend
+    /// overrides it to wait for the device once instead of once per tensor.
+    fn sum_squares_all(&self, xs: &[&Self::Tensor]) -> Result<f64> {
+        let mut sum = 0f64;
+        for x in xs {
+            sum += self.sum_squares(x)?;
+        }
+        Ok(sum)
+    }
+
     /// Elementwise `a·b`.
     fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 

@@ -95,6 +95,10 @@ pub struct StepOptions {
     /// backward (less memory, one more forward of the encoder).
     pub recompute: bool,
     pub loss: CrossEntropy,
+    /// Multiplies dL/dlogits before the backward (f16's loss scaling: small gradients stay
+    /// above f16's underflow); the returned gradients carry the factor, the loss does not.
+    /// `None`: 1.
+    pub loss_scale: Option<f32>,
 }
 
 /// What a training step computes.
@@ -679,7 +683,16 @@ impl<B: TrainBackend> BertForSequenceClassification<B> {
             ));
         }
         let fw = self.forward_all(be, &inp, opts, !opts.recompute)?;
-        let (loss, dlogits) = be.cross_entropy(&fw.logits, labels, &opts.loss)?;
+        let (loss, mut dlogits) = be.cross_entropy(&fw.logits, labels, &opts.loss)?;
+        if let Some(s) = opts.loss_scale.filter(|&s| s != 1.0) {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::invalid(
+                    "loss_scale",
+                    format!("must be finite and > 0, got {s}"),
+                ));
+            }
+            be.scale(&mut dlogits, s)?;
+        }
         let mut grads: Vec<Option<B::Tensor>> = (0..self.params.len()).map(|_| None).collect();
         // Head: classifier, its dropout, tanh pooler, first-token gather.
         let pi = self.pooler_ix();

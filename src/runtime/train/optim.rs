@@ -51,11 +51,8 @@ impl<T> Gradients<T> {
 
     /// The L2 norm of all gradients together.
     pub fn global_norm<B: TrainBackend<Tensor = T>>(&self, be: &B) -> Result<f64> {
-        let mut sum = 0f64;
-        for t in &self.tensors {
-            sum += be.sum_squares(t)?;
-        }
-        Ok(sum.sqrt())
+        let all: Vec<&T> = self.tensors.iter().collect();
+        Ok(be.sum_squares_all(&all)?.sqrt())
     }
 
     /// Clips by global norm as `clip_grad_norm_`: scales every gradient by
