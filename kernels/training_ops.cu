@@ -388,7 +388,7 @@ __device__ __forceinline__ float act_grad(float x, int act) {
     }
 }
 
-template <typename S, typename D> __device__ void cast(const cuattn_cast_params& p) {
+template <typename S, typename D> __device__ void convert_dtype(const cuattn_cast_params& p) {
     const S* src = reinterpret_cast<const S*>(p.src);
     D* dst = reinterpret_cast<D*>(p.dst);
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.n;
@@ -542,7 +542,7 @@ CUATTN_TRAINING_OPS(__half, f16)
 CUATTN_TRAINING_OPS(__nv_bfloat16, bf16)
 
 #define CUATTN_CAST(S, SN, D, DN)                                                                  \
-    extern "C" __global__ void cast_##SN##_to_##DN(const cuattn_cast_params p) { cast<S, D>(p); }
+    extern "C" __global__ void cast_##SN##_to_##DN(const cuattn_cast_params p) { convert_dtype<S, D>(p); }
 
 CUATTN_CAST(float, f32, __half, f16)
 CUATTN_CAST(float, f32, __nv_bfloat16, bf16)

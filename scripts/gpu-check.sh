@@ -331,6 +331,30 @@ else
   fi
 fi
 
+# ---------------------------------------------------------------- e4. fine-tuning on the GPU
+# `cuattn finetune --device cuda` on the tiny fixture in each --dtype (the CUDA training
+# backend end to end; its op-level tests are in the gpu test binary): 8 steps, JSON out.
+if [ "${GPU_CHECK_FINETUNE:-1}" = 0 ]; then
+  record cli finetune-cuda skip "GPU_CHECK_FINETUNE=0" 0
+elif [ ! -x "$CLI" ]; then
+  record cli finetune-cuda missing "no cuattn binary" 0
+else
+  for dt in f32 bf16 f16; do
+    ft_out="$OUT/finetune-$dt"
+    rm -rf "$ft_out"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    run_timed 120 "$LOGS/finetune-$dt.log" bash -c \
+      '"$1" finetune --device cuda --dtype "$2" --model tests/fixtures/finetune-tiny/model --train tests/fixtures/finetune-tiny/train.tsv --max-steps 8 --json --out "$3" >"$3.json"' _ "$CLI" "$dt" "$ft_out"
+    steps="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["steps"])' "$ft_out.json" 2>/dev/null)"
+    if [ "$RC" -eq 0 ] && [ "$steps" = 8 ]; then
+      record cli "finetune-cuda-$dt" ok "8 steps" "$SECS"
+    else
+      case "$RC" in 124) s=timeout ;; 200) s=timeout ;; *) s=fail ;; esac
+      record cli "finetune-cuda-$dt" "$s" "rc=$RC; see logs/finetune-$dt.log" "$SECS"
+    fi
+  done
+fi
+
 # ---------------------------------------------------------------- c. compute-sanitizer
 # Tests that repeat large launches many times add minutes under the sanitizer and no coverage:
 # the same kernels run in the other tests.

@@ -230,3 +230,29 @@ impl<B: TrainBackend> ClassifierTraining for BertTrainee<'_, B> {
         self.model.config.num_labels
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn loss_scaler_halves_and_skips_on_overflow_and_doubles_after_2000_finite_steps() {
+        let mut s = LossScaler::default();
+        assert_eq!(s.scale, 65536.0);
+        assert!(!s.update(false, 1));
+        assert_eq!((s.scale, s.skipped.clone()), (32768.0, vec![(1, 65536.0)]));
+        for step in 2..2001 {
+            assert!(s.update(true, step));
+        }
+        assert_eq!(s.scale, 32768.0, "1999 finite steps: not yet");
+        assert!(s.update(true, 2001));
+        assert_eq!(s.scale, 65536.0, "the 2000th finite step in a row doubles it");
+        // An overflow resets the count.
+        for step in 2002..2100 {
+            s.update(true, step);
+        }
+        assert!(!s.update(false, 2100));
+        assert_eq!(s.scale, 32768.0);
+        assert_eq!(s.skipped.len(), 2);
+    }
+}
