@@ -176,4 +176,9 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_adamw_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_mt_reduce_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_dropout_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_cast_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_copy2d_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_ew_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_attn_softmax_fwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_attn_softmax_bwd_params {}
 }

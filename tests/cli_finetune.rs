@@ -563,7 +563,14 @@ fn device_cuda_needs_a_gpu_and_auto_falls_back_to_the_cpu() {
     let train = fixture("tests/fixtures/finetune-tiny/train.tsv");
     let run = |device: &str, out: &Path| {
         cuattn()
-            .args(["finetune", "--device", device, "--max-steps", "1", "--model"])
+            .args([
+                "finetune",
+                "--device",
+                device,
+                "--max-steps",
+                "1",
+                "--model",
+            ])
             .arg(&model)
             .arg("--train")
             .arg(&train)

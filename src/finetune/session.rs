@@ -68,6 +68,9 @@ impl LossScaler {
     }
 }
 
+/// Hears of every step skipped for non-finite gradients, in words.
+type SkipLog<'b> = Box<dyn FnMut(&str) + 'b>;
+
 /// A model under training on backend `B`.
 pub struct BertTrainee<'b, B: TrainBackend> {
     be: &'b B,
@@ -79,7 +82,7 @@ pub struct BertTrainee<'b, B: TrainBackend> {
     norm: Option<f64>,
     /// Optimizer steps taken or skipped.
     steps: usize,
-    on_skip: Option<Box<dyn FnMut(&str) + 'b>>,
+    on_skip: Option<SkipLog<'b>>,
 }
 
 impl<'b, B: TrainBackend> BertTrainee<'b, B> {
@@ -246,7 +249,10 @@ mod tests {
         }
         assert_eq!(s.scale, 32768.0, "1999 finite steps: not yet");
         assert!(s.update(true, 2001));
-        assert_eq!(s.scale, 65536.0, "the 2000th finite step in a row doubles it");
+        assert_eq!(
+            s.scale, 65536.0,
+            "the 2000th finite step in a row doubles it"
+        );
         // An overflow resets the count.
         for step in 2002..2100 {
             s.update(true, step);

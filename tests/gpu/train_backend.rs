@@ -17,8 +17,8 @@ use cuattn::gpu::DeviceTensor;
 use cuattn::runtime::conformance::{random, tolerance};
 use cuattn::runtime::cuda::Cuda;
 use cuattn::runtime::train::{
-    AdamW, AdamWConfig, AdamWStep, BertForSequenceClassification, CrossEntropy, DropoutSite,
-    Head, Op, StepOptions, TrainBackend,
+    AdamW, AdamWConfig, AdamWStep, BertForSequenceClassification, CrossEntropy, DropoutSite, Head,
+    Op, StepOptions, TrainBackend,
 };
 use cuattn::runtime::{Activation, AttentionMask, Backend, CausalAlign, Cpu, CpuTensor, Heads};
 use cuattn::tolerance::{expect_close, Tolerance};
@@ -65,19 +65,36 @@ fn close(
     (dtype, n, stored): (DType, usize, usize),
 ) -> Check {
     if got.dtype() != dtype {
-        return Err(format!("{what}: stored in {}, expected {dtype}", got.dtype()));
+        return Err(format!(
+            "{what}: stored in {}, expected {dtype}",
+            got.dtype()
+        ));
     }
     if got.shape() != want.shape() {
-        return Err(format!("{what}: shape {:?} vs {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "{what}: shape {:?} vs {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
-    let r: Vec<f64> = Cpu.to_f32(want).unwrap().iter().map(|&x| x as f64).collect();
+    let r: Vec<f64> = Cpu
+        .to_f32(want)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
     let tol = twice(tolerance(dtype, n, max_abs(&r).max(1.0), stored));
     expect_close(what, &g.to_f32(got).map_err(e)?, &r, tol)
 }
 
 fn exact(what: &str, g: &Cuda, got: &DeviceTensor, want: &[f32]) -> Check {
     let got = g.to_f32(got).map_err(e)?;
-    if got.len() != want.len() || got.iter().zip(want).any(|(a, b)| a.to_bits() != b.to_bits()) {
+    if got.len() != want.len()
+        || got
+            .iter()
+            .zip(want)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
         return Err(format!("{what}: not bit-identical"));
     }
     Ok(())
@@ -113,7 +130,13 @@ fn elementwise_ops(g: &Cuda, dt: DType, seed: u64) -> Check {
     let (mut acc32, mut cacc32) = both(g, &sh, &x, DType::F32);
     g.accumulate(&mut acc32, &gy).map_err(e)?;
     Cpu.accumulate(&mut cacc32, &cy).map_err(e)?;
-    close("accumulate into f32", g, &acc32, &cacc32, (DType::F32, 2, 0))?;
+    close(
+        "accumulate into f32",
+        g,
+        &acc32,
+        &cacc32,
+        (DType::F32, 2, 0),
+    )?;
     g.scale(&mut acc, -0.375).map_err(e)?;
     Cpu.scale(&mut cacc, -0.375).map_err(e)?;
     close("scale", g, &acc, &cacc, (dt, 2, 1))?;
@@ -224,7 +247,16 @@ fn matmuls(g: &Cuda, dt: DType, seed: u64) -> Check {
     let (gb, cb) = both(g, &[k, n], &b, dt);
     let (gbt, cbt) = both(g, &[n, k], &b, dt);
     let (gat, cat) = both(g, &[k, m], &a, dt);
-    let cases: [(&str, &DeviceTensor, Op, &DeviceTensor, Op, &CpuTensor, &CpuTensor, DType); 3] = [
+    let cases: [(
+        &str,
+        &DeviceTensor,
+        Op,
+        &DeviceTensor,
+        Op,
+        &CpuTensor,
+        &CpuTensor,
+        DType,
+    ); 3] = [
         ("NN", &ga, Op::N, &gb, Op::N, &ca, &cb, dt),
         ("NT", &ga, Op::N, &gbt, Op::T, &ca, &cbt, dt),
         // A sum over the rows (dW = dYᵀ·X): f32.
@@ -266,19 +298,34 @@ fn layer_norm_and_embeddings(g: &Cuda, dt: DType, seed: u64) -> Check {
     let got = g.layer_norm_backward(&gx, &gg, eps, &gdy).map_err(e)?;
     let want = Cpu.layer_norm_backward(&cx, &cg, eps, &cdy).map_err(e)?;
     let t = cuattn::tolerance::layernorm::backward(dt, &dy, &x, width, Some(&gamma), eps);
-    let check = |what: &str, got: &DeviceTensor, want: &CpuTensor, stored: DType, tol: Tolerance| {
-        if got.dtype() != stored {
-            return Err(format!("{what}: stored in {}", got.dtype()));
-        }
-        let r: Vec<f64> = want.data().iter().map(|&v| v as f64).collect();
-        expect_close(what, &g.to_f32(got).map_err(e)?, &r, twice(tol))
-    };
+    let check =
+        |what: &str, got: &DeviceTensor, want: &CpuTensor, stored: DType, tol: Tolerance| {
+            if got.dtype() != stored {
+                return Err(format!("{what}: stored in {}", got.dtype()));
+            }
+            let r: Vec<f64> = want.data().iter().map(|&v| v as f64).collect();
+            expect_close(what, &g.to_f32(got).map_err(e)?, &r, twice(tol))
+        };
     check("layer_norm_backward dx", &got.dx, &want.dx, dt, t.dx)?;
-    check("layer_norm_backward dgamma", &got.dgamma, &want.dgamma, DType::F32, t.dgamma)?;
-    check("layer_norm_backward dbeta", &got.dbeta, &want.dbeta, DType::F32, t.dbeta)?;
+    check(
+        "layer_norm_backward dgamma",
+        &got.dgamma,
+        &want.dgamma,
+        DType::F32,
+        t.dgamma,
+    )?;
+    check(
+        "layer_norm_backward dbeta",
+        &got.dbeta,
+        &want.dbeta,
+        DType::F32,
+        t.dbeta,
+    )?;
 
     // The embedding scatter-add: repeated ids, a padding row that gets nothing.
-    let ids: Vec<u32> = (0..rows as u32).map(|i| (i * 7 + seed as u32) % 6).collect();
+    let ids: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 7 + seed as u32) % 6)
+        .collect();
     let pad = Some(ids[0]);
     let gt = g.gather_rows_backward(&gdy, &ids, 9, pad).map_err(e)?;
     let ct = Cpu.gather_rows_backward(&cdy, &ids, 9, pad).map_err(e)?;
@@ -294,7 +341,13 @@ fn loss_and_optimizer(g: &Cuda, dt: DType, seed: u64) -> Check {
     let z = random(dt, rows * classes, 4.0, seed);
     let (gz, cz) = both(g, &[rows, classes], &z, dt);
     let labels: Vec<i64> = (0..rows as i64)
-        .map(|r| if r == 4 { -100 } else { (r * 3) % classes as i64 })
+        .map(|r| {
+            if r == 4 {
+                -100
+            } else {
+                (r * 3) % classes as i64
+            }
+        })
         .collect();
     for smoothing in [0.0, 0.1] {
         let opts = CrossEntropy {
@@ -313,7 +366,9 @@ fn loss_and_optimizer(g: &Cuda, dt: DType, seed: u64) -> Check {
     if l != 0.0 || g.to_f32(&grad).map_err(e)?.iter().any(|&v| v != 0.0) {
         return Err("every row ignored: loss and gradient must be 0".into());
     }
-    if g.cross_entropy(&gz, &[9; 9], &CrossEntropy::default()).is_ok() {
+    if g.cross_entropy(&gz, &[9; 9], &CrossEntropy::default())
+        .is_ok()
+    {
         return Err("a label outside the classes accepted".into());
     }
 
@@ -335,8 +390,10 @@ fn loss_and_optimizer(g: &Cuda, dt: DType, seed: u64) -> Check {
             weight_decay: 0.01,
             step,
         };
-        g.adamw_step(&mut gp, &ggr, &mut gm, &mut gv, &hp).map_err(e)?;
-        Cpu.adamw_step(&mut cp, &cgr, &mut cm, &mut cv, &hp).map_err(e)?;
+        g.adamw_step(&mut gp, &ggr, &mut gm, &mut gv, &hp)
+            .map_err(e)?;
+        Cpu.adamw_step(&mut cp, &cgr, &mut cm, &mut cv, &hp)
+            .map_err(e)?;
     }
     close("adamw param", g, &gp, &cp, (DType::F32, 8, 0))?;
     close("adamw exp_avg_sq", g, &gv, &cv, (DType::F32, 4, 0))?;
@@ -475,7 +532,11 @@ fn attention_case(g: &Cuda, dt: DType, c: &AttnCase, seed: u64) -> Check {
     );
     let against = |what: &str, got: &DeviceTensor, want: &CpuTensor, tol: Tolerance| -> Check {
         if got.shape() != want.shape() {
-            return Err(format!("{what}: shape {:?} vs {:?}", got.shape(), want.shape()));
+            return Err(format!(
+                "{what}: shape {:?} vs {:?}",
+                got.shape(),
+                want.shape()
+            ));
         }
         let r: Vec<f64> = want.data().iter().map(|&x| x as f64).collect();
         expect_close(what, &g.to_f32(got).map_err(e)?, &r, widen(tol))
@@ -590,7 +651,11 @@ fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
     let (mut max_err, mut max_w, mut d2, mut w2) = (0f64, 0f64, 0f64, 0f64);
     for (&a, &w) in got.iter().zip(want) {
         let (a, w) = (a as f64, w as f64);
-        max_err = max_err.max(if a.is_finite() { (a - w).abs() } else { f64::INFINITY });
+        max_err = max_err.max(if a.is_finite() {
+            (a - w).abs()
+        } else {
+            f64::INFINITY
+        });
         max_w = max_w.max(w.abs());
         d2 += (a - w).powi(2);
         w2 += w * w;
@@ -611,8 +676,7 @@ fn bert_classifier_step_matches_the_cpu_backend_in_f32() {
     let g = Cuda::new(gpu, DType::F32).unwrap();
     let (batch, _) = tiny_bert_batch();
     let cpu_model =
-        BertForSequenceClassification::from_folder(&Cpu, &cls_dir(), Head::FromCheckpoint)
-            .unwrap();
+        BertForSequenceClassification::from_folder(&Cpu, &cls_dir(), Head::FromCheckpoint).unwrap();
     let gpu_model =
         BertForSequenceClassification::from_folder(&g, &cls_dir(), Head::FromCheckpoint).unwrap();
     let labels = labels();
@@ -626,7 +690,9 @@ fn bert_classifier_step_matches_the_cpu_backend_in_f32() {
         let c = cpu_model
             .forward_backward(&Cpu, &batch, &labels, &opts)
             .unwrap();
-        let o = gpu_model.forward_backward(&g, &batch, &labels, &opts).unwrap();
+        let o = gpu_model
+            .forward_backward(&g, &batch, &labels, &opts)
+            .unwrap();
         assert!(
             (o.loss - c.loss).abs() <= 1e-5,
             "{seed:?}: loss {} vs {}",
@@ -634,7 +700,13 @@ fn bert_classifier_step_matches_the_cpu_backend_in_f32() {
             c.loss
         );
         assert_eq!(o.grads.names, c.grads.names);
-        for ((name, gt), ct) in o.grads.names.iter().zip(&o.grads.tensors).zip(&c.grads.tensors) {
+        for ((name, gt), ct) in o
+            .grads
+            .names
+            .iter()
+            .zip(&o.grads.tensors)
+            .zip(&c.grads.tensors)
+        {
             assert_eq!(gt.dtype(), DType::F32, "{name}: gradients are f32");
             let (err, max_w, rel) = errors(&g.to_f32(gt).unwrap(), &Cpu.to_f32(ct).unwrap());
             let bound = 1e-4 * max_w.max(1.0);
@@ -664,7 +736,11 @@ fn bert_classifier_gradients_match_pytorch_in_f32() {
         .forward_backward(&g, &batch, &labels(), &StepOptions::default())
         .unwrap();
     let loss = f["loss"].as_f64().unwrap();
-    assert!((out.loss as f64 - loss).abs() <= 1e-5, "loss {} vs {loss}", out.loss);
+    assert!(
+        (out.loss as f64 - loss).abs() <= 1e-5,
+        "loss {} vs {loss}",
+        out.loss
+    );
     let bytes = std::fs::read(fixture("tests/fixtures/tiny-bert-cls-grads.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for (name, gt) in out.grads.names.iter().zip(&out.grads.tensors) {
@@ -688,7 +764,11 @@ fn bert_classifier_gradients_match_pytorch_in_f32() {
 }
 
 /// Gradients of one step, as host vectors.
-fn step_grads(g: &Cuda, m: &BertForSequenceClassification<Cuda>, seed: Option<u64>) -> Vec<Vec<f32>> {
+fn step_grads(
+    g: &Cuda,
+    m: &BertForSequenceClassification<Cuda>,
+    seed: Option<u64>,
+) -> Vec<Vec<f32>> {
     let (batch, _) = tiny_bert_batch();
     let opts = StepOptions {
         dropout_seed: seed,

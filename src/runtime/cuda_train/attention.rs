@@ -263,7 +263,16 @@ fn softmax(
     // row (shape checked by the callers); the key lengths (one i32 per sequence, each ≤ len_k
     // as check_attention verified) are freed in stream order after the kernel; one block
     // per row in a grid-stride loop, a multiple of 32 threads.
-    unsafe { launch(be.gpu(), &kernel, &p, row_grid(be, g), (row_threads(g), 1), 0) }?;
+    unsafe {
+        launch(
+            be.gpu(),
+            &kernel,
+            &p,
+            row_grid(be, g),
+            (row_threads(g), 1),
+            0,
+        )
+    }?;
     Ok(probs)
 }
 
@@ -412,7 +421,10 @@ pub(super) fn backward(
         });
     }
     if !lse.layout().is_contiguous() {
-        return Err(Error::layout("lse", "must be contiguous [batch, heads, len_q]"));
+        return Err(Error::layout(
+            "lse",
+            "must be contiguous [batch, heads, len_q]",
+        ));
     }
     let s = scores(be, &g, q, k)?;
     let probs = softmax(be, &g, &s, lse, true)?;

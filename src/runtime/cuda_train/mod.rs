@@ -184,7 +184,11 @@ impl Cuda {
         }
         let size = src.dtype().size_bytes();
         // Rows of 32-bit elements either way: an f16/bf16 block moves as u16.
-        let name = if size == 4 { "copy2d_b32" } else { "copy2d_b16" };
+        let name = if size == 4 {
+            "copy2d_b32"
+        } else {
+            "copy2d_b16"
+        };
         let k = self.gpu().kernel(MODULE, name)?;
         let p = cuattn_copy2d_params {
             src: ptr(src) + (src_start * size) as u64,
@@ -744,11 +748,7 @@ impl TrainBackend for Cuda {
         let m = *mask;
         let gpu = self.gpu();
         let mut out = gpu.zeros(self.dtype(), &[m.batch * m.len_q, q.heads * v.dim])?;
-        let mut lse = gpu.full(
-            DType::F32,
-            &[m.batch, q.heads, m.len_q],
-            f32::NEG_INFINITY,
-        )?;
+        let mut lse = gpu.full(DType::F32, &[m.batch, q.heads, m.len_q], f32::NEG_INFINITY)?;
         if m.batch == 0 || m.len_q == 0 || m.len_k == 0 {
             return Ok((out, lse));
         }
@@ -761,9 +761,15 @@ impl TrainBackend for Cuda {
             },
             ..attn::Options::default()
         };
-        let qv = q.tensor.view_at(q.col, Self::heads_layout(m.batch, m.len_q, &q)?)?;
-        let kv = k.tensor.view_at(k.col, Self::heads_layout(m.batch, m.len_k, &k)?)?;
-        let vv = v.tensor.view_at(v.col, Self::heads_layout(m.batch, m.len_k, &v)?)?;
+        let qv = q
+            .tensor
+            .view_at(q.col, Self::heads_layout(m.batch, m.len_q, &q)?)?;
+        let kv = k
+            .tensor
+            .view_at(k.col, Self::heads_layout(m.batch, m.len_k, &k)?)?;
+        let vv = v
+            .tensor
+            .view_at(v.col, Self::heads_layout(m.batch, m.len_k, &v)?)?;
         let o_layout = Self::heads_layout(
             m.batch,
             m.len_q,
@@ -859,9 +865,15 @@ impl TrainBackend for Cuda {
                 },
             )
         };
-        let qv = q.tensor.view_at(q.col, Self::heads_layout(m.batch, m.len_q, &q)?)?;
-        let kv = k.tensor.view_at(k.col, Self::heads_layout(m.batch, m.len_k, &k)?)?;
-        let vv = v.tensor.view_at(v.col, Self::heads_layout(m.batch, m.len_k, &v)?)?;
+        let qv = q
+            .tensor
+            .view_at(q.col, Self::heads_layout(m.batch, m.len_q, &q)?)?;
+        let kv = k
+            .tensor
+            .view_at(k.col, Self::heads_layout(m.batch, m.len_k, &k)?)?;
+        let vv = v
+            .tensor
+            .view_at(v.col, Self::heads_layout(m.batch, m.len_k, &v)?)?;
         let ov = o.view_at(0, like(o, m.len_q, q.heads, v.dim)?)?;
         let dov = dout.view_at(0, like(dout, m.len_q, q.heads, v.dim)?)?;
         let (lq, lk) = (
