@@ -247,22 +247,18 @@ fn matmuls(g: &Cuda, dt: DType, seed: u64) -> Check {
     let (gb, cb) = both(g, &[k, n], &b, dt);
     let (gbt, cbt) = both(g, &[n, k], &b, dt);
     let (gat, cat) = both(g, &[k, m], &a, dt);
-    let cases: [(
-        &str,
-        &DeviceTensor,
-        Op,
-        &DeviceTensor,
-        Op,
-        &CpuTensor,
-        &CpuTensor,
-        DType,
-    ); 3] = [
-        ("NN", &ga, Op::N, &gb, Op::N, &ca, &cb, dt),
-        ("NT", &ga, Op::N, &gbt, Op::T, &ca, &cbt, dt),
-        // A sum over the rows (dW = dYᵀ·X): f32.
-        ("TN", &gat, Op::T, &gb, Op::N, &cat, &cb, DType::F32),
+    // (name, GPU operands, CPU operands, ops, output dtype): TN is a sum over the rows
+    // (dW = dYᵀ·X), stored in f32.
+    type Operands<'a> = (
+        (&'a DeviceTensor, &'a DeviceTensor),
+        (&'a CpuTensor, &'a CpuTensor),
+    );
+    let cases: [(&str, Operands<'_>, (Op, Op), DType); 3] = [
+        ("NN", ((&ga, &gb), (&ca, &cb)), (Op::N, Op::N), dt),
+        ("NT", ((&ga, &gbt), (&ca, &cbt)), (Op::N, Op::T), dt),
+        ("TN", ((&gat, &gb), (&cat, &cb)), (Op::T, Op::N), DType::F32),
     ];
-    for (name, x, ox, y, oy, cx, cy, out) in cases {
+    for (name, ((x, y), (cx, cy)), (ox, oy), out) in cases {
         close(
             &format!("matmul {name}"),
             g,
