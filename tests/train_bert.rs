@@ -386,3 +386,32 @@ fn bad_labels_and_batches_are_errors() {
     )
     .is_err());
 }
+
+/// The premise of the GPU test `a_few_adamw_steps_lower_the_loss_in_every_dtype` on the CPU:
+/// six AdamW steps at lr 1e-3 on the fixture batch (dropout off, clipping at 1) lower the loss.
+#[test]
+fn six_adamw_steps_lower_the_loss() {
+    let f = json("tests/fixtures/tiny-bert-cls-train.json");
+    let (batch, _) = tiny_bert_batch();
+    let mut m = model();
+    let mut opt = AdamW::new(
+        &Cpu,
+        m.parameters(),
+        AdamWConfig {
+            lr: 1e-3,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..6 {
+        let mut out = m
+            .forward_backward(&Cpu, &batch, &labels(&f), &StepOptions::default())
+            .unwrap();
+        out.grads.clip_global_norm(&Cpu, 1.0).unwrap();
+        opt.step(&Cpu, m.parameters_mut(), &out.grads, 1e-3).unwrap();
+        losses.push(out.loss);
+    }
+    assert!(losses[5] < losses[0], "losses {losses:?}");
+    eprintln!("losses {losses:?}");
+}
