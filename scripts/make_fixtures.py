@@ -27,6 +27,11 @@ tests/fixtures/attention-backward.json
                                     bottom-right with Lq != Lk, key padding, a sliding window)
                                     with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
                                     (`--only attention-backward`; needs torch alone)
+tests/fixtures/bahdanau-tiny.json   a tiny Bahdanau model in PyTorch (nn.GRU bidirectional over
+                                    packed sequences, additive attention, nn.GRUCell decoder):
+                                    its f32 weights, a padded batch, the label-smoothed loss and
+                                    autograd's gradient of every parameter in f64
+                                    (`--only bahdanau`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -901,10 +906,102 @@ def tiny_bert_pretraining():
 
 
 
+def bahdanau():
+    """A tiny Bahdanau model in PyTorch (nn.GRU bidirectional over packed sequences, additive
+    attention, nn.GRUCell decoder, tanh deep output), f32 weights computed in f64: the
+    label-smoothed loss of a padded batch and autograd's gradient of every parameter, under the
+    names of cuattn::runtime::seq2seq::Bahdanau."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(2015)
+    V, E, He, Hd, A, R = 14, 4, 3, 5, 4, 6
+    m = nn.ModuleDict({
+        "emb_s": nn.Embedding(V, E, padding_idx=0),
+        "gru": nn.GRU(E, He, batch_first=True, bidirectional=True),
+        "init": nn.Linear(He, Hd),
+        "W": nn.Linear(Hd, A),
+        "U": nn.Linear(2 * He, A, bias=False),
+        "emb_t": nn.Embedding(V, E, padding_idx=0),
+        "cell": nn.GRUCell(E + 2 * He, Hd),
+        "readout": nn.Linear(Hd + 2 * He + E, R),
+        "out": nn.Linear(R, V),
+    })
+    v = nn.Parameter(torch.empty(A).uniform_(-0.5, 0.5))
+    m = m.double()
+    v = nn.Parameter(v.detach().double())
+    names = {
+        "emb_s.weight": "encoder.embedding.weight",
+        "init.weight": "decoder.init.weight", "init.bias": "decoder.init.bias",
+        "W.weight": "decoder.attention.W.weight", "W.bias": "decoder.attention.W.bias",
+        "U.weight": "decoder.attention.U.weight",
+        "emb_t.weight": "decoder.embedding.weight",
+        "readout.weight": "decoder.readout.weight", "readout.bias": "decoder.readout.bias",
+        "out.weight": "decoder.out.weight", "out.bias": "decoder.out.bias",
+    }
+    for k in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]:
+        for suffix in ["", "_reverse"]:
+            names[f"gru.{k}_l0{suffix}"] = f"encoder.gru.{k}_l0{suffix}"
+        names[f"cell.{k}"] = f"decoder.gru.{k}"
+    params = dict(m.named_parameters())
+    params["v"] = v
+    names["v"] = "decoder.attention.v"
+
+    # The batch of tests/train_seq2seq.rs: sources get EOS (2), targets BOS (1) before and
+    # EOS after; PAD is 0 and ignored labels -100.
+    pairs = [([5, 9, 7, 4], [4, 7, 9]), ([8], [6, 5, 13, 3]), ([12, 3, 6], [10])]
+    B = len(pairs)
+    Tx = max(len(s) for s, _ in pairs) + 1
+    Ty = max(len(t) for _, t in pairs) + 1
+    src = torch.zeros(B, Tx, dtype=torch.long)
+    tgt_in = torch.zeros(B, Ty, dtype=torch.long)
+    tgt_out = torch.full((B, Ty), -100, dtype=torch.long)
+    lens = []
+    for b, (s_, t_) in enumerate(pairs):
+        src[b, :len(s_) + 1] = torch.tensor(s_ + [2])
+        tgt_in[b, :len(t_) + 1] = torch.tensor([1] + t_)
+        tgt_out[b, :len(t_) + 1] = torch.tensor(t_ + [2])
+        lens.append(len(s_) + 1)
+    lens_t = torch.tensor(lens)
+
+    x = m["emb_s"](src)
+    packed = pack_padded_sequence(x, lens_t, batch_first=True, enforce_sorted=False)
+    out, _ = m["gru"](packed)
+    ann, _ = pad_packed_sequence(out, batch_first=True, total_length=Tx)
+    s = torch.tanh(m["init"](ann[:, 0, He:]))
+    keys = m["U"](ann)
+    valid = torch.arange(Tx)[None, :] < lens_t[:, None]
+    logits = []
+    for i in range(Ty):
+        e = torch.tanh(m["W"](s)[:, None, :] + keys) @ v
+        alpha = torch.softmax(e.masked_fill(~valid, float("-inf")), dim=-1)
+        c = (alpha[:, :, None] * ann).sum(dim=1)
+        y = m["emb_t"](tgt_in[:, i])
+        s = m["cell"](torch.cat([y, c], dim=-1), s)
+        t = torch.tanh(m["readout"](torch.cat([s, c, y], dim=-1)))
+        logits.append(m["out"](t))
+    logits = torch.stack(logits, dim=1)
+    loss = F.cross_entropy(logits.reshape(-1, V), tgt_out.reshape(-1), ignore_index=-100,
+                           label_smoothing=0.1)
+    loss.backward()
+    record = {
+        "generator": f"scripts/make_fixtures.py bahdanau, torch {torch.__version__}, f64 autograd",
+        "config": {"vocab": V, "emb": E, "enc_hidden": He, "dec_hidden": Hd, "attn": A,
+                   "readout": R},
+        "pairs": pairs,
+        "label_smoothing": 0.1,
+        "loss": loss.item(),
+        "params": {names[k]: p.detach().flatten().tolist() for k, p in params.items()},
+        "grads": {names[k]: p.grad.flatten().tolist() for k, p in params.items()},
+    }
+    with open(os.path.join(FIXTURES, "bahdanau-tiny.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "bahdanau"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -930,6 +1027,8 @@ def main():
         training_ops()
     if args.only in ("all", "attention-backward"):
         attention_backward()
+    if args.only in ("all", "bahdanau"):
+        bahdanau()
     print("fixtures written to", FIXTURES)
 
 

@@ -38,6 +38,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod pooling;
 pub mod sentence;
+pub mod seq2seq;
 pub mod tokenizer;
 pub mod train;
 
