@@ -196,7 +196,8 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
         ..CrossEntropy::default()
     };
     let mut train_set = Sampler::new(args.task, false, args.seed);
-    let val = Sampler::new(args.task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
+    let val =
+        Sampler::new(args.task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
     let test = Sampler::new(args.task, true, args.seed).batch(args.test_size);
 
     let bar = if args.json {
@@ -218,7 +219,10 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
         let batch = Seq2SeqBatch::from_pairs(&pairs(&train_set.batch(args.batch)))?;
         let (loss, mut grads) = model.loss_and_grads(be, &batch, &ce)?;
         if !loss.is_finite() {
-            return Err(Error::invalid("loss", format!("non-finite loss {loss} at step {step}")));
+            return Err(Error::invalid(
+                "loss",
+                format!("non-finite loss {loss} at step {step}"),
+            ));
         }
         grads.clip_global_norm(be, 1.0)?;
         let lr = learning_rate(arch, d_model, step);
@@ -305,7 +309,11 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
             render(&decoded[pick].tokens),
             render(&test[pick].tgt)
         );
-        println!("wrote {} and {}", loss_png.display(), attention_png.display());
+        println!(
+            "wrote {} and {}",
+            loss_png.display(),
+            attention_png.display()
+        );
     }
     Ok(())
 }
@@ -328,14 +336,14 @@ fn plot_attention(path: &Path, ex: &Example, d: &Decoded, arch: &str) -> Result<
     out.push("</s>".into());
     let (cols, rows) = (src.len(), d.attention.len().max(1));
     let cell = 40u32;
-    let root = BitMapBackend::new(
-        path,
-        (cols as u32 * cell + 140, rows as u32 * cell + 140),
-    )
-    .into_drawing_area();
+    let root = BitMapBackend::new(path, (cols as u32 * cell + 140, rows as u32 * cell + 140))
+        .into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{arch}: attention (source × output)"), ("sans-serif", 18))
+        .caption(
+            format!("{arch}: attention (source × output)"),
+            ("sans-serif", 18),
+        )
         .margin(10)
         .x_label_area_size(36)
         .y_label_area_size(36)

@@ -121,7 +121,7 @@ proptest! {
                 &up(&[batch * len_k, a], &keys),
                 &up(&[a], &v),
                 &up(&[batch * len_k, d], &values),
-                Some(&lens),
+                Some(&lens[..]),
             )
             .unwrap();
         let (want_c, want_a) = reference::additive_attention(
@@ -147,11 +147,11 @@ fn gru_cell_backward_matches_finite_differences() {
         up(&[batch, 3 * hidden], &gh),
         up(&[batch, hidden], &h),
     );
-    let (out, cache) = Cpu.gru_cell(&gi_t, &gh_t, &h_t, Some(&active)).unwrap();
+    let (out, cache) = Cpu.gru_cell(&gi_t, &gh_t, &h_t, Some(&active[..])).unwrap();
     let hv = host(&out);
     assert_eq!(&hv[hidden..2 * hidden], &h[hidden..2 * hidden]);
     let g = Cpu
-        .gru_cell_backward(&cache, &h_t, &up(&[batch, hidden], &w), Some(&active))
+        .gru_cell_backward(&cache, &h_t, &up(&[batch, hidden], &w), Some(&active[..]))
         .unwrap();
     let f = |gi: &[f64], gh: &[f64], hh: &[f64]| {
         let mut y = reference::gru_cell(gi, gh, hh, hidden);
@@ -188,21 +188,55 @@ fn additive_attention_backward_matches_finite_differences() {
         t(&[batch * len_k, d], &values),
     );
     let (ctx, alpha) = Cpu
-        .additive_attention(&qt, &kt, &vt, &valt, Some(&lens))
+        .additive_attention(&qt, &kt, &vt, &valt, Some(&lens[..]))
         .unwrap();
-    assert!(host(&ctx)[2 * d..].iter().all(|&x| x == 0.0), "no keys: zero context");
+    assert!(
+        host(&ctx)[2 * d..].iter().all(|&x| x == 0.0),
+        "no keys: zero context"
+    );
     let g = Cpu
-        .additive_attention_backward(&qt, &kt, &vt, &valt, &alpha, &t(&[batch, d], &w), Some(&lens))
+        .additive_attention_backward(
+            &qt,
+            &kt,
+            &vt,
+            &valt,
+            &alpha,
+            &t(&[batch, d], &w),
+            Some(&lens[..]),
+        )
         .unwrap();
     let (qd, kd, vd, vald) = (widen(&q), widen(&keys), widen(&v), widen(&values));
     let f = |q: &[f64], k: &[f64], v: &[f64], val: &[f64]| {
-        project(&reference::additive_attention(q, k, v, val, len_k, &lens).0, &w)
+        project(
+            &reference::additive_attention(q, k, v, val, len_k, &lens).0,
+            &w,
+        )
     };
     let n = len_k * (a + d);
-    let s = max_abs(&w) * max_abs(&values) * max_abs(&v) * 2.0;
-    expect_close("dq", &host(&g.dq), &numeric_grad(&qd, |x| f(x, &kd, &vd, &vald)), n, s);
-    expect_close("dkeys", &host(&g.dkeys), &numeric_grad(&kd, |x| f(&qd, x, &vd, &vald)), n, s);
-    expect_close("dv", &host(&g.dv), &numeric_grad(&vd, |x| f(&qd, &kd, x, &vald)), batch * n, s);
+    // de_j = α_j(dα_j − Σα·dα) with |dα_j| ≤ D·max|w|·max|h|; dq, dk, dv multiply it by
+    // |v| or |t| ≤ 1 and sum over keys (and sequences for dv).
+    let s = 2.0 * d as f64 * max_abs(&w) * max_abs(&values) * max_abs(&v).max(1.0);
+    expect_close(
+        "dq",
+        &host(&g.dq),
+        &numeric_grad(&qd, |x| f(x, &kd, &vd, &vald)),
+        n,
+        s,
+    );
+    expect_close(
+        "dkeys",
+        &host(&g.dkeys),
+        &numeric_grad(&kd, |x| f(&qd, x, &vd, &vald)),
+        n,
+        s,
+    );
+    expect_close(
+        "dv",
+        &host(&g.dv),
+        &numeric_grad(&vd, |x| f(&qd, &kd, x, &vald)),
+        batch * n,
+        s,
+    );
     expect_close(
         "dvalues",
         &host(&g.dvalues),
@@ -215,13 +249,23 @@ fn additive_attention_backward_matches_finite_differences() {
 #[test]
 fn fused_ops_refuse_mismatched_shapes_with_typed_errors() {
     let t = |s: &[usize]| up(s, &vec![0.0; s.iter().product()]);
-    assert!(Cpu.gru_cell(&t(&[2, 9]), &t(&[2, 9]), &t(&[2, 4]), None).is_err());
-    assert!(Cpu.gru_cell(&t(&[2, 12]), &t(&[2, 12]), &t(&[2, 4]), Some(&[true])).is_err());
+    assert!(Cpu
+        .gru_cell(&t(&[2, 9]), &t(&[2, 9]), &t(&[2, 4]), None)
+        .is_err());
+    assert!(Cpu
+        .gru_cell(&t(&[2, 12]), &t(&[2, 12]), &t(&[2, 4]), Some(&[true][..]))
+        .is_err());
     assert!(Cpu
         .additive_attention(&t(&[2, 3]), &t(&[5, 3]), &t(&[3]), &t(&[5, 2]), None)
         .is_err());
     assert!(Cpu
-        .additive_attention(&t(&[2, 3]), &t(&[6, 3]), &t(&[3]), &t(&[6, 2]), Some(&[4, 1]))
+        .additive_attention(
+            &t(&[2, 3]),
+            &t(&[6, 3]),
+            &t(&[3]),
+            &t(&[6, 2]),
+            Some(&[4, 1][..])
+        )
         .is_err());
 }
 
@@ -291,7 +335,7 @@ fn check_model_grads<M: Seq2Seq<Cpu>>(
     assert_eq!(names_seen, m.parameters().len());
 }
 
-fn lookup(p: &HashMap<String, Vec<f64>>) -> impl Fn(&str) -> &[f64] + '_ {
+fn lookup<'a>(p: &'a HashMap<String, Vec<f64>>) -> impl Fn(&str) -> &'a [f64] + 'a {
     move |n: &str| {
         p.get(n)
             .unwrap_or_else(|| panic!("no parameter {n}"))
@@ -370,11 +414,8 @@ fn transformer_gradients_match_finite_differences_post_and_pre_ln() {
 
 fn steps_lower_the_loss<M: Seq2Seq<Cpu>>(m: &mut M, lr: f32) {
     let mut s = Sampler::new(Task::Reverse, false, 9);
-    let fixed: Vec<(Vec<u32>, Vec<u32>)> = s
-        .batch(16)
-        .into_iter()
-        .map(|e| (e.src, e.tgt))
-        .collect();
+    let fixed: Vec<(Vec<u32>, Vec<u32>)> =
+        s.batch(16).into_iter().map(|e| (e.src, e.tgt)).collect();
     let batch = Seq2SeqBatch::from_pairs(&fixed).unwrap();
     let ce = CrossEntropy::default();
     let mut opt = AdamW::new(
@@ -461,9 +502,27 @@ fn bad_batches_and_configs_are_typed_errors() {
     assert!(Seq2SeqBatch::from_pairs(&[(vec![2], vec![5])]).is_err());
     let m = Bahdanau::new(&Cpu, TINY_BAHDANAU, 3).unwrap();
     let bad = Seq2SeqBatch::from_pairs(&[(vec![40], vec![5])]).unwrap();
-    assert!(m.loss_and_grads(&Cpu, &bad, &CrossEntropy::default()).is_err());
-    assert!(Transformer::new(&Cpu, TransformerConfig { heads: 3, ..tiny_transformer(false, true) }, 0).is_err());
-    assert!(Bahdanau::new(&Cpu, BahdanauConfig { emb: 0, ..TINY_BAHDANAU }, 0).is_err());
+    assert!(m
+        .loss_and_grads(&Cpu, &bad, &CrossEntropy::default())
+        .is_err());
+    assert!(Transformer::new(
+        &Cpu,
+        TransformerConfig {
+            heads: 3,
+            ..tiny_transformer(false, true)
+        },
+        0
+    )
+    .is_err());
+    assert!(Bahdanau::new(
+        &Cpu,
+        BahdanauConfig {
+            emb: 0,
+            ..TINY_BAHDANAU
+        },
+        0
+    )
+    .is_err());
 }
 
 #[test]
@@ -482,8 +541,14 @@ fn held_out_sources_never_appear_in_training_draws() {
     // 5 + 17 = 22, 99 + 1 = 100.
     let d = cuattn::runtime::seq2seq::tasks::digit;
     let plus = cuattn::runtime::seq2seq::tasks::PLUS;
-    assert_eq!(Task::Add.target(&[d(5), plus, d(1), d(7)]), vec![d(2), d(2)]);
-    assert_eq!(Task::Add.target(&[d(9), d(9), plus, d(1)]), vec![d(1), d(0), d(0)]);
+    assert_eq!(
+        Task::Add.target(&[d(5), plus, d(1), d(7)]),
+        vec![d(2), d(2)]
+    );
+    assert_eq!(
+        Task::Add.target(&[d(9), d(9), plus, d(1)]),
+        vec![d(1), d(0), d(0)]
+    );
 }
 
 #[test]
@@ -542,7 +607,10 @@ fn bahdanau_matches_pytorch_gru_and_autograd_on_the_same_weights() {
     };
     let (loss, grads) = m.loss_and_grads(&Cpu, &batch, &ce).unwrap();
     let want = f["loss"].as_f64().unwrap();
-    assert!((loss as f64 - want).abs() <= 1e-5 * want.abs(), "loss {loss} vs PyTorch {want}");
+    assert!(
+        (loss as f64 - want).abs() <= 1e-5 * want.abs(),
+        "loss {loss} vs PyTorch {want}"
+    );
     for (name, g) in grads.names.iter().zip(&grads.tensors) {
         let want = floats(&f["grads"][name]);
         let got = host(g);

@@ -86,11 +86,15 @@ pub fn additive_attention(
 }
 
 /// A parameter by its model name (f64 values, row-major as the model stores them).
-pub type Lookup<'a> = &'a dyn Fn(&str) -> &'a [f64];
+pub type Lookup<'f, 'a> = &'f dyn Fn(&str) -> &'a [f64];
 
 fn rows(table: &[f64], width: usize, ids: impl Iterator<Item = u32>) -> Vec<f64> {
-    ids.flat_map(|i| table[i as usize * width..(i as usize + 1) * width].iter().copied())
-        .collect()
+    ids.flat_map(|i| {
+        table[i as usize * width..(i as usize + 1) * width]
+            .iter()
+            .copied()
+    })
+    .collect()
 }
 
 /// Sizes of the Bahdanau model the reference evaluates.
@@ -107,7 +111,12 @@ pub struct BahdanauSizes {
 /// sequence's own ends), annotations [→h_j; ←h_j], s_0 = tanh(W_init·←h_1 + b), and per
 /// target step i: c_i from additive attention with query W·s_{i−1} + b_W and keys U·h_j,
 /// s_i = GRU([E y_{i−1}; c_i], s_{i−1}), logits = W_o·tanh(W_r·[s_i; c_i; E y_{i−1}] + b_r) + b_o.
-pub fn bahdanau_loss(p: Lookup, z: &BahdanauSizes, batch: &Seq2SeqBatch, smoothing: f64) -> f64 {
+pub fn bahdanau_loss(
+    p: Lookup<'_, '_>,
+    z: &BahdanauSizes,
+    batch: &Seq2SeqBatch,
+    smoothing: f64,
+) -> f64 {
     let (e, he, hd) = (z.emb, z.enc_hidden, z.dec_hidden);
     let (bn, tx, ty) = (batch.batch, batch.src_len, batch.tgt_len);
     let mut logits = Vec::new();
@@ -233,7 +242,7 @@ pub fn sinusoid(pos: usize, i: usize, d: usize) -> f64 {
 /// and ReLU feed-forward, the decoder's causal self-attention and cross-attention on the
 /// encoder output, logits = x·E_outᵀ.
 pub fn transformer_loss(
-    p: Lookup,
+    p: Lookup<'_, '_>,
     z: &TransformerSizes,
     batch: &Seq2SeqBatch,
     smoothing: f64,
@@ -243,7 +252,11 @@ pub fn transformer_loss(
     let (src_name, tgt_name, out_name) = if z.shared_embeddings {
         ("shared.weight", "shared.weight", "shared.weight")
     } else {
-        ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+        (
+            "encoder.embed_tokens.weight",
+            "decoder.embed_tokens.weight",
+            "lm_head.weight",
+        )
     };
     let embed = |table: &str, ids: &[u32], len: usize| -> Vec<f64> {
         let mut x = rows(p(table), d, ids.iter().copied());
@@ -256,10 +269,24 @@ pub fn transformer_loss(
     };
     let lin = |x: &[f64], name: &str, act: Activation| -> Vec<f64> {
         let b = p(&format!("{name}.bias"));
-        linear_f64(x, p(&format!("{name}.weight")).len() / b.len(), p(&format!("{name}.weight")), b.len(), Some(b), act)
+        linear_f64(
+            x,
+            p(&format!("{name}.weight")).len() / b.len(),
+            p(&format!("{name}.weight")),
+            b.len(),
+            Some(b),
+            act,
+        )
     };
     let ln = |x: &[f64], res: Option<&[f64]>, name: &str| -> Vec<f64> {
-        layer_norm_f64(x, res, d, p(&format!("{name}.weight")), p(&format!("{name}.bias")), z.ln_eps)
+        layer_norm_f64(
+            x,
+            res,
+            d,
+            p(&format!("{name}.weight")),
+            p(&format!("{name}.bias")),
+            z.ln_eps,
+        )
     };
     let attn = |xq: &[f64], xkv: &[f64], name: &str, sizes: &AttentionSizes| -> Vec<f64> {
         let q = lin(xq, &format!("{name}.q_proj"), Activation::None);
@@ -291,7 +318,7 @@ pub fn transformer_loss(
         batch: bn,
         len_q: tx,
         len_k: tx,
-        key_lens: Some(&batch.src_lens),
+        key_lens: Some(batch.src_lens.as_slice()),
         causal: None,
         scale: 1.0 / ((d / z.heads) as f64).sqrt(),
     };

@@ -18,8 +18,8 @@
 //! the output layer runs once over all time steps; only the recurrences run step by step.
 
 use super::{
-    argmax_rows, stack_steps, unstack_steps, Decoded, GradAcc, ParamBuilder, Seq2Seq,
-    Seq2SeqBatch, EOS, PAD,
+    argmax_rows, stack_steps, unstack_steps, Decoded, GradAcc, ParamBuilder, Seq2Seq, Seq2SeqBatch,
+    EOS, PAD,
 };
 use crate::error::{Error, Result};
 use crate::runtime::backend::Activation;
@@ -57,7 +57,10 @@ impl BahdanauConfig {
             }
         }
         if c.vocab <= EOS as usize {
-            return Err(Error::invalid("vocab", "must hold PAD, BOS, EOS and tokens"));
+            return Err(Error::invalid(
+                "vocab",
+                "must hold PAD, BOS, EOS and tokens",
+            ));
         }
         Ok(())
     }
@@ -127,16 +130,41 @@ impl<B: TrainBackend> Bahdanau<B> {
         let c = config;
         let mut pb = ParamBuilder::new(be, seed);
         let inv = |n: usize| 1.0 / (n as f32).sqrt();
-        let src_emb = pb.uniform("encoder.embedding.weight".into(), &[c.vocab, c.emb], 1.0, true)?;
+        let src_emb = pb.uniform(
+            "encoder.embedding.weight".into(),
+            &[c.vocab, c.emb],
+            1.0,
+            true,
+        )?;
         let mut enc = [[0; 4]; 2];
         for (d, suffix) in ["", "_reverse"].iter().enumerate() {
             let h = c.enc_hidden;
             let b = inv(h);
             enc[d] = [
-                pb.uniform(format!("encoder.gru.weight_ih_l0{suffix}"), &[3 * h, c.emb], b, true)?,
-                pb.uniform(format!("encoder.gru.weight_hh_l0{suffix}"), &[3 * h, h], b, true)?,
-                pb.uniform(format!("encoder.gru.bias_ih_l0{suffix}"), &[3 * h], b, false)?,
-                pb.uniform(format!("encoder.gru.bias_hh_l0{suffix}"), &[3 * h], b, false)?,
+                pb.uniform(
+                    format!("encoder.gru.weight_ih_l0{suffix}"),
+                    &[3 * h, c.emb],
+                    b,
+                    true,
+                )?,
+                pb.uniform(
+                    format!("encoder.gru.weight_hh_l0{suffix}"),
+                    &[3 * h, h],
+                    b,
+                    true,
+                )?,
+                pb.uniform(
+                    format!("encoder.gru.bias_ih_l0{suffix}"),
+                    &[3 * h],
+                    b,
+                    false,
+                )?,
+                pb.uniform(
+                    format!("encoder.gru.bias_hh_l0{suffix}"),
+                    &[3 * h],
+                    b,
+                    false,
+                )?,
             ];
         }
         let (he, hd, a) = (c.enc_hidden, c.dec_hidden, c.attn);
@@ -148,23 +176,48 @@ impl<B: TrainBackend> Bahdanau<B> {
             pb.uniform("decoder.attention.W.weight".into(), &[a, hd], inv(hd), true)?,
             pb.uniform("decoder.attention.W.bias".into(), &[a], inv(hd), false)?,
         );
-        let att_u = pb.uniform("decoder.attention.U.weight".into(), &[a, 2 * he], inv(2 * he), true)?;
+        let att_u = pb.uniform(
+            "decoder.attention.U.weight".into(),
+            &[a, 2 * he],
+            inv(2 * he),
+            true,
+        )?;
         let att_v = pb.uniform("decoder.attention.v".into(), &[a], inv(a), true)?;
-        let tgt_emb = pb.uniform("decoder.embedding.weight".into(), &[c.vocab, c.emb], 1.0, true)?;
+        let tgt_emb = pb.uniform(
+            "decoder.embedding.weight".into(),
+            &[c.vocab, c.emb],
+            1.0,
+            true,
+        )?;
         let din = c.emb + 2 * he;
         let dec = [
-            pb.uniform("decoder.gru.weight_ih".into(), &[3 * hd, din], inv(hd), true)?,
+            pb.uniform(
+                "decoder.gru.weight_ih".into(),
+                &[3 * hd, din],
+                inv(hd),
+                true,
+            )?,
             pb.uniform("decoder.gru.weight_hh".into(), &[3 * hd, hd], inv(hd), true)?,
             pb.uniform("decoder.gru.bias_ih".into(), &[3 * hd], inv(hd), false)?,
             pb.uniform("decoder.gru.bias_hh".into(), &[3 * hd], inv(hd), false)?,
         ];
         let rin = hd + 2 * he + c.emb;
         let readout = (
-            pb.uniform("decoder.readout.weight".into(), &[c.readout, rin], inv(rin), true)?,
+            pb.uniform(
+                "decoder.readout.weight".into(),
+                &[c.readout, rin],
+                inv(rin),
+                true,
+            )?,
             pb.uniform("decoder.readout.bias".into(), &[c.readout], inv(rin), false)?,
         );
         let out = (
-            pb.uniform("decoder.out.weight".into(), &[c.vocab, c.readout], inv(c.readout), true)?,
+            pb.uniform(
+                "decoder.out.weight".into(),
+                &[c.vocab, c.readout],
+                inv(c.readout),
+                true,
+            )?,
             pb.uniform("decoder.out.bias".into(), &[c.vocab], inv(c.readout), false)?,
         );
         Ok(Bahdanau {
@@ -196,30 +249,50 @@ impl<B: TrainBackend> Bahdanau<B> {
         }
     }
 
-    fn linear(&self, be: &B, ix: (usize, usize), x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
+    fn linear(
+        &self,
+        be: &B,
+        ix: (usize, usize),
+        x: &B::Tensor,
+        act: Activation,
+    ) -> Result<B::Tensor> {
         be.linear(x, self.p(ix.0), Some(self.p(ix.1)), act)
     }
 
     /// The encoder over `src` (batch-major ids `[batch·tx]`, lengths `lens`).
-    fn encode(&self, be: &B, src: &[u32], batch: usize, tx: usize, lens: &[usize]) -> Result<EncCache<B::Tensor>> {
+    fn encode(
+        &self,
+        be: &B,
+        src: &[u32],
+        batch: usize,
+        tx: usize,
+        lens: &[usize],
+    ) -> Result<EncCache<B::Tensor>> {
         let he = self.config.enc_hidden;
         let ids: Vec<u32> = (0..tx)
             .flat_map(|t| (0..batch).map(move |b| (b, t)))
             .map(|(b, t)| src[b * tx + t])
             .collect();
         let x = be.gather_rows(self.p(self.ix.src_emb), &ids)?;
-        let active: Vec<Vec<bool>> = (0..tx).map(|t| lens.iter().map(|&l| t < l).collect()).collect();
+        let active: Vec<Vec<bool>> = (0..tx)
+            .map(|t| lens.iter().map(|&l| t < l).collect())
+            .collect();
         let mut dirs = Vec::with_capacity(2);
         for d in 0..2 {
             let [w_ih, w_hh, b_ih, b_hh] = self.ix.enc[d];
             let gi_all = be.linear(&x, self.p(w_ih), Some(self.p(b_ih)), Activation::None)?;
             let gi = unstack_steps(be, &gi_all, tx, false)?;
             let mut h = be.zeros(&[batch, he])?;
-            let mut slots: Vec<Option<(B::Tensor, B::Tensor, B::Tensor)>> = (0..tx).map(|_| None).collect();
-            let order: Vec<usize> = if d == 0 { (0..tx).collect() } else { (0..tx).rev().collect() };
+            let mut slots: Vec<Option<(B::Tensor, B::Tensor, B::Tensor)>> =
+                (0..tx).map(|_| None).collect();
+            let order: Vec<usize> = if d == 0 {
+                (0..tx).collect()
+            } else {
+                (0..tx).rev().collect()
+            };
             for t in order {
                 let gh = be.linear(&h, self.p(w_hh), Some(self.p(b_hh)), Activation::None)?;
-                let (h_new, cache) = be.gru_cell(&gi[t], &gh, &h, Some(&active[t]))?;
+                let (h_new, cache) = be.gru_cell(&gi[t], &gh, &h, Some(active[t].as_slice()))?;
                 let h_in = std::mem::replace(&mut h, h_new);
                 let h_out = crate::runtime::train::layers::copy(be, &h)?;
                 slots[t] = Some((h_in, cache, h_out));
@@ -237,7 +310,9 @@ impl<B: TrainBackend> Bahdanau<B> {
             }
             dirs.push(dc);
         }
-        let [fwd, bwd]: [DirCache<B::Tensor>; 2] = dirs.try_into().map_err(|_| Error::invalid("dirs", "two directions"))?;
+        let [fwd, bwd]: [DirCache<B::Tensor>; 2] = dirs
+            .try_into()
+            .map_err(|_| Error::invalid("dirs", "two directions"))?;
         let per_step: Vec<B::Tensor> = (0..tx)
             .map(|t| be.concat_cols(&[&fwd.h_out[t], &bwd.h_out[t]]))
             .collect::<Result<_>>()?;
@@ -259,9 +334,17 @@ impl<B: TrainBackend> Bahdanau<B> {
     }
 
     /// One decoder step from s_{i−1} and the input token ids.
-    fn dec_step(&self, be: &B, enc: &EncCache<B::Tensor>, s: B::Tensor, ids: &[u32], lens: &[usize]) -> Result<DecStep<B::Tensor>> {
+    fn dec_step(
+        &self,
+        be: &B,
+        enc: &EncCache<B::Tensor>,
+        s: B::Tensor,
+        ids: &[u32],
+        lens: &[usize],
+    ) -> Result<DecStep<B::Tensor>> {
         let q = self.linear(be, self.ix.att_w, &s, Activation::None)?;
-        let (ctx, alpha) = be.additive_attention(&q, &enc.keys, self.p(self.ix.att_v), &enc.ann, Some(lens))?;
+        let (ctx, alpha) =
+            be.additive_attention(&q, &enc.keys, self.p(self.ix.att_v), &enc.ann, Some(lens))?;
         let emb = be.gather_rows(self.p(self.ix.tgt_emb), ids)?;
         let xin = be.concat_cols(&[&emb, &ctx])?;
         let [w_ih, w_hh, b_ih, b_hh] = self.ix.dec;
@@ -293,7 +376,14 @@ impl<B: TrainBackend> Bahdanau<B> {
     }
 
     /// The encoder's backward from dL/d(annotations) and dL/d←h_1 (through s_0).
-    fn encode_backward(&self, be: &B, enc: &EncCache<B::Tensor>, dann: &B::Tensor, dh_first: B::Tensor, g: &mut GradAcc<B::Tensor>) -> Result<()> {
+    fn encode_backward(
+        &self,
+        be: &B,
+        enc: &EncCache<B::Tensor>,
+        dann: &B::Tensor,
+        dh_first: B::Tensor,
+        g: &mut GradAcc<B::Tensor>,
+    ) -> Result<()> {
         let he = self.config.enc_hidden;
         let tx = enc.active.len();
         let per_step = unstack_steps(be, dann, tx, true)?;
@@ -307,7 +397,11 @@ impl<B: TrainBackend> Bahdanau<B> {
             let mut dgi: Vec<Option<B::Tensor>> = (0..tx).map(|_| None).collect();
             let mut dgh: Vec<Option<B::Tensor>> = (0..tx).map(|_| None).collect();
             // Backward in the reverse of the direction's processing order.
-            let order: Vec<usize> = if d == 0 { (0..tx).rev().collect() } else { (0..tx).collect() };
+            let order: Vec<usize> = if d == 0 {
+                (0..tx).rev().collect()
+            } else {
+                (0..tx).collect()
+            };
             for t in order {
                 let mut dh = be.slice_cols(&per_step[t], d * he, he)?;
                 be.accumulate(&mut dh, &carry)?;
@@ -315,7 +409,12 @@ impl<B: TrainBackend> Bahdanau<B> {
                     be.accumulate(&mut dh, dh_first.as_ref().expect("used once"))?;
                     dh_first = None;
                 }
-                let gr = be.gru_cell_backward(&dc.cache[t], &dc.h_in[t], &dh, Some(&enc.active[t]))?;
+                let gr = be.gru_cell_backward(
+                    &dc.cache[t],
+                    &dc.h_in[t],
+                    &dh,
+                    Some(enc.active[t].as_slice()),
+                )?;
                 carry = gr.dh;
                 let back = be.matmul(&gr.dgh, Op::N, self.p(w_hh), Op::N)?;
                 be.accumulate(&mut carry, &back)?;
@@ -352,8 +451,7 @@ impl<B: TrainBackend> Bahdanau<B> {
         g.add(be, self.ix.src_emb, demb)
     }
 
-    /// The Bahdanau model's attention weights for each target step of a teacher-forced batch
-    /// and the logits `[Ty·B, vocab]` (time-major); used by tests.
+    /// The logits `[Ty·B, vocab]` (time-major: row i·B + b) of a teacher-forced batch.
     pub fn logits(&self, be: &B, batch: &Seq2SeqBatch) -> Result<B::Tensor> {
         batch.check(self.config.vocab)?;
         let (bn, tx, ty) = (batch.batch, batch.src_len, batch.tgt_len);
@@ -384,10 +482,15 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         &mut self.params
     }
 
-    fn loss_and_grads(&self, be: &B, batch: &Seq2SeqBatch, ce: &CrossEntropy) -> Result<(f32, Gradients<B::Tensor>)> {
+    fn loss_and_grads(
+        &self,
+        be: &B,
+        batch: &Seq2SeqBatch,
+        ce: &CrossEntropy,
+    ) -> Result<(f32, Gradients<B::Tensor>)> {
         batch.check(self.config.vocab)?;
         let (bn, tx, ty) = (batch.batch, batch.src_len, batch.tgt_len);
-        let lens = &batch.src_lens;
+        let lens: &[usize] = &batch.src_lens;
         let enc = self.encode(be, &batch.src, bn, tx, lens)?;
         let s0 = self.initial_state(be, &enc)?;
         let mut s = crate::runtime::train::layers::copy(be, &s0)?;
@@ -400,7 +503,10 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             s = crate::runtime::train::layers::copy(be, &st.s_out)?;
             steps.push(st);
         }
-        let rs: Vec<B::Tensor> = steps.iter().map(|st| self.readout_input(be, st)).collect::<Result<_>>()?;
+        let rs: Vec<B::Tensor> = steps
+            .iter()
+            .map(|st| self.readout_input(be, st))
+            .collect::<Result<_>>()?;
         let r = stack_steps(be, &rs.iter().collect::<Vec<_>>(), false)?;
         let (logits, t) = self.output(be, &r)?;
         let labels: Vec<i64> = (0..ty)
@@ -419,7 +525,11 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         g.add(be, self.ix.readout.0, gr.dw)?;
         g.add(be, self.ix.readout.1, gr.db.expect("bias"))?;
         let dr = unstack_steps(be, gr.dx.as_ref().expect("dx"), ty, false)?;
-        let (he, hd, e) = (self.config.enc_hidden, self.config.dec_hidden, self.config.emb);
+        let (he, hd, e) = (
+            self.config.enc_hidden,
+            self.config.dec_hidden,
+            self.config.emb,
+        );
         let [w_ih, w_hh, b_ih, b_hh] = self.ix.dec;
         let mut carry = be.zeros(&[bn, hd])?;
         let mut dkeys = be.zeros(be.shape(&enc.keys))?;
@@ -438,13 +548,24 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             be.accumulate(&mut de, &be.slice_cols(&dr[i], hd + 2 * he, e)?)?;
             let mut dc = be.slice_cols(&dxin, e, 2 * he)?;
             be.accumulate(&mut dc, &be.slice_cols(&dr[i], hd, 2 * he)?)?;
-            let ag = be.additive_attention_backward(&st.q, &enc.keys, self.p(self.ix.att_v), &enc.ann, &st.alpha, &dc, Some(lens))?;
+            let ag = be.additive_attention_backward(
+                &st.q,
+                &enc.keys,
+                self.p(self.ix.att_v),
+                &enc.ann,
+                &st.alpha,
+                &dc,
+                Some(lens),
+            )?;
             be.accumulate(&mut dkeys, &ag.dkeys)?;
             be.accumulate(&mut dann, &ag.dvalues)?;
             g.add(be, self.ix.att_v, ag.dv)?;
             carry = gc.dh;
             be.accumulate(&mut carry, &be.matmul(&gc.dgh, Op::N, self.p(w_hh), Op::N)?)?;
-            be.accumulate(&mut carry, &be.matmul(&ag.dq, Op::N, self.p(self.ix.att_w.0), Op::N)?)?;
+            be.accumulate(
+                &mut carry,
+                &be.matmul(&ag.dq, Op::N, self.p(self.ix.att_w.0), Op::N)?,
+            )?;
             dgi.push(gc.dgi);
             dgh.push(gc.dgh);
             dq.push(ag.dq);
@@ -456,8 +577,18 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         dq.reverse();
         demb.reverse();
         let stack = |v: &[B::Tensor]| stack_steps(be, &v.iter().collect::<Vec<_>>(), false);
-        let s_in = stack(&steps.iter().map(|st| crate::runtime::train::layers::copy(be, &st.s_in)).collect::<Result<Vec<_>>>()?)?;
-        let xin = stack(&steps.iter().map(|st| crate::runtime::train::layers::copy(be, &st.xin)).collect::<Result<Vec<_>>>()?)?;
+        let s_in = stack(
+            &steps
+                .iter()
+                .map(|st| crate::runtime::train::layers::copy(be, &st.s_in))
+                .collect::<Result<Vec<_>>>()?,
+        )?;
+        let xin = stack(
+            &steps
+                .iter()
+                .map(|st| crate::runtime::train::layers::copy(be, &st.xin))
+                .collect::<Result<Vec<_>>>()?,
+        )?;
         let (dgi, dgh, dq, demb) = (stack(&dgi)?, stack(&dgh)?, stack(&dq)?, stack(&demb)?);
         g.add(be, w_ih, be.matmul(&dgi, Op::T, &xin, Op::N)?)?;
         g.add(be, b_ih, be.sum_rows(&dgi)?)?;
@@ -465,21 +596,39 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         g.add(be, b_hh, be.sum_rows(&dgh)?)?;
         g.add(be, self.ix.att_w.0, be.matmul(&dq, Op::T, &s_in, Op::N)?)?;
         g.add(be, self.ix.att_w.1, be.sum_rows(&dq)?)?;
-        g.add(be, self.ix.tgt_emb, be.gather_rows_backward(&demb, &dec_ids, self.config.vocab, Some(PAD))?)?;
+        g.add(
+            be,
+            self.ix.tgt_emb,
+            be.gather_rows_backward(&demb, &dec_ids, self.config.vocab, Some(PAD))?,
+        )?;
         // s_0 = tanh(W_init·←h_1 + b).
         let dpre = be.tanh_backward(&s0, &carry)?;
-        let gi = linear_backward(be, self.lin(self.ix.init), &enc.dirs[1].h_out[0], &dpre, true)?;
+        let gi = linear_backward(
+            be,
+            self.lin(self.ix.init),
+            &enc.dirs[1].h_out[0],
+            &dpre,
+            true,
+        )?;
         g.add(be, self.ix.init.0, gi.dw)?;
         g.add(be, self.ix.init.1, gi.db.expect("bias"))?;
         // Keys U·h_j.
-        g.add(be, self.ix.att_u, be.matmul(&dkeys, Op::T, &enc.ann, Op::N)?)?;
-        be.accumulate(&mut dann, &be.matmul(&dkeys, Op::N, self.p(self.ix.att_u), Op::N)?)?;
+        g.add(
+            be,
+            self.ix.att_u,
+            be.matmul(&dkeys, Op::T, &enc.ann, Op::N)?,
+        )?;
+        be.accumulate(
+            &mut dann,
+            &be.matmul(&dkeys, Op::N, self.p(self.ix.att_u), Op::N)?,
+        )?;
         self.encode_backward(be, &enc, &dann, gi.dx.expect("dx"), &mut g)?;
         Ok((loss, g.finish(be, &self.params)?))
     }
 
     fn greedy(&self, be: &B, sources: &[Vec<u32>], max_len: usize) -> Result<Vec<Decoded>> {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = sources.iter().map(|s| (s.clone(), Vec::new())).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            sources.iter().map(|s| (s.clone(), Vec::new())).collect();
         let batch = Seq2SeqBatch::from_pairs(&pairs)?;
         batch.check(self.config.vocab)?;
         let (bn, tx) = (batch.batch, batch.src_len);
@@ -505,7 +654,9 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
                 if done[b] {
                     continue;
                 }
-                out[b].attention.push(alpha[b * tx..b * tx + batch.src_lens[b]].to_vec());
+                out[b]
+                    .attention
+                    .push(alpha[b * tx..b * tx + batch.src_lens[b]].to_vec());
                 if next[b] == EOS {
                     done[b] = true;
                 } else {

@@ -90,10 +90,18 @@ impl Seq2SeqBatch {
             return Err(Error::invalid("batch", "empty batch or sequences"));
         }
         if self.src.len() != b * tx || self.src_lens.len() != b {
-            return Err(Error::shape("src", format!("[{b}·{tx}]"), &[self.src.len()]));
+            return Err(Error::shape(
+                "src",
+                format!("[{b}·{tx}]"),
+                &[self.src.len()],
+            ));
         }
         if self.tgt_in.len() != b * ty || self.tgt_out.len() != b * ty {
-            return Err(Error::shape("tgt_in", format!("[{b}·{ty}]"), &[self.tgt_in.len()]));
+            return Err(Error::shape(
+                "tgt_in",
+                format!("[{b}·{ty}]"),
+                &[self.tgt_in.len()],
+            ));
         }
         if let Some(&l) = self.src_lens.iter().find(|&&l| l == 0 || l > tx) {
             return Err(Error::invalid(
@@ -170,7 +178,13 @@ impl<'b, B: TrainBackend> ParamBuilder<'b, B> {
     }
 
     /// A parameter of `shape` with values uniform in ±`bound`; returns its index.
-    pub fn uniform(&mut self, name: String, shape: &[usize], bound: f32, decay: bool) -> Result<usize> {
+    pub fn uniform(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        bound: f32,
+        decay: bool,
+    ) -> Result<usize> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| {
@@ -185,7 +199,13 @@ impl<'b, B: TrainBackend> ParamBuilder<'b, B> {
     }
 
     /// A parameter of `shape` filled with `value`.
-    pub fn constant(&mut self, name: String, shape: &[usize], value: f32, decay: bool) -> Result<usize> {
+    pub fn constant(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        value: f32,
+        decay: bool,
+    ) -> Result<usize> {
         let n: usize = shape.iter().product();
         self.push(name, shape, vec![value; n], decay)
     }
@@ -224,7 +244,11 @@ impl<T> GradAcc<T> {
     }
 
     /// The gradients in parameter order; a parameter that got none gets zeros.
-    pub fn finish<B: TrainBackend<Tensor = T>>(self, be: &B, params: &[Param<T>]) -> Result<Gradients<T>> {
+    pub fn finish<B: TrainBackend<Tensor = T>>(
+        self,
+        be: &B,
+        params: &[Param<T>],
+    ) -> Result<Gradients<T>> {
         let tensors = self
             .slots
             .into_iter()
@@ -244,7 +268,11 @@ impl<T> GradAcc<T> {
 /// `[steps·batch, width]` from per-step `[batch, width]` tensors: time-major (row t·batch + b)
 /// or batch-major (row b·steps + t). Through the host: a row permutation the trait has no op
 /// for (a device backend would add one).
-pub(crate) fn stack_steps<B: TrainBackend>(be: &B, parts: &[&B::Tensor], batch_major: bool) -> Result<B::Tensor> {
+pub(crate) fn stack_steps<B: TrainBackend>(
+    be: &B,
+    parts: &[&B::Tensor],
+    batch_major: bool,
+) -> Result<B::Tensor> {
     let Some(first) = parts.first() else {
         return Err(Error::invalid("parts", "nothing to stack"));
     };
@@ -256,11 +284,19 @@ pub(crate) fn stack_steps<B: TrainBackend>(be: &B, parts: &[&B::Tensor], batch_m
     let mut out = vec![0f32; steps * batch * width];
     for (t, p) in parts.iter().enumerate() {
         if be.shape(p) != [batch, width] {
-            return Err(Error::shape("parts", format!("[{batch}, {width}]"), be.shape(p)));
+            return Err(Error::shape(
+                "parts",
+                format!("[{batch}, {width}]"),
+                be.shape(p),
+            ));
         }
         let v = be.to_f32(p)?;
         for b in 0..batch {
-            let row = if batch_major { b * steps + t } else { t * batch + b };
+            let row = if batch_major {
+                b * steps + t
+            } else {
+                t * batch + b
+            };
             out[row * width..(row + 1) * width].copy_from_slice(&v[b * width..(b + 1) * width]);
         }
     }
@@ -284,8 +320,13 @@ pub(crate) fn unstack_steps<B: TrainBackend>(
         .map(|t| {
             let mut part = vec![0f32; batch * width];
             for b in 0..batch {
-                let row = if batch_major { b * steps + t } else { t * batch + b };
-                part[b * width..(b + 1) * width].copy_from_slice(&v[row * width..(row + 1) * width]);
+                let row = if batch_major {
+                    b * steps + t
+                } else {
+                    t * batch + b
+                };
+                part[b * width..(b + 1) * width]
+                    .copy_from_slice(&v[row * width..(row + 1) * width]);
             }
             be.upload(&[batch, width], &part)
         })

@@ -57,11 +57,17 @@ impl TransformerConfig {
         if !self.d_model.is_multiple_of(self.heads) {
             return Err(Error::invalid(
                 "heads",
-                format!("{} heads do not divide d_model {}", self.heads, self.d_model),
+                format!(
+                    "{} heads do not divide d_model {}",
+                    self.heads, self.d_model
+                ),
             ));
         }
         if self.vocab <= EOS as usize {
-            return Err(Error::invalid("vocab", "must hold PAD, BOS, EOS and tokens"));
+            return Err(Error::invalid(
+                "vocab",
+                "must hold PAD, BOS, EOS and tokens",
+            ));
         }
         Ok(())
     }
@@ -144,13 +150,30 @@ struct StackOut<T, C> {
     final_s: Option<T>,
 }
 
+/// The sinusoidal encoding: angle pos·10000^(−2k/d) for dimensions 2k (sin) and 2k+1 (cos).
+fn positional(pos: usize, i: usize, d: usize) -> f32 {
+    let rate = (-(10000f64.ln()) * (i - i % 2) as f64 / d as f64).exp();
+    let angle = pos as f64 * rate;
+    (if i % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+}
+
 fn xavier(fan_in: usize, fan_out: usize) -> f32 {
     (6.0 / (fan_in + fan_out) as f32).sqrt()
 }
 
-fn lin_param<B: TrainBackend>(pb: &mut ParamBuilder<'_, B>, name: String, out: usize, inp: usize) -> Result<Lin> {
+fn lin_param<B: TrainBackend>(
+    pb: &mut ParamBuilder<'_, B>,
+    name: String,
+    out: usize,
+    inp: usize,
+) -> Result<Lin> {
     Ok((
-        pb.uniform(format!("{name}.weight"), &[out, inp], xavier(inp, out), true)?,
+        pb.uniform(
+            format!("{name}.weight"),
+            &[out, inp],
+            xavier(inp, out),
+            true,
+        )?,
         pb.constant(format!("{name}.bias"), &[out], 0.0, false)?,
     ))
 }
@@ -162,7 +185,11 @@ fn ln_param<B: TrainBackend>(pb: &mut ParamBuilder<'_, B>, name: String, d: usiz
     ))
 }
 
-fn attn_param<B: TrainBackend>(pb: &mut ParamBuilder<'_, B>, name: String, d: usize) -> Result<AttnIx> {
+fn attn_param<B: TrainBackend>(
+    pb: &mut ParamBuilder<'_, B>,
+    name: String,
+    d: usize,
+) -> Result<AttnIx> {
     Ok(AttnIx {
         q: lin_param(pb, format!("{name}.q_proj"), d, d)?,
         k: lin_param(pb, format!("{name}.k_proj"), d, d)?,
@@ -213,7 +240,11 @@ fn cross_attention_backward<B: TrainBackend>(
     c: &CrossCache<B::Tensor>,
     mask: &AttentionMask<'_>,
     dout: &B::Tensor,
-) -> Result<(B::Tensor, B::Tensor, [crate::runtime::train::layers::LinearGrads<B::Tensor>; 4])> {
+) -> Result<(
+    B::Tensor,
+    B::Tensor,
+    [crate::runtime::train::layers::LinearGrads<B::Tensor>; 4],
+)> {
     let out = linear_backward(be, p.out, &c.ctx, dout, true)?;
     let (wq, wv) = (be.shape(&c.q)[1], be.shape(&c.v)[1]);
     let g = be.attention_backward(
@@ -249,9 +280,24 @@ impl<B: TrainBackend> Transformer<B> {
             (e, e, e)
         } else {
             (
-                pb.uniform("encoder.embed_tokens.weight".into(), &[c.vocab, d], emb_bound, true)?,
-                pb.uniform("decoder.embed_tokens.weight".into(), &[c.vocab, d], emb_bound, true)?,
-                pb.uniform("lm_head.weight".into(), &[c.vocab, d], xavier(d, c.vocab), true)?,
+                pb.uniform(
+                    "encoder.embed_tokens.weight".into(),
+                    &[c.vocab, d],
+                    emb_bound,
+                    true,
+                )?,
+                pb.uniform(
+                    "decoder.embed_tokens.weight".into(),
+                    &[c.vocab, d],
+                    emb_bound,
+                    true,
+                )?,
+                pb.uniform(
+                    "lm_head.weight".into(),
+                    &[c.vocab, d],
+                    xavier(d, c.vocab),
+                    true,
+                )?,
             )
         };
         let lin = lin_param::<B>;
@@ -267,7 +313,12 @@ impl<B: TrainBackend> Transformer<B> {
                 down: lin(&mut pb, format!("{pre}.fc2"), d, c.ff)?,
             };
             let ln2 = ln(&mut pb, format!("{pre}.final_layer_norm"))?;
-            enc.push(EncIx { attn: a, ln1, ff, ln2 });
+            enc.push(EncIx {
+                attn: a,
+                ln1,
+                ff,
+                ln2,
+            });
         }
         let enc_ln = if c.pre_ln {
             Some(ln(&mut pb, "encoder.layer_norm".into())?)
@@ -356,16 +407,27 @@ impl<B: TrainBackend> Transformer<B> {
         let mut x = be.gather_rows(self.p(table), ids)?;
         be.scale(&mut x, (d as f32).sqrt())?;
         let pe: Vec<f32> = (0..ids.len())
-            .flat_map(|r| (0..d).map(move |i| crate::reference::seq2seq::sinusoid(r % len, i, d) as f32))
+            .flat_map(|r| (0..d).map(move |i| positional(r % len, i, d)))
             .collect();
         be.add(&x, &be.upload(&[ids.len(), d], &pe)?)
     }
 
-    fn embed_backward(&self, be: &B, table: usize, ids: &[u32], dx: &B::Tensor, g: &mut GradAcc<B::Tensor>) -> Result<()> {
+    fn embed_backward(
+        &self,
+        be: &B,
+        table: usize,
+        ids: &[u32],
+        dx: &B::Tensor,
+        g: &mut GradAcc<B::Tensor>,
+    ) -> Result<()> {
         let mut dx = copy(be, dx)?;
         be.scale(&mut dx, (self.config.d_model as f32).sqrt())?;
         let rows = self.config.vocab;
-        g.add(be, table, be.gather_rows_backward(&dx, ids, rows, Some(PAD))?)
+        g.add(
+            be,
+            table,
+            be.gather_rows_backward(&dx, ids, rows, Some(PAD))?,
+        )
     }
 
     /// The input side of a sub-block: f's input (LN(x) pre-LN, x post-LN) and, pre-LN, the
@@ -380,7 +442,14 @@ impl<B: TrainBackend> Transformer<B> {
     }
 
     /// The output side: x + f(x) pre-LN, LN(x + f(x)) post-LN (with the LayerNorm's input).
-    fn sub_out(&self, be: &B, ln: Lin, x: &B::Tensor, f: &B::Tensor, s_pre: Option<B::Tensor>) -> Result<(B::Tensor, B::Tensor)> {
+    fn sub_out(
+        &self,
+        be: &B,
+        ln: Lin,
+        x: &B::Tensor,
+        f: &B::Tensor,
+        s_pre: Option<B::Tensor>,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         match s_pre {
             Some(s) => Ok((be.add(x, f)?, s)),
             None => layer_norm_forward(be, self.ln(ln), f, Some(x)),
@@ -389,7 +458,14 @@ impl<B: TrainBackend> Transformer<B> {
 
     /// Gradient of f's output from dy (both LN placements: see the module docs); the same
     /// tensor is the residual path's share of dx.
-    fn sub_out_back(&self, be: &B, ln: Lin, s: &B::Tensor, dy: &B::Tensor, g: &mut GradAcc<B::Tensor>) -> Result<B::Tensor> {
+    fn sub_out_back(
+        &self,
+        be: &B,
+        ln: Lin,
+        s: &B::Tensor,
+        dy: &B::Tensor,
+        g: &mut GradAcc<B::Tensor>,
+    ) -> Result<B::Tensor> {
         if self.config.pre_ln {
             return copy(be, dy);
         }
@@ -400,7 +476,15 @@ impl<B: TrainBackend> Transformer<B> {
     }
 
     /// dx of a sub-block from the residual share `dres` and f's input gradient `dfin`.
-    fn sub_in_back(&self, be: &B, ln: Lin, s: &B::Tensor, mut dres: B::Tensor, dfin: &B::Tensor, g: &mut GradAcc<B::Tensor>) -> Result<B::Tensor> {
+    fn sub_in_back(
+        &self,
+        be: &B,
+        ln: Lin,
+        s: &B::Tensor,
+        mut dres: B::Tensor,
+        dfin: &B::Tensor,
+        g: &mut GradAcc<B::Tensor>,
+    ) -> Result<B::Tensor> {
         if self.config.pre_ln {
             let lg = layer_norm_backward(be, self.ln(ln), s, dfin)?;
             g.add(be, ln.0, lg.dgamma)?;
@@ -412,12 +496,23 @@ impl<B: TrainBackend> Transformer<B> {
         Ok(dres)
     }
 
-    fn add_lin(&self, be: &B, g: &mut GradAcc<B::Tensor>, ix: Lin, lg: crate::runtime::train::layers::LinearGrads<B::Tensor>) -> Result<()> {
+    fn add_lin(
+        &self,
+        be: &B,
+        g: &mut GradAcc<B::Tensor>,
+        ix: Lin,
+        lg: crate::runtime::train::layers::LinearGrads<B::Tensor>,
+    ) -> Result<()> {
         g.add(be, ix.0, lg.dw)?;
         g.add(be, ix.1, lg.db.expect("bias"))
     }
 
-    fn final_ln(&self, be: &B, ln: Option<Lin>, x: B::Tensor) -> Result<(B::Tensor, Option<B::Tensor>)> {
+    fn final_ln(
+        &self,
+        be: &B,
+        ln: Option<Lin>,
+        x: B::Tensor,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         match ln {
             Some(ln) => {
                 let (y, s) = layer_norm_forward(be, self.ln(ln), &x, None)?;
@@ -427,7 +522,14 @@ impl<B: TrainBackend> Transformer<B> {
         }
     }
 
-    fn final_ln_back(&self, be: &B, ln: Option<Lin>, s: Option<&B::Tensor>, dy: B::Tensor, g: &mut GradAcc<B::Tensor>) -> Result<B::Tensor> {
+    fn final_ln_back(
+        &self,
+        be: &B,
+        ln: Option<Lin>,
+        s: Option<&B::Tensor>,
+        dy: B::Tensor,
+        g: &mut GradAcc<B::Tensor>,
+    ) -> Result<B::Tensor> {
         match (ln, s) {
             (Some(ln), Some(s)) => {
                 let lg = layer_norm_backward(be, self.ln(ln), s, &dy)?;
@@ -439,7 +541,12 @@ impl<B: TrainBackend> Transformer<B> {
         }
     }
 
-    fn encode(&self, be: &B, src: &[u32], mask: &AttentionMask<'_>) -> Result<StackOut<B::Tensor, EncLayerCache<B::Tensor>>> {
+    fn encode(
+        &self,
+        be: &B,
+        src: &[u32],
+        mask: &AttentionMask<'_>,
+    ) -> Result<StackOut<B::Tensor, EncLayerCache<B::Tensor>>> {
         let mut x = self.embed(be, self.src_emb, src, mask.len_q)?;
         let mut layers = Vec::with_capacity(self.enc.len());
         for ix in &self.enc {
@@ -457,10 +564,21 @@ impl<B: TrainBackend> Transformer<B> {
             x = x2;
         }
         let (out, final_s) = self.final_ln(be, self.enc_ln, x)?;
-        Ok(StackOut { out, layers, final_s })
+        Ok(StackOut {
+            out,
+            layers,
+            final_s,
+        })
     }
 
-    fn decode(&self, be: &B, tgt: &[u32], mem: &B::Tensor, self_mask: &AttentionMask<'_>, cross_mask: &AttentionMask<'_>) -> Result<StackOut<B::Tensor, DecLayerCache<B::Tensor>>> {
+    fn decode(
+        &self,
+        be: &B,
+        tgt: &[u32],
+        mem: &B::Tensor,
+        self_mask: &AttentionMask<'_>,
+        cross_mask: &AttentionMask<'_>,
+    ) -> Result<StackOut<B::Tensor, DecLayerCache<B::Tensor>>> {
         let mut x = self.embed(be, self.tgt_emb, tgt, self_mask.len_q)?;
         let mut layers = Vec::with_capacity(self.dec.len());
         for ix in &self.dec {
@@ -469,7 +587,8 @@ impl<B: TrainBackend> Transformer<B> {
             let (x1, s) = self.sub_out(be, ix.ln1, &x, &a, s_pre)?;
             let attn = Sub { f_in, s, fc: ac };
             let (f_in, s_pre) = self.sub_in(be, ix.ln2, &x1)?;
-            let (a, cc) = cross_attention_forward(be, self.attn(&ix.cross), &f_in, mem, cross_mask)?;
+            let (a, cc) =
+                cross_attention_forward(be, self.attn(&ix.cross), &f_in, mem, cross_mask)?;
             let (x2, s) = self.sub_out(be, ix.ln2, &x1, &a, s_pre)?;
             let cross = Sub { f_in, s, fc: cc };
             let (f_in, s_pre) = self.sub_in(be, ix.ln3, &x2)?;
@@ -483,7 +602,11 @@ impl<B: TrainBackend> Transformer<B> {
             x = x3;
         }
         let (out, final_s) = self.final_ln(be, self.dec_ln, x)?;
-        Ok(StackOut { out, layers, final_s })
+        Ok(StackOut {
+            out,
+            layers,
+            final_s,
+        })
     }
 
     fn masks<'m>(batch: usize, tx: usize, ty: usize, lens: &'m [usize]) -> [AttentionMask<'m>; 3] {
@@ -533,7 +656,12 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
         &mut self.params
     }
 
-    fn loss_and_grads(&self, be: &B, batch: &Seq2SeqBatch, ce: &CrossEntropy) -> Result<(f32, Gradients<B::Tensor>)> {
+    fn loss_and_grads(
+        &self,
+        be: &B,
+        batch: &Seq2SeqBatch,
+        ce: &CrossEntropy,
+    ) -> Result<(f32, Gradients<B::Tensor>)> {
         batch.check(self.config.vocab)?;
         let [em, dm, cm] = Self::masks(batch.batch, batch.src_len, batch.tgt_len, &batch.src_lens);
         let enc = self.encode(be, &batch.src, &em)?;
@@ -543,7 +671,11 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
         let (loss, dlogits) = be.cross_entropy(&logits, &batch.tgt_out, ce)?;
 
         let mut g = GradAcc::new(self.params.len());
-        g.add(be, self.out_emb, be.matmul(&dlogits, Op::T, &dec.out, Op::N)?)?;
+        g.add(
+            be,
+            self.out_emb,
+            be.matmul(&dlogits, Op::T, &dec.out, Op::N)?,
+        )?;
         let dy = be.matmul(&dlogits, Op::N, out_w, Op::N)?;
         let mut dy = self.final_ln_back(be, self.dec_ln, dec.final_s.as_ref(), dy, &mut g)?;
         let mut dmem = be.zeros(be.shape(&enc.out))?;
@@ -556,16 +688,38 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
             let dx2 = self.sub_in_back(be, ix.ln3, &c.ff.s, df, &fg.dx, &mut g)?;
             // Cross-attention.
             let da = self.sub_out_back(be, ix.ln2, &c.cross.s, &dx2, &mut g)?;
-            let (dfin, dm_l, [gq, gk, gv, go]) = cross_attention_backward(be, self.attn(&ix.cross), &c.cross.f_in, &enc.out, &c.cross.fc, &cm, &da)?;
+            let (dfin, dm_l, [gq, gk, gv, go]) = cross_attention_backward(
+                be,
+                self.attn(&ix.cross),
+                &c.cross.f_in,
+                &enc.out,
+                &c.cross.fc,
+                &cm,
+                &da,
+            )?;
             be.accumulate(&mut dmem, &dm_l)?;
-            for (lix, lg) in [ix.cross.q, ix.cross.k, ix.cross.v, ix.cross.o].into_iter().zip([gq, gk, gv, go]) {
+            for (lix, lg) in [ix.cross.q, ix.cross.k, ix.cross.v, ix.cross.o]
+                .into_iter()
+                .zip([gq, gk, gv, go])
+            {
                 self.add_lin(be, &mut g, lix, lg)?;
             }
             let dx1 = self.sub_in_back(be, ix.ln2, &c.cross.s, da, &dfin, &mut g)?;
             // Causal self-attention.
             let da = self.sub_out_back(be, ix.ln1, &c.attn.s, &dx1, &mut g)?;
-            let ag = self_attention_backward(be, self.attn(&ix.attn), &c.attn.f_in, &c.attn.fc, &dm, None, &da)?;
-            for (lix, lg) in [ix.attn.q, ix.attn.k, ix.attn.v, ix.attn.o].into_iter().zip([ag.q, ag.k, ag.v, ag.out]) {
+            let ag = self_attention_backward(
+                be,
+                self.attn(&ix.attn),
+                &c.attn.f_in,
+                &c.attn.fc,
+                &dm,
+                None,
+                &da,
+            )?;
+            for (lix, lg) in [ix.attn.q, ix.attn.k, ix.attn.v, ix.attn.o]
+                .into_iter()
+                .zip([ag.q, ag.k, ag.v, ag.out])
+            {
                 self.add_lin(be, &mut g, lix, lg)?;
             }
             dy = self.sub_in_back(be, ix.ln1, &c.attn.s, da, &ag.dx, &mut g)?;
@@ -580,8 +734,19 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
             self.add_lin(be, &mut g, ix.ff.down, fg.down)?;
             let dx1 = self.sub_in_back(be, ix.ln2, &c.ff.s, df, &fg.dx, &mut g)?;
             let da = self.sub_out_back(be, ix.ln1, &c.attn.s, &dx1, &mut g)?;
-            let ag = self_attention_backward(be, self.attn(&ix.attn), &c.attn.f_in, &c.attn.fc, &em, None, &da)?;
-            for (lix, lg) in [ix.attn.q, ix.attn.k, ix.attn.v, ix.attn.o].into_iter().zip([ag.q, ag.k, ag.v, ag.out]) {
+            let ag = self_attention_backward(
+                be,
+                self.attn(&ix.attn),
+                &c.attn.f_in,
+                &c.attn.fc,
+                &em,
+                None,
+                &da,
+            )?;
+            for (lix, lg) in [ix.attn.q, ix.attn.k, ix.attn.v, ix.attn.o]
+                .into_iter()
+                .zip([ag.q, ag.k, ag.v, ag.out])
+            {
                 self.add_lin(be, &mut g, lix, lg)?;
             }
             dx = self.sub_in_back(be, ix.ln1, &c.attn.s, da, &ag.dx, &mut g)?;
@@ -594,7 +759,8 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
     /// cache: targets here are a dozen tokens). The attention map is the last decoder
     /// layer's cross-attention, averaged over heads.
     fn greedy(&self, be: &B, sources: &[Vec<u32>], max_len: usize) -> Result<Vec<Decoded>> {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = sources.iter().map(|s| (s.clone(), Vec::new())).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            sources.iter().map(|s| (s.clone(), Vec::new())).collect();
         let batch = Seq2SeqBatch::from_pairs(&pairs)?;
         batch.check(self.config.vocab)?;
         let (bn, tx) = (batch.batch, batch.src_len);
@@ -615,10 +781,20 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
             let [_, dm, cm] = Self::masks(bn, tx, ty, &batch.src_lens);
             let dec = self.decode(be, &ids, &enc.out, &dm, &cm)?;
             let logits = be.to_f32(&be.matmul(&dec.out, Op::N, self.p(self.out_emb), Op::T)?)?;
-            let last: Vec<f32> = (0..bn).flat_map(|b| logits[(b * ty + step) * v..][..v].to_vec()).collect();
+            let last: Vec<f32> = (0..bn)
+                .flat_map(|b| logits[(b * ty + step) * v..][..v].to_vec())
+                .collect();
             let next = argmax_rows(&last, v);
             let maps = match dec.layers.last() {
-                Some(c) => cross_attention_map(be, &c.cross.fc, self.config.heads, bn, ty, tx, &batch.src_lens)?,
+                Some(c) => cross_attention_map(
+                    be,
+                    &c.cross.fc,
+                    self.config.heads,
+                    bn,
+                    ty,
+                    tx,
+                    &batch.src_lens,
+                )?,
                 None => vec![vec![0.0; tx]; bn * ty],
             };
             for b in 0..bn {
@@ -626,7 +802,9 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
                 if done[b] {
                     continue;
                 }
-                out[b].attention.push(maps[b * ty + step][..batch.src_lens[b]].to_vec());
+                out[b]
+                    .attention
+                    .push(maps[b * ty + step][..batch.src_lens[b]].to_vec());
                 if next[b] == EOS {
                     done[b] = true;
                 } else {
@@ -643,7 +821,15 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
 
 /// Cross-attention probabilities averaged over heads, one row per query (`[B·Ty][Tx]`),
 /// recomputed from the cached Q, K and log-sum-exp: P = exp(QKᵀ/√d − LSE).
-fn cross_attention_map<B: TrainBackend>(be: &B, c: &CrossCache<B::Tensor>, heads: usize, bn: usize, ty: usize, tx: usize, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
+fn cross_attention_map<B: TrainBackend>(
+    be: &B,
+    c: &CrossCache<B::Tensor>,
+    heads: usize,
+    bn: usize,
+    ty: usize,
+    tx: usize,
+    lens: &[usize],
+) -> Result<Vec<Vec<f32>>> {
     let (q, k, lse) = (be.to_f32(&c.q)?, be.to_f32(&c.k)?, be.to_f32(&c.lse)?);
     let w = be.shape(&c.q)[1];
     let dim = w / heads;
@@ -655,7 +841,9 @@ fn cross_attention_map<B: TrainBackend>(be: &B, c: &CrossCache<B::Tensor>, heads
                 let l = lse[(b * heads + h) * ty + i];
                 for j in 0..lens[b] {
                     let s: f32 = (0..dim)
-                        .map(|e| q[(b * ty + i) * w + h * dim + e] * k[(b * tx + j) * w + h * dim + e])
+                        .map(|e| {
+                            q[(b * ty + i) * w + h * dim + e] * k[(b * tx + j) * w + h * dim + e]
+                        })
                         .sum();
                     maps[b * ty + i][j] += (s * scale - l).exp() / heads as f32;
                 }

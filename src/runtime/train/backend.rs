@@ -229,7 +229,8 @@ pub trait TrainBackend: Backend {
         h: &Self::Tensor,
         active: Option<&[bool]>,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let (batch, hidden) = rnn_ops::gru_dims(self.shape(gi), self.shape(gh), self.shape(h), active)?;
+        let (batch, hidden) =
+            rnn_ops::gru_dims(self.shape(gi), self.shape(gh), self.shape(h), active)?;
         let (out, cache) = rnn_ops::gru_cell(
             &self.to_f32(gi)?,
             &self.to_f32(gh)?,
@@ -255,7 +256,11 @@ pub trait TrainBackend: Backend {
         let (batch, hidden) = rnn_cache_dims(self.shape(cache), self.shape(h), self.shape(dout))?;
         if let Some(a) = active {
             if a.len() != batch {
-                return Err(crate::Error::shape("active", format!("[{batch}]"), &[a.len()]));
+                return Err(crate::Error::shape(
+                    "active",
+                    format!("[{batch}]"),
+                    &[a.len()],
+                ));
             }
         }
         let (dgi, dgh, dh) = rnn_ops::gru_cell_backward(
@@ -371,7 +376,11 @@ fn rnn_cache_dims(cache: &[usize], h: &[usize], dout: &[usize]) -> Result<(usize
         ));
     }
     if dout != [batch, hidden] {
-        return Err(crate::Error::shape("dout", format!("[{batch}, {hidden}]"), dout));
+        return Err(crate::Error::shape(
+            "dout",
+            format!("[{batch}, {hidden}]"),
+            dout,
+        ));
     }
     Ok((batch, hidden))
 }

@@ -189,26 +189,14 @@ impl AdditiveDims {
         };
         let len_k = match keys {
             [r, a] if *a == dim_a && r % batch == 0 => r / batch,
-            s => {
-                return Err(Error::shape(
-                    "keys",
-                    format!("[{batch}·len_k, {dim_a}]"),
-                    s,
-                ))
-            }
+            s => return Err(Error::shape("keys", format!("[{batch}·len_k, {dim_a}]"), s)),
         };
         if v != [dim_a] {
             return Err(Error::shape("v", format!("[{dim_a}]"), v));
         }
         let dim_v = match values {
             [r, d] if *r == batch * len_k => *d,
-            s => {
-                return Err(Error::shape(
-                    "values",
-                    format!("[{}, D]", batch * len_k),
-                    s,
-                ))
-            }
+            s => return Err(Error::shape("values", format!("[{}, D]", batch * len_k), s)),
         };
         if let Some(l) = key_lens {
             if l.len() != batch {
