@@ -48,7 +48,7 @@ struct Args {
     device: Device,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Most optimizer steps (default: 6000 for bahdanau, 4000 for transformer).
+    /// Most optimizer steps (default 3000).
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, default_value_t = 64)]
@@ -67,6 +67,19 @@ struct Args {
     /// Label smoothing of the loss (the Transformer paper used 0.1).
     #[arg(long)]
     label_smoothing: Option<f32>,
+    /// Model width: the Transformer's d_model (feed-forward 2·d), or the Bahdanau encoder's
+    /// hidden size per direction (decoder state, alignment and output layers from it).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Layers of each Transformer stack.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Peak learning rate (Bahdanau: constant; Transformer: the schedule's factor).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// The Transformer schedule's warm-up steps.
+    #[arg(long, default_value_t = 400)]
+    warmup: usize,
     /// Print one JSON line at the end instead of the summary.
     #[arg(long)]
     json: bool,
@@ -100,43 +113,47 @@ fn run(args: &Args) -> Result<()> {
     let be = Cpu;
     match args.arch {
         Arch::Bahdanau => {
+            let h = args.width.unwrap_or(32);
             let config = BahdanauConfig {
                 vocab: VOCAB,
-                emb: 32,
-                enc_hidden: 64,
-                dec_hidden: 128,
-                attn: 64,
-                readout: 128,
+                emb: h / 2,
+                enc_hidden: h,
+                dec_hidden: 2 * h,
+                attn: h,
+                readout: 2 * h,
             };
             let mut model = Bahdanau::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, args.steps.unwrap_or(6000))
+            train(&be, &mut model, args, args.steps.unwrap_or(3000))
         }
         Arch::Transformer => {
+            let d = args.width.unwrap_or(32);
             let config = TransformerConfig {
                 vocab: VOCAB,
-                d_model: 64,
+                d_model: d,
                 heads: 4,
-                ff: 256,
-                enc_layers: 2,
-                dec_layers: 2,
+                ff: 2 * d,
+                enc_layers: args.layers,
+                dec_layers: args.layers,
                 pre_ln: false,
                 shared_embeddings: true,
                 ln_eps: 1e-5,
             };
             let mut model = Transformer::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, args.steps.unwrap_or(4000))
+            train(&be, &mut model, args, args.steps.unwrap_or(3000))
         }
     }
 }
 
-/// The rate of step `step` (from 1): the Transformer paper's d^−½·min(step^−½,
-/// step·warmup^−3/2); a constant 1e-3 for the RNN (Adam's default).
-fn learning_rate(arch: Arch, d_model: usize, step: usize) -> f32 {
-    match arch {
-        Arch::Bahdanau => 1e-3,
+/// The rate of step `step` (from 1): for the Transformer the paper's
+/// factor·d^−½·min(step^−½, step·warmup^−3/2); for the RNN a constant (Adam's default 1e-3
+/// unless `--lr`).
+fn learning_rate(args: &Args, d_model: usize, step: usize) -> f32 {
+    match args.arch {
+        Arch::Bahdanau => args.lr.unwrap_or(1e-3),
         Arch::Transformer => {
-            let (s, w) = (step as f64, 400f64);
-            ((d_model as f64).powf(-0.5) * s.powf(-0.5).min(s * w.powf(-1.5))) as f32
+            let (s, w) = (step as f64, args.warmup.max(1) as f64);
+            let factor = args.lr.unwrap_or(1.0) as f64;
+            (factor * (d_model as f64).powf(-0.5) * s.powf(-0.5).min(s * w.powf(-1.5))) as f32
         }
     }
 }
@@ -175,7 +192,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     max_steps: usize,
 ) -> Result<()> {
     let arch = args.arch;
-    let d_model = 64;
+    let d_model = args.width.unwrap_or(32);
     let (beta2, eps) = match arch {
         Arch::Bahdanau => (0.999, 1e-8),
         Arch::Transformer => (0.98, 1e-9),
@@ -225,7 +242,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
             ));
         }
         grads.clip_global_norm(be, 1.0)?;
-        let lr = learning_rate(arch, d_model, step);
+        let lr = learning_rate(args, d_model, step);
         opt.step(be, model.parameters_mut(), &grads, lr)?;
         records.push(StepRecord {
             step,
@@ -347,16 +364,18 @@ fn plot_attention(path: &Path, ex: &Example, d: &Decoded, arch: &str) -> Result<
         .margin(10)
         .x_label_area_size(36)
         .y_label_area_size(36)
-        .build_cartesian_2d(0..cols as i32, rows as i32..0)
+        // Doubled integer coordinates: cell (i, j) spans 2j−1..2j+1, so the even positions
+        // where the labels go are the cells' centres.
+        .build_cartesian_2d(-1..2 * cols as i32 - 1, 2 * rows as i32 - 1..-1)
         .map_err(|e| err(&e))?;
     let (sx, so) = (src.clone(), out.clone());
     chart
         .configure_mesh()
         .disable_mesh()
-        .x_labels(cols)
-        .y_labels(rows)
-        .x_label_formatter(&move |&x| sx.get(x as usize).cloned().unwrap_or_default())
-        .y_label_formatter(&move |&y| so.get(y as usize).cloned().unwrap_or_default())
+        .x_labels(2 * cols + 1)
+        .y_labels(2 * rows + 1)
+        .x_label_formatter(&move |&x| centre_label(&sx, x))
+        .y_label_formatter(&move |&y| centre_label(&so, y))
         .x_desc("source")
         .y_desc("output")
         .label_style(("sans-serif", 14))
@@ -366,13 +385,19 @@ fn plot_attention(path: &Path, ex: &Example, d: &Decoded, arch: &str) -> Result<
         .draw_series(d.attention.iter().enumerate().flat_map(|(i, row)| {
             row.iter().enumerate().map(move |(j, &a)| {
                 let v = (255.0 * (1.0 - a.clamp(0.0, 1.0))) as u8;
-                Rectangle::new(
-                    [(j as i32, i as i32), (j as i32 + 1, i as i32 + 1)],
-                    RGBColor(v, v, v).filled(),
-                )
+                let (x, y) = (2 * j as i32, 2 * i as i32);
+                Rectangle::new([(x - 1, y - 1), (x + 1, y + 1)], RGBColor(v, v, v).filled())
             })
         }))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// The label of the cell centred at doubled coordinate `x` (none between cells).
+fn centre_label(labels: &[String], x: i32) -> String {
+    if x < 0 || x % 2 != 0 {
+        return String::new();
+    }
+    labels.get(x as usize / 2).cloned().unwrap_or_default()
 }
