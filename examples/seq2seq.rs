@@ -104,6 +104,9 @@ fn run(args: &Args) -> Result<()> {
         }
         Device::Auto | Device::Cpu => {}
     }
+    if args.device == Device::Auto && !args.json {
+        eprintln!("device auto: the CPU (the CUDA backend does not train yet)");
+    }
     if args.batch == 0 || args.val_size == 0 || args.test_size == 0 || args.eval_every == 0 {
         return Err(Error::invalid(
             "batch",
