@@ -282,7 +282,10 @@ fn tiny_batch() -> Seq2SeqBatch {
     .unwrap()
 }
 
-fn host_params<M: Seq2Seq<Cpu>>(m: &M) -> HashMap<String, Vec<f64>> {
+/// Parameter values by name, in f64.
+type Params = HashMap<String, Vec<f64>>;
+
+fn host_params<M: Seq2Seq<Cpu>>(m: &M) -> Params {
     m.parameters()
         .iter()
         .map(|p| (p.name.clone(), widen(&host(&p.value))))
@@ -295,7 +298,7 @@ fn check_model_grads<M: Seq2Seq<Cpu>>(
     m: &M,
     batch: &Seq2SeqBatch,
     ce: &CrossEntropy,
-    loss: &dyn Fn(&HashMap<String, Vec<f64>>) -> f64,
+    loss: &dyn Fn(&Params) -> f64,
 ) {
     let (l, grads) = m.loss_and_grads(&Cpu, batch, ce).unwrap();
     let params = host_params(m);

@@ -230,7 +230,7 @@ pub struct TransformerSizes {
 pub fn sinusoid(pos: usize, i: usize, d: usize) -> f64 {
     let k = (i / 2) as f64;
     let angle = pos as f64 / 10000f64.powf(2.0 * k / d as f64);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         angle.sin()
     } else {
         angle.cos()

@@ -89,6 +89,9 @@ pub struct Bahdanau<B: TrainBackend> {
     ix: Ix,
 }
 
+/// One encoder step's state in, cache and state out.
+type StepTensors<T> = (T, T, T);
+
 /// One encoder direction's steps, indexed by source position.
 struct DirCache<T> {
     h_in: Vec<T>,
@@ -283,8 +286,7 @@ impl<B: TrainBackend> Bahdanau<B> {
             let gi_all = be.linear(&x, self.p(w_ih), Some(self.p(b_ih)), Activation::None)?;
             let gi = unstack_steps(be, &gi_all, tx, false)?;
             let mut h = be.zeros(&[batch, he])?;
-            let mut slots: Vec<Option<(B::Tensor, B::Tensor, B::Tensor)>> =
-                (0..tx).map(|_| None).collect();
+            let mut slots: Vec<Option<StepTensors<B::Tensor>>> = (0..tx).map(|_| None).collect();
             let order: Vec<usize> = if d == 0 {
                 (0..tx).collect()
             } else {

@@ -112,7 +112,7 @@ fn fnv1a(tokens: &[u32]) -> u64 {
 
 /// Whether a source belongs to the held-out test split.
 pub fn is_test(src: &[u32]) -> bool {
-    fnv1a(src) % 10 == 0
+    fnv1a(src).is_multiple_of(10)
 }
 
 /// One example: source and target tokens (no BOS/EOS).

@@ -154,7 +154,11 @@ struct StackOut<T, C> {
 fn positional(pos: usize, i: usize, d: usize) -> f32 {
     let rate = (-(10000f64.ln()) * (i - i % 2) as f64 / d as f64).exp();
     let angle = pos as f64 * rate;
-    (if i % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+    (if i.is_multiple_of(2) {
+        angle.sin()
+    } else {
+        angle.cos()
+    }) as f32
 }
 
 fn xavier(fan_in: usize, fan_out: usize) -> f32 {
@@ -207,6 +211,9 @@ fn view<T>(t: &T, heads: usize, width: usize) -> Heads<'_, T> {
     }
 }
 
+/// dL/dx, dL/dmem and the q, k, v, out projections' gradients.
+type CrossBackward<T> = (T, T, [crate::runtime::train::layers::LinearGrads<T>; 4]);
+
 /// Cross-attention: queries from `x` `[B·Ty, d]`, keys and values from `mem` `[B·Tx, d]`.
 fn cross_attention_forward<B: TrainBackend>(
     be: &B,
@@ -240,11 +247,7 @@ fn cross_attention_backward<B: TrainBackend>(
     c: &CrossCache<B::Tensor>,
     mask: &AttentionMask<'_>,
     dout: &B::Tensor,
-) -> Result<(
-    B::Tensor,
-    B::Tensor,
-    [crate::runtime::train::layers::LinearGrads<B::Tensor>; 4],
-)> {
+) -> Result<CrossBackward<B::Tensor>> {
     let out = linear_backward(be, p.out, &c.ctx, dout, true)?;
     let (wq, wv) = (be.shape(&c.q)[1], be.shape(&c.v)[1]);
     let g = be.attention_backward(
