@@ -5,8 +5,9 @@
 //!     cargo run --release --example seq2seq -- --arch bahdanau|transformer \
 //!         --task reverse|sort|add [--device auto|cpu|cuda] [--seed S] [--steps N] [--json]
 //!
-//! Training stops after `--steps` optimizer steps, or earlier once greedy decoding gets every
-//! one of `--val-size` validation examples (training split, fresh draws) right twice in a row.
+//! Training stops after `--steps` optimizer steps, or earlier once greedy decoding gets at
+//! least 99.5% of `--val-size` validation examples (training split, fresh draws) right at two
+//! evaluations in a row.
 //! The test set (held out by content, see `cuattn::runtime::seq2seq::tasks`) is only decoded
 //! at the end. `--json` prints one final line:
 //! `{"arch","task","steps","seconds","sequence_accuracy","attention_png","loss_png"}`.
@@ -232,7 +233,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     );
     let start = Instant::now();
     let mut records = Vec::with_capacity(max_steps);
-    let mut perfect_evals = 0;
+    let mut good_evals = 0;
     let mut steps = 0;
     for step in 1..=max_steps {
         let t0 = Instant::now();
@@ -269,8 +270,8 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
                     start.elapsed().as_secs_f64()
                 ));
             }
-            perfect_evals = if acc == 1.0 { perfect_evals + 1 } else { 0 };
-            if perfect_evals >= 2 {
+            good_evals = if acc >= 0.995 { good_evals + 1 } else { 0 };
+            if good_evals >= 2 {
                 break;
             }
         }
