@@ -14,6 +14,7 @@ use std::path::PathBuf;
 #[path = "fixture_files/mod.rs"]
 #[allow(dead_code)]
 mod fixture_files;
+#[allow(dead_code)] // beside_a_full_context: the GPT-2 and GPT-Neo tests
 mod gpt2_cache;
 
 use fixture_files::{fixture, json, uints};

@@ -110,7 +110,7 @@ impl<B: Backend> DecoderOnly<B> {
                 Some(it) => it.next().map(|c| &mut **c as &mut dyn KvCache<B>),
                 None => None,
             };
-            x = match self.norm {
+            match self.norm {
                 Norm::Pre => {
                     let h = block.ln_1.forward(be, &x, None)?;
                     let a = block
@@ -119,7 +119,7 @@ impl<B: Backend> DecoderOnly<B> {
                     x = be.add(&x, &a)?;
                     let h = block.ln_2.forward(be, &x, None)?;
                     let m = block.mlp.forward(be, &h)?;
-                    be.add(&x, &m)?
+                    x = be.add(&x, &m)?;
                 }
                 Norm::Post => {
                     let a = block
@@ -127,9 +127,9 @@ impl<B: Backend> DecoderOnly<B> {
                         .forward_self(be, &x, batch, len, None, true, cache)?;
                     let n = block.ln_1.forward(be, &a, Some(&x))?;
                     let m = block.mlp.forward(be, &n)?;
-                    block.ln_2.forward(be, &m, Some(&n))?
+                    x = block.ln_2.forward(be, &m, Some(&n))?;
                 }
-            };
+            }
         }
         match &self.ln_f {
             Some(ln_f) => ln_f.forward(be, &x, None),

@@ -75,7 +75,8 @@ impl Gpt1Tokenizer {
         .map_err(|e| Error::Tokenizer(format!("cannot load {v} + {m}: {e}")))?;
         let mut tok = tokenizers::Tokenizer::new(bpe);
         // clean_text, handle_chinese_chars, strip_accents (None: as lowercase), lowercase.
-        tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
+        tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         tok.with_pre_tokenizer(Some(BertPreTokenizer));
         tok.with_decoder(Some(BPEDecoder::new(END_OF_WORD.into())));
         Ok(tok)

@@ -9,7 +9,7 @@ use super::checkpoint::{read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
 use super::decoder_only::{DecoderBlock, DecoderOnly, Norm};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::path::Path;
 
 /// The fields of a GPT-2 `config.json` the model uses.
