@@ -61,7 +61,11 @@ fn tokenizer_matches_hugging_face_from_either_source() {
         let text = case["text"].as_str().unwrap();
         let ids = uints(&case["ids"]);
         assert_eq!(json_tok.encode(text).unwrap(), ids, "{text:?}");
-        assert_eq!(files_tok.encode(text).unwrap(), ids, "{text:?} (vocab + merges)");
+        assert_eq!(
+            files_tok.encode(text).unwrap(),
+            ids,
+            "{text:?} (vocab + merges)"
+        );
         let decoded = case["decoded"].as_str().unwrap();
         assert_eq!(json_tok.decode(&ids).unwrap(), decoded);
         assert_eq!(files_tok.decode(&ids).unwrap(), decoded);
@@ -134,7 +138,11 @@ fn config_checks_and_bad_inputs() {
         ("n_head", serde_json::json!(3), "n_head"),
         ("n_positions", serde_json::json!(0), "n_positions"),
         ("eos_token_id", serde_json::json!(207), "eos_token_id"),
-        ("tie_word_embeddings", serde_json::json!(1), "tie_word_embeddings"),
+        (
+            "tie_word_embeddings",
+            serde_json::json!(1),
+            "tie_word_embeddings",
+        ),
     ] {
         let mut v = base.clone();
         v[key] = value;
@@ -162,7 +170,11 @@ fn generate_cli_runs_gpt1_folders() {
         .arg(case["text"].as_str().unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(uints(&v["prompt_ids"]), uints(&case["ids"]));
     let greedy = uints(&case["greedy"]);

@@ -111,7 +111,11 @@ fn tokenizer_ids_match_hugging_face() {
     let tok = Gpt2Tokenizer::from_folder(&fixture(DIR), 320).unwrap();
     for case in outputs()["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        assert_eq!(tok.encode(prompt).unwrap(), uints(&case["ids"]), "{prompt:?}");
+        assert_eq!(
+            tok.encode(prompt).unwrap(),
+            uints(&case["ids"]),
+            "{prompt:?}"
+        );
     }
 }
 
@@ -122,7 +126,10 @@ fn logits_match_hugging_face_with_local_layers() {
         let logits = m.sequence_logits(&Cpu, &uints(&case["ids"])).unwrap();
         let worst = max_logit_error(&logits, m.config.vocab_size, &case["logits"]);
         println!("{:?}: max abs error {worst:.2e}", case["prompt"]);
-        assert!(worst <= LOGIT_BOUND, "max abs error {worst:e} > {LOGIT_BOUND:e}");
+        assert!(
+            worst <= LOGIT_BOUND,
+            "max abs error {worst:e} > {LOGIT_BOUND:e}"
+        );
     }
 }
 
@@ -158,8 +165,14 @@ fn every_layer_global_matches_hugging_face_and_differs_from_local() {
             assert!(diff(t) <= 1e-6, "position {t} sees its whole past in both");
         }
         let smallest = (w..ids.len()).map(diff).fold(f32::INFINITY, f32::min);
-        println!("{:?}: local vs global ≥ {smallest:.3} past the window", case["prompt"]);
-        assert!(smallest > 1e-2, "the window changed position logits by only {smallest}");
+        println!(
+            "{:?}: local vs global ≥ {smallest:.3} past the window",
+            case["prompt"]
+        );
+        assert!(
+            smallest > 1e-2,
+            "the window changed position logits by only {smallest}"
+        );
         // And the greedy continuations are Hugging Face's all-global ones.
         let out = generate(&Cpu, &global, &[ids], &greedy(), &mut |_, _| {}).unwrap();
         assert_eq!(out.generated[0], uints(&case["all_global_greedy"]));
@@ -244,7 +257,11 @@ fn generate_cli_runs_gpt_neo_folders() {
         .arg(case["prompt"].as_str().unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(uints(&v["prompt_ids"]), uints(&case["ids"]));
     assert_eq!(uints(&v["generated_ids"]), uints(&case["greedy"]));
@@ -306,7 +323,10 @@ fn malformed_configs_are_errors_naming_the_field() {
     );
     check(&|v| v["activation_function"] = "swish".into(), &["swish"]);
     check(&|v| v["eos_token_id"] = 320.into(), &["eos_token_id"]);
-    check(&|v| v["tie_word_embeddings"] = "yes".into(), &["tie_word_embeddings"]);
+    check(
+        &|v| v["tie_word_embeddings"] = "yes".into(),
+        &["tie_word_embeddings"],
+    );
     check(
         &|v| {
             v.as_object_mut().unwrap().remove("attention_types");

@@ -143,8 +143,8 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
 ) -> CliResult {
     use cuattn::runtime::bart::Bart;
     use cuattn::runtime::checkpoint::read_json;
-    use cuattn::runtime::gpt2::Gpt2;
     use cuattn::runtime::gpt1::Gpt1;
+    use cuattn::runtime::gpt2::Gpt2;
     use cuattn::runtime::gpt_neo::GptNeo;
     let config = read_json(&args.model.join("config.json"))?;
     let gen_config = GenerationConfig::from_folder(&args.model)?;
@@ -194,7 +194,15 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
             let c = &model.config;
             // GPT-1 has no end-of-text token unless its config names one.
             let eos = c.eos_token_id.unwrap_or(u32::MAX);
-            run_decoder_only(be, &model, &tokenizer, c.n_positions, eos, &gen_config, args)
+            run_decoder_only(
+                be,
+                &model,
+                &tokenizer,
+                c.n_positions,
+                eos,
+                &gen_config,
+                args,
+            )
         }
         _ => {
             let model = Gpt2::from_folder(be, &args.model)?;

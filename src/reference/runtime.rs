@@ -169,8 +169,8 @@ pub fn attention_with<T: Copy + Into<f64>>(
         for h in 0..q.heads {
             let hk = h / group;
             for i in 0..s.len_q {
-                let keys = crate::key_band::KeyBand::new(s.len_q, key_len, s.causal, s.window)
-                    .keys(i);
+                let keys =
+                    crate::key_band::KeyBand::new(s.len_q, key_len, s.causal, s.window).keys(i);
                 let scores: Vec<f64> = keys
                     .clone()
                     .map(|j| {

@@ -147,8 +147,10 @@ impl<B: Backend> Gpt1<B> {
             Linear::from_conv1d(be, &w, Some(&b))
         };
         let wte = Embedding::from_owned(be, ckpt.take("tokens_embed.weight", &[c.vocab_size, e])?)?;
-        let wpe =
-            Embedding::from_owned(be, ckpt.take("positions_embed.weight", &[c.n_positions, e])?)?;
+        let wpe = Embedding::from_owned(
+            be,
+            ckpt.take("positions_embed.weight", &[c.n_positions, e])?,
+        )?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("h.{i}");

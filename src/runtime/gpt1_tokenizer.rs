@@ -92,10 +92,7 @@ impl Gpt1Tokenizer {
 
     /// The text of a token sequence: pieces joined, each `</w>` a space (none after the last).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        if let Some(&bad) = ids
-            .iter()
-            .find(|&&id| self.tok.id_to_token(id).is_none())
-        {
+        if let Some(&bad) = ids.iter().find(|&&id| self.tok.id_to_token(id).is_none()) {
             return Err(Error::Tokenizer(format!(
                 "token id {bad} is not in the vocabulary"
             )));

@@ -99,9 +99,7 @@ impl GptNeoConfig {
                 (true, true) => {
                     let (n, a) = (f.int(key, range.clone())?, f.int(alias, range)?);
                     if n != a {
-                        return Err(f.err(format!(
-                            "`{key}` is {n} but its alias `{alias}` is {a}"
-                        )));
+                        return Err(f.err(format!("`{key}` is {n} but its alias `{alias}` is {a}")));
                     }
                     Ok(n)
                 }
@@ -246,7 +244,11 @@ impl<B: Backend> GptNeo<B> {
         };
         ckpt.detect_prefix("transformer.", "wte.weight");
         // The config against the file's tensors before anything sized by it is allocated.
-        ckpt.expect_shape("wte.weight", &[c.vocab_size, e], "vocab_size and hidden_size")?;
+        ckpt.expect_shape(
+            "wte.weight",
+            &[c.vocab_size, e],
+            "vocab_size and hidden_size",
+        )?;
         ckpt.expect_shape(
             "wpe.weight",
             &[c.max_position_embeddings, e],

@@ -58,7 +58,16 @@ pub fn cache_vs_recompute<B: GenerateBackend, M: TokenModel<B, Memory = ()>>(
             .map(|b| (b * len + if step == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
             .collect();
         let cached = m
-            .decode(be, &(), &ids, &positions, batch, len, &rows, Some(&mut refs))
+            .decode(
+                be,
+                &(),
+                &ids,
+                &positions,
+                batch,
+                len,
+                &rows,
+                Some(&mut refs),
+            )
             .unwrap();
         drop(refs);
         drop(layers);

@@ -48,7 +48,10 @@ fn runtime_gpt_neo_matches_cpu_and_hugging_face_on_the_device() {
             .iter()
             .zip(&on_cpu)
             .map(|(a, b)| (a - b).abs())
-            .fold(0f32, |w, d| if d.is_nan() { f32::INFINITY } else { w.max(d) });
+            .fold(
+                0f32,
+                |w, d| if d.is_nan() { f32::INFINITY } else { w.max(d) },
+            );
         let mut vs_hf = 0f64;
         for (t, pos) in case["logits"].as_array().unwrap().iter().enumerate() {
             for (c, v) in uints(&pos["columns"])
@@ -59,7 +62,9 @@ fn runtime_gpt_neo_matches_cpu_and_hugging_face_on_the_device() {
                 vs_hf = vs_hf.max(if d.is_nan() { f64::INFINITY } else { d });
             }
         }
-        eprintln!("tiny GPT-Neo f32 on GPU: max abs logit error {vs_hf:.2e} (HF), {vs_cpu:.2e} (CPU)");
+        eprintln!(
+            "tiny GPT-Neo f32 on GPU: max abs logit error {vs_hf:.2e} (HF), {vs_cpu:.2e} (CPU)"
+        );
         assert!(vs_hf <= 1e-4 && vs_cpu <= 1e-4, "{vs_hf:e} / {vs_cpu:e}");
     }
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| uints(&c["ids"])).collect();
