@@ -13,6 +13,7 @@ mod gpt2_cache;
 mod layernorm;
 mod runtime;
 mod runtime_bart;
+mod runtime_gpt1;
 mod runtime_gpt2;
 mod runtime_gpt_neo;
 mod sparse;
