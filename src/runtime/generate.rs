@@ -1,5 +1,5 @@
-//! Text generation for every model that produces tokens ([`TokenModel`]: GPT-2, BART's
-//! decoder, …): one decoding loop with greedy choice, temperature/top-k/top-p sampling from a
+//! Text generation for every model that produces tokens ([`TokenModel`]: GPT-2, GPT-Neo,
+//! GPT-1, BART's decoder, …): one decoding loop with greedy choice, temperature/top-k/top-p sampling from a
 //! seeded RNG, or beam search ([`super::beam`]), and Hugging Face's logits processors
 //! (`min_new_tokens`, `no_repeat_ngram_size`, forced BOS/EOS).
 //!
