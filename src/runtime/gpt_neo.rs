@@ -390,3 +390,47 @@ impl<B: Backend> TokenModel<B> for GptNeo<B> {
         be.to_f32(&self.logits(be, &hidden, rows)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GPTNeoConfig().to_json_string()` of transformers 5.24 (EleutherAI/gpt-neo-1.3B's
+    /// shape): 24 layers alternating from `[[["global", "local"], 12]]`, window 256.
+    const HF_DEFAULT: &str = r#"{"activation_function": "gelu_new", "attention_dropout": 0.0,
+        "attention_layers": ["global", "local", "global", "local", "global", "local", "global",
+        "local", "global", "local", "global", "local", "global", "local", "global", "local",
+        "global", "local", "global", "local", "global", "local", "global", "local"],
+        "attention_types": [[["global", "local"], 12]], "bos_token_id": 50256,
+        "classifier_dropout": 0.1, "embed_dropout": 0.0, "eos_token_id": 50256,
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": null,
+        "layer_norm_epsilon": 1e-05, "max_position_embeddings": 2048, "model_type": "gpt_neo",
+        "num_heads": 16, "num_layers": 24, "pad_token_id": null, "resid_dropout": 0.0,
+        "tie_word_embeddings": true, "transformers_version": "5.24.0", "use_cache": true,
+        "vocab_size": 50257, "window_size": 256}"#;
+
+    #[test]
+    fn hugging_face_default_config_reads_as_24_alternating_layers() {
+        let v: Value = serde_json::from_str(HF_DEFAULT).unwrap();
+        let c = GptNeoConfig::from_json(&v, "config.json").unwrap();
+        assert_eq!(c.num_layers, 24);
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.intermediate_size, 4 * 2048);
+        assert_eq!(c.window_size, 256);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert!(c.attention_layers.iter().enumerate().all(|(i, &k)| k
+            == if i % 2 == 0 {
+                AttentionKind::Global
+            } else {
+                AttentionKind::Local
+            }));
+        // Without attention_types Hugging Face's default gives the same 24 layers.
+        let mut v = v;
+        v.as_object_mut().unwrap().remove("attention_types");
+        assert_eq!(
+            GptNeoConfig::from_json(&v, "config.json").unwrap(),
+            c,
+            "default attention_types"
+        );
+    }
+}
