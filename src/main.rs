@@ -4,7 +4,8 @@
 //! - `cuattn check`: every kernel against its CPU reference on the GPU, as a pass/fail table.
 //! - `cuattn bench <family>`: benchmark tables (or `--json`).
 //! - `cuattn embed --model DIR [TEXT ...]`: sentence embeddings (CPU or GPU runtime).
-//! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 text generation (CPU or GPU runtime).
+//! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 / GPT-Neo / GPT-1 text generation (CPU
+//!   or GPU runtime).
 //! - `cuattn finetune --model DIR --train FILE --out DIR`: fine-tune BERT for classification.
 //! - `cuattn classify --model DIR [TEXT ...]`: labels and probabilities with such a model.
 
@@ -42,8 +43,8 @@ enum Command {
     /// Sentence embeddings with a sentence-transformers / BERT model folder: one sentence per
     /// TEXT argument and per line of --input.
     Embed(cli::embed::EmbedArgs),
-    /// Continue a prompt with a GPT-2 model folder, or transform it with a BART one
-    /// (config.json, model.safetensors, generation_config.json; the tokenizer from
+    /// Continue a prompt with a GPT-2, GPT-Neo or GPT-1 model folder, or transform it with a
+    /// BART one (config.json, model.safetensors, generation_config.json; the tokenizer from
     /// tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
     /// Fine-tune a BERT folder for sequence classification on a .tsv/.csv/.jsonl file and
