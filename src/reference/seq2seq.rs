@@ -320,6 +320,7 @@ pub fn transformer_loss(
         len_k: tx,
         key_lens: Some(batch.src_lens.as_slice()),
         causal: None,
+        window: None,
         scale: 1.0 / ((d / z.heads) as f64).sqrt(),
     };
     let mut x = embed(src_name, &batch.src, tx);

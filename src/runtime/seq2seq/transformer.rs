@@ -619,6 +619,7 @@ impl<B: TrainBackend> Transformer<B> {
             len_k: tx,
             key_lens: Some(lens),
             causal: None,
+            window: None,
             scale: None,
         };
         let dec = AttentionMask {
