@@ -33,7 +33,9 @@ fn png_size(path: &Path) -> (u32, u32) {
     // Not blank: more than one colour in the picture.
     let first = &buf[..3];
     assert!(
-        buf[..info.buffer_size()].chunks_exact(3).any(|p| p != first),
+        buf[..info.buffer_size()]
+            .chunks_exact(3)
+            .any(|p| p != first),
         "{} is one colour",
         path.display()
     );
@@ -85,7 +87,11 @@ fn plot_roofline_draws_every_committed_gpu_report() {
     );
     let (w, h) = png_size(&out);
     assert_eq!(w, 1600);
-    assert!(h > 500 * runs.len() as u32, "{h} px for {} runs", runs.len());
+    assert!(
+        h > 500 * runs.len() as u32,
+        "{h} px for {} runs",
+        runs.len()
+    );
     std::fs::remove_file(&out).unwrap();
 }
 
@@ -94,9 +100,13 @@ fn plot_bench_draws_a_saved_run_beside_its_pytorch_baseline() {
     let out = temp("attention.png");
     let o = cuattn()
         .args(["plot", "bench"])
-        .arg(repo("docs/gpu-runs/2026-11-26-h200-b284275-bench_attention.json"))
+        .arg(repo(
+            "docs/gpu-runs/2026-11-26-h200-b284275-bench_attention.json",
+        ))
         .arg("--baseline")
-        .arg(repo("docs/gpu-runs/2026-11-26-h200-b284275-torch_attention.json"))
+        .arg(repo(
+            "docs/gpu-runs/2026-11-26-h200-b284275-torch_attention.json",
+        ))
         .arg("--out")
         .arg(&out)
         .output()
@@ -140,7 +150,9 @@ fn wrong_picture_names_and_mismatched_reports_are_clean_errors() {
             .args(["plot", "bench"])
             .arg(&bench)
             .arg("--baseline")
-            .arg(repo("docs/gpu-runs/2026-11-26-h200-b284275-torch_decode.json"))
+            .arg(repo(
+                "docs/gpu-runs/2026-11-26-h200-b284275-torch_decode.json",
+            ))
             .arg("--out")
             .arg(&out)
             .output()

@@ -28,6 +28,8 @@ pub struct Ceiling {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BarPanel {
     pub title: String,
+    /// What the categories are (the x axis).
+    pub x_desc: String,
     pub y_desc: String,
     pub categories: Vec<String>,
     pub series: Vec<Series>,
@@ -175,7 +177,7 @@ fn panel(
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 17))
         .margin(12)
-        .x_label_area_size(34)
+        .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..y_max)
         .map_err(|e| s(&e))?;
@@ -186,6 +188,7 @@ fn panel(
         .disable_x_mesh()
         .x_labels(n.max(2))
         .x_label_formatter(&label)
+        .x_desc(p.x_desc.as_str())
         .y_desc(p.y_desc.as_str())
         .y_label_formatter(&|v| {
             if y_max >= 10.0 {
@@ -229,6 +232,7 @@ mod tests {
     fn panel(title: &str, ours: f64, theirs: f64) -> BarPanel {
         BarPanel {
             title: title.into(),
+            x_desc: "sequence length".into(),
             y_desc: "TFLOP/s".into(),
             categories: vec!["L 512".into(), "L 1024".into()],
             series: vec![

@@ -62,6 +62,17 @@ fn num(row: &Value, key: &str) -> Option<f64> {
     row[key].as_f64().filter(|v| v.is_finite())
 }
 
+/// What a family's categories are (the x axis label).
+fn category_desc(family: &str) -> &'static str {
+    match family {
+        "attention" | "attention-backward" => "sequence length L",
+        "sparse" => "fraction of key blocks kept",
+        "decode" => "batch and KV cache length",
+        "layernorm" | "layernorm-sweep" => "hidden size",
+        _ => "op",
+    }
+}
+
 /// What a family's picture shows: the value's field and axis label.
 fn value_field(family: &str) -> Option<(&'static str, &'static str)> {
     Some(match family {
@@ -275,6 +286,7 @@ pub fn panels(
         }
         out.push(BarPanel {
             title: name.clone(),
+            x_desc: category_desc(&family).to_string(),
             y_desc: y_desc.to_string(),
             categories,
             series,
