@@ -8,6 +8,7 @@
 //!   or GPU runtime).
 //! - `cuattn finetune --model DIR --train FILE --out DIR`: fine-tune BERT for classification.
 //! - `cuattn classify --model DIR [TEXT ...]`: labels and probabilities with such a model.
+//! - `cuattn plot bench|roofline ... --out FILE.png`: benchmark results as pictures.
 
 mod cli;
 
@@ -56,6 +57,9 @@ enum Command {
     Noise(cli::noise::NoiseArgs),
     /// Predict the [MASK] tokens of a text with a BertForMaskedLM / BertForPreTraining folder.
     FillMask(cli::fill_mask::FillMaskArgs),
+    /// Draw benchmark results as PNG: a saved `bench --json` run, or every GPU report as a
+    /// roofline (no GPU needed).
+    Plot(cli::plot::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => cli::classify::run(args),
         Command::Noise(args) => cli::noise::run(args),
         Command::FillMask(args) => cli::fill_mask::run(args),
+        Command::Plot(args) => cli::plot::run(args),
     };
     match result {
         Ok(code) => code,
