@@ -52,8 +52,12 @@ test: toolchain
 	$(CARGO) test --release
 	$(CARGO) test --release --no-default-features
 	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
-	@# (nothing recompiles, the CUDA build is still current).
+	@# (nothing recompiles, the CUDA build is still current), and check that it is back.
 	$(CARGO) build --release --bin cuattn
+	@./target/release/cuattn info | grep -qx 'features: cuda' || { \
+	  echo "make test: target/release/cuattn was not built with the cuda feature:"; \
+	  ./target/release/cuattn info | head -n 3; exit 1; }
+	@echo "make test: target/release/cuattn has the cuda feature"
 
 lint: toolchain
 	$(CARGO) fmt --check

@@ -27,9 +27,8 @@ with our bf16 ones ("ids equal to our f32" column).
 Each side is timed on the generation call only (model loading and tokenization excluded; our
 side reads the time `cuattn generate --timing` prints, after a `--warmup` call that loads the
 kernels); the sides alternate, run after run, and the table gives each side's best and median
-of --repeats runs, and our process's peak resident memory (VmHWM, model loading included).
-tokens/s = generated
-tokens (all sequences) / seconds. The prompt ids come from our tokenizer (`--json` prints them)
+of --repeats runs, and our process's peak resident memory (model loading included; see
+`peak_rss_run`). tokens/s = generated tokens (all sequences) / seconds. The prompt ids come from our tokenizer (`--json` prints them)
 and are fed to both sides, so Hugging Face needs no tokenizer files. HF pads the batch on the
 left with the attention mask; cuattn pads on the right and keeps per-sequence positions (the
 same arithmetic). The greedy ids are compared and the count of sequences that agree is printed,
@@ -41,8 +40,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -96,27 +97,55 @@ def hf_run(model, ids_list, max_new, device):
     return dt, out[:, n:].tolist()
 
 
+# Peak RSS of a child process. Not this process's wait4()/getrusage(RUSAGE_CHILDREN): Linux
+# starts a child's ru_maxrss at the RSS of the process it was forked from (the high-water mark
+# of the address space it had before exec is kept), so every child of this script reported at
+# least this script's own peak (torch and the Hugging Face models loaded), whatever it used.
+# The command is started from a small process instead: GNU time (`/usr/bin/time -f %M`), or
+# where that is missing a fresh Python interpreter that reaps it with wait4 (its own ~10 MB
+# is then the floor of what can be reported).
+GNU_TIME = next((t for t in ("/usr/bin/time", shutil.which("gtime")) if t and os.access(t, os.X_OK)), None)
+RSS_HELPER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss_run(cmd):
+    """Runs cmd; returns (exit status, stdout, stderr, peak RSS of cmd in KiB)."""
+    with tempfile.NamedTemporaryFile("r") as rss, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as err:
+        if GNU_TIME:
+            wrapped = [GNU_TIME, "-f", "%M", "-o", rss.name, *cmd]
+        else:
+            wrapped = [sys.executable, "-c", RSS_HELPER, rss.name, *cmd]
+        returncode = subprocess.run(wrapped, stdout=out, stderr=err, text=True).returncode
+        out.seek(0)
+        err.seek(0)
+        # GNU time writes "Command exited with non-zero status N" before %M on a failure.
+        lines = rss.read().split()
+        peak = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+        return returncode, out.read(), err.read(), peak
+
+
 def ours(binary, folder, prompts, max_new, device, dtype, extra=()):
     cmd = [binary, "generate", "--device", device, "--dtype", dtype, "--model", folder,
            "--max-new-tokens", str(max_new), "--json", "--timing", "--warmup", *extra]
     for p in prompts:
         cmd += ["--prompt", p]
-    # Output to files and the child reaped with wait4, for its peak RSS (ru_maxrss, KiB).
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"cuattn generate failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    returncode, stdout, stderr, peak_kib = peak_rss_run(cmd)
+    if returncode != 0:
+        raise SystemExit(f"cuattn generate failed ({returncode}): {stderr.strip()[-2000:]}")
     m = re.search(r"in ([0-9.]+) s", stderr)
     out = json.loads(stdout)
     single = len(prompts) == 1
     gen = [out["generated_ids"]] if single else out["generated_ids"]
     ids = [out["prompt_ids"]] if single else out["prompt_ids"]
-    return float(m.group(1)), gen, ids, usage.ru_maxrss
+    return float(m.group(1)), gen, ids, peak_kib
 
 
 def main():

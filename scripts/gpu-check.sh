@@ -22,7 +22,7 @@
 #   BENCH_FAMILIES (default "layernorm attention attention-backward sparse decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
 #   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
-#   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
+#   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/initcheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 200 s cap),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the

@@ -27,6 +27,11 @@ tests/fixtures/attention-backward.json
                                     bottom-right with Lq != Lk, key padding, a sliding window)
                                     with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
                                     (`--only attention-backward`; needs torch alone)
+tests/fixtures/bahdanau-tiny.json   a tiny Bahdanau model in PyTorch (nn.GRU bidirectional over
+                                    packed sequences, additive attention, nn.GRUCell decoder):
+                                    its f32 weights, a padded batch, the label-smoothed loss and
+                                    autograd's gradient of every parameter in f64
+                                    (`--only bahdanau`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -54,6 +59,21 @@ tests/fixtures/tiny-bert-cls-grads.safetensors
                                     autograd's gradient of every parameter (`grad.<name>`) at the
                                     fixture weights, and every parameter after the two AdamW
                                     steps (`adamw2.<name>`), f32
+
+tests/fixtures/tiny-gpt-neo/        a random 4-layer GPTNeoForCausalLM (global/local alternating, window 4,
+                                    hidden 16) with a 320-token byte-level BPE (tokenizer.json)
+tests/fixtures/tiny-gpt-neo-outputs.json
+                                    prompts longer than the window: ids, logits (every 7th column
+                                    plus the top 8) and 16 greedy tokens, of the model and of the
+                                    same weights with every layer global (`--only gpt-neo`)
+
+tests/fixtures/tiny-gpt1/           a random 2-layer OpenAIGPTLMHeadModel with a ~300-token BPE in
+                                    OpenAIGPTTokenizer's pipeline (tokenizer.json, and the same BPE
+                                    as vocab.json + merges.txt)
+tests/fixtures/tiny-gpt1-outputs.json
+                                    texts, their GPT-1 token ids, logits (every 4th column plus the
+                                    top 8) at every position, 12 greedy tokens
+                                    (`--only gpt1`)
 
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
@@ -901,10 +921,293 @@ def tiny_bert_pretraining():
 
 
 
+GPT_NEO_CORPUS = [
+    "GPT-Neo alternates global attention over the whole context with local attention over a "
+    "window of recent tokens, as GPT-3 alternated dense and banded sparse layers.",
+    "A local layer sees only the last few positions; a global layer sees every earlier one.",
+    "the cat sat on the mat and the dog slept by the door while the rain fell on the roof",
+    "Seven sailors sailed the seven seas, singing songs of salt and silver stars.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+]
+
+GPT_NEO_PROMPTS = [
+    "A local layer sees only the last few positions",
+    "the cat sat on the mat and the dog slept by the door",
+    "Seven sailors sailed",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+]
+
+
+def tiny_gpt_neo():
+    """A random 4-layer GPTNeoForCausalLM (global, local, global, local; window 4) with a
+    byte-level BPE of 320 tokens trained on GPT_NEO_CORPUS (GPT-Neo's real vocabulary would
+    make the fixture megabytes). Prompts are longer than the window. The same weights are
+    also run with every layer global (attention_types [[["global"], 4]]): the Rust tests check
+    both, and that they differ."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    out_dir = os.path.join(FIXTURES, "tiny-gpt-neo")
+    os.makedirs(out_dir, exist_ok=True)
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(GPT_NEO_CORPUS, vocab_size=320, min_frequency=1,
+                            show_progress=False, special_tokens=["<|endoftext|>"])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(1729)
+    common = dict(
+        vocab_size=vocab, max_position_embeddings=64, hidden_size=16, num_layers=4,
+        num_heads=2, intermediate_size=None, window_size=4, activation_function="gelu_new",
+        resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, layer_norm_epsilon=1e-5,
+        bos_token_id=eos, eos_token_id=eos, attn_implementation="eager",
+    )
+    config = GPTNeoConfig(attention_types=[[["global", "local"], 2]], **common)
+    model = GPTNeoForCausalLM(config).eval()
+    with torch.no_grad():
+        # The spread of the GPT-2 fixture (every layer matters, greedy steps have margins).
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    gen_cfg = os.path.join(out_dir, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        os.remove(gen_cfg)
+    model = GPTNeoForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    dense = GPTNeoForCausalLM(GPTNeoConfig(attention_types=[[["global"], 4]], **common)).eval()
+    dense.load_state_dict(model.state_dict())
+    cols = list(range(0, vocab, 7))
+
+    def logits_record(m, ids):
+        with torch.no_grad():
+            logits = m(input_ids=torch.tensor([ids])).logits[0]
+        rows = []
+        for t in range(len(ids)):
+            row = logits[t]
+            c = sorted(set(cols) | set(torch.topk(row, 8).indices.tolist()))
+            rows.append({"columns": c, "values": [round(float(row[j]), 7) for j in c]})
+        return rows
+
+    def greedy(m, ids):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=16, pad_token_id=eos,
+                             output_scores=True, return_dict_in_generate=True)
+        margins = [round(float(d), 6) for d in
+                   (torch.topk(s[0].float(), 2).values[0] - torch.topk(s[0].float(), 2).values[1]
+                    for s in gen.scores)]
+        return gen.sequences[0, len(ids):].tolist(), margins
+
+    cases = []
+    for prompt in GPT_NEO_PROMPTS:
+        ids = tok.encode(prompt).ids
+        g, margins = greedy(model, ids)
+        dg, _ = greedy(dense, ids)
+        cases.append({
+            "prompt": prompt, "ids": ids,
+            "logits": logits_record(model, ids),
+            "greedy": g, "greedy_margins": margins,
+            "all_global_logits": logits_record(dense, ids),
+            "all_global_greedy": dg,
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "window_size": 4,
+        "max_new_tokens": 16,
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "tiny-gpt-neo-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+GPT1_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Generative pre-training of a language model, then discriminative fine-tuning on each task.",
+    "It was the best of times, it was the worst of times; it was the age of wisdom.",
+    "Numbers like 1905 and 2018 split into digits: 1 9 0 5.",
+    "Don't stop: she said \"hello\" (twice) and left!",
+]
+
+GPT1_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, WORLD! It's a naïve café résumé.",
+    "Generative pre-training, then fine-tuning:   twice\tand\nagain...",
+    "unseen symbols: 🤖 ß 中文 #$%",
+]
+
+
+def tiny_gpt1():
+    """A random 2-layer OpenAIGPTLMHeadModel with a BPE of about 300 tokens trained on
+    GPT1_CORPUS through OpenAIGPTTokenizer's own pipeline (BERT normalizer with lower-casing,
+    BERT pre-tokenizer, `</w>` word ends): tokenizer.json, vocab.json and merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel, OpenAIGPTTokenizer
+    out_dir = os.path.join(FIXTURES, "tiny-gpt1")
+    os.makedirs(out_dir, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.BertNormalizer(lowercase=True)
+    bpe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    bpe.train_from_iterator(GPT1_CORPUS, trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=["<unk>"], end_of_word_suffix="</w>",
+        show_progress=False))
+    bpe.model.save(out_dir)
+    with open(os.path.join(out_dir, "vocab.json")) as f:
+        vocab = json.load(f)
+    with open(os.path.join(out_dir, "merges.txt")) as f:
+        merges = [tuple(l.split()) for l in f.read().splitlines() if l and not l.startswith("#version")]
+    tok = OpenAIGPTTokenizer(vocab=vocab, merges=merges)
+    tok.save_pretrained(out_dir)
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(out_dir, extra)):
+            os.remove(os.path.join(out_dir, extra))
+    torch.manual_seed(1618)
+    config = OpenAIGPTConfig(vocab_size=len(vocab), n_positions=48, n_embd=16, n_layer=2, n_head=2,
+                             afn="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                             layer_norm_epsilon=1e-5)
+    model = OpenAIGPTLMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    gen_cfg = os.path.join(out_dir, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        os.remove(gen_cfg)
+    model = OpenAIGPTLMHeadModel.from_pretrained(out_dir).eval()
+    cases = []
+    for text in GPT1_TEXTS:
+        ids = tok(text)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0]
+            gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=12, pad_token_id=0, output_scores=True,
+                                 return_dict_in_generate=True)
+        margins = [round(float(d), 6) for d in
+                   (torch.topk(s[0].float(), 2).values[0] - torch.topk(s[0].float(), 2).values[1]
+                    for s in gen.scores)]
+        cases.append({
+            "text": text, "ids": ids,
+            "tokens": tok.convert_ids_to_tokens(ids), "decoded": tok.decode(ids),
+            "logits": [{"columns": c, "values": [round(float(logits[t, j]), 7) for j in c]}
+                       for t, c in ((t, sorted(set(range(0, len(vocab), 4))
+                                               | set(torch.topk(logits[t], 8).indices.tolist())))
+                                    for t in range(len(ids)))],
+            "greedy": gen.sequences[0, len(ids):].tolist(), "greedy_margins": margins,
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "max_new_tokens": 12,
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "tiny-gpt1-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+def bahdanau():
+    """A tiny Bahdanau model in PyTorch (nn.GRU bidirectional over packed sequences, additive
+    attention, nn.GRUCell decoder, tanh deep output), f32 weights computed in f64: the
+    label-smoothed loss of a padded batch and autograd's gradient of every parameter, under the
+    names of cuattn::runtime::seq2seq::Bahdanau."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(2015)
+    V, E, He, Hd, A, R = 14, 4, 3, 5, 4, 6
+    m = nn.ModuleDict({
+        "emb_s": nn.Embedding(V, E, padding_idx=0),
+        "gru": nn.GRU(E, He, batch_first=True, bidirectional=True),
+        "init": nn.Linear(He, Hd),
+        "W": nn.Linear(Hd, A),
+        "U": nn.Linear(2 * He, A, bias=False),
+        "emb_t": nn.Embedding(V, E, padding_idx=0),
+        "cell": nn.GRUCell(E + 2 * He, Hd),
+        "readout": nn.Linear(Hd + 2 * He + E, R),
+        "out": nn.Linear(R, V),
+    })
+    v = nn.Parameter(torch.empty(A).uniform_(-0.5, 0.5))
+    m = m.double()
+    v = nn.Parameter(v.detach().double())
+    names = {
+        "emb_s.weight": "encoder.embedding.weight",
+        "init.weight": "decoder.init.weight", "init.bias": "decoder.init.bias",
+        "W.weight": "decoder.attention.W.weight", "W.bias": "decoder.attention.W.bias",
+        "U.weight": "decoder.attention.U.weight",
+        "emb_t.weight": "decoder.embedding.weight",
+        "readout.weight": "decoder.readout.weight", "readout.bias": "decoder.readout.bias",
+        "out.weight": "decoder.out.weight", "out.bias": "decoder.out.bias",
+    }
+    for k in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]:
+        for suffix in ["", "_reverse"]:
+            names[f"gru.{k}_l0{suffix}"] = f"encoder.gru.{k}_l0{suffix}"
+        names[f"cell.{k}"] = f"decoder.gru.{k}"
+    params = dict(m.named_parameters())
+    params["v"] = v
+    names["v"] = "decoder.attention.v"
+
+    # The batch of tests/train_seq2seq.rs: sources get EOS (2), targets BOS (1) before and
+    # EOS after; PAD is 0 and ignored labels -100.
+    pairs = [([5, 9, 7, 4], [4, 7, 9]), ([8], [6, 5, 13, 3]), ([12, 3, 6], [10])]
+    B = len(pairs)
+    Tx = max(len(s) for s, _ in pairs) + 1
+    Ty = max(len(t) for _, t in pairs) + 1
+    src = torch.zeros(B, Tx, dtype=torch.long)
+    tgt_in = torch.zeros(B, Ty, dtype=torch.long)
+    tgt_out = torch.full((B, Ty), -100, dtype=torch.long)
+    lens = []
+    for b, (s_, t_) in enumerate(pairs):
+        src[b, :len(s_) + 1] = torch.tensor(s_ + [2])
+        tgt_in[b, :len(t_) + 1] = torch.tensor([1] + t_)
+        tgt_out[b, :len(t_) + 1] = torch.tensor(t_ + [2])
+        lens.append(len(s_) + 1)
+    lens_t = torch.tensor(lens)
+
+    x = m["emb_s"](src)
+    packed = pack_padded_sequence(x, lens_t, batch_first=True, enforce_sorted=False)
+    out, _ = m["gru"](packed)
+    ann, _ = pad_packed_sequence(out, batch_first=True, total_length=Tx)
+    s = torch.tanh(m["init"](ann[:, 0, He:]))
+    keys = m["U"](ann)
+    valid = torch.arange(Tx)[None, :] < lens_t[:, None]
+    logits = []
+    for i in range(Ty):
+        e = torch.tanh(m["W"](s)[:, None, :] + keys) @ v
+        alpha = torch.softmax(e.masked_fill(~valid, float("-inf")), dim=-1)
+        c = (alpha[:, :, None] * ann).sum(dim=1)
+        y = m["emb_t"](tgt_in[:, i])
+        s = m["cell"](torch.cat([y, c], dim=-1), s)
+        t = torch.tanh(m["readout"](torch.cat([s, c, y], dim=-1)))
+        logits.append(m["out"](t))
+    logits = torch.stack(logits, dim=1)
+    loss = F.cross_entropy(logits.reshape(-1, V), tgt_out.reshape(-1), ignore_index=-100,
+                           label_smoothing=0.1)
+    loss.backward()
+    record = {
+        "generator": f"scripts/make_fixtures.py bahdanau, torch {torch.__version__}, f64 autograd",
+        "config": {"vocab": V, "emb": E, "enc_hidden": He, "dec_hidden": Hd, "attn": A,
+                   "readout": R},
+        "pairs": pairs,
+        "label_smoothing": 0.1,
+        "loss": loss.item(),
+        "params": {names[k]: p.detach().flatten().tolist() for k, p in params.items()},
+        "grads": {names[k]: p.grad.flatten().tolist() for k, p in params.items()},
+    }
+    with open(os.path.join(FIXTURES, "bahdanau-tiny.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -930,6 +1233,12 @@ def main():
         training_ops()
     if args.only in ("all", "attention-backward"):
         attention_backward()
+    if args.only in ("all", "gpt-neo"):
+        tiny_gpt_neo()
+    if args.only in ("all", "gpt1"):
+        tiny_gpt1()
+    if args.only in ("all", "bahdanau"):
+        bahdanau()
     print("fixtures written to", FIXTURES)
 
 

@@ -18,6 +18,8 @@
 //! - [`data`]: training-data transforms (BART's noising).
 //! - [`runtime`]: a small transformer runtime (CPU and CUDA backends, Hugging Face
 //!   checkpoints, BERT sentence embeddings).
+//! - [`plots`]: benchmark records drawn as PNG (bar panels per run, a roofline of the GPU
+//!   reports).
 //! - [`finetune`]: fine-tuning BERT for sequence classification (data files, schedules, the
 //!   training loop, Hugging Face output folders) and classification inference.
 
@@ -27,6 +29,7 @@ pub mod error;
 pub mod finetune;
 pub mod kernels;
 pub mod key_band;
+pub mod plots;
 pub mod reference;
 pub mod rng;
 pub mod runtime;

@@ -4,9 +4,11 @@
 //! - `cuattn check`: every kernel against its CPU reference on the GPU, as a pass/fail table.
 //! - `cuattn bench <family>`: benchmark tables (or `--json`).
 //! - `cuattn embed --model DIR [TEXT ...]`: sentence embeddings (CPU or GPU runtime).
-//! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 text generation (CPU or GPU runtime).
+//! - `cuattn generate --model DIR --prompt TEXT`: GPT-2 / GPT-Neo / GPT-1 text generation (CPU
+//!   or GPU runtime).
 //! - `cuattn finetune --model DIR --train FILE --out DIR`: fine-tune BERT for classification.
 //! - `cuattn classify --model DIR [TEXT ...]`: labels and probabilities with such a model.
+//! - `cuattn plot bench|roofline ... --out FILE.png`: benchmark results as pictures.
 
 mod cli;
 
@@ -42,8 +44,8 @@ enum Command {
     /// Sentence embeddings with a sentence-transformers / BERT model folder: one sentence per
     /// TEXT argument and per line of --input.
     Embed(cli::embed::EmbedArgs),
-    /// Continue a prompt with a GPT-2 model folder, or transform it with a BART one
-    /// (config.json, model.safetensors, generation_config.json; the tokenizer from
+    /// Continue a prompt with a GPT-2, GPT-Neo or GPT-1 model folder, or transform it with a
+    /// BART one (config.json, model.safetensors, generation_config.json; the tokenizer from
     /// tokenizer.json, vocab.json + merges.txt, or GPT-2's built-in BPE).
     Generate(cli::generate::GenerateArgs),
     /// Fine-tune a BERT folder for sequence classification on a .tsv/.csv/.jsonl file and
@@ -55,6 +57,9 @@ enum Command {
     Noise(cli::noise::NoiseArgs),
     /// Predict the [MASK] tokens of a text with a BertForMaskedLM / BertForPreTraining folder.
     FillMask(cli::fill_mask::FillMaskArgs),
+    /// Draw benchmark results as PNG: a saved `bench --json` run, or every GPU report as a
+    /// roofline (no GPU needed).
+    Plot(cli::plot::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => cli::classify::run(args),
         Command::Noise(args) => cli::noise::run(args),
         Command::FillMask(args) => cli::fill_mask::run(args),
+        Command::Plot(args) => cli::plot::run(args),
     };
     match result {
         Ok(code) => code,

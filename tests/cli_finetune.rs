@@ -12,7 +12,7 @@
 #[allow(dead_code)]
 mod fixture_files;
 
-use fixture_files::{fixture, floats, json};
+use fixture_files::{bf16_rounded_copy, fixture, floats, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -497,6 +497,62 @@ fn bad_data_files_name_the_file_and_line() {
         &[".tsv, .csv or .jsonl"],
     );
     assert!(!out.exists());
+}
+
+/// `classify --json` logits, one row per text.
+fn classify_logits(model: &Path, extra: &[&str], texts: &[&str]) -> Vec<Vec<f64>> {
+    let o = ok(cuattn()
+        .args(["classify", "--device", "cpu", "--json", "--model"])
+        .arg(model)
+        .args(extra)
+        .args(texts)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["logits"].as_array().unwrap().iter().map(floats).collect()
+}
+
+/// `--dtype bf16` on the CPU takes effect: the bf16-weight backend computes what the f32 one
+/// computes on the checkpoint with its values rounded to bf16 (within f32 summation-order
+/// differences, the bound the f32 model is held to against Hugging Face), which differs from
+/// the f32 model's logits. `--dtype f16` on the CPU is refused, not ignored.
+#[test]
+fn classify_dtype_bf16_runs_the_bf16_cpu_backend_and_f16_is_refused() {
+    let model = fixture("tests/fixtures/finetune-tiny/model");
+    let rounded = bf16_rounded_copy(&model, "classify");
+    let texts = ["a great film", "the soup was cold", "service"];
+    let f32_logits = classify_logits(&model, &[], &texts);
+    let explicit_f32 = classify_logits(&model, &["--dtype", "f32"], &texts);
+    let bf16 = classify_logits(&model, &["--dtype", "bf16"], &texts);
+    let want = classify_logits(&rounded, &[], &texts);
+    let _ = std::fs::remove_dir_all(&rounded);
+    assert_eq!(f32_logits, explicit_f32, "f32 is the default");
+    let (mut storage, mut moved) = (0f64, 0f64);
+    for ((b, w), f) in bf16.iter().zip(&want).zip(&f32_logits) {
+        assert_eq!((b.len(), w.len()), (f.len(), f.len()));
+        for ((b, w), f) in b.iter().zip(w).zip(f) {
+            assert!(b.is_finite());
+            storage = storage.max((b - w).abs() / w.abs().max(1.0));
+            moved = moved.max((b - f).abs());
+        }
+    }
+    assert!(
+        storage <= 1e-4,
+        "bf16 backend vs the bf16-rounded f32 model: {storage:e}"
+    );
+    assert!(
+        moved > 0.0,
+        "--dtype bf16 gave exactly the f32 logits: the flag was ignored"
+    );
+    fails_with(
+        cuattn()
+            .args(["classify", "--device", "cpu", "--dtype", "f16", "--model"])
+            .arg(&model)
+            .arg("hello")
+            .output()
+            .unwrap(),
+        &["--dtype", "bf16"],
+    );
 }
 
 #[test]

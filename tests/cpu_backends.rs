@@ -11,7 +11,7 @@ use cuattn::runtime::conformance as check;
 use cuattn::runtime::generate::{generate, GenerateOptions};
 use cuattn::runtime::gpt2::Gpt2;
 use cuattn::runtime::{Activation, Cpu, CpuBf16};
-use fixture_files::{fixture, json, uints};
+use fixture_files::{bf16_rounded_copy, fixture, json, uints};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -150,52 +150,6 @@ fn f16_on_the_cpu_is_refused_with_a_message() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// The fixture checkpoint with every value rounded to bf16 (stored as f32), in a
-/// new folder with the fixture's config: what [`CpuBf16`] should compute exactly, in f32.
-fn bf16_rounded_fixture() -> PathBuf {
-    use safetensors::tensor::TensorView;
-    let dir = fixture("tests/fixtures/tiny-gpt2");
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let rounded: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values: Vec<f32> = match view.dtype() {
-                safetensors::Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                safetensors::Dtype::F16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => panic!("{name}: fixture dtype {other:?}"),
-            };
-            let data = values
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_f32().to_le_bytes())
-                .collect();
-            (name, view.shape().to_vec(), data)
-        })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = rounded
-        .iter()
-        .map(|(n, s, b)| {
-            let v = TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
-            (n.clone(), v)
-        })
-        .collect();
-    let out = std::env::temp_dir().join(format!("cuattn-bf16-rounded-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
-    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
-    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
-    out
-}
-
 /// bf16 storage is only a storage change: [`CpuBf16`] on the fixture gives the logits of
 /// [`Cpu`] on the same checkpoint with its values rounded to bf16, within f32 summation-order
 /// differences (the few-row kernel against the GEMM, 1e-4 as the f32 model is held to HF).
@@ -205,7 +159,7 @@ fn bf16_rounded_fixture() -> PathBuf {
 #[test]
 fn bf16_weights_compute_the_rounded_model_and_follow_hugging_face_within_its_margins() {
     let dir = fixture("tests/fixtures/tiny-gpt2");
-    let rounded_dir = bf16_rounded_fixture();
+    let rounded_dir = bf16_rounded_copy(&dir, "tiny-gpt2");
     let f32_model = Gpt2::from_folder(&Cpu, &dir).unwrap();
     let rounded = Gpt2::from_folder(&Cpu, &rounded_dir).unwrap();
     let bf16_model = Gpt2::from_folder(&CpuBf16, &dir).unwrap();

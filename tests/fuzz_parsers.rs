@@ -53,6 +53,7 @@ fn seeds(target: &str) -> &'static [Vec<u8>] {
                 vec![
                     read("tests/fixtures/tiny-bert/config.json"),
                     read("tests/fixtures/tiny-gpt2/config.json"),
+                    read("tests/fixtures/tiny-gpt-neo/config.json"),
                     modules.to_vec(),
                     pooling.to_vec(),
                 ],

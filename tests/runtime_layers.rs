@@ -104,6 +104,7 @@ fn attention_reference_is_uniform_averaging_when_scores_tie() {
                 len_k: 4,
                 key_lens: Some(&[lens]),
                 causal: None,
+                window: None,
                 scale: 1.0,
             },
         )
@@ -139,6 +140,7 @@ fn bad_shapes_are_errors_not_panics() {
         len_k: 2,
         key_lens: Some(&[3]),
         causal: None,
+        window: None,
         scale: None,
     };
     assert!(matches!(
@@ -154,6 +156,7 @@ fn bad_shapes_are_errors_not_panics() {
         len_k: 2,
         key_lens: None,
         causal: None,
+        window: None,
         scale: None,
     };
     assert!(matches!(

@@ -287,6 +287,7 @@ impl AttnCase {
             causal: self
                 .causal
                 .then_some(cuattn::runtime::backend::CausalAlign::TopLeft),
+            window: None,
             scale: None,
         }
     }
@@ -322,6 +323,7 @@ impl AttnCase {
             len_k: self.len,
             key_lens: self.key_lens.as_deref(),
             causal: self.mask().causal,
+            window: None,
             scale: 1.0 / (self.dim as f64).sqrt(),
         };
         let keep;
@@ -614,6 +616,7 @@ fn self_attention_block_backward_matches_finite_differences() {
         len_k: len,
         key_lens: Some(&key_lens),
         causal: None,
+        window: None,
         scale: None,
     };
     let site = Some(DropoutSite {
@@ -647,6 +650,7 @@ fn self_attention_block_backward_matches_finite_differences() {
             len_k: len,
             key_lens: Some(&key_lens),
             causal: None,
+            window: None,
             scale: 1.0 / ((width / heads) as f64).sqrt(),
         };
         let pd = ProbsDropout {

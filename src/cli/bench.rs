@@ -21,6 +21,11 @@ pub struct BenchArgs {
     /// shapes. Other families have no variants: an error.
     #[arg(long)]
     sweep: bool,
+    /// Also draw what was measured into this PNG file: a panel per group of shapes, a bar per
+    /// implementation (ours beside the same run's baselines), the measured copy bandwidth
+    /// across the memory-bound families. `cuattn plot bench` draws a saved `--json` later.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -46,8 +51,22 @@ pub fn run(args: BenchArgs) -> CliResult {
         )
         .into());
     }
-    bench(args.family, args.json, args.quick, args.dtype, args.sweep)
+    if let Some(p) = &args.plot {
+        cuattn::plots::check_png_path(p, "--plot")?;
+    }
+    let report = bench(args.family, args.json, args.quick, args.dtype, args.sweep)?;
+    if let (Some(path), Some(report)) = (&args.plot, &report) {
+        cuattn::plots::bench::plot(report, None, ("the bench results", ""), path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(match report {
+        Some(_) => ExitCode::SUCCESS,
+        None => ExitCode::from(NO_GPU),
+    })
 }
+
+/// The measured rows as `--json` prints them (`None`: no GPU, nothing measured).
+type Report = Result<Option<serde_json::Value>, Box<dyn std::error::Error>>;
 
 #[cfg(feature = "cuda")]
 fn bench(
@@ -56,13 +75,13 @@ fn bench(
     quick: bool,
     dtypes: Vec<cuattn::DType>,
     sweep: bool,
-) -> CliResult {
+) -> Report {
     use std::io::Write;
     let gpu = match cuattn::gpu::Gpu::shared() {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cuattn bench needs a CUDA GPU: {e}");
-            return Ok(ExitCode::from(NO_GPU));
+            return Ok(None);
         }
     };
     let mut out = std::io::stdout().lock();
@@ -72,9 +91,17 @@ fn bench(
         dtypes
     };
     let copy_gbs = cuattn::bench::copy_bandwidth_gbs(&gpu, if quick { 64 << 20 } else { 1 << 30 })?;
-    match family {
+    let device = gpu.info().name.clone();
+    let report = match family {
         Family::Layernorm if sweep => {
             let rows = cuattn::bench::layernorm::sweep(&gpu, &dtypes, copy_gbs)?;
+            // `--json` prints the bare list; the picture needs the family and device too.
+            let report = serde_json::json!({
+                "family": "layernorm-sweep",
+                "device": device,
+                "copy_bandwidth_gbs": copy_gbs,
+                "rows": rows,
+            });
             if json {
                 writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
@@ -98,6 +125,7 @@ fn bench(
                     )?;
                 }
             }
+            report
         }
         Family::Attention => {
             let dtypes: Vec<_> = if dtypes.len() == 3 {
@@ -106,8 +134,9 @@ fn bench(
                 dtypes
             };
             let rows = cuattn::bench::attention::run(&gpu, &dtypes, quick)?;
+            let v =
+                serde_json::json!({"family": "attention", "device": gpu.info().name, "rows": rows});
             if json {
-                let v = serde_json::json!({"family": "attention", "device": gpu.info().name, "rows": rows});
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
                 writeln!(
@@ -129,11 +158,13 @@ fn bench(
                     )?;
                 }
             }
+            v
         }
         Family::Sparse => {
             let rows = cuattn::bench::sparse::run(&gpu, quick)?;
+            let v =
+                serde_json::json!({"family": "sparse", "device": gpu.info().name, "rows": rows});
             if json {
-                let v = serde_json::json!({"family": "sparse", "device": gpu.info().name, "rows": rows});
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
                 writeln!(
@@ -162,6 +193,7 @@ fn bench(
                     )?;
                 }
             }
+            v
         }
         Family::AttentionBackward => {
             let dtypes: Vec<_> = if dtypes.len() == 3 {
@@ -170,8 +202,8 @@ fn bench(
                 dtypes
             };
             let rows = cuattn::bench::attention_backward::run(&gpu, &dtypes, quick)?;
+            let v = serde_json::json!({"family": "attention-backward", "device": gpu.info().name, "rows": rows});
             if json {
-                let v = serde_json::json!({"family": "attention-backward", "device": gpu.info().name, "rows": rows});
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
                 writeln!(
@@ -193,20 +225,27 @@ fn bench(
                     )?;
                 }
             }
+            v
         }
         Family::TrainingOps => {
             let rows = cuattn::bench::training_ops::run(&gpu, &dtypes, quick, copy_gbs)?;
             cuattn::bench::training_ops::print(&gpu, &rows, copy_gbs, json)?;
+            serde_json::json!({
+                "family": "training-ops",
+                "device": device,
+                "copy_bandwidth_gbs": copy_gbs,
+                "rows": rows,
+            })
         }
         Family::Decode => {
             let rows = cuattn::bench::decode::run(&gpu, &dtypes, quick, copy_gbs)?;
+            let v = serde_json::json!({
+                "family": "decode",
+                "device": gpu.info().name,
+                "copy_bandwidth_gbs": copy_gbs,
+                "rows": rows,
+            });
             if json {
-                let v = serde_json::json!({
-                    "family": "decode",
-                    "device": gpu.info().name,
-                    "copy_bandwidth_gbs": copy_gbs,
-                    "rows": rows,
-                });
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
                 writeln!(
@@ -231,16 +270,17 @@ fn bench(
                     )?;
                 }
             }
+            v
         }
         Family::Layernorm => {
             let rows = cuattn::bench::layernorm::run(&gpu, &dtypes, quick, copy_gbs)?;
+            let v = serde_json::json!({
+                "family": "layernorm",
+                "device": gpu.info().name,
+                "copy_bandwidth_gbs": copy_gbs,
+                "rows": rows,
+            });
             if json {
-                let v = serde_json::json!({
-                    "family": "layernorm",
-                    "device": gpu.info().name,
-                    "copy_bandwidth_gbs": copy_gbs,
-                    "rows": rows,
-                });
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
                 writeln!(
@@ -262,13 +302,15 @@ fn bench(
                     )?;
                 }
             }
+            v
         }
-    }
-    Ok(ExitCode::SUCCESS)
+    };
+    out.flush()?;
+    Ok(Some(report))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>, _: bool) -> CliResult {
+fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>, _: bool) -> Report {
     eprintln!("cuattn bench needs a CUDA GPU: this build has no `cuda` feature");
-    Ok(ExitCode::from(NO_GPU))
+    Ok(None)
 }

@@ -2,7 +2,7 @@
 //! text with a `BertForSequenceClassification` folder (one written by `cuattn finetune`, or
 //! any Hugging Face one with a fast tokenizer), on the CPU or the GPU.
 
-use super::{CliResult, DeviceChoice};
+use super::{cpu_dtype, CliResult, DeviceChoice};
 use cuattn::finetune::classify::SequenceClassifier;
 use cuattn::runtime::Backend;
 use std::process::ExitCode;
@@ -15,9 +15,10 @@ pub struct ClassifyArgs {
     model: std::path::PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Storage type on the GPU (the CPU computes in f32).
-    #[arg(long, default_value = "f32")]
-    dtype: cuattn::DType,
+    /// Storage and GEMM type on the GPU: f32 (default), f16 or bf16. On the CPU: f32, or bf16
+    /// (weight matrices stored in bf16, f32 arithmetic); f16 there is an error.
+    #[arg(long)]
+    dtype: Option<cuattn::DType>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Read texts from FILE, one per line (`-`: standard input), after any TEXT.
@@ -41,7 +42,7 @@ pub fn run(args: ClassifyArgs) -> CliResult {
         texts.extend(content.lines().map(str::to_string));
     }
     match args.device {
-        DeviceChoice::Cpu => classify_on(&cuattn::runtime::Cpu, &args, &texts),
+        DeviceChoice::Cpu => classify_cpu(&args, &texts),
         DeviceChoice::Cuda => classify_cuda(&args, &texts, false),
         DeviceChoice::Auto => classify_cuda(&args, &texts, true),
     }
@@ -49,13 +50,13 @@ pub fn run(args: ClassifyArgs) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn classify_cuda(args: &ClassifyArgs, texts: &[String], fallback: bool) -> CliResult {
-    match cuattn::gpu::Gpu::shared()
-        .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, args.dtype))
-    {
+    let dtype = args.dtype.unwrap_or(cuattn::DType::F32);
+    match cuattn::gpu::Gpu::shared().and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, dtype)) {
         Ok(be) => classify_on(&be, args, texts),
         Err(e) if fallback => {
+            cpu_dtype(args.dtype)?;
             eprintln!("no usable GPU ({e}); classifying on the CPU");
-            classify_on(&cuattn::runtime::Cpu, args, texts)
+            classify_cpu(args, texts)
         }
         Err(e) => Err(e.into()),
     }
@@ -64,9 +65,17 @@ fn classify_cuda(args: &ClassifyArgs, texts: &[String], fallback: bool) -> CliRe
 #[cfg(not(feature = "cuda"))]
 fn classify_cuda(args: &ClassifyArgs, texts: &[String], fallback: bool) -> CliResult {
     if fallback {
-        classify_on(&cuattn::runtime::Cpu, args, texts)
+        classify_cpu(args, texts)
     } else {
         Err(cuattn::Error::CudaDisabled.into())
+    }
+}
+
+/// On the CPU: f32, or bf16 weight matrices with f32 arithmetic; f16 is refused.
+fn classify_cpu(args: &ClassifyArgs, texts: &[String]) -> CliResult {
+    match cpu_dtype(args.dtype)? {
+        cuattn::DType::BF16 => classify_on(&cuattn::runtime::CpuBf16, args, texts),
+        _ => classify_on(&cuattn::runtime::Cpu, args, texts),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `cuattn generate --model DIR --prompt TEXT`: text generation with a GPT-2 or a BART folder
-//! (config.json's `model_type`), greedy, sampled or by beam search, on the CPU or GPU runtime.
+//! `cuattn generate --model DIR --prompt TEXT`: text generation with a GPT-2, GPT-Neo, GPT-1
+//! or BART folder (config.json's `model_type`), greedy, sampled or by beam search, on the CPU or GPU runtime.
 //! The folder's generation_config.json supplies defaults that flags override. For BART the
 //! prompt is the encoder's input (`<s> text </s>`) and the output the decoder's tokens after
 //! its start token.
@@ -7,6 +7,8 @@
 use super::{cpu_dtype, CliResult, DeviceChoice};
 use cuattn::runtime::generate::{generate, GenerateBackend, GenerateOptions, Sampling, TokenModel};
 use cuattn::runtime::generation_config::GenerationConfig;
+use cuattn::runtime::gpt1_tokenizer::Gpt1Tokenizer;
+use cuattn::runtime::gpt2_tokenizer::{Gpt2Tokenizer, Utf8Stream};
 use std::process::ExitCode;
 
 /// Prompts run together in one generation call; more run in successive groups, so memory
@@ -141,8 +143,9 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
 ) -> CliResult {
     use cuattn::runtime::bart::Bart;
     use cuattn::runtime::checkpoint::read_json;
+    use cuattn::runtime::gpt1::Gpt1;
     use cuattn::runtime::gpt2::Gpt2;
-    use cuattn::runtime::gpt2_tokenizer::Gpt2Tokenizer;
+    use cuattn::runtime::gpt_neo::GptNeo;
     let config = read_json(&args.model.join("config.json"))?;
     let gen_config = GenerationConfig::from_folder(&args.model)?;
     match config["model_type"].as_str().unwrap_or("") {
@@ -178,36 +181,105 @@ fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
             ];
             run_model(be, &model, &tokenizer, &inputs, &special, &opts, args)
         }
+        "gpt_neo" => {
+            let model = GptNeo::from_folder(be, &args.model)?;
+            let c = &model.config;
+            let tokenizer = Gpt2Tokenizer::from_folder(&args.model, c.vocab_size)?;
+            let (context, eos) = (c.max_position_embeddings, c.eos_token_id);
+            run_decoder_only(be, &model, &tokenizer, context, eos, &gen_config, args)
+        }
+        "openai-gpt" => {
+            let model = Gpt1::from_folder(be, &args.model)?;
+            let tokenizer = Gpt1Tokenizer::from_folder(&args.model)?;
+            let c = &model.config;
+            // GPT-1 has no end-of-text token unless its config names one.
+            let eos = c.eos_token_id.unwrap_or(u32::MAX);
+            run_decoder_only(
+                be,
+                &model,
+                &tokenizer,
+                c.n_positions,
+                eos,
+                &gen_config,
+                args,
+            )
+        }
         _ => {
             let model = Gpt2::from_folder(be, &args.model)?;
             let tokenizer = Gpt2Tokenizer::from_folder(&args.model, model.config.vocab_size)?;
-            let prompts = args
-                .prompt
-                .iter()
-                .map(|p| tokenizer.encode(p))
-                .collect::<cuattn::Result<Vec<_>>>()?;
-            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-            let opts = options(args, gen_config.apply(GenerateOptions::default(), longest))?;
-            let context = model.config.n_positions;
-            for (i, ids) in prompts.iter().enumerate() {
-                if !ids.is_empty() && ids.len().saturating_add(opts.max_new_tokens) > context {
-                    return Err(cuattn::Error::invalid(
-                        "--max-new-tokens",
-                        format!(
-                            "{}: prompt {} has {} tokens and the model's context is {context} \
-                             positions, so at most {} new tokens fit",
-                            opts.max_new_tokens,
-                            i + 1,
-                            ids.len(),
-                            context.saturating_sub(ids.len())
-                        ),
-                    )
-                    .into());
-                }
-            }
-            let eos = model.config.eos_token_id;
-            run_model(be, &model, &tokenizer, &prompts, &[eos], &opts, args)
+            let (context, eos) = (model.config.n_positions, model.config.eos_token_id);
+            run_decoder_only(be, &model, &tokenizer, context, eos, &gen_config, args)
         }
+    }
+}
+
+/// A decoder-only model (GPT-2, GPT-Neo, GPT-1): the prompts are its input; refuses a
+/// `--max-new-tokens` the `context` cannot hold after the longest prompt.
+fn run_decoder_only<B: GenerateBackend, M: TokenModel<B>>(
+    be: &B,
+    model: &M,
+    tokenizer: &dyn TextCodec,
+    context: usize,
+    eos: u32,
+    gen_config: &GenerationConfig,
+    args: &GenerateArgs,
+) -> CliResult {
+    let prompts = args
+        .prompt
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<cuattn::Result<Vec<_>>>()?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let opts = options(args, gen_config.apply(GenerateOptions::default(), longest))?;
+    for (i, ids) in prompts.iter().enumerate() {
+        if !ids.is_empty() && ids.len().saturating_add(opts.max_new_tokens) > context {
+            return Err(cuattn::Error::invalid(
+                "--max-new-tokens",
+                format!(
+                    "{}: prompt {} has {} tokens and the model's context is {context} \
+                     positions, so at most {} new tokens fit",
+                    opts.max_new_tokens,
+                    i + 1,
+                    ids.len(),
+                    context.saturating_sub(ids.len())
+                ),
+            )
+            .into());
+        }
+    }
+    run_model(be, model, tokenizer, &prompts, &[eos], &opts, args)
+}
+
+/// What printing a continuation needs of a tokenizer.
+trait TextCodec {
+    fn encode(&self, text: &str) -> cuattn::Result<Vec<u32>>;
+    fn decode(&self, ids: &[u32]) -> cuattn::Result<String>;
+    /// The text token `id` adds to a stream (`utf8` holds back a character a byte-level
+    /// token leaves unfinished).
+    fn stream(&self, id: u32, utf8: &mut Utf8Stream) -> cuattn::Result<String>;
+}
+
+impl TextCodec for Gpt2Tokenizer {
+    fn encode(&self, text: &str) -> cuattn::Result<Vec<u32>> {
+        Gpt2Tokenizer::encode(self, text)
+    }
+    fn decode(&self, ids: &[u32]) -> cuattn::Result<String> {
+        Gpt2Tokenizer::decode(self, ids)
+    }
+    fn stream(&self, id: u32, utf8: &mut Utf8Stream) -> cuattn::Result<String> {
+        Ok(utf8.push(&self.token_bytes(id)?))
+    }
+}
+
+impl TextCodec for Gpt1Tokenizer {
+    fn encode(&self, text: &str) -> cuattn::Result<Vec<u32>> {
+        Gpt1Tokenizer::encode(self, text)
+    }
+    fn decode(&self, ids: &[u32]) -> cuattn::Result<String> {
+        Gpt1Tokenizer::decode(self, ids)
+    }
+    fn stream(&self, id: u32, _utf8: &mut Utf8Stream) -> cuattn::Result<String> {
+        self.token_text(id)
     }
 }
 
@@ -246,13 +318,12 @@ fn options(args: &GenerateArgs, defaults: GenerateOptions) -> cuattn::Result<Gen
 fn run_model<B: GenerateBackend, M: TokenModel<B>>(
     be: &B,
     model: &M,
-    tokenizer: &cuattn::runtime::gpt2_tokenizer::Gpt2Tokenizer,
+    tokenizer: &dyn TextCodec,
     inputs: &[Vec<u32>],
     special: &[u32],
     opts: &GenerateOptions,
     args: &GenerateArgs,
 ) -> CliResult {
-    use cuattn::runtime::gpt2_tokenizer::Utf8Stream;
     use std::io::Write;
     if args.warmup {
         let short = GenerateOptions {
@@ -283,8 +354,7 @@ fn run_model<B: GenerateBackend, M: TokenModel<B>>(
                 return;
             }
             let piece = tokenizer
-                .token_bytes(token)
-                .map(|b| utf8.push(&b))
+                .stream(token, &mut utf8)
                 .map_err(Box::<dyn std::error::Error>::from)
                 .and_then(|s| {
                     stdout.write_all(s.as_bytes())?;

@@ -1,8 +1,19 @@
-//! `cuattn info`: version, the nvcc that built the kernels, every kernel's ptxas report, the GPU.
+//! `cuattn info`: version, the build's features, the nvcc that built the kernels, every
+//! kernel's ptxas report, the GPU.
 
 use super::CliResult;
 use std::io::Write;
 use std::process::ExitCode;
+
+/// The cargo features this binary was built with (`make test` checks for `cuda`: its CPU-only
+/// pass must not leave a binary without the GPU layer).
+fn features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    f
+}
 
 pub fn run(json: bool) -> CliResult {
     let mut out = std::io::stdout().lock();
@@ -11,6 +22,7 @@ pub fn run(json: bool) -> CliResult {
     if json {
         let v = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "features": features(),
             "nvcc": cuattn::kernels::nvcc_version(),
             "kernels": resources,
             "gpu": gpu.as_ref().map_err(|e| e.to_string()).ok(),
@@ -20,6 +32,15 @@ pub fn run(json: bool) -> CliResult {
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(out, "cuattn {}", env!("CARGO_PKG_VERSION"))?;
+    let features = features();
+    if features.is_empty() {
+        writeln!(
+            out,
+            "features: none (CPU only: built with --no-default-features)"
+        )?;
+    } else {
+        writeln!(out, "features: {}", features.join(", "))?;
+    }
     writeln!(out, "kernels built by: {}", cuattn::kernels::nvcc_version())?;
     let modules: Vec<_> = cuattn::kernels::modules()
         .iter()

@@ -10,6 +10,7 @@ pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod noise;
+pub mod plot;
 
 use clap::ValueEnum;
 use std::process::ExitCode;
@@ -59,7 +60,8 @@ pub fn exit_for(e: &(dyn std::error::Error + 'static)) -> (u8, Option<String>) {
     (RUNTIME_ERROR, Some(e.to_string()))
 }
 
-/// What `--dtype` does on the CPU for commands that only run models (`embed`, `generate`):
+/// What `--dtype` does on the CPU for commands that only run models (`embed`, `generate`,
+/// `classify`):
 /// f32 (the default), or bf16 weight matrices with f32 arithmetic (`CpuBf16`); f16 is refused
 /// rather than ignored.
 pub fn cpu_dtype(dtype: Option<cuattn::DType>) -> Result<cuattn::DType, cuattn::Error> {

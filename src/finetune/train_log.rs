@@ -87,31 +87,11 @@ pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
         .collect()
 }
 
-fn register_font() -> Result<()> {
-    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *FONT.get_or_init(|| {
-        plotters::style::register_font(
-            "sans-serif",
-            plotters::style::FontStyle::Normal,
-            dejavu::sans::regular(),
-        )
-        .is_ok()
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "font",
-            "the embedded DejaVu Sans did not load",
-        ))
-    }
-}
-
 /// Draws `loss.png`: the loss of every step, its moving average, and the evaluation loss at
 /// the end of each epoch when there is one.
 pub fn plot_loss(path: &Path, records: &[StepRecord], title: &str) -> Result<()> {
     use plotters::prelude::*;
-    register_font()?;
+    crate::plots::register_font()?;
     let err = |e: &dyn std::fmt::Display| io_err(path, e);
     if records.is_empty() {
         return Err(Error::invalid("records", "no steps to plot"));

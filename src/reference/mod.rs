@@ -6,4 +6,5 @@ pub mod attention;
 pub mod attention_backward;
 pub mod layernorm;
 pub mod runtime;
+pub mod seq2seq;
 pub mod training;

@@ -136,6 +136,7 @@ pub struct AttentionSizes<'a> {
     pub len_k: usize,
     pub key_lens: Option<&'a [usize]>,
     pub causal: Option<CausalAlign>,
+    pub window: Option<crate::key_band::Window>,
     pub scale: f64,
 }
 
@@ -169,7 +170,7 @@ pub fn attention_with<T: Copy + Into<f64>>(
             let hk = h / group;
             for i in 0..s.len_q {
                 let keys =
-                    crate::reference::attention::admissible_keys(i, s.len_q, key_len, s.causal);
+                    crate::key_band::KeyBand::new(s.len_q, key_len, s.causal, s.window).keys(i);
                 let scores: Vec<f64> = keys
                     .clone()
                     .map(|j| {

@@ -8,6 +8,7 @@
 //! checkpoint shapes.
 
 use crate::error::{Error, Result};
+pub use crate::key_band::Window;
 pub use crate::reference::attention::CausalAlign;
 
 /// Elementwise activations of the feed-forward blocks.
@@ -179,9 +180,10 @@ impl<T> Clone for Heads<'_, T> {
 impl<T> Copy for Heads<'_, T> {}
 
 /// Sizes and masks of one attention call: `batch` sequences of `len_q` queries and `len_k`
-/// keys. Query i of sequence b sees key j iff j < key_lens[b] (key padding) and, when causal,
-/// j ≤ i + offset as [`crate::reference::attention::admissible_keys`] defines it. A query row
-/// with no admissible key gives zeros.
+/// keys. Query i of sequence b sees key j iff j < key_lens[b] (key padding), when causal,
+/// j ≤ i + offset as [`crate::reference::attention::admissible_keys`] defines it, and, with a
+/// window, j inside the window's band ([`crate::key_band::KeyBand`], the offset taken from
+/// sequence b's own key length). A query row with no admissible key gives zeros.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionMask<'a> {
     pub batch: usize,
@@ -190,6 +192,9 @@ pub struct AttentionMask<'a> {
     /// Valid keys per sequence (padding after them); `None`: all `len_k`.
     pub key_lens: Option<&'a [usize]>,
     pub causal: Option<CausalAlign>,
+    /// Sliding-window (local) attention; `None`: no window. GPT-Neo's local layers: the last
+    /// `w` keys up to the query, `Window::new(w − 1, 0, align)`.
+    pub window: Option<Window>,
     /// Multiplies Q·Kᵀ; `None` for 1/√dim.
     pub scale: Option<f32>,
 }

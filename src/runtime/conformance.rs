@@ -7,7 +7,7 @@
 //! blocks that store intermediate results (a layer is several ops), one rounding of the
 //! storage dtype per stored intermediate, relative to the output's magnitude scale.
 
-use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
+use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads, Window};
 use super::checkpoint::HostParam;
 use super::layers::{self, CachedKv, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::reference::runtime::{self as reference, AttentionSizes, HeadsRef};
@@ -262,6 +262,10 @@ pub struct AttentionCase {
     pub dim: usize,
     pub key_lens: Option<Vec<usize>>,
     pub causal: Option<CausalAlign>,
+    /// Sliding window (GPT-Neo's local layers).
+    pub window: Option<Window>,
+    /// `None`: 1/√dim.
+    pub scale: Option<f32>,
     /// Q, K and V as column blocks of one `[rows, 3·width]` tensor (a fused projection's
     /// output) instead of three tensors with one block each and padding columns.
     pub fused: bool,
@@ -277,7 +281,8 @@ pub fn attention<B: Backend>(be: &B, c: &AttentionCase, seed: u64) -> Check {
         len_k: c.len_k,
         key_lens: c.key_lens.as_deref(),
         causal: c.causal,
-        scale: None,
+        window: c.window,
+        scale: c.scale,
     };
     let sizes = AttentionSizes {
         batch: c.batch,
@@ -285,7 +290,8 @@ pub fn attention<B: Backend>(be: &B, c: &AttentionCase, seed: u64) -> Check {
         len_k: c.len_k,
         key_lens: c.key_lens.as_deref(),
         causal: c.causal,
-        scale: 1.0 / (c.dim as f64).sqrt(),
+        window: c.window,
+        scale: c.scale.map_or(1.0 / (c.dim as f64).sqrt(), f64::from),
     };
     let (out, r) = if c.fused {
         if c.len_q != c.len_k || c.heads_q != c.heads_kv {
@@ -392,6 +398,8 @@ pub fn attention_cases() -> Vec<AttentionCase> {
         dim: 8,
         key_lens: None,
         causal: None,
+        window: None,
+        scale: None,
         fused: false,
     };
     vec![
@@ -453,6 +461,46 @@ pub fn attention_cases() -> Vec<AttentionCase> {
             len_q: 1,
             len_k: 6,
             causal: Some(CausalAlign::TopLeft),
+            ..base.clone()
+        },
+        // GPT-Neo's local layers (the last 4 keys up to the query, no score scaling): a
+        // prefill over its own keys with padding, then decode steps over a cache that
+        // outgrew the window in one sequence, fits it in another and is empty in the third
+        // (the CUDA backend's decode kernel takes a step only when the window holds every key).
+        AttentionCase {
+            len_q: 11,
+            len_k: 11,
+            causal: Some(CausalAlign::TopLeft),
+            window: Some(Window::new(3, 0, CausalAlign::TopLeft)),
+            key_lens: Some(vec![11, 6, 2]),
+            scale: Some(1.0),
+            fused: true,
+            ..base.clone()
+        },
+        AttentionCase {
+            len_q: 1,
+            len_k: 13,
+            heads_kv: 2,
+            causal: Some(CausalAlign::BottomRight),
+            window: Some(Window::new(3, 0, CausalAlign::BottomRight)),
+            key_lens: Some(vec![13, 3, 0]),
+            scale: Some(1.0),
+            ..base.clone()
+        },
+        AttentionCase {
+            len_q: 1,
+            len_k: 13,
+            causal: Some(CausalAlign::BottomRight),
+            window: Some(Window::new(3, 0, CausalAlign::BottomRight)),
+            key_lens: Some(vec![4, 2, 1]),
+            ..base.clone()
+        },
+        // A window over several queries against a longer cache (bottom-right, both sides).
+        AttentionCase {
+            len_q: 3,
+            len_k: 12,
+            window: Some(Window::new(2, 1, CausalAlign::BottomRight)),
+            key_lens: Some(vec![12, 7, 3]),
             ..base
         },
     ]
@@ -501,6 +549,7 @@ pub fn multi_head_self_attention<B: Backend>(be: &B, causal: bool, seed: u64) ->
             len_k: len,
             key_lens: Some(&key_lens),
             causal: causal.then_some(CausalAlign::TopLeft),
+            window: None,
             scale: 1.0 / ((width / heads) as f64).sqrt(),
         },
     );
@@ -548,6 +597,7 @@ pub fn multi_head_cross_attention<B: Backend>(be: &B, seed: u64) -> Check {
             len_k,
             key_lens: Some(&mem_lens),
             causal: None,
+            window: None,
             scale: 1.0 / ((width / heads) as f64).sqrt(),
         },
     );
@@ -581,6 +631,7 @@ pub fn simple_attention<B: Backend>(be: &B, seed: u64) -> Check {
         len_k: len,
         key_lens: None,
         causal: None,
+        window: None,
         scale: 1.0,
     };
     compare(
@@ -606,6 +657,7 @@ pub fn simple_attention<B: Backend>(be: &B, seed: u64) -> Check {
         };
         let (q, k, v) = (pr(&ws[0]), pr(&ws[1]), pr(&ws[2]));
         let sizes = AttentionSizes {
+            window: None,
             scale: 1.0 / (dim as f64).sqrt(),
             causal: causal.then_some(CausalAlign::TopLeft),
             ..sizes

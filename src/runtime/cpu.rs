@@ -15,6 +15,7 @@ pub use bf16::CpuBf16;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
+use crate::key_band::KeyBand;
 use isa::Isa;
 use rayon::prelude::*;
 
@@ -420,34 +421,44 @@ impl Backend for Cpu {
                 let (b, h) = (bh / q.heads, bh % q.heads);
                 let hk = h / group;
                 let key_len = m.key_lens.map_or(m.len_k, |l| l[b]);
+                // Only the keys some query of this sequence may see (a causal or windowed
+                // band) are multiplied: with a window, a long cache costs its window only.
+                let band = KeyBand::new(m.len_q, key_len, m.causal, m.window);
+                let seen = band.keys_of_rows(0..m.len_q);
+                let n = seen.len();
                 let qa = &qd[b * m.len_q * wq + q.col + h * dim..];
-                let ka = &kd[b * m.len_k * wk + k.col + hk * dim..];
-                let va = &vd[b * m.len_k * wv + v.col + hk * dim_v..];
-                let mut s = vec![0f32; m.len_q * key_len];
+                let ka = &kd[(b * m.len_k + seen.start) * wk + k.col + hk * dim..];
+                let va = &vd[(b * m.len_k + seen.start) * wv + v.col + hk * dim_v..];
+                let mut s = vec![0f32; m.len_q * n];
                 sgemm(
                     m.len_q,
                     dim,
-                    key_len,
+                    n,
                     qa,
                     (wq, 1),
                     ka,
                     (1, wk),
                     &mut s,
-                    key_len.max(1),
+                    n.max(1),
                     false,
                 );
-                for (i, row) in s.chunks_mut(key_len.max(1)).enumerate().take(m.len_q) {
-                    let keys =
-                        crate::reference::attention::admissible_keys(i, m.len_q, key_len, m.causal);
-                    softmax_prefix(isa, row, keys.end, scale);
+                for (i, row) in s.chunks_mut(n.max(1)).enumerate().take(m.len_q) {
+                    let keys = band.keys(i);
+                    // Every row's keys lie inside `seen` (their union); empty rows stay 0.
+                    let keys = if keys.is_empty() {
+                        0..0
+                    } else {
+                        keys.start - seen.start..keys.end - seen.start
+                    };
+                    softmax_range(isa, row, keys, scale);
                 }
                 let mut o = vec![0f32; m.len_q * dim_v];
                 sgemm(
                     m.len_q,
-                    key_len,
+                    n,
                     dim_v,
                     &s,
-                    (key_len, 1),
+                    (n, 1),
                     va,
                     (wv, 1),
                     &mut o,
@@ -469,10 +480,15 @@ impl Backend for Cpu {
     }
 }
 
-/// In place: the first `end` scores become softmax(scale·s), the rest 0 (all 0 if end = 0).
-fn softmax_prefix(isa: Isa, row: &mut [f32], end: usize, scale: f32) {
-    let (keep, masked) = row.split_at_mut(end.min(row.len()));
-    masked.fill(0.0);
+/// In place: the scores in `keys` become softmax(scale·s), the rest 0 (all 0 if `keys` is
+/// empty).
+fn softmax_range(isa: Isa, row: &mut [f32], keys: std::ops::Range<usize>, scale: f32) {
+    let end = keys.end.min(row.len());
+    let start = keys.start.min(end);
+    let (rest, after) = row.split_at_mut(end);
+    after.fill(0.0);
+    let (before, keep) = rest.split_at_mut(start);
+    before.fill(0.0);
     if keep.is_empty() {
         return;
     }

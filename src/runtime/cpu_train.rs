@@ -693,6 +693,13 @@ impl<'m> AttnGeometry<'m> {
         dropout: Option<DropoutSite>,
     ) -> Result<Self> {
         let (wq, wk, wv) = check_attention(q, k, v, mask)?;
+        if mask.window.is_some() {
+            // Refused rather than ignored: the training attention has no band yet.
+            return Err(crate::Error::invalid(
+                "window",
+                "sliding-window attention is not supported in training yet",
+            ));
+        }
         let dropout = match dropout {
             Some(site) => Some((dropout_of(&site)?, site)),
             None => None,

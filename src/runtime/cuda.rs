@@ -360,7 +360,19 @@ impl Cuda {
         // With one query, no mask or the bottom-right one keeps every valid key; top-left would
         // keep key 0 only, which the decode kernel does not do. The decode kernel's running
         // maximum also needs a positive scale.
+        // A window: the decode kernel has none, so it runs only when the window holds every
+        // valid key anyway (a bottom-right window of left width ≥ key_len − 1, as GPT-Neo's
+        // local layers have until the cache outgrows them); otherwise the fused kernel takes
+        // the step with the window as its band (it skips the key tiles outside it).
+        let window_is_moot = m.window.is_none_or(|w| {
+            w.align == CausalAlign::BottomRight
+                && match m.key_lens {
+                    Some(lens) => lens.iter().all(|&l| l <= w.left.saturating_add(1)),
+                    None => m.len_k <= w.left.saturating_add(1),
+                }
+        });
         let decode_shaped = m.len_q == 1
+            && window_is_moot
             && matches!(m.causal, None | Some(CausalAlign::BottomRight))
             && m.scale.is_none_or(|s| s.is_finite() && s > 0.0)
             && v.dim == q.dim
@@ -702,6 +714,7 @@ impl Backend for Cuda {
         let opts = Options {
             scale: m.scale,
             causal: m.causal,
+            window: m.window,
             sequences: Sequences::Dense {
                 key_lens: key_lens.as_deref(),
             },

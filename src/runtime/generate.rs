@@ -1,5 +1,5 @@
-//! Text generation for every model that produces tokens ([`TokenModel`]: GPT-2, BART's
-//! decoder, …): one decoding loop with greedy choice, temperature/top-k/top-p sampling from a
+//! Text generation for every model that produces tokens ([`TokenModel`]: GPT-2, GPT-Neo,
+//! GPT-1, BART's decoder, …): one decoding loop with greedy choice, temperature/top-k/top-p sampling from a
 //! seeded RNG, or beam search ([`super::beam`]), and Hugging Face's logits processors
 //! (`min_new_tokens`, `no_repeat_ngram_size`, forced BOS/EOS).
 //!
@@ -469,25 +469,7 @@ impl<B: Backend> TokenModel<B> for Gpt2<B> {
     }
 
     fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
-        let c = &self.config;
-        if input.is_empty() {
-            return Err(Error::invalid(
-                "prompt",
-                format!("prompt {index} is empty: GPT-2 needs at least one token to continue"),
-            ));
-        }
-        if input.len() > c.n_positions {
-            return Err(Error::invalid(
-                "prompt",
-                format!(
-                    "prompt {index} has {} tokens, more than the model's context of {}",
-                    input.len(),
-                    c.n_positions
-                ),
-            ));
-        }
-        check_vocab(index, input, c.vocab_size)?;
-        Ok(input.to_vec())
+        self.decoder().check_prompt("GPT-2", index, input)
     }
 
     fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {

@@ -7,8 +7,9 @@
 use super::backend::{Activation, Backend};
 use super::checkpoint::{read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
+use super::decoder_only::{DecoderBlock, DecoderOnly, Norm};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::path::Path;
 
 /// The fields of a GPT-2 `config.json` the model uses.
@@ -87,23 +88,10 @@ impl Gpt2Config {
     }
 }
 
-struct Block<B: Backend> {
-    ln_1: LayerNorm<B>,
-    attn: MultiHeadAttention<B>,
-    ln_2: LayerNorm<B>,
-    mlp: FeedForward<B>,
-}
-
 /// A loaded GPT-2 language model on backend `B`.
 pub struct Gpt2<B: Backend> {
     pub config: Gpt2Config,
-    wte: Embedding<B>,
-    wpe: Embedding<B>,
-    blocks: Vec<Block<B>>,
-    ln_f: LayerNorm<B>,
-    /// `[vocab, n_embd]`, no bias, when the checkpoint has its own; `None` when tied: the
-    /// logits then read `wte`'s table itself (one copy of the largest tensor, not two).
-    lm_head: Option<Linear<B>>,
+    lm: DecoderOnly<B>,
     /// Whether the checkpoint had its own `lm_head.weight`.
     pub separate_lm_head: bool,
 }
@@ -156,7 +144,7 @@ impl<B: Backend> Gpt2<B> {
             ckpt.discard(&format!("{p}.attn.masked_bias"));
             let qkv = conv(ckpt, &format!("{p}.attn.c_attn"), e, 3 * e)?;
             let out = conv(ckpt, &format!("{p}.attn.c_proj"), e, e)?;
-            blocks.push(Block {
+            blocks.push(DecoderBlock {
                 ln_1: ln(ckpt, &format!("{p}.ln_1"))?,
                 attn: MultiHeadAttention::from_fused_qkv(c.n_head, qkv, out)?,
                 ln_2: ln(ckpt, &format!("{p}.ln_2"))?,
@@ -168,13 +156,19 @@ impl<B: Backend> Gpt2<B> {
             });
         }
         let ln_f = ln(ckpt, "ln_f")?;
-        Ok(Gpt2 {
-            config,
+        let lm = DecoderOnly {
             wte,
             wpe,
             blocks,
-            ln_f,
+            norm: Norm::Pre,
+            ln_f: Some(ln_f),
             lm_head,
+            vocab_size: c.vocab_size,
+            n_positions: c.n_positions,
+        };
+        Ok(Gpt2 {
+            config,
+            lm,
             separate_lm_head,
         })
     }
@@ -195,77 +189,21 @@ impl<B: Backend> Gpt2<B> {
         len: usize,
         caches: Option<&mut [&mut dyn KvCache<B>]>,
     ) -> Result<B::Tensor> {
-        if ids.len() != batch * len || positions.len() != ids.len() || ids.is_empty() {
-            return Err(Error::shape(
-                "ids",
-                format!("{batch}·{len} ids and as many positions, at least one"),
-                &[ids.len(), positions.len()],
-            ));
-        }
-        if let Some(c) = caches.as_deref() {
-            if c.len() != self.blocks.len() {
-                return Err(Error::invalid(
-                    "caches",
-                    format!("{} caches for {} layers", c.len(), self.blocks.len()),
-                ));
-            }
-        }
-        if let Some(&bad) = positions
-            .iter()
-            .find(|&&p| p as usize >= self.config.n_positions)
-        {
-            return Err(Error::invalid(
-                "positions",
-                format!(
-                    "position {bad} is past the context of {} positions",
-                    self.config.n_positions
-                ),
-            ));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(Error::invalid(
-                "ids",
-                format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.config.vocab_size
-                ),
-            ));
-        }
-        let mut x = be.add(
-            &self.wte.forward(be, ids)?,
-            &self.wpe.forward(be, positions)?,
-        )?;
-        let mut caches = caches.map(|c| c.iter_mut());
-        for block in &self.blocks {
-            let h = block.ln_1.forward(be, &x, None)?;
-            let cache: Option<&mut dyn KvCache<B>> = match caches.as_mut() {
-                Some(it) => it.next().map(|c| &mut **c as &mut dyn KvCache<B>),
-                None => None,
-            };
-            let a = block
-                .attn
-                .forward_self(be, &h, batch, len, None, true, cache)?;
-            x = be.add(&x, &a)?;
-            let h = block.ln_2.forward(be, &x, None)?;
-            let m = block.mlp.forward(be, &h)?;
-            x = be.add(&x, &m)?;
-        }
-        self.ln_f.forward(be, &x, None)
+        self.lm.forward(be, ids, positions, batch, len, caches)
     }
 
     /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
     pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
-        let picked = be.gather_rows(hidden, rows)?;
-        match &self.lm_head {
-            Some(head) => head.forward(be, &picked, Activation::None),
-            None => be.linear(&picked, &self.wte.table, None, Activation::None),
-        }
+        self.lm.logits(be, hidden, rows)
     }
 
     /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).
     pub fn sequence_logits(&self, be: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        let positions: Vec<u32> = (0..ids.len() as u32).collect();
-        let hidden = self.forward(be, ids, &positions, 1, ids.len(), None)?;
-        be.to_f32(&self.logits(be, &hidden, &positions)?)
+        self.lm.sequence_logits(be, ids)
+    }
+
+    /// The model as [`super::decoder_only`] runs it.
+    pub fn decoder(&self) -> &DecoderOnly<B> {
+        &self.lm
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Parameters arrive as [`HostParam`]s (f32, checkpoint shapes) and are uploaded once.
 
-use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
+use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads, Window};
 use super::checkpoint::HostParam;
 use crate::error::{Error, Result};
 
@@ -225,6 +225,7 @@ pub fn basic_self_attention<B: Backend>(
         len_k: len,
         key_lens: None,
         causal: None,
+        window: None,
         scale: Some(1.0),
     };
     be.attention(h, h, h, &mask)
@@ -268,6 +269,7 @@ impl<B: Backend> SingleHeadAttention<B> {
             len_k: len,
             key_lens: None,
             causal: causal.then_some(CausalAlign::TopLeft),
+            window: None,
             scale: None,
         };
         be.attention(heads(0), heads(1), heads(2), &mask)
@@ -308,6 +310,13 @@ pub struct MultiHeadAttention<B: Backend> {
     pub out: Linear<B>,
     pub heads: usize,
     pub head_dim: usize,
+    /// Multiplies Q·Kᵀ; `None` (every constructor's choice) for 1/√head_dim. GPT-Neo: 1.
+    pub scale: Option<f32>,
+    /// Local self-attention: each query sees only the last `w` positions up to and including
+    /// its own (GPT-Neo's `local` layers, key j visible to query i iff i − w < j ≤ i, in
+    /// positions of the sequence, cached or not). `None` (every constructor's choice): no
+    /// window. Used by [`Self::forward_self`] only.
+    pub local_window: Option<usize>,
 }
 
 enum Projections<B: Backend> {
@@ -347,6 +356,8 @@ impl<B: Backend> MultiHeadAttention<B> {
             out: Linear::new(be, out.0, out.1)?,
             heads,
             head_dim,
+            scale: None,
+            local_window: None,
         })
     }
 
@@ -364,6 +375,8 @@ impl<B: Backend> MultiHeadAttention<B> {
             out,
             heads,
             head_dim,
+            scale: None,
+            local_window: None,
         })
     }
 
@@ -385,7 +398,16 @@ impl<B: Backend> MultiHeadAttention<B> {
             out: Linear::new(be, out.0, out.1)?,
             heads,
             head_dim,
+            scale: None,
+            local_window: None,
         })
+    }
+
+    /// The attention band of [`Self::local_window`] (windows are ≥ 1 position: the model
+    /// configs refuse 0, which would be read as 1 here).
+    fn window(&self, align: CausalAlign) -> Option<Window> {
+        self.local_window
+            .map(|w| Window::new(w.saturating_sub(1), 0, align))
     }
 
     fn heads_at<'t>(&self, t: &'t B::Tensor, col: usize) -> Heads<'t, B::Tensor> {
@@ -400,7 +422,9 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention over `x` `[batch·len, width]`. `key_lens` masks padding; `causal`
     /// makes it masked (decoder) attention. With a `cache`, this step's keys and values are
     /// appended to it and the queries attend to everything cached (causal alignment
-    /// bottom-right, so the last query sees every key).
+    /// bottom-right, so the last query sees every key). A [`Self::local_window`] narrows
+    /// every query to its window, aligned the same way (with a cache: the last `w` cached
+    /// positions up to the query).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_self(
         &self,
@@ -436,7 +460,8 @@ impl<B: Backend> MultiHeadAttention<B> {
                     len_k: len,
                     key_lens,
                     causal: causal.then_some(CausalAlign::TopLeft),
-                    scale: None,
+                    window: self.window(CausalAlign::TopLeft),
+                    scale: self.scale,
                 },
             )?,
             Some(cache) => {
@@ -451,7 +476,8 @@ impl<B: Backend> MultiHeadAttention<B> {
                         len_k: all.len_k,
                         key_lens: all.key_lens,
                         causal: causal.then_some(CausalAlign::BottomRight),
-                        scale: None,
+                        window: self.window(CausalAlign::BottomRight),
+                        scale: self.scale,
                     },
                 )?
             }
@@ -519,7 +545,8 @@ impl<B: Backend> MultiHeadAttention<B> {
                 len_k,
                 key_lens: memory_lens,
                 causal: None,
-                scale: None,
+                window: None,
+                scale: self.scale,
             },
         )?;
         self.out.forward(be, &ctx, Activation::None)

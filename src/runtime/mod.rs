@@ -14,6 +14,9 @@
 //! - [`pooling`], [`sentence`]: sentence-transformers pooling/normalize and the embedder.
 //! - [`gpt2`], [`gpt2_tokenizer`], [`generate`]: GPT-2 language model, its byte-level BPE, and
 //!   text generation (sampling, batches of prompts), [`kv_cache`]: its host and device caches.
+//! - [`gpt_neo`]: GPT-Neo (GPT-3's alternating dense and local attention); [`gpt1`],
+//!   [`gpt1_tokenizer`]: GPT-1 (post-LayerNorm) and its lower-casing `</w>` BPE;
+//!   [`decoder_only`]: the decoder-only stack they share with GPT-2.
 //! - [`train`]: gradients (the [`train::TrainBackend`] ops, every layer's backward, a
 //!   trainable `BertForSequenceClassification`, AdamW); the CPU side in `cpu_train.rs`, the
 //!   CUDA side in `cuda_train/`.
@@ -32,15 +35,20 @@ mod cpu_train;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_train;
+pub mod decoder_only;
 pub mod folder;
 pub mod generate;
 pub mod generation_config;
+pub mod gpt1;
+pub mod gpt1_tokenizer;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
+pub mod gpt_neo;
 pub mod kv_cache;
 pub mod layers;
 pub mod pooling;
 pub mod sentence;
+pub mod seq2seq;
 pub mod tokenizer;
 pub mod train;
 

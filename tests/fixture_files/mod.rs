@@ -2,7 +2,7 @@
 //! shared by the runtime's CPU and GPU tests.
 
 use cuattn::runtime::tokenizer::TokenBatch;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A path relative to the repository root: next to the test's source or, in a GPU bundle run
 /// from the repository root on another machine, in the working directory.
@@ -52,4 +52,59 @@ pub fn tiny_bert_batch() -> (TokenBatch, serde_json::Value) {
         truncated: vec![],
     };
     (batch, f)
+}
+
+/// A copy of model folder `dir` (every file) whose `model.safetensors` has each value rounded
+/// to bf16 and stored as f32: what a bf16-weight backend (`CpuBf16`) should compute, in f32.
+/// `tag` names the copy in the temporary folder.
+#[allow(dead_code)] // not every test binary that includes this module needs it
+pub fn bf16_rounded_copy(dir: &Path, tag: &str) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rounded: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => panic!("{name}: fixture dtype {other:?}"),
+            };
+            let data = values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_f32().to_le_bytes())
+                .collect();
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = rounded
+        .iter()
+        .map(|(n, s, b)| {
+            let v = TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    let out =
+        std::env::temp_dir().join(format!("cuattn-bf16-rounded-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    // Hugging Face's metadata, so transformers would load the copy too.
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &out.join("model.safetensors")).unwrap();
+    out
 }

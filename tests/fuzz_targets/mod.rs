@@ -9,6 +9,7 @@ use cuattn::runtime::checkpoint::Checkpoint;
 use cuattn::runtime::generate::Sampling;
 use cuattn::runtime::gpt2::Gpt2Config;
 use cuattn::runtime::gpt2_tokenizer::{Gpt2Tokenizer, Utf8Stream};
+use cuattn::runtime::gpt_neo::GptNeoConfig;
 use cuattn::runtime::pooling::Pooling;
 use cuattn::runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ pub fn safetensors(data: &[u8]) {
     let _ = ckpt.finish();
 }
 
-/// The config parsers (BERT, GPT-2) on a JSON value, and the folder readers that parse
+/// The config parsers (BERT, GPT-2, GPT-Neo) on a JSON value, and the folder readers that parse
 /// `modules.json`, the pooling config and `sentence_bert_config.json` from the same bytes.
 pub fn config(data: &[u8]) {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
@@ -51,6 +52,12 @@ pub fn config(data: &[u8]) {
         if let Ok(c) = Gpt2Config::from_json(&v, "config.json") {
             assert!(c.n_embd % c.n_head == 0);
             assert!((c.eos_token_id as usize) < c.vocab_size);
+        }
+        if let Ok(c) = GptNeoConfig::from_json(&v, "config.json") {
+            assert!(c.hidden_size % c.num_heads == 0);
+            assert!((c.eos_token_id as usize) < c.vocab_size);
+            assert_eq!(c.attention_layers.len(), c.num_layers);
+            assert!(c.window_size >= 1);
         }
     }
     let dir = scratch().join("folder");

@@ -1,8 +1,9 @@
-//! The KV-cache generation path against full recomputation on any backend, shared by the CPU
-//! and GPU GPT-2 tests.
+//! The KV-cache generation path against full recomputation on any backend and any
+//! decoder-only model, shared by the CPU and GPU GPT-2 and GPT-Neo tests.
 
-use cuattn::runtime::generate::{generate, GenerateBackend, GenerateOptions, StopReason};
-use cuattn::runtime::gpt2::Gpt2;
+use cuattn::runtime::generate::{
+    generate, GenerateBackend, GenerateOptions, StopReason, TokenModel,
+};
 use cuattn::runtime::layers::KvCache;
 
 /// Drives a backend's KV cache the way `generate` does — a ragged prefill of two prompts
@@ -11,18 +12,21 @@ use cuattn::runtime::layers::KvCache;
 /// pass over the same tokens. The cache is exactly as long as the first sequence gets, so its
 /// last step fills it. The tokens fed are not the argmax (off the greedy path, spread
 /// over the vocabulary). Returns the largest absolute logit difference (∞ for NaN).
-pub fn cache_vs_recompute<B: GenerateBackend>(
+pub fn cache_vs_recompute<B: GenerateBackend, M: TokenModel<B, Memory = ()>>(
     be: &B,
-    m: &Gpt2<B>,
+    m: &M,
     steps: usize,
     finish_after: usize,
 ) -> f32 {
-    let c = m.config.clone();
-    let prompts = [vec![464u32, 2068, 7586, 21831, 18045], vec![15496u32, 11]];
+    let (n_layer, width) = m.cache_layout();
+    let vocab = m.vocab_size();
+    // GPT-2 ids, folded into smaller vocabularies.
+    let prompts = [vec![464u32, 2068, 7586, 21831, 18045], vec![15496u32, 11]]
+        .map(|p| p.iter().map(|&t| t % vocab as u32).collect::<Vec<u32>>());
     let (batch, longest) = (2, 5);
     let capacity = longest + steps - 1;
     let mut cache = be
-        .kv_cache(c.n_layer, batch, capacity, c.n_embd)
+        .kv_cache(n_layer, batch, capacity, width)
         .unwrap()
         .expect("this backend has a KV cache");
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
@@ -50,27 +54,38 @@ pub fn cache_vs_recompute<B: GenerateBackend>(
             .iter_mut()
             .map(|l| &mut **l as &mut dyn KvCache<B>)
             .collect();
-        let hidden = m
-            .forward(be, &ids, &positions, batch, len, Some(&mut refs))
-            .unwrap();
-        drop(refs);
-        drop(layers);
         let rows: Vec<u32> = (0..batch)
             .map(|b| (b * len + if step == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
             .collect();
-        let cached = be.to_f32(&m.logits(be, &hidden, &rows).unwrap()).unwrap();
+        let cached = m
+            .decode(
+                be,
+                &(),
+                &ids,
+                &positions,
+                batch,
+                len,
+                &rows,
+                Some(&mut refs),
+            )
+            .unwrap();
+        drop(refs);
+        drop(layers);
         for b in 0..batch {
             if !live[b] {
                 continue;
             }
-            let full = m.sequence_logits(be, &seqs[b]).unwrap();
-            let last = &full[(seqs[b].len() - 1) * c.vocab_size..];
-            let got = &cached[b * c.vocab_size..(b + 1) * c.vocab_size];
+            let n = seqs[b].len();
+            let all: Vec<u32> = (0..n as u32).collect();
+            let last = m
+                .decode(be, &(), &seqs[b], &all, 1, n, &[n as u32 - 1], None)
+                .unwrap();
+            let got = &cached[b * vocab..(b + 1) * vocab];
             for (x, y) in got.iter().zip(last) {
                 let d = (x - y).abs();
                 worst = worst.max(if d.is_nan() { f32::INFINITY } else { d });
             }
-            let next = (step as u32 * 7919 + b as u32 * 104_729) % c.vocab_size as u32;
+            let next = (step as u32 * 7919 + b as u32 * 104_729) % vocab as u32;
             seqs[b].push(next);
         }
     }
@@ -82,14 +97,17 @@ pub fn cache_vs_recompute<B: GenerateBackend>(
 /// A prompt that fills the model's context, batched before `prompt`. It stops at once with its cache full (later steps append nothing at start = capacity) while `prompt`
 /// generates `max_new` greedy tokens, which are returned (to be compared with what `prompt`
 /// gets alone or with Hugging Face's greedy continuation).
-pub fn beside_a_full_context<B: GenerateBackend>(
+pub fn beside_a_full_context<B: GenerateBackend, M: TokenModel<B>>(
     be: &B,
-    m: &Gpt2<B>,
+    m: &M,
     prompt: &[u32],
     max_new: usize,
 ) -> Vec<u32> {
-    let n = m.config.n_positions;
-    let full: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % 50_000).collect();
+    let n = m.max_positions();
+    let vocab = m.vocab_size() as u32;
+    let full: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7919 + 13) % 50_000 % vocab)
+        .collect();
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         ..GenerateOptions::default()

@@ -13,7 +13,9 @@ mod gpt2_cache;
 mod layernorm;
 mod runtime;
 mod runtime_bart;
+mod runtime_gpt1;
 mod runtime_gpt2;
+mod runtime_gpt_neo;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too

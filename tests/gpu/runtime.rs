@@ -235,6 +235,7 @@ fn one_query_attention_runs_the_decode_kernel() {
                     len_k: cap,
                     key_lens: Some(&lens),
                     causal: Some(CausalAlign::BottomRight),
+                    window: None,
                     scale: None,
                 },
             )

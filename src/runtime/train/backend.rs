@@ -5,6 +5,7 @@
 //!
 //! Every op validates its inputs and returns a typed [`crate::Error`]; none panics on bad input.
 
+use super::rnn_ops::{self, AdditiveGrads, GruCellGrads};
 use crate::error::Result;
 use crate::runtime::backend::{Activation, AttentionMask, Backend, Heads};
 use crate::DType;
@@ -227,4 +228,170 @@ pub trait TrainBackend: Backend {
         v: &mut Self::Tensor,
         hp: &AdamWStep,
     ) -> Result<()>;
+
+    /// One GRU step after its two GEMMs ([`super::rnn_ops`] has the equations): gi, gh
+    /// `[batch, 3H]`, h `[batch, H]`; returns h' and the cache `[batch, 4H]` its backward
+    /// reads. Rows with `active[b] == false` keep h. The default runs the host f32 op through
+    /// a copy; a device backend overrides it with a fused kernel.
+    fn gru_cell(
+        &self,
+        gi: &Self::Tensor,
+        gh: &Self::Tensor,
+        h: &Self::Tensor,
+        active: Option<&[bool]>,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (batch, hidden) =
+            rnn_ops::gru_dims(self.shape(gi), self.shape(gh), self.shape(h), active)?;
+        let (out, cache) = rnn_ops::gru_cell(
+            &self.to_f32(gi)?,
+            &self.to_f32(gh)?,
+            &self.to_f32(h)?,
+            batch,
+            hidden,
+            active,
+        );
+        Ok((
+            self.upload(&[batch, hidden], &out)?,
+            self.upload(&[batch, 4 * hidden], &cache)?,
+        ))
+    }
+
+    /// The backward of [`TrainBackend::gru_cell`] from its cache, h and dL/dh'.
+    fn gru_cell_backward(
+        &self,
+        cache: &Self::Tensor,
+        h: &Self::Tensor,
+        dout: &Self::Tensor,
+        active: Option<&[bool]>,
+    ) -> Result<GruCellGrads<Self::Tensor>> {
+        let (batch, hidden) = rnn_cache_dims(self.shape(cache), self.shape(h), self.shape(dout))?;
+        if let Some(a) = active {
+            if a.len() != batch {
+                return Err(crate::Error::shape(
+                    "active",
+                    format!("[{batch}]"),
+                    &[a.len()],
+                ));
+            }
+        }
+        let (dgi, dgh, dh) = rnn_ops::gru_cell_backward(
+            &self.to_f32(cache)?,
+            &self.to_f32(h)?,
+            &self.to_f32(dout)?,
+            batch,
+            hidden,
+            active,
+        );
+        Ok(GruCellGrads {
+            dgi: self.upload(&[batch, 3 * hidden], &dgi)?,
+            dgh: self.upload(&[batch, 3 * hidden], &dgh)?,
+            dh: self.upload(&[batch, hidden], &dh)?,
+        })
+    }
+
+    /// Bahdanau's additive attention ([`super::rnn_ops`]): q `[batch, A]`, keys `[batch·L, A]`,
+    /// v `[A]`, values `[batch·L, D]`, the first `key_lens[b]` keys of each sequence valid;
+    /// returns the context `[batch, D]` and the weights α `[batch, L]`.
+    fn additive_attention(
+        &self,
+        q: &Self::Tensor,
+        keys: &Self::Tensor,
+        v: &Self::Tensor,
+        values: &Self::Tensor,
+        key_lens: Option<&[usize]>,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let d = rnn_ops::AdditiveDims::check(
+            self.shape(q),
+            self.shape(keys),
+            self.shape(v),
+            self.shape(values),
+            key_lens,
+        )?;
+        let (ctx, alpha) = rnn_ops::additive_attention(
+            &self.to_f32(q)?,
+            &self.to_f32(keys)?,
+            &self.to_f32(v)?,
+            &self.to_f32(values)?,
+            &d,
+            key_lens,
+        );
+        Ok((
+            self.upload(&[d.batch, d.dim_v], &ctx)?,
+            self.upload(&[d.batch, d.len_k], &alpha)?,
+        ))
+    }
+
+    /// The backward of [`TrainBackend::additive_attention`] from its inputs, α and dL/dcontext.
+    #[allow(clippy::too_many_arguments)]
+    fn additive_attention_backward(
+        &self,
+        q: &Self::Tensor,
+        keys: &Self::Tensor,
+        v: &Self::Tensor,
+        values: &Self::Tensor,
+        alpha: &Self::Tensor,
+        dctx: &Self::Tensor,
+        key_lens: Option<&[usize]>,
+    ) -> Result<AdditiveGrads<Self::Tensor>> {
+        let d = rnn_ops::AdditiveDims::check(
+            self.shape(q),
+            self.shape(keys),
+            self.shape(v),
+            self.shape(values),
+            key_lens,
+        )?;
+        if self.shape(alpha) != [d.batch, d.len_k] {
+            return Err(crate::Error::shape(
+                "alpha",
+                format!("[{}, {}]", d.batch, d.len_k),
+                self.shape(alpha),
+            ));
+        }
+        if self.shape(dctx) != [d.batch, d.dim_v] {
+            return Err(crate::Error::shape(
+                "dctx",
+                format!("[{}, {}]", d.batch, d.dim_v),
+                self.shape(dctx),
+            ));
+        }
+        let [dq, dk, dv, dval] = rnn_ops::additive_attention_backward(
+            &self.to_f32(q)?,
+            &self.to_f32(keys)?,
+            &self.to_f32(v)?,
+            &self.to_f32(values)?,
+            &self.to_f32(alpha)?,
+            &self.to_f32(dctx)?,
+            &d,
+            key_lens,
+        );
+        Ok(AdditiveGrads {
+            dq: self.upload(&[d.batch, d.dim_a], &dq)?,
+            dkeys: self.upload(&[d.batch * d.len_k, d.dim_a], &dk)?,
+            dv: self.upload(&[d.dim_a], &dv)?,
+            dvalues: self.upload(&[d.batch * d.len_k, d.dim_v], &dval)?,
+        })
+    }
+}
+
+/// (batch, H) of a GRU backward's cache `[batch, 4H]`, h `[batch, H]` and dh' `[batch, H]`.
+fn rnn_cache_dims(cache: &[usize], h: &[usize], dout: &[usize]) -> Result<(usize, usize)> {
+    let (batch, hidden) = match h {
+        [b, w] if *w > 0 => (*b, *w),
+        s => return Err(crate::Error::shape("h", "[batch, hidden ≥ 1]", s)),
+    };
+    if cache != [batch, 4 * hidden] {
+        return Err(crate::Error::shape(
+            "cache",
+            format!("[{batch}, {}]", 4 * hidden),
+            cache,
+        ));
+    }
+    if dout != [batch, hidden] {
+        return Err(crate::Error::shape(
+            "dout",
+            format!("[{batch}, {hidden}]"),
+            dout,
+        ));
+    }
+    Ok((batch, hidden))
 }

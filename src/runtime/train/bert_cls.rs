@@ -163,6 +163,7 @@ impl Inputs<'_> {
             len_k: self.len,
             key_lens: self.key_lens,
             causal: None,
+            window: None,
             scale: None,
         }
     }

@@ -8,11 +8,14 @@
 //! - [`bert_cls`]: `BertForSequenceClassification`, forward to logits and forward + backward
 //!   to the loss and the gradient of every parameter by its Hugging Face name.
 //! - [`optim`]: named parameters, gradients, AdamW, global-norm clipping.
+//! - [`rnn_ops`]: the GRU step and additive attention on host slices (the defaults of
+//!   [`TrainBackend::gru_cell`] and [`TrainBackend::additive_attention`]).
 
 pub mod backend;
 pub mod bert_cls;
 pub mod layers;
 pub mod optim;
+pub mod rnn_ops;
 
 pub use backend::{
     AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
@@ -21,3 +24,4 @@ pub use bert_cls::{
     BertForSequenceClassification, ClassifierConfig, Head, StepOptions, StepOutput,
 };
 pub use optim::{AdamW, AdamWConfig, Gradients, Param};
+pub use rnn_ops::{AdditiveGrads, GruCellGrads};
