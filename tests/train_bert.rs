@@ -409,7 +409,8 @@ fn six_adamw_steps_lower_the_loss() {
             .forward_backward(&Cpu, &batch, &labels(&f), &StepOptions::default())
             .unwrap();
         out.grads.clip_global_norm(&Cpu, 1.0).unwrap();
-        opt.step(&Cpu, m.parameters_mut(), &out.grads, 1e-3).unwrap();
+        opt.step(&Cpu, m.parameters_mut(), &out.grads, 1e-3)
+            .unwrap();
         losses.push(out.loss);
     }
     assert!(losses[5] < losses[0], "losses {losses:?}");

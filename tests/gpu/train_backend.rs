@@ -464,6 +464,7 @@ fn attention_case(g: &Cuda, dt: DType, c: &AttnCase, seed: u64) -> Check {
         key_lens: c.key_lens.as_deref(),
         causal: c.causal,
         scale: None,
+        window: None,
     };
     let site = (c.p > 0.0).then_some(DropoutSite {
         p: c.p,

@@ -90,6 +90,17 @@ fn int(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(arg, format!("{v} exceeds cuBLAS's 32-bit sizes")))
 }
 
+/// Refused rather than ignored, as on the CPU backend: the training attention has no band yet.
+fn refuse_window(mask: &AttentionMask<'_>) -> Result<()> {
+    if mask.window.is_some() {
+        return Err(Error::invalid(
+            "window",
+            "sliding-window attention is not supported in training yet",
+        ));
+    }
+    Ok(())
+}
+
 fn act_code(act: Activation) -> i32 {
     (match act {
         Activation::None => CUATTN_ACT_NONE,
@@ -739,6 +750,7 @@ impl TrainBackend for Cuda {
         for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
             self.require_compute(arg, h.tensor)?;
         }
+        refuse_window(mask)?;
         if let Some(site) = dropout.filter(|s| s.p > 0.0) {
             return attention::forward(self, &q, &k, &v, mask, widths, site);
         }
@@ -809,6 +821,7 @@ impl TrainBackend for Cuda {
         for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
             self.require_compute(arg, h.tensor)?;
         }
+        refuse_window(mask)?;
         let m = *mask;
         let o_shape = [m.batch * m.len_q, q.heads * v.dim];
         if o.shape() != o_shape {
