@@ -2,7 +2,8 @@
 #   make demo   installs the toolchain, fetches all-MiniLM-L6-v2 into models/ if missing, builds,
 #               embeds a handful of sentences (GPU if there is one, else CPU) and prints their
 #               cosine-similarity matrix
-#   make test   installs the toolchain and runs every test (GPU tests print SKIPPED without a GPU)
+#   make test   installs the toolchain and runs every test (GPU tests print SKIPPED without a GPU),
+#               then the CPU-only build's library and CLI tests
 # `make demo-kernels` is the kernels' demo: `cuattn info`, then `cuattn check` (needs a GPU).
 # `make finetune-demo` fine-tunes all-MiniLM-L6-v2 on data/sentiment (CPU, a few minutes),
 #               prints the held-out accuracy and classifies a few new sentences.
@@ -50,7 +51,11 @@ finetune-demo: minilm
 
 test: toolchain
 	$(CARGO) test --release
-	$(CARGO) test --release --no-default-features
+	@# The CPU-only build (--no-default-features): every suite above already ran the same CPU
+	@# code, so this pass runs what the feature changes: the library's unit tests and every
+	@# suite that drives the `cuattn` binary (CLI commands, hostile inputs), which now has no
+	@# GPU layer at all. (clippy --no-default-features --all-targets compiles the rest.)
+	$(CARGO) test --release --no-default-features --lib --bins --test 'cli_*' --test hostile_inputs
 	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
 	@# (nothing recompiles, the CUDA build is still current), and check that it is back.
 	$(CARGO) build --release --bin cuattn
