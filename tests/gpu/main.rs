@@ -4,6 +4,7 @@
 
 mod attention;
 mod decode;
+mod embedding;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
 #[path = "../gpt2_cache/mod.rs"]
