@@ -777,7 +777,7 @@ pub extern "C" fn cuattn_attention_reference(
         ropts.causal = align(opts.causal, "causal")?;
         ropts.window = window(opts)?;
         ropts.key_lens = lens;
-        let out = reference::attention::try_forward(
+        let out = reference::attention::forward(
             host("q", q, shape.q_len())?,
             host("k", k, shape.k_len())?,
             host("v", v, shape.v_len())?,
@@ -825,7 +825,7 @@ pub extern "C" fn cuattn_layernorm_reference(
                 host(arg, p, hidden).map(Some)
             }
         };
-        let out = reference::layernorm::try_forward(
+        let out = reference::layernorm::forward(
             x,
             hidden,
             opt("gamma", gamma)?,
