@@ -25,6 +25,16 @@ const GENCODE: &[&str] = &[
     "-gencode=arch=compute_80,code=compute_80",
 ];
 
+/// Files whose kernels use Hopper-only instructions (wgmma, setmaxnreg): their SASS is built for
+/// `sm_90a`, which runs on compute capability 9.0 only, beside an `sm_80` image in which the
+/// same entry points are trapping stubs (so the module still loads on Ampere; the host never
+/// launches them there). No PTX: `sm_90a` PTX could not be JIT-compiled for another GPU anyway.
+const SM90A_SOURCES: &[&str] = &["attention_hopper"];
+const GENCODE_SM90A: &[&str] = &[
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
@@ -162,8 +172,13 @@ fn compile_fatbin(
     let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
     let out = out_dir.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
+    let gencode = if SM90A_SOURCES.contains(&stem.as_str()) {
+        GENCODE_SM90A
+    } else {
+        GENCODE
+    };
     cmd.arg("-fatbin")
-        .args(GENCODE)
+        .args(gencode)
         .args([
             "-O3",
             "-std=c++17",

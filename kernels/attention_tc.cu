@@ -3,7 +3,7 @@
 // History and measured speeds: kernels/dev/attention_tc_v1.cu (v1: 64-row blocks, synchronous
 // loads, ~170 TFLOP/s at hd128 on an H200).
 //
-// Algorithm (../shared/attention-kernel-notes.md §4–§5; CPU twin: src/twin/attention.rs; warp
+// Algorithm (docs/kernels/attention-forward.md; CPU twin: src/twin/attention.rs; warp
 // fragment twin: tests/attention_tc_fragments.rs): one CTA per (query block of BM rows, head,
 // batch), flattened into gridDim.x with the query block fastest and visited last-to-first, so
 // causal masks start the heaviest (most key tiles) blocks first and the short ones fill the
@@ -45,6 +45,9 @@
 // eight warps of 16 rows each read every K/V fragment twice as often from shared memory.
 // Per thread at HD 128: O is 2·16·4 = 128 f32 registers, S 2·8·4 = 64.
 //
+// The mma/ldmatrix/cp.async wrappers (common.cuh) and the tile loads and mask band
+// (attention_common.cuh) are shared with the backward, kernels/attention_bwd.cu.
+//
 // FLOPs: 4·B·Hq·Lq·Lk·D (half when causal). Bytes: Q and O once, K and V once per query block.
 
 #include "common.cuh"
@@ -56,128 +59,6 @@ using namespace cuattn;
 namespace {
 
 constexpr int WARPS = CUATTN_ATTN_TC_THREADS / 32;  // of the built kernels; dev variants vary it
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// D(16×8, f32) += A(16×16) · B(16×8); A and B of the element type T.
-template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as one .b32 of T pairs, x in the low half.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
-    const __half2 h = __floats2half2_rn(x, y);
-    uint32_t u;
-    memcpy(&u, &h, 4);
-    return u;
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    uint32_t u;
-    memcpy(&u, &h, 4);
-    return u;
-}
-
-// 2^x by the SFU alone: exp2f adds a denormal-range fix-up around it (three more instructions
-// per element); flushing results below 2^-126 to zero changes P by less than f16/bf16 can hold.
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    // src-size 0 reads nothing and zero-fills the 16 bytes; src is then any valid address.
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Starts copying rows [0, ROWS) × cols [0, HD) of a global matrix (row stride in elements) into
-// shared memory with pitch HD + 8. Row r is copied iff row_lo ≤ r < row_hi and bit r of the
-// 128-bit keep mask (KEEP_MASK only; keep_lo: rows 0–63, keep_hi: 64–127) is set; other rows, and cols ≥
-// cols_valid, become 0. With `vec` the copy is asynchronous (complete after cp_async_wait_all);
-// without it, synchronous. `fallback` is any valid address: zero-fill copies name it instead
-// of the (possibly out-of-range) row they skip.
-template <typename T, int HD, int ROWS, int THREADS, bool KEEP_MASK = false>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_lo, int row_hi, int cols_valid,
-                                          bool vec, const T* fallback, uint64_t keep_lo = ~0ull, uint64_t keep_hi = ~0ull) {
-    constexpr int PITCH = HD + 8;
-    static_assert(ROWS <= 128, "the keep mask covers 128 rows");
-    const auto keep = [&](int r) {
-        if constexpr (KEEP_MASK) {  // only sparse bitmask tiles have one; dense loads skip the test
-            if (!(((r < 64 ? keep_lo : keep_hi) >> (r & 63)) & 1)) return false;
-        }
-        return r >= row_lo && r < row_hi;
-    };
-    if (vec) {
-        constexpr int CHUNKS = HD / 8;
-        static_assert(ROWS * CHUNKS % THREADS == 0, "tile copies split evenly over the CTA");
-#pragma unroll
-        for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-            const int idx = threadIdx.x + i * THREADS;
-            const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-            const bool ok = keep(r) && c < cols_valid;
-            cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : fallback, ok);
-        }
-        cp_async_commit();
-    } else {
-        for (int idx = threadIdx.x; idx < ROWS * HD; idx += THREADS) {
-            const int r = idx / HD, c = idx % HD;
-            dst[r * PITCH + c] = (keep(r) && c < cols_valid) ? src[r * row_stride + c] : from_f32<T>(0.f);
-        }
-    }
-}
-
-// Keys per query row: keep j iff row + lo ≤ j ≤ row + hi and j < key_len (causal masks and
-// sliding windows are bands; unbounded sides are clamped so the sums stay in int32).
-struct Band {
-    int lo, hi;
-};
-
-__device__ __forceinline__ int diagonal_offset(int align, int len_q, int key_len) {
-    return align == CUATTN_CAUSAL_BOTTOM_RIGHT ? key_len - len_q : 0;
-}
-
-// The dense band of one sequence from the causal mask and the sliding window.
-__device__ __forceinline__ Band dense_band(const cuattn_attention_fwd_params& p, int len_q, int key_len) {
-    Band band{-len_q - 1, key_len};
-    if (p.causal != CUATTN_CAUSAL_NONE) band.hi = min(band.hi, diagonal_offset(p.causal, len_q, key_len));
-    if (p.window_left >= 0 || p.window_right >= 0) {
-        const int ow = diagonal_offset(p.window_align, len_q, key_len);
-        if (p.window_left >= 0) band.lo = max(band.lo, ow - min(p.window_left, len_q + key_len + 1));
-        if (p.window_right >= 0) band.hi = min(band.hi, ow + min(p.window_right, len_q + key_len + 1));
-    }
-    return band;
-}
 
 // SPARSE: the key tiles are the kept blocks of the block-sparse layout in `p` (sp_*), each of
 // BM = block size keys cut into BM/BN tiles; otherwise every tile of the dense band.

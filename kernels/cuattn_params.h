@@ -115,6 +115,27 @@ typedef struct cuattn_layernorm_bwd_reduce_params {
 #define CUATTN_ATTN_TC_BM_HD256 64
 #define CUATTN_ATTN_TC_BN_HD256 32
 
+/* Hopper kernel (kernels/attention_hopper.cu, sm_90a only): one producer warpgroup issuing TMA
+ * loads and two consumer warpgroups of 64 query rows each; key tiles of BN rows in a ring of
+ * STAGES buffers. Head dims 64 and 128 (D = Dv). Named barrier ids: 0 is __syncthreads, 1 and 2
+ * the consumers' turn-taking (ping-pong), 3 the consumers' V-padding fence. Register budget
+ * after setmaxnreg: producer REGS_PRODUCER, consumers REGS_CONSUMER
+ * (128*REGS_PRODUCER + 256*REGS_CONSUMER <= 65536). */
+#define CUATTN_ATTN_HOPPER_THREADS 384
+#define CUATTN_ATTN_HOPPER_BM 128
+#define CUATTN_ATTN_HOPPER_BN 128
+#define CUATTN_ATTN_HOPPER_STAGES 2
+#define CUATTN_ATTN_HOPPER_REGS_PRODUCER 24
+#define CUATTN_ATTN_HOPPER_REGS_CONSUMER 240
+#define CUATTN_ATTN_HOPPER_BAR_TURN0 1
+#define CUATTN_ATTN_HOPPER_BAR_VPAD 3
+/* Dynamic shared memory per block: Q, STAGES K and V tiles and the mbarriers, plus 1 KiB the
+ * kernel may skip to put its tiles on a 1024-byte boundary (the 128-byte swizzle's period). */
+#define CUATTN_ATTN_HOPPER_SMEM_HD64 83968  /* 82944 + 1024 */
+#define CUATTN_ATTN_HOPPER_SMEM_HD128 165888 /* 164864 + 1024 */
+/* One TMA box: 64 columns (128 bytes of a 16-bit type, the 128-byte swizzle span) by BM or BN rows. */
+#define CUATTN_ATTN_HOPPER_BOX_COLS 64
+
 /* Block-sparse entries (attention_sparse_bs{BS}_hd{HD}_{f16,bf16}): query blocks of the layout's
  * block size BS ∈ {64, 128} (128 only for HD ≤ 128), key tiles of CUATTN_SPARSE_BN_BS{BS}_HD{HD}.
  * Per kept block, the element-mask kind (src/sparse/layout.rs DeviceLayout): */
@@ -165,6 +186,37 @@ typedef struct cuattn_attention_fwd_params {
      * (and each sequence to len_q/len_k), so bad offsets give wrong rows, never reads outside. */
     int64_t total_q, total_k;
 } cuattn_attention_fwd_params;
+
+/* ---- Attention backward (kernels/attention_bwd.cu) -------------------------------------------
+ * dQ, dK, dV of the forward above, for output gradient dO. `fwd` describes the forward call
+ * exactly as it ran (Q, K, V, its O and LSE, masks, layout; its rows_per_block is the exact
+ * kernels' warps per block). dO and dQ are laid out like O and Q by their own strides, dK and dV
+ * like K and V. delta (f32, D_i = rowsum(dO∘O)) is laid out like LSE. dq_accum (f32, fast mode
+ * only) holds row r of the LSE layout at r·dim_qk: element (b, h, i, d) at
+ *   (b*lse_batch_stride + h*lse_head_stride + row0_q(b) + i) * dim_qk + d.
+ * Every element of dQ, dK, dV is written (zeros where no admissible pair reaches it). */
+#define CUATTN_ATTN_BWD_THREADS 128
+/* Tensor-core tiles, head dims padded to 64 or 128: keys per CTA of the dK/dV kernel (16 per
+ * warp) and query rows per tile it walks; the dQ kernel swaps the roles (query rows per CTA,
+ * keys per tile). Shared memory: see attention_bwd.cu. */
+#define CUATTN_ATTN_BWD_BN 64
+#define CUATTN_ATTN_BWD_BM 64
+/* Query rows per block of the delta and dQ-convert kernels (one warp each). */
+#define CUATTN_ATTN_BWD_ROWS_PER_BLOCK 4
+
+typedef struct cuattn_attention_bwd_params {
+    cuattn_attention_fwd_params fwd;
+    uint64_t d_o;      /* T, strides do_* */
+    uint64_t dq;       /* T, strides dq_* */
+    uint64_t dk, dv;   /* T, strides dk_*, dv_* */
+    uint64_t delta;    /* f32, LSE layout */
+    uint64_t dq_accum; /* f32, see above; 0 in deterministic mode */
+    int64_t do_batch_stride, do_head_stride, do_row_stride;
+    int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+    int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+    int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+    int32_t atomic_dq; /* 1: the dK/dV kernel adds dQ into dq_accum (f32 atomics) */
+} cuattn_attention_bwd_params;
 
 /* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)
  * [rows, len_k], row = bh*len_q + i for head-batch bh and query i; writes probabilities P (T,
@@ -260,5 +312,170 @@ typedef struct cuattn_append_kv_params {
     int64_t capacity;          /* cache rows per sequence */
     int64_t width;             /* elements per row (heads·dim) */
 } cuattn_append_kv_params;
+
+/* ---------------------------------------------------------------------------------------------
+ * Training ops (kernels/training_ops.cu; docs/kernels/training-ops.md). Element type T of the
+ * activations and gradients is the kernel's name suffix; optimizer state and master weights
+ * are f32. Every reduction runs in a fixed order, so results are bitwise repeatable.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Column-sum tiles: a block of (CUATTN_COLSUM_COLS, CUATTN_COLSUM_ROWS) threads owns 32 columns
+ * of one chunk of rows. */
+#define CUATTN_COLSUM_COLS 32
+#define CUATTN_COLSUM_ROWS 8
+
+/* Fused bias + GELU forward: y = gelu(x + bias), computed in f32 and rounded once to T.
+ * act is CUATTN_ACT_GELU_ERF or CUATTN_ACT_GELU_TANH. */
+typedef struct cuattn_bias_gelu_fwd_params {
+    uint64_t x;    /* [rows, cols] T */
+    uint64_t bias; /* [cols] T, or 0 */
+    uint64_t y;    /* [rows, cols] T; may equal x */
+    int64_t rows;
+    int64_t cols;
+    int32_t act;
+    int32_t vectorized; /* 1: x, y, bias 16-byte aligned and cols % (16 / sizeof T) == 0 */
+} cuattn_bias_gelu_fwd_params;
+
+/* Column partial sums, stage 1 of both the bias gradient (plain column sum of dy) and the fused
+ * bias + GELU backward (x != 0: g = dy * gelu'(x + bias), written to dx, and summed).
+ * Block (bx, by) owns columns [32 bx, 32 bx + 32) of rows [by rows_per_chunk, (by + 1)
+ * rows_per_chunk) and writes partials[by][col] (f32). */
+typedef struct cuattn_colsum_params {
+    uint64_t dy;       /* [rows, cols] T */
+    uint64_t x;        /* [rows, cols] T: the GELU's input before the bias, or 0 */
+    uint64_t bias;     /* [cols] T, or 0 (only read when x != 0) */
+    uint64_t dx;       /* [rows, cols] T, written iff x != 0; may equal dy */
+    uint64_t partials; /* [gridDim.y, cols] f32 */
+    int64_t rows;
+    int64_t cols;
+    int64_t rows_per_chunk; /* multiple of CUATTN_COLSUM_ROWS */
+    int32_t act;
+} cuattn_colsum_params;
+
+/* Column sums, stage 2: out[c] = (accumulate ? out[c] : 0) + sum over chunks of partials[.][c],
+ * chunks added in ascending order. Output type O is the name suffix. */
+typedef struct cuattn_colsum_reduce_params {
+    uint64_t partials; /* [chunks, cols] f32 */
+    uint64_t out;      /* [cols] O */
+    int64_t chunks;
+    int64_t cols;
+    int32_t accumulate;
+} cuattn_colsum_reduce_params;
+
+/* Softmax cross-entropy over the last dim, one block per row (grid-stride over rows):
+ * with t = (1 - smoothing) onehot(label) + smoothing / classes,
+ *   row_loss[r] = logsumexp(x_r) - sum_j t_j x_rj      (0 for a row whose label is ignore_index)
+ *   dlogits[r]  = (softmax(x_r) - t) * grad_scale       (0 for an ignored row)
+ * where grad_scale = upstream gradient / (number of non-ignored rows), computed by the caller.
+ * dlogits may equal logits: each element is read (twice) before its own write, by one thread. */
+typedef struct cuattn_xent_params {
+    uint64_t logits;   /* [rows, classes] T */
+    uint64_t labels;   /* [rows] int32, each in [0, classes) or ignore_index */
+    uint64_t dlogits;  /* [rows, classes] T, or 0: loss only */
+    uint64_t row_loss; /* [rows] f32 */
+    int64_t rows;
+    int64_t classes;
+    int64_t logits_row_stride;
+    int64_t dlogits_row_stride;
+    int32_t ignore_index;
+    float smoothing;
+    float grad_scale;
+} cuattn_xent_params;
+
+/* Sum of n f32 values in a fixed order by one block, times scale: out[0] = scale * sum(values).
+ * With finish_norm: out[0] = sqrt(sum), out[1] = min(1, max_norm / (out[0] + 1e-6)). */
+typedef struct cuattn_sum_params {
+    uint64_t values; /* [n] f32 */
+    uint64_t out;    /* [1] f32, or [2] with finish_norm */
+    int64_t n;
+    float scale;
+    float max_norm;
+    int32_t finish_norm;
+} cuattn_sum_params;
+
+/* Embedding backward as a deterministic scatter-add: the tokens are grouped by table row on the
+ * host (group g = row group_rows[g], tokens positions[group_start[g] .. group_start[g + 1]) in
+ * ascending order); block (g, bc) owns row group_rows[g], columns [bc blockDim, (bc + 1)
+ * blockDim) and adds that group's dy rows in order: dtable[row] += sum. No two blocks share an
+ * element, so no atomics. Names: embedding_bwd_{T of dy}_{G of dtable}. */
+typedef struct cuattn_embedding_bwd_params {
+    uint64_t dy;          /* [tokens, width] T */
+    uint64_t positions;   /* [tokens] int32 */
+    uint64_t group_rows;  /* [groups] int32 */
+    uint64_t group_start; /* [groups + 1] int32 */
+    uint64_t dtable;      /* [vocab, width] G */
+    int64_t groups;
+    int64_t width;
+    int64_t dy_row_stride;
+} cuattn_embedding_bwd_params;
+
+/* Multi-tensor apply: a device table of tensors and one of chunks; block b processes chunk
+ * chunks[b] = (tensor, index): elements [index * CUATTN_MT_CHUNK, min(numel, (index + 1) *
+ * CUATTN_MT_CHUNK)) of that tensor. */
+#define CUATTN_MT_CHUNK 65536
+#define CUATTN_MT_THREADS 512
+
+typedef struct cuattn_mt_tensor {
+    uint64_t param;      /* [numel] f32 master weights (AdamW) */
+    uint64_t grad;       /* [numel] G */
+    uint64_t exp_avg;    /* [numel] f32 (AdamW) */
+    uint64_t exp_avg_sq; /* [numel] f32 (AdamW) */
+    uint64_t model;      /* [numel] M: the model's copy written by AdamW, or 0 */
+    int64_t numel;
+    int32_t weight_decay; /* 1: AdamW decays this tensor */
+    int32_t vectorized;   /* 1: every pointer above aligned to 4 of its elements */
+} cuattn_mt_tensor;
+
+typedef struct cuattn_mt_chunk {
+    int32_t tensor;
+    int32_t index;
+} cuattn_mt_chunk;
+
+/* AdamW, PyTorch's formula (torch.optim.AdamW, amsgrad off):
+ *   g = grad * (grad_scale ? *grad_scale : 1)
+ *   p *= 1 - lr * weight_decay           (tensors with weight_decay = 1)
+ *   m += (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g^2
+ *   p -= (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)
+ *   model = round_M(p)                    (when the tensor has a model copy)
+ * Names: adamw_{G}_{M}. */
+typedef struct cuattn_adamw_params {
+    uint64_t tensors;    /* [num_tensors] cuattn_mt_tensor */
+    uint64_t chunks;     /* [num_chunks] cuattn_mt_chunk */
+    uint64_t grad_scale; /* [1] f32 on the device (e.g. the clip coefficient), or 0 */
+    int32_t num_chunks;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float bias_correction1;      /* 1 - beta1^step */
+    float bias_correction2_sqrt; /* sqrt(1 - beta2^step) */
+} cuattn_adamw_params;
+
+/* Gradient L2 norm, stage 1: partials[b] = sum of grad^2 over chunk b (f32, fixed order).
+ * Stage 2 is cuattn_sum_params with finish_norm. Scaling (mt_scale_{G}): grad *= *coef for every
+ * tensor when *coef < 1. */
+typedef struct cuattn_mt_reduce_params {
+    uint64_t tensors;  /* [num_tensors] cuattn_mt_tensor (grad, numel, vectorized read) */
+    uint64_t chunks;   /* [num_chunks] cuattn_mt_chunk */
+    uint64_t partials; /* [num_chunks] f32 (grad_norm_partials) */
+    uint64_t coef;     /* [1] f32 (mt_scale) */
+    int32_t num_chunks;
+} cuattn_mt_reduce_params;
+
+/* Dropout (forward x -> y and backward dy -> dx alike): element i (logical row-major index) is
+ * kept iff word_i >= threshold, where word_i is word i % 4 of Philox4x32-10 with key = seed and
+ * counter = (i / 4, offset) (kernels/philox.cuh, src/rng.rs); kept elements are multiplied by
+ * scale = 1 / (1 - p) in f32, dropped ones are 0. No mask is stored. */
+typedef struct cuattn_dropout_params {
+    uint64_t x;         /* [n] T */
+    uint64_t y;         /* [n] T; may equal x */
+    int64_t n;
+    uint64_t seed;
+    uint64_t offset;
+    uint64_t threshold; /* round(p * 2^32), 0 ..= 2^32 */
+    float scale;
+    int32_t vectorized; /* 1: x and y aligned to 4 elements */
+} cuattn_dropout_params;
 
 #endif /* CUATTN_PARAMS_H */

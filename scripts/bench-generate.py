@@ -20,9 +20,15 @@ with its default attention (`sdpa`) and with `attn_implementation="eager"` (the 
 eager" baseline). Our side also runs once without its KV cache (`--recompute`), to show what
 the cache buys.
 
+CPU with `--dtype bf16`: our side stores its weight matrices in bf16 (f32 arithmetic); Hugging
+Face runs in f32 (the baseline the CPU target names), and our f32 run's greedy ids are compared
+with our bf16 ones ("ids equal to our f32" column).
+
 Each side is timed on the generation call only (model loading and tokenization excluded; our
 side reads the time `cuattn generate --timing` prints, after a `--warmup` call that loads the
-kernels); the sides alternate and each keeps its best of --repeats runs. tokens/s = generated
+kernels); the sides alternate, run after run, and the table gives each side's best and median
+of --repeats runs, and our process's peak resident memory (VmHWM, model loading included).
+tokens/s = generated
 tokens (all sequences) / seconds. The prompt ids come from our tokenizer (`--json` prints them)
 and are fed to both sides, so Hugging Face needs no tokenizer files. HF pads the batch on the
 left with the attention mask; cuattn pads on the right and keeps per-sequence positions (the
@@ -35,7 +41,9 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -93,24 +101,22 @@ def ours(binary, folder, prompts, max_new, device, dtype, extra=()):
            "--max-new-tokens", str(max_new), "--json", "--timing", "--warmup", *extra]
     for p in prompts:
         cmd += ["--prompt", p]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"cuattn generate failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    m = re.search(r"in ([0-9.]+) s", r.stderr)
-    out = json.loads(r.stdout)
+    # Output to files and the child reaped with wait4, for its peak RSS (ru_maxrss, KiB).
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"cuattn generate failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    m = re.search(r"in ([0-9.]+) s", stderr)
+    out = json.loads(stdout)
     single = len(prompts) == 1
     gen = [out["generated_ids"]] if single else out["generated_ids"]
     ids = [out["prompt_ids"]] if single else out["prompt_ids"]
-    return float(m.group(1)), gen, ids
-
-
-def best(f, repeats):
-    result = None
-    for _ in range(repeats):
-        r = f()
-        if result is None or r[0] < result[0]:
-            result = r
-    return result
+    return float(m.group(1)), gen, ids, usage.ru_maxrss
 
 
 def main():
@@ -119,13 +125,15 @@ def main():
     ap.add_argument("--work", default="/tmp/cuattn-gpt2-124m")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="f32", choices=sorted(TORCH_DTYPES))
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="tiny,124m")
     args = ap.parse_args()
     dev, dt = args.device, args.dtype
-    if dev == "cpu" and dt != "f32":
-        raise SystemExit("the CPU backend computes in f32: --dtype f32 on the CPU")
+    if dev == "cpu" and dt == "f16":
+        raise SystemExit("the CPU backend stores weights in f32 or bf16")
+    # On the CPU, HF's baseline is f32 whatever our storage type.
+    hf_dt = "f32" if dev == "cpu" else dt
     folders = {"tiny": os.path.join(ROOT, "tests", "fixtures", "tiny-gpt2"), "124m": args.work}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "(no git)"
@@ -133,11 +141,15 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {dev} {dt}, "
           f"{card}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"{args.max_new_tokens} new tokens per sequence, best of {args.repeats}")
+          f"{args.max_new_tokens} new tokens per sequence, {args.repeats} alternating runs per side"
+          + (f"; Hugging Face in {hf_dt}" if hf_dt != dt else ""))
     impls = ["sdpa", "eager"] if dev == "cuda" else ["sdpa"]
-    print("| model | batch | HF " + " | HF ".join(impls) + " (tokens/s) | cuattn (tokens/s) | "
-          "cuattn recompute | ratio vs HF " + impls[-1] + " | greedy ids equal |")
-    print("|---|---|" + "---|" * len(impls) + "---|---|---|---|", flush=True)
+    bf16_cpu = dev == "cpu" and dt == "bf16"
+    print("| model | batch | HF " + " | HF ".join(impls) + " best/median (tokens/s) | cuattn best/median "
+          "| cuattn recompute | ratio vs HF " + impls[-1] + " best/median | greedy ids equal to HF "
+          + ("| ids equal to our f32 " if bf16_cpu else "") + "| cuattn peak RSS (MB) |")
+    print("|---|---|" + "---|" * len(impls) + "---|---|---|---|" + ("---|" if bf16_cpu else "")
+          + "---|", flush=True)
     for name in args.models.split(","):
         folder = folders[name]
         if name == "124m":
@@ -145,25 +157,39 @@ def main():
         models = {}
         for impl in impls:
             m = GPT2LMHeadModel.from_pretrained(folder, attn_implementation=impl)
-            models[impl] = m.to(dev, TORCH_DTYPES[dt]).eval()
+            models[impl] = m.to(dev, TORCH_DTYPES[hf_dt]).eval()
         for batch in (1, 8):
             prompts = PROMPTS[:batch]
-            _, _, ids = ours(args.bin, folder, prompts, 2, dev, dt)
-            hf_tps, hf_gen = {}, None
-            for impl, m in models.items():
+            _, _, ids, _ = ours(args.bin, folder, prompts, 2, dev, dt)
+            for m in models.values():
                 hf_run(m, ids, 2, dev)  # warm-up
-                s, gen = best(lambda: hf_run(m, ids, args.max_new_tokens, dev), args.repeats)
-                hf_tps[impl] = batch * args.max_new_tokens / s
-                hf_gen = hf_gen or gen
-            s, our_gen, _ = best(lambda: ours(args.bin, folder, prompts, args.max_new_tokens, dev, dt),
-                                 args.repeats)
+            hf_times = {impl: [] for impl in impls}
+            our_times, our_gen, hf_gen, rss = [], None, None, 0
+            for _ in range(args.repeats):
+                for impl, m in models.items():
+                    s, gen = hf_run(m, ids, args.max_new_tokens, dev)
+                    hf_times[impl].append(s)
+                    hf_gen = hf_gen or gen
+                s, our_gen, _, peak = ours(args.bin, folder, prompts, args.max_new_tokens, dev, dt)
+                our_times.append(s)
+                rss = max(rss, peak)
+            n_tokens = batch * args.max_new_tokens
             n_ours = sum(len(g) for g in our_gen)
-            our_tps = n_ours / s
-            s_re, _, _ = ours(args.bin, folder, prompts, args.max_new_tokens, dev, dt, ["--recompute"])
+            hf_tps = {i: (n_tokens / min(t), n_tokens / statistics.median(t))
+                      for i, t in hf_times.items()}
+            our_tps = (n_ours / min(our_times), n_ours / statistics.median(our_times))
+            s_re, _, _, _ = ours(args.bin, folder, prompts, args.max_new_tokens, dev, dt,
+                                 ["--recompute"])
             equal = sum(a == b[: len(a)] for a, b in zip(our_gen, hf_gen))
-            cols = " | ".join(f"{hf_tps[i]:.1f}" for i in impls)
-            print(f"| {name} | {batch} | {cols} | {our_tps:.1f} | {n_ours / s_re:.1f} | "
-                  f"{our_tps / hf_tps[impls[-1]]:.2f} | {equal}/{batch} |", flush=True)
+            cols = " | ".join(f"{hf_tps[i][0]:.1f} / {hf_tps[i][1]:.1f}" for i in impls)
+            base = hf_tps[impls[-1]]
+            f32_col = ""
+            if bf16_cpu:
+                _, f32_gen, _, _ = ours(args.bin, folder, prompts, args.max_new_tokens, dev, "f32")
+                f32_col = f" {sum(a == b for a, b in zip(our_gen, f32_gen))}/{batch} |"
+            print(f"| {name} | {batch} | {cols} | {our_tps[0]:.1f} / {our_tps[1]:.1f} "
+                  f"| {n_ours / s_re:.1f} | {our_tps[0] / base[0]:.2f} / {our_tps[1] / base[1]:.2f} "
+                  f"| {equal}/{batch} |{f32_col} {rss / 1024:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

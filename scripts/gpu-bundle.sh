@@ -11,7 +11,7 @@
 #   gpu-bundle/benches/<bench>         criterion benches (only with GPU_BUNDLE_BENCHES=1: size)
 #   gpu-bundle/MANIFEST.txt            commit (+ -dirty), date, rustc, every file with size and sha256
 #
-# Then, on the device: bash scripts/gpu-check.sh (see docs/gpu.md).
+# Then, on the device: bash scripts/gpu-check.sh (see docs/gpu-runs/README.md).
 # Idempotent: the folder is wiped and rebuilt on every run. Fails if the bundle is over 60 MB.
 set -euo pipefail
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs ON THE GPU MACHINE from the repo root, over the binaries that scripts/gpu-bundle.sh
-# built into gpu-bundle/ (no cargo needed there). See docs/gpu.md.
+# built into gpu-bundle/ (no cargo needed there). See docs/gpu-runs/README.md.
 #
 # Steps (each timed, each logged under $OUT/logs/, each one row in $OUT/logs/results.tsv):
 #   a. card, date, commit                      d. cuattn info / cuattn check
 #   b. every test binary, CUATTN_REQUIRE_GPU=1 e. cuattn bench <family> --json + torch baseline
-#   c. compute-sanitizer memcheck + racecheck  e2. criterion benches (short), c2. synccheck
+#   c. compute-sanitizer memcheck + racecheck + initcheck  e2. criterion benches (short), c2. synccheck
 #      over the *gpu* test binaries               (both only if the time budget allows)
 #   f. scripts/gpu_report.py -> $OUT/report.md and the summary (printed last);
 #      $OUT/logs/ is packed into $OUT/logs.tar.gz.
@@ -19,23 +19,23 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention sparse decode"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
+#   BENCH_FAMILIES (default "layernorm attention attention-backward sparse decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
 #   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 200 s cap),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
-#   MiniLM folder is not carried; docs/gpu.md runs that test in a second call).
+#   MiniLM folder is not carried; docs/gpu-runs/README.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
-#   capped like layernorm).
+#   capped like layernorm), training-ops (ours only: GB/s against the measured copy bandwidth).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
 
-BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention sparse decode}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention attention-backward sparse decode training-ops}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 OUT="${OUT:-${TMPDIR:-/tmp}/cuattn-gpu-check}"
 BUNDLE="$root/gpu-bundle"
@@ -262,7 +262,7 @@ fi
 
 # ---------------------------------------------------------------- e. benchmarks + torch baseline
 json_ok() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d.get("rows", [])))' "$1" 2>/dev/null; }
-bench_cap() { case "$1" in attention) echo 240 ;; *) echo 120 ;; esac; } # cuattn bench FAMILY
+bench_cap() { case "$1" in attention | attention-backward) echo 240 ;; *) echo 120 ;; esac; } # cuattn bench FAMILY
 torch_cap() { case "$1" in attention) echo 120 ;; sparse) echo 150 ;; *) echo 120 ;; esac; } # torch_baseline.py FAMILY (sparse: torch.compile)
 for fam in $BENCH_FAMILIES; do
   ours="$OUT/bench_$fam.json"
@@ -286,6 +286,8 @@ for fam in $BENCH_FAMILIES; do
     record torch "$fam" skip "GPU_CHECK_TORCH=0" 0
   elif [ -n "${TORCH_FAMILIES+x}" ] && ! [[ " $TORCH_FAMILIES " == *" $fam "* ]]; then
     record torch "$fam" skip "not in TORCH_FAMILIES" 0
+  elif [ "$fam" = training-ops ]; then
+    record torch "$fam" skip "no PyTorch baseline for this family (judged against copy bandwidth)" 0
   elif [ -f "$ours" ]; then
     # torch_baseline.py stops measuring (rows left: "skipped") 15 s before its timeout, so the
     # JSON still comes out (attention only; layernorm ignores --time-budget-s)
@@ -369,7 +371,7 @@ elif [ -z "$SANITIZER" ]; then
 elif [ "${#gpu_bins[@]}" -eq 0 ]; then
   record memcheck "-" skip "no test binary named *gpu*" 0
 else
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     for bin in "${gpu_bins[@]}"; do sanitize "$tool" "$bin" 120; done
   done
 fi

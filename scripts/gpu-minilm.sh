@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Second device call of the GPU check (docs/gpu.md §3): the runtime's GPU tests with the f16
+# Second device call of the GPU check (docs/gpu-runs/README.md §3): the runtime's GPU tests with the f16
 # MiniLM copy carried in models/minilm-f16, over the gpu-bundle/ that the first call left on the
 # warm machine, then sentence-transformers on the same sentences (scripts/bench-embed-gpu.py).
 # Writes $OUT/minilm.log; exit status that of the test binary.

@@ -587,7 +587,7 @@ def build(out):
             md.extend(fam_md)
             bench_txt.append((fam_head, fam_hdr, fam_rows, 1))
             continue
-        if fam == "attention":
+        if fam in ("attention", "attention-backward"):  # backward: tensor_cores = deterministic mode
             fam_md, fam_head, fam_hdr, fam_rows = attention_section(fam, ours, theirs)
             md.append(f"\n## Benchmark: {fam}\n")
             md.extend(fam_md)

@@ -46,10 +46,10 @@ fi
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "install-cuda-toolchain: python3 with pip is required" >&2; exit 1; }
 
-echo "install-cuda-toolchain: installing CUDA 13.0 nvcc wheels into $prefix" >&2
+echo "install-cuda-toolchain: downloading and installing the CUDA 13.0 nvcc wheels (about 280 MB once installed) into $prefix; pip names each file as it downloads" >&2
 rm -rf "$prefix"
 mkdir -p "$prefix"
-"$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$prefix" "${pins[@]}"
+"$python" -m pip install --progress-bar on --disable-pip-version-check --root-user-action=ignore --no-deps --target "$prefix" "${pins[@]}"
 # Disassemblers are a separate, unpinned install so they never pull parts into the nvcc set.
 "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$prefix/sass-tools" "${sass_tools[@]}" ||
   echo "install-cuda-toolchain: cuobjdump/nvdisasm not installed (optional)" >&2

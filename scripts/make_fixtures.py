@@ -22,6 +22,11 @@ tests/fixtures/tiny-gpt2-outputs.json
                                     a fixed sample of vocabulary columns, and greedy
                                     continuations (generate(do_sample=False)) with the top-2
                                     logit margin of every step
+tests/fixtures/attention-backward.json
+                                    small attention calls (GQA, D != Dv, causal top-left and
+                                    bottom-right with Lq != Lk, key padding, a sliding window)
+                                    with PyTorch autograd's dQ, dK, dV of sum(O * dO) in f64
+                                    (`--only attention-backward`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -29,6 +34,26 @@ with those same f16-rounded values in f32, so nothing is lost for the comparison
 would be 50257 values per position, so the JSON keeps, per position, every 131st column (384
 columns) plus Hugging Face's top-8 columns; the greedy continuations test the argmax over the
 whole vocabulary at every step.
+
+tests/fixtures/training-ops.json
+                                    PyTorch (f64, CPU) on small inputs: F.gelu (erf, tanh) of
+                                    x + b with autograd's dx and dbias, F.cross_entropy with
+                                    ignore_index and label smoothing (loss, dlogits), the
+                                    embedding gradient, clip_grad_norm_, and three
+                                    torch.optim.AdamW steps (decay and no-decay groups)
+tests/fixtures/tiny-bert-cls/      the tiny BERT as a BertForSequenceClassification with 3 labels
+                                    (`bert.`-prefixed keys + classifier.weight/bias; the head
+                                    redrawn with the same spread as the encoder)
+tests/fixtures/tiny-bert-cls-train.json
+                                    the tiny BERT batch with labels: logits and cross-entropy
+                                    loss (dropout off), a label-smoothed/ignore_index loss and its
+                                    dlogits, and two torch.optim.AdamW steps (clip_grad_norm_ 1.0,
+                                    no decay on biases/LayerNorm) with the loss and gradient norm
+                                    before each step
+tests/fixtures/tiny-bert-cls-grads.safetensors
+                                    autograd's gradient of every parameter (`grad.<name>`) at the
+                                    fixture weights, and every parameter after the two AdamW
+                                    steps (`adamw2.<name>`), f32
 
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
@@ -117,6 +142,92 @@ SENTENCES = [
     # Longer than max_seq_length (256 tokens): sentence-transformers truncates it.
     " ".join(["the quick brown fox jumps over the lazy dog"] * 40),
 ]
+
+
+def tiny_bert_batch():
+    with open(os.path.join(FIXTURES, "tiny-bert-outputs.json")) as f:
+        rec = json.load(f)
+    n, length = len(rec["lens"]), rec["len"]
+    ids = torch.tensor(rec["ids"]).reshape(n, length)
+    types = torch.tensor(rec["type_ids"]).reshape(n, length)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for b, l in enumerate(rec["lens"]):
+        mask[b, :l] = 1
+    return rec, ids, types, mask
+
+
+def tiny_bert_cls():
+    """Gradients and two AdamW steps of a BertForSequenceClassification on the tiny BERT."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(4321)
+    labels_names = ["neg", "neu", "pos"]
+    model = BertForSequenceClassification.from_pretrained(
+        os.path.join(FIXTURES, "tiny-bert"),
+        num_labels=3,
+        id2label=dict(enumerate(labels_names)),
+        label2id={n: i for i, n in enumerate(labels_names)},
+        attn_implementation="eager",
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.3)
+        model.classifier.bias.normal_(0.0, 0.2)
+    model.architectures = ["BertForSequenceClassification"]
+    out_dir = os.path.join(FIXTURES, "tiny-bert-cls")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # Dropout off (model.eval()), gradients still flow.
+    model.eval()
+    rec, ids, types, mask = tiny_bert_batch()
+    labels = torch.tensor([2, 0, 1])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out
+
+    out = loss_and_grads()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "labels": labels.tolist(),
+        "logits": out.logits.detach().flatten().tolist(),
+        "loss": out.loss.item(),
+    }
+    # The loss op alone: label smoothing and an ignored row.
+    z = out.logits.detach().clone().requires_grad_(True)
+    smooth_labels = torch.tensor([2, -100, 1])
+    smooth = torch.nn.functional.cross_entropy(z, smooth_labels, ignore_index=-100, label_smoothing=0.1)
+    smooth.backward()
+    record["smoothing"] = {
+        "labels": smooth_labels.tolist(),
+        "label_smoothing": 0.1,
+        "loss": smooth.item(),
+        "dlogits": z.grad.flatten().tolist(),
+    }
+    # Two AdamW steps from the saved weights, HF Trainer's grouping (no decay on biases and
+    # LayerNorm weights), clipping at global norm 1.0 before each step.
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False,
+    )
+    losses, norms = [], []
+    for _ in range(2):
+        out = loss_and_grads()
+        losses.append(out.loss.item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"]).item())
+        opt.step()
+    record["adamw"] = dict(hp, losses=losses, grad_norms=norms)
+    for n, p in model.named_parameters():
+        tensors[f"adamw2.{n}"] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-cls-grads.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-cls-train.json"), "w") as f:
+        json.dump(record, f)
 
 
 def minilm(folder):
@@ -248,10 +359,552 @@ def tiny_gpt2(bpe_dir):
         json.dump(record, f)
 
 
+TINY_WORDS = (
+    "the a film movie food meal service staff hotel room trip show book app was is were "
+    "very so not really and but too it this that i we loved hated liked great good lovely "
+    "kind clean fast fresh fun bad awful rude dirty slow cold boring terrible broken late "
+    "again never always ."
+).split()
+
+TINY_TRAIN = [
+    ("the film was great", "positive"),
+    ("the food was cold and bad", "negative"),
+    ("we loved the hotel room", "positive"),
+    ("the staff were rude", "negative"),
+    ("a very fun show", "positive"),
+    ("the service was slow and the room was dirty", "negative"),
+    ("i liked this book", "positive"),
+    ("the app is broken again", "negative"),
+    ("so kind and fast", "positive"),
+    ("boring movie", "negative"),
+    ("the meal was fresh and really good", "positive"),
+    ("we hated it", "negative"),
+    ("lovely clean room", "positive"),
+    ("the trip was awful", "negative"),
+]
+
+TINY_PROBES = [
+    "the film was great",
+    "the staff were rude and slow",
+    "not good",
+    "i loved the meal but the room was cold",
+]
+
+# The `cuattn finetune` options of the fixture run (tests/cli_finetune.rs passes the same).
+TINY_RUN = {
+    "batch_size": 3,
+    "grad_accum": 2,
+    "max_steps": 4,
+    "lr": 5e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 1,
+    "max_grad_norm": 0.5,
+    "max_len": 16,
+}
+
+
+def finetune_tiny():
+    """A tiny classifier, its tokenizer and data, and PyTorch's run of the options above."""
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    base = os.path.join(FIXTURES, "finetune-tiny")
+    model_dir = os.path.join(base, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS
+    vocab_file = os.path.join(model_dir, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True, model_max_length=32)
+    tok.save_pretrained(model_dir)
+
+    torch.manual_seed(2024)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act="gelu",
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.7, 1.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(model_dir, extra)):
+            os.remove(os.path.join(model_dir, extra))
+    with open(os.path.join(base, "train.tsv"), "w") as f:
+        f.write("text\tlabel\n")
+        for t, l in TINY_TRAIN:
+            f.write(f"{t}\t{l}\n")
+
+    run = TINY_RUN
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        low = n.lower()
+        (no_decay if ("bias" in low or "layernorm" in low) else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=run["lr"], betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, run["warmup_steps"], run["max_steps"])
+    label2id = config.label2id
+    micro = [TINY_TRAIN[i:i + run["batch_size"]]
+             for i in range(0, len(TINY_TRAIN), run["batch_size"])]
+    groups = [micro[i:i + run["grad_accum"]] for i in range(0, len(micro), run["grad_accum"])]
+    model.train()
+    steps = []
+    step = 0
+    while step < run["max_steps"]:
+        for group in groups:
+            if step >= run["max_steps"]:
+                break
+            lr = sched.get_last_lr()[0]
+            loss_sum = 0.0
+            for mb in group:
+                enc = tok([t for t, _ in mb], padding="longest", truncation=True,
+                          max_length=run["max_len"], return_tensors="pt")
+                y = torch.tensor([label2id[l] for _, l in mb])
+                out = model(**enc)
+                loss = torch.nn.functional.cross_entropy(out.logits, y)
+                (loss / len(group)).backward()
+                loss_sum += float(loss.detach()) / len(group)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            steps.append({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(norm)})
+    model.eval()
+    with torch.no_grad():
+        enc = tok(TINY_PROBES, padding="longest", return_tensors="pt")
+        logits = model(**enc).logits
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, os.path.join(base, "expected.safetensors"), metadata={"format": "pt"})
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "run": run,
+        "steps": steps,
+        "probes": TINY_PROBES,
+        "probe_logits": logits.tolist(),
+    }
+    with open(os.path.join(base, "expected.json"), "w") as f:
+        json.dump(record, f, indent=1)
+def training_ops():
+    """Small f64 cases of the training ops; inputs are f32-representable, so the Rust f64
+    references read exactly the same values."""
+    torch.manual_seed(99)
+    f = torch.nn.functional
+
+    def rand(*shape, spread=1.0):
+        return ((torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread).double()
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    out = {}
+    gelu = []
+    for kind, approx in (("erf", "none"), ("tanh", "tanh")):
+        x, b, dy = rand(4, 6, spread=3.0), rand(6), rand(4, 6)
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        y = f.gelu(x + b, approximate=approx)
+        y.backward(dy)
+        gelu.append({"kind": kind, "rows": 4, "cols": 6, "x": flat(x), "bias": flat(b),
+                     "dy": flat(dy), "y": flat(y), "dx": flat(x.grad), "dbias": flat(b.grad)})
+    out["bias_gelu"] = gelu
+    xent = []
+    for eps in (0.0, 0.1):
+        logits = rand(5, 7, spread=4.0).requires_grad_(True)
+        labels = torch.tensor([3, -100, 0, 6, 2])
+        loss = f.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
+        loss.backward()
+        xent.append({"smoothing": eps, "ignore_index": -100, "classes": 7,
+                     "logits": flat(logits), "labels": labels.tolist(), "loss": loss.item(),
+                     "dlogits": flat(logits.grad)})
+    out["cross_entropy"] = xent
+    ids = torch.tensor([4, 1, 4, 0, 4, 2, 1, 4, 0])
+    w = rand(5, 3).requires_grad_(True)
+    dy = rand(9, 3)
+    f.embedding(ids, w).backward(dy)
+    out["embedding"] = {"vocab": 5, "width": 3, "ids": ids.tolist(), "dy": flat(dy),
+                        "dtable": flat(w.grad)}
+    grads = [rand(7), rand(3, 2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p_, g in zip(params, grads):
+        p_.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    out["clip"] = {"max_norm": 0.5, "grads": [flat(g) for g in grads], "norm": norm.item(),
+                   "clipped": [flat(p_.grad) for p_ in params]}
+    decayed, plain = rand(6).requires_grad_(True), rand(4).requires_grad_(True)
+    start = [flat(decayed), flat(plain)]
+    opt = torch.optim.AdamW([{"params": [decayed], "weight_decay": 0.1},
+                             {"params": [plain], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    steps = []
+    for _ in range(3):
+        g = [rand(6, spread=2.0), rand(4, spread=2.0)]
+        decayed.grad, plain.grad = g[0].clone(), g[1].clone()
+        opt.step()
+        steps.append({"grads": [flat(t) for t in g], "params": [flat(decayed), flat(plain)]})
+    out["adamw"] = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                    "weight_decay": 0.1, "start": start, "steps": steps}
+    out["torch_version"] = torch.__version__
+    with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
+        json.dump(out, fh)
+def attention_backward():
+    """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
+    matrices (key j visible to query i), independently of the crate's band code; inputs are
+    f32 values carried in f64, and no case has a fully masked row (softmax would give NaN)."""
+    gen = torch.Generator().manual_seed(4321)
+    cases = []
+    specs = [
+        # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, key_lens, window (left, right, align)
+        ("gqa_unequal_dims", 2, 4, 2, 5, 7, 6, 4, None, None, None),
+        ("causal_top_left", 1, 2, 1, 6, 4, 5, 5, "top_left", None, None),
+        ("causal_bottom_right", 1, 2, 2, 4, 7, 4, 3, "bottom_right", None, None),
+        ("key_padding_mqa", 2, 3, 1, 5, 6, 4, 4, None, [6, 2], None),
+        ("window_causal", 1, 2, 1, 7, 7, 4, 4, "top_left", None, (2, 0, "top_left")),
+    ]
+    for name, b, hq, hkv, lq, lk, d, dv, causal, key_lens, window in specs:
+        q = torch.randn(b, hq, lq, d, generator=gen).float().double().requires_grad_()
+        k = torch.randn(b, hkv, lk, d, generator=gen).float().double().requires_grad_()
+        v = torch.randn(b, hkv, lk, dv, generator=gen).float().double().requires_grad_()
+        do = torch.randn(b, hq, lq, dv, generator=gen).float().double()
+        scale = 1.0 / d ** 0.5
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        for bb in range(b):
+            kl = key_lens[bb] if key_lens else lk
+            for i in range(lq):
+                for j in range(lk):
+                    ok = j < kl
+                    off = lambda align: 0 if align == "top_left" else kl - lq
+                    if causal:
+                        ok = ok and j <= i + off(causal)
+                    if window:
+                        left, right, align = window
+                        ok = ok and i + off(align) - left <= j <= i + off(align) + right
+                    keep[bb, 0, i, j] = ok
+        assert keep.any(dim=-1).all(), name
+        group = hq // hkv
+        kr = k.repeat_interleave(group, dim=1)
+        vr = v.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=keep, scale=scale)
+        (o * do).sum().backward()
+        cases.append({
+            "name": name,
+            "shape": [b, hq, hkv, lq, lk, d, dv],
+            "causal": causal,
+            "key_lens": key_lens,
+            "window": list(window) if window else None,
+            "q": q.detach().flatten().tolist(),
+            "k": k.detach().flatten().tolist(),
+            "v": v.detach().flatten().tolist(),
+            "do": do.flatten().tolist(),
+            "o": o.detach().flatten().tolist(),
+            "dq": q.grad.flatten().tolist(),
+            "dk": k.grad.flatten().tolist(),
+            "dv": v.grad.flatten().tolist(),
+        })
+    record = {
+        "generator": f"scripts/make_fixtures.py attention_backward, torch {torch.__version__}, f64 autograd through SDPA",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "attention-backward.json"), "w") as f:
+        json.dump(record, f)
+
+
+GPT2_BEAM_CASES = [
+    # (prompts, generate kwargs)
+    (["Hello, my dog is cute"], dict(num_beams=4, max_new_tokens=10)),
+    (["The quick brown fox jumps over the lazy dog."],
+     dict(num_beams=3, num_return_sequences=2, length_penalty=2.0, early_stopping=True,
+          max_new_tokens=8)),
+    (["In 1905, Albert Einstein published"],
+     dict(num_beams=4, num_return_sequences=4, no_repeat_ngram_size=2, length_penalty=0.5,
+          early_stopping="never", max_new_tokens=9)),
+    (["Hello, my dog is cute", "In 1905"], dict(num_beams=3, max_new_tokens=7)),
+    # Greedy with the logits processors.
+    (["Hello, my dog is cute"], dict(num_beams=1, no_repeat_ngram_size=2, max_new_tokens=16)),
+]
+
+
+def generation_record(gen, prompt_len, eos, nrs):
+    """Generated ids after the prompt, cut after the first end-of-text (HF pads behind it),
+    and the sequence scores when there are any."""
+    out = []
+    for row in gen.sequences[:, prompt_len:].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        out.append(row)
+    scores = gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else []
+    return out, [round(float(s), 6) for s in scores]
+
+
+def gpt2_beams(bpe_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.BPE.from_file(os.path.join(bpe_dir, "encoder.json"),
+                                         os.path.join(bpe_dir, "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(FIXTURES, "tiny-gpt2"),
+                                            attn_implementation="eager").eval()
+    cases = []
+    for prompts, kwargs in GPT2_BEAM_CASES:
+        ids = [tok.encode(p).ids for p in prompts]
+        width = max(map(len, ids))
+        # Left padding, as HF batches decoder-only prompts.
+        x = torch.tensor([[50256] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.no_grad():
+            gen = model.generate(x, attention_mask=mask, do_sample=False, pad_token_id=50256,
+                                 return_dict_in_generate=True, output_scores=True, **kwargs)
+        generated, scores = generation_record(gen, width, 50256, kwargs.get("num_return_sequences", 1))
+        cases.append({"prompts": prompts, "ids": ids, "options": kwargs,
+                      "generated": generated, "scores": scores})
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "cases": cases,
+    }
+    with open(os.path.join(FIXTURES, "tiny-gpt2-beams.json"), "w") as f:
+        json.dump(record, f)
+
+
+BART_TEXTS = [
+    "The tower is 324 metres tall, about the same height as an 81-storey building.",
+    "Hello world!",
+    "BART joins a bidirectional encoder with an autoregressive decoder.",
+]
+
+
+BART_CORPUS = BART_TEXTS + [
+    "A man is eating food. A man is riding a horse. The girl is carrying a baby.",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "Denoising autoencoders reconstruct text from corrupted inputs: masking, deletion, "
+    "infilling, permutation and rotation.",
+]
+
+
+BART_VARIANTS = {
+    # name: (tie_word_embeddings, scale_embedding, activation, generation kwargs)
+    "tiny-bart": (True, False, "gelu",
+                  dict(forced_bos_token_id=0, forced_eos_token_id=2, no_repeat_ngram_size=3,
+                       num_beams=4, length_penalty=1.0, early_stopping=True, max_length=16)),
+    "tiny-bart-untied": (False, True, "relu",
+                         dict(forced_eos_token_id=2, num_beams=3, length_penalty=2.0,
+                              early_stopping=False, max_length=14)),
+}
+
+
+def bart_tokenizer(out_dir):
+    """A byte-level BPE of 420 tokens trained on a few sentences (BART's real one has 50265
+    and would make the fixture megabytes), with BART's special tokens and post-processor."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(BART_CORPUS, vocab_size=420, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return tok
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "variants": {},
+    }
+    for name, (tied, scaled, act, gen_kwargs) in BART_VARIANTS.items():
+        torch.manual_seed(2024 + len(name))
+        out_dir = os.path.join(FIXTURES, name)
+        os.makedirs(out_dir, exist_ok=True)
+        tok = bart_tokenizer(out_dir)
+        vocab = tok.get_vocab_size()
+        config = BartConfig(
+            vocab_size=vocab, d_model=16, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=24,
+            decoder_ffn_dim=20, activation_function=act, max_position_embeddings=64,
+            scale_embedding=scaled, tie_word_embeddings=tied, dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0, bos_token_id=0, pad_token_id=1,
+            eos_token_id=2, decoder_start_token_id=2, attn_implementation="eager",
+        )
+        model = BartForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "layer_norm" in pname or "layernorm" in pname:
+                    (p.uniform_(0.5, 1.5) if pname.endswith("weight") else p.normal_(0.0, 0.2))
+                elif pname.endswith("bias"):
+                    p.normal_(0.0, 0.2)
+                elif scaled and ("shared" in pname or "embed_tokens" in pname):
+                    p.normal_(0.0, 0.3 / 4)  # √d_model = 4 brings them back to 0.3
+                else:
+                    p.normal_(0.0, 0.3)
+            bias = torch.randn(1, vocab) * 0.2
+            # End-of-text likely enough to end some beams early.
+            bias[0, 2] += 2.5 if tied else 1.0
+            model.final_logits_bias.copy_(bias)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        gc = {k: v for k, v in gen_kwargs.items()}
+        gc.update(decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gc, f, indent=2)
+        model = BartForConditionalGeneration.from_pretrained(out_dir, attn_implementation="eager").eval()
+        cases = []
+        for text in BART_TEXTS:
+            ids = tok.encode(text).ids
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                enc = model.get_encoder()(input_ids=x).last_hidden_state[0]
+                greedy = model.generate(x, attention_mask=torch.ones_like(x), num_beams=1,
+                                        do_sample=False, max_new_tokens=12,
+                                        return_dict_in_generate=True)
+                beams = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                       num_return_sequences=2, return_dict_in_generate=True,
+                                       output_scores=True, **gen_kwargs)
+                dec = greedy.sequences
+                logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+            g, _ = generation_record(greedy, 1, 2, 1)
+            bm, sc = generation_record(beams, 1, 2, 2)
+            cases.append({
+                "text": text, "ids": ids,
+                "encoder_hidden": [round(float(v), 7) for v in enc.flatten()],
+                "decoder_ids": dec[0].tolist(),
+                "logits": [round(float(v), 7) for v in logits.flatten()],
+                "greedy": g[0], "beams": bm, "beam_scores": sc,
+            })
+        # A padded batch: every input's encoder states and greedy output as if alone.
+        batch = [tok.encode(t).ids for t in BART_TEXTS]
+        width = max(map(len, batch))
+        x = torch.tensor([i + [1] * (width - len(i)) for i in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in batch])
+        with torch.no_grad():
+            gen = model.generate(x, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=12, return_dict_in_generate=True)
+            bgen = model.generate(x, attention_mask=mask, do_sample=False,
+                                  return_dict_in_generate=True, output_scores=True, **gen_kwargs)
+        bg, _ = generation_record(gen, 1, 2, 1)
+        bb, bsc = generation_record(bgen, 1, 2, 1)
+        record["variants"][name] = {
+            "config": {"tie_word_embeddings": tied, "scale_embedding": scaled, "activation": act},
+            "generation": gen_kwargs,
+            "cases": cases,
+            "batch": {"greedy": bg, "beams": bb, "beam_scores": bsc},
+        }
+    with open(os.path.join(FIXTURES, "tiny-bart-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+BERT_PT_CORPUS = [
+    "the capital of france is paris .",
+    "the capital of italy is rome .",
+    "a man is eating food . a man is riding a horse .",
+    "the girl is carrying a baby . the dog runs in the park .",
+    "paris is a city in france and rome is a city in italy .",
+]
+
+
+FILL_MASK_TEXTS = [
+    "The capital of France is [MASK].",
+    "a man is [MASK] a horse .",
+    "the [MASK] is carrying a [MASK] .",
+]
+
+
+def tiny_bert_pretraining():
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForPreTraining, BertTokenizerFast, pipeline
+    out_dir = os.path.join(FIXTURES, "tiny-bert-pretraining")
+    os.makedirs(out_dir, exist_ok=True)
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(BERT_PT_CORPUS, vocab_size=160, min_frequency=1, show_progress=False,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wp.save(os.path.join(out_dir, "tokenizer.json"))
+    tok = BertTokenizerFast(tokenizer_file=os.path.join(out_dir, "tokenizer.json"))
+    tok.save_pretrained(out_dir)
+    torch.manual_seed(777)
+    config = BertConfig(
+        vocab_size=wp.get_vocab_size(), hidden_size=24, num_hidden_layers=2,
+        num_attention_heads=3, intermediate_size=40, hidden_act="gelu",
+        max_position_embeddings=48, type_vocab_size=2, layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        attn_implementation="eager",
+    )
+    model = BertForPreTraining(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    model = BertForPreTraining.from_pretrained(out_dir, attn_implementation="eager").eval()
+
+    fill = pipeline("fill-mask", model=out_dir, tokenizer=tok, device="cpu")
+    fills = []
+    for text in FILL_MASK_TEXTS:
+        res = fill(text, top_k=5)
+        if isinstance(res[0], dict):
+            res = [res]
+        fills.append({"text": text, "ids": tok(text)["input_ids"],
+                      "results": [[{"score": round(float(r["score"]), 7), "token": r["token"],
+                                    "token_str": r["token_str"], "sequence": r["sequence"]}
+                                   for r in per_mask] for per_mask in res]})
+
+    # Losses on a padded pair batch with MLM labels and NSP labels.
+    pairs = [("the capital of france is paris .", "the dog runs in the park ."),
+             ("a man is eating food .", "a man is riding a horse .")]
+    enc = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.full_like(enc["input_ids"], -100)
+    special = torch.isin(enc["input_ids"], torch.tensor([0, 2, 3]))
+    pick = (torch.rand(enc["input_ids"].shape, generator=gen) < 0.3) & ~special
+    labels[pick] = enc["input_ids"][pick]
+    inputs = enc["input_ids"].clone()
+    inputs[pick] = 4  # [MASK]
+    nsp = torch.tensor([1, 0])
+    with torch.no_grad():
+        out = model(input_ids=inputs, token_type_ids=enc["token_type_ids"],
+                    attention_mask=enc["attention_mask"], labels=labels, next_sentence_label=nsp)
+        mlm_loss = torch.nn.functional.cross_entropy(
+            out.prediction_logits.view(-1, config.vocab_size), labels.view(-1))
+        nsp_loss = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "fill_mask": fills,
+        "batch": {
+            "ids": inputs.tolist(), "type_ids": enc["token_type_ids"].tolist(),
+            "lens": enc["attention_mask"].sum(1).tolist(), "mlm_labels": labels.tolist(),
+            "nsp_labels": nsp.tolist(),
+            "prediction_logits": [round(float(x), 6) for x in out.prediction_logits.flatten()],
+            "nsp_logits": [round(float(x), 6) for x in out.seq_relationship_logits.flatten()],
+            "mlm_loss": float(mlm_loss), "nsp_loss": float(nsp_loss), "loss": float(out.loss),
+        },
+    }
+    with open(os.path.join(FIXTURES, "tiny-bert-pretraining-outputs.json"), "w") as f:
+        json.dump(record, f)
+
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "minilm", "gpt2"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -259,10 +912,24 @@ def main():
     torch.set_num_threads(1)
     if args.only in ("all", "bert"):
         tiny_bert()
+    if args.only in ("all", "bert", "bert-cls"):
+        tiny_bert_cls()
     if args.only in ("all", "minilm"):
         minilm(args.minilm)
     if args.only in ("all", "gpt2"):
         tiny_gpt2(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "gpt2", "gpt2-beams"):
+        gpt2_beams(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
+    if args.only in ("all", "bart"):
+        tiny_bart()
+    if args.only in ("all", "bert-pretraining"):
+        tiny_bert_pretraining()
+    if args.only in ("all", "finetune"):
+        finetune_tiny()
+    if args.only in ("all", "training"):
+        training_ops()
+    if args.only in ("all", "attention-backward"):
+        attention_backward()
     print("fixtures written to", FIXTURES)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times PyTorch's own kernels on the shapes, dtypes and ops of a `cuattn bench <family> --json`
-file, and prints the same JSON format, so that docs/gpu.md's report can put both side by side.
+file, and prints the same JSON format, so that the report of docs/gpu-runs/README.md can put both side by side.
 
     python3 scripts/torch_baseline.py layernorm --shapes-from bench_layernorm.json --json
     python3 scripts/torch_baseline.py attention --shapes-from bench_attention.json --json
@@ -27,7 +27,11 @@ torch.nn.attention.sdpa_kernel([backend]). Output:
 backend is flash | efficient | cudnn | math. flops = 4*B*H*L*L*D, halved when causal
 (FlashAttention's convention, as cuattn's). A backend that refuses a shape gets "time_us": null,
 "tflops": null and "error"; math is not run for L > 4096 (O(L^2) memory) and gets "skipped";
-so does every measurement left when --time-budget-s is spent. "matmul_tflops" is torch.matmul
+so does every measurement left when --time-budget-s is spent.
+
+attention-backward: the same, op "backward": one forward under the forced backend, then
+torch.autograd.grad(o, (q, k, v), dO) timed (retain_graph=True); flops are 2.5 times the
+forward's (cuattn bench attention-backward counts the same). "matmul_tflops" is torch.matmul
 of two 8192x8192 bf16 matrices (2*8192^3 FLOPs), median time.
 
 decode: input rows {"op": "decode", "dtype", "batch", "heads_q", "heads_kv", "len", "dim",
@@ -233,7 +237,7 @@ def bench_layernorm(rows, args, timer, copy_gbs):
 
 
 # ---------------------------------------------------------------------------------- attention
-ATTENTION_OPS = ("forward",)
+ATTENTION_OPS = ("forward", "backward")
 # (name in our rows, torch.nn.attention.SDPBackend member), in the order rows are written
 SDPA_BACKENDS = (
     ("flash", "FLASH_ATTENTION"),
@@ -245,10 +249,12 @@ MATH_MAX_LEN = 4096  # the math backend materialises [B, H, L, L] scores (in f32
 ATTENTION_KEY = ("op", "dtype", "batch", "heads", "len", "dim", "causal")
 
 
-def attention_flops(b, h, length, d, causal):
-    """FlashAttention's convention: 4*B*H*L*L*D (QK^T and PV), halved when causal."""
+def attention_flops(b, h, length, d, causal, op="forward"):
+    """FlashAttention's convention: 4*B*H*L*L*D (QK^T and PV), halved when causal; the backward
+    (five GEMMs of the forward's two) counts 2.5 times that."""
     f = 4.0 * b * h * length * length * d
-    return f / 2 if causal else f
+    f = f / 2 if causal else f
+    return 2.5 * f if op == "backward" else f
 
 
 def attention_default_rows():
@@ -262,6 +268,11 @@ def attention_default_rows():
                     rows.append({"op": "forward", "dtype": dtype, "batch": 16384 // length, "heads": 2048 // d,
                                  "len": length, "dim": d, "causal": causal})
     return rows
+
+
+def attention_backward_default_rows():
+    """cuattn's attention-backward bench shapes (the forward's, op "backward")."""
+    return [dict(r, op="backward") for r in attention_default_rows()]
 
 
 def attention_shapes(rows):
@@ -288,7 +299,8 @@ def attention_shapes(rows):
 def attention_row(shape, backend, time_us=None, **extra):
     row = dict(shape)
     row["backend"] = backend
-    flops = attention_flops(shape["batch"], shape["heads"], shape["len"], shape["dim"], shape["causal"])
+    flops = attention_flops(shape["batch"], shape["heads"], shape["len"], shape["dim"], shape["causal"],
+                            shape.get("op", "forward"))
     row["flops"] = flops
     row["time_us"] = round(time_us, 3) if time_us is not None else None
     row["tflops"] = round(flops / (time_us * 1e-6) / 1e12, 2) if time_us else None
@@ -351,9 +363,25 @@ def bench_attention(rows, args, timer, _ctx):
             for k in ("q", "k", "v"):
                 t[k] = torch.randn(*dims, dtype=dt, device="cuda", generator=g)
             causal = shape["causal"]
+            backward = shape["op"] == "backward"
+            if backward:  # time dQ, dK, dV of one forward (the backend is fixed by the forward)
+                for k in ("q", "k", "v"):
+                    t[k].requires_grad_(True)
+                t["do"] = torch.randn(*dims, dtype=dt, device="cuda", generator=g)
 
             def fn():
                 return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)
+
+            def timed():
+                if not backward:
+                    with torch.no_grad():
+                        return timer(fn)
+                o = fn()
+                try:
+                    return timer(lambda: torch.autograd.grad(o, (t["q"], t["k"], t["v"]), t["do"],
+                                                             retain_graph=True))
+                finally:
+                    del o
 
             for name, member in backends:
                 if budget and time.monotonic() - T0 > budget:
@@ -368,8 +396,8 @@ def bench_attention(rows, args, timer, _ctx):
                     results[i, name] = attention_row(shape, name, error=f"this torch has no SDPBackend.{member}")
                     continue
                 try:
-                    with sdpa_kernel([backend]), torch.no_grad():
-                        us = timer(fn)
+                    with sdpa_kernel([backend]):
+                        us = timed()
                     results[i, name] = attention_row(shape, name, us)
                     log(f"{name:9s} {label(shape)}: {us:10.1f} us {results[i, name]['tflops'] or 0:7.1f} TFLOP/s")
                 except Exception as e:  # the backend refuses this shape, or out of memory: record, go on
@@ -558,6 +586,7 @@ Family = namedtuple("Family", "bench default_rows prelude warmup_ms rep_ms time_
 FAMILIES = {
     "layernorm": Family(bench_layernorm, layernorm_default_rows, layernorm_prelude, 25.0, 100.0, None),
     "attention": Family(bench_attention, attention_default_rows, attention_prelude, 5.0, 20.0, 100.0),
+    "attention-backward": Family(bench_attention, attention_backward_default_rows, attention_prelude, 5.0, 20.0, 100.0),
     "sparse": Family(bench_sparse, sparse_default_rows, no_prelude, 5.0, 20.0, 100.0),
     "decode": Family(bench_decode, decode_default_rows, layernorm_prelude, 5.0, 20.0, 200.0),
 }
@@ -606,7 +635,7 @@ def load_rows(args):
 
 def print_table(result):
     print(f"{result['family']} on {result['device']}, torch {result['torch_version']}, timer: {result['timer']}")
-    if result["family"] == "attention":
+    if result["family"] in ("attention", "attention-backward"):
         mm = result.get("matmul_tflops")
         print(f"bf16 matmul 8192^3: {'-' if mm is None else f'{mm:.1f}'} TFLOP/s")
         print(f"{'backend':9s} {'dtype':5s} {'BxHxL':>14s} {'dim':>4s} {'causal':6s} {'time_us':>10s} {'TFLOP/s':>8s}")

@@ -146,9 +146,23 @@ pub enum Error {
     #[error("checkpoint {file}: {reason}")]
     Checkpoint { file: String, reason: String },
 
+    /// A model produced NaN or infinite values for an input (corrupt weights, or arithmetic
+    /// that overflowed); `input` counts from 1 in the order the inputs were given.
+    #[error("input {input}: {reason}")]
+    NonFinite { input: usize, reason: String },
+
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+
+    /// A data file (training or evaluation examples) is unreadable, empty or has a bad row;
+    /// names the file and, where there is one, the line (from 1).
+    #[error("data file {file}{}: {reason}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Data {
+        file: String,
+        line: Option<usize>,
+        reason: String,
+    },
 
     /// An I/O error, for example while reading a model file.
     #[error("I/O error on {path}: {source}")]
@@ -225,6 +239,8 @@ impl Error {
             Error::Checkpoint { .. } => 14,
             Error::Tokenizer(_) => 15,
             Error::Io { .. } => 16,
+            Error::NonFinite { .. } => 17,
+            Error::Data { .. } => 18,
         }
     }
 }

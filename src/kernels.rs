@@ -158,10 +158,22 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_reduce_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_layernorm_bwd_columns_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_fwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_bwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attention_softmax_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_decode_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_act_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_add_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_gather_rows_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_append_kv_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_bias_gelu_fwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_colsum_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_colsum_reduce_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_xent_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_sum_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_embedding_bwd_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_mt_tensor {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_mt_chunk {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_adamw_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_mt_reduce_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_dropout_params {}
 }

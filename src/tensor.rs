@@ -186,7 +186,7 @@ impl HostTensor {
 
     /// A tensor over raw little-endian bytes with an explicit layout; checks the layout fits.
     pub fn from_bytes(dtype: DType, layout: Layout, data: Vec<u8>) -> Result<Self> {
-        if data.len() % dtype.size_bytes() != 0 {
+        if !data.len().is_multiple_of(dtype.size_bytes()) {
             return Err(Error::invalid(
                 "data",
                 format!(

@@ -18,6 +18,7 @@
 use crate::dtype::DType;
 
 pub mod attention;
+pub mod attention_backward;
 pub mod layernorm;
 
 /// The bound for one output of an op.

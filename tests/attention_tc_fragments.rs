@@ -1,7 +1,7 @@
 //! Warp-level twin of `kernels/attention_tc.cu`: the kernel's ldmatrix address expressions,
 //! register orders, mma operand choices and C-fragment indexing, run on a CPU emulation of
 //! `ldmatrix.x4[.trans]` and `mma.m16n8k16` built from the PTX fragment rules
-//! (../shared/attention-kernel-notes.md §1–§3), checked against plain matrix products. A wrong
+//! (docs/kernels/attention-forward.md, fragments), checked against plain matrix products. A wrong
 //! address, a swapped register or a misread accumulator shows here, on any machine, instead
 //! of as a finite wrong answer on the GPU. CPU only.
 //!

@@ -1,5 +1,5 @@
 //! The CPU twin of the fused attention forward (`cuattn::twin::attention`) against the f64
-//! reference, over the edge cases of ../shared/anchors.md and the attention notes' checklist:
+//! reference, over the edge cases of docs/kernels/attention-forward.md and the attention notes' checklist:
 //! Lq, Lk ∈ {1, 2, Bn−1, Bn, Bn+1, 3·Bn+5}, both causal alignments with Lq < Lk and Lq > Lk,
 //! key padding down to 0, odd and unequal head dims, GQA, every dtype; plus the causal tile
 //! skipping count and NaN in keys no query may see. CPU only.

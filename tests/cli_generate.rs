@@ -1,6 +1,6 @@
 //! `cuattn generate` end to end with the tiny Hugging Face GPT-2 fixture (GPT-2's vocabulary,
 //! no tokenizer files: the built-in GPT-2 BPE): `--json` is exactly one object with Hugging
-//! Face's greedy ids and text, plain output streams the text, batches give arrays, `--recompute`
+//! Face's greedy ids and text and the stop reason, plain output streams the text, batches give arrays, `--recompute`
 //! and `--warmup` change nothing, bad input exits non-zero with a message (never a panic), and
 //! `--device cuda` either matches Hugging Face in f32 or, without a GPU, says so (with
 //! `CUATTN_REQUIRE_GPU=1` it must run).
@@ -57,8 +57,10 @@ fn check_json(o: &Output, ids: &[u32], greedy: &[u32], text: &str) {
     let out = stdout(o);
     let v: serde_json::Value = serde_json::from_str(out.trim_end()).expect("one JSON object");
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert_eq!(keys.len(), 4, "{keys:?}");
     assert_eq!(uints(&v["prompt_ids"]), ids);
+    // GPT-2's tiny fixture never picks end-of-text in these continuations.
+    assert_eq!(v["stop_reason"], "max_new_tokens");
     assert_eq!(uints(&v["generated_ids"]), greedy);
     assert_eq!(v["text"].as_str().unwrap(), text);
     assert_eq!(out.matches('\n').count(), 1, "one line: {out}");

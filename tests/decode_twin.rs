@@ -34,7 +34,7 @@ fn split_ranges_tile_the_keys_exactly_once() {
                     covered.min(n_keys),
                     "n={n_keys} splits={splits} s={s}"
                 );
-                assert!(r.start % 16 == 0 || r.is_empty());
+                assert!(r.start.is_multiple_of(16) || r.is_empty());
                 covered = covered.max(r.end);
             }
             assert_eq!(covered, n_keys);

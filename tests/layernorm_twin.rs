@@ -27,7 +27,7 @@ fn expect(what: &str, out: &[f32], want: &[f64], tol: Tolerance) {
 fn launches(dtype: DType, hidden: usize, rows: usize) -> Vec<Launch> {
     let pack = 16 / dtype.size_bytes();
     let mut vecs = vec![1];
-    if hidden % pack == 0 {
+    if hidden.is_multiple_of(pack) {
         vecs.push(pack);
     }
     let mut out = Vec::new();

@@ -14,7 +14,7 @@
 // HARDWARE when written (2026-11-26, no device time left); the op does not pick it by default
 // (`ops::attention::Kernel::TensorCore` asks for it) until the GPU tests have passed on it.
 //
-// Algorithm (see ../shared/attention-kernel-notes.md §4–§5 and src/twin/attention.rs, its CPU
+// Algorithm (see docs/kernels/attention-forward.md and src/twin/attention.rs, its CPU
 // twin): one CTA per (query block of BM = 64 rows, head, batch), flattened into gridDim.x; four
 // warps, each owning 16 query rows. For each key tile of BN keys:
 //   S = Q·Kᵀ with mma.m16n8k16 (A = Q from shared memory by ldmatrix, B = K rows by ldmatrix);

@@ -36,7 +36,7 @@
 //   split writes O_s = 0, LSE_s = −inf. With a single split, O (dtype) and LSE directly.
 // Phase 2, decode_merge_<T>: one warp per (batch, q-head) row combines the splits in split
 //   order: Mx = max LSE_s (0 if −inf), Σ = Σ exp(LSE_s − Mx), LSE = Mx + ln Σ (−inf if Σ = 0),
-//   O = Σ exp(LSE_s − LSE)·O_s, 0 for LSE = −inf (../shared/attention-kernel-notes.md §6).
+//   O = Σ exp(LSE_s − LSE)·O_s, 0 for LSE = −inf (docs/kernels/attention-forward.md, split-KV).
 //
 // Head dims: HD ∈ {64, 128, 256} is the padded tile (64 and 128 exact, any other D ≤ 256 padded
 // with zero packs). The 16-byte path needs K/V bases and strides aligned (host flag

@@ -90,6 +90,10 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
                 let mut impls = Vec::new();
                 if dt != DType::F32 {
                     impls.push(("tensor_cores", Impl::Fused(Kernel::TensorCore)));
+                    // The sm_90a kernel where it can run (H100/H200), beside the verified one.
+                    if gpu.info().compute_capability == (9, 0) && (dim == 64 || dim == 128) {
+                        impls.push(("hopper_wgmma", Impl::Fused(Kernel::Hopper)));
+                    }
                 }
                 if len <= EXACT_MAX_LEN || quick {
                     impls.push(("exact", Impl::Fused(Kernel::Exact)));

@@ -3,9 +3,11 @@
 //! module per kernel family.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;
+pub mod training_ops;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

@@ -6,9 +6,11 @@
 //! and a kernel that writes outside its rows fails the check.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;
+pub mod training;
 
 use crate::dtype::DType;
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};

@@ -8,6 +8,7 @@
 //! 3-D views [total, H, D] with cumulative sequence offsets.
 
 use super::validate;
+use super::ViewInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
@@ -88,6 +89,10 @@ pub enum Kernel {
     Exact,
     /// mma.sync tensor cores, f16/bf16 only (`kernels/attention_tc.cu`).
     TensorCore,
+    /// Hopper's wgmma/TMA kernel (`kernels/attention_hopper.cu`): compute capability 9.0,
+    /// f16/bf16, D = Dv ∈ {64, 128}, dense batches. Not yet run on hardware, so never chosen by
+    /// `Auto`; anything it cannot take is an error naming why.
+    Hopper,
 }
 
 /// Options of one call.
@@ -174,7 +179,6 @@ fn check_offsets(arg: &'static str, cu: &[i32], batch: usize, rows: usize) -> Re
     Ok(longest)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn check(
     q: &TensorRef,
     k: &TensorRef,
@@ -183,9 +187,28 @@ pub(super) fn check(
     lse: Option<&TensorMut>,
     opts: &Options,
 ) -> Result<Checked> {
-    let dtype = q.dtype;
-    let (qi, ki, vi, oi) = (q.info("q"), k.info("k"), v.info("v"), o.info("o"));
-    for x in [&ki, &vi, &oi] {
+    let lse = lse.map(|l| l.info("lse"));
+    check_views(
+        &q.info("q"),
+        &k.info("k"),
+        &v.info("v"),
+        &o.info("o"),
+        lse.as_ref(),
+        opts,
+    )
+}
+
+/// [`check`] on views of any kind (the backward reads O and LSE instead of writing them).
+pub(super) fn check_views(
+    qi: &ViewInfo,
+    ki: &ViewInfo,
+    vi: &ViewInfo,
+    oi: &ViewInfo,
+    lse: Option<&ViewInfo>,
+    opts: &Options,
+) -> Result<Checked> {
+    let dtype = qi.dtype;
+    for x in [ki, vi, oi] {
         validate::dtype(x, dtype)?;
     }
     let packed = opts.sequences.is_packed();
@@ -195,10 +218,10 @@ pub(super) fn check(
     } else {
         "[batch, heads, len, dim]"
     };
-    let (qs, qst) = validate::strided(&qi, rank, what)?;
-    let (ks, kst) = validate::strided(&ki, rank, what)?;
-    let (vs, vst) = validate::strided(&vi, rank, what)?;
-    let (os, ost) = validate::strided(&oi, rank, what)?;
+    let (qs, qst) = validate::strided(qi, rank, what)?;
+    let (ks, kst) = validate::strided(ki, rank, what)?;
+    let (vs, vst) = validate::strided(vi, rank, what)?;
+    let (os, ost) = validate::strided(oi, rank, what)?;
     // Dense dims (b, h, l, d) or packed (t, h, d).
     let (hq, hkv) = (qs[1], ks[1]); // heads are dim 1 in both layouts
     let (dim_qk, dim_v) = (qs[rank - 1], vs[rank - 1]);
@@ -353,17 +376,20 @@ pub(super) fn check(
     }
     let lse = match lse {
         None => None,
-        Some(l) => {
-            let info = l.info("lse");
-            validate::dtype(&info, DType::F32)?;
+        Some(info) => {
+            validate::dtype(info, DType::F32)?;
             let (want, strides) = if packed {
                 (vec![hq, qs[0]], (0, qs[0] as i64))
             } else {
                 (vec![batch, hq, len_q], ((hq * len_q) as i64, len_q as i64))
             };
-            validate::vector(&info, want.iter().product(), "one per query row and head")?;
-            if l.shape() != want.as_slice() {
-                return Err(Error::shape("lse", format!("{want:?}"), l.shape()));
+            validate::vector(info, want.iter().product(), "one per query row and head")?;
+            if info.layout.shape() != want.as_slice() {
+                return Err(Error::shape(
+                    info.arg,
+                    format!("{want:?}"),
+                    info.layout.shape(),
+                ));
             }
             Some(strides)
         }
@@ -549,6 +575,12 @@ pub(super) fn launch_forward(
         gpu.check_context(arg, ctx)?;
     }
     let tensor_cores = match opts.kernel {
+        Kernel::Hopper => {
+            if let Some(why) = super::attention_hopper::ineligible(gpu, c, opts, sparse.is_some()) {
+                return Err(Error::invalid("kernel", format!("Kernel::Hopper {why}")));
+            }
+            true
+        }
         Kernel::Auto => c.dtype != DType::F32,
         Kernel::Exact => false,
         Kernel::TensorCore if c.dtype == DType::F32 => {
@@ -586,57 +618,137 @@ pub(super) fn launch_forward(
         && [c.q, c.k, c.v]
             .iter()
             .all(|s| [s.batch, s.head, s.row].iter().all(|x| x % 8 == 0))
-        && c.shape.dim_qk % 8 == 0
-        && c.shape.dim_v % 8 == 0;
-    let upload = |a: &[i32]| {
-        gpu.stream()
-            .clone_htod(a)
-            .map_err(|e| Error::driver("copy host to device", e))
+        && c.shape.dim_qk.is_multiple_of(8)
+        && c.shape.dim_v.is_multiple_of(8);
+    let seqs = SequenceArrays::upload(gpu, opts)?;
+    let lse_ptr = match (&lse, c.lse) {
+        (Some(l), Some(_)) => l.ptr,
+        _ => 0,
     };
-    // Host lengths are uploaded (freed in stream order after the launch); device ones are
-    // used where they are.
-    let (mut key_lens, mut cu_q, mut cu_k) = (None, None, None);
-    let mut device = [0u64; 3];
-    match opts.sequences {
-        Sequences::Dense { key_lens: l } => key_lens = l.map(upload).transpose()?,
-        Sequences::Packed {
-            cu_seqlens_q,
-            cu_seqlens_k,
-        } => {
-            cu_q = Some(upload(cu_seqlens_q)?);
-            cu_k = Some(upload(cu_seqlens_k)?);
-        }
-        Sequences::DenseDevice { key_lens } => {
-            gpu.check_context("key_lens", key_lens.context())?;
-            device[0] = key_lens.device_ptr();
-        }
-        Sequences::PackedDevice {
-            cu_seqlens_q,
-            cu_seqlens_k,
-            ..
-        } => {
-            gpu.check_context("cu_seqlens_q", cu_seqlens_q.context())?;
-            gpu.check_context("cu_seqlens_k", cu_seqlens_k.context())?;
-            device[1] = cu_seqlens_q.device_ptr();
-            device[2] = cu_seqlens_k.device_ptr();
-        }
+    let p = fwd_params(
+        gpu,
+        [q.ptr, k.ptr, v.ptr, o.ptr, lse_ptr],
+        opts,
+        c,
+        &seqs,
+        sparse,
+        rows_per_block,
+        vectorized,
+    );
+    if opts.kernel == Kernel::Hopper {
+        return super::attention_hopper::launch(gpu, q, k, v, o, c, &p);
     }
+    let (kernel, smem) = if tensor_cores {
+        let name = match sparse {
+            Some(_) => sparse_kernel_name(c.dtype, tile.rows, tile.head_dim),
+            None => tc_kernel_name(c.dtype, tile.head_dim),
+        };
+        (gpu.kernel(TC_MODULE, name)?, tile.shared_bytes())
+    } else {
+        (gpu.kernel(EXACT_MODULE, kernel_name(c.dtype))?, 0)
+    };
+    if smem > kernel.max_dynamic_smem {
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "needs {smem} bytes of shared memory, the GPU allows {}",
+                kernel.max_dynamic_smem
+            ),
+        ));
+    }
+    let threads = if tensor_cores {
+        TC_THREADS
+    } else {
+        32 * EXACT_ROWS_PER_BLOCK as u32
+    };
+    // SAFETY: `check` validated every view (dtypes, shapes, a contiguous last dim, that each
+    // layout fits the memory behind it, alignment) and the sequence lengths/offsets, so every
+    // address the kernel forms from these strides and lengths is inside its view; 16-byte
+    // loads are used only when `vectorized` established their alignment, and `smem` is within
+    // the function's raised dynamic shared-memory limit (checked above).
+    unsafe { super::launch(gpu, &kernel, &p, (blocks as u32, 1), (threads, 1), smem) }
+}
+
+/// A call's key lengths or packed offsets on the device: host slices are copied (the copies
+/// must outlive the launches that read them; the stream orders the copy before the kernels),
+/// device views are used where they are, after checking they belong to this context.
+pub(super) struct SequenceArrays {
+    key_lens: Option<cudarc::driver::CudaSlice<i32>>,
+    cu_q: Option<cudarc::driver::CudaSlice<i32>>,
+    cu_k: Option<cudarc::driver::CudaSlice<i32>>,
+    /// Device pointers of caller-owned arrays: key_lens, cu_seqlens_q, cu_seqlens_k (0: none).
+    device: [u64; 3],
+}
+
+impl SequenceArrays {
+    pub(super) fn upload(gpu: &Gpu, opts: &Options) -> Result<Self> {
+        let upload = |a: &[i32]| {
+            gpu.stream()
+                .clone_htod(a)
+                .map_err(|e| Error::driver("copy host to device", e))
+        };
+        let mut s = SequenceArrays {
+            key_lens: None,
+            cu_q: None,
+            cu_k: None,
+            device: [0; 3],
+        };
+        match opts.sequences {
+            Sequences::Dense { key_lens } => s.key_lens = key_lens.map(upload).transpose()?,
+            Sequences::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+            } => {
+                s.cu_q = Some(upload(cu_seqlens_q)?);
+                s.cu_k = Some(upload(cu_seqlens_k)?);
+            }
+            Sequences::DenseDevice { key_lens } => {
+                gpu.check_context("key_lens", key_lens.context())?;
+                s.device[0] = key_lens.device_ptr();
+            }
+            Sequences::PackedDevice {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                ..
+            } => {
+                gpu.check_context("cu_seqlens_q", cu_seqlens_q.context())?;
+                gpu.check_context("cu_seqlens_k", cu_seqlens_k.context())?;
+                s.device[1] = cu_seqlens_q.device_ptr();
+                s.device[2] = cu_seqlens_k.device_ptr();
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The forward's launch parameters for checked views: `ptrs` are Q, K, V, O and LSE (0: none).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fwd_params(
+    gpu: &Gpu,
+    ptrs: [u64; 5],
+    opts: &Options,
+    c: &Checked,
+    seqs: &SequenceArrays,
+    sparse: Option<&SparseArgs>,
+    rows_per_block: usize,
+    vectorized: bool,
+) -> cuattn_attention_fwd_params {
     let ptr = |b: &Option<cudarc::driver::CudaSlice<i32>>, dev: u64| {
         b.as_ref().map_or(dev, |b| b.device_ptr(gpu.stream()).0)
     };
-    let (lse_ptr, (lse_bs, lse_hs)) = match (&lse, c.lse) {
-        (Some(l), Some(s)) => (l.ptr, s),
-        _ => (0, (0, 0)),
+    let (lse_bs, lse_hs) = match (ptrs[4], c.lse) {
+        (0, _) | (_, None) => (0, 0),
+        (_, Some(s)) => s,
     };
-    let p = cuattn_attention_fwd_params {
-        q: q.ptr,
-        k: k.ptr,
-        v: v.ptr,
-        o: o.ptr,
-        lse: lse_ptr,
-        key_lens: ptr(&key_lens, device[0]),
-        cu_seqlens_q: ptr(&cu_q, device[1]),
-        cu_seqlens_k: ptr(&cu_k, device[2]),
+    cuattn_attention_fwd_params {
+        q: ptrs[0],
+        k: ptrs[1],
+        v: ptrs[2],
+        o: ptrs[3],
+        lse: ptrs[4],
+        key_lens: ptr(&seqs.key_lens, seqs.device[0]),
+        cu_seqlens_q: ptr(&seqs.cu_q, seqs.device[1]),
+        cu_seqlens_k: ptr(&seqs.cu_k, seqs.device[2]),
         q_batch_stride: c.q.batch,
         q_head_stride: c.q.head,
         q_row_stride: c.q.row,
@@ -690,36 +802,7 @@ pub(super) fn launch_forward(
         sp_words_per_row: sparse.map_or(0, |s| s.words_per_row),
         total_q: c.total.0 as i64,
         total_k: c.total.1 as i64,
-    };
-    let (kernel, smem) = if tensor_cores {
-        let name = match sparse {
-            Some(_) => sparse_kernel_name(c.dtype, tile.rows, tile.head_dim),
-            None => tc_kernel_name(c.dtype, tile.head_dim),
-        };
-        (gpu.kernel(TC_MODULE, name)?, tile.shared_bytes())
-    } else {
-        (gpu.kernel(EXACT_MODULE, kernel_name(c.dtype))?, 0)
-    };
-    if smem > kernel.max_dynamic_smem {
-        return Err(Error::invalid(
-            "q",
-            format!(
-                "needs {smem} bytes of shared memory, the GPU allows {}",
-                kernel.max_dynamic_smem
-            ),
-        ));
     }
-    let threads = if tensor_cores {
-        TC_THREADS
-    } else {
-        32 * EXACT_ROWS_PER_BLOCK as u32
-    };
-    // SAFETY: `check` validated every view (dtypes, shapes, a contiguous last dim, that each
-    // layout fits the memory behind it, alignment) and the sequence lengths/offsets, so every
-    // address the kernel forms from these strides and lengths is inside its view; 16-byte
-    // loads are used only when `vectorized` established their alignment, and `smem` is within
-    // the function's raised dynamic shared-memory limit (checked above).
-    unsafe { super::launch(gpu, &kernel, &p, (blocks as u32, 1), (threads, 1), smem) }
 }
 
 /// Attention forward, allocating O (contiguous, q's layout order: dense [B, Hq, Lq, Dv] or

@@ -224,8 +224,8 @@ fn check(
 /// dim multiples of a pack.
 fn vectorized(c: &Checked, k_ptr: u64, v_ptr: u64) -> bool {
     let pack = (16 / c.dtype.size_bytes()) as i64;
-    k_ptr % 16 == 0
-        && v_ptr % 16 == 0
+    k_ptr.is_multiple_of(16)
+        && v_ptr.is_multiple_of(16)
         && [c.k, c.v]
             .iter()
             .all(|s| [s.batch, s.head, s.row].iter().all(|x| x % pack == 0))

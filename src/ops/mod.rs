@@ -3,12 +3,16 @@
 //! one `unsafe` launch whose soundness rests on those checks.
 
 pub mod attention;
+pub mod attention_backward;
+mod attention_hopper;
 pub mod attention_unfused;
 pub mod decode;
 #[cfg(test)]
 mod fake_views;
+pub mod gemm;
 pub mod layernorm;
 pub mod sparse_attention;
+pub mod training;
 mod validate;
 
 pub(crate) use validate::ViewInfo;

@@ -25,7 +25,8 @@ pub(crate) struct Rows {
 impl Rows {
     /// Whether every row starts on a 16-byte boundary.
     pub fn rows_16b_aligned(&self, dtype: DType) -> bool {
-        self.ptr % 16 == 0 && (self.rows <= 1 || (self.row_stride * dtype.size_bytes()) % 16 == 0)
+        self.ptr.is_multiple_of(16)
+            && (self.rows <= 1 || (self.row_stride * dtype.size_bytes()).is_multiple_of(16))
     }
 }
 
@@ -43,7 +44,7 @@ pub(crate) fn dtype(v: &ViewInfo, expected: DType) -> Result<()> {
 /// Checks the view's layout fits its memory and its address is aligned to its element size.
 pub(crate) fn memory(v: &ViewInfo) -> Result<()> {
     let size = v.dtype.size_bytes();
-    if v.ptr % size as u64 != 0 {
+    if !v.ptr.is_multiple_of(size as u64) {
         return Err(Error::Alignment {
             arg: v.arg,
             ptr: v.ptr,

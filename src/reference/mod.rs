@@ -3,5 +3,7 @@
 //! turn checked against independent formulas and finite differences (tests/reference_*.rs).
 
 pub mod attention;
+pub mod attention_backward;
 pub mod layernorm;
 pub mod runtime;
+pub mod training;

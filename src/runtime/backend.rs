@@ -209,6 +209,12 @@ pub trait Backend {
     /// A tensor of `shape` from row-major f32 values (rounded to the backend's dtype).
     fn upload(&self, shape: &[usize], values: &[f32]) -> Result<Self::Tensor>;
 
+    /// [`Backend::upload`] of values the caller gives away: a host backend keeps them
+    /// without copying (model loading uploads each parameter this way once).
+    fn upload_owned(&self, shape: &[usize], values: Vec<f32>) -> Result<Self::Tensor> {
+        self.upload(shape, &values)
+    }
+
     /// The tensor's values, row-major, as f32.
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 
@@ -289,7 +295,7 @@ pub(crate) fn check_attention<T: HasShape>(
     let wq = width("q", q, m.batch * m.len_q)?;
     let wk = width("k", k, m.batch * m.len_k)?;
     let wv = width("v", v, m.batch * m.len_k)?;
-    if k.dim != q.dim || v.heads != k.heads || q.heads % k.heads != 0 {
+    if k.dim != q.dim || v.heads != k.heads || !q.heads.is_multiple_of(k.heads) {
         return Err(Error::invalid(
             "k",
             format!(

@@ -4,6 +4,7 @@
 
 use super::backend::{Activation, Backend};
 use super::checkpoint::{read_json, Checkpoint};
+use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
 use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention};
 use super::tokenizer::TokenBatch;
 use crate::error::{Error, Result};
@@ -27,50 +28,46 @@ impl BertConfig {
     /// Reads `dir/config.json`; anything but a BERT with absolute positions is an error.
     pub fn from_folder(dir: &Path) -> Result<BertConfig> {
         let path = dir.join("config.json");
-        let v = read_json(&path)?;
-        let err = |reason: String| Error::Config {
-            file: path.display().to_string(),
-            reason,
-        };
-        let model_type = v["model_type"].as_str().unwrap_or("");
+        Self::from_json(&read_json(&path)?, &path.display().to_string())
+    }
+
+    /// Parses a `config.json` value (`file` names it in errors): every field the model uses
+    /// type- and range-checked.
+    pub fn from_json(v: &serde_json::Value, file: &str) -> Result<BertConfig> {
+        let f = Fields::new(v, file)?;
+        let model_type = f.str_or("model_type", "")?;
         if model_type != "bert" {
             let arch = v["architectures"]
                 .get(0)
                 .and_then(|a| a.as_str())
                 .unwrap_or("unknown");
-            return Err(err(format!(
+            return Err(f.err(format!(
                 "unsupported architecture: model_type `{model_type}` ({arch}); \
                  this runtime supports `bert`"
             )));
         }
-        let pos = v["position_embedding_type"].as_str().unwrap_or("absolute");
+        let pos = f.str_or("position_embedding_type", "absolute")?;
         if pos != "absolute" {
-            return Err(err(format!(
+            return Err(f.err(format!(
                 "unsupported position_embedding_type `{pos}` (only `absolute`)"
             )));
         }
-        let int = |key: &str| -> Result<usize> {
-            v[key]
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| err(format!("missing or non-integer `{key}`")))
-        };
-        let act_name = v["hidden_act"].as_str().unwrap_or("gelu");
+        let act_name = f.str_or("hidden_act", "gelu")?;
         let hidden_act = Activation::from_hf_name(act_name)
-            .ok_or_else(|| err(format!("unsupported hidden_act `{act_name}`")))?;
+            .ok_or_else(|| f.err(format!("unsupported hidden_act `{act_name}`")))?;
         let c = BertConfig {
-            vocab_size: int("vocab_size")?,
-            hidden_size: int("hidden_size")?,
-            num_hidden_layers: int("num_hidden_layers")?,
-            num_attention_heads: int("num_attention_heads")?,
-            intermediate_size: int("intermediate_size")?,
+            vocab_size: f.int("vocab_size", 1..=MAX_COUNT)?,
+            hidden_size: f.int("hidden_size", 1..=MAX_WIDTH)?,
+            num_hidden_layers: f.int("num_hidden_layers", 1..=MAX_LAYERS)?,
+            num_attention_heads: f.int("num_attention_heads", 1..=MAX_WIDTH)?,
+            intermediate_size: f.int("intermediate_size", 1..=MAX_WIDTH)?,
             hidden_act,
-            max_position_embeddings: int("max_position_embeddings")?,
-            type_vocab_size: v["type_vocab_size"].as_u64().unwrap_or(2) as usize,
-            layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32,
+            max_position_embeddings: f.int("max_position_embeddings", 2..=MAX_COUNT)?,
+            type_vocab_size: f.int_or("type_vocab_size", 2, 1..=MAX_COUNT)?,
+            layer_norm_eps: f.epsilon_or("layer_norm_eps", 1e-12)?,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
-            return Err(err(format!(
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(f.err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads
             )));
@@ -121,6 +118,13 @@ impl<B: Backend> Bert<B> {
         ckpt.detect_prefix("bert.", "embeddings.word_embeddings.weight");
         let c = &config;
         let (h, inter) = (c.hidden_size, c.intermediate_size);
+        // The config against the file's tensors before anything sized by it is allocated.
+        ckpt.expect_shape(
+            "embeddings.word_embeddings.weight",
+            &[c.vocab_size, h],
+            "vocab_size and hidden_size",
+        )?;
+        ckpt.expect_layers("encoder.layer.", c.num_hidden_layers, "num_hidden_layers")?;
         let ln = |ckpt: &mut Checkpoint, name: &str| -> Result<LayerNorm<B>> {
             // Old checkpoints name LayerNorm's parameters gamma/beta.
             let (g, b) = if ckpt.contains(&format!("{name}.gamma")) {
@@ -133,9 +137,9 @@ impl<B: Backend> Bert<B> {
             LayerNorm::new(be, &gamma, &beta, c.layer_norm_eps)
         };
         let table = |ckpt: &mut Checkpoint, name: &str, rows: usize| -> Result<Embedding<B>> {
-            Embedding::new(
+            Embedding::from_owned(
                 be,
-                &ckpt.take(&format!("embeddings.{name}.weight"), &[rows, h])?,
+                ckpt.take(&format!("embeddings.{name}.weight"), &[rows, h])?,
             )
         };
         let word = table(ckpt, "word_embeddings", c.vocab_size)?;
@@ -169,8 +173,8 @@ impl<B: Backend> Bert<B> {
                 attention,
                 attention_norm: ln(ckpt, &format!("{p}.attention.output.LayerNorm"))?,
                 ffn: FeedForward {
-                    up: Linear::new(be, &up.0, Some(&up.1))?,
-                    down: Linear::new(be, &down.0, Some(&down.1))?,
+                    up: Linear::from_owned(be, up.0, Some(up.1))?,
+                    down: Linear::from_owned(be, down.0, Some(down.1))?,
                     act: c.hidden_act,
                 },
                 output_norm: ln(ckpt, &format!("{p}.output.LayerNorm"))?,
@@ -179,7 +183,7 @@ impl<B: Backend> Bert<B> {
         let pooler = if ckpt.contains("pooler.dense.weight") || ckpt.contains("pooler.dense.bias") {
             let w = ckpt.take("pooler.dense.weight", &[h, h])?;
             let b = ckpt.take("pooler.dense.bias", &[h])?;
-            Some(Linear::new(be, &w, Some(&b))?)
+            Some(Linear::from_owned(be, w, Some(b))?)
         } else {
             None
         };

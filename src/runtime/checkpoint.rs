@@ -5,6 +5,7 @@
 //! reports every tensor it did not take. So a missing, extra or mis-shaped tensor is an error
 //! that names it, never a silently half-loaded model.
 
+use super::folder::{check_file, read_bounded, CONFIG_LIMIT};
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeSet;
@@ -24,10 +25,16 @@ impl HostParam {
         let [a, b] = self.shape[..] else {
             return Err(Error::shape("param", "2 dims to transpose", &self.shape));
         };
+        // In 32×32 tiles, so both the reads and the writes stay within a few cache lines.
+        const TILE: usize = 32;
         let mut values = vec![0f32; a * b];
-        for i in 0..a {
-            for j in 0..b {
-                values[j * a + i] = self.values[i * b + j];
+        for i0 in (0..a).step_by(TILE) {
+            for j0 in (0..b).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(a) {
+                    for j in j0..(j0 + TILE).min(b) {
+                        values[j * a + i] = self.values[i * b + j];
+                    }
+                }
             }
         }
         Ok(HostParam {
@@ -37,20 +44,21 @@ impl HostParam {
     }
 }
 
-/// Reads a JSON file of a model folder; a missing or malformed file is an [`Error::Config`].
+/// Reads a JSON file of a model folder (at most [`CONFIG_LIMIT`] bytes, a regular file); a
+/// missing, oversized or malformed file is an [`Error::Config`].
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+    let config_err = |reason: String| Error::Config {
         file: path.display().to_string(),
-        reason: if e.kind() == std::io::ErrorKind::NotFound {
-            "not found (is this a Hugging Face model folder?)".into()
-        } else {
-            e.to_string()
-        },
+        reason,
+    };
+    let bytes = read_bounded(path, CONFIG_LIMIT).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            config_err("not found (is this a Hugging Face model folder?)".into())
+        }
+        Error::Io { source, .. } => config_err(source.to_string()),
+        e => e,
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        file: path.display().to_string(),
-        reason: format!("not valid JSON: {e}"),
-    })
+    serde_json::from_slice(&bytes).map_err(|e| config_err(format!("not valid JSON: {e}")))
 }
 
 /// Tensor-name suffixes that are buffers, not parameters (recomputed by the model), skipped
@@ -80,6 +88,13 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     /// Maps `path` and reads its header. A truncated or corrupt file is an error here.
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        // A regular file (not a device or a folder); its size bounds everything read from it:
+        // the header and every tensor's bytes must lie inside the file (the safetensors
+        // reader checks both), so no shape in it can make us allocate more than it holds.
+        check_file(path, u64::MAX).map_err(|e| Error::Checkpoint {
+            file: path.display().to_string(),
+            reason: format!("cannot open: {e}"),
+        })?;
         let file = std::fs::File::open(path).map_err(|e| Error::Checkpoint {
             file: path.display().to_string(),
             reason: format!("cannot open: {e}"),
@@ -134,6 +149,53 @@ impl Checkpoint {
         self.names.contains(&format!("{}{name}", self.prefix))
     }
 
+    /// The shape of tensor `name` (after the prefix), if the file has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let full = format!("{}{name}", self.prefix);
+        let st = SafeTensors::deserialize(&self.map).ok()?;
+        st.tensor(&full).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// Checks, before a model allocates per-layer state, that the file has layers
+    /// `0 .. layers` (tensors named `{stem}{i}.…`, after the prefix; `key` names the config
+    /// field in the error).
+    pub fn expect_layers(&self, stem: &str, layers: usize, key: &str) -> Result<()> {
+        let full = format!("{}{stem}", self.prefix);
+        let found: BTreeSet<usize> = self
+            .names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&full)?.split('.').next()?.parse().ok())
+            .collect();
+        // Layers past `layers` are left for [`Checkpoint::finish`] to name.
+        if layers <= found.len() && (0..layers).all(|i| found.contains(&i)) {
+            return Ok(());
+        }
+        Err(self.err(format!(
+            "config.json says {key} = {layers}, the checkpoint has {} layer(s) `{full}N.*`{}",
+            found.len(),
+            found
+                .iter()
+                .next_back()
+                .map_or(String::new(), |m| format!(" (highest N: {m})"))
+        )))
+    }
+
+    /// Checks tensor `name` has `shape` before anything is allocated for it; `what` names the
+    /// config fields the shape comes from.
+    pub fn expect_shape(&self, name: &str, shape: &[usize], what: &str) -> Result<()> {
+        match self.shape(name) {
+            Some(s) if s == shape => Ok(()),
+            Some(s) => Err(self.err(format!(
+                "tensor `{}{name}` has shape {s:?}, config.json's {what} say {shape:?}",
+                self.prefix
+            ))),
+            None => Err(self.err(format!(
+                "missing tensor `{}{name}` (expected shape {shape:?})",
+                self.prefix
+            ))),
+        }
+    }
+
     /// Marks tensor `name` (after the prefix) as used without reading it: buffers a model
     /// recomputes (GPT-2's causal-mask `attn.bias`). Returns whether the file had it.
     pub fn discard(&mut self, name: &str) -> bool {
@@ -161,25 +223,55 @@ impl Checkpoint {
             )));
         }
         let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let width = match view.dtype() {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             other => {
                 return Err(self.err(format!(
                     "tensor `{full}` has dtype {other:?}; only F32, F16 and BF16 are supported"
                 )))
             }
         };
+        // The one allocation proportional to the file: a failure is an error, not an abort.
+        let mut values: Vec<f32> = Vec::new();
+        values
+            .try_reserve_exact(bytes.len() / width)
+            .map_err(|e| self.err(format!("cannot allocate tensor `{full}`: {e}")))?;
+        match view.dtype() {
+            Dtype::F32 => values.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            Dtype::F16 => values.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            _ => values.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+        }
+        // The values are copied out: drop the tensor's file pages from this process's
+        // resident set, so loading holds the checkpoint in memory once (as converted values),
+        // not twice. Only a hint: on failure the pages simply stay until the map is dropped.
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            // SAFETY: the map is a read-only shared file mapping and no borrow of this range
+            // outlives this statement (`values` is an owned copy), so MADV_DONTNEED only
+            // makes later reads of these pages fault them back in from the file; it cannot
+            // change what any live reference sees.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
+            };
+        }
         self.taken.insert(full);
         Ok(HostParam {
             shape: shape.to_vec(),

@@ -1,17 +1,30 @@
-//! The CPU backend: f32 tensors in host memory. GEMMs through the `gemm` crate (pure Rust,
-//! AVX-512/AVX2 kernels picked at run time): a linear layer is one GEMM threaded over rayon's
-//! pool, attention runs one (sequence, head) per task with single-threaded GEMMs; everything
-//! else is a plain loop parallel over rows.
+//! The CPU backend: f32 tensors in host memory. Many-row GEMMs through the `gemm` crate
+//! (threaded over rayon's pool; its AVX-512 or AVX2 kernels chosen at run time); linear layers
+//! of at most [`gemv::MAX_ROWS`] rows (decoding) through our own column-split kernel
+//! ([`gemv`]), which streams the weights from every core; attention one (sequence, head) per
+//! task with single-threaded GEMMs and a vectorized softmax; LayerNorm and the other row ops
+//! vectorized ([`vmath`]) and parallel over rows. The vector kernels of this module pick
+//! AVX-512, AVX2 or portable code at run time ([`isa`]).
+
+mod bf16;
+mod gemv;
+pub mod isa;
+mod vmath;
+
+pub use bf16::CpuBf16;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
+use isa::Isa;
 use rayon::prelude::*;
 
-/// A row-major f32 tensor in host memory.
+/// A row-major tensor in host memory: f32, or bf16 for the weight matrices of [`CpuBf16`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Vec<f32>,
+    /// The values as bf16 bit patterns instead of `data` (then empty).
+    bf16: Option<Vec<u16>>,
 }
 
 impl CpuTensor {
@@ -28,24 +41,71 @@ impl CpuTensor {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data,
+            bf16: None,
         })
     }
+
+    /// A bf16 tensor of `shape` over bf16 bit patterns.
+    pub fn from_bf16(shape: &[usize], bits: Vec<u16>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if bits.len() != n {
+            return Err(Error::shape(
+                "bits",
+                format!("{n} values for shape {shape:?}"),
+                &[bits.len()],
+            ));
+        }
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: Vec::new(),
+            bf16: Some(bits),
+        })
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
+    /// The f32 values; empty for a bf16 tensor (see [`CpuTensor::is_bf16`]).
     pub fn data(&self) -> &[f32] {
         &self.data
     }
+    /// The values as f32 (converted from bf16 when stored so).
     pub fn into_data(self) -> Vec<f32> {
-        self.data
+        match self.bf16 {
+            Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
+            None => self.data,
+        }
     }
     pub(crate) fn data_mut(&mut self) -> &mut [f32] {
         &mut self.data
+    }
+    /// Whether the values are stored as bf16 ([`CpuBf16`]'s weight matrices).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16.is_some()
     }
     fn rows_cols(&self, arg: &'static str) -> Result<(usize, usize)> {
         match self.shape.as_slice() {
             [r, c] => Ok((*r, *c)),
             s => Err(Error::shape(arg, "2 dims [rows, width]", s)),
+        }
+    }
+    /// The values as f32 for an op's input: borrowed when stored as f32 (every activation),
+    /// widened when stored as bf16 (a weight, or a tensor uploaded to [`CpuBf16`]).
+    fn f32s(&self) -> std::borrow::Cow<'_, [f32]> {
+        self.values_f32()
+    }
+    /// The values as f32, converted only when stored as bf16 (small parameters, or a whole
+    /// weight for a many-row GEMM).
+    fn values_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.bf16 {
+            Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
+            None => std::borrow::Cow::Borrowed(&self.data),
+        }
+    }
+    fn weights(&self) -> gemv::Weights<'_> {
+        match &self.bf16 {
+            Some(bits) => gemv::Weights::Bf16(bits),
+            None => gemv::Weights::F32(&self.data),
         }
     }
 }
@@ -64,7 +124,7 @@ fn rows_per_block(rows: usize) -> usize {
 /// rayon's threads when `parallel` (one big GEMM) or on the calling thread (many small ones
 /// already spread over the threads).
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(super) fn sgemm(
     m: usize,
     k: usize,
     n: usize,
@@ -132,15 +192,23 @@ impl Backend for Cpu {
     }
 
     fn describe(&self) -> String {
-        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+        format!(
+            "cpu (f32, {} threads, {})",
+            rayon::current_num_threads(),
+            Isa::current().name()
+        )
     }
 
     fn upload(&self, shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
         CpuTensor::new(shape, values.to_vec())
     }
 
+    fn upload_owned(&self, shape: &[usize], values: Vec<f32>) -> Result<CpuTensor> {
+        CpuTensor::new(shape, values)
+    }
+
     fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(t.data.clone())
+        Ok(t.values_f32().into_owned())
     }
 
     fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {
@@ -164,34 +232,52 @@ impl Backend for Cpu {
                 return Err(Error::shape("bias", format!("[{out}]"), &b.shape));
             }
         }
+        let xd = x.f32s();
+        let bias = bias.map(|b| b.values_f32());
         let mut y = vec![0f32; rows * out];
         if out == 0 {
             return CpuTensor::new(&[rows, out], y);
         }
+        if rows <= gemv::MAX_ROWS {
+            // Decoding: a weight stream, split over the threads by output columns.
+            gemv::linear(
+                Isa::current(),
+                &xd,
+                rows,
+                inp,
+                w.weights(),
+                out,
+                bias.as_deref(),
+                act,
+                &mut y,
+            );
+            return CpuTensor::new(&[rows, out], y);
+        }
         // One GEMM over all rows, threaded inside the GEMM (the weight is packed once, not
         // once per thread), then bias and activation by row blocks.
-        // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`.
+        // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
+        // once per call here (a prefill, not the per-token path).
+        let wd = w.values_f32();
         sgemm(
             rows,
             inp,
             out,
-            &x.data,
+            &xd,
             (inp, 1),
-            &w.data,
+            &wd,
             (1, inp),
             &mut y,
             out,
             true,
         );
         let block = rows_per_block(rows);
+        let isa = Isa::current();
         y.par_chunks_mut(block * out).for_each(|yb| {
             for row in yb.chunks_mut(out) {
-                if let Some(b) = bias {
-                    for (v, bv) in row.iter_mut().zip(&b.data) {
-                        *v += bv;
-                    }
+                if let Some(b) = &bias {
+                    vmath::add_assign(isa, row, b);
                 }
-                act.apply_slice(row);
+                vmath::activation(isa, act, row);
             }
         });
         CpuTensor::new(&[rows, out], y)
@@ -208,12 +294,13 @@ impl Backend for Cpu {
             ));
         }
         let (m, n) = (ar / batch, br / batch);
+        let (ad, bd) = (a.f32s(), b.f32s());
         let mut c = vec![0f32; ar * n];
         c.par_chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, cb)| {
-                let ab = &a.data[i * m * k..(i + 1) * m * k];
-                let bb = &b.data[i * n * k..(i + 1) * n * k];
+                let ab = &ad[i * m * k..(i + 1) * m * k];
+                let bb = &bd[i * n * k..(i + 1) * n * k];
                 sgemm(m, k, n, ab, (k, 1), bb, (1, k), cb, n, false);
             });
         CpuTensor::new(&[ar, n], c)
@@ -227,8 +314,15 @@ impl Backend for Cpu {
                 &b.shape,
             ));
         }
-        let data = a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect();
-        CpuTensor::new(&a.shape, data)
+        let (ad, bd) = (a.f32s(), b.f32s());
+        let mut out = vec![0f32; ad.len()];
+        let width = a.shape.last().copied().unwrap_or(1).max(1);
+        let block = rows_per_block(out.len() / width) * width;
+        let isa = Isa::current();
+        out.par_chunks_mut(block)
+            .zip(ad.par_chunks(block).zip(bd.par_chunks(block)))
+            .for_each(|(o, (x, y))| vmath::add(isa, x, y, o));
+        CpuTensor::new(&a.shape, out)
     }
 
     fn layer_norm(
@@ -249,21 +343,33 @@ impl Backend for Cpu {
                 shape: x.shape.clone(),
             });
         }
-        let mut y = match residual {
-            Some(r) => self.add(x, r)?.data,
-            None => x.data.clone(),
-        };
         for (arg, p) in [("gamma", gamma), ("beta", beta)] {
             if p.shape != [width] {
                 return Err(Error::shape(arg, format!("[{width}]"), &p.shape));
             }
         }
-        y.par_chunks_mut(width).for_each(|row| {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
-            let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
-            for ((v, g), b) in row.iter_mut().zip(&gamma.data).zip(&beta.data) {
-                *v = (*v - mean) * rstd * g + b;
+        if let Some(r) = residual {
+            if r.shape != x.shape {
+                return Err(Error::shape(
+                    "residual",
+                    format!("{:?} (x's shape)", x.shape),
+                    &r.shape,
+                ));
+            }
+        }
+        let xd = x.f32s();
+        let rd = residual.map(|r| r.f32s());
+        let rd = rd.as_deref();
+        let (gd, bd) = (gamma.values_f32(), beta.values_f32());
+        let mut y = vec![0f32; xd.len()];
+        let isa = Isa::current();
+        let block = rows_per_block(y.len() / width) * width;
+        y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
+            let at = i * block;
+            for (j, row) in yb.chunks_mut(width).enumerate() {
+                let s = at + j * width;
+                let rr = rd.map(|r| &r[s..s + width]);
+                vmath::layer_norm_row(isa, &xd[s..s + width], rr, &gd, &bd, eps, row);
             }
         });
         CpuTensor::new(&x.shape, y)
@@ -280,7 +386,14 @@ impl Backend for Cpu {
                     format!("id {id} is outside the table's {n} rows"),
                 ));
             }
-            out.extend_from_slice(&table.data[id * width..(id + 1) * width]);
+            match &table.bf16 {
+                Some(bits) => out.extend(
+                    bits[id * width..(id + 1) * width]
+                        .iter()
+                        .map(|&b| gemv::Elem::to_f32(b)),
+                ),
+                None => out.extend_from_slice(&table.data[id * width..(id + 1) * width]),
+            }
         }
         CpuTensor::new(&[ids.len(), width], out)
     }
@@ -293,11 +406,13 @@ impl Backend for Cpu {
         mask: &AttentionMask<'_>,
     ) -> Result<CpuTensor> {
         let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
+        let (qd, kd, vd) = (q.tensor.f32s(), k.tensor.f32s(), v.tensor.f32s());
         let m = *mask;
         let (dim, dim_v) = (q.dim, v.dim);
         let scale = m.scale.unwrap_or(1.0 / (dim as f32).sqrt());
         let group = q.heads / k.heads;
         let width_o = q.heads * dim_v;
+        let isa = Isa::current();
         // One [len_q, dim_v] block per (sequence, head), scattered into place afterwards.
         let blocks: Vec<Vec<f32>> = (0..m.batch * q.heads)
             .into_par_iter()
@@ -305,9 +420,9 @@ impl Backend for Cpu {
                 let (b, h) = (bh / q.heads, bh % q.heads);
                 let hk = h / group;
                 let key_len = m.key_lens.map_or(m.len_k, |l| l[b]);
-                let qa = &q.tensor.data[b * m.len_q * wq + q.col + h * dim..];
-                let ka = &k.tensor.data[b * m.len_k * wk + k.col + hk * dim..];
-                let va = &v.tensor.data[b * m.len_k * wv + v.col + hk * dim_v..];
+                let qa = &qd[b * m.len_q * wq + q.col + h * dim..];
+                let ka = &kd[b * m.len_k * wk + k.col + hk * dim..];
+                let va = &vd[b * m.len_k * wv + v.col + hk * dim_v..];
                 let mut s = vec![0f32; m.len_q * key_len];
                 sgemm(
                     m.len_q,
@@ -324,7 +439,7 @@ impl Backend for Cpu {
                 for (i, row) in s.chunks_mut(key_len.max(1)).enumerate().take(m.len_q) {
                     let keys =
                         crate::reference::attention::admissible_keys(i, m.len_q, key_len, m.causal);
-                    softmax_prefix(row, keys.end, scale);
+                    softmax_prefix(isa, row, keys.end, scale);
                 }
                 let mut o = vec![0f32; m.len_q * dim_v];
                 sgemm(
@@ -355,21 +470,15 @@ impl Backend for Cpu {
 }
 
 /// In place: the first `end` scores become softmax(scale·s), the rest 0 (all 0 if end = 0).
-fn softmax_prefix(row: &mut [f32], end: usize, scale: f32) {
+fn softmax_prefix(isa: Isa, row: &mut [f32], end: usize, scale: f32) {
     let (keep, masked) = row.split_at_mut(end.min(row.len()));
     masked.fill(0.0);
     if keep.is_empty() {
         return;
     }
-    let max = keep.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
-    let mut sum = 0f32;
-    for s in keep.iter_mut() {
-        *s = (*s * scale - max).exp();
-        sum += *s;
-    }
-    for s in keep.iter_mut() {
-        *s /= sum;
-    }
+    let max = vmath::max(isa, keep) * scale;
+    let sum = vmath::exp_sum(isa, keep, scale, max);
+    vmath::scale(isa, keep, 1.0 / sum);
 }
 
 impl HasShape for CpuTensor {

@@ -1,5 +1,14 @@
-//! Text generation with a [`Gpt2`]: prefill the prompts, then one token per step, sampled
-//! greedily or from the temperature/top-k/top-p filtered distribution with a seeded RNG.
+//! Text generation for every model that produces tokens ([`TokenModel`]: GPT-2, BART's
+//! decoder, …): one decoding loop with greedy choice, temperature/top-k/top-p sampling from a
+//! seeded RNG, or beam search ([`super::beam`]), and Hugging Face's logits processors
+//! (`min_new_tokens`, `no_repeat_ngram_size`, forced BOS/EOS).
+//!
+//! A model turns each input into a decoder prompt (GPT-2: the input itself; an
+//! encoder-decoder: the decoder start token) and, once per call, into whatever its decoder reads
+//! besides its own tokens ([`TokenModel::Memory`]: nothing for GPT-2; the encoder's
+//! cross-attention keys and values for BART). The loop then asks it for the logits of the last
+//! token of every row: rows are the inputs (greedy, sampling) or inputs × beams (beam search:
+//! every beam of every input in one model call per step).
 //!
 //! Batches of prompts of different lengths: the prefill pads each prompt on the right (causal
 //! attention keeps the padding out of every real token's view), and every sequence keeps its
@@ -7,10 +16,11 @@
 //! goes to its own next position. A batch therefore gives each prompt what it would get alone
 //! (what Hugging Face gets with left padding and position ids taken from the attention mask).
 //!
-//! Each step after the prefill runs the model on one token per sequence against a KV cache
+//! Each step after the prefill runs the model on one token per row against a KV cache
 //! ([`super::kv_cache`]: host memory on the CPU backend, device memory on the CUDA backend,
 //! where the one-token attention runs the split-KV decode kernel), allocated once for the
-//! longest sequence the call can reach. `use_kv_cache: false` recomputes the whole sequence
+//! longest sequence the call can reach; beam search reorders it by beam index after every
+//! step. A finished row appends nothing. `use_kv_cache: false` recomputes the whole sequence
 //! every step instead (same results, quadratic cost; for tests and comparisons).
 
 use super::backend::Backend;
@@ -74,6 +84,28 @@ impl Sampling {
                 format!("logit {i} is NaN (the model's arithmetic overflowed?)"),
             ));
         }
+        // A +Inf logit is certain: sampling picks it as greedy does (the limit of the softmax
+        // puts all the mass there, split evenly between several). Without this the softmax
+        // below would compute Inf − Inf.
+        let certain: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] == f32::INFINITY)
+            .collect();
+        if !certain.is_empty() {
+            if self.temperature == 0.0 || self.top_k == 1 || certain.len() == 1 {
+                return Ok(certain[0]);
+            }
+            let n = match self.top_k {
+                0 => certain.len(),
+                k => k.min(certain.len()),
+            };
+            return Ok(certain[rng.gen_range(0..n)]);
+        }
+        if logits.iter().all(|&x| x == f32::NEG_INFINITY) {
+            return Err(Error::invalid(
+                "logits",
+                "every logit is -Inf: no token can be chosen",
+            ));
+        }
         let argmax = || {
             let mut best = 0;
             for (i, &x) in logits.iter().enumerate() {
@@ -100,11 +132,13 @@ impl Sampling {
         }
         order.sort_unstable_by_key(key);
         // Softmax over the survivors in f64.
+        // Differences first, then the division: a tiny temperature gives -Inf (probability
+        // 0), never Inf − Inf.
         let t = self.temperature as f64;
-        let top = logits[order[0] as usize] as f64 / t;
+        let top = logits[order[0] as usize] as f64;
         let mut probs: Vec<f64> = order
             .iter()
-            .map(|&i| (logits[i as usize] as f64 / t - top).exp())
+            .map(|&i| ((logits[i as usize] as f64 - top) / t).exp())
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
@@ -153,6 +187,35 @@ impl Ord for OrdF32 {
     }
 }
 
+/// When beam search stops (Hugging Face's `early_stopping`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    /// `true`: as soon as `num_beams` hypotheses are finished.
+    Yes,
+    /// `false` (the default): when the best running beam, scored at its current length, can no
+    /// longer beat the worst finished hypothesis.
+    #[default]
+    Heuristic,
+    /// `"never"`: the same test, but with a positive length penalty the running beam is scored
+    /// at the longest length it could reach (the canonical beam search).
+    Never,
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "true" => Ok(EarlyStopping::Yes),
+            "false" => Ok(EarlyStopping::Heuristic),
+            "never" => Ok(EarlyStopping::Never),
+            _ => Err(Error::invalid(
+                "early_stopping",
+                format!("`{s}` is not true, false or never"),
+            )),
+        }
+    }
+}
+
 /// Options of a generation call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenerateOptions {
@@ -164,6 +227,21 @@ pub struct GenerateOptions {
     /// Use the backend's KV cache when it has one (false: recompute every step; for tests
     /// and comparisons).
     pub use_kv_cache: bool,
+    /// 1: greedy or sampling; more: beam search (greedy choice only).
+    pub num_beams: usize,
+    /// Finished beam hypotheses are scored sum(log p) / generated_length^length_penalty.
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    /// Hypotheses returned per input (≤ num_beams; 1 without beams).
+    pub num_return_sequences: usize,
+    /// Never generate an n-gram of this size twice in a sequence (0: off).
+    pub no_repeat_ngram_size: usize,
+    /// End-of-text is impossible before this many new tokens.
+    pub min_new_tokens: usize,
+    /// The first generated token is forced to this id (BART's `forced_bos_token_id`).
+    pub forced_bos_token_id: Option<u32>,
+    /// The last token a sequence can get (at `max_new_tokens`) is forced to this id.
+    pub forced_eos_token_id: Option<u32>,
 }
 
 impl Default for GenerateOptions {
@@ -173,6 +251,87 @@ impl Default for GenerateOptions {
             sampling: Sampling::default(),
             stop_at_eos: true,
             use_kv_cache: true,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::default(),
+            num_return_sequences: 1,
+            no_repeat_ngram_size: 0,
+            min_new_tokens: 0,
+            forced_bos_token_id: None,
+            forced_eos_token_id: None,
+        }
+    }
+}
+
+impl GenerateOptions {
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.num_beams == 0 {
+            return Err(Error::invalid("num_beams", "must be ≥ 1"));
+        }
+        if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
+            return Err(Error::invalid(
+                "num_return_sequences",
+                format!(
+                    "{} is outside 1 ..= num_beams ({})",
+                    self.num_return_sequences, self.num_beams
+                ),
+            ));
+        }
+        if self.num_beams > 1 && self.sampling.temperature != 0.0 {
+            return Err(Error::invalid(
+                "num_beams",
+                "beam search chooses greedily: set temperature 0 (beam sampling is not supported)",
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::invalid("length_penalty", "must be finite"));
+        }
+        Ok(())
+    }
+
+    /// Hugging Face's logits processors on one row's scores (logits, or log-probabilities in
+    /// beam search): `seq` is the row's decoder tokens so far, `prompt_len` how many of them
+    /// are its prompt, `max_len` the longest the row may get.
+    pub fn process_scores(
+        &self,
+        seq: &[u32],
+        prompt_len: usize,
+        max_len: usize,
+        eos: u32,
+        scores: &mut [f32],
+    ) {
+        let n = self.no_repeat_ngram_size;
+        if n > 0 && seq.len() + 1 >= n {
+            let tail = &seq[seq.len() + 1 - n..];
+            for w in seq.windows(n) {
+                if &w[..n - 1] == tail {
+                    if let Some(s) = scores.get_mut(w[n - 1] as usize) {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        if seq.len() - prompt_len < self.min_new_tokens {
+            if let Some(s) = scores.get_mut(eos as usize) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+        let force = |scores: &mut [f32], id: u32| {
+            if (id as usize) < scores.len() {
+                scores.fill(f32::NEG_INFINITY);
+                scores[id as usize] = 0.0;
+            }
+        };
+        if let Some(bos) = self.forced_bos_token_id {
+            if seq.len() == 1 {
+                force(scores, bos);
+            }
+        }
+        if let Some(eos) = self.forced_eos_token_id {
+            if seq.len() + 1 == max_len {
+                force(scores, eos);
+            }
         }
     }
 }
@@ -184,15 +343,31 @@ pub enum StopReason {
     EndOfText,
     /// `max_new_tokens` reached.
     MaxNewTokens,
-    /// Prompt plus continuation filled the model's `n_positions`.
+    /// Prompt plus continuation filled the model's context.
     ContextFull,
 }
 
-/// What a generation call returns, per prompt.
+impl StopReason {
+    /// `eos`, `max_new_tokens` or `context_full` (the names `generate --json` prints).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::EndOfText => "eos",
+            StopReason::MaxNewTokens => "max_new_tokens",
+            StopReason::ContextFull => "context_full",
+        }
+    }
+}
+
+/// What a generation call returns: per input, `num_return_sequences` sequences in a row
+/// (input i's at i·num_return_sequences ..).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
+    /// The generated tokens (after the decoder prompt).
     pub generated: Vec<Vec<u32>>,
     pub stop: Vec<StopReason>,
+    /// Beam search: each returned hypothesis' score (sum of log-probabilities over
+    /// length^length_penalty); empty otherwise.
+    pub scores: Vec<f32>,
     /// Model steps run (prefill included).
     pub steps: usize,
 }
@@ -239,141 +414,292 @@ impl GenerateBackend for super::cuda::Cuda {
     }
 }
 
-/// Generates continuations of `prompts` (token ids). `on_token(sequence, id)` is called for
-/// every generated token as soon as it is chosen.
-///
-/// Errors: no prompts, an empty prompt, a prompt longer than `n_positions`, an id outside the
-/// vocabulary, invalid sampling options. A prompt of exactly `n_positions` tokens gets no
-/// continuation ([`StopReason::ContextFull`]): prompt plus continuation never exceed the context.
-pub fn generate<B: GenerateBackend>(
-    be: &B,
-    model: &Gpt2<B>,
-    prompts: &[Vec<u32>],
-    opts: &GenerateOptions,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Generation> {
-    opts.sampling.validate()?;
-    let c = &model.config;
-    if prompts.is_empty() {
-        return Err(Error::invalid("prompts", "no prompts to continue"));
+/// A model the decoding loop can drive (see the module docs).
+pub trait TokenModel<B: Backend> {
+    /// What the decoder reads besides its own tokens, made once per call.
+    type Memory;
+    fn vocab_size(&self) -> usize;
+    fn eos_token_id(&self) -> u32;
+    /// The id right padding is filled with (never seen by a real token).
+    fn pad_token_id(&self) -> u32 {
+        self.eos_token_id()
     }
-    for (i, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
+    /// Decoder positions 0 .. max_positions exist.
+    fn max_positions(&self) -> usize;
+    /// Layers and width (heads·dim) of the decoder's self-attention KV cache.
+    fn cache_layout(&self) -> (usize, usize);
+    /// Checks input `index` and returns the decoder prompt it starts from.
+    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>>;
+    /// The memory of `inputs`, each repeated `copies` times in row order (input i's at rows
+    /// i·copies ..).
+    fn encode(&self, be: &B, inputs: &[Vec<u32>], copies: usize) -> Result<Self::Memory>;
+    /// Runs the decoder over `batch` rows of `len` tokens (`ids`, `positions` row-major) and
+    /// returns the logits `[rows.len(), vocab]` of the hidden-state rows `rows` (b·len + t).
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        be: &B,
+        memory: &Self::Memory,
+        ids: &[u32],
+        positions: &[u32],
+        batch: usize,
+        len: usize,
+        rows: &[u32],
+        caches: Option<&mut [&mut dyn KvCache<B>]>,
+    ) -> Result<Vec<f32>>;
+}
+
+impl<B: Backend> TokenModel<B> for Gpt2<B> {
+    type Memory = ();
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn eos_token_id(&self) -> u32 {
+        self.config.eos_token_id
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        (self.config.n_layer, self.config.n_embd)
+    }
+
+    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
+        let c = &self.config;
+        if input.is_empty() {
             return Err(Error::invalid(
                 "prompt",
-                format!("prompt {i} is empty: GPT-2 needs at least one token to continue"),
+                format!("prompt {index} is empty: GPT-2 needs at least one token to continue"),
             ));
         }
-        if p.len() > c.n_positions {
+        if input.len() > c.n_positions {
             return Err(Error::invalid(
                 "prompt",
                 format!(
-                    "prompt {i} has {} tokens, more than the model's context of {}",
-                    p.len(),
+                    "prompt {index} has {} tokens, more than the model's context of {}",
+                    input.len(),
                     c.n_positions
                 ),
             ));
         }
-        if let Some(&bad) = p.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::invalid(
-                "prompt",
-                format!(
-                    "prompt {i}: token id {bad} is outside the vocabulary of {}",
-                    c.vocab_size
-                ),
-            ));
+        check_vocab(index, input, c.vocab_size)?;
+        Ok(input.to_vec())
+    }
+
+    fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn decode(
+        &self,
+        be: &B,
+        _memory: &(),
+        ids: &[u32],
+        positions: &[u32],
+        batch: usize,
+        len: usize,
+        rows: &[u32],
+        caches: Option<&mut [&mut dyn KvCache<B>]>,
+    ) -> Result<Vec<f32>> {
+        let hidden = self.forward(be, ids, positions, batch, len, caches)?;
+        be.to_f32(&self.logits(be, &hidden, rows)?)
+    }
+}
+
+/// An error naming the first id of input `index` outside a vocabulary of `vocab` tokens.
+pub fn check_vocab(index: usize, input: &[u32], vocab: usize) -> Result<()> {
+    match input.iter().find(|&&t| t as usize >= vocab) {
+        Some(&bad) => Err(Error::invalid(
+            "prompt",
+            format!("prompt {index}: token id {bad} is outside the vocabulary of {vocab}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Runs a model step by step for the decoding loops: the KV cache (or full recomputation),
+/// padding, positions, and which logits come back.
+pub(crate) struct Stepper<'a, B: GenerateBackend, M: TokenModel<B>> {
+    be: &'a B,
+    model: &'a M,
+    memory: M::Memory,
+    cache: Option<Box<dyn StepKvCache<B>>>,
+    prefilled: bool,
+    pub steps: usize,
+}
+
+impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
+    /// For `rows` rows that reach at most `capacity` decoder positions.
+    pub fn new(
+        be: &'a B,
+        model: &'a M,
+        memory: M::Memory,
+        rows: usize,
+        capacity: usize,
+        use_kv_cache: bool,
+    ) -> Result<Self> {
+        let (layers, width) = model.cache_layout();
+        let cache = if use_kv_cache {
+            be.kv_cache(layers, rows, capacity, width)?
+        } else {
+            None
+        };
+        Ok(Stepper {
+            be,
+            model,
+            memory,
+            cache,
+            prefilled: false,
+            steps: 0,
+        })
+    }
+
+    /// Logits `[rows, vocab]` of the last token of every row of `seqs`. With a cache, every
+    /// live row must have grown by exactly one token since the previous call; rows that are
+    /// not `live` append nothing and their logits are to be ignored.
+    pub fn logits(&mut self, seqs: &[Vec<u32>], live: &[bool]) -> Result<Vec<f32>> {
+        let (be, model) = (self.be, self.model);
+        let batch = seqs.len();
+        let pad = model.pad_token_id();
+        self.steps += 1;
+        let Some(cache) = self.cache.as_mut() else {
+            // Everything so far, right-padded.
+            let len = seqs.iter().map(Vec::len).max().unwrap_or(1);
+            let mut ids = vec![pad; batch * len];
+            let positions: Vec<u32> = (0..batch * len).map(|r| (r % len) as u32).collect();
+            for (b, s) in seqs.iter().enumerate() {
+                ids[b * len..b * len + s.len()].copy_from_slice(s);
+            }
+            let rows: Vec<u32> = (0..batch)
+                .map(|b| (b * len + seqs[b].len() - 1) as u32)
+                .collect();
+            return model.decode(be, &self.memory, &ids, &positions, batch, len, &rows, None);
+        };
+        let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) =
+            if !self.prefilled {
+                let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+                let mut ids = vec![pad; batch * longest];
+                for (b, s) in seqs.iter().enumerate() {
+                    ids[b * longest..b * longest + s.len()].copy_from_slice(s);
+                }
+                let positions = (0..batch * longest).map(|r| (r % longest) as u32).collect();
+                (ids, positions, longest, seqs.iter().map(Vec::len).collect())
+            } else {
+                let max_pos = model.max_positions().max(1) - 1;
+                let ids = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+                let positions = seqs
+                    .iter()
+                    .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
+                    .collect();
+                (
+                    ids,
+                    positions,
+                    1,
+                    live.iter().map(|&l| usize::from(l)).collect(),
+                )
+            };
+        cache.begin_step(&valid)?;
+        let rows: Vec<u32> = (0..batch)
+            .map(|b| (b * len + if self.prefilled { 0 } else { seqs[b].len() - 1 }) as u32)
+            .collect();
+        self.prefilled = true;
+        let mut layers = cache.layers();
+        let mut refs: Vec<&mut dyn KvCache<B>> = layers
+            .iter_mut()
+            .map(|l| &mut **l as &mut dyn KvCache<B>)
+            .collect();
+        model.decode(
+            be,
+            &self.memory,
+            &ids,
+            &positions,
+            batch,
+            len,
+            &rows,
+            Some(&mut refs),
+        )
+    }
+
+    /// Row r continues from row `src[r]` (beam search): reorders the cache.
+    pub fn reorder(&mut self, src: &[usize]) -> Result<()> {
+        if src.iter().enumerate().all(|(r, &s)| r == s) {
+            return Ok(());
+        }
+        match self.cache.as_mut() {
+            Some(c) => c.reorder(self.be, src),
+            None => Ok(()),
         }
     }
+}
+
+/// Generates continuations of `inputs` (token ids: GPT-2's prompts, an encoder-decoder's
+/// encoder inputs). `on_token(sequence, id)` is called for every generated token as soon as it
+/// is chosen (not in beam search, where a hypothesis is known only at the end).
+///
+/// Errors: no inputs, an input the model rejects (empty, too long, an id outside the
+/// vocabulary), invalid options. A decoder prompt that fills the context gets no continuation
+/// ([`StopReason::ContextFull`]): prompt plus continuation never exceed the context.
+pub fn generate<B: GenerateBackend, M: TokenModel<B>>(
+    be: &B,
+    model: &M,
+    inputs: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Generation> {
+    opts.validate()?;
+    if inputs.is_empty() {
+        return Err(Error::invalid("prompts", "no prompts to continue"));
+    }
+    let prompts = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| model.decoder_prompt(i, x))
+        .collect::<Result<Vec<_>>>()?;
+    if opts.num_beams > 1 {
+        return super::beam::beam_search(be, model, inputs, &prompts, opts);
+    }
+    let ctx = model.max_positions();
+    let eos = model.eos_token_id();
+    let vocab = model.vocab_size();
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let capacity = c
-        .n_positions
-        .min(longest.saturating_add(opts.max_new_tokens));
+    let capacity = ctx.min(longest.saturating_add(opts.max_new_tokens)).max(1);
+    let memory = model.encode(be, inputs, 1)?;
+    let mut stepper = Stepper::new(be, model, memory, batch, capacity, opts.use_kv_cache)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.sampling.seed);
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut seqs: Vec<Vec<u32>> = prompts.clone();
     let mut generated = vec![Vec::new(); batch];
     let mut stop: Vec<Option<StopReason>> = vec![None; batch];
     for (b, s) in stop.iter_mut().enumerate() {
         if opts.max_new_tokens == 0 {
             *s = Some(StopReason::MaxNewTokens);
-        } else if prompts[b].len() >= c.n_positions {
+        } else if prompts[b].len() >= ctx {
             *s = Some(StopReason::ContextFull);
         }
     }
-    let mut cache = if opts.use_kv_cache {
-        be.kv_cache(c.n_layer, batch, capacity, c.n_embd)?
-    } else {
-        None
-    };
-    let mut steps = 0;
     while stop.iter().any(Option::is_none) {
-        // Logits of each sequence's last token.
-        let logits = match cache.as_mut() {
-            Some(cache) => {
-                let (ids, positions, len, valid) = if steps == 0 {
-                    let mut ids = vec![c.eos_token_id; batch * longest];
-                    let mut positions = vec![0u32; batch * longest];
-                    for (b, p) in prompts.iter().enumerate() {
-                        ids[b * longest..b * longest + p.len()].copy_from_slice(p);
-                        for t in 0..longest {
-                            positions[b * longest + t] = t as u32;
-                        }
-                    }
-                    let valid = prompts.iter().map(Vec::len).collect::<Vec<_>>();
-                    (ids, positions, longest, valid)
-                } else {
-                    // One token per sequence at its next position; finished ones append
-                    // nothing and their output is ignored.
-                    let ids = seqs.iter().map(|s| *s.last().unwrap_or(&0)).collect();
-                    let positions = seqs
-                        .iter()
-                        .map(|s| ((s.len() - 1).min(c.n_positions - 1)) as u32)
-                        .collect();
-                    let valid = stop.iter().map(|s| usize::from(s.is_none())).collect();
-                    (ids, positions, 1, valid)
-                };
-                cache.begin_step(&valid)?;
-                let mut layers = cache.layers();
-                let mut refs: Vec<&mut dyn KvCache<B>> = layers
-                    .iter_mut()
-                    .map(|l| &mut **l as &mut dyn KvCache<B>)
-                    .collect();
-                let hidden = model.forward(be, &ids, &positions, batch, len, Some(&mut refs))?;
-                let rows: Vec<u32> = (0..batch)
-                    .map(|b| (b * len + if steps == 0 { prompts[b].len() - 1 } else { 0 }) as u32)
-                    .collect();
-                be.to_f32(&model.logits(be, &hidden, &rows)?)?
-            }
-            None => {
-                // Everything so far, right-padded.
-                let len = seqs.iter().map(Vec::len).max().unwrap_or(1);
-                let mut ids = vec![c.eos_token_id; batch * len];
-                let positions: Vec<u32> = (0..batch * len).map(|r| (r % len) as u32).collect();
-                for (b, s) in seqs.iter().enumerate() {
-                    ids[b * len..b * len + s.len()].copy_from_slice(s);
-                }
-                let hidden = model.forward(be, &ids, &positions, batch, len, None)?;
-                let rows: Vec<u32> = (0..batch)
-                    .map(|b| (b * len + seqs[b].len() - 1) as u32)
-                    .collect();
-                be.to_f32(&model.logits(be, &hidden, &rows)?)?
-            }
-        };
-        steps += 1;
+        let live: Vec<bool> = stop.iter().map(Option::is_none).collect();
+        let mut logits = stepper.logits(&seqs, &live)?;
         for b in 0..batch {
             if stop[b].is_some() {
                 continue;
             }
-            let row = &logits[b * c.vocab_size..(b + 1) * c.vocab_size];
+            let row = &mut logits[b * vocab..(b + 1) * vocab];
+            let max_len = ctx.min(prompts[b].len() + opts.max_new_tokens);
+            opts.process_scores(&seqs[b], prompts[b].len(), max_len, eos, row);
             let token = opts.sampling.sample(row, &mut rng)?;
             seqs[b].push(token);
             generated[b].push(token);
             on_token(b, token);
-            stop[b] = if opts.stop_at_eos && token == c.eos_token_id {
+            stop[b] = if opts.stop_at_eos && token == eos {
                 Some(StopReason::EndOfText)
             } else if generated[b].len() >= opts.max_new_tokens {
                 Some(StopReason::MaxNewTokens)
-            } else if seqs[b].len() >= c.n_positions {
+            } else if seqs[b].len() >= ctx {
                 Some(StopReason::ContextFull)
             } else {
                 None
@@ -386,6 +712,7 @@ pub fn generate<B: GenerateBackend>(
             .into_iter()
             .map(|s| s.unwrap_or(StopReason::MaxNewTokens))
             .collect(),
-        steps,
+        scores: Vec::new(),
+        steps: stepper.steps,
     })
 }

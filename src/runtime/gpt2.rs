@@ -6,6 +6,7 @@
 
 use super::backend::{Activation, Backend};
 use super::checkpoint::{read_json, Checkpoint};
+use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -36,25 +37,16 @@ impl Gpt2Config {
 
     /// Parses a `config.json` value (`file` names it in errors).
     pub fn from_json(v: &serde_json::Value, file: &str) -> Result<Gpt2Config> {
-        let err = |reason: String| Error::Config {
-            file: file.to_string(),
-            reason,
-        };
-        let model_type = v["model_type"].as_str().unwrap_or("");
+        let f = Fields::new(v, file)?;
+        let model_type = f.str_or("model_type", "")?;
         if model_type != "gpt2" {
-            return Err(err(format!(
+            return Err(f.err(format!(
                 "unsupported architecture: model_type `{model_type}`; this generator supports `gpt2`"
             )));
         }
-        let int = |key: &str| -> Result<usize> {
-            v[key]
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| err(format!("missing or non-integer `{key}`")))
-        };
-        let act_name = v["activation_function"].as_str().unwrap_or("gelu_new");
+        let act_name = f.str_or("activation_function", "gelu_new")?;
         let activation = Activation::from_hf_name(act_name)
-            .ok_or_else(|| err(format!("unsupported activation_function `{act_name}`")))?;
+            .ok_or_else(|| f.err(format!("unsupported activation_function `{act_name}`")))?;
         // Options that change the arithmetic and that this model does not implement.
         for (key, plain) in [
             ("scale_attn_by_inverse_layer_idx", false),
@@ -62,41 +54,30 @@ impl Gpt2Config {
             ("add_cross_attention", false),
             ("scale_attn_weights", true),
         ] {
-            if let Some(b) = v[key].as_bool() {
+            if let Some(b) = f.bool_opt(key)? {
                 if b != plain {
-                    return Err(err(format!("unsupported `{key}`: {b}")));
+                    return Err(f.err(format!("unsupported `{key}`: {b}")));
                 }
             }
         }
-        let n_embd = int("n_embd")?;
-        let n_inner = match &v["n_inner"] {
-            serde_json::Value::Null => 4 * n_embd,
-            x => x
-                .as_u64()
-                .ok_or_else(|| err("`n_inner` is neither null nor an integer".into()))?
-                as usize,
-        };
+        let n_embd = f.int("n_embd", 1..=MAX_WIDTH)?;
+        let vocab_size = f.int("vocab_size", 1..=MAX_COUNT)?;
         let c = Gpt2Config {
-            vocab_size: int("vocab_size")?,
-            n_positions: int("n_positions")?,
+            vocab_size,
+            n_positions: f.int("n_positions", 1..=MAX_COUNT)?,
             n_embd,
-            n_layer: int("n_layer")?,
-            n_head: int("n_head")?,
-            n_inner,
+            n_layer: f.int("n_layer", 1..=MAX_LAYERS)?,
+            n_head: f.int("n_head", 1..=MAX_WIDTH)?,
+            n_inner: f.int_or("n_inner", 4 * n_embd, 1..=MAX_WIDTH)?,
             activation,
-            layer_norm_epsilon: v["layer_norm_epsilon"].as_f64().unwrap_or(1e-5) as f32,
-            eos_token_id: v["eos_token_id"].as_u64().unwrap_or(50256) as u32,
+            layer_norm_epsilon: f.epsilon_or("layer_norm_epsilon", 1e-5)?,
+            eos_token_id: f.int_or("eos_token_id", 50256, 0..=vocab_size - 1)? as u32,
         };
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
-            return Err(err(format!(
+        if !c.n_embd.is_multiple_of(c.n_head) {
+            return Err(f.err(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 c.n_embd, c.n_head
             )));
-        }
-        if c.n_embd == 0 || c.n_positions == 0 || c.vocab_size == 0 || c.n_inner == 0 {
-            return Err(err(
-                "n_embd, n_positions, vocab_size and n_inner must be ≥ 1".into(),
-            ));
         }
         Ok(c)
     }
@@ -120,9 +101,9 @@ pub struct Gpt2<B: Backend> {
     wpe: Embedding<B>,
     blocks: Vec<Block<B>>,
     ln_f: LayerNorm<B>,
-    /// `[vocab, n_embd]`, no bias: the token embedding again when tied (uploaded twice, once
-    /// as a table and once as a GEMM operand).
-    lm_head: Linear<B>,
+    /// `[vocab, n_embd]`, no bias, when the checkpoint has its own; `None` when tied: the
+    /// logits then read `wte`'s table itself (one copy of the largest tensor, not two).
+    lm_head: Option<Linear<B>>,
     /// Whether the checkpoint had its own `lm_head.weight`.
     pub separate_lm_head: bool,
 }
@@ -142,14 +123,18 @@ impl<B: Backend> Gpt2<B> {
     pub fn from_checkpoint(be: &B, config: Gpt2Config, ckpt: &mut Checkpoint) -> Result<Self> {
         // `lm_head.weight` never carries the prefix, so look for it before choosing one.
         let separate_lm_head = ckpt.contains("lm_head.weight");
-        let lm_head_param = if separate_lm_head {
-            Some(ckpt.take("lm_head.weight", &[config.vocab_size, config.n_embd])?)
+        let lm_head = if separate_lm_head {
+            let w = ckpt.take("lm_head.weight", &[config.vocab_size, config.n_embd])?;
+            Some(Linear::from_owned(be, w, None)?)
         } else {
             None
         };
         ckpt.detect_prefix("transformer.", "wte.weight");
         let c = &config;
         let (e, inner) = (c.n_embd, c.n_inner);
+        // The config against the file's tensors before anything sized by it is allocated.
+        ckpt.expect_shape("wte.weight", &[c.vocab_size, e], "vocab_size and n_embd")?;
+        ckpt.expect_layers("h.", c.n_layer, "n_layer")?;
         let ln = |ckpt: &mut Checkpoint, name: &str| -> Result<LayerNorm<B>> {
             let gamma = ckpt.take(&format!("{name}.weight"), &[e])?;
             let beta = ckpt.take(&format!("{name}.bias"), &[e])?;
@@ -161,9 +146,8 @@ impl<B: Backend> Gpt2<B> {
             let b = ckpt.take(&format!("{name}.bias"), &[out])?;
             Linear::from_conv1d(be, &w, Some(&b))
         };
-        let wte_param = ckpt.take("wte.weight", &[c.vocab_size, e])?;
-        let wte = Embedding::new(be, &wte_param)?;
-        let wpe = Embedding::new(be, &ckpt.take("wpe.weight", &[c.n_positions, e])?)?;
+        let wte = Embedding::from_owned(be, ckpt.take("wte.weight", &[c.vocab_size, e])?)?;
+        let wpe = Embedding::from_owned(be, ckpt.take("wpe.weight", &[c.n_positions, e])?)?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("h.{i}");
@@ -184,7 +168,6 @@ impl<B: Backend> Gpt2<B> {
             });
         }
         let ln_f = ln(ckpt, "ln_f")?;
-        let lm_head = Linear::new(be, lm_head_param.as_ref().unwrap_or(&wte_param), None)?;
         Ok(Gpt2 {
             config,
             wte,
@@ -273,7 +256,10 @@ impl<B: Backend> Gpt2<B> {
     /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
     pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
         let picked = be.gather_rows(hidden, rows)?;
-        self.lm_head.forward(be, &picked, Activation::None)
+        match &self.lm_head {
+            Some(head) => head.forward(be, &picked, Activation::None),
+            None => be.linear(&picked, &self.wte.table, None, Activation::None),
+        }
     }
 
     /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).

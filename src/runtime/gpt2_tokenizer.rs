@@ -3,15 +3,20 @@
 //! model with GPT-2's byte-level pre-tokenizer), or, when the folder has neither, the BPE that
 //! `tiktoken-rs` embeds (`r50k_base`, GPT-2's own), accepted only for a vocabulary of 50257.
 //!
-//! Prompts are encoded as plain text: GPT-2 adds no special tokens. (A `tokenizer.json` that
-//! declares `<|endoftext|>` as an added token turns that literal string into the one token; the
-//! other two sources encode it as ordinary text.) Decoding works on bytes: a token is a byte
+//! Prompts are encoded as Hugging Face encodes them: GPT-2 adds no special tokens, and
+//! `<|endoftext|>` written in a prompt is the end-of-text token (id 50256), from every source.
+//! Every file is read with a size bound (`super::folder`). Decoding works on bytes: a token is a byte
 //! string, and the bytes of a continuation may end inside a UTF-8 character until the next
 //! token completes it.
 
+use super::folder::{check_file, read_bounded, TOKENIZER_LIMIT};
+use super::tokenizer::{check_post_processor, no_panic};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// GPT-2's end-of-text token, the one special token of its vocabulary.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// GPT-2's vocabulary size, the only one the embedded fallback serves.
 pub const GPT2_VOCAB_SIZE: usize = 50257;
@@ -61,11 +66,15 @@ impl Gpt2Tokenizer {
     pub fn from_folder(dir: &Path, vocab_size: usize) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        let source = if json.is_file() {
-            Source::Hf(Box::new(tokenizers::Tokenizer::from_file(&json).map_err(
-                |e| Error::Tokenizer(format!("cannot load {}: {e}", json.display())),
-            )?))
-        } else if vocab.is_file() && merges.is_file() {
+        let source = if json.exists() {
+            let bytes = read_bounded(&json, TOKENIZER_LIMIT)?;
+            check_post_processor(&bytes, &json)?;
+            Source::Hf(Box::new(
+                tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+                    Error::Tokenizer(format!("cannot load {}: {e}", json.display()))
+                })?,
+            ))
+        } else if vocab.exists() || merges.exists() {
             Source::Hf(Box::new(Self::from_vocab_merges(&vocab, &merges)?))
         } else if vocab_size == GPT2_VOCAB_SIZE {
             Source::Tiktoken(tiktoken_rs::r50k_base_singleton())
@@ -91,6 +100,8 @@ impl Gpt2Tokenizer {
     fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
         use tokenizers::models::bpe::BPE;
         use tokenizers::{decoders::byte_level::ByteLevel, Tokenizer};
+        check_file(vocab, TOKENIZER_LIMIT)?;
+        check_file(merges, TOKENIZER_LIMIT)?;
         let (v, m) = (vocab.display().to_string(), merges.display().to_string());
         let bpe = BPE::from_file(&v, &m)
             .build()
@@ -99,6 +110,12 @@ impl Gpt2Tokenizer {
         let byte_level = ByteLevel::new(false, true, true);
         tok.with_pre_tokenizer(Some(byte_level));
         tok.with_decoder(Some(byte_level));
+        // Hugging Face's GPT-2 tokenizer treats its end-of-text token as special: written in
+        // a prompt, `<|endoftext|>` is that one token, not its characters.
+        if tok.token_to_id(END_OF_TEXT).is_some() {
+            tok.add_special_tokens([tokenizers::AddedToken::from(END_OF_TEXT, true)])
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
         Ok(tok)
     }
 
@@ -114,12 +131,11 @@ impl Gpt2Tokenizer {
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.source {
-            Source::Hf(t) => Ok(t
-                .encode(text, false)
+            Source::Hf(t) => Ok(no_panic(|| t.encode(text, false))?
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
-            Source::Tiktoken(bpe) => Ok(bpe.encode_ordinary(text)),
+            Source::Tiktoken(bpe) => Ok(bpe.encode_with_special_tokens(text)),
         }
     }
 

@@ -21,7 +21,7 @@
 //! sequence there).
 
 use super::backend::{Backend, Heads};
-use super::cpu::{Cpu, CpuTensor};
+use super::cpu::{Cpu, CpuBf16, CpuTensor};
 use super::layers::{CachedKv, KvCache};
 use crate::error::{Error, Result};
 
@@ -34,6 +34,10 @@ pub trait StepKvCache<B: Backend> {
     fn lens(&self) -> &[usize];
     /// One cache per layer for this step's model call, in layer order.
     fn layers(&mut self) -> Vec<Box<dyn KvCache<B> + '_>>;
+    /// Between steps: sequence r continues from sequence `src[r]` (beam search keeps the
+    /// best continuations, several of which may share a parent): every layer's rows and the
+    /// lengths are gathered accordingly.
+    fn reorder(&mut self, be: &B, src: &[usize]) -> Result<()>;
 }
 
 /// The lengths every layer of a cache shares, and this step's bookkeeping.
@@ -101,6 +105,33 @@ impl StepLens {
             *l += n;
         }
         Ok(())
+    }
+
+    /// Checks a reorder and applies it to the lengths; returns, for the buffers, the source row
+    /// of every destination row (`[batch·capacity]`).
+    fn reorder(&mut self, src: &[usize]) -> Result<Vec<u32>> {
+        if src.len() != self.batch {
+            return Err(Error::shape(
+                "src",
+                format!("[{}]", self.batch),
+                &[src.len()],
+            ));
+        }
+        if let Some(&bad) = src.iter().find(|&&s| s >= self.batch) {
+            return Err(Error::invalid(
+                "src",
+                format!("sequence {bad} is outside the cache's {}", self.batch),
+            ));
+        }
+        if self.capacity.saturating_mul(self.batch) > u32::MAX as usize {
+            return Err(Error::invalid("kv_cache", "too many rows to reorder"));
+        }
+        self.lens = src.iter().map(|&s| self.lens[s]).collect();
+        let cap = self.capacity;
+        Ok(src
+            .iter()
+            .flat_map(|&s| (0..cap).map(move |t| (s * cap + t) as u32))
+            .collect())
     }
 
     /// Checks one layer's append against the step: `batch` sequences of `len_new` rows, key
@@ -189,7 +220,8 @@ impl StepLens {
     }
 }
 
-/// Keys and values of every layer in host memory (the CPU backend's cache).
+/// Keys and values of every layer in host memory (the cache of the CPU backends, whose
+/// tensors are [`CpuTensor`]s).
 #[derive(Debug)]
 pub struct HostKvCache {
     step: StepLens,
@@ -217,6 +249,17 @@ impl HostKvCache {
     }
 }
 
+impl HostKvCache {
+    /// The per-layer views for any backend whose tensors are [`CpuTensor`]s.
+    fn host_layers<B: Backend<Tensor = CpuTensor>>(&mut self) -> Vec<Box<dyn KvCache<B> + '_>> {
+        let step = &self.step;
+        self.layers
+            .iter_mut()
+            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<B>>)
+            .collect()
+    }
+}
+
 impl StepKvCache<Cpu> for HostKvCache {
     fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
         self.step.begin(valid_new)
@@ -227,11 +270,50 @@ impl StepKvCache<Cpu> for HostKvCache {
     }
 
     fn layers(&mut self) -> Vec<Box<dyn KvCache<Cpu> + '_>> {
-        let step = &self.step;
-        self.layers
-            .iter_mut()
-            .map(|(k, v)| Box::new(HostLayer { step, k, v }) as Box<dyn KvCache<Cpu>>)
-            .collect()
+        self.host_layers()
+    }
+
+    fn reorder(&mut self, be: &Cpu, src: &[usize]) -> Result<()> {
+        self.reorder_rows(be, src)
+    }
+}
+
+impl HostKvCache {
+    /// Beam search's reorder: row r of every layer's cache becomes row `src[r]`'s.
+    fn reorder_rows<B: Backend<Tensor = CpuTensor>>(
+        &mut self,
+        be: &B,
+        src: &[usize],
+    ) -> Result<()> {
+        let rows = self.step.reorder(src)?;
+        for (k, v) in &mut self.layers {
+            *k = be.gather_rows(k, &rows)?;
+            *v = be.gather_rows(v, &rows)?;
+        }
+        Ok(())
+    }
+}
+
+/// A [`HostKvCache`] for [`CpuBf16`] (the same f32 keys and values; a separate type so that
+/// calls on a `HostKvCache` keep naming one backend).
+#[derive(Debug)]
+pub struct HostKvCacheBf16(pub HostKvCache);
+
+impl StepKvCache<CpuBf16> for HostKvCacheBf16 {
+    fn begin_step(&mut self, valid_new: &[usize]) -> Result<()> {
+        self.0.step.begin(valid_new)
+    }
+
+    fn lens(&self) -> &[usize] {
+        &self.0.step.lens
+    }
+
+    fn layers(&mut self) -> Vec<Box<dyn KvCache<CpuBf16> + '_>> {
+        self.0.host_layers()
+    }
+
+    fn reorder(&mut self, be: &CpuBf16, src: &[usize]) -> Result<()> {
+        self.0.reorder_rows(be, src)
     }
 }
 
@@ -258,10 +340,10 @@ impl HostLayer<'_> {
     }
 }
 
-impl KvCache<Cpu> for HostLayer<'_> {
+impl<B: Backend<Tensor = CpuTensor>> KvCache<B> for HostLayer<'_> {
     fn append<'a>(
         &'a mut self,
-        be: &Cpu,
+        be: &B,
         k: Heads<'a, CpuTensor>,
         v: Heads<'a, CpuTensor>,
         batch: usize,
@@ -376,6 +458,15 @@ mod device {
                     }) as Box<dyn KvCache<Cuda>>
                 })
                 .collect()
+        }
+
+        fn reorder(&mut self, be: &Cuda, src: &[usize]) -> Result<()> {
+            let rows = self.step.reorder(src)?;
+            for (k, v) in &mut self.layers {
+                *k = be.gather_rows(k, &rows)?;
+                *v = be.gather_rows(v, &rows)?;
+            }
+            Ok(())
         }
     }
 

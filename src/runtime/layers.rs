@@ -40,9 +40,30 @@ impl<B: Backend> Linear<B> {
         })
     }
 
+    /// [`Linear::new`] from parameters the layer takes over (uploaded without a host copy
+    /// on the CPU backend).
+    pub fn from_owned(be: &B, weight: HostParam, bias: Option<HostParam>) -> Result<Self> {
+        let [out, inp] = weight.shape[..] else {
+            return Err(Error::shape("weight", "[out, in]", &weight.shape));
+        };
+        if let Some(b) = &bias {
+            if b.shape != [out] {
+                return Err(Error::shape("bias", format!("[{out}]"), &b.shape));
+            }
+        }
+        Ok(Linear {
+            weight: be.upload_owned(&weight.shape, weight.values)?,
+            bias: bias
+                .map(|b| be.upload_owned(&b.shape, b.values))
+                .transpose()?,
+            in_features: inp,
+            out_features: out,
+        })
+    }
+
     /// From a Conv1D weight stored `[in, out]` (GPT-2).
     pub fn from_conv1d(be: &B, weight: &HostParam, bias: Option<&HostParam>) -> Result<Self> {
-        Self::new(be, &weight.transposed()?, bias)
+        Self::from_owned(be, weight.transposed()?, bias.cloned())
     }
 
     /// Several linear layers over the same input fused into one (their outputs side by side,
@@ -76,7 +97,7 @@ impl<B: Backend> Linear<B> {
             shape: vec![out],
             values: b,
         });
-        Self::new(be, &weight, bias.as_ref())
+        Self::from_owned(be, weight, bias)
     }
 
     pub fn forward(&self, be: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
@@ -164,6 +185,17 @@ impl<B: Backend> Embedding<B> {
         Ok(Embedding {
             table: upload(be, table)?,
             rows: table.shape[0],
+        })
+    }
+
+    /// [`Embedding::new`] from a table the layer takes over (no host copy on the CPU).
+    pub fn from_owned(be: &B, table: HostParam) -> Result<Self> {
+        if table.shape.len() != 2 {
+            return Err(Error::shape("table", "[rows, width]", &table.shape));
+        }
+        Ok(Embedding {
+            rows: table.shape[0],
+            table: be.upload_owned(&table.shape, table.values)?,
         })
     }
 
@@ -291,7 +323,7 @@ type LinearParts<'a> = (&'a HostParam, Option<&'a HostParam>);
 
 impl<B: Backend> MultiHeadAttention<B> {
     fn check_heads(width: usize, heads: usize) -> Result<usize> {
-        if heads == 0 || width % heads != 0 {
+        if heads == 0 || !width.is_multiple_of(heads) {
             return Err(Error::invalid(
                 "heads",
                 format!("{heads} heads do not divide the width {width}"),
@@ -321,7 +353,7 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention from an already fused `[3·width, in]` projection (GPT-2's `c_attn`).
     pub fn from_fused_qkv(heads: usize, qkv: Linear<B>, out: Linear<B>) -> Result<Self> {
         let head_dim = Self::check_heads(qkv.out_features / 3, heads)?;
-        if qkv.out_features % 3 != 0 {
+        if !qkv.out_features.is_multiple_of(3) {
             return Err(Error::invalid(
                 "qkv",
                 "fused projection width is not 3·width",
@@ -440,19 +472,47 @@ impl<B: Backend> MultiHeadAttention<B> {
         len_k: usize,
         memory_lens: Option<&[usize]>,
     ) -> Result<B::Tensor> {
-        let Projections::Cross { q, kv } = &self.projections else {
+        let kv = self.cross_kv(be, memory)?;
+        self.forward_cross_kv(be, x, &kv, batch, len_q, len_k, memory_lens)
+    }
+
+    /// The keys and values of `memory` side by side, `[rows, 2·width]`: computed once per
+    /// input and reused by every decoding step ([`Self::forward_cross_kv`]).
+    pub fn cross_kv(&self, be: &B, memory: &B::Tensor) -> Result<B::Tensor> {
+        let Projections::Cross { kv, .. } = &self.projections else {
+            return Err(Error::invalid(
+                "cross",
+                "this layer was built for self-attention",
+            ));
+        };
+        kv.forward(be, memory, Activation::None)
+    }
+
+    /// Cross-attention of `x` `[batch·len_q, width]` over keys and values from
+    /// [`Self::cross_kv`] (`[batch·len_k, 2·width]`), whose padding `memory_lens` masks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cross_kv(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        kv: &B::Tensor,
+        batch: usize,
+        len_q: usize,
+        len_k: usize,
+        memory_lens: Option<&[usize]>,
+    ) -> Result<B::Tensor> {
+        let Projections::Cross { q, .. } = &self.projections else {
             return Err(Error::invalid(
                 "cross",
                 "this layer was built for self-attention",
             ));
         };
         let q = q.forward(be, x, Activation::None)?;
-        let kv = kv.forward(be, memory, Activation::None)?;
         let width = self.heads * self.head_dim;
         let ctx = be.attention(
             self.heads_at(&q, 0),
-            self.heads_at(&kv, 0),
-            self.heads_at(&kv, width),
+            self.heads_at(kv, 0),
+            self.heads_at(kv, width),
             &AttentionMask {
                 batch,
                 len_q,

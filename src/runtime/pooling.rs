@@ -5,6 +5,7 @@
 //! additions per element, and only the valid (non-padding) tokens of each sentence count.
 
 use super::checkpoint::read_json;
+use super::folder::inside;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -48,11 +49,20 @@ impl Pooling {
         })?;
         let kind = |m: &serde_json::Value| m["type"].as_str().unwrap_or("").to_string();
         let normalize = list.iter().any(|m| kind(m).ends_with(".Normalize"));
-        let pooling_dir = list
+        // Every module path must stay inside the folder, used or not.
+        for m in list {
+            if let Some(p) = m["path"].as_str() {
+                inside(dir, p, &modules_path)?;
+            }
+        }
+        let pooling_dir = match list
             .iter()
             .find(|m| kind(m).ends_with(".Pooling"))
             .and_then(|m| m["path"].as_str())
-            .map(|p| dir.join(p));
+        {
+            Some(p) => Some(inside(dir, p, &modules_path)?),
+            None => None,
+        };
         let mode = match pooling_dir {
             None => PoolingMode::Mean,
             Some(p) => Self::read_mode(&p.join("config.json"))?,

@@ -5,10 +5,14 @@
 use super::backend::Backend;
 use super::bert::Bert;
 use super::checkpoint::read_json;
+use super::config::{Fields, MAX_COUNT};
 use super::pooling::Pooling;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use std::path::Path;
+
+/// Most tokens (padding included) one forward pass of [`SentenceEmbedder::embed`] holds.
+pub const FORWARD_TOKENS: usize = 8192;
 
 /// A sentence-embedding model on backend `B`.
 pub struct SentenceEmbedder<B: Backend> {
@@ -35,9 +39,9 @@ impl<B: Backend> SentenceEmbedder<B> {
         let positions = bert.config.max_position_embeddings;
         let st_config = dir.join("sentence_bert_config.json");
         let max_len = if st_config.exists() {
-            read_json(&st_config)?["max_seq_length"]
-                .as_u64()
-                .map_or(positions, |m| m as usize)
+            let v = read_json(&st_config)?;
+            let file = st_config.display().to_string();
+            Fields::new(&v, &file)?.int_or("max_seq_length", positions, 2..=MAX_COUNT)?
         } else {
             positions
         }
@@ -55,8 +59,10 @@ impl<B: Backend> SentenceEmbedder<B> {
         self.bert.config.hidden_size
     }
 
-    /// Embeds `texts` in batches of `batch_size`; `progress` is called with the number of
-    /// sentences done after each batch. An empty list is an error.
+    /// Embeds `texts` in batches of `batch_size` (at most [`FORWARD_TOKENS`] tokens each:
+    /// larger batches are cut); `progress` is called with the number of
+    /// sentences done after each batch. An empty list is an error, and so is an embedding
+    /// with a NaN or infinite value ([`Error::NonFinite`], naming the input).
     pub fn embed(
         &self,
         be: &B,
@@ -78,7 +84,10 @@ impl<B: Backend> SentenceEmbedder<B> {
         let mut vectors = vec![Vec::new(); texts.len()];
         let mut truncated = Vec::new();
         let mut done = 0;
-        for chunk in order.chunks(batch_size) {
+        // Memory bound: a forward pass holds at most FORWARD_TOKENS tokens (the batch is cut
+        // further when it would exceed that; results do not depend on the batching).
+        let rows = (FORWARD_TOKENS / self.tokenizer.max_len()).clamp(1, batch_size);
+        for chunk in order.chunks(rows) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let tokens = self.tokenizer.encode_batch(&batch_texts)?;
             truncated.extend(tokens.truncated.iter().map(|&j| chunk[j]));
@@ -86,6 +95,15 @@ impl<B: Backend> SentenceEmbedder<B> {
             let hidden = be.to_f32(&out.hidden)?;
             let pooled = self.pooling.apply(&hidden, &tokens.lens, tokens.len, width);
             for (&i, v) in chunk.iter().zip(pooled) {
+                if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(Error::NonFinite {
+                        input: i + 1,
+                        reason: format!(
+                            "its embedding has {bad} values (corrupt weights, or the model's \
+                             arithmetic overflowed)"
+                        ),
+                    });
+                }
                 vectors[i] = v;
             }
             done += chunk.len();

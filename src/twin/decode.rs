@@ -8,7 +8,7 @@
 //! LSE = (Σ > 0) ? Mg + ln Σ : −inf;  O = (LSE == −inf) ? 0 : Σ_s exp(LSE_s − LSE)·O_s
 //! ```
 //!
-//! (../shared/attention-kernel-notes.md §6.) Inputs follow [`crate::reference::attention`].
+//! (docs/kernels/attention-forward.md, split-KV.) Inputs follow [`crate::reference::attention`].
 
 use crate::reference::attention::{Options, Shape};
 

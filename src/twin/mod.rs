@@ -3,7 +3,10 @@
 //! proven against the f64 references on machines without a GPU.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod decode;
+pub mod hopper_pipeline;
 pub mod kv_append;
 pub mod layernorm;
 pub mod sparse_attention;
+pub mod training;

@@ -1,6 +1,6 @@
 //! The attention kernels (exact, and tensor cores for f16/bf16) held to the f64 reference on the GPU: random shapes, head dims,
 //! GQA, masks, key padding, BHSD/BSHD layouts and packed variable-length batches (proptest),
-//! and the edge cases of ../shared/anchors.md as named tests. The checks themselves (poisoned
+//! and the edge cases of docs/kernels/attention-forward.md as named tests. The checks themselves (poisoned
 //! outputs, the tolerance rule) are `cuattn::check::attention`.
 
 use cuattn::check::attention::{self as check, Case};

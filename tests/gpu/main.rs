@@ -3,6 +3,8 @@
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
 mod attention;
+mod attention_backward;
+mod attention_hopper;
 mod decode;
 mod embedding;
 #[path = "../fixture_files/mod.rs"]
@@ -11,11 +13,13 @@ mod fixture_files;
 mod gpt2_cache;
 mod layernorm;
 mod runtime;
+mod runtime_bart;
 mod runtime_gpt2;
 mod sparse;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+mod training_ops;
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

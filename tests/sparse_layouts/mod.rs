@@ -110,7 +110,7 @@ pub fn generate(
                 BlockLayout::strided(len_q, bs, local, stride, causal),
                 Box::new(move |_h, i: usize, j: usize| {
                     let d = (i / bs).abs_diff(j / bs);
-                    (d < local || d % stride == 0) && below(i, j)
+                    (d < local || d.is_multiple_of(stride)) && below(i, j)
                 }) as _,
             )
         }

@@ -3,7 +3,7 @@
 //! workspace sized up front, so the calls queue kernels and nothing else (no upload, no
 //! allocation, no synchronisation). docs/embedding.md explains each step.
 //!
-//! `cargo run --release --example embedding`: on a machine without a GPU it runs the CPU
+//! `cargo run --release --example 05_embed_in_your_runtime`: on a machine without a GPU it runs the CPU
 //! reference and says the GPU part was skipped.
 
 use cuattn::gpu::{ContextId, Gpu, I32View, TensorMut, TensorRef};

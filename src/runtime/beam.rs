@@ -1,0 +1,268 @@
+//! Beam search with Hugging Face's semantics (`transformers` 5, `GenerationMixin._beam_search`),
+//! for any [`TokenModel`].
+//!
+//! Per input, `num_beams` running hypotheses (all the prompt at first; only the first counts,
+//! the others start at −1e9 so that the first step expands one beam) and a list of the
+//! `num_beams` best finished ones. Each step:
+//! 1. one model call for every running beam of every unfinished input (rows input·beams + j);
+//! 2. per beam, log-softmax of its logits, the logits processors, plus the beam's score;
+//! 3. the 2·num_beams best (beam, token) continuations over all beams of the input;
+//! 4. a continuation that ends in end-of-text or reaches the maximum length *finishes*: if it
+//!    ranks among the first num_beams it is scored sum(log p)/new_len^length_penalty and
+//!    competes for the finished list; either way it leaves the running set;
+//! 5. the num_beams best unfinished continuations run on; the KV cache rows are reordered to
+//!    their parents;
+//! 6. the input is done when no continuation can run, when `early_stopping` is `true` and
+//!    num_beams hypotheses are finished, or when the best running score (at the current
+//!    length; at the maximum length for `"never"` with a positive penalty) cannot beat the
+//!    worst finished one.
+//!
+//! Scores are f32 and excluded entries get −1e9 added, exactly as Hugging Face does, so that
+//! the same candidates win. Inputs that are done append nothing to the cache afterwards.
+
+use super::generate::{
+    EarlyStopping, GenerateBackend, GenerateOptions, Generation, Stepper, StopReason, TokenModel,
+};
+use crate::error::Result;
+
+const EXCLUDED: f32 = -1.0e9;
+
+#[derive(Clone)]
+struct Hypothesis {
+    seq: Vec<u32>,
+    score: f32,
+    finished: bool,
+}
+
+struct Search {
+    prompt_len: usize,
+    max_len: usize,
+    running: Vec<Hypothesis>,
+    finished: Vec<Hypothesis>,
+    heuristic_unsatisfied: bool,
+    done: bool,
+}
+
+/// Indices of the `k` largest `scores`, largest first (ties: lower index first).
+fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let key = |&i: &usize| (std::cmp::Reverse(OrdF(scores[i])), i);
+    let k = k.min(idx.len());
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by_key(k - 1, key);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by_key(key);
+    idx
+}
+
+#[derive(Clone, Copy)]
+struct OrdF(f32);
+impl PartialEq for OrdF {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for OrdF {}
+impl PartialOrd for OrdF {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrdF {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// log-softmax of one row in f64, rounded to f32 (−∞ stays −∞).
+fn log_softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    row.iter_mut().for_each(|x| *x = (*x as f64 - lse) as f32);
+}
+
+pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
+    be: &B,
+    model: &M,
+    inputs: &[Vec<u32>],
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Generation> {
+    let beams = opts.num_beams;
+    let keep = 2 * beams;
+    let vocab = model.vocab_size();
+    let eos = model.eos_token_id();
+    let ctx = model.max_positions();
+    let batch = prompts.len();
+    let mut searches: Vec<Search> = prompts
+        .iter()
+        .map(|p| {
+            let start = |i: usize| Hypothesis {
+                seq: p.clone(),
+                score: if i == 0 { 0.0 } else { EXCLUDED },
+                finished: false,
+            };
+            let max_len = ctx.min(p.len() + opts.max_new_tokens);
+            Search {
+                prompt_len: p.len(),
+                max_len,
+                running: (0..beams).map(start).collect(),
+                finished: (0..beams)
+                    .map(|_| Hypothesis {
+                        score: EXCLUDED,
+                        ..start(0)
+                    })
+                    .collect(),
+                heuristic_unsatisfied: true,
+                done: p.len() >= max_len,
+            }
+        })
+        .collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let capacity = ctx.min(longest.saturating_add(opts.max_new_tokens)).max(1);
+    let memory = model.encode(be, inputs, beams)?;
+    let mut stepper = Stepper::new(
+        be,
+        model,
+        memory,
+        batch * beams,
+        capacity,
+        opts.use_kv_cache,
+    )?;
+    while searches.iter().any(|s| !s.done) {
+        let seqs: Vec<Vec<u32>> = searches
+            .iter()
+            .flat_map(|s| s.running.iter().map(|h| h.seq.clone()))
+            .collect();
+        let live: Vec<bool> = searches
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(!s.done, beams))
+            .collect();
+        let mut logits = stepper.logits(&seqs, &live)?;
+        let mut src: Vec<usize> = (0..batch * beams).collect();
+        for (b, s) in searches.iter_mut().enumerate() {
+            if s.done {
+                continue;
+            }
+            let cur_len = s.running[0].seq.len();
+            let rows = &mut logits[b * beams * vocab..(b + 1) * beams * vocab];
+            for (j, h) in s.running.iter().enumerate() {
+                let row = &mut rows[j * vocab..(j + 1) * vocab];
+                log_softmax(row);
+                opts.process_scores(&h.seq, s.prompt_len, s.max_len, eos, row);
+                row.iter_mut().for_each(|x| *x += h.score);
+            }
+            let top = top_k(rows, keep);
+            // Continuations, their scores, and whether they finish.
+            let cands: Vec<(usize, u32, f32, bool)> = top
+                .iter()
+                .map(|&i| {
+                    let (beam, token) = (i / vocab, (i % vocab) as u32);
+                    let hits = (opts.stop_at_eos && token == eos) || cur_len + 1 >= s.max_len;
+                    (beam, token, rows[i], hits)
+                })
+                .collect();
+            // Running beams of the next step.
+            let run_scores: Vec<f32> = cands
+                .iter()
+                .map(|&(_, _, sc, hits)| if hits { sc + EXCLUDED } else { sc })
+                .collect();
+            let next: Vec<Hypothesis> = top_k(&run_scores, beams)
+                .into_iter()
+                .enumerate()
+                .map(|(j, r)| {
+                    let (beam, token, _, _) = cands[r];
+                    src[b * beams + j] = b * beams + beam;
+                    let mut seq = s.running[beam].seq.clone();
+                    seq.push(token);
+                    Hypothesis {
+                        seq,
+                        score: run_scores[r],
+                        finished: false,
+                    }
+                })
+                .collect();
+            // Finished hypotheses.
+            let full =
+                s.finished.iter().all(|h| h.finished) && opts.early_stopping == EarlyStopping::Yes;
+            let new_len = (cur_len + 1 - s.prompt_len) as f32;
+            let mut merged = s.finished.clone();
+            for (r, &(beam, token, sc, hits)) in cands.iter().enumerate() {
+                let just_finished = hits && r < beams;
+                let mut score = sc / new_len.powf(opts.length_penalty);
+                if full {
+                    score += EXCLUDED;
+                }
+                if !s.heuristic_unsatisfied {
+                    score += EXCLUDED;
+                }
+                if !just_finished {
+                    score += EXCLUDED;
+                }
+                let mut seq = s.running[beam].seq.clone();
+                seq.push(token);
+                merged.push(Hypothesis {
+                    seq,
+                    score,
+                    finished: just_finished,
+                });
+            }
+            let merged_scores: Vec<f32> = merged.iter().map(|h| h.score).collect();
+            s.finished = top_k(&merged_scores, beams)
+                .into_iter()
+                .map(|i| merged[i].clone())
+                .collect();
+            let all_hit = cands.iter().all(|c| c.3);
+            s.running = next;
+            // Can the running beams still improve on the finished ones?
+            let cur_len = cur_len + 1;
+            if s.heuristic_unsatisfied {
+                let length =
+                    if opts.early_stopping == EarlyStopping::Never && opts.length_penalty > 0.0 {
+                        s.max_len - s.prompt_len
+                    } else {
+                        cur_len - s.prompt_len
+                    };
+                let best = s.running[0].score / (length as f32).powf(opts.length_penalty);
+                let worst = s
+                    .finished
+                    .iter()
+                    .map(|h| h.score)
+                    .fold(f32::INFINITY, f32::min);
+                s.heuristic_unsatisfied = s
+                    .finished
+                    .iter()
+                    .any(|h| best > if h.finished { worst } else { EXCLUDED });
+            }
+            let all_finished = s.finished.iter().all(|h| h.finished);
+            s.done = !s.heuristic_unsatisfied
+                || (all_finished && opts.early_stopping == EarlyStopping::Yes)
+                || all_hit;
+        }
+        stepper.reorder(&src)?;
+    }
+    let mut out = Generation {
+        generated: Vec::new(),
+        stop: Vec::new(),
+        scores: Vec::new(),
+        steps: stepper.steps,
+    };
+    for s in &searches {
+        for h in s.finished.iter().take(opts.num_return_sequences) {
+            let gen = h.seq[s.prompt_len.min(h.seq.len())..].to_vec();
+            let reason = if gen.last() == Some(&eos) && opts.stop_at_eos {
+                StopReason::EndOfText
+            } else if s.max_len < s.prompt_len + opts.max_new_tokens {
+                StopReason::ContextFull
+            } else {
+                StopReason::MaxNewTokens
+            };
+            out.generated.push(gen);
+            out.stop.push(reason);
+            out.scores.push(h.score);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,272 @@
+//! Row kernels of the CPU backend (softmax pieces, LayerNorm), written as plain loops over
+//! 16 independent lanes so that the compiler vectorizes them, and compiled three times: for
+//! AVX-512, for AVX2+FMA and for the baseline target. The [`Isa`] argument picks the copy
+//! (callers pass [`Isa::current`]; tests pass each supported level).
+//!
+//! f32 sums are kept in 16 partial sums (one per lane) and added at the end: the same
+//! accuracy class as a sequential f32 sum, without the serial dependency that stops the
+//! loop from vectorizing.
+
+use super::isa::Isa;
+
+const LANES: usize = 16;
+
+/// Defines `pub fn $name(isa: Isa, args..) -> ret` running `$body` compiled for `isa`.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name(isa: Isa, $($arg: $t),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $t),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn v4($($arg: $t),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $t),*) $(-> $ret)? { imp($($arg),*) }
+                match isa.capped() {
+                    // SAFETY: `capped` keeps the level at what this CPU supports, the only
+                    // requirement of calling a function compiled for it.
+                    Isa::Avx512 => return unsafe { v4($($arg),*) },
+                    Isa::Avx2 => return unsafe { v3($($arg),*) },
+                    Isa::Scalar => {}
+                }
+            }
+            let _ = isa;
+            imp($($arg),*)
+        }
+    };
+}
+
+/// e^x in f32 for a loop body the compiler can vectorize: x = n·ln2 + r with n an integer and
+/// |r| ≤ ln2/2, e^r by its Taylor series to degree 7 (truncation ≤ 5e-9 relative), times 2^n
+/// built in the exponent bits. Relative error a few f32 ulps; below -87.3 the result is 0
+/// (never denormal), above 88 it saturates at e^88.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part with few mantissa bits (n·LN2_HI is exact) and the rest.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let below = x < -87.3;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if below {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+#[inline(always)]
+fn lane_sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+multiversion! {
+    /// The largest value (−∞ for none; NaN-free input assumed, as scores are).
+    pub fn max(xs: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a = if v > *a { v } else { *a };
+            }
+        }
+        acc.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+}
+
+multiversion! {
+    /// In place: `x ← e^(x·scale − shift)`; returns the sum of the results.
+    pub fn exp_sum(xs: &mut [f32], scale: f32, shift: f32) -> f32 {
+        for v in xs.iter_mut() {
+            *v = exp(*v * scale - shift);
+        }
+        lane_sum(xs)
+    }
+}
+
+multiversion! {
+    /// In place: `x ← x·s`.
+    pub fn scale(xs: &mut [f32], s: f32) {
+        for v in xs.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+multiversion! {
+    /// One LayerNorm row: `out = (v − mean)/√(var + eps)·gamma + beta` for v = x (+ residual),
+    /// statistics in f32 (two passes: the mean, then the mean squared deviation).
+    pub fn layer_norm_row(
+        x: &[f32],
+        residual: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        out: &mut [f32]
+    ) {
+        match residual {
+            Some(r) => {
+                for ((o, a), b) in out.iter_mut().zip(x).zip(r) {
+                    *o = a + b;
+                }
+            }
+            None => out.copy_from_slice(x),
+        }
+        let n = out.len() as f32;
+        let mean = lane_sum(out) / n;
+        let mut acc = [0f32; LANES];
+        let chunks = out.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        let var = (acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in out.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * rstd * g + b;
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a + b`.
+    pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    }
+}
+
+multiversion! {
+    /// `x ← x + b`.
+    pub fn add_assign(xs: &mut [f32], b: &[f32]) {
+        for (x, y) in xs.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}
+
+multiversion! {
+    /// In place: GELU with the exact erf, x·Φ(x) (the same formula as
+    /// [`Activation::apply`](crate::runtime::Activation::apply)).
+    pub fn gelu_erf(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = 0.5 * *x * (1.0 + crate::runtime::backend::erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+/// `act` over a slice: GELU (erf) in the copy for `isa`, the rest as
+/// [`Activation::apply_slice`](crate::runtime::Activation::apply_slice) does.
+pub fn activation(isa: Isa, act: crate::runtime::Activation, xs: &mut [f32]) {
+    match act {
+        crate::runtime::Activation::GeluErf => gelu_erf(isa, xs),
+        other => other.apply_slice(xs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulps_of_f64_exp_over_the_softmax_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0173;
+        }
+        assert!(
+            worst < 4.0 * f32::EPSILON as f64,
+            "worst relative error {worst}"
+        );
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// Each supported ISA's copy gives the sequential f64 answer within f32 rounding, on
+    /// lengths with and without a remainder.
+    #[test]
+    fn every_isa_computes_max_exp_sum_and_layer_norm() {
+        for isa in Isa::all_supported() {
+            for len in [1usize, 15, 16, 37, 384] {
+                let x: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+                    .collect();
+                let r: Vec<f32> = (0..len)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                    .collect();
+                let g: Vec<f32> = (0..len).map(|i| 0.5 + (i % 7) as f32 / 10.0).collect();
+                let b: Vec<f32> = (0..len).map(|i| (i % 5) as f32 / 10.0 - 0.2).collect();
+                let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max(isa, &x), m, "{isa:?} max");
+                let mut e = x.clone();
+                let s = exp_sum(isa, &mut e, 0.7, m * 0.7);
+                let want: Vec<f64> = x
+                    .iter()
+                    .map(|&v| (v as f64 * 0.7 - m as f64 * 0.7).exp())
+                    .collect();
+                let ws: f64 = want.iter().sum();
+                assert!(
+                    ((s as f64) - ws).abs() <= 1e-5 * ws,
+                    "{isa:?} sum {s} vs {ws}"
+                );
+                for (got, w) in e.iter().zip(&want) {
+                    assert!(
+                        (*got as f64 - w).abs() <= 1e-6 * w.max(1e-30) + 1e-38,
+                        "{isa:?} exp"
+                    );
+                }
+                let mut out = vec![f32::NAN; len];
+                layer_norm_row(isa, &x, Some(&r), &g, &b, 1e-5, &mut out);
+                let v: Vec<f64> = x
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, c)| *a as f64 + *c as f64)
+                    .collect();
+                let mean = v.iter().sum::<f64>() / len as f64;
+                let var = v.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / len as f64;
+                for (i, (((got, vi), gi), bi)) in out.iter().zip(&v).zip(&g).zip(&b).enumerate() {
+                    let want = (vi - mean) / (var + 1e-5).sqrt() * *gi as f64 + *bi as f64;
+                    assert!(
+                        (*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{isa:?} layer norm [{i}] of {len}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Training on the runtime: gradients, losses and optimizers over the same backends as the
+//! forward. `docs/training.md` walks through it with an example.
+//!
+//! - [`backend`]: [`TrainBackend`], the ops training adds to [`crate::runtime::Backend`]
+//!   (implemented for the CPU in `runtime/cpu_train.rs`).
+//! - [`layers`]: every layer's forward-with-cache and backward (linear, LayerNorm, self-
+//!   attention with projections, feed-forward, embeddings, dropout).
+//! - [`bert_cls`]: `BertForSequenceClassification`, forward to logits and forward + backward
+//!   to the loss and the gradient of every parameter by its Hugging Face name.
+//! - [`optim`]: named parameters, gradients, AdamW, global-norm clipping.
+
+pub mod backend;
+pub mod bert_cls;
+pub mod layers;
+pub mod optim;
+
+pub use backend::{
+    AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
+};
+pub use bert_cls::{
+    BertForSequenceClassification, ClassifierConfig, Head, StepOptions, StepOutput,
+};
+pub use optim::{AdamW, AdamWConfig, Gradients, Param};

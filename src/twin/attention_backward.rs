@@ -1,0 +1,297 @@
+//! CPU twin of the fused attention backward (`kernels/attention_bwd.cu`), in f32 with the
+//! kernels' block loops, ranges and rounding points:
+//!
+//! - D_i = Σ dO_i∘O_i from O as stored (rounded to the dtype);
+//! - dK/dV program per (batch, K/V head, key block of `block_k` keys): K/V rows outside the keys
+//!   any query of the sequence sees are read as zero; it walks the query heads of the GQA group,
+//!   and for each the query tiles (`block_q` rows) from the first query whose band reaches the
+//!   block's first visible key to the last whose band reaches its last; whole tiles inside the
+//!   band run unmasked, the others assign P = dS = 0 outside it;
+//! - P = exp2(c·s − LSE·log2 e) with LSE = −inf read as +inf; dS = P(dP − D); P and dS are
+//!   rounded to the dtype before they multiply dO, Q and K (the tensor cores take f16/bf16);
+//! - dQ either by a second program per query block over the key tiles of its band
+//!   ([`Mode::Deterministic`]) or summed into an f32 accumulator by the dK/dV programs
+//!   ([`Mode::Atomic`]), then scaled and rounded;
+//! - dK = scale·Σ dSᵀQ and dQ = scale·Σ dS·K are scaled once, at the end.
+//!
+//! Inputs follow [`crate::reference::attention`] (BHSD, values already rounded to the dtype);
+//! `o` and `lse` are the forward's ([`crate::twin::attention::forward`]).
+
+use crate::dtype::DType;
+use crate::reference::attention::{Options, Shape};
+
+/// Tile sizes of the kernels (the built kernels use 64 and 64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    /// Query rows per tile of the dK/dV program and per dQ program.
+    pub block_q: usize,
+    /// Keys per dK/dV program and per tile of the dQ program.
+    pub block_k: usize,
+}
+
+/// How dQ is summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A second pass per query block over its key tiles: a fixed order.
+    Deterministic,
+    /// Added by the dK/dV programs into an f32 accumulator (atomics on the GPU).
+    Atomic,
+}
+
+/// dQ, dK, dV rounded to the dtype, BHSD like Q, K, V.
+#[derive(Clone, Debug)]
+pub struct Grads {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+/// Tiles the programs computed (for checking that masked-out tiles are skipped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Visits {
+    /// (key block, query head, query tile) triples of the dK/dV programs.
+    pub dkdv_tiles: usize,
+    /// (query block, key tile) pairs of the dQ programs (deterministic mode).
+    pub dq_tiles: usize,
+}
+
+/// The kernels' band of one sequence: keep j iff j < key_len, i + lo ≤ j ≤ i + hi, with the
+/// open sides clamped as `dense_band` (attention_common.cuh) clamps them.
+struct Band {
+    lo: i64,
+    hi: i64,
+    key_len: i64,
+}
+
+impl Band {
+    fn new(opts: &Options, s: &Shape, b: usize) -> Band {
+        let kb = opts.key_band(s, b);
+        let (len_q, key_len) = (s.len_q as i64, kb.key_len as i64);
+        Band {
+            lo: kb.lo.unwrap_or(i64::MIN).max(-len_q - 1),
+            hi: kb.hi.unwrap_or(i64::MAX).min(key_len),
+            key_len,
+        }
+    }
+    fn keeps(&self, i: i64, j: i64) -> bool {
+        j < self.key_len && j >= i + self.lo && j <= i + self.hi
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn lse_log2(lse: f32) -> f32 {
+    if lse == f32::NEG_INFINITY {
+        f32::INFINITY
+    } else {
+        lse * std::f32::consts::LOG2_E
+    }
+}
+
+/// The twin's backward. `o` (rounded to `dtype`) and `lse` are the forward's outputs for the
+/// same inputs and options.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    tiling: Tiling,
+    mode: Mode,
+    dtype: DType,
+) -> (Grads, Visits) {
+    let s = shape;
+    let (bm, bn) = (tiling.block_q, tiling.block_k);
+    let (d, dvn) = (s.dim_qk, s.dim_v);
+    let scale = opts.scale as f32;
+    let c = scale * std::f32::consts::LOG2_E;
+    let group = s.heads_q / s.heads_kv;
+    let mut visits = Visits::default();
+    let mut g = Grads {
+        dq: vec![f32::NAN; s.q_len()],
+        dk: vec![f32::NAN; s.k_len()],
+        dv: vec![f32::NAN; s.v_len()],
+    };
+    // D per (b, h, i), in the LSE layout.
+    let delta: Vec<f32> = (0..s.lse_len())
+        .map(|r| dot(&d_o[r * dvn..(r + 1) * dvn], &o[r * dvn..(r + 1) * dvn]))
+        .collect();
+    let mut dq_acc = vec![0.0f32; s.q_len()];
+    let zeros = vec![0.0f32; d.max(dvn)];
+
+    for b in 0..s.batch {
+        let band = Band::new(opts, s, b);
+        let len_q = s.len_q as i64;
+        let kv_lo = band.lo.max(0);
+        let kv_hi = band.key_len.min(len_q + band.hi);
+        for hk in 0..s.heads_kv {
+            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+            // K/V row j as the dK/dV program loads it.
+            let k_row = |j: i64| {
+                if j >= kv_lo && j < kv_hi {
+                    &k_head[j as usize * d..(j as usize + 1) * d]
+                } else {
+                    &zeros[..d]
+                }
+            };
+            let v_row = |j: i64| {
+                if j >= kv_lo && j < kv_hi {
+                    &v_head[j as usize * dvn..(j as usize + 1) * dvn]
+                } else {
+                    &zeros[..dvn]
+                }
+            };
+            for key0 in (0..s.len_k).step_by(bn) {
+                let key0 = key0 as i64;
+                let k_last = (key0 + bn as i64).min(kv_hi) - 1;
+                let first = key0.max(kv_lo);
+                let (mut m_begin, mut m_end) = (0, 0);
+                if k_last >= first {
+                    let q_begin = (first - band.hi).max(0);
+                    let q_end = len_q.min(k_last - band.lo + 1);
+                    if q_end > q_begin {
+                        m_begin = q_begin / bm as i64;
+                        m_end = (q_end + bm as i64 - 1) / bm as i64;
+                    }
+                }
+                let mut dk = vec![0.0f32; bn * d];
+                let mut dv = vec![0.0f32; bn * dvn];
+                for gi in 0..group {
+                    let h = hk * group + gi;
+                    let r0 = (b * s.heads_q + h) * s.len_q;
+                    for m in m_begin..m_end {
+                        visits.dkdv_tiles += 1;
+                        let q0 = m * bm as i64;
+                        let full = key0 + bn as i64 <= band.key_len
+                            && q0 + bm as i64 <= len_q
+                            && key0 >= q0 + bm as i64 - 1 + band.lo
+                            && key0 + bn as i64 - 1 <= q0 + band.hi;
+                        for kk in 0..bn {
+                            let key = key0 + kk as i64;
+                            for col in 0..bm {
+                                let i = q0 + col as i64;
+                                let keep = full || (i < len_q && band.keeps(i, key));
+                                if !keep {
+                                    continue; // P = dS = 0
+                                }
+                                let r = r0 + i as usize;
+                                let (qi, doi) =
+                                    (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                                let kj = k_row(key);
+                                let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
+                                let ds = p * (dot(doi, v_row(key)) - delta[r]);
+                                let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
+                                for (a, &x) in dv[kk * dvn..(kk + 1) * dvn].iter_mut().zip(doi) {
+                                    *a += p_in * x;
+                                }
+                                for (a, &x) in dk[kk * d..(kk + 1) * d].iter_mut().zip(qi) {
+                                    *a += ds_in * x;
+                                }
+                                if mode == Mode::Atomic {
+                                    for (a, &x) in dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj) {
+                                        *a += ds_in * x;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for kk in 0..bn.min(s.len_k - key0 as usize) {
+                    let j = key0 as usize + kk;
+                    let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d;
+                    let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn;
+                    for (out, &a) in g.dk[kr..kr + d].iter_mut().zip(&dk[kk * d..(kk + 1) * d]) {
+                        *out = dtype.round(a * scale);
+                    }
+                    for (out, &a) in g.dv[vr..vr + dvn]
+                        .iter_mut()
+                        .zip(&dv[kk * dvn..(kk + 1) * dvn])
+                    {
+                        *out = dtype.round(a);
+                    }
+                }
+            }
+        }
+        if mode == Mode::Atomic {
+            continue;
+        }
+        // Deterministic dQ: per query block, the key tiles of its band (as the forward).
+        for h in 0..s.heads_q {
+            let hk = h / group;
+            let r0 = (b * s.heads_q + h) * s.len_q;
+            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+            for q0 in (0..s.len_q).step_by(bm) {
+                let q0 = q0 as i64;
+                let q_last = len_q.min(q0 + bm as i64) - 1;
+                let kb = (q0 + band.lo).max(0);
+                let ke = band.key_len.min(q_last + band.hi + 1);
+                let tiles = if ke > kb {
+                    kb / bn as i64..(ke + bn as i64 - 1) / bn as i64
+                } else {
+                    0..0
+                };
+                let mut dq = vec![0.0f32; bm * d];
+                for n in tiles {
+                    visits.dq_tiles += 1;
+                    let key0 = n * bn as i64;
+                    let full = q_last + band.lo <= key0
+                        && key0 + bn as i64 - 1 <= q0 + band.hi
+                        && key0 + bn as i64 <= band.key_len;
+                    for row in 0..bm {
+                        let i = q0 + row as i64;
+                        if i >= len_q {
+                            continue; // computed on the GPU (P = 0 there), never written
+                        }
+                        let r = r0 + i as usize;
+                        let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                        for kk in 0..bn {
+                            let j = key0 + kk as i64;
+                            if !(full || band.keeps(i, j)) {
+                                continue;
+                            }
+                            let loaded = j >= kb && j < ke;
+                            let kj = if loaded {
+                                &k_head[j as usize * d..][..d]
+                            } else {
+                                &zeros[..d]
+                            };
+                            let vj = if loaded {
+                                &v_head[j as usize * dvn..][..dvn]
+                            } else {
+                                &zeros[..dvn]
+                            };
+                            let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
+                            let ds = dtype.round(p * (dot(doi, vj) - delta[r]));
+                            for (a, &x) in dq[row * d..(row + 1) * d].iter_mut().zip(kj) {
+                                *a += ds * x;
+                            }
+                        }
+                    }
+                }
+                for row in 0..bm.min(s.len_q - q0 as usize) {
+                    let r = r0 + q0 as usize + row;
+                    for (out, &a) in g.dq[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .zip(&dq[row * d..(row + 1) * d])
+                    {
+                        *out = dtype.round(a * scale);
+                    }
+                }
+            }
+        }
+    }
+    if mode == Mode::Atomic {
+        for (out, &a) in g.dq.iter_mut().zip(&dq_acc) {
+            *out = dtype.round(a * scale);
+        }
+    }
+    (g, visits)
+}
