@@ -8,6 +8,11 @@
 //! 4. writes `kernels_generated.rs`, which embeds the fatbins and the report.
 //!
 //! Kernels recompile only when something under `kernels/` changes (cargo rescans the folder).
+//! Even then only the files whose inputs changed are compiled: each fatbin and its ptxas report
+//! are kept in a cache keyed by a hash of the `.cu` file, every header in `kernels/`, the nvcc
+//! version and the flags (`CUATTN_KERNEL_CACHE`, default `<target dir>/kernel-cache`). The
+//! check, debug and release profiles each run this script with their own `OUT_DIR`; the cache
+//! lets them share one compilation (CI's clippy and release builds, a header-free `.cu` edit).
 
 use std::env;
 use std::fs;
@@ -44,6 +49,7 @@ fn main() {
         "CUDA_PATH",
         "NVCC_CCBIN",
         "LIBCLANG_PATH",
+        "CUATTN_KERNEL_CACHE",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -67,10 +73,19 @@ fn main() {
 
     let nvcc_version = nvcc_version(&nvcc);
     let sources = kernel_sources(&manifest_dir.join("kernels"));
+    let cache = kernel_cache_dir(&out_dir);
+    let headers = header_digest(&manifest_dir.join("kernels"));
     let results: Vec<(String, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = sources
             .iter()
-            .map(|src| s.spawn(|| compile_fatbin(&nvcc, &manifest_dir, src, &out_dir)))
+            .map(|src| {
+                s.spawn(|| {
+                    let key = cache_key(src, headers, &nvcc_version);
+                    compile_cached(&cache, &key, src, &out_dir, || {
+                        compile_fatbin(&nvcc, &manifest_dir, src, &out_dir)
+                    })
+                })
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -160,6 +175,96 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// `CUATTN_KERNEL_CACHE`, or `kernel-cache` in the target directory (OUT_DIR is
+/// `<target>[/<triple>]/<profile>/build/<pkg>/out`).
+fn kernel_cache_dir(out_dir: &Path) -> PathBuf {
+    if let Some(dir) = env::var_os("CUATTN_KERNEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let target = out_dir.ancestors().nth(4).unwrap_or(out_dir);
+    target.join("kernel-cache")
+}
+
+/// FNV-1a, 64-bit: a stable content hash (std's hasher may change between Rust releases).
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One hash over every header in `kernels/` (names and contents, sorted): a `.cu` file's
+/// output depends on the headers it includes, and hashing them all is simpler than tracking
+/// includes (a header edit recompiles everything, as before).
+fn header_digest(dir: &Path) -> u64 {
+    let mut headers: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", dir.display())))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cuh" || x == "h"))
+        .collect();
+    headers.sort();
+    headers.iter().fold(FNV_OFFSET, |h, p| {
+        let name = p.file_name().unwrap().to_string_lossy();
+        let text =
+            fs::read(p).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", p.display())));
+        fnv1a(fnv1a(h, name.as_bytes()), &text)
+    })
+}
+
+/// `<stem>-<hash>`: the source, the headers, the compiler and every flag that shapes the output.
+fn cache_key(src: &Path, headers: u64, nvcc_version: &str) -> String {
+    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+    let text =
+        fs::read(src).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", src.display())));
+    let mut h = fnv1a(FNV_OFFSET, &text);
+    h = fnv1a(h, &headers.to_le_bytes());
+    // The release line, not the install path (two checkouts share a compiler version).
+    h = fnv1a(h, nvcc_version.split(" (").next().unwrap_or("").as_bytes());
+    h = fnv1a(
+        h,
+        format!("{GENCODE:?}{GENCODE_SM90A:?}{SM90A_SOURCES:?}").as_bytes(),
+    );
+    h = fnv1a(h, &fs::read("build.rs").unwrap_or_default());
+    h = fnv1a(h, env::var("NVCC_CCBIN").unwrap_or_default().as_bytes());
+    format!("{stem}-{h:016x}")
+}
+
+/// The fatbin and report from the cache when present; otherwise `compile` and store them (a
+/// failed store only costs the next build a recompilation).
+fn compile_cached(
+    cache: &Path,
+    key: &str,
+    src: &Path,
+    out_dir: &Path,
+    compile: impl FnOnce() -> (String, String),
+) -> (String, String) {
+    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+    let (bin, log) = (
+        cache.join(format!("{key}.fatbin")),
+        cache.join(format!("{key}.ptxas")),
+    );
+    let out = out_dir.join(format!("{stem}.fatbin"));
+    if let (Ok(()), Ok(report)) = (fs::copy(&bin, &out).map(|_| ()), fs::read_to_string(&log)) {
+        return (stem, report);
+    }
+    let (stem, report) = compile();
+    if fs::create_dir_all(cache).is_ok() {
+        // Write under temporary names, then rename: a concurrent build never reads half a file.
+        let tmp = |p: &Path| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(format!(".tmp{}", std::process::id()));
+            PathBuf::from(name)
+        };
+        let ok = fs::copy(&out, tmp(&bin)).is_ok()
+            && fs::write(tmp(&log), &report).is_ok()
+            && fs::rename(tmp(&bin), &bin).is_ok();
+        if ok {
+            let _ = fs::rename(tmp(&log), &log);
+        }
+    }
+    (stem, report)
 }
 
 /// Compiles one `.cu` into `OUT_DIR/<stem>.fatbin`; returns (stem, ptxas report).
