@@ -361,7 +361,13 @@ pub fn adamw(
             // elements that outlives this step; views of different tensors are disjoint.
             unsafe {
                 tensors.push(AdamWTensor {
-                    param: crate::gpu::TensorMut::from_raw(ctx, f32b(pp), n * 4, DType::F32, layout(n)),
+                    param: crate::gpu::TensorMut::from_raw(
+                        ctx,
+                        f32b(pp),
+                        n * 4,
+                        DType::F32,
+                        layout(n),
+                    ),
                     grad: crate::gpu::TensorRef::from_raw(
                         ctx,
                         hb(gp, grad_dtype),

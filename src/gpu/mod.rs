@@ -340,7 +340,7 @@ impl Gpu {
     /// reads and writes of `bytes` bytes for as long as this handle is used, and touched by
     /// nothing else while work of this handle's stream may use it.
     pub unsafe fn use_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
-        if ptr % 16 != 0 {
+        if !ptr.is_multiple_of(16) {
             return Err(Error::Alignment {
                 arg: "workspace",
                 ptr,

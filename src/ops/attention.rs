@@ -425,7 +425,7 @@ fn device_i32(arg: &'static str, v: &I32View, len: usize, what: &str) -> Result<
             &[v.len()],
         ));
     }
-    if v.device_ptr() % 4 != 0 {
+    if !v.device_ptr().is_multiple_of(4) {
         return Err(Error::Alignment {
             arg,
             ptr: v.device_ptr(),

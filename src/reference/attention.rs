@@ -37,7 +37,7 @@ fn check_call(q: &[f32], k: &[f32], v: &[f32], s: &Shape, opts: &Options) -> Res
     length("q", q.len(), s.q_len())?;
     length("k", k.len(), s.k_len())?;
     length("v", v.len(), s.v_len())?;
-    if s.heads_kv == 0 || s.heads_q % s.heads_kv != 0 {
+    if s.heads_kv == 0 || !s.heads_q.is_multiple_of(s.heads_kv) {
         return Err(Error::invalid(
             "heads_kv",
             format!(

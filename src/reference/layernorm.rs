@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 
 /// `x` must be whole rows of `hidden` (> 0) values and γ/β `hidden` values each.
 fn check_rows(x: &[f32], hidden: usize, params: [(&'static str, Option<&[f32]>); 2]) -> Result<()> {
-    if hidden == 0 || x.len() % hidden != 0 {
+    if hidden == 0 || !x.len().is_multiple_of(hidden) {
         return Err(Error::shape(
             "x",
             format!("whole rows of hidden = {hidden} values"),
