@@ -9,7 +9,7 @@
 #               prints the held-out accuracy and classifies a few new sentences.
 CARGO ?= cargo
 
-.PHONY: demo demo-kernels finetune-demo minilm test toolchain lint bundle bench clean-toolchain
+.PHONY: demo demo-kernels finetune-demo minilm test toolchain lint bundle bench clean-toolchain c-example header
 
 toolchain:
 	bash scripts/install-cuda-toolchain.sh
@@ -77,3 +77,15 @@ bench: toolchain
 
 clean-toolchain:
 	rm -rf .toolchain
+
+# The C ABI: builds capi/ (libcuattn_c.so and .a), compiles examples/c/attention.c against
+# include/cuattn.h, and runs it (CPU reference always; the GPU part when there is a device).
+c-example: toolchain
+	$(CARGO) build --release -p cuattn-capi
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Iinclude examples/c/attention.c \
+	  -Ltarget/release -lcuattn_c -lm -o target/release/attention_c
+	LD_LIBRARY_PATH=target/release ./target/release/attention_c
+
+# Regenerates include/cuattn.h from capi/src/lib.rs (cbindgen); CI checks it is up to date.
+header:
+	CUATTN_BLESS=1 $(CARGO) test --release -p cuattn-capi --test header
