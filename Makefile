@@ -2,13 +2,14 @@
 #   make demo   installs the toolchain, fetches all-MiniLM-L6-v2 into models/ if missing, builds,
 #               embeds a handful of sentences (GPU if there is one, else CPU) and prints their
 #               cosine-similarity matrix
-#   make test   installs the toolchain and runs every test (GPU tests print SKIPPED without a GPU)
+#   make test   installs the toolchain and runs every test (GPU tests print SKIPPED without a GPU),
+#               then the CPU-only build's library and CLI tests
 # `make demo-kernels` is the kernels' demo: `cuattn info`, then `cuattn check` (needs a GPU).
 # `make finetune-demo` fine-tunes all-MiniLM-L6-v2 on data/sentiment (CPU, a few minutes),
 #               prints the held-out accuracy and classifies a few new sentences.
 CARGO ?= cargo
 
-.PHONY: demo demo-kernels finetune-demo minilm test toolchain lint bundle bench clean-toolchain
+.PHONY: demo demo-kernels finetune-demo minilm test toolchain lint bundle bench clean-toolchain c-example header
 
 toolchain:
 	bash scripts/install-cuda-toolchain.sh
@@ -50,7 +51,11 @@ finetune-demo: minilm
 
 test: toolchain
 	$(CARGO) test --release
-	$(CARGO) test --release --no-default-features
+	@# The CPU-only build (--no-default-features): every suite above already ran the same CPU
+	@# code, so this pass runs what the feature changes: the library's unit tests and every
+	@# suite that drives the `cuattn` binary (CLI commands, hostile inputs), which now has no
+	@# GPU layer at all. (clippy --no-default-features --all-targets compiles the rest.)
+	$(CARGO) test --release --no-default-features --lib --bins --test 'cli_*' --test hostile_inputs
 	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
 	@# (nothing recompiles, the CUDA build is still current), and check that it is back.
 	$(CARGO) build --release --bin cuattn
@@ -72,3 +77,15 @@ bench: toolchain
 
 clean-toolchain:
 	rm -rf .toolchain
+
+# The C ABI: builds capi/ (libcuattn_c.so and .a), compiles examples/c/attention.c against
+# include/cuattn.h, and runs it (CPU reference always; the GPU part when there is a device).
+c-example: toolchain
+	$(CARGO) build --release -p cuattn-capi
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Iinclude examples/c/attention.c \
+	  -Ltarget/release -lcuattn_c -lm -o target/release/attention_c
+	LD_LIBRARY_PATH=target/release ./target/release/attention_c
+
+# Regenerates include/cuattn.h from capi/src/lib.rs (cbindgen); CI checks it is up to date.
+header:
+	CUATTN_BLESS=1 $(CARGO) test --release -p cuattn-capi --test header

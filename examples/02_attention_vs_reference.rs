@@ -40,7 +40,7 @@ fn main() -> cuattn::Result<()> {
         &v.to_f32_vec(),
         &shape,
         &reference::Options::new(d),
-    );
+    )?;
     let max_err = got
         .iter()
         .zip(&want.o)

@@ -1,5 +1,5 @@
 //! A cuattn kernel (LayerNorm) on device memory the caller owns: wrap the pointers as views
-//! and call the `*_into` form. Here the buffers come from cuattn's own allocator for brevity;
+//! and call the `*_with` form (tensors, then one options struct). Here the buffers come from cuattn's own allocator for brevity;
 //! any allocation in the same CUDA context works the same way. Without a GPU it says so.
 //!
 //!     cargo run --release --example 04_kernel_on_your_buffers
@@ -26,10 +26,13 @@ fn main() -> cuattn::Result<()> {
     let mut y_buf = gpu.full(DType::BF16, &[rows, hidden], 0.0)?;
     let bytes = rows * hidden * DType::BF16.size_bytes();
     let (x_ptr, y_ptr) = (x_buf.view().device_ptr(), y_buf.view_mut().device_ptr());
+    // A view names the context its memory belongs to: an op on another context refuses it.
+    let ctx = gpu.context_id();
     // SAFETY: both pointers are live allocations of `bytes` bytes in gpu's context (x_buf and
     // y_buf outlive the views), and nothing else reads or writes them during the call.
     let x = unsafe {
         TensorRef::from_raw(
+            ctx,
             x_ptr,
             bytes,
             DType::BF16,
@@ -38,22 +41,22 @@ fn main() -> cuattn::Result<()> {
     };
     let mut y = unsafe {
         TensorMut::from_raw(
+            ctx,
             y_ptr,
             bytes,
             DType::BF16,
             Layout::contiguous(&[rows, hidden]),
         )
     };
-    layernorm::forward_into(
+    // The tensors, then one options struct (no affine parameters here; eps as BERT's).
+    layernorm::forward_with(
         &gpu,
         &x,
-        None,
-        None,
-        1e-5,
         &mut y,
-        None,
-        None,
-        Default::default(),
+        layernorm::ForwardOptions {
+            eps: 1e-5,
+            ..Default::default()
+        },
     )?;
     let out = y_buf.to_f32_vec()?;
     let mean: f32 = out[..hidden].iter().sum::<f32>() / hidden as f32;

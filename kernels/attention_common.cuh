@@ -23,12 +23,25 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const cuattn_attention
     const int* cu_q = reinterpret_cast<const int*>(p.cu_seqlens_q);
     const int* cu_k = reinterpret_cast<const int*>(p.cu_seqlens_k);
     SequenceBounds s;
-    s.row0_q = packed ? cu_q[b] : 0;
-    s.row0_k = packed ? cu_k[b] : 0;
-    s.len_q = packed ? cu_q[b + 1] - cu_q[b] : p.len_q;
-    s.key_len = packed ? cu_k[b + 1] - cu_k[b] : p.len_k;
+    s.row0_q = 0;
+    s.row0_k = 0;
+    s.len_q = p.len_q;
+    s.key_len = p.len_k;
+    if (packed) {
+        // Offsets may come from the device unchecked: clamp each sequence into the tensors'
+        // rows and to the longest lengths the grid was sized for.
+        const int64_t q0 = min(max((int64_t) cu_q[b], (int64_t) 0), p.total_q);
+        const int64_t q1 = min(max((int64_t) cu_q[b + 1], q0), p.total_q);
+        const int64_t k0 = min(max((int64_t) cu_k[b], (int64_t) 0), p.total_k);
+        const int64_t k1 = min(max((int64_t) cu_k[b + 1], k0), p.total_k);
+        s.row0_q = q0;
+        s.row0_k = k0;
+        s.len_q = min(q1 - q0, (int64_t) p.len_q);
+        s.key_len = min(k1 - k0, (int64_t) p.len_k);
+    }
     s.len_k = s.key_len;
-    if (p.key_lens) s.key_len = min(s.key_len, (int64_t) reinterpret_cast<const int*>(p.key_lens)[b]);
+    if (p.key_lens)
+        s.key_len = min(s.key_len, max((int64_t) reinterpret_cast<const int*>(p.key_lens)[b], (int64_t) 0));
     return s;
 }
 

@@ -182,6 +182,9 @@ typedef struct cuattn_attention_fwd_params {
     uint64_t sp_row_offsets, sp_col_indices, sp_mask_kind, sp_band_lo, sp_band_hi, sp_bits_index;
     uint64_t sp_bits, sp_bits_union;
     int32_t sp_block_size, sp_stored_heads, sp_q_blocks, sp_words_per_row;
+    /* Packed batches: rows of Q and of K/V. Offsets read from the device are clamped to these
+     * (and each sequence to len_q/len_k), so bad offsets give wrong rows, never reads outside. */
+    int64_t total_q, total_k;
 } cuattn_attention_fwd_params;
 
 /* ---- Attention backward (kernels/attention_bwd.cu) -------------------------------------------

@@ -55,7 +55,12 @@ pub enum SparseLayoutError {
 }
 
 /// Everything that can go wrong in cuattn. Library code returns this; it never panics on user input.
+///
+/// New variants may be added in later versions (`#[non_exhaustive]`): match the ones you handle
+/// and keep a `_` arm. [`Error::code`] maps every variant to a stable integer (the C ABI's
+/// return codes).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor argument has the wrong shape.
     #[error("argument `{arg}`: expected shape {expected}, got {got:?}")]
@@ -109,9 +114,24 @@ pub enum Error {
     #[error("cuattn was built without the `cuda` feature; GPU kernels are unavailable")]
     CudaDisabled,
 
-    /// A CUDA driver call failed.
-    #[error("CUDA driver error in {context}: {message}")]
-    Driver { context: String, message: String },
+    /// A CUDA driver call failed. `code` is the driver's `CUresult` (for example 2,
+    /// `CUDA_ERROR_OUT_OF_MEMORY`, which a caller may recover from by freeing memory, against
+    /// 700, `CUDA_ERROR_ILLEGAL_ADDRESS`, which leaves the context unusable); see
+    /// [`Error::is_out_of_memory`] and [`Error::is_sticky`].
+    #[error("CUDA driver error in {context}: {message} (CUresult {code})")]
+    Driver {
+        context: String,
+        code: u32,
+        message: String,
+    },
+
+    /// A cuBLAS call failed; `status` is its `cublasStatus_t`.
+    #[error("cuBLAS error in {context}: {message} (cublasStatus_t {status})")]
+    Blas {
+        context: String,
+        status: u32,
+        message: String,
+    },
 
     /// A block-sparse layout is malformed or does not fit the call it is used with.
     #[error("block-sparse layout: {0}")]
@@ -180,13 +200,172 @@ impl Error {
     }
 }
 
+/// `CUDA_ERROR_OUT_OF_MEMORY`.
+const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;
+/// `CUBLAS_STATUS_ALLOC_FAILED`.
+const CUBLAS_STATUS_ALLOC_FAILED: u32 = 3;
+
+impl Error {
+    /// Whether a device allocation failed (driver or cuBLAS): the context is still usable and the
+    /// call may succeed after memory is freed.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Driver { code, .. } if *code == CUDA_ERROR_OUT_OF_MEMORY)
+            || matches!(self, Error::Blas { status, .. } if *status == CUBLAS_STATUS_ALLOC_FAILED)
+    }
+
+    /// Whether the driver reported a fault that poisons the context (an illegal address, a
+    /// misaligned access, a trap or a launch failure inside a kernel, codes 700-720): every
+    /// later call on that context fails too, and the process must create a new one.
+    pub fn is_sticky(&self) -> bool {
+        matches!(self, Error::Driver { code, .. } if (700..=720).contains(code))
+    }
+
+    /// A stable integer for each kind of error, the C ABI's return codes (0 is success there).
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::Shape { .. } => 1,
+            Error::DType { .. } => 2,
+            Error::Layout { .. } => 3,
+            Error::Empty { .. } => 4,
+            Error::InvalidArgument { .. } => 5,
+            Error::Alignment { .. } => 6,
+            Error::Device { .. } => 7,
+            Error::NoDevice(_) => 8,
+            Error::CudaDisabled => 9,
+            Error::Driver { .. } => 10,
+            Error::Blas { .. } => 11,
+            Error::SparseLayout(_) => 12,
+            Error::Config { .. } => 13,
+            Error::Checkpoint { .. } => 14,
+            Error::Tokenizer(_) => 15,
+            Error::Io { .. } => 16,
+            Error::NonFinite { .. } => 17,
+            Error::Data { .. } => 18,
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl Error {
-    /// Wraps a cudarc driver error with the name of the call that produced it.
+    /// Wraps a cudarc driver error with the name of the call that produced it, keeping its
+    /// `CUresult`.
     pub fn driver(context: impl Into<String>, err: cudarc::driver::DriverError) -> Self {
+        // The enum's name (`CUDA_ERROR_OUT_OF_MEMORY`), not cuGetErrorString: no driver call
+        // while reporting an error.
         Error::Driver {
             context: context.into(),
-            message: format!("{err:?}"),
+            code: err.0 as u32,
+            message: format!("{:?}", err.0),
         }
+    }
+
+    /// Wraps a cuBLAS error with the name of the call that produced it, keeping its status.
+    pub fn blas(context: impl Into<String>, err: cudarc::cublas::result::CublasError) -> Self {
+        Error::Blas {
+            context: context.into(),
+            status: err.0 as u32,
+            message: format!("{:?}", err.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver(code: u32) -> Error {
+        Error::Driver {
+            context: "test".into(),
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn out_of_memory_and_sticky_faults_are_told_apart_by_their_codes() {
+        assert!(driver(2).is_out_of_memory() && !driver(2).is_sticky());
+        assert!(driver(700).is_sticky() && !driver(700).is_out_of_memory());
+        assert!(driver(719).is_sticky());
+        assert!(!driver(1).is_sticky() && !driver(1).is_out_of_memory());
+        let blas_alloc = Error::Blas {
+            context: "test".into(),
+            status: 3,
+            message: String::new(),
+        };
+        assert!(blas_alloc.is_out_of_memory() && !blas_alloc.is_sticky());
+        assert_eq!(blas_alloc.code(), 11);
+        assert_eq!(driver(2).code(), 10);
+    }
+
+    #[test]
+    fn every_kind_has_its_own_nonzero_code() {
+        let io = std::io::Error::other("x");
+        let all = [
+            Error::shape("a", "b", &[1]),
+            Error::DType {
+                arg: "a",
+                expected: DType::F16,
+                got: DType::F32,
+            },
+            Error::layout("a", "b"),
+            Error::Empty {
+                arg: "a",
+                shape: vec![0],
+            },
+            Error::invalid("a", "b"),
+            Error::Alignment {
+                arg: "a",
+                ptr: 1,
+                align: 2,
+            },
+            Error::Device {
+                arg: "a",
+                reason: "b".into(),
+            },
+            Error::NoDevice("x".into()),
+            Error::CudaDisabled,
+            driver(2),
+            Error::Blas {
+                context: "c".into(),
+                status: 1,
+                message: String::new(),
+            },
+            Error::SparseLayout(SparseLayoutError::RowOffsets { reason: "r".into() }),
+            Error::Config {
+                file: "f".into(),
+                reason: "r".into(),
+            },
+            Error::Checkpoint {
+                file: "f".into(),
+                reason: "r".into(),
+            },
+            Error::Tokenizer("t".into()),
+            Error::Io {
+                path: "p".into(),
+                source: io,
+            },
+        ];
+        let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
+        assert!(codes.iter().all(|&c| c > 0));
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len());
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_wrapped_driver_error_keeps_its_cuda_result() {
+        use cudarc::driver::sys::CUresult;
+        let e = Error::driver(
+            "cuMemAlloc",
+            cudarc::driver::DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+        );
+        assert!(e.is_out_of_memory(), "{e}");
+        assert!(e.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY"), "{e}");
+        let e = Error::driver(
+            "kernel",
+            cudarc::driver::DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+        );
+        assert!(e.is_sticky(), "{e}");
     }
 }

@@ -60,7 +60,7 @@ fn equal_keys_give_the_mean_of_the_admissible_values() {
             causal,
             ..Options::new(8)
         };
-        let out = reference::forward(&q, &k, &v, &s, &opts);
+        let out = reference::forward(&q, &k, &v, &s, &opts).unwrap();
         for i in 0..4 {
             let keys = admissible_keys(i, 4, 6, causal);
             let n = keys.len() as f64;
@@ -92,7 +92,8 @@ fn a_dominant_key_takes_all_the_weight() {
             scale: 1.0,
             ..Options::new(2)
         },
-    );
+    )
+    .unwrap();
     assert!(
         close(out.o[0], -3.0, 1e-12) && close(out.o[1], 4.0, 1e-12),
         "{:?}",
@@ -115,7 +116,7 @@ fn lse_normalises_the_softmax() {
             key_lens: Some(vec![7, 4]),
             ..Options::new(6)
         };
-        let out = reference::forward(&q, &k, &v, &s, &opts);
+        let out = reference::forward(&q, &k, &v, &s, &opts).unwrap();
         for b in 0..2 {
             for h in 0..2 {
                 for i in 0..5 {
@@ -162,8 +163,8 @@ fn key_order_does_not_matter_without_a_causal_mask() {
         .iter()
         .flat_map(|&j| v[j * 4..j * 4 + 4].to_vec())
         .collect();
-    let a = reference::forward(&q, &k, &v, &s, &Options::new(4));
-    let b = reference::forward(&q, &kp, &vp, &s, &Options::new(4));
+    let a = reference::forward(&q, &k, &v, &s, &Options::new(4)).unwrap();
+    let b = reference::forward(&q, &kp, &vp, &s, &Options::new(4)).unwrap();
     assert!(a.o.iter().zip(&b.o).all(|(x, y)| close(*x, *y, 1e-12)));
     assert!(a.lse.iter().zip(&b.lse).all(|(x, y)| close(*x, *y, 1e-12)));
 }
@@ -193,8 +194,8 @@ fn grouped_query_attention_equals_repeating_the_kv_heads() {
             causal,
             ..Options::new(5)
         };
-        let a = reference::forward(&q, &k, &v, &gqa, &opts);
-        let b = reference::forward(&q, &repeat(&k, 5), &repeat(&v, 3), &mha, &opts);
+        let a = reference::forward(&q, &k, &v, &gqa, &opts).unwrap();
+        let b = reference::forward(&q, &repeat(&k, 5), &repeat(&v, 3), &mha, &opts).unwrap();
         assert_eq!(a.o, b.o);
         assert_eq!(a.lse, b.lse);
     }
@@ -218,7 +219,8 @@ fn both_alignments_agree_when_lq_equals_lk() {
             causal: Some(CausalAlign::TopLeft),
             ..Options::new(4)
         },
-    );
+    )
+    .unwrap();
     let br = reference::forward(
         &q,
         &k,
@@ -228,7 +230,8 @@ fn both_alignments_agree_when_lq_equals_lk() {
             causal: Some(CausalAlign::BottomRight),
             ..Options::new(4)
         },
-    );
+    )
+    .unwrap();
     assert_eq!(tl.o, br.o);
     assert_eq!(tl.lse, br.lse);
 }
@@ -251,7 +254,8 @@ fn key_padding_equals_truncating_the_keys_and_never_reads_the_padding() {
                 causal,
                 ..Options::new(3)
             },
-        );
+        )
+        .unwrap();
         // NaN and huge values in the padded keys must not matter.
         k[15..].iter_mut().for_each(|x| *x = f32::NAN);
         v[10..].iter_mut().for_each(|x| *x = f32::MAX);
@@ -265,7 +269,8 @@ fn key_padding_equals_truncating_the_keys_and_never_reads_the_padding() {
                 key_lens: Some(vec![5]),
                 ..Options::new(3)
             },
-        );
+        )
+        .unwrap();
         assert_eq!(truncated.o, padded.o, "{causal:?}");
         assert_eq!(truncated.lse, padded.lse, "{causal:?}");
     }
@@ -286,7 +291,7 @@ fn fully_masked_rows_give_zero_output_and_negative_infinite_lse() {
         key_lens: Some(vec![3, 0]),
         ..Options::new(4)
     };
-    let out = reference::forward(&q, &k, &v, &s, &opts);
+    let out = reference::forward(&q, &k, &v, &s, &opts).unwrap();
     for (b, masked_rows) in [(0usize, 0..2usize), (1, 0..5)] {
         for i in masked_rows {
             assert_eq!(out.lse[b * 5 + i], f64::NEG_INFINITY);
@@ -321,7 +326,8 @@ fn varlen_equals_one_call_per_sequence_including_empty_ones() {
             causal,
             ..Options::new(d)
         };
-        let out = reference::forward_varlen(&q, &k, &v, &cu_q, &cu_k, hq, hkv, d, dv, &opts);
+        let out =
+            reference::forward_varlen(&q, &k, &v, &cu_q, &cu_k, hq, hkv, d, dv, &opts).unwrap();
         for b in 0..4 {
             let s = Shape::new(1, hq, hkv, lens_q[b], lens_k[b], d, dv);
             let to_bhsd = |x: &[f32], r0: usize, n: usize, heads: usize, w: usize| -> Vec<f32> {
@@ -337,7 +343,8 @@ fn varlen_equals_one_call_per_sequence_including_empty_ones() {
                 &to_bhsd(&v, cu_k[b], lens_k[b], hkv, dv),
                 &s,
                 &opts,
-            );
+            )
+            .unwrap();
             for h in 0..hq {
                 for i in 0..lens_q[b] {
                     let r = cu_q[b] + i;

@@ -66,8 +66,9 @@ fn check_dense(
     );
     let w = grid_vec(&mut rng, s.o_len());
     let g = bwd::backward_masked(&q, &k, &v, &w, &s, opts, keep);
-    let l =
-        |q: &[f32], k: &[f32], v: &[f32]| loss(&fwd::forward_masked(q, k, v, &s, opts, keep).o, &w);
+    let l = |q: &[f32], k: &[f32], v: &[f32]| {
+        loss(&fwd::forward_masked(q, k, v, &s, opts, keep).unwrap().o, &w)
+    };
     let r = check_fd("dq", &q, &g.dq, &|x| l(x, &k, &v))
         .and_then(|_| check_fd("dk", &k, &g.dk, &|x| l(&q, x, &v)))
         .and_then(|_| check_fd("dv", &v, &g.dv, &|x| l(&q, &k, x)));
@@ -152,7 +153,9 @@ fn packed_batches_match_finite_differences_per_sequence() {
     let g = bwd::backward_varlen(&q, &k, &v, &w, &cu_q, &cu_k, hq, hkv, d, dv, &opts);
     let l = |q: &[f32], k: &[f32], v: &[f32]| {
         loss(
-            &fwd::forward_varlen(q, k, v, &cu_q, &cu_k, hq, hkv, d, dv, &opts).o,
+            &fwd::forward_varlen(q, k, v, &cu_q, &cu_k, hq, hkv, d, dv, &opts)
+                .unwrap()
+                .o,
             &w,
         )
     };
@@ -296,7 +299,7 @@ fn gradients_match_pytorch_autograd_on_the_committed_fixture() {
                 "{name}: q not f32"
             );
         }
-        let o = fwd::forward(&q, &k, &v, &s, &opts).o;
+        let o = fwd::forward(&q, &k, &v, &s, &opts).unwrap().o;
         let g = bwd::backward(&q, &k, &v, &d_o, &s, &opts);
         for (what, ours, theirs) in [
             ("o", &o, f64s(&case["o"])),

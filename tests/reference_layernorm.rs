@@ -88,7 +88,7 @@ fn check_forward_single_pass(
     beta: Option<&[f32]>,
     eps: f32,
 ) {
-    let out = forward(x, hidden, gamma, beta, eps);
+    let out = forward(x, hidden, gamma, beta, eps).unwrap();
     assert_eq!(
         (out.y.len(), out.mean.len(), out.rstd.len()),
         (x.len(), x.len() / hidden, x.len() / hidden)
@@ -130,7 +130,7 @@ fn check_backward_fd(
     beta: Option<&[f32]>,
     eps: f32,
 ) {
-    let bw = backward(dy, x, hidden, gamma, eps);
+    let bw = backward(dy, x, hidden, gamma, eps).unwrap();
     assert_eq!(
         (bw.dx.len(), bw.dgamma.len(), bw.dbeta.len()),
         (x.len(), hidden, hidden)
@@ -189,8 +189,8 @@ fn check_backward_identities(
     gamma: Option<&[f32]>,
     eps: f32,
 ) {
-    let bw = backward(dy, x, hidden, gamma, eps);
-    let xhat = forward(x, hidden, None, None, eps).y;
+    let bw = backward(dy, x, hidden, gamma, eps).unwrap();
+    let xhat = forward(x, hidden, None, None, eps).unwrap().y;
     let (dy, x) = (to_f64(dy), to_f64(x));
     let gamma = gamma.map_or_else(|| vec![1.0; hidden], to_f64);
     let (n, eps) = (hidden as f64, eps as f64);
@@ -242,7 +242,7 @@ fn constant_row_normalises_to_beta() {
         for c in [0.1f32, -3.7, 1e4, 0.0] {
             let beta: Vec<f32> = (0..hidden).map(|j| j as f32 * 0.5 - 1.0).collect();
             let gamma = vec![2.5f32; hidden];
-            let out = forward(&vec![c; hidden], hidden, Some(&gamma), Some(&beta), eps);
+            let out = forward(&vec![c; hidden], hidden, Some(&gamma), Some(&beta), eps).unwrap();
             assert_eq!(out.y, to_f64(&beta), "hidden {hidden}, c {c}");
             assert_eq!(out.mean, [c as f64]);
             assert_close(
@@ -258,7 +258,7 @@ fn constant_row_normalises_to_beta() {
 #[test]
 fn two_element_row_matches_closed_form() {
     // [a, b]: mean (a+b)/2, var ((a−b)/2)², y = ±((a−b)/2)·rstd.
-    let exact = forward(&[3.0, -1.0], 2, Some(&[2.0, 0.5]), Some(&[0.25, -1.0]), 0.0);
+    let exact = forward(&[3.0, -1.0], 2, Some(&[2.0, 0.5]), Some(&[0.25, -1.0]), 0.0).unwrap();
     assert_eq!((exact.mean[0], exact.rstd[0]), (1.0, 0.5));
     assert_eq!(exact.y, [2.25, -1.5]);
 
@@ -268,7 +268,7 @@ fn two_element_row_matches_closed_form() {
         let eps = rng.gen_range(0.0f32..0.1);
         let half = (a as f64 - b as f64) / 2.0;
         let rstd = 1.0 / (half * half + eps as f64).sqrt();
-        let out = forward(&[a, b], 2, None, None, eps);
+        let out = forward(&[a, b], 2, None, None, eps).unwrap();
         assert_close(out.mean[0], (a as f64 + b as f64) / 2.0, 0.0, "mean");
         assert_close(out.rstd[0], rstd, 4.0 * EPS64 * rstd, "rstd");
         assert_close(out.y[0], half * rstd, 8.0 * EPS64, "y0");
@@ -294,7 +294,7 @@ fn normalised_row_has_zero_mean_and_unit_variance() {
     let mut rng = SmallRng::seed_from_u64(4);
     for hidden in [2, 3, 9, 100] {
         let x = random_vec(&mut rng, hidden, -10.0, 10.0);
-        let y = forward(&x, hidden, None, None, 0.0).y;
+        let y = forward(&x, hidden, None, None, 0.0).unwrap().y;
         let n = hidden as f64;
         assert_close(y.iter().sum::<f64>() / n, 0.0, 8.0 * n * EPS64, "mean(y)");
         assert_close(dot(&y, &y) / n, 1.0, 8.0 * n * EPS64, "mean(y²)");
@@ -307,7 +307,7 @@ fn eps_shrinks_output_variance_to_var_over_var_plus_eps() {
     let mut rng = SmallRng::seed_from_u64(5);
     for (hidden, eps) in [(2, 1.0f32), (5, 0.1), (9, 1e-3), (50, 4.0)] {
         let x = random_vec(&mut rng, hidden, -2.0, 2.0);
-        let y = forward(&x, hidden, None, None, eps).y;
+        let y = forward(&x, hidden, None, None, eps).unwrap().y;
         let (n, xs) = (hidden as f64, to_f64(&x));
         let mean = xs.iter().sum::<f64>() / n;
         let var = dot(&xs, &xs) / n - mean * mean;
@@ -322,7 +322,7 @@ fn eps_shrinks_output_variance_to_var_over_var_plus_eps() {
 
 #[test]
 fn output_is_invariant_to_shift_and_positive_scale() {
-    // With eps = 0, forward(c·x + d) = forward(x) for c > 0; mean → c·mean + d, rstd → rstd/c.
+    // With eps = 0, forward(c·x + d).unwrap() = forward(x).unwrap() for c > 0; mean → c·mean + d, rstd → rstd/c.
     // x holds multiples of 1/8 so that c·x + d is exact in f32.
     let mut rng = SmallRng::seed_from_u64(6);
     for hidden in [2, 5, 16] {
@@ -334,10 +334,10 @@ fn output_is_invariant_to_shift_and_positive_scale() {
         }
         let gamma = random_vec(&mut rng, hidden, -2.0, 2.0);
         let beta = random_vec(&mut rng, hidden, -2.0, 2.0);
-        let base = forward(&x, hidden, Some(&gamma), Some(&beta), 0.0);
+        let base = forward(&x, hidden, Some(&gamma), Some(&beta), 0.0).unwrap();
         for (c, d) in [(3.0f32, 0.5f32), (0.5, -7.25), (1024.0, 100.0)] {
             let moved: Vec<f32> = x.iter().map(|&v| c * v + d).collect();
-            let out = forward(&moved, hidden, Some(&gamma), Some(&beta), 0.0);
+            let out = forward(&moved, hidden, Some(&gamma), Some(&beta), 0.0).unwrap();
             let (c, d) = (c as f64, d as f64);
             assert_close(
                 out.mean[0],
@@ -364,9 +364,9 @@ fn rows_are_normalised_independently() {
     let hidden = 6;
     let x = random_vec(&mut rng, 4 * hidden, -10.0, 10.0);
     let gamma = random_vec(&mut rng, hidden, -2.0, 2.0);
-    let all = forward(&x, hidden, Some(&gamma), None, 1e-5);
+    let all = forward(&x, hidden, Some(&gamma), None, 1e-5).unwrap();
     for (i, row) in x.chunks_exact(hidden).enumerate() {
-        let one = forward(row, hidden, Some(&gamma), None, 1e-5);
+        let one = forward(row, hidden, Some(&gamma), None, 1e-5).unwrap();
         assert_eq!(one.y, all.y[i * hidden..(i + 1) * hidden]);
         assert_eq!((one.mean[0], one.rstd[0]), (all.mean[i], all.rstd[i]));
         assert_eq!((one.mean[0], one.rstd[0]), row_stats(row, 1e-5));
@@ -380,7 +380,9 @@ fn own_f64_forward_agrees_with_reference_forward() {
         let x = random_vec(&mut rng, 3 * hidden, -10.0, 10.0);
         let gamma = random_vec(&mut rng, hidden, -2.0, 2.0);
         let beta = random_vec(&mut rng, hidden, -2.0, 2.0);
-        let theirs = forward(&x, hidden, Some(&gamma), Some(&beta), 1e-3).y;
+        let theirs = forward(&x, hidden, Some(&gamma), Some(&beta), 1e-3)
+            .unwrap()
+            .y;
         let ours = forward_f64(
             &to_f64(&x),
             hidden,
@@ -388,7 +390,7 @@ fn own_f64_forward_agrees_with_reference_forward() {
             Some(&to_f64(&beta)),
             1e-3f32 as f64,
         );
-        let plain = forward(&x, hidden, None, None, 1e-3).y;
+        let plain = forward(&x, hidden, None, None, 1e-3).unwrap().y;
         let ours_plain = forward_f64(&to_f64(&x), hidden, None, None, 1e-3f32 as f64);
         for (a, b) in theirs
             .iter()
@@ -453,9 +455,13 @@ fn residual_add_rounds_the_sum_to_f16() {
         (-1.0, -p(-12), -1.0),
     ];
     for (a, b, want) in cases {
-        assert_eq!(residual_add(&[a], &[b], DType::F16), [want], "{a} + {b}");
         assert_eq!(
-            residual_add(&[a], &[b], DType::F32),
+            residual_add(&[a], &[b], DType::F16).unwrap(),
+            [want],
+            "{a} + {b}"
+        );
+        assert_eq!(
+            residual_add(&[a], &[b], DType::F32).unwrap(),
             [a + b],
             "{a} + {b} in f32 is exact"
         );
@@ -471,7 +477,11 @@ fn residual_add_rounds_the_sum_to_bf16() {
         (256.0, 3.0, 260.0), // tie to even, upwards
     ];
     for (a, b, want) in cases {
-        assert_eq!(residual_add(&[a], &[b], DType::BF16), [want], "{a} + {b}");
+        assert_eq!(
+            residual_add(&[a], &[b], DType::BF16).unwrap(),
+            [want],
+            "{a} + {b}"
+        );
     }
 }
 
@@ -480,7 +490,7 @@ fn residual_add_forms_the_sum_in_f32_before_rounding() {
     // 1 + 2^-11 + 2^-30 rounds to 1 + 2^-10 in one step, but the f32 sum drops 2^-30 and leaves
     // an f16 tie, which rounds to even: 1.
     assert_eq!(
-        residual_add(&[1.0 + 2f32.powi(-11)], &[2f32.powi(-30)], DType::F16),
+        residual_add(&[1.0 + 2f32.powi(-11)], &[2f32.powi(-30)], DType::F16).unwrap(),
         [1.0]
     );
 }
@@ -497,7 +507,7 @@ fn residual_add_returns_the_nearest_value_of_the_dtype() {
         } else {
             0.0
         };
-        for ((&a, &b), &s) in x.iter().zip(&r).zip(&residual_add(&x, &r, dt)) {
+        for ((&a, &b), &s) in x.iter().zip(&r).zip(&residual_add(&x, &r, dt).unwrap()) {
             assert_eq!(dt.round(s), s, "{dt}: {s} is not representable");
             let exact = a as f64 + b as f64;
             let tol = (dt.unit_roundoff() + DType::F32.unit_roundoff()) * exact.abs() + floor;

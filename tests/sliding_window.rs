@@ -124,11 +124,12 @@ fn the_references_window_equals_the_explicit_element_mask() {
                     key_lens: Some(key_lens.to_vec()),
                     ..Options::new(6)
                 };
-                let got = reference::forward(&q, &k, &v, &s, &opts);
+                let got = reference::forward(&q, &k, &v, &s, &opts).unwrap();
                 let plain = Options::new(6);
                 let want = reference::forward_masked(&q, &k, &v, &s, &plain, &|b, _, i, j| {
                     admitted(i, j, lq, key_lens[b], causal, window)
-                });
+                })
+                .unwrap();
                 // The same keys summed in the same order: identical results.
                 assert_eq!(got.o, want.o, "{lq}×{lk} {causal:?} {window:?}");
                 assert_eq!(got.lse, want.lse, "{lq}×{lk} {causal:?} {window:?}");
@@ -162,7 +163,7 @@ fn dense_twin_with_a_window_matches_the_reference_on_the_edge_case_matrix() {
                         key_lens: Some(vec![lk, lk / 2]),
                         ..Options::new(d)
                     };
-                    let want = reference::forward(&q, &k, &v, &s, &opts);
+                    let want = reference::forward(&q, &k, &v, &s, &opts).unwrap();
                     let (got, _) = twin::forward(&q, &k, &v, &s, &opts, tiling, dtype);
                     let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, dtype);
                     let what = format!("{dtype} Lq={lq} Lk={lk} {causal:?} {window:?}");
@@ -210,7 +211,7 @@ fn tiles_outside_the_window_are_skipped() {
             skipped: 7
         }
     );
-    let want = reference::forward(&q, &k, &v, &s, &opts);
+    let want = reference::forward(&q, &k, &v, &s, &opts).unwrap();
     let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, DType::F32);
     expect("O", &got.o, &want.o, tol.o);
     // A two-sided window without the causal mask: block m computes tiles m−1, m, m+1 where
@@ -244,7 +245,7 @@ fn nan_in_keys_outside_every_window_never_reaches_the_output() {
         window: Some(Window::new(3, 0, CausalAlign::BottomRight)),
         ..Options::new(8)
     };
-    let clean = reference::forward(&q, &k, &v, &s, &opts);
+    let clean = reference::forward(&q, &k, &v, &s, &opts).unwrap();
     let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, DType::F16);
     k[..29 * 8].iter_mut().for_each(|x| *x = f32::NAN);
     v[..29 * 8].iter_mut().for_each(|x| *x = f32::NAN);

@@ -191,7 +191,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
                     .map(|l| l.iter().map(|&x| x as usize).collect()),
                 window: c.window,
             };
-            let want = reference::forward(&q, &k, &v, &s, &ropts);
+            let want = reference::forward(&q, &k, &v, &s, &ropts).map_err(|e| e.to_string())?;
             let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
             expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
         }
@@ -272,7 +272,8 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
             };
             let want = reference::forward_varlen(
                 &q, &k, &v, &cu_q, &cu_k, s.heads_q, s.heads_kv, s.dim_qk, s.dim_v, &ropts,
-            );
+            )
+            .map_err(|e| e.to_string())?;
             let shape = Shape {
                 len_q: lens_q.iter().copied().max().unwrap_or(0),
                 len_k: lens_k.iter().copied().max().unwrap_or(0),
@@ -421,7 +422,7 @@ pub fn unfused(
         key_lens: None,
         window: None,
     };
-    let want = reference::forward(&x.q, &x.k, &x.v, &s, &ropts);
+    let want = reference::forward(&x.q, &x.k, &x.v, &s, &ropts).map_err(|e| e.to_string())?;
     let tol = tolerances::bounds(&x.q, &x.k, &x.v, &s, ropts.scale, dtype);
     expect_close(&ctx("O"), &o, &want.o, tol.o)?;
     expect_close(&ctx("LSE"), &lse, &want.lse, tol.lse)

@@ -159,7 +159,7 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
         key_lens: Some(effective),
         ..reference::Options::new(c.dim)
     };
-    let want = reference::forward(&q, &k, &v, &s, &ropts);
+    let want = reference::forward(&q, &k, &v, &s, &ropts).map_err(|e| e.to_string())?;
     let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
     expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
 }

@@ -127,11 +127,12 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case, fused: bool) -> CheckResult<(Vec<f32>, 
     launched.map_err(e)?;
 
     let s = if fused {
-        reference::residual_add(&inp.x, &inp.residual, dt)
+        reference::residual_add(&inp.x, &inp.residual, dt).map_err(|e| e.to_string())?
     } else {
         inp.x.clone()
     };
-    let want = reference::forward(&s, hidden, inp.gamma.as_deref(), inp.beta.as_deref(), c.eps);
+    let want = reference::forward(&s, hidden, inp.gamma.as_deref(), inp.beta.as_deref(), c.eps)
+        .map_err(|e| e.to_string())?;
     let ctx = |what: &str| format!("{what} for {c:?} (fused: {fused})");
     let y_out = y.read("y")?;
     if fused {
@@ -192,7 +193,8 @@ pub fn backward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     )
     .map_err(e)?;
 
-    let want = reference::backward(&inp.dy, &inp.x, hidden, inp.gamma.as_deref(), c.eps);
+    let want = reference::backward(&inp.dy, &inp.x, hidden, inp.gamma.as_deref(), c.eps)
+        .map_err(|e| e.to_string())?;
     let tol = tolerances::backward(dt, &inp.dy, &inp.x, hidden, inp.gamma.as_deref(), c.eps);
     let ctx = |what: &str| format!("{what} for {c:?}");
     expect_close(&ctx("dx"), &dx.read("dx")?, &want.dx, tol.dx)?;

@@ -91,7 +91,8 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
         ..reference::Options::new(s.dim_qk)
     };
     let keep = |_b: usize, h: usize, i: usize, j: usize| l.admits(l.head_of(h), i, j);
-    let want = reference::forward_masked(&q, &k, &v, &s, &ropts, &keep);
+    let want =
+        reference::forward_masked(&q, &k, &v, &s, &ropts, &keep).map_err(|e| e.to_string())?;
     let tol = tolerances::bounds(&q, &k, &v, &s, ropts.scale, c.dtype);
     expect_o_and_lse(&ctx, (&od, &lse), &want, &tol)
 }

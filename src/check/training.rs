@@ -353,6 +353,7 @@ pub fn adamw(
             model.view_mut().device_ptr(),
         );
         let gp = gd.view().device_ptr();
+        let ctx = gpu.context_id();
         for (k, (&at, &n)) in offsets.iter().zip(numels).enumerate() {
             let f32b = |base: u64| base + (at * 4) as u64;
             let hb = |base: u64, dt: DType| base + (at * dt.size_bytes()) as u64;
@@ -360,26 +361,36 @@ pub fn adamw(
             // elements that outlives this step; views of different tensors are disjoint.
             unsafe {
                 tensors.push(AdamWTensor {
-                    param: crate::gpu::TensorMut::from_raw(f32b(pp), n * 4, DType::F32, layout(n)),
+                    param: crate::gpu::TensorMut::from_raw(
+                        ctx,
+                        f32b(pp),
+                        n * 4,
+                        DType::F32,
+                        layout(n),
+                    ),
                     grad: crate::gpu::TensorRef::from_raw(
+                        ctx,
                         hb(gp, grad_dtype),
                         n * grad_dtype.size_bytes(),
                         grad_dtype,
                         layout(n),
                     ),
                     exp_avg: crate::gpu::TensorMut::from_raw(
+                        ctx,
                         f32b(mp),
                         n * 4,
                         DType::F32,
                         layout(n),
                     ),
                     exp_avg_sq: crate::gpu::TensorMut::from_raw(
+                        ctx,
                         f32b(vp),
                         n * 4,
                         DType::F32,
                         layout(n),
                     ),
                     model: Some(crate::gpu::TensorMut::from_raw(
+                        ctx,
                         hb(mdp, model_dtype),
                         n * model_dtype.size_bytes(),
                         model_dtype,

@@ -2,12 +2,21 @@
 //! modules loaded once, kernel handles whose dynamic shared-memory limit is raised once, and
 //! device tensors with borrowed views that the ops take.
 //!
-//! All work of a [`Gpu`] goes to its one stream, in order, so cudarc's per-buffer event
-//! tracking is switched off: stream order alone makes every read follow the write before it.
+//! A [`Gpu`] is an execution handle: a context, one stream, the kernels loaded in that context
+//! and a scratch buffer. Every op launches on `gpu.stream()` only, never synchronizes, and
+//! allocates only what the caller did not supply. To run ops on a stream of your own (a
+//! cudarc stream or a raw `CUstream`), make a handle for it with [`Gpu::on_stream`],
+//! [`Gpu::on_raw_stream`] or, for a context your runtime owns, [`Gpu::from_context`]; handles
+//! of one context share their loaded kernels, and each has its own scratch buffer, so two
+//! streams never share scratch memory.
+//!
+//! The handle [`Gpu::new`] makes owns its context and puts all its work on one stream, so
+//! cudarc's per-buffer event tracking is switched off there: stream order alone makes every
+//! read follow the write before it. Ordering work between streams is the caller's job (events).
 
 mod tensor;
 
-pub use tensor::{DeviceTensor, TensorMut, TensorRef};
+pub use tensor::{ContextId, DeviceTensor, I32View, TensorMut, TensorRef};
 
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -54,14 +63,29 @@ pub struct Kernel {
     pub max_dynamic_smem: usize,
 }
 
-/// One GPU: a context, the stream all cuattn work goes to, and the loaded kernels.
+/// Modules and kernels loaded in one context, shared by every [`Gpu`] handle of it.
+#[derive(Default)]
+struct Loaded {
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    kernels: Mutex<HashMap<&'static str, Kernel>>,
+}
+
+/// One GPU execution handle: a context, the stream this handle's work goes to, the loaded
+/// kernels (shared with the other handles of the context) and a scratch buffer of its own.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    kernels: Mutex<HashMap<&'static str, Kernel>>,
-    workspace: Mutex<Option<CudaSlice<u8>>>,
+    loaded: Arc<Loaded>,
+    workspace: Mutex<Scratch>,
+}
+
+/// A Gpu handle's scratch memory.
+enum Scratch {
+    /// Allocated on first need, grown when a call needs more.
+    Owned(Option<CudaSlice<u8>>),
+    /// Memory the caller supplied ([`Gpu::use_workspace`]): never grown, never freed here.
+    Borrowed { ptr: u64, bytes: usize },
 }
 
 impl std::fmt::Debug for Gpu {
@@ -88,6 +112,93 @@ impl Gpu {
         let stream = ctx
             .new_stream()
             .map_err(|e| Error::driver("cuStreamCreate", e))?;
+        Self::with(ctx, stream, ordinal)
+    }
+
+    /// A handle on a context and stream the caller's runtime owns (candle's, a C++ engine's).
+    /// cuattn leaves the context's settings (event tracking included) as they are. The stream
+    /// must belong to `ctx`.
+    pub fn from_context(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Arc<Gpu>> {
+        if stream.context().cu_ctx() != ctx.cu_ctx() {
+            return Err(Error::Device {
+                arg: "stream",
+                reason: "the stream belongs to another context".into(),
+            });
+        }
+        let ordinal = ctx.ordinal();
+        Self::with(ctx, stream, ordinal)
+    }
+
+    /// A handle on the same context and loaded kernels whose ops go to `stream` (a stream of
+    /// this context), with its own scratch buffer. Cheap: no driver call; make one per stream
+    /// and keep it.
+    pub fn on_stream(&self, stream: Arc<CudaStream>) -> Result<Arc<Gpu>> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Device {
+                arg: "stream",
+                reason: "the stream belongs to another context than this Gpu's".into(),
+            });
+        }
+        Ok(Arc::new(Gpu {
+            ctx: self.ctx.clone(),
+            stream,
+            info: self.info.clone(),
+            loaded: self.loaded.clone(),
+            workspace: Mutex::new(Scratch::Owned(None)),
+        }))
+    }
+
+    /// [`Gpu::on_stream`] for a raw `CUstream` another library created.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this Gpu's context (or the null stream) and stay
+    /// alive while the returned handle is used; dropping the handle does not destroy it.
+    pub unsafe fn on_raw_stream(&self, stream: cudarc::driver::sys::CUstream) -> Result<Arc<Gpu>> {
+        if !stream.is_null() {
+            let mut owner: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: `stream` is a live stream (the caller's contract); the query writes one
+            // CUcontext.
+            let r = unsafe { cudarc::driver::sys::cuStreamGetCtx(stream, &mut owner) };
+            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                return Err(Error::driver(
+                    "cuStreamGetCtx",
+                    cudarc::driver::DriverError(r),
+                ));
+            }
+            if ContextId::from_raw(owner) != self.context_id() {
+                return Err(Error::Device {
+                    arg: "stream",
+                    reason: "the stream belongs to another context than this Gpu's".into(),
+                });
+            }
+        }
+        // SAFETY: a live stream of this context (checked above; NULL is the legacy default
+        // stream), kept alive by the caller while the handle is used.
+        let wrapped = unsafe { self.ctx.wrap_borrowed_stream(stream) };
+        self.on_stream(wrapped)
+    }
+
+    /// The identity of this Gpu's context, which views made for it carry.
+    pub fn context_id(&self) -> ContextId {
+        ContextId::of(&self.ctx)
+    }
+
+    /// Checks that a view given as `arg` belongs to this Gpu's context: memory of another
+    /// context is an [`Error::Device`], never a launch.
+    pub fn check_context(&self, arg: &'static str, view: ContextId) -> Result<()> {
+        if view != self.context_id() {
+            return Err(Error::Device {
+                arg,
+                reason: format!(
+                    "the view belongs to context {view:?}, the op runs on {:?}",
+                    self.context_id()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, ordinal: usize) -> Result<Arc<Gpu>> {
         let attr = |a| {
             ctx.attribute(a)
                 .map_err(|e| Error::driver("cuDeviceGetAttribute", e))
@@ -113,9 +224,8 @@ impl Gpu {
             ctx,
             stream,
             info,
-            modules: Mutex::new(HashMap::new()),
-            kernels: Mutex::new(HashMap::new()),
-            workspace: Mutex::new(None),
+            loaded: Arc::new(Loaded::default()),
+            workspace: Mutex::new(Scratch::Owned(None)),
         }))
     }
 
@@ -155,11 +265,14 @@ impl Gpu {
     /// The kernel `name` from module `module` (a `kernels/<module>.cu` file), loading the module
     /// and raising the function's dynamic shared-memory limit on first use only.
     pub fn kernel(&self, module: &'static str, name: &'static str) -> Result<Kernel> {
-        if let Some(k) = self.kernels.lock().unwrap().get(name) {
+        fn lock_err<T>(_: T) -> Error {
+            Error::invalid("module", "a thread panicked while loading kernels")
+        }
+        if let Some(k) = self.loaded.kernels.lock().map_err(lock_err)?.get(name) {
             return Ok(k.clone());
         }
         let module_handle = {
-            let mut modules = self.modules.lock().unwrap();
+            let mut modules = self.loaded.modules.lock().map_err(lock_err)?;
             match modules.get(module) {
                 Some(m) => m.clone(),
                 None => {
@@ -195,7 +308,11 @@ impl Gpu {
             name,
             max_dynamic_smem: max_dynamic_smem.max(0) as usize,
         };
-        self.kernels.lock().unwrap().insert(name, k.clone());
+        self.loaded
+            .kernels
+            .lock()
+            .map_err(lock_err)?
+            .insert(name, k.clone());
         Ok(k)
     }
 
@@ -208,8 +325,42 @@ impl Gpu {
             .map_err(|e| Error::driver(format!("occupancy of `{}`", kernel.name), e))
     }
 
+    /// Allocates this handle's scratch buffer now, at least `bytes` bytes (an op's
+    /// `workspace_bytes` query gives the size), so that later calls needing no more allocate
+    /// nothing (a requirement for capturing them in a CUDA graph).
+    pub fn reserve_workspace(&self, bytes: usize) -> Result<()> {
+        self.with_workspace(bytes, |_| Ok(()))
+    }
+
+    /// Makes `bytes` bytes at `ptr` this handle's scratch memory, replacing its own: ops never
+    /// allocate scratch again, and a call that needs more is an error.
+    ///
+    /// # Safety
+    /// `ptr` must be a device allocation of this Gpu's context, 16-byte aligned, valid for
+    /// reads and writes of `bytes` bytes for as long as this handle is used, and touched by
+    /// nothing else while work of this handle's stream may use it.
+    pub unsafe fn use_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if !ptr.is_multiple_of(16) {
+            return Err(Error::Alignment {
+                arg: "workspace",
+                ptr,
+                align: 16,
+            });
+        }
+        *self.scratch()? = Scratch::Borrowed { ptr, bytes };
+        Ok(())
+    }
+
+    fn scratch(&self) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+        // A panic while the lock was held (only in `enqueue`) leaves the buffer valid.
+        Ok(self
+            .workspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
     /// Runs `enqueue` with the device address of at least `bytes` bytes of scratch memory
-    /// owned by this Gpu (ops that need a workspace use it when the caller passes none).
+    /// owned by this handle (ops that need a workspace use it).
     ///
     /// The lock is held while `enqueue` queues its kernels, so one op's kernels stand together
     /// in the stream: another thread's op cannot slip in between and overwrite the scratch, and
@@ -219,20 +370,35 @@ impl Gpu {
         bytes: usize,
         enqueue: impl FnOnce(u64) -> Result<R>,
     ) -> Result<R> {
-        let mut ws = self
-            .workspace
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if ws.as_ref().is_none_or(|w| w.len() < bytes) {
-            // SAFETY: the buffer is scratch; every kernel that uses it writes before it reads.
-            let buf = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
-                .map_err(|e| Error::driver(format!("allocating a {bytes}-byte workspace"), e))?;
-            *ws = Some(buf);
-        }
-        let (ptr, _sync) = ws
-            .as_ref()
-            .expect("allocated above")
-            .device_ptr(&self.stream);
+        let mut ws = self.scratch()?;
+        let ptr = match &mut *ws {
+            Scratch::Borrowed { ptr, bytes: have } => {
+                if *have < bytes {
+                    return Err(Error::invalid(
+                        "workspace",
+                        format!(
+                            "the call needs {bytes} bytes of scratch, the caller's workspace has {have}"
+                        ),
+                    ));
+                }
+                *ptr
+            }
+            Scratch::Owned(buf) => {
+                if buf.as_ref().is_none_or(|w| w.len() < bytes) {
+                    *buf = None; // the old buffer's free is stream-ordered before the new one
+                                 // SAFETY: the buffer is scratch; every kernel that uses it writes before
+                                 // it reads.
+                    let fresh = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+                        Error::driver(format!("allocating a {bytes}-byte workspace"), e)
+                    })?;
+                    *buf = Some(fresh);
+                }
+                let Some(b) = buf.as_ref() else {
+                    return Err(Error::invalid("workspace", "no workspace buffer"));
+                };
+                b.device_ptr(&self.stream).0
+            }
+        };
         enqueue(ptr)
     }
 }

@@ -1,18 +1,98 @@
 //! Device tensors and the borrowed views the ops take.
 //!
 //! A [`DeviceTensor`] owns its memory. Ops take a [`TensorRef`] (read) or [`TensorMut`]
-//! (write): a device address, its size in bytes, a dtype and a layout. Views made from a
-//! `DeviceTensor` borrow it; views over memory owned by another runtime (candle, a custom
-//! engine) are made with the `unsafe` `from_raw` constructors, whose caller vouches for the
-//! address. Either way every op checks the view's layout against its byte size before a launch.
+//! (write): a device address, its size in bytes, a dtype, a layout and the context the memory
+//! belongs to. Views made from a `DeviceTensor` borrow it; views over memory owned by another
+//! runtime (candle, a custom engine) are made with the `unsafe` `from_raw` constructors, whose
+//! caller vouches for the address and names its context. Either way every op checks the view's
+//! context against its Gpu's, and its layout against its byte size, before a launch.
 
 use super::Gpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, Layout};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
 use std::marker::PhantomData;
 use std::sync::Arc;
+
+/// Which CUDA context a view's memory belongs to (the `CUcontext` handle as a number). Views
+/// carry one so that an op refuses memory of another context with [`Error::Device`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContextId(u64);
+
+impl ContextId {
+    /// The id of a cudarc context.
+    pub fn of(ctx: &CudaContext) -> ContextId {
+        ContextId(ctx.cu_ctx() as u64)
+    }
+
+    /// The id of a raw `CUcontext` (as C callers pass it).
+    pub fn from_raw(ctx: cudarc::driver::sys::CUcontext) -> ContextId {
+        ContextId(ctx as u64)
+    }
+
+    /// The raw handle as a number.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for ContextId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0x{:x}", self.0)
+    }
+}
+
+/// A read-only view of `len` i32 values in device memory: key lengths, cumulative sequence
+/// offsets or cache lengths that stay on the device, so that a call uploads nothing (and can
+/// be captured in a CUDA graph).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct I32View<'a> {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    pub(crate) ctx: ContextId,
+    _borrow: PhantomData<&'a ()>,
+}
+
+impl<'a> I32View<'a> {
+    /// A view of a cudarc buffer of `gpu`'s context.
+    pub fn new(gpu: &Gpu, buf: &'a CudaSlice<i32>) -> I32View<'a> {
+        let (ptr, _sync) = buf.device_ptr(gpu.stream());
+        I32View {
+            ptr,
+            len: buf.len(),
+            ctx: ContextId::of(buf.context()),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A view over device memory owned elsewhere.
+    ///
+    /// # Safety
+    /// `ptr` must be a device address of context `ctx`, 4-byte aligned, valid for reads of
+    /// `len` i32 for the lifetime `'a`, with no writes to it while the op's stream may read it.
+    pub unsafe fn from_raw(ctx: ContextId, ptr: u64, len: usize) -> I32View<'a> {
+        I32View {
+            ptr,
+            len,
+            ctx,
+            _borrow: PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn context(&self) -> ContextId {
+        self.ctx
+    }
+}
 
 /// A tensor in device memory, owned.
 pub struct DeviceTensor {
@@ -38,6 +118,7 @@ pub struct TensorRef<'a> {
     pub(crate) bytes: usize,
     pub(crate) dtype: DType,
     pub(crate) layout: Layout,
+    pub(crate) ctx: ContextId,
     _borrow: PhantomData<&'a ()>,
 }
 
@@ -48,24 +129,38 @@ pub struct TensorMut<'a> {
     pub(crate) bytes: usize,
     pub(crate) dtype: DType,
     pub(crate) layout: Layout,
+    pub(crate) ctx: ContextId,
     _borrow: PhantomData<&'a mut ()>,
 }
 
 impl<'a> TensorRef<'a> {
-    /// A view over device memory owned elsewhere.
+    /// A view over device memory owned elsewhere, in context `ctx` (see [`Gpu::context_id`],
+    /// [`ContextId::of`]); an op on a Gpu of another context refuses it.
     ///
     /// # Safety
-    /// `ptr` must be a device address in the context of the [`Gpu`] it is used with, valid for
-    /// reads of `bytes` bytes for the lifetime `'a`, with no writes to it by other streams
-    /// while cuattn's stream may read it.
-    pub unsafe fn from_raw(ptr: u64, bytes: usize, dtype: DType, layout: Layout) -> Self {
+    /// `ptr` must be a device address of context `ctx`, valid for reads of `bytes` bytes for
+    /// the lifetime `'a`, with no writes to it by other streams while the op's stream may
+    /// read it.
+    pub unsafe fn from_raw(
+        ctx: ContextId,
+        ptr: u64,
+        bytes: usize,
+        dtype: DType,
+        layout: Layout,
+    ) -> Self {
         TensorRef {
             ptr,
             bytes,
             dtype,
             layout,
+            ctx,
             _borrow: PhantomData,
         }
+    }
+
+    /// The context the memory belongs to.
+    pub fn context(&self) -> ContextId {
+        self.ctx
     }
 
     pub fn dtype(&self) -> DType {
@@ -83,17 +178,41 @@ impl<'a> TensorRef<'a> {
 }
 
 impl<'a> TensorMut<'a> {
-    /// A writable view over device memory owned elsewhere.
+    /// A writable view over device memory owned elsewhere, in context `ctx`.
     ///
     /// # Safety
     /// As [`TensorRef::from_raw`], and valid for writes, with no other reader or writer of the
-    /// range while cuattn's stream may write it.
-    pub unsafe fn from_raw(ptr: u64, bytes: usize, dtype: DType, layout: Layout) -> Self {
+    /// range while the op's stream may write it.
+    pub unsafe fn from_raw(
+        ctx: ContextId,
+        ptr: u64,
+        bytes: usize,
+        dtype: DType,
+        layout: Layout,
+    ) -> Self {
         TensorMut {
             ptr,
             bytes,
             dtype,
             layout,
+            ctx,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The context the memory belongs to.
+    pub fn context(&self) -> ContextId {
+        self.ctx
+    }
+
+    /// A read-only view of the same memory.
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        TensorRef {
+            ptr: self.ptr,
+            bytes: self.bytes,
+            dtype: self.dtype,
+            layout: self.layout.clone(),
+            ctx: self.ctx,
             _borrow: PhantomData,
         }
     }
@@ -202,6 +321,7 @@ impl DeviceTensor {
             bytes: self.buf.len(),
             dtype: self.dtype,
             layout: self.layout.clone(),
+            ctx: self.gpu.context_id(),
             _borrow: PhantomData,
         }
     }
@@ -212,6 +332,7 @@ impl DeviceTensor {
             bytes: self.buf.len(),
             dtype: self.dtype,
             layout: self.layout.clone(),
+            ctx: self.gpu.context_id(),
             _borrow: PhantomData,
         }
     }
@@ -228,6 +349,33 @@ impl DeviceTensor {
         // asynchronous error of an earlier launch here rather than later.
         self.gpu.synchronize()?;
         HostTensor::from_bytes(self.dtype, self.layout.clone(), bytes)
+    }
+
+    /// Overwrites the buffer with `host` (same dtype and byte size), queued on the tensor's
+    /// Gpu stream: the memory keeps its address, so views, device lengths and captured CUDA
+    /// graphs that point at it see the new values.
+    pub fn write(&mut self, host: &HostTensor) -> Result<()> {
+        if host.dtype() != self.dtype {
+            return Err(Error::DType {
+                arg: "host",
+                expected: self.dtype,
+                got: host.dtype(),
+            });
+        }
+        if host.bytes().len() != self.buf.len() {
+            return Err(Error::invalid(
+                "host",
+                format!(
+                    "{} bytes do not fill the tensor's {} bytes",
+                    host.bytes().len(),
+                    self.buf.len()
+                ),
+            ));
+        }
+        self.gpu
+            .stream()
+            .memcpy_htod(host.bytes(), &mut self.buf)
+            .map_err(|e| Error::driver("copy host to device", e))
     }
 
     /// The logical elements in row-major order, as f32.
@@ -270,6 +418,7 @@ impl DeviceTensor {
             bytes,
             dtype: self.dtype,
             layout,
+            ctx: self.gpu.context_id(),
             _borrow: PhantomData,
         })
     }
@@ -282,6 +431,7 @@ impl DeviceTensor {
             bytes,
             dtype: self.dtype,
             layout,
+            ctx: self.gpu.context_id(),
             _borrow: PhantomData,
         })
     }

@@ -11,7 +11,7 @@ use super::validate;
 use super::ViewInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
+use crate::gpu::{DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
 use crate::kernels::params::{
     cuattn_attention_fwd_params, CUATTN_ATTENTION_MAX_HEAD_DIM, CUATTN_CAUSAL_BOTTOM_RIGHT,
     CUATTN_CAUSAL_NONE, CUATTN_CAUSAL_TOP_LEFT,
@@ -53,6 +53,30 @@ pub enum Sequences<'s> {
         cu_seqlens_q: &'s [i32],
         cu_seqlens_k: &'s [i32],
     },
+    /// As `Dense`, with the `batch` key lengths already on the device: the call uploads
+    /// nothing (it can be captured in a CUDA graph). The host cannot check the values; the
+    /// kernels clamp each to 0..=Lk.
+    DenseDevice { key_lens: I32View<'s> },
+    /// As `Packed`, with the batch + 1 offsets of each side on the device and the longest
+    /// query and key sequence given (they size the grid; FlashAttention's `max_seqlen`). The
+    /// kernels clamp every sequence into the tensors' rows and to these maxima, so wrong
+    /// offsets give wrong rows, never a read or write outside the views.
+    PackedDevice {
+        cu_seqlens_q: I32View<'s>,
+        cu_seqlens_k: I32View<'s>,
+        max_len_q: usize,
+        max_len_k: usize,
+    },
+}
+
+impl Sequences<'_> {
+    /// Whether the batch is packed ([total, H, D] tensors).
+    pub fn is_packed(&self) -> bool {
+        matches!(
+            self,
+            Sequences::Packed { .. } | Sequences::PackedDevice { .. }
+        )
+    }
 }
 
 /// Which kernel runs the call.
@@ -115,6 +139,8 @@ pub(super) struct Checked {
     pub(super) v: Strides,
     pub(super) o: Strides,
     pub(super) lse: Option<(i64, i64)>,
+    /// Rows of Q and of K/V (packed batches; 0 for dense ones).
+    pub(super) total: (usize, usize),
 }
 
 /// Checks cumulative offsets: batch + 1 entries, starting at 0, never decreasing, ending
@@ -185,7 +211,7 @@ pub(super) fn check_views(
     for x in [ki, vi, oi] {
         validate::dtype(x, dtype)?;
     }
-    let packed = matches!(opts.sequences, Sequences::Packed { .. });
+    let packed = opts.sequences.is_packed();
     let rank = if packed { 3 } else { 4 };
     let what = if packed {
         "[total, heads, dim]"
@@ -224,7 +250,72 @@ pub(super) fn check_views(
     // Packed: rows are dim 0 and heads dim 1; dense: heads dim 1 and rows dim 2.
     let head_stride = |st: &[usize]| st[1] as i64;
     let (batch, len_q, len_k, q_strides, k_strides, v_strides, o_strides);
+    let packed_strides = |st: &[usize]| Strides {
+        batch: 0,
+        head: head_stride(st),
+        row: st[0] as i64,
+    };
     match opts.sequences {
+        Sequences::DenseDevice { key_lens } => {
+            batch = qs[0];
+            (len_q, len_k) = (qs[2], ks[2]);
+            expect("k", ks, vec![batch, hkv, len_k, dim_qk])?;
+            expect("v", vs, vec![batch, hkv, len_k, dim_v])?;
+            expect("o", os, vec![batch, hq, len_q, dim_v])?;
+            device_i32("key_lens", &key_lens, batch, "one per sequence")?;
+            let s = |st: &[usize]| Strides {
+                batch: st[0] as i64,
+                head: head_stride(st),
+                row: st[2] as i64,
+            };
+            (q_strides, k_strides, v_strides, o_strides) = (s(qst), s(kst), s(vst), s(ost));
+        }
+        Sequences::PackedDevice {
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_len_q,
+            max_len_k,
+        } => {
+            batch = cu_seqlens_q.len().saturating_sub(1);
+            if batch == 0 {
+                return Err(Error::invalid(
+                    "cu_seqlens_q",
+                    "a packed batch needs at least one sequence",
+                ));
+            }
+            device_i32(
+                "cu_seqlens_q",
+                &cu_seqlens_q,
+                batch + 1,
+                "batch + 1 offsets",
+            )?;
+            device_i32(
+                "cu_seqlens_k",
+                &cu_seqlens_k,
+                batch + 1,
+                "batch + 1 offsets",
+            )?;
+            for (arg, max, rows) in [
+                ("max_len_q", max_len_q, qs[0]),
+                ("max_len_k", max_len_k, ks[0]),
+            ] {
+                if max > rows || max > i32::MAX as usize {
+                    return Err(Error::invalid(
+                        arg,
+                        format!("{max} is longer than the tensor's {rows} rows"),
+                    ));
+                }
+            }
+            (len_q, len_k) = (max_len_q, max_len_k);
+            expect("v", vs, vec![ks[0], hkv, dim_v])?;
+            expect("o", os, vec![qs[0], hq, dim_v])?;
+            (q_strides, k_strides, v_strides, o_strides) = (
+                packed_strides(qst),
+                packed_strides(kst),
+                packed_strides(vst),
+                packed_strides(ost),
+            );
+        }
         Sequences::Dense { key_lens } => {
             batch = qs[0];
             (len_q, len_k) = (qs[2], ks[2]);
@@ -272,12 +363,12 @@ pub(super) fn check_views(
             len_k = check_offsets("cu_seqlens_k", cu_seqlens_k, batch, ks[0])?;
             expect("v", vs, vec![ks[0], hkv, dim_v])?;
             expect("o", os, vec![qs[0], hq, dim_v])?;
-            let s = |st: &[usize]| Strides {
-                batch: 0,
-                head: head_stride(st),
-                row: st[0] as i64,
-            };
-            (q_strides, k_strides, v_strides, o_strides) = (s(qst), s(kst), s(vst), s(ost));
+            (q_strides, k_strides, v_strides, o_strides) = (
+                packed_strides(qst),
+                packed_strides(kst),
+                packed_strides(vst),
+                packed_strides(ost),
+            );
         }
     }
     if batch == 0 {
@@ -321,7 +412,27 @@ pub(super) fn check_views(
         v: v_strides,
         o: o_strides,
         lse,
+        total: if packed { (qs[0], ks[0]) } else { (0, 0) },
     })
+}
+
+/// A device i32 vector of exactly `len` values, 4-byte aligned.
+fn device_i32(arg: &'static str, v: &I32View, len: usize, what: &str) -> Result<()> {
+    if v.len() != len {
+        return Err(Error::shape(
+            arg,
+            format!("{len} values ({what})"),
+            &[v.len()],
+        ));
+    }
+    if !v.device_ptr().is_multiple_of(4) {
+        return Err(Error::Alignment {
+            arg,
+            ptr: v.device_ptr(),
+            align: 4,
+        });
+    }
+    Ok(())
 }
 
 /// The tensor-core kernel's tile for given head dims (constants from `cuattn_params.h`).
@@ -457,6 +568,12 @@ pub(super) fn launch_forward(
     c: &Checked,
     sparse: Option<&SparseArgs>,
 ) -> Result<()> {
+    for (arg, ctx) in [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
+        .into_iter()
+        .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
+    {
+        gpu.check_context(arg, ctx)?;
+    }
     let tensor_cores = match opts.kernel {
         Kernel::Hopper => {
             if let Some(why) = super::attention_hopper::ineligible(gpu, c, opts, sparse.is_some()) {
@@ -552,12 +669,15 @@ pub(super) fn launch_forward(
     unsafe { super::launch(gpu, &kernel, &p, (blocks as u32, 1), (threads, 1), smem) }
 }
 
-/// Device copies of a call's key lengths or packed offsets; they must outlive the launches
-/// that read them (the stream orders the copy before the kernels).
+/// A call's key lengths or packed offsets on the device: host slices are copied (the copies
+/// must outlive the launches that read them; the stream orders the copy before the kernels),
+/// device views are used where they are, after checking they belong to this context.
 pub(super) struct SequenceArrays {
     key_lens: Option<cudarc::driver::CudaSlice<i32>>,
     cu_q: Option<cudarc::driver::CudaSlice<i32>>,
     cu_k: Option<cudarc::driver::CudaSlice<i32>>,
+    /// Device pointers of caller-owned arrays: key_lens, cu_seqlens_q, cu_seqlens_k (0: none).
+    device: [u64; 3],
 }
 
 impl SequenceArrays {
@@ -567,21 +687,37 @@ impl SequenceArrays {
                 .clone_htod(a)
                 .map_err(|e| Error::driver("copy host to device", e))
         };
-        Ok(match opts.sequences {
-            Sequences::Dense { key_lens } => SequenceArrays {
-                key_lens: key_lens.map(upload).transpose()?,
-                cu_q: None,
-                cu_k: None,
-            },
+        let mut s = SequenceArrays {
+            key_lens: None,
+            cu_q: None,
+            cu_k: None,
+            device: [0; 3],
+        };
+        match opts.sequences {
+            Sequences::Dense { key_lens } => s.key_lens = key_lens.map(upload).transpose()?,
             Sequences::Packed {
                 cu_seqlens_q,
                 cu_seqlens_k,
-            } => SequenceArrays {
-                key_lens: None,
-                cu_q: Some(upload(cu_seqlens_q)?),
-                cu_k: Some(upload(cu_seqlens_k)?),
-            },
-        })
+            } => {
+                s.cu_q = Some(upload(cu_seqlens_q)?);
+                s.cu_k = Some(upload(cu_seqlens_k)?);
+            }
+            Sequences::DenseDevice { key_lens } => {
+                gpu.check_context("key_lens", key_lens.context())?;
+                s.device[0] = key_lens.device_ptr();
+            }
+            Sequences::PackedDevice {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                ..
+            } => {
+                gpu.check_context("cu_seqlens_q", cu_seqlens_q.context())?;
+                gpu.check_context("cu_seqlens_k", cu_seqlens_k.context())?;
+                s.device[1] = cu_seqlens_q.device_ptr();
+                s.device[2] = cu_seqlens_k.device_ptr();
+            }
+        }
+        Ok(s)
     }
 }
 
@@ -597,8 +733,8 @@ pub(super) fn fwd_params(
     rows_per_block: usize,
     vectorized: bool,
 ) -> cuattn_attention_fwd_params {
-    let ptr = |b: &Option<cudarc::driver::CudaSlice<i32>>| {
-        b.as_ref().map_or(0, |b| b.device_ptr(gpu.stream()).0)
+    let ptr = |b: &Option<cudarc::driver::CudaSlice<i32>>, dev: u64| {
+        b.as_ref().map_or(dev, |b| b.device_ptr(gpu.stream()).0)
     };
     let (lse_bs, lse_hs) = match (ptrs[4], c.lse) {
         (0, _) | (_, None) => (0, 0),
@@ -610,9 +746,9 @@ pub(super) fn fwd_params(
         v: ptrs[2],
         o: ptrs[3],
         lse: ptrs[4],
-        key_lens: ptr(&seqs.key_lens),
-        cu_seqlens_q: ptr(&seqs.cu_q),
-        cu_seqlens_k: ptr(&seqs.cu_k),
+        key_lens: ptr(&seqs.key_lens, seqs.device[0]),
+        cu_seqlens_q: ptr(&seqs.cu_q, seqs.device[1]),
+        cu_seqlens_k: ptr(&seqs.cu_k, seqs.device[2]),
         q_batch_stride: c.q.batch,
         q_head_stride: c.q.head,
         q_row_stride: c.q.row,
@@ -664,6 +800,8 @@ pub(super) fn fwd_params(
         sp_stored_heads: sparse.map_or(0, |s| s.stored_heads),
         sp_q_blocks: sparse.map_or(0, |s| s.q_blocks),
         sp_words_per_row: sparse.map_or(0, |s| s.words_per_row),
+        total_q: c.total.0 as i64,
+        total_k: c.total.1 as i64,
     }
 }
 
@@ -678,10 +816,14 @@ pub fn forward(
     let gpu: &Arc<Gpu> = q.gpu();
     let (qs, vs) = (q.shape(), v.shape());
     let (o_shape, lse_shape) = match opts.sequences {
-        Sequences::Dense { .. } if qs.len() == 4 && vs.len() == 4 => {
+        Sequences::Dense { .. } | Sequences::DenseDevice { .. }
+            if qs.len() == 4 && vs.len() == 4 =>
+        {
             (vec![qs[0], qs[1], qs[2], vs[3]], vec![qs[0], qs[1], qs[2]])
         }
-        Sequences::Packed { .. } if qs.len() == 3 && vs.len() == 3 => {
+        Sequences::Packed { .. } | Sequences::PackedDevice { .. }
+            if qs.len() == 3 && vs.len() == 3 =>
+        {
             (vec![qs[0], qs[1], vs[2]], vec![qs[1], qs[0]])
         }
         _ => {
@@ -849,7 +991,9 @@ mod tests {
         // BSHD memory [1, 4 rows, 2 heads, 8] seen as [B, H, L, D].
         let bshd = Layout::strided("q", &[1, 2, 4, 8], &[64, 8, 16, 1]).unwrap();
         // SAFETY: never dereferenced.
-        let q = unsafe { TensorRef::from_raw(BASE, 64 * 2, dt, bshd) };
+        let q = unsafe {
+            TensorRef::from_raw(crate::ops::fake_views::fake_ctx(), BASE, 64 * 2, dt, bshd)
+        };
         let (k, v) = (r(dt, &[1, 2, 4, 8], 1 << 32), r(dt, &[1, 2, 4, 8], 2 << 32));
         let o = w(dt, &[1, 2, 4, 8], 3 << 32);
         let c = check(&q, &k, &v, &o, None, &Options::default()).unwrap();
@@ -863,7 +1007,15 @@ mod tests {
         );
         let transposed = Layout::strided("q", &[1, 2, 4, 8], &[64, 32, 1, 4]).unwrap();
         // SAFETY: never dereferenced.
-        let qt = unsafe { TensorRef::from_raw(BASE, 64 * 2, dt, transposed) };
+        let qt = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE,
+                64 * 2,
+                dt,
+                transposed,
+            )
+        };
         assert!(matches!(
             check(&qt, &k, &v, &o, None, &Options::default()),
             Err(Error::Layout { arg: "q", .. })
@@ -881,8 +1033,15 @@ mod tests {
             Err(Error::Alignment { arg: "q", .. })
         ));
         // SAFETY: never dereferenced.
-        let q_short =
-            unsafe { TensorRef::from_raw(BASE, 10, dt, Layout::contiguous(&[1, 1, 4, 8])) };
+        let q_short = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE,
+                10,
+                dt,
+                Layout::contiguous(&[1, 1, 4, 8]),
+            )
+        };
         assert!(matches!(
             check(&q_short, &k, &v, &o, None, &Options::default()),
             Err(Error::Layout { arg: "q", .. })
@@ -1006,6 +1165,87 @@ mod tests {
         assert!(matches!(
             check(&q, &k, &v, &o, None, &opts(&[0], &[0])),
             Err(Error::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn device_lengths_are_checked_for_count_alignment_and_maxima_without_reading_them() {
+        use crate::ops::fake_views::fake_ctx;
+        // SAFETY (all views below): never dereferenced; validation reads addresses as numbers.
+        let lens = |at: u64, n: usize| unsafe { I32View::from_raw(fake_ctx(), BASE + at, n) };
+        let dt = DType::F16;
+        let (q, k, v) = (
+            r(dt, &[2, 1, 3, 8], 0),
+            r(dt, &[2, 1, 5, 8], 1 << 32),
+            r(dt, &[2, 1, 5, 8], 2 << 32),
+        );
+        let o = w(dt, &[2, 1, 3, 8], 3 << 32);
+        let dense = |l: I32View<'static>| Options {
+            sequences: Sequences::DenseDevice { key_lens: l },
+            ..Options::default()
+        };
+        let c = check(&q, &k, &v, &o, None, &dense(lens(5 << 32, 2))).unwrap();
+        assert_eq!((c.shape.len_q, c.shape.len_k, c.total), (3, 5, (0, 0)));
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &dense(lens(5 << 32, 3))),
+            Err(Error::Shape {
+                arg: "key_lens",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&q, &k, &v, &o, None, &dense(lens((5 << 32) + 2, 2))),
+            Err(Error::Alignment {
+                arg: "key_lens",
+                ..
+            })
+        ));
+
+        let (pq, pk, pv) = (
+            r(dt, &[6, 2, 8], 0),
+            r(dt, &[9, 1, 8], 1 << 32),
+            r(dt, &[9, 1, 8], 2 << 32),
+        );
+        let po = w(dt, &[6, 2, 8], 3 << 32);
+        let packed = |nq: usize, nk: usize, mq: usize, mk: usize| Options {
+            sequences: Sequences::PackedDevice {
+                cu_seqlens_q: lens(5 << 32, nq),
+                cu_seqlens_k: lens(6 << 32, nk),
+                max_len_q: mq,
+                max_len_k: mk,
+            },
+            ..Options::default()
+        };
+        let c = check(&pq, &pk, &pv, &po, None, &packed(4, 4, 5, 7)).unwrap();
+        assert_eq!((c.shape.batch, c.shape.len_q, c.shape.len_k), (3, 5, 7));
+        assert_eq!(c.total, (6, 9));
+        assert!(matches!(
+            check(&pq, &pk, &pv, &po, None, &packed(4, 3, 5, 7)),
+            Err(Error::Shape {
+                arg: "cu_seqlens_k",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&pq, &pk, &pv, &po, None, &packed(4, 4, 7, 7)),
+            Err(Error::InvalidArgument {
+                arg: "max_len_q",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&pq, &pk, &pv, &po, None, &packed(4, 4, 5, 10)),
+            Err(Error::InvalidArgument {
+                arg: "max_len_k",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(&pq, &pk, &pv, &po, None, &packed(1, 1, 1, 1)),
+            Err(Error::InvalidArgument {
+                arg: "cu_seqlens_q",
+                ..
+            })
         ));
     }
 }

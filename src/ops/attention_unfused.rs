@@ -43,10 +43,8 @@ impl Unfused {
                 "cuBLAS (libcublas) was not found on the library path".into(),
             ));
         }
-        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| Error::Driver {
-            context: "creating a cuBLAS handle".into(),
-            message: format!("{e:?}"),
-        })?;
+        let blas = CudaBlas::new(gpu.stream().clone())
+            .map_err(|e| Error::blas("creating a cuBLAS handle", e))?;
         Ok(Unfused {
             gpu: gpu.clone(),
             blas,
@@ -65,6 +63,12 @@ impl Unfused {
         lse: Option<&mut TensorMut>,
         opts: &Options,
     ) -> Result<()> {
+        for (arg, ctx) in [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
+            .into_iter()
+            .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
+        {
+            self.gpu.check_context(arg, ctx)?;
+        }
         let c = check(q, k, v, o, lse.as_deref(), opts)?;
         let s = c.shape;
         if !matches!(opts.sequences, Sequences::Dense { key_lens: None }) {
@@ -260,8 +264,5 @@ impl Unfused {
 }
 
 fn blas_err(what: &str, e: cudarc::cublas::result::CublasError) -> Error {
-    Error::Driver {
-        context: format!("cuBLAS {what}"),
-        message: format!("{e:?}"),
-    }
+    Error::blas(format!("cuBLAS {what}"), e)
 }

@@ -13,7 +13,7 @@
 use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, Kernel, TensorMut, TensorRef};
+use crate::gpu::{ContextId, DeviceTensor, Gpu, I32View, Kernel, TensorMut, TensorRef};
 use crate::kernels::params::{
     cuattn_decode_params, CUATTN_DECODE_MAX_HEAD_DIM, CUATTN_DECODE_SPLIT_TILE,
     CUATTN_DECODE_THREADS,
@@ -46,6 +46,9 @@ pub enum CacheLens<'s> {
         lens: &'s CudaSlice<i32>,
         max_len: usize,
     },
+    /// As `Device`, for lengths in memory another runtime owns (a raw device pointer wrapped
+    /// in an [`I32View`]).
+    View { lens: I32View<'s>, max_len: usize },
 }
 
 /// Options of one call.
@@ -53,7 +56,9 @@ pub enum CacheLens<'s> {
 pub struct Options {
     /// Multiplies q·k; `None` for 1/√D.
     pub scale: Option<f32>,
-    /// Number of key splits, 1..=256; `None` lets the planner choose.
+    /// Number of key splits, 1..=256; `None` lets the planner choose. A call to be captured in
+    /// a CUDA graph and replayed with other lengths should fix it (the plan depends on
+    /// `max_len`).
     pub splits: Option<usize>,
 }
 
@@ -341,7 +346,23 @@ pub fn forward_into<'a>(
             host: None,
             max_len,
         },
+        CacheLens::View { lens, max_len } => LensInfo {
+            count: lens.len(),
+            host: None,
+            max_len,
+        },
     };
+    for (arg, ctx) in [
+        ("q", q.ctx),
+        ("k_cache", k_cache.ctx),
+        ("v_cache", v_cache.ctx),
+        ("o", o.ctx),
+    ]
+    .into_iter()
+    .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
+    {
+        gpu.check_context(arg, ctx)?;
+    }
     let c = check(q, k_cache, v_cache, o, lse.as_deref(), &lens_info, opts)?;
     let group = c.heads_q / c.heads_kv;
     let geo = Geometry::new(c.dtype.size_bytes(), c.dim, group);
@@ -369,7 +390,21 @@ pub fn forward_into<'a>(
                 .map_err(|e| Error::driver("copy host to device", e))?;
             uploaded.device_ptr(gpu.stream()).0
         }
-        CacheLens::Device { lens, .. } => lens.device_ptr(gpu.stream()).0,
+        CacheLens::Device { lens, .. } => {
+            gpu.check_context("cache_lens", ContextId::of(lens.context()))?;
+            lens.device_ptr(gpu.stream()).0
+        }
+        CacheLens::View { lens, .. } => {
+            gpu.check_context("cache_lens", lens.context())?;
+            if lens.device_ptr() % 4 != 0 {
+                return Err(Error::Alignment {
+                    arg: "cache_lens",
+                    ptr: lens.device_ptr(),
+                    align: 4,
+                });
+            }
+            lens.device_ptr()
+        }
     };
     let lse_ptr = lse.as_ref().map_or(0, |l| l.ptr);
     let ws_bytes = workspace_bytes(c.batch, c.heads_q, c.dim, splits);
@@ -697,9 +732,25 @@ mod tests {
         // BSHD memory [1, 10 rows, 2 heads, 64] seen as [B, H, L, D].
         let bshd = Layout::strided("k", &[1, 2, 10, 64], &[1280, 64, 128, 1]).unwrap();
         // SAFETY: never dereferenced.
-        let k = unsafe { TensorRef::from_raw(BASE + (1 << 32), 1280 * 2, dt, bshd.clone()) };
+        let k = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE + (1 << 32),
+                1280 * 2,
+                dt,
+                bshd.clone(),
+            )
+        };
         // SAFETY: as above.
-        let v = unsafe { TensorRef::from_raw(BASE + (2 << 32), 1280 * 2, dt, bshd) };
+        let v = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE + (2 << 32),
+                1280 * 2,
+                dt,
+                bshd,
+            )
+        };
         let q = r(dt, &[1, 4, 64], 0);
         let o = w(dt, &[1, 4, 64], 3 << 32);
         let c = check(&q, &k, &v, &o, None, &host(&[10]), &Options::default()).unwrap();
@@ -718,7 +769,15 @@ mod tests {
         assert!(!vectorized(&c, BASE, BASE));
         let transposed = Layout::strided("k", &[1, 2, 10, 64], &[1280, 640, 1, 10]).unwrap();
         // SAFETY: never dereferenced.
-        let kt = unsafe { TensorRef::from_raw(BASE, 1280 * 2, dt, transposed) };
+        let kt = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE,
+                1280 * 2,
+                dt,
+                transposed,
+            )
+        };
         assert!(matches!(
             check(&q, &kt, &v, &o, None, &host(&[10]), &Options::default()),
             Err(Error::Layout { arg: "k", .. })

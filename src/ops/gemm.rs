@@ -31,10 +31,7 @@ pub struct WeightGradOptions {
 }
 
 fn blas_err(context: &str, e: blas::CublasError) -> Error {
-    Error::Driver {
-        context: context.to_string(),
-        message: format!("{e:?}"),
-    }
+    Error::blas(context, e)
 }
 
 fn int(arg: &'static str, v: usize) -> Result<i32> {

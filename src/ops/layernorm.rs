@@ -307,6 +307,19 @@ fn check_forward(v: &ForwardViews) -> Result<CheckedForward> {
 }
 
 fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
+    let contexts = [
+        Some(("x", v.x.ctx)),
+        v.residual.as_ref().map(|r| ("residual", r.0.ctx)),
+        v.residual.as_ref().map(|r| ("residual_out", r.1.ctx)),
+        v.gamma.map(|t| ("gamma", t.ctx)),
+        v.beta.map(|t| ("beta", t.ctx)),
+        Some(("y", v.y.ctx)),
+        v.mean.as_ref().map(|t| ("mean", t.ctx)),
+        v.rstd.as_ref().map(|t| ("rstd", t.ctx)),
+    ];
+    for (arg, ctx) in contexts.into_iter().flatten() {
+        gpu.check_context(arg, ctx)?;
+    }
     let c = check_forward(&v)?;
     let (dtype, x, y, vectorized) = (c.dtype, c.x, c.y, c.vectorized);
     let (res, res_out) = (c.residual.map(|r| r.0), c.residual.map(|r| r.1));
@@ -425,6 +438,100 @@ pub fn add_forward_into<'a>(
         eps,
     };
     forward_impl(gpu, views, tuning)
+}
+
+/// Everything of a LayerNorm forward call but x and y ([`forward_with`]): the optional
+/// parameters, residual and statistics views, and the settings. `Default`: no γ/β (1 and 0),
+/// no residual, no statistics, eps = 1e-5, the planner's tuning.
+pub struct ForwardOptions<'v, 'a> {
+    pub gamma: Option<&'v TensorRef<'a>>,
+    pub beta: Option<&'v TensorRef<'a>>,
+    /// Fused residual add: `(residual, residual_out)`; y = LayerNorm(x + residual), and the
+    /// sum (added in f32, stored in the dtype) is written to `residual_out`.
+    pub residual: Option<(&'v TensorRef<'a>, &'v mut TensorMut<'a>)>,
+    /// Per-row mean and 1/√(var+eps), f32, written when given.
+    pub mean: Option<&'v mut TensorMut<'a>>,
+    pub rstd: Option<&'v mut TensorMut<'a>>,
+    pub eps: f32,
+    pub tuning: Tuning,
+}
+
+impl Default for ForwardOptions<'_, '_> {
+    fn default() -> Self {
+        ForwardOptions {
+            gamma: None,
+            beta: None,
+            residual: None,
+            mean: None,
+            rstd: None,
+            eps: 1e-5,
+            tuning: Tuning::default(),
+        }
+    }
+}
+
+/// LayerNorm forward (optionally with the fused residual add) into caller-owned views, in the
+/// one calling convention of the ops: the tensors, then one options struct.
+///
+/// ```rust,ignore
+/// layernorm::forward_with(&gpu, &x, &mut y, layernorm::ForwardOptions { gamma: Some(&g), ..Default::default() })?;
+/// ```
+pub fn forward_with<'v, 'a>(
+    gpu: &Gpu,
+    x: &'v TensorRef<'a>,
+    y: &'v mut TensorMut<'a>,
+    opts: ForwardOptions<'v, 'a>,
+) -> Result<()> {
+    let views = ForwardViews {
+        x,
+        residual: opts.residual,
+        gamma: opts.gamma,
+        beta: opts.beta,
+        y,
+        mean: opts.mean,
+        rstd: opts.rstd,
+        eps: opts.eps,
+    };
+    forward_impl(gpu, views, opts.tuning)
+}
+
+/// Everything of a LayerNorm backward call but dy, x, the statistics and dx
+/// ([`backward_with`]). `Default`: no γ, no parameter gradients, the handle's own scratch.
+#[derive(Default)]
+pub struct BackwardOptions<'v, 'a> {
+    pub gamma: Option<&'v TensorRef<'a>>,
+    /// dγ and dβ (summed over rows, deterministically), written when given.
+    pub dgamma: Option<&'v mut TensorMut<'a>>,
+    pub dbeta: Option<&'v mut TensorMut<'a>>,
+    /// f32 scratch of at least [`backward_workspace_bytes`]; `None`: the Gpu handle's.
+    pub workspace: Option<&'v mut TensorMut<'a>>,
+    pub tuning: Tuning,
+}
+
+/// LayerNorm backward into caller-owned views: the tensors, then one options struct (see
+/// [`backward_into`] for the meaning of each).
+pub fn backward_with<'v, 'a>(
+    gpu: &Gpu,
+    dy: &'v TensorRef<'a>,
+    x: &'v TensorRef<'a>,
+    mean: &'v TensorRef<'a>,
+    rstd: &'v TensorRef<'a>,
+    dx: &'v mut TensorMut<'a>,
+    opts: BackwardOptions<'v, 'a>,
+) -> Result<()> {
+    backward_into(
+        gpu,
+        dy,
+        x,
+        opts.gamma,
+        mean,
+        rstd,
+        dx,
+        opts.dgamma,
+        opts.dbeta,
+        opts.workspace,
+        opts.tuning,
+    )
 }
 
 fn stats_shape(x: &DeviceTensor) -> Vec<usize> {
@@ -705,6 +812,20 @@ pub fn backward_into<'a>(
     workspace: Option<&mut TensorMut<'a>>,
     tuning: Tuning,
 ) -> Result<()> {
+    let contexts = [
+        Some(("dy", dy.ctx)),
+        Some(("x", x.ctx)),
+        gamma.map(|t| ("gamma", t.ctx)),
+        Some(("mean", mean.ctx)),
+        Some(("rstd", rstd.ctx)),
+        Some(("dx", dx.ctx)),
+        dgamma.as_ref().map(|t| ("dgamma", t.ctx)),
+        dbeta.as_ref().map(|t| ("dbeta", t.ctx)),
+        workspace.as_ref().map(|t| ("workspace", t.ctx)),
+    ];
+    for (arg, ctx) in contexts.into_iter().flatten() {
+        gpu.check_context(arg, ctx)?;
+    }
     let c = check_backward(dy, x, gamma, mean, rstd, dx, dgamma, dbeta)?;
     let (dtype, xr, dyr, dxr, vectorized) = (c.dtype, c.x, c.dy, c.dx, c.vectorized);
     let (gamma_ptr, dgamma_ptr, dbeta_ptr) = (c.gamma, c.dgamma, c.dbeta);
@@ -953,7 +1074,15 @@ mod tests {
         let mut a = good(DType::F32, 4, 16);
         let layout = Layout::strided("x", &[4, 16], &[1, 4]).unwrap();
         // SAFETY: never dereferenced.
-        a.x = unsafe { TensorRef::from_raw(BASE, 64 * 4, DType::F32, layout) };
+        a.x = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE,
+                64 * 4,
+                DType::F32,
+                layout,
+            )
+        };
         let err = check(&mut a).unwrap_err();
         assert!(matches!(err, Error::Layout { arg: "x", .. }), "{err}");
     }
@@ -972,7 +1101,15 @@ mod tests {
     fn a_view_larger_than_its_memory_is_an_error() {
         let mut a = good(DType::F32, 4, 16);
         // SAFETY: never dereferenced.
-        a.x = unsafe { TensorRef::from_raw(BASE, 10, DType::F32, Layout::contiguous(&[4, 16])) };
+        a.x = unsafe {
+            TensorRef::from_raw(
+                crate::ops::fake_views::fake_ctx(),
+                BASE,
+                10,
+                DType::F32,
+                Layout::contiguous(&[4, 16]),
+            )
+        };
         assert!(matches!(
             check(&mut a).unwrap_err(),
             Error::Layout { arg: "x", .. }

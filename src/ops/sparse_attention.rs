@@ -97,7 +97,10 @@ pub fn forward_into<'a>(
              (crate::sparse::patterns); set Options::causal and window to None",
         ));
     }
-    if !matches!(opts.sequences, Sequences::Dense { .. }) {
+    if !matches!(
+        opts.sequences,
+        Sequences::Dense { .. } | Sequences::DenseDevice { .. }
+    ) {
         return Err(Error::invalid(
             "sequences",
             "block-sparse attention takes dense batches (key padding allowed), not packed ones",
@@ -106,6 +109,7 @@ pub fn forward_into<'a>(
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
     let l = &layout.layout;
     l.check_call(&c.shape, l.block_size())?;
+    gpu.check_context("layout", crate::gpu::ContextId::of(layout.bits.context()))?;
     let stream = gpu.stream();
     let mut ptrs = [0u64; 8];
     for (p, buf) in ptrs.iter_mut().zip(&layout.ints) {

@@ -20,7 +20,37 @@
 //!
 //! LSE is in natural-log units: LSE_i = ln Σ_j exp(scale·s_ij) over admissible j.
 
+use crate::error::{Error, Result};
 pub use crate::key_band::{KeyBand, Window};
+
+/// A slice argument must hold exactly `want` values.
+fn length(arg: &'static str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(arg, format!("{want} values"), &[got]));
+    }
+    Ok(())
+}
+
+/// The checks every reference call makes before it indexes anything: slice lengths, the head
+/// grouping and the key lengths.
+fn check_call(q: &[f32], k: &[f32], v: &[f32], s: &Shape, opts: &Options) -> Result<()> {
+    length("q", q.len(), s.q_len())?;
+    length("k", k.len(), s.k_len())?;
+    length("v", v.len(), s.v_len())?;
+    if s.heads_kv == 0 || !s.heads_q.is_multiple_of(s.heads_kv) {
+        return Err(Error::invalid(
+            "heads_kv",
+            format!(
+                "query heads ({}) must be a multiple of key/value heads ({})",
+                s.heads_q, s.heads_kv
+            ),
+        ));
+    }
+    if let Some(l) = &opts.key_lens {
+        length("key_lens", l.len(), s.batch)?;
+    }
+    Ok(())
+}
 
 /// Which corner the causal mask is aligned to when Lq ≠ Lk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -136,7 +166,10 @@ pub fn admissible_keys(
 ///
 /// Panics if the slices do not match `shape` or Hq is not a multiple of Hkv (callers are
 /// tests and checks, which build the inputs; the GPU ops validate user input).
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -> Output {
+///
+/// Slices whose lengths disagree with `shape`, a head count that does not divide, or key
+/// lengths not one per sequence are an [`Error`], as in every function here.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], shape: &Shape, opts: &Options) -> Result<Output> {
     forward_masked(q, k, v, shape, opts, &|_, _, _, _| true)
 }
 
@@ -151,15 +184,9 @@ pub fn forward_masked(
     shape: &Shape,
     opts: &Options,
     keep: &dyn Fn(usize, usize, usize, usize) -> bool,
-) -> Output {
+) -> Result<Output> {
     let s = shape;
-    assert_eq!(q.len(), s.q_len(), "q length");
-    assert_eq!(k.len(), s.k_len(), "k length");
-    assert_eq!(v.len(), s.v_len(), "v length");
-    assert!(
-        s.heads_kv > 0 && s.heads_q.is_multiple_of(s.heads_kv),
-        "Hq must be a multiple of Hkv"
-    );
+    check_call(q, k, v, s, opts)?;
     let group = s.heads_q / s.heads_kv;
     let mut out = Output {
         o: vec![0.0; s.o_len()],
@@ -204,7 +231,7 @@ pub fn forward_masked(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Packed variable-length batches: sequence b owns query rows `cu_q[b]..cu_q[b+1]` and key rows
@@ -224,17 +251,21 @@ pub fn forward_varlen(
     dim_qk: usize,
     dim_v: usize,
     opts: &Options,
-) -> Output {
-    assert_eq!(
-        cu_q.len(),
-        cu_k.len(),
-        "one offset list per side, batch + 1 entries each"
-    );
+) -> Result<Output> {
+    length("cu_k", cu_k.len(), cu_q.len())?;
+    for (arg, cu) in [("cu_q", cu_q), ("cu_k", cu_k)] {
+        if cu.first().is_some_and(|&x| x != 0) || cu.windows(2).any(|w| w[1] < w[0]) {
+            return Err(Error::invalid(
+                arg,
+                "offsets must start at 0 and never decrease",
+            ));
+        }
+    }
     let total_q = *cu_q.last().unwrap_or(&0);
     let total_k = *cu_k.last().unwrap_or(&0);
-    assert_eq!(q.len(), total_q * heads_q * dim_qk, "q length");
-    assert_eq!(k.len(), total_k * heads_kv * dim_qk, "k length");
-    assert_eq!(v.len(), total_k * heads_kv * dim_v, "v length");
+    length("q", q.len(), total_q * heads_q * dim_qk)?;
+    length("k", k.len(), total_k * heads_kv * dim_qk)?;
+    length("v", v.len(), total_k * heads_kv * dim_v)?;
     let mut out = Output {
         o: vec![0.0; total_q * heads_q * dim_v],
         lse: vec![f64::NEG_INFINITY; heads_q * total_q],
@@ -271,7 +302,7 @@ pub fn forward_varlen(
             &gather(v, k0, k1, heads_kv, dim_v),
             &shape,
             &opts,
-        );
+        )?;
         for h in 0..heads_q {
             for (i, r) in (q0..q1).enumerate() {
                 let src = (h * shape.len_q + i) * dim_v;
@@ -281,5 +312,5 @@ pub fn forward_varlen(
             }
         }
     }
-    out
+    Ok(out)
 }

@@ -10,6 +10,26 @@
 //! reference sees exactly what the kernel reads. Rows are contiguous: `x.len() = rows·hidden`.
 
 use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// `x` must be whole rows of `hidden` (> 0) values and γ/β `hidden` values each.
+fn check_rows(x: &[f32], hidden: usize, params: [(&'static str, Option<&[f32]>); 2]) -> Result<()> {
+    if hidden == 0 || !x.len().is_multiple_of(hidden) {
+        return Err(Error::shape(
+            "x",
+            format!("whole rows of hidden = {hidden} values"),
+            &[x.len()],
+        ));
+    }
+    for (arg, p) in params {
+        if let Some(p) = p {
+            if p.len() != hidden {
+                return Err(Error::shape(arg, format!("{hidden} values"), &[p.len()]));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Forward outputs: y (rows·hidden), and per-row mean and rstd.
 #[derive(Clone, Debug)]
@@ -35,21 +55,16 @@ pub fn row_stats(row: &[f32], eps: f32) -> (f64, f64) {
     (mean, 1.0 / (var + eps as f64).sqrt())
 }
 
-/// LayerNorm forward of `x` viewed as rows of `hidden` elements.
-///
-/// Panics if the slices disagree in length: callers are tests and the safe wrappers, which
-/// validate shapes first.
+/// LayerNorm forward of `x` viewed as rows of `hidden` elements. Slices that disagree in
+/// length are an [`Error`].
 pub fn forward(
     x: &[f32],
     hidden: usize,
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
     eps: f32,
-) -> ForwardOutput {
-    assert!(
-        hidden > 0 && x.len().is_multiple_of(hidden),
-        "x.len() must be a multiple of hidden"
-    );
+) -> Result<ForwardOutput> {
+    check_rows(x, hidden, [("gamma", gamma), ("beta", beta)])?;
     let rows = x.len() / hidden;
     let mut out = ForwardOutput {
         y: Vec::with_capacity(x.len()),
@@ -66,22 +81,24 @@ pub fn forward(
         out.mean.push(mean);
         out.rstd.push(rstd);
     }
-    out
+    Ok(out)
 }
 
 /// The residual stream a fused residual-add LayerNorm writes: x + residual added in f32 and
 /// stored in `dtype`. The fused kernel normalises this stored value, so the reference for its
 /// LayerNorm output is `forward(&residual_add(..), ..)`.
-pub fn residual_add(x: &[f32], residual: &[f32], dtype: DType) -> Vec<f32> {
-    assert_eq!(
-        x.len(),
-        residual.len(),
-        "x and residual must have the same length"
-    );
-    x.iter()
+pub fn residual_add(x: &[f32], residual: &[f32], dtype: DType) -> Result<Vec<f32>> {
+    if x.len() != residual.len() {
+        return Err(Error::shape(
+            "residual",
+            format!("{} values (as x)", x.len()),
+            &[residual.len()],
+        ));
+    }
+    Ok(x.iter()
         .zip(residual)
         .map(|(&a, &b)| dtype.round(a + b))
-        .collect()
+        .collect())
 }
 
 /// LayerNorm backward: gradients of Σ dy·y with respect to x, γ and β. Row statistics are
@@ -92,16 +109,15 @@ pub fn backward(
     hidden: usize,
     gamma: Option<&[f32]>,
     eps: f32,
-) -> BackwardOutput {
-    assert!(
-        hidden > 0 && x.len().is_multiple_of(hidden),
-        "x.len() must be a multiple of hidden"
-    );
-    assert_eq!(dy.len(), x.len(), "dy and x must have the same length");
-    assert!(
-        gamma.is_none_or(|g| g.len() == hidden),
-        "gamma must have hidden elements"
-    );
+) -> Result<BackwardOutput> {
+    check_rows(x, hidden, [("gamma", gamma), ("beta", None)])?;
+    if dy.len() != x.len() {
+        return Err(Error::shape(
+            "dy",
+            format!("{} values (as x)", x.len()),
+            &[dy.len()],
+        ));
+    }
     let n = hidden as f64;
     let mut out = BackwardOutput {
         dx: Vec::with_capacity(x.len()),
@@ -126,5 +142,5 @@ pub fn backward(
             out.dx.push(rstd * (g[j] - mean_g - xhat[j] * mean_gx));
         }
     }
-    out
+    Ok(out)
 }

@@ -73,7 +73,8 @@ pub fn backward(
     eps: f32,
 ) -> BackwardTolerances {
     let rows = x.len() / hidden;
-    let stats = reference::forward(x, hidden, None, None, eps);
+    let stats = reference::forward(x, hidden, None, None, eps)
+        .expect("x must be whole rows of hidden values");
     let kappa = kappas(x, hidden, &stats.rstd);
     let gamma_at = |j: usize| gamma.map_or(1.0, |g| g[j] as f64);
     // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)): terms of size rstd·|g|·(1 + κ)², with the error

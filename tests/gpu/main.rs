@@ -6,6 +6,7 @@ mod attention;
 mod attention_backward;
 mod attention_hopper;
 mod decode;
+mod embedding;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
 #[path = "../gpt2_cache/mod.rs"]

@@ -1,0 +1,484 @@
+//! Embedding in another runtime: ops on the caller's stream captured in a CUDA graph and
+//! replayed with new data (inputs and device lengths rewritten in place), memory of a foreign
+//! context refused with `Error::Device`, and two threads running ops on two streams at once.
+//! Each replay is compared with an ordinary call on the same data, which the other GPU tests
+//! hold to the f64 reference, and with the reference itself.
+
+use cuattn::check::gpu_or_skip;
+use cuattn::gpu::{ContextId, DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
+use cuattn::ops::{attention, decode};
+use cuattn::reference::attention as ref_attn;
+use cuattn::{DType, Error, HostTensor, Layout};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaSlice};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+fn random(dtype: DType, shape: &[usize], seed: u64) -> HostTensor {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    HostTensor::from_f32(dtype, shape, &v).unwrap()
+}
+
+fn lens_buf(gpu: &Arc<Gpu>, v: &[i32]) -> CudaSlice<i32> {
+    gpu.stream().clone_htod(v).unwrap()
+}
+
+fn set_lens(gpu: &Arc<Gpu>, buf: &mut CudaSlice<i32>, v: &[i32]) {
+    gpu.stream().memcpy_htod(v, buf).unwrap();
+}
+
+fn nan_poison(t: &mut DeviceTensor) {
+    let n: usize = t.shape().iter().product();
+    let host = HostTensor::from_f32(t.dtype(), t.shape(), &vec![f32::NAN; n]).unwrap();
+    t.write(&host).unwrap();
+}
+
+fn assert_finite_and_equal(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() && !g.is_nan(),
+            "{what}[{i}]: replay {g}, ordinary call {w}"
+        );
+    }
+}
+
+/// Dense attention with device key lengths, captured once, replayed on two sets of inputs.
+#[test]
+fn attention_with_device_key_lengths_replays_from_a_cuda_graph_with_new_data() {
+    let Some(shared) = gpu_or_skip("attention_graph_replay") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let (b, h, lq, lk, d) = (2, 4, 70, 90, 64);
+    let dt = DType::F16;
+    let mut q = gpu.upload(&random(dt, &[b, h, lq, d], 1)).unwrap();
+    let mut k = gpu.upload(&random(dt, &[b, h, lk, d], 2)).unwrap();
+    let mut v = gpu.upload(&random(dt, &[b, h, lk, d], 3)).unwrap();
+    let mut o = gpu.full(dt, &[b, h, lq, d], 0.0).unwrap();
+    let mut lse = gpu.full(DType::F32, &[b, h, lq], 0.0).unwrap();
+    let mut key_lens = lens_buf(&gpu, &[90, 33]);
+    let lens_view = I32View::new(&gpu, &key_lens);
+    let opts = attention::Options {
+        causal: Some(attention::CausalAlign::BottomRight),
+        sequences: attention::Sequences::DenseDevice {
+            key_lens: lens_view,
+        },
+        ..Default::default()
+    };
+    let run = |o: &mut DeviceTensor, lse: &mut DeviceTensor| {
+        attention::forward_into(
+            &gpu,
+            &q.view(),
+            &k.view(),
+            &v.view(),
+            &mut o.view_mut(),
+            Some(&mut lse.view_mut()),
+            &opts,
+        )
+    };
+    // Warm-up: loads the module outside the capture.
+    run(&mut o, &mut lse).unwrap();
+    gpu.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = run(&mut o, &mut lse);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    captured.unwrap();
+
+    for (round, lens) in [[90, 33], [17, 0]].iter().enumerate() {
+        let seed = 10 * (round as u64 + 1);
+        let (hq, hk, hv) = (
+            random(dt, &[b, h, lq, d], seed),
+            random(dt, &[b, h, lk, d], seed + 1),
+            random(dt, &[b, h, lk, d], seed + 2),
+        );
+        q.write(&hq).unwrap();
+        k.write(&hk).unwrap();
+        v.write(&hv).unwrap();
+        set_lens(&gpu, &mut key_lens, lens);
+        nan_poison(&mut o);
+        nan_poison(&mut lse);
+        graph.launch().unwrap();
+        let (go, gl) = (o.to_f32_vec().unwrap(), lse.to_f32_vec().unwrap());
+
+        let mut o2 = gpu.full(dt, &[b, h, lq, d], f32::NAN).unwrap();
+        let mut l2 = gpu.full(DType::F32, &[b, h, lq], f32::NAN).unwrap();
+        let host_opts = attention::Options {
+            causal: Some(attention::CausalAlign::BottomRight),
+            sequences: attention::Sequences::Dense {
+                key_lens: Some(lens),
+            },
+            ..Default::default()
+        };
+        attention::forward_into(
+            &gpu,
+            &q.view(),
+            &k.view(),
+            &v.view(),
+            &mut o2.view_mut(),
+            Some(&mut l2.view_mut()),
+            &host_opts,
+        )
+        .unwrap();
+        assert_finite_and_equal("o", &go, &o2.to_f32_vec().unwrap());
+        let want_l = l2.to_f32_vec().unwrap();
+        for (i, (g, w)) in gl.iter().zip(&want_l).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "lse[{i}]: {g} vs {w}");
+        }
+
+        // And against the f64 reference, loosely (the tolerance rule is the other tests' job):
+        // the replay used this round's data, not the captured round's.
+        let shape = ref_attn::Shape::new(b, h, h, lq, lk, d, d);
+        let ropts = ref_attn::Options {
+            causal: Some(ref_attn::CausalAlign::BottomRight),
+            key_lens: Some(lens.iter().map(|&l| l as usize).collect()),
+            ..ref_attn::Options::new(d)
+        };
+        let want = ref_attn::forward(
+            &hq.to_f32_vec(),
+            &hk.to_f32_vec(),
+            &hv.to_f32_vec(),
+            &shape,
+            &ropts,
+        )
+        .unwrap();
+        let worst = go
+            .iter()
+            .zip(&want.o)
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 2e-2,
+            "round {round}: max |replay − reference| = {worst}"
+        );
+    }
+}
+
+/// Decode with device cache lengths, a fixed split count and a reserved workspace, captured
+/// and replayed with a new query, new cache rows and longer caches.
+#[test]
+fn decode_with_device_lengths_replays_from_a_cuda_graph_with_new_data() {
+    let Some(shared) = gpu_or_skip("decode_graph_replay") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let (b, hq, hkv, cap, d) = (3, 8, 2, 300, 128);
+    let dt = DType::BF16;
+    let mut q = gpu.upload(&random(dt, &[b, hq, d], 1)).unwrap();
+    let mut kc = gpu.upload(&random(dt, &[b, hkv, cap, d], 2)).unwrap();
+    let mut vc = gpu.upload(&random(dt, &[b, hkv, cap, d], 3)).unwrap();
+    let mut o = gpu.full(dt, &[b, hq, d], 0.0).unwrap();
+    let mut lse = gpu.full(DType::F32, &[b, hq], 0.0).unwrap();
+    let mut lens = lens_buf(&gpu, &[5, 300, 0]);
+    let opts = decode::Options {
+        splits: Some(4),
+        ..Default::default()
+    };
+    gpu.reserve_workspace(decode::workspace_bytes(b, hq, d, 4))
+        .unwrap();
+    let lens_view = I32View::new(&gpu, &lens);
+    let run = |o: &mut DeviceTensor, lse: &mut DeviceTensor| {
+        decode::forward_into(
+            &gpu,
+            &q.view(),
+            &kc.view(),
+            &vc.view(),
+            decode::CacheLens::View {
+                lens: lens_view,
+                max_len: cap,
+            },
+            &mut o.view_mut(),
+            Some(&mut lse.view_mut()),
+            &opts,
+        )
+    };
+    run(&mut o, &mut lse).unwrap();
+    gpu.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = run(&mut o, &mut lse);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    captured.unwrap();
+
+    for (round, new_lens) in [[6, 299, 1], [300, 0, 150]].iter().enumerate() {
+        let seed = 100 * (round as u64 + 1);
+        q.write(&random(dt, &[b, hq, d], seed)).unwrap();
+        kc.write(&random(dt, &[b, hkv, cap, d], seed + 1)).unwrap();
+        vc.write(&random(dt, &[b, hkv, cap, d], seed + 2)).unwrap();
+        set_lens(&gpu, &mut lens, new_lens);
+        nan_poison(&mut o);
+        nan_poison(&mut lse);
+        graph.launch().unwrap();
+        let (go, gl) = (o.to_f32_vec().unwrap(), lse.to_f32_vec().unwrap());
+        let (o2, l2) =
+            decode::forward(&q, &kc, &vc, decode::CacheLens::Host(new_lens), &opts).unwrap();
+        assert_finite_and_equal("o", &go, &o2.to_f32_vec().unwrap());
+        let want_l = l2.to_f32_vec().unwrap();
+        for (i, (g, w)) in gl.iter().zip(&want_l).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "lse[{i}]: {g} vs {w}");
+        }
+    }
+}
+
+/// A caller-supplied workspace that is too small is an error, not an allocation.
+#[test]
+fn a_caller_workspace_too_small_for_the_call_is_an_error() {
+    let Some(shared) = gpu_or_skip("caller_workspace_too_small") else {
+        return;
+    };
+    let gpu = shared
+        .on_stream(shared.context().new_stream().unwrap())
+        .unwrap();
+    let (b, hq, d, cap) = (2, 4, 64, 64);
+    let dt = DType::F32;
+    let q = gpu.upload(&random(dt, &[b, hq, d], 1)).unwrap();
+    let kc = gpu.upload(&random(dt, &[b, hq, cap, d], 2)).unwrap();
+    let vc = gpu.upload(&random(dt, &[b, hq, cap, d], 3)).unwrap();
+    let need = decode::workspace_bytes(b, hq, d, 2);
+    let scratch = gpu.full(DType::F32, &[need / 4 - 1], 0.0).unwrap();
+    let ptr = scratch.view().device_ptr();
+    // SAFETY: `scratch` outlives every use of `gpu` below and nothing else touches it.
+    unsafe { gpu.use_workspace(ptr, need - 4) }.unwrap();
+    let mut o = gpu.full(dt, &[b, hq, d], 0.0).unwrap();
+    let err = decode::forward_into(
+        &gpu,
+        &q.view(),
+        &kc.view(),
+        &vc.view(),
+        decode::CacheLens::Host(&[64, 10]),
+        &mut o.view_mut(),
+        None,
+        &decode::Options {
+            splits: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                arg: "workspace",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // One split needs no scratch and runs.
+    decode::forward_into(
+        &gpu,
+        &q.view(),
+        &kc.view(),
+        &vc.view(),
+        decode::CacheLens::Host(&[64, 10]),
+        &mut o.view_mut(),
+        None,
+        &decode::Options {
+            splits: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    gpu.synchronize().unwrap();
+    drop(scratch);
+}
+
+/// Memory of another context (a non-primary context on the same device) is refused by name.
+#[test]
+fn views_of_another_context_are_a_device_error() {
+    let Some(gpu) = gpu_or_skip("foreign_context") else {
+        return;
+    };
+    let foreign_ctx = CudaContext::new_non_primary(gpu.info().ordinal, 0).unwrap();
+    let foreign = Gpu::from_context(foreign_ctx.clone(), foreign_ctx.default_stream()).unwrap();
+    assert_ne!(foreign.context_id(), gpu.context_id());
+    let dt = DType::F16;
+    let shape = [1, 2, 16, 64];
+    let q_foreign = foreign.upload(&random(dt, &shape, 1)).unwrap();
+    let k = gpu.upload(&random(dt, &shape, 2)).unwrap();
+    let v = gpu.upload(&random(dt, &shape, 3)).unwrap();
+    let mut o = gpu.full(dt, &shape, 0.0).unwrap();
+    let err = attention::forward_into(
+        &gpu,
+        &q_foreign.view(),
+        &k.view(),
+        &v.view(),
+        &mut o.view_mut(),
+        None,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Device { arg: "q", .. }), "{err}");
+
+    // A raw view that names the foreign context, and foreign device lengths.
+    let ptr = q_foreign.view().device_ptr();
+    // SAFETY: a live allocation of `foreign_ctx` of this size; the op refuses it unread.
+    let raw = unsafe {
+        TensorRef::from_raw(
+            ContextId::of(&foreign_ctx),
+            ptr,
+            shape.iter().product::<usize>() * 2,
+            dt,
+            Layout::contiguous(&shape),
+        )
+    };
+    let err = attention::forward_into(
+        &gpu,
+        &k.view(),
+        &raw,
+        &v.view(),
+        &mut o.view_mut(),
+        None,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Device { arg: "k", .. }), "{err}");
+    let foreign_lens = foreign.stream().clone_htod(&[16i32]).unwrap();
+    let err = attention::forward_into(
+        &gpu,
+        &k.view(),
+        &k.view(),
+        &v.view(),
+        &mut o.view_mut(),
+        None,
+        &attention::Options {
+            sequences: attention::Sequences::DenseDevice {
+                key_lens: I32View::new(&foreign, &foreign_lens),
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Device {
+                arg: "key_lens",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // An output in the foreign context.
+    let mut o_foreign = foreign.full(dt, &shape, 0.0).unwrap();
+    let err = attention::forward_into(
+        &gpu,
+        &k.view(),
+        &k.view(),
+        &v.view(),
+        &mut o_foreign.view_mut(),
+        None,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Device { arg: "o", .. }), "{err}");
+    // A stream of the foreign context cannot make a handle of this one.
+    assert!(matches!(
+        gpu.on_stream(foreign_ctx.default_stream()),
+        Err(Error::Device { arg: "stream", .. })
+    ));
+    let foreign_stream = foreign_ctx.new_stream().unwrap();
+    // SAFETY: a live stream; the handle refuses it for belonging to another context.
+    let r = unsafe { gpu.on_raw_stream(foreign_stream.cu_stream()) };
+    assert!(matches!(r, Err(Error::Device { arg: "stream", .. })));
+    // The good call still runs on this context afterwards, on a raw stream of it.
+    let own_stream = gpu.context().new_stream().unwrap();
+    // SAFETY: a live stream of this context, alive until the end of the test.
+    let raw = unsafe { gpu.on_raw_stream(own_stream.cu_stream()) }.unwrap();
+    let mut o_ok: TensorMut = o.view_mut();
+    attention::forward_into(
+        &raw,
+        &k.view(),
+        &k.view(),
+        &v.view(),
+        &mut o_ok,
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    raw.synchronize().unwrap();
+}
+
+/// Two threads, each with its own stream handle, run attention and decode (which uses the
+/// handle's scratch) in a loop at the same time; every result equals the same call made alone.
+#[test]
+fn two_threads_on_two_streams_get_the_results_of_serial_calls() {
+    let Some(shared) = gpu_or_skip("two_threads_two_streams") else {
+        return;
+    };
+    let (b, hq, hkv, cap, d) = (2, 8, 2, 512, 64);
+    let dt = DType::F16;
+    let work = |gpu: &Arc<Gpu>, seed: u64| -> (Vec<f32>, Vec<f32>) {
+        let q = gpu.upload(&random(dt, &[b, hq, d], seed)).unwrap();
+        let kc = gpu
+            .upload(&random(dt, &[b, hkv, cap, d], seed + 1))
+            .unwrap();
+        let vc = gpu
+            .upload(&random(dt, &[b, hkv, cap, d], seed + 2))
+            .unwrap();
+        let (mut last_d, mut last_a) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let (o, _) = decode::forward(
+                &q,
+                &kc,
+                &vc,
+                decode::CacheLens::Host(&[512, 200]),
+                &decode::Options {
+                    splits: Some(8),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let qa = kc
+                .view_at(0, Layout::contiguous(&[b, hkv, cap, d]))
+                .unwrap();
+            let mut oa = gpu.full(dt, &[b, hkv, cap, d], f32::NAN).unwrap();
+            attention::forward_into(
+                gpu,
+                &qa,
+                &kc.view(),
+                &vc.view(),
+                &mut oa.view_mut(),
+                None,
+                &Default::default(),
+            )
+            .unwrap();
+            last_d = o.to_f32_vec().unwrap();
+            last_a = oa.to_f32_vec().unwrap();
+        }
+        (last_d, last_a)
+    };
+    let serial: Vec<_> = [1u64, 50].iter().map(|&seed| work(&shared, seed)).collect();
+    let handles: Vec<Arc<Gpu>> = (0..2)
+        .map(|_| {
+            shared
+                .on_stream(shared.context().new_stream().unwrap())
+                .unwrap()
+        })
+        .collect();
+    let parallel: Vec<_> = std::thread::scope(|s| {
+        let joins: Vec<_> = handles
+            .iter()
+            .zip([1u64, 50])
+            .map(|(g, seed)| s.spawn(move || work(g, seed)))
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (i, (p, s)) in parallel.iter().zip(&serial).enumerate() {
+        assert_finite_and_equal(&format!("thread {i} decode"), &p.0, &s.0);
+        assert_finite_and_equal(&format!("thread {i} attention"), &p.1, &s.1);
+    }
+}
