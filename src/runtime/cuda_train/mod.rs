@@ -359,10 +359,7 @@ impl Cuda {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Error::Driver {
-            context: "cublasGemmStridedBatchedEx".into(),
-            message: format!("{e:?}"),
-        })
+        .map_err(|e| Error::blas("cublasGemmStridedBatchedEx", e))
     }
 
     fn require_compute(&self, arg: &'static str, t: &DeviceTensor) -> Result<()> {
