@@ -169,7 +169,9 @@ run input "empty prompt (nothing to continue)" E true -- "$bin" generate --devic
 run flags "--top-k without --temperature" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --max-new-tokens 2 --top-k 5
 run flags "--top-p without --temperature" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --max-new-tokens 2 --top-p 0.5
 run flags "--dtype f16 --device cpu (embed)" E true -- "$bin" embed --device cpu --model "$minilm" --dtype f16 hello
-run flags "--dtype bf16 --device cpu (generate)" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --dtype bf16
+# bf16 runs on the CPU (bf16 weights, f32 arithmetic); f16 has no CPU backend and is refused.
+run flags "--dtype f16 --device cpu (generate)" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --dtype f16
+run flags "--dtype bf16 --device cpu (generate) runs" O true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --max-new-tokens 2 --dtype bf16
 run flags "--max-new-tokens past the context" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --max-new-tokens 500
 run flags "--temperature -1" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --temperature -1
 run flags "--temperature NaN" E true -- "$bin" generate --device cpu --model "$gpt2" --prompt hi --temperature NaN
