@@ -174,6 +174,16 @@ fn inputs_that_once_panicked_stay_fixed() {
     ] {
         target("tokenizer")(&input("tokenizer", seed));
     }
+    // A GPT-2 / GPT-Neo config without `eos_token_id` and with a vocabulary smaller than the
+    // default EOS id 50256: the default was taken unchecked (clean-clone CI run, 2026-11-29).
+    for seed in [
+        17410349349408678081u64,
+        17410349349408682269,
+        17410349349408720003,
+        17410349349408728337,
+    ] {
+        target("config")(&input("config", seed));
+    }
 }
 
 /// Every target in turn until `CUATTN_FUZZ_SECONDS` (default 60) are spent.

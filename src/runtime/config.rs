@@ -54,7 +54,14 @@ impl<'a> Fields<'a> {
     /// An optional integer in `range` (`default` when absent or null).
     pub fn int_or(&self, key: &str, default: usize, range: RangeInclusive<usize>) -> Result<usize> {
         match self.get(key) {
-            None => Ok(default),
+            // A default can fall outside a range that depends on other fields (GPT-2's EOS
+            // 50256 with a small `vocab_size`): refused like a stored value would be.
+            None if range.contains(&default) => Ok(default),
+            None => Err(self.err(format!(
+                "`{key}` is absent and its default {default} is outside {}..={}",
+                range.start(),
+                range.end()
+            ))),
             Some(x) => self.int_value(key, x, range),
         }
     }
@@ -136,6 +143,7 @@ mod tests {
         }
         assert_eq!(f.int("ok", 1..=MAX_WIDTH).unwrap(), 3);
         assert_eq!(f.int_or("null", 7, 1..=8).unwrap(), 7);
+        assert!(f.int_or("absent_key", 50256, 0..=319).is_err());
         assert!(f.epsilon_or("eps", 1e-5).is_err());
         assert!(
             f.epsilon_or("tiny", 1e-5).is_err(),
