@@ -58,6 +58,23 @@ pub fn colsum_split(rows: usize, cols: usize, target_blocks: usize) -> (usize, u
     (rows.div_ceil(rows_per_chunk).max(1), rows_per_chunk)
 }
 
+/// Blocks per multiprocessor the column sums aim at (with [`colsum_split`]).
+pub const COLSUM_BLOCKS_PER_SM: usize = 4;
+
+/// Scratch bytes of the column sums (and the fused bias + GELU backward) over a `[rows, cols]`
+/// input on a GPU with `multiprocessors` multiprocessors: one f32 partial per (row chunk,
+/// column).
+pub fn colsum_workspace_bytes(rows: usize, cols: usize, multiprocessors: usize) -> usize {
+    let (chunks, _) = colsum_split(rows, cols, multiprocessors * COLSUM_BLOCKS_PER_SM);
+    chunks * cols * 4
+}
+
+/// Scratch bytes of the gradient norm over tensors of `numels` elements: one f32 partial per
+/// chunk of [`mt_chunks`].
+pub fn grad_norm_workspace_bytes(numels: &[usize]) -> Result<usize> {
+    Ok(mt_chunks(numels)?.len() * 4)
+}
+
 /// Token positions grouped by embedding row: group g adds the dy rows
 /// `positions[starts[g]..starts[g+1]]` (ascending) into table row `rows[g]`. Rows are listed
 /// in ascending order and each appears once.
@@ -130,6 +147,17 @@ mod tests {
                 assert!(chunks * rpc >= rows && (chunks - 1) * rpc < rows);
             }
         }
+    }
+
+    #[test]
+    fn workspace_queries_hold_one_f32_per_partial_the_plans_make() {
+        for (rows, cols, sms) in [(1, 1, 1), (300, 96, 132), (4096, 768, 108), (9, 50_000, 2)] {
+            let (chunks, _) = colsum_split(rows, cols, sms * COLSUM_BLOCKS_PER_SM);
+            assert_eq!(colsum_workspace_bytes(rows, cols, sms), chunks * cols * 4);
+        }
+        let numels = [MT_CHUNK + 1, 0, 5];
+        assert_eq!(grad_norm_workspace_bytes(&numels).unwrap(), 3 * 4);
+        assert_eq!(grad_norm_workspace_bytes(&[]).unwrap(), 0);
     }
 
     #[test]

@@ -198,6 +198,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// [`Gpu::check_context`] for each `(argument, context)` of an op's views, in order: the
+    /// one check every op (attention, decode, LayerNorm, the training ops, the GEMMs, the
+    /// runtime's fused ops) makes before any launch.
+    pub fn check_contexts(
+        &self,
+        views: impl IntoIterator<Item = (&'static str, ContextId)>,
+    ) -> Result<()> {
+        views
+            .into_iter()
+            .try_for_each(|(arg, ctx)| self.check_context(arg, ctx))
+    }
+
     fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, ordinal: usize) -> Result<Arc<Gpu>> {
         let attr = |a| {
             ctx.attribute(a)

@@ -303,6 +303,11 @@ impl DeviceTensor {
         &self.gpu
     }
 
+    /// The context the tensor's memory belongs to (its Gpu's).
+    pub fn context_id(&self) -> ContextId {
+        self.gpu.context_id()
+    }
+
     /// Same memory, new shape and strides; checked against the buffer's size.
     pub fn reshape(mut self, layout: Layout) -> Result<Self> {
         layout.check_fits("tensor", self.buf.len() / self.dtype.size_bytes())?;

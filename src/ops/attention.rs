@@ -568,12 +568,11 @@ pub(super) fn launch_forward(
     c: &Checked,
     sparse: Option<&SparseArgs>,
 ) -> Result<()> {
-    for (arg, ctx) in [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
-        .into_iter()
-        .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
-    {
-        gpu.check_context(arg, ctx)?;
-    }
+    gpu.check_contexts(
+        [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
+            .into_iter()
+            .chain(lse.as_ref().map(|l| ("lse", l.ctx))),
+    )?;
     let tensor_cores = match opts.kernel {
         Kernel::Hopper => {
             if let Some(why) = super::attention_hopper::ineligible(gpu, c, opts, sparse.is_some()) {

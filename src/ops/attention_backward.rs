@@ -269,7 +269,7 @@ pub fn backward_into(
     opts: &Options,
 ) -> Result<()> {
     let cb = check(q, k, v, o, lse, d_o, dq, dk, dv, opts)?;
-    for (arg, ctx) in [
+    gpu.check_contexts([
         ("q", q.ctx),
         ("k", k.ctx),
         ("v", v.ctx),
@@ -279,9 +279,7 @@ pub fn backward_into(
         ("dq", dq.ctx),
         ("dk", dk.ctx),
         ("dv", dv.ctx),
-    ] {
-        gpu.check_context(arg, ctx)?;
-    }
+    ])?;
     let c = &cb.c;
     let tensor_cores = use_tensor_cores(c, opts.forward.kernel)?;
     let fast = tensor_cores && opts.mode == Mode::Fast;

@@ -63,12 +63,11 @@ impl Unfused {
         lse: Option<&mut TensorMut>,
         opts: &Options,
     ) -> Result<()> {
-        for (arg, ctx) in [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
-            .into_iter()
-            .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
-        {
-            self.gpu.check_context(arg, ctx)?;
-        }
+        self.gpu.check_contexts(
+            [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
+                .into_iter()
+                .chain(lse.as_ref().map(|l| ("lse", l.ctx))),
+        )?;
         let c = check(q, k, v, o, lse.as_deref(), opts)?;
         let s = c.shape;
         if !matches!(opts.sequences, Sequences::Dense { key_lens: None }) {

@@ -352,17 +352,16 @@ pub fn forward_into<'a>(
             max_len,
         },
     };
-    for (arg, ctx) in [
-        ("q", q.ctx),
-        ("k_cache", k_cache.ctx),
-        ("v_cache", v_cache.ctx),
-        ("o", o.ctx),
-    ]
-    .into_iter()
-    .chain(lse.as_ref().map(|l| ("lse", l.ctx)))
-    {
-        gpu.check_context(arg, ctx)?;
-    }
+    gpu.check_contexts(
+        [
+            ("q", q.ctx),
+            ("k_cache", k_cache.ctx),
+            ("v_cache", v_cache.ctx),
+            ("o", o.ctx),
+        ]
+        .into_iter()
+        .chain(lse.as_ref().map(|l| ("lse", l.ctx))),
+    )?;
     let c = check(q, k_cache, v_cache, o, lse.as_deref(), &lens_info, opts)?;
     let group = c.heads_q / c.heads_kv;
     let geo = Geometry::new(c.dtype.size_bytes(), c.dim, group);

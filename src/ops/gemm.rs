@@ -60,7 +60,9 @@ fn expect(arg: &'static str, got: (usize, usize), want: (usize, usize)) -> Resul
 }
 
 impl Gemm {
-    /// Loads cuBLAS (it must be on the library path) on the Gpu's stream.
+    /// Loads cuBLAS (it must be on the library path) on the Gpu's stream: for a stream of
+    /// your own, make the Gemm from `gpu.on_stream(stream)`. Every GEMM refuses views of
+    /// another context than the Gpu's ([`Error::Device`]).
     pub fn new(gpu: &Arc<Gpu>) -> Result<Gemm> {
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { blas_sys::is_culib_present() } {
@@ -137,6 +139,8 @@ impl Gemm {
 
     /// y[rows, out] = x[rows, in]·Wᵀ with W `[out, in]`.
     pub fn linear_forward(&self, x: &TensorRef, w: &TensorRef, y: &mut TensorMut) -> Result<()> {
+        self.gpu
+            .check_contexts([("x", x.ctx), ("w", w.ctx), ("y", y.ctx)])?;
         let dt = x.dtype;
         let (rows, d_in) = matrix(&x.info("x"), dt)?;
         let (d_out, w_in) = matrix(&w.info("w"), dt)?;
@@ -161,6 +165,8 @@ impl Gemm {
         w: &TensorRef,
         dx: &mut TensorMut,
     ) -> Result<()> {
+        self.gpu
+            .check_contexts([("dy", dy.ctx), ("w", w.ctx), ("dx", dx.ctx)])?;
         let dt = dy.dtype;
         let (rows, d_out) = matrix(&dy.info("dy"), dt)?;
         let (w_out, d_in) = matrix(&w.info("w"), dt)?;
@@ -186,6 +192,8 @@ impl Gemm {
         x: &TensorRef,
         dw: &mut TensorMut,
     ) -> Result<()> {
+        self.gpu
+            .check_contexts([("dy", dy.ctx), ("x", x.ctx), ("dw", dw.ctx)])?;
         let dt = dy.dtype;
         let (rows, d_out) = matrix(&dy.info("dy"), dt)?;
         let (x_rows, d_in) = matrix(&x.info("x"), dt)?;

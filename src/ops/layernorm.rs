@@ -317,9 +317,7 @@ fn forward_impl(gpu: &Gpu, v: ForwardViews, tuning: Tuning) -> Result<()> {
         v.mean.as_ref().map(|t| ("mean", t.ctx)),
         v.rstd.as_ref().map(|t| ("rstd", t.ctx)),
     ];
-    for (arg, ctx) in contexts.into_iter().flatten() {
-        gpu.check_context(arg, ctx)?;
-    }
+    gpu.check_contexts(contexts.into_iter().flatten())?;
     let c = check_forward(&v)?;
     let (dtype, x, y, vectorized) = (c.dtype, c.x, c.y, c.vectorized);
     let (res, res_out) = (c.residual.map(|r| r.0), c.residual.map(|r| r.1));
@@ -823,9 +821,7 @@ pub fn backward_into<'a>(
         dbeta.as_ref().map(|t| ("dbeta", t.ctx)),
         workspace.as_ref().map(|t| ("workspace", t.ctx)),
     ];
-    for (arg, ctx) in contexts.into_iter().flatten() {
-        gpu.check_context(arg, ctx)?;
-    }
+    gpu.check_contexts(contexts.into_iter().flatten())?;
     let c = check_backward(dy, x, gamma, mean, rstd, dx, dgamma, dbeta)?;
     let (dtype, xr, dyr, dxr, vectorized) = (c.dtype, c.x, c.dy, c.dx, c.vectorized);
     let (gamma_ptr, dgamma_ptr, dbeta_ptr) = (c.gamma, c.dgamma, c.dbeta);

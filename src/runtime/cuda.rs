@@ -124,6 +124,16 @@ impl Cuda {
         elems.div_ceil(THREADS as usize).clamp(1, resident) as u32
     }
 
+    /// Refuses tensors of another context than the backend's ([`Error::Device`]) before any
+    /// launch, by the ops' own check.
+    fn check_contexts<'t>(
+        &self,
+        tensors: impl IntoIterator<Item = (&'static str, &'t DeviceTensor)>,
+    ) -> Result<()> {
+        self.gpu
+            .check_contexts(tensors.into_iter().map(|(arg, t)| (arg, t.context_id())))
+    }
+
     fn check_dtype(&self, arg: &'static str, t: &DeviceTensor) -> Result<()> {
         if t.dtype() != self.dtype {
             return Err(Error::DType {
@@ -205,6 +215,7 @@ impl Cuda {
         bias: Option<&DeviceTensor>,
         act: Activation,
     ) -> Result<()> {
+        self.check_contexts([("y", y)].into_iter().chain(bias.map(|b| ("bias", b))))?;
         let (rows, cols) = rows_cols("y", y)?;
         let act = match act {
             Activation::None => CUATTN_ACT_NONE,
@@ -252,6 +263,14 @@ impl Cuda {
         batch: usize,
         len_new: usize,
     ) -> Result<()> {
+        self.check_contexts([
+            ("k", k.tensor),
+            ("v", v.tensor),
+            ("k_cache", &*k_cache),
+            ("v_cache", &*v_cache),
+        ])?;
+        self.gpu
+            .check_context("kv_cache", crate::gpu::ContextId::of(start_count.context()))?;
         let width = k.heads * k.dim;
         let (src_rows, src_width) = rows_cols("k", k.tensor)?;
         let (cache_rows, cache_width) = rows_cols("k_cache", k_cache)?;
@@ -471,6 +490,11 @@ impl Backend for Cuda {
         bias: Option<&DeviceTensor>,
         act: Activation,
     ) -> Result<DeviceTensor> {
+        self.check_contexts(
+            [("x", x), ("w", w)]
+                .into_iter()
+                .chain(bias.map(|b| ("bias", b))),
+        )?;
         let (rows, inp) = rows_cols("x", x)?;
         let (out, w_in) = rows_cols("w", w)?;
         self.check_dtype("x", x)?;
@@ -517,6 +541,7 @@ impl Backend for Cuda {
         b: &DeviceTensor,
         batch: usize,
     ) -> Result<DeviceTensor> {
+        self.check_contexts([("a", a), ("b", b)])?;
         let (ar, k) = rows_cols("a", a)?;
         let (br, bk) = rows_cols("b", b)?;
         self.check_dtype("a", a)?;
@@ -547,6 +572,7 @@ impl Backend for Cuda {
     }
 
     fn add(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("a", a), ("b", b)])?;
         self.check_dtype("a", a)?;
         self.check_dtype("b", b)?;
         if a.shape() != b.shape() {
@@ -616,6 +642,7 @@ impl Backend for Cuda {
     }
 
     fn gather_rows(&self, table: &DeviceTensor, ids: &[u32]) -> Result<DeviceTensor> {
+        self.check_contexts([("table", table)])?;
         let (n, width) = rows_cols("table", table)?;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
             return Err(Error::invalid(

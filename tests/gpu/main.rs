@@ -9,6 +9,7 @@ mod decode;
 mod embedding;
 #[path = "../fixture_files/mod.rs"]
 mod fixture_files;
+mod foreign_context;
 #[path = "../gpt2_cache/mod.rs"]
 mod gpt2_cache;
 mod layernorm;

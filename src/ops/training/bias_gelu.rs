@@ -13,7 +13,7 @@ use crate::kernels::params::{
 use crate::ops::launch;
 use crate::ops::validate::{self, Rows};
 use crate::reference::training::Gelu;
-use crate::training::{colsum_split, COLSUM_COLS, COLSUM_ROWS};
+use crate::training::{colsum_split, COLSUM_BLOCKS_PER_SM, COLSUM_COLS, COLSUM_ROWS};
 
 const THREADS: u32 = 256;
 
@@ -69,6 +69,11 @@ pub fn bias_gelu_forward_into(
     bias: Option<&TensorRef>,
     y: &mut TensorMut,
 ) -> Result<()> {
+    gpu.check_contexts(
+        [("x", x.ctx), ("y", y.ctx)]
+            .into_iter()
+            .chain(bias.map(|b| ("bias", b.ctx))),
+    )?;
     let dtype = x.dtype;
     let xi = x.info("x");
     let yi = y.info("y");
@@ -122,6 +127,12 @@ pub fn bias_gelu_forward_into(
     }
 }
 
+/// Scratch bytes [`column_sums_into`] and [`bias_gelu_backward_into`] take from the Gpu's
+/// workspace for a `[rows, cols]` input (`gpu.reserve_workspace` it before capturing a graph).
+pub fn column_sums_workspace_bytes(gpu: &Gpu, rows: usize, cols: usize) -> usize {
+    crate::training::colsum_workspace_bytes(rows, cols, gpu.info().multiprocessors as usize)
+}
+
 /// Stage 1 and 2 of the column sums over a contiguous [rows, cols] `dy`, with the GELU
 /// backward fused in when `gelu` = (x, bias, dx, kind).
 fn column_pass(
@@ -141,7 +152,7 @@ fn column_pass(
         });
     }
     validate::vector(&oi, dy.cols, "one per column")?;
-    let target_blocks = gpu.info().multiprocessors as usize * 4;
+    let target_blocks = gpu.info().multiprocessors as usize * COLSUM_BLOCKS_PER_SM;
     let (chunks, rows_per_chunk) = colsum_split(dy.rows, dy.cols, target_blocks);
     let col_tiles = dy.cols.div_ceil(COLSUM_COLS);
     if chunks > 65535 || col_tiles > i32::MAX as usize {
@@ -234,6 +245,16 @@ pub fn bias_gelu_backward_into(
     dx: &mut TensorMut,
     dbias: &mut TensorMut,
 ) -> Result<()> {
+    gpu.check_contexts(
+        [
+            ("dy", dy.ctx),
+            ("x", x.ctx),
+            ("dx", dx.ctx),
+            ("dbias", dbias.ctx),
+        ]
+        .into_iter()
+        .chain(bias.map(|b| ("bias", b.ctx))),
+    )?;
     let dtype = dy.dtype;
     let (dyi, xi, dxi) = (dy.info("dy"), x.info("x"), dx.info("dx"));
     let rows = contiguous_rows(&dyi, dtype)?;
@@ -265,6 +286,7 @@ pub fn column_sums_into(
     v: &TensorRef,
     out: &mut TensorMut,
 ) -> Result<()> {
+    gpu.check_contexts([("v", v.ctx), ("out", out.ctx)])?;
     let rows = contiguous_rows(&v.info("v"), v.dtype)?;
     same_or_disjoint(&v.info("v"), &out.info("out"))?;
     column_pass(gpu, rows, v.dtype, None, out, opts.accumulate)

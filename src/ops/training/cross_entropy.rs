@@ -46,6 +46,12 @@ pub struct CrossEntropyLoss {
 const ROW_THREADS_MAX: u32 = 1024;
 const SUM_THREADS: u32 = 1024;
 
+/// Scratch bytes [`cross_entropy_into`] takes from the Gpu's workspace for `rows` rows: one
+/// f32 loss per row before the mean.
+pub fn cross_entropy_workspace_bytes(rows: usize) -> usize {
+    rows * 4
+}
+
 /// Loss of `logits` (`[rows, classes]`, any leading dims, last dim contiguous; f32/f16/bf16)
 /// against host `labels` (one per row, each in [0, classes) or `ignore_index`), and, when
 /// `dlogits` is given (logits' shape and dtype, disjoint or the very same view: in place),
@@ -57,6 +63,9 @@ pub fn cross_entropy_into(
     labels: &[i32],
     dlogits: Option<&mut TensorMut>,
 ) -> Result<CrossEntropyLoss> {
+    gpu.check_contexts(
+        std::iter::once(("logits", logits.ctx)).chain(dlogits.as_ref().map(|d| ("dlogits", d.ctx))),
+    )?;
     let li = logits.info("logits");
     let rows = validate::rows(&li)?;
     let d = match &dlogits {
@@ -79,6 +88,7 @@ pub fn cross_entropy_in_place(
     logits: &mut TensorMut,
     labels: &[i32],
 ) -> Result<CrossEntropyLoss> {
+    gpu.check_context("logits", logits.ctx)?;
     let rows = validate::rows(&logits.info("logits"))?;
     run(gpu, opts, logits.dtype, rows, labels, Some(rows))
 }
@@ -145,7 +155,7 @@ fn run(
     let sum = kernel(gpu, "sum_f32")?;
     let grid = x.rows.min(gpu.info().multiprocessors as usize * 16) as u32;
     let loss_ptr = loss.view().device_ptr();
-    gpu.with_workspace(x.rows * 4, |ws| {
+    gpu.with_workspace(cross_entropy_workspace_bytes(x.rows), |ws| {
         let p = cuattn_xent_params {
             logits: x.ptr,
             labels: labels_dev.device_ptr(stream).0,

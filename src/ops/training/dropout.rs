@@ -32,6 +32,7 @@ pub fn dropout_into(
     x: &TensorRef,
     y: &mut TensorMut,
 ) -> Result<()> {
+    gpu.check_contexts([("x", x.ctx), ("y", y.ctx)])?;
     let d = Dropout::new(opts.p)?;
     let (xi, yi) = (x.info("x"), y.info("y"));
     let r = contiguous_rows(&xi, x.dtype)?;

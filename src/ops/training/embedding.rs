@@ -33,6 +33,7 @@ pub fn embedding_backward_into(
     ids: &[u32],
     dtable: &mut TensorMut,
 ) -> Result<()> {
+    gpu.check_contexts([("dy", dy.ctx), ("dtable", dtable.ctx)])?;
     let dyi = dy.info("dy");
     let rows = validate::rows(&dyi)?;
     let ti = dtable.info("dtable");

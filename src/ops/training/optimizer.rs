@@ -123,6 +123,21 @@ pub fn adamw_step(
     tensors: &mut [AdamWTensor<'_>],
     grad_scale: Option<&TensorRef>,
 ) -> Result<()> {
+    for t in tensors.iter() {
+        gpu.check_contexts(
+            [
+                ("param", t.param.ctx),
+                ("grad", t.grad.ctx),
+                ("exp_avg", t.exp_avg.ctx),
+                ("exp_avg_sq", t.exp_avg_sq.ctx),
+            ]
+            .into_iter()
+            .chain(t.model.as_ref().map(|m| ("model", m.ctx))),
+        )?;
+    }
+    if let Some(s) = grad_scale {
+        gpu.check_context("grad_scale", s.ctx)?;
+    }
     if step == 0 {
         return Err(Error::invalid("step", "AdamW steps count from 1"));
     }
@@ -272,6 +287,12 @@ fn grad_table(grads: &[(u64, &ViewInfo)]) -> Result<(DType, Vec<cuattn_mt_tensor
     Ok((dtype, table))
 }
 
+/// Scratch bytes [`grad_norm`] and [`clip_grad_norm`] take from the Gpu's workspace for
+/// gradients of `numels` elements.
+pub fn grad_norm_workspace_bytes(numels: &[usize]) -> Result<usize> {
+    crate::training::grad_norm_workspace_bytes(numels)
+}
+
 /// Queues the norm of the gradients in `table` into `out` ([2] f32: norm, min(1, max_norm /
 /// (norm + 1e-6))); returns the uploaded tables for a following scale pass.
 fn norm_into(
@@ -357,6 +378,7 @@ fn check_max_norm(max_norm: f32) -> Result<()> {
 /// is the clip coefficient [`adamw_step`] can take as its `grad_scale`.
 pub fn grad_norm(gpu: &Arc<Gpu>, grads: &[TensorRef], max_norm: f32) -> Result<DeviceTensor> {
     check_max_norm(max_norm)?;
+    gpu.check_contexts(grads.iter().map(|g| ("grads", g.ctx)))?;
     let infos: Vec<_> = grads.iter().map(|g| g.info("grads")).collect();
     let pairs: Vec<(u64, &ViewInfo)> = grads.iter().map(|g| g.ptr).zip(&infos).collect();
     let (dtype, table) = grad_table(&pairs)?;
@@ -374,6 +396,7 @@ pub fn clip_grad_norm(
     grads: &mut [TensorMut],
 ) -> Result<DeviceTensor> {
     check_max_norm(opts.max_norm)?;
+    gpu.check_contexts(grads.iter().map(|g| ("grads", g.ctx)))?;
     let infos: Vec<_> = grads.iter().map(|g| g.info("grads")).collect();
     let pairs: Vec<(u64, &ViewInfo)> = grads.iter().map(|g| g.ptr).zip(&infos).collect();
     let (dtype, table) = grad_table(&pairs)?;
