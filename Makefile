@@ -28,7 +28,7 @@ demo: toolchain minilm
 	  "A monkey is playing drums."
 
 demo-kernels: toolchain
-	$(CARGO) build --release --bin cuattn
+	$(CARGO) build --release --features testing --bin cuattn
 	./target/release/cuattn info
 	@./target/release/cuattn check; rc=$$?; \
 	  if [ $$rc -eq 3 ]; then echo "(no CUDA device here: cuattn check runs on a machine with a GPU)"; \
@@ -49,16 +49,18 @@ finetune-demo: minilm
 	  "The charger stopped working after a week." \
 	  "Our guide made the whole tour a delight."
 
+# `testing`: the test scaffolding (check, twin, tolerance, bench, runtime::conformance) the
+# suites and the CLI's check/bench need; an embedder's build leaves it off.
 test: toolchain
-	$(CARGO) test --release
+	$(CARGO) test --release --features testing
 	@# The CPU-only build (--no-default-features): every suite above already ran the same CPU
 	@# code, so this pass runs what the feature changes: the library's unit tests and every
 	@# suite that drives the `cuattn` binary (CLI commands, hostile inputs), which now has no
 	@# GPU layer at all. (clippy --no-default-features --all-targets compiles the rest.)
-	$(CARGO) test --release --no-default-features --lib --bins --test 'cli_*' --test hostile_inputs
+	$(CARGO) test --release --no-default-features --features testing --lib --bins --test 'cli_*' --test hostile_inputs
 	@# The CPU-only pass left its binary in target/release/cuattn: put the CUDA one back
 	@# (nothing recompiles, the CUDA build is still current), and check that it is back.
-	$(CARGO) build --release --bin cuattn
+	$(CARGO) build --release --features testing --bin cuattn
 	@./target/release/cuattn info | grep -qx 'features: cuda' || { \
 	  echo "make test: target/release/cuattn was not built with the cuda feature:"; \
 	  ./target/release/cuattn info | head -n 3; exit 1; }
@@ -66,14 +68,15 @@ test: toolchain
 
 lint: toolchain
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features testing -- -D warnings
+	$(CARGO) clippy --no-default-features --all-targets --features testing -- -D warnings
+	$(CARGO) clippy --lib -- -D warnings
 
 bundle: toolchain
 	bash scripts/gpu-bundle.sh
 
 bench: toolchain
-	$(CARGO) run --release -- bench layernorm
+	$(CARGO) run --release --features testing -- bench layernorm
 
 clean-toolchain:
 	rm -rf .toolchain

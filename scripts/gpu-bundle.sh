@@ -27,17 +27,17 @@ bash scripts/install-cuda-toolchain.sh
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-echo "gpu-bundle: cargo test --release --no-run" >&2
-cargo test --release --no-run --message-format=json >"$work/test.json"
+echo "gpu-bundle: cargo test --release --features testing --no-run" >&2
+cargo test --release --features testing --no-run --message-format=json >"$work/test.json"
 # Criterion benches embed every kernel (~11 MB each) and only feed logs: left out unless asked for.
 if [ "${GPU_BUNDLE_BENCHES:-0}" = 1 ]; then
-  echo "gpu-bundle: cargo bench --no-run" >&2
-  cargo bench --no-run --message-format=json >"$work/bench.json"
+  echo "gpu-bundle: cargo bench --features testing --no-run" >&2
+  cargo bench --features testing --no-run --message-format=json >"$work/bench.json"
 else
   : >"$work/bench.json"
 fi
-echo "gpu-bundle: cargo build --release --bin cuattn" >&2
-cargo build --release --bin cuattn --message-format=json >"$work/bin.json"
+echo "gpu-bundle: cargo build --release --features testing --bin cuattn" >&2
+cargo build --release --features testing --bin cuattn --message-format=json >"$work/bin.json"
 
 # Turn cargo's compiler-artifact messages into "dest<TAB>source" lines.
 python3 - "$work" >"$work/plan.tsv" <<'EOF'

@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 
-use crate::reference::attention::CausalAlign;
+use crate::attention_types::CausalAlign;
 
 /// Sliding-window (local) attention: query `i` sees keys `i + off − left ..= i + off + right`,
 /// `off` being the diagonal offset of `align` (0 top-left, `key_len − len_q` bottom-right).

@@ -3,17 +3,24 @@
 //!
 //! Layout of the crate:
 //! - [`error`], [`dtype`], [`tensor`]: the one error type, element types, shapes and strides.
+//! - [`attention_types`]: `CausalAlign` and `Shape`, shared by every attention layer below.
 //! - [`reference`]: CPU references in f64 for every kernel.
 //! - [`rng`]: Philox4x32-10 and the dropout mask, bit-identical on the CPU and the GPU.
 //! - [`key_band`]: the keys a query row may see under key length, causal and sliding window.
 //! - [`sparse`]: block-sparse attention layouts (which key blocks each query block keeps).
-//! - [`tolerance`]: the one rule by which a kernel's output is compared with its reference.
+//! - `tolerance` (feature `testing`): the one rule by which a kernel's output is compared
+//!   with its reference.
 //! - [`training`]: host-side plans of the training-op kernels (chunk tables, token groups).
-//! - [`twin`]: CPU twins that run each kernel's own block loop in f32.
+//! - `twin` (feature `testing`): CPU twins that run each kernel's own block loop in f32.
+//! - [`decode_plan`]: the decode kernel's launch geometry and split planner (the op's and the
+//!   twin's).
 //! - `gpu` (feature `cuda`): the device layer: context, stream, modules, device tensors.
 //! - `ops` (feature `cuda`): safe wrappers that validate inputs and launch the kernels.
-//! - `bench` (feature `cuda`): timing with CUDA events and the benchmark of each kernel family.
-//! - `check` (feature `cuda`): each kernel against its reference on random inputs.
+//! - `bench` (features `cuda` + `testing`): timing with CUDA events and the benchmark of each
+//!   kernel family.
+//! - `check` (features `cuda` + `testing`): each kernel against its reference on random inputs.
+//! - `candle` (feature `candle`): the ops as candle `CustomOp`s (CPU path; kernels with
+//!   `candle-cuda`).
 //! - [`kernels`]: what the build compiled: kernel names and ptxas' resource report.
 //! - [`data`]: training-data transforms (BART's noising).
 //! - [`runtime`]: a small transformer runtime (CPU and CUDA backends, Hugging Face
@@ -23,7 +30,9 @@
 //! - [`finetune`]: fine-tuning BERT for sequence classification (data files, schedules, the
 //!   training loop, Hugging Face output folders) and classification inference.
 
+pub mod attention_types;
 pub mod data;
+pub mod decode_plan;
 pub mod dtype;
 pub mod error;
 pub mod finetune;
@@ -35,18 +44,25 @@ pub mod rng;
 pub mod runtime;
 pub mod sparse;
 pub mod tensor;
-pub mod tolerance;
 pub mod training;
-pub mod twin;
 
-#[cfg(feature = "cuda")]
-pub mod bench;
-#[cfg(feature = "cuda")]
-pub mod check;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod ops;
+
+// Test scaffolding (feature `testing`): what the test suites, the benches and the CLI's
+// `check`/`bench` commands use; not part of the embedding API.
+#[cfg(all(feature = "cuda", feature = "testing"))]
+pub mod bench;
+#[cfg(all(feature = "cuda", feature = "testing"))]
+pub mod check;
+#[cfg(feature = "testing")]
+pub mod tolerance;
+#[cfg(feature = "testing")]
+pub mod twin;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@ mod sparse_layouts;
 use cuattn::error::SparseLayoutError;
 use cuattn::reference::attention::{CausalAlign, KeyBand, Shape, Window};
 use cuattn::sparse::{
-    BigBird, BlockKind, BlockLayout, DeviceLayout, ElementMask, Heads, DEFAULT_BLOCK_SIZE,
+    BigBird, BlockKind, BlockLayout, DeviceLayout, ElementMask, LayoutHeads, DEFAULT_BLOCK_SIZE,
 };
 use cuattn::Error;
 use proptest::prelude::*;
@@ -110,7 +110,7 @@ fn bigbird_kept_blocks_match_the_formula() {
                     };
                     for causal in [false, true] {
                         let l =
-                            BlockLayout::bigbird(len, BS, Heads::PerHead(3), p, causal).unwrap();
+                            BlockLayout::bigbird(len, BS, LayoutHeads::PerHead(3), p, causal).unwrap();
                         for head in 0..3 {
                             for (m, &got) in row_counts(&l, head).iter().enumerate() {
                                 let reach = if causal { m + 1 } else { n };
@@ -144,13 +144,13 @@ fn bigbird_random_blocks_follow_the_seed() {
         random_blocks: 3,
         seed: 42,
     };
-    let a = BlockLayout::bigbird(4096, 64, Heads::PerHead(2), p, false).unwrap();
-    let b = BlockLayout::bigbird(4096, 64, Heads::PerHead(2), p, false).unwrap();
+    let a = BlockLayout::bigbird(4096, 64, LayoutHeads::PerHead(2), p, false).unwrap();
+    let b = BlockLayout::bigbird(4096, 64, LayoutHeads::PerHead(2), p, false).unwrap();
     assert_eq!(a, b, "same seed, same layout");
     let c = BlockLayout::bigbird(
         4096,
         64,
-        Heads::PerHead(2),
+        LayoutHeads::PerHead(2),
         BigBird { seed: 43, ..p },
         false,
     )
@@ -297,7 +297,7 @@ fn causal_versions_keep_nothing_above_the_diagonal() {
     for l in [
         BlockLayout::strided(150, BS, 2, 3, false).unwrap(),
         BlockLayout::fixed(150, BS, 3, 1, false).unwrap(),
-        BlockLayout::bigbird(150, BS, Heads::Shared, bb, false).unwrap(),
+        BlockLayout::bigbird(150, BS, LayoutHeads::Shared, bb, false).unwrap(),
         BlockLayout::sliding_window(150, BS, 5, 1, false).unwrap(),
     ] {
         assert!(!nothing_above(&l, 0));
@@ -458,7 +458,7 @@ proptest! {
 #[test]
 fn density_counts_kept_blocks_over_all_blocks() {
     let dense =
-        BlockLayout::from_block_mask(200, 200, BS, Heads::Shared, &[true; 13 * 13]).unwrap();
+        BlockLayout::from_block_mask(200, 200, BS, LayoutHeads::Shared, &[true; 13 * 13]).unwrap();
     assert_eq!(dense.kept_blocks(), 169);
     assert_eq!(dense.density(), 1.0);
     // Causal top-left over 13×13 blocks keeps the lower triangle with its diagonal.
@@ -517,7 +517,7 @@ fn layout_error(r: cuattn::Result<BlockLayout>) -> SparseLayoutError {
 fn bad_compressed_rows_get_typed_errors() {
     // 40 tokens in 16-token blocks: 3 query blocks, 3 key blocks.
     let csr = |offsets: &[usize], cols: &[usize]| {
-        BlockLayout::from_csr(40, 40, BS, Heads::Shared, offsets, cols)
+        BlockLayout::from_csr(40, 40, BS, LayoutHeads::Shared, offsets, cols)
     };
     assert!(csr(&[0, 1, 3, 4], &[0, 0, 2, 1]).is_ok());
     assert_eq!(
@@ -560,7 +560,7 @@ fn bad_compressed_rows_get_typed_errors() {
         40,
         40,
         BS,
-        Heads::PerHead(2),
+        LayoutHeads::PerHead(2),
         &[0, 1, 2, 3, 4, 5, 7],
         &[0, 1, 2, 0, 1, 2, 2],
     );
@@ -586,7 +586,7 @@ fn bad_block_sizes_and_parameters_get_typed_errors() {
                 100,
                 100,
                 bs,
-                Heads::Shared,
+                LayoutHeads::Shared,
                 &[]
             )),
             SparseLayoutError::BlockSize { .. }
@@ -607,7 +607,7 @@ fn bad_block_sizes_and_parameters_get_typed_errors() {
     assert!(pattern(BlockLayout::bigbird(
         100,
         BS,
-        Heads::Shared,
+        LayoutHeads::Shared,
         bb,
         false
     )));
@@ -615,11 +615,11 @@ fn bad_block_sizes_and_parameters_get_typed_errors() {
         100,
         100,
         BS,
-        Heads::PerHead(0),
+        LayoutHeads::PerHead(0),
         &[]
     )));
     assert!(matches!(
-        BlockLayout::from_block_mask(100, 100, BS, Heads::Shared, &[true; 48]),
+        BlockLayout::from_block_mask(100, 100, BS, LayoutHeads::Shared, &[true; 48]),
         Err(Error::Shape {
             arg: "block mask",
             ..
@@ -632,7 +632,7 @@ fn layouts_that_do_not_fit_the_call_get_typed_errors() {
     let l = BlockLayout::bigbird(
         128,
         BS,
-        Heads::PerHead(4),
+        LayoutHeads::PerHead(4),
         BigBird {
             global_blocks: 1,
             window_radius: 1,

@@ -8,7 +8,7 @@ mod sparse_layouts;
 
 use cuattn::error::SparseLayoutError;
 use cuattn::reference::attention::{self as reference, CausalAlign, Options, Shape, Window};
-use cuattn::sparse::{BlockKind, BlockLayout, Heads, DEFAULT_BLOCK_SIZE};
+use cuattn::sparse::{BlockKind, BlockLayout, LayoutHeads, DEFAULT_BLOCK_SIZE};
 use cuattn::tolerance::{attention as tolerances, expect_close, Tolerance};
 use cuattn::twin::attention::{self as dense_twin, Tiling};
 use cuattn::twin::sparse_attention as twin;
@@ -164,7 +164,7 @@ fn dense_and_banded_layouts_run_exactly_as_the_dense_twin() {
     let k = rand_vec(&mut rng, DType::F16, s.k_len(), 2.0);
     let v = rand_vec(&mut rng, DType::F16, s.v_len(), 1.0);
     let all =
-        BlockLayout::from_block_mask(70, 45, BS, Heads::PerHead(2), &[true; 2 * 5 * 3]).unwrap();
+        BlockLayout::from_block_mask(70, 45, BS, LayoutHeads::PerHead(2), &[true; 2 * 5 * 3]).unwrap();
     let (want, want_counts) =
         dense_twin::forward(&q, &k, &v, &s, &Options::new(8), tiling, DType::F16);
     let (got, counts) =
@@ -256,7 +256,7 @@ fn layouts_that_do_not_fit_the_call_get_typed_errors() {
         SparseLayoutError::ShapeMismatch { what: "len_k", .. }
     ));
     let two_heads =
-        BlockLayout::from_block_mask(64, 64, BS, Heads::PerHead(2), &[true; 2 * 16]).unwrap();
+        BlockLayout::from_block_mask(64, 64, BS, LayoutHeads::PerHead(2), &[true; 2 * 16]).unwrap();
     assert!(matches!(
         layout_err(run(&two_heads, &opts, BS)),
         SparseLayoutError::ShapeMismatch {

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::attention::{self as attn, Options};
 use crate::ops::sparse_attention::{self as sparse, DeviceBlockLayout};
-use crate::sparse::{BlockLayout, Heads};
+use crate::sparse::{BlockLayout, LayoutHeads};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -62,7 +62,7 @@ pub fn layout(len: usize, density: f64, seed: u64) -> Result<BlockLayout> {
     let mask: Vec<bool> = (0..n * n)
         .map(|x| keeps_block((x / n) as u64, (x % n) as u64, seed, density))
         .collect();
-    BlockLayout::from_block_mask(len, len, BLOCK, Heads::Shared, &mask)
+    BlockLayout::from_block_mask(len, len, BLOCK, LayoutHeads::Shared, &mask)
 }
 
 /// Times the sparse kernel at every density, and the dense kernel, per length.

@@ -101,11 +101,11 @@ pub fn forward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
 /// window with key padding (bf16, blocks of 128), and a bitmask layout from an element
 /// predicate (f32, exact kernel).
 pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
-    use crate::sparse::{BigBird, Heads};
+    use crate::sparse::{BigBird, LayoutHeads};
     let bigbird = BlockLayout::bigbird(
         300,
         64,
-        Heads::PerHead(4),
+        LayoutHeads::PerHead(4),
         BigBird {
             global_blocks: 1,
             window_radius: 1,

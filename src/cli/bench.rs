@@ -68,7 +68,7 @@ pub fn run(args: BenchArgs) -> CliResult {
 /// The measured rows as `--json` prints them (`None`: no GPU, nothing measured).
 type Report = Result<Option<serde_json::Value>, Box<dyn std::error::Error>>;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", feature = "testing"))]
 fn bench(
     family: Family,
     json: bool,
@@ -309,8 +309,16 @@ fn bench(
     Ok(Some(report))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(all(feature = "cuda", feature = "testing")))]
 fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>, _: bool) -> Report {
+    if cfg!(feature = "cuda") {
+        return Err(cuattn::Error::invalid(
+            "bench",
+            "the benchmarks are test scaffolding: this build has no `testing` feature \
+             (cargo build --release --features testing)",
+        )
+        .into());
+    }
     eprintln!("cuattn bench needs a CUDA GPU: this build has no `cuda` feature");
     Ok(None)
 }

@@ -3,7 +3,7 @@
 use super::{CliResult, NO_GPU};
 use std::process::ExitCode;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", feature = "testing"))]
 pub fn run() -> CliResult {
     use cuattn::check::layernorm as ln;
     use std::io::Write;
@@ -81,8 +81,15 @@ pub fn run() -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(all(feature = "cuda", feature = "testing")))]
 pub fn run() -> CliResult {
-    eprintln!("cuattn check needs a CUDA GPU: this build has no `cuda` feature");
-    Ok(ExitCode::from(NO_GPU))
+    if !cfg!(feature = "cuda") {
+        eprintln!("cuattn check needs a CUDA GPU: this build has no `cuda` feature");
+        return Ok(ExitCode::from(NO_GPU));
+    }
+    eprintln!(
+        "cuattn check is test scaffolding: this build has no `testing` feature \
+         (cargo build --release --features testing)"
+    );
+    Ok(ExitCode::FAILURE)
 }

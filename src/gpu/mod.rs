@@ -56,7 +56,7 @@ pub fn device_count() -> Result<usize> {
 /// A loaded kernel: the function, with its dynamic shared-memory limit already raised to the
 /// device's opt-in maximum.
 #[derive(Clone, Debug)]
-pub struct Kernel {
+pub struct LoadedKernel {
     pub(crate) func: CudaFunction,
     pub name: &'static str,
     /// Dynamic shared memory one block of this kernel may use (opt-in maximum minus static).
@@ -67,7 +67,7 @@ pub struct Kernel {
 #[derive(Default)]
 struct Loaded {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    kernels: Mutex<HashMap<&'static str, Kernel>>,
+    kernels: Mutex<HashMap<&'static str, LoadedKernel>>,
 }
 
 /// One GPU execution handle: a context, the stream this handle's work goes to, the loaded
@@ -276,7 +276,7 @@ impl Gpu {
 
     /// The kernel `name` from module `module` (a `kernels/<module>.cu` file), loading the module
     /// and raising the function's dynamic shared-memory limit on first use only.
-    pub fn kernel(&self, module: &'static str, name: &'static str) -> Result<Kernel> {
+    pub fn kernel(&self, module: &'static str, name: &'static str) -> Result<LoadedKernel> {
         fn lock_err<T>(_: T) -> Error {
             Error::invalid("module", "a thread panicked while loading kernels")
         }
@@ -315,7 +315,7 @@ impl Gpu {
             max_dynamic_smem,
         )
         .map_err(|e| Error::driver(format!("raising the shared-memory limit of `{name}`"), e))?;
-        let k = Kernel {
+        let k = LoadedKernel {
             func,
             name,
             max_dynamic_smem: max_dynamic_smem.max(0) as usize,
@@ -330,7 +330,7 @@ impl Gpu {
 
     /// Blocks of `kernel` that fit on one multiprocessor with `threads` threads and
     /// `dynamic_smem` bytes each.
-    pub fn blocks_per_sm(&self, kernel: &Kernel, threads: u32, dynamic_smem: usize) -> Result<u32> {
+    pub fn blocks_per_sm(&self, kernel: &LoadedKernel, threads: u32, dynamic_smem: usize) -> Result<u32> {
         kernel
             .func
             .occupancy_max_active_blocks_per_multiprocessor(threads, dynamic_smem, None)

@@ -26,8 +26,8 @@ use crate::kernels::params::{
     CUATTN_SPARSE_BN_BS64_HD256, CUATTN_SPARSE_BN_BS64_HD64,
 };
 pub use crate::key_band::Window;
-pub use crate::reference::attention::CausalAlign;
-use crate::reference::attention::Shape;
+pub use crate::attention_types::CausalAlign;
+use crate::attention_types::Shape;
 use cudarc::driver::DevicePtr;
 use std::sync::Arc;
 

@@ -231,7 +231,7 @@ fn shared_bytes(hd: usize, atomic_dq: bool) -> (usize, usize) {
 }
 
 /// Dynamic shared memory within the function's (raised) limit.
-fn check_smem(bytes: usize, kernel: &crate::gpu::Kernel) -> Result<()> {
+fn check_smem(bytes: usize, kernel: &crate::gpu::LoadedKernel) -> Result<()> {
     if bytes > kernel.max_dynamic_smem {
         return Err(Error::invalid(
             "q",

@@ -5,20 +5,20 @@
 //!
 //! Shapes: q and O [B, Hq, D]; the caches K and V [B, Hkv, capacity, D], any strides with a
 //! contiguous last dim (BHSD, BSHD, a slice of a larger buffer); LSE f32 [B, Hq] contiguous.
-//! The keys are cut into splits (`twin::decode::plan_splits` picks their number from the
+//! The keys are cut into splits (`crate::decode_plan::plan_splits` picks their number from the
 //! longest cache and the GPU's size); each split's block writes a partial result into the Gpu's
 //! workspace and a second kernel merges them. The CPU twin of both kernels is
-//! [`crate::twin::decode::forward_kernel`].
+//! `twin::decode::forward_kernel` (feature `testing`).
 
 use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{ContextId, DeviceTensor, Gpu, I32View, Kernel, TensorMut, TensorRef};
+use crate::gpu::{ContextId, DeviceTensor, Gpu, I32View, LoadedKernel, TensorMut, TensorRef};
 use crate::kernels::params::{
     cuattn_decode_params, CUATTN_DECODE_MAX_HEAD_DIM, CUATTN_DECODE_SPLIT_TILE,
     CUATTN_DECODE_THREADS,
 };
-use crate::twin::decode::{plan_splits, Geometry, MAX_SPLITS, SPLIT_TILE, THREADS};
+use crate::decode_plan::{plan_splits, Geometry, MAX_SPLITS, SPLIT_TILE, THREADS};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::sync::Arc;
 
@@ -288,7 +288,7 @@ fn merge_kernel_name(dtype: DType) -> &'static str {
 }
 
 /// The planner's split count for `base_blocks` blocks per split on this GPU.
-fn planned(gpu: &Gpu, split_kernel: &Kernel, base_blocks: usize, max_len: usize) -> Result<usize> {
+fn planned(gpu: &Gpu, split_kernel: &LoadedKernel, base_blocks: usize, max_len: usize) -> Result<usize> {
     let resident = gpu.blocks_per_sm(split_kernel, THREADS as u32, 0)? as usize
         * gpu.info().multiprocessors as usize;
     Ok(plan_splits(base_blocks, max_len, resident.max(1)))

@@ -8,7 +8,7 @@ use super::launch;
 use super::validate::{self, Rows};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, Kernel, TensorMut, TensorRef};
+use crate::gpu::{DeviceTensor, Gpu, LoadedKernel, TensorMut, TensorRef};
 use crate::kernels::params::{
     cuattn_layernorm_bwd_columns_params, cuattn_layernorm_bwd_params,
     cuattn_layernorm_bwd_reduce_params, cuattn_layernorm_fwd_params, CUATTN_LAYERNORM_MAX_HIDDEN,
@@ -600,7 +600,7 @@ pub fn add_forward(
 /// Launch plan of the backward.
 #[derive(Debug)]
 struct BackwardPlan {
-    kernel: Kernel,
+    kernel: LoadedKernel,
     split: RowSplit,
     grid: u32,
     smem: usize,

@@ -18,7 +18,7 @@ mod validate;
 pub(crate) use validate::ViewInfo;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel};
+use crate::gpu::{Gpu, LoadedKernel};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Launches `kernel` with its parameter struct on the Gpu's stream.
@@ -29,7 +29,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 /// within the kernel's dynamic shared-memory limit.
 pub(crate) unsafe fn launch<P: DeviceRepr>(
     gpu: &Gpu,
-    kernel: &Kernel,
+    kernel: &LoadedKernel,
     params: &P,
     grid: (u32, u32),
     block: (u32, u32),

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 pub use crate::key_band::Window;
-pub use crate::reference::attention::CausalAlign;
+pub use crate::attention_types::CausalAlign;
 
 /// Elementwise activations of the feed-forward blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

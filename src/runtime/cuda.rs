@@ -12,7 +12,7 @@ use super::backend::{
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, Kernel};
+use crate::gpu::{DeviceTensor, Gpu, LoadedKernel};
 use crate::kernels::params::{
     cuattn_add_params, cuattn_append_kv_params, cuattn_bias_act_params, cuattn_gather_rows_params,
     CUATTN_ACT_GELU_ERF, CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
@@ -106,7 +106,7 @@ impl Cuda {
         &self.blas
     }
 
-    fn kernel(&self, op: &str) -> Result<Kernel> {
+    fn kernel(&self, op: &str) -> Result<LoadedKernel> {
         let name: &'static str = match (op, self.dtype) {
             ("bias_act", DType::F32) => "rt_bias_act_f32",
             ("bias_act", DType::F16) => "rt_bias_act_f16",

@@ -28,6 +28,7 @@ pub mod bert;
 pub mod bert_pretraining;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod cpu;
 mod cpu_train;

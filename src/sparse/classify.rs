@@ -1,7 +1,7 @@
 //! Building a layout row by row, deciding for each candidate block whether it is dropped (no
 //! element survives), full, or partial and with which element mask.
 
-use super::layout::{check_block_size, BlockKind, BlockLayout, ElementMask, Heads};
+use super::layout::{check_block_size, BlockKind, BlockLayout, ElementMask, LayoutHeads};
 use crate::error::SparseLayoutError;
 use crate::Result;
 
@@ -16,9 +16,9 @@ fn reaches_past_keys(layout: &BlockLayout, k_block: usize) -> bool {
 }
 
 impl Builder {
-    pub fn new(len_q: usize, len_k: usize, block_size: usize, heads: Heads) -> Result<Self> {
+    pub fn new(len_q: usize, len_k: usize, block_size: usize, heads: LayoutHeads) -> Result<Self> {
         check_block_size(block_size)?;
-        if heads == Heads::PerHead(0) {
+        if heads == LayoutHeads::PerHead(0) {
             return Err(SparseLayoutError::Pattern {
                 param: "heads",
                 reason: "a per-head layout needs at least one head".into(),

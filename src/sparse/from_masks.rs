@@ -3,7 +3,7 @@
 //! keys); a predicate's blocks are classified element by element.
 
 use super::classify::Builder;
-use super::layout::{BlockLayout, Heads};
+use super::layout::{BlockLayout, LayoutHeads};
 use crate::error::SparseLayoutError;
 use crate::{Error, Result};
 
@@ -16,7 +16,7 @@ impl BlockLayout {
         len_q: usize,
         len_k: usize,
         block_size: usize,
-        heads: Heads,
+        heads: LayoutHeads,
         row_offsets: &[usize],
         col_indices: &[usize],
     ) -> Result<Self> {
@@ -93,7 +93,7 @@ impl BlockLayout {
         len_q: usize,
         len_k: usize,
         block_size: usize,
-        heads: Heads,
+        heads: LayoutHeads,
         mask: &[bool],
     ) -> Result<Self> {
         let mut b = Builder::new(len_q, len_k, block_size, heads)?;
@@ -128,7 +128,7 @@ impl BlockLayout {
         block_size: usize,
         keep: impl Fn(usize, usize) -> bool,
     ) -> Result<Self> {
-        Self::from_predicate_per_head(len_q, len_k, block_size, Heads::Shared, |_, i, j| {
+        Self::from_predicate_per_head(len_q, len_k, block_size, LayoutHeads::Shared, |_, i, j| {
             keep(i, j)
         })
     }
@@ -138,7 +138,7 @@ impl BlockLayout {
         len_q: usize,
         len_k: usize,
         block_size: usize,
-        heads: Heads,
+        heads: LayoutHeads,
         keep: impl Fn(usize, usize, usize) -> bool,
     ) -> Result<Self> {
         let mut b = Builder::new(len_q, len_k, block_size, heads)?;

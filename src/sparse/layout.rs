@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use crate::error::SparseLayoutError;
-use crate::reference::attention::Shape;
+use crate::attention_types::Shape;
 use crate::Result;
 
 /// Block sizes a layout may have: the kernel's tiles (64 for head dims 64 and 128) and the
@@ -28,18 +28,18 @@ pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 /// Whether the layout is shared by all query heads or given per query head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Heads {
+pub enum LayoutHeads {
     Shared,
     /// One set of rows for each of this many query heads.
     PerHead(usize),
 }
 
-impl Heads {
+impl LayoutHeads {
     /// How many sets of rows the layout stores.
     pub fn stored(self) -> usize {
         match self {
-            Heads::Shared => 1,
-            Heads::PerHead(n) => n,
+            LayoutHeads::Shared => 1,
+            LayoutHeads::PerHead(n) => n,
         }
     }
 }
@@ -75,7 +75,7 @@ pub struct BlockLayout {
     pub(super) len_q: usize,
     pub(super) len_k: usize,
     pub(super) block_size: usize,
-    pub(super) heads: Heads,
+    pub(super) heads: LayoutHeads,
     pub(super) row_offsets: Vec<usize>,
     pub(super) col_indices: Vec<usize>,
     /// Parallel to `col_indices`.
@@ -142,7 +142,7 @@ impl BlockLayout {
     pub fn block_size(&self) -> usize {
         self.block_size
     }
-    pub fn heads(&self) -> Heads {
+    pub fn heads(&self) -> LayoutHeads {
         self.heads
     }
     pub fn q_blocks(&self) -> usize {
@@ -175,8 +175,8 @@ impl BlockLayout {
     /// The stored set of rows query head `h` reads (0 for a shared layout).
     pub fn head_of(&self, h: usize) -> usize {
         match self.heads {
-            Heads::Shared => 0,
-            Heads::PerHead(_) => h,
+            LayoutHeads::Shared => 0,
+            LayoutHeads::PerHead(_) => h,
         }
     }
 
@@ -312,7 +312,7 @@ impl BlockLayout {
         };
         mismatch("len_q", self.len_q, shape.len_q)?;
         mismatch("len_k", self.len_k, shape.len_k)?;
-        if let Heads::PerHead(n) = self.heads {
+        if let LayoutHeads::PerHead(n) = self.heads {
             mismatch("heads", n, shape.heads_q)?;
         }
         Ok(())

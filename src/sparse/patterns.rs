@@ -15,10 +15,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::classify::Builder;
-use super::layout::{BlockLayout, Heads};
+use super::layout::{BlockLayout, LayoutHeads};
 use crate::error::SparseLayoutError;
 use crate::key_band::{KeyBand, Window};
-use crate::reference::attention::CausalAlign;
+use crate::attention_types::CausalAlign;
 use crate::Result;
 
 /// Parameters of the BigBird pattern, in blocks.
@@ -50,7 +50,7 @@ fn block_pattern(
     causal: bool,
     keep: impl Fn(usize, usize) -> bool,
 ) -> Result<BlockLayout> {
-    let mut b = Builder::new(len, len, block_size, Heads::Shared)?;
+    let mut b = Builder::new(len, len, block_size, LayoutHeads::Shared)?;
     let n = b.layout().q_blocks();
     for qb in 0..n {
         let last = if causal { qb + 1 } else { n };
@@ -73,7 +73,7 @@ impl BlockLayout {
         window: Option<Window>,
     ) -> Result<Self> {
         let band = KeyBand::new(len_q, len_k, causal, window);
-        let mut b = Builder::new(len_q, len_k, block_size, Heads::Shared)?;
+        let mut b = Builder::new(len_q, len_k, block_size, LayoutHeads::Shared)?;
         for qb in 0..b.layout().q_blocks() {
             let rows = b.layout().q_rows(qb);
             for kb in band.key_tiles(rows, block_size) {
@@ -158,7 +158,7 @@ impl BlockLayout {
     pub fn bigbird(
         len: usize,
         block_size: usize,
-        heads: Heads,
+        heads: LayoutHeads,
         params: BigBird,
         causal: bool,
     ) -> Result<Self> {

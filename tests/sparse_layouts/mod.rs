@@ -1,7 +1,7 @@
 //! Random block-sparse layouts of every kind, for the layout and twin tests.
 
 use cuattn::reference::attention::{CausalAlign, Window};
-use cuattn::sparse::{BigBird, BlockLayout, Heads};
+use cuattn::sparse::{BigBird, BlockLayout, LayoutHeads};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -67,9 +67,9 @@ pub fn generate(
         CausalAlign::BottomRight
     };
     let heads = if rng.gen_bool(0.5) {
-        Heads::Shared
+        LayoutHeads::Shared
     } else {
-        Heads::PerHead(heads_q)
+        LayoutHeads::PerHead(heads_q)
     };
     // Causal for the self-attention patterns: j ≤ i.
     let below = move |i: usize, j: usize| !causal || j <= i;

@@ -17,11 +17,11 @@ pub mod optimizer;
 use super::validate::{self, Rows, ViewInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel};
+use crate::gpu::{Gpu, LoadedKernel};
 
 const MODULE: &str = "training_ops";
 
-fn kernel(gpu: &Gpu, name: &'static str) -> Result<Kernel> {
+fn kernel(gpu: &Gpu, name: &'static str) -> Result<LoadedKernel> {
     gpu.kernel(MODULE, name)
 }
 
