@@ -16,15 +16,22 @@ fn main() -> candle_core::Result<()> {
 
     // Grouped-query causal attention; the second sequence has 40 valid keys.
     let q = Tensor::randn(0f32, 1.0, (batch, heads_q, len, dim), &device)?.to_dtype(DType::BF16)?;
-    let k = Tensor::randn(0f32, 1.0, (batch, heads_kv, len, dim), &device)?.to_dtype(DType::BF16)?;
-    let v = Tensor::randn(0f32, 1.0, (batch, heads_kv, len, dim), &device)?.to_dtype(DType::BF16)?;
+    let k =
+        Tensor::randn(0f32, 1.0, (batch, heads_kv, len, dim), &device)?.to_dtype(DType::BF16)?;
+    let v =
+        Tensor::randn(0f32, 1.0, (batch, heads_kv, len, dim), &device)?.to_dtype(DType::BF16)?;
     let opts = AttentionOptions {
         causal: Some(CausalAlign::BottomRight),
         key_lens: Some(vec![len, 40]),
         ..Default::default()
     };
     let (o, lse) = cc::attention_with_lse(&q, &k, &v, &opts)?;
-    println!("attention: O {:?} {:?}, LSE {:?}", o.dims(), o.dtype(), lse.dims());
+    println!(
+        "attention: O {:?} {:?}, LSE {:?}",
+        o.dims(),
+        o.dtype(),
+        lse.dims()
+    );
 
     // One decode step: the newest query of each sequence against its cache.
     let q_step = q.narrow(2, len - 1, 1)?.squeeze(2)?;
@@ -35,7 +42,10 @@ fn main() -> candle_core::Result<()> {
         .abs()?
         .max_all()?
         .to_scalar::<f32>()?;
-    println!("decode: O {:?}; max |decode − last causal row| = {diff:.2e}", o_step.dims());
+    println!(
+        "decode: O {:?}; max |decode − last causal row| = {diff:.2e}",
+        o_step.dims()
+    );
 
     // LayerNorm through candle's autograd.
     let hidden = 256;

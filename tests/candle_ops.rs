@@ -113,7 +113,10 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> (T
     let p = scores.broadcast_sub(&max).unwrap().exp().unwrap();
     let sum = p.sum_keepdim(D::Minus1).unwrap();
     let o = p.broadcast_div(&sum).unwrap().matmul(&v).unwrap();
-    let lse = (max + sum.log().unwrap()).unwrap().squeeze(D::Minus1).unwrap();
+    let lse = (max + sum.log().unwrap())
+        .unwrap()
+        .squeeze(D::Minus1)
+        .unwrap();
     (o, lse)
 }
 
@@ -187,7 +190,11 @@ fn attention_matches_candle_composition_under_causal_padding_window_and_grouped_
                 scale * d as f64 + (lk as f64).ln(),
             );
             let plain = cc::attention(&q, &k, &v, &opts).unwrap();
-            assert_eq!(flat(&plain), flat(&o), "{what}: attention = attention_with_lse.0");
+            assert_eq!(
+                flat(&plain),
+                flat(&o),
+                "{what}: attention = attention_with_lse.0"
+            );
         }
     }
 }
@@ -196,9 +203,15 @@ fn attention_matches_candle_composition_under_causal_padding_window_and_grouped_
 fn non_contiguous_inputs_give_the_contiguous_result() {
     let (b, h, l, d) = (1, 2, 8, 16);
     // [B, L, H, D] transposed to [B, H, L, D]: strided views.
-    let q = random(&[b, l, h, d], 1, CDType::F32).transpose(1, 2).unwrap();
-    let k = random(&[b, l, h, d], 2, CDType::F32).transpose(1, 2).unwrap();
-    let v = random(&[b, l, h, d], 3, CDType::F32).transpose(1, 2).unwrap();
+    let q = random(&[b, l, h, d], 1, CDType::F32)
+        .transpose(1, 2)
+        .unwrap();
+    let k = random(&[b, l, h, d], 2, CDType::F32)
+        .transpose(1, 2)
+        .unwrap();
+    let v = random(&[b, l, h, d], 3, CDType::F32)
+        .transpose(1, 2)
+        .unwrap();
     assert!(!q.is_contiguous());
     let opts = AttentionOptions::default();
     let got = cc::attention(&q, &k, &v, &opts).unwrap();
@@ -323,8 +336,8 @@ fn layer_norm_and_its_gradients_match_candle_composition_and_autograd() {
     let f = |t: &Tensor| t.to_dtype(CDType::F32).unwrap();
     let want_b = composed_layer_norm(&f(&xb), &f(&gb), &f(&bb), eps as f64);
     expect_close("layer norm y bf16", &yb, &want_b, CDType::BF16, hidden, 4.0);
-    let (dxb, dgb, _) = cc::layer_norm_backward(&dy.to_dtype(CDType::BF16).unwrap(), &xb, &gb, eps)
-        .unwrap();
+    let (dxb, dgb, _) =
+        cc::layer_norm_backward(&dy.to_dtype(CDType::BF16).unwrap(), &xb, &gb, eps).unwrap();
     assert_eq!((dxb.dtype(), dgb.dtype()), (CDType::BF16, CDType::BF16));
 }
 
@@ -358,6 +371,7 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(cc::decode(&q, &q, &q, &[4], None).is_err());
     let x = random(&[3, 8], 5, dt);
     assert!(cc::layer_norm(&x, &random(&[7], 6, dt), &random(&[8], 7, dt), 1e-5).is_err());
-    assert!(cc::layer_norm_backward(&x, &random(&[3, 9], 8, dt), &random(&[8], 9, dt), 1e-5)
-        .is_err());
+    assert!(
+        cc::layer_norm_backward(&x, &random(&[3, 9], 8, dt), &random(&[8], 9, dt), 1e-5).is_err()
+    );
 }

@@ -109,8 +109,8 @@ fn bigbird_kept_blocks_match_the_formula() {
                         seed: 7,
                     };
                     for causal in [false, true] {
-                        let l =
-                            BlockLayout::bigbird(len, BS, LayoutHeads::PerHead(3), p, causal).unwrap();
+                        let l = BlockLayout::bigbird(len, BS, LayoutHeads::PerHead(3), p, causal)
+                            .unwrap();
                         for head in 0..3 {
                             for (m, &got) in row_counts(&l, head).iter().enumerate() {
                                 let reach = if causal { m + 1 } else { n };

@@ -163,8 +163,8 @@ fn dense_and_banded_layouts_run_exactly_as_the_dense_twin() {
     let q = rand_vec(&mut rng, DType::F16, s.q_len(), 2.0);
     let k = rand_vec(&mut rng, DType::F16, s.k_len(), 2.0);
     let v = rand_vec(&mut rng, DType::F16, s.v_len(), 1.0);
-    let all =
-        BlockLayout::from_block_mask(70, 45, BS, LayoutHeads::PerHead(2), &[true; 2 * 5 * 3]).unwrap();
+    let all = BlockLayout::from_block_mask(70, 45, BS, LayoutHeads::PerHead(2), &[true; 2 * 5 * 3])
+        .unwrap();
     let (want, want_counts) =
         dense_twin::forward(&q, &k, &v, &s, &Options::new(8), tiling, DType::F16);
     let (got, counts) =

@@ -89,9 +89,7 @@ fn alloc(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<CudaStorage> 
     Ok(match dtype {
         DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(n)?, dev.clone()),
         DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::f16>(n)?, dev.clone()),
-        DType::BF16 => {
-            CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::bf16>(n)?, dev.clone())
-        }
+        DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::bf16>(n)?, dev.clone()),
     })
 }
 
@@ -127,10 +125,7 @@ pub(super) fn attention(
     let gpu = gpu_of(dev)?;
     let (qv, kv, vv) = (view("q", q)?, view("k", k)?, view("v", v)?);
     let (o_dims, lse_dims) = match op.kind {
-        Kind::Decode => (
-            vec![s.batch, s.heads_q, s.dim_v],
-            vec![s.batch, s.heads_q],
-        ),
+        Kind::Decode => (vec![s.batch, s.heads_q, s.dim_v], vec![s.batch, s.heads_q]),
         _ => (
             vec![s.batch, s.heads_q, s.len_q, s.dim_v],
             vec![s.batch, s.heads_q, s.len_q],

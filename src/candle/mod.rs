@@ -21,10 +21,10 @@
 #[cfg(feature = "candle-cuda")]
 mod cuda;
 
+pub use crate::key_band::Window;
+pub use crate::reference::attention::CausalAlign;
 use crate::reference::attention::{self as ref_attn, Shape};
 use crate::reference::layernorm as ref_ln;
-pub use crate::reference::attention::CausalAlign;
-pub use crate::key_band::Window;
 pub use crate::sparse::BlockLayout;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -97,9 +97,7 @@ fn storage_of(values: &[f64], dtype: CDType) -> Result<CpuStorage> {
     Ok(match dtype {
         CDType::F32 => CpuStorage::F32(values.iter().map(|&x| x as f32).collect()),
         CDType::F16 => CpuStorage::F16(values.iter().map(|&x| half::f16::from_f64(x)).collect()),
-        CDType::BF16 => {
-            CpuStorage::BF16(values.iter().map(|&x| half::bf16::from_f64(x)).collect())
-        }
+        CDType::BF16 => CpuStorage::BF16(values.iter().map(|&x| half::bf16::from_f64(x)).collect()),
         other => bail!("cuattn: no {other:?} outputs"),
     })
 }
@@ -203,9 +201,7 @@ impl CustomOp3 for AttentionOp {
         let opts = self.reference_options(&s);
         let out = match &self.kind {
             Kind::Sparse(layout) => {
-                layout
-                    .check_call(&s, layout.block_size())
-                    .map_err(wrap)?;
+                layout.check_call(&s, layout.block_size()).map_err(wrap)?;
                 let keep = |_b: usize, h: usize, i: usize, j: usize| {
                     layout.admits(layout.head_of(h), i, j)
                 };
@@ -368,8 +364,11 @@ impl CustomOp3 for LayerNormOp {
 /// y = (x − mean)·rstd·γ + β over the last dim of x (γ, β `[hidden]` in x's dtype). Tracked by
 /// candle's autograd: its gradients come from [`layer_norm_backward`].
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNormOp { eps })
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNormOp { eps },
+    )
 }
 
 /// LayerNorm backward over (dy, x, γ); dγ and dβ are left in `params`.
@@ -424,7 +423,8 @@ impl CustomOp3 for LayerNormBackwardOp {
             bail!("cuattn: dy {:?} and x {:?} differ", l1.dims(), l2.dims())
         }
         hidden_of(l2.dims(), l3.dims(), None)?;
-        let (dx, dgamma, dbeta) = cuda::layer_norm_backward(self.eps, (s1, l1), (s2, l2), (s3, l3))?;
+        let (dx, dgamma, dbeta) =
+            cuda::layer_norm_backward(self.eps, (s1, l1), (s2, l2), (s3, l3))?;
         put(&self.params, (dgamma, dbeta));
         Ok((dx, l2.shape().clone()))
     }
@@ -448,4 +448,3 @@ pub fn layer_norm_backward(
     let (dgamma, dbeta) = take(&op.params, "dgamma and dbeta")?;
     Ok((dx, dgamma, dbeta))
 }
-

@@ -330,7 +330,12 @@ impl Gpu {
 
     /// Blocks of `kernel` that fit on one multiprocessor with `threads` threads and
     /// `dynamic_smem` bytes each.
-    pub fn blocks_per_sm(&self, kernel: &LoadedKernel, threads: u32, dynamic_smem: usize) -> Result<u32> {
+    pub fn blocks_per_sm(
+        &self,
+        kernel: &LoadedKernel,
+        threads: u32,
+        dynamic_smem: usize,
+    ) -> Result<u32> {
         kernel
             .func
             .occupancy_max_active_blocks_per_multiprocessor(threads, dynamic_smem, None)

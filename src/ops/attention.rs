@@ -9,6 +9,8 @@
 
 use super::validate;
 use super::ViewInfo;
+pub use crate::attention_types::CausalAlign;
+use crate::attention_types::Shape;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
@@ -26,8 +28,6 @@ use crate::kernels::params::{
     CUATTN_SPARSE_BN_BS64_HD256, CUATTN_SPARSE_BN_BS64_HD64,
 };
 pub use crate::key_band::Window;
-pub use crate::attention_types::CausalAlign;
-use crate::attention_types::Shape;
 use cudarc::driver::DevicePtr;
 use std::sync::Arc;
 

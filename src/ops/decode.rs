@@ -11,6 +11,7 @@
 //! `twin::decode::forward_kernel` (feature `testing`).
 
 use super::validate;
+use crate::decode_plan::{plan_splits, Geometry, MAX_SPLITS, SPLIT_TILE, THREADS};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{ContextId, DeviceTensor, Gpu, I32View, LoadedKernel, TensorMut, TensorRef};
@@ -18,7 +19,6 @@ use crate::kernels::params::{
     cuattn_decode_params, CUATTN_DECODE_MAX_HEAD_DIM, CUATTN_DECODE_SPLIT_TILE,
     CUATTN_DECODE_THREADS,
 };
-use crate::decode_plan::{plan_splits, Geometry, MAX_SPLITS, SPLIT_TILE, THREADS};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::sync::Arc;
 
@@ -288,7 +288,12 @@ fn merge_kernel_name(dtype: DType) -> &'static str {
 }
 
 /// The planner's split count for `base_blocks` blocks per split on this GPU.
-fn planned(gpu: &Gpu, split_kernel: &LoadedKernel, base_blocks: usize, max_len: usize) -> Result<usize> {
+fn planned(
+    gpu: &Gpu,
+    split_kernel: &LoadedKernel,
+    base_blocks: usize,
+    max_len: usize,
+) -> Result<usize> {
     let resident = gpu.blocks_per_sm(split_kernel, THREADS as u32, 0)? as usize
         * gpu.info().multiprocessors as usize;
     Ok(plan_splits(base_blocks, max_len, resident.max(1)))

@@ -7,9 +7,9 @@
 //! batch·length (sequence-major: row `b·len + t` is token t of sequence b); weights keep their
 //! checkpoint shapes.
 
+pub use crate::attention_types::CausalAlign;
 use crate::error::{Error, Result};
 pub use crate::key_band::Window;
-pub use crate::attention_types::CausalAlign;
 
 /// Elementwise activations of the feed-forward blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,8 +15,8 @@
 
 use std::ops::Range;
 
-use crate::error::SparseLayoutError;
 use crate::attention_types::Shape;
+use crate::error::SparseLayoutError;
 use crate::Result;
 
 /// Block sizes a layout may have: the kernel's tiles (64 for head dims 64 and 128) and the

@@ -16,7 +16,7 @@ pub mod layout;
 pub mod patterns;
 
 pub use layout::{
-    check_block_size, BlockKind, BlockLayout, DeviceLayout, ElementMask, LayoutHeads, DEFAULT_BLOCK_SIZE,
-    SUPPORTED_BLOCK_SIZES,
+    check_block_size, BlockKind, BlockLayout, DeviceLayout, ElementMask, LayoutHeads,
+    DEFAULT_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES,
 };
 pub use patterns::BigBird;

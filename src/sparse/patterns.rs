@@ -16,9 +16,9 @@ use rand::SeedableRng;
 
 use super::classify::Builder;
 use super::layout::{BlockLayout, LayoutHeads};
+use crate::attention_types::CausalAlign;
 use crate::error::SparseLayoutError;
 use crate::key_band::{KeyBand, Window};
-use crate::attention_types::CausalAlign;
 use crate::Result;
 
 /// Parameters of the BigBird pattern, in blocks.
