@@ -207,7 +207,8 @@ fn sgemm_into(
             b.as_ptr(),
             csb as isize,
             rsb as isize,
-            0.0,
+            // alpha (multiplies the old c), beta (the product)
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
