@@ -15,6 +15,7 @@ pub mod bahdanau;
 pub mod gpt3;
 pub mod hf_export;
 pub mod tasks;
+pub mod text;
 pub mod transformer;
 
 pub use bahdanau::{Bahdanau, BahdanauConfig};
