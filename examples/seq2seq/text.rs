@@ -28,8 +28,13 @@ struct Trained {
     model: Gpt3<Cpu>,
 }
 
+/// `--batch` on text (default 16).
+fn batch(args: &Args) -> usize {
+    args.batch.unwrap_or(16)
+}
+
 fn config(args: &Args, dense: bool) -> Gpt3Config {
-    let d = args.width.unwrap_or(128);
+    let d = args.width.unwrap_or(64);
     Gpt3Config {
         vocab: BYTE_VOCAB,
         d_model: d,
@@ -37,7 +42,7 @@ fn config(args: &Args, dense: bool) -> Gpt3Config {
         ff: 4 * d,
         context: args.context,
         attention: Gpt3Config::alternating(2 * args.layers, dense),
-        window: args.window.unwrap_or(32),
+        window: args.window.unwrap_or(16),
         ln_eps: 1e-5,
         eos: END_OF_TEXT_ID,
     }
@@ -58,7 +63,7 @@ fn validation_loss(be: &Cpu, model: &Gpt3<Cpu>, corpus: &TextCorpus, args: &Args
     let mut sum = 0.0;
     let n = 8;
     for _ in 0..n {
-        let b = corpus.batch(&mut rng, true, args.batch, args.context)?;
+        let b = corpus.batch(&mut rng, true, batch(args), args.context)?;
         let f = model.forward(be, &b.ids, b.batch, b.len)?;
         let logits = model.logits(be, &f.hidden)?;
         let (loss, _) = be.cross_entropy(&logits, &b.labels, &CrossEntropy::default())?;
@@ -105,7 +110,7 @@ fn train_one(
     let mut records = Vec::with_capacity(steps);
     for step in 1..=steps {
         let t0 = Instant::now();
-        let b = corpus.batch(&mut rng, false, args.batch, args.context)?;
+        let b = corpus.batch(&mut rng, false, batch(args), args.context)?;
         let (loss, mut grads) = model.lm_loss_and_grads(
             be,
             &b.ids,
@@ -128,7 +133,7 @@ fn train_one(
             epoch: 1,
             loss: loss as f64,
             lr: lr as f64,
-            samples_per_s: args.batch as f64 / t0.elapsed().as_secs_f64(),
+            samples_per_s: batch(args) as f64 / t0.elapsed().as_secs_f64(),
             eval: None,
         });
         bar.inc(1);
@@ -194,6 +199,20 @@ pub fn run(be: &Cpu, args: &Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("target/seq2seq/{}-text", main.arch)));
     save_gpt_neo(be, &main.model, &dir, true)?;
+    // The trained model's logits on the first context of the validation text (longer than
+    // the window), for scripts/check_gpt_neo_export.py to compare Hugging Face's against.
+    let ids = &corpus.val[..main.model.config.context.min(corpus.val.len())];
+    let logits = main.model.sequence_logits(be, ids)?;
+    let logits_json = args.out.join(format!("{}-text-logits.json", main.arch));
+    let rows: Vec<&[f32]> = logits.chunks(main.model.config.vocab).collect();
+    std::fs::write(
+        &logits_json,
+        serde_json::json!({"ids": ids, "logits": rows}).to_string(),
+    )
+    .map_err(|e| Error::Io {
+        path: logits_json.display().to_string(),
+        source: e,
+    })?;
     let loss_png = args.out.join(format!("{}-text-loss.png", main.arch));
     let series: Vec<Series> = runs
         .iter()
@@ -243,6 +262,7 @@ pub fn run(be: &Cpu, args: &Args) -> Result<()> {
                 "steps": steps,
                 "runs": runs_json,
                 "model_dir": dir.display().to_string(),
+                "logits_json": logits_json.display().to_string(),
                 "loss_png": loss_png.display().to_string(),
             })
         );
