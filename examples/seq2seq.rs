@@ -289,8 +289,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
         ..CrossEntropy::default()
     };
     let mut train_set = Sampler::new(task, false, args.seed);
-    let val =
-        Sampler::new(task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
+    let val = Sampler::new(task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
     let test = Sampler::new(task, true, args.seed).batch(args.test_size);
 
     let bar = if args.json {

@@ -5,9 +5,7 @@ use super::{Arch, Args};
 use cuattn::finetune::train_log::StepRecord;
 use cuattn::plots::curves::{self, Series};
 use cuattn::runtime::gpt_neo::AttentionKind;
-use cuattn::runtime::seq2seq::hf_export::{
-    encode_bytes, save_gpt_neo, BYTE_VOCAB, END_OF_TEXT_ID,
-};
+use cuattn::runtime::seq2seq::hf_export::{encode_bytes, save_gpt_neo, BYTE_VOCAB, END_OF_TEXT_ID};
 use cuattn::runtime::seq2seq::text::TextCorpus;
 use cuattn::runtime::seq2seq::{Gpt3, Gpt3Config, Seq2Seq};
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};

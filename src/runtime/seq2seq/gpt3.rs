@@ -214,11 +214,7 @@ impl<B: TrainBackend> Gpt3<B> {
         if attention.len() != self.blocks.len() {
             return Err(Error::invalid(
                 "attention",
-                format!(
-                    "{} kinds for {} layers",
-                    attention.len(),
-                    self.blocks.len()
-                ),
+                format!("{} kinds for {} layers", attention.len(), self.blocks.len()),
             ));
         }
         let params = self
@@ -390,7 +386,11 @@ impl<B: TrainBackend> Gpt3<B> {
         ce: &CrossEntropy,
     ) -> Result<(f32, Gradients<B::Tensor>)> {
         if labels.len() != ids.len() {
-            return Err(Error::shape("labels", format!("[{}]", ids.len()), &[labels.len()]));
+            return Err(Error::shape(
+                "labels",
+                format!("[{}]", ids.len()),
+                &[labels.len()],
+            ));
         }
         let f = self.forward(be, ids, batch, len)?;
         let logits = self.logits(be, &f.hidden)?;
@@ -414,8 +414,7 @@ impl<B: TrainBackend> Gpt3<B> {
             be.accumulate(&mut dx, &lg.dx)?;
             // x1 = x + attn(ln_1(x)).
             let mask = self.mask(batch, len, ix.local);
-            let ag =
-                self_attention_backward(be, self.attn(ix), &c.h1, &c.attn, &mask, None, &dx)?;
+            let ag = self_attention_backward(be, self.attn(ix), &c.h1, &c.attn, &mask, None, &dx)?;
             for (lix, lgr) in [ix.q, ix.k, ix.v, ix.o]
                 .into_iter()
                 .zip([ag.q, ag.k, ag.v, ag.out])
@@ -492,7 +491,9 @@ impl<B: TrainBackend> Gpt3<B> {
                     continue;
                 }
                 let s: f32 = (0..dim)
-                    .map(|e| q[(b * len + i) * w + h * dim + e] * k[(b * len + j) * w + h * dim + e])
+                    .map(|e| {
+                        q[(b * len + i) * w + h * dim + e] * k[(b * len + j) * w + h * dim + e]
+                    })
                     .sum();
                 *r += (s - l).exp() / heads as f32;
             }

@@ -50,7 +50,13 @@ impl TextCorpus {
 
     /// `batch` random windows of `len + 1` tokens of the training (`val: false`) or
     /// validation stream.
-    pub fn batch(&self, rng: &mut SmallRng, val: bool, batch: usize, len: usize) -> Result<TextBatch> {
+    pub fn batch(
+        &self,
+        rng: &mut SmallRng,
+        val: bool,
+        batch: usize,
+        len: usize,
+    ) -> Result<TextBatch> {
         let stream = if val { &self.val } else { &self.train };
         if batch == 0 || len == 0 || stream.len() < len + 1 {
             return Err(Error::invalid(
