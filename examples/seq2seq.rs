@@ -20,6 +20,9 @@
 //! The test set (held out by content, see `cuattn::runtime::seq2seq::tasks`) is only decoded
 //! at the end. `--json` prints one final line:
 //! `{"arch","task","steps","seconds","sequence_accuracy","attention_png","loss_png"}`.
+//! `--beams N` (the Transformer) decodes the test set by beam search through the shared
+//! decoding loop (`cuattn::runtime::generate`); `sequence_accuracy` is then the beam search's
+//! and `greedy_sequence_accuracy` is added.
 
 use clap::{Parser, ValueEnum};
 use cuattn::finetune::train_log::{plot_loss, StepRecord};
@@ -124,6 +127,9 @@ struct Args {
     /// The Transformer schedule's warm-up steps.
     #[arg(long, default_value_t = 400)]
     warmup: usize,
+    /// Beam search with this many beams for the held-out test set (the Transformer; 1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beams: usize,
     /// Print one JSON line at the end instead of the summary.
     #[arg(long)]
     json: bool,
@@ -151,6 +157,16 @@ fn run(args: &Args) -> Result<()> {
     if args.device == Device::Auto && !args.json {
         eprintln!("device auto: the CPU (the CUDA backend does not train yet)");
     }
+    if args.beams == 0 {
+        return Err(Error::invalid("beams", "--beams must be ≥ 1"));
+    }
+    if args.beams > 1 && args.arch != Arch::Transformer {
+        return Err(Error::invalid(
+            "beams",
+            "--beams decodes the Transformer through the shared decoding loop; the other \
+             architectures decode greedily",
+        ));
+    }
     if args.batch == Some(0) || args.val_size == 0 || args.test_size == 0 || args.eval_every == 0 {
         return Err(Error::invalid(
             "batch",
@@ -176,7 +192,14 @@ fn run(args: &Args) -> Result<()> {
                 readout: 2 * h,
             };
             let mut model = Bahdanau::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, task, args.steps.unwrap_or(3000))
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+            )
         }
         Arch::Transformer => {
             let d = args.width.unwrap_or(32);
@@ -192,7 +215,29 @@ fn run(args: &Args) -> Result<()> {
                 ln_eps: 1e-5,
             };
             let mut model = Transformer::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, task, args.steps.unwrap_or(3000))
+            let beams = args.beams;
+            let beam = move |m: &Transformer<Cpu>, srcs: &[Vec<u32>], max_len: usize| {
+                let g = m.beam_search(&Cpu, srcs, max_len, beams, 1.0)?;
+                // Generated tokens end with EOS when the hypothesis finished.
+                Ok(g.generated
+                    .into_iter()
+                    .map(|mut t| {
+                        if t.last() == Some(&EOS) {
+                            t.pop();
+                        }
+                        t
+                    })
+                    .collect())
+            };
+            let beam: Option<&BeamFn<Transformer<Cpu>>> = (beams > 1).then_some(&beam);
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                beam,
+            )
         }
         Arch::Gpt3Sparse | Arch::Gpt3Dense => {
             let d = args.width.unwrap_or(32);
@@ -209,7 +254,14 @@ fn run(args: &Args) -> Result<()> {
                 eos: EOS,
             };
             let mut model = Gpt3::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, task, args.steps.unwrap_or(3000))
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+            )
         }
     }
 }
@@ -260,12 +312,16 @@ fn evaluate<B: TrainBackend, M: Seq2Seq<B>>(
     Ok((out, right as f64 / examples.len() as f64))
 }
 
+/// Decodes sources (at most `max_len` tokens each) to their tokens without EOS.
+type BeamFn<M> = dyn Fn(&M, &[Vec<u32>], usize) -> Result<Vec<Vec<u32>>>;
+
 fn train<B: TrainBackend, M: Seq2Seq<B>>(
     be: &B,
     model: &mut M,
     args: &Args,
     task: Task,
     max_steps: usize,
+    beam: Option<&BeamFn<M>>,
 ) -> Result<()> {
     let arch = args.arch;
     let d_model = args.width.unwrap_or(32);
@@ -349,7 +405,20 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     }
     bar.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
-    let (decoded, accuracy) = evaluate(be, model, &test, task)?;
+    let (decoded, greedy_accuracy) = evaluate(be, model, &test, task)?;
+    let beam_accuracy = match beam {
+        Some(decode) => {
+            let mut right = 0;
+            for chunk in test.chunks(250) {
+                let srcs: Vec<Vec<u32>> = chunk.iter().map(|e| e.src.clone()).collect();
+                let got = decode(model, &srcs, task.max_target_len() + 2)?;
+                right += got.iter().zip(chunk).filter(|(g, e)| **g == e.tgt).count();
+            }
+            Some(right as f64 / test.len() as f64)
+        }
+        None => None,
+    };
+    let accuracy = beam_accuracy.unwrap_or(greedy_accuracy);
     let seconds = start.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {
@@ -371,18 +440,20 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     plot_attention(&attention_png, &test[pick], &decoded[pick], model.arch())?;
 
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "arch": model.arch(),
-                "task": task.name(),
-                "steps": steps,
-                "seconds": (seconds * 10.0).round() / 10.0,
-                "sequence_accuracy": accuracy,
-                "attention_png": attention_png.display().to_string(),
-                "loss_png": loss_png.display().to_string(),
-            })
-        );
+        let mut line = serde_json::json!({
+            "arch": model.arch(),
+            "task": task.name(),
+            "steps": steps,
+            "seconds": (seconds * 10.0).round() / 10.0,
+            "sequence_accuracy": accuracy,
+            "attention_png": attention_png.display().to_string(),
+            "loss_png": loss_png.display().to_string(),
+        });
+        if beam_accuracy.is_some() {
+            line["beams"] = args.beams.into();
+            line["greedy_sequence_accuracy"] = greedy_accuracy.into();
+        }
+        println!("{line}");
     } else {
         println!(
             "{} on {}: {steps} steps in {train_seconds:.1} s ({} parameters); held-out exact-sequence accuracy {accuracy:.4} on {} examples",
@@ -395,6 +466,12 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
                 .sum::<usize>(),
             test.len()
         );
+        if beam_accuracy.is_some() {
+            println!(
+                "(beam search with {} beams; greedy decoding: {greedy_accuracy:.4})",
+                args.beams
+            );
+        }
         println!(
             "example: {} → {} (expected {})",
             render(&test[pick].src),
