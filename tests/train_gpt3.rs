@@ -78,13 +78,16 @@ fn tempdir(name: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------------
 // The training attention's window.
 
+/// Causal alignment, window, key lengths.
+type MaskCase<'a> = (Option<CausalAlign>, Window, Option<&'a [usize]>);
+
 #[test]
 fn windowed_attention_backward_matches_finite_differences() {
     let (batch, len, heads, dim) = (2, 7, 2, 3);
     let lens = [7usize, 5];
     // A causal window of 3 positions (GPT-Neo's local layer), and a two-sided window with
     // key padding and no causal mask.
-    let masks: [(Option<CausalAlign>, Window, Option<&[usize]>); 2] = [
+    let masks: [MaskCase<'_>; 2] = [
         (
             Some(CausalAlign::TopLeft),
             Window::new(2, 0, CausalAlign::TopLeft),
