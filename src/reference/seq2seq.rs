@@ -466,3 +466,24 @@ pub fn gpt3_lm_loss(
     let logits = linear_f64(&x, d, wte, z.vocab, None, Activation::None);
     cross_entropy(&logits, z.vocab, labels, -100, 0.0)
 }
+
+/// One LSTM step (PyTorch's `nn.LSTMCell`) from gi = x·W_ihᵀ + b_ih and gh = h·W_hhᵀ + b_hh
+/// (`[batch, 4H]`, blocks i, f, g, o): returns (h', c').
+pub fn lstm_cell(gi: &[f64], gh: &[f64], c: &[f64], hidden: usize) -> (Vec<f64>, Vec<f64>) {
+    let hd = hidden;
+    let mut h_out = vec![0.0; c.len()];
+    let mut c_out = vec![0.0; c.len()];
+    for b in 0..c.len() / hd {
+        let (gi, gh) = (&gi[b * 4 * hd..], &gh[b * 4 * hd..]);
+        for u in 0..hd {
+            let i = sigmoid(gi[u] + gh[u]);
+            let f = sigmoid(gi[hd + u] + gh[hd + u]);
+            let g = (gi[2 * hd + u] + gh[2 * hd + u]).tanh();
+            let o = sigmoid(gi[3 * hd + u] + gh[3 * hd + u]);
+            let cn = f * c[b * hd + u] + i * g;
+            c_out[b * hd + u] = cn;
+            h_out[b * hd + u] = o * cn.tanh();
+        }
+    }
+    (h_out, c_out)
+}
