@@ -1,9 +1,18 @@
-//! Trains Bahdanau's RNN with additive attention or the original Transformer from scratch on a
-//! generated digit task, then measures exact-sequence accuracy on held-out sources by greedy
-//! decoding and draws the loss curve and one test example's attention (source × target).
+//! Trains Bahdanau's RNN with additive attention, the original Transformer, or a decoder-only
+//! model with GPT-3's alternating dense and local attention (`gpt3-sparse`; `gpt3-dense` has
+//! every layer global) from scratch on a generated digit task, then measures exact-sequence
+//! accuracy on held-out sources by greedy decoding and draws the loss curve and one test
+//! example's attention (source × target).
 //!
-//!     cargo run --release --example seq2seq -- --arch bahdanau|transformer \
+//!     cargo run --release --example seq2seq -- --arch bahdanau|transformer|gpt3-sparse|gpt3-dense \
 //!         --task reverse|sort|add [--device auto|cpu|cuda] [--seed S] [--steps N] [--json]
+//!
+//! The decoder-only models read `source <s> target </s>` as one sequence (loss on the target
+//! part). `--task text` trains them as byte-level language models on a text corpus
+//! (`--corpus`, default `data/kjv/genesis.txt`), saves the model as a Hugging Face GPT-Neo
+//! folder (`--save`, default `target/seq2seq/gpt3-sparse-text`) that `cuattn generate --model
+//! DIR "prompt"` loads, and with `--compare-dense` trains the all-global model on the same
+//! batches too and draws both loss curves on one PNG.
 //!
 //! Training stops after `--steps` optimizer steps, or earlier once greedy decoding gets at
 //! least 99.5% of `--val-size` validation examples (training split, fresh draws) right at two
@@ -11,12 +20,16 @@
 //! The test set (held out by content, see `cuattn::runtime::seq2seq::tasks`) is only decoded
 //! at the end. `--json` prints one final line:
 //! `{"arch","task","steps","seconds","sequence_accuracy","attention_png","loss_png"}`.
+//! `--beams N` (the Transformer) decodes the test set by beam search through the shared
+//! decoding loop (`cuattn::runtime::generate`); `sequence_accuracy` is then the beam search's
+//! and `greedy_sequence_accuracy` is added.
 
 use clap::{Parser, ValueEnum};
 use cuattn::finetune::train_log::{plot_loss, StepRecord};
 use cuattn::runtime::seq2seq::tasks::{render, Example, Sampler, Task, VOCAB};
 use cuattn::runtime::seq2seq::{
-    Bahdanau, BahdanauConfig, Decoded, Seq2Seq, Seq2SeqBatch, Transformer, TransformerConfig,
+    Bahdanau, BahdanauConfig, Decoded, Gpt3, Gpt3Config, Seq2Seq, Seq2SeqBatch, Transformer,
+    TransformerConfig, EOS,
 };
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};
 use cuattn::runtime::Cpu;
@@ -29,6 +42,21 @@ use std::time::Instant;
 enum Arch {
     Bahdanau,
     Transformer,
+    /// Decoder-only, layers alternating global and local (sliding-window) causal attention.
+    #[value(name = "gpt3-sparse")]
+    Gpt3Sparse,
+    /// Decoder-only, every layer global.
+    #[value(name = "gpt3-dense")]
+    Gpt3Dense,
+}
+
+/// A digit task, or `text` (decoder-only models: language modelling on `--corpus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    Reverse,
+    Sort,
+    Add,
+    Text,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -44,7 +72,7 @@ struct Args {
     #[arg(long, value_enum)]
     arch: Arch,
     #[arg(long, value_enum, default_value = "reverse")]
-    task: Task,
+    task: TaskArg,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     #[arg(long, default_value_t = 0)]
@@ -52,8 +80,9 @@ struct Args {
     /// Most optimizer steps (default 3000).
     #[arg(long)]
     steps: Option<usize>,
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Sequences per optimizer step (default 64; 16 on text).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Held-out test examples decoded at the end.
     #[arg(long, default_value_t = 1000)]
     test_size: usize,
@@ -72,15 +101,35 @@ struct Args {
     /// hidden size per direction (decoder state, alignment and output layers from it).
     #[arg(long)]
     width: Option<usize>,
-    /// Layers of each Transformer stack.
+    /// Layers of each Transformer stack (the decoder-only models: twice this).
     #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Positions a local layer's query sees, itself included (gpt3-sparse; default 8 on the
+    /// digit tasks, 16 on text).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Context of the decoder-only models on text (tokens per training sequence).
+    #[arg(long, default_value_t = 64)]
+    context: usize,
+    /// The text corpus of `--task text`.
+    #[arg(long, default_value = "data/kjv/genesis.txt")]
+    corpus: PathBuf,
+    /// Where `--task text` saves the trained model (a Hugging Face GPT-Neo folder).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// `--task text`: also train the all-global model on the same batches and draw both
+    /// loss curves on one PNG.
+    #[arg(long)]
+    compare_dense: bool,
     /// Peak learning rate (Bahdanau: constant; Transformer: the schedule's factor).
     #[arg(long)]
     lr: Option<f32>,
     /// The Transformer schedule's warm-up steps.
     #[arg(long, default_value_t = 400)]
     warmup: usize,
+    /// Beam search with this many beams for the held-out test set (the Transformer; 1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beams: usize,
     /// Print one JSON line at the end instead of the summary.
     #[arg(long)]
     json: bool,
@@ -108,13 +157,29 @@ fn run(args: &Args) -> Result<()> {
     if args.device == Device::Auto && !args.json {
         eprintln!("device auto: the CPU (the CUDA backend does not train yet)");
     }
-    if args.batch == 0 || args.val_size == 0 || args.test_size == 0 || args.eval_every == 0 {
+    if args.beams == 0 {
+        return Err(Error::invalid("beams", "--beams must be ≥ 1"));
+    }
+    if args.beams > 1 && args.arch != Arch::Transformer {
+        return Err(Error::invalid(
+            "beams",
+            "--beams decodes the Transformer through the shared decoding loop; the other \
+             architectures decode greedily",
+        ));
+    }
+    if args.batch == Some(0) || args.val_size == 0 || args.test_size == 0 || args.eval_every == 0 {
         return Err(Error::invalid(
             "batch",
             "--batch, --val-size, --test-size and --eval-every must be ≥ 1",
         ));
     }
     let be = Cpu;
+    let task = match args.task {
+        TaskArg::Reverse => Task::Reverse,
+        TaskArg::Sort => Task::Sort,
+        TaskArg::Add => Task::Add,
+        TaskArg::Text => return text::run(&be, args),
+    };
     match args.arch {
         Arch::Bahdanau => {
             let h = args.width.unwrap_or(32);
@@ -127,7 +192,14 @@ fn run(args: &Args) -> Result<()> {
                 readout: 2 * h,
             };
             let mut model = Bahdanau::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, args.steps.unwrap_or(3000))
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+            )
         }
         Arch::Transformer => {
             let d = args.width.unwrap_or(32);
@@ -143,7 +215,53 @@ fn run(args: &Args) -> Result<()> {
                 ln_eps: 1e-5,
             };
             let mut model = Transformer::new(&be, config, args.seed)?;
-            train(&be, &mut model, args, args.steps.unwrap_or(3000))
+            let beams = args.beams;
+            let beam = move |m: &Transformer<Cpu>, srcs: &[Vec<u32>], max_len: usize| {
+                let g = m.beam_search(&Cpu, srcs, max_len, beams, 1.0)?;
+                // Generated tokens end with EOS when the hypothesis finished.
+                Ok(g.generated
+                    .into_iter()
+                    .map(|mut t| {
+                        if t.last() == Some(&EOS) {
+                            t.pop();
+                        }
+                        t
+                    })
+                    .collect())
+            };
+            let beam: Option<&BeamFn<Transformer<Cpu>>> = (beams > 1).then_some(&beam);
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                beam,
+            )
+        }
+        Arch::Gpt3Sparse | Arch::Gpt3Dense => {
+            let d = args.width.unwrap_or(32);
+            let config = Gpt3Config {
+                vocab: VOCAB,
+                d_model: d,
+                heads: 4,
+                ff: 4 * d,
+                // Source, separator, target and EOS of the longest example, with room.
+                context: 2 * task.max_target_len() + 8,
+                attention: Gpt3Config::alternating(2 * args.layers, args.arch == Arch::Gpt3Dense),
+                window: args.window.unwrap_or(8),
+                ln_eps: 1e-5,
+                eos: EOS,
+            };
+            let mut model = Gpt3::new(&be, config, args.seed)?;
+            train(
+                &be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+            )
         }
     }
 }
@@ -154,12 +272,17 @@ fn run(args: &Args) -> Result<()> {
 fn learning_rate(args: &Args, d_model: usize, step: usize) -> f32 {
     match args.arch {
         Arch::Bahdanau => args.lr.unwrap_or(1e-3),
-        Arch::Transformer => {
+        Arch::Transformer | Arch::Gpt3Sparse | Arch::Gpt3Dense => {
             let (s, w) = (step as f64, args.warmup.max(1) as f64);
             let factor = args.lr.unwrap_or(1.0) as f64;
             (factor * (d_model as f64).powf(-0.5) * s.powf(-0.5).min(s * w.powf(-1.5))) as f32
         }
     }
+}
+
+/// `--batch` on the digit tasks (default 64).
+fn batch_size(args: &Args) -> usize {
+    args.batch.unwrap_or(64)
 }
 
 fn pairs(examples: &[Example]) -> Vec<(Vec<u32>, Vec<u32>)> {
@@ -189,17 +312,22 @@ fn evaluate<B: TrainBackend, M: Seq2Seq<B>>(
     Ok((out, right as f64 / examples.len() as f64))
 }
 
+/// Decodes sources (at most `max_len` tokens each) to their tokens without EOS.
+type BeamFn<M> = dyn Fn(&M, &[Vec<u32>], usize) -> Result<Vec<Vec<u32>>>;
+
 fn train<B: TrainBackend, M: Seq2Seq<B>>(
     be: &B,
     model: &mut M,
     args: &Args,
+    task: Task,
     max_steps: usize,
+    beam: Option<&BeamFn<M>>,
 ) -> Result<()> {
     let arch = args.arch;
     let d_model = args.width.unwrap_or(32);
     let (beta2, eps) = match arch {
         Arch::Bahdanau => (0.999, 1e-8),
-        Arch::Transformer => (0.98, 1e-9),
+        Arch::Transformer | Arch::Gpt3Sparse | Arch::Gpt3Dense => (0.98, 1e-9),
     };
     let mut opt = AdamW::new(
         be,
@@ -216,10 +344,9 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
         label_smoothing: args.label_smoothing.unwrap_or(0.0),
         ..CrossEntropy::default()
     };
-    let mut train_set = Sampler::new(args.task, false, args.seed);
-    let val =
-        Sampler::new(args.task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
-    let test = Sampler::new(args.task, true, args.seed).batch(args.test_size);
+    let mut train_set = Sampler::new(task, false, args.seed);
+    let val = Sampler::new(task, false, args.seed.wrapping_add(1_000_003)).batch(args.val_size);
+    let test = Sampler::new(task, true, args.seed).batch(args.test_size);
 
     let bar = if args.json {
         ProgressBar::hidden()
@@ -237,7 +364,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     let mut steps = 0;
     for step in 1..=max_steps {
         let t0 = Instant::now();
-        let batch = Seq2SeqBatch::from_pairs(&pairs(&train_set.batch(args.batch)))?;
+        let batch = Seq2SeqBatch::from_pairs(&pairs(&train_set.batch(batch_size(args))))?;
         let (loss, mut grads) = model.loss_and_grads(be, &batch, &ce)?;
         if !loss.is_finite() {
             return Err(Error::invalid(
@@ -253,7 +380,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
             epoch: 1,
             loss: loss as f64,
             lr: lr as f64,
-            samples_per_s: args.batch as f64 / t0.elapsed().as_secs_f64(),
+            samples_per_s: batch_size(args) as f64 / t0.elapsed().as_secs_f64(),
             eval: None,
         });
         steps = step;
@@ -262,7 +389,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
             bar.set_message(format!("loss {loss:.4}"));
         }
         if step % args.eval_every == 0 {
-            let (_, acc) = evaluate(be, model, &val, args.task)?;
+            let (_, acc) = evaluate(be, model, &val, task)?;
             bar.set_message(format!("loss {loss:.4} val acc {acc:.3}"));
             if !args.json {
                 bar.println(format!(
@@ -278,19 +405,32 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     }
     bar.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
-    let (decoded, accuracy) = evaluate(be, model, &test, args.task)?;
+    let (decoded, greedy_accuracy) = evaluate(be, model, &test, task)?;
+    let beam_accuracy = match beam {
+        Some(decode) => {
+            let mut right = 0;
+            for chunk in test.chunks(250) {
+                let srcs: Vec<Vec<u32>> = chunk.iter().map(|e| e.src.clone()).collect();
+                let got = decode(model, &srcs, task.max_target_len() + 2)?;
+                right += got.iter().zip(chunk).filter(|(g, e)| **g == e.tgt).count();
+            }
+            Some(right as f64 / test.len() as f64)
+        }
+        None => None,
+    };
+    let accuracy = beam_accuracy.unwrap_or(greedy_accuracy);
     let seconds = start.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {
         path: args.out.display().to_string(),
         source: e,
     })?;
-    let stem = format!("{}-{}", model.arch(), args.task.name());
+    let stem = format!("{}-{}", model.arch(), task.name());
     let loss_png = args.out.join(format!("{stem}-loss.png"));
     plot_loss(
         &loss_png,
         &records,
-        &format!("{} on {}: training loss", model.arch(), args.task.name()),
+        &format!("{} on {}: training loss", model.arch(), task.name()),
     )?;
     // The longest test source shows the most alignment.
     let pick = (0..test.len())
@@ -300,23 +440,25 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     plot_attention(&attention_png, &test[pick], &decoded[pick], model.arch())?;
 
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "arch": model.arch(),
-                "task": args.task.name(),
-                "steps": steps,
-                "seconds": (seconds * 10.0).round() / 10.0,
-                "sequence_accuracy": accuracy,
-                "attention_png": attention_png.display().to_string(),
-                "loss_png": loss_png.display().to_string(),
-            })
-        );
+        let mut line = serde_json::json!({
+            "arch": model.arch(),
+            "task": task.name(),
+            "steps": steps,
+            "seconds": (seconds * 10.0).round() / 10.0,
+            "sequence_accuracy": accuracy,
+            "attention_png": attention_png.display().to_string(),
+            "loss_png": loss_png.display().to_string(),
+        });
+        if beam_accuracy.is_some() {
+            line["beams"] = args.beams.into();
+            line["greedy_sequence_accuracy"] = greedy_accuracy.into();
+        }
+        println!("{line}");
     } else {
         println!(
             "{} on {}: {steps} steps in {train_seconds:.1} s ({} parameters); held-out exact-sequence accuracy {accuracy:.4} on {} examples",
             model.arch(),
-            args.task.name(),
+            task.name(),
             model
                 .parameters()
                 .iter()
@@ -324,6 +466,12 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
                 .sum::<usize>(),
             test.len()
         );
+        if beam_accuracy.is_some() {
+            println!(
+                "(beam search with {} beams; greedy decoding: {greedy_accuracy:.4})",
+                args.beams
+            );
+        }
         println!(
             "example: {} → {} (expected {})",
             render(&test[pick].src),
@@ -405,3 +553,6 @@ fn centre_label(labels: &[String], x: i32) -> String {
     }
     labels.get(x as usize / 2).cloned().unwrap_or_default()
 }
+
+#[path = "seq2seq/text.rs"]
+mod text;

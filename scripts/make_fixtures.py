@@ -32,6 +32,8 @@ tests/fixtures/bahdanau-tiny.json   a tiny Bahdanau model in PyTorch (nn.GRU bid
                                     its f32 weights, a padded batch, the label-smoothed loss and
                                     autograd's gradient of every parameter in f64
                                     (`--only bahdanau`; needs torch alone)
+tests/fixtures/lstm-tiny.json       one nn.LSTM layer over a packed batch: outputs and autograd
+                                    gradients (`--only lstm`; needs torch alone)
 
 Size of the GPT-2 fixture (< 2 MB committed): the token embedding alone is 50257 × n_embd, so
 n_embd is 16 and the (tied) embedding is stored in f16 (1.6 MB); the reference model computes
@@ -1204,10 +1206,56 @@ def bahdanau():
         json.dump(record, f)
 
 
+def lstm():
+    """One nn.LSTM layer (PyTorch's gate equations) over a packed batch of three sequences of
+    lengths 3, 2, 1: f32 weights and inputs computed in f64; L = Σ w_out∘out (valid steps) +
+    Σ w_h∘h_n + Σ w_c∘c_n and autograd's gradient of the inputs, the initial state and every
+    weight (tests/train_seq2seq.rs checks cuattn's LSTM step against it)."""
+    import torch.nn as nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(1997)
+    B, T, X, H = 3, 3, 4, 5
+    lengths = [3, 2, 1]
+    cell = nn.LSTM(X, H, batch_first=True).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.copy_(p.float().double())
+    f32 = lambda *shape: torch.randn(*shape).float().double()
+    x = f32(B, T, X).requires_grad_()
+    h0 = f32(1, B, H).requires_grad_()
+    c0 = f32(1, B, H).requires_grad_()
+    w_out, w_h, w_c = f32(B, T, H), f32(B, H), f32(B, H)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True)
+    out, (hn, cn) = cell(packed, (h0, c0))
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+    valid = torch.zeros(B, T, 1, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        valid[b, :n] = 1.0
+    loss = (out * w_out * valid).sum() + (hn[0] * w_h).sum() + (cn[0] * w_c).sum()
+    loss.backward()
+    flat = lambda t: t.detach().flatten().tolist()
+    record = {
+        "generator": f"scripts/make_fixtures.py lstm, torch {torch.__version__}, f64 autograd",
+        "batch": B, "steps": T, "input": X, "hidden": H, "lengths": lengths,
+        "x": flat(x), "h0": flat(h0), "c0": flat(c0),
+        "w_out": flat(w_out * valid), "w_h": flat(w_h), "w_c": flat(w_c),
+        "weight_ih": flat(cell.weight_ih_l0), "weight_hh": flat(cell.weight_hh_l0),
+        "bias_ih": flat(cell.bias_ih_l0), "bias_hh": flat(cell.bias_hh_l0),
+        "out": flat(out), "h_n": flat(hn), "c_n": flat(cn), "loss": loss.item(),
+        "grads": {
+            "x": flat(x.grad), "h0": flat(h0.grad), "c0": flat(c0.grad),
+            "weight_ih": flat(cell.weight_ih_l0.grad), "weight_hh": flat(cell.weight_hh_l0.grad),
+            "bias_ih": flat(cell.bias_ih_l0.grad), "bias_hh": flat(cell.bias_hh_l0.grad),
+        },
+    }
+    with open(os.path.join(FIXTURES, "lstm-tiny.json"), "w") as f:
+        json.dump(record, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "lstm"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1239,6 +1287,8 @@ def main():
         tiny_gpt1()
     if args.only in ("all", "bahdanau"):
         bahdanau()
+    if args.only in ("all", "lstm"):
+        lstm()
     print("fixtures written to", FIXTURES)
 
 

@@ -5,6 +5,7 @@
 //! - [`bench`]: the records of one `cuattn bench <family> --json` run (and optionally the
 //!   PyTorch baseline's JSON on the same shapes) as such panels: `cuattn bench ... --plot`,
 //!   `cuattn plot bench`.
+//! - [`curves`]: several training curves on one chart (`examples/seq2seq.rs --task text`).
 //! - [`roofline`]: every committed GPU report (`docs/gpu-runs/*.json`) as a roofline against
 //!   the card's measured limits: `cuattn plot roofline`.
 //!
@@ -13,6 +14,7 @@
 
 pub mod bars;
 pub mod bench;
+pub mod curves;
 pub mod roofline;
 
 use crate::error::{Error, Result};

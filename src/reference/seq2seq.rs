@@ -374,3 +374,116 @@ fn heads_view(t: &[f64], width: usize, heads: usize) -> HeadsRef<'_, f64> {
         dim: width / heads,
     }
 }
+
+/// Sizes of [`gpt3_lm_loss`]: the decoder-only model of [`crate::runtime::seq2seq::gpt3`].
+#[derive(Clone, Debug)]
+pub struct Gpt3Sizes {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub heads: usize,
+    /// Per layer: `true` for a local layer.
+    pub local: Vec<bool>,
+    pub window: usize,
+    pub ln_eps: f32,
+}
+
+/// The decoder-only model's mean next-token cross-entropy on `batch` right-padded sequences
+/// of `len` tokens, from GPT-Neo's equations: token plus position embeddings, pre-LN blocks
+/// x + attn(ln_1(x)), x + mlp(ln_2(x)) with causal unscaled attention (local layers: query i
+/// sees keys i − window < j ≤ i), Q/K/V without bias, gelu_new MLP, final ln_f, logits
+/// x·wteᵀ.
+pub fn gpt3_lm_loss(
+    p: Lookup<'_, '_>,
+    z: &Gpt3Sizes,
+    ids: &[u32],
+    labels: &[i64],
+    batch: usize,
+    len: usize,
+) -> f64 {
+    let d = z.d_model;
+    let wte = p("transformer.wte.weight");
+    let wpe = p("transformer.wpe.weight");
+    let mut x: Vec<f64> = (0..batch * len)
+        .flat_map(|r| {
+            let (t, pos) = (ids[r] as usize, r % len);
+            (0..d).map(move |i| wte[t * d + i] + wpe[pos * d + i])
+        })
+        .collect();
+    let lin = |x: &[f64], name: &str, out: usize, bias: bool, act: Activation| -> Vec<f64> {
+        let w = p(&format!("{name}.weight"));
+        let b = bias.then(|| p(&format!("{name}.bias")));
+        linear_f64(x, w.len() / out, w, out, b, act)
+    };
+    let ln = |x: &[f64], name: &str| -> Vec<f64> {
+        layer_norm_f64(
+            x,
+            None,
+            d,
+            p(&format!("{name}.weight")),
+            p(&format!("{name}.bias")),
+            z.ln_eps,
+        )
+    };
+    for (l, &local) in z.local.iter().enumerate() {
+        let pre = format!("transformer.h.{l}");
+        let a = format!("{pre}.attn.attention");
+        let sizes = AttentionSizes {
+            batch,
+            len_q: len,
+            len_k: len,
+            key_lens: None,
+            causal: Some(CausalAlign::TopLeft),
+            window: local
+                .then(|| crate::key_band::Window::new(z.window - 1, 0, CausalAlign::TopLeft)),
+            scale: 1.0,
+        };
+        let h = ln(&x, &format!("{pre}.ln_1"));
+        let q = lin(&h, &format!("{a}.q_proj"), d, false, Activation::None);
+        let k = lin(&h, &format!("{a}.k_proj"), d, false, Activation::None);
+        let v = lin(&h, &format!("{a}.v_proj"), d, false, Activation::None);
+        let (o, _) = attention_with(
+            heads_view(&q, d, z.heads),
+            heads_view(&k, d, z.heads),
+            heads_view(&v, d, z.heads),
+            &sizes,
+            None,
+        );
+        let o = lin(&o, &format!("{a}.out_proj"), d, true, Activation::None);
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        let h = ln(&x, &format!("{pre}.ln_2"));
+        let ff = p(&format!("{pre}.mlp.c_fc.bias")).len();
+        let m = lin(
+            &h,
+            &format!("{pre}.mlp.c_fc"),
+            ff,
+            true,
+            Activation::GeluTanh,
+        );
+        let m = lin(&m, &format!("{pre}.mlp.c_proj"), d, true, Activation::None);
+        x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
+    }
+    let x = ln(&x, "transformer.ln_f");
+    let logits = linear_f64(&x, d, wte, z.vocab, None, Activation::None);
+    cross_entropy(&logits, z.vocab, labels, -100, 0.0)
+}
+
+/// One LSTM step (PyTorch's `nn.LSTMCell`) from gi = x·W_ihᵀ + b_ih and gh = h·W_hhᵀ + b_hh
+/// (`[batch, 4H]`, blocks i, f, g, o): returns (h', c').
+pub fn lstm_cell(gi: &[f64], gh: &[f64], c: &[f64], hidden: usize) -> (Vec<f64>, Vec<f64>) {
+    let hd = hidden;
+    let mut h_out = vec![0.0; c.len()];
+    let mut c_out = vec![0.0; c.len()];
+    for b in 0..c.len() / hd {
+        let (gi, gh) = (&gi[b * 4 * hd..], &gh[b * 4 * hd..]);
+        for u in 0..hd {
+            let i = sigmoid(gi[u] + gh[u]);
+            let f = sigmoid(gi[hd + u] + gh[hd + u]);
+            let g = (gi[2 * hd + u] + gh[2 * hd + u]).tanh();
+            let o = sigmoid(gi[3 * hd + u] + gh[3 * hd + u]);
+            let cn = f * c[b * hd + u] + i * g;
+            c_out[b * hd + u] = cn;
+            h_out[b * hd + u] = o * cn.tanh();
+        }
+    }
+    (h_out, c_out)
+}

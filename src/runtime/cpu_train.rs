@@ -704,6 +704,7 @@ struct AttnGeometry<'m> {
     len_k: usize,
     key_lens: Option<&'m [usize]>,
     causal: Option<super::backend::CausalAlign>,
+    window: Option<crate::key_band::Window>,
     heads_q: usize,
     heads_kv: usize,
     group: usize,
@@ -732,13 +733,6 @@ impl<'m> AttnGeometry<'m> {
         dropout: Option<DropoutSite>,
     ) -> Result<Self> {
         let (wq, wk, wv) = check_attention(q, k, v, mask)?;
-        if mask.window.is_some() {
-            // Refused rather than ignored: the training attention has no band yet.
-            return Err(crate::Error::invalid(
-                "window",
-                "sliding-window attention is not supported in training yet",
-            ));
-        }
         let dropout = match dropout {
             Some(site) => Some((dropout_of(&site)?, site)),
             None => None,
@@ -749,6 +743,7 @@ impl<'m> AttnGeometry<'m> {
             len_k: mask.len_k,
             key_lens: mask.key_lens,
             causal: mask.causal,
+            window: mask.window,
             heads_q: q.heads,
             heads_kv: k.heads,
             group: q.heads / k.heads,
@@ -803,11 +798,13 @@ impl<'m> AttnGeometry<'m> {
             kl,
             false,
         );
+        // Key padding, causal and window masks leave each query one contiguous run of keys.
+        let band = crate::key_band::KeyBand::new(self.len_q, kl, self.causal, self.window);
         for (i, row) in s.chunks_mut(kl).enumerate() {
-            let end = crate::reference::attention::admissible_keys(i, self.len_q, kl, self.causal)
-                .end
-                .min(kl);
-            let (keep, masked) = row.split_at_mut(end);
+            let keys = band.keys(i);
+            let (before, rest) = row.split_at_mut(keys.start);
+            before.fill(0.0);
+            let (keep, masked) = rest.split_at_mut(keys.len());
             masked.fill(0.0);
             if keep.is_empty() {
                 continue;

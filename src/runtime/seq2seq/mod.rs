@@ -1,7 +1,9 @@
 //! Sequence-to-sequence models trained from scratch on the runtime's [`TrainBackend`]:
 //! Bahdanau et al.'s (2015) bidirectional-GRU encoder with additive attention and a GRU
 //! decoder ([`bahdanau`]), and Vaswani et al.'s (2017) encoder-decoder Transformer
-//! ([`transformer`]); the generated digit tasks they learn ([`tasks`]). `docs/training.md`
+//! ([`transformer`]); a decoder-only model with GPT-3's alternating dense and local attention
+//! in GPT-Neo's layout ([`gpt3`]), saved as a Hugging Face folder by [`hf_export`]; the
+//! generated digit tasks they learn ([`tasks`]). `docs/training.md`
 //! describes both; `examples/seq2seq.rs` trains them.
 //!
 //! Both models read a [`Seq2SeqBatch`] (batch-major token ids with their lengths) and give the
@@ -10,10 +12,14 @@
 //! over the source ([`Seq2Seq::greedy`]).
 
 pub mod bahdanau;
+pub mod gpt3;
+pub mod hf_export;
 pub mod tasks;
+pub mod text;
 pub mod transformer;
 
 pub use bahdanau::{Bahdanau, BahdanauConfig};
+pub use gpt3::{Gpt3, Gpt3Config};
 pub use transformer::{Transformer, TransformerConfig};
 
 use crate::error::{Error, Result};

@@ -18,6 +18,10 @@
 use super::{argmax_rows, Decoded, GradAcc, ParamBuilder, Seq2Seq, Seq2SeqBatch, BOS, EOS, PAD};
 use crate::error::{Error, Result};
 use crate::runtime::backend::{Activation, AttentionMask, CausalAlign, Heads};
+use crate::runtime::generate::{
+    generate, GenerateBackend, GenerateOptions, Generation, TokenModel,
+};
+use crate::runtime::layers::KvCache;
 use crate::runtime::train::layers::{
     copy, feed_forward_backward, feed_forward_forward, layer_norm_backward, layer_norm_forward,
     linear_backward, linear_forward, self_attention_backward, self_attention_forward,
@@ -855,4 +859,173 @@ fn cross_attention_map<B: TrainBackend>(
         }
     }
     Ok(maps)
+}
+
+/// What the decoding loop keeps of an encoded batch: the encoder output `[rows·tx, d]` of every
+/// row (each input repeated once per beam) and the rows' source lengths.
+pub struct TransformerMemory<T> {
+    out: T,
+    lens: Vec<usize>,
+    tx: usize,
+}
+
+/// The Transformer as a [`TokenModel`] of the shared decoding loop
+/// ([`crate::runtime::generate::generate`]): greedy, sampling and beam search over its
+/// decoder, the encoder run once per call. The decoder has no KV cache: it recomputes the
+/// prefix at every step, so the options must say `use_kv_cache: false` (a call with a cache
+/// is a typed error).
+impl<B: TrainBackend> TokenModel<B> for Transformer<B> {
+    type Memory = TransformerMemory<B::Tensor>;
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab
+    }
+
+    fn eos_token_id(&self) -> u32 {
+        EOS
+    }
+
+    fn pad_token_id(&self) -> u32 {
+        PAD
+    }
+
+    fn max_positions(&self) -> usize {
+        // Sinusoidal positions have no table: only the loop's own limits apply.
+        MAX_DECODE_POSITIONS
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        (self.config.dec_layers, self.config.d_model)
+    }
+
+    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
+        if input.is_empty() {
+            return Err(Error::invalid("prompt", format!("source {index} is empty")));
+        }
+        if let Some(&bad) = input
+            .iter()
+            .find(|&&t| t <= EOS || t as usize >= self.config.vocab)
+        {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "source {index}: token {bad} is reserved or outside the vocabulary of {}",
+                    self.config.vocab
+                ),
+            ));
+        }
+        Ok(vec![BOS])
+    }
+
+    fn encode(
+        &self,
+        be: &B,
+        inputs: &[Vec<u32>],
+        copies: usize,
+    ) -> Result<TransformerMemory<B::Tensor>> {
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = inputs
+            .iter()
+            .flat_map(|s| std::iter::repeat_n((s.clone(), Vec::new()), copies.max(1)))
+            .collect();
+        let batch = Seq2SeqBatch::from_pairs(&pairs)?;
+        batch.check(self.config.vocab)?;
+        let [em, _, _] = Self::masks(batch.batch, batch.src_len, 1, &batch.src_lens);
+        let enc = self.encode(be, &batch.src, &em)?;
+        Ok(TransformerMemory {
+            out: enc.out,
+            lens: batch.src_lens,
+            tx: batch.src_len,
+        })
+    }
+
+    fn decode(
+        &self,
+        be: &B,
+        memory: &TransformerMemory<B::Tensor>,
+        ids: &[u32],
+        positions: &[u32],
+        batch: usize,
+        len: usize,
+        rows: &[u32],
+        caches: Option<&mut [&mut dyn KvCache<B>]>,
+    ) -> Result<Vec<f32>> {
+        if caches.is_some() {
+            return Err(Error::invalid(
+                "use_kv_cache",
+                "the seq2seq Transformer's decoder recomputes its prefix: generate with \
+                 use_kv_cache: false",
+            ));
+        }
+        if batch != memory.lens.len() || ids.len() != batch * len || positions.len() != ids.len() {
+            return Err(Error::shape(
+                "ids",
+                format!("[{}·{len}] as the encoded rows", memory.lens.len()),
+                &[ids.len()],
+            ));
+        }
+        // The decoder embeds row r at position r mod len: right-padded rows from position 0.
+        if positions
+            .iter()
+            .enumerate()
+            .any(|(r, &p)| p as usize != r % len)
+        {
+            return Err(Error::invalid(
+                "positions",
+                "the Transformer decodes right-padded rows from position 0",
+            ));
+        }
+        let [_, dm, cm] = Self::masks(batch, memory.tx, len, &memory.lens);
+        let dec = self.decode(be, ids, &memory.out, &dm, &cm)?;
+        let picked = be.gather_rows(&dec.out, rows)?;
+        be.to_f32(&be.matmul(&picked, Op::N, self.p(self.out_emb), Op::T)?)
+    }
+}
+
+/// The decoding loop's context limit for the Transformer (its positions are computed).
+const MAX_DECODE_POSITIONS: usize = 1 << 16;
+
+impl<B: TrainBackend + GenerateBackend> Transformer<B> {
+    /// Beam search (or greedy, `beams` = 1) over `sources` through the shared decoding loop,
+    /// at most `max_len` tokens each (EOS included), scores sum(log p)/length^`length_penalty`.
+    pub fn beam_search(
+        &self,
+        be: &B,
+        sources: &[Vec<u32>],
+        max_len: usize,
+        beams: usize,
+        length_penalty: f32,
+    ) -> Result<Generation> {
+        let opts = GenerateOptions {
+            max_new_tokens: max_len,
+            num_beams: beams,
+            length_penalty,
+            use_kv_cache: false,
+            ..GenerateOptions::default()
+        };
+        generate(be, self, sources, &opts, &mut |_, _| {})
+    }
+
+    /// Σ log p of each target (its EOS included) under teacher forcing: the score beam
+    /// search maximises, for comparing decodes.
+    pub fn sequence_log_probs(&self, be: &B, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<f64>> {
+        let batch = Seq2SeqBatch::from_pairs(pairs)?;
+        let logits = be.to_f32(&self.logits(be, &batch)?)?;
+        let v = self.config.vocab;
+        let mut out = vec![0f64; batch.batch];
+        for (r, &y) in batch.tgt_out.iter().enumerate() {
+            if y < 0 {
+                continue;
+            }
+            let row = &logits[r * v..(r + 1) * v];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&z| (z as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            out[r / batch.tgt_len] += row[y as usize] as f64 - lse;
+        }
+        Ok(out)
+    }
 }

@@ -9,7 +9,8 @@
 //!   to the loss and the gradient of every parameter by its Hugging Face name.
 //! - [`optim`]: named parameters, gradients, AdamW, global-norm clipping.
 //! - [`rnn_ops`]: the GRU step and additive attention on host slices (the defaults of
-//!   [`TrainBackend::gru_cell`] and [`TrainBackend::additive_attention`]).
+//!   [`TrainBackend::gru_cell`] and [`TrainBackend::additive_attention`]), and the LSTM step
+//!   ([`rnn_ops::lstm_step`], through a host copy).
 
 pub mod backend;
 pub mod bert_cls;
@@ -24,4 +25,4 @@ pub use bert_cls::{
     BertForSequenceClassification, ClassifierConfig, Head, StepOptions, StepOutput,
 };
 pub use optim::{AdamW, AdamWConfig, Gradients, Param};
-pub use rnn_ops::{AdditiveGrads, GruCellGrads};
+pub use rnn_ops::{AdditiveGrads, GruCellGrads, LstmCellGrads};

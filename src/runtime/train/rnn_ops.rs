@@ -337,3 +337,217 @@ pub fn additive_attention_backward(
     }
     [dq, dkeys, dv, dvalues]
 }
+
+// ---------------------------------------------------------------------------------------
+// LSTM step (PyTorch's `nn.LSTM` / `nn.LSTMCell` equations).
+//
+// With gi = x·W_ihᵀ + b_ih and gh = h·W_hhᵀ + b_hh, both `[batch, 4H]` in the blocks
+// (i, f, g, o) and a = gi + gh:
+//
+//     i = σ(a_i)   f = σ(a_f)   g = tanh(a_g)   o = σ(a_o)
+//     c' = f∘c + i∘g            h' = o∘tanh(c')
+//
+// The backward from dh' and dc' (the next step's): with t = tanh(c'),
+// dĉ = dc' + dh'∘o∘(1 − t²) (the total gradient of c'), then
+// da_i = dĉ∘g∘i(1 − i), da_f = dĉ∘c∘f(1 − f), da_g = dĉ∘i∘(1 − g²),
+// da_o = dh'∘t∘o(1 − o), and dc = dĉ∘f. The two GEMM inputs get the same gradient
+// (dgi = dgh = da); h reaches the step only through gh, so its gradient is da·W_hh (the
+// caller's GEMM). The cache keeps i, f, g, o and t (`[batch, 5H]`), everything the backward
+// reads besides c. An inactive row keeps (h, c) and passes (dh', dc') straight back.
+
+/// Gradients of one LSTM step.
+pub struct LstmCellGrads<T> {
+    /// dL/dgi = dL/dgh `[batch, 4H]` (the pre-activations' gradient).
+    pub dgates: T,
+    /// dL/dh through an inactive row's copy only `[batch, H]` (add dgates·W_hh for the rest).
+    pub dh: T,
+    /// dL/dc `[batch, H]`.
+    pub dc: T,
+}
+
+/// Checks the sizes of an LSTM step; returns (batch, H).
+pub fn lstm_dims(
+    gi: &[usize],
+    gh: &[usize],
+    h: &[usize],
+    c: &[usize],
+    active: Option<&[bool]>,
+) -> Result<(usize, usize)> {
+    let (batch, hidden) = match h {
+        [b, w] if *w > 0 => (*b, *w),
+        s => return Err(Error::shape("h", "[batch, hidden ≥ 1]", s)),
+    };
+    if c != [batch, hidden] {
+        return Err(Error::shape("c", format!("[{batch}, {hidden}]"), c));
+    }
+    let want = [batch, 4 * hidden];
+    if gi != want {
+        return Err(Error::shape("gi", format!("{want:?}"), gi));
+    }
+    if gh != want {
+        return Err(Error::shape("gh", format!("{want:?}"), gh));
+    }
+    if let Some(a) = active {
+        if a.len() != batch {
+            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
+        }
+    }
+    Ok((batch, hidden))
+}
+
+/// One LSTM step: returns h' and c' (`[batch·H]` each) and the cache `[batch·5H]`
+/// (i, f, g, o, tanh c').
+pub fn lstm_cell(
+    gi: &[f32],
+    gh: &[f32],
+    h: &[f32],
+    c: &[f32],
+    batch: usize,
+    hidden: usize,
+    active: Option<&[bool]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = hidden;
+    let mut h_out = vec![0f32; batch * hd];
+    let mut c_out = vec![0f32; batch * hd];
+    let mut cache = vec![0f32; batch * 5 * hd];
+    for b in 0..batch {
+        let (gi, gh) = (&gi[b * 4 * hd..][..4 * hd], &gh[b * 4 * hd..][..4 * hd]);
+        let (hb, cb) = (&h[b * hd..][..hd], &c[b * hd..][..hd]);
+        if active.is_some_and(|a| !a[b]) {
+            h_out[b * hd..][..hd].copy_from_slice(hb);
+            c_out[b * hd..][..hd].copy_from_slice(cb);
+            continue;
+        }
+        let k = &mut cache[b * 5 * hd..][..5 * hd];
+        for u in 0..hd {
+            let i = sigmoid(gi[u] + gh[u]);
+            let f = sigmoid(gi[hd + u] + gh[hd + u]);
+            let g = (gi[2 * hd + u] + gh[2 * hd + u]).tanh();
+            let o = sigmoid(gi[3 * hd + u] + gh[3 * hd + u]);
+            let c_new = f * cb[u] + i * g;
+            let t = c_new.tanh();
+            c_out[b * hd + u] = c_new;
+            h_out[b * hd + u] = o * t;
+            k[u] = i;
+            k[hd + u] = f;
+            k[2 * hd + u] = g;
+            k[3 * hd + u] = o;
+            k[4 * hd + u] = t;
+        }
+    }
+    (h_out, c_out, cache)
+}
+
+/// The backward of [`lstm_cell`]: (dgates, dh direct, dc) from the cache, c, dh' and dc'.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_cell_backward(
+    cache: &[f32],
+    c: &[f32],
+    dh_out: &[f32],
+    dc_out: &[f32],
+    batch: usize,
+    hidden: usize,
+    active: Option<&[bool]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = hidden;
+    let mut dgates = vec![0f32; batch * 4 * hd];
+    let mut dh = vec![0f32; batch * hd];
+    let mut dc = vec![0f32; batch * hd];
+    for b in 0..batch {
+        let (dho, dco) = (&dh_out[b * hd..][..hd], &dc_out[b * hd..][..hd]);
+        if active.is_some_and(|a| !a[b]) {
+            dh[b * hd..][..hd].copy_from_slice(dho);
+            dc[b * hd..][..hd].copy_from_slice(dco);
+            continue;
+        }
+        let k = &cache[b * 5 * hd..][..5 * hd];
+        let da = &mut dgates[b * 4 * hd..][..4 * hd];
+        for u in 0..hd {
+            let (i, f, g, o, t) = (k[u], k[hd + u], k[2 * hd + u], k[3 * hd + u], k[4 * hd + u]);
+            let dct = dco[u] + dho[u] * o * (1.0 - t * t);
+            da[u] = dct * g * i * (1.0 - i);
+            da[hd + u] = dct * c[b * hd + u] * f * (1.0 - f);
+            da[2 * hd + u] = dct * i * (1.0 - g * g);
+            da[3 * hd + u] = dho[u] * t * o * (1.0 - o);
+            dc[b * hd + u] = dct * f;
+        }
+    }
+    (dgates, dh, dc)
+}
+
+/// [`lstm_cell`] on backend tensors (through a host copy, as the trait's GRU default):
+/// gi, gh `[batch, 4H]`, h, c `[batch, H]`; returns h', c' and the cache `[batch, 5H]`.
+pub fn lstm_step<B: super::TrainBackend>(
+    be: &B,
+    gi: &B::Tensor,
+    gh: &B::Tensor,
+    h: &B::Tensor,
+    c: &B::Tensor,
+    active: Option<&[bool]>,
+) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+    let (batch, hidden) = lstm_dims(be.shape(gi), be.shape(gh), be.shape(h), be.shape(c), active)?;
+    let (h_new, c_new, cache) = lstm_cell(
+        &be.to_f32(gi)?,
+        &be.to_f32(gh)?,
+        &be.to_f32(h)?,
+        &be.to_f32(c)?,
+        batch,
+        hidden,
+        active,
+    );
+    Ok((
+        be.upload(&[batch, hidden], &h_new)?,
+        be.upload(&[batch, hidden], &c_new)?,
+        be.upload(&[batch, 5 * hidden], &cache)?,
+    ))
+}
+
+/// The backward of [`lstm_step`] from its cache, c, dL/dh' and dL/dc'.
+pub fn lstm_step_backward<B: super::TrainBackend>(
+    be: &B,
+    cache: &B::Tensor,
+    c: &B::Tensor,
+    dh_out: &B::Tensor,
+    dc_out: &B::Tensor,
+    active: Option<&[bool]>,
+) -> Result<LstmCellGrads<B::Tensor>> {
+    let (batch, hidden) = match be.shape(c) {
+        [b, w] if *w > 0 => (*b, *w),
+        s => return Err(Error::shape("c", "[batch, hidden ≥ 1]", s)),
+    };
+    if be.shape(cache) != [batch, 5 * hidden] {
+        return Err(Error::shape(
+            "cache",
+            format!("[{batch}, {}]", 5 * hidden),
+            be.shape(cache),
+        ));
+    }
+    for (name, t) in [("dh_out", dh_out), ("dc_out", dc_out)] {
+        if be.shape(t) != [batch, hidden] {
+            return Err(Error::shape(
+                name,
+                format!("[{batch}, {hidden}]"),
+                be.shape(t),
+            ));
+        }
+    }
+    if let Some(a) = active {
+        if a.len() != batch {
+            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
+        }
+    }
+    let (dgates, dh, dc) = lstm_cell_backward(
+        &be.to_f32(cache)?,
+        &be.to_f32(c)?,
+        &be.to_f32(dh_out)?,
+        &be.to_f32(dc_out)?,
+        batch,
+        hidden,
+        active,
+    );
+    Ok(LstmCellGrads {
+        dgates: be.upload(&[batch, 4 * hidden], &dgates)?,
+        dh: be.upload(&[batch, hidden], &dh)?,
+        dc: be.upload(&[batch, hidden], &dc)?,
+    })
+}
