@@ -31,6 +31,7 @@ use cuattn::runtime::seq2seq::{
     Bahdanau, BahdanauConfig, Decoded, Gpt3, Gpt3Config, Seq2Seq, Seq2SeqBatch, Transformer,
     TransformerConfig, EOS,
 };
+use cuattn::runtime::generate::GenerateBackend;
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};
 use cuattn::runtime::Cpu;
 use cuattn::{Error, Result};
@@ -144,19 +145,6 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
-    match args.device {
-        Device::Cuda => {
-            return Err(Error::invalid(
-                "device",
-                "CUDA training is not available yet: the CUDA backend does not implement \
-                 TrainBackend (see docs/training.md); use --device cpu",
-            ))
-        }
-        Device::Auto | Device::Cpu => {}
-    }
-    if args.device == Device::Auto && !args.json {
-        eprintln!("device auto: the CPU (the CUDA backend does not train yet)");
-    }
     if args.beams == 0 {
         return Err(Error::invalid("beams", "--beams must be ≥ 1"));
     }
@@ -173,12 +161,62 @@ fn run(args: &Args) -> Result<()> {
             "--batch, --val-size, --test-size and --eval-every must be ≥ 1",
         ));
     }
-    let be = Cpu;
+    // The decoder-only models train on the CPU: their local layers need the sliding window,
+    // which the CUDA training attention does not take yet.
+    let cpu_only = matches!(args.arch, Arch::Gpt3Sparse | Arch::Gpt3Dense);
+    if args.task == TaskArg::Text {
+        if args.device == Device::Cuda {
+            return Err(cpu_only_error());
+        }
+        return text::run(&Cpu, args);
+    }
+    #[cfg(feature = "cuda")]
+    if args.device == Device::Cuda || (args.device == Device::Auto && !cpu_only) {
+        if cpu_only {
+            return Err(cpu_only_error());
+        }
+        let device = cuattn::gpu::Gpu::shared()
+            .and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, cuattn::DType::F32));
+        match device {
+            Ok(be) => {
+                if !args.json {
+                    eprintln!("device: CUDA (f32)");
+                }
+                return run_on(&be, args);
+            }
+            Err(e) if args.device == Device::Cuda => return Err(e),
+            Err(_) if !args.json => eprintln!("device auto: no CUDA device, the CPU"),
+            Err(_) => {}
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if args.device == Device::Cuda {
+        return Err(Error::invalid(
+            "device",
+            "this build has no CUDA support (build with the `cuda` feature)",
+        ));
+    }
+    if cpu_only && args.device == Device::Cuda {
+        return Err(cpu_only_error());
+    }
+    run_on(&Cpu, args)
+}
+
+fn cpu_only_error() -> Error {
+    Error::invalid(
+        "device",
+        "the gpt3 architectures train on the CPU only: the CUDA training attention has no \
+         sliding window yet; use --device cpu",
+    )
+}
+
+/// Trains and evaluates the digit-task model `args` names on backend `be`.
+fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> {
     let task = match args.task {
         TaskArg::Reverse => Task::Reverse,
         TaskArg::Sort => Task::Sort,
         TaskArg::Add => Task::Add,
-        TaskArg::Text => return text::run(&be, args),
+        TaskArg::Text => return Err(Error::invalid("task", "text runs through text::run")),
     };
     match args.arch {
         Arch::Bahdanau => {
@@ -191,9 +229,9 @@ fn run(args: &Args) -> Result<()> {
                 attn: h,
                 readout: 2 * h,
             };
-            let mut model = Bahdanau::new(&be, config, args.seed)?;
+            let mut model = Bahdanau::new(be, config, args.seed)?;
             train(
-                &be,
+                be,
                 &mut model,
                 args,
                 task,
@@ -214,10 +252,10 @@ fn run(args: &Args) -> Result<()> {
                 shared_embeddings: true,
                 ln_eps: 1e-5,
             };
-            let mut model = Transformer::new(&be, config, args.seed)?;
+            let mut model = Transformer::new(be, config, args.seed)?;
             let beams = args.beams;
-            let beam = move |m: &Transformer<Cpu>, srcs: &[Vec<u32>], max_len: usize| {
-                let g = m.beam_search(&Cpu, srcs, max_len, beams, 1.0)?;
+            let beam = move |m: &Transformer<B>, srcs: &[Vec<u32>], max_len: usize| {
+                let g = m.beam_search(be, srcs, max_len, beams, 1.0)?;
                 // Generated tokens end with EOS when the hypothesis finished.
                 Ok(g.generated
                     .into_iter()
@@ -229,9 +267,9 @@ fn run(args: &Args) -> Result<()> {
                     })
                     .collect())
             };
-            let beam: Option<&BeamFn<Transformer<Cpu>>> = (beams > 1).then_some(&beam);
+            let beam: Option<&BeamFn<Transformer<B>>> = (beams > 1).then_some(&beam);
             train(
-                &be,
+                be,
                 &mut model,
                 args,
                 task,
@@ -253,9 +291,9 @@ fn run(args: &Args) -> Result<()> {
                 ln_eps: 1e-5,
                 eos: EOS,
             };
-            let mut model = Gpt3::new(&be, config, args.seed)?;
+            let mut model = Gpt3::new(be, config, args.seed)?;
             train(
-                &be,
+                be,
                 &mut model,
                 args,
                 task,
