@@ -59,6 +59,13 @@ tests/fixtures/tiny-bert-cls-grads.safetensors
                                     autograd's gradient of every parameter (`grad.<name>`) at the
                                     fixture weights, and every parameter after the two AdamW
                                     steps (`adamw2.<name>`), f32
+tests/fixtures/tiny-bert-pretrain-step.json, tiny-bert-pretrain-step.safetensors
+                                    one MLM+NSP step of the tiny BertForPreTraining on the
+                                    pair batch of tiny-bert-pretraining-outputs.json (eval
+                                    mode): both losses, autograd's gradient of every parameter
+                                    (`grad.<name>`; the word embeddings' includes the tied
+                                    decoder's) and every parameter after one AdamW step
+                                    (`adamw1.<name>`), f32 (`--only bert-pretrain-step`)
 
 tests/fixtures/tiny-gpt-neo/        a random 4-layer GPTNeoForCausalLM (global/local alternating, window 4,
                                     hidden 16) with a 320-token byte-level BPE (tokenizer.json)
@@ -921,6 +928,54 @@ def tiny_bert_pretraining():
 
 
 
+def bert_pretrain_step():
+    """One MLM+NSP training step of the tiny BertForPreTraining (dropout off: the config's
+    probabilities are 0 and the model is in eval mode) on the padded pair batch of
+    tiny-bert-pretraining-outputs.json: both losses, the gradient of every parameter (the word
+    embeddings get the input lookup's and the tied decoder's) and every parameter after one
+    torch.optim.AdamW step (HF Trainer's grouping: no decay on biases and LayerNorm weights)."""
+    from safetensors.torch import save_file
+    from transformers import BertForPreTraining
+    model = BertForPreTraining.from_pretrained(os.path.join(FIXTURES, "tiny-bert-pretraining"),
+                                               attn_implementation="eager").eval()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    with open(os.path.join(FIXTURES, "tiny-bert-pretraining-outputs.json")) as f:
+        b = json.load(f)["batch"]
+    ids, types = torch.tensor(b["ids"]), torch.tensor(b["type_ids"])
+    mask = torch.zeros_like(ids)
+    for i, l in enumerate(b["lens"]):
+        mask[i, :l] = 1
+    labels, nsp = torch.tensor(b["mlm_labels"]), torch.tensor(b["nsp_labels"])
+    out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels,
+                next_sentence_label=nsp)
+    vocab = model.config.vocab_size
+    mlm_loss = torch.nn.functional.cross_entropy(out.prediction_logits.view(-1, vocab), labels.view(-1))
+    nsp_loss = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
+    out.loss.backward()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    named = list(model.named_parameters())
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": hp["weight_decay"]},
+         {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False)
+    opt.step()
+    for n, p in named:
+        tensors[f"adamw1.{n}"] = p.detach().clone()
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "mlm_loss": mlm_loss.item(), "nsp_loss": nsp_loss.item(), "loss": out.loss.item(),
+        "nsp_logits": out.seq_relationship_logits.detach().flatten().tolist(),
+        "parameters": [n for n, _ in named],
+        "adamw": hp,
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-pretrain-step.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-pretrain-step.json"), "w") as f:
+        json.dump(record, f)
+
+
 GPT_NEO_CORPUS = [
     "GPT-Neo alternates global attention over the whole context with local attention over a "
     "window of recent tokens, as GPT-3 alternated dense and banded sparse layers.",
@@ -1207,7 +1262,7 @@ def bahdanau():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1227,6 +1282,8 @@ def main():
         tiny_bart()
     if args.only in ("all", "bert-pretraining"):
         tiny_bert_pretraining()
+    if args.only in ("all", "bert-pretraining", "bert-pretrain-step"):
+        bert_pretrain_step()
     if args.only in ("all", "finetune"):
         finetune_tiny()
     if args.only in ("all", "training"):
