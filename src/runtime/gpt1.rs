@@ -237,6 +237,10 @@ impl<B: Backend> TokenModel<B> for Gpt1<B> {
         Ok(())
     }
 
+    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
     fn decode(
         &self,
         be: &B,

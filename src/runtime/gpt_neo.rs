@@ -375,6 +375,10 @@ impl<B: Backend> TokenModel<B> for GptNeo<B> {
         Ok(())
     }
 
+    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
     fn decode(
         &self,
         be: &B,
