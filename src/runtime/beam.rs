@@ -164,12 +164,14 @@ fn sample_without_replacement(scores: &[f32], k: usize, rng: &mut impl Rng) -> V
             }
             pick.expect("positive mass")
         } else {
-            let rest: Vec<f32> = scores
-                .iter()
-                .zip(&taken)
-                .map(|(&x, &t)| if t { f32::NEG_INFINITY } else { x })
-                .collect();
-            top_k(&rest, 1)[0]
+            // The best not yet taken (−∞ included; ties: lowest index).
+            (0..scores.len())
+                .filter(|&i| !taken[i])
+                .fold(None, |best: Option<usize>, i| match best {
+                    Some(b) if scores[b].total_cmp(&scores[i]).is_ge() => Some(b),
+                    _ => Some(i),
+                })
+                .expect("k ≤ len leaves one")
         };
         taken[pick] = true;
         w[pick] = 0.0;
