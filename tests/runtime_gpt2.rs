@@ -418,9 +418,9 @@ fn checkpoint_variants_load_and_missing_tensors_are_named() {
     let m = model();
     let prompt = [15496u32, 11, 616, 3290, 318, 13779];
     let reference = m.sequence_logits(&Cpu, &prompt).unwrap();
-    assert!(!m.separate_lm_head);
-    // Bare GPT2Model names, a separate lm_head equal to the embedding, and the old causal-mask
-    // buffers.
+    assert!(!m.has_own_lm_head());
+    // Bare GPT2Model names, a saved lm_head equal to the embedding (held once), and the old
+    // causal-mask buffers.
     let wte =
         cuattn::runtime::checkpoint::Checkpoint::open(&fixture("tiny-gpt2/model.safetensors"))
             .and_then(|mut c| c.take("transformer.wte.weight", &[50257, 16]))
@@ -434,7 +434,11 @@ fn checkpoint_variants_load_and_missing_tensors_are_named() {
             )
         })
         .collect::<Vec<_>>();
-    let mut extra = vec![("lm_head.weight".to_string(), vec![50257, 16], wte.values)];
+    let mut extra = vec![(
+        "lm_head.weight".to_string(),
+        vec![50257, 16],
+        wte.values.clone(),
+    )];
     extra.extend(buffers);
     let dir = rewritten(
         "bare",
@@ -442,8 +446,28 @@ fn checkpoint_variants_load_and_missing_tensors_are_named() {
         extra,
     );
     let bare = Gpt2::from_folder(&Cpu, &dir).unwrap();
-    assert!(bare.separate_lm_head);
+    assert!(!bare.has_own_lm_head());
     assert_eq!(bare.sequence_logits(&Cpu, &prompt).unwrap(), reference);
+    // A stored head that differs is the head even though the config ties (transformers 5
+    // loads it so): twice the embedding gives exactly twice the logits.
+    let doubled: Vec<f32> = wte.values.iter().map(|w| 2.0 * w).collect();
+    let dir = rewritten(
+        "own-head",
+        |n| Some(n.to_string()),
+        vec![("lm_head.weight".into(), vec![50257, 16], doubled)],
+    );
+    let own = Gpt2::from_folder(&Cpu, &dir).unwrap();
+    assert!(own.has_own_lm_head());
+    let twice: Vec<f32> = reference.iter().map(|l| 2.0 * l).collect();
+    assert_eq!(own.sequence_logits(&Cpu, &prompt).unwrap(), twice);
+    // An untied config without a head is refused, naming the tensor.
+    let dir = rewritten("untied", |n| Some(n.to_string()), vec![]);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["tie_word_embeddings"] = serde_json::json!(false);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let e = Gpt2::from_folder(&Cpu, &dir).err().unwrap().to_string();
+    assert!(e.contains("lm_head.weight"), "{e}");
     // A missing tensor is named.
     let dir = rewritten(
         "missing",

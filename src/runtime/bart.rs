@@ -2,8 +2,9 @@
 //! and an autoregressive decoder, both post-LayerNorm, sharing one token embedding
 //! (`model.shared`, multiplied by √d_model when `scale_embedding`), each with learned
 //! positions stored two rows down (BART's offset of 2: position p is row p + 2) and a LayerNorm
-//! on the embeddings (`layernorm_embedding`). The language-model head is the shared embedding
-//! (tied) or its own `lm_head.weight`, plus `final_logits_bias`.
+//! on the embeddings (`layernorm_embedding`). The language-model head is the checkpoint's
+//! `lm_head.weight` when it stores one, else the shared embedding
+//! ([`Checkpoint::take_lm_head`]), plus `final_logits_bias`.
 //!
 //! Encoder layer: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x)), padding masked by key length.
 //! Decoder layer: x = LN(x + CausalSelfAttn(x)); x = LN(x + CrossAttn(x, memory));
@@ -16,7 +17,7 @@
 //! input's length.
 
 use super::backend::{Activation, Backend};
-use super::checkpoint::{read_json, Checkpoint, HostParam};
+use super::checkpoint::{distinct_head, read_json, Checkpoint, HostParam};
 use super::generate::{check_vocab, TokenModel};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::{Error, Result};
@@ -202,20 +203,7 @@ impl<B: Backend> Bart<B> {
         let c = &config;
         let (v, d) = (c.vocab_size, c.d_model);
         // Outside the `model.` prefix: look for them before choosing one.
-        let separate_lm_head = ckpt.contains("lm_head.weight") && !c.tie_word_embeddings;
-        if !c.tie_word_embeddings && !separate_lm_head {
-            return Err(Error::invalid(
-                "checkpoint",
-                "tie_word_embeddings is false but the checkpoint has no lm_head.weight",
-            ));
-        }
-        let lm_head_param = if separate_lm_head {
-            Some(ckpt.take("lm_head.weight", &[v, d])?)
-        } else {
-            // A tied head saved anyway holds the shared embedding again.
-            ckpt.discard("lm_head.weight");
-            None
-        };
+        let lm_head_param = ckpt.take_lm_head(c.tie_word_embeddings, &[v, d])?;
         let bias = if ckpt.contains("final_logits_bias") {
             let b = ckpt.take("final_logits_bias", &[1, v])?;
             HostParam {
@@ -230,6 +218,8 @@ impl<B: Backend> Bart<B> {
         };
         ckpt.detect_prefix("model.", "shared.weight");
         let shared = ckpt.take("shared.weight", &[v, d])?;
+        let lm_head_param = distinct_head(lm_head_param, &shared);
+        let separate_lm_head = lm_head_param.is_some();
         let scale = if c.scale_embedding {
             (d as f32).sqrt()
         } else {

@@ -18,6 +18,12 @@ pub struct HostParam {
     pub values: Vec<f32>,
 }
 
+/// `head` unless it equals `embedding` value for value: a tied model saved with its head
+/// stores the embedding twice, and the table (the largest tensor) is then held once.
+pub fn distinct_head(head: Option<HostParam>, embedding: &HostParam) -> Option<HostParam> {
+    head.filter(|h| h != embedding)
+}
+
 impl HostParam {
     /// A 2-D parameter transposed: `[a, b]` → `[b, a]` (GPT-2's Conv1D stores `[in, out]`
     /// where a linear layer wants `[out, in]`).
@@ -205,6 +211,26 @@ impl Checkpoint {
             self.taken.insert(full);
         }
         found
+    }
+
+    /// The language-model head `lm_head.weight` (`shape` = `[vocab, width]`) as Hugging Face's
+    /// transformers 5 loads it: a stored head is the head whether or not the config ties it
+    /// (checked against transformers 5.24 for GPT-2, GPT-Neo, GPT-1 and BART); without one a
+    /// tied config reads the token embedding (`None`) and an untied one is an error. Call it
+    /// before choosing a name prefix: the head never carries one. Pass the result through
+    /// [`distinct_head`] once the embedding is read.
+    pub fn take_lm_head(&mut self, tied: bool, shape: &[usize]) -> Result<Option<HostParam>> {
+        if self.contains("lm_head.weight") {
+            return self.take("lm_head.weight", shape).map(Some);
+        }
+        if tied {
+            Ok(None)
+        } else {
+            Err(self.err(
+                "tie_word_embeddings is false but the checkpoint has no `lm_head.weight`"
+                    .to_string(),
+            ))
+        }
     }
 
     /// Takes tensor `name` (after the prefix), which must have `shape`, as f32.

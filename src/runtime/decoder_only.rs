@@ -9,11 +9,18 @@
 //! with no final one (GPT-1, the original Transformer's decoder). What differs between the
 //! models beyond that (projections fused or not, biases, the attention scale, local windows)
 //! lives in their [`MultiHeadAttention`] and [`FeedForward`] layers, built by each model's
-//! loader from its own config and weight names.
+//! loader from its own config and weight names ([`DecoderConfig::build`]).
+//!
+//! A loaded model is a [`DecoderLm`]: the family's config beside the stack. `Gpt2<B>`,
+//! `GptNeo<B>` and `Gpt1<B>` are that type with their configs, so loading, the forward pass
+//! and the decoding loop's [`TokenModel`] are written once here.
 
 use super::backend::{Activation, Backend};
+use super::checkpoint::Checkpoint;
+use super::generate::TokenModel;
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::{Error, Result};
+use std::path::Path;
 
 /// Where a block's LayerNorms sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,5 +182,135 @@ impl<B: Backend> DecoderOnly<B> {
         }
         super::generate::check_vocab(index, input, self.vocab_size)?;
         Ok(input.to_vec())
+    }
+}
+
+/// What a decoder-only family (GPT-1, GPT-2, GPT-Neo) supplies to [`DecoderLm`]: how to read
+/// its `config.json`, its token ids, and how to build the stack from its weight names.
+pub trait DecoderConfig: Sized {
+    /// The family's name in messages ("GPT-2").
+    const FAMILY: &'static str;
+    /// Reads `dir/config.json`.
+    fn read(dir: &Path) -> Result<Self>;
+    /// End-of-sequence id (one no token has when the family has none).
+    fn eos_token_id(&self) -> u32;
+    /// The id right padding is filled with (never seen by a real token).
+    fn pad_token_id(&self) -> u32 {
+        self.eos_token_id()
+    }
+    /// Layers and width (heads·dim) of the self-attention KV cache.
+    fn cache_layout(&self) -> (usize, usize);
+    /// Takes every tensor of the family out of `ckpt` and builds the stack (shapes checked
+    /// against the config before anything sized by it is allocated).
+    fn build<B: Backend>(&self, be: &B, ckpt: &mut Checkpoint) -> Result<DecoderOnly<B>>;
+}
+
+/// A loaded decoder-only language model on backend `B`: its family's config `C` and the
+/// shared stack.
+pub struct DecoderLm<B: Backend, C> {
+    pub config: C,
+    lm: DecoderOnly<B>,
+}
+
+impl<B: Backend, C: DecoderConfig> DecoderLm<B, C> {
+    /// Loads `dir/config.json` and `dir/model.safetensors`; a tensor the model does not use is
+    /// an error naming it.
+    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
+        let config = C::read(dir)?;
+        let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
+        let model = Self::from_checkpoint(be, config, &mut ckpt)?;
+        ckpt.finish()?;
+        Ok(model)
+    }
+
+    /// Takes the model's tensors out of `ckpt` (see [`DecoderConfig::build`]).
+    pub fn from_checkpoint(be: &B, config: C, ckpt: &mut Checkpoint) -> Result<Self> {
+        let lm = config.build(be, ckpt)?;
+        Ok(DecoderLm { config, lm })
+    }
+
+    /// The final hidden states: see [`DecoderOnly::forward`].
+    pub fn forward(
+        &self,
+        be: &B,
+        ids: &[u32],
+        positions: &[u32],
+        batch: usize,
+        len: usize,
+        caches: Option<&mut [&mut dyn KvCache<B>]>,
+    ) -> Result<B::Tensor> {
+        self.lm.forward(be, ids, positions, batch, len, caches)
+    }
+
+    /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
+    pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
+        self.lm.logits(be, hidden, rows)
+    }
+
+    /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).
+    pub fn sequence_logits(&self, be: &B, ids: &[u32]) -> Result<Vec<f32>> {
+        self.lm.sequence_logits(be, ids)
+    }
+
+    /// Whether the language-model head is a matrix of its own (an untied `lm_head.weight`)
+    /// rather than the token embedding.
+    pub fn has_own_lm_head(&self) -> bool {
+        self.lm.lm_head.is_some()
+    }
+
+    /// The stack itself.
+    pub fn decoder(&self) -> &DecoderOnly<B> {
+        &self.lm
+    }
+}
+
+impl<B: Backend, C: DecoderConfig> TokenModel<B> for DecoderLm<B, C> {
+    type Memory = ();
+
+    fn vocab_size(&self) -> usize {
+        self.lm.vocab_size
+    }
+
+    fn eos_token_id(&self) -> u32 {
+        self.config.eos_token_id()
+    }
+
+    fn pad_token_id(&self) -> u32 {
+        self.config.pad_token_id()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.lm.n_positions
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        self.config.cache_layout()
+    }
+
+    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
+        self.lm.check_prompt(C::FAMILY, index, input)
+    }
+
+    fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
+    fn decode(
+        &self,
+        be: &B,
+        _memory: &(),
+        ids: &[u32],
+        positions: &[u32],
+        batch: usize,
+        len: usize,
+        rows: &[u32],
+        caches: Option<&mut [&mut dyn KvCache<B>]>,
+    ) -> Result<Vec<f32>> {
+        let hidden = self.lm.forward(be, ids, positions, batch, len, caches)?;
+        be.to_f32(&self.lm.logits(be, &hidden, rows)?)
     }
 }

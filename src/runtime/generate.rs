@@ -27,7 +27,6 @@
 
 use super::backend::Backend;
 use super::cpu::Cpu;
-use super::gpt2::Gpt2;
 pub use super::kv_cache::{HostKvCache, StepKvCache};
 use super::layers::KvCache;
 use crate::error::{Error, Result};
@@ -455,53 +454,6 @@ pub trait TokenModel<B: Backend> {
         rows: &[u32],
         caches: Option<&mut [&mut dyn KvCache<B>]>,
     ) -> Result<Vec<f32>>;
-}
-
-impl<B: Backend> TokenModel<B> for Gpt2<B> {
-    type Memory = ();
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn eos_token_id(&self) -> u32 {
-        self.config.eos_token_id
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.n_positions
-    }
-
-    fn cache_layout(&self) -> (usize, usize) {
-        (self.config.n_layer, self.config.n_embd)
-    }
-
-    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
-        self.decoder().check_prompt("GPT-2", index, input)
-    }
-
-    fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {
-        Ok(())
-    }
-
-    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
-        Ok(())
-    }
-
-    fn decode(
-        &self,
-        be: &B,
-        _memory: &(),
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        rows: &[u32],
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<Vec<f32>> {
-        let hidden = self.forward(be, ids, positions, batch, len, caches)?;
-        be.to_f32(&self.logits(be, &hidden, rows)?)
-    }
 }
 
 /// An error naming the first id of input `index` outside a vocabulary of `vocab` tokens.

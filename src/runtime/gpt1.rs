@@ -2,7 +2,7 @@
 //! stack of [`super::decoder_only`] with post-LayerNorm blocks (`ln_1(x + attn(x))`, then
 //! `ln_2(n + mlp(n))`, no final LayerNorm), learned positions, GPT-2's Conv1D weight layout
 //! (`[in, out]`), scores scaled by 1/√head_dim, and the head tied to the token embedding
-//! (`tie_word_embeddings`, default true; else `lm_head.weight`). Matched against Hugging
+//! unless the checkpoint stores `lm_head.weight` ([`Checkpoint::take_lm_head`]). Matched against Hugging
 //! Face's `modeling_openai.py` by tests/runtime_gpt1.rs; where it differs in form:
 //!
 //! - `afn: "gelu"` is GELU's tanh approximation there (`ACT_FNS["gelu"] = gelu_new`), so it is
@@ -17,11 +17,10 @@
 //! The tokenizer is [`super::gpt1_tokenizer`].
 
 use super::backend::{Activation, Backend};
-use super::checkpoint::{read_json, Checkpoint};
+use super::checkpoint::{distinct_head, read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
-use super::decoder_only::{DecoderBlock, DecoderOnly, Norm};
-use super::generate::TokenModel;
-use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
+use super::decoder_only::{DecoderBlock, DecoderConfig, DecoderLm, DecoderOnly, Norm};
+use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::Result;
 use std::path::Path;
 
@@ -97,33 +96,34 @@ impl Gpt1Config {
 }
 
 /// A loaded GPT-1 language model on backend `B`.
-pub struct Gpt1<B: Backend> {
-    pub config: Gpt1Config,
-    lm: DecoderOnly<B>,
-}
+pub type Gpt1<B> = DecoderLm<B, Gpt1Config>;
 
-impl<B: Backend> Gpt1<B> {
-    /// Loads `dir/config.json` and `dir/model.safetensors`.
-    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
-        let config = Gpt1Config::from_folder(dir)?;
-        let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
-        let model = Self::from_checkpoint(be, config, &mut ckpt)?;
-        ckpt.finish()?;
-        Ok(model)
+impl DecoderConfig for Gpt1Config {
+    const FAMILY: &'static str = "GPT-1";
+
+    fn read(dir: &Path) -> Result<Self> {
+        Gpt1Config::from_folder(dir)
+    }
+
+    /// The config's `eos_token_id`, or an id no token has (GPT-1 has none).
+    fn eos_token_id(&self) -> u32 {
+        self.eos_token_id.unwrap_or(NO_TOKEN)
+    }
+
+    fn pad_token_id(&self) -> u32 {
+        self.eos_token_id.unwrap_or(0)
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        (self.n_layer, self.n_embd)
     }
 
     /// Takes every GPT-1 tensor out of `ckpt`: names with or without the `transformer.`
     /// prefix (an `OpenAIGPTLMHeadModel` or a bare `OpenAIGPTModel`).
-    pub fn from_checkpoint(be: &B, config: Gpt1Config, ckpt: &mut Checkpoint) -> Result<Self> {
-        let c = &config;
+    fn build<B: Backend>(&self, be: &B, ckpt: &mut Checkpoint) -> Result<DecoderOnly<B>> {
+        let c = self;
         let e = c.n_embd;
-        let lm_head = if c.tie_word_embeddings {
-            ckpt.discard("lm_head.weight");
-            None
-        } else {
-            let w = ckpt.take("lm_head.weight", &[c.vocab_size, e])?;
-            Some(Linear::from_owned(be, w, None)?)
-        };
+        let head = ckpt.take_lm_head(c.tie_word_embeddings, &[c.vocab_size, e])?;
         ckpt.detect_prefix("transformer.", "tokens_embed.weight");
         ckpt.expect_shape(
             "tokens_embed.weight",
@@ -146,7 +146,12 @@ impl<B: Backend> Gpt1<B> {
             let b = ckpt.take(&format!("{name}.bias"), &[out])?;
             Linear::from_conv1d(be, &w, Some(&b))
         };
-        let wte = Embedding::from_owned(be, ckpt.take("tokens_embed.weight", &[c.vocab_size, e])?)?;
+        let wte = ckpt.take("tokens_embed.weight", &[c.vocab_size, e])?;
+        let lm_head = match distinct_head(head, &wte) {
+            Some(w) => Some(Linear::from_owned(be, w, None)?),
+            None => None,
+        };
+        let wte = Embedding::from_owned(be, wte)?;
         let wpe = Embedding::from_owned(
             be,
             ckpt.take("positions_embed.weight", &[c.n_positions, e])?,
@@ -168,7 +173,7 @@ impl<B: Backend> Gpt1<B> {
                 ln_2: ln(ckpt, &format!("{p}.ln_2"))?,
             });
         }
-        let lm = DecoderOnly {
+        Ok(DecoderOnly {
             wte,
             wpe,
             blocks,
@@ -177,82 +182,6 @@ impl<B: Backend> Gpt1<B> {
             lm_head,
             vocab_size: c.vocab_size,
             n_positions: c.n_positions,
-        };
-        Ok(Gpt1 { config, lm })
-    }
-
-    /// The last block's hidden states, `[batch·len, n_embd]`: see [`DecoderOnly::forward`].
-    pub fn forward(
-        &self,
-        be: &B,
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<B::Tensor> {
-        self.lm.forward(be, ids, positions, batch, len, caches)
-    }
-
-    /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
-    pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
-        self.lm.logits(be, hidden, rows)
-    }
-
-    /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).
-    pub fn sequence_logits(&self, be: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        self.lm.sequence_logits(be, ids)
-    }
-}
-
-impl<B: Backend> TokenModel<B> for Gpt1<B> {
-    type Memory = ();
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    /// The config's `eos_token_id`, or an id no token has (GPT-1 has none).
-    fn eos_token_id(&self) -> u32 {
-        self.config.eos_token_id.unwrap_or(NO_TOKEN)
-    }
-
-    fn pad_token_id(&self) -> u32 {
-        self.config.eos_token_id.unwrap_or(0)
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.n_positions
-    }
-
-    fn cache_layout(&self) -> (usize, usize) {
-        (self.config.n_layer, self.config.n_embd)
-    }
-
-    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
-        self.lm.check_prompt("GPT-1", index, input)
-    }
-
-    fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {
-        Ok(())
-    }
-
-    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
-        Ok(())
-    }
-
-    fn decode(
-        &self,
-        be: &B,
-        _memory: &(),
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        rows: &[u32],
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<Vec<f32>> {
-        let hidden = self.forward(be, ids, positions, batch, len, caches)?;
-        be.to_f32(&self.logits(be, &hidden, rows)?)
+        })
     }
 }

@@ -1,14 +1,14 @@
 //! GPT-2 (Hugging Face `GPT2LMHeadModel`): token + learned position embeddings, N pre-LayerNorm
 //! decoder blocks (causal multi-head self-attention from the fused Conv1D `c_attn`, `gelu_new`
-//! MLP), the final LayerNorm and the language-model head (tied to the token embedding unless
-//! the checkpoint carries its own `lm_head.weight`). Any size of the family: the shapes come
-//! from `config.json`.
+//! MLP), the final LayerNorm and the language-model head (`lm_head.weight` when the checkpoint
+//! stores one, else the token embedding: [`Checkpoint::take_lm_head`]). Any size of the
+//! family: the shapes come from `config.json`.
 
 use super::backend::{Activation, Backend};
-use super::checkpoint::{read_json, Checkpoint};
+use super::checkpoint::{distinct_head, read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
-use super::decoder_only::{DecoderBlock, DecoderOnly, Norm};
-use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
+use super::decoder_only::{DecoderBlock, DecoderConfig, DecoderLm, DecoderOnly, Norm};
+use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::Result;
 use std::path::Path;
 
@@ -27,6 +27,8 @@ pub struct Gpt2Config {
     pub layer_norm_epsilon: f32,
     /// End-of-text id (`eos_token_id`, 50256 when absent).
     pub eos_token_id: u32,
+    /// The head is the token embedding (`tie_word_embeddings`, default true).
+    pub tie_word_embeddings: bool,
 }
 
 impl Gpt2Config {
@@ -73,6 +75,7 @@ impl Gpt2Config {
             activation,
             layer_norm_epsilon: f.epsilon_or("layer_norm_epsilon", 1e-5)?,
             eos_token_id: f.int_or("eos_token_id", 50256, 0..=vocab_size - 1)? as u32,
+            tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(true),
         };
         if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(f.err(format!(
@@ -89,36 +92,29 @@ impl Gpt2Config {
 }
 
 /// A loaded GPT-2 language model on backend `B`.
-pub struct Gpt2<B: Backend> {
-    pub config: Gpt2Config,
-    lm: DecoderOnly<B>,
-    /// Whether the checkpoint had its own `lm_head.weight`.
-    pub separate_lm_head: bool,
-}
+pub type Gpt2<B> = DecoderLm<B, Gpt2Config>;
 
-impl<B: Backend> Gpt2<B> {
-    /// Loads `dir/config.json` and `dir/model.safetensors`.
-    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
-        let config = Gpt2Config::from_folder(dir)?;
-        let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
-        let model = Self::from_checkpoint(be, config, &mut ckpt)?;
-        ckpt.finish()?;
-        Ok(model)
+impl DecoderConfig for Gpt2Config {
+    const FAMILY: &'static str = "GPT-2";
+
+    fn read(dir: &Path) -> Result<Self> {
+        Gpt2Config::from_folder(dir)
     }
 
-    /// Takes every GPT-2 tensor out of `ckpt`: names with or without the `transformer.` prefix
-    /// (a `GPT2LMHeadModel` or a bare `GPT2Model`), `lm_head.weight` if present.
-    pub fn from_checkpoint(be: &B, config: Gpt2Config, ckpt: &mut Checkpoint) -> Result<Self> {
-        // `lm_head.weight` never carries the prefix, so look for it before choosing one.
-        let separate_lm_head = ckpt.contains("lm_head.weight");
-        let lm_head = if separate_lm_head {
-            let w = ckpt.take("lm_head.weight", &[config.vocab_size, config.n_embd])?;
-            Some(Linear::from_owned(be, w, None)?)
-        } else {
-            None
-        };
+    fn eos_token_id(&self) -> u32 {
+        self.eos_token_id
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        (self.n_layer, self.n_embd)
+    }
+
+    /// Every GPT-2 tensor: names with or without the `transformer.` prefix (a
+    /// `GPT2LMHeadModel` or a bare `GPT2Model`); the head as [`Checkpoint::take_lm_head`] says.
+    fn build<B: Backend>(&self, be: &B, ckpt: &mut Checkpoint) -> Result<DecoderOnly<B>> {
+        let c = self;
+        let head = ckpt.take_lm_head(c.tie_word_embeddings, &[c.vocab_size, c.n_embd])?;
         ckpt.detect_prefix("transformer.", "wte.weight");
-        let c = &config;
         let (e, inner) = (c.n_embd, c.n_inner);
         // The config against the file's tensors before anything sized by it is allocated.
         ckpt.expect_shape("wte.weight", &[c.vocab_size, e], "vocab_size and n_embd")?;
@@ -134,7 +130,12 @@ impl<B: Backend> Gpt2<B> {
             let b = ckpt.take(&format!("{name}.bias"), &[out])?;
             Linear::from_conv1d(be, &w, Some(&b))
         };
-        let wte = Embedding::from_owned(be, ckpt.take("wte.weight", &[c.vocab_size, e])?)?;
+        let wte = ckpt.take("wte.weight", &[c.vocab_size, e])?;
+        let lm_head = match distinct_head(head, &wte) {
+            Some(w) => Some(Linear::from_owned(be, w, None)?),
+            None => None,
+        };
+        let wte = Embedding::from_owned(be, wte)?;
         let wpe = Embedding::from_owned(be, ckpt.take("wpe.weight", &[c.n_positions, e])?)?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
@@ -156,7 +157,7 @@ impl<B: Backend> Gpt2<B> {
             });
         }
         let ln_f = ln(ckpt, "ln_f")?;
-        let lm = DecoderOnly {
+        Ok(DecoderOnly {
             wte,
             wpe,
             blocks,
@@ -165,45 +166,6 @@ impl<B: Backend> Gpt2<B> {
             lm_head,
             vocab_size: c.vocab_size,
             n_positions: c.n_positions,
-        };
-        Ok(Gpt2 {
-            config,
-            lm,
-            separate_lm_head,
         })
-    }
-
-    /// The final hidden states (after `ln_f`), `[batch·len, n_embd]`, of `batch` sequences of
-    /// `len` tokens (`ids` and `positions` row-major `[batch, len]`).
-    ///
-    /// Without caches every sequence attends causally to its own tokens from the first one;
-    /// padding must come after a sequence's tokens (right padding), where causality keeps it
-    /// out of every real token's view. With caches (one per layer) the tokens are appended to
-    /// them and attend to everything cached (see [`KvCache`]).
-    pub fn forward(
-        &self,
-        be: &B,
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<B::Tensor> {
-        self.lm.forward(be, ids, positions, batch, len, caches)
-    }
-
-    /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
-    pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
-        self.lm.logits(be, hidden, rows)
-    }
-
-    /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).
-    pub fn sequence_logits(&self, be: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        self.lm.sequence_logits(be, ids)
-    }
-
-    /// The model as [`super::decoder_only`] runs it.
-    pub fn decoder(&self) -> &DecoderOnly<B> {
-        &self.lm
     }
 }

@@ -15,18 +15,16 @@
 //! - Q, K and V are three bias-free `nn.Linear` projections (`attn.attention.{q,k,v}_proj`,
 //!   fused here into one GEMM), the output projection `attn.attention.out_proj` has a bias;
 //!   the MLP is `nn.Linear` (`mlp.c_fc`, `mlp.c_proj`: `[out, in]`, not GPT-2's Conv1D).
-//! - The language-model head is the token embedding when `tie_word_embeddings` (the default;
-//!   a stored `lm_head.weight` is then ignored, as Hugging Face ties over it), else
-//!   `lm_head.weight`.
+//! - The language-model head is `lm_head.weight` when the checkpoint stores one, else the
+//!   token embedding ([`Checkpoint::take_lm_head`]).
 //!
 //! The tokenizer is GPT-2's byte-level BPE ([`super::gpt2_tokenizer`]).
 
 use super::backend::{Activation, Backend};
-use super::checkpoint::{read_json, Checkpoint};
+use super::checkpoint::{distinct_head, read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
-use super::decoder_only::{DecoderBlock, DecoderOnly, Norm};
-use super::generate::TokenModel;
-use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
+use super::decoder_only::{DecoderBlock, DecoderConfig, DecoderLm, DecoderOnly, Norm};
+use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::Result;
 use serde_json::Value;
 use std::ops::RangeInclusive;
@@ -213,35 +211,30 @@ fn attention_layers(f: &Fields<'_>, v: &Value, num_layers: usize) -> Result<Vec<
 }
 
 /// A loaded GPT-Neo language model on backend `B`.
-pub struct GptNeo<B: Backend> {
-    pub config: GptNeoConfig,
-    lm: DecoderOnly<B>,
-}
+pub type GptNeo<B> = DecoderLm<B, GptNeoConfig>;
 
-impl<B: Backend> GptNeo<B> {
-    /// Loads `dir/config.json` and `dir/model.safetensors`.
-    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
-        let config = GptNeoConfig::from_folder(dir)?;
-        let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
-        let model = Self::from_checkpoint(be, config, &mut ckpt)?;
-        ckpt.finish()?;
-        Ok(model)
+impl DecoderConfig for GptNeoConfig {
+    const FAMILY: &'static str = "GPT-Neo";
+
+    fn read(dir: &Path) -> Result<Self> {
+        GptNeoConfig::from_folder(dir)
+    }
+
+    fn eos_token_id(&self) -> u32 {
+        self.eos_token_id
+    }
+
+    fn cache_layout(&self) -> (usize, usize) {
+        (self.num_layers, self.hidden_size)
     }
 
     /// Takes every GPT-Neo tensor out of `ckpt`: names with or without the `transformer.`
-    /// prefix (a `GPTNeoForCausalLM` or a bare `GPTNeoModel`); `lm_head.weight` when the
-    /// embeddings are not tied.
-    pub fn from_checkpoint(be: &B, config: GptNeoConfig, ckpt: &mut Checkpoint) -> Result<Self> {
-        let c = &config;
+    /// prefix (a `GPTNeoForCausalLM` or a bare `GPTNeoModel`); the head as
+    /// [`Checkpoint::take_lm_head`] says.
+    fn build<B: Backend>(&self, be: &B, ckpt: &mut Checkpoint) -> Result<DecoderOnly<B>> {
+        let c = self;
         let (e, inner) = (c.hidden_size, c.intermediate_size);
-        // `lm_head.weight` never carries the prefix, so look for it before choosing one.
-        let lm_head = if c.tie_word_embeddings {
-            ckpt.discard("lm_head.weight");
-            None
-        } else {
-            let w = ckpt.take("lm_head.weight", &[c.vocab_size, e])?;
-            Some(Linear::from_owned(be, w, None)?)
-        };
+        let head = ckpt.take_lm_head(c.tie_word_embeddings, &[c.vocab_size, e])?;
         ckpt.detect_prefix("transformer.", "wte.weight");
         // The config against the file's tensors before anything sized by it is allocated.
         ckpt.expect_shape(
@@ -266,7 +259,12 @@ impl<B: Backend> GptNeo<B> {
             let b = ckpt.take(&format!("{name}.bias"), &[out])?;
             Linear::from_owned(be, w, Some(b))
         };
-        let wte = Embedding::from_owned(be, ckpt.take("wte.weight", &[c.vocab_size, e])?)?;
+        let wte = ckpt.take("wte.weight", &[c.vocab_size, e])?;
+        let lm_head = match distinct_head(head, &wte) {
+            Some(w) => Some(Linear::from_owned(be, w, None)?),
+            None => None,
+        };
+        let wte = Embedding::from_owned(be, wte)?;
         let wpe = Embedding::from_owned(
             be,
             ckpt.take("wpe.weight", &[c.max_position_embeddings, e])?,
@@ -310,7 +308,7 @@ impl<B: Backend> GptNeo<B> {
             });
         }
         let ln_f = ln(ckpt, "ln_f")?;
-        let lm = DecoderOnly {
+        Ok(DecoderOnly {
             wte,
             wpe,
             blocks,
@@ -319,79 +317,7 @@ impl<B: Backend> GptNeo<B> {
             lm_head,
             vocab_size: c.vocab_size,
             n_positions: c.max_position_embeddings,
-        };
-        Ok(GptNeo { config, lm })
-    }
-
-    /// The final hidden states (after `ln_f`), `[batch·len, hidden_size]`: see
-    /// [`DecoderOnly::forward`].
-    pub fn forward(
-        &self,
-        be: &B,
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<B::Tensor> {
-        self.lm.forward(be, ids, positions, batch, len, caches)
-    }
-
-    /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
-    pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
-        self.lm.logits(be, hidden, rows)
-    }
-
-    /// Logits at every position of one sequence, `[len, vocab]` as f32 (a full forward pass).
-    pub fn sequence_logits(&self, be: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        self.lm.sequence_logits(be, ids)
-    }
-}
-
-impl<B: Backend> TokenModel<B> for GptNeo<B> {
-    type Memory = ();
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn eos_token_id(&self) -> u32 {
-        self.config.eos_token_id
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-
-    fn cache_layout(&self) -> (usize, usize) {
-        (self.config.num_layers, self.config.hidden_size)
-    }
-
-    fn decoder_prompt(&self, index: usize, input: &[u32]) -> Result<Vec<u32>> {
-        self.lm.check_prompt("GPT-Neo", index, input)
-    }
-
-    fn encode(&self, _be: &B, _inputs: &[Vec<u32>], _copies: usize) -> Result<()> {
-        Ok(())
-    }
-
-    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
-        Ok(())
-    }
-
-    fn decode(
-        &self,
-        be: &B,
-        _memory: &(),
-        ids: &[u32],
-        positions: &[u32],
-        batch: usize,
-        len: usize,
-        rows: &[u32],
-        caches: Option<&mut [&mut dyn KvCache<B>]>,
-    ) -> Result<Vec<f32>> {
-        let hidden = self.forward(be, ids, positions, batch, len, caches)?;
-        be.to_f32(&self.logits(be, &hidden, rows)?)
+        })
     }
 }
 
