@@ -9,9 +9,9 @@ timing and peak-RSS helpers it loads):
     cargo build --release --bin cuattn
     /work/fxvenv/bin/python scripts/bench-bart-cpu.py
 
-The folder's tokenizer is the tiny BART fixture's byte-level BPE (its 420 ids are valid in the
-50265-token vocabulary; BART-base's own tokenizer files are not needed for a speed test): our
-tokenizer makes the encoder ids (`--json` prints them) and both sides get those ids. The
+The folder's tokenizer is the tiny BART fixture's byte-level BPE, its vocabulary padded with
+placeholder tokens to BART-base's 50265 (BART-base's own tokenizer files are not needed for a
+speed test): our tokenizer makes the encoder ids (`--json` prints them) and both sides get those ids. The
 generation_config.json turns off what would make the two sides' lengths differ (no forced EOS,
 no n-gram blocking), and every run asks for exactly --max-new-tokens tokens (`min_new_tokens`
 equal to it), so tokens/s = batch·max_new_tokens / seconds, and the generated ids are compared
@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import time
@@ -67,9 +66,22 @@ def make_bart_base(folder):
                         tie_word_embeddings=True, bos_token_id=0, pad_token_id=1, eos_token_id=2,
                         decoder_start_token_id=2, forced_eos_token_id=None)
     BartForConditionalGeneration(config).eval().save_pretrained(folder, safe_serialization=True)
-    shutil.copy(os.path.join(ROOT, "tests", "fixtures", "tiny-bart", "tokenizer.json"), folder)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump(GENERATION, f, indent=2)
+
+
+def write_tokenizer(folder, vocab_size=50265):
+    """The tiny fixture's BPE with its vocabulary padded to the model's by tokens `<xN>` (no
+    merges make them, but the random model generates their ids and our CLI decodes them)."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "tiny-bart", "tokenizer.json")) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    n = len(vocab)
+    for i in range(n, vocab_size):
+        assert f"<x{i}>" not in vocab
+        vocab[f"<x{i}>"] = i
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
 
 
 def hf_run(model, ids_list, max_new, beams):
@@ -113,6 +125,7 @@ def main():
     ap.add_argument("--batches", default="1,4")
     args = ap.parse_args()
     make_bart_base(args.work)
+    write_tokenizer(args.work)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "(no git)"
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, cpu f32, "

@@ -280,8 +280,8 @@ impl<B: TrainBackend> BertForPreTraining<B> {
         // Masked LM on the masked rows: gather, transform, tied decoder.
         let (mlm_loss, mlm_logits, ddecoder_w) = if masked_rows.is_empty() {
             let zeros = |i: usize| be.zeros(be.shape(&self.params[i].value));
-            for i in hi..hi + 5 {
-                grads[i] = Some(zeros(i)?);
+            for (i, g) in grads.iter_mut().enumerate().skip(hi).take(5) {
+                *g = Some(zeros(i)?);
             }
             (0.0, None, None)
         } else {
