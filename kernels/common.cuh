@@ -88,6 +88,16 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
     return warp_sum(lane < warps ? smem[lane] : 0.0f);
 }
 
+// Maximum over a 1-D block, as block_sum (smem: 32 floats; every thread gets the result).
+__device__ __forceinline__ float block_max(float v, float* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    return warp_max(lane < warps ? smem[lane] : -INFINITY);
+}
+
 }  // namespace cuattn
 
 // Tensor-core and asynchronous-copy primitives (sm_80+), shared by the attention kernels.

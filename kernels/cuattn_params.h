@@ -552,4 +552,59 @@ typedef struct cuattn_attn_softmax_bwd_params {
     float scale;
 } cuattn_attn_softmax_bwd_params;
 
+/* ---- The recurrent models' fused ops (kernels/rnn_ops.cu) ---------------------------------- */
+
+/* One GRU step after its two GEMMs (kernels gru_fwd_{T}, gru_bwd_{T}). gi = x W_ih^T + b_ih and
+ * gh = h W_hh^T + b_hh are [batch, 3H] in the blocks (r, z, n); h, out, dout, dh are [batch, H];
+ * cache is [batch, 4H] holding (r, z, n, gh_n) per row. active is [batch] uint8 or 0 (every row
+ * active): an inactive row keeps its state (out = h, dh = dout) and gets zero gate gradients and
+ * a zero cache row. The forward reads gi, gh, h, active and writes out, cache; the backward
+ * reads cache, h, dout, active and writes dgi, dgh, dh. All T. */
+typedef struct cuattn_gru_params {
+    uint64_t gi;     /* [batch, 3H] T (forward) */
+    uint64_t gh;     /* [batch, 3H] T (forward) */
+    uint64_t h;      /* [batch, H] T */
+    uint64_t active; /* [batch] uint8, or 0 */
+    uint64_t out;    /* [batch, H] T (forward) */
+    uint64_t cache;  /* [batch, 4H] T: written by the forward, read by the backward */
+    uint64_t dout;   /* [batch, H] T (backward) */
+    uint64_t dgi;    /* [batch, 3H] T (backward) */
+    uint64_t dgh;    /* [batch, 3H] T (backward) */
+    uint64_t dh;     /* [batch, H] T (backward) */
+    int64_t batch;
+    int64_t hidden;
+} cuattn_gru_params;
+
+/* Threads of an additive-attention block, and the most keys per sequence (its dynamic shared
+ * memory holds len_k floats forward, 2 len_k backward: under the 48 KiB a block gets without
+ * opting in, with the 128 bytes of its static reduction buffer). */
+#define CUATTN_ADDITIVE_THREADS 256
+#define CUATTN_ADDITIVE_MAX_KEYS 6000
+
+/* Bahdanau's additive attention (kernels additive_fwd_{T}, additive_bwd_{T}); block b owns
+ * sequence b. Its valid keys are j < len = key_lens[b] clamped to [0, len_k] (or len_k):
+ * e_j = v . tanh(q_b + k_bj), alpha = softmax(e) over them (0 at padded keys),
+ * ctx_b = sum_j alpha_j values_bj (0 when len = 0). The backward takes dctx and the forward's
+ * alpha and writes dq, dkeys and dvalues (0 rows at padded keys) and this sequence's share of
+ * dv, dv_part[b] = sum_j de_j tanh(q_b + k_bj) in f32, which the host sums over b. */
+typedef struct cuattn_additive_params {
+    uint64_t q;        /* [batch, A] T */
+    uint64_t keys;     /* [batch * len_k, A] T */
+    uint64_t v;        /* [A] T */
+    uint64_t values;   /* [batch * len_k, D] T */
+    uint64_t key_lens; /* [batch] int32, or 0: every sequence has len_k keys */
+    uint64_t ctx;      /* [batch, D] T (forward) */
+    uint64_t alpha;    /* [batch, len_k] T: written forward, read backward */
+    uint64_t dctx;     /* [batch, D] T (backward) */
+    uint64_t dq;       /* [batch, A] T (backward) */
+    uint64_t dkeys;    /* [batch * len_k, A] T (backward) */
+    uint64_t dvalues;  /* [batch * len_k, D] T (backward) */
+    uint64_t dv_part;  /* [batch, A] f32 (backward) */
+    int64_t batch;
+    int32_t len_k;     /* 1 .. CUATTN_ADDITIVE_MAX_KEYS */
+    int32_t dim_a;
+    int32_t dim_v;
+    int32_t pad_;
+} cuattn_additive_params;
+
 #endif /* CUATTN_PARAMS_H */

@@ -428,16 +428,6 @@ template <typename T> __device__ void elementwise(const cuattn_ew_params& p) {
     }
 }
 
-// Max over a 1-D block, every thread getting the result (as block_sum; smem: 32 floats).
-__device__ __forceinline__ float block_max(float v, float* smem) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) smem[warp] = v;
-    __syncthreads();
-    return warp_max(lane < warps ? smem[lane] : -INFINITY);
-}
-
 template <typename T> __device__ void attn_softmax_fwd(const cuattn_attn_softmax_fwd_params& p) {
     __shared__ float smem[32];
     const int32_t* key_lens = reinterpret_cast<const int32_t*>(p.key_lens);

@@ -30,6 +30,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -37,6 +38,7 @@ import transformers
 from transformers import BartConfig, BartForConditionalGeneration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no scripts/__pycache__ from loading bench-generate.py
 _spec = importlib.util.spec_from_file_location(
     "bench_generate", os.path.join(ROOT, "scripts", "bench-generate.py"))
 bench_generate = importlib.util.module_from_spec(_spec)

@@ -19,6 +19,9 @@ back to back, and the rounds repeat, so load from anything else on the machine h
 alike; the table gives each side's best and median over the rounds, and the ratio of the bests
 and of the medians. The outputs are compared (worst cosine over all sentences) so a fast wrong
 answer cannot pass; the script exits non-zero when it is below 0.9999.
+
+Our process's peak resident memory (model loading included) is measured with GNU time
+(`/usr/bin/time -f %M`, when present) and printed beside the size of model.safetensors.
 """
 import argparse
 import json
@@ -26,6 +29,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -61,6 +65,9 @@ def sentences(kind, n):
     return out
 
 
+GNU_TIME = next((t for t in ("/usr/bin/time", shutil.which("gtime")) if t and os.access(t, os.X_OK)), None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
@@ -83,6 +90,7 @@ def main():
             paths[s] = f.name
     st.encode(texts[cases[0][0]][: args.batch_size], batch_size=args.batch_size)  # warm-up
     times = {c: ([], []) for c in cases}
+    peak_kib = {c: 0 for c in cases}
     worst = {c: 1.0 for c in cases}
     try:
         for _ in range(args.rounds):
@@ -95,10 +103,15 @@ def main():
                 t0 = time.perf_counter()
                 st_emb = st.encode(texts[kind], batch_size=args.batch_size, convert_to_numpy=True)
                 times[case][1].append(time.perf_counter() - t0)
-                r = subprocess.run(
-                    [args.bin, "embed", "--model", args.model, "--device", "cpu", "--batch-size",
-                     str(args.batch_size), "--input", paths[kind], "--json", "--timing"],
-                    check=True, capture_output=True, text=True, env=env)
+                cmd = [args.bin, "embed", "--model", args.model, "--device", "cpu", "--batch-size",
+                       str(args.batch_size), "--input", paths[kind], "--json", "--timing"]
+                with tempfile.NamedTemporaryFile("r") as rss:
+                    if GNU_TIME:
+                        cmd = [GNU_TIME, "-f", "%M", "-o", rss.name, *cmd]
+                    r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                    kib = rss.read().split()
+                    if kib and kib[-1].isdigit():
+                        peak_kib[case] = max(peak_kib[case], int(kib[-1]))
                 times[case][0].append(float(re.search(r"in ([0-9.]+) s", r.stderr).group(1)))
                 ours = np.array(json.loads(r.stdout)["embeddings"], dtype=np.float64)
                 a = ours / np.linalg.norm(ours, axis=1, keepdims=True)
@@ -114,9 +127,12 @@ def main():
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
           f"load {os.getloadavg()[0]:.1f} at end, torch {torch.__version__}, "
           f"{args.n} sentences per set, batch {args.batch_size}, {args.rounds} rounds")
+    ckpt = os.path.getsize(os.path.join(args.model, "model.safetensors"))
+    print(f"# model.safetensors {ckpt / 2**20:.1f} MiB; our peak RSS is GNU time's maximum "
+          "resident set over the rounds" + ("" if GNU_TIME else " (not measured: no GNU time)"))
     print("| set | threads | ours best (sent/s) | ours median | s-t best | s-t median "
-          "| ratio (best) | ratio (median) | worst cosine |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ratio (best) | ratio (median) | worst cosine | our peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for case in cases:
         ours_t, st_t = times[case]
@@ -124,7 +140,8 @@ def main():
         sb, sm = args.n / min(st_t), args.n / statistics.median(st_t)
         ok &= worst[case] >= 0.9999
         print(f"| {case[0]} | {case[1] or f'all ({default_threads})'} | {ob:.1f} | {om:.1f} "
-              f"| {sb:.1f} | {sm:.1f} | {ob / sb:.2f} | {om / sm:.2f} | {worst[case]:.7f} |",
+              f"| {sb:.1f} | {sm:.1f} | {ob / sb:.2f} | {om / sm:.2f} | {worst[case]:.7f} "
+              f"| {peak_kib[case] / 1024:.1f} |",
               flush=True)
     if not ok:
         raise SystemExit("embeddings disagree with sentence-transformers (cosine < 0.9999)")

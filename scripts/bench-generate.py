@@ -34,6 +34,17 @@ left with the attention mask; cuattn pads on the right and keeps per-sequence po
 same arithmetic). The greedy ids are compared and the count of sequences that agree is printed,
 so a fast wrong answer shows (on the 124M-shaped random model, whose logits have tiny margins,
 a rounding difference may legitimately flip a late token, more so in f16).
+
+On the CPU the script also measures the machine's read bandwidth (examples/read_bandwidth.rs:
+a 1 GiB f32 buffer summed with 1 thread and with every thread, best of 5; build it with
+`cargo build --release --example read_bandwidth`), before the first model and after the last,
+and gives each of our rows the weight bytes it streams per decoding step (every parameter of
+the model once, the tied token table once as the LM head, the position table not: one row of
+it), times steps/s, as GB/s and as a share of the best all-thread read bandwidth. At batch 1
+that share is what the decode loop makes of the memory system (the rest is the prefill, the
+attention over the cache and per-step overhead). It means that only for weights far larger
+than the caches (the 124M-shaped model's ~500 MB); the tiny model's 3 MB stay in cache and can
+read faster than memory (over 100%).
 """
 import argparse
 import json
@@ -148,6 +159,25 @@ def ours(binary, folder, prompts, max_new, device, dtype, extra=()):
     return float(m.group(1)), gen, ids, peak_kib
 
 
+def read_bandwidth(binary):
+    """The read_bandwidth example's JSON, or None when it is not built."""
+    if not binary or not os.access(binary, os.X_OK):
+        return None
+    r = subprocess.run([binary, "--json"], check=True, capture_output=True, text=True)
+    return json.loads(r.stdout)
+
+
+def step_bytes(model, storage):
+    """Bytes of weights one decoding step reads: every parameter once (the tied wte once, as
+    the LM head) except the position table; matrices in `storage`, vectors in f32."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.endswith("wpe.weight"):
+            continue
+        total += p.numel() * (2 if p.dim() == 2 and storage == "bf16" else 4)
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "cuattn"))
@@ -157,6 +187,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="tiny,124m")
+    ap.add_argument("--bandwidth-bin",
+                    default=os.path.join(ROOT, "target", "release", "examples", "read_bandwidth"),
+                    help="the read_bandwidth example (CPU runs; skipped when not built)")
     args = ap.parse_args()
     dev, dt = args.device, args.dtype
     if dev == "cpu" and dt == "f16":
@@ -173,6 +206,12 @@ def main():
           f"{args.max_new_tokens} new tokens per sequence, {args.repeats} alternating runs per side"
           + (f"; Hugging Face in {hf_dt}" if hf_dt != dt else ""))
     impls = ["sdpa", "eager"] if dev == "cuda" else ["sdpa"]
+    bw = [read_bandwidth(args.bandwidth_bin)] if dev == "cpu" else []
+    if bw and bw[0]:
+        print(f"# read bandwidth before: {bw[0]['gbs_1_thread']:.1f} GB/s on 1 thread, "
+              f"{bw[0]['gbs_all_threads']:.1f} GB/s on {bw[0]['threads']} threads "
+              f"({bw[0]['mib']} MiB, best of {bw[0]['repeats']})", flush=True)
+    rows = []
     bf16_cpu = dev == "cpu" and dt == "bf16"
     print("| model | batch | HF " + " | HF ".join(impls) + " best/median (tokens/s) | cuattn best/median "
           "| cuattn recompute | ratio vs HF " + impls[-1] + " best/median | greedy ids equal to HF "
@@ -219,6 +258,25 @@ def main():
             print(f"| {name} | {batch} | {cols} | {our_tps[0]:.1f} / {our_tps[1]:.1f} "
                   f"| {n_ours / s_re:.1f} | {our_tps[0] / base[0]:.2f} / {our_tps[1] / base[1]:.2f} "
                   f"| {equal}/{batch} |{f32_col} {rss / 1024:.0f} |", flush=True)
+            rows.append((name, batch, step_bytes(models[impls[0]], dt),
+                         step_bytes(models[impls[0]], "f32"), our_tps[0] / batch,
+                         our_tps[1] / batch, base[0] / batch))
+    if bw and bw[0]:
+        bw.append(read_bandwidth(args.bandwidth_bin))
+        best = max(b["gbs_all_threads"] for b in bw)
+        print(f"\n# read bandwidth after: {bw[1]['gbs_1_thread']:.1f} GB/s on 1 thread, "
+              f"{bw[1]['gbs_all_threads']:.1f} GB/s on {bw[1]['threads']} threads; best "
+              f"all-thread figure {best:.1f} GB/s is the reference below")
+        print("| model | batch | weight MB per step | cuattn steps/s best / median "
+              "| cuattn weights GB/s best / median | % of read bandwidth best / median "
+              "| HF f32 weights GB/s best (% of read bandwidth) |")
+        print("|---|---|---|---|---|---|---|")
+        for name, batch, nbytes, hf_bytes, sb, sm, hb in rows:
+            gb, gm = nbytes * sb / 1e9, nbytes * sm / 1e9
+            hf_col = f"{hf_bytes * hb / 1e9:.1f} ({100 * hf_bytes * hb / 1e9 / best:.0f}%)"
+            print(f"| {name} | {batch} | {nbytes / 1e6:.1f} | {sb:.2f} / {sm:.2f} "
+                  f"| {gb:.1f} / {gm:.1f} | {100 * gb / best:.0f}% / {100 * gm / best:.0f}% "
+                  f"| {hf_col} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,37 @@ fn tiny_bert_matches_hugging_face() {
     assert!(pooled <= 1e-4, "pooled output max abs err {pooled}");
 }
 
+/// The packed forward (no padding rows in any GEMM) gives Hugging Face's hidden states of
+/// every real token, on a batch that has padding; unpacking is checked row by row.
+#[test]
+fn packed_forward_matches_hugging_face_on_every_real_token() {
+    let (batch, f) = tiny_bert_batch();
+    assert!(
+        batch.lens.iter().any(|&n| n < batch.len),
+        "the fixture batch must have padding for this test to mean anything"
+    );
+    let bert = Bert::from_folder(&Cpu, &tiny_dir()).unwrap();
+    let packed = Cpu
+        .to_f32(&bert.forward_packed(&Cpu, &batch).unwrap())
+        .unwrap();
+    let want = floats(&f["hidden"]);
+    let width = bert.config.hidden_size;
+    let real: usize = batch.lens.iter().sum();
+    assert_eq!(packed.len(), real * width, "one row per real token");
+    let mut row = 0;
+    let mut worst = 0f64;
+    for (b, &n) in batch.lens.iter().enumerate() {
+        for t in 0..n {
+            let at = (b * batch.len + t) * width;
+            let got = &packed[row * width..(row + 1) * width];
+            worst = worst.max(max_abs_diff(got, &want[at..at + width]));
+            row += 1;
+        }
+    }
+    eprintln!("tiny BERT packed vs Hugging Face: max abs err {worst:.2e}");
+    assert!(worst <= 1e-4, "packed hidden states max abs err {worst}");
+}
+
 #[test]
 fn more_tokens_than_positions_is_an_error_and_ids_are_checked() {
     let bert = Bert::from_folder(&Cpu, &tiny_dir()).unwrap();

@@ -216,3 +216,24 @@ fn conv1d_weights_load_transposed_and_hf_activation_names_map() {
     assert_eq!(Activation::from_hf_name("gelu"), Some(Activation::GeluErf));
     assert_eq!(Activation::from_hf_name("swish"), None);
 }
+
+/// Packing's row maps: padded rows copy their own sequence's rows (padding repeats the
+/// sequence's first token), packed rows find their padded row, and a batch with no token is
+/// refused.
+#[test]
+fn packing_maps_rows_between_packed_and_padded_layouts() {
+    use cuattn::runtime::layers::Packing;
+    let p = Packing::new(&[2, 3, 1]).unwrap();
+    assert_eq!((p.rows(), p.len, p.is_dense()), (6, 3, false));
+    // Gathering padded row r from packed rows 0..6 (value = packed row index):
+    let padded: Vec<f32> = (0..6).map(|r| r as f32).collect();
+    let t = Cpu.upload(&[6, 1], &padded).unwrap();
+    let back = Cpu.to_f32(&p.gather_padded(&Cpu, &t).unwrap()).unwrap();
+    assert_eq!(back, [0.0, 1.0, 0.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0]);
+    let round = Cpu.upload(&[9, 1], &back).unwrap();
+    let packed = Cpu.to_f32(&p.gather_packed(&Cpu, &round).unwrap()).unwrap();
+    assert_eq!(packed, padded);
+    assert!(Packing::new(&[3, 3]).unwrap().is_dense());
+    assert!(Packing::new(&[0, 0]).is_err());
+    assert!(Packing::new(&[]).is_err());
+}

@@ -5,7 +5,7 @@
 use super::backend::{Activation, Backend};
 use super::checkpoint::{read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
-use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention};
+use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention, Packing};
 use super::tokenizer::TokenBatch;
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -202,8 +202,8 @@ impl<B: Backend> Bert<B> {
         self.pooler.is_some()
     }
 
-    /// Runs the encoder on a padded batch; padding keys are masked in every layer.
-    pub fn forward(&self, be: &B, batch: &TokenBatch) -> Result<BertOutput<B::Tensor>> {
+    /// The batch's sizes against each other and the model's positions.
+    fn check_batch(&self, batch: &TokenBatch) -> Result<()> {
         let (n, len) = (batch.batch(), batch.len);
         if n == 0 || batch.ids.len() != n * len || batch.type_ids.len() != n * len {
             return Err(Error::invalid(
@@ -224,6 +224,19 @@ impl<B: Backend> Bert<B> {
                 ),
             ));
         }
+        if let Some(&bad) = batch.lens.iter().find(|&&l| l > len) {
+            return Err(Error::invalid(
+                "batch",
+                format!("a sequence of {bad} tokens in a batch padded to {len}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs the encoder on a padded batch; padding keys are masked in every layer.
+    pub fn forward(&self, be: &B, batch: &TokenBatch) -> Result<BertOutput<B::Tensor>> {
+        self.check_batch(batch)?;
+        let (n, len) = (batch.batch(), batch.len);
         let positions: Vec<u32> = (0..n).flat_map(|_| 0..len as u32).collect();
         let words = self.word.forward(be, &batch.ids)?;
         let pos = self.position.forward(be, &positions)?;
@@ -249,5 +262,33 @@ impl<B: Backend> Bert<B> {
             None => None,
         };
         Ok(BertOutput { hidden: h, pooled })
+    }
+
+    /// The last layer's hidden states of the batch's real tokens only, packed
+    /// (`[Σ lens, hidden]`, sequence b after sequences 0..b; see [`Packing`]): every
+    /// position-wise layer computes no padding row, and only the attention sees the padded
+    /// layout. The same values as [`Bert::forward`]'s non-padding rows, up to f32 rounding.
+    pub fn forward_packed(&self, be: &B, batch: &TokenBatch) -> Result<B::Tensor> {
+        self.check_batch(batch)?;
+        let packing = Packing::new(&batch.lens)?;
+        let len = batch.len;
+        let real = |all: &[u32]| -> Vec<u32> {
+            (batch.lens.iter().enumerate())
+                .flat_map(|(b, &n)| all[b * len..b * len + n].iter().copied())
+                .collect()
+        };
+        let positions: Vec<u32> = (batch.lens.iter()).flat_map(|&n| 0..n as u32).collect();
+        let words = self.word.forward(be, &real(&batch.ids))?;
+        let pos = self.position.forward(be, &positions)?;
+        let types = self.token_type.forward(be, &real(&batch.type_ids))?;
+        let summed = be.add(&words, &pos)?;
+        let mut h = self.embedding_norm.forward(be, &summed, Some(&types))?;
+        for layer in &self.layers {
+            let a = layer.attention.forward_self_packed(be, &h, &packing)?;
+            let h1 = layer.attention_norm.forward(be, &a, Some(&h))?;
+            let f = layer.ffn.forward(be, &h1)?;
+            h = layer.output_norm.forward(be, &f, Some(&h1))?;
+        }
+        Ok(h)
     }
 }

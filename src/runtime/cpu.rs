@@ -12,6 +12,7 @@ pub mod isa;
 mod vmath;
 
 pub use bf16::CpuBf16;
+pub(super) use vmath::exp;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
@@ -137,6 +138,37 @@ pub(super) fn sgemm(
     rsc: usize,
     parallel: bool,
 ) {
+    sgemm_into(
+        m,
+        k,
+        n,
+        a,
+        (rsa, csa),
+        b,
+        (rsb, csb),
+        c,
+        rsc,
+        parallel,
+        false,
+    )
+}
+
+/// [`sgemm`], adding the product to `c` when `accumulate` (`c += a·b`, so a bias written into
+/// `c` beforehand costs no pass of its own) instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_into(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    rsc: usize,
+    parallel: bool,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -158,8 +190,8 @@ pub(super) fn sgemm(
         gemm::Parallelism::None
     };
     // SAFETY: the asserts above keep every element the GEMM addresses inside `a`, `b` and
-    // `c`; `c` is borrowed mutably, so nothing else aliases it. read_dst = false: c is only
-    // written (c = 1·a·b).
+    // `c`; `c` is borrowed mutably, so nothing else aliases it. With `accumulate` (read_dst)
+    // c = 1·c + 1·a·b, else c = 1·a·b (c only written).
     unsafe {
         gemm::gemm(
             m,
@@ -168,14 +200,15 @@ pub(super) fn sgemm(
             c.as_mut_ptr(),
             1,
             rsc as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             csa as isize,
             rsa as isize,
             b.as_ptr(),
             csb as isize,
             rsb as isize,
-            0.0,
+            // alpha (multiplies the old c), beta (the product)
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -235,11 +268,11 @@ impl Backend for Cpu {
         }
         let xd = x.f32s();
         let bias = bias.map(|b| b.values_f32());
-        let mut y = vec![0f32; rows * out];
         if out == 0 {
-            return CpuTensor::new(&[rows, out], y);
+            return CpuTensor::new(&[rows, out], Vec::new());
         }
         if rows <= gemv::MAX_ROWS {
+            let mut y = vec![0f32; rows * out];
             // Decoding: a weight stream, split over the threads by output columns.
             gemv::linear(
                 Isa::current(),
@@ -255,11 +288,17 @@ impl Backend for Cpu {
             return CpuTensor::new(&[rows, out], y);
         }
         // One GEMM over all rows, threaded inside the GEMM (the weight is packed once, not
-        // once per thread), then bias and activation by row blocks.
+        // once per thread). The output starts as the bias repeated over the rows (instead of
+        // zeros) and the GEMM adds the product to it, so the bias costs no pass of its own;
+        // an activation is one more pass, by row blocks.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
+        let mut y = match &bias {
+            Some(b) => b.repeat(rows),
+            None => vec![0f32; rows * out],
+        };
         let wd = w.values_f32();
-        sgemm(
+        sgemm_into(
             rows,
             inp,
             out,
@@ -270,17 +309,14 @@ impl Backend for Cpu {
             &mut y,
             out,
             true,
+            bias.is_some(),
         );
-        let block = rows_per_block(rows);
-        let isa = Isa::current();
-        y.par_chunks_mut(block * out).for_each(|yb| {
-            for row in yb.chunks_mut(out) {
-                if let Some(b) = &bias {
-                    vmath::add_assign(isa, row, b);
-                }
-                vmath::activation(isa, act, row);
-            }
-        });
+        if act != Activation::None {
+            let block = rows_per_block(rows) * out;
+            let isa = Isa::current();
+            y.par_chunks_mut(block)
+                .for_each(|yb| vmath::activation(isa, act, yb));
+        }
         CpuTensor::new(&[rows, out], y)
     }
 

@@ -39,12 +39,17 @@ fn zip_map(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Result<CpuTensor> {
     same_shape(arg, a, b)?;
-    let data = a
-        .data()
-        .par_iter()
-        .zip(b.data())
-        .map(|(&x, &y)| f(x, y))
-        .collect();
+    // Contiguous chunks per task with a plain inner loop (which the compiler can vectorize),
+    // rather than one rayon item per element.
+    const CHUNK: usize = 1 << 14;
+    let mut data = vec![0f32; a.data().len()];
+    data.par_chunks_mut(CHUNK)
+        .zip(a.data().par_chunks(CHUNK).zip(b.data().par_chunks(CHUNK)))
+        .for_each(|(o, (x, y))| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = f(x, y);
+            }
+        });
     CpuTensor::new(a.shape(), data)
 }
 
@@ -55,7 +60,7 @@ fn activation_derivative(act: Activation, x: f32) -> f32 {
         Activation::GeluErf => {
             // Φ(x) + x·φ(x)
             let cdf = 0.5 * (1.0 + super::backend::erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/√(2π)
+            let pdf = super::cpu::exp(-0.5 * x * x) * 0.398_942_3; // 1/√(2π)
             cdf + x * pdf
         }
         Activation::GeluTanh => {
@@ -148,20 +153,35 @@ impl TrainBackend for Cpu {
 
     fn sum_rows(&self, x: &CpuTensor) -> Result<CpuTensor> {
         let (rows, cols) = dims2("x", x)?;
-        // Rows added in order per column (deterministic), in f64 then rounded once.
-        let sums: Vec<f32> = (0..cols)
-            .into_par_iter()
-            .map(|c| {
-                (0..rows)
-                    .map(|r| x.data()[r * cols + c] as f64)
-                    .sum::<f64>() as f32
-            })
-            .collect();
+        let sums = column_sums(rows, cols, |r, c| x.data()[r * cols + c] as f64);
         CpuTensor::new(&[cols], sums)
     }
 
     fn sum_squares(&self, x: &CpuTensor) -> Result<f64> {
-        Ok(x.data().iter().map(|&v| (v as f64) * (v as f64)).sum())
+        // Fixed-size blocks, each summed in SUM_LANES independent f64 lanes, the block sums
+        // added in order: the same result on any thread count, and no serial chain of
+        // dependent adds through millions of parameters.
+        const BLOCK: usize = 1 << 16;
+        let blocks: Vec<f64> = x
+            .data()
+            .par_chunks(BLOCK)
+            .map(|c| {
+                let mut acc = [0f64; SUM_LANES];
+                let lanes = c.chunks_exact(SUM_LANES);
+                let rest: f64 = lanes
+                    .remainder()
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum();
+                for l in lanes {
+                    for (a, &v) in acc.iter_mut().zip(l) {
+                        *a += (v as f64) * (v as f64);
+                    }
+                }
+                acc.iter().sum::<f64>() + rest
+            })
+            .collect();
+        Ok(blocks.iter().sum())
     }
 
     fn mul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
@@ -282,14 +302,9 @@ impl TrainBackend for Cpu {
                     dxr[c] = (rstd * (d - m1 - xh[c] as f64 * m2)) as f32;
                 }
             });
-        let dgamma: Vec<f32> = (0..width)
-            .into_par_iter()
-            .map(|c| {
-                (0..rows)
-                    .map(|r| dy.data()[r * width + c] as f64 * xhat[r * width + c] as f64)
-                    .sum::<f64>() as f32
-            })
-            .collect();
+        let dgamma = column_sums(rows, width, |r, c| {
+            dy.data()[r * width + c] as f64 * xhat[r * width + c] as f64
+        });
         Ok(LayerNormGrads {
             dx: CpuTensor::new(x.shape(), dx)?,
             dgamma: CpuTensor::new(&[width], dgamma)?,
@@ -620,6 +635,30 @@ impl TrainBackend for Cpu {
             });
         Ok(())
     }
+}
+
+/// Independent f64 partial sums in [`TrainBackend::sum_squares`].
+const SUM_LANES: usize = 8;
+
+/// `out[c] = Σ_r term(r, c)` in f64, rounded once to f32, rows added in order for every
+/// column (deterministic). Walks the matrix row by row over blocks of columns (one block per
+/// task), so memory is read in order instead of one strided column at a time.
+fn column_sums(rows: usize, cols: usize, term: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f32> {
+    const COLS: usize = 64;
+    let mut out = vec![0f32; cols];
+    out.par_chunks_mut(COLS).enumerate().for_each(|(i, o)| {
+        let c0 = i * COLS;
+        let mut acc = [0f64; COLS];
+        for r in 0..rows {
+            for (j, a) in acc.iter_mut().enumerate().take(o.len()) {
+                *a += term(r, c0 + j);
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    });
+    out
 }
 
 /// One (sequence, K/V head) task's gradients: dQ of each query head of the group, dK, dV.

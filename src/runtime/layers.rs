@@ -485,6 +485,51 @@ impl<B: Backend> MultiHeadAttention<B> {
         self.out.forward(be, &ctx, Activation::None)
     }
 
+    /// Self-attention without a causal mask or cache over sequences packed back to back
+    /// (`x` `[Σ lens, width]`, see [`Packing`]): the projections run over the real tokens
+    /// only. The attention reads a padded copy of Q, K and V whose padding rows repeat a row
+    /// of their own sequence (masked as keys, their outputs dropped), and its output is
+    /// gathered back to the packed rows.
+    pub fn forward_self_packed(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        packing: &Packing,
+    ) -> Result<B::Tensor> {
+        let Projections::SelfQkv(qkv_proj) = &self.projections else {
+            return Err(Error::invalid(
+                "self",
+                "this layer was built for cross-attention",
+            ));
+        };
+        let qkv = qkv_proj.forward(be, x, Activation::None)?;
+        let padded = match packing.is_dense() {
+            true => None,
+            false => Some(packing.gather_padded(be, &qkv)?),
+        };
+        let qkv_padded = padded.as_ref().unwrap_or(&qkv);
+        let width = self.heads * self.head_dim;
+        let ctx = be.attention(
+            self.heads_at(qkv_padded, 0),
+            self.heads_at(qkv_padded, width),
+            self.heads_at(qkv_padded, 2 * width),
+            &AttentionMask {
+                batch: packing.lens.len(),
+                len_q: packing.len,
+                len_k: packing.len,
+                key_lens: (!packing.is_dense()).then_some(packing.lens.as_slice()),
+                causal: None,
+                window: self.window(CausalAlign::TopLeft),
+                scale: self.scale,
+            },
+        )?;
+        let ctx = match packing.is_dense() {
+            true => ctx,
+            false => packing.gather_packed(be, &ctx)?,
+        };
+        self.out.forward(be, &ctx, Activation::None)
+    }
+
     /// Cross-attention of `x` `[batch·len_q, width]` over `memory` `[batch·len_k, width_m]`,
     /// whose padding `memory_lens` masks.
     #[allow(clippy::too_many_arguments)]
@@ -550,5 +595,75 @@ impl<B: Backend> MultiHeadAttention<B> {
             },
         )?;
         self.out.forward(be, &ctx, Activation::None)
+    }
+}
+
+/// Sequences of different lengths packed back to back, without padding rows: sequence b's
+/// tokens are the `lens[b]` rows after those of sequences 0..b. Holds the row maps between
+/// that layout and the padded one (`[batch·len, ·]`, row `b·len + t`) that attention reads,
+/// so the position-wise layers (every GEMM) compute no padding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packing {
+    pub lens: Vec<usize>,
+    /// The padded length: the longest sequence.
+    pub len: usize,
+    /// For each padded row, the packed row it copies: token t of sequence b, or for a
+    /// padding row the sequence's first token (any real row would do: it is masked as a key
+    /// and its query output is dropped).
+    to_padded: Vec<u32>,
+    /// For each packed row, its padded row.
+    to_packed: Vec<u32>,
+}
+
+impl Packing {
+    /// The packing of sequences of `lens` tokens (at least one token in all).
+    pub fn new(lens: &[usize]) -> Result<Packing> {
+        let total: usize = lens.iter().sum();
+        let len = lens.iter().copied().max().unwrap_or(0);
+        let padded = lens.len() * len;
+        if total == 0 || u32::try_from(padded).is_err() {
+            return Err(Error::invalid(
+                "lens",
+                format!("{total} tokens in {padded} padded rows: need 1 ..= 2^32 − 1"),
+            ));
+        }
+        let mut to_padded = Vec::with_capacity(padded);
+        let mut to_packed = Vec::with_capacity(total);
+        let mut start = 0u32;
+        for (b, &n) in lens.iter().enumerate() {
+            // A sequence without tokens has no row of its own: its (masked, dropped) padding
+            // rows copy row 0.
+            let first = if n == 0 { 0 } else { start };
+            to_padded
+                .extend((0..len as u32).map(|t| if (t as usize) < n { start + t } else { first }));
+            to_packed.extend((0..n as u32).map(|t| (b * len) as u32 + t));
+            start += n as u32;
+        }
+        Ok(Packing {
+            lens: lens.to_vec(),
+            len,
+            to_padded,
+            to_packed,
+        })
+    }
+
+    /// Packed rows: the tokens of every sequence.
+    pub fn rows(&self) -> usize {
+        self.to_packed.len()
+    }
+
+    /// Whether every sequence has the padded length (then both layouts are the same).
+    pub fn is_dense(&self) -> bool {
+        self.lens.iter().all(|&n| n == self.len)
+    }
+
+    /// `[Σ lens, w]` packed rows → `[batch·len, w]` padded rows.
+    pub fn gather_padded<B: Backend>(&self, be: &B, packed: &B::Tensor) -> Result<B::Tensor> {
+        be.gather_rows(packed, &self.to_padded)
+    }
+
+    /// `[batch·len, w]` padded rows → `[Σ lens, w]` packed rows.
+    pub fn gather_packed<B: Backend>(&self, be: &B, padded: &B::Tensor) -> Result<B::Tensor> {
+        be.gather_rows(padded, &self.to_packed)
     }
 }

@@ -101,10 +101,36 @@ impl Pooling {
     /// Pools `hidden` (`[batch·len, width]`, row-major) into `batch` vectors using the
     /// first `lens[b]` tokens of sequence b.
     pub fn apply(&self, hidden: &[f32], lens: &[usize], len: usize, width: usize) -> Vec<Vec<f32>> {
+        self.pool(hidden, lens, |b| b * len, width)
+    }
+
+    /// [`Pooling::apply`] over packed hidden states: `[Σ lens, width]`, sequence b's tokens
+    /// in the rows after those of sequences 0..b, no padding rows.
+    pub fn apply_packed(&self, hidden: &[f32], lens: &[usize], width: usize) -> Vec<Vec<f32>> {
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &n| {
+                let s = *at;
+                *at += n;
+                Some(s)
+            })
+            .collect();
+        self.pool(hidden, lens, |b| starts[b], width)
+    }
+
+    /// Pools sequence b from the `lens[b]` rows starting at row `start(b)`.
+    fn pool(
+        &self,
+        hidden: &[f32],
+        lens: &[usize],
+        start: impl Fn(usize) -> usize,
+        width: usize,
+    ) -> Vec<Vec<f32>> {
         lens.iter()
             .enumerate()
             .map(|(b, &n)| {
-                let tok = |t: usize| &hidden[(b * len + t) * width..(b * len + t + 1) * width];
+                let row0 = start(b);
+                let tok = |t: usize| &hidden[(row0 + t) * width..(row0 + t + 1) * width];
                 let mut v = match self.mode {
                     PoolingMode::Cls => tok(0).to_vec(),
                     PoolingMode::Max => (0..width)

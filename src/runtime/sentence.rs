@@ -91,9 +91,9 @@ impl<B: Backend> SentenceEmbedder<B> {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let tokens = self.tokenizer.encode_batch(&batch_texts)?;
             truncated.extend(tokens.truncated.iter().map(|&j| chunk[j]));
-            let out = self.bert.forward(be, &tokens)?;
-            let hidden = be.to_f32(&out.hidden)?;
-            let pooled = self.pooling.apply(&hidden, &tokens.lens, tokens.len, width);
+            // Packed: no GEMM row is spent on padding (the pooling reads real tokens only).
+            let hidden = be.to_f32(&self.bert.forward_packed(be, &tokens)?)?;
+            let pooled = self.pooling.apply_packed(&hidden, &tokens.lens, width);
             for (&i, v) in chunk.iter().zip(pooled) {
                 if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
                     return Err(Error::NonFinite {

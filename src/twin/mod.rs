@@ -8,5 +8,6 @@ pub mod decode;
 pub mod hopper_pipeline;
 pub mod kv_append;
 pub mod layernorm;
+pub mod rnn;
 pub mod sparse_attention;
 pub mod training;

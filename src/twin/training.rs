@@ -29,7 +29,7 @@ pub fn gelu_grad_f32(u: f32, kind: Gelu) -> f32 {
 }
 
 /// `warp_sum`: butterfly over offsets 16..1; every lane ends with the same value.
-fn warp_sum(lanes: &mut [f32; WARP]) {
+pub(crate) fn warp_sum(lanes: &mut [f32; WARP]) {
     let mut offset = WARP / 2;
     while offset > 0 {
         let before = *lanes;

@@ -23,6 +23,7 @@ mod sparse;
 mod sparse_layouts;
 mod train_backend;
 mod train_models;
+mod train_rnn;
 mod training_ops;
 
 use proptest::strategy::Strategy;

@@ -168,15 +168,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// `x ← x + b`.
-    pub fn add_assign(xs: &mut [f32], b: &[f32]) {
-        for (x, y) in xs.iter_mut().zip(b) {
-            *x += y;
-        }
-    }
-}
-
-multiversion! {
     /// In place: GELU with the exact erf, x·Φ(x) (the same formula as
     /// [`Activation::apply`](crate::runtime::Activation::apply)).
     pub fn gelu_erf(xs: &mut [f32]) {

@@ -18,15 +18,18 @@
 //! Attention runs on the fused kernels (forward with its log-sum-exp, and the deterministic
 //! FlashAttention-2 backward); with dropout on the probabilities, which the fused kernels do
 //! not take, it runs unfused ([`attention`]): cuBLAS products around a row-softmax kernel and
-//! the Philox dropout kernel, with the probabilities materialised per call.
+//! the Philox dropout kernel, with the probabilities materialised per call. The recurrent
+//! models' GRU step and additive attention run fused ([`rnn`]).
 
 mod attention;
+mod rnn;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, Heads};
 use super::cuda::Cuda;
 use super::train::backend::{
     AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
 };
+use super::train::rnn_ops::{AdditiveGrads, GruCellGrads};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceTensor;
@@ -1041,5 +1044,49 @@ impl TrainBackend for Cuda {
             &mut tensors,
             None,
         )
+    }
+
+    fn gru_cell(
+        &self,
+        gi: &DeviceTensor,
+        gh: &DeviceTensor,
+        h: &DeviceTensor,
+        active: Option<&[bool]>,
+    ) -> Result<(DeviceTensor, DeviceTensor)> {
+        rnn::gru_cell(self, gi, gh, h, active)
+    }
+
+    fn gru_cell_backward(
+        &self,
+        cache: &DeviceTensor,
+        h: &DeviceTensor,
+        dout: &DeviceTensor,
+        active: Option<&[bool]>,
+    ) -> Result<GruCellGrads<DeviceTensor>> {
+        rnn::gru_cell_backward(self, cache, h, dout, active)
+    }
+
+    fn additive_attention(
+        &self,
+        q: &DeviceTensor,
+        keys: &DeviceTensor,
+        v: &DeviceTensor,
+        values: &DeviceTensor,
+        key_lens: Option<&[usize]>,
+    ) -> Result<(DeviceTensor, DeviceTensor)> {
+        rnn::additive_attention(self, q, keys, v, values, key_lens)
+    }
+
+    fn additive_attention_backward(
+        &self,
+        q: &DeviceTensor,
+        keys: &DeviceTensor,
+        v: &DeviceTensor,
+        values: &DeviceTensor,
+        alpha: &DeviceTensor,
+        dctx: &DeviceTensor,
+        key_lens: Option<&[usize]>,
+    ) -> Result<AdditiveGrads<DeviceTensor>> {
+        rnn::additive_attention_backward(self, q, keys, v, values, alpha, dctx, key_lens)
     }
 }

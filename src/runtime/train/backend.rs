@@ -374,7 +374,11 @@ pub trait TrainBackend: Backend {
 }
 
 /// (batch, H) of a GRU backward's cache `[batch, 4H]`, h `[batch, H]` and dh' `[batch, H]`.
-fn rnn_cache_dims(cache: &[usize], h: &[usize], dout: &[usize]) -> Result<(usize, usize)> {
+pub(crate) fn rnn_cache_dims(
+    cache: &[usize],
+    h: &[usize],
+    dout: &[usize],
+) -> Result<(usize, usize)> {
     let (batch, hidden) = match h {
         [b, w] if *w > 0 => (*b, *w),
         s => return Err(crate::Error::shape("h", "[batch, hidden ≥ 1]", s)),
