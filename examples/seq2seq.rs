@@ -26,12 +26,12 @@
 
 use clap::{Parser, ValueEnum};
 use cuattn::finetune::train_log::{plot_loss, StepRecord};
+use cuattn::runtime::generate::GenerateBackend;
 use cuattn::runtime::seq2seq::tasks::{render, Example, Sampler, Task, VOCAB};
 use cuattn::runtime::seq2seq::{
     Bahdanau, BahdanauConfig, Decoded, Gpt3, Gpt3Config, Seq2Seq, Seq2SeqBatch, Transformer,
     TransformerConfig, EOS,
 };
-use cuattn::runtime::generate::GenerateBackend;
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};
 use cuattn::runtime::Cpu;
 use cuattn::{Error, Result};
@@ -230,14 +230,7 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                 readout: 2 * h,
             };
             let mut model = Bahdanau::new(be, config, args.seed)?;
-            train(
-                be,
-                &mut model,
-                args,
-                task,
-                args.steps.unwrap_or(3000),
-                None,
-            )
+            train(be, &mut model, args, task, args.steps.unwrap_or(3000), None)
         }
         Arch::Transformer => {
             let d = args.width.unwrap_or(32);
@@ -267,15 +260,8 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                     })
                     .collect())
             };
-            let beam: Option<&BeamFn<Transformer<B>>> = (beams > 1).then_some(&beam);
-            train(
-                be,
-                &mut model,
-                args,
-                task,
-                args.steps.unwrap_or(3000),
-                beam,
-            )
+            let beam: Option<&BeamFn<'_, Transformer<B>>> = (beams > 1).then_some(&beam);
+            train(be, &mut model, args, task, args.steps.unwrap_or(3000), beam)
         }
         Arch::Gpt3Sparse | Arch::Gpt3Dense => {
             let d = args.width.unwrap_or(32);
@@ -292,14 +278,7 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                 eos: EOS,
             };
             let mut model = Gpt3::new(be, config, args.seed)?;
-            train(
-                be,
-                &mut model,
-                args,
-                task,
-                args.steps.unwrap_or(3000),
-                None,
-            )
+            train(be, &mut model, args, task, args.steps.unwrap_or(3000), None)
         }
     }
 }
@@ -351,7 +330,7 @@ fn evaluate<B: TrainBackend, M: Seq2Seq<B>>(
 }
 
 /// Decodes sources (at most `max_len` tokens each) to their tokens without EOS.
-type BeamFn<M> = dyn Fn(&M, &[Vec<u32>], usize) -> Result<Vec<Vec<u32>>>;
+type BeamFn<'a, M> = dyn Fn(&M, &[Vec<u32>], usize) -> Result<Vec<Vec<u32>>> + 'a;
 
 fn train<B: TrainBackend, M: Seq2Seq<B>>(
     be: &B,
@@ -359,7 +338,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     args: &Args,
     task: Task,
     max_steps: usize,
-    beam: Option<&BeamFn<M>>,
+    beam: Option<&BeamFn<'_, M>>,
 ) -> Result<()> {
     let arch = args.arch;
     let d_model = args.width.unwrap_or(32);

@@ -61,6 +61,22 @@ tests/fixtures/tiny-bert-cls-grads.safetensors
                                     autograd's gradient of every parameter (`grad.<name>`) at the
                                     fixture weights, and every parameter after the two AdamW
                                     steps (`adamw2.<name>`), f32
+tests/fixtures/tiny-bert-pretrain-step.json, tiny-bert-pretrain-step.safetensors
+                                    one MLM+NSP step of the tiny BertForPreTraining on the
+                                    pair batch of tiny-bert-pretraining-outputs.json (eval
+                                    mode): both losses, autograd's gradient of every parameter
+                                    (`grad.<name>`; the word embeddings' includes the tied
+                                    decoder's) and every parameter after one AdamW step
+                                    (`adamw1.<name>`), f32 (`--only bert-pretrain-step`)
+tests/fixtures/tiny-bart-denoise-step.json, tiny-bart-denoise-step.safetensors
+                                    one denoising step of the tied tiny BART: two texts noised by
+                                    our text infilling (spans from `cuattn noise --json`, so
+                                    target/release/cuattn must be built), labels = the
+                                    originals, decoder fed shift_tokens_right(labels): loss,
+                                    autograd's gradient of every parameter
+                                    (`tiny-bart.grad.<name>`) and every parameter after
+                                    one AdamW step (`tiny-bart.adamw1.<name>`)
+                                    (`--only bart-denoise-step`)
 
 tests/fixtures/tiny-gpt-neo/        a random 4-layer GPTNeoForCausalLM (global/local alternating, window 4,
                                     hidden 16) with a 320-token byte-level BPE (tokenizer.json)
@@ -830,6 +846,93 @@ def tiny_bart():
         json.dump(record, f)
 
 
+BART_DENOISE_SEEDS = [7, 2]
+
+
+def our_infill_spans(n_tokens, seed, ratio=0.3, poisson_lambda=3.0):
+    """The spans our text infilling (src/data/noise.rs, token-level: every token starts a word)
+    picks for a sequence of n_tokens with this seed, from `cuattn noise --json` on n dummy
+    words (the spans depend only on the count, the seed and the rates). The binary is
+    $CUATTN_BIN or target/release/cuattn."""
+    import subprocess
+    exe = os.environ.get("CUATTN_BIN", os.path.join(ROOT, "target", "release", "cuattn"))
+    words = " ".join(f"w{i}" for i in range(n_tokens))
+    out = subprocess.run([exe, "noise", "--transform", "infill", "--seed", str(seed),
+                          "--ratio", str(ratio), "--poisson-lambda", str(poisson_lambda),
+                          "--json", words], check=True, capture_output=True, text=True).stdout
+    return [(s["start"], s["len"]) for s in json.loads(out)["spans"]]
+
+
+def bart_denoise_step():
+    """One denoising training step of the tiny tied BART (dropout 0, eval mode): two texts,
+    the tokens between <s> and </s> noised by our text infilling (seeds BART_DENOISE_SEEDS),
+    the noised ids right-padded as the encoder's input, the original ids (padded with -100)
+    as labels, the decoder fed HF's shift_tokens_right(labels) (decoder_start_token_id
+    first). Records the loss, autograd's gradient of every parameter (final_logits_bias is a
+    buffer: none) and, for the tied model, every parameter after one torch.optim.AdamW step."""
+    from safetensors.torch import save_file
+    from transformers import BartForConditionalGeneration
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "noise": {"ratio": 0.3, "poisson_lambda": 3.0, "seeds": BART_DENOISE_SEEDS},
+        "variants": {},
+    }
+    tensors = {}
+    texts = [BART_TEXTS[0], BART_TEXTS[2]]
+    # The tied model only: in transformers 5 an untied BART keeps three separate tables
+    # (each stack's embed_tokens and lm_head; `shared` then gets no gradient), which our
+    # trainable BART refuses.
+    for name in ["tiny-bart"]:
+        out_dir = os.path.join(FIXTURES, name)
+        model = BartForConditionalGeneration.from_pretrained(out_dir, attn_implementation="eager").eval()
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+        originals = [tok.encode(t).ids for t in texts]
+        noised = []
+        for ids, seed in zip(originals, BART_DENOISE_SEEDS):
+            inner = ids[1:-1]
+            out, at = [], 0
+            for start, length in our_infill_spans(len(inner), seed):
+                out += inner[at:start] + [4]  # <mask>
+                at = start + length
+            noised.append([ids[0]] + out + inner[at:] + [ids[-1]])
+        pad = model.config.pad_token_id
+        w_in, w_out = max(map(len, noised)), max(map(len, originals))
+        x = torch.tensor([n + [pad] * (w_in - len(n)) for n in noised])
+        mask = torch.tensor([[1] * len(n) + [0] * (w_in - len(n)) for n in noised])
+        labels = torch.tensor([o + [-100] * (w_out - len(o)) for o in originals])
+        out = model(input_ids=x, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        named = list(model.named_parameters())
+        assert "final_logits_bias" not in [n for n, _ in named]
+        for n, p in named:
+            if p.grad is None:
+                raise SystemExit(f"{name}: no gradient for {n}")
+            tensors[f"{name}.grad.{n}"] = p.grad.detach().clone()
+        record["variants"][name] = {
+            "input_ids": x.tolist(), "lens": [len(n) for n in noised], "labels": labels.tolist(),
+            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels).tolist(),
+            "loss": out.loss.item(),
+            "parameters": [n for n, _ in named],
+            "logits_row0": [round(float(v), 7) for v in out.logits[0, 0]],
+        }
+        if name == "tiny-bart":
+            hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+            no_decay = lambda n: n.endswith("bias") or "layer_norm" in n or "layernorm" in n
+            opt = torch.optim.AdamW(
+                [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": hp["weight_decay"]},
+                 {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
+                lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False)
+            opt.step()
+            for n, p in named:
+                tensors[f"{name}.adamw1.{n}"] = p.detach().clone()
+            record["variants"][name]["adamw"] = hp
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bart-denoise-step.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bart-denoise-step.json"), "w") as f:
+        json.dump(record, f)
+
+
 BERT_PT_CORPUS = [
     "the capital of france is paris .",
     "the capital of italy is rome .",
@@ -921,6 +1024,54 @@ def tiny_bert_pretraining():
     with open(os.path.join(FIXTURES, "tiny-bert-pretraining-outputs.json"), "w") as f:
         json.dump(record, f)
 
+
+
+def bert_pretrain_step():
+    """One MLM+NSP training step of the tiny BertForPreTraining (dropout off: the config's
+    probabilities are 0 and the model is in eval mode) on the padded pair batch of
+    tiny-bert-pretraining-outputs.json: both losses, the gradient of every parameter (the word
+    embeddings get the input lookup's and the tied decoder's) and every parameter after one
+    torch.optim.AdamW step (HF Trainer's grouping: no decay on biases and LayerNorm weights)."""
+    from safetensors.torch import save_file
+    from transformers import BertForPreTraining
+    model = BertForPreTraining.from_pretrained(os.path.join(FIXTURES, "tiny-bert-pretraining"),
+                                               attn_implementation="eager").eval()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    with open(os.path.join(FIXTURES, "tiny-bert-pretraining-outputs.json")) as f:
+        b = json.load(f)["batch"]
+    ids, types = torch.tensor(b["ids"]), torch.tensor(b["type_ids"])
+    mask = torch.zeros_like(ids)
+    for i, l in enumerate(b["lens"]):
+        mask[i, :l] = 1
+    labels, nsp = torch.tensor(b["mlm_labels"]), torch.tensor(b["nsp_labels"])
+    out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels,
+                next_sentence_label=nsp)
+    vocab = model.config.vocab_size
+    mlm_loss = torch.nn.functional.cross_entropy(out.prediction_logits.view(-1, vocab), labels.view(-1))
+    nsp_loss = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
+    out.loss.backward()
+    tensors = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    named = list(model.named_parameters())
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": hp["weight_decay"]},
+         {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False)
+    opt.step()
+    for n, p in named:
+        tensors[f"adamw1.{n}"] = p.detach().clone()
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "mlm_loss": mlm_loss.item(), "nsp_loss": nsp_loss.item(), "loss": out.loss.item(),
+        "nsp_logits": out.seq_relationship_logits.detach().flatten().tolist(),
+        "parameters": [n for n, _ in named],
+        "adamw": hp,
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bert-pretrain-step.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bert-pretrain-step.json"), "w") as f:
+        json.dump(record, f)
 
 
 GPT_NEO_CORPUS = [
@@ -1255,7 +1406,7 @@ def lstm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "lstm"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "lstm"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1273,8 +1424,12 @@ def main():
         gpt2_beams(find_gpt2_bpe_dir(args.gpt2_bpe_dir))
     if args.only in ("all", "bart"):
         tiny_bart()
+    if args.only in ("all", "bart", "bart-denoise-step"):
+        bart_denoise_step()
     if args.only in ("all", "bert-pretraining"):
         tiny_bert_pretraining()
+    if args.only in ("all", "bert-pretraining", "bert-pretrain-step"):
+        bert_pretrain_step()
     if args.only in ("all", "finetune"):
         finetune_tiny()
     if args.only in ("all", "training"):

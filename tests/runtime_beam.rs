@@ -196,17 +196,6 @@ fn bad_beam_options_are_errors() {
         ),
         (
             GenerateOptions {
-                num_beams: 2,
-                sampling: cuattn::runtime::generate::Sampling {
-                    temperature: 0.7,
-                    ..Default::default()
-                },
-                ..GenerateOptions::default()
-            },
-            "beam sampling",
-        ),
-        (
-            GenerateOptions {
                 length_penalty: f32::NAN,
                 num_beams: 2,
                 ..GenerateOptions::default()

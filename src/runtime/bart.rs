@@ -608,6 +608,34 @@ impl<B: Backend> TokenModel<B> for Bart<B> {
         self.memory(be, &hidden, inputs.len(), len, &lens, copies.max(1))
     }
 
+    fn select_memory(
+        &self,
+        be: &B,
+        memory: &BartMemory<B>,
+        keep: &[usize],
+    ) -> Result<BartMemory<B>> {
+        let len_k = memory.len_k;
+        if let Some(&bad) = keep.iter().find(|&&j| j >= memory.lens.len()) {
+            return Err(Error::invalid(
+                "keep",
+                format!("row {bad} is outside the memory's {}", memory.lens.len()),
+            ));
+        }
+        let rows: Vec<u32> = keep
+            .iter()
+            .flat_map(|&j| (j * len_k..(j + 1) * len_k).map(|r| r as u32))
+            .collect();
+        Ok(BartMemory {
+            kv: memory
+                .kv
+                .iter()
+                .map(|kv| be.gather_rows(kv, &rows))
+                .collect::<Result<_>>()?,
+            len_k,
+            lens: keep.iter().map(|&j| memory.lens[j]).collect(),
+        })
+    }
+
     fn decode(
         &self,
         be: &B,

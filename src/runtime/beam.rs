@@ -19,11 +19,23 @@
 //!
 //! Scores are f32 and excluded entries get −1e9 added, exactly as Hugging Face does, so that
 //! the same candidates win. Inputs that are done append nothing to the cache afterwards.
+//!
+//! Beam sampling (`do_sample` with `num_beams > 1`: a temperature > 0 here) differs in two
+//! places, as in Hugging Face: in step 2 the sampling warpers (temperature, top-k, top-p, each
+//! keeping at least 2 tokens) follow the processors, so beam scores accumulate the warped
+//! log-probabilities; in step 3 the 2·num_beams continuations are drawn without replacement
+//! from the softmax of the input's scores over all beams, in draw order (the first num_beams
+//! drawn are the ones that may finish). Draws come from one seeded RNG per call, inputs in
+//! order; Hugging Face's torch RNG cannot be reproduced, so only the semantics match, not the
+//! samples. Should fewer candidates than 2·num_beams have non-zero probability (the first step
+//! expands one beam; a small top-k), the rest are the best remaining by score.
 
 use super::generate::{
-    EarlyStopping, GenerateBackend, GenerateOptions, Generation, Stepper, StopReason, TokenModel,
+    EarlyStopping, GenerateBackend, GenerateOptions, Generation, Sampling, Stepper, StopReason,
+    TokenModel,
 };
 use crate::error::Result;
+use rand::{Rng, SeedableRng};
 
 const EXCLUDED: f32 = -1.0e9;
 
@@ -83,6 +95,91 @@ fn log_softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|x| *x = (*x as f64 - lse) as f32);
 }
 
+/// Tokens Hugging Face's top-k and top-p warpers keep at least, with beams.
+const MIN_TOKENS_TO_KEEP: usize = 2;
+
+/// Hugging Face's sampling warpers on one row of scores, in its order: temperature, then
+/// top-k (scores below the k-th largest become −∞), then top-p (ascending by score, the tokens
+/// whose cumulative probability stays ≤ 1 − top_p become −∞).
+fn warp(row: &mut [f32], s: &Sampling) {
+    if s.temperature != 1.0 {
+        row.iter_mut().for_each(|x| *x /= s.temperature);
+    }
+    if s.top_k > 0 {
+        let k = s.top_k.max(MIN_TOKENS_TO_KEEP);
+        if k < row.len() {
+            let kth = row[*top_k(row, k).last().expect("k ≥ 1")];
+            row.iter_mut()
+                .filter(|x| **x < kth)
+                .for_each(|x| *x = f32::NEG_INFINITY);
+        }
+    }
+    if s.top_p < 1.0 {
+        let mut asc: Vec<usize> = (0..row.len()).collect();
+        asc.sort_by(|&a, &b| row[a].total_cmp(&row[b]).then(a.cmp(&b)));
+        let max = row[*asc.last().expect("a row")] as f64;
+        let w: Vec<f64> = asc.iter().map(|&i| (row[i] as f64 - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let removable = asc.len().saturating_sub(MIN_TOKENS_TO_KEEP);
+        let mut cum = 0.0;
+        for (n, &i) in asc.iter().enumerate().take(removable) {
+            cum += w[n] / total;
+            if cum > 1.0 - s.top_p as f64 {
+                break;
+            }
+            row[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// `k` indices drawn without replacement with probability ∝ exp(score), in draw order; once
+/// the remaining mass is zero, the best remaining by score.
+fn sample_without_replacement(scores: &[f32], k: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut w: Vec<f64> = scores
+        .iter()
+        .map(|&x| {
+            if max.is_finite() {
+                (x as f64 - max).exp()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(k);
+    let mut taken = vec![false; scores.len()];
+    while out.len() < k.min(scores.len()) {
+        let total: f64 = w.iter().sum();
+        let pick = if total > 0.0 && total.is_finite() {
+            let mut u = rng.gen::<f64>() * total;
+            let mut pick = None;
+            for (i, &p) in w.iter().enumerate() {
+                if p > 0.0 {
+                    pick = Some(i);
+                    if u < p {
+                        break;
+                    }
+                    u -= p;
+                }
+            }
+            pick.expect("positive mass")
+        } else {
+            // The best not yet taken (−∞ included; ties: lowest index).
+            (0..scores.len())
+                .filter(|&i| !taken[i])
+                .fold(None, |best: Option<usize>, i| match best {
+                    Some(b) if scores[b].total_cmp(&scores[i]).is_ge() => Some(b),
+                    _ => Some(i),
+                })
+                .expect("k ≤ len leaves one")
+        };
+        taken[pick] = true;
+        w[pick] = 0.0;
+        out.push(pick);
+    }
+    out
+}
+
 pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
     be: &B,
     model: &M,
@@ -123,14 +220,9 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let capacity = ctx.min(longest.saturating_add(opts.max_new_tokens)).max(1);
     let memory = model.encode(be, inputs, beams)?;
-    let mut stepper = Stepper::new(
-        be,
-        model,
-        memory,
-        batch * beams,
-        capacity,
-        opts.use_kv_cache,
-    )?;
+    let mut stepper = Stepper::new(be, model, memory, batch * beams, capacity, opts)?;
+    let sampling = opts.sampling.temperature > 0.0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.sampling.seed);
     while searches.iter().any(|s| !s.done) {
         let seqs: Vec<Vec<u32>> = searches
             .iter()
@@ -152,9 +244,16 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
                 let row = &mut rows[j * vocab..(j + 1) * vocab];
                 log_softmax(row);
                 opts.process_scores(&h.seq, s.prompt_len, s.max_len, eos, row);
+                if sampling {
+                    warp(row, &opts.sampling);
+                }
                 row.iter_mut().for_each(|x| *x += h.score);
             }
-            let top = top_k(rows, keep);
+            let top = if sampling {
+                sample_without_replacement(rows, keep, &mut rng)
+            } else {
+                top_k(rows, keep)
+            };
             // Continuations, their scores, and whether they finish.
             let cands: Vec<(usize, u32, f32, bool)> = top
                 .iter()
@@ -248,6 +347,7 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
         stop: Vec::new(),
         scores: Vec::new(),
         steps: stepper.steps,
+        rows_per_step: std::mem::take(&mut stepper.rows_per_step),
     };
     for s in &searches {
         for h in s.finished.iter().take(opts.num_return_sequences) {

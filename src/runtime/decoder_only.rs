@@ -295,6 +295,10 @@ impl<B: Backend, C: DecoderConfig> TokenModel<B> for DecoderLm<B, C> {
         Ok(())
     }
 
+    fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
     fn decode(
         &self,
         be: &B,

@@ -20,7 +20,9 @@
 //! ([`super::kv_cache`]: host memory on the CPU backend, device memory on the CUDA backend,
 //! where the one-token attention runs the split-KV decode kernel), allocated once for the
 //! longest sequence the call can reach; beam search reorders it by beam index after every
-//! step. A finished row appends nothing. `use_kv_cache: false` recomputes the whole sequence
+//! step. A finished row appends nothing, and with `compact_finished` (the default) it leaves
+//! the batch: its KV-cache rows and encoder memory are dropped, so later steps run only the
+//! live rows ([`Generation::rows_per_step`] counts them). `use_kv_cache: false` recomputes the whole sequence
 //! every step instead (same results, quadratic cost; for tests and comparisons).
 
 use super::backend::Backend;
@@ -226,7 +228,8 @@ pub struct GenerateOptions {
     /// Use the backend's KV cache when it has one (false: recompute every step; for tests
     /// and comparisons).
     pub use_kv_cache: bool,
-    /// 1: greedy or sampling; more: beam search (greedy choice only).
+    /// 1: greedy or sampling; more: beam search, choosing greedily at temperature 0 and by
+    /// beam sampling otherwise ([`super::beam`]).
     pub num_beams: usize,
     /// Finished beam hypotheses are scored sum(log p) / generated_length^length_penalty.
     pub length_penalty: f32,
@@ -241,6 +244,10 @@ pub struct GenerateOptions {
     pub forced_bos_token_id: Option<u32>,
     /// The last token a sequence can get (at `max_new_tokens`) is forced to this id.
     pub forced_eos_token_id: Option<u32>,
+    /// Drop finished rows (a sequence, or a beam search's whole input) from the batch, with
+    /// their KV-cache rows and encoder memory, so later steps run only the live ones (false:
+    /// every row runs to the end; same tokens, for tests and comparisons).
+    pub compact_finished: bool,
 }
 
 impl Default for GenerateOptions {
@@ -258,6 +265,7 @@ impl Default for GenerateOptions {
             min_new_tokens: 0,
             forced_bos_token_id: None,
             forced_eos_token_id: None,
+            compact_finished: true,
         }
     }
 }
@@ -275,12 +283,6 @@ impl GenerateOptions {
                     "{} is outside 1 ..= num_beams ({})",
                     self.num_return_sequences, self.num_beams
                 ),
-            ));
-        }
-        if self.num_beams > 1 && self.sampling.temperature != 0.0 {
-            return Err(Error::invalid(
-                "num_beams",
-                "beam search chooses greedily: set temperature 0 (beam sampling is not supported)",
             ));
         }
         if !self.length_penalty.is_finite() {
@@ -369,6 +371,9 @@ pub struct Generation {
     pub scores: Vec<f32>,
     /// Model steps run (prefill included).
     pub steps: usize,
+    /// Rows each model step ran (prefill included): with `compact_finished` it drops as rows
+    /// finish.
+    pub rows_per_step: Vec<usize>,
 }
 
 /// Backends generation runs on, and how (see the module docs).
@@ -432,6 +437,9 @@ pub trait TokenModel<B: Backend> {
     /// The memory of `inputs`, each repeated `copies` times in row order (input i's at rows
     /// i·copies ..).
     fn encode(&self, be: &B, inputs: &[Vec<u32>], copies: usize) -> Result<Self::Memory>;
+    /// The memory of rows `keep` (indices into `memory`'s rows, in order): what remains when
+    /// finished rows leave the batch.
+    fn select_memory(&self, be: &B, memory: &Self::Memory, keep: &[usize]) -> Result<Self::Memory>;
     /// Runs the decoder over `batch` rows of `len` tokens (`ids`, `positions` row-major) and
     /// returns the logits `[rows.len(), vocab]` of the hidden-state rows `rows` (b·len + t).
     #[allow(clippy::too_many_arguments)]
@@ -460,14 +468,18 @@ pub fn check_vocab(index: usize, input: &[u32], vocab: usize) -> Result<()> {
 }
 
 /// Runs a model step by step for the decoding loops: the KV cache (or full recomputation),
-/// padding, positions, and which logits come back.
+/// padding, positions, which logits come back, and (with `compact`) which rows still run.
 pub(crate) struct Stepper<'a, B: GenerateBackend, M: TokenModel<B>> {
     be: &'a B,
     model: &'a M,
     memory: M::Memory,
     cache: Option<Box<dyn StepKvCache<B>>>,
     prefilled: bool,
+    /// The caller's row of each row the model still runs (the identity until rows finish).
+    active: Vec<usize>,
+    compact: bool,
     pub steps: usize,
+    pub rows_per_step: Vec<usize>,
 }
 
 impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
@@ -478,10 +490,10 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
         memory: M::Memory,
         rows: usize,
         capacity: usize,
-        use_kv_cache: bool,
+        opts: &GenerateOptions,
     ) -> Result<Self> {
         let (layers, width) = model.cache_layout();
-        let cache = if use_kv_cache {
+        let cache = if opts.use_kv_cache {
             be.kv_cache(layers, rows, capacity, width)?
         } else {
             None
@@ -492,85 +504,150 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
             memory,
             cache,
             prefilled: false,
+            active: (0..rows).collect(),
+            compact: opts.compact_finished,
             steps: 0,
+            rows_per_step: Vec::new(),
         })
+    }
+
+    /// Drops the rows that are no longer `live` (cache rows and memory too).
+    fn drop_finished(&mut self, live: &[bool]) -> Result<()> {
+        let keep: Vec<usize> = (0..self.active.len())
+            .filter(|&j| live[self.active[j]])
+            .collect();
+        if keep.len() == self.active.len() || keep.is_empty() {
+            return Ok(());
+        }
+        if let Some(c) = self.cache.as_mut() {
+            c.reorder(self.be, &keep)?;
+        }
+        self.memory = self.model.select_memory(self.be, &self.memory, &keep)?;
+        self.active = keep.iter().map(|&j| self.active[j]).collect();
+        Ok(())
     }
 
     /// Logits `[rows, vocab]` of the last token of every row of `seqs`. With a cache, every
     /// live row must have grown by exactly one token since the previous call; rows that are
-    /// not `live` append nothing and their logits are to be ignored.
+    /// not `live` append nothing and their logits are to be ignored (NaN once compacted away).
     pub fn logits(&mut self, seqs: &[Vec<u32>], live: &[bool]) -> Result<Vec<f32>> {
+        if live.len() != seqs.len() {
+            return Err(Error::shape(
+                "live",
+                format!("[{}]", seqs.len()),
+                &[live.len()],
+            ));
+        }
+        if self.compact && self.prefilled {
+            self.drop_finished(live)?;
+        }
         let (be, model) = (self.be, self.model);
-        let batch = seqs.len();
+        let vocab = model.vocab_size();
+        let run: Vec<&Vec<u32>> = self.active.iter().map(|&r| &seqs[r]).collect();
+        let run_live: Vec<bool> = self.active.iter().map(|&r| live[r]).collect();
+        let batch = run.len();
         let pad = model.pad_token_id();
         self.steps += 1;
-        let Some(cache) = self.cache.as_mut() else {
+        self.rows_per_step.push(batch);
+        let logits = if let Some(cache) = self.cache.as_mut() {
+            let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) =
+                if !self.prefilled {
+                    let longest = run.iter().map(|s| s.len()).max().unwrap_or(0);
+                    let mut ids = vec![pad; batch * longest];
+                    for (b, s) in run.iter().enumerate() {
+                        ids[b * longest..b * longest + s.len()].copy_from_slice(s);
+                    }
+                    let positions = (0..batch * longest).map(|r| (r % longest) as u32).collect();
+                    (
+                        ids,
+                        positions,
+                        longest,
+                        run.iter().map(|s| s.len()).collect(),
+                    )
+                } else {
+                    let max_pos = model.max_positions().max(1) - 1;
+                    let ids = run.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+                    let positions = run
+                        .iter()
+                        .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
+                        .collect();
+                    (
+                        ids,
+                        positions,
+                        1,
+                        run_live.iter().map(|&l| usize::from(l)).collect(),
+                    )
+                };
+            cache.begin_step(&valid)?;
+            let rows: Vec<u32> = (0..batch)
+                .map(|b| (b * len + if self.prefilled { 0 } else { run[b].len() - 1 }) as u32)
+                .collect();
+            self.prefilled = true;
+            let mut layers = cache.layers();
+            let mut refs: Vec<&mut dyn KvCache<B>> = layers
+                .iter_mut()
+                .map(|l| &mut **l as &mut dyn KvCache<B>)
+                .collect();
+            model.decode(
+                be,
+                &self.memory,
+                &ids,
+                &positions,
+                batch,
+                len,
+                &rows,
+                Some(&mut refs),
+            )?
+        } else {
             // Everything so far, right-padded.
-            let len = seqs.iter().map(Vec::len).max().unwrap_or(1);
+            self.prefilled = true;
+            let len = run.iter().map(|s| s.len()).max().unwrap_or(1);
             let mut ids = vec![pad; batch * len];
             let positions: Vec<u32> = (0..batch * len).map(|r| (r % len) as u32).collect();
-            for (b, s) in seqs.iter().enumerate() {
+            for (b, s) in run.iter().enumerate() {
                 ids[b * len..b * len + s.len()].copy_from_slice(s);
             }
             let rows: Vec<u32> = (0..batch)
-                .map(|b| (b * len + seqs[b].len() - 1) as u32)
+                .map(|b| (b * len + run[b].len() - 1) as u32)
                 .collect();
-            return model.decode(be, &self.memory, &ids, &positions, batch, len, &rows, None);
+            model.decode(be, &self.memory, &ids, &positions, batch, len, &rows, None)?
         };
-        let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) =
-            if !self.prefilled {
-                let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
-                let mut ids = vec![pad; batch * longest];
-                for (b, s) in seqs.iter().enumerate() {
-                    ids[b * longest..b * longest + s.len()].copy_from_slice(s);
-                }
-                let positions = (0..batch * longest).map(|r| (r % longest) as u32).collect();
-                (ids, positions, longest, seqs.iter().map(Vec::len).collect())
-            } else {
-                let max_pos = model.max_positions().max(1) - 1;
-                let ids = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
-                let positions = seqs
-                    .iter()
-                    .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
-                    .collect();
-                (
-                    ids,
-                    positions,
-                    1,
-                    live.iter().map(|&l| usize::from(l)).collect(),
-                )
-            };
-        cache.begin_step(&valid)?;
-        let rows: Vec<u32> = (0..batch)
-            .map(|b| (b * len + if self.prefilled { 0 } else { seqs[b].len() - 1 }) as u32)
-            .collect();
-        self.prefilled = true;
-        let mut layers = cache.layers();
-        let mut refs: Vec<&mut dyn KvCache<B>> = layers
-            .iter_mut()
-            .map(|l| &mut **l as &mut dyn KvCache<B>)
-            .collect();
-        model.decode(
-            be,
-            &self.memory,
-            &ids,
-            &positions,
-            batch,
-            len,
-            &rows,
-            Some(&mut refs),
-        )
+        if batch == seqs.len() {
+            return Ok(logits);
+        }
+        // Back to the caller's rows; rows no longer run are poisoned.
+        let mut full = vec![f32::NAN; seqs.len() * vocab];
+        for (j, &r) in self.active.iter().enumerate() {
+            full[r * vocab..(r + 1) * vocab].copy_from_slice(&logits[j * vocab..(j + 1) * vocab]);
+        }
+        Ok(full)
     }
 
-    /// Row r continues from row `src[r]` (beam search): reorders the cache.
+    /// Row r continues from row `src[r]` (beam search; `src` in the caller's rows): reorders
+    /// the cache rows still running.
     pub fn reorder(&mut self, src: &[usize]) -> Result<()> {
         if src.iter().enumerate().all(|(r, &s)| r == s) {
             return Ok(());
         }
-        match self.cache.as_mut() {
-            Some(c) => c.reorder(self.be, src),
-            None => Ok(()),
+        let Some(c) = self.cache.as_mut() else {
+            return Ok(());
+        };
+        let mut at = vec![usize::MAX; src.len()];
+        for (j, &r) in self.active.iter().enumerate() {
+            at[r] = j;
         }
+        let local = self
+            .active
+            .iter()
+            .map(|&r| match src.get(r).and_then(|&s| at.get(s)) {
+                Some(&j) if j != usize::MAX => Ok(j),
+                _ => Err(Error::invalid(
+                    "src",
+                    format!("row {r} continues from a row that no longer runs"),
+                )),
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        c.reorder(self.be, &local)
     }
 }
 
@@ -607,7 +684,7 @@ pub fn generate<B: GenerateBackend, M: TokenModel<B>>(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let capacity = ctx.min(longest.saturating_add(opts.max_new_tokens)).max(1);
     let memory = model.encode(be, inputs, 1)?;
-    let mut stepper = Stepper::new(be, model, memory, batch, capacity, opts.use_kv_cache)?;
+    let mut stepper = Stepper::new(be, model, memory, batch, capacity, opts)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.sampling.seed);
     let mut seqs: Vec<Vec<u32>> = prompts.clone();
     let mut generated = vec![Vec::new(); batch];
@@ -652,5 +729,6 @@ pub fn generate<B: GenerateBackend, M: TokenModel<B>>(
             .collect(),
         scores: Vec::new(),
         steps: stepper.steps,
+        rows_per_step: stepper.rows_per_step,
     })
 }

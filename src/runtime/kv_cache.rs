@@ -36,7 +36,8 @@ pub trait StepKvCache<B: Backend> {
     fn layers(&mut self) -> Vec<Box<dyn KvCache<B> + '_>>;
     /// Between steps: sequence r continues from sequence `src[r]` (beam search keeps the
     /// best continuations, several of which may share a parent): every layer's rows and the
-    /// lengths are gathered accordingly.
+    /// lengths are gathered accordingly. `src` may be shorter than the batch: the cache then
+    /// holds `src.len()` sequences (finished ones dropped).
     fn reorder(&mut self, be: &B, src: &[usize]) -> Result<()>;
 }
 
@@ -108,12 +109,13 @@ impl StepLens {
     }
 
     /// Checks a reorder and applies it to the lengths; returns, for the buffers, the source row
-    /// of every destination row (`[batch·capacity]`).
+    /// of every destination row (`[src.len()·capacity]`). `src` may name fewer sequences than
+    /// the batch: the cache then holds only those (finished rows leave it).
     fn reorder(&mut self, src: &[usize]) -> Result<Vec<u32>> {
-        if src.len() != self.batch {
+        if src.is_empty() || src.len() > self.batch {
             return Err(Error::shape(
                 "src",
-                format!("[{}]", self.batch),
+                format!("[1 ..= {}]", self.batch),
                 &[src.len()],
             ));
         }
@@ -127,6 +129,9 @@ impl StepLens {
             return Err(Error::invalid("kv_cache", "too many rows to reorder"));
         }
         self.lens = src.iter().map(|&s| self.lens[s]).collect();
+        self.start = src.iter().map(|&s| self.start[s]).collect();
+        self.valid = src.iter().map(|&s| self.valid[s]).collect();
+        self.batch = src.len();
         let cap = self.capacity;
         Ok(src
             .iter()
@@ -465,6 +470,16 @@ mod device {
             for (k, v) in &mut self.layers {
                 *k = be.gather_rows(k, &rows)?;
                 *v = be.gather_rows(v, &rows)?;
+            }
+            let batch = self.step.batch;
+            if self.start_count_host.len() != 2 * batch {
+                // Fewer sequences: the step array shrinks with them.
+                self.start_count_host = vec![0; 2 * batch];
+                self.start_count = self
+                    .gpu
+                    .stream()
+                    .alloc_zeros::<i32>(2 * batch)
+                    .map_err(|e| Error::driver("allocate the KV cache's step array", e))?;
             }
             Ok(())
         }

@@ -23,6 +23,7 @@ mod sparse;
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
 mod train_backend;
+mod train_models;
 mod train_rnn;
 mod training_ops;
 

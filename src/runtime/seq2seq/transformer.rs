@@ -17,16 +17,16 @@
 
 use super::{argmax_rows, Decoded, GradAcc, ParamBuilder, Seq2Seq, Seq2SeqBatch, BOS, EOS, PAD};
 use crate::error::{Error, Result};
-use crate::runtime::backend::{Activation, AttentionMask, CausalAlign, Heads};
+use crate::runtime::backend::{Activation, AttentionMask, CausalAlign};
 use crate::runtime::generate::{
     generate, GenerateBackend, GenerateOptions, Generation, TokenModel,
 };
 use crate::runtime::layers::KvCache;
 use crate::runtime::train::layers::{
-    copy, feed_forward_backward, feed_forward_forward, layer_norm_backward, layer_norm_forward,
-    linear_backward, linear_forward, self_attention_backward, self_attention_forward,
-    FeedForwardCache, FeedForwardParams, LayerNormParams, LinearParams, SelfAttentionCache,
-    SelfAttentionParams,
+    copy, cross_attention_backward, cross_attention_forward, feed_forward_backward,
+    feed_forward_forward, layer_norm_backward, layer_norm_forward, self_attention_backward,
+    self_attention_forward, FeedForwardCache, FeedForwardParams, LayerNormParams, LinearParams,
+    SelfAttentionCache, SelfAttentionParams,
 };
 use crate::runtime::train::{CrossEntropy, Gradients, Op, Param, TrainBackend};
 
@@ -204,73 +204,6 @@ fn attn_param<B: TrainBackend>(
         v: lin_param(pb, format!("{name}.v_proj"), d, d)?,
         o: lin_param(pb, format!("{name}.out_proj"), d, d)?,
     })
-}
-
-fn view<T>(t: &T, heads: usize, width: usize) -> Heads<'_, T> {
-    Heads {
-        tensor: t,
-        col: 0,
-        heads,
-        dim: width / heads,
-    }
-}
-
-/// dL/dx, dL/dmem and the q, k, v, out projections' gradients.
-type CrossBackward<T> = (T, T, [crate::runtime::train::layers::LinearGrads<T>; 4]);
-
-/// Cross-attention: queries from `x` `[B·Ty, d]`, keys and values from `mem` `[B·Tx, d]`.
-fn cross_attention_forward<B: TrainBackend>(
-    be: &B,
-    p: SelfAttentionParams<'_, B::Tensor>,
-    x: &B::Tensor,
-    mem: &B::Tensor,
-    mask: &AttentionMask<'_>,
-) -> Result<(B::Tensor, CrossCache<B::Tensor>)> {
-    let q = linear_forward(be, p.q, x)?;
-    let k = linear_forward(be, p.k, mem)?;
-    let v = linear_forward(be, p.v, mem)?;
-    let (wq, wv) = (be.shape(&q)[1], be.shape(&v)[1]);
-    let (ctx, lse) = be.attention_with_lse(
-        view(&q, p.heads, wq),
-        view(&k, p.heads, wq),
-        view(&v, p.heads, wv),
-        mask,
-        None,
-    )?;
-    let out = linear_forward(be, p.out, &ctx)?;
-    Ok((out, CrossCache { q, k, v, ctx, lse }))
-}
-
-/// The backward of [`cross_attention_forward`]: dL/dx, dL/dmem and the projections'
-/// gradients in the order q, k, v, out.
-fn cross_attention_backward<B: TrainBackend>(
-    be: &B,
-    p: SelfAttentionParams<'_, B::Tensor>,
-    x: &B::Tensor,
-    mem: &B::Tensor,
-    c: &CrossCache<B::Tensor>,
-    mask: &AttentionMask<'_>,
-    dout: &B::Tensor,
-) -> Result<CrossBackward<B::Tensor>> {
-    let out = linear_backward(be, p.out, &c.ctx, dout, true)?;
-    let (wq, wv) = (be.shape(&c.q)[1], be.shape(&c.v)[1]);
-    let g = be.attention_backward(
-        view(&c.q, p.heads, wq),
-        view(&c.k, p.heads, wq),
-        view(&c.v, p.heads, wv),
-        &c.ctx,
-        &c.lse,
-        out.dx.as_ref().expect("asked for dx"),
-        mask,
-        None,
-    )?;
-    let mut gq = linear_backward(be, p.q, x, &g.dq, true)?;
-    let mut gk = linear_backward(be, p.k, mem, &g.dk, true)?;
-    let mut gv = linear_backward(be, p.v, mem, &g.dv, true)?;
-    let dx = gq.dx.take().expect("asked for dx");
-    let mut dmem = gk.dx.take().expect("asked for dx");
-    be.accumulate(&mut dmem, &gv.dx.take().expect("asked for dx"))?;
-    Ok((dx, dmem, [gq, gk, gv, out]))
 }
 
 impl<B: TrainBackend> Transformer<B> {
@@ -935,6 +868,30 @@ impl<B: TrainBackend> TokenModel<B> for Transformer<B> {
             out: enc.out,
             lens: batch.src_lens,
             tx: batch.src_len,
+        })
+    }
+
+    fn select_memory(
+        &self,
+        be: &B,
+        memory: &TransformerMemory<B::Tensor>,
+        keep: &[usize],
+    ) -> Result<TransformerMemory<B::Tensor>> {
+        if let Some(&bad) = keep.iter().find(|&&j| j >= memory.lens.len()) {
+            return Err(Error::invalid(
+                "keep",
+                format!("row {bad} is outside the memory's {}", memory.lens.len()),
+            ));
+        }
+        let tx = memory.tx;
+        let rows: Vec<u32> = keep
+            .iter()
+            .flat_map(|&j| (j * tx..(j + 1) * tx).map(|r| r as u32))
+            .collect();
+        Ok(TransformerMemory {
+            out: be.gather_rows(&memory.out, &rows)?,
+            lens: keep.iter().map(|&j| memory.lens[j]).collect(),
+            tx,
         })
     }
 

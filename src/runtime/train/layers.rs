@@ -200,6 +200,65 @@ pub fn self_attention_backward<B: TrainBackend>(
     })
 }
 
+/// dL/dx, dL/dmem and the q, k, v, out projections' gradients.
+pub type CrossBackward<T> = (T, T, [LinearGrads<T>; 4]);
+
+/// Cross-attention: queries from `x` `[B·Ty, d]`, keys and values from `mem` `[B·Tx, d]`
+/// (the encoder's output); its cache has the same fields as self-attention's.
+pub fn cross_attention_forward<B: TrainBackend>(
+    be: &B,
+    p: SelfAttentionParams<'_, B::Tensor>,
+    x: &B::Tensor,
+    mem: &B::Tensor,
+    mask: &AttentionMask<'_>,
+) -> Result<(B::Tensor, SelfAttentionCache<B::Tensor>)> {
+    let q = linear_forward(be, p.q, x)?;
+    let k = linear_forward(be, p.k, mem)?;
+    let v = linear_forward(be, p.v, mem)?;
+    let (wq, wv) = (be.shape(&q)[1], be.shape(&v)[1]);
+    let (ctx, lse) = be.attention_with_lse(
+        heads(&q, p.heads, wq),
+        heads(&k, p.heads, wq),
+        heads(&v, p.heads, wv),
+        mask,
+        None,
+    )?;
+    let out = linear_forward(be, p.out, &ctx)?;
+    Ok((out, SelfAttentionCache { q, k, v, ctx, lse }))
+}
+
+/// The backward of [`cross_attention_forward`]: dL/dx, dL/dmem and the projections'
+/// gradients in the order q, k, v, out.
+pub fn cross_attention_backward<B: TrainBackend>(
+    be: &B,
+    p: SelfAttentionParams<'_, B::Tensor>,
+    x: &B::Tensor,
+    mem: &B::Tensor,
+    c: &SelfAttentionCache<B::Tensor>,
+    mask: &AttentionMask<'_>,
+    dout: &B::Tensor,
+) -> Result<CrossBackward<B::Tensor>> {
+    let out = linear_backward(be, p.out, &c.ctx, dout, true)?;
+    let (wq, wv) = (be.shape(&c.q)[1], be.shape(&c.v)[1]);
+    let g = be.attention_backward(
+        heads(&c.q, p.heads, wq),
+        heads(&c.k, p.heads, wq),
+        heads(&c.v, p.heads, wv),
+        &c.ctx,
+        &c.lse,
+        out.dx.as_ref().expect("asked for dx"),
+        mask,
+        None,
+    )?;
+    let mut gq = linear_backward(be, p.q, x, &g.dq, true)?;
+    let mut gk = linear_backward(be, p.k, mem, &g.dk, true)?;
+    let mut gv = linear_backward(be, p.v, mem, &g.dv, true)?;
+    let dx = gq.dx.take().expect("asked for dx");
+    let mut dmem = gk.dx.take().expect("asked for dx");
+    be.accumulate(&mut dmem, &gv.dx.take().expect("asked for dx"))?;
+    Ok((dx, dmem, [gq, gk, gv, out]))
+}
+
 /// A copy of a tensor through the backend (a tensor type need not be `Clone`).
 pub fn copy<B: TrainBackend>(be: &B, t: &B::Tensor) -> Result<B::Tensor> {
     be.cast(t, be.tensor_dtype(t))

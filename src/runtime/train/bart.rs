@@ -1,0 +1,745 @@
+//! `BartForConditionalGeneration` as Hugging Face defines it, trainable for BART's denoising
+//! objective: the encoder reads the noised text, the decoder is fed the original shifted right
+//! (`decoder_start_token_id` first) and predicts the original; loss = mean cross-entropy over
+//! the labels that are not −100. Forward + backward give the gradient of every parameter
+//! under its Hugging Face name.
+//!
+//! The architecture is [`crate::runtime::bart`]'s (post-LN layers, learned positions two rows
+//! down, `layernorm_embedding`, the embedding ×√d when `scale_embedding`), built from the
+//! training layers of [`super::layers`] (self- and cross-attention, feed-forward, LayerNorm,
+//! all with their backward). The one table `model.shared` is used three times — encoder
+//! lookup, decoder lookup, output projection — and its gradient is the sum of the three (the
+//! lookups give none to the padding row). `final_logits_bias` is a buffer in Hugging Face
+//! (not a parameter): it is added to the logits and gets no gradient.
+//!
+//! Tied models only: transformers 5 gives an untied BART three separate tables (each stack's
+//! `embed_tokens` and `lm_head`), which is refused. No dropout (the step runs as
+//! `model.eval()`); the decoder sees every earlier target position (HF's default without a
+//! `decoder_attention_mask`: right padding only ever follows the real tokens).
+
+use super::backend::{CrossEntropy, TrainBackend};
+use super::layers::{
+    cross_attention_backward, cross_attention_forward, feed_forward_backward, feed_forward_forward,
+    layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
+    self_attention_backward, self_attention_forward, FeedForwardCache, FeedForwardParams,
+    LayerNormParams, LinearParams, SelfAttentionCache, SelfAttentionParams,
+};
+use super::optim::{Gradients, Param};
+use crate::error::{Error, Result};
+use crate::runtime::backend::{AttentionMask, CausalAlign};
+use crate::runtime::bart::{BartConfig, POSITION_OFFSET};
+use crate::runtime::checkpoint::{Checkpoint, HostParam};
+use std::path::Path;
+
+/// BART's LayerNorm epsilon (PyTorch's default).
+const LN_EPS: f32 = 1e-5;
+
+/// One denoising batch: the noised inputs (right-padded with `pad_token_id`) and the original
+/// sequences as labels (right-padded with −100).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenoisingBatch {
+    /// `[batch·len_in]`.
+    pub input_ids: Vec<u32>,
+    /// Real tokens of each input (the rest of its row is padding).
+    pub input_lens: Vec<usize>,
+    /// `[batch·len_out]`, −100 on padding.
+    pub labels: Vec<i64>,
+}
+
+/// Hugging Face's `shift_tokens_right`: each row of `labels` (`[batch, len]`) moved one to the
+/// right behind `start`, −100 replaced by `pad`.
+pub fn shift_tokens_right(labels: &[i64], batch: usize, pad: u32, start: u32) -> Result<Vec<u32>> {
+    if batch == 0 || !labels.len().is_multiple_of(batch) {
+        return Err(Error::invalid(
+            "labels",
+            format!("{} labels do not split into {batch} rows", labels.len()),
+        ));
+    }
+    let len = labels.len() / batch;
+    let mut out = Vec::with_capacity(labels.len());
+    for row in labels.chunks(len) {
+        out.push(start);
+        for &l in &row[..len - 1] {
+            out.push(match l {
+                -100 => pad,
+                l if l >= 0 && l <= u32::MAX as i64 => l as u32,
+                l => {
+                    return Err(Error::invalid(
+                        "labels",
+                        format!("label {l} is not a token id"),
+                    ))
+                }
+            });
+        }
+    }
+    Ok(out)
+}
+
+type Lin = (usize, usize);
+
+#[derive(Clone, Copy, Debug)]
+struct AttnIx {
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct EncIx {
+    attn: AttnIx,
+    ln1: Lin,
+    fc1: Lin,
+    fc2: Lin,
+    ln2: Lin,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DecIx {
+    attn: AttnIx,
+    ln1: Lin,
+    cross: AttnIx,
+    ln2: Lin,
+    fc1: Lin,
+    fc2: Lin,
+    ln3: Lin,
+}
+
+/// Positions table and `layernorm_embedding` of one stack.
+#[derive(Clone, Copy, Debug)]
+struct EmbIx {
+    pos: usize,
+    ln: Lin,
+}
+
+/// Parameter names and shapes in Hugging Face's `named_parameters` order (tied model).
+fn names_and_shapes(c: &BartConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, v) = (c.d_model, c.vocab_size);
+    let pos = c.max_position_embeddings + POSITION_OFFSET as usize;
+    let mut out: Vec<(String, Vec<usize>)> = vec![("model.shared.weight".into(), vec![v, d])];
+    let lin = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize| {
+        out.push((format!("{name}.weight"), vec![o, i]));
+        out.push((format!("{name}.bias"), vec![o]));
+    };
+    let ln = |out: &mut Vec<(String, Vec<usize>)>, name: String| {
+        out.push((format!("{name}.weight"), vec![d]));
+        out.push((format!("{name}.bias"), vec![d]));
+    };
+    for (stack, layers, ffn) in [
+        ("encoder", c.encoder_layers, c.encoder_ffn_dim),
+        ("decoder", c.decoder_layers, c.decoder_ffn_dim),
+    ] {
+        out.push((
+            format!("model.{stack}.embed_positions.weight"),
+            vec![pos, d],
+        ));
+        for l in 0..layers {
+            let p = format!("model.{stack}.layers.{l}");
+            let attns: &[&str] = if stack == "encoder" {
+                &["self_attn"]
+            } else {
+                &["self_attn", "encoder_attn"]
+            };
+            for a in attns {
+                for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+                    lin(&mut out, format!("{p}.{a}.{proj}"), d, d);
+                }
+                ln(&mut out, format!("{p}.{a}_layer_norm"));
+            }
+            lin(&mut out, format!("{p}.fc1"), ffn, d);
+            lin(&mut out, format!("{p}.fc2"), d, ffn);
+            ln(&mut out, format!("{p}.final_layer_norm"));
+        }
+        ln(&mut out, format!("model.{stack}.layernorm_embedding"));
+    }
+    out
+}
+
+/// A trainable tied BART on backend `B`; parameters in f32.
+pub struct BartForConditionalGeneration<B: TrainBackend> {
+    pub config: BartConfig,
+    params: Vec<Param<B::Tensor>>,
+    /// `final_logits_bias` `[vocab]` (a buffer: no gradient).
+    final_logits_bias: B::Tensor,
+    enc_emb: EmbIx,
+    dec_emb: EmbIx,
+    enc: Vec<EncIx>,
+    dec: Vec<DecIx>,
+}
+
+struct Sub<T, C> {
+    /// The LayerNorm's input (residual + sub-block output).
+    s: T,
+    c: C,
+}
+
+struct EncCache<T> {
+    input: T,
+    attn: Sub<T, SelfAttentionCache<T>>,
+    h1: T,
+    ffn: Sub<T, FeedForwardCache<T>>,
+}
+
+struct DecCache<T> {
+    input: T,
+    attn: Sub<T, SelfAttentionCache<T>>,
+    h1: T,
+    cross: Sub<T, SelfAttentionCache<T>>,
+    h2: T,
+    ffn: Sub<T, FeedForwardCache<T>>,
+}
+
+/// Per-step shapes and ids.
+struct Shapes<'a> {
+    batch: usize,
+    len_in: usize,
+    len_out: usize,
+    input_ids: &'a [u32],
+    input_lens: Option<&'a [usize]>,
+    decoder_ids: Vec<u32>,
+    in_pos: Vec<u32>,
+    out_pos: Vec<u32>,
+}
+
+/// What a denoising step computes.
+pub struct DenoisingOutput<T> {
+    pub loss: f32,
+    /// `[batch·len_out, vocab]`.
+    pub logits: T,
+    /// The decoder's input ids (`shift_tokens_right` of the labels).
+    pub decoder_input_ids: Vec<u32>,
+    pub grads: Gradients<T>,
+}
+
+impl<B: TrainBackend> BartForConditionalGeneration<B> {
+    /// Loads a `BartForConditionalGeneration` folder with tied embeddings.
+    pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
+        let config = BartConfig::from_folder(dir)?;
+        if !config.tie_word_embeddings {
+            return Err(Error::Config {
+                file: dir.join("config.json").display().to_string(),
+                reason: "an untied BART (`tie_word_embeddings: false`: separate encoder, \
+                         decoder and output tables) is not trainable here"
+                    .into(),
+            });
+        }
+        let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
+        let v = config.vocab_size;
+        // The head's names carry no `model.` prefix: read before it is detected. A saved
+        // lm_head / embed_tokens of a tied model is the shared table again.
+        ckpt.discard("lm_head.weight");
+        let bias = if ckpt.contains("final_logits_bias") {
+            ckpt.take("final_logits_bias", &[1, v])?.values
+        } else {
+            vec![0.0; v]
+        };
+        ckpt.detect_prefix("model.", "shared.weight");
+        ckpt.discard("encoder.embed_tokens.weight");
+        ckpt.discard("decoder.embed_tokens.weight");
+        let mut host = Vec::new();
+        for (name, shape) in names_and_shapes(&config) {
+            let stored = name.strip_prefix("model.").expect("model. names");
+            host.push((name.clone(), ckpt.take(stored, &shape)?));
+        }
+        ckpt.finish()?;
+        Self::from_host(be, config, host, &bias)
+    }
+
+    /// A model from named host parameters in list order (see [`Self::parameter_names`]) and
+    /// `final_logits_bias` `[vocab]`.
+    pub fn from_host(
+        be: &B,
+        config: BartConfig,
+        host: Vec<(String, HostParam)>,
+        final_logits_bias: &[f32],
+    ) -> Result<Self> {
+        let expected = names_and_shapes(&config);
+        let ok = host.len() == expected.len()
+            && host
+                .iter()
+                .zip(&expected)
+                .all(|((n, p), (en, es))| n == en && &p.shape == es);
+        if !ok {
+            return Err(Error::invalid(
+                "params",
+                "parameter list is not the tied BART's (names, order and shapes)",
+            ));
+        }
+        if final_logits_bias.len() != config.vocab_size {
+            return Err(Error::shape(
+                "final_logits_bias",
+                format!("[{}]", config.vocab_size),
+                &[final_logits_bias.len()],
+            ));
+        }
+        let index: std::collections::HashMap<String, usize> = expected
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        let ix = |n: &str| index[n];
+        let lin = |n: &str| (ix(&format!("{n}.weight")), ix(&format!("{n}.bias")));
+        let attn = |n: &str| AttnIx {
+            q: lin(&format!("{n}.q_proj")),
+            k: lin(&format!("{n}.k_proj")),
+            v: lin(&format!("{n}.v_proj")),
+            o: lin(&format!("{n}.out_proj")),
+        };
+        let emb = |s: &str| EmbIx {
+            pos: ix(&format!("model.{s}.embed_positions.weight")),
+            ln: lin(&format!("model.{s}.layernorm_embedding")),
+        };
+        let enc = (0..config.encoder_layers)
+            .map(|l| {
+                let p = format!("model.encoder.layers.{l}");
+                EncIx {
+                    attn: attn(&format!("{p}.self_attn")),
+                    ln1: lin(&format!("{p}.self_attn_layer_norm")),
+                    fc1: lin(&format!("{p}.fc1")),
+                    fc2: lin(&format!("{p}.fc2")),
+                    ln2: lin(&format!("{p}.final_layer_norm")),
+                }
+            })
+            .collect();
+        let dec = (0..config.decoder_layers)
+            .map(|l| {
+                let p = format!("model.decoder.layers.{l}");
+                DecIx {
+                    attn: attn(&format!("{p}.self_attn")),
+                    ln1: lin(&format!("{p}.self_attn_layer_norm")),
+                    cross: attn(&format!("{p}.encoder_attn")),
+                    ln2: lin(&format!("{p}.encoder_attn_layer_norm")),
+                    fc1: lin(&format!("{p}.fc1")),
+                    fc2: lin(&format!("{p}.fc2")),
+                    ln3: lin(&format!("{p}.final_layer_norm")),
+                }
+            })
+            .collect();
+        let params = host
+            .into_iter()
+            .map(|(name, p)| {
+                Ok(Param {
+                    decay: !(name.ends_with("bias")
+                        || name.contains("layer_norm")
+                        || name.contains("layernorm")),
+                    value: be.upload_as(&p.shape, &p.values, crate::DType::F32)?,
+                    name,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(BartForConditionalGeneration {
+            final_logits_bias: be.upload_as(
+                &[config.vocab_size],
+                final_logits_bias,
+                crate::DType::F32,
+            )?,
+            enc_emb: emb("encoder"),
+            dec_emb: emb("decoder"),
+            config,
+            params,
+            enc,
+            dec,
+        })
+    }
+
+    /// Every parameter's Hugging Face name, in list order.
+    pub fn parameter_names(&self) -> Vec<String> {
+        self.params.iter().map(|p| p.name.clone()).collect()
+    }
+
+    pub fn parameters(&self) -> &[Param<B::Tensor>] {
+        &self.params
+    }
+
+    pub fn parameters_mut(&mut self) -> &mut [Param<B::Tensor>] {
+        &mut self.params
+    }
+
+    fn p(&self, i: usize) -> &B::Tensor {
+        &self.params[i].value
+    }
+
+    fn lin(&self, (w, b): Lin) -> LinearParams<'_, B::Tensor> {
+        LinearParams {
+            w: self.p(w),
+            b: Some(self.p(b)),
+        }
+    }
+
+    fn ln(&self, (g, b): Lin) -> LayerNormParams<'_, B::Tensor> {
+        LayerNormParams {
+            gamma: self.p(g),
+            beta: self.p(b),
+            eps: LN_EPS,
+        }
+    }
+
+    fn attn(&self, a: &AttnIx, heads: usize) -> SelfAttentionParams<'_, B::Tensor> {
+        SelfAttentionParams {
+            q: self.lin(a.q),
+            k: self.lin(a.k),
+            v: self.lin(a.v),
+            out: self.lin(a.o),
+            heads,
+        }
+    }
+
+    fn ffn(&self, fc1: Lin, fc2: Lin) -> FeedForwardParams<'_, B::Tensor> {
+        FeedForwardParams {
+            up: self.lin(fc1),
+            down: self.lin(fc2),
+            act: self.config.activation,
+        }
+    }
+
+    fn embed_scale(&self) -> f32 {
+        if self.config.scale_embedding {
+            (self.config.d_model as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    fn shapes<'a>(&self, b: &'a DenoisingBatch) -> Result<Shapes<'a>> {
+        let batch = b.input_lens.len();
+        if batch == 0
+            || b.input_ids.is_empty()
+            || !b.input_ids.len().is_multiple_of(batch)
+            || b.labels.is_empty()
+            || !b.labels.len().is_multiple_of(batch)
+        {
+            return Err(Error::invalid(
+                "batch",
+                format!(
+                    "{} input ids and {} labels for {batch} sequences",
+                    b.input_ids.len(),
+                    b.labels.len()
+                ),
+            ));
+        }
+        let (len_in, len_out) = (b.input_ids.len() / batch, b.labels.len() / batch);
+        let max = self.config.max_position_embeddings;
+        if len_in > max || len_out > max {
+            return Err(Error::invalid(
+                "batch",
+                format!("{len_in} input or {len_out} label positions exceed the model's {max}"),
+            ));
+        }
+        if let Some(&bad) = b.input_lens.iter().find(|&&l| l == 0 || l > len_in) {
+            return Err(Error::invalid(
+                "input_lens",
+                format!("an input length {bad} is not in 1..={len_in}"),
+            ));
+        }
+        let v = self.config.vocab_size as u32;
+        if let Some(&bad) = b.input_ids.iter().find(|&&i| i >= v) {
+            return Err(Error::invalid(
+                "input_ids",
+                format!("id {bad} ≥ vocabulary {v}"),
+            ));
+        }
+        let decoder_ids = shift_tokens_right(
+            &b.labels,
+            batch,
+            self.config.pad_token_id,
+            self.config.decoder_start_token_id,
+        )?;
+        if let Some(&bad) = decoder_ids.iter().find(|&&i| i >= v) {
+            return Err(Error::invalid(
+                "labels",
+                format!("id {bad} ≥ vocabulary {v}"),
+            ));
+        }
+        let pos = |len: usize| -> Vec<u32> {
+            (0..batch)
+                .flat_map(|_| (0..len as u32).map(|p| p + POSITION_OFFSET))
+                .collect()
+        };
+        Ok(Shapes {
+            batch,
+            len_in,
+            len_out,
+            input_ids: &b.input_ids,
+            input_lens: (!b.input_lens.iter().all(|&l| l == len_in)).then_some(&b.input_lens),
+            decoder_ids,
+            in_pos: pos(len_in),
+            out_pos: pos(len_out),
+        })
+    }
+
+    /// Token rows ×scale + position rows, then `layernorm_embedding`: output and LN input.
+    fn embed(&self, be: &B, e: EmbIx, ids: &[u32], pos: &[u32]) -> Result<(B::Tensor, B::Tensor)> {
+        let mut x = be.gather_rows(self.p(0), ids)?;
+        if self.config.scale_embedding {
+            be.scale(&mut x, self.embed_scale())?;
+        }
+        let p = be.gather_rows(self.p(e.pos), pos)?;
+        layer_norm_forward(be, self.ln(e.ln), &x, Some(&p))
+    }
+
+    /// The backward of [`Self::embed`]: positions' and LN's gradients into `grads`, the token
+    /// lookup's added to the shared table's.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_backward(
+        &self,
+        be: &B,
+        e: EmbIx,
+        ids: &[u32],
+        pos: &[u32],
+        s: &B::Tensor,
+        dy: &B::Tensor,
+        grads: &mut [Option<B::Tensor>],
+    ) -> Result<()> {
+        let ln = layer_norm_backward(be, self.ln(e.ln), s, dy)?;
+        grads[e.ln.0] = Some(ln.dgamma);
+        grads[e.ln.1] = Some(ln.dbeta);
+        let rows = be.shape(self.p(e.pos))[0];
+        grads[e.pos] = Some(be.gather_rows_backward(&ln.dx, pos, rows, None)?);
+        let mut dx = ln.dx;
+        if self.config.scale_embedding {
+            be.scale(&mut dx, self.embed_scale())?;
+        }
+        let dtok = be.gather_rows_backward(
+            &dx,
+            ids,
+            self.config.vocab_size,
+            Some(self.config.pad_token_id),
+        )?;
+        add_grad(be, &mut grads[0], dtok)
+    }
+
+    fn masks<'m>(&self, s: &'m Shapes<'_>) -> [AttentionMask<'m>; 3] {
+        let m = |len_q, len_k, key_lens, causal| AttentionMask {
+            batch: s.batch,
+            len_q,
+            len_k,
+            key_lens,
+            causal,
+            window: None,
+            scale: None,
+        };
+        [
+            m(s.len_in, s.len_in, s.input_lens, None),
+            m(s.len_out, s.len_out, None, Some(CausalAlign::TopLeft)),
+            m(s.len_out, s.len_in, s.input_lens, None),
+        ]
+    }
+
+    /// Forward, loss against `batch.labels` and backward: the gradient of every parameter,
+    /// in list order.
+    pub fn forward_backward(
+        &self,
+        be: &B,
+        batch: &DenoisingBatch,
+    ) -> Result<DenoisingOutput<B::Tensor>> {
+        let s = self.shapes(batch)?;
+        let [enc_mask, self_mask, cross_mask] = self.masks(&s);
+        let (eh, dh) = (
+            self.config.encoder_attention_heads,
+            self.config.decoder_attention_heads,
+        );
+        // Encoder.
+        let (mut h, enc_s) = self.embed(be, self.enc_emb, s.input_ids, &s.in_pos)?;
+        let mut enc_caches = Vec::with_capacity(self.enc.len());
+        for l in &self.enc {
+            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, eh), &h, &enc_mask, None)?;
+            let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&h))?;
+            let (f, fc) = feed_forward_forward(be, self.ffn(l.fc1, l.fc2), &h1)?;
+            let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &f, Some(&h1))?;
+            enc_caches.push(EncCache {
+                input: h,
+                attn: Sub { s: s1, c: ac },
+                h1,
+                ffn: Sub { s: s2, c: fc },
+            });
+            h = h2;
+        }
+        let mem = h;
+        // Decoder.
+        let (mut y, dec_s) = self.embed(be, self.dec_emb, &s.decoder_ids, &s.out_pos)?;
+        let mut dec_caches = Vec::with_capacity(self.dec.len());
+        for l in &self.dec {
+            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, dh), &y, &self_mask, None)?;
+            let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&y))?;
+            let (c, cc) =
+                cross_attention_forward(be, self.attn(&l.cross, dh), &h1, &mem, &cross_mask)?;
+            let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &c, Some(&h1))?;
+            let (f, fc) = feed_forward_forward(be, self.ffn(l.fc1, l.fc2), &h2)?;
+            let (h3, s3) = layer_norm_forward(be, self.ln(l.ln3), &f, Some(&h2))?;
+            dec_caches.push(DecCache {
+                input: y,
+                attn: Sub { s: s1, c: ac },
+                h1,
+                cross: Sub { s: s2, c: cc },
+                h2,
+                ffn: Sub { s: s3, c: fc },
+            });
+            y = h3;
+        }
+        // Tied head + final_logits_bias; the loss.
+        let head = LinearParams {
+            w: self.p(0),
+            b: Some(&self.final_logits_bias),
+        };
+        let logits = linear_forward(be, head, &y)?;
+        let (loss, dlogits) = be.cross_entropy(&logits, &batch.labels, &CrossEntropy::default())?;
+
+        let mut grads: Vec<Option<B::Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        // The bias is a buffer: no gradient asked (b: None).
+        let hg = linear_backward(
+            be,
+            LinearParams {
+                w: self.p(0),
+                b: None,
+            },
+            &y,
+            &dlogits,
+            true,
+        )?;
+        grads[0] = Some(hg.dw);
+        let mut dy = hg.dx.expect("asked for dx");
+        let mut dmem: Option<B::Tensor> = None;
+        for (l, c) in self.dec.iter().zip(&dec_caches).rev() {
+            let ln3 = layer_norm_backward(be, self.ln(l.ln3), &c.ffn.s, &dy)?;
+            set_ln(&mut grads, l.ln3, ln3.dgamma, ln3.dbeta);
+            let f = feed_forward_backward(be, self.ffn(l.fc1, l.fc2), &c.h2, &c.ffn.c, &ln3.dx)?;
+            set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
+            set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
+            let mut dh2 = ln3.dx;
+            be.accumulate(&mut dh2, &f.dx)?;
+            let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.cross.s, &dh2)?;
+            set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
+            let (dq, dm, cg) = cross_attention_backward(
+                be,
+                self.attn(&l.cross, dh),
+                &c.h1,
+                &mem,
+                &c.cross.c,
+                &cross_mask,
+                &ln2.dx,
+            )?;
+            let [gq, gk, gv, go] = cg;
+            for (ix, g) in [
+                (l.cross.q, gq),
+                (l.cross.k, gk),
+                (l.cross.v, gv),
+                (l.cross.o, go),
+            ] {
+                set_lin(&mut grads, ix, g.dw, g.db);
+            }
+            add_grad(be, &mut dmem, dm)?;
+            let mut dh1 = ln2.dx;
+            be.accumulate(&mut dh1, &dq)?;
+            let ln1 = layer_norm_backward(be, self.ln(l.ln1), &c.attn.s, &dh1)?;
+            set_ln(&mut grads, l.ln1, ln1.dgamma, ln1.dbeta);
+            let a = self_attention_backward(
+                be,
+                self.attn(&l.attn, dh),
+                &c.input,
+                &c.attn.c,
+                &self_mask,
+                None,
+                &ln1.dx,
+            )?;
+            for (ix, g) in [
+                (l.attn.q, a.q),
+                (l.attn.k, a.k),
+                (l.attn.v, a.v),
+                (l.attn.o, a.out),
+            ] {
+                set_lin(&mut grads, ix, g.dw, g.db);
+            }
+            dy = ln1.dx;
+            be.accumulate(&mut dy, &a.dx)?;
+        }
+        self.embed_backward(
+            be,
+            self.dec_emb,
+            &s.decoder_ids,
+            &s.out_pos,
+            &dec_s,
+            &dy,
+            &mut grads,
+        )?;
+        let mut dh_enc = match dmem {
+            Some(d) => d,
+            None => be.zeros(be.shape(&mem))?,
+        };
+        for (l, c) in self.enc.iter().zip(&enc_caches).rev() {
+            let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.ffn.s, &dh_enc)?;
+            set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
+            let f = feed_forward_backward(be, self.ffn(l.fc1, l.fc2), &c.h1, &c.ffn.c, &ln2.dx)?;
+            set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
+            set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
+            let mut dh1 = ln2.dx;
+            be.accumulate(&mut dh1, &f.dx)?;
+            let ln1 = layer_norm_backward(be, self.ln(l.ln1), &c.attn.s, &dh1)?;
+            set_ln(&mut grads, l.ln1, ln1.dgamma, ln1.dbeta);
+            let a = self_attention_backward(
+                be,
+                self.attn(&l.attn, eh),
+                &c.input,
+                &c.attn.c,
+                &enc_mask,
+                None,
+                &ln1.dx,
+            )?;
+            for (ix, g) in [
+                (l.attn.q, a.q),
+                (l.attn.k, a.k),
+                (l.attn.v, a.v),
+                (l.attn.o, a.out),
+            ] {
+                set_lin(&mut grads, ix, g.dw, g.db);
+            }
+            dh_enc = ln1.dx;
+            be.accumulate(&mut dh_enc, &a.dx)?;
+        }
+        self.embed_backward(
+            be,
+            self.enc_emb,
+            s.input_ids,
+            &s.in_pos,
+            &enc_s,
+            &dh_enc,
+            &mut grads,
+        )?;
+        let tensors = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| {
+                g.ok_or_else(|| Error::invalid("params", format!("no gradient for {}", p.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DenoisingOutput {
+            loss,
+            logits,
+            decoder_input_ids: s.decoder_ids,
+            grads: Gradients {
+                names: self.parameter_names(),
+                tensors,
+            },
+        })
+    }
+}
+
+/// `slot += g` (or `slot = g` when empty).
+fn add_grad<B: TrainBackend>(be: &B, slot: &mut Option<B::Tensor>, g: B::Tensor) -> Result<()> {
+    match slot {
+        Some(acc) => be.accumulate(acc, &g),
+        None => {
+            *slot = Some(g);
+            Ok(())
+        }
+    }
+}
+
+fn set_lin<T>(grads: &mut [Option<T>], (w, b): Lin, dw: T, db: Option<T>) {
+    grads[w] = Some(dw);
+    grads[b] = db;
+}
+
+fn set_ln<T>(grads: &mut [Option<T>], (g, b): Lin, dg: T, db: T) {
+    grads[g] = Some(dg);
+    grads[b] = Some(db);
+}
