@@ -887,3 +887,18 @@ fn matmul_variants_reductions_slices_and_adamw_against_plain_loops() {
     }
     expect_grad("sigmoid", &dsig, &numeric, 1, 1.0);
 }
+
+#[test]
+fn a_padding_row_outside_the_table_is_an_error_on_the_cpu_as_on_cuda() {
+    let dy = Cpu.upload(&[2, 3], &[1.0; 6]).unwrap();
+    let e = Cpu
+        .gather_rows_backward(&dy, &[0, 1], 4, Some(4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("padding_idx"), "{e}");
+    // The last row is a valid padding row: it gets no gradient, the others do.
+    let g = Cpu.gather_rows_backward(&dy, &[0, 3], 4, Some(3)).unwrap();
+    let g = Cpu.to_f32(&g).unwrap();
+    assert_eq!(g[..3], [1.0; 3]);
+    assert_eq!(g[9..], [0.0; 3]);
+}

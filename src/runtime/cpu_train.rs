@@ -327,6 +327,13 @@ impl TrainBackend for Cpu {
                 dy.shape(),
             ));
         }
+        // As the CUDA backend: a padding row the table does not have is a caller's mistake.
+        if let Some(p) = padding_idx.filter(|&p| p as usize >= rows) {
+            return Err(Error::invalid(
+                "padding_idx",
+                format!("row {p} is outside the table's {rows} rows"),
+            ));
+        }
         let mut out = vec![0f32; rows * width];
         // In id order: the same sums in the same order every run.
         for (i, &id) in ids.iter().enumerate() {
