@@ -374,6 +374,32 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         }
     }
 
+    /// The backward of a post-LN self-attention sub-layer `y = ln1(x + attn(x))` (`sub` =
+    /// its projections, its LayerNorm and the heads) from dL/dy: records the LayerNorm's and
+    /// the projections' gradients and returns dL/dx. Encoder and decoder layers share it.
+    #[allow(clippy::too_many_arguments)]
+    fn self_attention_sublayer_backward(
+        &self,
+        be: &B,
+        (attn, ln1, heads): (&AttnIx, Lin, usize),
+        x: &B::Tensor,
+        cache: &Sub<B::Tensor, SelfAttentionCache<B::Tensor>>,
+        mask: &AttentionMask<'_>,
+        dy: &B::Tensor,
+        grads: &mut [Option<B::Tensor>],
+    ) -> Result<B::Tensor> {
+        let ln = layer_norm_backward(be, self.ln(ln1), &cache.s, dy)?;
+        set_ln(grads, ln1, ln.dgamma, ln.dbeta);
+        let a =
+            self_attention_backward(be, self.attn(attn, heads), x, &cache.c, mask, None, &ln.dx)?;
+        for (ix, g) in [(attn.q, a.q), (attn.k, a.k), (attn.v, a.v), (attn.o, a.out)] {
+            set_lin(grads, ix, g.dw, g.db);
+        }
+        let mut dx = ln.dx;
+        be.accumulate(&mut dx, &a.dx)?;
+        Ok(dx)
+    }
+
     fn attn(&self, a: &AttnIx, heads: usize) -> SelfAttentionParams<'_, B::Tensor> {
         SelfAttentionParams {
             q: self.lin(a.q),
@@ -630,27 +656,10 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             add_grad(be, &mut dmem, dm)?;
             let mut dh1 = ln2.dx;
             be.accumulate(&mut dh1, &dq)?;
-            let ln1 = layer_norm_backward(be, self.ln(l.ln1), &c.attn.s, &dh1)?;
-            set_ln(&mut grads, l.ln1, ln1.dgamma, ln1.dbeta);
-            let a = self_attention_backward(
-                be,
-                self.attn(&l.attn, dh),
-                &c.input,
-                &c.attn.c,
-                &self_mask,
-                None,
-                &ln1.dx,
+            let sub = (&l.attn, l.ln1, dh);
+            dy = self.self_attention_sublayer_backward(
+                be, sub, &c.input, &c.attn, &self_mask, &dh1, &mut grads,
             )?;
-            for (ix, g) in [
-                (l.attn.q, a.q),
-                (l.attn.k, a.k),
-                (l.attn.v, a.v),
-                (l.attn.o, a.out),
-            ] {
-                set_lin(&mut grads, ix, g.dw, g.db);
-            }
-            dy = ln1.dx;
-            be.accumulate(&mut dy, &a.dx)?;
         }
         self.embed_backward(
             be,
@@ -673,27 +682,10 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
             let mut dh1 = ln2.dx;
             be.accumulate(&mut dh1, &f.dx)?;
-            let ln1 = layer_norm_backward(be, self.ln(l.ln1), &c.attn.s, &dh1)?;
-            set_ln(&mut grads, l.ln1, ln1.dgamma, ln1.dbeta);
-            let a = self_attention_backward(
-                be,
-                self.attn(&l.attn, eh),
-                &c.input,
-                &c.attn.c,
-                &enc_mask,
-                None,
-                &ln1.dx,
+            let sub = (&l.attn, l.ln1, eh);
+            dh_enc = self.self_attention_sublayer_backward(
+                be, sub, &c.input, &c.attn, &enc_mask, &dh1, &mut grads,
             )?;
-            for (ix, g) in [
-                (l.attn.q, a.q),
-                (l.attn.k, a.k),
-                (l.attn.v, a.v),
-                (l.attn.o, a.out),
-            ] {
-                set_lin(&mut grads, ix, g.dw, g.db);
-            }
-            dh_enc = ln1.dx;
-            be.accumulate(&mut dh_enc, &a.dx)?;
         }
         self.embed_backward(
             be,
