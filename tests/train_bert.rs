@@ -16,55 +16,14 @@ use cuattn::runtime::train::{
 };
 use cuattn::runtime::{Backend, Cpu};
 use cuattn::Error;
-use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 mod fixture_files;
 
-use fixture_files::{fixture, floats, json, tiny_bert_batch};
+use fixture_files::{errors, fixture, floats, json, tiny_bert_batch, torch};
 
 fn cls_dir() -> PathBuf {
     fixture("tests/fixtures/tiny-bert-cls")
-}
-
-/// The fixture's tensors by name, as f32.
-fn torch_tensors() -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(fixture("tests/fixtures/tiny-bert-cls-grads.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (n, data)
-        })
-        .collect()
-}
-
-fn torch(all: &[(String, Vec<f32>)], name: &str) -> Vec<f32> {
-    all.iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("fixture has no {name}"))
-        .1
-        .clone()
-}
-
-/// Max abs error, max |want| and the relative norm error.
-fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
-    assert_eq!(got.len(), want.len());
-    let (mut max_err, mut max_w, mut d2, mut w2) = (0f64, 0f64, 0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        let (g, w) = (g as f64, w as f64);
-        assert!(g.is_finite(), "non-finite value");
-        max_err = max_err.max((g - w).abs());
-        max_w = max_w.max(w.abs());
-        d2 += (g - w).powi(2);
-        w2 += w * w;
-    }
-    (max_err, max_w, (d2 / w2.max(1e-300)).sqrt())
 }
 
 fn model() -> BertForSequenceClassification<Cpu> {
@@ -78,6 +37,11 @@ fn labels(f: &serde_json::Value) -> Vec<i64> {
         .iter()
         .map(|v| v.as_i64().unwrap())
         .collect()
+}
+
+/// The PyTorch fixture's tensors by name, as f32.
+fn torch_tensors() -> Vec<(String, Vec<f32>)> {
+    fixture_files::torch_tensors("tests/fixtures/tiny-bert-cls-grads.safetensors")
 }
 
 #[test]

@@ -108,3 +108,47 @@ pub fn bf16_rounded_copy(dir: &Path, tag: &str) -> PathBuf {
     safetensors::serialize_to_file(views, Some(metadata), &out.join("model.safetensors")).unwrap();
     out
 }
+
+/// Every tensor of a committed PyTorch safetensors fixture (f32), by name in file order.
+#[allow(dead_code)] // the training tests' PyTorch comparisons only
+pub fn torch_tensors(rel: &str) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(fixture(rel)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, data)
+        })
+        .collect()
+}
+
+/// Tensor `name` of a [`torch_tensors`] list.
+#[allow(dead_code)] // the training tests' PyTorch comparisons only
+pub fn torch(all: &[(String, Vec<f32>)], name: &str) -> Vec<f32> {
+    all.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("fixture has no {name}"))
+        .1
+        .clone()
+}
+
+/// Max abs error, max |want| and the relative norm error of `got`; a non-finite value fails.
+#[allow(dead_code)] // the training tests' PyTorch comparisons only
+pub fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let (mut max_err, mut max_w, mut d2, mut w2) = (0f64, 0f64, 0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let (g, w) = (g as f64, w as f64);
+        assert!(g.is_finite(), "non-finite value");
+        max_err = max_err.max((g - w).abs());
+        max_w = max_w.max(w.abs());
+        d2 += (g - w).powi(2);
+        w2 += w * w;
+    }
+    (max_err, max_w, (d2 / w2.max(1e-300)).sqrt())
+}
