@@ -7,7 +7,8 @@
 use super::backend::{check_attention, Activation, AttentionMask, Heads};
 use super::cpu::{sgemm, Cpu, CpuTensor};
 use super::train::backend::{
-    AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
+    check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
+    TrainBackend,
 };
 use crate::error::{Error, Result};
 use crate::rng::Dropout;
@@ -553,31 +554,8 @@ impl TrainBackend for Cpu {
         opts: &CrossEntropy,
     ) -> Result<(f32, CpuTensor)> {
         let (rows, classes) = dims2("logits", logits)?;
-        if labels.len() != rows {
-            return Err(Error::shape("labels", format!("[{rows}]"), &[labels.len()]));
-        }
-        if classes == 0 {
-            return Err(Error::Empty {
-                arg: "logits",
-                shape: logits.shape().to_vec(),
-            });
-        }
+        check_cross_entropy(rows, classes, labels, opts)?;
         let eps = opts.label_smoothing;
-        if !(0.0..=1.0).contains(&eps) {
-            return Err(Error::invalid(
-                "label_smoothing",
-                format!("must be in [0, 1], got {eps}"),
-            ));
-        }
-        if let Some(&bad) = labels
-            .iter()
-            .find(|&&l| l != opts.ignore_index && (l < 0 || l as usize >= classes))
-        {
-            return Err(Error::invalid(
-                "labels",
-                format!("label {bad} is outside the {classes} classes"),
-            ));
-        }
         let valid = labels.iter().filter(|&&l| l != opts.ignore_index).count();
         let mut grad = vec![0f32; rows * classes];
         let mut loss = 0f64;

@@ -27,7 +27,8 @@ mod rnn;
 use super::backend::{check_attention, Activation, AttentionMask, Backend, Heads};
 use super::cuda::Cuda;
 use super::train::backend::{
-    AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
+    check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
+    TrainBackend,
 };
 use super::train::rnn_ops::{AdditiveGrads, GruCellGrads};
 use crate::dtype::DType;
@@ -938,31 +939,8 @@ impl TrainBackend for Cuda {
         opts: &CrossEntropy,
     ) -> Result<(f32, DeviceTensor)> {
         let (rows, classes) = dims2("logits", logits)?;
-        if labels.len() != rows {
-            return Err(Error::shape("labels", format!("[{rows}]"), &[labels.len()]));
-        }
-        if classes == 0 {
-            return Err(Error::Empty {
-                arg: "logits",
-                shape: logits.shape().to_vec(),
-            });
-        }
+        check_cross_entropy(rows, classes, labels, opts)?;
         let eps = opts.label_smoothing;
-        if !(0.0..=1.0).contains(&eps) {
-            return Err(Error::invalid(
-                "label_smoothing",
-                format!("must be in [0, 1], got {eps}"),
-            ));
-        }
-        if let Some(&bad) = labels
-            .iter()
-            .find(|&&l| l != opts.ignore_index && (l < 0 || l as usize >= classes))
-        {
-            return Err(Error::invalid(
-                "labels",
-                format!("label {bad} is outside the {classes} classes"),
-            ));
-        }
         let mut sl = None;
         let logits = self.in_compute_dtype(logits, &mut sl)?;
         let mut grad = self.gpu().zeros(logits.dtype(), logits.shape())?;

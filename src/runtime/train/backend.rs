@@ -399,3 +399,41 @@ pub(crate) fn rnn_cache_dims(
     }
     Ok((batch, hidden))
 }
+
+/// The argument checks every backend's [`TrainBackend::cross_entropy`] makes on logits
+/// `[rows, classes]`: one label per row, at least one class, label smoothing in [0, 1], and
+/// every label a class or the ignore index.
+pub(crate) fn check_cross_entropy(
+    rows: usize,
+    classes: usize,
+    labels: &[i64],
+    opts: &CrossEntropy,
+) -> Result<()> {
+    use crate::error::Error;
+    if labels.len() != rows {
+        return Err(Error::shape("labels", format!("[{rows}]"), &[labels.len()]));
+    }
+    if classes == 0 {
+        return Err(Error::Empty {
+            arg: "logits",
+            shape: vec![rows, classes],
+        });
+    }
+    let eps = opts.label_smoothing;
+    if !(0.0..=1.0).contains(&eps) {
+        return Err(Error::invalid(
+            "label_smoothing",
+            format!("must be in [0, 1], got {eps}"),
+        ));
+    }
+    if let Some(&bad) = labels
+        .iter()
+        .find(|&&l| l != opts.ignore_index && (l < 0 || l as usize >= classes))
+    {
+        return Err(Error::invalid(
+            "labels",
+            format!("label {bad} is outside the {classes} classes"),
+        ));
+    }
+    Ok(())
+}
