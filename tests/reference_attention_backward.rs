@@ -142,14 +142,15 @@ fn gradients_match_finite_differences_under_a_block_sparse_layout() {
     // Blocks of 16 over 20 queries × 36 keys, one set of rows per head: full, bitmask and
     // dropped blocks (query block 1 of head 1 keeps nothing; key block 1 of head 0 is kept by
     // no query block), with key padding on top. The element mask is the layout's own.
-    let layout = BlockLayout::from_predicate_per_head(20, 36, 16, LayoutHeads::PerHead(2), |h, i, j| {
-        if h == 0 {
-            j / 16 != 1 && (j < 16 || (i + j) % 3 != 0)
-        } else {
-            i < 16 && (j >= 16 || i >= j)
-        }
-    })
-    .unwrap();
+    let layout =
+        BlockLayout::from_predicate_per_head(20, 36, 16, LayoutHeads::PerHead(2), |h, i, j| {
+            if h == 0 {
+                j / 16 != 1 && (j < 16 || (i + j) % 3 != 0)
+            } else {
+                i < 16 && (j >= 16 || i >= j)
+            }
+        })
+        .unwrap();
     let s = Shape::new(2, 2, 1, 20, 36, 3, 2);
     let opts = Options {
         key_lens: Some(vec![36, 30]),

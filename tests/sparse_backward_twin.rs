@@ -156,7 +156,10 @@ fn query_blocks_keeping_nothing_and_key_blocks_nobody_keeps_get_zero_gradients()
         case.compare(&g, &layout, &keep).unwrap();
         for h in 0..2 {
             let rows = &g.dq[(h * 64 + 16) * 8..(h * 64 + 32) * 8];
-            assert!(rows.iter().all(|&x| x == 0.0), "{atomic}: dq of query block 1");
+            assert!(
+                rows.iter().all(|&x| x == 0.0),
+                "{atomic}: dq of query block 1"
+            );
         }
         assert!(g.dk[32 * 8..48 * 8].iter().all(|&x| x == 0.0));
         assert!(g.dv[32 * 8..48 * 8].iter().all(|&x| x == 0.0));
@@ -311,8 +314,8 @@ fn layouts_that_do_not_fit_and_masks_outside_the_layout_get_typed_errors() {
             ..
         }))
     ));
-    let three = BlockLayout::from_block_mask(32, 32, 16, LayoutHeads::PerHead(3), &[true; 12])
-        .unwrap();
+    let three =
+        BlockLayout::from_block_mask(32, 32, 16, LayoutHeads::PerHead(3), &[true; 12]).unwrap();
     assert!(matches!(
         run(&three, &case.opts),
         Err(Error::SparseLayout(SparseLayoutError::ShapeMismatch {

@@ -216,7 +216,10 @@ pub fn bitwise_repeatable(gpu: &Arc<Gpu>, c: &Case, runs: usize) -> CheckResult 
 /// backward's gradients bit for bit (same tiles, same order; deterministic mode).
 pub fn equals_dense_bitwise(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     if c.layout.density() != 1.0 {
-        return Err(format!("the layout must keep every block: {}", c.describe()));
+        return Err(format!(
+            "the layout must keep every block: {}",
+            c.describe()
+        ));
     }
     let x = Inputs::new(gpu, c)?;
     let sparse = x.grads(gpu, c, false)?;

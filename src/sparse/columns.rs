@@ -76,8 +76,7 @@ impl BlockLayout {
         let stored = self.heads.stored();
         let mut col_offsets = vec![0usize; stored * nk + 1];
         for h in 0..stored {
-            for &kb in &self.col_indices[self.row_offsets[h * nq]..self.row_offsets[(h + 1) * nq]]
-            {
+            for &kb in &self.col_indices[self.row_offsets[h * nq]..self.row_offsets[(h + 1) * nq]] {
                 col_offsets[h * nk + kb + 1] += 1;
             }
         }

@@ -18,9 +18,9 @@ pub mod from_masks;
 pub mod layout;
 pub mod patterns;
 
+pub use columns::ColumnIndex;
 pub use layout::{
     check_block_size, BlockKind, BlockLayout, DeviceLayout, ElementMask, LayoutHeads,
     DEFAULT_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES,
 };
-pub use columns::ColumnIndex;
 pub use patterns::BigBird;

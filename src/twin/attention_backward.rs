@@ -393,7 +393,10 @@ pub fn backward_sparse(
     let len_q = s.len_q;
 
     for b in 0..s.batch {
-        let key_len = opts.key_lens.as_ref().map_or(s.len_k, |l| l[b].min(s.len_k));
+        let key_len = opts
+            .key_lens
+            .as_ref()
+            .map_or(s.len_k, |l| l[b].min(s.len_k));
         // Whether (i, j) of kept block `kind` at (qb, kb) is computed; `full`: unmasked tile.
         let keeps = |kind: BlockKind, qb: usize, kb: usize, full: bool, i: usize, j: usize| {
             full || (i < len_q && j < key_len && layout.kind_admits(kind, qb, kb, i, j))
@@ -462,8 +465,7 @@ pub fn backward_sparse(
                                         *a += ds_in * x;
                                     }
                                     if mode == Mode::Atomic {
-                                        for (a, &x) in
-                                            dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj)
+                                        for (a, &x) in dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj)
                                         {
                                             *a += ds_in * x;
                                         }

@@ -20,7 +20,8 @@ use rand::{Rng, SeedableRng};
 
 #[test]
 fn sparse_backward_matches_reference_on_random_layouts_of_every_kind() {
-    let Some(gpu) = gpu_or_skip("sparse_backward_matches_reference_on_random_layouts_of_every_kind")
+    let Some(gpu) =
+        gpu_or_skip("sparse_backward_matches_reference_on_random_layouts_of_every_kind")
     else {
         return;
     };
@@ -37,7 +38,11 @@ fn sparse_backward_matches_reference_on_random_layouts_of_every_kind() {
                 .unwrap();
             let tc = dtype != DType::F32 && d.max(dv) <= bwd::TC_MAX_HEAD_DIM;
             // Tensor cores: blocks of 64; the exact path any block size.
-            let bs = if tc { 64 } else { [16, 32, 64, 128][rng.gen_range(0..4)] };
+            let bs = if tc {
+                64
+            } else {
+                [16, 32, 64, 128][rng.gen_range(0..4)]
+            };
             let (kernel, mode) = match (tc, rng.gen_range(0..2)) {
                 (true, 0) => (Kernel::TensorCore, Mode::Deterministic),
                 (true, _) => (Kernel::TensorCore, Mode::Fast),
@@ -135,7 +140,10 @@ fn sparse_backward_refuses_what_it_cannot_run_with_typed_errors() {
         return;
     };
     let (b, h, l, d) = (1, 2, 256, 64);
-    let t = |seed| gpu.random(DType::BF16, &[b, h, l, d], seed, 0.0, 1.0).unwrap();
+    let t = |seed| {
+        gpu.random(DType::BF16, &[b, h, l, d], seed, 0.0, 1.0)
+            .unwrap()
+    };
     let (q, k, v, d_o) = (t(1), t(2), t(3), t(4));
     let lse = gpu.full(DType::F32, &[b, h, l], 0.0).unwrap();
     let opts = |forward| bwd::Options {
@@ -147,8 +155,20 @@ fn sparse_backward_refuses_what_it_cannot_run_with_typed_errors() {
     let wide = DeviceBlockLayout::upload(&gpu, &wide).unwrap();
     let (o, _) = sparse::forward(&q, &k, &v, &wide, &attn::Options::default()).unwrap();
     assert!(matches!(
-        sparse::backward(&q, &k, &v, &o, &lse, &d_o, &wide, &opts(attn::Options::default())),
-        Err(Error::SparseLayout(SparseLayoutError::BlockSize { got: 128, .. }))
+        sparse::backward(
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &d_o,
+            &wide,
+            &opts(attn::Options::default())
+        ),
+        Err(Error::SparseLayout(SparseLayoutError::BlockSize {
+            got: 128,
+            ..
+        }))
     ));
     let exact = attn::Options {
         kernel: Kernel::Exact,
@@ -159,8 +179,20 @@ fn sparse_backward_refuses_what_it_cannot_run_with_typed_errors() {
     let short = BlockLayout::sliding_window(128, 64, 64, 0, true).unwrap();
     let short = DeviceBlockLayout::upload(&gpu, &short).unwrap();
     assert!(matches!(
-        sparse::backward(&q, &k, &v, &o, &lse, &d_o, &short, &opts(attn::Options::default())),
-        Err(Error::SparseLayout(SparseLayoutError::ShapeMismatch { what: "len_q", .. }))
+        sparse::backward(
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &d_o,
+            &short,
+            &opts(attn::Options::default())
+        ),
+        Err(Error::SparseLayout(SparseLayoutError::ShapeMismatch {
+            what: "len_q",
+            ..
+        }))
     ));
     let fits = BlockLayout::sliding_window(l, 64, 64, 0, true).unwrap();
     let fits = DeviceBlockLayout::upload(&gpu, &fits).unwrap();
