@@ -135,6 +135,9 @@ struct State<T> {
     c: Option<T>,
 }
 
+/// One encoder step's state in, cache and h out.
+type StepTensors<T> = (State<T>, T, T);
+
 /// The gradients of one cell step ([`Bahdanau::cell_backward`]).
 struct StepGrads<T> {
     dgi: T,
@@ -415,8 +418,7 @@ impl<B: TrainBackend> Bahdanau<B> {
             let gi_all = be.linear(&x, self.p(w_ih), Some(self.p(b_ih)), Activation::None)?;
             let gi = unstack_steps(be, &gi_all, tx, false)?;
             let mut st = self.zero_state(be, batch, he)?;
-            let mut slots: Vec<Option<(State<B::Tensor>, B::Tensor, B::Tensor)>> =
-                (0..tx).map(|_| None).collect();
+            let mut slots: Vec<Option<StepTensors<B::Tensor>>> = (0..tx).map(|_| None).collect();
             let order: Vec<usize> = if d == 0 {
                 (0..tx).collect()
             } else {
