@@ -9,7 +9,7 @@
 mod bf16;
 mod gemv;
 pub mod isa;
-mod vmath;
+pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
 pub(super) use vmath::exp;

@@ -5,7 +5,8 @@
 //! same ones.
 
 use super::backend::{check_attention, Activation, AttentionMask, Heads};
-use super::cpu::{sgemm, Cpu, CpuTensor};
+use super::cpu::isa::Isa;
+use super::cpu::{sgemm, vmath, Cpu, CpuTensor};
 use super::train::backend::{
     check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
     TrainBackend,
@@ -191,9 +192,10 @@ impl TrainBackend for Cpu {
 
     fn activate(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
         let mut y = x.clone();
+        let isa = Isa::current();
         y.data_mut()
             .par_chunks_mut(4096)
-            .for_each(|c| act.apply_slice(c));
+            .for_each(|c| vmath::activation(isa, act, c));
         Ok(y)
     }
 
@@ -203,7 +205,18 @@ impl TrainBackend for Cpu {
         dy: &CpuTensor,
         act: Activation,
     ) -> Result<CpuTensor> {
-        zip_map("dy", x, dy, |x, g| g * activation_derivative(act, x))
+        if act != Activation::GeluErf {
+            return zip_map("dy", x, dy, |x, g| g * activation_derivative(act, x));
+        }
+        // GELU (BERT's): the vector copy of the same derivative.
+        same_shape("dy", x, dy)?;
+        const CHUNK: usize = 1 << 14;
+        let isa = Isa::current();
+        let mut data = vec![0f32; x.data().len()];
+        data.par_chunks_mut(CHUNK)
+            .zip(x.data().par_chunks(CHUNK).zip(dy.data().par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| vmath::gelu_erf_backward(isa, x, g, o));
+        CpuTensor::new(x.shape(), data)
     }
 
     fn sigmoid(&self, x: &CpuTensor) -> Result<CpuTensor> {

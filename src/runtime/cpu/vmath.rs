@@ -177,6 +177,18 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `out = dy·GELU′(x)` for GELU with the exact erf: GELU′(x) = Φ(x) + x·φ(x), the same
+    /// f32 operations as the training backend's scalar derivative, vectorized.
+    pub fn gelu_erf_backward(x: &[f32], dy: &[f32], out: &mut [f32]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + crate::runtime::backend::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = exp(-0.5 * x * x) * 0.398_942_3; // 1/√(2π)
+            *o = g * (cdf + x * pdf);
+        }
+    }
+}
+
 /// `act` over a slice: GELU (erf) in the copy for `isa`, the rest as
 /// [`Activation::apply_slice`](crate::runtime::Activation::apply_slice) does.
 pub fn activation(isa: Isa, act: crate::runtime::Activation, xs: &mut [f32]) {
@@ -206,6 +218,36 @@ mod tests {
         );
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// GELU′ from every ISA's copy: bitwise the same as the portable copy (the same f32
+    /// operations in each lane), and within f32 rounding of the f64 derivative
+    /// Φ(x) + x·φ(x); outputs start as NaN so an unwritten one fails.
+    #[test]
+    fn every_isa_computes_the_gelu_derivative() {
+        let x: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) / 17.0).collect();
+        let dy: Vec<f32> = (0..203)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let mut portable = vec![f32::NAN; x.len()];
+        gelu_erf_backward(Isa::Scalar, &x, &dy, &mut portable);
+        for isa in Isa::all_supported() {
+            let mut out = vec![f32::NAN; x.len()];
+            gelu_erf_backward(isa, &x, &dy, &mut out);
+            for (i, ((&o, &p), (&xv, &g))) in
+                out.iter().zip(&portable).zip(x.iter().zip(&dy)).enumerate()
+            {
+                assert_eq!(o.to_bits(), p.to_bits(), "{isa:?} element {i}");
+                let xd = xv as f64;
+                let cdf = 0.5 * (1.0 + libm::erf(xd / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                let want = g as f64 * (cdf + xd * pdf);
+                assert!(
+                    (o as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                    "{isa:?} x {xv}: {o} vs {want}"
+                );
+            }
+        }
     }
 
     /// Each supported ISA's copy gives the sequential f64 answer within f32 rounding, on
