@@ -163,11 +163,10 @@ impl Gemm {
     /// is freed in stream order, after the GEMMs already queued.
     pub fn reserve_workspace(&mut self, bytes: usize) -> Result<()> {
         check_workspace_size(bytes)?;
-        let buf = self
-            .gpu
-            .stream()
-            .alloc_zeros::<u8>(bytes)
-            .map_err(|e| Error::driver(format!("allocating a {bytes}-byte cuBLAS workspace"), e))?;
+        let buf =
+            self.gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
+                Error::driver(format!("allocating a {bytes}-byte cuBLAS workspace"), e)
+            })?;
         let ptr = buf.device_ptr(self.gpu.stream()).0;
         // The driver's allocations are aligned far beyond cuBLAS's 256 bytes; checked anyway.
         check_workspace_align(ptr)?;

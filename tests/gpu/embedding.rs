@@ -283,13 +283,25 @@ fn linear_gemms_on_a_caller_cublas_workspace_replay_from_a_cuda_graph_with_new_d
     // outlives `gemm` and every replay, touched by nothing else meanwhile.
     let misaligned = unsafe { gemm.use_workspace(ptr + 128, bytes) };
     assert!(
-        matches!(misaligned, Err(Error::Alignment { arg: "workspace", .. })),
+        matches!(
+            misaligned,
+            Err(Error::Alignment {
+                arg: "workspace",
+                ..
+            })
+        ),
         "{misaligned:?}"
     );
     // SAFETY: as above.
     let small = unsafe { gemm.use_workspace(ptr, gemm::MIN_WORKSPACE_BYTES - 256) };
     assert!(
-        matches!(small, Err(Error::InvalidArgument { arg: "workspace", .. })),
+        matches!(
+            small,
+            Err(Error::InvalidArgument {
+                arg: "workspace",
+                ..
+            })
+        ),
         "{small:?}"
     );
     assert_eq!(gemm.workspace(), None);

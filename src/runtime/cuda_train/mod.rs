@@ -516,6 +516,7 @@ impl TrainBackend for Cuda {
     }
 
     fn sum_squares(&self, x: &DeviceTensor) -> Result<f64> {
+        self.check_contexts([("x", x)])?;
         self.sum_squares_all(&[x])
     }
 
