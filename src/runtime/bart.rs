@@ -22,6 +22,7 @@ use super::generate::{check_vocab, TokenModel};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Rows BART's learned position tables hold before position 0.
 pub const POSITION_OFFSET: u32 = 2;
@@ -160,7 +161,9 @@ struct DecoderLayer<B: Backend> {
 
 /// One stack's embeddings: scaled token table, positions, their LayerNorm.
 struct Embeddings<B: Backend> {
-    tokens: Embedding<B>,
+    /// Shared with the other stack (and the tied head when `embed_scale` is 1) unless the
+    /// checkpoint gives this stack its own table: a tied BART-base holds its 154 MB table once.
+    tokens: Arc<Embedding<B>>,
     positions: Embedding<B>,
     layer_norm: LayerNorm<B>,
 }
@@ -172,8 +175,11 @@ pub struct Bart<B: Backend> {
     encoder: Vec<EncoderLayer<B>>,
     decoder_embed: Embeddings<B>,
     decoder: Vec<DecoderLayer<B>>,
-    /// `[vocab, d_model]` with `final_logits_bias`.
-    lm_head: Linear<B>,
+    /// The head's weight `[vocab, d_model]`: `lm_head.weight` when distinct, else the shared
+    /// (unscaled) token table.
+    lm_head: Arc<Embedding<B>>,
+    /// `final_logits_bias` `[vocab]` (zeros when the checkpoint has none).
+    lm_bias: B::Tensor,
     /// Whether the checkpoint had its own `lm_head.weight` (untied head).
     pub separate_lm_head: bool,
 }
@@ -225,7 +231,14 @@ impl<B: Backend> Bart<B> {
         } else {
             1.0
         };
-        let scaled = scale_param(&shared, scale);
+        // Every copy of the table is uploaded without a host copy and held once: the stacks
+        // share the (scaled) table, and the tied head reads the unscaled one.
+        let scaled = (scale != 1.0).then(|| scale_param(&shared, scale));
+        let shared = Arc::new(Embedding::from_owned(be, shared)?);
+        let stack_table = match scaled {
+            Some(t) => Arc::new(Embedding::from_owned(be, t)?),
+            None => Arc::clone(&shared),
+        };
         let ln = |ckpt: &mut Checkpoint, name: &str| -> Result<LayerNorm<B>> {
             let gamma = ckpt.take(&format!("{name}.weight"), &[d])?;
             let beta = ckpt.take(&format!("{name}.bias"), &[d])?;
@@ -269,8 +282,8 @@ impl<B: Backend> Bart<B> {
             let (w1, b1) = linear(ckpt, &format!("{name}.fc1"), inner, d)?;
             let (w2, b2) = linear(ckpt, &format!("{name}.fc2"), d, inner)?;
             Ok(FeedForward {
-                up: Linear::new(be, &w1, Some(&b1))?,
-                down: Linear::new(be, &w2, Some(&b2))?,
+                up: Linear::from_owned(be, w1, Some(b1))?,
+                down: Linear::from_owned(be, w2, Some(b2))?,
                 act: c.activation,
             })
         };
@@ -280,10 +293,15 @@ impl<B: Backend> Bart<B> {
             let name = format!("{stack}.embed_tokens.weight");
             let tokens = if !c.tie_word_embeddings && ckpt.contains(&name) {
                 let own = ckpt.take(&name, &[v, d])?;
-                Embedding::new(be, &scale_param(&own, scale))?
+                let own = if scale != 1.0 {
+                    scale_param(&own, scale)
+                } else {
+                    own
+                };
+                Arc::new(Embedding::from_owned(be, own)?)
             } else {
                 ckpt.discard(&name);
-                Embedding::new(be, &scaled)?
+                Arc::clone(&stack_table)
             };
             Ok(Embeddings {
                 tokens,
@@ -327,7 +345,11 @@ impl<B: Backend> Bart<B> {
                 final_layer_norm: ln(ckpt, &format!("{p}.final_layer_norm"))?,
             });
         }
-        let lm_head = Linear::new(be, lm_head_param.as_ref().unwrap_or(&shared), Some(&bias))?;
+        let lm_head = match lm_head_param {
+            Some(p) => Arc::new(Embedding::from_owned(be, p)?),
+            None => shared,
+        };
+        let lm_bias = be.upload_owned(&bias.shape, bias.values)?;
         Ok(Bart {
             config,
             encoder_embed,
@@ -335,6 +357,7 @@ impl<B: Backend> Bart<B> {
             decoder_embed,
             decoder,
             lm_head,
+            lm_bias,
             separate_lm_head,
         })
     }
@@ -533,7 +556,12 @@ impl<B: Backend> Bart<B> {
     /// Logits `[rows.len(), vocab]` of the hidden-state rows `rows`.
     pub fn logits(&self, be: &B, hidden: &B::Tensor, rows: &[u32]) -> Result<B::Tensor> {
         let picked = be.gather_rows(hidden, rows)?;
-        self.lm_head.forward(be, &picked, Activation::None)
+        be.linear(
+            &picked,
+            &self.lm_head.table,
+            Some(&self.lm_bias),
+            Activation::None,
+        )
     }
 
     /// Teacher-forced logits `[len, vocab]` (f32) of decoder tokens `decoder_ids` given encoder

@@ -5,15 +5,18 @@
 //! parallelism it is given, so a decoding step streams its weights from one core (about half
 //! of what two cores read from DRAM). Here every call is split over rayon's threads.
 //!
-//! - Work split: the n outputs (rows of w) are cut into contiguous blocks of a multiple of 4
+//! - Work split: the n outputs (rows of w) are cut into contiguous blocks of a multiple of 12
 //!   rows, about four blocks per thread (at least 32 K weights each, so the task overhead
 //!   stays small); one rayon task per block.
-//! - Inside a block: 4 weight rows at a time (1 at the block's end), each meeting up to 4 input
-//!   rows at once: R×MB vector accumulators (R = 4, MB ≤ 4) fed by R weight loads and one input
+//! - Inside a block: R weight rows at a time (fewer at the block's end), each meeting up to 4
+//!   input rows at once: R×MB vector accumulators (MB ≤ 4) fed by R weight loads and one input
 //!   load per step of 16 (AVX-512) or 8 (AVX2) elements along k, reduced horizontally at the
-//!   end; k's remainder is a scalar loop. With more than 4 input rows the next 4 re-read the
-//!   same 4 weight rows (≤ 48 KB at k = 3072) from L1/L2, so each weight byte comes from DRAM
-//!   once per call however many rows there are.
+//!   end; k's remainder is a scalar loop. R is 4 with AVX-512's 32 vector registers (16
+//!   accumulators + 4 weights + 1 input) and 3 with AVX2's 16 (12 + 3 + 1: a 4×4 tile would
+//!   spill accumulators to the stack on every step, which measured no faster than the packed
+//!   GEMM at 16 rows). With more than 4 input rows the next 4 re-read the same R weight rows
+//!   (≤ 48 KB at k = 3072) from L1/L2, so each weight byte comes from DRAM once per call
+//!   however many rows there are.
 //! - bf16 weights are widened to f32 in registers (a bf16 is the top 16 bits of an f32); the
 //!   arithmetic is f32 either way.
 //! - Bytes: n·k·(4 or 2) of weights, rows·k·4 of input per block (cached), rows·n·4 out.
@@ -28,7 +31,7 @@ use rayon::prelude::*;
 
 /// Inputs with at most this many rows take this path; more rows go to the packed GEMM,
 /// which reuses each weight tile across rows from registers.
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 16;
 
 /// The weight matrix `[n, k]`, row-major: f32, or bf16 bit patterns.
 #[derive(Clone, Copy, Debug)]
@@ -79,13 +82,23 @@ pub fn linear(
     }
 }
 
-/// Output columns per task: a multiple of 4, about four tasks per thread, each reading at
-/// least 32 K weights.
+/// Output columns per task: a multiple of 12 (whole tiles of 3 or 4 weight rows), about four
+/// tasks per thread, each reading at least 32 K weights.
 fn column_block(n: usize, k: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads * 4);
     let min_cols = (1usize << 15) / k.max(1);
-    per_task.max(min_cols).max(1).next_multiple_of(4)
+    per_task.max(min_cols).max(1).next_multiple_of(12)
+}
+
+/// Weight rows per tile for `isa`'s register file and the number of input rows (see the
+/// module docs): AVX2 fits a 4×2 tile (8 accumulators) but not 4×3 or 4×4.
+fn weight_rows(isa: Isa, rows: usize) -> usize {
+    match isa {
+        Isa::Avx512 => 4,
+        _ if rows <= 2 => 4,
+        _ => 3,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -140,19 +153,21 @@ fn run<W: Elem + Kernels>(
             .enumerate()
             .for_each(|(c, out)| task(c, out));
     } else {
+        // Each task writes its block as `[row, col]`; the rows of y are then whole-block copies.
         let mut yt = vec![0f32; rows * n];
         yt.par_chunks_mut(cols * rows)
             .enumerate()
             .for_each(|(c, out)| task(c, out));
         y.par_chunks_mut(n).enumerate().for_each(|(m, row)| {
-            for (o, v) in row.iter_mut().enumerate() {
-                *v = yt[o * rows + m];
+            for (c, seg) in row.chunks_mut(cols).enumerate() {
+                let w = seg.len();
+                seg.copy_from_slice(&yt[c * cols * rows + m * w..][..w]);
             }
         });
     }
 }
 
-/// One task: the `out.len() / rows` outputs of the weight rows `w`, written `[col, row]`.
+/// One task: the `out.len() / rows` outputs of the weight rows `w`, written `[row, col]`.
 fn block<W: Elem + Kernels>(
     isa: Isa,
     x: &[f32],
@@ -163,10 +178,11 @@ fn block<W: Elem + Kernels>(
     out: &mut [f32],
 ) {
     let cols = out.len() / rows;
+    let rw = weight_rows(isa, rows);
     let mut sums = [0f32; 16];
     let mut o = 0;
     while o < cols {
-        let r = if cols - o >= 4 { 4 } else { 1 };
+        let r = if cols - o >= rw { rw } else { 1 };
         let wr = &w[o * k..(o + r) * k];
         let mut m0 = 0;
         while m0 < rows {
@@ -175,7 +191,7 @@ fn block<W: Elem + Kernels>(
             for ri in 0..r {
                 let b = bias.map_or(0.0, |b| b[o + ri]);
                 for mi in 0..mb {
-                    out[(o + ri) * rows + m0 + mi] = sums[ri * 4 + mi] + b;
+                    out[(m0 + mi) * cols + o + ri] = sums[ri * 4 + mi] + b;
                 }
             }
             m0 += mb;
@@ -196,7 +212,7 @@ fn tile<W: Elem + Kernels>(
     sums: &mut [f32; 16],
 ) {
     assert!(
-        (r == 1 || r == 4) && (1..=4).contains(&mb) && w.len() == r * k && x.len() == mb * k,
+        (1..=4).contains(&r) && (1..=4).contains(&mb) && w.len() == r * k && x.len() == mb * k,
         "gemv tile: {r}×{mb} rows of {k}"
     );
     match isa {
@@ -221,8 +237,8 @@ fn tile<W: Elem + Kernels>(
 /// The vector kernels of one weight type.
 pub(crate) trait Kernels: Sized {
     /// # Safety
-    /// `w` points to `r` rows of `k` elements, `x` to `mb` rows of `k`; `r` is 1 or 4, `mb`
-    /// 1 to 4; the CPU supports `isa`, which is Avx2 or Avx512.
+    /// `w` points to `r` rows of `k` elements, `x` to `mb` rows of `k`; `r` is 1, 3 or 4,
+    /// `mb` 1 to 4; the CPU supports `isa`, which is Avx2 or Avx512.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_x86(
@@ -245,11 +261,15 @@ macro_rules! by_shape {
             (4, 2) => $f::<4, 2>($($a),*),
             (4, 3) => $f::<4, 3>($($a),*),
             (4, 4) => $f::<4, 4>($($a),*),
+            (3, 1) => $f::<3, 1>($($a),*),
+            (3, 2) => $f::<3, 2>($($a),*),
+            (3, 3) => $f::<3, 3>($($a),*),
+            (3, 4) => $f::<3, 4>($($a),*),
             (1, 1) => $f::<1, 1>($($a),*),
             (1, 2) => $f::<1, 2>($($a),*),
             (1, 3) => $f::<1, 3>($($a),*),
             (1, 4) => $f::<1, 4>($($a),*),
-            _ => unreachable!("tiles are 1 or 4 weight rows by 1 to 4 input rows"),
+            _ => unreachable!("tiles are 1, 3 or 4 weight rows by 1 to 4 input rows"),
         }
     };
 }
@@ -425,7 +445,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Every supported ISA (so the AVX2 and portable paths are covered on an AVX-512 machine
-    /// too), f32 and bf16 weights, rows 1..=8, k with and without a vector remainder, n not a
+    /// too), f32 and bf16 weights, rows 1..=16, k with and without a vector remainder, n not a
     /// multiple of 4, with bias and GELU: against an f64 sum of the same (bf16-rounded)
     /// weights, within f32 accumulation error. Outputs start as NaN so an unwritten one fails.
     #[test]
@@ -438,6 +458,8 @@ mod tests {
                 (8, 200, 133),
                 (5, 16, 4),
                 (2, 1, 3),
+                (16, 40, 31),
+                (13, 24, 7),
             ] {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
