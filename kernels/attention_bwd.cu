@@ -34,6 +34,26 @@
 //       one warp per query row (dQ) or per key row (dK/dV over the group's query heads), f32
 //       arithmetic on every element, scores by warp shuffles; deterministic.
 //
+// Block-sparse layouts (attention_bwd_sparse_{dkdv,dkdv_dq,dq}_hd{HD}_{T}; the same bodies with
+// SPARSE = true; layouts of block size 64 = BM = BN, so a layout block is one tile of each pass;
+// other block sizes run on the exact kernels, which walk the same blocks key by key):
+//   dQ:    the CTA of query block m walks row m of the layout's compressed rows (the forward's
+//          walk), skipping kept blocks wholly in the key padding; each kept block is one key
+//          tile, masked by its kind (FULL: none inside the key length; KEY_TAIL: j < key_len;
+//          BAND: its lo/hi; BITS: its bitmask), and K/V rows no row of the block may keep load
+//          as zeros (sparse_tile in attention_common.cuh: the band's key range, the bitmask's
+//          union of rows).
+//   dK/dV: the CTA of key block n walks, for each query head of the GQA group, column n of the
+//          layout's transposed index (src/sparse/columns.rs: compressed columns built once per
+//          layout on the host and uploaded with it; 4·(heads·k_blocks + 1) + 8·kept bytes),
+//          i.e. exactly the query blocks that keep it, ascending. K/V rows load only for keys
+//          some visited block may keep (a 64-bit mask, OR-ed over the column first); a key
+//          block wholly in the key padding visits nothing and writes zeros.
+//   Both modes are as dense: deterministic (dQ by its own pass, fixed order) and fast (dQ by
+//   atomics from the dK/dV pass). Causal masks and windows are in the layout, not in `causal`/
+//   `window` (as in the forward); key padding combines with the layout. Work and bytes follow
+//   the kept blocks: each kept block costs one tile of each pass per query head.
+//
 // Masks are those of the forward (attention_common.cuh: key padding, causal top-left and
 // bottom-right, sliding window, packed sequences): the query tiles a key block visits are those
 // whose rows' band reaches it, the key tiles a query block visits those of its band; tiles
@@ -129,8 +149,18 @@ template <typename T> __device__ void bwd_dq_convert(const cuattn_attention_bwd_
     for (int d = lane; d < p.dim_qk; d += 32) dq[d] = from_f32<T>(acc[d] * p.scale);
 }
 
+// Column of the layout's transposed index for key block kb and query head h: entries
+// [*begin, *end) of sp_col_q_blocks / sp_col_blocks.
+__device__ __forceinline__ void sparse_column(const cuattn_attention_bwd_params& bp, int h, int kb, int* begin, int* end) {
+    const int c = (bp.fwd.sp_stored_heads == 1 ? 0 : h) * bp.sp_k_blocks + kb;
+    const int* co = reinterpret_cast<const int*>(bp.sp_col_offsets);
+    *begin = co[c], *end = co[c + 1];
+}
+
 // ---- Tensor-core dK/dV (and, with ATOMIC_DQ, dQ by atomics) -------------------------------------
-template <typename T, int HD, bool ATOMIC_DQ>
+// SPARSE: the query tiles are the query blocks that keep this key block (the layout's columns),
+// each masked by its kept block's kind; otherwise the tiles of the dense band.
+template <typename T, int HD, bool ATOMIC_DQ, bool SPARSE>
 __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* smem) {
     const cuattn_attention_fwd_params& p = bp.fwd;
     constexpr int PITCH = HD + 8;
@@ -155,24 +185,44 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
     if (key0 >= len_k) return;  // CTA-uniform, before any barrier
 
     const Band band = dense_band(p, len_q, key_len);
+    const int group = p.heads_q / p.heads_kv;
     // Keys some query of the sequence sees: [kv_lo, kv_hi); other K/V rows load as zeros.
-    const int kv_lo = max(0, band.lo), kv_hi = min(key_len, len_q + band.hi);
+    int kv_lo = max(0, band.lo), kv_hi = min(key_len, len_q + band.hi);
     // Query rows whose band reaches this block's keys: [q_begin, q_end), as tiles of BM.
-    const int k_last = min(key0 + BN, kv_hi) - 1;
     int m_begin = 0, m_end = 0;
-    if (k_last >= max(key0, kv_lo)) {
-        const int q_begin = max(0, max(key0, kv_lo) - band.hi), q_end = min(len_q, k_last - band.lo + 1);
-        if (q_end > q_begin) m_begin = q_begin / BM, m_end = (q_end + BM - 1) / BM;
+    uint64_t kv_keep = ~0ull;  // sparse: of those, the keys some visited block may keep
+    if constexpr (SPARSE) {
+        static_assert(BM == BN, "a layout block is one tile of each pass");
+        // A block wholly in the key padding visits nothing (zero dK/dV); otherwise the union
+        // over the group's heads and the column's blocks of the keys each may keep.
+        kv_lo = 0, kv_hi = key_len, kv_keep = 0;
+        if (key0 < key_len) {
+            for (int gi = 0; gi < group; ++gi) {
+                int e0, e1;
+                sparse_column(bp, hk * group + gi, key0 / BN, &e0, &e1);
+                for (int e = e0; e < e1; ++e) {
+                    const int q0 = reinterpret_cast<const int*>(bp.sp_col_q_blocks)[e] * BM;
+                    const SparseTile ti = sparse_tile<BN>(p, reinterpret_cast<const int*>(bp.sp_col_blocks)[e], q0,
+                                                          min(len_q, q0 + BM) - 1, len_q, key_len);
+                    kv_keep |= bit_range(ti.kv_lo, ti.kv_hi) & ti.keep;
+                }
+            }
+        }
+    } else {
+        const int k_last = min(key0 + BN, kv_hi) - 1;
+        if (k_last >= max(key0, kv_lo)) {
+            const int q_begin = max(0, max(key0, kv_lo) - band.hi), q_end = min(len_q, k_last - band.lo + 1);
+            if (q_end > q_begin) m_begin = q_begin / BM, m_end = (q_end + BM - 1) / BM;
+        }
     }
 
-    const int group = p.heads_q / p.heads_kv;
     const bool vec = p.vectorized != 0;
     const T* gk = reinterpret_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + seq.row0_k * p.k_row_stride;
     const T* gv = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + seq.row0_k * p.v_row_stride;
-    load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)key0 * p.k_row_stride, p.k_row_stride, kv_lo - key0, kv_hi - key0,
-                                  p.dim_qk, vec, gk);
-    load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_lo - key0, kv_hi - key0,
-                                  p.dim_v, vec, gv);
+    load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)key0 * p.k_row_stride, p.k_row_stride, kv_lo - key0,
+                                          kv_hi - key0, p.dim_qk, vec, gk, kv_keep, 0);
+    load_tile<T, HD, BN, THREADS, SPARSE>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_lo - key0,
+                                          kv_hi - key0, p.dim_v, vec, gv, kv_keep, 0);
 
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
@@ -190,8 +240,21 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
         const int64_t r0 = lse_row0(p, b, h, seq.row0_q);
         const float* lse = reinterpret_cast<const float*>(p.lse) + r0;
         const float* delta = reinterpret_cast<const float*>(bp.delta) + r0;
+        if constexpr (SPARSE) {
+            m_begin = m_end = 0;
+            if (key0 < key_len) sparse_column(bp, h, key0 / BN, &m_begin, &m_end);
+        }
         for (int m = m_begin; m < m_end; ++m) {
-            const int q0 = m * BM;
+            // Sparse: m walks the column; the tile's kept block says how it is masked.
+            int q0 = m * BM, lo = band.lo, hi = band.hi;
+            const uint64_t* bits = nullptr;
+            bool full_kind = true;
+            if constexpr (SPARSE) {
+                q0 = reinterpret_cast<const int*>(bp.sp_col_q_blocks)[m] * BM;
+                const SparseTile ti = sparse_tile<BN>(p, reinterpret_cast<const int*>(bp.sp_col_blocks)[m], q0,
+                                                      min(len_q, q0 + BM) - 1, len_q, key_len);
+                lo = ti.lo, hi = ti.hi, bits = ti.bits, full_kind = ti.kind == CUATTN_SPARSE_FULL;
+            }
             __syncthreads();  // every warp is done with the previous tile's Q, dO, dSᵀ, LSE, D
             load_tile<T, HD, BM, THREADS>(sQ, gq + (int64_t)q0 * p.q_row_stride, p.q_row_stride, 0, len_q - q0, p.dim_qk,
                                           vec, gq);
@@ -230,8 +293,8 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
 
             // Pᵀ into s, dSᵀ into dp; pairs outside the band, past the keys or past the
             // sequence are assigned 0 (CTA-uniform test: whole tiles inside skip it).
-            const bool full = key0 + BN <= key_len && q0 + BM <= len_q && key0 >= q0 + BM - 1 + band.lo &&
-                              key0 + BN - 1 <= q0 + band.hi;
+            const bool full = full_kind && key0 + BN <= key_len && q0 + BM <= len_q && key0 >= q0 + BM - 1 + lo &&
+                              key0 + BN - 1 <= q0 + hi;
 #pragma unroll
             for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
@@ -239,8 +302,8 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                     const int key = key0 + wrow + g + 8 * (e >> 1);
                     const int col = nb * 8 + 2 * t + (e & 1);
                     const int i = q0 + col;
-                    const bool keep =
-                        full || (key < key_len && i < len_q && key >= i + band.lo && key <= i + band.hi);
+                    bool keep = full || (key < key_len && i < len_q && key >= i + lo && key <= i + hi);
+                    if (SPARSE && !full && bits && keep) keep = sparse_bit(p, bits, q0, key0, i, key);
                     const float pv = keep ? exp2_ftz(fmaf(s[nb][e], c, -sLse[col])) : 0.f;
                     dp[nb][e] = keep ? pv * (dp[nb][e] - sDelta[col]) : 0.f;
                     s[nb][e] = pv;
@@ -335,7 +398,9 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
 }
 
 // ---- Tensor-core dQ, deterministic mode ---------------------------------------------------------
-template <typename T, int HD> __device__ void attention_bwd_dq(const cuattn_attention_bwd_params& bp, T* smem) {
+// SPARSE: the key tiles are the kept blocks of this query block's row of the layout (the
+// forward's walk), blocks wholly in the key padding skipped; otherwise the dense band's tiles.
+template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(const cuattn_attention_bwd_params& bp, T* smem) {
     const cuattn_attention_fwd_params& p = bp.fwd;
     constexpr int PITCH = HD + 8;
     T* sQ = smem;
@@ -360,7 +425,14 @@ template <typename T, int HD> __device__ void attention_bwd_dq(const cuattn_atte
     const Band band = dense_band(p, len_q, key_len);
     const int kb = max(0, q0 + band.lo), ke = min(key_len, q_last + band.hi + 1);
     int n_begin = 0, n_tiles = 0;
-    if (ke > kb) n_begin = kb / BN, n_tiles = (ke + BN - 1) / BN - n_begin;
+    if constexpr (SPARSE) {
+        static_assert(BM == BN, "a layout block is one tile of each pass");
+        const int r = (p.sp_stored_heads == 1 ? 0 : h) * p.sp_q_blocks + (int)mb;
+        n_begin = reinterpret_cast<const int*>(p.sp_row_offsets)[r];
+        n_tiles = reinterpret_cast<const int*>(p.sp_row_offsets)[r + 1] - n_begin;
+    } else if (ke > kb) {
+        n_begin = kb / BN, n_tiles = (ke + BN - 1) / BN - n_begin;
+    }
 
     const int hk = h / (p.heads_q / p.heads_kv);
     const bool vec = p.vectorized != 0;
@@ -389,12 +461,22 @@ template <typename T, int HD> __device__ void attention_bwd_dq(const cuattn_atte
     const float c = p.scale * LOG2E;
 
     for (int n = 0; n < n_tiles; ++n) {
-        const int key0 = (n_begin + n) * BN;
+        // Sparse: tile n is kept block n_begin + n, masked by its kind.
+        int key0 = (n_begin + n) * BN, kv_lo = kb - key0, kv_hi = ke - key0, lo = band.lo, hi = band.hi;
+        uint64_t kv_keep = ~0ull;
+        const uint64_t* bits = nullptr;
+        bool full_kind = true;
+        if constexpr (SPARSE) {
+            const SparseTile ti = sparse_tile<BN>(p, n_begin + n, q0, q_last, len_q, key_len);
+            if (ti.key0 >= key_len) continue;  // CTA-uniform, before this tile's barriers
+            key0 = ti.key0, kv_lo = ti.kv_lo, kv_hi = ti.kv_hi, kv_keep = ti.keep;
+            lo = ti.lo, hi = ti.hi, bits = ti.bits, full_kind = ti.kind == CUATTN_SPARSE_FULL;
+        }
         __syncthreads();  // every warp is done with the previous K/V tile
-        load_tile<T, HD, BN, THREADS>(sK, gk + (int64_t)key0 * p.k_row_stride, p.k_row_stride, kb - key0, ke - key0,
-                                      p.dim_qk, vec, gk);
-        load_tile<T, HD, BN, THREADS>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kb - key0, ke - key0,
-                                      p.dim_v, vec, gv);
+        load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)key0 * p.k_row_stride, p.k_row_stride, kv_lo, kv_hi,
+                                              p.dim_qk, vec, gk, kv_keep, 0);
+        load_tile<T, HD, BN, THREADS, SPARSE>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_lo, kv_hi,
+                                              p.dim_v, vec, gv, kv_keep, 0);
         if (vec) cp_async_wait_all();  // (Q and dO too, the first time)
         __syncthreads();
 
@@ -420,14 +502,15 @@ template <typename T, int HD> __device__ void attention_bwd_dq(const cuattn_atte
             }
         }
 
-        const bool full = q_last + band.lo <= key0 && key0 + BN - 1 <= q0 + band.hi && key0 + BN <= key_len;
+        const bool full = full_kind && q_last + lo <= key0 && key0 + BN - 1 <= q0 + hi && key0 + BN <= key_len;
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = q0 + wrow + g + 8 * (e >> 1);
                 const int j = key0 + nb * 8 + 2 * t + (e & 1);
-                const bool keep = full || (j < key_len && i < len_q && j >= i + band.lo && j <= i + band.hi);
+                bool keep = full || (j < key_len && i < len_q && j >= i + lo && j <= i + hi);
+                if (SPARSE && !full && bits && keep) keep = sparse_bit(p, bits, q0, key0, i, j);
                 const float pv = keep ? exp2_ftz(fmaf(s[nb][e], c, -lse2[e >> 1])) : 0.f;
                 dp[nb][e] = keep ? pv * (dp[nb][e] - dlt[e >> 1]) : 0.f;
             }
@@ -485,7 +568,7 @@ __device__ __forceinline__ float dot_lanes(const float (&a)[MAX_PER_LANE], const
     return warp_sum(acc);
 }
 
-// dQ of query row i: Σ over its band's keys, in key order.
+// dQ of query row i: Σ over its band's keys (block-sparse: its kept blocks' keys), in key order.
 template <typename T> __device__ void bwd_exact_dq(const cuattn_attention_bwd_params& bp) {
     const cuattn_attention_fwd_params& p = bp.fwd;
     const int lane = threadIdx.x % 32;
@@ -508,13 +591,26 @@ template <typename T> __device__ void bwd_exact_dq(const cuattn_attention_bwd_pa
     for (int u = 0; u < MAX_PER_LANE; ++u) dq[u] = 0.f;
     const T* gk = reinterpret_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + seq.row0_k * p.k_row_stride;
     const T* gv = reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + seq.row0_k * p.v_row_stride;
-    for (int j = begin; j < end; ++j) {
+    const auto visit = [&](int j) {  // warp-uniform
         load_row(k, gk + (int64_t)j * p.k_row_stride, p.dim_qk, lane);
         load_row(v, gv + (int64_t)j * p.v_row_stride, p.dim_v, lane);
         const float pv = expf(fmaf(dot_lanes(q, k), p.scale, -lse));
         const float ds = pv * (dot_lanes(d_o, v) - delta);
 #pragma unroll
         for (int u = 0; u < MAX_PER_LANE; ++u) dq[u] = fmaf(ds, k[u], dq[u]);
+    };
+    if (p.sp_row_offsets) {
+        // Block-sparse: the kept key blocks of row i's query block, ascending, key by key.
+        const int bs = p.sp_block_size;
+        const int lr = (p.sp_stored_heads == 1 ? 0 : h) * p.sp_q_blocks + i / bs;
+        const int* ro = reinterpret_cast<const int*>(p.sp_row_offsets);
+        for (int x = ro[lr]; x < ro[lr + 1]; ++x) {
+            const int j0 = reinterpret_cast<const int*>(p.sp_col_indices)[x] * bs;
+            for (int j = j0; j < min(j0 + bs, key_len); ++j)
+                if (sparse_admits(p, x, i, j)) visit(j);
+        }
+    } else {
+        for (int j = begin; j < end; ++j) visit(j);
     }
     T* out = reinterpret_cast<T*>(bp.dq) + b * bp.dq_batch_stride + h * bp.dq_head_stride + row * bp.dq_row_stride;
 #pragma unroll
@@ -525,7 +621,7 @@ template <typename T> __device__ void bwd_exact_dq(const cuattn_attention_bwd_pa
 }
 
 // dK and dV of key row j of K/V head hk: Σ over the group's query heads, then over the
-// queries whose band holds j, in that order.
+// queries whose band holds j (block-sparse: that the layout's kept blocks admit), in that order.
 template <typename T> __device__ void bwd_exact_dkdv(const cuattn_attention_bwd_params& bp) {
     const cuattn_attention_fwd_params& p = bp.fwd;
     const int lane = threadIdx.x % 32;
@@ -545,27 +641,42 @@ template <typename T> __device__ void bwd_exact_dkdv(const cuattn_attention_bwd_
                  p.dim_qk, lane);
         load_row(v, reinterpret_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + krow * p.v_row_stride,
                  p.dim_v, lane);
+        const auto visit = [&](int h, int64_t r0, int i) {  // warp-uniform
+            const int64_t row = seq.row0_q + i;
+            load_row(q, reinterpret_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + row * p.q_row_stride,
+                     p.dim_qk, lane);
+            load_row(d_o,
+                     reinterpret_cast<const T*>(bp.d_o) + b * bp.do_batch_stride + h * bp.do_head_stride +
+                         row * bp.do_row_stride,
+                     p.dim_v, lane);
+            const float lse = reinterpret_cast<const float*>(p.lse)[r0 + i];
+            const float delta = reinterpret_cast<const float*>(bp.delta)[r0 + i];
+            const float pv = expf(fmaf(dot_lanes(q, k), p.scale, -lse));
+            const float ds = pv * (dot_lanes(d_o, v) - delta);
+#pragma unroll
+            for (int u = 0; u < MAX_PER_LANE; ++u) {
+                dv[u] = fmaf(pv, d_o[u], dv[u]);
+                dk[u] = fmaf(ds, q[u], dk[u]);
+            }
+        };
         const int begin = max(0, j - band.hi), end = min(len_q, j - band.lo + 1);
         for (int gi = 0; gi < group; ++gi) {
             const int h = hk * group + gi;
             const int64_t r0 = lse_row0(p, b, h, seq.row0_q);
-            for (int i = begin; i < end; ++i) {
-                const int64_t row = seq.row0_q + i;
-                load_row(q, reinterpret_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + row * p.q_row_stride,
-                         p.dim_qk, lane);
-                load_row(d_o,
-                         reinterpret_cast<const T*>(bp.d_o) + b * bp.do_batch_stride + h * bp.do_head_stride +
-                             row * bp.do_row_stride,
-                         p.dim_v, lane);
-                const float lse = reinterpret_cast<const float*>(p.lse)[r0 + i];
-                const float delta = reinterpret_cast<const float*>(bp.delta)[r0 + i];
-                const float pv = expf(fmaf(dot_lanes(q, k), p.scale, -lse));
-                const float ds = pv * (dot_lanes(d_o, v) - delta);
-#pragma unroll
-                for (int u = 0; u < MAX_PER_LANE; ++u) {
-                    dv[u] = fmaf(pv, d_o[u], dv[u]);
-                    dk[u] = fmaf(ds, q[u], dk[u]);
+            if (p.sp_row_offsets) {
+                // Block-sparse: the query blocks keeping j's key block (the layout's columns),
+                // ascending, and the rows of each that its mask admits.
+                const int bs = p.sp_block_size;
+                int e0, e1;
+                sparse_column(bp, h, j / bs, &e0, &e1);
+                for (int e = e0; e < e1; ++e) {
+                    const int x = reinterpret_cast<const int*>(bp.sp_col_blocks)[e];
+                    const int i0 = reinterpret_cast<const int*>(bp.sp_col_q_blocks)[e] * bs;
+                    for (int i = i0; i < min(len_q, i0 + bs); ++i)
+                        if (sparse_admits(p, x, i, j)) visit(h, r0, i);
                 }
+            } else {
+                for (int i = begin; i < end; ++i) visit(h, r0, i);
             }
         }
     }
@@ -605,20 +716,45 @@ CUATTN_ATTENTION_BWD_ROWS(__nv_bfloat16, bf16)
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
         attention_bwd_dkdv_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                                  \
         extern __shared__ __align__(16) unsigned char smem_bwd_dkdv_hd##HD##_##SUFFIX[];                             \
-        attention_bwd_dkdv<T, HD, false>(p, reinterpret_cast<T*>(smem_bwd_dkdv_hd##HD##_##SUFFIX));                 \
+        attention_bwd_dkdv<T, HD, false, false>(p, reinterpret_cast<T*>(smem_bwd_dkdv_hd##HD##_##SUFFIX));                 \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
         attention_bwd_dkdv_dq_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                               \
         extern __shared__ __align__(16) unsigned char smem_bwd_dkdvdq_hd##HD##_##SUFFIX[];                           \
-        attention_bwd_dkdv<T, HD, true>(p, reinterpret_cast<T*>(smem_bwd_dkdvdq_hd##HD##_##SUFFIX));                \
+        attention_bwd_dkdv<T, HD, true, false>(p, reinterpret_cast<T*>(smem_bwd_dkdvdq_hd##HD##_##SUFFIX));                \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
         attention_bwd_dq_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                                    \
         extern __shared__ __align__(16) unsigned char smem_bwd_dq_hd##HD##_##SUFFIX[];                               \
-        attention_bwd_dq<T, HD>(p, reinterpret_cast<T*>(smem_bwd_dq_hd##HD##_##SUFFIX));                            \
+        attention_bwd_dq<T, HD, false>(p, reinterpret_cast<T*>(smem_bwd_dq_hd##HD##_##SUFFIX));                            \
     }
 
 CUATTN_ATTENTION_BWD_TC(__half, f16, 64)
 CUATTN_ATTENTION_BWD_TC(__half, f16, 128)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 64)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 128)
+
+// Block-sparse entries (layouts of block size CUATTN_ATTN_BWD_SPARSE_BS = BM = BN): the same
+// bodies with the kept-block walks (SPARSE).
+static_assert(CUATTN_ATTN_BWD_SPARSE_BS == BM && CUATTN_ATTN_BWD_SPARSE_BS == BN, "one layout block per tile");
+#define CUATTN_ATTENTION_BWD_SPARSE(T, SUFFIX, HD)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
+        attention_bwd_sparse_dkdv_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                           \
+        extern __shared__ __align__(16) unsigned char smem_bwd_sp_dkdv_hd##HD##_##SUFFIX[];                          \
+        attention_bwd_dkdv<T, HD, false, true>(p, reinterpret_cast<T*>(smem_bwd_sp_dkdv_hd##HD##_##SUFFIX));        \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
+        attention_bwd_sparse_dkdv_dq_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                        \
+        extern __shared__ __align__(16) unsigned char smem_bwd_sp_dkdvdq_hd##HD##_##SUFFIX[];                        \
+        attention_bwd_dkdv<T, HD, true, true>(p, reinterpret_cast<T*>(smem_bwd_sp_dkdvdq_hd##HD##_##SUFFIX));       \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
+        attention_bwd_sparse_dq_hd##HD##_##SUFFIX(const cuattn_attention_bwd_params p) {                             \
+        extern __shared__ __align__(16) unsigned char smem_bwd_sp_dq_hd##HD##_##SUFFIX[];                            \
+        attention_bwd_dq<T, HD, true>(p, reinterpret_cast<T*>(smem_bwd_sp_dq_hd##HD##_##SUFFIX));                   \
+    }
+
+CUATTN_ATTENTION_BWD_SPARSE(__half, f16, 64)
+CUATTN_ATTENTION_BWD_SPARSE(__half, f16, 128)
+CUATTN_ATTENTION_BWD_SPARSE(__nv_bfloat16, bf16, 64)
+CUATTN_ATTENTION_BWD_SPARSE(__nv_bfloat16, bf16, 128)

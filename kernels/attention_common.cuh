@@ -1,6 +1,6 @@
 // Helpers shared by the attention kernels (forward and backward): where a sequence's rows are,
 // shared-memory tile loads, and the diagonal band that causal masks and sliding windows leave
-// each query row. Included by kernels/attention_*.cu.
+// each query row, and the kept blocks of block-sparse layouts. Included by kernels/attention_*.cu.
 #pragma once
 
 #include "common.cuh"
@@ -101,6 +101,77 @@ __device__ __forceinline__ Band dense_band(const cuattn_attention_fwd_params& p,
         if (p.window_right >= 0) band.hi = min(band.hi, ow + min(p.window_right, len_q + key_len + 1));
     }
     return band;
+}
+
+// ---- Block-sparse layouts (cuattn_params.h sp_*; src/sparse/) ---------------------------------
+// Bits [lo, hi) of a 64-bit mask (empty when hi <= lo; lo, hi clamped to [0, 64]).
+__device__ __forceinline__ uint64_t bit_range(int lo, int hi) {
+    lo = max(lo, 0), hi = min(hi, 64);
+    if (hi <= lo) return 0;
+    const uint64_t upto = hi == 64 ? ~0ull : (1ull << hi) - 1;
+    return upto & ~((1ull << lo) - 1);
+}
+
+// Kept block `x` of a layout as one tile of BN keys, BN = the layout's block size <= 64 (the
+// backward's tiles), for the query rows [q0, q_last] of its query block: where the keys start, how the tile is masked, and which K/V rows some row
+// of the block may keep (the others load as zeros, so NaN there cannot reach a result through
+// 0·NaN). Keep (i, j) iff i < len_q, j < key_len, i + lo <= j <= i + hi and, with a bitmask,
+// its bit (bits(i, j) below); a FULL tile inside the key length needs none of these tests.
+struct SparseTile {
+    int key0, kind;         // CUATTN_SPARSE_*; FULL only when the tile ends inside key_len
+    int lo, hi;             // the band (open: -(len_q + 1), key_len) for other kinds
+    int kv_lo, kv_hi;       // tile rows [kv_lo, kv_hi) may be kept ...
+    uint64_t keep;          // ... and of those, the bits set here (a bitmask's union of rows)
+    const uint64_t* bits;   // row 0 of the block's bitmask, or null
+};
+
+template <int BN>
+__device__ __forceinline__ SparseTile sparse_tile(const cuattn_attention_fwd_params& p, int x, int q0, int q_last,
+                                                  int len_q, int key_len) {
+    static_assert(BN <= 64, "the keep mask is one word");
+    const int bs = p.sp_block_size;
+    SparseTile ti;
+    ti.key0 = reinterpret_cast<const int*>(p.sp_col_indices)[x] * bs;
+    ti.kind = reinterpret_cast<const int*>(p.sp_mask_kind)[x];
+    ti.lo = -len_q - 1, ti.hi = key_len;
+    ti.keep = ~0ull;
+    ti.bits = nullptr;
+    int lo_key = 0, hi_key = key_len;
+    if (ti.kind == CUATTN_SPARSE_BAND) {
+        ti.lo = reinterpret_cast<const int*>(p.sp_band_lo)[x];
+        ti.hi = reinterpret_cast<const int*>(p.sp_band_hi)[x];
+        lo_key = max(0, q0 + ti.lo), hi_key = min(key_len, q_last + ti.hi + 1);
+    } else if (ti.kind == CUATTN_SPARSE_BITS) {
+        const int64_t bx = reinterpret_cast<const int*>(p.sp_bits_index)[x];
+        ti.bits = reinterpret_cast<const uint64_t*>(p.sp_bits) + bx * bs * p.sp_words_per_row;
+        const uint64_t u = reinterpret_cast<const uint64_t*>(p.sp_bits_union)[bx * p.sp_words_per_row];
+        ti.keep = BN == 64 ? u : u & ((1ull << BN) - 1);
+    }
+    ti.kv_lo = max(0, lo_key - ti.key0);
+    ti.kv_hi = min(BN, hi_key - ti.key0);
+    if (ti.kind == CUATTN_SPARSE_FULL && ti.key0 + BN > key_len) ti.kind = CUATTN_SPARSE_KEY_TAIL;
+    return ti;
+}
+
+// Bit (i, j) of a bitmask tile (positions in the sequence; the block starts at q0, key0).
+__device__ __forceinline__ bool sparse_bit(const cuattn_attention_fwd_params& p, const uint64_t* bits, int q0, int key0,
+                                           int i, int j) {
+    const int c = j - key0;
+    return (bits[(int64_t)(i - q0) * p.sp_words_per_row + c / 64] >> (c % 64)) & 1;
+}
+
+// Whether kept block x's element mask admits query i, key j (j < key_len is the caller's test).
+__device__ __forceinline__ bool sparse_admits(const cuattn_attention_fwd_params& p, int x, int64_t i, int64_t j) {
+    const int bs = p.sp_block_size;
+    const int kind = reinterpret_cast<const int*>(p.sp_mask_kind)[x];
+    if (kind == CUATTN_SPARSE_BAND)
+        return j >= i + reinterpret_cast<const int*>(p.sp_band_lo)[x] && j <= i + reinterpret_cast<const int*>(p.sp_band_hi)[x];
+    if (kind == CUATTN_SPARSE_BITS) {
+        const int64_t bx = reinterpret_cast<const int*>(p.sp_bits_index)[x];
+        const int r = (int)(i % bs), c = (int)(j % bs);
+        return (reinterpret_cast<const uint64_t*>(p.sp_bits)[(bx * bs + r) * p.sp_words_per_row + c / 64] >> (c % 64)) & 1;
+    }
+    return true;
 }
 
 }  // namespace cuattn

@@ -203,6 +203,10 @@ typedef struct cuattn_attention_fwd_params {
 #define CUATTN_ATTN_BWD_BM 64
 /* Query rows per block of the delta and dQ-convert kernels (one warp each). */
 #define CUATTN_ATTN_BWD_ROWS_PER_BLOCK 4
+/* Block-sparse backward (attention_bwd_sparse_*): the one layout block size the tensor-core
+ * entries take, a layout block being one tile of each pass (= BM = BN). The exact kernels
+ * take any block size the layout type supports. */
+#define CUATTN_ATTN_BWD_SPARSE_BS 64
 
 typedef struct cuattn_attention_bwd_params {
     cuattn_attention_fwd_params fwd;
@@ -216,6 +220,14 @@ typedef struct cuattn_attention_bwd_params {
     int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
     int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
     int32_t atomic_dq; /* 1: the dK/dV kernel adds dQ into dq_accum (f32 atomics) */
+    /* Block-sparse layouts (with fwd.sp_*; 0 otherwise): the layout's compressed columns
+     * (src/sparse/columns.rs), which the dK/dV pass walks. Column
+     *   c = (fwd.sp_stored_heads == 1 ? 0 : head) * sp_k_blocks + key_block
+     * holds entries sp_col_offsets[c] .. sp_col_offsets[c + 1] (int32, stored heads * k_blocks
+     * + 1 of them); entry e is query block sp_col_q_blocks[e] (ascending in a column), whose
+     * kept block is entry sp_col_blocks[e] of the rows (fwd.sp_col_indices, sp_mask_kind, ...). */
+    uint64_t sp_col_offsets, sp_col_q_blocks, sp_col_blocks;
+    int32_t sp_k_blocks;
 } cuattn_attention_bwd_params;
 
 /* Row softmax of the unfused attention baseline (kernels/attention_unfused.cu): scores S (f32)

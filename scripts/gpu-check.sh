@@ -19,7 +19,7 @@
 #   A required step not run because earlier steps spent the budget is a timeout.
 #
 # Env knobs: OUT (default /tmp/cuattn-gpu-check), GPU_CHECK_BUDGET_S (soft wall-clock budget, default 360),
-#   BENCH_FAMILIES (default "layernorm attention attention-backward sparse decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
+#   BENCH_FAMILIES (default "layernorm attention attention-backward sparse sparse-backward decode training-ops"), GPU_CHECK_SYNCCHECK=0 to skip synccheck,
 #   GPU_CHECK_TORCH=0 to skip the PyTorch baselines (a rerun that only needs our numbers),
 #   TORCH_FAMILIES: run the PyTorch baseline only for these families (default: all benched),
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/initcheck/synccheck (never for a final report),
@@ -28,14 +28,15 @@
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
 #   MiniLM folder is not carried; docs/gpu-runs/README.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
-#   capped like layernorm), training-ops (ours only: GB/s against the measured copy bandwidth).
+#   capped like layernorm), training-ops (ours only: GB/s against the measured copy bandwidth),
+#   sparse-backward (ours only: the sparse backward against our dense backward).
 # Caps per family (bench_cap / torch_cap below): layernorm 120 s + 120 s, attention 240 s + 120 s.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
 
-BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention attention-backward sparse decode training-ops}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-layernorm attention attention-backward sparse sparse-backward decode training-ops}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 OUT="${OUT:-${TMPDIR:-/tmp}/cuattn-gpu-check}"
 BUNDLE="$root/gpu-bundle"
@@ -288,6 +289,8 @@ for fam in $BENCH_FAMILIES; do
     record torch "$fam" skip "not in TORCH_FAMILIES" 0
   elif [ "$fam" = training-ops ]; then
     record torch "$fam" skip "no PyTorch baseline for this family (judged against copy bandwidth)" 0
+  elif [ "$fam" = sparse-backward ]; then
+    record torch "$fam" skip "no PyTorch baseline for this family (judged against our dense backward)" 0
   elif [ -f "$ours" ]; then
     # torch_baseline.py stops measuring (rows left: "skipped") 15 s before its timeout, so the
     # JSON still comes out (attention only; layernorm ignores --time-budget-s)

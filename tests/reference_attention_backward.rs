@@ -1,6 +1,6 @@
 //! The attention backward reference against central finite differences of the forward
 //! reference, for every option (GQA, D ≠ Dv, both causal alignments with Lq ≠ Lk, sliding
-//! windows, key padding, element masks, packed batches), and against PyTorch autograd
+//! windows, key padding, element masks, block-sparse layouts, packed batches), and against PyTorch autograd
 //! (tests/fixtures/attention-backward.json, made by scripts/make_fixtures.py). CPU only.
 //!
 //! Finite differences are exact to rounding here: inputs are multiples of 2⁻⁶ in [−2, 2] and the
@@ -10,6 +10,7 @@
 use cuattn::key_band::Window;
 use cuattn::reference::attention::{self as fwd, CausalAlign, Options, Shape};
 use cuattn::reference::attention_backward::{self as bwd, Grads};
+use cuattn::sparse::{BlockLayout, LayoutHeads};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -134,6 +135,34 @@ fn gradients_match_finite_differences_under_an_element_mask() {
     let s = Shape::new(1, 2, 1, 5, 6, 3, 4);
     let keep = |_b: usize, h: usize, i: usize, j: usize| !(i * 7 + j * 3 + h).is_multiple_of(4);
     check_dense(30, s, &Options::new(3), &keep);
+}
+
+#[test]
+fn gradients_match_finite_differences_under_a_block_sparse_layout() {
+    // Blocks of 16 over 20 queries × 36 keys, one set of rows per head: full, bitmask and
+    // dropped blocks (query block 1 of head 1 keeps nothing; key block 1 of head 0 is kept by
+    // no query block), with key padding on top. The element mask is the layout's own.
+    let layout =
+        BlockLayout::from_predicate_per_head(20, 36, 16, LayoutHeads::PerHead(2), |h, i, j| {
+            if h == 0 {
+                j / 16 != 1 && (j < 16 || (i + j) % 3 != 0)
+            } else {
+                i < 16 && (j >= 16 || i >= j)
+            }
+        })
+        .unwrap();
+    let s = Shape::new(2, 2, 1, 20, 36, 3, 2);
+    let opts = Options {
+        key_lens: Some(vec![36, 30]),
+        ..Options::new(3)
+    };
+    let keep = |_b: usize, h: usize, i: usize, j: usize| layout.admits(layout.head_of(h), i, j);
+    let g = check_dense(40, s, &opts, &keep);
+    // Query rows 16..20 of head 1 see nothing: zero dQ.
+    for b in 0..2 {
+        let r0 = (b * 2 + 1) * 20;
+        assert!(g.dq[(r0 + 16) * 3..(r0 + 20) * 3].iter().all(|&x| x == 0.0));
+    }
 }
 
 #[test]

@@ -58,11 +58,117 @@ pub fn keeps_block(qb: u64, kb: u64, seed: u64, density: f64) -> bool {
 
 /// The random block mask layout for one (len, density, seed).
 pub fn layout(len: usize, density: f64, seed: u64) -> Result<BlockLayout> {
-    let n = len.div_ceil(BLOCK);
+    layout_of(len, BLOCK, density, seed)
+}
+
+/// The random block mask layout in blocks of `block`.
+fn layout_of(len: usize, block: usize, density: f64, seed: u64) -> Result<BlockLayout> {
+    let n = len.div_ceil(block);
     let mask: Vec<bool> = (0..n * n)
         .map(|x| keeps_block((x / n) as u64, (x % n) as u64, seed, density))
         .collect();
-    BlockLayout::from_block_mask(len, len, BLOCK, LayoutHeads::Shared, &mask)
+    BlockLayout::from_block_mask(len, len, block, LayoutHeads::Shared, &mask)
+}
+
+/// Blocks of the backward benchmark: the tensor-core backward's tile.
+pub const BACKWARD_BLOCK: usize = crate::ops::attention_backward::SPARSE_TC_BLOCK_SIZE;
+
+/// The backward (`cuattn bench sparse-backward`): the dense backward, then the sparse one in both
+/// modes at every density of [`DENSITIES`] (random block masks in blocks of
+/// [`BACKWARD_BLOCK`]), same inputs, bf16, D = 128. FLOPs are 2.5× the forward's over the kept
+/// blocks (the dense row: over all blocks); kernel names "dense", "sparse" (deterministic) and
+/// "sparse_fast". O and LSE come from the forward of the same layout.
+pub fn run_backward(gpu: &Arc<Gpu>, quick: bool) -> Result<Vec<Row>> {
+    use crate::ops::attention_backward::{self as bwd, Mode};
+    let (lens, heads, iters): (&[usize], usize, usize) = if quick {
+        (&[1024, 2048], 4, 3)
+    } else {
+        (&[4096, 16384], 16, 10)
+    };
+    let (dim, dt, bs) = (128, DType::BF16, BACKWARD_BLOCK);
+    let mut out = Vec::new();
+    for &len in lens {
+        let shape = [1, heads, len, dim];
+        let q = gpu.random(dt, &shape, 21, 0.0, 1.0)?;
+        let k = gpu.random(dt, &shape, 22, 0.0, 1.0)?;
+        let v = gpu.random(dt, &shape, 23, 0.0, 1.0)?;
+        let d_o = gpu.random(dt, &shape, 24, 0.0, 1.0)?;
+        let (mut dq, mut dk, mut dv) = (
+            gpu.full(dt, &shape, 0.0)?,
+            gpu.full(dt, &shape, 0.0)?,
+            gpu.full(dt, &shape, 0.0)?,
+        );
+        let n = len.div_ceil(bs);
+        let row = |kernel, density, seed, kept: usize, us: f64, dense_us: f64| {
+            let flops = 2.5 * 4.0 * heads as f64 * (kept * bs * bs * dim) as f64;
+            Row {
+                op: "sparse_backward",
+                kernel,
+                dtype: dt,
+                batch: 1,
+                heads,
+                len,
+                dim,
+                block: bs,
+                density,
+                seed,
+                kept_blocks: kept,
+                kept_fraction: kept as f64 / (n * n) as f64,
+                flops,
+                time_us: us,
+                tflops: flops / (us * 1e-6) / 1e12,
+                speedup_vs_dense: dense_us / us,
+            }
+        };
+        let dense_opts = bwd::Options::default();
+        let (o, lse) = attn::forward(&q, &k, &v, &dense_opts.forward)?;
+        let dense_us = super::time_us(gpu, 1, iters, || {
+            bwd::backward_into(
+                gpu,
+                &q.view(),
+                &k.view(),
+                &v.view(),
+                &o.view(),
+                &lse.view(),
+                &d_o.view(),
+                &mut dq.view_mut(),
+                &mut dk.view_mut(),
+                &mut dv.view_mut(),
+                &dense_opts,
+            )
+        })?;
+        out.push(row("dense", 1.0, 0, n * n, dense_us, dense_us));
+        for (i, &density) in DENSITIES.iter().enumerate() {
+            let seed = 0x5eed_0000 + i as u64;
+            let l = layout_of(len, bs, density, seed)?;
+            let dl = DeviceBlockLayout::upload(gpu, &l)?;
+            let (o, lse) = sparse::forward(&q, &k, &v, &dl, &Options::default())?;
+            for (kernel, mode) in [("sparse", Mode::Deterministic), ("sparse_fast", Mode::Fast)] {
+                let opts = bwd::Options {
+                    mode,
+                    ..bwd::Options::default()
+                };
+                let us = super::time_us(gpu, 1, iters, || {
+                    sparse::backward_into(
+                        gpu,
+                        &q.view(),
+                        &k.view(),
+                        &v.view(),
+                        &o.view(),
+                        &lse.view(),
+                        &d_o.view(),
+                        &mut dq.view_mut(),
+                        &mut dk.view_mut(),
+                        &mut dv.view_mut(),
+                        &dl,
+                        &opts,
+                    )
+                })?;
+                out.push(row(kernel, density, seed, l.kept_blocks(), us, dense_us));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Times the sparse kernel at every density, and the dense kernel, per length.

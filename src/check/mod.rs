@@ -10,6 +10,7 @@ pub mod attention_backward;
 pub mod decode;
 pub mod layernorm;
 pub mod sparse;
+pub mod sparse_backward;
 pub mod training;
 
 use crate::dtype::DType;

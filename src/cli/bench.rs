@@ -36,6 +36,9 @@ pub enum Family {
     AttentionBackward,
     /// Block-sparse attention vs fraction of blocks kept (bf16, hd128, blocks of 128).
     Sparse,
+    /// Block-sparse attention backward vs fraction of blocks kept (bf16, hd128, blocks of 64),
+    /// both modes, beside the dense backward.
+    SparseBackward,
     Decode,
     /// Training ops (bias+GELU, column sums, dropout, embedding backward, cross-entropy,
     /// gradient norm and clipping, AdamW) at BERT/GPT-2 step sizes.
@@ -183,6 +186,40 @@ fn bench(
                     writeln!(
                         out,
                         "{:<7} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
+                        r.kernel,
+                        shape,
+                        r.density,
+                        r.kept_fraction,
+                        r.time_us,
+                        r.tflops,
+                        r.speedup_vs_dense
+                    )?;
+                }
+            }
+            v
+        }
+        Family::SparseBackward => {
+            let rows = cuattn::bench::sparse::run_backward(&gpu, quick)?;
+            let v = serde_json::json!({"family": "sparse-backward", "device": gpu.info().name, "rows": rows});
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "Block-sparse attention backward on {} (bf16, D 128, blocks of {}; 2.5× forward FLOPs of kept blocks)",
+                    gpu.info().name,
+                    cuattn::bench::sparse::BACKWARD_BLOCK
+                )?;
+                writeln!(
+                    out,
+                    "{:<11} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
+                    "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
+                )?;
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+                    writeln!(
+                        out,
+                        "{:<11} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
                         r.kernel,
                         shape,
                         r.density,

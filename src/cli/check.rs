@@ -67,6 +67,15 @@ pub fn run() -> CliResult {
         }
         Err(e) => report("sparse", "layouts", Err(e.to_string()))?,
     }
+    match cuattn::check::sparse_backward::standard_cases() {
+        Ok(cases) => {
+            for (name, case) in cases {
+                let r = cuattn::check::sparse_backward::backward(&gpu, &case);
+                report("sparse_bwd", &name, r)?;
+            }
+        }
+        Err(e) => report("sparse_bwd", "layouts", Err(e.to_string()))?,
+    }
     for (name, case) in cuattn::check::decode::standard_cases() {
         report("decode", &name, cuattn::check::decode::forward(&gpu, &case))?;
     }

@@ -21,16 +21,18 @@
 //! dQ accumulator of Q's size; both are allocated per call. Memory is O(L): no L×L matrix.
 
 use super::attention::{
-    self, check_views, fwd_params, Checked, Kernel, SequenceArrays, Sequences, Strides,
+    self, check_views, fwd_params, Checked, Kernel, SequenceArrays, Sequences, SparseArgs, Strides,
 };
+use super::sparse_attention::DeviceBlockLayout;
 use super::validate;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
 use crate::kernels::params::{
     cuattn_attention_bwd_params, CUATTN_ATTN_BWD_BM, CUATTN_ATTN_BWD_BN,
-    CUATTN_ATTN_BWD_ROWS_PER_BLOCK, CUATTN_ATTN_BWD_THREADS,
+    CUATTN_ATTN_BWD_ROWS_PER_BLOCK, CUATTN_ATTN_BWD_SPARSE_BS, CUATTN_ATTN_BWD_THREADS,
 };
+use crate::sparse::SUPPORTED_BLOCK_SIZES;
 use std::sync::Arc;
 
 const MODULE: &str = "attention_bwd";
@@ -39,6 +41,8 @@ pub const TC_MAX_HEAD_DIM: usize = 128;
 const ROWS: usize = CUATTN_ATTN_BWD_ROWS_PER_BLOCK as usize;
 const BN: usize = CUATTN_ATTN_BWD_BN as usize;
 const BM: usize = CUATTN_ATTN_BWD_BM as usize;
+/// The layout block size of the tensor-core block-sparse backward (one tile of each pass).
+pub const SPARSE_TC_BLOCK_SIZE: usize = CUATTN_ATTN_BWD_SPARSE_BS as usize;
 
 /// How dQ is summed over the key blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -210,15 +214,57 @@ fn tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     }
 }
 
+/// The block-sparse entries, as [`tc_names`].
+fn sparse_tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
+    match (dtype, hd) {
+        (DType::F16, 64) => [
+            "attention_bwd_sparse_dkdv_hd64_f16",
+            "attention_bwd_sparse_dkdv_dq_hd64_f16",
+            "attention_bwd_sparse_dq_hd64_f16",
+        ],
+        (DType::F16, _) => [
+            "attention_bwd_sparse_dkdv_hd128_f16",
+            "attention_bwd_sparse_dkdv_dq_hd128_f16",
+            "attention_bwd_sparse_dq_hd128_f16",
+        ],
+        (_, 64) => [
+            "attention_bwd_sparse_dkdv_hd64_bf16",
+            "attention_bwd_sparse_dkdv_dq_hd64_bf16",
+            "attention_bwd_sparse_dq_hd64_bf16",
+        ],
+        _ => [
+            "attention_bwd_sparse_dkdv_hd128_bf16",
+            "attention_bwd_sparse_dkdv_dq_hd128_bf16",
+            "attention_bwd_sparse_dq_hd128_bf16",
+        ],
+    }
+}
+
 /// Every kernel of the backward, for `cuattn info` and the build checks.
 pub fn kernel_names() -> Vec<&'static str> {
     let mut v: Vec<&str> = [DELTA, CONVERT, EXACT_DQ, EXACT_DKDV].concat();
     for dt in [DType::F16, DType::BF16] {
         for hd in [64, 128] {
             v.extend(tc_names(dt, hd));
+            v.extend(sparse_tc_names(dt, hd));
         }
     }
     v
+}
+
+/// Errors unless a layout of `block_size` can run on the chosen path: the tensor-core entries
+/// take [`SPARSE_TC_BLOCK_SIZE`] only (a block is one tile of each pass), the exact kernels
+/// every block size of the layout type.
+fn check_sparse_block_size(block_size: usize, tensor_cores: bool) -> Result<()> {
+    if tensor_cores && block_size != SPARSE_TC_BLOCK_SIZE {
+        return Err(crate::error::SparseLayoutError::BlockSize {
+            got: block_size,
+            supported: vec![SPARSE_TC_BLOCK_SIZE],
+        }
+        .into());
+    }
+    debug_assert!(SUPPORTED_BLOCK_SIZES.contains(&block_size));
+    Ok(())
 }
 
 /// Dynamic shared memory of the tensor-core kernels (attention_bwd.cu's header).
@@ -268,6 +314,26 @@ pub fn backward_into(
     dv: &mut TensorMut,
     opts: &Options,
 ) -> Result<()> {
+    launch_backward(gpu, q, k, v, o, lse, d_o, dq, dk, dv, opts, None)
+}
+
+/// The dense backward, or with `sparse` the block-sparse one (whose options the caller,
+/// [`super::sparse_attention::backward_into`], has checked).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_backward(
+    gpu: &Arc<Gpu>,
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    o: &TensorRef,
+    lse: &TensorRef,
+    d_o: &TensorRef,
+    dq: &mut TensorMut,
+    dk: &mut TensorMut,
+    dv: &mut TensorMut,
+    opts: &Options,
+    sparse: Option<&DeviceBlockLayout>,
+) -> Result<()> {
     let cb = check(q, k, v, o, lse, d_o, dq, dk, dv, opts)?;
     gpu.check_contexts([
         ("q", q.ctx),
@@ -282,6 +348,16 @@ pub fn backward_into(
     ])?;
     let c = &cb.c;
     let tensor_cores = use_tensor_cores(c, opts.forward.kernel)?;
+    let sparse_args = match sparse {
+        Some(layout) => {
+            let bs = layout.layout().block_size();
+            layout.layout().check_call(&c.shape, bs)?;
+            check_sparse_block_size(bs, tensor_cores)?;
+            Some(layout.args(gpu)?)
+        }
+        None => None,
+    };
+    let fwd_sparse: Option<&SparseArgs> = sparse_args.as_ref().map(|(f, _)| f);
     let fast = tensor_cores && opts.mode == Mode::Fast;
     let s = &c.shape;
     let hd = if s.dim_qk.max(s.dim_v) <= 64 { 64 } else { 128 };
@@ -319,10 +395,11 @@ pub fn backward_into(
         &opts.forward,
         c,
         &seqs,
-        None,
+        fwd_sparse,
         ROWS,
         vectorized,
     );
+    let cols = sparse_args.as_ref().map(|(_, c)| *c);
     let p = cuattn_attention_bwd_params {
         fwd,
         d_o: d_o.device_ptr(),
@@ -344,6 +421,10 @@ pub fn backward_into(
         dv_head_stride: cb.dv.head,
         dv_row_stride: cb.dv.row,
         atomic_dq: fast as i32,
+        sp_col_offsets: cols.map_or(0, |c| c.ptrs[0]),
+        sp_col_q_blocks: cols.map_or(0, |c| c.ptrs[1]),
+        sp_col_blocks: cols.map_or(0, |c| c.ptrs[2]),
+        sp_k_blocks: cols.map_or(0, |c| c.k_blocks),
     };
     let dt = suffix(c.dtype);
     let row_threads = (32 * ROWS) as u32;
@@ -366,7 +447,11 @@ pub fn backward_into(
             super::launch(gpu, &dkdv_k, &p, (k_rows, 1), (row_threads, 1), 0)?;
         }
     } else {
-        let [dkdv_name, dkdv_dq_name, dq_name] = tc_names(c.dtype, hd);
+        let [dkdv_name, dkdv_dq_name, dq_name] = if sparse.is_some() {
+            sparse_tc_names(c.dtype, hd)
+        } else {
+            tc_names(c.dtype, hd)
+        };
         let (smem_dkdv, smem_dq) = shared_bytes(hd, fast);
         let dkdv_k = gpu.kernel(MODULE, if fast { dkdv_dq_name } else { dkdv_name })?;
         check_smem(smem_dkdv, &dkdv_k)?;

@@ -10,22 +10,44 @@
 //! ([`crate::sparse::patterns`]), so `Options::causal`/`window` must be `None` here; packed
 //! batches are not supported. Layout block sizes on tensor cores: 64 for every head dim, 128 for
 //! head dims up to 128; the exact kernel takes any supported block size.
+//!
+//! The backward ([`backward_into`], [`backward`]) is the dense backward's kernels
+//! (`kernels/attention_bwd.cu`, `attention_bwd_sparse_*` entries) walking the kept blocks: dQ
+//! per query block over its kept key blocks, dK/dV per key block over the query blocks that
+//! keep it (the layout's transposed index, [`crate::sparse::ColumnIndex`], uploaded with the
+//! layout). Options, modes and the exact path are the dense backward's
+//! ([`super::attention_backward`]); the same restrictions as the forward apply, and on tensor
+//! cores the layout's block size must be 64 (the backward's tile), other sizes run with
+//! `Kernel::Exact`.
 
 use super::attention::{check, launch_forward, Options, Sequences, SparseArgs};
+use super::attention_backward;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
-use crate::sparse::BlockLayout;
+use crate::sparse::{BlockLayout, ColumnIndex};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use std::sync::Arc;
 
-/// A block-sparse layout uploaded once and reused by every call with the same layout.
+/// A block-sparse layout uploaded once and reused by every call with the same layout: its
+/// compressed rows, bitmasks and their row unions (the forward and backward), and its
+/// transposed index (the backward's dK/dV pass; [`ColumnIndex::device_bytes`] bytes).
 pub struct DeviceBlockLayout {
     layout: BlockLayout,
     words_per_row: usize,
     ints: [CudaSlice<i32>; 6],
     bits: CudaSlice<u64>,
     bits_union: CudaSlice<u64>,
+    /// Column offsets, query blocks, kept-block positions.
+    columns: [CudaSlice<i32>; 3],
+    column_bytes: usize,
+}
+
+/// The transposed index on the device, for the backward's launch.
+#[derive(Clone, Copy)]
+pub(super) struct ColumnArgs {
+    pub(super) ptrs: [u64; 3],
+    pub(super) k_blocks: i32,
 }
 
 impl DeviceBlockLayout {
@@ -44,6 +66,9 @@ impl DeviceBlockLayout {
             .collect();
         let up_i32 = |v: Vec<i32>| upload_nonempty(gpu, v);
         let up_u64 = |v: Vec<u64>| upload_nonempty(gpu, v);
+        let cols: ColumnIndex = layout.columns();
+        let column_bytes = cols.device_bytes();
+        let [offsets, q_blocks, blocks] = cols.to_device()?;
         Ok(DeviceBlockLayout {
             layout: layout.clone(),
             words_per_row: wpr,
@@ -57,7 +82,44 @@ impl DeviceBlockLayout {
             ],
             bits: up_u64(d.bits)?,
             bits_union: up_u64(unions)?,
+            columns: [up_i32(offsets)?, up_i32(q_blocks)?, up_i32(blocks)?],
+            column_bytes,
         })
+    }
+
+    /// Device bytes of the transposed index (see [`ColumnIndex`]).
+    pub fn column_index_bytes(&self) -> usize {
+        self.column_bytes
+    }
+
+    /// The device pointers of the rows (as the forward takes them) and of the columns, after
+    /// checking that the layout lives in `gpu`'s context.
+    pub(super) fn args(&self, gpu: &Gpu) -> Result<(SparseArgs, ColumnArgs)> {
+        gpu.check_context("layout", crate::gpu::ContextId::of(self.bits.context()))?;
+        let stream = gpu.stream();
+        let mut ptrs = [0u64; 8];
+        for (p, buf) in ptrs.iter_mut().zip(&self.ints) {
+            *p = buf.device_ptr(stream).0;
+        }
+        ptrs[6] = self.bits.device_ptr(stream).0;
+        ptrs[7] = self.bits_union.device_ptr(stream).0;
+        let l = &self.layout;
+        let rows = SparseArgs {
+            block_size: l.block_size(),
+            stored_heads: l.heads().stored() as i32,
+            q_blocks: l.q_blocks() as i32,
+            words_per_row: self.words_per_row as i32,
+            ptrs,
+        };
+        let mut cptrs = [0u64; 3];
+        for (p, buf) in cptrs.iter_mut().zip(&self.columns) {
+            *p = buf.device_ptr(stream).0;
+        }
+        let cols = ColumnArgs {
+            ptrs: cptrs,
+            k_blocks: l.k_blocks() as i32,
+        };
+        Ok((rows, cols))
     }
 
     /// The host layout this was uploaded from.
@@ -90,6 +152,17 @@ pub fn forward_into<'a>(
     layout: &DeviceBlockLayout,
     opts: &Options,
 ) -> Result<()> {
+    check_sparse_options(opts)?;
+    let c = check(q, k, v, o, lse.as_deref(), opts)?;
+    let l = &layout.layout;
+    l.check_call(&c.shape, l.block_size())?;
+    let (args, _) = layout.args(gpu)?;
+    launch_forward(gpu, q, k, v, o, lse, opts, &c, Some(&args))
+}
+
+/// What a block-sparse call's options may hold (forward and backward alike): no causal or
+/// window mask (they belong in the layout), dense batches.
+fn check_sparse_options(opts: &Options) -> Result<()> {
     if opts.causal.is_some() || opts.window.is_some() {
         return Err(Error::invalid(
             "options",
@@ -106,25 +179,7 @@ pub fn forward_into<'a>(
             "block-sparse attention takes dense batches (key padding allowed), not packed ones",
         ));
     }
-    let c = check(q, k, v, o, lse.as_deref(), opts)?;
-    let l = &layout.layout;
-    l.check_call(&c.shape, l.block_size())?;
-    gpu.check_context("layout", crate::gpu::ContextId::of(layout.bits.context()))?;
-    let stream = gpu.stream();
-    let mut ptrs = [0u64; 8];
-    for (p, buf) in ptrs.iter_mut().zip(&layout.ints) {
-        *p = buf.device_ptr(stream).0;
-    }
-    ptrs[6] = layout.bits.device_ptr(stream).0;
-    ptrs[7] = layout.bits_union.device_ptr(stream).0;
-    let args = SparseArgs {
-        block_size: l.block_size(),
-        stored_heads: l.heads().stored() as i32,
-        q_blocks: l.q_blocks() as i32,
-        words_per_row: layout.words_per_row as i32,
-        ptrs,
-    };
-    launch_forward(gpu, q, k, v, o, lse, opts, &c, Some(&args))
+    Ok(())
 }
 
 /// Block-sparse attention allocating O [B, Hq, Lq, Dv] and LSE [B, Hq, Lq].
@@ -153,4 +208,61 @@ pub fn forward(
         opts,
     )?;
     Ok((o, lse))
+}
+
+/// Block-sparse attention backward into caller-owned views: dQ, dK, dV of [`forward_into`] run
+/// with the same `layout` and `opts.forward` (see [`attention_backward::backward_into`] for the
+/// views and modes). Errors as the forward for options and layouts that do not fit the call,
+/// and with [`crate::error::SparseLayoutError::BlockSize`] for a tensor-core call whose layout
+/// block size is not [`attention_backward::SPARSE_TC_BLOCK_SIZE`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into(
+    gpu: &Arc<Gpu>,
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    o: &TensorRef,
+    lse: &TensorRef,
+    d_o: &TensorRef,
+    dq: &mut TensorMut,
+    dk: &mut TensorMut,
+    dv: &mut TensorMut,
+    layout: &DeviceBlockLayout,
+    opts: &attention_backward::Options,
+) -> Result<()> {
+    check_sparse_options(&opts.forward)?;
+    attention_backward::launch_backward(gpu, q, k, v, o, lse, d_o, dq, dk, dv, opts, Some(layout))
+}
+
+/// Block-sparse attention backward, allocating dQ, dK, dV (contiguous, shaped like Q, K, V).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    d_o: &DeviceTensor,
+    layout: &DeviceBlockLayout,
+    opts: &attention_backward::Options,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    let gpu: &Arc<Gpu> = q.gpu();
+    let mut dq = gpu.zeros(q.dtype(), q.shape())?;
+    let mut dk = gpu.zeros(k.dtype(), k.shape())?;
+    let mut dv = gpu.zeros(v.dtype(), v.shape())?;
+    backward_into(
+        gpu,
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &o.view(),
+        &lse.view(),
+        &d_o.view(),
+        &mut dq.view_mut(),
+        &mut dk.view_mut(),
+        &mut dv.view_mut(),
+        layout,
+        opts,
+    )?;
+    Ok((dq, dk, dv))
 }

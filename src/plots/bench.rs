@@ -66,7 +66,7 @@ fn num(row: &Value, key: &str) -> Option<f64> {
 fn category_desc(family: &str) -> &'static str {
     match family {
         "attention" | "attention-backward" => "sequence length L",
-        "sparse" => "fraction of key blocks kept",
+        "sparse" | "sparse-backward" => "fraction of key blocks kept",
         "decode" => "batch and KV cache length",
         "layernorm" | "layernorm-sweep" => "hidden size",
         _ => "op",
@@ -76,7 +76,7 @@ fn category_desc(family: &str) -> &'static str {
 /// What a family's picture shows: the value's field and axis label.
 fn value_field(family: &str) -> Option<(&'static str, &'static str)> {
     Some(match family {
-        "attention" | "attention-backward" | "sparse" => ("tflops", "TFLOP/s"),
+        "attention" | "attention-backward" | "sparse" | "sparse-backward" => ("tflops", "TFLOP/s"),
         "decode" | "layernorm" | "training-ops" => ("gbs", "GB/s"),
         "layernorm-sweep" => ("pct_copy", "% of measured copy bandwidth"),
         _ => return None,
@@ -84,10 +84,11 @@ fn value_field(family: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// Families [`panels`] knows how to draw.
-pub const FAMILIES: [&str; 7] = [
+pub const FAMILIES: [&str; 8] = [
     "attention",
     "attention-backward",
     "sparse",
+    "sparse-backward",
     "decode",
     "layernorm",
     "layernorm-sweep",
@@ -119,7 +120,7 @@ fn place(family: &str, row: &Value) -> Option<(String, String)> {
                 format!("L {}", t("len")?),
             )
         }
-        "sparse" => (
+        "sparse" | "sparse-backward" => (
             format!(
                 "{}, B {} H {} L {} D {}",
                 t("dtype")?,

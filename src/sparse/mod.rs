@@ -6,15 +6,19 @@
 //! - [`from_masks`]: layouts from compressed rows, a dense block mask or an element predicate;
 //! - [`patterns`]: sliding window, Sparse Transformer strided and fixed, BigBird, and their
 //!   causal versions;
-//! - `classify`: the one place that decides whether a block is dropped, full or partial.
+//! - `classify`: the one place that decides whether a block is dropped, full or partial;
+//! - [`columns`]: the transposed index (key block → query blocks keeping it) the backward's
+//!   dK/dV pass walks.
 //!
 //! The CPU twin of the kernel's block loop is [`crate::twin::sparse_attention`].
 
 mod classify;
+pub mod columns;
 pub mod from_masks;
 pub mod layout;
 pub mod patterns;
 
+pub use columns::ColumnIndex;
 pub use layout::{
     check_block_size, BlockKind, BlockLayout, DeviceLayout, ElementMask, LayoutHeads,
     DEFAULT_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES,

@@ -14,11 +14,15 @@
 //!   ([`Mode::Atomic`]), then scaled and rounded;
 //! - dK = scale·Σ dSᵀQ and dQ = scale·Σ dS·K are scaled once, at the end.
 //!
+//! Block-sparse layouts: [`backward_sparse`] (the same arithmetic over the kept blocks only).
+//!
 //! Inputs follow [`crate::reference::attention`] (BHSD, values already rounded to the dtype);
 //! `o` and `lse` are the forward's ([`crate::twin::attention::forward`]).
 
 use crate::dtype::DType;
 use crate::reference::attention::{Options, Shape};
+use crate::sparse::{BlockKind, BlockLayout, ElementMask};
+use crate::{Error, Result};
 
 /// Tile sizes of the kernels (the built kernels use 64 and 64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,4 +298,262 @@ pub fn backward(
         }
     }
     (g, visits)
+}
+
+/// The keys of block `k_block` (`bs` of them from `key0`) whose K/V rows a kernel loads for a
+/// kept block of `kind` at query block `q_block`: those some query row of the block may keep,
+/// as the kernels bound them (a band's keys `[q0 + lo, q_last + hi]`, a bitmask's union of rows,
+/// every key of a full or key-tail block), all cut at `key_len`.
+fn block_keys(
+    layout: &BlockLayout,
+    kind: BlockKind,
+    q_block: usize,
+    k_block: usize,
+    key_len: usize,
+) -> Vec<bool> {
+    let bs = layout.block_size();
+    let (q0, key0) = ((q_block * bs) as i64, (k_block * bs) as i64);
+    let q_last = (layout.len_q() as i64).min(q0 + bs as i64) - 1;
+    (0..bs)
+        .map(|c| {
+            let j = key0 + c as i64;
+            j < key_len as i64
+                && match kind {
+                    BlockKind::Full | BlockKind::Partial(ElementMask::KeyTail) => true,
+                    BlockKind::Partial(ElementMask::Band { lo, hi }) => {
+                        j >= q0 + lo && j <= q_last + hi
+                    }
+                    BlockKind::Partial(ElementMask::Bits { index }) => {
+                        let words = layout.words_per_row();
+                        (0..bs).any(|r| {
+                            layout.bits()[(index * bs + r) * words + c / 64] >> (c % 64) & 1 == 1
+                        })
+                    }
+                }
+        })
+        .collect()
+}
+
+/// The twin of the block-sparse backward (`attention_bwd.cu`, SPARSE entries), tiles being
+/// the layout's blocks (the kernels take blocks of their BM = BN = 64):
+///
+/// - dK/dV program per (batch, K/V head, key block): a key block wholly past the sequence's key
+///   length writes zeros; otherwise the K/V rows loaded are the keys some visited block may
+///   keep ([`block_keys`], OR-ed over the column), the rest read as zero; for each query head
+///   of the GQA group it walks the query blocks that keep the key block, in ascending order,
+///   from the layout's transposed index ([`BlockLayout::columns`]);
+/// - dQ program per (batch, query head, query block) over the row's kept key blocks, ascending
+///   (the forward's walk), skipping blocks past the key length;
+/// - a full block inside both lengths runs unmasked; every other block keeps (i, j) iff
+///   i < len_q, j < key_len and its element mask admits it ([`BlockLayout::kind_admits`]);
+/// - arithmetic and rounding points as in [`backward`].
+///
+/// `o` and `lse` are the sparse forward's ([`crate::twin::sparse_attention::forward`]).
+/// Errors if the layout does not fit the call or `opts` carries a causal or window mask (a
+/// sparse call's masks are in its layout).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sparse(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    layout: &BlockLayout,
+    mode: Mode,
+    dtype: DType,
+) -> Result<(Grads, Visits)> {
+    let bs = layout.block_size();
+    layout.check_call(shape, bs)?;
+    if opts.causal.is_some() || opts.window.is_some() {
+        return Err(Error::invalid(
+            "opts",
+            "a sparse call's causal and window masks belong in its layout",
+        ));
+    }
+    let s = shape;
+    let cols = layout.columns();
+    let (d, dvn) = (s.dim_qk, s.dim_v);
+    let scale = opts.scale as f32;
+    let c = scale * std::f32::consts::LOG2_E;
+    let group = s.heads_q / s.heads_kv;
+    let mut visits = Visits::default();
+    let mut g = Grads {
+        dq: vec![f32::NAN; s.q_len()],
+        dk: vec![f32::NAN; s.k_len()],
+        dv: vec![f32::NAN; s.v_len()],
+    };
+    let delta: Vec<f32> = (0..s.lse_len())
+        .map(|r| dot(&d_o[r * dvn..(r + 1) * dvn], &o[r * dvn..(r + 1) * dvn]))
+        .collect();
+    let mut dq_acc = vec![0.0f32; s.q_len()];
+    let zeros = vec![0.0f32; d.max(dvn)];
+    let len_q = s.len_q;
+
+    for b in 0..s.batch {
+        let key_len = opts
+            .key_lens
+            .as_ref()
+            .map_or(s.len_k, |l| l[b].min(s.len_k));
+        // Whether (i, j) of kept block `kind` at (qb, kb) is computed; `full`: unmasked tile.
+        let keeps = |kind: BlockKind, qb: usize, kb: usize, full: bool, i: usize, j: usize| {
+            full || (i < len_q && j < key_len && layout.kind_admits(kind, qb, kb, i, j))
+        };
+        let is_full = |kind: BlockKind, qb: usize, kb: usize| {
+            kind == BlockKind::Full && (kb + 1) * bs <= key_len && (qb + 1) * bs <= len_q
+        };
+        for hk in 0..s.heads_kv {
+            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+            for kb in 0..layout.k_blocks() {
+                let key0 = kb * bs;
+                let mut dk = vec![0.0f32; bs * d];
+                let mut dv = vec![0.0f32; bs * dvn];
+                if key0 < key_len {
+                    let mut seen = vec![false; bs];
+                    for gi in 0..group {
+                        let head = layout.head_of(hk * group + gi);
+                        let (qbs, xs) = cols.column(head, kb);
+                        for (&qb, &x) in qbs.iter().zip(xs) {
+                            let keys = block_keys(layout, layout.kinds()[x], qb, kb, key_len);
+                            seen.iter_mut().zip(keys).for_each(|(a, k)| *a |= k);
+                        }
+                    }
+                    let k_row = |kk: usize| {
+                        if seen[kk] {
+                            &k_head[(key0 + kk) * d..(key0 + kk + 1) * d]
+                        } else {
+                            &zeros[..d]
+                        }
+                    };
+                    let v_row = |kk: usize| {
+                        if seen[kk] {
+                            &v_head[(key0 + kk) * dvn..(key0 + kk + 1) * dvn]
+                        } else {
+                            &zeros[..dvn]
+                        }
+                    };
+                    for gi in 0..group {
+                        let h = hk * group + gi;
+                        let r0 = (b * s.heads_q + h) * s.len_q;
+                        let (qbs, xs) = cols.column(layout.head_of(h), kb);
+                        for (&qb, &x) in qbs.iter().zip(xs) {
+                            visits.dkdv_tiles += 1;
+                            let kind = layout.kinds()[x];
+                            let full = is_full(kind, qb, kb);
+                            let q0 = qb * bs;
+                            for kk in 0..bs {
+                                for col in 0..bs {
+                                    let i = q0 + col;
+                                    if !keeps(kind, qb, kb, full, i, key0 + kk) {
+                                        continue; // P = dS = 0
+                                    }
+                                    let r = r0 + i;
+                                    let (qi, doi) =
+                                        (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                                    let kj = k_row(kk);
+                                    let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
+                                    let ds = p * (dot(doi, v_row(kk)) - delta[r]);
+                                    let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
+                                    for (a, &x) in dv[kk * dvn..(kk + 1) * dvn].iter_mut().zip(doi)
+                                    {
+                                        *a += p_in * x;
+                                    }
+                                    for (a, &x) in dk[kk * d..(kk + 1) * d].iter_mut().zip(qi) {
+                                        *a += ds_in * x;
+                                    }
+                                    if mode == Mode::Atomic {
+                                        for (a, &x) in dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj)
+                                        {
+                                            *a += ds_in * x;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for kk in 0..bs.min(s.len_k - key0) {
+                    let j = key0 + kk;
+                    let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d;
+                    let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn;
+                    for (out, &a) in g.dk[kr..kr + d].iter_mut().zip(&dk[kk * d..(kk + 1) * d]) {
+                        *out = dtype.round(a * scale);
+                    }
+                    for (out, &a) in g.dv[vr..vr + dvn]
+                        .iter_mut()
+                        .zip(&dv[kk * dvn..(kk + 1) * dvn])
+                    {
+                        *out = dtype.round(a);
+                    }
+                }
+            }
+        }
+        if mode == Mode::Atomic {
+            continue;
+        }
+        for h in 0..s.heads_q {
+            let hk = h / group;
+            let r0 = (b * s.heads_q + h) * s.len_q;
+            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+            for qb in 0..layout.q_blocks() {
+                let q0 = qb * bs;
+                let mut dq = vec![0.0f32; bs * d];
+                let (kbs, kinds) = layout.row(layout.head_of(h), qb);
+                for (&kb, &kind) in kbs.iter().zip(kinds) {
+                    let key0 = kb * bs;
+                    if key0 >= key_len {
+                        continue; // wholly in the key padding
+                    }
+                    visits.dq_tiles += 1;
+                    let seen = block_keys(layout, kind, qb, kb, key_len);
+                    let full = is_full(kind, qb, kb);
+                    for row in 0..bs.min(len_q - q0) {
+                        let i = q0 + row;
+                        let r = r0 + i;
+                        let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                        for (kk, &loaded) in seen.iter().enumerate() {
+                            let j = key0 + kk;
+                            if !keeps(kind, qb, kb, full, i, j) {
+                                continue;
+                            }
+                            let kj = if loaded {
+                                &k_head[j * d..][..d]
+                            } else {
+                                &zeros[..d]
+                            };
+                            let vj = if loaded {
+                                &v_head[j * dvn..][..dvn]
+                            } else {
+                                &zeros[..dvn]
+                            };
+                            let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
+                            let ds = dtype.round(p * (dot(doi, vj) - delta[r]));
+                            for (a, &x) in dq[row * d..(row + 1) * d].iter_mut().zip(kj) {
+                                *a += ds * x;
+                            }
+                        }
+                    }
+                }
+                for row in 0..bs.min(len_q - q0) {
+                    let r = r0 + q0 + row;
+                    for (out, &a) in g.dq[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .zip(&dq[row * d..(row + 1) * d])
+                    {
+                        *out = dtype.round(a * scale);
+                    }
+                }
+            }
+        }
+    }
+    if mode == Mode::Atomic {
+        for (out, &a) in g.dq.iter_mut().zip(&dq_acc) {
+            *out = dtype.round(a * scale);
+        }
+    }
+    Ok((g, visits))
 }

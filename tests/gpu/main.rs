@@ -19,6 +19,7 @@ mod runtime_gpt1;
 mod runtime_gpt2;
 mod runtime_gpt_neo;
 mod sparse;
+mod sparse_backward;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
