@@ -7,6 +7,9 @@
 //!     cargo run --release --example seq2seq -- --arch bahdanau|transformer|gpt3-sparse|gpt3-dense \
 //!         --task reverse|sort|add [--device auto|cpu|cuda] [--seed S] [--steps N] [--json]
 //!
+//! `--cell gru|lstm` picks Bahdanau's recurrent cell (default gru; the LSTM's PNGs are named
+//! `bahdanau-lstm-…`).
+//!
 //! The decoder-only models read `source <s> target </s>` as one sequence (loss on the target
 //! part). `--task text` trains them as byte-level language models on a text corpus
 //! (`--corpus`, default `data/kjv/genesis.txt`), saves the model as a Hugging Face GPT-Neo
@@ -19,7 +22,8 @@
 //! evaluations in a row.
 //! The test set (held out by content, see `cuattn::runtime::seq2seq::tasks`) is only decoded
 //! at the end. `--json` prints one final line:
-//! `{"arch","task","steps","seconds","sequence_accuracy","attention_png","loss_png"}`.
+//! `{"arch","task","steps","seconds","sequence_accuracy","attention_png","loss_png"}`, with
+//! `"cell"` for Bahdanau.
 //! `--beams N` (the Transformer) decodes the test set by beam search through the shared
 //! decoding loop (`cuattn::runtime::generate`); `sequence_accuracy` is then the beam search's
 //! and `greedy_sequence_accuracy` is added.
@@ -29,7 +33,7 @@ use cuattn::finetune::train_log::{plot_loss, StepRecord};
 use cuattn::runtime::generate::GenerateBackend;
 use cuattn::runtime::seq2seq::tasks::{render, Example, Sampler, Task, VOCAB};
 use cuattn::runtime::seq2seq::{
-    Bahdanau, BahdanauConfig, Decoded, Gpt3, Gpt3Config, Seq2Seq, Seq2SeqBatch, Transformer,
+    Bahdanau, BahdanauConfig, Cell, Decoded, Gpt3, Gpt3Config, Seq2Seq, Seq2SeqBatch, Transformer,
     TransformerConfig, EOS,
 };
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};
@@ -60,6 +64,13 @@ enum TaskArg {
     Text,
 }
 
+/// Bahdanau's recurrent cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CellArg {
+    Gru,
+    Lstm,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
     Auto,
@@ -76,6 +87,9 @@ struct Args {
     task: TaskArg,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// Bahdanau's encoder and decoder cell (default gru).
+    #[arg(long, value_enum)]
+    cell: Option<CellArg>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Most optimizer steps (default 3000).
@@ -155,6 +169,12 @@ fn run(args: &Args) -> Result<()> {
              architectures decode greedily",
         ));
     }
+    if args.cell.is_some() && args.arch != Arch::Bahdanau {
+        return Err(Error::invalid(
+            "cell",
+            "--cell picks Bahdanau's recurrent cell; the other architectures have none",
+        ));
+    }
     if args.batch == Some(0) || args.val_size == 0 || args.test_size == 0 || args.eval_every == 0 {
         return Err(Error::invalid(
             "batch",
@@ -228,9 +248,22 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                 dec_hidden: 2 * h,
                 attn: h,
                 readout: 2 * h,
+                cell: match args.cell {
+                    None | Some(CellArg::Gru) => Cell::Gru,
+                    Some(CellArg::Lstm) => Cell::Lstm,
+                },
             };
             let mut model = Bahdanau::new(be, config, args.seed)?;
-            train(be, &mut model, args, task, args.steps.unwrap_or(3000), None)
+            let cell = Some(config.cell);
+            train(
+                be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+                cell,
+            )
         }
         Arch::Transformer => {
             let d = args.width.unwrap_or(32);
@@ -261,7 +294,15 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                     .collect())
             };
             let beam: Option<&BeamFn<'_, Transformer<B>>> = (beams > 1).then_some(&beam);
-            train(be, &mut model, args, task, args.steps.unwrap_or(3000), beam)
+            train(
+                be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                beam,
+                None,
+            )
         }
         Arch::Gpt3Sparse | Arch::Gpt3Dense => {
             let d = args.width.unwrap_or(32);
@@ -278,7 +319,15 @@ fn run_on<B: TrainBackend + GenerateBackend>(be: &B, args: &Args) -> Result<()> 
                 eos: EOS,
             };
             let mut model = Gpt3::new(be, config, args.seed)?;
-            train(be, &mut model, args, task, args.steps.unwrap_or(3000), None)
+            train(
+                be,
+                &mut model,
+                args,
+                task,
+                args.steps.unwrap_or(3000),
+                None,
+                None,
+            )
         }
     }
 }
@@ -332,6 +381,7 @@ fn evaluate<B: TrainBackend, M: Seq2Seq<B>>(
 /// Decodes sources (at most `max_len` tokens each) to their tokens without EOS.
 type BeamFn<'a, M> = dyn Fn(&M, &[Vec<u32>], usize) -> Result<Vec<Vec<u32>>> + 'a;
 
+/// Trains `model` (Bahdanau's with its `cell`) and reports.
 fn train<B: TrainBackend, M: Seq2Seq<B>>(
     be: &B,
     model: &mut M,
@@ -339,6 +389,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     task: Task,
     max_steps: usize,
     beam: Option<&BeamFn<'_, M>>,
+    cell: Option<Cell>,
 ) -> Result<()> {
     let arch = args.arch;
     let d_model = args.width.unwrap_or(32);
@@ -442,19 +493,24 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
         path: args.out.display().to_string(),
         source: e,
     })?;
-    let stem = format!("{}-{}", model.arch(), task.name());
+    // The GRU keeps the plain name; another cell gets its own files.
+    let label = match cell {
+        Some(c) if c != Cell::Gru => format!("{}-{}", model.arch(), c.name()),
+        _ => model.arch().to_string(),
+    };
+    let stem = format!("{label}-{}", task.name());
     let loss_png = args.out.join(format!("{stem}-loss.png"));
     plot_loss(
         &loss_png,
         &records,
-        &format!("{} on {}: training loss", model.arch(), task.name()),
+        &format!("{label} on {}: training loss", task.name()),
     )?;
     // The longest test source shows the most alignment.
     let pick = (0..test.len())
         .max_by_key(|&i| (test[i].src.len(), std::cmp::Reverse(i)))
         .unwrap_or(0);
     let attention_png = args.out.join(format!("{stem}-attention.png"));
-    plot_attention(&attention_png, &test[pick], &decoded[pick], model.arch())?;
+    plot_attention(&attention_png, &test[pick], &decoded[pick], &label)?;
 
     if args.json {
         let mut line = serde_json::json!({
@@ -466,6 +522,9 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
             "attention_png": attention_png.display().to_string(),
             "loss_png": loss_png.display().to_string(),
         });
+        if let Some(c) = cell {
+            line["cell"] = c.name().into();
+        }
         if beam_accuracy.is_some() {
             line["beams"] = args.beams.into();
             line["greedy_sequence_accuracy"] = greedy_accuracy.into();
@@ -474,7 +533,7 @@ fn train<B: TrainBackend, M: Seq2Seq<B>>(
     } else {
         println!(
             "{} on {}: {steps} steps in {train_seconds:.1} s ({} parameters); held-out exact-sequence accuracy {accuracy:.4} on {} examples",
-            model.arch(),
+            label,
             task.name(),
             model
                 .parameters()

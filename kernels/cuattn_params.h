@@ -587,6 +587,33 @@ typedef struct cuattn_gru_params {
     int64_t hidden;
 } cuattn_gru_params;
 
+/* One LSTM step after its two GEMMs (kernels lstm_fwd_{T}, lstm_bwd_{T}), PyTorch's nn.LSTM
+ * gates. gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh are [batch, 4H] in the blocks
+ * (i, f, g, o); h, c, h_out, c_out, dh_out, dc_out, dh, dc are [batch, H]; cache is [batch, 5H]
+ * holding (i, f, g, o, tanh c') per row. active is [batch] uint8 or 0 (every row active): an
+ * inactive row keeps its state (h_out = h, c_out = c; dh = dh_out, dc = dc_out) and gets zero
+ * gate gradients and a zero cache row; an active row's dh is 0 (h reaches the step only
+ * through gh: the caller adds dgates W_hh). The forward reads gi, gh, h, c, active and writes
+ * h_out, c_out, cache; the backward reads cache, c, dh_out, dc_out, active and writes dgates
+ * (= dL/dgi = dL/dgh), dh, dc. All T. */
+typedef struct cuattn_lstm_params {
+    uint64_t gi;     /* [batch, 4H] T (forward) */
+    uint64_t gh;     /* [batch, 4H] T (forward) */
+    uint64_t h;      /* [batch, H] T (forward) */
+    uint64_t c;      /* [batch, H] T: the step's input memory */
+    uint64_t active; /* [batch] uint8, or 0 */
+    uint64_t h_out;  /* [batch, H] T (forward) */
+    uint64_t c_out;  /* [batch, H] T (forward) */
+    uint64_t cache;  /* [batch, 5H] T: written by the forward, read by the backward */
+    uint64_t dh_out; /* [batch, H] T (backward) */
+    uint64_t dc_out; /* [batch, H] T (backward) */
+    uint64_t dgates; /* [batch, 4H] T (backward) */
+    uint64_t dh;     /* [batch, H] T (backward) */
+    uint64_t dc;     /* [batch, H] T (backward) */
+    int64_t batch;
+    int64_t hidden;
+} cuattn_lstm_params;
+
 /* Threads of an additive-attention block, and the most keys per sequence (its dynamic shared
  * memory holds len_k floats forward, 2 len_k backward: under the 48 KiB a block gets without
  * opting in, with the 128 bytes of its static reduction buffer). */

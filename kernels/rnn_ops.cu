@@ -1,5 +1,5 @@
-// The recurrent models' fused ops (docs/kernels/rnn-ops.md): one GRU step after its two GEMMs,
-// and Bahdanau's additive attention, forward and backward. The GEMMs around them (x W_ih^T,
+// The recurrent models' fused ops (docs/kernels/rnn-ops.md): one GRU step and one LSTM step
+// after their two GEMMs, and Bahdanau's additive attention, forward and backward. The GEMMs around them (x W_ih^T,
 // h W_hh^T, the query and key projections) run on cuBLAS; these kernels fuse everything
 // between. f32 arithmetic for every element type; every reduction has a fixed order, so
 // repeated runs give the same bits. CPU twin: src/twin/rnn.rs (tests/rnn_twin.rs).
@@ -12,6 +12,17 @@
 //   dr^ = dn^ gh_n r(1 - r); dgi = (dr^, dz^, dn^), dgh = (dr^, dz^, dn^ r), dh = dh' z (the direct
 //   path; the caller adds dgh W_hh). Same loop. Bytes/unit: 6 reads + 7 writes of T.
 //   An inactive row (a padded time step) copies h / dh' and writes zero gates and cache.
+//
+// lstm_fwd — PyTorch's gates (i, f, g, o) from a = gi + gh: i = sigma(a_i), f = sigma(a_f),
+//   g = tanh(a_g), o = sigma(a_o); c' = f c + i g, h' = o tanh(c'); the cache keeps
+//   (i, f, g, o, tanh c'). The GRU's loop, one unit (b, u) per thread per step.
+//   Bytes/unit: 9 reads + 7 writes of T (h is read only by inactive rows). FLOPs ~35/unit
+//   (5 transcendentals).
+// lstm_bwd — from dh' and dc': with t = tanh c', dc^ = dc' + dh' o (1 - t^2);
+//   da_i = dc^ g i(1 - i), da_f = dc^ c f(1 - f), da_g = dc^ i (1 - g^2), da_o = dh' t o(1 - o);
+//   dgates = da (both GEMM inputs' gradient), dc = dc^ f, dh = 0 (the caller adds
+//   dgates W_hh). Same loop. Bytes/unit: 8 reads + 6 writes of T.
+//   An inactive row copies (h, c) / (dh', dc') and writes zero gates and cache.
 //
 // additive_fwd — block b (CUATTN_ADDITIVE_THREADS = 8 warps) owns sequence b, len valid keys:
 //   1. scores: warp w owns keys j = w, w + 8, ...; its lanes stride over A, each adding
@@ -104,6 +115,76 @@ template <typename T> __device__ void gru_bwd(const cuattn_gru_params& p) {
         dgh[g] = from_f32<T>(dr);
         dgh[g + H] = from_f32<T>(dz);
         dgh[g + 2 * H] = from_f32<T>(dn * r);
+    }
+}
+
+template <typename T> __device__ void lstm_fwd(const cuattn_lstm_params& p) {
+    const T* gi = reinterpret_cast<const T*>(p.gi);
+    const T* gh = reinterpret_cast<const T*>(p.gh);
+    const T* h = reinterpret_cast<const T*>(p.h);
+    const T* c = reinterpret_cast<const T*>(p.c);
+    const uint8_t* active = reinterpret_cast<const uint8_t*>(p.active);
+    T* h_out = reinterpret_cast<T*>(p.h_out);
+    T* c_out = reinterpret_cast<T*>(p.c_out);
+    T* cache = reinterpret_cast<T*>(p.cache);
+    const int64_t H = p.hidden, n = p.batch * H;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += stride) {
+        const int64_t b = k / H, u = k - b * H;
+        const int64_t g = b * 4 * H + u, q = b * 5 * H + u;
+        if (active && !active[b]) {
+            h_out[k] = h[k];
+            c_out[k] = c[k];
+            for (int j = 0; j < 5; ++j) cache[q + j * H] = from_f32<T>(0.0f);
+            continue;
+        }
+        const float i = sigmoid(to_f32(gi[g]) + to_f32(gh[g]));
+        const float f = sigmoid(to_f32(gi[g + H]) + to_f32(gh[g + H]));
+        const float gg = tanhf(to_f32(gi[g + 2 * H]) + to_f32(gh[g + 2 * H]));
+        const float o = sigmoid(to_f32(gi[g + 3 * H]) + to_f32(gh[g + 3 * H]));
+        const float cn = f * to_f32(c[k]) + i * gg;
+        const float t = tanhf(cn);
+        c_out[k] = from_f32<T>(cn);
+        h_out[k] = from_f32<T>(o * t);
+        cache[q] = from_f32<T>(i);
+        cache[q + H] = from_f32<T>(f);
+        cache[q + 2 * H] = from_f32<T>(gg);
+        cache[q + 3 * H] = from_f32<T>(o);
+        cache[q + 4 * H] = from_f32<T>(t);
+    }
+}
+
+template <typename T> __device__ void lstm_bwd(const cuattn_lstm_params& p) {
+    const T* cache = reinterpret_cast<const T*>(p.cache);
+    const T* c = reinterpret_cast<const T*>(p.c);
+    const T* dh_out = reinterpret_cast<const T*>(p.dh_out);
+    const T* dc_out = reinterpret_cast<const T*>(p.dc_out);
+    const uint8_t* active = reinterpret_cast<const uint8_t*>(p.active);
+    T* dgates = reinterpret_cast<T*>(p.dgates);
+    T* dh = reinterpret_cast<T*>(p.dh);
+    T* dc = reinterpret_cast<T*>(p.dc);
+    const int64_t H = p.hidden, n = p.batch * H;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += stride) {
+        const int64_t b = k / H, u = k - b * H;
+        const int64_t g = b * 4 * H + u, q = b * 5 * H + u;
+        if (active && !active[b]) {
+            dh[k] = dh_out[k];
+            dc[k] = dc_out[k];
+            for (int j = 0; j < 4; ++j) dgates[g + j * H] = from_f32<T>(0.0f);
+            continue;
+        }
+        const float i = to_f32(cache[q]), f = to_f32(cache[q + H]);
+        const float gg = to_f32(cache[q + 2 * H]), o = to_f32(cache[q + 3 * H]);
+        const float t = to_f32(cache[q + 4 * H]);
+        const float dho = to_f32(dh_out[k]);
+        const float dct = to_f32(dc_out[k]) + dho * o * (1.0f - t * t);
+        dgates[g] = from_f32<T>(dct * gg * i * (1.0f - i));
+        dgates[g + H] = from_f32<T>(dct * to_f32(c[k]) * f * (1.0f - f));
+        dgates[g + 2 * H] = from_f32<T>(dct * i * (1.0f - gg * gg));
+        dgates[g + 3 * H] = from_f32<T>(dho * t * o * (1.0f - o));
+        dc[k] = from_f32<T>(dct * f);
+        dh[k] = from_f32<T>(0.0f);
     }
 }
 
@@ -219,6 +300,8 @@ template <typename T> __device__ void additive_bwd(const cuattn_additive_params&
 #define CUATTN_RNN_OPS(T, SUFFIX)                                                                  \
     extern "C" __global__ void gru_fwd_##SUFFIX(const cuattn_gru_params p) { gru_fwd<T>(p); }      \
     extern "C" __global__ void gru_bwd_##SUFFIX(const cuattn_gru_params p) { gru_bwd<T>(p); }      \
+    extern "C" __global__ void lstm_fwd_##SUFFIX(const cuattn_lstm_params p) { lstm_fwd<T>(p); }   \
+    extern "C" __global__ void lstm_bwd_##SUFFIX(const cuattn_lstm_params p) { lstm_bwd<T>(p); }   \
     extern "C" __global__ void __launch_bounds__(CUATTN_ADDITIVE_THREADS)                          \
         additive_fwd_##SUFFIX(const cuattn_additive_params p) {                                    \
         additive_fwd<T>(p);                                                                        \

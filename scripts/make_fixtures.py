@@ -32,6 +32,10 @@ tests/fixtures/bahdanau-tiny.json   a tiny Bahdanau model in PyTorch (nn.GRU bid
                                     its f32 weights, a padded batch, the label-smoothed loss and
                                     autograd's gradient of every parameter in f64
                                     (`--only bahdanau`; needs torch alone)
+tests/fixtures/bahdanau-lstm-tiny.json
+                                    the same model with nn.LSTM (bidirectional, packed) and
+                                    nn.LSTMCell, the decoder's memory starting at zero
+                                    (`--only bahdanau-lstm`; needs torch alone)
 tests/fixtures/lstm-tiny.json       one nn.LSTM layer over a packed batch: outputs and autograd
                                     gradients (`--only lstm`; needs torch alone)
 
@@ -1265,24 +1269,26 @@ def tiny_gpt1():
         json.dump(record, f)
 
 
-def bahdanau():
+def bahdanau(cell="gru"):
     """A tiny Bahdanau model in PyTorch (nn.GRU bidirectional over packed sequences, additive
-    attention, nn.GRUCell decoder, tanh deep output), f32 weights computed in f64: the
-    label-smoothed loss of a padded batch and autograd's gradient of every parameter, under the
-    names of cuattn::runtime::seq2seq::Bahdanau."""
+    attention, nn.GRUCell decoder, tanh deep output; with cell="lstm" nn.LSTM and nn.LSTMCell,
+    the decoder's memory starting at zero), f32 weights computed in f64: the label-smoothed
+    loss of a padded batch and autograd's gradient of every parameter, under the names of
+    cuattn::runtime::seq2seq::Bahdanau."""
     import torch.nn as nn
     import torch.nn.functional as F
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-    torch.manual_seed(2015)
+    torch.manual_seed(2015 if cell == "gru" else 1997)
     V, E, He, Hd, A, R = 14, 4, 3, 5, 4, 6
+    rnn, rnn_cell = (nn.GRU, nn.GRUCell) if cell == "gru" else (nn.LSTM, nn.LSTMCell)
     m = nn.ModuleDict({
         "emb_s": nn.Embedding(V, E, padding_idx=0),
-        "gru": nn.GRU(E, He, batch_first=True, bidirectional=True),
+        cell: rnn(E, He, batch_first=True, bidirectional=True),
         "init": nn.Linear(He, Hd),
         "W": nn.Linear(Hd, A),
         "U": nn.Linear(2 * He, A, bias=False),
         "emb_t": nn.Embedding(V, E, padding_idx=0),
-        "cell": nn.GRUCell(E + 2 * He, Hd),
+        "cell": rnn_cell(E + 2 * He, Hd),
         "readout": nn.Linear(Hd + 2 * He + E, R),
         "out": nn.Linear(R, V),
     })
@@ -1300,8 +1306,8 @@ def bahdanau():
     }
     for k in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]:
         for suffix in ["", "_reverse"]:
-            names[f"gru.{k}_l0{suffix}"] = f"encoder.gru.{k}_l0{suffix}"
-        names[f"cell.{k}"] = f"decoder.gru.{k}"
+            names[f"{cell}.{k}_l0{suffix}"] = f"encoder.{cell}.{k}_l0{suffix}"
+        names[f"cell.{k}"] = f"decoder.{cell}.{k}"
     params = dict(m.named_parameters())
     params["v"] = v
     names["v"] = "decoder.attention.v"
@@ -1325,9 +1331,10 @@ def bahdanau():
 
     x = m["emb_s"](src)
     packed = pack_padded_sequence(x, lens_t, batch_first=True, enforce_sorted=False)
-    out, _ = m["gru"](packed)
+    out, _ = m[cell](packed)
     ann, _ = pad_packed_sequence(out, batch_first=True, total_length=Tx)
     s = torch.tanh(m["init"](ann[:, 0, He:]))
+    mem = torch.zeros_like(s)  # the LSTM decoder's c_0
     keys = m["U"](ann)
     valid = torch.arange(Tx)[None, :] < lens_t[:, None]
     logits = []
@@ -1336,7 +1343,10 @@ def bahdanau():
         alpha = torch.softmax(e.masked_fill(~valid, float("-inf")), dim=-1)
         c = (alpha[:, :, None] * ann).sum(dim=1)
         y = m["emb_t"](tgt_in[:, i])
-        s = m["cell"](torch.cat([y, c], dim=-1), s)
+        if cell == "gru":
+            s = m["cell"](torch.cat([y, c], dim=-1), s)
+        else:
+            s, mem = m["cell"](torch.cat([y, c], dim=-1), (s, mem))
         t = torch.tanh(m["readout"](torch.cat([s, c, y], dim=-1)))
         logits.append(m["out"](t))
     logits = torch.stack(logits, dim=1)
@@ -1344,7 +1354,7 @@ def bahdanau():
                            label_smoothing=0.1)
     loss.backward()
     record = {
-        "generator": f"scripts/make_fixtures.py bahdanau, torch {torch.__version__}, f64 autograd",
+        "generator": f"scripts/make_fixtures.py {'bahdanau' if cell == 'gru' else 'bahdanau-lstm'}, torch {torch.__version__}, f64 autograd",
         "config": {"vocab": V, "emb": E, "enc_hidden": He, "dec_hidden": Hd, "attn": A,
                    "readout": R},
         "pairs": pairs,
@@ -1353,7 +1363,10 @@ def bahdanau():
         "params": {names[k]: p.detach().flatten().tolist() for k, p in params.items()},
         "grads": {names[k]: p.grad.flatten().tolist() for k, p in params.items()},
     }
-    with open(os.path.join(FIXTURES, "bahdanau-tiny.json"), "w") as f:
+    if cell != "gru":
+        record["config"]["cell"] = cell
+    name = "bahdanau-tiny.json" if cell == "gru" else f"bahdanau-{cell}-tiny.json"
+    with open(os.path.join(FIXTURES, name), "w") as f:
         json.dump(record, f)
 
 
@@ -1406,7 +1419,7 @@ def lstm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "lstm"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1442,6 +1455,8 @@ def main():
         tiny_gpt1()
     if args.only in ("all", "bahdanau"):
         bahdanau()
+    if args.only in ("all", "bahdanau-lstm"):
+        bahdanau("lstm")
     if args.only in ("all", "lstm"):
         lstm()
     print("fixtures written to", FIXTURES)

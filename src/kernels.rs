@@ -182,5 +182,6 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attn_softmax_fwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_attn_softmax_bwd_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_gru_params {}
+    unsafe impl cudarc::driver::DeviceRepr for cuattn_lstm_params {}
     unsafe impl cudarc::driver::DeviceRepr for cuattn_additive_params {}
 }

@@ -1,6 +1,6 @@
 //! The recurrent ops' kernel twins (`cuattn::twin::rnn`: the loops of kernels/rnn_ops.cu in
-//! f32) against f64: the GRU step's grid-stride loop under several grid shapes with inactive
-//! rows, and the additive-attention blocks at several block sizes with padded, empty and full
+//! f32) against f64: the GRU and LSTM steps' grid-stride loops under several grid shapes with
+//! inactive rows, and the additive-attention blocks at several block sizes with padded, empty and full
 //! sequences and widths on both sides of a warp. Forward outputs are held to
 //! `cuattn::reference::seq2seq`; the backward to the chain rule in f64 written out here, itself
 //! checked against central differences of the f64 forward. CPU only.
@@ -53,6 +53,35 @@ fn gru_backward_f64(gi: &[f64], gh: &[f64], h: &[f64], dout: &[f64], hd: usize) 
         }
     }
     [dgi, dgh, dh]
+}
+
+/// The LSTM backward in f64 from the pre-activations, c and (dh', dc'): (dgates, dc). The
+/// direct part of dh is zero (h enters only through gh).
+fn lstm_backward_f64(
+    gi: &[f64],
+    gh: &[f64],
+    c: &[f64],
+    dh_out: &[f64],
+    dc_out: &[f64],
+    hd: usize,
+) -> [Vec<f64>; 2] {
+    let batch = c.len() / hd;
+    let (mut dgates, mut dc) = (vec![0.0; batch * 4 * hd], vec![0.0; batch * hd]);
+    for b in 0..batch {
+        for u in 0..hd {
+            let (g, k) = (b * 4 * hd + u, b * hd + u);
+            let a = |j: usize| gi[g + j * hd] + gh[g + j * hd];
+            let (i, f, gg, o) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+            let t = (f * c[k] + i * gg).tanh();
+            let dct = dc_out[k] + dh_out[k] * o * (1.0 - t * t);
+            dgates[g] = dct * gg * i * (1.0 - i);
+            dgates[g + hd] = dct * c[k] * f * (1.0 - f);
+            dgates[g + 2 * hd] = dct * i * (1.0 - gg * gg);
+            dgates[g + 3 * hd] = dh_out[k] * t * o * (1.0 - o);
+            dc[k] = dct * f;
+        }
+    }
+    [dgates, dc]
 }
 
 /// Additive attention's backward in f64: (dq, dkeys, dv, dvalues), padded keys zero.
@@ -177,8 +206,83 @@ fn the_f64_backward_matches_central_differences() {
     }
 }
 
+/// The f64 LSTM chain rule against central differences of `reference::lstm_cell` (loss =
+/// dh'·h' + dc'·c'), for both GEMM inputs and c.
+#[test]
+fn the_f64_lstm_backward_matches_central_differences() {
+    let mut rng = SmallRng::seed_from_u64(9);
+    let hd = 3;
+    let gi = f64s(&values(&mut rng, 2 * 4 * hd, 2.0));
+    let gh = f64s(&values(&mut rng, 2 * 4 * hd, 2.0));
+    let c = f64s(&values(&mut rng, 2 * hd, 2.0));
+    let dh_out = f64s(&values(&mut rng, 2 * hd, 1.0));
+    let dc_out = f64s(&values(&mut rng, 2 * hd, 1.0));
+    let loss = |ins: &[Vec<f64>; 3]| -> f64 {
+        let (h, c) = reference::lstm_cell(&ins[0], &ins[1], &ins[2], hd);
+        let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+        dot(&h, &dh_out) + dot(&c, &dc_out)
+    };
+    let [dgates, dc] = lstm_backward_f64(&gi, &gh, &c, &dh_out, &dc_out, hd);
+    let h = 1e-6;
+    for (which, grad) in [(0, &dgates), (1, &dgates), (2, &dc)] {
+        for (i, &g) in grad.iter().enumerate() {
+            let mut ins = [gi.clone(), gh.clone(), c.clone()];
+            ins[which][i] += h;
+            let up = loss(&ins);
+            ins[which][i] -= 2.0 * h;
+            let down = loss(&ins);
+            let n = (up - down) / (2.0 * h);
+            assert!((g - n).abs() < 1e-7, "lstm input {which}[{i}]: {g} vs {n}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn lstm_twin_matches_the_reference_under_any_grid(
+        batch in 1usize..6, hidden in 1usize..70, grid in 1usize..5, block_warps in 1usize..5,
+        inactive in any::<u8>(), seed in any::<u64>(),
+    ) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let gi = values(&mut rng, batch * 4 * hidden, 3.0);
+        let gh = values(&mut rng, batch * 4 * hidden, 3.0);
+        let h = values(&mut rng, batch * hidden, 1.0);
+        let c = values(&mut rng, batch * hidden, 2.0);
+        let dh_out = values(&mut rng, batch * hidden, 1.0);
+        let dc_out = values(&mut rng, batch * hidden, 1.0);
+        let active: Vec<bool> = (0..batch).map(|b| inactive >> (b % 8) & 1 == 0).collect();
+        let block = 32 * block_warps;
+        let (h_out, c_out, cache) =
+            twin::lstm_forward(&gi, &gh, &h, &c, Some(&active), batch, hidden, grid, block);
+        let (dgates, dh, dc) = twin::lstm_backward(
+            &cache, &c, &dh_out, &dc_out, Some(&active), batch, hidden, grid, block);
+        let (mut want_h, mut want_c) =
+            reference::lstm_cell(&f64s(&gi), &f64s(&gh), &f64s(&c), hidden);
+        let [mut want_dg, mut want_dc] = lstm_backward_f64(
+            &f64s(&gi), &f64s(&gh), &f64s(&c), &f64s(&dh_out), &f64s(&dc_out), hidden);
+        let mut want_dh = vec![0.0; batch * hidden];
+        // Inactive rows keep (h, c) and pass (dh', dc') through with zero gate gradients.
+        for b in (0..batch).filter(|&b| !active[b]) {
+            for k in b * hidden..(b + 1) * hidden {
+                want_h[k] = h[k] as f64;
+                want_c[k] = c[k] as f64;
+                want_dh[k] = dh_out[k] as f64;
+                want_dc[k] = dc_out[k] as f64;
+            }
+            want_dg[b * 4 * hidden..(b + 1) * 4 * hidden].fill(0.0);
+        }
+        // c' = f c + i g sums two terms ≤ 2; each gradient is a product of ≤ 5 factors
+        // bounded by max(|dh'|, |dc'|)·(1 + |c|) ≤ 6.
+        let tol = |scale: f64| Tolerance::for_output(DType::F32, 8, scale);
+        expect_close("h'", &h_out, &want_h, tol(3.0)).map_err(TestCaseError::fail)?;
+        expect_close("c'", &c_out, &want_c, tol(3.0)).map_err(TestCaseError::fail)?;
+        expect_close("dgates", &dgates, &want_dg, tol(6.0)).map_err(TestCaseError::fail)?;
+        expect_close("dc", &dc, &want_dc, tol(6.0)).map_err(TestCaseError::fail)?;
+        expect_close("dh", &dh, &want_dh, tol(1.0)).map_err(TestCaseError::fail)?;
+        prop_assert!(cache.iter().all(|x| x.is_finite()), "cache fully written");
+    }
 
     #[test]
     fn gru_twin_matches_the_reference_under_any_grid(

@@ -1,9 +1,11 @@
 //! The sequence-to-sequence models of `cuattn::runtime::seq2seq` on the CPU backend: the GRU
 //! step and additive attention against their f64 references (property tests, with poisoned
-//! padding) and finite differences; both whole models' gradients against finite differences
-//! of their f64 references (`cuattn::reference::seq2seq`) on tiny shapes; the Bahdanau model
-//! against PyTorch (`nn.GRU` with packed sequences, `nn.GRUCell`) on the same weights; and a
-//! few optimizer steps lowering the loss.
+//! padding) and finite differences; both whole models' gradients (Bahdanau with GRU and with
+//! LSTM cells) against finite differences of their f64 references
+//! (`cuattn::reference::seq2seq`) on tiny shapes; the Bahdanau model against PyTorch (`nn.GRU`
+//! with packed sequences and `nn.GRUCell`, or `nn.LSTM` and `nn.LSTMCell`) on the same
+//! weights; a padded batch against its pairs alone; and a few optimizer steps lowering the
+//! loss.
 //!
 //! Op tolerance: the f32 rule of `cuattn::tolerance` for sums of n terms of magnitude ≤ scale
 //! (as tests/train_layers.rs). Whole-model tolerance: errors compound through the recurrence
@@ -15,7 +17,7 @@ use cuattn::reference::runtime::widen;
 use cuattn::reference::seq2seq as reference;
 use cuattn::runtime::seq2seq::tasks::{Sampler, Task, VOCAB};
 use cuattn::runtime::seq2seq::{
-    Bahdanau, BahdanauConfig, Seq2Seq, Seq2SeqBatch, Transformer, TransformerConfig,
+    Bahdanau, BahdanauConfig, Cell, Seq2Seq, Seq2SeqBatch, Transformer, TransformerConfig,
 };
 use cuattn::runtime::train::{AdamW, AdamWConfig, CrossEntropy, TrainBackend};
 use cuattn::runtime::{Backend, Cpu, CpuTensor};
@@ -353,6 +355,7 @@ const TINY_BAHDANAU: BahdanauConfig = BahdanauConfig {
     dec_hidden: 5,
     attn: 4,
     readout: 6,
+    cell: Cell::Gru,
 };
 
 #[test]
@@ -363,6 +366,7 @@ fn bahdanau_gradients_match_finite_differences_of_its_f64_reference() {
         emb: 4,
         enc_hidden: 3,
         dec_hidden: 5,
+        cell: Cell::Gru,
     };
     let batch = tiny_batch();
     let ce = CrossEntropy {
@@ -372,6 +376,116 @@ fn bahdanau_gradients_match_finite_differences_of_its_f64_reference() {
     check_model_grads(&m, &batch, &ce, &|p| {
         reference::bahdanau_loss(&lookup(p), &sizes, &batch, 0.1)
     });
+}
+
+#[test]
+fn bahdanau_with_lstm_cells_gradients_match_finite_differences_of_its_f64_reference() {
+    let m = Bahdanau::new(
+        &Cpu,
+        BahdanauConfig {
+            cell: Cell::Lstm,
+            ..TINY_BAHDANAU
+        },
+        3,
+    )
+    .unwrap();
+    let names: Vec<&str> = m.parameters().iter().map(|p| p.name.as_str()).collect();
+    assert!(names.contains(&"encoder.lstm.weight_hh_l0_reverse"));
+    assert!(names.contains(&"decoder.lstm.weight_ih"));
+    let sizes = reference::BahdanauSizes {
+        vocab: VOCAB,
+        emb: 4,
+        enc_hidden: 3,
+        dec_hidden: 5,
+        cell: Cell::Lstm,
+    };
+    let batch = tiny_batch();
+    let ce = CrossEntropy {
+        label_smoothing: 0.1,
+        ..CrossEntropy::default()
+    };
+    check_model_grads(&m, &batch, &ce, &|p| {
+        reference::bahdanau_loss(&lookup(p), &sizes, &batch, 0.1)
+    });
+}
+
+/// Each pair of `tiny_batch` alone against the padded batch: its logits rows are the same,
+/// and the batch's token-weighted loss and gradients are the sums of the lone pairs' (so a
+/// padded step adds nothing). Bound: 1e-5 of the largest logit, and the whole-model bound
+/// (1e-4 of the largest element, + 1e-7) for loss and gradients.
+fn check_padding_changes_nothing(cell: Cell) {
+    let m = Bahdanau::new(
+        &Cpu,
+        BahdanauConfig {
+            cell,
+            ..TINY_BAHDANAU
+        },
+        5,
+    )
+    .unwrap();
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = vec![
+        (vec![5, 9, 7, 4, 11, 6], vec![4, 7, 9]),
+        (vec![8], vec![6, 5, 13, 3, 12]),
+        (vec![12, 3, 6], vec![10]),
+    ];
+    let ce = CrossEntropy::default();
+    let batch = Seq2SeqBatch::from_pairs(&pairs).unwrap();
+    let (bn, ty) = (batch.batch, batch.tgt_len);
+    let logits = host(&m.logits(&Cpu, &batch).unwrap());
+    let (loss, grads) = m.loss_and_grads(&Cpu, &batch, &ce).unwrap();
+    let tokens = |p: &(Vec<u32>, Vec<u32>)| (p.1.len() + 1) as f64;
+    let total: f64 = pairs.iter().map(tokens).sum();
+    let mut loss_sum = 0f64;
+    let mut grad_sum: Vec<Vec<f64>> = grads
+        .tensors
+        .iter()
+        .map(|g| vec![0.0; host(g).len()])
+        .collect();
+    for (b, pair) in pairs.iter().enumerate() {
+        let alone = Seq2SeqBatch::from_pairs(std::slice::from_ref(pair)).unwrap();
+        let want = host(&m.logits(&Cpu, &alone).unwrap());
+        let v = VOCAB;
+        for i in 0..alone.tgt_len {
+            let got = &logits[(i * bn + b) * v..][..v];
+            let w = &want[i * v..][..v];
+            let scale = w.iter().fold(1f32, |a, x| a.max(x.abs()));
+            for (x, y) in got.iter().zip(w) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{cell:?}: pair {b} step {i}: logit {x} in the batch, {y} alone"
+                );
+            }
+        }
+        let (l, g) = m.loss_and_grads(&Cpu, &alone, &ce).unwrap();
+        loss_sum += l as f64 * tokens(pair);
+        for (acc, t) in grad_sum.iter_mut().zip(&g.tensors) {
+            for (a, x) in acc.iter_mut().zip(host(t)) {
+                *a += x as f64 * tokens(pair);
+            }
+        }
+    }
+    assert!(ty > 1);
+    let batch_loss = loss as f64 * total;
+    assert!(
+        (batch_loss - loss_sum).abs() <= 1e-4 * loss_sum,
+        "{cell:?}: batch loss·tokens {batch_loss} vs the pairs' {loss_sum}"
+    );
+    for ((name, g), want) in grads.names.iter().zip(&grads.tensors).zip(&grad_sum) {
+        let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+        for (i, (&x, &y)) in host(g).iter().zip(want).enumerate() {
+            let x = x as f64 * total;
+            assert!(
+                (x - y).abs() <= 1e-4 * scale + 1e-7,
+                "{cell:?}: {name}[{i}]: batch {x} vs the pairs' sum {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn padding_changes_nothing_for_the_real_rows_of_either_cell() {
+    check_padding_changes_nothing(Cell::Gru);
+    check_padding_changes_nothing(Cell::Lstm);
 }
 
 fn tiny_transformer(pre_ln: bool, shared: bool) -> TransformerConfig {
@@ -448,20 +562,23 @@ fn steps_lower_the_loss<M: Seq2Seq<Cpu>>(m: &mut M, lr: f32) {
 
 #[test]
 fn a_few_steps_lower_the_loss_of_both_models() {
-    let mut b = Bahdanau::new(
-        &Cpu,
-        BahdanauConfig {
-            vocab: VOCAB,
-            emb: 16,
-            enc_hidden: 16,
-            dec_hidden: 32,
-            attn: 16,
-            readout: 32,
-        },
-        1,
-    )
-    .unwrap();
-    steps_lower_the_loss(&mut b, 3e-3);
+    for cell in [Cell::Gru, Cell::Lstm] {
+        let mut b = Bahdanau::new(
+            &Cpu,
+            BahdanauConfig {
+                vocab: VOCAB,
+                emb: 16,
+                enc_hidden: 16,
+                dec_hidden: 32,
+                attn: 16,
+                readout: 32,
+                cell,
+            },
+            1,
+        )
+        .unwrap();
+        steps_lower_the_loss(&mut b, 3e-3);
+    }
     let mut t = Transformer::new(
         &Cpu,
         TransformerConfig {
@@ -477,10 +594,21 @@ fn a_few_steps_lower_the_loss_of_both_models() {
 
 #[test]
 fn greedy_decoding_returns_one_attention_row_per_output_step() {
-    let m = Bahdanau::new(&Cpu, TINY_BAHDANAU, 3).unwrap();
     let srcs = vec![vec![5, 6, 7], vec![9]];
-    let out = m.greedy(&Cpu, &srcs, 6).unwrap();
-    for (d, s) in out.iter().zip(&srcs) {
+    let lstm = BahdanauConfig {
+        cell: Cell::Lstm,
+        ..TINY_BAHDANAU
+    };
+    let out: Vec<_> = [TINY_BAHDANAU, lstm]
+        .into_iter()
+        .flat_map(|c| {
+            Bahdanau::new(&Cpu, c, 3)
+                .unwrap()
+                .greedy(&Cpu, &srcs, 6)
+                .unwrap()
+        })
+        .collect();
+    for (d, s) in out.iter().zip(srcs.iter().cycle()) {
         // One row per emitted token, plus the EOS step when it came.
         assert!(d.attention.len() == d.tokens.len() || d.attention.len() == d.tokens.len() + 1);
         for row in &d.attention {
@@ -556,7 +684,18 @@ fn held_out_sources_never_appear_in_training_draws() {
 
 #[test]
 fn bahdanau_matches_pytorch_gru_and_autograd_on_the_same_weights() {
-    let text = std::fs::read_to_string("tests/fixtures/bahdanau-tiny.json").unwrap();
+    check_bahdanau_against_pytorch("tests/fixtures/bahdanau-tiny.json", Cell::Gru);
+}
+
+#[test]
+fn bahdanau_with_lstm_cells_matches_pytorch_lstm_and_autograd_on_the_same_weights() {
+    check_bahdanau_against_pytorch("tests/fixtures/bahdanau-lstm-tiny.json", Cell::Lstm);
+}
+
+/// The loss and every gradient of the model on the fixture's weights and padded batch against
+/// PyTorch's (f64 autograd), under the whole-model bound of the module docs.
+fn check_bahdanau_against_pytorch(path: &str, cell: Cell) {
+    let text = std::fs::read_to_string(path).unwrap();
     let f: serde_json::Value = serde_json::from_str(&text).unwrap();
     let c = &f["config"];
     let get = |k: &str| c[k].as_u64().unwrap() as usize;
@@ -567,7 +706,13 @@ fn bahdanau_matches_pytorch_gru_and_autograd_on_the_same_weights() {
         dec_hidden: get("dec_hidden"),
         attn: get("attn"),
         readout: get("readout"),
+        cell,
     };
+    assert_eq!(
+        c["cell"].as_str().unwrap_or("gru"),
+        cell.name(),
+        "the fixture's cell"
+    );
     let mut m = Bahdanau::new(&Cpu, config, 0).unwrap();
     let floats = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
@@ -609,6 +754,7 @@ fn bahdanau_matches_pytorch_gru_and_autograd_on_the_same_weights() {
         ..CrossEntropy::default()
     };
     let (loss, grads) = m.loss_and_grads(&Cpu, &batch, &ce).unwrap();
+    assert_eq!(grads.names.len(), loaded);
     let want = f["loss"].as_f64().unwrap();
     assert!(
         (loss as f64 - want).abs() <= 1e-5 * want.abs(),

@@ -1,12 +1,13 @@
 //! f64 references of the sequence-to-sequence models ([`crate::runtime::seq2seq`]): the GRU
-//! step (PyTorch's `nn.GRU` equations), Bahdanau's additive attention, and the loss of both
-//! whole models written from their equations with plain loops. Parameters are read by name
+//! and LSTM steps (PyTorch's `nn.GRU` and `nn.LSTM` equations), Bahdanau's additive attention,
+//! and the loss of the whole models written from their equations with plain loops. Parameters are read by name
 //! through a lookup, so a reference shares nothing with the model but the parameter names;
 //! the training tests differentiate these numerically.
 
 use super::runtime::{attention_with, cross_entropy, layer_norm_f64, linear_f64};
 use super::runtime::{AttentionSizes, HeadsRef};
 use crate::runtime::backend::{Activation, CausalAlign};
+use crate::runtime::seq2seq::bahdanau::Cell;
 use crate::runtime::seq2seq::Seq2SeqBatch;
 
 fn sigmoid(x: f64) -> f64 {
@@ -104,13 +105,37 @@ pub struct BahdanauSizes {
     pub emb: usize,
     pub enc_hidden: usize,
     pub dec_hidden: usize,
+    /// GRU (parameters `encoder.gru.…`, `decoder.gru.…`) or LSTM (`….lstm.…`) cells.
+    pub cell: Cell,
+}
+
+/// A recurrent state: h, and an LSTM's memory c (empty for a GRU).
+type RnnState = (Vec<f64>, Vec<f64>);
+
+/// One step of `cell` with the weights under `{prefix}.weight_ih{suffix}`, … from `state`.
+fn rnn_step(
+    p: Lookup<'_, '_>,
+    cell: Cell,
+    prefix: &str,
+    suffix: &str,
+    x: &[f64],
+    (h, c): &RnnState,
+    hidden: usize,
+) -> RnnState {
+    let g = |n: &str| p(&format!("{prefix}.{n}{suffix}"));
+    let (w_ih, w_hh, b_ih, b_hh) = (g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh"));
+    match cell {
+        Cell::Gru => (gru_step(x, h, w_ih, w_hh, b_ih, b_hh, hidden), Vec::new()),
+        Cell::Lstm => lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, hidden),
+    }
 }
 
 /// The Bahdanau model's mean cross-entropy on a batch (teacher forcing), from its equations:
-/// a bidirectional GRU over each source (each direction starting from zeros at the
-/// sequence's own ends), annotations [→h_j; ←h_j], s_0 = tanh(W_init·←h_1 + b), and per
-/// target step i: c_i from additive attention with query W·s_{i−1} + b_W and keys U·h_j,
-/// s_i = GRU([E y_{i−1}; c_i], s_{i−1}), logits = W_o·tanh(W_r·[s_i; c_i; E y_{i−1}] + b_r) + b_o.
+/// a bidirectional GRU (or LSTM) over each source alone (each direction starting from zeros
+/// at the sequence's own ends), annotations [→h_j; ←h_j], s_0 = tanh(W_init·←h_1 + b) (an
+/// LSTM's memory starting at 0), and per target step i: c_i from additive attention with
+/// query W·s_{i−1} + b_W and keys U·h_j, s_i = GRU([E y_{i−1}; c_i], s_{i−1}) (or the LSTM's h),
+/// logits = W_o·tanh(W_r·[s_i; c_i; E y_{i−1}] + b_r) + b_o.
 pub fn bahdanau_loss(
     p: Lookup<'_, '_>,
     z: &BahdanauSizes,
@@ -125,21 +150,29 @@ pub fn bahdanau_loss(
         let len = batch.src_lens[b];
         let src = &batch.src[b * tx..(b + 1) * tx];
         let x = rows(p("encoder.embedding.weight"), e, src[..len].iter().copied());
+        let zero_state = |n: usize| -> RnnState {
+            let c = match z.cell {
+                Cell::Gru => Vec::new(),
+                Cell::Lstm => vec![0.0; n],
+            };
+            (vec![0.0; n], c)
+        };
+        let enc_prefix = format!("encoder.{}", z.cell.name());
+        let dec_prefix = format!("decoder.{}", z.cell.name());
         let run = |suffix: &str, order: Vec<usize>| -> Vec<Vec<f64>> {
-            let g = |n: &str| p(&format!("encoder.gru.{n}_l0{suffix}"));
-            let mut h = vec![0.0; he];
+            let mut st = zero_state(he);
             let mut out = vec![Vec::new(); len];
             for t in order {
-                h = gru_step(
+                st = rnn_step(
+                    p,
+                    z.cell,
+                    &enc_prefix,
+                    &format!("_l0{suffix}"),
                     &x[t * e..(t + 1) * e],
-                    &h,
-                    g("weight_ih"),
-                    g("weight_hh"),
-                    g("bias_ih"),
-                    g("bias_hh"),
+                    &st,
                     he,
                 );
-                out[t] = h.clone();
+                out[t] = st.0.clone();
             }
             out
         };
@@ -156,7 +189,8 @@ pub fn bahdanau_loss(
             None,
             Activation::None,
         );
-        let mut s = linear_f64(
+        let mut st = zero_state(hd);
+        st.0 = linear_f64(
             &bwd[0],
             he,
             p("decoder.init.weight"),
@@ -167,7 +201,7 @@ pub fn bahdanau_loss(
         for i in 0..ty {
             let a = p("decoder.attention.v").len();
             let q = linear_f64(
-                &s,
+                &st.0,
                 hd,
                 p("decoder.attention.W.weight"),
                 a,
@@ -178,16 +212,8 @@ pub fn bahdanau_loss(
             let y = batch.tgt_in[b * ty + i];
             let emb = rows(p("decoder.embedding.weight"), e, std::iter::once(y));
             let xin: Vec<f64> = emb.iter().chain(&c).copied().collect();
-            s = gru_step(
-                &xin,
-                &s,
-                p("decoder.gru.weight_ih"),
-                p("decoder.gru.weight_hh"),
-                p("decoder.gru.bias_ih"),
-                p("decoder.gru.bias_hh"),
-                hd,
-            );
-            let r_in: Vec<f64> = s.iter().chain(&c).chain(&emb).copied().collect();
+            st = rnn_step(p, z.cell, &dec_prefix, "", &xin, &st, hd);
+            let r_in: Vec<f64> = st.0.iter().chain(&c).chain(&emb).copied().collect();
             let r = p("decoder.readout.bias").len();
             let t = linear_f64(
                 &r_in,
@@ -486,4 +512,23 @@ pub fn lstm_cell(gi: &[f64], gh: &[f64], c: &[f64], hidden: usize) -> (Vec<f64>,
         }
     }
     (h_out, c_out)
+}
+
+/// One LSTM step with its weights (`nn.LSTMCell`): x `[batch, in]`, h and c `[batch, H]`,
+/// W_ih `[4H, in]`, W_hh `[4H, H]`; returns (h', c').
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_step(
+    x: &[f64],
+    h: &[f64],
+    c: &[f64],
+    w_ih: &[f64],
+    w_hh: &[f64],
+    b_ih: &[f64],
+    b_hh: &[f64],
+    hidden: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let inp = w_ih.len() / (4 * hidden);
+    let gi = linear_f64(x, inp, w_ih, 4 * hidden, Some(b_ih), Activation::None);
+    let gh = linear_f64(h, hidden, w_hh, 4 * hidden, Some(b_hh), Activation::None);
+    lstm_cell(&gi, &gh, c, hidden)
 }

@@ -1,4 +1,4 @@
-//! CPU twin of `kernels/rnn_ops.cu`: the GRU step's grid-stride loop and the additive-attention
+//! CPU twin of `kernels/rnn_ops.cu`: the GRU and LSTM steps' grid-stride loops and the additive-attention
 //! block (warp-per-key dot products with butterfly sums, block reductions, the column loops),
 //! with the kernels' ownership, order and zero-filling, in f32. `tests/rnn_twin.rs` holds them
 //! to [`crate::reference::seq2seq`] (forward) and to the host ops of
@@ -105,6 +105,97 @@ pub fn gru_backward(
         dgh[g + 2 * hd] = dn * r;
     }
     (dgi, dgh, dh)
+}
+
+/// `lstm_fwd`: (h', c', cache `[batch, 5H]`) for `batch` rows of `hidden` units.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_forward(
+    gi: &[f32],
+    gh: &[f32],
+    h: &[f32],
+    c: &[f32],
+    active: Option<&[bool]>,
+    batch: usize,
+    hidden: usize,
+    grid: usize,
+    block: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = hidden;
+    let mut h_out = vec![f32::NAN; batch * hd];
+    let mut c_out = vec![f32::NAN; batch * hd];
+    let mut cache = vec![f32::NAN; batch * 5 * hd];
+    for k in grid_stride(batch * hd, grid, block) {
+        let b = k / hd;
+        let (g, q) = (b * 4 * hd + k % hd, b * 5 * hd + k % hd);
+        if active.is_some_and(|a| !a[b]) {
+            h_out[k] = h[k];
+            c_out[k] = c[k];
+            for j in 0..5 {
+                cache[q + j * hd] = 0.0;
+            }
+            continue;
+        }
+        let i = sigmoid(gi[g] + gh[g]);
+        let f = sigmoid(gi[g + hd] + gh[g + hd]);
+        let gg = libm::tanhf(gi[g + 2 * hd] + gh[g + 2 * hd]);
+        let o = sigmoid(gi[g + 3 * hd] + gh[g + 3 * hd]);
+        let cn = f * c[k] + i * gg;
+        let t = libm::tanhf(cn);
+        c_out[k] = cn;
+        h_out[k] = o * t;
+        cache[q] = i;
+        cache[q + hd] = f;
+        cache[q + 2 * hd] = gg;
+        cache[q + 3 * hd] = o;
+        cache[q + 4 * hd] = t;
+    }
+    (h_out, c_out, cache)
+}
+
+/// `lstm_bwd`: (dgates `[batch, 4H]`, dh, dc) from the cache, c, dh' and dc'.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_backward(
+    cache: &[f32],
+    c: &[f32],
+    dh_out: &[f32],
+    dc_out: &[f32],
+    active: Option<&[bool]>,
+    batch: usize,
+    hidden: usize,
+    grid: usize,
+    block: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = hidden;
+    let mut dgates = vec![f32::NAN; batch * 4 * hd];
+    let mut dh = vec![f32::NAN; batch * hd];
+    let mut dc = vec![f32::NAN; batch * hd];
+    for k in grid_stride(batch * hd, grid, block) {
+        let b = k / hd;
+        let (g, q) = (b * 4 * hd + k % hd, b * 5 * hd + k % hd);
+        if active.is_some_and(|a| !a[b]) {
+            dh[k] = dh_out[k];
+            dc[k] = dc_out[k];
+            for j in 0..4 {
+                dgates[g + j * hd] = 0.0;
+            }
+            continue;
+        }
+        let (i, f, gg, o, t) = (
+            cache[q],
+            cache[q + hd],
+            cache[q + 2 * hd],
+            cache[q + 3 * hd],
+            cache[q + 4 * hd],
+        );
+        let dct = dc_out[k] + dh_out[k] * o * (1.0 - t * t);
+        dgates[g] = dct * gg * i * (1.0 - i);
+        dgates[g + hd] = dct * c[k] * f * (1.0 - f);
+        dgates[g + 2 * hd] = dct * i * (1.0 - gg * gg);
+        dgates[g + 3 * hd] = dh_out[k] * t * o * (1.0 - o);
+        dc[k] = dct * f;
+        dh[k] = 0.0;
+    }
+    (dgates, dh, dc)
 }
 
 /// `keys_of`: valid keys of sequence b (the device lengths clamped to [0, len_k]).

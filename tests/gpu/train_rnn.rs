@@ -1,8 +1,8 @@
 //! The recurrent models' fused kernels (`kernels/rnn_ops.cu`, through `impl TrainBackend for
-//! Cuda`) against the CPU backend: the GRU step and additive attention, forward and backward,
-//! in every dtype, with inactive rows, padded, empty and full sequences and widths across a
-//! warp; then the whole Bahdanau model's loss and every gradient on the device against the CPU
-//! in f32, and its gradients bitwise identical run to run. Bounds as in train_backend.rs: the
+//! Cuda`) against the CPU backend: the GRU step, the LSTM step and additive attention, forward
+//! and backward, in every dtype, with inactive rows, padded, empty and full sequences and widths
+//! across a warp; then the whole Bahdanau model's loss and every gradient on the device against
+//! the CPU in f32, with GRU and with LSTM cells, and its gradients bitwise identical run to run. Bounds as in train_backend.rs: the
 //! tolerance rule of the output dtype, doubled (both sides are within it of the exact result).
 
 use cuattn::check::gpu_or_skip;
@@ -10,7 +10,7 @@ use cuattn::gpu::DeviceTensor;
 use cuattn::runtime::conformance::{random, tolerance};
 use cuattn::runtime::cuda::Cuda;
 use cuattn::runtime::seq2seq::tasks::VOCAB;
-use cuattn::runtime::seq2seq::{Bahdanau, BahdanauConfig, Seq2Seq, Seq2SeqBatch};
+use cuattn::runtime::seq2seq::{Bahdanau, BahdanauConfig, Cell, Seq2Seq, Seq2SeqBatch};
 use cuattn::runtime::train::{CrossEntropy, TrainBackend};
 use cuattn::runtime::{Backend, Cpu, CpuTensor};
 use cuattn::tolerance::{expect_close, Tolerance};
@@ -92,6 +92,41 @@ fn gru(g: &Cuda, dt: DType, seed: u64) -> Check {
     close("gru dh", g, &grads.dh, &want.dh, (dt, 2, 2))
 }
 
+fn lstm(g: &Cuda, dt: DType, seed: u64) -> Check {
+    let (batch, hidden) = (5, 45);
+    let active = [true, false, true, true, false];
+    let gi = random(dt, batch * 4 * hidden, 3.0, seed);
+    let gh = random(dt, batch * 4 * hidden, 3.0, seed + 1);
+    let h = random(dt, batch * hidden, 1.0, seed + 2);
+    let c = random(dt, batch * hidden, 2.0, seed + 3);
+    let dh_out = random(dt, batch * hidden, 1.0, seed + 4);
+    let dc_out = random(dt, batch * hidden, 1.0, seed + 5);
+    let (ggi, cgi) = both(g, &[batch, 4 * hidden], &gi, dt);
+    let (ggh, cgh) = both(g, &[batch, 4 * hidden], &gh, dt);
+    let (gh_, ch) = both(g, &[batch, hidden], &h, dt);
+    let (gc, cc) = both(g, &[batch, hidden], &c, dt);
+    let (gdh, cdh) = both(g, &[batch, hidden], &dh_out, dt);
+    let (gdc, cdc) = both(g, &[batch, hidden], &dc_out, dt);
+    let (h2, c2, cache) = g
+        .lstm_cell(&ggi, &ggh, &gh_, &gc, Some(&active))
+        .map_err(e)?;
+    let (ch2, cc2, ccache) = Cpu
+        .lstm_cell(&cgi, &cgh, &ch, &cc, Some(&active))
+        .map_err(e)?;
+    close("lstm h'", g, &h2, &ch2, (dt, 4, 1))?;
+    close("lstm c'", g, &c2, &cc2, (dt, 4, 1))?;
+    close("lstm cache", g, &cache, &ccache, (dt, 4, 1))?;
+    let grads = g
+        .lstm_cell_backward(&cache, &gc, &gdh, &gdc, Some(&active))
+        .map_err(e)?;
+    let want = Cpu
+        .lstm_cell_backward(&ccache, &cc, &cdh, &cdc, Some(&active))
+        .map_err(e)?;
+    close("lstm dgates", g, &grads.dgates, &want.dgates, (dt, 6, 3))?;
+    close("lstm dh", g, &grads.dh, &want.dh, (dt, 2, 2))?;
+    close("lstm dc", g, &grads.dc, &want.dc, (dt, 6, 3))
+}
+
 fn additive(g: &Cuda, dt: DType, seed: u64) -> Check {
     // Widths on both sides of a warp; one full, one empty and two padded sequences.
     let (batch, len_k, a, d) = (4, 37, 33, 70);
@@ -136,13 +171,15 @@ fn additive(g: &Cuda, dt: DType, seed: u64) -> Check {
 }
 
 #[test]
-fn gru_and_additive_attention_kernels_match_the_cpu_backend() {
-    let Some(gpu) = gpu_or_skip("gru_and_additive_attention_kernels_match_the_cpu_backend") else {
+fn gru_lstm_and_additive_attention_kernels_match_the_cpu_backend() {
+    let Some(gpu) = gpu_or_skip("gru_lstm_and_additive_attention_kernels_match_the_cpu_backend")
+    else {
         return;
     };
     for dt in DType::ALL {
         let g = Cuda::new(gpu.clone(), dt).unwrap();
         gru(&g, dt, 10).unwrap_or_else(|m| panic!("{dt} GRU: {m}"));
+        lstm(&g, dt, 30).unwrap_or_else(|m| panic!("{dt} LSTM: {m}"));
         additive(&g, dt, 20).unwrap_or_else(|m| panic!("{dt} additive attention: {m}"));
     }
 }
@@ -163,6 +200,7 @@ const CONFIG: BahdanauConfig = BahdanauConfig {
     dec_hidden: 36,
     attn: 24,
     readout: 16,
+    cell: Cell::Gru,
 };
 
 #[test]
@@ -171,13 +209,31 @@ fn bahdanau_loss_and_gradients_on_the_device_match_the_cpu_in_f32() {
     else {
         return;
     };
-    let g = Cuda::new(gpu, DType::F32).unwrap();
+    model_on_the_device_matches_the_cpu(Cuda::new(gpu, DType::F32).unwrap(), CONFIG);
+}
+
+#[test]
+fn bahdanau_with_lstm_cells_on_the_device_matches_the_cpu_in_f32() {
+    let Some(gpu) = gpu_or_skip("bahdanau_with_lstm_cells_on_the_device_matches_the_cpu_in_f32")
+    else {
+        return;
+    };
+    let config = BahdanauConfig {
+        cell: Cell::Lstm,
+        ..CONFIG
+    };
+    model_on_the_device_matches_the_cpu(Cuda::new(gpu, DType::F32).unwrap(), config);
+}
+
+/// The model's loss and every gradient on the device against the CPU, and the device's
+/// gradients bitwise the same on a second run.
+fn model_on_the_device_matches_the_cpu(g: Cuda, config: BahdanauConfig) {
     let ce = CrossEntropy {
         label_smoothing: 0.1,
         ..CrossEntropy::default()
     };
-    let on_gpu = Bahdanau::new(&g, CONFIG, 7).unwrap();
-    let on_cpu = Bahdanau::new(&Cpu, CONFIG, 7).unwrap();
+    let on_gpu = Bahdanau::new(&g, config, 7).unwrap();
+    let on_cpu = Bahdanau::new(&Cpu, config, 7).unwrap();
     let (loss_g, grads_g) = on_gpu.loss_and_grads(&g, &batch(), &ce).unwrap();
     let (loss_c, grads_c) = on_cpu.loss_and_grads(&Cpu, &batch(), &ce).unwrap();
     assert!(

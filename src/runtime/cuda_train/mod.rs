@@ -36,7 +36,7 @@ use super::train::backend::{
     check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
     TrainBackend,
 };
-use super::train::rnn_ops::{AdditiveGrads, GruCellGrads};
+use super::train::rnn_ops::{AdditiveGrads, GruCellGrads, LstmCellGrads};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceTensor;
@@ -1079,6 +1079,28 @@ impl TrainBackend for Cuda {
     ) -> Result<GruCellGrads<DeviceTensor>> {
         self.check_contexts([("cache", cache), ("h", h), ("dout", dout)])?;
         rnn::gru_cell_backward(self, cache, h, dout, active)
+    }
+
+    fn lstm_cell(
+        &self,
+        gi: &DeviceTensor,
+        gh: &DeviceTensor,
+        h: &DeviceTensor,
+        c: &DeviceTensor,
+        active: Option<&[bool]>,
+    ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        rnn::lstm_cell(self, gi, gh, h, c, active)
+    }
+
+    fn lstm_cell_backward(
+        &self,
+        cache: &DeviceTensor,
+        c: &DeviceTensor,
+        dh_out: &DeviceTensor,
+        dc_out: &DeviceTensor,
+        active: Option<&[bool]>,
+    ) -> Result<LstmCellGrads<DeviceTensor>> {
+        rnn::lstm_cell_backward(self, cache, c, dh_out, dc_out, active)
     }
 
     fn additive_attention(

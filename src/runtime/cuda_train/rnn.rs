@@ -1,5 +1,5 @@
-//! The recurrent models' fused ops on the device (`kernels/rnn_ops.cu`): the GRU step after its
-//! two cuBLAS GEMMs and Bahdanau's additive attention, forward and backward, overriding the
+//! The recurrent models' fused ops on the device (`kernels/rnn_ops.cu`): the GRU and LSTM steps
+//! after their two cuBLAS GEMMs and Bahdanau's additive attention, forward and backward, overriding the
 //! [`TrainBackend`] defaults that run them on the host through a copy. Inputs in another dtype
 //! than the backend's (an f32 parameter on a 16-bit backend) are read converted; outputs are in
 //! the backend's dtype, except dv, a parameter's gradient, in f32 (the kernel's per-sequence
@@ -10,12 +10,15 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceTensor;
 use crate::kernels::params::{
-    cuattn_additive_params, cuattn_gru_params, CUATTN_ADDITIVE_MAX_KEYS, CUATTN_ADDITIVE_THREADS,
+    cuattn_additive_params, cuattn_gru_params, cuattn_lstm_params, CUATTN_ADDITIVE_MAX_KEYS,
+    CUATTN_ADDITIVE_THREADS,
 };
 use crate::ops::launch;
 use crate::runtime::backend::Backend;
 use crate::runtime::train::backend::{rnn_cache_dims, TrainBackend};
-use crate::runtime::train::rnn_ops::{self, AdditiveDims, AdditiveGrads, GruCellGrads};
+use crate::runtime::train::rnn_ops::{
+    self, AdditiveDims, AdditiveGrads, GruCellGrads, LstmCellGrads,
+};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 const MODULE: &str = "rnn_ops";
@@ -28,14 +31,18 @@ enum Kernel {
     GruBwd = 1,
     AdditiveFwd = 2,
     AdditiveBwd = 3,
+    LstmFwd = 4,
+    LstmBwd = 5,
 }
 
 fn kernel_name(k: Kernel, dtype: DType) -> &'static str {
-    const NAMES: [[&str; 3]; 4] = [
+    const NAMES: [[&str; 3]; 6] = [
         ["gru_fwd_f32", "gru_fwd_f16", "gru_fwd_bf16"],
         ["gru_bwd_f32", "gru_bwd_f16", "gru_bwd_bf16"],
         ["additive_fwd_f32", "additive_fwd_f16", "additive_fwd_bf16"],
         ["additive_bwd_f32", "additive_bwd_f16", "additive_bwd_bf16"],
+        ["lstm_fwd_f32", "lstm_fwd_f16", "lstm_fwd_bf16"],
+        ["lstm_bwd_f32", "lstm_bwd_f16", "lstm_bwd_bf16"],
     ];
     let col = match dtype {
         DType::F32 => 0,
@@ -53,7 +60,7 @@ fn flags_on_device(be: &Cuda, active: Option<&[bool]>) -> Result<Option<CudaSlic
             be.gpu()
                 .stream()
                 .clone_htod(&bytes)
-                .map_err(|e| Error::driver("copy the GRU's active rows to the device", e))
+                .map_err(|e| Error::driver("copy a recurrent step's active rows to the device", e))
         })
         .transpose()
 }
@@ -145,6 +152,109 @@ pub(super) fn gru_cell_backward(
     };
     launch_gru(be, Kernel::GruBwd, &p, batch * hidden)?;
     Ok(GruCellGrads { dgi, dgh, dh })
+}
+
+fn launch_lstm(be: &Cuda, name: Kernel, p: &cuattn_lstm_params, units: usize) -> Result<()> {
+    if units == 0 {
+        return Ok(());
+    }
+    let k = be.gpu().kernel(MODULE, kernel_name(name, be.dtype()))?;
+    // SAFETY: every pointer in p is a contiguous tensor of the backend's dtype with the
+    // [batch, kH] shape the header gives (checked by the callers), or the batch's flag bytes
+    // freed in stream order after the kernel; the grid-stride loop stays below batch·H.
+    unsafe { launch(be.gpu(), &k, p, (be.stride_grid(units), 1), (THREADS, 1), 0) }
+}
+
+fn lstm_params(batch: usize, hidden: usize, active: u64) -> cuattn_lstm_params {
+    cuattn_lstm_params {
+        gi: 0,
+        gh: 0,
+        h: 0,
+        c: 0,
+        active,
+        h_out: 0,
+        c_out: 0,
+        cache: 0,
+        dh_out: 0,
+        dc_out: 0,
+        dgates: 0,
+        dh: 0,
+        dc: 0,
+        batch: batch as i64,
+        hidden: hidden as i64,
+    }
+}
+
+pub(super) fn lstm_cell(
+    be: &Cuda,
+    gi: &DeviceTensor,
+    gh: &DeviceTensor,
+    h: &DeviceTensor,
+    c: &DeviceTensor,
+    active: Option<&[bool]>,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    let (batch, hidden) = rnn_ops::lstm_dims(gi.shape(), gh.shape(), h.shape(), c.shape(), active)?;
+    let mut slots: [Option<DeviceTensor>; 4] = Default::default();
+    let [s0, s1, s2, s3] = &mut slots;
+    let gi = be.in_compute_dtype(gi, s0)?;
+    let gh = be.in_compute_dtype(gh, s1)?;
+    let h = be.in_compute_dtype(h, s2)?;
+    let c = be.in_compute_dtype(c, s3)?;
+    let h_out = be.gpu().zeros(be.dtype(), &[batch, hidden])?;
+    let c_out = be.gpu().zeros(be.dtype(), &[batch, hidden])?;
+    let cache = be.gpu().zeros(be.dtype(), &[batch, 5 * hidden])?;
+    let flags = flags_on_device(be, active)?;
+    let p = cuattn_lstm_params {
+        gi: ptr(gi),
+        gh: ptr(gh),
+        h: ptr(h),
+        c: ptr(c),
+        h_out: ptr(&h_out),
+        c_out: ptr(&c_out),
+        cache: ptr(&cache),
+        ..lstm_params(batch, hidden, slice_ptr(be, &flags))
+    };
+    launch_lstm(be, Kernel::LstmFwd, &p, batch * hidden)?;
+    Ok((h_out, c_out, cache))
+}
+
+pub(super) fn lstm_cell_backward(
+    be: &Cuda,
+    cache: &DeviceTensor,
+    c: &DeviceTensor,
+    dh_out: &DeviceTensor,
+    dc_out: &DeviceTensor,
+    active: Option<&[bool]>,
+) -> Result<LstmCellGrads<DeviceTensor>> {
+    let (batch, hidden) = rnn_ops::lstm_backward_dims(
+        cache.shape(),
+        c.shape(),
+        dh_out.shape(),
+        dc_out.shape(),
+        active,
+    )?;
+    let mut slots: [Option<DeviceTensor>; 4] = Default::default();
+    let [s0, s1, s2, s3] = &mut slots;
+    let cache = be.in_compute_dtype(cache, s0)?;
+    let c = be.in_compute_dtype(c, s1)?;
+    let dh_out = be.in_compute_dtype(dh_out, s2)?;
+    let dc_out = be.in_compute_dtype(dc_out, s3)?;
+    let dgates = be.gpu().zeros(be.dtype(), &[batch, 4 * hidden])?;
+    let dh = be.gpu().zeros(be.dtype(), &[batch, hidden])?;
+    let dc = be.gpu().zeros(be.dtype(), &[batch, hidden])?;
+    let flags = flags_on_device(be, active)?;
+    let p = cuattn_lstm_params {
+        c: ptr(c),
+        cache: ptr(cache),
+        dh_out: ptr(dh_out),
+        dc_out: ptr(dc_out),
+        dgates: ptr(&dgates),
+        dh: ptr(&dh),
+        dc: ptr(&dc),
+        ..lstm_params(batch, hidden, slice_ptr(be, &flags))
+    };
+    launch_lstm(be, Kernel::LstmBwd, &p, batch * hidden)?;
+    Ok(LstmCellGrads { dgates, dh, dc })
 }
 
 /// The checked sizes of an additive-attention call, refused past the kernels' key bound.

@@ -1,14 +1,22 @@
 //! Bahdanau, Cho and Bengio (2015), "Neural machine translation by jointly learning to align
-//! and translate": a bidirectional GRU encoder, additive attention, a GRU decoder.
+//! and translate": a bidirectional GRU encoder, additive attention, a GRU decoder; or, with
+//! [`Cell::Lstm`], the same model with LSTM cells (the issue's option).
 //!
-//! - Encoder: source embeddings x_j; a forward GRU →h_j and a backward GRU ←h_j (each
+//! - Encoder: source embeddings x_j; a forward RNN →h_j and a backward RNN ←h_j (each
 //!   starting from zeros at its own end of the sequence: padded steps keep the state, as
-//!   PyTorch's packed sequences do); annotations h_j = [→h_j; ←h_j] `[batch·Tx, 2·He]`.
+//!   PyTorch's packed sequences do; an LSTM keeps both h and its memory c);
+//!   annotations h_j = [→h_j; ←h_j] `[batch·Tx, 2·He]`.
 //! - Alignment: keys U·h_j computed once per sequence; at target step i the query is
 //!   W·s_{i−1} + b_W and e_ij = vᵀ tanh(W·s_{i−1} + b_W + U·h_j), α_i = softmax_j(e_i) over
 //!   the valid source positions, c_i = Σ_j α_ij·h_j ([`TrainBackend::additive_attention`]).
 //! - Decoder: s_0 = tanh(W_init·←h_1 + b_init) (the paper's initial state), then
-//!   s_i = GRU([E·y_{i−1}; c_i], s_{i−1}) with PyTorch's `nn.GRUCell` equations.
+//!   s_i = GRU([E·y_{i−1}; c_i], s_{i−1}) with PyTorch's `nn.GRUCell` equations. With LSTM
+//!   cells s_i is the LSTM's h (`nn.LSTMCell`): h_0 is the same tanh transform of ←h_1, and the
+//!   memory starts at c_0 = 0, as `nn.LSTM`'s default state. Why zeros: c is the LSTM's
+//!   unsquashed accumulator, not a summary of the source the way h is; the paper's transform
+//!   exists to hand the decoder the backward encoder's summary, which h_0 already carries into
+//!   every gate (and the first query), so a second transform would add parameters and a second
+//!   path for the same information.
 //! - Output (a documented simplification of the paper's maxout layer): a tanh "deep output"
 //!   t_i = tanh(W_r·[s_i; c_i; E·y_{i−1}] + b_r), logits = W_o·t_i + b_o. The paper's
 //!   maxout takes the max of pairs of units instead of the tanh; it reads the same three
@@ -23,8 +31,37 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::runtime::backend::Activation;
-use crate::runtime::train::layers::{linear_backward, LinearParams};
+use crate::runtime::train::layers::{copy, linear_backward, LinearParams};
 use crate::runtime::train::{CrossEntropy, Gradients, Op, Param, TrainBackend};
+
+/// The recurrent cell of the encoder and the decoder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    /// PyTorch's `nn.GRU` equations (the paper's choice).
+    #[default]
+    Gru,
+    /// PyTorch's `nn.LSTM` equations (gates i, f, g, o).
+    Lstm,
+}
+
+impl Cell {
+    /// Gate blocks of the cell's projections (`[gates·H, in]`).
+    pub fn gates(self) -> usize {
+        match self {
+            Cell::Gru => 3,
+            Cell::Lstm => 4,
+        }
+    }
+
+    /// Its name: `gru` or `lstm` (also the parameter names' module, `encoder.lstm.…`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Cell::Gru => "gru",
+            Cell::Lstm => "lstm",
+        }
+    }
+}
 
 /// Sizes of the model.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -39,6 +76,8 @@ pub struct BahdanauConfig {
     pub attn: usize,
     /// Width of the deep-output layer.
     pub readout: usize,
+    /// The encoder's and decoder's recurrent cell.
+    pub cell: Cell,
 }
 
 impl BahdanauConfig {
@@ -82,19 +121,38 @@ struct Ix {
     out: (usize, usize),
 }
 
-/// The model: parameters under PyTorch-style names (`encoder.gru.weight_ih_l0`, …).
+/// The model: parameters under PyTorch-style names (`encoder.gru.weight_ih_l0`, …; with LSTM
+/// cells `encoder.lstm.…` and `decoder.lstm.…`).
 pub struct Bahdanau<B: TrainBackend> {
     pub config: BahdanauConfig,
     params: Vec<Param<B::Tensor>>,
     ix: Ix,
 }
 
-/// One encoder step's state in, cache and state out.
-type StepTensors<T> = (T, T, T);
+/// A recurrent state: h, and the LSTM's memory c (`None` for a GRU).
+struct State<T> {
+    h: T,
+    c: Option<T>,
+}
+
+/// One encoder step's state in, cache and h out.
+type StepTensors<T> = (State<T>, T, T);
+
+/// The gradients of one cell step ([`Bahdanau::cell_backward`]).
+struct StepGrads<T> {
+    dgi: T,
+    /// dL/dgh, `None` when it equals dL/dgi (an LSTM's gates).
+    dgh: Option<T>,
+    /// dL/dh not through gh (add dgh·W_hh).
+    dh: T,
+    /// dL/dc (an LSTM).
+    dc: Option<T>,
+}
 
 /// One encoder direction's steps, indexed by source position.
 struct DirCache<T> {
-    h_in: Vec<T>,
+    /// The state each step read (h, and c for an LSTM).
+    state_in: Vec<State<T>>,
     cache: Vec<T>,
     h_out: Vec<T>,
 }
@@ -116,6 +174,8 @@ struct EncCache<T> {
 /// One decoder step's tensors.
 struct DecStep<T> {
     s_in: T,
+    /// The LSTM's memory in and out.
+    c_in: Option<T>,
     q: T,
     ctx: T,
     alpha: T,
@@ -123,14 +183,16 @@ struct DecStep<T> {
     xin: T,
     cache: T,
     s_out: T,
+    c_out: Option<T>,
 }
 
 impl<B: TrainBackend> Bahdanau<B> {
-    /// A new model with PyTorch's default initialisations: uniform ±1/√H for the GRUs,
-    /// ±1/√fan_in for the linear layers, ±1 for embeddings (from `seed`).
+    /// A new model with PyTorch's default initialisations: uniform ±1/√H for the GRUs (or
+    /// LSTMs), ±1/√fan_in for the linear layers, ±1 for embeddings (from `seed`).
     pub fn new(be: &B, config: BahdanauConfig, seed: u64) -> Result<Self> {
         config.check()?;
         let c = config;
+        let (rnn, k) = (c.cell.name(), c.cell.gates());
         let mut pb = ParamBuilder::new(be, seed);
         let inv = |n: usize| 1.0 / (n as f32).sqrt();
         let src_emb = pb.uniform(
@@ -145,26 +207,26 @@ impl<B: TrainBackend> Bahdanau<B> {
             let b = inv(h);
             enc[d] = [
                 pb.uniform(
-                    format!("encoder.gru.weight_ih_l0{suffix}"),
-                    &[3 * h, c.emb],
+                    format!("encoder.{rnn}.weight_ih_l0{suffix}"),
+                    &[k * h, c.emb],
                     b,
                     true,
                 )?,
                 pb.uniform(
-                    format!("encoder.gru.weight_hh_l0{suffix}"),
-                    &[3 * h, h],
+                    format!("encoder.{rnn}.weight_hh_l0{suffix}"),
+                    &[k * h, h],
                     b,
                     true,
                 )?,
                 pb.uniform(
-                    format!("encoder.gru.bias_ih_l0{suffix}"),
-                    &[3 * h],
+                    format!("encoder.{rnn}.bias_ih_l0{suffix}"),
+                    &[k * h],
                     b,
                     false,
                 )?,
                 pb.uniform(
-                    format!("encoder.gru.bias_hh_l0{suffix}"),
-                    &[3 * h],
+                    format!("encoder.{rnn}.bias_hh_l0{suffix}"),
+                    &[k * h],
                     b,
                     false,
                 )?,
@@ -195,14 +257,19 @@ impl<B: TrainBackend> Bahdanau<B> {
         let din = c.emb + 2 * he;
         let dec = [
             pb.uniform(
-                "decoder.gru.weight_ih".into(),
-                &[3 * hd, din],
+                format!("decoder.{rnn}.weight_ih"),
+                &[k * hd, din],
                 inv(hd),
                 true,
             )?,
-            pb.uniform("decoder.gru.weight_hh".into(), &[3 * hd, hd], inv(hd), true)?,
-            pb.uniform("decoder.gru.bias_ih".into(), &[3 * hd], inv(hd), false)?,
-            pb.uniform("decoder.gru.bias_hh".into(), &[3 * hd], inv(hd), false)?,
+            pb.uniform(
+                format!("decoder.{rnn}.weight_hh"),
+                &[k * hd, hd],
+                inv(hd),
+                true,
+            )?,
+            pb.uniform(format!("decoder.{rnn}.bias_ih"), &[k * hd], inv(hd), false)?,
+            pb.uniform(format!("decoder.{rnn}.bias_hh"), &[k * hd], inv(hd), false)?,
         ];
         let rin = hd + 2 * he + c.emb;
         let readout = (
@@ -262,6 +329,71 @@ impl<B: TrainBackend> Bahdanau<B> {
         be.linear(x, self.p(ix.0), Some(self.p(ix.1)), act)
     }
 
+    /// The zero state of `batch` rows of `hidden` units (with c for an LSTM).
+    fn zero_state(&self, be: &B, batch: usize, hidden: usize) -> Result<State<B::Tensor>> {
+        Ok(State {
+            h: be.zeros(&[batch, hidden])?,
+            c: match self.config.cell {
+                Cell::Gru => None,
+                Cell::Lstm => Some(be.zeros(&[batch, hidden])?),
+            },
+        })
+    }
+
+    /// One cell step after its two GEMMs: the new state and the backward's cache.
+    fn cell_step(
+        &self,
+        be: &B,
+        gi: &B::Tensor,
+        gh: &B::Tensor,
+        st: &State<B::Tensor>,
+        active: Option<&[bool]>,
+    ) -> Result<(State<B::Tensor>, B::Tensor)> {
+        match &st.c {
+            None => {
+                let (h, cache) = be.gru_cell(gi, gh, &st.h, active)?;
+                Ok((State { h, c: None }, cache))
+            }
+            Some(c) => {
+                let (h, c, cache) = be.lstm_cell(gi, gh, &st.h, c, active)?;
+                Ok((State { h, c: Some(c) }, cache))
+            }
+        }
+    }
+
+    /// The backward of [`Self::cell_step`] from dL/dh' and (an LSTM) dL/dc'.
+    fn cell_backward(
+        &self,
+        be: &B,
+        cache: &B::Tensor,
+        (h_in, c_in): (&B::Tensor, Option<&B::Tensor>),
+        dh: &B::Tensor,
+        dc: Option<&B::Tensor>,
+        active: Option<&[bool]>,
+    ) -> Result<StepGrads<B::Tensor>> {
+        match (c_in, dc) {
+            (None, _) => {
+                let g = be.gru_cell_backward(cache, h_in, dh, active)?;
+                Ok(StepGrads {
+                    dgi: g.dgi,
+                    dgh: Some(g.dgh),
+                    dh: g.dh,
+                    dc: None,
+                })
+            }
+            (Some(c), Some(dc)) => {
+                let g = be.lstm_cell_backward(cache, c, dh, dc, active)?;
+                Ok(StepGrads {
+                    dgi: g.dgates,
+                    dgh: None,
+                    dh: g.dh,
+                    dc: Some(g.dc),
+                })
+            }
+            (Some(_), None) => Err(Error::invalid("dc", "an LSTM step's backward needs dL/dc'")),
+        }
+    }
+
     /// The encoder over `src` (batch-major ids `[batch·tx]`, lengths `lens`).
     fn encode(
         &self,
@@ -285,7 +417,7 @@ impl<B: TrainBackend> Bahdanau<B> {
             let [w_ih, w_hh, b_ih, b_hh] = self.ix.enc[d];
             let gi_all = be.linear(&x, self.p(w_ih), Some(self.p(b_ih)), Activation::None)?;
             let gi = unstack_steps(be, &gi_all, tx, false)?;
-            let mut h = be.zeros(&[batch, he])?;
+            let mut st = self.zero_state(be, batch, he)?;
             let mut slots: Vec<Option<StepTensors<B::Tensor>>> = (0..tx).map(|_| None).collect();
             let order: Vec<usize> = if d == 0 {
                 (0..tx).collect()
@@ -293,20 +425,21 @@ impl<B: TrainBackend> Bahdanau<B> {
                 (0..tx).rev().collect()
             };
             for t in order {
-                let gh = be.linear(&h, self.p(w_hh), Some(self.p(b_hh)), Activation::None)?;
-                let (h_new, cache) = be.gru_cell(&gi[t], &gh, &h, Some(active[t].as_slice()))?;
-                let h_in = std::mem::replace(&mut h, h_new);
-                let h_out = crate::runtime::train::layers::copy(be, &h)?;
-                slots[t] = Some((h_in, cache, h_out));
+                let gh = be.linear(&st.h, self.p(w_hh), Some(self.p(b_hh)), Activation::None)?;
+                let (st_new, cache) =
+                    self.cell_step(be, &gi[t], &gh, &st, Some(active[t].as_slice()))?;
+                let st_in = std::mem::replace(&mut st, st_new);
+                let h_out = copy(be, &st.h)?;
+                slots[t] = Some((st_in, cache, h_out));
             }
             let mut dc = DirCache {
-                h_in: Vec::with_capacity(tx),
+                state_in: Vec::with_capacity(tx),
                 cache: Vec::with_capacity(tx),
                 h_out: Vec::with_capacity(tx),
             };
             for s in slots {
                 let (a, b, c) = s.expect("every position is visited");
-                dc.h_in.push(a);
+                dc.state_in.push(a);
                 dc.cache.push(b);
                 dc.h_out.push(c);
             }
@@ -330,38 +463,53 @@ impl<B: TrainBackend> Bahdanau<B> {
         })
     }
 
-    /// s_0 = tanh(W_init·←h_1 + b).
-    fn initial_state(&self, be: &B, enc: &EncCache<B::Tensor>) -> Result<B::Tensor> {
-        self.linear(be, self.ix.init, &enc.dirs[1].h_out[0], Activation::Tanh)
+    /// s_0 = tanh(W_init·←h_1 + b), and an LSTM's c_0 = 0 (see the module docs).
+    fn initial_state(&self, be: &B, enc: &EncCache<B::Tensor>) -> Result<State<B::Tensor>> {
+        let h = self.linear(be, self.ix.init, &enc.dirs[1].h_out[0], Activation::Tanh)?;
+        let c = match self.config.cell {
+            Cell::Gru => None,
+            Cell::Lstm => Some(be.zeros(be.shape(&h))?),
+        };
+        Ok(State { h, c })
     }
 
-    /// One decoder step from s_{i−1} and the input token ids.
+    /// One decoder step from s_{i−1} (and c_{i−1}) and the input token ids.
     fn dec_step(
         &self,
         be: &B,
         enc: &EncCache<B::Tensor>,
-        s: B::Tensor,
+        st: State<B::Tensor>,
         ids: &[u32],
         lens: &[usize],
     ) -> Result<DecStep<B::Tensor>> {
-        let q = self.linear(be, self.ix.att_w, &s, Activation::None)?;
+        let q = self.linear(be, self.ix.att_w, &st.h, Activation::None)?;
         let (ctx, alpha) =
             be.additive_attention(&q, &enc.keys, self.p(self.ix.att_v), &enc.ann, Some(lens))?;
         let emb = be.gather_rows(self.p(self.ix.tgt_emb), ids)?;
         let xin = be.concat_cols(&[&emb, &ctx])?;
         let [w_ih, w_hh, b_ih, b_hh] = self.ix.dec;
         let gi = be.linear(&xin, self.p(w_ih), Some(self.p(b_ih)), Activation::None)?;
-        let gh = be.linear(&s, self.p(w_hh), Some(self.p(b_hh)), Activation::None)?;
-        let (s_out, cache) = be.gru_cell(&gi, &gh, &s, None)?;
+        let gh = be.linear(&st.h, self.p(w_hh), Some(self.p(b_hh)), Activation::None)?;
+        let (out, cache) = self.cell_step(be, &gi, &gh, &st, None)?;
         Ok(DecStep {
-            s_in: s,
+            s_in: st.h,
+            c_in: st.c,
             q,
             ctx,
             alpha,
             emb,
             xin,
             cache,
-            s_out,
+            s_out: out.h,
+            c_out: out.c,
+        })
+    }
+
+    /// The state a decoder step left, for the next step (copies: the step keeps its own).
+    fn state_after(&self, be: &B, st: &DecStep<B::Tensor>) -> Result<State<B::Tensor>> {
+        Ok(State {
+            h: copy(be, &st.s_out)?,
+            c: st.c_out.as_ref().map(|c| copy(be, c)).transpose()?,
         })
     }
 
@@ -395,7 +543,12 @@ impl<B: TrainBackend> Bahdanau<B> {
             let [w_ih, w_hh, b_ih, b_hh] = self.ix.enc[d];
             let dc = &enc.dirs[d];
             let batch = enc.active[0].len();
-            let mut carry = be.zeros(&[batch, he])?;
+            // dL/dh and (an LSTM) dL/dc flowing back from the next step: the last step's
+            // c feeds nothing, so its gradient starts at zero.
+            let State {
+                h: mut carry,
+                c: mut carry_c,
+            } = self.zero_state(be, batch, he)?;
             let mut dgi: Vec<Option<B::Tensor>> = (0..tx).map(|_| None).collect();
             let mut dgh: Vec<Option<B::Tensor>> = (0..tx).map(|_| None).collect();
             // Backward in the reverse of the direction's processing order.
@@ -411,23 +564,41 @@ impl<B: TrainBackend> Bahdanau<B> {
                     be.accumulate(&mut dh, dh_first.as_ref().expect("used once"))?;
                     dh_first = None;
                 }
-                let gr = be.gru_cell_backward(
+                let gr = self.cell_backward(
+                    be,
                     &dc.cache[t],
-                    &dc.h_in[t],
+                    (&dc.state_in[t].h, dc.state_in[t].c.as_ref()),
                     &dh,
+                    carry_c.as_ref(),
                     Some(enc.active[t].as_slice()),
                 )?;
                 carry = gr.dh;
-                let back = be.matmul(&gr.dgh, Op::N, self.p(w_hh), Op::N)?;
+                carry_c = gr.dc;
+                let back = be.matmul(
+                    gr.dgh.as_ref().unwrap_or(&gr.dgi),
+                    Op::N,
+                    self.p(w_hh),
+                    Op::N,
+                )?;
                 be.accumulate(&mut carry, &back)?;
                 dgi[t] = Some(gr.dgi);
-                dgh[t] = Some(gr.dgh);
+                dgh[t] = gr.dgh;
             }
             let dgi: Vec<B::Tensor> = dgi.into_iter().map(|x| x.expect("every step")).collect();
-            let dgh: Vec<B::Tensor> = dgh.into_iter().map(|x| x.expect("every step")).collect();
+            let dgh: Vec<B::Tensor> = dgh.into_iter().flatten().collect();
             let dgi_all = stack_steps(be, &dgi.iter().collect::<Vec<_>>(), false)?;
-            let dgh_all = stack_steps(be, &dgh.iter().collect::<Vec<_>>(), false)?;
-            let h_in_all = stack_steps(be, &dc.h_in.iter().collect::<Vec<_>>(), false)?;
+            // An LSTM's dgh is its dgi.
+            let dgh_all = if dgh.is_empty() {
+                None
+            } else {
+                Some(stack_steps(be, &dgh.iter().collect::<Vec<_>>(), false)?)
+            };
+            let dgh_all = dgh_all.as_ref().unwrap_or(&dgi_all);
+            let h_in_all = stack_steps(
+                be,
+                &dc.state_in.iter().map(|s| &s.h).collect::<Vec<_>>(),
+                false,
+            )?;
             let gi = linear_backward(
                 be,
                 LinearParams {
@@ -440,8 +611,8 @@ impl<B: TrainBackend> Bahdanau<B> {
             )?;
             g.add(be, w_ih, gi.dw)?;
             g.add(be, b_ih, gi.db.expect("has a bias"))?;
-            g.add(be, w_hh, be.matmul(&dgh_all, Op::T, &h_in_all, Op::N)?)?;
-            g.add(be, b_hh, be.sum_rows(&dgh_all)?)?;
+            g.add(be, w_hh, be.matmul(dgh_all, Op::T, &h_in_all, Op::N)?)?;
+            g.add(be, b_hh, be.sum_rows(dgh_all)?)?;
             let dx = gi.dx.expect("asked for dx");
             match &mut dx_total {
                 Some(acc) => be.accumulate(acc, &dx)?,
@@ -464,7 +635,10 @@ impl<B: TrainBackend> Bahdanau<B> {
             let ids: Vec<u32> = (0..bn).map(|b| batch.tgt_in[b * ty + i]).collect();
             let st = self.dec_step(be, &enc, s, &ids, &batch.src_lens)?;
             rs.push(self.readout_input(be, &st)?);
-            s = st.s_out;
+            s = State {
+                h: st.s_out,
+                c: st.c_out,
+            };
         }
         let r = stack_steps(be, &rs.iter().collect::<Vec<_>>(), false)?;
         Ok(self.output(be, &r)?.0)
@@ -495,14 +669,18 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         let lens: &[usize] = &batch.src_lens;
         let enc = self.encode(be, &batch.src, bn, tx, lens)?;
         let s0 = self.initial_state(be, &enc)?;
-        let mut s = crate::runtime::train::layers::copy(be, &s0)?;
+        let mut s = State {
+            h: copy(be, &s0.h)?,
+            c: s0.c,
+        };
+        let s0 = s0.h;
         let mut steps = Vec::with_capacity(ty);
         let mut dec_ids = Vec::with_capacity(ty * bn);
         for i in 0..ty {
             let ids: Vec<u32> = (0..bn).map(|b| batch.tgt_in[b * ty + i]).collect();
             dec_ids.extend_from_slice(&ids);
             let st = self.dec_step(be, &enc, s, &ids, lens)?;
-            s = crate::runtime::train::layers::copy(be, &st.s_out)?;
+            s = self.state_after(be, &st)?;
             steps.push(st);
         }
         let rs: Vec<B::Tensor> = steps
@@ -533,7 +711,11 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             self.config.emb,
         );
         let [w_ih, w_hh, b_ih, b_hh] = self.ix.dec;
-        let mut carry = be.zeros(&[bn, hd])?;
+        // dL/ds and (an LSTM) dL/dc from the step after; the last c feeds nothing.
+        let State {
+            h: mut carry,
+            c: mut carry_c,
+        } = self.zero_state(be, bn, hd)?;
         let mut dkeys = be.zeros(be.shape(&enc.keys))?;
         let mut dann = be.zeros(be.shape(&enc.ann))?;
         let mut dgi = Vec::with_capacity(ty);
@@ -544,7 +726,14 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             let st = &steps[i];
             let mut ds = be.slice_cols(&dr[i], 0, hd)?;
             be.accumulate(&mut ds, &carry)?;
-            let gc = be.gru_cell_backward(&st.cache, &st.s_in, &ds, None)?;
+            let gc = self.cell_backward(
+                be,
+                &st.cache,
+                (&st.s_in, st.c_in.as_ref()),
+                &ds,
+                carry_c.as_ref(),
+                None,
+            )?;
             let dxin = be.matmul(&gc.dgi, Op::N, self.p(w_ih), Op::N)?;
             let mut de = be.slice_cols(&dxin, 0, e)?;
             be.accumulate(&mut de, &be.slice_cols(&dr[i], hd + 2 * he, e)?)?;
@@ -563,13 +752,17 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             be.accumulate(&mut dann, &ag.dvalues)?;
             g.add(be, self.ix.att_v, ag.dv)?;
             carry = gc.dh;
-            be.accumulate(&mut carry, &be.matmul(&gc.dgh, Op::N, self.p(w_hh), Op::N)?)?;
+            carry_c = gc.dc;
+            let dgh_i = gc.dgh.as_ref().unwrap_or(&gc.dgi);
+            be.accumulate(&mut carry, &be.matmul(dgh_i, Op::N, self.p(w_hh), Op::N)?)?;
             be.accumulate(
                 &mut carry,
                 &be.matmul(&ag.dq, Op::N, self.p(self.ix.att_w.0), Op::N)?,
             )?;
             dgi.push(gc.dgi);
-            dgh.push(gc.dgh);
+            if let Some(x) = gc.dgh {
+                dgh.push(x);
+            }
             dq.push(ag.dq);
             demb.push(de);
         }
@@ -579,23 +772,28 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
         dq.reverse();
         demb.reverse();
         let stack = |v: &[B::Tensor]| stack_steps(be, &v.iter().collect::<Vec<_>>(), false);
-        let s_in = stack(
-            &steps
-                .iter()
-                .map(|st| crate::runtime::train::layers::copy(be, &st.s_in))
-                .collect::<Result<Vec<_>>>()?,
+        let s_in = stack_steps(
+            be,
+            &steps.iter().map(|st| &st.s_in).collect::<Vec<_>>(),
+            false,
         )?;
-        let xin = stack(
-            &steps
-                .iter()
-                .map(|st| crate::runtime::train::layers::copy(be, &st.xin))
-                .collect::<Result<Vec<_>>>()?,
+        let xin = stack_steps(
+            be,
+            &steps.iter().map(|st| &st.xin).collect::<Vec<_>>(),
+            false,
         )?;
-        let (dgi, dgh, dq, demb) = (stack(&dgi)?, stack(&dgh)?, stack(&dq)?, stack(&demb)?);
+        let (dgi, dq, demb) = (stack(&dgi)?, stack(&dq)?, stack(&demb)?);
+        // An LSTM's dgh is its dgi.
+        let dgh = if dgh.is_empty() {
+            None
+        } else {
+            Some(stack(&dgh)?)
+        };
+        let dgh = dgh.as_ref().unwrap_or(&dgi);
         g.add(be, w_ih, be.matmul(&dgi, Op::T, &xin, Op::N)?)?;
         g.add(be, b_ih, be.sum_rows(&dgi)?)?;
-        g.add(be, w_hh, be.matmul(&dgh, Op::T, &s_in, Op::N)?)?;
-        g.add(be, b_hh, be.sum_rows(&dgh)?)?;
+        g.add(be, w_hh, be.matmul(dgh, Op::T, &s_in, Op::N)?)?;
+        g.add(be, b_hh, be.sum_rows(dgh)?)?;
         g.add(be, self.ix.att_w.0, be.matmul(&dq, Op::T, &s_in, Op::N)?)?;
         g.add(be, self.ix.att_w.1, be.sum_rows(&dq)?)?;
         g.add(
@@ -603,7 +801,7 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
             self.ix.tgt_emb,
             be.gather_rows_backward(&demb, &dec_ids, self.config.vocab, Some(PAD))?,
         )?;
-        // s_0 = tanh(W_init·←h_1 + b).
+        // s_0 = tanh(W_init·←h_1 + b); an LSTM's c_0 = 0 takes no gradient.
         let dpre = be.tanh_backward(&s0, &carry)?;
         let gi = linear_backward(
             be,
@@ -669,7 +867,10 @@ impl<B: TrainBackend> Seq2Seq<B> for Bahdanau<B> {
                 break;
             }
             ids = next;
-            s = st.s_out;
+            s = State {
+                h: st.s_out,
+                c: st.c_out,
+            };
         }
         Ok(out)
     }

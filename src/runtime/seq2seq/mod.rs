@@ -1,6 +1,6 @@
 //! Sequence-to-sequence models trained from scratch on the runtime's [`TrainBackend`]:
 //! Bahdanau et al.'s (2015) bidirectional-GRU encoder with additive attention and a GRU
-//! decoder ([`bahdanau`]), and Vaswani et al.'s (2017) encoder-decoder Transformer
+//! decoder, or LSTMs in both places ([`bahdanau`]), and Vaswani et al.'s (2017) encoder-decoder Transformer
 //! ([`transformer`]); a decoder-only model with GPT-3's alternating dense and local attention
 //! in GPT-Neo's layout ([`gpt3`]), saved as a Hugging Face folder by [`hf_export`]; the
 //! generated digit tasks they learn ([`tasks`]). `docs/training.md`
@@ -18,7 +18,7 @@ pub mod tasks;
 pub mod text;
 pub mod transformer;
 
-pub use bahdanau::{Bahdanau, BahdanauConfig};
+pub use bahdanau::{Bahdanau, BahdanauConfig, Cell};
 pub use gpt3::{Gpt3, Gpt3Config};
 pub use transformer::{Transformer, TransformerConfig};
 

@@ -5,7 +5,7 @@
 //!
 //! Every op validates its inputs and returns a typed [`crate::Error`]; none panics on bad input.
 
-use super::rnn_ops::{self, AdditiveGrads, GruCellGrads};
+use super::rnn_ops::{self, AdditiveGrads, GruCellGrads, LstmCellGrads};
 use crate::error::Result;
 use crate::runtime::backend::{Activation, AttentionMask, Backend, Heads};
 use crate::DType;
@@ -286,6 +286,75 @@ pub trait TrainBackend: Backend {
             dgi: self.upload(&[batch, 3 * hidden], &dgi)?,
             dgh: self.upload(&[batch, 3 * hidden], &dgh)?,
             dh: self.upload(&[batch, hidden], &dh)?,
+        })
+    }
+
+    /// One LSTM step after its two GEMMs ([`super::rnn_ops`] has the equations, PyTorch's
+    /// `nn.LSTM` gates i, f, g, o): gi, gh `[batch, 4H]`, h, c `[batch, H]`; returns h', c' and
+    /// the cache `[batch, 5H]` (i, f, g, o, tanh c') its backward reads. Rows with
+    /// `active[b] == false` keep h and c. The default runs the host f32 op through a copy; a
+    /// device backend overrides it with a fused kernel.
+    fn lstm_cell(
+        &self,
+        gi: &Self::Tensor,
+        gh: &Self::Tensor,
+        h: &Self::Tensor,
+        c: &Self::Tensor,
+        active: Option<&[bool]>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (batch, hidden) = rnn_ops::lstm_dims(
+            self.shape(gi),
+            self.shape(gh),
+            self.shape(h),
+            self.shape(c),
+            active,
+        )?;
+        let (h_new, c_new, cache) = rnn_ops::lstm_cell(
+            &self.to_f32(gi)?,
+            &self.to_f32(gh)?,
+            &self.to_f32(h)?,
+            &self.to_f32(c)?,
+            batch,
+            hidden,
+            active,
+        );
+        Ok((
+            self.upload(&[batch, hidden], &h_new)?,
+            self.upload(&[batch, hidden], &c_new)?,
+            self.upload(&[batch, 5 * hidden], &cache)?,
+        ))
+    }
+
+    /// The backward of [`TrainBackend::lstm_cell`] from its cache, c (the step's input
+    /// memory), dL/dh' and dL/dc'.
+    fn lstm_cell_backward(
+        &self,
+        cache: &Self::Tensor,
+        c: &Self::Tensor,
+        dh_out: &Self::Tensor,
+        dc_out: &Self::Tensor,
+        active: Option<&[bool]>,
+    ) -> Result<LstmCellGrads<Self::Tensor>> {
+        let (batch, hidden) = rnn_ops::lstm_backward_dims(
+            self.shape(cache),
+            self.shape(c),
+            self.shape(dh_out),
+            self.shape(dc_out),
+            active,
+        )?;
+        let (dgates, dh, dc) = rnn_ops::lstm_cell_backward(
+            &self.to_f32(cache)?,
+            &self.to_f32(c)?,
+            &self.to_f32(dh_out)?,
+            &self.to_f32(dc_out)?,
+            batch,
+            hidden,
+            active,
+        );
+        Ok(LstmCellGrads {
+            dgates: self.upload(&[batch, 4 * hidden], &dgates)?,
+            dh: self.upload(&[batch, hidden], &dh)?,
+            dc: self.upload(&[batch, hidden], &dc)?,
         })
     }
 

@@ -13,9 +13,9 @@
 //! - [`bert_pretrain`]: `BertForPreTraining`, the MLM + NSP loss and its gradients (tied
 //!   decoder).
 //! - [`optim`]: named parameters, gradients, AdamW, global-norm clipping.
-//! - [`rnn_ops`]: the GRU step and additive attention on host slices (the defaults of
-//!   [`TrainBackend::gru_cell`] and [`TrainBackend::additive_attention`]), and the LSTM step
-//!   ([`rnn_ops::lstm_step`], through a host copy).
+//! - [`rnn_ops`]: the GRU step, the LSTM step and additive attention on host slices (the
+//!   defaults of [`TrainBackend::gru_cell`], [`TrainBackend::lstm_cell`] and
+//!   [`TrainBackend::additive_attention`]).
 
 pub mod backend;
 pub mod bart;

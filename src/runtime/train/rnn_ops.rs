@@ -1,7 +1,8 @@
 //! The two fused ops of the recurrent models, in f32 on host slices: one GRU step after its
 //! two GEMMs, and Bahdanau's additive attention (scores, masked softmax and context in one
-//! pass). [`super::TrainBackend`]'s `gru_cell*` and `additive_attention*` run these by
-//! default (through a host copy); the CPU backend calls them on its tensors directly. The f64
+//! pass), and one LSTM step after its two GEMMs. [`super::TrainBackend`]'s `gru_cell*`,
+//! `lstm_cell*` and `additive_attention*` run these by default (through a host copy), which is
+//! what the CPU backend uses; the CUDA backend overrides them with fused kernels. The f64
 //! references they are tested against are in [`crate::reference::seq2seq`].
 //!
 //! # GRU step (PyTorch's `nn.GRU` equations)
@@ -475,8 +476,42 @@ pub fn lstm_cell_backward(
     (dgates, dh, dc)
 }
 
-/// [`lstm_cell`] on backend tensors (through a host copy, as the trait's GRU default):
-/// gi, gh `[batch, 4H]`, h, c `[batch, H]`; returns h', c' and the cache `[batch, 5H]`.
+/// Checks the sizes of an LSTM step's backward: cache `[batch, 5H]`, c, dh', dc' `[batch, H]`;
+/// returns (batch, H).
+pub fn lstm_backward_dims(
+    cache: &[usize],
+    c: &[usize],
+    dh_out: &[usize],
+    dc_out: &[usize],
+    active: Option<&[bool]>,
+) -> Result<(usize, usize)> {
+    let (batch, hidden) = match c {
+        [b, w] if *w > 0 => (*b, *w),
+        s => return Err(Error::shape("c", "[batch, hidden ≥ 1]", s)),
+    };
+    if cache != [batch, 5 * hidden] {
+        return Err(Error::shape(
+            "cache",
+            format!("[{batch}, {}]", 5 * hidden),
+            cache,
+        ));
+    }
+    for (name, s) in [("dh_out", dh_out), ("dc_out", dc_out)] {
+        if s != [batch, hidden] {
+            return Err(Error::shape(name, format!("[{batch}, {hidden}]"), s));
+        }
+    }
+    if let Some(a) = active {
+        if a.len() != batch {
+            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
+        }
+    }
+    Ok((batch, hidden))
+}
+
+/// One LSTM step on backend tensors: [`super::TrainBackend::lstm_cell`] (whose default runs
+/// [`lstm_cell`] through a host copy). gi, gh `[batch, 4H]`, h, c `[batch, H]`; returns h', c'
+/// and the cache `[batch, 5H]`.
 pub fn lstm_step<B: super::TrainBackend>(
     be: &B,
     gi: &B::Tensor,
@@ -485,24 +520,11 @@ pub fn lstm_step<B: super::TrainBackend>(
     c: &B::Tensor,
     active: Option<&[bool]>,
 ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-    let (batch, hidden) = lstm_dims(be.shape(gi), be.shape(gh), be.shape(h), be.shape(c), active)?;
-    let (h_new, c_new, cache) = lstm_cell(
-        &be.to_f32(gi)?,
-        &be.to_f32(gh)?,
-        &be.to_f32(h)?,
-        &be.to_f32(c)?,
-        batch,
-        hidden,
-        active,
-    );
-    Ok((
-        be.upload(&[batch, hidden], &h_new)?,
-        be.upload(&[batch, hidden], &c_new)?,
-        be.upload(&[batch, 5 * hidden], &cache)?,
-    ))
+    be.lstm_cell(gi, gh, h, c, active)
 }
 
-/// The backward of [`lstm_step`] from its cache, c, dL/dh' and dL/dc'.
+/// The backward of [`lstm_step`] from its cache, c, dL/dh' and dL/dc'
+/// ([`super::TrainBackend::lstm_cell_backward`]).
 pub fn lstm_step_backward<B: super::TrainBackend>(
     be: &B,
     cache: &B::Tensor,
@@ -511,43 +533,5 @@ pub fn lstm_step_backward<B: super::TrainBackend>(
     dc_out: &B::Tensor,
     active: Option<&[bool]>,
 ) -> Result<LstmCellGrads<B::Tensor>> {
-    let (batch, hidden) = match be.shape(c) {
-        [b, w] if *w > 0 => (*b, *w),
-        s => return Err(Error::shape("c", "[batch, hidden ≥ 1]", s)),
-    };
-    if be.shape(cache) != [batch, 5 * hidden] {
-        return Err(Error::shape(
-            "cache",
-            format!("[{batch}, {}]", 5 * hidden),
-            be.shape(cache),
-        ));
-    }
-    for (name, t) in [("dh_out", dh_out), ("dc_out", dc_out)] {
-        if be.shape(t) != [batch, hidden] {
-            return Err(Error::shape(
-                name,
-                format!("[{batch}, {hidden}]"),
-                be.shape(t),
-            ));
-        }
-    }
-    if let Some(a) = active {
-        if a.len() != batch {
-            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
-        }
-    }
-    let (dgates, dh, dc) = lstm_cell_backward(
-        &be.to_f32(cache)?,
-        &be.to_f32(c)?,
-        &be.to_f32(dh_out)?,
-        &be.to_f32(dc_out)?,
-        batch,
-        hidden,
-        active,
-    );
-    Ok(LstmCellGrads {
-        dgates: be.upload(&[batch, 4 * hidden], &dgates)?,
-        dh: be.upload(&[batch, hidden], &dh)?,
-        dc: be.upload(&[batch, hidden], &dc)?,
-    })
+    be.lstm_cell_backward(cache, c, dh_out, dc_out, active)
 }
