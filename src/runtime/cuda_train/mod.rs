@@ -1089,6 +1089,7 @@ impl TrainBackend for Cuda {
         c: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        self.check_contexts([("gi", gi), ("gh", gh), ("h", h), ("c", c)])?;
         rnn::lstm_cell(self, gi, gh, h, c, active)
     }
 
@@ -1100,6 +1101,12 @@ impl TrainBackend for Cuda {
         dc_out: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<LstmCellGrads<DeviceTensor>> {
+        self.check_contexts([
+            ("cache", cache),
+            ("c", c),
+            ("dh_out", dh_out),
+            ("dc_out", dc_out),
+        ])?;
         rnn::lstm_cell_backward(self, cache, c, dh_out, dc_out, active)
     }
 
