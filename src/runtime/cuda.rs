@@ -124,9 +124,11 @@ impl Cuda {
         elems.div_ceil(THREADS as usize).clamp(1, resident) as u32
     }
 
-    /// Refuses tensors of another context than the backend's ([`Error::Device`]) before any
-    /// launch, by the ops' own check.
-    fn check_contexts<'t>(
+    /// Refuses tensors of another context than the backend's ([`Error::Device`] naming the
+    /// argument) before any launch, by the ops' own check. Every entry of [`Backend`] and of
+    /// the training backend (`cuda_train/`) that takes tensors calls it first: a
+    /// [`DeviceTensor`] carries the [`Gpu`] that made it, which may be another context's.
+    pub(crate) fn check_contexts<'t>(
         &self,
         tensors: impl IntoIterator<Item = (&'static str, &'t DeviceTensor)>,
     ) -> Result<()> {
@@ -604,6 +606,12 @@ impl Backend for Cuda {
         beta: &DeviceTensor,
         eps: f32,
     ) -> Result<DeviceTensor> {
+        // Before γ and β are converted: the conversion is a launch on their memory.
+        self.check_contexts(
+            [("x", x), ("gamma", gamma), ("beta", beta)]
+                .into_iter()
+                .chain(residual.map(|r| ("residual", r))),
+        )?;
         let (mut g_slot, mut b_slot) = (None, None);
         let gamma = self.in_compute_dtype(gamma, &mut g_slot)?;
         let beta = self.in_compute_dtype(beta, &mut b_slot)?;
@@ -704,6 +712,7 @@ impl Backend for Cuda {
         v: Heads<'_, DeviceTensor>,
         mask: &AttentionMask<'_>,
     ) -> Result<DeviceTensor> {
+        self.check_contexts([("q", q.tensor), ("k", k.tensor), ("v", v.tensor)])?;
         let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
         for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
             self.check_dtype(arg, h.tensor)?;

@@ -1,13 +1,16 @@
 //! Embedding in another runtime: ops on the caller's stream captured in a CUDA graph and
-//! replayed with new data (inputs and device lengths rewritten in place), memory of a foreign
+//! replayed with new data (inputs and device lengths rewritten in place) — attention, decode
+//! and the linear layer's cuBLAS GEMMs on the caller's cuBLAS workspace —, memory of a foreign
 //! context refused with `Error::Device`, and two threads running ops on two streams at once.
 //! Each replay is compared with an ordinary call on the same data, which the other GPU tests
 //! hold to the f64 reference, and with the reference itself.
 
 use cuattn::check::gpu_or_skip;
 use cuattn::gpu::{ContextId, DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
+use cuattn::ops::gemm::{self, Gemm, WeightGradOptions};
 use cuattn::ops::{attention, decode};
 use cuattn::reference::attention as ref_attn;
+use cuattn::tolerance::{expect_close, Tolerance};
 use cuattn::{DType, Error, HostTensor, Layout};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaSlice};
@@ -231,6 +234,186 @@ fn decode_with_device_lengths_replays_from_a_cuda_graph_with_new_data() {
             assert_eq!(g.to_bits(), w.to_bits(), "lse[{i}]: {g} vs {w}");
         }
     }
+}
+
+/// The node types of a captured graph: (kernels, memory allocations).
+fn kernel_and_alloc_nodes(graph: &cudarc::driver::CudaGraph) -> (usize, usize) {
+    use cudarc::driver::sys::{self, CUgraphNodeType};
+    let mut n = 0usize;
+    // SAFETY: a live graph; with a null array the call only writes the node count.
+    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    let mut nodes = vec![std::ptr::null_mut(); n];
+    // SAFETY: `nodes` has room for the n handles the call writes.
+    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut n) };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    let (mut kernels, mut allocs) = (0, 0);
+    for node in nodes.into_iter().take(n) {
+        let mut ty = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: a node of the live graph; the call writes one node type.
+        let r = unsafe { sys::cuGraphNodeGetType(node, &mut ty) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+        match ty {
+            CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => kernels += 1,
+            CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => allocs += 1,
+            _ => {}
+        }
+    }
+    (kernels, allocs)
+}
+
+/// The linear layer's three GEMMs (forward, input gradient, accumulated weight gradient) on a
+/// `Gemm` whose cuBLAS workspace is the caller's memory: captured once, the graph holds no
+/// allocation; replayed on new inputs, each output equals an uncaptured call on the same data
+/// bit for bit and is within the tolerance rule of the f64 products.
+#[test]
+fn linear_gemms_on_a_caller_cublas_workspace_replay_from_a_cuda_graph_with_new_data() {
+    let Some(shared) = gpu_or_skip("gemm_graph_replay") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let mut gemm = Gemm::new(&gpu).expect("cuBLAS on the library path");
+    // The caller's workspace, 256-byte aligned inside a slightly larger allocation.
+    let bytes = gemm::workspace_bytes(&gpu);
+    let ws = gpu.full(DType::F32, &[(bytes + 256) / 4], 0.0).unwrap();
+    let base = ws.view().device_ptr();
+    let ptr = base.next_multiple_of(gemm::WORKSPACE_ALIGN);
+    // SAFETY: [ptr, ptr + bytes) lies inside `ws`, a live allocation of this context that
+    // outlives `gemm` and every replay, touched by nothing else meanwhile.
+    let misaligned = unsafe { gemm.use_workspace(ptr + 128, bytes) };
+    assert!(
+        matches!(
+            misaligned,
+            Err(Error::Alignment {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{misaligned:?}"
+    );
+    // SAFETY: as above.
+    let small = unsafe { gemm.use_workspace(ptr, gemm::MIN_WORKSPACE_BYTES - 256) };
+    assert!(
+        matches!(
+            small,
+            Err(Error::InvalidArgument {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{small:?}"
+    );
+    assert_eq!(gemm.workspace(), None);
+    // SAFETY: as above.
+    unsafe { gemm.use_workspace(ptr, bytes) }.unwrap();
+    assert_eq!(gemm.workspace(), Some(bytes));
+
+    let (rows, d_in, d_out) = (96, 136, 72);
+    let dt = DType::F16;
+    let mut x = gpu.upload(&random(dt, &[rows, d_in], 1)).unwrap();
+    let mut w = gpu.upload(&random(dt, &[d_out, d_in], 2)).unwrap();
+    let mut dy = gpu.upload(&random(dt, &[rows, d_out], 3)).unwrap();
+    let mut y = gpu.full(dt, &[rows, d_out], 0.0).unwrap();
+    let mut dx = gpu.full(dt, &[rows, d_in], 0.0).unwrap();
+    let mut dw = gpu.full(dt, &[d_out, d_in], 0.0).unwrap();
+    let acc = WeightGradOptions { accumulate: true };
+    type Inputs<'a> = (&'a DeviceTensor, &'a DeviceTensor, &'a DeviceTensor);
+    let run = |(x, w, dy): Inputs<'_>,
+               y: &mut DeviceTensor,
+               dx: &mut DeviceTensor,
+               dw: &mut DeviceTensor| {
+        gemm.linear_forward(&x.view(), &w.view(), &mut y.view_mut())?;
+        gemm.linear_input_grad(&dy.view(), &w.view(), &mut dx.view_mut())?;
+        gemm.linear_weight_grad(&acc, &dy.view(), &x.view(), &mut dw.view_mut())
+    };
+    // Warm-up outside the capture (cuBLAS loads its kernels on first use).
+    run((&x, &w, &dy), &mut y, &mut dx, &mut dw).unwrap();
+    gpu.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = run((&x, &w, &dy), &mut y, &mut dx, &mut dw);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    captured.unwrap();
+    let (kernels, allocs) = kernel_and_alloc_nodes(&graph);
+    assert!(kernels >= 3, "{kernels} kernel nodes for three GEMMs");
+    assert_eq!(allocs, 0, "the captured GEMMs allocate");
+
+    for round in 0..2u64 {
+        let seed = 10 * (round + 1);
+        let (hx, hw, hdy, hdw) = (
+            random(dt, &[rows, d_in], seed),
+            random(dt, &[d_out, d_in], seed + 1),
+            random(dt, &[rows, d_out], seed + 2),
+            random(dt, &[d_out, d_in], seed + 3),
+        );
+        x.write(&hx).unwrap();
+        w.write(&hw).unwrap();
+        dy.write(&hdy).unwrap();
+        dw.write(&hdw).unwrap();
+        nan_poison(&mut y);
+        nan_poison(&mut dx);
+        graph.launch().unwrap();
+        let got = [&y, &dx, &dw].map(|t| t.to_f32_vec().unwrap());
+
+        let mut y2 = gpu.full(dt, &[rows, d_out], f32::NAN).unwrap();
+        let mut dx2 = gpu.full(dt, &[rows, d_in], f32::NAN).unwrap();
+        let mut dw2 = gpu.upload(&hdw).unwrap();
+        run((&x, &w, &dy), &mut y2, &mut dx2, &mut dw2).unwrap();
+        let plain = [&y2, &dx2, &dw2].map(|t| t.to_f32_vec().unwrap());
+        for (name, (g, p)) in ["y", "dx", "dw"].iter().zip(got.iter().zip(&plain)) {
+            assert_finite_and_equal(&format!("round {round} {name}"), g, p);
+        }
+
+        // The f64 products of the rounded inputs.
+        let (vx, vw, vdy, vdw) = (
+            hx.to_f32_vec(),
+            hw.to_f32_vec(),
+            hdy.to_f32_vec(),
+            hdw.to_f32_vec(),
+        );
+        let dot = |n: usize, a: &dyn Fn(usize) -> f32, b: &dyn Fn(usize) -> f32| {
+            (0..n).map(|i| a(i) as f64 * b(i) as f64).sum::<f64>()
+        };
+        let want_y: Vec<f64> = (0..rows * d_out)
+            .map(|e| {
+                let (r, o) = (e / d_out, e % d_out);
+                dot(d_in, &|i| vx[r * d_in + i], &|i| vw[o * d_in + i])
+            })
+            .collect();
+        let want_dx: Vec<f64> = (0..rows * d_in)
+            .map(|e| {
+                let (r, i) = (e / d_in, e % d_in);
+                dot(d_out, &|o| vdy[r * d_out + o], &|o| vw[o * d_in + i])
+            })
+            .collect();
+        let want_dw: Vec<f64> = (0..d_out * d_in)
+            .map(|e| {
+                let (o, i) = (e / d_in, e % d_in);
+                vdw[e] as f64 + dot(rows, &|r| vdy[r * d_out + o], &|r| vx[r * d_in + i])
+            })
+            .collect();
+        for (name, out, want, n) in [
+            ("y", &got[0], &want_y, d_in),
+            ("dx", &got[1], &want_dx, d_out),
+            ("dw", &got[2], &want_dw, rows + 1),
+        ] {
+            expect_close(
+                &format!("round {round} {name}"),
+                out,
+                want,
+                Tolerance::for_output(dt, n, 1.0),
+            )
+            .unwrap();
+        }
+    }
+    drop(graph);
+    drop(gemm);
+    drop(ws);
 }
 
 /// A caller-supplied workspace that is too small is an error, not an allocation.

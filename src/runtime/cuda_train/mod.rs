@@ -20,6 +20,12 @@
 //! not take, it runs unfused ([`attention`]): cuBLAS products around a row-softmax kernel and
 //! the Philox dropout kernel, with the probabilities materialised per call. The recurrent
 //! models' GRU step and additive attention run fused ([`rnn`]).
+//!
+//! Every entry that takes tensors first refuses one of another context than the backend's
+//! (`Cuda::check_contexts`: [`Error::Device`] naming the argument, as the ops do): a
+//! [`DeviceTensor`] carries the `Gpu` that made it, and a caller may hold tensors of several
+//! contexts, while the conversions and copies below launch on raw addresses before any op of
+//! `crate::ops` would see a view.
 
 mod attention;
 mod rnn;
@@ -403,10 +409,12 @@ impl TrainBackend for Cuda {
     }
 
     fn cast(&self, t: &DeviceTensor, dtype: DType) -> Result<DeviceTensor> {
+        self.check_contexts([("t", t)])?;
         self.converted(t, dtype)
     }
 
     fn accumulate(&self, acc: &mut DeviceTensor, x: &DeviceTensor) -> Result<()> {
+        self.check_contexts([("acc", &*acc), ("x", x)])?;
         same_shape("x", acc, x)?;
         let n = numel(acc);
         if n == 0 {
@@ -425,6 +433,7 @@ impl TrainBackend for Cuda {
     }
 
     fn scale(&self, x: &mut DeviceTensor, s: f32) -> Result<()> {
+        self.check_contexts([("x", &*x)])?;
         let a = ptr(x);
         self.ew(x.dtype(), CUATTN_EW_SCALE, 0, s, a, 0, a, numel(x))
     }
@@ -436,6 +445,7 @@ impl TrainBackend for Cuda {
         b: &DeviceTensor,
         op_b: Op,
     ) -> Result<DeviceTensor> {
+        self.check_contexts([("a", a), ("b", b)])?;
         let (ar, ac) = dims2("a", a)?;
         let (br, bc) = dims2("b", b)?;
         let (m, k) = match op_a {
@@ -490,6 +500,7 @@ impl TrainBackend for Cuda {
     }
 
     fn sum_rows(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x)])?;
         let (rows, cols) = dims2("x", x)?;
         let mut out = self.gpu().zeros(DType::F32, &[cols])?;
         if rows == 0 || cols == 0 {
@@ -505,12 +516,14 @@ impl TrainBackend for Cuda {
     }
 
     fn sum_squares(&self, x: &DeviceTensor) -> Result<f64> {
+        self.check_contexts([("x", x)])?;
         self.sum_squares_all(&[x])
     }
 
     /// One deterministic two-stage pass per dtype present (f32 partial sums per chunk of
     /// 64 Ki elements, added in chunk order), one wait for the device.
     fn sum_squares_all(&self, xs: &[&DeviceTensor]) -> Result<f64> {
+        self.check_contexts(xs.iter().map(|&t| ("xs", t)))?;
         let mut norms = Vec::new();
         for dtype in DType::ALL {
             let views: Vec<_> = xs
@@ -531,10 +544,12 @@ impl TrainBackend for Cuda {
     }
 
     fn mul(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("a", a), ("b", b)])?;
         self.ew_new(CUATTN_EW_MUL, 0, a, Some(b))
     }
 
     fn activate(&self, x: &DeviceTensor, act: Activation) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x)])?;
         let y = self.converted(x, self.dtype())?;
         if numel(&y) > 0 && act != Activation::None {
             self.bias_act(&y, None, act)?;
@@ -548,22 +563,27 @@ impl TrainBackend for Cuda {
         dy: &DeviceTensor,
         act: Activation,
     ) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x), ("dy", dy)])?;
         self.ew_new(CUATTN_EW_ACT_BWD, act_code(act), x, Some(dy))
     }
 
     fn sigmoid(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x)])?;
         self.ew_new(CUATTN_EW_SIGMOID, 0, x, None)
     }
 
     fn sigmoid_backward(&self, y: &DeviceTensor, dy: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("y", y), ("dy", dy)])?;
         self.ew_new(CUATTN_EW_SIGMOID_BWD, 0, y, Some(dy))
     }
 
     fn tanh_backward(&self, y: &DeviceTensor, dy: &DeviceTensor) -> Result<DeviceTensor> {
+        self.check_contexts([("y", y), ("dy", dy)])?;
         self.ew_new(CUATTN_EW_TANH_BWD, 0, y, Some(dy))
     }
 
     fn slice_cols(&self, x: &DeviceTensor, start: usize, width: usize) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x)])?;
         let (rows, cols) = dims2("x", x)?;
         if start.checked_add(width).is_none_or(|end| end > cols) {
             return Err(Error::invalid(
@@ -577,6 +597,7 @@ impl TrainBackend for Cuda {
     }
 
     fn concat_cols(&self, parts: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        self.check_contexts(parts.iter().map(|&p| ("parts", p)))?;
         let Some(first) = parts.first() else {
             return Err(Error::invalid("parts", "nothing to concatenate"));
         };
@@ -615,6 +636,7 @@ impl TrainBackend for Cuda {
         eps: f32,
         dy: &DeviceTensor,
     ) -> Result<LayerNormGrads<DeviceTensor>> {
+        self.check_contexts([("x", x), ("gamma", gamma), ("dy", dy)])?;
         let (rows, width) = dims2("x", x)?;
         same_shape("dy", x, dy)?;
         if gamma.shape() != [width] {
@@ -690,6 +712,7 @@ impl TrainBackend for Cuda {
         rows: usize,
         padding_idx: Option<u32>,
     ) -> Result<DeviceTensor> {
+        self.check_contexts([("dy", dy)])?;
         let (n, width) = dims2("dy", dy)?;
         if n != ids.len() {
             return Err(Error::shape(
@@ -747,6 +770,7 @@ impl TrainBackend for Cuda {
         mask: &AttentionMask<'_>,
         dropout: Option<DropoutSite>,
     ) -> Result<(DeviceTensor, DeviceTensor)> {
+        self.check_contexts([("q", q.tensor), ("k", k.tensor), ("v", v.tensor)])?;
         let widths = check_attention(&q, &k, &v, mask)?;
         for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
             self.require_compute(arg, h.tensor)?;
@@ -818,6 +842,14 @@ impl TrainBackend for Cuda {
         mask: &AttentionMask<'_>,
         dropout: Option<DropoutSite>,
     ) -> Result<AttentionGrads<DeviceTensor>> {
+        self.check_contexts([
+            ("q", q.tensor),
+            ("k", k.tensor),
+            ("v", v.tensor),
+            ("o", o),
+            ("lse", lse),
+            ("dout", dout),
+        ])?;
         let widths = check_attention(&q, &k, &v, mask)?;
         for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
             self.require_compute(arg, h.tensor)?;
@@ -912,6 +944,7 @@ impl TrainBackend for Cuda {
     }
 
     fn dropout(&self, x: &DeviceTensor, site: DropoutSite) -> Result<DeviceTensor> {
+        self.check_contexts([("x", x)])?;
         crate::rng::Dropout::new(site.p)?;
         if site.p == 0.0 || numel(x) == 0 {
             return self.converted(x, x.dtype());
@@ -938,6 +971,7 @@ impl TrainBackend for Cuda {
         labels: &[i64],
         opts: &CrossEntropy,
     ) -> Result<(f32, DeviceTensor)> {
+        self.check_contexts([("logits", logits)])?;
         let (rows, classes) = dims2("logits", logits)?;
         check_cross_entropy(rows, classes, labels, opts)?;
         let eps = opts.label_smoothing;
@@ -983,6 +1017,7 @@ impl TrainBackend for Cuda {
         v: &mut DeviceTensor,
         hp: &AdamWStep,
     ) -> Result<()> {
+        self.check_contexts([("param", &*param), ("grad", grad), ("m", &*m), ("v", &*v)])?;
         same_shape("grad", param, grad)?;
         same_shape("m", param, m)?;
         same_shape("v", param, v)?;
@@ -1031,6 +1066,7 @@ impl TrainBackend for Cuda {
         h: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<(DeviceTensor, DeviceTensor)> {
+        self.check_contexts([("gi", gi), ("gh", gh), ("h", h)])?;
         rnn::gru_cell(self, gi, gh, h, active)
     }
 
@@ -1041,6 +1077,7 @@ impl TrainBackend for Cuda {
         dout: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<GruCellGrads<DeviceTensor>> {
+        self.check_contexts([("cache", cache), ("h", h), ("dout", dout)])?;
         rnn::gru_cell_backward(self, cache, h, dout, active)
     }
 
@@ -1052,6 +1089,7 @@ impl TrainBackend for Cuda {
         c: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        self.check_contexts([("gi", gi), ("gh", gh), ("h", h), ("c", c)])?;
         rnn::lstm_cell(self, gi, gh, h, c, active)
     }
 
@@ -1063,6 +1101,12 @@ impl TrainBackend for Cuda {
         dc_out: &DeviceTensor,
         active: Option<&[bool]>,
     ) -> Result<LstmCellGrads<DeviceTensor>> {
+        self.check_contexts([
+            ("cache", cache),
+            ("c", c),
+            ("dh_out", dh_out),
+            ("dc_out", dc_out),
+        ])?;
         rnn::lstm_cell_backward(self, cache, c, dh_out, dc_out, active)
     }
 
@@ -1074,6 +1118,7 @@ impl TrainBackend for Cuda {
         values: &DeviceTensor,
         key_lens: Option<&[usize]>,
     ) -> Result<(DeviceTensor, DeviceTensor)> {
+        self.check_contexts([("q", q), ("keys", keys), ("v", v), ("values", values)])?;
         rnn::additive_attention(self, q, keys, v, values, key_lens)
     }
 
@@ -1087,6 +1132,14 @@ impl TrainBackend for Cuda {
         dctx: &DeviceTensor,
         key_lens: Option<&[usize]>,
     ) -> Result<AdditiveGrads<DeviceTensor>> {
+        self.check_contexts([
+            ("q", q),
+            ("keys", keys),
+            ("v", v),
+            ("values", values),
+            ("alpha", alpha),
+            ("dctx", dctx),
+        ])?;
         rnn::additive_attention_backward(self, q, keys, v, values, alpha, dctx, key_lens)
     }
 }
