@@ -36,6 +36,7 @@ use super::generate::{
 };
 use crate::error::Result;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 const EXCLUDED: f32 = -1.0e9;
 
@@ -55,10 +56,27 @@ struct Search {
     done: bool,
 }
 
+/// Up to this many, [`top_k`] keeps its candidates in one pass (a beam step asks for
+/// 2·beams of batch·beams·vocab scores); more go through a selection.
+const SCAN_K: usize = 64;
+
 /// Indices of the `k` largest `scores`, largest first (ties: lower index first).
 fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
     let key = |&i: &usize| (std::cmp::Reverse(OrdF(scores[i])), i);
+    if (1..=SCAN_K).contains(&k) {
+        // The k best so far, in order; almost every score fails the first comparison.
+        let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+        for i in 0..scores.len() {
+            if best.len() == k && best.last().is_some_and(|last| key(&i) > key(last)) {
+                continue;
+            }
+            let at = best.partition_point(|j| key(j) < key(&i));
+            best.insert(at, i);
+            best.truncate(k);
+        }
+        return best;
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
     let k = k.min(idx.len());
     if k < idx.len() && k > 0 {
         idx.select_nth_unstable_by_key(k - 1, key);
@@ -233,6 +251,13 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
             .flat_map(|s| std::iter::repeat_n(!s.done, beams))
             .collect();
         let mut logits = stepper.logits(&seqs, &live)?;
+        // Every live row's log-softmax in parallel: at 4 beams × batch 4 it is 16 rows of the
+        // vocabulary each step, the largest serial part of scoring.
+        logits
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .filter(|(r, _)| live[*r])
+            .for_each(|(_, row)| log_softmax(row));
         let mut src: Vec<usize> = (0..batch * beams).collect();
         for (b, s) in searches.iter_mut().enumerate() {
             if s.done {
@@ -242,7 +267,6 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
             let rows = &mut logits[b * beams * vocab..(b + 1) * beams * vocab];
             for (j, h) in s.running.iter().enumerate() {
                 let row = &mut rows[j * vocab..(j + 1) * vocab];
-                log_softmax(row);
                 opts.process_scores(&h.seq, s.prompt_len, s.max_len, eos, row);
                 if sampling {
                     warp(row, &opts.sampling);
@@ -365,4 +389,32 @@ pub(crate) fn beam_search<B: GenerateBackend, M: TokenModel<B>>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass top-k equals a full sort by (score descending, index ascending) on rows
+    /// with ties, −∞ and NaN, for every k on both sides of [`SCAN_K`].
+    #[test]
+    fn top_k_equals_a_full_sort_with_ties_infinities_and_nan() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for len in [1usize, 7, 300, 5000] {
+            let scores: Vec<f32> = (0..len)
+                .map(|_| match rng.gen_range(0..10) {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::NAN,
+                    2 => 0.5,
+                    _ => rng.gen_range(-3.0..3.0),
+                })
+                .collect();
+            let mut sorted: Vec<usize> = (0..len).collect();
+            sorted.sort_by_key(|&i| (std::cmp::Reverse(OrdF(scores[i])), i));
+            for k in [1, 2, 8, SCAN_K, SCAN_K + 1, len] {
+                let want = &sorted[..k.min(len)];
+                assert_eq!(top_k(&scores, k), want, "len {len} k {k}");
+            }
+        }
+    }
 }
