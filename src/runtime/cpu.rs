@@ -12,7 +12,6 @@ pub mod isa;
 pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
-pub(super) use vmath::exp;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};

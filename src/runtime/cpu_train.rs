@@ -59,12 +59,7 @@ fn zip_map(
 fn activation_derivative(act: Activation, x: f32) -> f32 {
     match act {
         Activation::None => 1.0,
-        Activation::GeluErf => {
-            // Φ(x) + x·φ(x)
-            let cdf = 0.5 * (1.0 + super::backend::erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = super::cpu::exp(-0.5 * x * x) * 0.398_942_3; // 1/√(2π)
-            cdf + x * pdf
-        }
+        Activation::GeluErf => vmath::gelu_erf_derivative(x),
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // √(2/π)
             let inner = C * (x + 0.044715 * x * x * x);

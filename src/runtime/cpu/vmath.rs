@@ -177,14 +177,19 @@ multiversion! {
     }
 }
 
+/// GELU′(x) = Φ(x) + x·φ(x) for GELU with the exact erf (inlined so loops vectorize it).
+#[inline(always)]
+pub fn gelu_erf_derivative(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + crate::runtime::backend::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = exp(-0.5 * x * x) * 0.398_942_3; // 1/√(2π)
+    cdf + x * pdf
+}
+
 multiversion! {
-    /// `out = dy·GELU′(x)` for GELU with the exact erf: GELU′(x) = Φ(x) + x·φ(x), the same
-    /// f32 operations as the training backend's scalar derivative, vectorized.
+    /// `out = dy·GELU′(x)` ([`gelu_erf_derivative`] over a slice, vectorized).
     pub fn gelu_erf_backward(x: &[f32], dy: &[f32], out: &mut [f32]) {
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(dy) {
-            let cdf = 0.5 * (1.0 + crate::runtime::backend::erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = exp(-0.5 * x * x) * 0.398_942_3; // 1/√(2π)
-            *o = g * (cdf + x * pdf);
+            *o = g * gelu_erf_derivative(x);
         }
     }
 }
