@@ -61,8 +61,11 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Checks the sizes of a GRU step; returns (batch, H).
-pub fn gru_dims(
+/// Checks the sizes of a recurrent step with `gates` gate blocks (3 for the GRU, 4 for the
+/// LSTM): h `[batch, H]`, gi and gh `[batch, gates·H]`, one `active` flag per row; returns
+/// (batch, H).
+fn step_dims(
+    gates: usize,
     gi: &[usize],
     gh: &[usize],
     h: &[usize],
@@ -72,19 +75,35 @@ pub fn gru_dims(
         [b, w] if *w > 0 => (*b, *w),
         s => return Err(Error::shape("h", "[batch, hidden ≥ 1]", s)),
     };
-    let want = [batch, 3 * hidden];
+    let want = [batch, gates * hidden];
     if gi != want {
         return Err(Error::shape("gi", format!("{want:?}"), gi));
     }
     if gh != want {
         return Err(Error::shape("gh", format!("{want:?}"), gh));
     }
-    if let Some(a) = active {
-        if a.len() != batch {
-            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
-        }
-    }
+    check_active(active, batch)?;
     Ok((batch, hidden))
+}
+
+/// One `active` flag per row, when given.
+fn check_active(active: Option<&[bool]>, batch: usize) -> Result<()> {
+    match active {
+        Some(a) if a.len() != batch => {
+            Err(Error::shape("active", format!("[{batch}]"), &[a.len()]))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks the sizes of a GRU step; returns (batch, H).
+pub fn gru_dims(
+    gi: &[usize],
+    gh: &[usize],
+    h: &[usize],
+    active: Option<&[bool]>,
+) -> Result<(usize, usize)> {
+    step_dims(3, gi, gh, h, active)
 }
 
 /// One GRU step: returns h' `[batch·H]` and the cache `[batch·4H]` (r, z, n, gh_n).
@@ -374,24 +393,9 @@ pub fn lstm_dims(
     c: &[usize],
     active: Option<&[bool]>,
 ) -> Result<(usize, usize)> {
-    let (batch, hidden) = match h {
-        [b, w] if *w > 0 => (*b, *w),
-        s => return Err(Error::shape("h", "[batch, hidden ≥ 1]", s)),
-    };
+    let (batch, hidden) = step_dims(4, gi, gh, h, active)?;
     if c != [batch, hidden] {
         return Err(Error::shape("c", format!("[{batch}, {hidden}]"), c));
-    }
-    let want = [batch, 4 * hidden];
-    if gi != want {
-        return Err(Error::shape("gi", format!("{want:?}"), gi));
-    }
-    if gh != want {
-        return Err(Error::shape("gh", format!("{want:?}"), gh));
-    }
-    if let Some(a) = active {
-        if a.len() != batch {
-            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
-        }
     }
     Ok((batch, hidden))
 }
@@ -501,11 +505,7 @@ pub fn lstm_backward_dims(
             return Err(Error::shape(name, format!("[{batch}, {hidden}]"), s));
         }
     }
-    if let Some(a) = active {
-        if a.len() != batch {
-            return Err(Error::shape("active", format!("[{batch}]"), &[a.len()]));
-        }
-    }
+    check_active(active, batch)?;
     Ok((batch, hidden))
 }
 
