@@ -176,25 +176,7 @@ fn bench(
                     gpu.info().name,
                     cuattn::bench::sparse::BLOCK
                 )?;
-                writeln!(
-                    out,
-                    "{:<7} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
-                    "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
-                )?;
-                for r in rows {
-                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
-                    writeln!(
-                        out,
-                        "{:<7} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
-                        r.kernel,
-                        shape,
-                        r.density,
-                        r.kept_fraction,
-                        r.time_us,
-                        r.tflops,
-                        r.speedup_vs_dense
-                    )?;
-                }
+                write_sparse_rows(&mut out, &rows, 7)?;
             }
             v
         }
@@ -210,25 +192,7 @@ fn bench(
                     gpu.info().name,
                     cuattn::bench::sparse::BACKWARD_BLOCK
                 )?;
-                writeln!(
-                    out,
-                    "{:<11} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
-                    "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
-                )?;
-                for r in rows {
-                    let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
-                    writeln!(
-                        out,
-                        "{:<11} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
-                        r.kernel,
-                        shape,
-                        r.density,
-                        r.kept_fraction,
-                        r.time_us,
-                        r.tflops,
-                        r.speedup_vs_dense
-                    )?;
-                }
+                write_sparse_rows(&mut out, &rows, 11)?;
             }
             v
         }
@@ -358,4 +322,28 @@ fn bench(_: Family, _: bool, _: bool, _: Vec<cuattn::DType>, _: bool) -> Report 
     }
     eprintln!("cuattn bench needs a CUDA GPU: this build has no `cuda` feature");
     Ok(None)
+}
+
+#[cfg(all(feature = "cuda", feature = "testing"))]
+/// The table of a block-sparse family (forward or backward): one line per row, the kernel
+/// name in a column `kernel_width` wide.
+fn write_sparse_rows(
+    out: &mut impl std::io::Write,
+    rows: &[cuattn::bench::sparse::Row],
+    kernel_width: usize,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<kernel_width$} {:>16} {:>8} {:>8} {:>11} {:>9} {:>8}",
+        "kernel", "B×H×L", "density", "kept", "time (µs)", "TFLOP/s", "vs dense"
+    )?;
+    for r in rows {
+        let shape = format!("{}x{}x{}", r.batch, r.heads, r.len);
+        writeln!(
+            out,
+            "{:<kernel_width$} {:>16} {:>8.2} {:>8.3} {:>11.1} {:>9.1} {:>7.1}x",
+            r.kernel, shape, r.density, r.kept_fraction, r.time_us, r.tflops, r.speedup_vs_dense
+        )?;
+    }
+    Ok(())
 }
