@@ -13,6 +13,7 @@ mod recycle;
 pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
+pub use recycle::KeepOpBuffers;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
