@@ -19,10 +19,12 @@ use crate::kernels::params::{
 };
 use crate::ops::attention::{self as attn, Options, Sequences};
 use crate::ops::decode;
+use crate::ops::gemm;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
+use crate::ops::BlasHandle;
 use crate::tensor::{HostTensor, Layout};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -34,7 +36,9 @@ const THREADS: u32 = 256;
 pub struct Cuda {
     gpu: Arc<Gpu>,
     dtype: DType,
-    blas: CudaBlas,
+    /// Linear layers and batched products; its workspace is cuBLAS's pool until an embedder
+    /// fixes one ([`Cuda::use_blas_workspace`], [`Cuda::reserve_blas_workspace`]).
+    blas: BlasHandle,
     /// The key lengths of the last decode-shaped attention and their device copy: every layer
     /// of a generation step has the same, so they are uploaded once per step. Never written
     /// after upload (a change allocates a new buffer; the old one is freed in stream order),
@@ -77,18 +81,11 @@ fn int(arg: &'static str, v: usize) -> Result<i32> {
 }
 
 impl Cuda {
-    /// A backend on `gpu` storing tensors in `dtype`.
+    /// A backend on `gpu` storing tensors in `dtype`. Its cuBLAS calls draw scratch from
+    /// cuBLAS's own pool until [`Cuda::use_blas_workspace`] or
+    /// [`Cuda::reserve_blas_workspace`] fixes a workspace.
     pub fn new(gpu: Arc<Gpu>, dtype: DType) -> Result<Cuda> {
-        // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
-        // SAFETY: only tries to dlopen libcublas by its usual names; no cuBLAS call is made.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "cuBLAS 13 (libcublas.so.13) was not found: put its folder (e.g. PyTorch's \
-                 site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH"
-                    .into(),
-            ));
-        }
-        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("cublasCreate", e))?;
+        let blas = BlasHandle::new(&gpu)?;
         Ok(Cuda {
             gpu,
             dtype,
@@ -102,8 +99,44 @@ impl Cuda {
     }
 
     /// The cuBLAS handle (on the Gpu's stream), for the training ops (`cuda_train/`).
-    pub(crate) fn blas(&self) -> &CudaBlas {
+    pub(crate) fn blas(&self) -> &BlasHandle {
         &self.blas
+    }
+
+    /// The cuBLAS workspace to give [`Cuda::use_blas_workspace`]: NVIDIA's recommended size
+    /// for the device, as for [`gemm::Gemm`] ([`gemm::workspace_bytes`]).
+    pub fn blas_workspace_bytes(&self) -> usize {
+        gemm::workspace_bytes(&self.gpu)
+    }
+
+    /// The size of the backend's fixed cuBLAS workspace, or `None` while cuBLAS draws from
+    /// its own pool.
+    pub fn blas_workspace(&self) -> Option<usize> {
+        self.blas.workspace()
+    }
+
+    /// Allocates a cuBLAS workspace of `bytes` (at least [`gemm::MIN_WORKSPACE_BYTES`]) once,
+    /// so that the backend's GEMMs allocate nothing afterwards.
+    pub fn reserve_blas_workspace(&mut self, bytes: usize) -> Result<()> {
+        self.blas.reserve_workspace(bytes)
+    }
+
+    /// Makes `bytes` at `ptr` (the caller's device memory) the workspace of every cuBLAS call
+    /// of this backend (linear layers, batched products, the training backend's GEMMs): they
+    /// allocate nothing and can be captured in a CUDA graph on the caller's memory. The same
+    /// checks as [`gemm::Gemm::use_workspace`] (one implementation): `bytes` below
+    /// [`gemm::MIN_WORKSPACE_BYTES`] is [`Error::InvalidArgument`], `ptr` not 256-byte aligned
+    /// [`Error::Alignment`], and NULL, host memory or memory of another context or device
+    /// [`Error::Device`]. The backend's other scratch (decode's split partials, LayerNorm's
+    /// backward partials) is the [`Gpu`]'s: hand that over with [`Gpu::use_workspace`].
+    ///
+    /// # Safety
+    /// `ptr` must be device memory usable by the backend's context, valid for reads and writes
+    /// of `bytes` bytes for as long as this backend is used (or until another workspace
+    /// replaces it), and touched by nothing else while work of the backend's stream may use it.
+    pub unsafe fn use_blas_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller's contract above, which is the handle's.
+        unsafe { self.blas.use_workspace(ptr, bytes) }
     }
 
     fn kernel(&self, op: &str) -> Result<LoadedKernel> {
