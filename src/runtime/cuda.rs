@@ -244,6 +244,108 @@ impl Cuda {
         .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
     }
 
+    /// [`Backend::linear`] into `y` (`[rows, out]` of the backend's dtype, the caller's):
+    /// y = act(x·Wᵀ + b). With parameters already in the backend's dtype it allocates nothing,
+    /// so with a fixed cuBLAS workspace ([`Cuda::use_blas_workspace`]) it can be captured in a
+    /// CUDA graph.
+    pub fn linear_into(
+        &self,
+        x: &DeviceTensor,
+        w: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        act: Activation,
+        y: &mut DeviceTensor,
+    ) -> Result<()> {
+        self.check_contexts(
+            [("x", x), ("w", w), ("y", &*y)]
+                .into_iter()
+                .chain(bias.map(|b| ("bias", b))),
+        )?;
+        let (rows, inp) = rows_cols("x", x)?;
+        let (out, w_in) = rows_cols("w", w)?;
+        self.check_dtype("x", x)?;
+        self.check_dtype("y", y)?;
+        if w_in != inp {
+            return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [out] {
+                return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
+            }
+        }
+        if y.shape() != [rows, out] {
+            return Err(Error::shape("y", format!("[{rows}, {out}]"), y.shape()));
+        }
+        // Parameters stored in another dtype (a trainer's f32 master weights on a 16-bit
+        // backend) are read converted to this one.
+        let (mut w_slot, mut b_slot) = (None, None);
+        let w = self.in_compute_dtype(w, &mut w_slot)?;
+        let bias = match bias {
+            Some(b) => Some(self.in_compute_dtype(b, &mut b_slot)?),
+            None => None,
+        };
+        if rows == 0 || out == 0 {
+            return Ok(());
+        }
+        // Row-major Y = X·Wᵀ is column-major Yᵀ[out, rows] = W·Xᵀ: W's bytes are a
+        // column-major [in, out] matrix (so op T), X's a column-major [in, rows] one. (k = in
+        // = 0 writes zeros: β = 0.)
+        self.gemm(
+            true,
+            false,
+            (out, rows, inp),
+            (ptr(w), inp, 0),
+            (ptr(x), inp, 0),
+            (ptr(y), out, 0),
+            1,
+        )?;
+        if bias.is_some() || act != Activation::None {
+            self.bias_act(y, bias, act)?;
+        }
+        Ok(())
+    }
+
+    /// [`Backend::batched_matmul_nt`] into `c` (`[batch·m, n]` of the backend's dtype, the
+    /// caller's): C_b = A_b·B_bᵀ. Allocates nothing.
+    pub fn batched_matmul_nt_into(
+        &self,
+        a: &DeviceTensor,
+        b: &DeviceTensor,
+        batch: usize,
+        c: &mut DeviceTensor,
+    ) -> Result<()> {
+        self.check_contexts([("a", a), ("b", b), ("c", &*c)])?;
+        let (ar, k) = rows_cols("a", a)?;
+        let (br, bk) = rows_cols("b", b)?;
+        self.check_dtype("a", a)?;
+        self.check_dtype("b", b)?;
+        self.check_dtype("c", c)?;
+        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
+            return Err(Error::shape(
+                "b",
+                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
+                b.shape(),
+            ));
+        }
+        let (m, n) = (ar / batch, br / batch);
+        if c.shape() != [ar, n] {
+            return Err(Error::shape("c", format!("[{ar}, {n}]"), c.shape()));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major C_b = A_b·B_bᵀ is column-major C_bᵀ[n, m] = B_b·A_bᵀ.
+        self.gemm(
+            true,
+            false,
+            (n, m, k),
+            (ptr(b), k, n * k),
+            (ptr(a), k, m * k),
+            (ptr(c), n, m * n),
+            batch,
+        )
+    }
+
     pub(crate) fn bias_act(
         &self,
         y: &DeviceTensor,
@@ -530,43 +632,10 @@ impl Backend for Cuda {
                 .into_iter()
                 .chain(bias.map(|b| ("bias", b))),
         )?;
-        let (rows, inp) = rows_cols("x", x)?;
-        let (out, w_in) = rows_cols("w", w)?;
-        self.check_dtype("x", x)?;
-        // Parameters stored in another dtype (a trainer's f32 master weights on a 16-bit
-        // backend) are read converted to this one.
-        let (mut w_slot, mut b_slot) = (None, None);
-        let w = self.in_compute_dtype(w, &mut w_slot)?;
-        let bias = match bias {
-            Some(b) => Some(self.in_compute_dtype(b, &mut b_slot)?),
-            None => None,
-        };
-        if w_in != inp {
-            return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
-        }
-        if let Some(b) = bias {
-            if b.shape() != [out] {
-                return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
-            }
-        }
-        let y = self.gpu.zeros(self.dtype, &[rows, out])?;
-        if rows == 0 || out == 0 {
-            return Ok(y);
-        }
-        // Row-major Y = X·Wᵀ is column-major Yᵀ[out, rows] = W·Xᵀ: W's bytes are a
-        // column-major [in, out] matrix (so op T), X's a column-major [in, rows] one.
-        self.gemm(
-            true,
-            false,
-            (out, rows, inp),
-            (ptr(w), inp, 0),
-            (ptr(x), inp, 0),
-            (ptr(&y), out, 0),
-            1,
-        )?;
-        if bias.is_some() || act != Activation::None {
-            self.bias_act(&y, bias, act)?;
-        }
+        let (rows, _) = rows_cols("x", x)?;
+        let (out, _) = rows_cols("w", w)?;
+        let mut y = self.gpu.zeros(self.dtype, &[rows, out])?;
+        self.linear_into(x, w, bias, act, &mut y)?;
         Ok(y)
     }
 
@@ -577,32 +646,11 @@ impl Backend for Cuda {
         batch: usize,
     ) -> Result<DeviceTensor> {
         self.check_contexts([("a", a), ("b", b)])?;
-        let (ar, k) = rows_cols("a", a)?;
-        let (br, bk) = rows_cols("b", b)?;
-        self.check_dtype("a", a)?;
-        self.check_dtype("b", b)?;
-        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
-            return Err(Error::shape(
-                "b",
-                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
-                b.shape(),
-            ));
-        }
-        let (m, n) = (ar / batch, br / batch);
-        let c = self.gpu.zeros(self.dtype, &[ar, n])?;
-        if m == 0 || n == 0 {
-            return Ok(c);
-        }
-        // Row-major C_b = A_b·B_bᵀ is column-major C_bᵀ[n, m] = B_b·A_bᵀ.
-        self.gemm(
-            true,
-            false,
-            (n, m, k),
-            (ptr(b), k, n * k),
-            (ptr(a), k, m * k),
-            (ptr(&c), n, m * n),
-            batch,
-        )?;
+        let (ar, _) = rows_cols("a", a)?;
+        let (br, _) = rows_cols("b", b)?;
+        let n = br.checked_div(batch).unwrap_or(0);
+        let mut c = self.gpu.zeros(self.dtype, &[ar, n])?;
+        self.batched_matmul_nt_into(a, b, batch, &mut c)?;
         Ok(c)
     }
 
