@@ -20,7 +20,8 @@
 # a type error in our code against candle's CUDA API shows up exactly as with the real crate.
 #
 # Env knobs: CARGO_TARGET_DIR (default: <repo>/target), CANDLE_CHECK_KEEP=1 keeps the temporary
-# folder, CANDLE_CHECK_ARGS (default "--all-targets"): what to check besides the library.
+# folder, CANDLE_CHECK_ARGS (default "--all-targets"): what to check besides the library,
+# CANDLE_CHECK_CLIPPY=1: `cargo clippy ... -- -D warnings` instead of `cargo check`.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -94,7 +95,13 @@ echo "candle-kernels $version (build script replaced) in $kernels"
 echo "checking a copy of $root in $tree (target dir $CARGO_TARGET_DIR)"
 cd "$tree"
 # shellcheck disable=SC2086 # CANDLE_CHECK_ARGS is a list of arguments
-time nice -n 19 cargo check \
+tool=(check)
+lints=()
+if [[ "${CANDLE_CHECK_CLIPPY:-0}" == 1 ]]; then
+    tool=(clippy)
+    lints=(-- -D warnings)
+fi
+time nice -n 19 cargo "${tool[@]}" \
     --config "patch.crates-io.candle-kernels.path=\"$kernels\"" \
-    --features candle-cuda,testing ${CANDLE_CHECK_ARGS---all-targets}
-echo "candle-cuda type check: OK"
+    --features candle-cuda,testing ${CANDLE_CHECK_ARGS---all-targets} "${lints[@]}"
+echo "candle-cuda ${tool[0]}: OK"
