@@ -183,7 +183,7 @@ pub(super) fn sgemm(
 /// [`sgemm`], adding the product to `c` when `accumulate` (`c += a·b`, so a bias written into
 /// `c` beforehand costs no pass of its own) instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn sgemm_into(
+fn sgemm_into(
     m: usize,
     k: usize,
     n: usize,
