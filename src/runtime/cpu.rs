@@ -321,10 +321,10 @@ impl Backend for Cpu {
         // an activation is one more pass, by row blocks.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
-        let mut y = zeroed(rows * out);
-        if let Some(b) = &bias {
-            y.chunks_mut(out).for_each(|row| row.copy_from_slice(b));
-        }
+        let mut y = match &bias {
+            Some(b) => recycle::repeated(b, rows),
+            None => zeroed(rows * out),
+        };
         let wd = w.values_f32();
         sgemm_into(
             rows,

@@ -161,6 +161,18 @@ pub fn copied(src: &[f32]) -> Vec<f32> {
     v
 }
 
+/// `row` repeated `rows` times, in a recycled buffer (see [`buffer`]) from [`MIN_LEN`]
+/// values up.
+pub fn repeated(row: &[f32], rows: usize) -> Vec<f32> {
+    let n = row.len().saturating_mul(rows);
+    if n < MIN_LEN || !active() {
+        return row.repeat(rows);
+    }
+    let mut v = buffer(n);
+    (0..rows).for_each(|_| v.extend_from_slice(row));
+    v
+}
+
 /// Keeps `v` for a later [`zeroed`] if it is large enough, dropping the oldest kept buffers
 /// to stay within the bounds.
 pub fn give_back(v: Vec<f32>) {
@@ -231,5 +243,7 @@ mod tests {
         give_back(w);
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
         assert_eq!(copied(&src), src);
+        let row = [1.0, -2.0, 3.5];
+        assert_eq!(repeated(&row, MIN_LEN), row.repeat(MIN_LEN));
     }
 }
