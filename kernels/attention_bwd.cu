@@ -34,7 +34,8 @@
 //       (the B operands' ldmatrix.trans addresses and the writes are offset by c0; Sᵀ and dPᵀ
 //       run over all HD columns in every block, so they are computed once per block). A side
 //       with no columns in block c (D ≤ 128 < Dv or the other way round) skips its GEMM; the
-//       fast mode's dS·K adds dQ[:, c0 ..] only. The dQ kernel splits the same way into
+//       fast mode's dS·K adds dQ[:, c0 ..] only, in two passes of 64 columns (a 128-column dQ
+//       accumulator beside dK's and dV's spilled ~0.5-0.9 KB). The dQ kernel splits the same way into
 //       ceil(D/CW) column blocks (S and dP recomputed per block). Cost: 1.5× the dK/dV pass's
 //       MMAs of an unsplit tile (6 GEMMs of 64×64×256 per query tile instead of 4), and Q, dO
 //       (K, V) tiles read once per column block.
@@ -373,36 +374,41 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                     }
                 __syncthreads();
                 // Warp w: dQ rows 16w..16w+15 of the tile, columns c0 .. c0 + CW,
-                // += dS[rows, BN keys]·K[BN keys, c0 ..].
-                float dq[CW / 8][4];
-#pragma unroll
-                for (int nd = 0; nd < CW / 8; ++nd)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
-#pragma unroll
-                for (int ks = 0; ks < BN / 16; ++ks) {
-                    uint32_t a[4];  // the transpose of dSᵀ's 16×16 block: A = dS rows, keys as K
-                    ldmatrix_x4_trans(a, sdS + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * PITCH_S + wrow + 8 * ((lane >> 3) & 1));
-#pragma unroll
-                    for (int nd2 = 0; nd2 < CW / 16; ++nd2) {
-                        uint32_t kb[4];
-                        ldmatrix_x4_trans(kb, sK + (ks * 16 + (lane & 15)) * PITCH + c0 + nd2 * 16 + 8 * (lane >> 4));
-                        mma16816<T>(dq[2 * nd2], a, kb[0], kb[1]);
-                        mma16816<T>(dq[2 * nd2 + 1], a, kb[2], kb[3]);
-                    }
-                }
+                // += dS[rows, BN keys]·K[BN keys, c0 ..]. HD 256: in two passes of CW/2
+                // columns, so that dQ's accumulators beside dK's and dV's fit the registers.
+                constexpr int DQW = SPLIT ? CW / 2 : CW;
                 float* acc = reinterpret_cast<float*>(bp.dq_accum) + r0 * p.dim_qk;
+#pragma unroll 1
+                for (int d0 = c0; d0 < c0 + CW && (!SPLIT || d0 < p.dim_qk); d0 += DQW) {
+                    float dq[DQW / 8][4];
 #pragma unroll
-                for (int r2 = 0; r2 < 2; ++r2) {
-                    const int i = q0 + wrow + g + 8 * r2;
-                    if (i < len_q) {
+                    for (int nd = 0; nd < DQW / 8; ++nd)
 #pragma unroll
-                        for (int nd = 0; nd < CW / 8; ++nd)
+                        for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
 #pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int col = c0 + nd * 8 + 2 * t + e;
-                                if (col < p.dim_qk) atomicAdd(acc + (int64_t)i * p.dim_qk + col, dq[nd][2 * r2 + e]);
-                            }
+                    for (int ks = 0; ks < BN / 16; ++ks) {
+                        uint32_t a[4];  // the transpose of dSᵀ's 16×16 block: A = dS rows, keys as K
+                        ldmatrix_x4_trans(a, sdS + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * PITCH_S + wrow + 8 * ((lane >> 3) & 1));
+#pragma unroll
+                        for (int nd2 = 0; nd2 < DQW / 16; ++nd2) {
+                            uint32_t kb[4];
+                            ldmatrix_x4_trans(kb, sK + (ks * 16 + (lane & 15)) * PITCH + d0 + nd2 * 16 + 8 * (lane >> 4));
+                            mma16816<T>(dq[2 * nd2], a, kb[0], kb[1]);
+                            mma16816<T>(dq[2 * nd2 + 1], a, kb[2], kb[3]);
+                        }
+                    }
+#pragma unroll
+                    for (int r2 = 0; r2 < 2; ++r2) {
+                        const int i = q0 + wrow + g + 8 * r2;
+                        if (i < len_q) {
+#pragma unroll
+                            for (int nd = 0; nd < DQW / 8; ++nd)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const int col = d0 + nd * 8 + 2 * t + e;
+                                    if (col < p.dim_qk) atomicAdd(acc + (int64_t)i * p.dim_qk + col, dq[nd][2 * r2 + e]);
+                                }
+                        }
                     }
                 }
             }
