@@ -174,7 +174,14 @@ fn head_dims_129_to_256_split_their_columns_and_match_the_reference() {
     // Both sides wide, one side ≤ 128 (only the wider one has a second column block), a head
     // dim that is not a multiple of 8 (element loads), GQA, causal, a window, key padding.
     let mut cases = Vec::new();
-    let mixes = [(256, 256), (256, 128), (128, 256), (192, 192), (136, 250), (130, 64)];
+    let mixes = [
+        (256, 256),
+        (256, 128),
+        (128, 256),
+        (192, 192),
+        (136, 250),
+        (130, 64),
+    ];
     for (n, (d, dv)) in mixes.into_iter().enumerate() {
         cases.extend(every_path(|dt| Case {
             causal: (n % 2 == 0).then_some(CausalAlign::BottomRight),
