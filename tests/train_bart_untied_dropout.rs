@@ -16,7 +16,7 @@
 //! central differences of the loss under the same masks; each site keeps ≈ 1 − p of its
 //! elements, scaled by 1/(1 − p); a step is a function of (seed, step).
 
-use cuattn::runtime::bart::BartConfig;
+use cuattn::runtime::bart::{Bart, BartConfig};
 use cuattn::runtime::checkpoint::HostParam;
 use cuattn::runtime::train::{
     AdamW, AdamWConfig, BartForConditionalGeneration, DenoisingBatch, DenoisingOutput, StepOptions,
@@ -555,4 +555,114 @@ fn a_loss_scale_scales_the_gradients_not_the_loss() {
             );
         }
     }
+}
+
+/// A copy of model folder `src` (its config.json) whose checkpoint is `edit` of the original's
+/// tensors (name → f32 values and shape).
+fn edited_copy(
+    src: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> std::path::PathBuf {
+    use safetensors::tensor::TensorView;
+    let dir = fixture(src);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, v.shape().to_vec(), values)
+        })
+        .collect();
+    edit(&mut tensors);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let v = TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!("cuattn-bart-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    out
+}
+
+/// The training loader reads the tables the inference loader reads (whose logits match
+/// Hugging Face, tests/runtime_bart.rs): the first sequence's teacher-forced logits agree
+/// within 1e-4, for the untied fixture, for an untied checkpoint without the encoder's own
+/// table (the encoder reads `model.shared`) and for a tied config whose checkpoint stores a
+/// different `lm_head.weight` (transformers 5 keeps that head apart: a parameter here).
+#[test]
+fn the_training_loader_reads_the_tables_the_inference_loader_reads() {
+    let no_encoder_table = edited_copy("tests/fixtures/tiny-bart-untied", "no-enc", |t| {
+        t.retain(|(n, _, _)| n != "model.encoder.embed_tokens.weight")
+    });
+    let own_head = edited_copy("tests/fixtures/tiny-bart", "own-head", |t| {
+        let (_, shape, shared) = t
+            .iter()
+            .find(|(n, _, _)| n == "model.shared.weight")
+            .unwrap()
+            .clone();
+        let head = shared.iter().map(|x| -x + 0.05).collect();
+        t.push(("lm_head.weight".into(), shape, head));
+    });
+    let b = batch();
+    for (dir, has, lacks) in [
+        (
+            fixture("tests/fixtures/tiny-bart-untied"),
+            &TABLES[..],
+            &["model.shared.weight"][..],
+        ),
+        (
+            no_encoder_table.clone(),
+            &[
+                "model.shared.weight",
+                "model.decoder.embed_tokens.weight",
+                "lm_head.weight",
+            ][..],
+            &["model.encoder.embed_tokens.weight"][..],
+        ),
+        (
+            own_head.clone(),
+            &["model.shared.weight", "lm_head.weight"][..],
+            &TABLES[..2],
+        ),
+    ] {
+        let m = Model::from_folder(&Cpu, &dir).unwrap();
+        let names = m.parameter_names();
+        for n in has {
+            assert!(names.iter().any(|x| x == n), "{dir:?}: no {n}");
+        }
+        for n in lacks {
+            assert!(!names.iter().any(|x| x == n), "{dir:?}: has {n}");
+        }
+        let out = m.forward_backward(&Cpu, &b).unwrap();
+        let len_out = b.labels.len() / b.input_lens.len();
+        let inference = Bart::from_folder(&Cpu, &dir).unwrap();
+        let want = inference
+            .sequence_logits(
+                &Cpu,
+                &b.input_ids[..b.input_lens[0]],
+                &out.decoder_input_ids[..len_out],
+            )
+            .unwrap();
+        let got = host(&out.logits);
+        let (e, _, _) = errors(&got[..want.len()], &want);
+        assert!(e <= 1e-4, "{dir:?}: logits differ by {e:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(no_encoder_table);
+    let _ = std::fs::remove_dir_all(own_head);
 }

@@ -19,7 +19,10 @@
 //! gradient and `model.shared` is read by nothing (autograd leaves it without a gradient and
 //! `torch.optim.AdamW` skips it). Here it is not loaded as a parameter then. A stack whose
 //! own table the checkpoint lacks reads `model.shared` instead, as the inference loader does
-//! ([`crate::runtime::bart`]); the head of an untied model must be stored.
+//! ([`crate::runtime::bart`]); the head of an untied model must be stored. A tied config
+//! whose checkpoint stores an `lm_head.weight` different from `model.shared` gets that head
+//! as a parameter of its own (transformers 5 does not tie such a pair; the stacks still read
+//! `model.shared`).
 //!
 //! Dropout ([`StepOptions::dropout_seed`]; `None` runs as `model.eval()`) with Hugging Face's
 //! placement: `dropout` after each stack's `layernorm_embedding` and after every attention
@@ -45,7 +48,7 @@ use super::optim::{Gradients, Param};
 use crate::error::{Error, Result};
 use crate::runtime::backend::{AttentionMask, CausalAlign};
 use crate::runtime::bart::{own_stack_table, BartConfig, POSITION_OFFSET};
-use crate::runtime::checkpoint::{Checkpoint, HostParam};
+use crate::runtime::checkpoint::{distinct_head, Checkpoint, HostParam};
 use std::path::Path;
 
 /// BART's LayerNorm epsilon (PyTorch's default).
@@ -310,40 +313,40 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         let v = config.vocab_size;
         let d = config.d_model;
         let tied = config.tie_word_embeddings;
-        // The head's names carry no `model.` prefix: read before it is detected. A saved
-        // lm_head / embed_tokens of a tied model is the shared table again.
-        let head = if tied {
-            ckpt.discard("lm_head.weight");
-            None
-        } else {
-            ckpt.take_lm_head(false, &[v, d])?
-        };
+        // The head's name carries no `model.` prefix: read before it is detected. Required
+        // when untied; when tied, a stored head equal to the shared table is that table again.
+        let stored_head = ckpt.take_lm_head(tied, &[v, d])?;
         let bias = if ckpt.contains("final_logits_bias") {
             ckpt.take("final_logits_bias", &[1, v])?.values
         } else {
             vec![0.0; v]
         };
         ckpt.detect_prefix("model.", "shared.weight");
+        let shared = ckpt.take("shared.weight", &[v, d])?;
+        // A tied config whose checkpoint stores a different head: transformers 5 does not tie
+        // them (checked in 5.24), so the head is its own parameter, as in the inference loader.
+        let head = if tied {
+            distinct_head(stored_head, &shared)
+        } else {
+            stored_head
+        };
         let own = OwnTables {
             encoder: own_stack_table(&config, &ckpt, "encoder").is_some(),
             decoder: own_stack_table(&config, &ckpt, "decoder").is_some(),
             head: head.is_some(),
         };
-        if !own.encoder {
-            ckpt.discard("encoder.embed_tokens.weight");
+        for (stack, has_own) in [("encoder", own.encoder), ("decoder", own.decoder)] {
+            if !has_own {
+                ckpt.discard(&format!("{stack}.embed_tokens.weight"));
+            }
         }
-        if !own.decoder {
-            ckpt.discard("decoder.embed_tokens.weight");
-        }
-        if !own.shared_used() {
-            ckpt.discard("shared.weight");
-        }
-        let mut head = head;
+        let (mut head, mut shared) = (head, Some(shared));
         let mut host = Vec::new();
         for (name, shape) in names_and_shapes(&config, own) {
-            let p = match name.strip_prefix("model.") {
-                Some(stored) => ckpt.take(stored, &shape)?,
-                None => head.take().expect("an own head was read"),
+            let p = match name.as_str() {
+                "lm_head.weight" => head.take().expect("an own head was read"),
+                "model.shared.weight" => shared.take().expect("read once"),
+                n => ckpt.take(n.strip_prefix("model.").expect("model. names"), &shape)?,
             };
             host.push((name, p));
         }
@@ -352,8 +355,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     }
 
     /// A model from named host parameters in list order (see [`Self::parameter_names`]) and
-    /// `final_logits_bias` `[vocab]`. For an untied config the list says which own tables
-    /// there are (`lm_head.weight` must be one).
+    /// `final_logits_bias` `[vocab]`. The list says which own tables there are: for an
+    /// untied config any of the stacks' and the head (which must be one), for a tied config
+    /// only a head.
     pub fn from_host(
         be: &B,
         config: BartConfig,
@@ -361,14 +365,11 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         final_logits_bias: &[f32],
     ) -> Result<Self> {
         let has = |n: &str| host.iter().any(|(h, _)| h == n);
-        let own = if config.tie_word_embeddings {
-            OwnTables::default()
-        } else {
-            OwnTables {
-                encoder: has("model.encoder.embed_tokens.weight"),
-                decoder: has("model.decoder.embed_tokens.weight"),
-                head: has("lm_head.weight"),
-            }
+        let tied = config.tie_word_embeddings;
+        let own = OwnTables {
+            encoder: !tied && has("model.encoder.embed_tokens.weight"),
+            decoder: !tied && has("model.decoder.embed_tokens.weight"),
+            head: has("lm_head.weight"),
         };
         let expected = names_and_shapes(&config, own);
         let ok = (config.tie_word_embeddings || own.head)
@@ -381,7 +382,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             return Err(Error::invalid(
                 "params",
                 if config.tie_word_embeddings {
-                    "parameter list is not the tied BART's (names, order and shapes)"
+                    "parameter list is not the tied BART's (names, order and shapes; an \
+                     lm_head.weight of its own at the end is allowed)"
                 } else {
                     "parameter list is not an untied BART's (names, order and shapes; \
                      lm_head.weight included)"
