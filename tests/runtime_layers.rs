@@ -41,6 +41,47 @@ fn attention_padding_causal_grouped_fused() {
     }
 }
 
+/// The packed path (no padding rows) on sequences of mixed lengths, an empty one included,
+/// with grouped heads and with a sliding window, each sequence against the f64 reference. Run
+/// in a two-thread pool so that the backend takes the packed path (it declines when there are
+/// fewer than two sequences per thread), which the test requires.
+#[test]
+fn packed_attention_matches_the_reference_per_sequence() {
+    use cuattn::runtime::backend::{CausalAlign, Window};
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let lens = [5, 1, 17, 0, 9, 33];
+        for (i, (heads, window)) in [
+            ((4, 4, 16), None),
+            ((6, 2, 8), None),
+            ((4, 4, 16), Some(Window::new(3, 0, CausalAlign::TopLeft))),
+            ((2, 1, 32), Some(Window::new(2, 2, CausalAlign::TopLeft))),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let took = check::attention_packed(&Cpu, &lens, heads, window, 40 + i as u64);
+            assert!(took.unwrap(), "the CPU backend declined the packed path");
+        }
+        // Too few sequences per thread: declined, and the caller pads.
+        assert!(!check::attention_packed(&Cpu, &[4, 6, 2], (2, 2, 8), None, 7).unwrap());
+        // Lengths that do not add up to the rows are an error, not a panic.
+        let t = Cpu.upload(&[10, 3 * 16], &[0.0; 10 * 48]).unwrap();
+        let h = |col| Heads {
+            tensor: &t,
+            col,
+            heads: 2,
+            dim: 8,
+        };
+        assert!(Cpu
+            .attention_packed(h(0), h(16), h(32), &[3, 3, 3, 3, 3], None, None)
+            .is_err());
+    });
+}
+
 #[test]
 fn layers_against_composed_references() {
     check::multi_head_self_attention(&Cpu, false, 1).unwrap();

@@ -66,30 +66,9 @@ impl Activation {
     }
 }
 
-#[inline(always)]
-fn gelu_erf_in_place(xs: &mut [f32]) {
-    for x in xs.iter_mut() {
-        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
-    }
-}
-
-/// The same loop compiled for AVX2 + FMA (8 lanes), which the baseline x86-64 target lacks.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_erf_in_place_avx2(xs: &mut [f32]) {
-    gelu_erf_in_place(xs)
-}
-
-/// GELU (erf form) over a slice, vectorized as wide as the CPU allows.
+/// GELU (erf form) over a slice, in the CPU backend's vectorized copy for this CPU.
 fn gelu_erf_slice(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement
-        // of calling a function compiled for them.
-        unsafe { gelu_erf_in_place_avx2(xs) };
-        return;
-    }
-    gelu_erf_in_place(xs)
+    super::cpu::vmath::gelu_erf(super::cpu::isa::Isa::current(), xs)
 }
 
 /// erf in f32, branch-free so that loops over it vectorize: three degree-9 polynomials in the
@@ -99,6 +78,20 @@ fn gelu_erf_slice(xs: &mut [f32]) {
 /// tests/runtime_layers.rs holds it to the f64 erf.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_with(x, false)
+}
+
+/// [`erf`] with each Horner step one fused multiply-add (`mul_add`): the same fit, one
+/// rounding per step instead of two. In code compiled with FMA (the CPU backend's AVX2 and
+/// AVX-512 copies) that is one instruction per coefficient instead of two; elsewhere
+/// `mul_add` is a library call, so scalar callers keep [`erf`].
+#[inline(always)]
+pub(crate) fn erf_fused(x: f32) -> f32 {
+    erf_with(x, true)
+}
+
+#[inline(always)]
+fn erf_with(x: f32, fused: bool) -> f32 {
     // The fit's values rounded to f32, printed with 10 digits.
     #[allow(clippy::excessive_precision)]
     const C: [[f32; 10]; 3] = [
@@ -140,7 +133,12 @@ pub fn erf(x: f32) -> f32 {
         ],
     ];
     let a = x.abs().min(4.0);
-    let horner = |c: &[f32; 10], t: f32| c.iter().rev().fold(0.0f32, |acc, &k| acc * t + k);
+    let horner = |c: &[f32; 10], t: f32| {
+        (c.iter().rev()).fold(0.0f32, |acc, &k| match fused {
+            true => acc.mul_add(t, k),
+            false => acc * t + k,
+        })
+    };
     let y0 = horner(&C[0], 2.0 * a - 1.0);
     // The scalings as multiplications (t = (2a − 3.2)/1.2 and (2a − 6.2)/1.8): a division
     // per lane costs more than the rest of a polynomial; the difference is < 1 ulp of t.
@@ -273,6 +271,25 @@ pub trait Backend {
         v: Heads<'_, Self::Tensor>,
         mask: &AttentionMask<'_>,
     ) -> Result<Self::Tensor>;
+
+    /// Self-attention over packed sequences, with no padding rows: sequence b is rows
+    /// `start_b .. start_b + lens[b]` of q, k and v (`start_b` the sum of the earlier lengths),
+    /// its queries see only its own keys (narrowed by `window`, top-left aligned), and the
+    /// output `[Σ lens, heads_q·dim_v]` has the same rows. `scale` as in [`AttentionMask`].
+    /// `Ok(None)` when the backend has no packed path for this call: the caller pads the
+    /// sequences and calls [`Backend::attention`] with their key lengths.
+    fn attention_packed(
+        &self,
+        q: Heads<'_, Self::Tensor>,
+        k: Heads<'_, Self::Tensor>,
+        v: Heads<'_, Self::Tensor>,
+        lens: &[usize],
+        window: Option<Window>,
+        scale: Option<f32>,
+    ) -> Result<Option<Self::Tensor>> {
+        let _ = (q, k, v, lens, window, scale);
+        Ok(None)
+    }
 }
 
 /// Checks an attention call's views against its mask; returns the row widths of q, k and v.

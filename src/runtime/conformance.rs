@@ -387,6 +387,76 @@ pub fn attention<B: Backend>(be: &B, c: &AttentionCase, seed: u64) -> Check {
     )
 }
 
+/// [`Backend::attention_packed`] on sequences of `lens` tokens packed back to back (Q, K and
+/// V as column blocks of one fused `[Σ lens, 3·width]` tensor, grouped K/V heads when
+/// `heads_kv` < `heads_q`), each sequence against the f64 reference on its own rows. Returns
+/// whether the backend took the packed path (`Ok(false)`: it declined, nothing to compare).
+pub fn attention_packed<B: Backend>(
+    be: &B,
+    lens: &[usize],
+    (heads_q, heads_kv, dim): (usize, usize, usize),
+    window: Option<Window>,
+    seed: u64,
+) -> Result<bool, String> {
+    let (wq, wkv) = (heads_q * dim, heads_kv * dim);
+    let width = wq + 2 * wkv;
+    let rows: usize = lens.iter().sum();
+    let x = random(be.dtype(), rows * width, 2.0, seed);
+    let t = up(be, &[rows, width], &x)?;
+    let h = |col: usize, heads: usize| Heads {
+        tensor: &t,
+        col,
+        heads,
+        dim,
+    };
+    let Some(out) = be
+        .attention_packed(
+            h(0, heads_q),
+            h(wq, heads_kv),
+            h(wq + wkv, heads_kv),
+            lens,
+            window,
+            None,
+        )
+        .map_err(err)?
+    else {
+        return Ok(false);
+    };
+    let mut want = Vec::with_capacity(rows * wq);
+    let mut start = 0;
+    for &n in lens {
+        let seq = &x[start * width..(start + n) * width];
+        let hr = |col: usize, heads: usize| HeadsRef {
+            data: seq,
+            width,
+            col,
+            heads,
+            dim,
+        };
+        let sizes = AttentionSizes {
+            batch: 1,
+            len_q: n,
+            len_k: n,
+            key_lens: None,
+            causal: None,
+            window,
+            scale: 1.0 / (dim as f64).sqrt(),
+        };
+        if n > 0 {
+            want.extend(reference::attention(
+                hr(0, heads_q),
+                hr(wq, heads_kv),
+                hr(wq + wkv, heads_kv),
+                &sizes,
+            ));
+        }
+        start += n;
+    }
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let what = format!("packed attention, lens {lens:?}, window {window:?}");
+    compare(be, &what, &out, &want, dim + longest, 1).map(|()| true)
+}
+
 /// The standard attention cases: padding, causal (both alignments), grouped heads, fused.
 pub fn attention_cases() -> Vec<AttentionCase> {
     let base = AttentionCase {

@@ -9,6 +9,7 @@
 mod bf16;
 mod gemv;
 pub mod isa;
+mod recycle;
 pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
@@ -20,7 +21,7 @@ use isa::Isa;
 use rayon::prelude::*;
 
 /// A row-major tensor in host memory: f32, or bf16 for the weight matrices of [`CpuBf16`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Vec<f32>,
@@ -71,10 +72,10 @@ impl CpuTensor {
         &self.data
     }
     /// The values as f32 (converted from bf16 when stored so).
-    pub fn into_data(self) -> Vec<f32> {
-        match self.bf16 {
+    pub fn into_data(mut self) -> Vec<f32> {
+        match self.bf16.take() {
             Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
-            None => self.data,
+            None => std::mem::take(&mut self.data),
         }
     }
     pub(crate) fn data_mut(&mut self) -> &mut [f32] {
@@ -109,6 +110,33 @@ impl CpuTensor {
             None => gemv::Weights::F32(&self.data),
         }
     }
+}
+
+impl Clone for CpuTensor {
+    fn clone(&self) -> Self {
+        CpuTensor {
+            shape: self.shape.clone(),
+            data: recycle::copied(&self.data),
+            bf16: self.bf16.clone(),
+        }
+    }
+}
+
+/// A large buffer goes back to [`recycle`]'s pool for the next op's output.
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        recycle::give_back(std::mem::take(&mut self.data));
+    }
+}
+
+/// `n` zeros for an op's output, in a recycled buffer when one fits.
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    recycle::zeroed(n)
+}
+
+/// A copy of `values`, in a recycled buffer when one fits.
+pub(crate) fn copied(values: &[f32]) -> Vec<f32> {
+    recycle::copied(values)
 }
 
 /// Runs on the host in f32, with rayon's global thread pool.
@@ -155,7 +183,7 @@ pub(super) fn sgemm(
 /// [`sgemm`], adding the product to `c` when `accumulate` (`c += a·b`, so a bias written into
 /// `c` beforehand costs no pass of its own) instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
-fn sgemm_into(
+pub(super) fn sgemm_into(
     m: usize,
     k: usize,
     n: usize,
@@ -233,7 +261,7 @@ impl Backend for Cpu {
     }
 
     fn upload(&self, shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
-        CpuTensor::new(shape, values.to_vec())
+        CpuTensor::new(shape, copied(values))
     }
 
     fn upload_owned(&self, shape: &[usize], values: Vec<f32>) -> Result<CpuTensor> {
@@ -292,10 +320,10 @@ impl Backend for Cpu {
         // an activation is one more pass, by row blocks.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
-        let mut y = match &bias {
-            Some(b) => b.repeat(rows),
-            None => vec![0f32; rows * out],
-        };
+        let mut y = zeroed(rows * out);
+        if let Some(b) = &bias {
+            y.chunks_mut(out).for_each(|row| row.copy_from_slice(b));
+        }
         let wd = w.values_f32();
         sgemm_into(
             rows,
@@ -331,7 +359,7 @@ impl Backend for Cpu {
         }
         let (m, n) = (ar / batch, br / batch);
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut c = vec![0f32; ar * n];
+        let mut c = zeroed(ar * n);
         c.par_chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, cb)| {
@@ -351,7 +379,7 @@ impl Backend for Cpu {
             ));
         }
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut out = vec![0f32; ad.len()];
+        let mut out = zeroed(ad.len());
         let width = a.shape.last().copied().unwrap_or(1).max(1);
         let block = rows_per_block(out.len() / width) * width;
         let isa = Isa::current();
@@ -397,7 +425,7 @@ impl Backend for Cpu {
         let rd = residual.map(|r| r.f32s());
         let rd = rd.as_deref();
         let (gd, bd) = (gamma.values_f32(), beta.values_f32());
-        let mut y = vec![0f32; xd.len()];
+        let mut y = zeroed(xd.len());
         let isa = Isa::current();
         let block = rows_per_block(y.len() / width) * width;
         y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
@@ -456,54 +484,22 @@ impl Backend for Cpu {
                 let (b, h) = (bh / q.heads, bh % q.heads);
                 let hk = h / group;
                 let key_len = m.key_lens.map_or(m.len_k, |l| l[b]);
-                // Only the keys some query of this sequence may see (a causal or windowed
-                // band) are multiplied: with a window, a long cache costs its window only.
                 let band = KeyBand::new(m.len_q, key_len, m.causal, m.window);
-                let seen = band.keys_of_rows(0..m.len_q);
-                let n = seen.len();
-                let qa = &qd[b * m.len_q * wq + q.col + h * dim..];
-                let ka = &kd[(b * m.len_k + seen.start) * wk + k.col + hk * dim..];
-                let va = &vd[(b * m.len_k + seen.start) * wv + v.col + hk * dim_v..];
-                let mut s = vec![0f32; m.len_q * n];
-                sgemm(
-                    m.len_q,
-                    dim,
-                    n,
-                    qa,
-                    (wq, 1),
-                    ka,
-                    (1, wk),
-                    &mut s,
-                    n.max(1),
-                    false,
-                );
-                for (i, row) in s.chunks_mut(n.max(1)).enumerate().take(m.len_q) {
-                    let keys = band.keys(i);
-                    // Every row's keys lie inside `seen` (their union); empty rows stay 0.
-                    let keys = if keys.is_empty() {
-                        0..0
-                    } else {
-                        keys.start - seen.start..keys.end - seen.start
-                    };
-                    softmax_range(isa, row, keys, scale);
-                }
                 let mut o = vec![0f32; m.len_q * dim_v];
-                sgemm(
-                    m.len_q,
-                    n,
-                    dim_v,
-                    &s,
-                    (n, 1),
-                    va,
-                    (wv, 1),
-                    &mut o,
-                    dim_v,
-                    false,
+                head_attention(
+                    isa,
+                    &band,
+                    (m.len_q, dim, dim_v, scale),
+                    (&qd[b * m.len_q * wq + q.col + h * dim..], wq),
+                    (&kd[b * m.len_k * wk + k.col + hk * dim..], wk),
+                    (&vd[b * m.len_k * wv + v.col + hk * dim_v..], wv),
+                    &mut Vec::new(),
+                    (&mut o, dim_v),
                 );
                 o
             })
             .collect();
-        let mut out = vec![0f32; m.batch * m.len_q * width_o];
+        let mut out = zeroed(m.batch * m.len_q * width_o);
         for (bh, o) in blocks.iter().enumerate() {
             let (b, h) = (bh / q.heads, bh % q.heads);
             for i in 0..m.len_q {
@@ -513,6 +509,119 @@ impl Backend for Cpu {
         }
         CpuTensor::new(&[m.batch * m.len_q, width_o], out)
     }
+
+    /// Each task is one sequence: its heads one after another, each writing its columns of
+    /// the sequence's output rows directly (no padded copies of Q, K, V or the output, no
+    /// padding queries). With fewer than two sequences per thread that leaves threads idle,
+    /// so such calls take the padded path, whose tasks are (sequence, head) pairs.
+    fn attention_packed(
+        &self,
+        q: Heads<'_, CpuTensor>,
+        k: Heads<'_, CpuTensor>,
+        v: Heads<'_, CpuTensor>,
+        lens: &[usize],
+        window: Option<super::backend::Window>,
+        scale: Option<f32>,
+    ) -> Result<Option<CpuTensor>> {
+        let total = lens.iter().try_fold(0usize, |t, &n| t.checked_add(n));
+        let total = total.ok_or_else(|| Error::invalid("lens", "the lengths overflow"))?;
+        // The views' shapes, heads and dims, checked as one sequence of every row.
+        let whole = AttentionMask {
+            batch: 1,
+            len_q: total,
+            len_k: total,
+            key_lens: None,
+            causal: None,
+            window,
+            scale,
+        };
+        let (wq, wk, wv) = check_attention(&q, &k, &v, &whole)?;
+        if lens.len() < 2 * rayon::current_num_threads() {
+            return Ok(None);
+        }
+        let (qd, kd, vd) = (q.tensor.f32s(), k.tensor.f32s(), v.tensor.f32s());
+        let (dim, dim_v) = (q.dim, v.dim);
+        let scale = scale.unwrap_or(1.0 / (dim as f32).sqrt());
+        let group = q.heads / k.heads;
+        let width_o = q.heads * dim_v;
+        let isa = Isa::current();
+        let mut out = zeroed(total * width_o);
+        // (first row, rows, output rows) per sequence.
+        let mut seqs = Vec::with_capacity(lens.len());
+        let (mut rest, mut start) = (out.as_mut_slice(), 0);
+        for &n in lens {
+            let (o, tail) = rest.split_at_mut(n * width_o);
+            seqs.push((start, n, o));
+            (rest, start) = (tail, start + n);
+        }
+        seqs.into_par_iter().for_each(|(start, n, o)| {
+            if n == 0 {
+                return;
+            }
+            let band = KeyBand::new(n, n, None, window);
+            let mut scores = Vec::new();
+            for h in 0..q.heads {
+                let hk = h / group;
+                head_attention(
+                    isa,
+                    &band,
+                    (n, dim, dim_v, scale),
+                    (&qd[start * wq + q.col + h * dim..], wq),
+                    (&kd[start * wk + k.col + hk * dim..], wk),
+                    (&vd[start * wv + v.col + hk * dim_v..], wv),
+                    &mut scores,
+                    (&mut o[h * dim_v..], width_o),
+                );
+            }
+        });
+        CpuTensor::new(&[total, width_o], out).map(Some)
+    }
+}
+
+/// One head of one sequence: `o = softmax(scale·Q·Kᵀ)·V` for its `len_q` queries over the
+/// keys `band` lets each see (rows no key may see give 0). `q`, `k`, `v` start at the head's first element of the
+/// sequence's first row, with the given row strides; `o` likewise with its row stride.
+/// Only the keys some query sees (the band's union) are multiplied: with a window, a long
+/// cache costs its window only. `scores` is scratch, grown as needed.
+#[allow(clippy::too_many_arguments)]
+fn head_attention(
+    isa: Isa,
+    band: &KeyBand,
+    (len_q, dim, dim_v, scale): (usize, usize, usize, f32),
+    (q, rsq): (&[f32], usize),
+    (k, rsk): (&[f32], usize),
+    (v, rsv): (&[f32], usize),
+    scores: &mut Vec<f32>,
+    (o, rso): (&mut [f32], usize),
+) {
+    let seen = band.keys_of_rows(0..len_q);
+    let n = seen.len();
+    scores.clear();
+    scores.resize(len_q * n, 0.0);
+    let (k, v) = (&k[seen.start * rsk..], &v[seen.start * rsv..]);
+    sgemm(
+        len_q,
+        dim,
+        n,
+        q,
+        (rsq, 1),
+        k,
+        (1, rsk),
+        scores,
+        n.max(1),
+        false,
+    );
+    for (i, row) in scores.chunks_mut(n.max(1)).enumerate().take(len_q) {
+        let keys = band.keys(i);
+        // Every row's keys lie inside `seen` (their union); empty rows stay 0.
+        let keys = if keys.is_empty() {
+            0..0
+        } else {
+            keys.start - seen.start..keys.end - seen.start
+        };
+        softmax_range(isa, row, keys, scale);
+    }
+    sgemm(len_q, n, dim_v, scores, (n, 1), v, (rsv, 1), o, rso, false);
 }
 
 /// In place: the scores in `keys` become softmax(scale·s), the rest 0 (all 0 if `keys` is

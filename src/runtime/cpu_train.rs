@@ -6,7 +6,7 @@
 
 use super::backend::{check_attention, Activation, AttentionMask, Heads};
 use super::cpu::isa::Isa;
-use super::cpu::{sgemm, vmath, Cpu, CpuTensor};
+use super::cpu::{copied, sgemm, sgemm_into, vmath, zeroed, Cpu, CpuTensor};
 use super::train::backend::{
     check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
     TrainBackend,
@@ -44,7 +44,7 @@ fn zip_map(
     // Contiguous chunks per task with a plain inner loop (which the compiler can vectorize),
     // rather than one rayon item per element.
     const CHUNK: usize = 1 << 14;
-    let mut data = vec![0f32; a.data().len()];
+    let mut data = zeroed(a.data().len());
     data.par_chunks_mut(CHUNK)
         .zip(a.data().par_chunks(CHUNK).zip(b.data().par_chunks(CHUNK)))
         .for_each(|(o, (x, y))| {
@@ -96,11 +96,11 @@ impl TrainBackend for Cpu {
                 format!("the CPU backend stores f32 only, not {dtype}"),
             ));
         }
-        CpuTensor::new(shape, values.to_vec())
+        CpuTensor::new(shape, copied(values))
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
-        CpuTensor::new(shape, vec![0.0; shape.iter().product()])
+        CpuTensor::new(shape, zeroed(shape.iter().product()))
     }
 
     fn cast(&self, t: &CpuTensor, dtype: DType) -> Result<CpuTensor> {
@@ -140,7 +140,7 @@ impl TrainBackend for Cpu {
                 b.shape(),
             ));
         }
-        let mut c = vec![0f32; m * n];
+        let mut c = zeroed(m * n);
         if k == 0 {
             return CpuTensor::new(&[m, n], c);
         }
@@ -207,7 +207,7 @@ impl TrainBackend for Cpu {
         same_shape("dy", x, dy)?;
         const CHUNK: usize = 1 << 14;
         let isa = Isa::current();
-        let mut data = vec![0f32; x.data().len()];
+        let mut data = zeroed(x.data().len());
         data.par_chunks_mut(CHUNK)
             .zip(x.data().par_chunks(CHUNK).zip(dy.data().par_chunks(CHUNK)))
             .for_each(|(o, (x, g))| vmath::gelu_erf_backward(isa, x, g, o));
@@ -286,7 +286,7 @@ impl TrainBackend for Cpu {
         let g = gamma.data();
         // Per row: x̂ = (x − mean)·rstd, dx̂ = dy·γ,
         // dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)); row statistics in f64 as the forward.
-        let mut dx = vec![0f32; rows * width];
+        let mut dx = zeroed(rows * width);
         let mut xhat = vec![0f32; rows * width];
         dx.par_chunks_mut(width)
             .zip(xhat.par_chunks_mut(width))
@@ -343,7 +343,7 @@ impl TrainBackend for Cpu {
                 format!("row {p} is outside the table's {rows} rows"),
             ));
         }
-        let mut out = vec![0f32; rows * width];
+        let mut out = zeroed(rows * width);
         // In id order: the same sums in the same order every run.
         for (i, &id) in ids.iter().enumerate() {
             if Some(id) == padding_idx {
@@ -398,7 +398,7 @@ impl TrainBackend for Cpu {
             })
             .collect();
         let width_o = g.heads_q * g.dim_v;
-        let mut out = vec![0f32; g.batch * g.len_q * width_o];
+        let mut out = zeroed(g.batch * g.len_q * width_o);
         let mut lse = vec![0f32; g.batch * g.heads_q * g.len_q];
         for (bh, (o, l)) in blocks.iter().enumerate() {
             let (b, h) = (bh / g.heads_q, bh % g.heads_q);
@@ -519,9 +519,9 @@ impl TrainBackend for Cpu {
             })
             .collect();
         let (wdq, wdk, wdv) = (g.heads_q * g.dim, g.heads_kv * g.dim, g.heads_kv * g.dim_v);
-        let mut dq = vec![0f32; g.batch * g.len_q * wdq];
-        let mut dk = vec![0f32; g.batch * g.len_k * wdk];
-        let mut dv = vec![0f32; g.batch * g.len_k * wdv];
+        let mut dq = zeroed(g.batch * g.len_q * wdq);
+        let mut dk = zeroed(g.batch * g.len_k * wdk);
+        let mut dv = zeroed(g.batch * g.len_k * wdv);
         for (bk, (dqs, dkb, dvb)) in blocks.iter().enumerate() {
             let (b, hk) = (bk / g.heads_kv, bk % g.heads_kv);
             for (i, dqh) in dqs.iter().enumerate() {
@@ -565,7 +565,7 @@ impl TrainBackend for Cpu {
         check_cross_entropy(rows, classes, labels, opts)?;
         let eps = opts.label_smoothing;
         let valid = labels.iter().filter(|&&l| l != opts.ignore_index).count();
-        let mut grad = vec![0f32; rows * classes];
+        let mut grad = zeroed(rows * classes);
         let mut loss = 0f64;
         if valid > 0 {
             let inv = 1.0 / valid as f64;
@@ -669,9 +669,7 @@ fn sgemm_acc(
     sb: (usize, usize),
     c: &mut [f32],
 ) {
-    let mut t = vec![0f32; m * n];
-    sgemm(m, k, n, a, sa, b, sb, &mut t, n, false);
-    c.iter_mut().zip(&t).for_each(|(x, y)| *x += y);
+    sgemm_into(m, k, n, a, sa, b, sb, c, n, false, true);
 }
 
 /// Copies a per-head `[len, dim]` block into columns `h·dim ..` of rows `b·len ..`.

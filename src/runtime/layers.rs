@@ -487,9 +487,10 @@ impl<B: Backend> MultiHeadAttention<B> {
 
     /// Self-attention without a causal mask or cache over sequences packed back to back
     /// (`x` `[Σ lens, width]`, see [`Packing`]): the projections run over the real tokens
-    /// only. The attention reads a padded copy of Q, K and V whose padding rows repeat a row
-    /// of their own sequence (masked as keys, their outputs dropped), and its output is
-    /// gathered back to the packed rows.
+    /// only. The attention runs on the packed rows when the backend has a packed path
+    /// ([`Backend::attention_packed`]); otherwise it reads a padded copy of Q, K and V whose
+    /// padding rows repeat a row of their own sequence (masked as keys, their outputs
+    /// dropped), and its output is gathered back to the packed rows.
     pub fn forward_self_packed(
         &self,
         be: &B,
@@ -503,12 +504,22 @@ impl<B: Backend> MultiHeadAttention<B> {
             ));
         };
         let qkv = qkv_proj.forward(be, x, Activation::None)?;
+        let width = self.heads * self.head_dim;
+        if let Some(ctx) = be.attention_packed(
+            self.heads_at(&qkv, 0),
+            self.heads_at(&qkv, width),
+            self.heads_at(&qkv, 2 * width),
+            &packing.lens,
+            self.window(CausalAlign::TopLeft),
+            self.scale,
+        )? {
+            return self.out.forward(be, &ctx, Activation::None);
+        }
         let padded = match packing.is_dense() {
             true => None,
             false => Some(packing.gather_padded(be, &qkv)?),
         };
         let qkv_padded = padded.as_ref().unwrap_or(&qkv);
-        let width = self.heads * self.head_dim;
         let ctx = be.attention(
             self.heads_at(qkv_padded, 0),
             self.heads_at(qkv_padded, width),

@@ -107,6 +107,18 @@ impl Backend for CpuBf16 {
     ) -> Result<CpuTensor> {
         Cpu.attention(q, k, v, mask)
     }
+
+    fn attention_packed(
+        &self,
+        q: Heads<'_, CpuTensor>,
+        k: Heads<'_, CpuTensor>,
+        v: Heads<'_, CpuTensor>,
+        lens: &[usize],
+        window: Option<crate::runtime::backend::Window>,
+        scale: Option<f32>,
+    ) -> Result<Option<CpuTensor>> {
+        Cpu.attention_packed(q, k, v, lens, window, scale)
+    }
 }
 
 impl crate::runtime::generate::GenerateBackend for CpuBf16 {
