@@ -17,7 +17,7 @@
 //! `model.decoder.embed_tokens.weight` and `lm_head.weight` (`save_pretrained` writes all four);
 //! each stack reads its own table and the head its own, so each gets only its own use's
 //! gradient and `model.shared` is read by nothing (autograd leaves it without a gradient and
-//! `torch.optim.AdamW` skips it). Here it is not loaded as a parameter then. A stack whose
+//! `torch.optim.AdamW` skips it), so it is not a parameter here (read and dropped). A stack whose
 //! own table the checkpoint lacks reads `model.shared` instead, as the inference loader does
 //! ([`crate::runtime::bart`]); the head of an untied model must be stored. A tied config
 //! whose checkpoint stores an `lm_head.weight` different from `model.shared` gets that head
