@@ -6,7 +6,8 @@
 //   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P∘(dP − D) with D_i = rowsum(dO∘O)_i,  dQ = scale·dS·K,
 //   dK = scale·dSᵀ·Q.
 //
-// Kernels (T = f16/bf16 on tensor cores; HD = head dim padded to 64 or 128 with zeros):
+// Kernels (T = f16/bf16 on tensor cores; HD = head dim tile: max(D, Dv) padded to 64, 128 or
+// 256 with zeros; CW = gradient columns per CTA: HD, or CUATTN_ATTN_BWD_COLS = 128 at HD 256):
 //   attention_bwd_delta_{T}: D_i (f32, LSE layout), one warp per query row; in fast mode it
 //       also zeroes the f32 dQ accumulator rows.
 //   attention_bwd_dkdv_hd{HD}_{T}: one CTA per (key block of BN = 64 keys, K/V head, batch).
@@ -25,6 +26,19 @@
 //       B = K by ldmatrix.trans) and adds them to the f32 accumulator with atomicAdd; the
 //       order of those additions varies from run to run.
 //   attention_bwd_dq_convert_{T}: dQ = scale·accumulator, rounded to T (fast mode).
+//   HD 256 (D or Dv in 129..=256): the accumulators of 16 keys' dK and dV rows would need
+//       2·(256/8)·4 = 256 f32 registers per thread, so the columns are split across CTAs: the
+//       dK/dV grid has ceil(max(D, Dv)/CW) column blocks per key block (flattened index: key
+//       block fastest, then column block, K/V head, batch) and block c accumulates only
+//       dV[:, c0 .. c0 + CW] += Pᵀ·dO[:, c0 ..] and dK[:, c0 ..] += dSᵀ·Q[:, c0 ..], c0 = c·CW
+//       (the B operands' ldmatrix.trans addresses and the writes are offset by c0; Sᵀ and dPᵀ
+//       run over all HD columns in every block, so they are computed once per block). A side
+//       with no columns in block c (D ≤ 128 < Dv or the other way round) skips its GEMM; the
+//       fast mode's dS·K adds dQ[:, c0 ..] only, in two passes of 64 columns (a 128-column dQ
+//       accumulator beside dK's and dV's spilled ~0.5-0.9 KB). The dQ kernel splits the same way into
+//       ceil(D/CW) column blocks (S and dP recomputed per block). Cost: 1.5× the dK/dV pass's
+//       MMAs of an unsplit tile (6 GEMMs of 64×64×256 per query tile instead of 4), and Q, dO
+//       (K, V) tiles read once per column block.
 //   attention_bwd_dq_hd{HD}_{T} (deterministic mode): one CTA per (query block of BM rows,
 //       head, batch), warp w owning rows 16w..16w+15 as in the forward; per key tile of the
 //       row band (BN keys): S = Q·Kᵀ, dP = dO·Vᵀ, dS, dQ += dS·K (dS from the accumulators,
@@ -64,7 +78,10 @@
 //
 // Shared memory (2-byte T, rows padded by 8 elements so ldmatrix is conflict-free):
 //   dK/dV: (2·BN + 2·BM)·(HD + 8)·2 + 2·BM·4 bytes (+ BN·(BM + 8)·2 for dSᵀ in fast mode);
-//   dQ:    (2·BM + 2·BN)·(HD + 8)·2 bytes. HD 128: 70 144 / 79 360 and 69 632 bytes.
+//   dQ:    (2·BM + 2·BN)·(HD + 8)·2 bytes. HD 128: 70 144 / 79 360 and 69 632 bytes; HD 256:
+//   135 680 / 144 896 and 135 168 bytes (above 48 KB: the host raises each function's dynamic
+//   shared-memory limit to the device's opt-in maximum when it loads it; one CTA per SM on
+//   sm_80 and sm_90).
 // Loads are cp.async (16-byte, zero-fill) when every row is 16-byte aligned, element loads
 // otherwise; each tile is loaded and waited for before use (no double buffering yet).
 //
@@ -160,9 +177,12 @@ __device__ __forceinline__ void sparse_column(const cuattn_attention_bwd_params&
 // ---- Tensor-core dK/dV (and, with ATOMIC_DQ, dQ by atomics) -------------------------------------
 // SPARSE: the query tiles are the query blocks that keep this key block (the layout's columns),
 // each masked by its kept block's kind; otherwise the tiles of the dense band.
+// HD 256: column block c of the split (see the header); CW = HD below that (one block).
 template <typename T, int HD, bool ATOMIC_DQ, bool SPARSE>
 __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* smem) {
     const cuattn_attention_fwd_params& p = bp.fwd;
+    constexpr int CW = HD < CUATTN_ATTN_BWD_COLS ? HD : CUATTN_ATTN_BWD_COLS;
+    constexpr bool SPLIT = CW < HD;
     constexpr int PITCH = HD + 8;
     constexpr int PITCH_S = BM + 8;  // dSᵀ tile: [BN keys][BM queries]
     T* sK = smem;
@@ -176,10 +196,14 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
     const int g = lane >> 2, t = lane & 3;
 
     const int64_t k_blocks = (p.len_k + BN - 1) / BN;
+    const int col_blocks = SPLIT ? (max(p.dim_qk, p.dim_v) + CW - 1) / CW : 1;
     const int64_t flat = blockIdx.x;
     const int key0 = (int)(flat % k_blocks) * BN;
-    const int hk = (int)((flat / k_blocks) % p.heads_kv);
-    const int b = (int)(flat / (k_blocks * p.heads_kv));
+    const int c0 = SPLIT ? (int)((flat / k_blocks) % col_blocks) * CW : 0;  // the block's first column
+    const int hk = (int)((flat / (k_blocks * col_blocks)) % p.heads_kv);
+    const int b = (int)(flat / (k_blocks * col_blocks * p.heads_kv));
+    // CTA-uniform: whether this column block holds columns of dK (and dQ) and of dV.
+    const bool has_dk = !SPLIT || c0 < p.dim_qk, has_dv = !SPLIT || c0 < p.dim_v;
     const SequenceBounds seq = sequence_bounds(p, b);
     const int len_q = (int)seq.len_q, key_len = (int)seq.key_len, len_k = (int)seq.len_k;
     if (key0 >= len_k) return;  // CTA-uniform, before any barrier
@@ -224,9 +248,9 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
     load_tile<T, HD, BN, THREADS, SPARSE>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, kv_lo - key0,
                                           kv_hi - key0, p.dim_v, vec, gv, kv_keep, 0);
 
-    float dk[HD / 8][4], dv[HD / 8][4];
+    float dk[CW / 8][4], dv[CW / 8][4];  // columns c0 .. c0 + CW of the warp's 16 keys
 #pragma unroll
-    for (int nd = 0; nd < HD / 8; ++nd)
+    for (int nd = 0; nd < CW / 8; ++nd)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
     const float c = p.scale * LOG2E;
@@ -309,7 +333,8 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                     s[nb][e] = pv;
                 }
 
-            // dV += Pᵀ·dO, dK += dSᵀ·Q (queries are the K dimension).
+            // dV += Pᵀ·dO, dK += dSᵀ·Q (queries are the K dimension), the B operands from
+            // the column block's columns c0 ...
 #pragma unroll
             for (int j = 0; j < BM / 16; ++j) {
                 uint32_t pa[4], da[4];
@@ -322,18 +347,23 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                 da[2] = pack2<T>(dp[2 * j + 1][0], dp[2 * j + 1][1]);
                 da[3] = pack2<T>(dp[2 * j + 1][2], dp[2 * j + 1][3]);
 #pragma unroll
-                for (int nd2 = 0; nd2 < HD / 16; ++nd2) {
+                for (int nd2 = 0; nd2 < CW / 16; ++nd2) {
                     uint32_t ob[4], qb[4];
-                    ldmatrix_x4_trans(ob, sdO + (j * 16 + (lane & 15)) * PITCH + nd2 * 16 + 8 * (lane >> 4));
-                    ldmatrix_x4_trans(qb, sQ + (j * 16 + (lane & 15)) * PITCH + nd2 * 16 + 8 * (lane >> 4));
-                    mma16816<T>(dv[2 * nd2], pa, ob[0], ob[1]);
-                    mma16816<T>(dv[2 * nd2 + 1], pa, ob[2], ob[3]);
-                    mma16816<T>(dk[2 * nd2], da, qb[0], qb[1]);
-                    mma16816<T>(dk[2 * nd2 + 1], da, qb[2], qb[3]);
+                    const int off = (j * 16 + (lane & 15)) * PITCH + c0 + nd2 * 16 + 8 * (lane >> 4);
+                    if (has_dv) ldmatrix_x4_trans(ob, sdO + off);
+                    if (has_dk) ldmatrix_x4_trans(qb, sQ + off);
+                    if (has_dv) {
+                        mma16816<T>(dv[2 * nd2], pa, ob[0], ob[1]);
+                        mma16816<T>(dv[2 * nd2 + 1], pa, ob[2], ob[3]);
+                    }
+                    if (has_dk) {
+                        mma16816<T>(dk[2 * nd2], da, qb[0], qb[1]);
+                        mma16816<T>(dk[2 * nd2 + 1], da, qb[2], qb[3]);
+                    }
                 }
             }
 
-            if constexpr (ATOMIC_DQ) {
+            if (ATOMIC_DQ && has_dk) {  // CTA-uniform, so its barrier is safe
                 // dSᵀ (rounded to T, as the mma takes it) to shared memory, [key][query].
 #pragma unroll
                 for (int nb = 0; nb < BM / 8; ++nb)
@@ -343,36 +373,42 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                         memcpy(sdS + (wrow + g + 8 * r2) * PITCH_S + nb * 8 + 2 * t, &v2, 4);
                     }
                 __syncthreads();
-                // Warp w: dQ rows 16w..16w+15 of the tile += dS[rows, BN keys]·K[BN keys, HD].
-                float dq[HD / 8][4];
-#pragma unroll
-                for (int nd = 0; nd < HD / 8; ++nd)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
-#pragma unroll
-                for (int ks = 0; ks < BN / 16; ++ks) {
-                    uint32_t a[4];  // the transpose of dSᵀ's 16×16 block: A = dS rows, keys as K
-                    ldmatrix_x4_trans(a, sdS + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * PITCH_S + wrow + 8 * ((lane >> 3) & 1));
-#pragma unroll
-                    for (int nd2 = 0; nd2 < HD / 16; ++nd2) {
-                        uint32_t kb[4];
-                        ldmatrix_x4_trans(kb, sK + (ks * 16 + (lane & 15)) * PITCH + nd2 * 16 + 8 * (lane >> 4));
-                        mma16816<T>(dq[2 * nd2], a, kb[0], kb[1]);
-                        mma16816<T>(dq[2 * nd2 + 1], a, kb[2], kb[3]);
-                    }
-                }
+                // Warp w: dQ rows 16w..16w+15 of the tile, columns c0 .. c0 + CW,
+                // += dS[rows, BN keys]·K[BN keys, c0 ..]. HD 256: in two passes of CW/2
+                // columns, so that dQ's accumulators beside dK's and dV's fit the registers.
+                constexpr int DQW = SPLIT ? CW / 2 : CW;
                 float* acc = reinterpret_cast<float*>(bp.dq_accum) + r0 * p.dim_qk;
+#pragma unroll 1
+                for (int d0 = c0; d0 < c0 + CW && (!SPLIT || d0 < p.dim_qk); d0 += DQW) {
+                    float dq[DQW / 8][4];
 #pragma unroll
-                for (int r2 = 0; r2 < 2; ++r2) {
-                    const int i = q0 + wrow + g + 8 * r2;
-                    if (i < len_q) {
+                    for (int nd = 0; nd < DQW / 8; ++nd)
 #pragma unroll
-                        for (int nd = 0; nd < HD / 8; ++nd)
+                        for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
 #pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int col = nd * 8 + 2 * t + e;
-                                if (col < p.dim_qk) atomicAdd(acc + (int64_t)i * p.dim_qk + col, dq[nd][2 * r2 + e]);
-                            }
+                    for (int ks = 0; ks < BN / 16; ++ks) {
+                        uint32_t a[4];  // the transpose of dSᵀ's 16×16 block: A = dS rows, keys as K
+                        ldmatrix_x4_trans(a, sdS + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * PITCH_S + wrow + 8 * ((lane >> 3) & 1));
+#pragma unroll
+                        for (int nd2 = 0; nd2 < DQW / 16; ++nd2) {
+                            uint32_t kb[4];
+                            ldmatrix_x4_trans(kb, sK + (ks * 16 + (lane & 15)) * PITCH + d0 + nd2 * 16 + 8 * (lane >> 4));
+                            mma16816<T>(dq[2 * nd2], a, kb[0], kb[1]);
+                            mma16816<T>(dq[2 * nd2 + 1], a, kb[2], kb[3]);
+                        }
+                    }
+#pragma unroll
+                    for (int r2 = 0; r2 < 2; ++r2) {
+                        const int i = q0 + wrow + g + 8 * r2;
+                        if (i < len_q) {
+#pragma unroll
+                            for (int nd = 0; nd < DQW / 8; ++nd)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const int col = d0 + nd * 8 + 2 * t + e;
+                                    if (col < p.dim_qk) atomicAdd(acc + (int64_t)i * p.dim_qk + col, dq[nd][2 * r2 + e]);
+                                }
+                        }
                     }
                 }
             }
@@ -387,10 +423,10 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
         const int key = key0 + wrow + g + 8 * r2;
         if (key >= len_k) continue;
 #pragma unroll
-        for (int nd = 0; nd < HD / 8; ++nd)
+        for (int nd = 0; nd < CW / 8; ++nd)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int col = nd * 8 + 2 * t + e;
+                const int col = c0 + nd * 8 + 2 * t + e;
                 if (col < p.dim_qk) gdk[(int64_t)key * bp.dk_row_stride + col] = from_f32<T>(dk[nd][2 * r2 + e] * p.scale);
                 if (col < p.dim_v) gdv[(int64_t)key * bp.dv_row_stride + col] = from_f32<T>(dv[nd][2 * r2 + e]);
             }
@@ -400,8 +436,11 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
 // ---- Tensor-core dQ, deterministic mode ---------------------------------------------------------
 // SPARSE: the key tiles are the kept blocks of this query block's row of the layout (the
 // forward's walk), blocks wholly in the key padding skipped; otherwise the dense band's tiles.
+// HD 256: column block c of dQ (see the header).
 template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(const cuattn_attention_bwd_params& bp, T* smem) {
     const cuattn_attention_fwd_params& p = bp.fwd;
+    constexpr int CW = HD < CUATTN_ATTN_BWD_COLS ? HD : CUATTN_ATTN_BWD_COLS;
+    constexpr bool SPLIT = CW < HD;
     constexpr int PITCH = HD + 8;
     T* sQ = smem;
     T* sdO = sQ + BM * PITCH;
@@ -411,10 +450,12 @@ template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(cons
     const int g = lane >> 2, t = lane & 3;
 
     const int64_t q_blocks = (p.len_q + BM - 1) / BM;
+    const int col_blocks = SPLIT ? (p.dim_qk + CW - 1) / CW : 1;
     const int64_t flat = blockIdx.x;
     const int64_t mb = q_blocks - 1 - flat % q_blocks;  // heaviest (causal) blocks first
-    const int h = (int)((flat / q_blocks) % p.heads_q);
-    const int b = (int)(flat / (q_blocks * p.heads_q));
+    const int c0 = SPLIT ? (int)((flat / q_blocks) % col_blocks) * CW : 0;  // the block's first dQ column
+    const int h = (int)((flat / (q_blocks * col_blocks)) % p.heads_q);
+    const int b = (int)(flat / (q_blocks * col_blocks * p.heads_q));
     const SequenceBounds seq = sequence_bounds(p, b);
     const int len_q = (int)seq.len_q, key_len = (int)seq.key_len;
     const int q0 = (int)mb * BM;
@@ -453,9 +494,9 @@ template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(cons
         lse2[r2] = i < len_q ? lse_log2(reinterpret_cast<const float*>(p.lse)[r0 + i]) : INFINITY;
         dlt[r2] = i < len_q ? reinterpret_cast<const float*>(bp.delta)[r0 + i] : 0.f;
     }
-    float dq[HD / 8][4];
+    float dq[CW / 8][4];  // columns c0 .. c0 + CW of the warp's 16 rows
 #pragma unroll
-    for (int nd = 0; nd < HD / 8; ++nd)
+    for (int nd = 0; nd < CW / 8; ++nd)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
     const float c = p.scale * LOG2E;
@@ -515,7 +556,7 @@ template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(cons
                 dp[nb][e] = keep ? pv * (dp[nb][e] - dlt[e >> 1]) : 0.f;
             }
 
-        // dQ += dS·K (keys are the K dimension; K by ldmatrix.trans).
+        // dQ += dS·K (keys are the K dimension; K by ldmatrix.trans from column c0).
 #pragma unroll
         for (int j = 0; j < BN / 16; ++j) {
             uint32_t da[4];
@@ -524,9 +565,9 @@ template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(cons
             da[2] = pack2<T>(dp[2 * j + 1][0], dp[2 * j + 1][1]);
             da[3] = pack2<T>(dp[2 * j + 1][2], dp[2 * j + 1][3]);
 #pragma unroll
-            for (int nd2 = 0; nd2 < HD / 16; ++nd2) {
+            for (int nd2 = 0; nd2 < CW / 16; ++nd2) {
                 uint32_t kb4[4];
-                ldmatrix_x4_trans(kb4, sK + (j * 16 + (lane & 15)) * PITCH + nd2 * 16 + 8 * (lane >> 4));
+                ldmatrix_x4_trans(kb4, sK + (j * 16 + (lane & 15)) * PITCH + c0 + nd2 * 16 + 8 * (lane >> 4));
                 mma16816<T>(dq[2 * nd2], da, kb4[0], kb4[1]);
                 mma16816<T>(dq[2 * nd2 + 1], da, kb4[2], kb4[3]);
             }
@@ -540,10 +581,10 @@ template <typename T, int HD, bool SPARSE> __device__ void attention_bwd_dq(cons
         const int i = q0 + wrow + g + 8 * r2;
         if (i >= len_q) continue;
 #pragma unroll
-        for (int nd = 0; nd < HD / 8; ++nd)
+        for (int nd = 0; nd < CW / 8; ++nd)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int col = nd * 8 + 2 * t + e;
+                const int col = c0 + nd * 8 + 2 * t + e;
                 if (col < p.dim_qk) gdq[(int64_t)i * bp.dq_row_stride + col] = from_f32<T>(dq[nd][2 * r2 + e] * p.scale);
             }
     }
@@ -731,8 +772,10 @@ CUATTN_ATTENTION_BWD_ROWS(__nv_bfloat16, bf16)
 
 CUATTN_ATTENTION_BWD_TC(__half, f16, 64)
 CUATTN_ATTENTION_BWD_TC(__half, f16, 128)
+CUATTN_ATTENTION_BWD_TC(__half, f16, 256)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 64)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 128)
+CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 256)
 
 // Block-sparse entries (layouts of block size CUATTN_ATTN_BWD_SPARSE_BS = BM = BN): the same
 // bodies with the kept-block walks (SPARSE).

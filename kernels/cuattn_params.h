@@ -196,11 +196,17 @@ typedef struct cuattn_attention_fwd_params {
  *   (b*lse_batch_stride + h*lse_head_stride + row0_q(b) + i) * dim_qk + d.
  * Every element of dQ, dK, dV is written (zeros where no admissible pair reaches it). */
 #define CUATTN_ATTN_BWD_THREADS 128
-/* Tensor-core tiles, head dims padded to 64 or 128: keys per CTA of the dK/dV kernel (16 per
+/* Tensor-core tiles, head dims padded to 64, 128 or 256: keys per CTA of the dK/dV kernel (16 per
  * warp) and query rows per tile it walks; the dQ kernel swaps the roles (query rows per CTA,
  * keys per tile). Shared memory: see attention_bwd.cu. */
 #define CUATTN_ATTN_BWD_BN 64
 #define CUATTN_ATTN_BWD_BM 64
+/* Head-dim tile 256 (D or Dv in 129..=256): gradient columns per CTA. The dK/dV grid has
+ * ceil(max(D, Dv) / COLS) column blocks per key block, the deterministic dQ grid ceil(D / COLS)
+ * per query block; block c accumulates and writes columns [c*COLS, c*COLS + COLS) and
+ * recomputes S^T, dP^T (S, dP) over all columns. Flattened grid index, fastest first:
+ * key (query) block, column block, K/V (query) head, batch. */
+#define CUATTN_ATTN_BWD_COLS 128
 /* Query rows per block of the delta and dQ-convert kernels (one warp each). */
 #define CUATTN_ATTN_BWD_ROWS_PER_BLOCK 4
 /* Block-sparse backward (attention_bwd_sparse_*): the one layout block size the tensor-core

@@ -271,8 +271,15 @@ def attention_default_rows():
 
 
 def attention_backward_default_rows():
-    """cuattn's attention-backward bench shapes (the forward's, op "backward")."""
-    return [dict(r, op="backward") for r in attention_default_rows()]
+    """cuattn's attention-backward bench shapes (the forward's, op "backward", plus head dim 256
+    at lengths 1024 and 4096)."""
+    rows = [dict(r, op="backward") for r in attention_default_rows()]
+    for dtype in ("f16", "bf16"):
+        for length in (1024, 4096):
+            for causal in (False, True):
+                rows.append({"op": "backward", "dtype": dtype, "batch": 16384 // length, "heads": 2048 // 256,
+                             "len": length, "dim": 256, "causal": causal})
+    return rows
 
 
 def attention_shapes(rows):

@@ -19,7 +19,7 @@
 // The entry points mirror C signatures: one argument per tensor, as C callers pass them.
 #![allow(clippy::too_many_arguments)]
 
-use cuattn::gpu::{ContextId, Gpu, TensorMut, TensorRef};
+use cuattn::gpu::{Gpu, TensorMut, TensorRef};
 use cuattn::ops::{attention, decode, layernorm};
 use cuattn::reference;
 use cuattn::{DType, Error, Layout, Result};
@@ -285,7 +285,7 @@ pub extern "C" fn cuattn_memcpy_htod(
         if src.is_null() {
             return Err(null("src"));
         }
-        check_pointer(gpu, "dst", dst)?;
+        gpu.check_device_pointer("dst", dst)?;
         gpu.context()
             .bind_to_thread()
             .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
@@ -310,7 +310,7 @@ pub extern "C" fn cuattn_memcpy_dtoh(
         if dst.is_null() {
             return Err(null("dst"));
         }
-        check_pointer(gpu, "src", src)?;
+        gpu.check_device_pointer("src", src)?;
         gpu.context()
             .synchronize()
             .map_err(|e| Error::driver("cuCtxSynchronize", e))?;
@@ -333,33 +333,6 @@ fn on_stream(gpu: &Arc<Gpu>, stream: *mut c_void) -> Result<Arc<Gpu>> {
     // SAFETY: the caller passes a live stream of the handle's context (or NULL); the Gpu
     // checks the stream's context before use.
     unsafe { gpu.on_raw_stream(stream as sys::CUstream) }
-}
-
-/// Refuses a pointer that is not device memory of `gpu`'s context (host memory, another
-/// context's allocation). Memory from a stream-ordered pool reports no context and is taken.
-fn check_pointer(gpu: &Gpu, arg: &'static str, ptr: u64) -> Result<()> {
-    let mut ctx: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: queries one attribute of `ptr` into `ctx`, a CUcontext-sized out value.
-    let r = unsafe {
-        sys::cuPointerGetAttribute(
-            (&mut ctx as *mut sys::CUcontext).cast(),
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
-            ptr,
-        )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error::Device {
-            arg,
-            reason: format!("0x{ptr:x} is not device memory ({r:?})"),
-        });
-    }
-    if !ctx.is_null() && ContextId::from_raw(ctx) != gpu.context_id() {
-        return Err(Error::Device {
-            arg,
-            reason: format!("0x{ptr:x} belongs to another CUDA context"),
-        });
-    }
-    Ok(())
 }
 
 fn dtype_of(arg: &'static str, code: i32) -> Result<DType> {
@@ -402,7 +375,7 @@ fn parts(
     let t = deref(arg, t)?;
     let bytes = usize::try_from(t.bytes)
         .map_err(|_| Error::invalid(arg, "byte size does not fit in size_t"))?;
-    check_pointer(gpu, arg, t.data)?;
+    gpu.check_device_pointer(arg, t.data)?;
     Ok((t.data, bytes, dtype_of(arg, t.dtype)?, layout_of(arg, t)?))
 }
 
@@ -485,7 +458,7 @@ pub extern "C" fn cuattn_attention_fwd(
         let mut o = tensor_mut(&run, "o", o)?;
         let mut lse = optional(lse, |p| tensor_mut(&run, "lse", p))?;
         let view = |arg: &'static str, ptr: u64, n: usize| -> Result<cuattn::gpu::I32View<'_>> {
-            check_pointer(&run, arg, ptr)?;
+            run.check_device_pointer(arg, ptr)?;
             // SAFETY: device memory of this context (checked); `n` values by the options'
             // contract; the kernels clamp every value they read.
             Ok(unsafe { cuattn::gpu::I32View::from_raw(run.context_id(), ptr, n) })
@@ -562,12 +535,11 @@ pub extern "C" fn cuattn_decode_fwd(
         let mut o = tensor_mut(&run, "o", o)?;
         let mut lse = optional(lse, |p| tensor_mut(&run, "lse", p))?;
         if workspace != 0 {
-            check_pointer(&run, "workspace", workspace)?;
-            // SAFETY: device memory of this context (checked) of `workspace_bytes` bytes,
-            // used only by this call's stream (the caller's contract).
+            // SAFETY: `workspace_bytes` bytes used only by this call's stream (the caller's
+            // contract); `use_workspace` checks it is device memory of this context.
             unsafe { run.use_workspace(workspace, workspace_bytes)? };
         }
-        check_pointer(&run, "cache_lens", opts.cache_lens)?;
+        run.check_device_pointer("cache_lens", opts.cache_lens)?;
         let batch = q.shape().first().copied().unwrap_or(0);
         // SAFETY: device memory of this context (checked), `batch` i32 by contract; the
         // kernel clamps each length to the cache.
@@ -685,7 +657,7 @@ pub extern "C" fn cuattn_layernorm_bwd(
         let mut ws = if workspace == 0 {
             None
         } else {
-            check_pointer(&run, "workspace", workspace)?;
+            run.check_device_pointer("workspace", workspace)?;
             let n = workspace_bytes / 4;
             // SAFETY: device memory of this context (checked) of `workspace_bytes` bytes.
             Some(unsafe {

@@ -1,5 +1,6 @@
 //! Attention backward benchmark on the forward benchmark's shapes ([`super::attention::shapes`]:
-//! B·L = 16k tokens, hidden 2048, D ∈ {64, 128}), BHSD, causal (top-left) and not. FLOPs are
+//! B·L = 16k tokens, hidden 2048, D ∈ {64, 128}) plus D = 256 at L = 1024 and 4096 (the tiles
+//! whose gradient columns are split across CTAs), BHSD, causal (top-left) and not. FLOPs are
 //! 2.5× the forward's (five GEMMs of its two), the FlashAttention convention; the deterministic
 //! mode's recomputed S and dP are not credited. O and LSE come from one forward per shape; dO is
 //! random.
@@ -12,6 +13,20 @@ use crate::ops::attention::{self as attn, CausalAlign, Kernel};
 use crate::ops::attention_backward::{self as bwd, Mode};
 use std::sync::Arc;
 
+/// The forward's shapes, then head dim 256 (hidden / 256 heads) at one length (quick) or two.
+fn backward_shapes(quick: bool) -> Vec<(usize, usize, usize, usize)> {
+    let mut out = shapes(quick);
+    let (tokens, hidden, lens): (usize, usize, &[usize]) = if quick {
+        (2048, 512, &[512])
+    } else {
+        (16384, 2048, &[1024, 4096])
+    };
+    for &len in lens {
+        out.push((tokens / len, hidden / 256, len, 256));
+    }
+    out
+}
+
 /// Longest sequence the exact path is timed at (it is a reference path).
 const EXACT_MAX_LEN: usize = 1024;
 
@@ -21,7 +36,7 @@ pub fn run(gpu: &Arc<Gpu>, dtypes: &[DType], quick: bool) -> Result<Vec<Row>> {
     let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
     let mut out = Vec::new();
     for &dt in dtypes {
-        for (batch, heads, len, dim) in shapes(quick) {
+        for (batch, heads, len, dim) in backward_shapes(quick) {
             let shape = [batch, heads, len, dim];
             let q = gpu.random(dt, &shape, 11, 0.0, 1.0)?;
             let k = gpu.random(dt, &shape, 12, 0.0, 1.0)?;

@@ -362,6 +362,14 @@ pub fn standard_cases() -> Vec<(String, Case)> {
             },
         ));
         out.push((
+            format!("{dt} gqa 4/2 causal-tl padded d256/192"),
+            Case {
+                causal: Some(CausalAlign::TopLeft),
+                key_lens: Some(vec![100, 33]),
+                ..Case::dense(dt, shape(2, 4, 2, 90, 110, 256, 192))
+            },
+        ));
+        out.push((
             format!("{dt} varlen 3 seqs d96 window"),
             Case {
                 packed: Some((vec![5, 0, 70], vec![7, 3, 90])),

@@ -198,6 +198,8 @@ pub fn train<M: ClassifierTraining>(
     if train.is_empty() {
         return Err(Error::invalid("train", "no training examples"));
     }
+    // Every step frees and reallocates the same activations: on the CPU, keep their buffers.
+    let _keep = crate::runtime::cpu::KeepOpBuffers::new();
     let k = model.num_labels();
     if let Some(bad) = train
         .iter()

@@ -14,6 +14,7 @@
 //! cudarc's per-buffer event tracking is switched off there: stream order alone makes every
 //! read follow the write before it. Ordering work between streams is the caller's job (events).
 
+mod pointer;
 mod tensor;
 
 pub use tensor::{ContextId, DeviceTensor, I32View, TensorMut, TensorRef};
@@ -40,8 +41,7 @@ pub struct DeviceInfo {
 /// Number of CUDA devices, or why there are none. Never panics: cudarc panics when libcuda is
 /// missing, so the library's presence is checked first.
 pub fn device_count() -> Result<usize> {
-    // SAFETY: only tries to dlopen libcuda by its usual names; no CUDA call is made.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return Err(Error::NoDevice(
             "the CUDA driver library (libcuda.so) is not installed".into(),
         ));
@@ -51,6 +51,36 @@ pub fn device_count() -> Result<usize> {
         Ok(_) => Err(Error::NoDevice("the CUDA driver reports 0 devices".into())),
         Err(e) => Err(Error::NoDevice(format!("the CUDA driver reports {e:?}"))),
     }
+}
+
+/// Whether libcuda can be used. cudarc normally loads it at run time (cuattn asks for
+/// `fallback-dynamic-loading`) and panics on first use when it is missing, so its presence is
+/// probed first.
+#[cfg(not(feature = "candle-cuda"))]
+fn driver_library_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda by its usual names; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// With `candle-cuda`, candle's CUDA backend makes cudarc link the libraries instead
+/// (`dynamic-linking`, to which the fallback gives way): the loader resolved them before the
+/// program started, and cudarc has no probe to call.
+#[cfg(feature = "candle-cuda")]
+fn driver_library_present() -> bool {
+    true
+}
+
+/// [`driver_library_present`] for cuBLAS.
+#[cfg(not(feature = "candle-cuda"))]
+pub(crate) fn blas_library_present() -> bool {
+    // SAFETY: only tries to dlopen libcublas by its usual names; no cuBLAS call is made.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// [`driver_library_present`] for cuBLAS (linked with `candle-cuda`).
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn blas_library_present() -> bool {
+    true
 }
 
 /// A loaded kernel: the function, with its dynamic shared-memory limit already raised to the
@@ -350,12 +380,15 @@ impl Gpu {
     }
 
     /// Makes `bytes` bytes at `ptr` this handle's scratch memory, replacing its own: ops never
-    /// allocate scratch again, and a call that needs more is an error.
+    /// allocate scratch again, and a call that needs more is an error. `ptr` must be 16-byte
+    /// aligned ([`Error::Alignment`]) and device memory of this Gpu's context or device
+    /// ([`Gpu::check_device_pointer`]: NULL, host memory and another context's memory are
+    /// [`Error::Device`]).
     ///
     /// # Safety
-    /// `ptr` must be a device allocation of this Gpu's context, 16-byte aligned, valid for
-    /// reads and writes of `bytes` bytes for as long as this handle is used, and touched by
-    /// nothing else while work of this handle's stream may use it.
+    /// `ptr` must be a device allocation usable by this Gpu's context, valid for reads and
+    /// writes of `bytes` bytes for as long as this handle is used, and touched by nothing else
+    /// while work of this handle's stream may use it.
     pub unsafe fn use_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
         if !ptr.is_multiple_of(16) {
             return Err(Error::Alignment {
@@ -364,6 +397,7 @@ impl Gpu {
                 align: 16,
             });
         }
+        self.check_device_pointer("workspace", ptr)?;
         *self.scratch()? = Scratch::Borrowed { ptr, bytes };
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! Scaled dot-product attention backward on the GPU: dQ, dK, dV from Q, K, V, the forward's O
 //! and LSE, and dO = ∂L/∂O. The CPU reference is [`crate::reference::attention_backward`];
 //! the kernels are `kernels/attention_bwd.cu` (FlashAttention-2's backward on tensor cores for
-//! f16/bf16 with head dims ≤ 128, and an exact f32 path for every dtype and head dim ≤ 256).
+//! f16/bf16 with head dims ≤ 256 — above 128 with the columns of dK/dV/dQ split across CTAs —
+//! and an exact f32 path for every dtype and head dim ≤ 256). Block-sparse layouts run on
+//! tensor cores up to head dim 128.
 //!
 //! The call takes the forward's [`attention::Options`] unchanged (scale, causal alignment,
 //! sliding window, key padding or packed sequences) and the same layouts: dO is laid out like O
@@ -29,7 +31,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
 use crate::kernels::params::{
-    cuattn_attention_bwd_params, CUATTN_ATTN_BWD_BM, CUATTN_ATTN_BWD_BN,
+    cuattn_attention_bwd_params, CUATTN_ATTN_BWD_BM, CUATTN_ATTN_BWD_BN, CUATTN_ATTN_BWD_COLS,
     CUATTN_ATTN_BWD_ROWS_PER_BLOCK, CUATTN_ATTN_BWD_SPARSE_BS, CUATTN_ATTN_BWD_THREADS,
 };
 use crate::sparse::SUPPORTED_BLOCK_SIZES;
@@ -37,7 +39,12 @@ use std::sync::Arc;
 
 const MODULE: &str = "attention_bwd";
 /// Largest (padded) head dim of the tensor-core backward; larger ones take the exact path.
-pub const TC_MAX_HEAD_DIM: usize = 128;
+/// Head dims 129–256 pad to the 256 tile (any size: the tiles zero-fill past D and Dv).
+pub const TC_MAX_HEAD_DIM: usize = 256;
+/// Largest head dim of the tensor-core block-sparse backward (no HD 256 sparse entries yet).
+pub const SPARSE_TC_MAX_HEAD_DIM: usize = 128;
+/// Gradient columns per CTA of the HD 256 kernels (column blocks of dK/dV and dQ).
+const COLS: usize = CUATTN_ATTN_BWD_COLS as usize;
 const ROWS: usize = CUATTN_ATTN_BWD_ROWS_PER_BLOCK as usize;
 const BN: usize = CUATTN_ATTN_BWD_BN as usize;
 const BM: usize = CUATTN_ATTN_BWD_BM as usize;
@@ -131,10 +138,16 @@ fn check(
     })
 }
 
-/// Whether the call runs on tensor cores: f16/bf16 with both head dims ≤ 128 unless the exact
-/// kernel is asked for; asking for tensor cores with f32 or larger head dims is an error.
-fn use_tensor_cores(c: &Checked, kernel: Kernel) -> Result<bool> {
-    let fits = c.shape.dim_qk.max(c.shape.dim_v) <= TC_MAX_HEAD_DIM;
+/// Whether the call runs on tensor cores: f16/bf16 with both head dims ≤ 256 (≤ 128 for a
+/// block-sparse call) unless the exact kernel is asked for; asking for tensor cores with f32 or
+/// larger head dims is an error.
+fn use_tensor_cores(c: &Checked, kernel: Kernel, sparse: bool) -> Result<bool> {
+    let max = if sparse {
+        SPARSE_TC_MAX_HEAD_DIM
+    } else {
+        TC_MAX_HEAD_DIM
+    };
+    let fits = c.shape.dim_qk.max(c.shape.dim_v) <= max;
     match kernel {
         Kernel::Auto => Ok(c.dtype != DType::F32 && fits),
         Kernel::Exact => Ok(false),
@@ -146,8 +159,10 @@ fn use_tensor_cores(c: &Checked, kernel: Kernel) -> Result<bool> {
         Kernel::TensorCore if !fits => Err(Error::invalid(
             "q",
             format!(
-                "the tensor-core backward takes head dims up to {TC_MAX_HEAD_DIM}, got {} and {}",
-                c.shape.dim_qk, c.shape.dim_v
+                "the tensor-core {}backward takes head dims up to {max}, got {} and {}",
+                if sparse { "block-sparse " } else { "" },
+                c.shape.dim_qk,
+                c.shape.dim_v
             ),
         )),
         Kernel::TensorCore => Ok(true),
@@ -188,13 +203,19 @@ const EXACT_DKDV: [&str; 3] = [
     "attention_bwd_exact_dkdv_bf16",
 ];
 
-/// Tensor-core kernels for (f16 | bf16, head dim tile 64 | 128): dK/dV, dK/dV + atomic dQ, dQ.
+/// Tensor-core kernels for (f16 | bf16, head dim tile 64 | 128 | 256): dK/dV, dK/dV + atomic
+/// dQ, dQ.
 fn tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     match (dtype, hd) {
         (DType::F16, 64) => [
             "attention_bwd_dkdv_hd64_f16",
             "attention_bwd_dkdv_dq_hd64_f16",
             "attention_bwd_dq_hd64_f16",
+        ],
+        (DType::F16, 256) => [
+            "attention_bwd_dkdv_hd256_f16",
+            "attention_bwd_dkdv_dq_hd256_f16",
+            "attention_bwd_dq_hd256_f16",
         ],
         (DType::F16, _) => [
             "attention_bwd_dkdv_hd128_f16",
@@ -206,6 +227,11 @@ fn tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
             "attention_bwd_dkdv_dq_hd64_bf16",
             "attention_bwd_dq_hd64_bf16",
         ],
+        (_, 256) => [
+            "attention_bwd_dkdv_hd256_bf16",
+            "attention_bwd_dkdv_dq_hd256_bf16",
+            "attention_bwd_dq_hd256_bf16",
+        ],
         _ => [
             "attention_bwd_dkdv_hd128_bf16",
             "attention_bwd_dkdv_dq_hd128_bf16",
@@ -214,7 +240,7 @@ fn tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     }
 }
 
-/// The block-sparse entries, as [`tc_names`].
+/// The block-sparse entries, as [`tc_names`] (head dim tiles 64 and 128).
 fn sparse_tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     match (dtype, hd) {
         (DType::F16, 64) => [
@@ -248,6 +274,7 @@ pub fn kernel_names() -> Vec<&'static str> {
             v.extend(tc_names(dt, hd));
             v.extend(sparse_tc_names(dt, hd));
         }
+        v.extend(tc_names(dt, 256));
     }
     v
 }
@@ -274,6 +301,25 @@ fn shared_bytes(hd: usize, atomic_dq: bool) -> (usize, usize) {
         (2 * BN + 2 * BM) * pitch * 2 + 2 * BM * 4 + if atomic_dq { BN * (BM + 8) * 2 } else { 0 };
     let dq = (2 * BM + 2 * BN) * pitch * 2;
     (dkdv, dq)
+}
+
+/// The head-dim tile of a call: max(D, Dv) padded to 64, 128 or 256.
+fn head_dim_tile(dim_qk: usize, dim_v: usize) -> usize {
+    match dim_qk.max(dim_v) {
+        0..=64 => 64,
+        65..=128 => 128,
+        _ => 256,
+    }
+}
+
+/// Column blocks per key block of the dK/dV grid and per query block of the dQ grid: one up
+/// to the 128 tile; at 256, ⌈max(D, Dv)/COLS⌉ and ⌈D/COLS⌉ (attention_bwd.cu's header).
+fn column_blocks(hd: usize, dim_qk: usize, dim_v: usize) -> (usize, usize) {
+    if hd <= COLS {
+        (1, 1)
+    } else {
+        (dim_qk.max(dim_v).div_ceil(COLS), dim_qk.div_ceil(COLS))
+    }
 }
 
 /// Dynamic shared memory within the function's (raised) limit.
@@ -347,7 +393,19 @@ pub(super) fn launch_backward(
         ("dv", dv.ctx),
     ])?;
     let c = &cb.c;
-    let tensor_cores = use_tensor_cores(c, opts.forward.kernel)?;
+    let s = &c.shape;
+    let hd = head_dim_tile(s.dim_qk, s.dim_v);
+    let mut tensor_cores = use_tensor_cores(c, opts.forward.kernel, sparse.is_some())?;
+    if tensor_cores && hd > COLS && opts.forward.kernel == Kernel::Auto {
+        // A GPU whose shared memory cannot hold the tiles (HD 256 needs ~136-145 KB: sm_80/90
+        // have it, sm_86/89 do not) runs the exact path instead of failing.
+        let (name, bytes) = if opts.mode == Mode::Fast {
+            (tc_names(c.dtype, hd)[1], shared_bytes(hd, true).0)
+        } else {
+            (tc_names(c.dtype, hd)[0], shared_bytes(hd, false).0)
+        };
+        tensor_cores = bytes <= gpu.kernel(MODULE, name)?.max_dynamic_smem;
+    }
     let sparse_args = match sparse {
         Some(layout) => {
             let bs = layout.layout().block_size();
@@ -359,8 +417,7 @@ pub(super) fn launch_backward(
     };
     let fwd_sparse: Option<&SparseArgs> = sparse_args.as_ref().map(|(f, _)| f);
     let fast = tensor_cores && opts.mode == Mode::Fast;
-    let s = &c.shape;
-    let hd = if s.dim_qk.max(s.dim_v) <= 64 { 64 } else { 128 };
+    let (dkdv_cols, dq_cols) = column_blocks(hd, s.dim_qk, s.dim_v);
 
     let mut delta = gpu.zeros(DType::F32, &[cb.lse_rows])?;
     let mut accum = if fast {
@@ -462,7 +519,7 @@ pub(super) fn launch_backward(
                 gpu,
                 &dkdv_k,
                 &p,
-                (grid(s.len_k, BN, s.heads_kv, s.batch)?, 1),
+                (grid(s.len_k, BN, s.heads_kv * dkdv_cols, s.batch)?, 1),
                 (threads, 1),
                 smem_dkdv,
             )?
@@ -480,7 +537,7 @@ pub(super) fn launch_backward(
                     gpu,
                     &dq_k,
                     &p,
-                    (grid(s.len_q, BM, s.heads_q, s.batch)?, 1),
+                    (grid(s.len_q, BM, s.heads_q * dq_cols, s.batch)?, 1),
                     (threads, 1),
                     smem_dq,
                 )?
@@ -596,7 +653,7 @@ mod tests {
         let cb = run_check(&x, &Options::default()).unwrap();
         assert_eq!((cb.c.shape.heads_kv, cb.c.shape.dim_v), (2, 40));
         assert_eq!(cb.lse_rows, 2 * 8 * 5);
-        assert!(use_tensor_cores(&cb.c, Kernel::Auto).unwrap());
+        assert!(use_tensor_cores(&cb.c, Kernel::Auto, false).unwrap());
     }
 
     #[test]
@@ -637,32 +694,70 @@ mod tests {
     }
 
     #[test]
-    fn tensor_cores_take_f16_and_bf16_up_to_head_dim_128_and_the_rest_runs_exact() {
-        let big = run_check(
-            &views(DType::BF16, 1, 1, 1, 4, 4, 192, 64),
-            &Options::default(),
-        )
-        .unwrap();
-        assert!(!use_tensor_cores(&big.c, Kernel::Auto).unwrap());
-        assert!(matches!(
-            use_tensor_cores(&big.c, Kernel::TensorCore),
-            Err(Error::InvalidArgument { arg: "q", .. })
-        ));
+    fn tensor_cores_take_f16_and_bf16_up_to_head_dim_256_dense_and_128_sparse() {
+        for (d, dv) in [(192, 64), (256, 256), (64, 129), (136, 200)] {
+            let big = run_check(
+                &views(DType::BF16, 1, 1, 1, 4, 4, d, dv),
+                &Options::default(),
+            )
+            .unwrap();
+            assert!(use_tensor_cores(&big.c, Kernel::Auto, false).unwrap());
+            assert!(use_tensor_cores(&big.c, Kernel::TensorCore, false).unwrap());
+            assert_eq!(head_dim_tile(d, dv), 256);
+            // No HD 256 block-sparse entries: exact under Auto, an error when asked for.
+            assert!(!use_tensor_cores(&big.c, Kernel::Auto, true).unwrap());
+            assert!(matches!(
+                use_tensor_cores(&big.c, Kernel::TensorCore, true),
+                Err(Error::InvalidArgument { arg: "q", .. })
+            ));
+        }
         let f32c = run_check(
             &views(DType::F32, 1, 1, 1, 4, 4, 64, 64),
             &Options::default(),
         )
         .unwrap();
-        assert!(!use_tensor_cores(&f32c.c, Kernel::Auto).unwrap());
+        assert!(!use_tensor_cores(&f32c.c, Kernel::Auto, false).unwrap());
         assert!(matches!(
-            use_tensor_cores(&f32c.c, Kernel::TensorCore),
+            use_tensor_cores(&f32c.c, Kernel::TensorCore, false),
             Err(Error::DType { .. })
         ));
+    }
+
+    #[test]
+    fn head_dims_pick_their_tile_and_column_blocks() {
+        assert_eq!(head_dim_tile(64, 8), 64);
+        assert_eq!(head_dim_tile(72, 128), 128);
+        assert_eq!(head_dim_tile(129, 1), 256);
+        assert_eq!(column_blocks(128, 128, 96), (1, 1));
+        assert_eq!(column_blocks(256, 256, 256), (2, 2));
+        // Only the wider side has a second block; dQ has D's.
+        assert_eq!(column_blocks(256, 256, 128), (2, 2));
+        assert_eq!(column_blocks(256, 128, 256), (2, 1));
+        assert_eq!(column_blocks(256, 136, 8), (2, 2));
+    }
+
+    #[cfg(feature = "testing")]
+    #[test]
+    fn the_column_split_matches_the_twin_and_the_kernel_header() {
+        use crate::twin::attention_backward as twin;
+        assert_eq!(COLS, twin::KERNEL_COLUMNS);
+        for (d, dv) in [(256, 256), (256, 100), (100, 256), (130, 129)] {
+            let cols = twin::Columns::blocks(twin::KERNEL_COLUMNS);
+            assert_eq!(
+                column_blocks(head_dim_tile(d, dv), d, dv),
+                (
+                    twin::dkdv_column_blocks(d, dv, cols),
+                    twin::dq_column_blocks(d, cols)
+                )
+            );
+        }
     }
 
     #[test]
     fn shared_memory_of_the_tensor_core_kernels_follows_the_kernel_header() {
         assert_eq!(shared_bytes(128, false), (70_144, 69_632));
         assert_eq!(shared_bytes(128, true).0, 79_360);
+        assert_eq!(shared_bytes(256, false), (135_680, 135_168));
+        assert_eq!(shared_bytes(256, true).0, 144_896);
     }
 }

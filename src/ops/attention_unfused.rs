@@ -9,6 +9,7 @@
 //! workspace stays under [`MAX_WORKSPACE_BYTES`].
 
 use super::attention::{check, Options, Sequences};
+use super::BlasHandle;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, TensorMut, TensorRef};
@@ -17,7 +18,7 @@ use crate::kernels::params::{
     CUATTN_CAUSAL_TOP_LEFT,
 };
 use crate::reference::attention::CausalAlign;
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -30,21 +31,15 @@ pub const MAX_WORKSPACE_BYTES: usize = 2 << 30;
 /// cuBLAS handle and a reusable workspace on one Gpu.
 pub struct Unfused {
     gpu: Arc<Gpu>,
-    blas: CudaBlas,
+    /// Its own cuBLAS handle (cuBLAS's pool for cuBLAS's scratch).
+    blas: BlasHandle,
     workspace: Option<CudaSlice<u8>>,
 }
 
 impl Unfused {
     /// Loads cuBLAS (it must be on the library path) and binds it to the Gpu's stream.
     pub fn new(gpu: &Arc<Gpu>) -> Result<Unfused> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "cuBLAS (libcublas) was not found on the library path".into(),
-            ));
-        }
-        let blas = CudaBlas::new(gpu.stream().clone())
-            .map_err(|e| Error::blas("creating a cuBLAS handle", e))?;
+        let blas = BlasHandle::new(gpu)?;
         Ok(Unfused {
             gpu: gpu.clone(),
             blas,

@@ -7,55 +7,23 @@
 //! (it may allocate when a call needs one). [`Gemm::reserve_workspace`] (our allocation, once)
 //! or [`Gemm::use_workspace`] (the caller's memory) give the handle a fixed workspace instead
 //! (`cublasSetWorkspace`), so a GEMM allocates nothing and can be captured in a CUDA graph.
-//! cuBLAS has no per-call size query for `cublasGemmEx`: [`workspace_bytes`] is NVIDIA's
-//! recommended size for the device (what its default pool holds); a smaller one of at least
-//! [`MIN_WORKSPACE_BYTES`] works but may make cuBLAS pick slower kernels.
+//! [`workspace_bytes`] is the size to give (see `ops::cublas`, shared with the CUDA runtime
+//! backend).
 
+use super::cublas::BlasHandle;
+pub use super::cublas::{workspace_bytes, MIN_WORKSPACE_BYTES, WORKSPACE_ALIGN};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, TensorMut, TensorRef};
 use crate::ops::validate::{self, ViewInfo};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use std::ffi::c_void;
 use std::sync::Arc;
-
-/// The smallest workspace [`Gemm::use_workspace`] and [`Gemm::reserve_workspace`] accept:
-/// cuBLAS documents 16 KiB as enough for no routine to fail for lack of workspace.
-pub const MIN_WORKSPACE_BYTES: usize = 16 << 10;
-
-/// Alignment cuBLAS requires of a workspace address (it refuses a less aligned one).
-pub const WORKSPACE_ALIGN: u64 = 256;
-
-/// The cuBLAS workspace to give a [`Gemm`] on `gpu`'s device: NVIDIA's recommended size, the
-/// size of cuBLAS's default pool (32 MiB from Hopper, sm_90, on; 4 MiB before).
-pub fn workspace_bytes(gpu: &Gpu) -> usize {
-    recommended_workspace_bytes(gpu.info().compute_capability)
-}
-
-fn recommended_workspace_bytes((major, _minor): (i32, i32)) -> usize {
-    if major >= 9 {
-        32 << 20
-    } else {
-        4 << 20
-    }
-}
-
-/// Where a [`Gemm`]'s cuBLAS handle takes its scratch from.
-enum BlasWorkspace {
-    /// cuBLAS's own pool.
-    Library,
-    /// Allocated by [`Gemm::reserve_workspace`]; freed in stream order when replaced.
-    Owned(CudaSlice<u8>),
-    /// The caller's memory ([`Gemm::use_workspace`]).
-    Borrowed { bytes: usize },
-}
 
 /// A cuBLAS handle on a Gpu's stream, for the linear-layer GEMMs.
 pub struct Gemm {
     gpu: Arc<Gpu>,
-    blas: CudaBlas,
-    workspace: BlasWorkspace,
+    blas: BlasHandle,
 }
 
 impl std::fmt::Debug for Gemm {
@@ -89,29 +57,6 @@ fn matrix(v: &ViewInfo, dtype: DType) -> Result<(usize, usize)> {
     Ok((r.rows, r.cols))
 }
 
-fn check_workspace_size(bytes: usize) -> Result<()> {
-    if bytes < MIN_WORKSPACE_BYTES {
-        return Err(Error::invalid(
-            "workspace",
-            format!(
-                "{bytes} bytes is below the {MIN_WORKSPACE_BYTES} cuBLAS needs to run every GEMM"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn check_workspace_align(ptr: u64) -> Result<()> {
-    if !ptr.is_multiple_of(WORKSPACE_ALIGN) {
-        return Err(Error::Alignment {
-            arg: "workspace",
-            ptr,
-            align: WORKSPACE_ALIGN as usize,
-        });
-    }
-    Ok(())
-}
-
 fn expect(arg: &'static str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
     if got != want {
         return Err(Error::shape(
@@ -128,18 +73,9 @@ impl Gemm {
     /// your own, make the Gemm from `gpu.on_stream(stream)`. Every GEMM refuses views of
     /// another context than the Gpu's ([`Error::Device`]).
     pub fn new(gpu: &Arc<Gpu>) -> Result<Gemm> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "cuBLAS (libcublas) was not found on the library path".into(),
-            ));
-        }
-        let blas =
-            CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("creating a handle", e))?;
         Ok(Gemm {
             gpu: gpu.clone(),
-            blas,
-            workspace: BlasWorkspace::Library,
+            blas: BlasHandle::new(gpu)?,
         })
     }
 
@@ -150,11 +86,7 @@ impl Gemm {
     /// The size of the fixed workspace the handle uses, or `None` while it draws from cuBLAS's
     /// own pool.
     pub fn workspace(&self) -> Option<usize> {
-        match &self.workspace {
-            BlasWorkspace::Library => None,
-            BlasWorkspace::Owned(buf) => Some(buf.len()),
-            BlasWorkspace::Borrowed { bytes } => Some(*bytes),
-        }
+        self.blas.workspace()
     }
 
     /// Allocates `bytes` of device memory (at least [`MIN_WORKSPACE_BYTES`]; [`workspace_bytes`]
@@ -162,52 +94,24 @@ impl Gemm {
     /// nothing, so they can be captured in a CUDA graph. A workspace this Gemm allocated before
     /// is freed in stream order, after the GEMMs already queued.
     pub fn reserve_workspace(&mut self, bytes: usize) -> Result<()> {
-        check_workspace_size(bytes)?;
-        let buf =
-            self.gpu.stream().alloc_zeros::<u8>(bytes).map_err(|e| {
-                Error::driver(format!("allocating a {bytes}-byte cuBLAS workspace"), e)
-            })?;
-        let ptr = buf.device_ptr(self.gpu.stream()).0;
-        // The driver's allocations are aligned far beyond cuBLAS's 256 bytes; checked anyway.
-        check_workspace_align(ptr)?;
-        // SAFETY: `buf` is a fresh allocation of this Gemm's context of `bytes` bytes; it is
-        // kept in `self.workspace` (below) for as long as the handle uses it, and only this
-        // handle's GEMMs, on this handle's stream, touch it.
-        unsafe { self.bind_workspace(ptr, bytes) }?;
-        self.workspace = BlasWorkspace::Owned(buf);
-        Ok(())
+        self.blas.reserve_workspace(bytes)
     }
 
     /// Makes `bytes` at `ptr` (the caller's device memory) the handle's workspace: later GEMMs
     /// allocate nothing and use no other scratch, so they can be captured in a CUDA graph.
-    /// `ptr` must be 256-byte aligned ([`WORKSPACE_ALIGN`], [`Error::Alignment`] otherwise) and
-    /// `bytes` at least [`MIN_WORKSPACE_BYTES`] ([`workspace_bytes`] is the recommended size).
+    /// `bytes` must be at least [`MIN_WORKSPACE_BYTES`] ([`Error::InvalidArgument`];
+    /// [`workspace_bytes`] is the recommended size), `ptr` 256-byte aligned
+    /// ([`WORKSPACE_ALIGN`], [`Error::Alignment`]) and device memory of the Gemm's context or
+    /// device: NULL, host memory and memory of another context are [`Error::Device`]
+    /// ([`Gpu::check_device_pointer`]).
     ///
     /// # Safety
-    /// `ptr` must be a device allocation of this Gemm's context, valid for reads and writes of
-    /// `bytes` bytes for as long as this Gemm is used (or until another workspace replaces
+    /// `ptr` must be device memory usable by this Gemm's context, valid for reads and writes
+    /// of `bytes` bytes for as long as this Gemm is used (or until another workspace replaces
     /// it), and touched by nothing else while GEMMs of this Gemm's stream may use it.
     pub unsafe fn use_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
-        check_workspace_size(bytes)?;
-        check_workspace_align(ptr)?;
-        // SAFETY: the caller's contract above.
-        unsafe { self.bind_workspace(ptr, bytes) }?;
-        // A buffer of our own that this replaces is freed in stream order, after its users.
-        self.workspace = BlasWorkspace::Borrowed { bytes };
-        Ok(())
-    }
-
-    /// `cublasSetWorkspace` on the handle. It binds the memory to the handle's current stream,
-    /// which never changes here (a `cublasSetStream` would reset it to cuBLAS's pool).
-    ///
-    /// # Safety
-    /// As [`Gemm::use_workspace`].
-    unsafe fn bind_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
-        // SAFETY: the handle is live (owned by `self.blas`); `ptr`/`bytes` is device memory of
-        // its context, aligned and valid while the handle uses it (this fn's contract).
-        unsafe { blas_sys::cublasSetWorkspace_v2(*self.blas.handle(), ptr as *mut c_void, bytes) }
-            .result()
-            .map_err(|e| blas_err("cublasSetWorkspace", e))
+        // SAFETY: the caller's contract above, which is the handle's.
+        unsafe { self.blas.use_workspace(ptr, bytes) }
     }
 
     /// Column-major C[m, n] = α·op(A)·op(B) + β·C, f32 accumulation, all of `dtype`.
@@ -338,40 +242,5 @@ impl Gemm {
             (dw.ptr, d_in),
             if opts.accumulate { 1.0 } else { 0.0 },
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recommended_workspace_is_32_mib_from_hopper_on_and_4_mib_before() {
-        assert_eq!(recommended_workspace_bytes((8, 0)), 4 << 20);
-        assert_eq!(recommended_workspace_bytes((8, 9)), 4 << 20);
-        assert_eq!(recommended_workspace_bytes((9, 0)), 32 << 20);
-        assert_eq!(recommended_workspace_bytes((10, 0)), 32 << 20);
-        assert!(recommended_workspace_bytes((7, 5)) >= MIN_WORKSPACE_BYTES);
-    }
-
-    #[test]
-    fn a_workspace_below_the_minimum_or_misaligned_is_refused() {
-        assert!(matches!(
-            check_workspace_size(MIN_WORKSPACE_BYTES - 1),
-            Err(Error::InvalidArgument {
-                arg: "workspace",
-                ..
-            })
-        ));
-        assert!(check_workspace_size(MIN_WORKSPACE_BYTES).is_ok());
-        assert!(matches!(
-            check_workspace_align(WORKSPACE_ALIGN * 3 + 128),
-            Err(Error::Alignment {
-                arg: "workspace",
-                align: 256,
-                ..
-            })
-        ));
-        assert!(check_workspace_align(WORKSPACE_ALIGN * 3).is_ok());
     }
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod attention_backward;
 mod attention_hopper;
 pub mod attention_unfused;
+mod cublas;
 pub mod decode;
 #[cfg(test)]
 mod fake_views;
@@ -15,6 +16,7 @@ pub mod sparse_attention;
 pub mod training;
 mod validate;
 
+pub(crate) use cublas::BlasHandle;
 pub(crate) use validate::ViewInfo;
 
 use crate::error::{Error, Result};

@@ -18,7 +18,8 @@
 //! layout). Options, modes and the exact path are the dense backward's
 //! ([`super::attention_backward`]); the same restrictions as the forward apply, and on tensor
 //! cores the layout's block size must be 64 (the backward's tile), other sizes run with
-//! `Kernel::Exact`.
+//! `Kernel::Exact`, and head dims must be ≤ 128 (above that `Kernel::Auto` runs the exact
+//! kernels: there are no HD 256 block-sparse backward entries).
 
 use super::attention::{check, launch_forward, Options, Sequences, SparseArgs};
 use super::attention_backward;

@@ -13,6 +13,7 @@ mod recycle;
 pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
+pub use recycle::KeepOpBuffers;
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
@@ -183,7 +184,7 @@ pub(super) fn sgemm(
 /// [`sgemm`], adding the product to `c` when `accumulate` (`c += a·b`, so a bias written into
 /// `c` beforehand costs no pass of its own) instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn sgemm_into(
+fn sgemm_into(
     m: usize,
     k: usize,
     n: usize,
@@ -320,10 +321,10 @@ impl Backend for Cpu {
         // an activation is one more pass, by row blocks.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
-        let mut y = zeroed(rows * out);
-        if let Some(b) = &bias {
-            y.chunks_mut(out).for_each(|row| row.copy_from_slice(b));
-        }
+        let mut y = match &bias {
+            Some(b) => recycle::repeated(b, rows),
+            None => zeroed(rows * out),
+        };
         let wd = w.values_f32();
         sgemm_into(
             rows,

@@ -6,7 +6,7 @@
 
 use super::backend::{check_attention, Activation, AttentionMask, Heads};
 use super::cpu::isa::Isa;
-use super::cpu::{copied, sgemm, sgemm_into, vmath, zeroed, Cpu, CpuTensor};
+use super::cpu::{copied, sgemm, vmath, zeroed, Cpu, CpuTensor};
 use super::train::backend::{
     check_cross_entropy, AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op,
     TrainBackend,
@@ -669,7 +669,9 @@ fn sgemm_acc(
     sb: (usize, usize),
     c: &mut [f32],
 ) {
-    sgemm_into(m, k, n, a, sa, b, sb, c, n, false, true);
+    let mut t = vec![0f32; m * n];
+    sgemm(m, k, n, a, sa, b, sb, &mut t, n, false);
+    c.iter_mut().zip(&t).for_each(|(x, y)| *x += y);
 }
 
 /// Copies a per-head `[len, dim]` block into columns `h·dim ..` of rows `b·len ..`.

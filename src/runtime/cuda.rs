@@ -19,10 +19,12 @@ use crate::kernels::params::{
 };
 use crate::ops::attention::{self as attn, Options, Sequences};
 use crate::ops::decode;
+use crate::ops::gemm;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
+use crate::ops::BlasHandle;
 use crate::tensor::{HostTensor, Layout};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -34,7 +36,9 @@ const THREADS: u32 = 256;
 pub struct Cuda {
     gpu: Arc<Gpu>,
     dtype: DType,
-    blas: CudaBlas,
+    /// Linear layers and batched products; its workspace is cuBLAS's pool until an embedder
+    /// fixes one ([`Cuda::use_blas_workspace`], [`Cuda::reserve_blas_workspace`]).
+    blas: BlasHandle,
     /// The key lengths of the last decode-shaped attention and their device copy: every layer
     /// of a generation step has the same, so they are uploaded once per step. Never written
     /// after upload (a change allocates a new buffer; the old one is freed in stream order),
@@ -77,18 +81,11 @@ fn int(arg: &'static str, v: usize) -> Result<i32> {
 }
 
 impl Cuda {
-    /// A backend on `gpu` storing tensors in `dtype`.
+    /// A backend on `gpu` storing tensors in `dtype`. Its cuBLAS calls draw scratch from
+    /// cuBLAS's own pool until [`Cuda::use_blas_workspace`] or
+    /// [`Cuda::reserve_blas_workspace`] fixes a workspace.
     pub fn new(gpu: Arc<Gpu>, dtype: DType) -> Result<Cuda> {
-        // cudarc panics on the first cuBLAS call when the library cannot be loaded: check first.
-        // SAFETY: only tries to dlopen libcublas by its usual names; no cuBLAS call is made.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "cuBLAS 13 (libcublas.so.13) was not found: put its folder (e.g. PyTorch's \
-                 site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH"
-                    .into(),
-            ));
-        }
-        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| blas_err("cublasCreate", e))?;
+        let blas = BlasHandle::new(&gpu)?;
         Ok(Cuda {
             gpu,
             dtype,
@@ -102,8 +99,44 @@ impl Cuda {
     }
 
     /// The cuBLAS handle (on the Gpu's stream), for the training ops (`cuda_train/`).
-    pub(crate) fn blas(&self) -> &CudaBlas {
+    pub(crate) fn blas(&self) -> &BlasHandle {
         &self.blas
+    }
+
+    /// The cuBLAS workspace to give [`Cuda::use_blas_workspace`]: NVIDIA's recommended size
+    /// for the device, as for [`gemm::Gemm`] ([`gemm::workspace_bytes`]).
+    pub fn blas_workspace_bytes(&self) -> usize {
+        gemm::workspace_bytes(&self.gpu)
+    }
+
+    /// The size of the backend's fixed cuBLAS workspace, or `None` while cuBLAS draws from
+    /// its own pool.
+    pub fn blas_workspace(&self) -> Option<usize> {
+        self.blas.workspace()
+    }
+
+    /// Allocates a cuBLAS workspace of `bytes` (at least [`gemm::MIN_WORKSPACE_BYTES`]) once,
+    /// so that the backend's GEMMs allocate nothing afterwards.
+    pub fn reserve_blas_workspace(&mut self, bytes: usize) -> Result<()> {
+        self.blas.reserve_workspace(bytes)
+    }
+
+    /// Makes `bytes` at `ptr` (the caller's device memory) the workspace of every cuBLAS call
+    /// of this backend (linear layers, batched products, the training backend's GEMMs): they
+    /// allocate nothing and can be captured in a CUDA graph on the caller's memory. The same
+    /// checks as [`gemm::Gemm::use_workspace`] (one implementation): `bytes` below
+    /// [`gemm::MIN_WORKSPACE_BYTES`] is [`Error::InvalidArgument`], `ptr` not 256-byte aligned
+    /// [`Error::Alignment`], and NULL, host memory or memory of another context or device
+    /// [`Error::Device`]. The backend's other scratch (decode's split partials, LayerNorm's
+    /// backward partials) is the [`Gpu`]'s: hand that over with [`Gpu::use_workspace`].
+    ///
+    /// # Safety
+    /// `ptr` must be device memory usable by the backend's context, valid for reads and writes
+    /// of `bytes` bytes for as long as this backend is used (or until another workspace
+    /// replaces it), and touched by nothing else while work of the backend's stream may use it.
+    pub unsafe fn use_blas_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller's contract above, which is the handle's.
+        unsafe { self.blas.use_workspace(ptr, bytes) }
     }
 
     fn kernel(&self, op: &str) -> Result<LoadedKernel> {
@@ -209,6 +242,108 @@ impl Cuda {
             )
         }
         .map_err(|e| blas_err("cublasGemmStridedBatchedEx", e))
+    }
+
+    /// [`Backend::linear`] into `y` (`[rows, out]` of the backend's dtype, the caller's):
+    /// y = act(x·Wᵀ + b). With parameters already in the backend's dtype it allocates nothing,
+    /// so with a fixed cuBLAS workspace ([`Cuda::use_blas_workspace`]) it can be captured in a
+    /// CUDA graph.
+    pub fn linear_into(
+        &self,
+        x: &DeviceTensor,
+        w: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        act: Activation,
+        y: &mut DeviceTensor,
+    ) -> Result<()> {
+        self.check_contexts(
+            [("x", x), ("w", w), ("y", &*y)]
+                .into_iter()
+                .chain(bias.map(|b| ("bias", b))),
+        )?;
+        let (rows, inp) = rows_cols("x", x)?;
+        let (out, w_in) = rows_cols("w", w)?;
+        self.check_dtype("x", x)?;
+        self.check_dtype("y", y)?;
+        if w_in != inp {
+            return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [out] {
+                return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
+            }
+        }
+        if y.shape() != [rows, out] {
+            return Err(Error::shape("y", format!("[{rows}, {out}]"), y.shape()));
+        }
+        // Parameters stored in another dtype (a trainer's f32 master weights on a 16-bit
+        // backend) are read converted to this one.
+        let (mut w_slot, mut b_slot) = (None, None);
+        let w = self.in_compute_dtype(w, &mut w_slot)?;
+        let bias = match bias {
+            Some(b) => Some(self.in_compute_dtype(b, &mut b_slot)?),
+            None => None,
+        };
+        if rows == 0 || out == 0 {
+            return Ok(());
+        }
+        // Row-major Y = X·Wᵀ is column-major Yᵀ[out, rows] = W·Xᵀ: W's bytes are a
+        // column-major [in, out] matrix (so op T), X's a column-major [in, rows] one. (k = in
+        // = 0 writes zeros: β = 0.)
+        self.gemm(
+            true,
+            false,
+            (out, rows, inp),
+            (ptr(w), inp, 0),
+            (ptr(x), inp, 0),
+            (ptr(y), out, 0),
+            1,
+        )?;
+        if bias.is_some() || act != Activation::None {
+            self.bias_act(y, bias, act)?;
+        }
+        Ok(())
+    }
+
+    /// [`Backend::batched_matmul_nt`] into `c` (`[batch·m, n]` of the backend's dtype, the
+    /// caller's): C_b = A_b·B_bᵀ. Allocates nothing.
+    pub fn batched_matmul_nt_into(
+        &self,
+        a: &DeviceTensor,
+        b: &DeviceTensor,
+        batch: usize,
+        c: &mut DeviceTensor,
+    ) -> Result<()> {
+        self.check_contexts([("a", a), ("b", b), ("c", &*c)])?;
+        let (ar, k) = rows_cols("a", a)?;
+        let (br, bk) = rows_cols("b", b)?;
+        self.check_dtype("a", a)?;
+        self.check_dtype("b", b)?;
+        self.check_dtype("c", c)?;
+        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
+            return Err(Error::shape(
+                "b",
+                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
+                b.shape(),
+            ));
+        }
+        let (m, n) = (ar / batch, br / batch);
+        if c.shape() != [ar, n] {
+            return Err(Error::shape("c", format!("[{ar}, {n}]"), c.shape()));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major C_b = A_b·B_bᵀ is column-major C_bᵀ[n, m] = B_b·A_bᵀ.
+        self.gemm(
+            true,
+            false,
+            (n, m, k),
+            (ptr(b), k, n * k),
+            (ptr(a), k, m * k),
+            (ptr(c), n, m * n),
+            batch,
+        )
     }
 
     pub(crate) fn bias_act(
@@ -497,43 +632,10 @@ impl Backend for Cuda {
                 .into_iter()
                 .chain(bias.map(|b| ("bias", b))),
         )?;
-        let (rows, inp) = rows_cols("x", x)?;
-        let (out, w_in) = rows_cols("w", w)?;
-        self.check_dtype("x", x)?;
-        // Parameters stored in another dtype (a trainer's f32 master weights on a 16-bit
-        // backend) are read converted to this one.
-        let (mut w_slot, mut b_slot) = (None, None);
-        let w = self.in_compute_dtype(w, &mut w_slot)?;
-        let bias = match bias {
-            Some(b) => Some(self.in_compute_dtype(b, &mut b_slot)?),
-            None => None,
-        };
-        if w_in != inp {
-            return Err(Error::shape("w", format!("[out, {inp}]"), w.shape()));
-        }
-        if let Some(b) = bias {
-            if b.shape() != [out] {
-                return Err(Error::shape("bias", format!("[{out}]"), b.shape()));
-            }
-        }
-        let y = self.gpu.zeros(self.dtype, &[rows, out])?;
-        if rows == 0 || out == 0 {
-            return Ok(y);
-        }
-        // Row-major Y = X·Wᵀ is column-major Yᵀ[out, rows] = W·Xᵀ: W's bytes are a
-        // column-major [in, out] matrix (so op T), X's a column-major [in, rows] one.
-        self.gemm(
-            true,
-            false,
-            (out, rows, inp),
-            (ptr(w), inp, 0),
-            (ptr(x), inp, 0),
-            (ptr(&y), out, 0),
-            1,
-        )?;
-        if bias.is_some() || act != Activation::None {
-            self.bias_act(&y, bias, act)?;
-        }
+        let (rows, _) = rows_cols("x", x)?;
+        let (out, _) = rows_cols("w", w)?;
+        let mut y = self.gpu.zeros(self.dtype, &[rows, out])?;
+        self.linear_into(x, w, bias, act, &mut y)?;
         Ok(y)
     }
 
@@ -544,32 +646,11 @@ impl Backend for Cuda {
         batch: usize,
     ) -> Result<DeviceTensor> {
         self.check_contexts([("a", a), ("b", b)])?;
-        let (ar, k) = rows_cols("a", a)?;
-        let (br, bk) = rows_cols("b", b)?;
-        self.check_dtype("a", a)?;
-        self.check_dtype("b", b)?;
-        if batch == 0 || ar % batch != 0 || br % batch != 0 || bk != k {
-            return Err(Error::shape(
-                "b",
-                format!("[{batch}·n, {k}] with a [{batch}·m, {k}]"),
-                b.shape(),
-            ));
-        }
-        let (m, n) = (ar / batch, br / batch);
-        let c = self.gpu.zeros(self.dtype, &[ar, n])?;
-        if m == 0 || n == 0 {
-            return Ok(c);
-        }
-        // Row-major C_b = A_b·B_bᵀ is column-major C_bᵀ[n, m] = B_b·A_bᵀ.
-        self.gemm(
-            true,
-            false,
-            (n, m, k),
-            (ptr(b), k, n * k),
-            (ptr(a), k, m * k),
-            (ptr(&c), n, m * n),
-            batch,
-        )?;
+        let (ar, _) = rows_cols("a", a)?;
+        let (br, _) = rows_cols("b", b)?;
+        let n = br.checked_div(batch).unwrap_or(0);
+        let mut c = self.gpu.zeros(self.dtype, &[ar, n])?;
+        self.batched_matmul_nt_into(a, b, batch, &mut c)?;
         Ok(c)
     }
 

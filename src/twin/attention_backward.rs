@@ -12,7 +12,11 @@
 //! - dQ either by a second program per query block over the key tiles of its band
 //!   ([`Mode::Deterministic`]) or summed into an f32 accumulator by the dK/dV programs
 //!   ([`Mode::Atomic`]), then scaled and rounded;
-//! - dK = scale·Σ dSᵀQ and dQ = scale·Σ dS·K are scaled once, at the end.
+//! - dK = scale·Σ dSᵀQ and dQ = scale·Σ dS·K are scaled once, at the end;
+//! - head dims 129–256 ([`backward_split`], [`Columns`]): each program owns one block of 128
+//!   columns of dK/dV (dQ), recomputes Sᵀ and dPᵀ over all columns, and reads the B operands
+//!   of its accumulating GEMMs from its own columns; programs are enumerated by the kernels'
+//!   flattened grid index ([`dkdv_program`], [`dq_program`]).
 //!
 //! Block-sparse layouts: [`backward_sparse`] (the same arithmetic over the kept blocks only).
 //!
@@ -53,9 +57,9 @@ pub struct Grads {
 /// Tiles the programs computed (for checking that masked-out tiles are skipped).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Visits {
-    /// (key block, query head, query tile) triples of the dK/dV programs.
+    /// (key block, query head, query tile) triples of the dK/dV programs (per column block).
     pub dkdv_tiles: usize,
-    /// (query block, key tile) pairs of the dQ programs (deterministic mode).
+    /// (query block, key tile) pairs of the dQ programs (deterministic mode; per column block).
     pub dq_tiles: usize,
 }
 
@@ -94,8 +98,152 @@ fn lse_log2(lse: f32) -> f32 {
     }
 }
 
-/// The twin's backward. `o` (rounded to `dtype`) and `lse` are the forward's outputs for the
-/// same inputs and options.
+/// How the programs split the columns of dK, dV and dQ. The kernels for head dims up to 128
+/// keep every column of a key's dK/dV (a query row's dQ) in one program; those for head dims
+/// 129–256 give each program one block of `width` columns (`CUATTN_ATTN_BWD_COLS` = 128),
+/// recomputing Sᵀ and dPᵀ over all columns in each.
+///
+/// - dK/dV grid: key block × column block × K/V head × batch, key blocks fastest, with
+///   ⌈max(D, Dv)/width⌉ column blocks ([`dkdv_column_blocks`]); only the wider side has a
+///   second block, so with D ≤ 128 < Dv the second block adds to dV only (and to nothing of
+///   dK or dQ), and the other way round;
+/// - dQ grid (deterministic mode): query block × column block × query head × batch, with
+///   ⌈D/width⌉ column blocks ([`dq_column_blocks`]);
+/// - column block c accumulates and writes columns [c·width, c·width + width) of each gradient
+///   (cut at D or Dv), with the B operands of its accumulating GEMMs (dO and Q for dV and dK,
+///   K for dQ) read from the same columns; the Sᵀ/dPᵀ (S/dP) products always run over all
+///   columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Columns {
+    /// Columns per program (≥ 1); `usize::MAX`: no split.
+    pub width: usize,
+    /// An indexing bug to inject (tests prove the comparison catches it); `None` in the kernels.
+    pub fault: Option<ColumnFault>,
+}
+
+/// Indexing bugs of a column split that the twin can reproduce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnFault {
+    /// Every column block reads its B operands from column 0 (the block's offset left out of
+    /// the `ldmatrix.trans` addresses) while writing its own columns.
+    OperandsFromColumnZero,
+    /// The block's offset also applied to the Sᵀ/dPᵀ k-loop, so the scores of block c > 0
+    /// miss the columns before c·width.
+    KLoopOffset,
+}
+
+/// Columns per program of the head-dim-256 kernels (`CUATTN_ATTN_BWD_COLS`).
+pub const KERNEL_COLUMNS: usize = 128;
+
+impl Columns {
+    /// One program per key block (query block) holds every column: the kernels up to HD 128.
+    pub const WHOLE: Columns = Columns {
+        width: usize::MAX,
+        fault: None,
+    };
+
+    /// Blocks of `width` columns, without faults.
+    pub fn blocks(width: usize) -> Columns {
+        Columns {
+            width: width.max(1),
+            fault: None,
+        }
+    }
+
+    /// The split the kernels use for `shape`: blocks of [`KERNEL_COLUMNS`] when D or Dv is
+    /// above 128 (the HD 256 kernels), none otherwise.
+    pub fn kernel(shape: &Shape) -> Columns {
+        if shape.dim_qk.max(shape.dim_v) > KERNEL_COLUMNS {
+            Columns::blocks(KERNEL_COLUMNS)
+        } else {
+            Columns::WHOLE
+        }
+    }
+}
+
+/// Column blocks of the dK/dV grid: ⌈max(D, Dv)/width⌉ (at least 1).
+pub fn dkdv_column_blocks(dim_qk: usize, dim_v: usize, cols: Columns) -> usize {
+    dim_qk.max(dim_v).max(1).div_ceil(cols.width)
+}
+
+/// Column blocks of the deterministic dQ grid: ⌈D/width⌉ (at least 1).
+pub fn dq_column_blocks(dim_qk: usize, cols: Columns) -> usize {
+    dim_qk.max(1).div_ceil(cols.width)
+}
+
+/// One CTA of a backward grid, from its flattened index (`blockIdx.x`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// Key block (dK/dV grid) or query block (dQ grid).
+    pub block: usize,
+    /// Column block.
+    pub col: usize,
+    /// K/V head (dK/dV grid) or query head (dQ grid).
+    pub head: usize,
+    pub batch: usize,
+}
+
+/// The dK/dV kernel's decomposition: key blocks fastest, then column blocks, K/V heads, batch.
+pub fn dkdv_program(flat: usize, k_blocks: usize, col_blocks: usize, heads_kv: usize) -> Program {
+    Program {
+        block: flat % k_blocks,
+        col: (flat / k_blocks) % col_blocks,
+        head: (flat / (k_blocks * col_blocks)) % heads_kv,
+        batch: flat / (k_blocks * col_blocks * heads_kv),
+    }
+}
+
+/// The dQ kernel's decomposition: query blocks fastest (heaviest, i.e. last, first), then
+/// column blocks, query heads, batch.
+pub fn dq_program(flat: usize, q_blocks: usize, col_blocks: usize, heads_q: usize) -> Program {
+    Program {
+        block: q_blocks - 1 - flat % q_blocks,
+        col: (flat / q_blocks) % col_blocks,
+        head: (flat / (q_blocks * col_blocks)) % heads_q,
+        batch: flat / (q_blocks * col_blocks * heads_q),
+    }
+}
+
+/// Columns [c0, c0 + n) of a gradient of `dim` columns that column block `col` owns, and where
+/// its B operands start (c0 in the kernels).
+struct ColumnBlock {
+    c0: usize,
+    n: usize,
+    operand0: usize,
+    /// First column of the Sᵀ/dPᵀ k-loop (0 in the kernels).
+    k0: usize,
+}
+
+impl Columns {
+    fn block(&self, col: usize, dim: usize) -> ColumnBlock {
+        // A block past the gradient's columns owns none (c0 clamped so slices stay in range).
+        let c0 = col.saturating_mul(self.width).min(dim);
+        ColumnBlock {
+            c0,
+            n: dim.saturating_sub(c0).min(self.width),
+            operand0: if self.fault == Some(ColumnFault::OperandsFromColumnZero) {
+                0
+            } else {
+                c0
+            },
+            k0: if self.fault == Some(ColumnFault::KLoopOffset) {
+                c0.min(dim)
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// Column `c` of a row as a shared-memory tile holds it: zero past the row's length (the tiles
+/// are padded to the head-dim tile with zeros).
+fn col(row: &[f32], c: usize) -> f32 {
+    row.get(c).copied().unwrap_or(0.0)
+}
+
+/// The twin's backward with the kernels' tiles and no column split (head dims up to 128, or
+/// any head dim as one program per block). `o` (rounded to `dtype`) and `lse` are the forward's
+/// outputs for the same inputs and options.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &[f32],
@@ -107,6 +255,42 @@ pub fn backward(
     shape: &Shape,
     opts: &Options,
     tiling: Tiling,
+    mode: Mode,
+    dtype: DType,
+) -> (Grads, Visits) {
+    backward_split(
+        q,
+        k,
+        v,
+        o,
+        lse,
+        d_o,
+        shape,
+        opts,
+        tiling,
+        Columns::WHOLE,
+        mode,
+        dtype,
+    )
+}
+
+/// The twin's backward with the columns of dK, dV and dQ split as `cols` says (the HD 256
+/// kernels: [`Columns::kernel`]). The programs run in the order of their flattened grid index
+/// and each does exactly its CTA's work: [`dkdv_program`] and [`dq_program`] give the
+/// decomposition, [`Columns`] the column rules. Visits count tiles per program (so a split
+/// counts each tile once per column block).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_split(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    tiling: Tiling,
+    cols: Columns,
     mode: Mode,
     dtype: DType,
 ) -> (Grads, Visits) {
@@ -128,173 +312,182 @@ pub fn backward(
         .collect();
     let mut dq_acc = vec![0.0f32; s.q_len()];
     let zeros = vec![0.0f32; d.max(dvn)];
+    let len_q = s.len_q as i64;
 
-    for b in 0..s.batch {
+    // ---- dK/dV (and in atomic mode dQ) programs ----
+    let k_blocks = s.len_k.div_ceil(bn);
+    let dkdv_cols = dkdv_column_blocks(d, dvn, cols);
+    for flat in 0..k_blocks * dkdv_cols * s.heads_kv * s.batch {
+        let pr = dkdv_program(flat, k_blocks, dkdv_cols, s.heads_kv);
+        let (b, hk) = (pr.batch, pr.head);
+        let (ck, cv) = (cols.block(pr.col, d), cols.block(pr.col, dvn));
         let band = Band::new(opts, s, b);
-        let len_q = s.len_q as i64;
         let kv_lo = band.lo.max(0);
         let kv_hi = band.key_len.min(len_q + band.hi);
-        for hk in 0..s.heads_kv {
-            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
-            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
-            // K/V row j as the dK/dV program loads it.
-            let k_row = |j: i64| {
-                if j >= kv_lo && j < kv_hi {
-                    &k_head[j as usize * d..(j as usize + 1) * d]
-                } else {
-                    &zeros[..d]
-                }
-            };
-            let v_row = |j: i64| {
-                if j >= kv_lo && j < kv_hi {
-                    &v_head[j as usize * dvn..(j as usize + 1) * dvn]
-                } else {
-                    &zeros[..dvn]
-                }
-            };
-            for key0 in (0..s.len_k).step_by(bn) {
-                let key0 = key0 as i64;
-                let k_last = (key0 + bn as i64).min(kv_hi) - 1;
-                let first = key0.max(kv_lo);
-                let (mut m_begin, mut m_end) = (0, 0);
-                if k_last >= first {
-                    let q_begin = (first - band.hi).max(0);
-                    let q_end = len_q.min(k_last - band.lo + 1);
-                    if q_end > q_begin {
-                        m_begin = q_begin / bm as i64;
-                        m_end = (q_end + bm as i64 - 1) / bm as i64;
-                    }
-                }
-                let mut dk = vec![0.0f32; bn * d];
-                let mut dv = vec![0.0f32; bn * dvn];
-                for gi in 0..group {
-                    let h = hk * group + gi;
-                    let r0 = (b * s.heads_q + h) * s.len_q;
-                    for m in m_begin..m_end {
-                        visits.dkdv_tiles += 1;
-                        let q0 = m * bm as i64;
-                        let full = key0 + bn as i64 <= band.key_len
-                            && q0 + bm as i64 <= len_q
-                            && key0 >= q0 + bm as i64 - 1 + band.lo
-                            && key0 + bn as i64 - 1 <= q0 + band.hi;
-                        for kk in 0..bn {
-                            let key = key0 + kk as i64;
-                            for col in 0..bm {
-                                let i = q0 + col as i64;
-                                let keep = full || (i < len_q && band.keeps(i, key));
-                                if !keep {
-                                    continue; // P = dS = 0
-                                }
-                                let r = r0 + i as usize;
-                                let (qi, doi) =
-                                    (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
-                                let kj = k_row(key);
-                                let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
-                                let ds = p * (dot(doi, v_row(key)) - delta[r]);
-                                let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
-                                for (a, &x) in dv[kk * dvn..(kk + 1) * dvn].iter_mut().zip(doi) {
-                                    *a += p_in * x;
-                                }
-                                for (a, &x) in dk[kk * d..(kk + 1) * d].iter_mut().zip(qi) {
-                                    *a += ds_in * x;
-                                }
-                                if mode == Mode::Atomic {
-                                    for (a, &x) in dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj) {
-                                        *a += ds_in * x;
-                                    }
-                                }
+        let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+        let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+        // K/V row j as the dK/dV program loads it.
+        let k_row = |j: i64| {
+            if j >= kv_lo && j < kv_hi {
+                &k_head[j as usize * d..(j as usize + 1) * d]
+            } else {
+                &zeros[..d]
+            }
+        };
+        let v_row = |j: i64| {
+            if j >= kv_lo && j < kv_hi {
+                &v_head[j as usize * dvn..(j as usize + 1) * dvn]
+            } else {
+                &zeros[..dvn]
+            }
+        };
+        let key0 = (pr.block * bn) as i64;
+        let k_last = (key0 + bn as i64).min(kv_hi) - 1;
+        let first = key0.max(kv_lo);
+        let (mut m_begin, mut m_end) = (0, 0);
+        if k_last >= first {
+            let q_begin = (first - band.hi).max(0);
+            let q_end = len_q.min(k_last - band.lo + 1);
+            if q_end > q_begin {
+                m_begin = q_begin / bm as i64;
+                m_end = (q_end + bm as i64 - 1) / bm as i64;
+            }
+        }
+        // The program's accumulators: its columns of dK and dV for its bn keys.
+        let mut dk = vec![0.0f32; bn * ck.n];
+        let mut dv = vec![0.0f32; bn * cv.n];
+        for gi in 0..group {
+            let h = hk * group + gi;
+            let r0 = (b * s.heads_q + h) * s.len_q;
+            for m in m_begin..m_end {
+                visits.dkdv_tiles += 1;
+                let q0 = m * bm as i64;
+                let full = key0 + bn as i64 <= band.key_len
+                    && q0 + bm as i64 <= len_q
+                    && key0 >= q0 + bm as i64 - 1 + band.lo
+                    && key0 + bn as i64 - 1 <= q0 + band.hi;
+                for kk in 0..bn {
+                    let key = key0 + kk as i64;
+                    for qc in 0..bm {
+                        let i = q0 + qc as i64;
+                        let keep = full || (i < len_q && band.keeps(i, key));
+                        if !keep {
+                            continue; // P = dS = 0
+                        }
+                        let r = r0 + i as usize;
+                        let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                        let (kj, vj) = (k_row(key), v_row(key));
+                        // Sᵀ and dPᵀ over every column (from k0: only a fault moves it).
+                        let p = (dot(&qi[ck.k0..], &kj[ck.k0..]) * c - lse_log2(lse[r])).exp2();
+                        let ds = p * (dot(&doi[cv.k0..], &vj[cv.k0..]) - delta[r]);
+                        let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
+                        for (x, a) in dv[kk * cv.n..(kk + 1) * cv.n].iter_mut().enumerate() {
+                            *a += p_in * col(doi, cv.operand0 + x);
+                        }
+                        for (x, a) in dk[kk * ck.n..(kk + 1) * ck.n].iter_mut().enumerate() {
+                            *a += ds_in * col(qi, ck.operand0 + x);
+                        }
+                        if mode == Mode::Atomic {
+                            for (x, a) in dq_acc[r * d + ck.c0..][..ck.n].iter_mut().enumerate() {
+                                *a += ds_in * col(kj, ck.operand0 + x);
                             }
                         }
-                    }
-                }
-                for kk in 0..bn.min(s.len_k - key0 as usize) {
-                    let j = key0 as usize + kk;
-                    let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d;
-                    let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn;
-                    for (out, &a) in g.dk[kr..kr + d].iter_mut().zip(&dk[kk * d..(kk + 1) * d]) {
-                        *out = dtype.round(a * scale);
-                    }
-                    for (out, &a) in g.dv[vr..vr + dvn]
-                        .iter_mut()
-                        .zip(&dv[kk * dvn..(kk + 1) * dvn])
-                    {
-                        *out = dtype.round(a);
                     }
                 }
             }
         }
-        if mode == Mode::Atomic {
-            continue;
-        }
-        // Deterministic dQ: per query block, the key tiles of its band (as the forward).
-        for h in 0..s.heads_q {
-            let hk = h / group;
-            let r0 = (b * s.heads_q + h) * s.len_q;
-            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
-            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
-            for q0 in (0..s.len_q).step_by(bm) {
-                let q0 = q0 as i64;
-                let q_last = len_q.min(q0 + bm as i64) - 1;
-                let kb = (q0 + band.lo).max(0);
-                let ke = band.key_len.min(q_last + band.hi + 1);
-                let tiles = if ke > kb {
-                    kb / bn as i64..(ke + bn as i64 - 1) / bn as i64
-                } else {
-                    0..0
-                };
-                let mut dq = vec![0.0f32; bm * d];
-                for n in tiles {
-                    visits.dq_tiles += 1;
-                    let key0 = n * bn as i64;
-                    let full = q_last + band.lo <= key0
-                        && key0 + bn as i64 - 1 <= q0 + band.hi
-                        && key0 + bn as i64 <= band.key_len;
-                    for row in 0..bm {
-                        let i = q0 + row as i64;
-                        if i >= len_q {
-                            continue; // computed on the GPU (P = 0 there), never written
-                        }
-                        let r = r0 + i as usize;
-                        let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
-                        for kk in 0..bn {
-                            let j = key0 + kk as i64;
-                            if !(full || band.keeps(i, j)) {
-                                continue;
-                            }
-                            let loaded = j >= kb && j < ke;
-                            let kj = if loaded {
-                                &k_head[j as usize * d..][..d]
-                            } else {
-                                &zeros[..d]
-                            };
-                            let vj = if loaded {
-                                &v_head[j as usize * dvn..][..dvn]
-                            } else {
-                                &zeros[..dvn]
-                            };
-                            let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
-                            let ds = dtype.round(p * (dot(doi, vj) - delta[r]));
-                            for (a, &x) in dq[row * d..(row + 1) * d].iter_mut().zip(kj) {
-                                *a += ds * x;
-                            }
-                        }
-                    }
-                }
-                for row in 0..bm.min(s.len_q - q0 as usize) {
-                    let r = r0 + q0 as usize + row;
-                    for (out, &a) in g.dq[r * d..(r + 1) * d]
-                        .iter_mut()
-                        .zip(&dq[row * d..(row + 1) * d])
-                    {
-                        *out = dtype.round(a * scale);
-                    }
-                }
+        for kk in 0..bn.min(s.len_k - key0 as usize) {
+            let j = key0 as usize + kk;
+            let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d + ck.c0;
+            let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn + cv.c0;
+            for (out, &a) in g.dk[kr..kr + ck.n]
+                .iter_mut()
+                .zip(&dk[kk * ck.n..(kk + 1) * ck.n])
+            {
+                *out = dtype.round(a * scale);
+            }
+            for (out, &a) in g.dv[vr..vr + cv.n]
+                .iter_mut()
+                .zip(&dv[kk * cv.n..(kk + 1) * cv.n])
+            {
+                *out = dtype.round(a);
             }
         }
     }
     if mode == Mode::Atomic {
         for (out, &a) in g.dq.iter_mut().zip(&dq_acc) {
             *out = dtype.round(a * scale);
+        }
+        return (g, visits);
+    }
+
+    // ---- Deterministic dQ programs: per query block, the key tiles of its band ----
+    let q_blocks = s.len_q.div_ceil(bm);
+    let dq_cols = dq_column_blocks(d, cols);
+    for flat in 0..q_blocks * dq_cols * s.heads_q * s.batch {
+        let pr = dq_program(flat, q_blocks, dq_cols, s.heads_q);
+        let (b, h) = (pr.batch, pr.head);
+        let (ck, cv) = (cols.block(pr.col, d), cols.block(pr.col, dvn));
+        let band = Band::new(opts, s, b);
+        let hk = h / group;
+        let r0 = (b * s.heads_q + h) * s.len_q;
+        let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+        let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+        let q0 = (pr.block * bm) as i64;
+        let q_last = len_q.min(q0 + bm as i64) - 1;
+        let kb = (q0 + band.lo).max(0);
+        let ke = band.key_len.min(q_last + band.hi + 1);
+        let tiles = if ke > kb {
+            kb / bn as i64..(ke + bn as i64 - 1) / bn as i64
+        } else {
+            0..0
+        };
+        let mut dq = vec![0.0f32; bm * ck.n];
+        for n in tiles {
+            visits.dq_tiles += 1;
+            let key0 = n * bn as i64;
+            let full = q_last + band.lo <= key0
+                && key0 + bn as i64 - 1 <= q0 + band.hi
+                && key0 + bn as i64 <= band.key_len;
+            for row in 0..bm {
+                let i = q0 + row as i64;
+                if i >= len_q {
+                    continue; // computed on the GPU (P = 0 there), never written
+                }
+                let r = r0 + i as usize;
+                let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                for kk in 0..bn {
+                    let j = key0 + kk as i64;
+                    if !(full || band.keeps(i, j)) {
+                        continue;
+                    }
+                    let loaded = j >= kb && j < ke;
+                    let kj = if loaded {
+                        &k_head[j as usize * d..][..d]
+                    } else {
+                        &zeros[..d]
+                    };
+                    let vj = if loaded {
+                        &v_head[j as usize * dvn..][..dvn]
+                    } else {
+                        &zeros[..dvn]
+                    };
+                    let p = (dot(&qi[ck.k0..], &kj[ck.k0..]) * c - lse_log2(lse[r])).exp2();
+                    let ds = dtype.round(p * (dot(&doi[cv.k0..], &vj[cv.k0..]) - delta[r]));
+                    for (x, a) in dq[row * ck.n..(row + 1) * ck.n].iter_mut().enumerate() {
+                        *a += ds * col(kj, ck.operand0 + x);
+                    }
+                }
+            }
+        }
+        for row in 0..bm.min(s.len_q - q0 as usize) {
+            let r = r0 + q0 as usize + row;
+            for (out, &a) in g.dq[r * d + ck.c0..][..ck.n]
+                .iter_mut()
+                .zip(&dq[row * ck.n..(row + 1) * ck.n])
+            {
+                *out = dtype.round(a * scale);
+            }
         }
     }
     (g, visits)

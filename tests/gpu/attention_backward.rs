@@ -1,7 +1,8 @@
 //! The attention backward kernels (tensor cores for f16/bf16 in both dQ modes, and the exact
 //! path) held to the f64 reference on the GPU: random shapes, head dims, GQA, masks, key
 //! padding, BSHD inputs and packed batches (proptest), bitwise repeatability of the
-//! deterministic mode, fully masked rows, GQA sums, and a mask missing from the backward. The
+//! deterministic mode, fully masked rows, GQA sums, a mask missing from the backward, and head
+//! dims 129–256 (the HD 256 tiles with their columns split across CTAs). The
 //! checks (NaN-poisoned outputs, the tolerance rule) are `cuattn::check::attention_backward`.
 
 use cuattn::check::attention_backward::{self as check, Case};
@@ -65,7 +66,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     };
                     Window::new((seed >> 8) as usize % 60, (seed >> 16) as usize % 60, align)
                 });
-                let tc = dtype != DType::F32 && d.max(dv) <= 128;
+                let tc = dtype != DType::F32 && d.max(dv) <= 256;
                 let (kernel, mode) = match path {
                     0 if tc => (Kernel::TensorCore, Mode::Deterministic),
                     1 if tc => (Kernel::TensorCore, Mode::Fast),
@@ -94,8 +95,8 @@ fn backward_kernels_match_the_reference_on_random_cases() {
     crate::run_proptest(name, case_strategy(), 48, |c| check::backward(&gpu, &c));
 }
 
-/// The case on tensor cores in both modes (f16 and bf16; head dims ≤ 128, the tensor-core
-/// kernels' limit) and on the exact path (every dtype).
+/// The case on tensor cores in both modes (f16 and bf16; every head dim ≤ 256) and on the
+/// exact path (every dtype).
 fn every_path(f: impl Fn(DType) -> Case) -> Vec<Case> {
     let mut out: Vec<Case> = DType::ALL
         .into_iter()
@@ -104,10 +105,6 @@ fn every_path(f: impl Fn(DType) -> Case) -> Vec<Case> {
             ..f(dt)
         })
         .collect();
-    let s = f(DType::F16).shape;
-    if s.dim_qk.max(s.dim_v) > 128 {
-        return out;
-    }
     for dt in [DType::F16, DType::BF16] {
         for mode in [Mode::Deterministic, Mode::Fast] {
             out.push(Case {
@@ -173,16 +170,51 @@ fn both_causal_alignments_windows_and_head_dims_up_to_256() {
 }
 
 #[test]
+fn head_dims_129_to_256_split_their_columns_and_match_the_reference() {
+    // Both sides wide, one side ≤ 128 (only the wider one has a second column block), a head
+    // dim that is not a multiple of 8 (element loads), GQA, causal, a window, key padding.
+    let mut cases = Vec::new();
+    let mixes = [
+        (256, 256),
+        (256, 128),
+        (128, 256),
+        (192, 192),
+        (136, 250),
+        (130, 64),
+    ];
+    for (n, (d, dv)) in mixes.into_iter().enumerate() {
+        cases.extend(every_path(|dt| Case {
+            causal: (n % 2 == 0).then_some(CausalAlign::BottomRight),
+            window: (n == 3).then(|| Window::new(30, 0, CausalAlign::TopLeft)),
+            key_lens: (n % 3 == 1).then(|| vec![150, 7]),
+            ..Case::dense(dt, Shape::new(2, 4, 2, 70 + 30 * (n % 2), 150, d, dv))
+        }));
+    }
+    cases.push(Case {
+        kernel: Kernel::TensorCore,
+        mode: Mode::Fast,
+        packed: Some((vec![9, 0, 80], vec![20, 5, 100])),
+        ..Case::dense(DType::BF16, Shape::new(3, 2, 1, 0, 0, 256, 200))
+    });
+    run(
+        "head_dims_129_to_256_split_their_columns_and_match_the_reference",
+        cases,
+    );
+}
+
+#[test]
 fn the_deterministic_mode_is_bitwise_repeatable_over_30_runs() {
     let name = "the_deterministic_mode_is_bitwise_repeatable_over_30_runs";
     let Some(gpu) = gpu_or_skip(name) else { return };
     for dt in [DType::F16, DType::BF16] {
-        let c = Case {
-            kernel: Kernel::TensorCore,
-            causal: Some(CausalAlign::TopLeft),
-            ..Case::dense(dt, Shape::new(2, 4, 2, 300, 300, 128, 128))
-        };
-        check::bitwise_repeatable(&gpu, &c, 30).unwrap();
+        for d in [128, 256] {
+            let c = Case {
+                kernel: Kernel::TensorCore,
+                causal: Some(CausalAlign::TopLeft),
+                ..Case::dense(dt, Shape::new(2, 4, 2, 300, 300, d, d))
+            };
+            check::bitwise_repeatable(&gpu, &c, 30).unwrap();
+        }
     }
     let exact = Case {
         kernel: Kernel::Exact,

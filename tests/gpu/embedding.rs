@@ -1,7 +1,9 @@
 //! Embedding in another runtime: ops on the caller's stream captured in a CUDA graph and
-//! replayed with new data (inputs and device lengths rewritten in place) — attention, decode
-//! and the linear layer's cuBLAS GEMMs on the caller's cuBLAS workspace —, memory of a foreign
-//! context refused with `Error::Device`, and two threads running ops on two streams at once.
+//! replayed with new data (inputs and device lengths rewritten in place) — attention, decode,
+//! the linear layer's cuBLAS GEMMs and the inference backend's linear layers on the caller's
+//! cuBLAS workspace —, memory of a foreign context refused with `Error::Device` (views, and
+//! caller workspaces by the driver's pointer attributes), and two threads running ops on two
+//! streams at once.
 //! Each replay is compared with an ordinary call on the same data, which the other GPU tests
 //! hold to the f64 reference, and with the reference itself.
 
@@ -10,6 +12,9 @@ use cuattn::gpu::{ContextId, DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
 use cuattn::ops::gemm::{self, Gemm, WeightGradOptions};
 use cuattn::ops::{attention, decode};
 use cuattn::reference::attention as ref_attn;
+use cuattn::runtime::conformance;
+use cuattn::runtime::cuda::Cuda;
+use cuattn::runtime::{Activation, Backend};
 use cuattn::tolerance::{expect_close, Tolerance};
 use cuattn::{DType, Error, HostTensor, Layout};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -414,6 +419,268 @@ fn linear_gemms_on_a_caller_cublas_workspace_replay_from_a_cuda_graph_with_new_d
     drop(graph);
     drop(gemm);
     drop(ws);
+}
+
+/// The runtime's CUDA inference backend on a caller cuBLAS workspace: its linear layers (GEMM,
+/// then bias + GELU) and batched product, into caller outputs, captured once; the graph holds no
+/// allocation; replayed on new weights and inputs, every output equals the backend's ordinary
+/// (allocating, uncaptured) call on the same data bit for bit, the batched product is within
+/// the tolerance rule of its f64 value, and the backend keeps passing the f64 conformance
+/// checks of the CPU backend on that workspace.
+#[test]
+fn inference_backend_on_a_caller_cublas_workspace_replays_from_a_cuda_graph_with_new_data() {
+    let Some(shared) = gpu_or_skip("backend_graph_replay") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let dt = DType::F16;
+    let mut be = Cuda::new(gpu.clone(), dt).expect("cuBLAS on the library path");
+    let bytes = be.blas_workspace_bytes();
+    assert_eq!(bytes, gemm::workspace_bytes(&gpu));
+    let ws = gpu.full(DType::F32, &[(bytes + 256) / 4], 0.0).unwrap();
+    let ptr = ws
+        .view()
+        .device_ptr()
+        .next_multiple_of(gemm::WORKSPACE_ALIGN);
+    // SAFETY (each use_blas_workspace below): [ptr, ptr + bytes) lies inside `ws`, a live
+    // allocation of this context that outlives `be` and every replay, touched by nothing else.
+    let misaligned = unsafe { be.use_blas_workspace(ptr + 64, bytes) };
+    assert!(
+        matches!(
+            misaligned,
+            Err(Error::Alignment {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{misaligned:?}"
+    );
+    // SAFETY: as above.
+    let small = unsafe { be.use_blas_workspace(ptr, gemm::MIN_WORKSPACE_BYTES - 256) };
+    assert!(
+        matches!(
+            small,
+            Err(Error::InvalidArgument {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{small:?}"
+    );
+    // SAFETY: refused before use.
+    let null = unsafe { be.use_blas_workspace(0, bytes) };
+    assert!(
+        matches!(
+            null,
+            Err(Error::Device {
+                arg: "workspace",
+                ..
+            })
+        ),
+        "{null:?}"
+    );
+    assert_eq!(be.blas_workspace(), None);
+    // SAFETY: as above.
+    unsafe { be.use_blas_workspace(ptr, bytes) }.unwrap();
+    assert_eq!(be.blas_workspace(), Some(bytes));
+
+    // A BERT feed-forward block's two linear layers and an attention-score-shaped product.
+    let (rows, hidden, ffn) = (96, 128, 256);
+    let (batch, m, n, k) = (2, 40, 56, 32);
+    let upload = |shape: &[usize], seed: u64| gpu.upload(&random(dt, shape, seed)).unwrap();
+    let mut x = upload(&[rows, hidden], 1);
+    let mut w1 = upload(&[ffn, hidden], 2);
+    let mut b1 = upload(&[ffn], 3);
+    let mut w2 = upload(&[hidden, ffn], 4);
+    let mut b2 = upload(&[hidden], 5);
+    let mut a = upload(&[batch * m, k], 6);
+    let mut b = upload(&[batch * n, k], 7);
+    let mut h = gpu.full(dt, &[rows, ffn], 0.0).unwrap();
+    let mut y = gpu.full(dt, &[rows, hidden], 0.0).unwrap();
+    let mut c = gpu.full(dt, &[batch * m, n], 0.0).unwrap();
+    let run = |h: &mut DeviceTensor, y: &mut DeviceTensor, c: &mut DeviceTensor| {
+        be.linear_into(&x, &w1, Some(&b1), Activation::GeluErf, h)?;
+        be.linear_into(h, &w2, Some(&b2), Activation::None, y)?;
+        be.batched_matmul_nt_into(&a, &b, batch, c)
+    };
+    // Warm-up outside the capture: loads the bias kernel and cuBLAS's kernels.
+    run(&mut h, &mut y, &mut c).unwrap();
+    gpu.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = run(&mut h, &mut y, &mut c);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    captured.unwrap();
+    let (kernels, allocs) = kernel_and_alloc_nodes(&graph);
+    assert!(
+        kernels >= 5,
+        "{kernels} kernel nodes for three GEMMs and two bias kernels"
+    );
+    assert_eq!(allocs, 0, "the captured backend calls allocate");
+
+    for round in 0..2u64 {
+        let seed = 100 * (round + 1);
+        let ha = random(dt, &[batch * m, k], seed + 5);
+        let hb = random(dt, &[batch * n, k], seed + 6);
+        for (t, host) in [
+            (&mut x, random(dt, &[rows, hidden], seed)),
+            (&mut w1, random(dt, &[ffn, hidden], seed + 1)),
+            (&mut b1, random(dt, &[ffn], seed + 2)),
+            (&mut w2, random(dt, &[hidden, ffn], seed + 3)),
+            (&mut b2, random(dt, &[hidden], seed + 4)),
+            (&mut a, ha.clone()),
+            (&mut b, hb.clone()),
+        ] {
+            t.write(&host).unwrap();
+        }
+        nan_poison(&mut h);
+        nan_poison(&mut y);
+        nan_poison(&mut c);
+        graph.launch().unwrap();
+        let got = [&h, &y, &c].map(|t| t.to_f32_vec().unwrap());
+
+        let h2 = be.linear(&x, &w1, Some(&b1), Activation::GeluErf).unwrap();
+        let y2 = be.linear(&h2, &w2, Some(&b2), Activation::None).unwrap();
+        let c2 = be.batched_matmul_nt(&a, &b, batch).unwrap();
+        let plain = [&h2, &y2, &c2].map(|t| be.to_f32(t).unwrap());
+        for (name, (g, p)) in ["h", "y", "c"].iter().zip(got.iter().zip(&plain)) {
+            assert_finite_and_equal(&format!("round {round} {name}"), g, p);
+        }
+        let (va, vb) = (ha.to_f32_vec(), hb.to_f32_vec());
+        let want_c: Vec<f64> = (0..batch * m * n)
+            .map(|e| {
+                let (bi, i, j) = (e / (m * n), (e / n) % m, e % n);
+                (0..k)
+                    .map(|t| va[(bi * m + i) * k + t] as f64 * vb[(bi * n + j) * k + t] as f64)
+                    .sum()
+            })
+            .collect();
+        expect_close(
+            &format!("round {round} c"),
+            &got[2],
+            &want_c,
+            Tolerance::for_output(dt, k, 1.0),
+        )
+        .unwrap();
+    }
+    drop(graph);
+    // The ordinary entries on the caller's workspace, against the f64 references.
+    for (i, act) in [Activation::GeluErf, Activation::None]
+        .into_iter()
+        .enumerate()
+    {
+        conformance::linear(&be, 70, 64, 130, act, i == 0, 300 + i as u64)
+            .unwrap_or_else(|e| panic!("linear on the caller workspace: {e}"));
+    }
+    conformance::batched_matmul_nt(&be, 3, 17, 33, 64, 310)
+        .unwrap_or_else(|e| panic!("batched product on the caller workspace: {e}"));
+    gpu.synchronize().unwrap();
+    drop(be);
+    drop(ws);
+}
+
+/// A caller workspace that is not device memory this Gpu may use is refused by name, with the
+/// same check, by the Gpu's scratch, `Gemm` and the inference backend: NULL, plain host
+/// memory, page-locked host memory and memory `cuMemAlloc` gave a second (non-primary)
+/// context on the same device. Memory of the Gpu's own context (`cuMemAlloc`) and of the
+/// device's stream-ordered pool (what `DeviceTensor`s hold, which belongs to no context) is
+/// taken.
+#[test]
+fn caller_workspaces_that_are_not_device_memory_of_the_gpu_are_a_device_error() {
+    use cudarc::driver::result;
+    let Some(shared) = gpu_or_skip("caller_workspace_pointer_checks") else {
+        return;
+    };
+    let gpu = shared
+        .on_stream(shared.context().new_stream().unwrap())
+        .unwrap();
+    let bytes = gemm::MIN_WORKSPACE_BYTES;
+    let aligned = |p: u64| p.next_multiple_of(gemm::WORKSPACE_ALIGN);
+
+    let foreign_ctx = CudaContext::new_non_primary(gpu.info().ordinal, 0).unwrap();
+    foreign_ctx.bind_to_thread().unwrap();
+    // SAFETY: a plain allocation in the foreign context, freed below.
+    let foreign = unsafe { result::malloc_sync(bytes + 256) }.unwrap();
+    gpu.context().bind_to_thread().unwrap();
+    // SAFETY: plain allocations in the Gpu's context, freed below.
+    let own = unsafe { result::malloc_sync(bytes + 256) }.unwrap();
+    // SAFETY: page-locked host memory of the Gpu's context, freed below.
+    let pinned = unsafe { result::malloc_host(bytes + 256, 0) }.unwrap();
+    let host = vec![0u8; bytes + 256];
+    let pool = gpu.full(DType::F32, &[(bytes + 256) / 4], 0.0).unwrap();
+
+    let mut gemm = Gemm::new(&gpu).expect("cuBLAS on the library path");
+    let mut be = Cuda::new(gpu.clone(), DType::F32).unwrap();
+    let scratch = gpu.on_stream(gpu.context().new_stream().unwrap()).unwrap();
+    for (what, ptr, reason) in [
+        ("NULL", 0u64, Some("NULL")),
+        ("plain host memory", aligned(host.as_ptr() as u64), None),
+        ("page-locked host memory", aligned(pinned as u64), None),
+        (
+            "another context's memory",
+            aligned(foreign),
+            Some("allocated in CUDA context"),
+        ),
+    ] {
+        // SAFETY: each call is refused before the memory is used (what this test proves).
+        let results = unsafe {
+            [
+                ("Gemm", gemm.use_workspace(ptr, bytes)),
+                ("Cuda", be.use_blas_workspace(ptr, bytes)),
+                ("Gpu", scratch.use_workspace(ptr, bytes)),
+            ]
+        };
+        for (who, r) in results {
+            match r {
+                Err(Error::Device {
+                    arg: "workspace",
+                    reason: got,
+                }) => assert!(
+                    reason.is_none_or(|want| got.contains(want)),
+                    "{who}, {what}: {got}"
+                ),
+                other => panic!("{who}, {what}: expected Error::Device, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(gemm.workspace(), None);
+    assert_eq!(be.blas_workspace(), None);
+    for (what, ptr) in [
+        ("cuMemAlloc memory of this context", aligned(own)),
+        (
+            "pool memory of this device",
+            aligned(pool.view().device_ptr()),
+        ),
+    ] {
+        // SAFETY: [ptr, ptr + bytes) is inside a live allocation that outlives `gemm`, `be`
+        // and `scratch` (dropped below, before the frees), and nothing runs on it.
+        unsafe {
+            gemm.use_workspace(ptr, bytes)
+                .unwrap_or_else(|e| panic!("Gemm, {what}: {e}"));
+            be.use_blas_workspace(ptr, bytes)
+                .unwrap_or_else(|e| panic!("Cuda, {what}: {e}"));
+            scratch
+                .use_workspace(ptr, bytes)
+                .unwrap_or_else(|e| panic!("Gpu, {what}: {e}"));
+        }
+        assert_eq!(gemm.workspace(), Some(bytes));
+        assert_eq!(be.blas_workspace(), Some(bytes));
+    }
+    gpu.synchronize().unwrap();
+    drop((gemm, be, scratch));
+    // SAFETY: the allocations made above, no longer used by anything.
+    unsafe {
+        result::free_host(pinned).unwrap();
+        result::free_sync(own).unwrap();
+        foreign_ctx.bind_to_thread().unwrap();
+        result::free_sync(foreign).unwrap();
+    }
+    drop(pool);
 }
 
 /// A caller-supplied workspace that is too small is an error, not an allocation.
