@@ -81,6 +81,13 @@ tests/fixtures/tiny-bart-denoise-step.json, tiny-bart-denoise-step.safetensors
                                     (`tiny-bart.grad.<name>`) and every parameter after
                                     one AdamW step (`tiny-bart.adamw1.<name>`)
                                     (`--only bart-denoise-step`)
+tests/fixtures/tiny-bart-untied-denoise-step.json, tiny-bart-untied-denoise-step.safetensors
+                                    the same step of the untied tiny BART on the same batch:
+                                    loss, gradients (`grad.<name>`; model.shared gets none),
+                                    parameters after one and two AdamW steps (`adamw1.<name>`,
+                                    `adamw2.<name>`), and with dropout on (our Philox masks
+                                    substituted for torch's dropout) the loss and gradients
+                                    (`dropout.grad.<name>`) (`--only bart-denoise-step-untied`)
 
 tests/fixtures/tiny-gpt-neo/        a random 4-layer GPTNeoForCausalLM (global/local alternating, window 4,
                                     hidden 16) with a 320-token byte-level BPE (tokenizer.json)
@@ -937,6 +944,154 @@ def bart_denoise_step():
         json.dump(record, f)
 
 
+# Dyadic probabilities: the same numbers in f32 (our config) and f64 (PyTorch's), so the
+# keep threshold round(p·2^32) and the scale 1/(1−p) agree on both sides.
+BART_UNTIED_DROPOUT = {"dropout": 0.25, "attention_dropout": 0.125, "activation_dropout": 0.375,
+                       "seed": 11, "step": 3}
+
+
+def philox_words(seed, offset, n):
+    """Words 0..n of the Philox4x32-10 stream (seed, offset) of src/rng.rs (counter = (block
+    lo, block hi, offset lo, offset hi), key = (seed lo, seed hi), element i = word i % 4 of
+    block i / 4), vectorized with numpy; checked on Random123's first known answer."""
+    import numpy as np
+    m32 = np.uint64(0xFFFFFFFF)
+    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
+    c = [blocks & m32, blocks >> np.uint64(32),
+         np.full_like(blocks, offset & 0xFFFFFFFF), np.full_like(blocks, offset >> 32)]
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for r in range(10):
+        if r > 0:
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & m32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & m32]
+    return np.stack(c, axis=1).reshape(-1)[:n]
+
+
+def our_dropout_in_torch(seed, step, sites_per_step):
+    """A stand-in for torch.nn.functional.dropout that applies our masks: its k-th call of a
+    forward is our site k (offset step·sites_per_step + k), keeping element i (row-major) when
+    its Philox word ≥ round(p·2^32) and scaling kept ones by f32(1/(1−p)). Returns the function
+    and the list of (shape, p) it was called with."""
+    import numpy as np
+    calls = []
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training:
+            return x
+        k = len(calls)
+        calls.append((tuple(x.shape), p))
+        if p == 0:
+            return x
+        p32 = float(np.float32(p))
+        words = philox_words(seed, step * sites_per_step + k, x.numel())
+        keep = torch.from_numpy((words >= round(p32 * 2 ** 32)).reshape(x.shape))
+        return x * keep.to(x.dtype) * float(np.float32(1.0 / (1.0 - p32)))
+    return dropout, calls
+
+
+def bart_denoise_step_untied():
+    """The denoising step of the tiny untied BART (tests/fixtures/tiny-bart-untied) on the
+    tied fixture's batch (tiny-bart-denoise-step.json; the two models share the tokenizer):
+    in transformers 5 it has four token tables, model.shared (read by nothing: no gradient)
+    and each stack's embed_tokens and lm_head. Records, dropout 0: the loss, autograd's
+    gradient of every parameter that has one (`grad.<name>`), every parameter after one and
+    after two torch.optim.AdamW steps (`adamw1.<name>`, `adamw2.<name>`; model.shared, without
+    a gradient, is skipped by AdamW) and the loss before the second step. Then, in train mode
+    with BART_UNTIED_DROPOUT's probabilities and torch's dropout replaced by our Philox masks
+    (our_dropout_in_torch; its call order is our site order, checked by count and shape):
+    the loss and every gradient (`dropout.grad.<name>`)."""
+    from safetensors.torch import save_file
+    from transformers import BartForConditionalGeneration
+    name = "tiny-bart-untied"
+    out_dir = os.path.join(FIXTURES, name)
+    with open(os.path.join(FIXTURES, "tiny-bart-denoise-step.json")) as f:
+        tied = json.load(f)["variants"]["tiny-bart"]
+    x = torch.tensor(tied["input_ids"])
+    lens = tied["lens"]
+    mask = torch.tensor([[1] * n + [0] * (x.shape[1] - n) for n in lens])
+    labels = torch.tensor(tied["labels"])
+    model = BartForConditionalGeneration.from_pretrained(out_dir, attn_implementation="eager").eval()
+    assert not model.config.tie_word_embeddings
+    tables = ["model.shared.weight", "model.encoder.embed_tokens.weight",
+              "model.decoder.embed_tokens.weight", "lm_head.weight"]
+    params = dict(model.named_parameters())
+    assert all(n in params for n in tables)
+    ptrs = {params[n].data_ptr() for n in tables}
+    assert len(ptrs) == 4, "an untied BART's four tables are distinct parameters"
+    tensors = {}
+    out = model(input_ids=x, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == ["model.shared.weight"], no_grad
+    for n, p in named:
+        tensors[f"grad.{n}"] = p.grad.detach().clone()
+    record = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "batch": "tiny-bart-denoise-step.json variants.tiny-bart",
+        "loss": out.loss.item(),
+        "parameters": [n for n, _ in named],
+        "without_gradient": no_grad,
+        "logits_row0": [round(float(v), 7) for v in out.logits[0, 0].detach()],
+    }
+    hp = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    no_decay = lambda n: n.endswith("bias") or "layer_norm" in n or "layernorm" in n
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": hp["weight_decay"]},
+         {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
+        lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], foreach=False)
+    opt.step()
+    for n, p in named:
+        tensors[f"adamw1.{n}"] = p.detach().clone()
+    opt.zero_grad()
+    out2 = model(input_ids=x, attention_mask=mask, labels=labels)
+    out2.loss.backward()
+    opt.step()
+    for n, p in named:
+        tensors[f"adamw2.{n}"] = p.detach().clone()
+    record["adamw"] = hp
+    record["loss_after_step1"] = out2.loss.item()
+
+    dp = BART_UNTIED_DROPOUT
+    model = BartForConditionalGeneration.from_pretrained(
+        out_dir, attn_implementation="eager", dropout=dp["dropout"],
+        attention_dropout=dp["attention_dropout"], activation_dropout=dp["activation_dropout"])
+    model.train()
+    c = model.config
+    sites = 2 + 4 * c.encoder_layers + 6 * c.decoder_layers
+    ours, calls = our_dropout_in_torch(dp["seed"], dp["step"], sites)
+    saved = torch.nn.functional.dropout
+    torch.nn.functional.dropout = ours
+    try:
+        out = model(input_ids=x, attention_mask=mask, labels=labels)
+    finally:
+        torch.nn.functional.dropout = saved
+    b, lin, lout = x.shape[0], x.shape[1], labels.shape[1]
+    d, eh, dh = c.d_model, c.encoder_attention_heads, c.decoder_attention_heads
+    want = [((b, lin, d), dp["dropout"])]
+    for _ in range(c.encoder_layers):
+        want += [((b, eh, lin, lin), dp["attention_dropout"]), ((b, lin, d), dp["dropout"]),
+                 ((b, lin, c.encoder_ffn_dim), dp["activation_dropout"]), ((b, lin, d), dp["dropout"])]
+    want.append(((b, lout, d), dp["dropout"]))
+    for _ in range(c.decoder_layers):
+        want += [((b, dh, lout, lout), dp["attention_dropout"]), ((b, lout, d), dp["dropout"]),
+                 ((b, dh, lout, lin), dp["attention_dropout"]), ((b, lout, d), dp["dropout"]),
+                 ((b, lout, c.decoder_ffn_dim), dp["activation_dropout"]), ((b, lout, d), dp["dropout"])]
+    assert calls == want, f"HF's dropout calls are not our sites:\n{calls}\n{want}"
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            tensors[f"dropout.grad.{n}"] = p.grad.detach().clone()
+    record["dropout"] = dict(dp, loss=out.loss.item(), sites_per_step=sites)
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(FIXTURES, "tiny-bart-untied-denoise-step.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bart-untied-denoise-step.json"), "w") as f:
+        json.dump(record, f)
+
+
 BERT_PT_CORPUS = [
     "the capital of france is paris .",
     "the capital of italy is rome .",
@@ -1419,7 +1574,7 @@ def lstm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "bart-denoise-step-untied", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1439,6 +1594,8 @@ def main():
         tiny_bart()
     if args.only in ("all", "bart", "bart-denoise-step"):
         bart_denoise_step()
+    if args.only in ("all", "bart", "bart-denoise-step", "bart-denoise-step-untied"):
+        bart_denoise_step_untied()
     if args.only in ("all", "bert-pretraining"):
         tiny_bert_pretraining()
     if args.only in ("all", "bert-pretraining", "bert-pretrain-step"):

@@ -284,16 +284,30 @@ fn torch_free_bias() -> Vec<f32> {
         .collect()
 }
 
+/// A tied parameter list is refused for an untied config and the other way round (untied
+/// models: tests/train_bart_untied_dropout.rs).
 #[test]
-fn untied_models_and_bad_batches_are_typed_errors() {
-    assert!(matches!(
-        BartForConditionalGeneration::<Cpu>::from_folder(
-            &Cpu,
-            &fixture("tests/fixtures/tiny-bart-untied")
-        ),
-        Err(Error::Config { .. })
-    ));
+fn mismatched_parameter_lists_and_bad_batches_are_typed_errors() {
     let m = model();
+    let host: Vec<(String, HostParam)> = m
+        .parameters()
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                HostParam {
+                    shape: Cpu.shape(&p.value).to_vec(),
+                    values: Cpu.to_f32(&p.value).unwrap(),
+                },
+            )
+        })
+        .collect();
+    let mut untied = m.config.clone();
+    untied.tie_word_embeddings = false;
+    assert!(matches!(
+        BartForConditionalGeneration::from_host(&Cpu, untied, host, &torch_free_bias()),
+        Err(Error::InvalidArgument { .. })
+    ));
     let good = batch();
     let mut b = good.clone();
     b.input_ids.pop();

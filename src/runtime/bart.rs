@@ -50,6 +50,13 @@ pub struct BartConfig {
     /// Generation defaults some checkpoints keep in config.json.
     pub forced_bos_token_id: Option<u32>,
     pub forced_eos_token_id: Option<u32>,
+    /// Training only (inference never drops): `dropout` after the embeddings' LayerNorm and
+    /// after every attention and feed-forward output, `attention_dropout` on the attention
+    /// probabilities, `activation_dropout` after the feed-forward activation. Hugging Face's
+    /// defaults: 0.1, 0, 0.
+    pub dropout: f32,
+    pub attention_dropout: f32,
+    pub activation_dropout: f32,
 }
 
 impl BartConfig {
@@ -87,6 +94,13 @@ impl BartConfig {
                 )));
             }
         }
+        let prob = |key: &str, default: f64| -> Result<f32> {
+            let p = v[key].as_f64().unwrap_or(default);
+            if !(0.0..1.0).contains(&p) {
+                return Err(err(format!("`{key}` = {p} is not a probability in [0, 1)")));
+            }
+            Ok(p as f32)
+        };
         let eos = id("eos_token_id", 2);
         let c = BartConfig {
             vocab_size: int("vocab_size")?,
@@ -107,6 +121,9 @@ impl BartConfig {
             decoder_start_token_id: id("decoder_start_token_id", eos),
             forced_bos_token_id: opt_id("forced_bos_token_id"),
             forced_eos_token_id: opt_id("forced_eos_token_id"),
+            dropout: prob("dropout", 0.1)?,
+            attention_dropout: prob("attention_dropout", 0.0)?,
+            activation_dropout: prob("activation_dropout", 0.0)?,
         };
         for heads in [c.encoder_attention_heads, c.decoder_attention_heads] {
             if heads == 0 || !c.d_model.is_multiple_of(heads) {
@@ -132,6 +149,17 @@ impl BartConfig {
         }
         Ok(c)
     }
+}
+
+/// The name (after the `model.` prefix) of the token table stack `stack` (`encoder` or
+/// `decoder`) reads when it is not the shared one: transformers 5 gives an untied BART
+/// (`tie_word_embeddings: false`) separate `encoder.embed_tokens` and `decoder.embed_tokens`
+/// parameters (and `save_pretrained` writes them); a stack whose table the checkpoint lacks
+/// reads `shared`, as every stack of a tied model does. The inference and the training loaders
+/// both ask here.
+pub(crate) fn own_stack_table(c: &BartConfig, ckpt: &Checkpoint, stack: &str) -> Option<String> {
+    let name = format!("{stack}.embed_tokens.weight");
+    (!c.tie_word_embeddings && ckpt.contains(&name)).then_some(name)
 }
 
 /// The token table times the embedding scale (one f32 multiply per value, as HF's
@@ -290,8 +318,7 @@ impl<B: Backend> Bart<B> {
         // Tied: both stacks read the shared table (a saved copy is the same). Untied
         // (transformers 5 unties the stacks' tables too): a stack's own table when saved.
         let embeddings = |ckpt: &mut Checkpoint, stack: &str| -> Result<Embeddings<B>> {
-            let name = format!("{stack}.embed_tokens.weight");
-            let tokens = if !c.tie_word_embeddings && ckpt.contains(&name) {
+            let tokens = if let Some(name) = own_stack_table(c, ckpt, stack) {
                 let own = ckpt.take(&name, &[v, d])?;
                 let own = if scale != 1.0 {
                     scale_param(&own, scale)
@@ -300,7 +327,7 @@ impl<B: Backend> Bart<B> {
                 };
                 Arc::new(Embedding::from_owned(be, own)?)
             } else {
-                ckpt.discard(&name);
+                ckpt.discard(&format!("{stack}.embed_tokens.weight"));
                 Arc::clone(&stack_table)
             };
             Ok(Embeddings {

@@ -1,6 +1,8 @@
 //! The pretraining models' training steps on the CUDA backend against the CPU backend, in f32:
 //! BertForPreTraining's MLM + NSP step and BART's denoising step (the same fixtures as
-//! tests/train_bert_pretrain.rs and tests/train_bart_denoise.rs). Both models are written on
+//! tests/train_bert_pretrain.rs, tests/train_bart_denoise.rs and
+//! tests/train_bart_untied_dropout.rs: tied, and untied with and without dropout; the dropout
+//! masks are the same Philox streams on both backends). Both models are written on
 //! the `TrainBackend` trait, so no kernel is new here: these check that the CUDA backend's ops
 //! compose into the same losses and gradients. Bounds: the loss within 1e-5 relative and
 //! every gradient within the bound the CPU meets against PyTorch (1e-4·max(1, max|g|) per
@@ -121,4 +123,49 @@ fn bart_denoising_step_matches_the_cpu_backend_in_f32() {
         c.loss
     );
     compare("BART", &g, &o.grads, &c.grads);
+}
+
+#[test]
+fn untied_bart_denoising_step_with_dropout_matches_the_cpu_backend_in_f32() {
+    let Some(gpu) =
+        gpu_or_skip("untied_bart_denoising_step_with_dropout_matches_the_cpu_backend_in_f32")
+    else {
+        return;
+    };
+    let g = Cuda::new(gpu, DType::F32).unwrap();
+    let dir = fixture("tests/fixtures/tiny-bart-untied");
+    let v = &json("tests/fixtures/tiny-bart-denoise-step.json")["variants"]["tiny-bart"];
+    let batch = DenoisingBatch {
+        input_ids: ints(&v["input_ids"]).iter().map(|&i| i as u32).collect(),
+        input_lens: ints(&v["lens"]).iter().map(|&l| l as usize).collect(),
+        labels: ints(&v["labels"]),
+    };
+    let d = &json("tests/fixtures/tiny-bart-untied-denoise-step.json")["dropout"];
+    let p = |k: &str| d[k].as_f64().unwrap() as f32;
+    let train = StepOptions {
+        dropout_seed: Some(d["seed"].as_u64().unwrap()),
+        step: d["step"].as_u64().unwrap(),
+        ..Default::default()
+    };
+    for (what, opts) in [
+        ("untied BART, eval", StepOptions::default()),
+        ("untied BART, dropout", train),
+    ] {
+        let mut cm = BartForConditionalGeneration::from_folder(&Cpu, &dir).unwrap();
+        let mut gm = BartForConditionalGeneration::from_folder(&g, &dir).unwrap();
+        for c in [&mut cm.config, &mut gm.config] {
+            c.dropout = p("dropout");
+            c.attention_dropout = p("attention_dropout");
+            c.activation_dropout = p("activation_dropout");
+        }
+        let c = cm.forward_backward_with(&Cpu, &batch, &opts).unwrap();
+        let o = gm.forward_backward_with(&g, &batch, &opts).unwrap();
+        assert!(
+            (o.loss - c.loss).abs() <= 1e-5 * c.loss.abs().max(1.0),
+            "{what}: loss {} vs {}",
+            o.loss,
+            c.loss
+        );
+        compare(what, &g, &o.grads, &c.grads);
+    }
 }

@@ -528,7 +528,7 @@ impl<B: TrainBackend> Transformer<B> {
             let attn = Sub { f_in, s, fc: ac };
             let (f_in, s_pre) = self.sub_in(be, ix.ln2, &x1)?;
             let (a, cc) =
-                cross_attention_forward(be, self.attn(&ix.cross), &f_in, mem, cross_mask)?;
+                cross_attention_forward(be, self.attn(&ix.cross), &f_in, mem, cross_mask, None)?;
             let (x2, s) = self.sub_out(be, ix.ln2, &x1, &a, s_pre)?;
             let cross = Sub { f_in, s, fc: cc };
             let (f_in, s_pre) = self.sub_in(be, ix.ln3, &x2)?;
@@ -636,6 +636,7 @@ impl<B: TrainBackend> Seq2Seq<B> for Transformer<B> {
                 &enc.out,
                 &c.cross.fc,
                 &cm,
+                None,
                 &da,
             )?;
             be.accumulate(&mut dmem, &dm_l)?;

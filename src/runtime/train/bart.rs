@@ -7,28 +7,48 @@
 //! The architecture is [`crate::runtime::bart`]'s (post-LN layers, learned positions two rows
 //! down, `layernorm_embedding`, the embedding ×√d when `scale_embedding`), built from the
 //! training layers of [`super::layers`] (self- and cross-attention, feed-forward, LayerNorm,
-//! all with their backward). The one table `model.shared` is used three times — encoder
-//! lookup, decoder lookup, output projection — and its gradient is the sum of the three (the
-//! lookups give none to the padding row). `final_logits_bias` is a buffer in Hugging Face
-//! (not a parameter): it is added to the logits and gets no gradient.
+//! all with their backward). `final_logits_bias` is a buffer in Hugging Face (not a
+//! parameter): it is added to the logits and gets no gradient.
 //!
-//! Tied models only: transformers 5 gives an untied BART three separate tables (each stack's
-//! `embed_tokens` and `lm_head`), which is refused. No dropout (the step runs as
-//! `model.eval()`); the decoder sees every earlier target position (HF's default without a
+//! Token tables. A tied model (`tie_word_embeddings: true`) has one, `model.shared`, used three
+//! times — encoder lookup, decoder lookup, output projection — and its gradient is the sum of
+//! the three (the lookups give none to the padding row). In transformers 5 an untied model has
+//! four distinct parameters: `model.shared.weight`, `model.encoder.embed_tokens.weight`,
+//! `model.decoder.embed_tokens.weight` and `lm_head.weight` (`save_pretrained` writes all four);
+//! each stack reads its own table and the head its own, so each gets only its own use's
+//! gradient and `model.shared` is read by nothing (autograd leaves it without a gradient and
+//! `torch.optim.AdamW` skips it), so it is not a parameter here (read and dropped). A stack whose
+//! own table the checkpoint lacks reads `model.shared` instead, as the inference loader does
+//! ([`crate::runtime::bart`]); the head of an untied model must be stored. A tied config
+//! whose checkpoint stores an `lm_head.weight` different from `model.shared` gets that head
+//! as a parameter of its own (transformers 5 does not tie such a pair; the stacks still read
+//! `model.shared`).
+//!
+//! Dropout ([`StepOptions::dropout_seed`]; `None` runs as `model.eval()`) with Hugging Face's
+//! placement: `dropout` after each stack's `layernorm_embedding` and after every attention
+//! output projection and feed-forward output (before the residual add), `attention_dropout` on
+//! the self- and cross-attention probabilities, `activation_dropout` between the feed-forward
+//! activation and `fc2`. Masks come from the Philox streams of [`crate::rng`]: site s of step t
+//! uses offset `t·sites + s` (sites numbered in forward order, see [`DropoutSiteInfo`]), so a
+//! step is a pure function of (weights, batch, seed, step) on either backend, and the backward
+//! regenerates each mask. LayerDrop (`encoder_layerdrop`, `decoder_layerdrop`) is not
+//! implemented. The decoder sees every earlier target position (HF's default without a
 //! `decoder_attention_mask`: right padding only ever follows the real tokens).
 
-use super::backend::{CrossEntropy, TrainBackend};
+use super::backend::{DropoutSite, TrainBackend};
+use super::bert_encoder::StepOptions;
 use super::layers::{
-    cross_attention_backward, cross_attention_forward, feed_forward_backward, feed_forward_forward,
-    layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
-    self_attention_backward, self_attention_forward, FeedForwardCache, FeedForwardParams,
-    LayerNormParams, LinearParams, SelfAttentionCache, SelfAttentionParams,
+    cross_attention_backward, cross_attention_forward, feed_forward_backward_dropout,
+    feed_forward_forward_dropout, layer_norm_backward, layer_norm_forward, linear_backward,
+    linear_forward, maybe_dropout, self_attention_backward, self_attention_forward,
+    FeedForwardCache, FeedForwardParams, LayerNormParams, LinearParams, SelfAttentionCache,
+    SelfAttentionParams,
 };
 use super::optim::{Gradients, Param};
 use crate::error::{Error, Result};
 use crate::runtime::backend::{AttentionMask, CausalAlign};
-use crate::runtime::bart::{BartConfig, POSITION_OFFSET};
-use crate::runtime::checkpoint::{Checkpoint, HostParam};
+use crate::runtime::bart::{own_stack_table, BartConfig, POSITION_OFFSET};
+use crate::runtime::checkpoint::{distinct_head, Checkpoint, HostParam};
 use std::path::Path;
 
 /// BART's LayerNorm epsilon (PyTorch's default).
@@ -105,18 +125,39 @@ struct DecIx {
     ln3: Lin,
 }
 
-/// Positions table and `layernorm_embedding` of one stack.
+/// Token table, positions table and `layernorm_embedding` of one stack.
 #[derive(Clone, Copy, Debug)]
 struct EmbIx {
+    tok: usize,
     pos: usize,
     ln: Lin,
 }
 
-/// Parameter names and shapes in Hugging Face's `named_parameters` order (tied model).
-fn names_and_shapes(c: &BartConfig) -> Vec<(String, Vec<usize>)> {
+/// Which uses of the token embedding have a table of their own (all false when tied: every
+/// use reads `model.shared`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct OwnTables {
+    encoder: bool,
+    decoder: bool,
+    head: bool,
+}
+
+impl OwnTables {
+    /// Whether some use reads `model.shared` (else it is not a parameter here).
+    fn shared_used(&self) -> bool {
+        !(self.encoder && self.decoder && self.head)
+    }
+}
+
+/// Parameter names and shapes in Hugging Face's `named_parameters` order, with the token
+/// tables `own` says exist besides (or instead of) `model.shared`.
+fn names_and_shapes(c: &BartConfig, own: OwnTables) -> Vec<(String, Vec<usize>)> {
     let (d, v) = (c.d_model, c.vocab_size);
     let pos = c.max_position_embeddings + POSITION_OFFSET as usize;
-    let mut out: Vec<(String, Vec<usize>)> = vec![("model.shared.weight".into(), vec![v, d])];
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    if own.shared_used() {
+        out.push(("model.shared.weight".into(), vec![v, d]));
+    }
     let lin = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize| {
         out.push((format!("{name}.weight"), vec![o, i]));
         out.push((format!("{name}.bias"), vec![o]));
@@ -125,10 +166,13 @@ fn names_and_shapes(c: &BartConfig) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{name}.weight"), vec![d]));
         out.push((format!("{name}.bias"), vec![d]));
     };
-    for (stack, layers, ffn) in [
-        ("encoder", c.encoder_layers, c.encoder_ffn_dim),
-        ("decoder", c.decoder_layers, c.decoder_ffn_dim),
+    for (stack, layers, ffn, own_table) in [
+        ("encoder", c.encoder_layers, c.encoder_ffn_dim, own.encoder),
+        ("decoder", c.decoder_layers, c.decoder_ffn_dim, own.decoder),
     ] {
+        if own_table {
+            out.push((format!("model.{stack}.embed_tokens.weight"), vec![v, d]));
+        }
         out.push((
             format!("model.{stack}.embed_positions.weight"),
             vec![pos, d],
@@ -152,17 +196,66 @@ fn names_and_shapes(c: &BartConfig) -> Vec<(String, Vec<usize>)> {
         }
         ln(&mut out, format!("model.{stack}.layernorm_embedding"));
     }
+    if own.head {
+        out.push(("lm_head.weight".into(), vec![v, d]));
+    }
     out
 }
 
-/// A trainable tied BART on backend `B`; parameters in f32.
+/// Dropout sites of one step of a model with `enc` encoder and `dec` decoder layers.
+fn sites_per_step(enc: usize, dec: usize) -> u64 {
+    2 + 4 * enc as u64 + 6 * dec as u64
+}
+
+/// One dropout site of a step, as [`BartForConditionalGeneration::dropout_sites`] lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DropoutSiteInfo {
+    /// Where: e.g. `model.encoder.layers.0.self_attn` (probabilities), `….self_attn.out`,
+    /// `….fc1.act`, `….fc2.out`, `model.decoder.layernorm_embedding.out`.
+    pub name: String,
+    /// Which config field gives its probability: `dropout`, `attention_dropout` or
+    /// `activation_dropout`.
+    pub kind: &'static str,
+    pub site: DropoutSite,
+    /// The shape of the tensor it drops from (`[batch, heads, len_q, len_k]` for
+    /// probabilities, `[rows, width]` otherwise).
+    pub shape: Vec<usize>,
+}
+
+/// The sites of one step, in forward order (site number = position in this order).
+struct Sites {
+    enc_emb: Option<DropoutSite>,
+    /// Per encoder layer: probabilities, attention output, activation, feed-forward output.
+    enc: Vec<[Option<DropoutSite>; 4]>,
+    dec_emb: Option<DropoutSite>,
+    /// Per decoder layer: self-attention probabilities and output, cross-attention
+    /// probabilities and output, activation, feed-forward output.
+    dec: Vec<[Option<DropoutSite>; 6]>,
+}
+
+/// `dropout(x)` at an active site, else `None` (the caller reads `x` itself: no copy).
+fn dropped<B: TrainBackend>(
+    be: &B,
+    x: &B::Tensor,
+    site: Option<DropoutSite>,
+) -> Result<Option<B::Tensor>> {
+    match site {
+        Some(s) if s.p > 0.0 => be.dropout(x, s).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// A trainable BART (tied or untied) on backend `B`; parameters in f32.
 pub struct BartForConditionalGeneration<B: TrainBackend> {
+    /// Its dropout probabilities are read at every step.
     pub config: BartConfig,
     params: Vec<Param<B::Tensor>>,
     /// `final_logits_bias` `[vocab]` (a buffer: no gradient).
     final_logits_bias: B::Tensor,
     enc_emb: EmbIx,
     dec_emb: EmbIx,
+    /// The output projection's table.
+    head: usize,
     enc: Vec<EncIx>,
     dec: Vec<DecIx>,
 }
@@ -212,49 +305,75 @@ pub struct DenoisingOutput<T> {
 }
 
 impl<B: TrainBackend> BartForConditionalGeneration<B> {
-    /// Loads a `BartForConditionalGeneration` folder with tied embeddings.
+    /// Loads a `BartForConditionalGeneration` folder, tied or untied (the module doc says
+    /// which tables an untied one has).
     pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
         let config = BartConfig::from_folder(dir)?;
-        if !config.tie_word_embeddings {
-            return Err(Error::Config {
-                file: dir.join("config.json").display().to_string(),
-                reason: "an untied BART (`tie_word_embeddings: false`: separate encoder, \
-                         decoder and output tables) is not trainable here"
-                    .into(),
-            });
-        }
         let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
         let v = config.vocab_size;
-        // The head's names carry no `model.` prefix: read before it is detected. A saved
-        // lm_head / embed_tokens of a tied model is the shared table again.
-        ckpt.discard("lm_head.weight");
+        let d = config.d_model;
+        let tied = config.tie_word_embeddings;
+        // The head's name carries no `model.` prefix: read before it is detected. Required
+        // when untied; when tied, a stored head equal to the shared table is that table again.
+        let stored_head = ckpt.take_lm_head(tied, &[v, d])?;
         let bias = if ckpt.contains("final_logits_bias") {
             ckpt.take("final_logits_bias", &[1, v])?.values
         } else {
             vec![0.0; v]
         };
         ckpt.detect_prefix("model.", "shared.weight");
-        ckpt.discard("encoder.embed_tokens.weight");
-        ckpt.discard("decoder.embed_tokens.weight");
+        let shared = ckpt.take("shared.weight", &[v, d])?;
+        // A tied config whose checkpoint stores a different head: transformers 5 does not tie
+        // them (checked in 5.24), so the head is its own parameter, as in the inference loader.
+        let head = if tied {
+            distinct_head(stored_head, &shared)
+        } else {
+            stored_head
+        };
+        let own = OwnTables {
+            encoder: own_stack_table(&config, &ckpt, "encoder").is_some(),
+            decoder: own_stack_table(&config, &ckpt, "decoder").is_some(),
+            head: head.is_some(),
+        };
+        for (stack, has_own) in [("encoder", own.encoder), ("decoder", own.decoder)] {
+            if !has_own {
+                ckpt.discard(&format!("{stack}.embed_tokens.weight"));
+            }
+        }
+        let (mut head, mut shared) = (head, Some(shared));
         let mut host = Vec::new();
-        for (name, shape) in names_and_shapes(&config) {
-            let stored = name.strip_prefix("model.").expect("model. names");
-            host.push((name.clone(), ckpt.take(stored, &shape)?));
+        for (name, shape) in names_and_shapes(&config, own) {
+            let p = match name.as_str() {
+                "lm_head.weight" => head.take().expect("an own head was read"),
+                "model.shared.weight" => shared.take().expect("read once"),
+                n => ckpt.take(n.strip_prefix("model.").expect("model. names"), &shape)?,
+            };
+            host.push((name, p));
         }
         ckpt.finish()?;
         Self::from_host(be, config, host, &bias)
     }
 
     /// A model from named host parameters in list order (see [`Self::parameter_names`]) and
-    /// `final_logits_bias` `[vocab]`.
+    /// `final_logits_bias` `[vocab]`. The list says which own tables there are: for an
+    /// untied config any of the stacks' and the head (which must be one), for a tied config
+    /// only a head.
     pub fn from_host(
         be: &B,
         config: BartConfig,
         host: Vec<(String, HostParam)>,
         final_logits_bias: &[f32],
     ) -> Result<Self> {
-        let expected = names_and_shapes(&config);
-        let ok = host.len() == expected.len()
+        let has = |n: &str| host.iter().any(|(h, _)| h == n);
+        let tied = config.tie_word_embeddings;
+        let own = OwnTables {
+            encoder: !tied && has("model.encoder.embed_tokens.weight"),
+            decoder: !tied && has("model.decoder.embed_tokens.weight"),
+            head: has("lm_head.weight"),
+        };
+        let expected = names_and_shapes(&config, own);
+        let ok = (config.tie_word_embeddings || own.head)
+            && host.len() == expected.len()
             && host
                 .iter()
                 .zip(&expected)
@@ -262,7 +381,13 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         if !ok {
             return Err(Error::invalid(
                 "params",
-                "parameter list is not the tied BART's (names, order and shapes)",
+                if config.tie_word_embeddings {
+                    "parameter list is not the tied BART's (names, order and shapes; an \
+                     lm_head.weight of its own at the end is allowed)"
+                } else {
+                    "parameter list is not an untied BART's (names, order and shapes; \
+                     lm_head.weight included)"
+                },
             ));
         }
         if final_logits_bias.len() != config.vocab_size {
@@ -285,7 +410,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             v: lin(&format!("{n}.v_proj")),
             o: lin(&format!("{n}.out_proj")),
         };
-        let emb = |s: &str| EmbIx {
+        let table = |own: bool, name: &str| ix(if own { name } else { "model.shared.weight" });
+        let emb = |s: &str, own: bool| EmbIx {
+            tok: table(own, &format!("model.{s}.embed_tokens.weight")),
             pos: ix(&format!("model.{s}.embed_positions.weight")),
             ln: lin(&format!("model.{s}.layernorm_embedding")),
         };
@@ -333,8 +460,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
                 final_logits_bias,
                 crate::DType::F32,
             )?,
-            enc_emb: emb("encoder"),
-            dec_emb: emb("decoder"),
+            enc_emb: emb("encoder", own.encoder),
+            dec_emb: emb("decoder", own.decoder),
+            head: table(own.head, "lm_head.weight"),
             config,
             params,
             enc,
@@ -374,14 +502,16 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         }
     }
 
-    /// The backward of a post-LN self-attention sub-layer `y = ln1(x + attn(x))` (`sub` =
-    /// its projections, its LayerNorm and the heads) from dL/dy: records the LayerNorm's and
-    /// the projections' gradients and returns dL/dx. Encoder and decoder layers share it.
+    /// The backward of a post-LN self-attention sub-layer `y = ln1(x + drop(attn(x)))`
+    /// (`sub` = its projections, its LayerNorm and the heads; `(probs, out)` its dropout
+    /// sites) from dL/dy: records the LayerNorm's and the projections' gradients and returns
+    /// dL/dx. Encoder and decoder layers share it.
     #[allow(clippy::too_many_arguments)]
     fn self_attention_sublayer_backward(
         &self,
         be: &B,
         (attn, ln1, heads): (&AttnIx, Lin, usize),
+        (probs, out): (Option<DropoutSite>, Option<DropoutSite>),
         x: &B::Tensor,
         cache: &Sub<B::Tensor, SelfAttentionCache<B::Tensor>>,
         mask: &AttentionMask<'_>,
@@ -390,8 +520,16 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     ) -> Result<B::Tensor> {
         let ln = layer_norm_backward(be, self.ln(ln1), &cache.s, dy)?;
         set_ln(grads, ln1, ln.dgamma, ln.dbeta);
-        let a =
-            self_attention_backward(be, self.attn(attn, heads), x, &cache.c, mask, None, &ln.dx)?;
+        let da = dropped(be, &ln.dx, out)?;
+        let a = self_attention_backward(
+            be,
+            self.attn(attn, heads),
+            x,
+            &cache.c,
+            mask,
+            probs,
+            da.as_ref().unwrap_or(&ln.dx),
+        )?;
         for (ix, g) in [(attn.q, a.q), (attn.k, a.k), (attn.v, a.v), (attn.o, a.out)] {
             set_lin(grads, ix, g.dw, g.db);
         }
@@ -495,7 +633,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
 
     /// Token rows ×scale + position rows, then `layernorm_embedding`: output and LN input.
     fn embed(&self, be: &B, e: EmbIx, ids: &[u32], pos: &[u32]) -> Result<(B::Tensor, B::Tensor)> {
-        let mut x = be.gather_rows(self.p(0), ids)?;
+        let mut x = be.gather_rows(self.p(e.tok), ids)?;
         if self.config.scale_embedding {
             be.scale(&mut x, self.embed_scale())?;
         }
@@ -503,8 +641,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         layer_norm_forward(be, self.ln(e.ln), &x, Some(&p))
     }
 
-    /// The backward of [`Self::embed`]: positions' and LN's gradients into `grads`, the token
-    /// lookup's added to the shared table's.
+    /// The backward of [`Self::embed`] from dL/d(its output): positions' and LN's gradients
+    /// into `grads`, the token lookup's added to its table's.
     #[allow(clippy::too_many_arguments)]
     fn embed_backward(
         &self,
@@ -531,7 +669,152 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             self.config.vocab_size,
             Some(self.config.pad_token_id),
         )?;
-        add_grad(be, &mut grads[0], dtok)
+        add_grad(be, &mut grads[e.tok], dtok)
+    }
+
+    /// The dropout sites of a step under `opts` (none without a seed; a site of probability
+    /// 0 is none).
+    fn sites(&self, opts: &StepOptions) -> Sites {
+        let c = &self.config;
+        let per_step = sites_per_step(c.encoder_layers, c.decoder_layers);
+        let site = |n: u64, p: f32| -> Option<DropoutSite> {
+            let seed = opts.dropout_seed?;
+            (p > 0.0).then_some(DropoutSite {
+                p,
+                seed,
+                offset: opts.step.wrapping_mul(per_step).wrapping_add(n),
+            })
+        };
+        let (hid, att, act) = (c.dropout, c.attention_dropout, c.activation_dropout);
+        let enc = (0..c.encoder_layers as u64)
+            .map(|l| {
+                let b = 1 + 4 * l;
+                [
+                    site(b, att),
+                    site(b + 1, hid),
+                    site(b + 2, act),
+                    site(b + 3, hid),
+                ]
+            })
+            .collect();
+        let d0 = 1 + 4 * c.encoder_layers as u64;
+        let dec = (0..c.decoder_layers as u64)
+            .map(|l| {
+                let b = d0 + 1 + 6 * l;
+                [
+                    site(b, att),
+                    site(b + 1, hid),
+                    site(b + 2, att),
+                    site(b + 3, hid),
+                    site(b + 4, act),
+                    site(b + 5, hid),
+                ]
+            })
+            .collect();
+        Sites {
+            enc_emb: site(0, hid),
+            enc,
+            dec_emb: site(d0, hid),
+            dec,
+        }
+    }
+
+    /// Every active dropout site of a step on `batch` under `opts`, in forward order (which is
+    /// also the order of their Philox offsets): where it is, its probability's config field,
+    /// its stream and the shape it drops from. Empty without a seed or with all
+    /// probabilities 0.
+    pub fn dropout_sites(
+        &self,
+        batch: &DenoisingBatch,
+        opts: &StepOptions,
+    ) -> Result<Vec<DropoutSiteInfo>> {
+        let s = self.shapes(batch)?;
+        let c = &self.config;
+        let sites = self.sites(opts);
+        let (d, b) = (c.d_model, s.batch);
+        let (rin, rout) = (b * s.len_in, b * s.len_out);
+        let mut out = Vec::new();
+        let mut push = |name: String, kind: &'static str, site: Option<DropoutSite>, shape| {
+            if let Some(site) = site {
+                out.push(DropoutSiteInfo {
+                    name,
+                    kind,
+                    site,
+                    shape,
+                });
+            }
+        };
+        push(
+            "model.encoder.layernorm_embedding.out".into(),
+            "dropout",
+            sites.enc_emb,
+            vec![rin, d],
+        );
+        let eh = c.encoder_attention_heads;
+        for (l, [probs, attn_out, act, ffn_out]) in sites.enc.iter().enumerate() {
+            let p = format!("model.encoder.layers.{l}");
+            let probs_shape = vec![b, eh, s.len_in, s.len_in];
+            push(
+                format!("{p}.self_attn"),
+                "attention_dropout",
+                *probs,
+                probs_shape,
+            );
+            push(
+                format!("{p}.self_attn.out"),
+                "dropout",
+                *attn_out,
+                vec![rin, d],
+            );
+            let ffn = c.encoder_ffn_dim;
+            push(
+                format!("{p}.fc1.act"),
+                "activation_dropout",
+                *act,
+                vec![rin, ffn],
+            );
+            push(format!("{p}.fc2.out"), "dropout", *ffn_out, vec![rin, d]);
+        }
+        push(
+            "model.decoder.layernorm_embedding.out".into(),
+            "dropout",
+            sites.dec_emb,
+            vec![rout, d],
+        );
+        let dh = c.decoder_attention_heads;
+        for (l, [sp, so, cp, co, act, ffn_out]) in sites.dec.iter().enumerate() {
+            let p = format!("model.decoder.layers.{l}");
+            let self_shape = vec![b, dh, s.len_out, s.len_out];
+            push(
+                format!("{p}.self_attn"),
+                "attention_dropout",
+                *sp,
+                self_shape,
+            );
+            push(format!("{p}.self_attn.out"), "dropout", *so, vec![rout, d]);
+            let cross_shape = vec![b, dh, s.len_out, s.len_in];
+            push(
+                format!("{p}.encoder_attn"),
+                "attention_dropout",
+                *cp,
+                cross_shape,
+            );
+            push(
+                format!("{p}.encoder_attn.out"),
+                "dropout",
+                *co,
+                vec![rout, d],
+            );
+            let ffn = c.decoder_ffn_dim;
+            push(
+                format!("{p}.fc1.act"),
+                "activation_dropout",
+                *act,
+                vec![rout, ffn],
+            );
+            push(format!("{p}.fc2.out"), "dropout", *ffn_out, vec![rout, d]);
+        }
+        Ok(out)
     }
 
     fn masks<'m>(&self, s: &'m Shapes<'_>) -> [AttentionMask<'m>; 3] {
@@ -551,26 +834,50 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         ]
     }
 
-    /// Forward, loss against `batch.labels` and backward: the gradient of every parameter,
-    /// in list order.
+    /// Forward, loss against `batch.labels` and backward without dropout (as
+    /// `model.eval()`): the gradient of every parameter, in list order.
     pub fn forward_backward(
         &self,
         be: &B,
         batch: &DenoisingBatch,
     ) -> Result<DenoisingOutput<B::Tensor>> {
+        self.forward_backward_with(be, batch, &StepOptions::default())
+    }
+
+    /// [`Self::forward_backward`] under `opts`: dropout with the config's probabilities when
+    /// `opts.dropout_seed` is set (streams picked by `opts.step`), `opts.loss` for the
+    /// cross-entropy, `opts.loss_scale` on dL/dlogits (the gradients carry it, the loss does
+    /// not). `opts.recompute` is not implemented for BART (an error).
+    pub fn forward_backward_with(
+        &self,
+        be: &B,
+        batch: &DenoisingBatch,
+        opts: &StepOptions,
+    ) -> Result<DenoisingOutput<B::Tensor>> {
+        if opts.recompute {
+            return Err(Error::invalid(
+                "recompute",
+                "recomputation is not implemented for BART's denoising step",
+            ));
+        }
+        let loss_scale = opts.scale_factor()?;
         let s = self.shapes(batch)?;
+        let sites = self.sites(opts);
         let [enc_mask, self_mask, cross_mask] = self.masks(&s);
         let (eh, dh) = (
             self.config.encoder_attention_heads,
             self.config.decoder_attention_heads,
         );
         // Encoder.
-        let (mut h, enc_s) = self.embed(be, self.enc_emb, s.input_ids, &s.in_pos)?;
+        let (h, enc_s) = self.embed(be, self.enc_emb, s.input_ids, &s.in_pos)?;
+        let mut h = maybe_dropout(be, h, sites.enc_emb)?;
         let mut enc_caches = Vec::with_capacity(self.enc.len());
-        for l in &self.enc {
-            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, eh), &h, &enc_mask, None)?;
+        for (l, &[probs, attn_out, act, ffn_out]) in self.enc.iter().zip(&sites.enc) {
+            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, eh), &h, &enc_mask, probs)?;
+            let a = maybe_dropout(be, a, attn_out)?;
             let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&h))?;
-            let (f, fc) = feed_forward_forward(be, self.ffn(l.fc1, l.fc2), &h1)?;
+            let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h1, act)?;
+            let f = maybe_dropout(be, f, ffn_out)?;
             let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &f, Some(&h1))?;
             enc_caches.push(EncCache {
                 input: h,
@@ -582,15 +889,19 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         }
         let mem = h;
         // Decoder.
-        let (mut y, dec_s) = self.embed(be, self.dec_emb, &s.decoder_ids, &s.out_pos)?;
+        let (y, dec_s) = self.embed(be, self.dec_emb, &s.decoder_ids, &s.out_pos)?;
+        let mut y = maybe_dropout(be, y, sites.dec_emb)?;
         let mut dec_caches = Vec::with_capacity(self.dec.len());
-        for l in &self.dec {
-            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, dh), &y, &self_mask, None)?;
+        for (l, &[sp, so, cp, co, act, ffn_out]) in self.dec.iter().zip(&sites.dec) {
+            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, dh), &y, &self_mask, sp)?;
+            let a = maybe_dropout(be, a, so)?;
             let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&y))?;
             let (c, cc) =
-                cross_attention_forward(be, self.attn(&l.cross, dh), &h1, &mem, &cross_mask)?;
+                cross_attention_forward(be, self.attn(&l.cross, dh), &h1, &mem, &cross_mask, cp)?;
+            let c = maybe_dropout(be, c, co)?;
             let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &c, Some(&h1))?;
-            let (f, fc) = feed_forward_forward(be, self.ffn(l.fc1, l.fc2), &h2)?;
+            let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h2, act)?;
+            let f = maybe_dropout(be, f, ffn_out)?;
             let (h3, s3) = layer_norm_forward(be, self.ln(l.ln3), &f, Some(&h2))?;
             dec_caches.push(DecCache {
                 input: y,
@@ -602,39 +913,53 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             });
             y = h3;
         }
-        // Tied head + final_logits_bias; the loss.
+        // Head (the shared table when tied, else lm_head) + final_logits_bias; the loss.
         let head = LinearParams {
-            w: self.p(0),
+            w: self.p(self.head),
             b: Some(&self.final_logits_bias),
         };
         let logits = linear_forward(be, head, &y)?;
-        let (loss, dlogits) = be.cross_entropy(&logits, &batch.labels, &CrossEntropy::default())?;
+        let (loss, mut dlogits) = be.cross_entropy(&logits, &batch.labels, &opts.loss)?;
+        if let Some(f) = loss_scale {
+            be.scale(&mut dlogits, f)?;
+        }
 
         let mut grads: Vec<Option<B::Tensor>> = (0..self.params.len()).map(|_| None).collect();
         // The bias is a buffer: no gradient asked (b: None).
         let hg = linear_backward(
             be,
             LinearParams {
-                w: self.p(0),
+                w: self.p(self.head),
                 b: None,
             },
             &y,
             &dlogits,
             true,
         )?;
-        grads[0] = Some(hg.dw);
+        grads[self.head] = Some(hg.dw);
         let mut dy = hg.dx.expect("asked for dx");
         let mut dmem: Option<B::Tensor> = None;
-        for (l, c) in self.dec.iter().zip(&dec_caches).rev() {
+        for ((l, c), &[sp, so, cp, co, act, ffn_out]) in
+            self.dec.iter().zip(&dec_caches).zip(&sites.dec).rev()
+        {
             let ln3 = layer_norm_backward(be, self.ln(l.ln3), &c.ffn.s, &dy)?;
             set_ln(&mut grads, l.ln3, ln3.dgamma, ln3.dbeta);
-            let f = feed_forward_backward(be, self.ffn(l.fc1, l.fc2), &c.h2, &c.ffn.c, &ln3.dx)?;
+            let df = dropped(be, &ln3.dx, ffn_out)?;
+            let f = feed_forward_backward_dropout(
+                be,
+                self.ffn(l.fc1, l.fc2),
+                &c.h2,
+                &c.ffn.c,
+                act,
+                df.as_ref().unwrap_or(&ln3.dx),
+            )?;
             set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
             set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
             let mut dh2 = ln3.dx;
             be.accumulate(&mut dh2, &f.dx)?;
             let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.cross.s, &dh2)?;
             set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
+            let dc = dropped(be, &ln2.dx, co)?;
             let (dq, dm, cg) = cross_attention_backward(
                 be,
                 self.attn(&l.cross, dh),
@@ -642,7 +967,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
                 &mem,
                 &c.cross.c,
                 &cross_mask,
-                &ln2.dx,
+                cp,
+                dc.as_ref().unwrap_or(&ln2.dx),
             )?;
             let [gq, gk, gv, go] = cg;
             for (ix, g) in [
@@ -658,9 +984,17 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             be.accumulate(&mut dh1, &dq)?;
             let sub = (&l.attn, l.ln1, dh);
             dy = self.self_attention_sublayer_backward(
-                be, sub, &c.input, &c.attn, &self_mask, &dh1, &mut grads,
+                be,
+                sub,
+                (sp, so),
+                &c.input,
+                &c.attn,
+                &self_mask,
+                &dh1,
+                &mut grads,
             )?;
         }
+        let dy = maybe_dropout(be, dy, sites.dec_emb)?;
         self.embed_backward(
             be,
             self.dec_emb,
@@ -674,19 +1008,37 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             Some(d) => d,
             None => be.zeros(be.shape(&mem))?,
         };
-        for (l, c) in self.enc.iter().zip(&enc_caches).rev() {
+        for ((l, c), &[probs, attn_out, act, ffn_out]) in
+            self.enc.iter().zip(&enc_caches).zip(&sites.enc).rev()
+        {
             let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.ffn.s, &dh_enc)?;
             set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
-            let f = feed_forward_backward(be, self.ffn(l.fc1, l.fc2), &c.h1, &c.ffn.c, &ln2.dx)?;
+            let df = dropped(be, &ln2.dx, ffn_out)?;
+            let f = feed_forward_backward_dropout(
+                be,
+                self.ffn(l.fc1, l.fc2),
+                &c.h1,
+                &c.ffn.c,
+                act,
+                df.as_ref().unwrap_or(&ln2.dx),
+            )?;
             set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
             set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
             let mut dh1 = ln2.dx;
             be.accumulate(&mut dh1, &f.dx)?;
             let sub = (&l.attn, l.ln1, eh);
             dh_enc = self.self_attention_sublayer_backward(
-                be, sub, &c.input, &c.attn, &enc_mask, &dh1, &mut grads,
+                be,
+                sub,
+                (probs, attn_out),
+                &c.input,
+                &c.attn,
+                &enc_mask,
+                &dh1,
+                &mut grads,
             )?;
         }
+        let dh_enc = maybe_dropout(be, dh_enc, sites.enc_emb)?;
         self.embed_backward(
             be,
             self.enc_emb,

@@ -204,13 +204,15 @@ pub fn self_attention_backward<B: TrainBackend>(
 pub type CrossBackward<T> = (T, T, [LinearGrads<T>; 4]);
 
 /// Cross-attention: queries from `x` `[B·Ty, d]`, keys and values from `mem` `[B·Tx, d]`
-/// (the encoder's output); its cache has the same fields as self-attention's.
+/// (the encoder's output), with `probs_dropout` on the probabilities; its cache has the same
+/// fields as self-attention's.
 pub fn cross_attention_forward<B: TrainBackend>(
     be: &B,
     p: SelfAttentionParams<'_, B::Tensor>,
     x: &B::Tensor,
     mem: &B::Tensor,
     mask: &AttentionMask<'_>,
+    probs_dropout: Option<DropoutSite>,
 ) -> Result<(B::Tensor, SelfAttentionCache<B::Tensor>)> {
     let q = linear_forward(be, p.q, x)?;
     let k = linear_forward(be, p.k, mem)?;
@@ -221,14 +223,15 @@ pub fn cross_attention_forward<B: TrainBackend>(
         heads(&k, p.heads, wq),
         heads(&v, p.heads, wv),
         mask,
-        None,
+        probs_dropout,
     )?;
     let out = linear_forward(be, p.out, &ctx)?;
     Ok((out, SelfAttentionCache { q, k, v, ctx, lse }))
 }
 
-/// The backward of [`cross_attention_forward`]: dL/dx, dL/dmem and the projections'
-/// gradients in the order q, k, v, out.
+/// The backward of [`cross_attention_forward`] (the same `probs_dropout` site): dL/dx,
+/// dL/dmem and the projections' gradients in the order q, k, v, out.
+#[allow(clippy::too_many_arguments)]
 pub fn cross_attention_backward<B: TrainBackend>(
     be: &B,
     p: SelfAttentionParams<'_, B::Tensor>,
@@ -236,6 +239,7 @@ pub fn cross_attention_backward<B: TrainBackend>(
     mem: &B::Tensor,
     c: &SelfAttentionCache<B::Tensor>,
     mask: &AttentionMask<'_>,
+    probs_dropout: Option<DropoutSite>,
     dout: &B::Tensor,
 ) -> Result<CrossBackward<B::Tensor>> {
     let out = linear_backward(be, p.out, &c.ctx, dout, true)?;
@@ -248,7 +252,7 @@ pub fn cross_attention_backward<B: TrainBackend>(
         &c.lse,
         out.dx.as_ref().expect("asked for dx"),
         mask,
-        None,
+        probs_dropout,
     )?;
     let mut gq = linear_backward(be, p.q, x, &g.dq, true)?;
     let mut gk = linear_backward(be, p.k, mem, &g.dk, true)?;
@@ -271,7 +275,8 @@ pub struct FeedForwardParams<'a, T> {
     pub act: Activation,
 }
 
-/// What [`feed_forward_backward`] reads: the pre-activation z and the activation a.
+/// What [`feed_forward_backward`] reads: the pre-activation z and the activation a (after
+/// any activation dropout: the down projection's input).
 pub struct FeedForwardCache<T> {
     pub z: T,
     pub a: T,
@@ -288,8 +293,19 @@ pub fn feed_forward_forward<B: TrainBackend>(
     p: FeedForwardParams<'_, B::Tensor>,
     x: &B::Tensor,
 ) -> Result<(B::Tensor, FeedForwardCache<B::Tensor>)> {
+    feed_forward_forward_dropout(be, p, x, None)
+}
+
+/// `down(dropout(act(up(x))))`: [`feed_forward_forward`] with `act_dropout` between the
+/// activation and the down projection (BART's `activation_dropout`).
+pub fn feed_forward_forward_dropout<B: TrainBackend>(
+    be: &B,
+    p: FeedForwardParams<'_, B::Tensor>,
+    x: &B::Tensor,
+    act_dropout: Option<DropoutSite>,
+) -> Result<(B::Tensor, FeedForwardCache<B::Tensor>)> {
     let z = linear_forward(be, p.up, x)?;
-    let a = be.activate(&z, p.act)?;
+    let a = maybe_dropout(be, be.activate(&z, p.act)?, act_dropout)?;
     let y = linear_forward(be, p.down, &a)?;
     Ok((y, FeedForwardCache { z, a }))
 }
@@ -301,8 +317,21 @@ pub fn feed_forward_backward<B: TrainBackend>(
     c: &FeedForwardCache<B::Tensor>,
     dy: &B::Tensor,
 ) -> Result<FeedForwardGrads<B::Tensor>> {
+    feed_forward_backward_dropout(be, p, x, c, None, dy)
+}
+
+/// The backward of [`feed_forward_forward_dropout`] (the same `act_dropout` site: the mask is
+/// regenerated on dL/d(activation)).
+pub fn feed_forward_backward_dropout<B: TrainBackend>(
+    be: &B,
+    p: FeedForwardParams<'_, B::Tensor>,
+    x: &B::Tensor,
+    c: &FeedForwardCache<B::Tensor>,
+    act_dropout: Option<DropoutSite>,
+    dy: &B::Tensor,
+) -> Result<FeedForwardGrads<B::Tensor>> {
     let mut down = linear_backward(be, p.down, &c.a, dy, true)?;
-    let da = down.dx.take().expect("asked for dx");
+    let da = maybe_dropout(be, down.dx.take().expect("asked for dx"), act_dropout)?;
     let dz = be.activation_backward(&c.z, &da, p.act)?;
     let mut up = linear_backward(be, p.up, x, &dz, true)?;
     let dx = up.dx.take().expect("asked for dx");

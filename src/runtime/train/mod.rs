@@ -5,7 +5,8 @@
 //!   (implemented for the CPU in `runtime/cpu_train.rs`).
 //! - [`layers`]: every layer's forward-with-cache and backward (linear, LayerNorm, self-
 //!   attention with projections, feed-forward, embeddings, dropout).
-//! - [`bart`]: `BartForConditionalGeneration` (tied) and its denoising loss and gradients.
+//! - [`bart`]: `BartForConditionalGeneration` (tied or untied) and its denoising loss and
+//!   gradients, with dropout.
 //! - [`bert_cls`]: `BertForSequenceClassification`, forward to logits and forward + backward
 //!   to the loss and the gradient of every parameter by its Hugging Face name.
 //! - [`bert_encoder`]: BERT's encoder (embeddings, layers, pooler) with its backward, shared
@@ -29,7 +30,10 @@ pub mod rnn_ops;
 pub use backend::{
     AdamWStep, AttentionGrads, CrossEntropy, DropoutSite, LayerNormGrads, Op, TrainBackend,
 };
-pub use bart::{shift_tokens_right, BartForConditionalGeneration, DenoisingBatch, DenoisingOutput};
+pub use bart::{
+    shift_tokens_right, BartForConditionalGeneration, DenoisingBatch, DenoisingOutput,
+    DropoutSiteInfo,
+};
 pub use bert_cls::{BertForSequenceClassification, ClassifierConfig, Head, StepOutput};
 pub use bert_encoder::StepOptions;
 pub use bert_pretrain::{BertForPreTraining, PretrainingConfig, PretrainingOutput};
