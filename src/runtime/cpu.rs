@@ -14,6 +14,7 @@ pub(super) mod vmath;
 
 pub use bf16::CpuBf16;
 pub use recycle::KeepOpBuffers;
+pub(crate) use recycle::{copied, zeroed};
 
 use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
 use crate::error::{Error, Result};
@@ -117,7 +118,7 @@ impl Clone for CpuTensor {
     fn clone(&self) -> Self {
         CpuTensor {
             shape: self.shape.clone(),
-            data: recycle::copied(&self.data),
+            data: copied(&self.data),
             bf16: self.bf16.clone(),
         }
     }
@@ -128,16 +129,6 @@ impl Drop for CpuTensor {
     fn drop(&mut self) {
         recycle::give_back(std::mem::take(&mut self.data));
     }
-}
-
-/// `n` zeros for an op's output, in a recycled buffer when one fits.
-pub(crate) fn zeroed(n: usize) -> Vec<f32> {
-    recycle::zeroed(n)
-}
-
-/// A copy of `values`, in a recycled buffer when one fits.
-pub(crate) fn copied(values: &[f32]) -> Vec<f32> {
-    recycle::copied(values)
 }
 
 /// Runs on the host in f32, with rayon's global thread pool.

@@ -41,9 +41,12 @@ impl Default for KeepOpBuffers {
 impl Drop for KeepOpBuffers {
     fn drop(&mut self) {
         if ACTIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let kept = std::mem::take(&mut pool().bufs);
-            pool().bytes = 0;
-            drop(kept);
+            let kept = {
+                let mut p = pool();
+                p.bytes = 0;
+                std::mem::take(&mut p.bufs)
+            };
+            drop(kept); // freed outside the lock
         }
     }
 }
