@@ -57,7 +57,8 @@
 // the 64-tiles that hold at least one kept block, masked by a bitmask of the kept sub-blocks'
 // elements (full when every element is kept) -- the BITS tiles below, so no new kernel code.
 // Work follows the kept 64-tiles: a tile with no kept sub-block is never visited; one with a
-// single kept 16-block costs a whole tile. The exact kernels walk the original layout:
+// single kept 16-block costs a whole tile. (The exact kernels walk the original layout, key by
+// key.) Over the 64-block layout, each CTA and warp owns what it owns in the dense kernels:
 //   dQ:    the CTA of query block m walks row m of the layout's compressed rows (the forward's
 //          walk), skipping kept blocks wholly in the key padding; each kept block is one key
 //          tile, masked by its kind (FULL: none inside the key length; KEY_TAIL: j < key_len;
@@ -73,8 +74,11 @@
 //   Both modes are as dense: deterministic (dQ by its own pass, fixed order) and fast (dQ by
 //   atomics from the dK/dV pass). Causal masks and windows are in the layout, not in `causal`/
 //   `window` (as in the forward); key padding combines with the layout. Work and bytes follow
-//   the kept blocks: each kept block costs one tile of each pass per query head (at HD 256 one
-//   per column block, as dense: Q, dO tiles read once per column block of dK/dV).
+//   the kept 64-tiles: per kept tile and query head, the dK/dV pass runs 4 GEMMs of 64×64×HD
+//   (fast mode 5) and reads a Q and a dO tile (2·64·HD·2 bytes) plus 64 LSE and D values; the
+//   dQ pass 3 GEMMs, reading a K and a V tile (2·64·HD·2 bytes). At HD 256 each column block
+//   does this with its own CW columns in the accumulating GEMMs (as dense: Sᵀ/dPᵀ over all
+//   columns, Q and dO tiles read once per column block).
 //   Registers: the fast-mode HD 64 entry adds dQ in two passes of 32 columns (as HD 256 does
 //   in two of 64): the sparse tile state (band, bitmask pointer, kind) beside a 64-column dQ
 //   accumulator and dK's and dV's left it 255 registers with 52/60 (sm_80) and 96/128 (sm_90)

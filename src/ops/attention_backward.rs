@@ -142,8 +142,8 @@ fn check(
 }
 
 /// Whether the call runs on tensor cores: f16/bf16 with both head dims ≤ 256 (dense) or ≤
-/// [`SPARSE_TC_MAX_HEAD_DIM`] (block-sparse) unless the exact kernel is asked for; asking for tensor cores with f32 or
-/// larger head dims is an error.
+/// [`SPARSE_TC_MAX_HEAD_DIM`] (block-sparse) unless the exact kernel is asked for; asking for
+/// tensor cores with f32 or larger head dims is an error.
 fn use_tensor_cores(c: &Checked, kernel: Kernel, sparse: bool) -> Result<bool> {
     let max = if sparse {
         SPARSE_TC_MAX_HEAD_DIM
