@@ -456,7 +456,12 @@ fn the_kernels_work_follows_the_kept_tiles_of_64() {
         let s = Shape::new(1, 2, 1, 128, 128, d, d);
         let case = Case::new(16, s, Options::new(d), DType::F16);
         let (g, visits) = case
-            .run_tiled(&layout, KERNEL_SPARSE_TILE, Columns::kernel(&s), Mode::Deterministic)
+            .run_tiled(
+                &layout,
+                KERNEL_SPARSE_TILE,
+                Columns::kernel(&s),
+                Mode::Deterministic,
+            )
             .unwrap();
         // 2 kept tiles × 2 query heads, once per column block.
         let tiles = 2 * 2 * col_blocks;
@@ -481,14 +486,21 @@ fn column_offset_faults_in_the_sparse_split_fail_the_comparison() {
     let keep = |_h: usize, i: usize, j: usize| layout.admits(0, i, j);
     let good = Columns::kernel(&s);
     for m in [Mode::Deterministic, Mode::Atomic] {
-        let (g, _) = case.run_tiled(&layout, KERNEL_SPARSE_TILE, good, m).unwrap();
+        let (g, _) = case
+            .run_tiled(&layout, KERNEL_SPARSE_TILE, good, m)
+            .unwrap();
         case.compare(&g, &layout, &keep).unwrap();
-        for fault in [ColumnFault::OperandsFromColumnZero, ColumnFault::KLoopOffset] {
+        for fault in [
+            ColumnFault::OperandsFromColumnZero,
+            ColumnFault::KLoopOffset,
+        ] {
             let cols = Columns {
                 fault: Some(fault),
                 ..good
             };
-            let (bad, _) = case.run_tiled(&layout, KERNEL_SPARSE_TILE, cols, m).unwrap();
+            let (bad, _) = case
+                .run_tiled(&layout, KERNEL_SPARSE_TILE, cols, m)
+                .unwrap();
             assert!(
                 case.compare(&bad, &layout, &keep).is_err(),
                 "{fault:?} {m:?} went unnoticed"

@@ -292,7 +292,8 @@ pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
     )?;
     let window = BlockLayout::sliding_window(260, 64, 40, 0, true)?;
     let predicate = BlockLayout::from_predicate(100, 130, 32, |i, j| (i + 2 * j) % 5 != 0)?;
-    let fine = BlockLayout::from_predicate(150, 150, 16, |i, j| j <= i && (i / 16 + j / 16) % 3 != 1)?;
+    let fine =
+        BlockLayout::from_predicate(150, 150, 16, |i, j| j <= i && (i / 16 + j / 16) % 3 != 1)?;
     Ok(vec![
         (
             "f16 bigbird causal 300 d64 gqa".into(),

@@ -154,14 +154,20 @@ impl DeviceBlockLayout {
     /// The device pointers of the rows (as the forward takes them) and of the columns, after
     /// checking that the layout lives in `gpu`'s context.
     pub(super) fn args(&self, gpu: &Gpu) -> Result<(SparseArgs, ColumnArgs)> {
-        gpu.check_context("layout", crate::gpu::ContextId::of(self.arrays.bits.context()))?;
+        gpu.check_context(
+            "layout",
+            crate::gpu::ContextId::of(self.arrays.bits.context()),
+        )?;
         Ok(self.arrays.args(gpu))
     }
 
     /// As [`Self::args`], for the layout in blocks of `tile`: the uploaded arrays when the
     /// block size is `tile`, else the re-blocked layout's (uploaded on first use).
     pub(super) fn tile_args(&self, gpu: &Gpu, tile: usize) -> Result<(SparseArgs, ColumnArgs)> {
-        gpu.check_context("layout", crate::gpu::ContextId::of(self.arrays.bits.context()))?;
+        gpu.check_context(
+            "layout",
+            crate::gpu::ContextId::of(self.arrays.bits.context()),
+        )?;
         if self.layout.block_size() == tile {
             return Ok(self.arrays.args(gpu));
         }

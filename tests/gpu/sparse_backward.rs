@@ -93,9 +93,9 @@ fn sparse_backward_matches_reference_on_random_layouts_of_every_kind() {
 
 #[test]
 fn sparse_backward_runs_every_block_size_and_head_dim_on_tensor_cores_in_both_modes() {
-    let Some(gpu) =
-        gpu_or_skip("sparse_backward_runs_every_block_size_and_head_dim_on_tensor_cores_in_both_modes")
-    else {
+    let Some(gpu) = gpu_or_skip(
+        "sparse_backward_runs_every_block_size_and_head_dim_on_tensor_cores_in_both_modes",
+    ) else {
         return;
     };
     let mut seed = 0x5b;
@@ -225,7 +225,7 @@ fn sparse_backward_refuses_what_it_cannot_run_with_typed_errors() {
         mode: Mode::Deterministic,
     };
     let o = t(5); // any O: only whether the calls run is checked here
-    // Blocks of 128 (and of 16) run on every path: no block-size error any more.
+                  // Blocks of 128 (and of 16) run on every path: no block-size error any more.
     for bs in [128, 16] {
         let layout = BlockLayout::sliding_window(l, bs, 64, 0, true).unwrap();
         let layout = DeviceBlockLayout::upload(&gpu, &layout).unwrap();
