@@ -12,8 +12,9 @@
 //!   elements. Inside the tile the kernels then compute every element and mask by the bitmask:
 //!   cost follows the kept tiles, not the kept blocks.
 //!
-//! Host work: O(kept tiles · tile²) element tests for the bitmask tiles, O(kept blocks) for the
-//! rest; done once per layout (the device layout keeps the result).
+//! Host work: O(kept tiles · tile²) element tests for the bitmask tiles (each block's kind looked
+//! up once per tile), O(kept blocks) for the rest; done once per layout (the device layout
+//! keeps the result).
 
 use super::classify::Builder;
 use super::layout::{BlockKind, BlockLayout, ElementMask};
@@ -68,7 +69,7 @@ impl BlockLayout {
     /// Row `qt` of the re-blocked layout when the block size divides `tile`: the tiles that
     /// hold a kept block of the rows `qt` covers, ascending.
     fn merge_row(&self, b: &mut Builder, h: usize, qt: usize, tile: usize) {
-        let per = tile / self.block_size;
+        let (bs, per) = (self.block_size, tile / self.block_size);
         let rows = qt * per..((qt + 1) * per).min(self.q_blocks());
         let mut tiles: Vec<usize> = rows
             .clone()
@@ -78,18 +79,27 @@ impl BlockLayout {
         tiles.dedup();
         for kt in tiles {
             let blocks = kt * per..((kt + 1) * per).min(self.k_blocks());
-            let whole = rows.clone().all(|qb| {
-                blocks.clone().all(|kb| {
-                    matches!(
-                        self.block(h, qb, kb),
-                        Some(BlockKind::Full | BlockKind::Partial(ElementMask::KeyTail))
-                    )
-                })
+            // The kinds of the tile's blocks (None: dropped), looked up once per block.
+            let kinds: Vec<Option<BlockKind>> = rows
+                .clone()
+                .flat_map(|qb| blocks.clone().map(move |kb| (qb, kb)))
+                .map(|(qb, kb)| self.block(h, qb, kb))
+                .collect();
+            let whole = kinds.iter().all(|k| {
+                matches!(
+                    k,
+                    Some(BlockKind::Full | BlockKind::Partial(ElementMask::KeyTail))
+                )
             });
             if whole {
                 b.push_whole(qt, kt);
             } else {
-                b.push_predicate(qt, kt, &|i, j| self.admits(h, i, j));
+                let width = blocks.len();
+                b.push_predicate(qt, kt, &|i, j| {
+                    let (qb, kb) = (i / bs, j / bs);
+                    kinds[(qb - rows.start) * width + kb - blocks.start]
+                        .is_some_and(|kind| self.kind_admits(kind, qb, kb, i, j))
+                });
             }
         }
     }
@@ -117,6 +127,23 @@ mod tests {
                     assert_eq!(r.block_size(), tile);
                     same_mask(&layout, &r);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn per_head_predicate_layouts_of_unequal_lengths_keep_their_masks() {
+        for &bs in &SUPPORTED_BLOCK_SIZES {
+            let layout = BlockLayout::from_predicate_per_head(
+                150,
+                203,
+                bs,
+                LayoutHeads::PerHead(2),
+                |h, i, j| (i * 3 + j * (h + 1)) % 7 < 3 || j + 20 > i + 40 * h,
+            )
+            .unwrap();
+            for &tile in &SUPPORTED_BLOCK_SIZES {
+                same_mask(&layout, &layout.reblocked(tile).unwrap());
             }
         }
     }
