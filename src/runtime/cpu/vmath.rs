@@ -178,6 +178,21 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// In place: GELU's tanh form (GPT-2's `gelu_new`), 0.5·x·(1 + tanh u) with
+    /// u = √(2/π)·(x + 0.044715·x³), computed as x·σ(2u) = x / (1 + e^(−2u)) — the same
+    /// function (1 + tanh u = 2σ(2u)) with [`exp`], so the loop vectorizes; for very negative x
+    /// it avoids the cancellation in 1 + tanh u.
+    pub fn gelu_tanh(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            let v = *x;
+            let t = -2.0 * 0.797_884_6 * (0.044715 * v * v).mul_add(v, v);
+            // Past e^80 the true value is below |x|·1.9e-35: 0, as f32's 1 + tanh u gives.
+            *x = if t > 80.0 { 0.0 } else { v / (1.0 + exp(t)) };
+        }
+    }
+}
+
 /// GELU′(x) = Φ(x) + x·φ(x) for GELU with the exact erf (inlined so loops vectorize it).
 #[inline(always)]
 pub fn gelu_erf_derivative(x: f32) -> f32 {
@@ -200,6 +215,7 @@ multiversion! {
 pub fn activation(isa: Isa, act: crate::runtime::Activation, xs: &mut [f32]) {
     match act {
         crate::runtime::Activation::GeluErf => gelu_erf(isa, xs),
+        crate::runtime::Activation::GeluTanh => gelu_tanh(isa, xs),
         other => other.apply_slice(xs),
     }
 }
@@ -272,6 +288,40 @@ mod tests {
                 let want = 0.5 * xd * (1.0 + libm::erf(xd / std::f64::consts::SQRT_2));
                 assert!(
                     (o as f64 - want).abs() <= 2e-7 * (1.0 + xd.abs()),
+                    "{isa:?} x {xv}: {o} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// GELU's tanh form from every ISA's copy: bitwise the portable copy's values (every
+    /// lane runs the same f32 operations), and within a few f32 ulps of the f64
+    /// 0.5·x·(1 + tanh u) (see the bound), from the far negative tail (x = −20) to x = 20.
+    #[test]
+    fn every_isa_computes_gelu_tanh() {
+        let x: Vec<f32> = (0..1201).map(|i| (i as f32 - 600.0) / 30.0).collect();
+        let mut portable = x.clone();
+        gelu_tanh(Isa::Scalar, &mut portable);
+        for isa in Isa::all_supported() {
+            let mut out = x.clone();
+            gelu_tanh(isa, &mut out);
+            for (i, ((&o, &p), &xv)) in out.iter().zip(&portable).zip(&x).enumerate() {
+                assert_eq!(o.to_bits(), p.to_bits(), "{isa:?} element {i}");
+                let xd = xv as f64;
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+                // 0.5·x·(1 + tanh u) written as x·σ(2u): equal, and free of f64's own
+                // cancellation (1 + tanh u rounds to 0 below u ≈ −19).
+                let sig = 1.0 / (1.0 + (-2.0 * u).exp());
+                let want = xd * sig;
+                // A few ulps of the result, plus u's own f32 rounding (relative ε·|u|) carried
+                // through d(out)/du = 2x·σ(1 − σ): in the tail, where 2|u| ≈ 50, that term
+                // dominates, as it does for any f32 evaluation (tanh's included).
+                let du = 2.0 * xd * sig * (1.0 - sig);
+                // Past −2u = 80 the kernel gives 0 (the true value is below |x|·e^−80).
+                let tol = 4.0 * f32::EPSILON as f64 * (want.abs() + u.abs() * du.abs())
+                    + xd.abs() * (-80f64).exp();
+                assert!(
+                    (o as f64 - want).abs() <= tol,
                     "{isa:?} x {xv}: {o} vs {want}"
                 );
             }
