@@ -113,6 +113,48 @@ multiversion! {
     }
 }
 
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            *s = u.mul_add(*v, *s);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+multiversion! {
+    /// `out[j] = q·k_j` for the rows `k_j = k[j·stride..][..q.len()]`, j < `out.len()`.
+    pub fn dots(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+        let d = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = lane_dot(q, &k[j * stride..j * stride + d]);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = Σ_j p[j]·v_j` for the rows `v_j = v[j·stride..][..out.len()]`, in j order
+    /// (0 when `p` is empty).
+    pub fn weighted_rows(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
+        out.fill(0.0);
+        for (j, &w) in p.iter().enumerate() {
+            for (o, x) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
+                *o = w.mul_add(*x, *o);
+            }
+        }
+    }
+}
+
 multiversion! {
     /// In place: `x ← x·s`.
     pub fn scale(xs: &mut [f32], s: f32) {
@@ -324,6 +366,53 @@ mod tests {
                     (o as f64 - want).abs() <= tol,
                     "{isa:?} x {xv}: {o} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// The one-query attention loops: every ISA's copy within f32 accumulation error of the
+    /// f64 sums, for dims with and without a remainder, strided rows, and no rows at all.
+    #[test]
+    fn every_isa_computes_strided_dots_and_weighted_rows() {
+        for isa in Isa::all_supported() {
+            for (d, rows) in [(64usize, 37usize), (80, 5), (7, 3), (64, 0)] {
+                let stride = d + 5;
+                let q: Vec<f32> = (0..d).map(|i| ((i * 29 % 17) as f32 - 8.0) / 6.0).collect();
+                let k: Vec<f32> = (0..rows * stride)
+                    .map(|i| ((i * 13 % 23) as f32 - 11.0) / 7.0)
+                    .collect();
+                let mut s = vec![f32::NAN; rows];
+                dots(isa, &q, &k, stride, &mut s);
+                for (j, &got) in s.iter().enumerate() {
+                    let row = &k[j * stride..j * stride + d];
+                    let want: f64 = q.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let mag: f64 = q
+                        .iter()
+                        .zip(row)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    let tol = (d as f64 + 2.0) * f32::EPSILON as f64 * mag;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} dot {j}: {got} vs {want}"
+                    );
+                }
+                let p: Vec<f32> = (0..rows).map(|j| (j % 5) as f32 / 9.0).collect();
+                let mut out = vec![f32::NAN; d];
+                weighted_rows(isa, &p, &k, stride, &mut out);
+                for (c, &got) in out.iter().enumerate() {
+                    let want: f64 = (0..rows)
+                        .map(|j| p[j] as f64 * k[j * stride + c] as f64)
+                        .sum();
+                    let mag: f64 = (0..rows)
+                        .map(|j| (p[j] as f64 * k[j * stride + c] as f64).abs())
+                        .sum();
+                    let tol = (rows as f64 + 2.0) * f32::EPSILON as f64 * mag;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} column {c}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
