@@ -275,3 +275,117 @@ fn layouts_that_do_not_fit_the_call_get_typed_errors() {
         Err(Error::InvalidArgument { arg: "opts", .. })
     ));
 }
+
+/// Head dims of the tensor-core cases: one per head-dim tile of the entries (64, 128, 256;
+/// D ≠ Dv on either side), kept small where the tile allows (the twin pads nothing).
+const TC_DIMS: [(usize, usize); 5] = [(8, 8), (9, 5), (72, 40), (136, 8), (24, 130)];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn the_tensor_core_walk_matches_the_reference_for_every_block_size_and_head_dim(
+        kind in 0..KINDS.len(),
+        causal in any::<bool>(),
+        bs in 0..4usize,
+        len_q in 1..160usize,
+        len_k in 1..160usize,
+        gqa in any::<bool>(),
+        padded in any::<bool>(),
+        bf16 in any::<bool>(),
+        dims in 0..TC_DIMS.len(),
+        seed in any::<u64>(),
+    ) {
+        let kind = KINDS[kind];
+        let bs = [16, 32, 64, 128][bs];
+        let dtype = if bf16 { DType::BF16 } else { DType::F16 };
+        let len_k = if self_attention_only(kind) { len_q } else { len_k };
+        let (d, dv) = TC_DIMS[dims];
+        let s = Shape::new(2, 2, if gqa { 1 } else { 2 }, len_q, len_k, d, dv);
+        let g = generate(kind, causal, len_q, len_k, bs, s.heads_q, seed);
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x7c);
+        let q = rand_vec(&mut rng, dtype, s.q_len(), 2.0);
+        let k = rand_vec(&mut rng, dtype, s.k_len(), 2.0);
+        let v = rand_vec(&mut rng, dtype, s.v_len(), 1.0);
+        let opts = Options {
+            key_lens: padded.then(|| vec![rng.gen_range(0..=len_k), len_k]),
+            ..Options::new(d)
+        };
+        let layout = &g.layout;
+        let tile = twin::kernel_block_size(bs, d, dv);
+        // Blocks of 64, and of 128 up to head dim 128, run as they are; the rest in 64s.
+        let native = bs == 64 || (bs == 128 && d.max(dv) <= 128);
+        prop_assert_eq!(tile, if native { bs } else { twin::KERNEL_TILE });
+        let want = reference::forward_masked(&q, &k, &v, &s, &opts, &|_, h, i, j| {
+            (g.truth)(layout.head_of(h), i, j)
+        }).unwrap();
+        let (got, counts) =
+            twin::forward_tiled(&q, &k, &v, &s, &opts, layout, tile, dtype).unwrap();
+        let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, dtype);
+        let what = format!(
+            "{kind:?} causal {causal} {dtype} {len_q}×{len_k} d {d}/{dv} blocks of {bs} \
+             in tiles of {tile} {:?}",
+            opts.key_lens
+        );
+        check(&format!("{what}: O"), &got.o, &want.o, tol.o)?;
+        check(&format!("{what}: LSE"), &got.lse, &want.lse, tol.lse)?;
+        // Without padding the programs compute exactly the re-blocked layout's kept tiles.
+        if !padded {
+            let tiled = layout.reblocked(tile).unwrap();
+            let kept: usize =
+                (0..s.heads_q).map(|h| tiled.kept_blocks_of_head(tiled.head_of(h))).sum();
+            prop_assert_eq!(counts.full + counts.masked, s.batch * kept, "{}", what);
+        }
+    }
+}
+
+#[test]
+fn small_blocks_cost_the_kept_tiles_of_64_not_the_kept_blocks() {
+    // Blocks of 16 over 128 × 128 (8 × 8 blocks): three kept blocks inside tile (0, 0) and one
+    // in tile (1, 1); tiles (0, 1) and (1, 0) hold none and are never visited. Every tile is
+    // partial (a bitmask of its kept blocks), so each runs masked.
+    let mut mask = vec![false; 64];
+    for (qb, kb) in [(0, 0), (1, 1), (2, 3), (5, 6)] {
+        mask[qb * 8 + kb] = true;
+    }
+    let layout = BlockLayout::from_block_mask(128, 128, 16, LayoutHeads::Shared, &mask).unwrap();
+    let s = Shape::new(1, 2, 1, 128, 128, 8, 8);
+    let mut rng = SmallRng::seed_from_u64(24);
+    let q = rand_vec(&mut rng, DType::BF16, s.q_len(), 2.0);
+    let k = rand_vec(&mut rng, DType::BF16, s.k_len(), 2.0);
+    let v = rand_vec(&mut rng, DType::BF16, s.v_len(), 1.0);
+    let opts = Options::new(8);
+    let tile = twin::kernel_block_size(16, 8, 8);
+    assert_eq!(tile, 64);
+    let (got, counts) =
+        twin::forward_tiled(&q, &k, &v, &s, &opts, &layout, tile, DType::BF16).unwrap();
+    assert_eq!(
+        (counts.full, counts.masked),
+        (0, 2 * 2),
+        "2 kept tiles × 2 heads"
+    );
+    let keep = |_b: usize, _h: usize, i: usize, j: usize| mask[(i / 16) * 8 + j / 16];
+    let want = reference::forward_masked(&q, &k, &v, &s, &opts, &keep).unwrap();
+    let tol = tolerances::bounds(&q, &k, &v, &s, opts.scale, DType::BF16);
+    expect_close("O", &got.o, &want.o, tol.o).unwrap();
+    expect_close("LSE", &got.lse, &want.lse, tol.lse).unwrap();
+    // Rows of query blocks that keep nothing (blocks 3, 4, 6, 7) give 0 and −inf.
+    for i in (48..80).chain(96..128) {
+        assert_eq!(got.lse[i], f32::NEG_INFINITY, "row {i}");
+    }
+}
+
+#[test]
+fn a_layout_that_does_not_fit_is_refused_before_re_blocking() {
+    let s = Shape::new(1, 1, 1, 64, 64, 8, 8);
+    let q = vec![0.0; s.q_len()];
+    let short = BlockLayout::sliding_window(60, 16, 8, 8, true).unwrap();
+    let r = twin::forward_tiled(&q, &q, &q, &s, &Options::new(8), &short, 64, DType::F16);
+    assert!(matches!(
+        r,
+        Err(Error::SparseLayout(SparseLayoutError::ShapeMismatch {
+            what: "len_q",
+            ..
+        }))
+    ));
+}

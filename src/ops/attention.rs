@@ -460,8 +460,9 @@ impl TcTile {
         }
     }
 
-    /// The block-sparse entry's tile for layouts of `block_size`: query blocks of that size,
-    /// key tiles of `CUATTN_SPARSE_BN_*` (cuattn_params.h).
+    /// The block-sparse entry's tile for layouts of `block_size` (what
+    /// [`sparse_tc_block`] gives): query blocks of that size, key tiles of `CUATTN_SPARSE_BN_*`
+    /// (cuattn_params.h).
     fn sparse(self, block_size: usize) -> Result<TcTile> {
         let keys = match (block_size, self.head_dim) {
             (64, 64) => CUATTN_SPARSE_BN_BS64_HD64,
@@ -492,6 +493,33 @@ impl TcTile {
         (self.rows + 2 * self.keys) * (self.head_dim + 8) * 2
     }
 }
+
+/// The block size of the layout the tensor-core sparse forward reads for a layout of
+/// `block_size` and head dims `dim_qk`, `dim_v`: its own for 64, and for 128 at head dims up to
+/// 128 (the native 128-row entries); [`SPARSE_TC_TILE`] otherwise, which the host reaches by
+/// re-blocking ([`crate::sparse::BlockLayout::reblocked`], the same element mask). So every
+/// block size runs on tensor cores at every head dim the dense forward takes.
+///
+/// Why blocks of 128 keep their own entries up to head dim 128: a full block of 128 costs the
+/// same MMAs either way, but 128-row query blocks stream each kept K/V tile once per 128 rows
+/// instead of once per 64 (half the K/V traffic per kept element; the dense forward chose
+/// 128-row blocks for this reason, 294 against 251 TFLOP/s at HD 128 in the tile sweep of
+/// `kernels/attention_tc.cu`'s header), and `cuattn bench sparse` measured these entries. Re-blocking
+/// wins only in partial blocks whose 64-quarters hold nothing (a causal diagonal block keeps 3
+/// of 4), a minority of any layout's kept elements. At head dim 256 there is no 128-row entry
+/// (its registers and shared memory are the dense HD 256 kernel's 64×32 tile), so 128 re-blocks.
+pub fn sparse_tc_block(block_size: usize, dim_qk: usize, dim_v: usize) -> usize {
+    let head_dim = TcTile::for_head_dims(dim_qk, dim_v).head_dim;
+    if block_size == 128 && head_dim <= 128 {
+        128
+    } else {
+        SPARSE_TC_TILE
+    }
+}
+
+/// The tensor-core sparse forward's tile for re-blocked layouts (its `attention_sparse_bs64_*`
+/// entries, one per head-dim tile).
+pub const SPARSE_TC_TILE: usize = 64;
 
 fn tc_kernel_name(dtype: DType, head_dim_tile: usize) -> &'static str {
     match (dtype, head_dim_tile) {
@@ -873,6 +901,47 @@ mod tests {
         let o = w(dt, &[b, hq, lq, dv], 3 << 32);
         let lse = w(DType::F32, &[b, hq, lq], 4 << 32);
         check(&q, &k, &v, &o, Some(&lse), &Options::default())
+    }
+
+    #[test]
+    fn every_block_size_and_head_dim_has_a_tensor_core_sparse_entry() {
+        use crate::sparse::SUPPORTED_BLOCK_SIZES;
+        // The re-blocked copy kept per layout serves the forward and the backward alike.
+        assert_eq!(
+            SPARSE_TC_TILE,
+            super::super::attention_backward::SPARSE_TC_BLOCK_SIZE
+        );
+        for &bs in &SUPPORTED_BLOCK_SIZES {
+            for (d, dv) in [
+                (64, 64),
+                (8, 1),
+                (128, 128),
+                (72, 100),
+                (256, 256),
+                (136, 8),
+            ] {
+                let block = sparse_tc_block(bs, d, dv);
+                let tile = TcTile::for_head_dims(d, dv).sparse(block).unwrap();
+                assert_eq!(tile.rows, block);
+                assert_eq!(tile.rows % tile.keys, 0, "a kept block is whole key tiles");
+                // Blocks of 64, and of 128 up to head dim 128, run as they are.
+                let native = bs == 64 || (bs == 128 && d.max(dv) <= 128);
+                assert_eq!(block == bs, native, "blocks of {bs}, d {d}/{dv}");
+                assert!(block == bs || block == SPARSE_TC_TILE);
+                let name = sparse_kernel_name(DType::BF16, tile.rows, tile.head_dim);
+                let want = format!("attention_sparse_bs{}_hd{}_bf16", tile.rows, tile.head_dim);
+                assert_eq!(name, want);
+            }
+        }
+        #[cfg(feature = "testing")]
+        for &bs in &SUPPORTED_BLOCK_SIZES {
+            for (d, dv) in [(64, 64), (128, 100), (200, 64)] {
+                assert_eq!(
+                    sparse_tc_block(bs, d, dv),
+                    crate::twin::sparse_attention::kernel_block_size(bs, d, dv)
+                );
+            }
+        }
     }
 
     #[test]

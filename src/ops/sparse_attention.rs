@@ -8,8 +8,13 @@
 //! BSHD through strides, key padding (`Sequences::Dense { key_lens }`), LSE, fully-masked rows
 //! giving O = 0 and LSE = −inf. Causal and sliding-window masks belong in the layout
 //! ([`crate::sparse::patterns`]), so `Options::causal`/`window` must be `None` here; packed
-//! batches are not supported. Layout block sizes on tensor cores: 64 for every head dim, 128 for
-//! head dims up to 128; the exact kernel takes any supported block size.
+//! batches are not supported. Every block size (16, 32, 64, 128) runs on tensor cores at every
+//! head dim: the entries take blocks of 64 at head dims 64/128/256 and of 128 up to head dim
+//! 128; a layout of another size (16, 32, or 128 above head dim 128) runs as its copy
+//! re-blocked to 64 ([`BlockLayout::reblocked`]: the same element mask, tiles holding no kept
+//! block dropped, mixed tiles as bitmasks the kernel applies element by element), uploaded on
+//! first use and kept. Which one: [`super::attention::sparse_tc_block`], whose docs say why
+//! blocks of 128 keep their own entries. The exact kernel walks any block size as it is.
 //!
 //! The backward ([`backward_into`], [`backward`]) is the dense backward's kernels
 //! (`kernels/attention_bwd.cu`, `attention_bwd_sparse_*` entries) walking the kept blocks: dQ
@@ -22,7 +27,9 @@
 //! re-blocked copy ([`BlockLayout::reblocked`], same element mask, uploaded once per layout),
 //! so the work follows the kept 64-tiles.
 
-use super::attention::{check, launch_forward, Options, Sequences, SparseArgs};
+use super::attention::{
+    check, launch_forward, sparse_tc_block, Kernel, Options, Sequences, SparseArgs,
+};
 use super::attention_backward;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -35,13 +42,14 @@ use std::sync::{Arc, OnceLock};
 /// compressed rows, bitmasks and their row unions (the forward and backward), and its
 /// transposed index (the backward's dK/dV pass; [`ColumnIndex::device_bytes`] bytes). The
 /// tensor-core backward reads layouts of its tile
-/// ([`attention_backward::SPARSE_TC_BLOCK_SIZE`]); for another block size its first call
-/// uploads the layout re-blocked to that tile ([`BlockLayout::reblocked`]: the same element
-/// mask), kept here for the later calls.
+/// ([`attention_backward::SPARSE_TC_BLOCK_SIZE`]), the tensor-core forward of 64 (or 128 up to
+/// head dim 128; [`super::attention::sparse_tc_block`]); for another block size the first such
+/// call uploads the layout re-blocked to 64 ([`BlockLayout::reblocked`]: the same element
+/// mask), kept here for the later calls of both.
 pub struct DeviceBlockLayout {
     layout: BlockLayout,
     arrays: DeviceArrays,
-    /// The layout re-blocked to the tensor-core backward's tile (block sizes other than it).
+    /// The layout re-blocked to the tensor-core kernels' tile of 64 (block sizes other than it).
     tiles: OnceLock<DeviceArrays>,
 }
 
@@ -171,13 +179,27 @@ impl DeviceBlockLayout {
         if self.layout.block_size() == tile {
             return Ok(self.arrays.args(gpu));
         }
-        if let Some(t) = self.tiles.get() {
-            debug_assert_eq!(t.block_size, tile);
-            return Ok(t.args(gpu));
+        // One re-blocked copy is kept: the forward and the backward both re-block to 64
+        // (`sparse_tc_block`, `SPARSE_TC_BLOCK_SIZE`), checked by a unit test; another tile
+        // would be an internal error, not a wrong layout.
+        let kept = match self.tiles.get() {
+            Some(t) => t,
+            None => {
+                let built = DeviceArrays::upload(gpu, &self.layout.reblocked(tile)?)?;
+                // Another thread may have stored its copy first: both hold the same arrays.
+                self.tiles.get_or_init(|| built)
+            }
+        };
+        if kept.block_size != tile {
+            return Err(Error::invalid(
+                "layout",
+                format!(
+                    "internal: a re-blocked copy in blocks of {} is kept, blocks of {tile} asked",
+                    kept.block_size
+                ),
+            ));
         }
-        let built = DeviceArrays::upload(gpu, &self.layout.reblocked(tile)?)?;
-        // Another thread may have stored its copy first: both hold the same arrays.
-        Ok(self.tiles.get_or_init(|| built).args(gpu))
+        Ok(kept.args(gpu))
     }
 
     /// The host layout this was uploaded from.
@@ -214,7 +236,19 @@ pub fn forward_into<'a>(
     let c = check(q, k, v, o, lse.as_deref(), opts)?;
     let l = &layout.layout;
     l.check_call(&c.shape, l.block_size())?;
-    let (args, _) = layout.args(gpu)?;
+    // Tensor cores read the layout in the blocks `sparse_tc_block` picks (re-blocked once if
+    // need be); the exact kernel walks any block size key by key. f32 under TensorCore is
+    // refused by `launch_forward`, before anything is re-blocked.
+    let tensor_cores = match opts.kernel {
+        Kernel::Exact => false,
+        Kernel::Auto | Kernel::TensorCore | Kernel::Hopper => c.dtype != DType::F32,
+    };
+    let (args, _) = if tensor_cores {
+        let (s, bs) = (&c.shape, l.block_size());
+        layout.tile_args(gpu, sparse_tc_block(bs, s.dim_qk, s.dim_v))?
+    } else {
+        layout.args(gpu)?
+    };
     launch_forward(gpu, q, k, v, o, lse, opts, &c, Some(&args))
 }
 

@@ -19,6 +19,9 @@
 //!
 //! Causal and window masks of a sparse call belong in its layout ([`BlockLayout::banded`] and
 //! the causal pattern versions): `opts.causal` and `opts.window` must be `None`.
+//!
+//! [`forward_tiled`] runs a layout as the tensor-core entries do: re-blocked to the block size
+//! the host picks for the head dims ([`kernel_block_size`]) and walked with that tile.
 
 use super::attention::{BlockState, HeadOperands, Output, TileCounts};
 use crate::dtype::DType;
@@ -104,4 +107,40 @@ pub fn forward(
         }
     }
     Ok((out, counts))
+}
+
+/// The tensor-core entries' tile for re-blocked layouts (`attention_sparse_bs64_*`).
+pub const KERNEL_TILE: usize = 64;
+
+/// The block size of the layout the tensor-core sparse forward reads for a layout of
+/// `block_size` at head dims `dim_qk`, `dim_v` (the host's `ops::attention::sparse_tc_block`,
+/// checked equal by a unit test there): blocks of 64, and of 128 when both head dims are at
+/// most 128, run as they are; every other layout is re-blocked to [`KERNEL_TILE`].
+pub fn kernel_block_size(block_size: usize, dim_qk: usize, dim_v: usize) -> usize {
+    if block_size == 128 && dim_qk.max(dim_v) <= 128 {
+        128
+    } else {
+        KERNEL_TILE
+    }
+}
+
+/// The forward as the tensor-core entries run `layout`: re-blocked
+/// ([`BlockLayout::reblocked`], as the host does once per layout) to `tile` square blocks, then
+/// [`forward`]'s walk over the re-blocked layout's kept tiles (its [`TileCounts`] count those
+/// tiles). Errors as [`forward`] for a layout that does not fit the call (in its own block
+/// size) and for an unsupported `tile`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    layout: &BlockLayout,
+    tile: usize,
+    dtype: DType,
+) -> Result<(Output, TileCounts)> {
+    layout.check_call(shape, layout.block_size())?;
+    let tiled = layout.reblocked(tile)?;
+    forward(q, k, v, shape, opts, &tiled, tile, dtype)
 }
