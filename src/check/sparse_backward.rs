@@ -122,11 +122,7 @@ impl Inputs {
     /// backward on the same O and LSE; dQ, dK, dV read back (f32, BHSD).
     fn grads(&self, gpu: &Arc<Gpu>, c: &Case, dense: bool) -> CheckResult<[Vec<f32>; 3]> {
         let opts = self.opts(c);
-        let fwd_opts = attn::Options {
-            kernel: forward_kernel(c),
-            ..opts
-        };
-        let (o, lse) = sparse::forward(&self.qd, &self.kd, &self.vd, &self.layout, &fwd_opts)
+        let (o, lse) = sparse::forward(&self.qd, &self.kd, &self.vd, &self.layout, &opts)
             .map_err(|e| format!("forward: {e} for {}", c.describe()))?;
         let poisoned = |t: &DeviceTensor| gpu.full(t.dtype(), t.shape(), f32::NAN).map_err(err);
         let (mut dq, mut dk, mut dv) = (
@@ -172,19 +168,6 @@ impl Inputs {
             dk.to_f32_vec().map_err(err)?,
             dv.to_f32_vec().map_err(err)?,
         ])
-    }
-}
-
-/// The forward's kernel for the case: the case's own, unless the forward's tensor cores do not
-/// take the layout's block size (they take 64, and 128 up to head dim 128), where the exact
-/// forward gives O and LSE (the backward under test still runs with the case's kernel).
-fn forward_kernel(c: &Case) -> Kernel {
-    let bs = c.layout.block_size();
-    let tc_takes = bs == 64 || (bs == 128 && c.shape.dim_qk.max(c.shape.dim_v) <= 128);
-    if tc_takes || c.kernel == Kernel::Exact {
-        c.kernel
-    } else {
-        Kernel::Exact
     }
 }
 
