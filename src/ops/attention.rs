@@ -475,7 +475,8 @@ impl TcTile {
                     "layout",
                     format!(
                         "block size {block_size} with head dim {} (padded): the kernels take \
-                         64 for every head dim, and 128 for head dims up to 128",
+                         64 for every head dim, and 128 for head dims up to 128 (others run \
+                         re-blocked: sparse_tc_block)",
                         self.head_dim
                     ),
                 ))

@@ -19,8 +19,9 @@ use crate::attention_types::Shape;
 use crate::error::SparseLayoutError;
 use crate::Result;
 
-/// Block sizes a layout may have: the kernel's tiles (64 for head dims 64 and 128) and the
-/// smaller and larger powers of two the CPU twin and tests use.
+/// Block sizes a layout may have. The tensor-core kernels read blocks of 64 (and the forward
+/// 128 up to head dim 128); every other size runs on them re-blocked to 64
+/// ([`BlockLayout::reblocked`]), the exact kernels take each as it is.
 pub const SUPPORTED_BLOCK_SIZES: [usize; 4] = [16, 32, 64, 128];
 
 /// The kernel's tile, and the block size to use unless there is a reason not to.

@@ -10,8 +10,8 @@
 //! - [`columns`]: the transposed index (key block → query blocks keeping it) the backward's
 //!   dK/dV pass walks;
 //! - `reblock`: the same element mask in blocks of another size
-//!   ([`BlockLayout::reblocked`]), how the tensor-core backward runs every block size on its
-//!   64-tiles.
+//!   ([`BlockLayout::reblocked`]), how the tensor-core forward and backward run every block
+//!   size on their 64-tiles.
 //!
 //! The CPU twin of the kernel's block loop is [`crate::twin::sparse_attention`].
 

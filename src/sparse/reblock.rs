@@ -1,6 +1,7 @@
 //! A layout re-blocked to another block size with the same element mask: how the tensor-core
-//! backward, whose kernels read layouts of their tile (64), runs layouts of every supported
-//! block size without kernel code per block size.
+//! forward and backward, whose kernels read layouts of their tile (64; the forward also 128 up
+//! to head dim 128), run layouts of every supported block size without kernel code per block
+//! size.
 //!
 //! - Larger blocks (128 → 64): each kept block becomes the tiles it covers, in ascending key
 //!   order, each classified again by the one classifier (`classify`): a band block's tiles may
