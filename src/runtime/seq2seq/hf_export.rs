@@ -14,7 +14,7 @@
 
 use super::gpt3::Gpt3;
 use crate::error::{Error, Result};
-use crate::finetune::export::{write_safetensors, NamedTensor};
+use crate::runtime::checkpoint::{write_safetensors, NamedTensor};
 use crate::runtime::gpt2_tokenizer::{byte_to_unicode, END_OF_TEXT};
 use crate::runtime::gpt_neo::AttentionKind;
 use crate::runtime::train::TrainBackend;
