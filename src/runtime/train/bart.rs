@@ -31,9 +31,39 @@
 //! activation and `fc2`. Masks come from the Philox streams of [`crate::rng`]: site s of step t
 //! uses offset `t·sites + s` (sites numbered in forward order, see [`DropoutSiteInfo`]), so a
 //! step is a pure function of (weights, batch, seed, step) on either backend, and the backward
-//! regenerates each mask. LayerDrop (`encoder_layerdrop`, `decoder_layerdrop`) is not
-//! implemented. The decoder sees every earlier target position (HF's default without a
-//! `decoder_attention_mask`: right padding only ever follows the real tokens).
+//! regenerates each mask. The decoder sees every earlier target position (HF's default without
+//! a `decoder_attention_mask`: right padding only ever follows the real tokens).
+//!
+//! LayerDrop (`encoder_layerdrop`, `decoder_layerdrop`, [`BartForConditionalGeneration::
+//! skipped_layers`]) as Hugging Face's `BartEncoder`/`BartDecoder`: only in training (a
+//! dropout seed set), one uniform draw u per layer and step for the whole batch, the layer
+//! skipped (its output is its input) when u < p; eval never skips. The draw is the Philox word
+//! of (seed, [`LAYERDROP_STREAM`] | step, layer index) against round(p·2^32), so the step stays
+//! a pure function of (weights, batch, seed, step) on either backend and p = 1 skips every
+//! layer. A skipped layer's parameters get zero gradients (autograd leaves them without one;
+//! AdamW's update is then weight decay and the moments' decay only, as torch's with a zero
+//! gradient — not as torch's for a `None` gradient, which skips the parameter); its dropout
+//! sites keep their numbers unused. Hugging Face's decoder skips with `continue`, so with a
+//! cache the skipped layer's entry would be missing; our training step keeps no KV cache and
+//! generation is eval, so the question does not arise here.
+//!
+//! Recomputation ([`StepOptions::recompute`]): the forward keeps only each layer's input
+//! (`Kept::Input`) and the backward runs that layer's forward again, with the same weights
+//! and the same Philox masks, just before the layer's backward, so the gradients are bit for
+//! bit those of the step that keeps everything (tested on the CPU). It saves, per layer, in
+//! f32 with r = batch·len rows of the stack, d = d_model, f = the layer's ffn dim, h = heads
+//! and m = batch·len_in: the encoder layer's q, k, v, attention context, two LayerNorm inputs,
+//! the sub-layer output, fc1's pre-activation and activation and the softmax statistics,
+//! 4·r·(7d + 2f + h) bytes; the decoder layer's 4·(r·(11d + 2f + 2h) + 2·m·d) bytes (its
+//! cross-attention keys and values are m rows). At BART-base's sizes (d 768, f 3072, 12 heads)
+//! that is 45 MiB per encoder layer and 63 MiB per decoder layer for every 4096 rows (and
+//! m = r), for one more forward of every layer (about a third more arithmetic in the layers).
+//!
+//! Saving ([`BartForConditionalGeneration::save_pretrained`]): `config.json` (the loaded one,
+//! with every field [`BartConfig`] holds set from the model's config) and `model.safetensors`
+//! with the tensors transformers 5's `save_pretrained` writes — tied: `model.shared.weight`
+//! and no `lm_head.weight`; untied: all four tables — plus `final_logits_bias` `[1, vocab]`.
+//! transformers 5.24 loads it without a missing or unexpected key (tests/train_bart_save.rs).
 
 use super::backend::{DropoutSite, TrainBackend};
 use super::bert_encoder::StepOptions;
