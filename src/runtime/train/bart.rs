@@ -58,6 +58,7 @@
 //! cross-attention keys and values are m rows). At BART-base's sizes (d 768, f 3072, 12 heads)
 //! that is 45 MiB per encoder layer and 63 MiB per decoder layer for every 4096 rows (and
 //! m = r), for one more forward of every layer (about a third more arithmetic in the layers).
+//! A unit test sums the cache tensors' sizes against these formulas.
 //!
 //! Saving ([`BartForConditionalGeneration::save_pretrained`]): `config.json` (the loaded one,
 //! with every field [`BartConfig`] holds set from the model's config) and `model.safetensors`
@@ -1515,4 +1516,91 @@ fn set_lin<T>(grads: &mut [Option<T>], (w, b): Lin, dw: T, db: Option<T>) {
 fn set_ln<T>(grads: &mut [Option<T>], (g, b): Lin, dg: T, db: T) {
     grads[g] = Some(dg);
     grads[b] = Some(db);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Cpu;
+
+    fn floats<B: TrainBackend>(be: &B, ts: &[&B::Tensor]) -> usize {
+        ts.iter()
+            .map(|t| be.shape(t).iter().product::<usize>())
+            .sum()
+    }
+
+    /// The bytes the module doc says recomputation saves per layer are the f32 sizes of what a
+    /// layer's cache holds (the tiny fixture, its padded two-sequence batch).
+    #[test]
+    fn recomputation_saves_the_bytes_the_docs_state() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bart");
+        let m = BartForConditionalGeneration::from_folder(&Cpu, &dir).unwrap();
+        let c = m.config.clone();
+        let (batch, len_in, len_out) = (2usize, 7usize, 5usize);
+        let b = DenoisingBatch {
+            input_ids: vec![5; batch * len_in],
+            input_lens: vec![len_in, 4],
+            labels: vec![6; batch * len_out],
+        };
+        let s = m.shapes(&b).unwrap();
+        let masks = m.masks(&s);
+        let sites = m.sites(&StepOptions::default());
+        let (x, _) = m.embed(&Cpu, m.enc_emb, s.input_ids, &s.in_pos).unwrap();
+        let (mem, e) = m
+            .enc_layer_forward(&Cpu, &m.enc[0], &sites.enc[0], &x, &masks.enc)
+            .unwrap();
+        let enc = floats(
+            &Cpu,
+            &[
+                &e.attn.s,
+                &e.attn.c.q,
+                &e.attn.c.k,
+                &e.attn.c.v,
+                &e.attn.c.ctx,
+                &e.attn.c.lse,
+                &e.h1,
+                &e.ffn.s,
+                &e.ffn.c.z,
+                &e.ffn.c.a,
+            ],
+        );
+        let (d, r, m_rows) = (c.d_model, batch * len_in, batch * len_in);
+        let (f, h) = (c.encoder_ffn_dim, c.encoder_attention_heads);
+        assert_eq!(4 * enc, 4 * r * (7 * d + 2 * f + h));
+        let (y, _) = m
+            .embed(&Cpu, m.dec_emb, &s.decoder_ids, &s.out_pos)
+            .unwrap();
+        let (_, k) = m
+            .dec_layer_forward(&Cpu, &m.dec[0], &sites.dec[0], &y, &mem, &masks)
+            .unwrap();
+        let dec = floats(
+            &Cpu,
+            &[
+                &k.attn.s,
+                &k.attn.c.q,
+                &k.attn.c.k,
+                &k.attn.c.v,
+                &k.attn.c.ctx,
+                &k.attn.c.lse,
+                &k.h1,
+                &k.cross.s,
+                &k.cross.c.q,
+                &k.cross.c.k,
+                &k.cross.c.v,
+                &k.cross.c.ctx,
+                &k.cross.c.lse,
+                &k.h2,
+                &k.ffn.s,
+                &k.ffn.c.z,
+                &k.ffn.c.a,
+            ],
+        );
+        let (r, f, h) = (
+            batch * len_out,
+            c.decoder_ffn_dim,
+            c.decoder_attention_heads,
+        );
+        assert_eq!(4 * dec, 4 * (r * (11 * d + 2 * f + 2 * h) + 2 * m_rows * d));
+    }
 }
