@@ -72,7 +72,33 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let result = match cli.command {
+    // The command runs on a worker of one rayon pool, so a parallel op starts on the calling
+    // thread and the other workers join it. Called from outside a pool, every op would be
+    // handed to the pool while this thread sleeps until it is done: a wake-up per op, about 60
+    // per token when decoding one sequence. 8 MiB of stack, as the main thread has.
+    let pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build();
+    let run = move || exit_code(dispatch(cli.command));
+    match pool {
+        Ok(pool) => pool.install(run),
+        Err(_) => run(),
+    }
+}
+
+fn exit_code(result: cli::CliResult) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let (code, message) = cli::exit_for(&*e);
+            if let Some(m) = message {
+                eprintln!("error: {m}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> cli::CliResult {
+    match command {
         Command::Info { json } => cli::info::run(json),
         Command::Check => cli::check::run(),
         Command::Bench(args) => cli::bench::run(args),
@@ -83,15 +109,5 @@ fn main() -> ExitCode {
         Command::Noise(args) => cli::noise::run(args),
         Command::FillMask(args) => cli::fill_mask::run(args),
         Command::Plot(args) => cli::plot::run(args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            let (code, message) = cli::exit_for(&*e);
-            if let Some(m) = message {
-                eprintln!("error: {m}");
-            }
-            ExitCode::from(code)
-        }
     }
 }

@@ -57,9 +57,9 @@ impl Activation {
         match self {
             Activation::None => {}
             Activation::GeluErf => gelu_erf_slice(xs),
-            Activation::GeluTanh => xs
-                .iter_mut()
-                .for_each(|x| *x = Activation::GeluTanh.apply(*x)),
+            Activation::GeluTanh => {
+                super::cpu::vmath::gelu_tanh(super::cpu::isa::Isa::current(), xs)
+            }
             Activation::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
             Activation::Tanh => xs.iter_mut().for_each(|x| *x = x.tanh()),
         }

@@ -591,6 +591,15 @@ fn head_attention(
     scores.clear();
     scores.resize(len_q * n, 0.0);
     let (k, v) = (&k[seen.start * rsk..], &v[seen.start * rsv..]);
+    if len_q == 1 {
+        // A decoding step: one query's ~4·n·dim flops as two row loops; the two GEMM calls
+        // below cost more to set up than that (a decoding step makes one pair per head and
+        // layer).
+        vmath::dots(isa, &q[..dim], k, rsk, scores);
+        softmax_range(isa, scores, 0..n, scale);
+        vmath::weighted_rows(isa, scores, v, rsv, &mut o[..dim_v]);
+        return;
+    }
     sgemm(
         len_q,
         dim,

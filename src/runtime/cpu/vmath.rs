@@ -113,6 +113,48 @@ multiversion! {
     }
 }
 
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            *s = u.mul_add(*v, *s);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+multiversion! {
+    /// `out[j] = q·k_j` for the rows `k_j = k[j·stride..][..q.len()]`, j < `out.len()`.
+    pub fn dots(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+        let d = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = lane_dot(q, &k[j * stride..j * stride + d]);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = Σ_j p[j]·v_j` for the rows `v_j = v[j·stride..][..out.len()]`, in j order
+    /// (0 when `p` is empty).
+    pub fn weighted_rows(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
+        out.fill(0.0);
+        for (j, &w) in p.iter().enumerate() {
+            for (o, x) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
+                *o = w.mul_add(*x, *o);
+            }
+        }
+    }
+}
+
 multiversion! {
     /// In place: `x ← x·s`.
     pub fn scale(xs: &mut [f32], s: f32) {
@@ -178,6 +220,21 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// In place: GELU's tanh form (GPT-2's `gelu_new`), 0.5·x·(1 + tanh u) with
+    /// u = √(2/π)·(x + 0.044715·x³), computed as x·σ(2u) = x / (1 + e^(−2u)) — the same
+    /// function (1 + tanh u = 2σ(2u)) with [`exp`], so the loop vectorizes; for very negative x
+    /// it avoids the cancellation in 1 + tanh u.
+    pub fn gelu_tanh(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            let v = *x;
+            let t = -2.0 * 0.797_884_6 * (0.044715 * v * v).mul_add(v, v);
+            // Past e^80 the true value is below |x|·1.9e-35: 0, as f32's 1 + tanh u gives.
+            *x = if t > 80.0 { 0.0 } else { v / (1.0 + exp(t)) };
+        }
+    }
+}
+
 /// GELU′(x) = Φ(x) + x·φ(x) for GELU with the exact erf (inlined so loops vectorize it).
 #[inline(always)]
 pub fn gelu_erf_derivative(x: f32) -> f32 {
@@ -200,6 +257,7 @@ multiversion! {
 pub fn activation(isa: Isa, act: crate::runtime::Activation, xs: &mut [f32]) {
     match act {
         crate::runtime::Activation::GeluErf => gelu_erf(isa, xs),
+        crate::runtime::Activation::GeluTanh => gelu_tanh(isa, xs),
         other => other.apply_slice(xs),
     }
 }
@@ -274,6 +332,87 @@ mod tests {
                     (o as f64 - want).abs() <= 2e-7 * (1.0 + xd.abs()),
                     "{isa:?} x {xv}: {o} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// GELU's tanh form from every ISA's copy: bitwise the portable copy's values (every
+    /// lane runs the same f32 operations), and within a few f32 ulps of the f64
+    /// 0.5·x·(1 + tanh u) (see the bound), from the far negative tail (x = −20) to x = 20.
+    #[test]
+    fn every_isa_computes_gelu_tanh() {
+        let x: Vec<f32> = (0..1201).map(|i| (i as f32 - 600.0) / 30.0).collect();
+        let mut portable = x.clone();
+        gelu_tanh(Isa::Scalar, &mut portable);
+        for isa in Isa::all_supported() {
+            let mut out = x.clone();
+            gelu_tanh(isa, &mut out);
+            for (i, ((&o, &p), &xv)) in out.iter().zip(&portable).zip(&x).enumerate() {
+                assert_eq!(o.to_bits(), p.to_bits(), "{isa:?} element {i}");
+                let xd = xv as f64;
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+                // 0.5·x·(1 + tanh u) written as x·σ(2u): equal, and free of f64's own
+                // cancellation (1 + tanh u rounds to 0 below u ≈ −19).
+                let sig = 1.0 / (1.0 + (-2.0 * u).exp());
+                let want = xd * sig;
+                // A few ulps of the result, plus u's own f32 rounding (relative ε·|u|) carried
+                // through d(out)/du = 2x·σ(1 − σ): in the tail, where 2|u| ≈ 50, that term
+                // dominates, as it does for any f32 evaluation (tanh's included).
+                let du = 2.0 * xd * sig * (1.0 - sig);
+                // Past −2u = 80 the kernel gives 0 (the true value is below |x|·e^−80).
+                let tol = 4.0 * f32::EPSILON as f64 * (want.abs() + u.abs() * du.abs())
+                    + xd.abs() * (-80f64).exp();
+                assert!(
+                    (o as f64 - want).abs() <= tol,
+                    "{isa:?} x {xv}: {o} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The one-query attention loops: every ISA's copy within f32 accumulation error of the
+    /// f64 sums, for dims with and without a remainder, strided rows, and no rows at all.
+    #[test]
+    fn every_isa_computes_strided_dots_and_weighted_rows() {
+        for isa in Isa::all_supported() {
+            for (d, rows) in [(64usize, 37usize), (80, 5), (7, 3), (64, 0)] {
+                let stride = d + 5;
+                let q: Vec<f32> = (0..d).map(|i| ((i * 29 % 17) as f32 - 8.0) / 6.0).collect();
+                let k: Vec<f32> = (0..rows * stride)
+                    .map(|i| ((i * 13 % 23) as f32 - 11.0) / 7.0)
+                    .collect();
+                let mut s = vec![f32::NAN; rows];
+                dots(isa, &q, &k, stride, &mut s);
+                for (j, &got) in s.iter().enumerate() {
+                    let row = &k[j * stride..j * stride + d];
+                    let want: f64 = q.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let mag: f64 = q
+                        .iter()
+                        .zip(row)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    let tol = (d as f64 + 2.0) * f32::EPSILON as f64 * mag;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} dot {j}: {got} vs {want}"
+                    );
+                }
+                let p: Vec<f32> = (0..rows).map(|j| (j % 5) as f32 / 9.0).collect();
+                let mut out = vec![f32::NAN; d];
+                weighted_rows(isa, &p, &k, stride, &mut out);
+                for (c, &got) in out.iter().enumerate() {
+                    let want: f64 = (0..rows)
+                        .map(|j| p[j] as f64 * k[j * stride + c] as f64)
+                        .sum();
+                    let mag: f64 = (0..rows)
+                        .map(|j| (p[j] as f64 * k[j * stride + c] as f64).abs())
+                        .sum();
+                    let tol = (rows as f64 + 2.0) * f32::EPSILON as f64 * mag;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{isa:?} column {c}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
