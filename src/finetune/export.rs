@@ -10,6 +10,7 @@
 
 use super::data::LabelSet;
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::write_json;
 use std::path::Path;
 
 /// Tokenizer files copied when the source folder has them (`tokenizer.json` is required).
@@ -93,12 +94,7 @@ pub fn write_config_and_tokenizer(
     model_dir: &Path,
     config: &serde_json::Value,
 ) -> Result<()> {
-    let path = out.join("config.json");
-    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Config {
-        file: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    std::fs::write(&path, text + "\n").map_err(|e| io_err(&path, e))?;
+    write_json(&out.join("config.json"), config)?;
     for name in TOKENIZER_FILES {
         let src = model_dir.join(name);
         if src.exists() {
