@@ -373,3 +373,33 @@ fn write_the_saved_fixtures() {
         trained(src).save_pretrained(&Cpu, &dir).unwrap();
     }
 }
+
+/// A tied config whose model has an `lm_head.weight` of its own (a checkpoint that stored a
+/// head different from `model.shared`) saves that head and reads it back as its own.
+#[test]
+fn a_tied_model_with_its_own_head_saves_the_head() {
+    let m = Model::from_folder(&Cpu, &fixture("tests/fixtures/tiny-bart")).unwrap();
+    let mut host = m.to_host(&Cpu).unwrap();
+    let mut head = host[0].1.clone();
+    assert_eq!(host[0].0, "model.shared.weight");
+    for x in &mut head.values {
+        *x = -*x + 0.05;
+    }
+    host.push(("lm_head.weight".into(), head));
+    let bias = m.final_logits_bias(&Cpu).unwrap();
+    let own = Model::from_host(&Cpu, m.config.clone(), host, &bias).unwrap();
+    let dir = temp_dir("own-head");
+    own.save_pretrained(&Cpu, &dir).unwrap();
+    let names: Vec<String> = tensors(&dir.join("model.safetensors"))
+        .into_keys()
+        .collect();
+    assert!(names.iter().any(|n| n == "lm_head.weight"));
+    let back = Model::from_folder(&Cpu, &dir).unwrap();
+    assert_eq!(back.parameter_names(), own.parameter_names());
+    let b = batch();
+    assert!(same_step(
+        &back.forward_backward(&Cpu, &b).unwrap(),
+        &own.forward_backward(&Cpu, &b).unwrap()
+    ));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1427,7 +1427,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     /// replaced) as transformers 5's `save_pretrained` does: every parameter in f32 under its
     /// name, `final_logits_bias` `[1, vocab]` (a buffer HF saves), and the token tables as
     /// HF stores them — tied: `model.shared.weight` only (plus an `lm_head.weight` of its
-    /// own, if the model has one); untied: `model.shared.weight`,
+    /// own, if the model has one, which transformers 5.24 loads untied with a warning, as it
+    /// does the checkpoint such a model came from); untied: `model.shared.weight`,
     /// `model.encoder.embed_tokens.weight`, `model.decoder.embed_tokens.weight` and
     /// `lm_head.weight`. An untied model's `model.shared` that nothing reads is written back
     /// as it was loaded (a model built by [`Self::from_host`] without it writes the encoder's
