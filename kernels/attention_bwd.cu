@@ -48,9 +48,17 @@
 //       one warp per query row (dQ) or per key row (dK/dV over the group's query heads), f32
 //       arithmetic on every element, scores by warp shuffles; deterministic.
 //
-// Block-sparse layouts (attention_bwd_sparse_{dkdv,dkdv_dq,dq}_hd{HD}_{T}; the same bodies with
-// SPARSE = true; layouts of block size 64 = BM = BN, so a layout block is one tile of each pass;
-// other block sizes run on the exact kernels, which walk the same blocks key by key):
+// Block-sparse layouts (attention_bwd_sparse_{dkdv,dkdv_dq,dq}_hd{HD}_{T}, HD 64, 128 and 256
+// with the same column split as dense; the same bodies with SPARSE = true). The kernels read a
+// layout of block size 64 = BM = BN, so a layout block is one tile of each pass. Layouts of
+// other block sizes are re-blocked to 64 on the host once per layout (src/sparse/reblock.rs),
+// with the same element mask: a kept block of 128 becomes its 2×2 tiles of 64 (each classified
+// again: a band's corner tile may be full or empty), and blocks of 16 or 32 are gathered into
+// the 64-tiles that hold at least one kept block, masked by a bitmask of the kept sub-blocks'
+// elements (full when every element is kept) -- the BITS tiles below, so no new kernel code.
+// Work follows the kept 64-tiles: a tile with no kept sub-block is never visited; one with a
+// single kept 16-block costs a whole tile. (The exact kernels walk the original layout, key by
+// key.) Over the 64-block layout, each CTA and warp owns what it owns in the dense kernels:
 //   dQ:    the CTA of query block m walks row m of the layout's compressed rows (the forward's
 //          walk), skipping kept blocks wholly in the key padding; each kept block is one key
 //          tile, masked by its kind (FULL: none inside the key length; KEY_TAIL: j < key_len;
@@ -66,7 +74,17 @@
 //   Both modes are as dense: deterministic (dQ by its own pass, fixed order) and fast (dQ by
 //   atomics from the dK/dV pass). Causal masks and windows are in the layout, not in `causal`/
 //   `window` (as in the forward); key padding combines with the layout. Work and bytes follow
-//   the kept blocks: each kept block costs one tile of each pass per query head.
+//   the kept 64-tiles: per kept tile and query head, the dK/dV pass runs 4 GEMMs of 64×64×HD
+//   (fast mode 5) and reads a Q and a dO tile (2·64·HD·2 bytes) plus 64 LSE and D values; the
+//   dQ pass 3 GEMMs, reading a K and a V tile (2·64·HD·2 bytes). At HD 256 each column block
+//   does this with its own CW columns in the accumulating GEMMs (as dense: Sᵀ/dPᵀ over all
+//   columns, Q and dO tiles read once per column block).
+//   Registers: the fast-mode HD 64 entry adds dQ in two passes of 32 columns (as HD 256 does
+//   in two of 64): the sparse tile state (band, bitmask pointer, kind) beside a 64-column dQ
+//   accumulator and dK's and dV's left it 255 registers with 52/60 (sm_80) and 96/128 (sm_90)
+//   bytes spilled; the halves need one more ldmatrix of dSᵀ per 16 keys and spill nothing. The
+//   HD 128 entry keeps one pass (halving it there spilled more on sm_80: 68/52 instead of
+//   12/24 bytes).
 //
 // Masks are those of the forward (attention_common.cuh: key padding, causal top-left and
 // bottom-right, sliding window, packed sequences): the query tiles a key block visits are those
@@ -374,9 +392,10 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                     }
                 __syncthreads();
                 // Warp w: dQ rows 16w..16w+15 of the tile, columns c0 .. c0 + CW,
-                // += dS[rows, BN keys]·K[BN keys, c0 ..]. HD 256: in two passes of CW/2
-                // columns, so that dQ's accumulators beside dK's and dV's fit the registers.
-                constexpr int DQW = SPLIT ? CW / 2 : CW;
+                // += dS[rows, BN keys]·K[BN keys, c0 ..]. HD 256, and the block-sparse HD 64
+                // entry: in two passes of CW/2 columns, so that dQ's accumulators beside dK's
+                // and dV's fit the registers (see the header).
+                constexpr int DQW = (SPLIT || (SPARSE && HD == 64)) ? CW / 2 : CW;
                 float* acc = reinterpret_cast<float*>(bp.dq_accum) + r0 * p.dim_qk;
 #pragma unroll 1
                 for (int d0 = c0; d0 < c0 + CW && (!SPLIT || d0 < p.dim_qk); d0 += DQW) {
@@ -777,8 +796,8 @@ CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 64)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 128)
 CUATTN_ATTENTION_BWD_TC(__nv_bfloat16, bf16, 256)
 
-// Block-sparse entries (layouts of block size CUATTN_ATTN_BWD_SPARSE_BS = BM = BN): the same
-// bodies with the kept-block walks (SPARSE).
+// Block-sparse entries (layouts of block size CUATTN_ATTN_BWD_SPARSE_BS = BM = BN; the host
+// re-blocks other block sizes to it): the same bodies with the kept-block walks (SPARSE).
 static_assert(CUATTN_ATTN_BWD_SPARSE_BS == BM && CUATTN_ATTN_BWD_SPARSE_BS == BN, "one layout block per tile");
 #define CUATTN_ATTENTION_BWD_SPARSE(T, SUFFIX, HD)                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                         \
@@ -799,5 +818,7 @@ static_assert(CUATTN_ATTN_BWD_SPARSE_BS == BM && CUATTN_ATTN_BWD_SPARSE_BS == BN
 
 CUATTN_ATTENTION_BWD_SPARSE(__half, f16, 64)
 CUATTN_ATTENTION_BWD_SPARSE(__half, f16, 128)
+CUATTN_ATTENTION_BWD_SPARSE(__half, f16, 256)
 CUATTN_ATTENTION_BWD_SPARSE(__nv_bfloat16, bf16, 64)
 CUATTN_ATTENTION_BWD_SPARSE(__nv_bfloat16, bf16, 128)
+CUATTN_ATTENTION_BWD_SPARSE(__nv_bfloat16, bf16, 256)

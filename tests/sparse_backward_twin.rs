@@ -3,7 +3,11 @@
 //! layout's element mask — the pattern's own definition, not the layout — on random layouts of
 //! every kind, both dQ modes and every dtype; zero gradients for query blocks that keep nothing
 //! and key blocks that nobody keeps; bitwise agreement with the dense twin where the layout
-//! keeps every block; work that follows the kept blocks; and the typed errors. CPU only.
+//! keeps every block; work that follows the kept blocks; and the typed errors. The kernels'
+//! own loop (`backward_sparse_tiled`): layouts of every block size (16, 32, 64, 128) re-blocked
+//! to the kernels' 64-tiles, head dims up to 256 with the column split, against the reference,
+//! bit for bit against the twin on the layout's own blocks, work that follows the kept tiles,
+//! and column-offset faults caught. CPU only.
 
 mod sparse_layouts;
 
@@ -13,7 +17,9 @@ use cuattn::reference::attention_backward as reference;
 use cuattn::sparse::{BlockLayout, LayoutHeads};
 use cuattn::tolerance::{attention_backward as tolerances, expect_close};
 use cuattn::twin::attention as dense_fwd;
-use cuattn::twin::attention_backward::{self as twin, Grads, Mode, Tiling, Visits};
+use cuattn::twin::attention_backward::{
+    self as twin, ColumnFault, Columns, Grads, Mode, Tiling, Visits, KERNEL_SPARSE_TILE,
+};
 use cuattn::twin::sparse_attention as sparse_fwd;
 use cuattn::{DType, Error};
 use proptest::prelude::*;
@@ -71,6 +77,31 @@ impl Case {
         twin::backward_sparse(
             &self.q, &self.k, &self.v, &out.o, &out.lse, &self.d_o, &self.s, &self.opts, layout,
             mode, self.dtype,
+        )
+    }
+
+    /// The sparse twin's forward, then the backward as the kernels run it: the layout
+    /// re-blocked to `tile`, the columns split as `cols` says.
+    fn run_tiled(
+        &self,
+        layout: &BlockLayout,
+        tile: usize,
+        cols: Columns,
+        mode: Mode,
+    ) -> Result<(Grads, Visits), Error> {
+        let (out, _) = sparse_fwd::forward(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.s,
+            &self.opts,
+            layout,
+            layout.block_size(),
+            self.dtype,
+        )?;
+        twin::backward_sparse_tiled(
+            &self.q, &self.k, &self.v, &out.o, &out.lse, &self.d_o, &self.s, &self.opts, layout,
+            tile, cols, mode, self.dtype,
         )
     }
 
@@ -332,4 +363,148 @@ fn layouts_that_do_not_fit_and_masks_outside_the_layout_get_typed_errors() {
         run(&fits, &causal),
         Err(Error::InvalidArgument { arg: "opts", .. })
     ));
+}
+
+fn bits(g: &Grads) -> [Vec<u32>; 3] {
+    let b = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    [b(&g.dq), b(&g.dk), b(&g.dv)]
+}
+
+/// Head dims of the kernel-loop cases: both ≤ 128 (one program per tile), and above 128 on
+/// either side or both (the HD 256 column split).
+const DIMS: [(usize, usize); 5] = [(8, 8), (9, 5), (136, 24), (24, 136), (130, 130)];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn the_kernels_tile_loop_matches_the_reference_for_every_block_size_and_head_dim(
+        kind in 0..KINDS.len(),
+        causal in any::<bool>(),
+        bs in 0..4usize,
+        len_q in 1..140usize,
+        len_k in 1..140usize,
+        gqa in any::<bool>(),
+        padded in any::<bool>(),
+        dtype in 0..3usize,
+        atomic in any::<bool>(),
+        dims in 0..DIMS.len(),
+        seed in any::<u64>(),
+    ) {
+        let kind = KINDS[kind];
+        let bs = [16, 32, 64, 128][bs];
+        let len_k = if self_attention_only(kind) { len_q } else { len_k };
+        let (d, dv) = DIMS[dims];
+        let s = Shape::new(2, 2, if gqa { 1 } else { 2 }, len_q, len_k, d, dv);
+        let g = generate(kind, causal, len_q, len_k, bs, s.heads_q, seed);
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5b1);
+        let opts = Options {
+            key_lens: padded.then(|| vec![rng.gen_range(0..=len_k), len_k]),
+            ..Options::new(d)
+        };
+        let case = Case::new(seed, s, opts, DType::ALL[dtype]);
+        let cols = Columns::kernel(&s);
+        let (grads, _) = case
+            .run_tiled(&g.layout, KERNEL_SPARSE_TILE, cols, mode(atomic))
+            .unwrap();
+        if let Err(e) = case.compare(&grads, &g.layout, &*g.truth) {
+            panic!("{kind:?} causal {causal} blocks of {bs} {:?}: {e}", mode(atomic));
+        }
+    }
+
+    #[test]
+    fn re_blocking_to_the_kernels_tile_and_splitting_the_columns_change_no_bit(
+        kind in 0..KINDS.len(),
+        causal in any::<bool>(),
+        bs in 0..4usize,
+        len in 1..140usize,
+        padded in any::<bool>(),
+        atomic in any::<bool>(),
+        wide in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // The same keys in the same order reach every gradient element whatever the tiles,
+        // and a column block computes its columns as the whole program does.
+        let kind = KINDS[kind];
+        let bs = [16, 32, 64, 128][bs];
+        let (d, dv) = if wide { (136, 8) } else { (8, 136) };
+        let s = Shape::new(1, 2, 1, len, len, d, dv);
+        let g = generate(kind, causal, len, len, bs, s.heads_q, seed);
+        let opts = Options {
+            key_lens: padded.then(|| vec![(seed as usize) % (len + 1)]),
+            ..Options::new(d)
+        };
+        let case = Case::new(seed, s, opts, DType::BF16);
+        let (own, _) = case.run(&g.layout, mode(atomic)).unwrap();
+        let (kernel, _) = case
+            .run_tiled(&g.layout, KERNEL_SPARSE_TILE, Columns::kernel(&s), mode(atomic))
+            .unwrap();
+        prop_assert_eq!(bits(&own), bits(&kernel), "{:?} blocks of {}", kind, bs);
+    }
+}
+
+#[test]
+fn the_kernels_work_follows_the_kept_tiles_of_64() {
+    // Blocks of 16 over 128 × 128 (8 × 8 blocks): three kept blocks inside tile (0, 0) and one
+    // in tile (1, 1); tiles (0, 1) and (1, 0) hold none and are never visited.
+    let mut mask = vec![false; 64];
+    for (qb, kb) in [(0, 0), (1, 1), (2, 3), (5, 6)] {
+        mask[qb * 8 + kb] = true;
+    }
+    let layout = BlockLayout::from_block_mask(128, 128, 16, LayoutHeads::Shared, &mask).unwrap();
+    for (d, col_blocks) in [(8, 1), (136, 2)] {
+        let s = Shape::new(1, 2, 1, 128, 128, d, d);
+        let case = Case::new(16, s, Options::new(d), DType::F16);
+        let (g, visits) = case
+            .run_tiled(
+                &layout,
+                KERNEL_SPARSE_TILE,
+                Columns::kernel(&s),
+                Mode::Deterministic,
+            )
+            .unwrap();
+        // 2 kept tiles × 2 query heads, once per column block.
+        let tiles = 2 * 2 * col_blocks;
+        assert_eq!(
+            visits,
+            Visits {
+                dkdv_tiles: tiles,
+                dq_tiles: tiles
+            },
+            "d {d}"
+        );
+        let keep = |_h: usize, i: usize, j: usize| mask[(i / 16) * 8 + j / 16];
+        case.compare(&g, &layout, &keep).unwrap();
+    }
+}
+
+#[test]
+fn column_offset_faults_in_the_sparse_split_fail_the_comparison() {
+    let layout = BlockLayout::strided(100, 32, 1, 2, true).unwrap();
+    let s = Shape::new(1, 2, 1, 100, 100, 136, 136);
+    let case = Case::new(17, s, Options::new(136), DType::F32);
+    let keep = |_h: usize, i: usize, j: usize| layout.admits(0, i, j);
+    let good = Columns::kernel(&s);
+    for m in [Mode::Deterministic, Mode::Atomic] {
+        let (g, _) = case
+            .run_tiled(&layout, KERNEL_SPARSE_TILE, good, m)
+            .unwrap();
+        case.compare(&g, &layout, &keep).unwrap();
+        for fault in [
+            ColumnFault::OperandsFromColumnZero,
+            ColumnFault::KLoopOffset,
+        ] {
+            let cols = Columns {
+                fault: Some(fault),
+                ..good
+            };
+            let (bad, _) = case
+                .run_tiled(&layout, KERNEL_SPARSE_TILE, cols, m)
+                .unwrap();
+            assert!(
+                case.compare(&bad, &layout, &keep).is_err(),
+                "{fault:?} {m:?} went unnoticed"
+            );
+        }
+    }
 }

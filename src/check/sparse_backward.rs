@@ -122,7 +122,11 @@ impl Inputs {
     /// backward on the same O and LSE; dQ, dK, dV read back (f32, BHSD).
     fn grads(&self, gpu: &Arc<Gpu>, c: &Case, dense: bool) -> CheckResult<[Vec<f32>; 3]> {
         let opts = self.opts(c);
-        let (o, lse) = sparse::forward(&self.qd, &self.kd, &self.vd, &self.layout, &opts)
+        let fwd_opts = attn::Options {
+            kernel: forward_kernel(c),
+            ..opts
+        };
+        let (o, lse) = sparse::forward(&self.qd, &self.kd, &self.vd, &self.layout, &fwd_opts)
             .map_err(|e| format!("forward: {e} for {}", c.describe()))?;
         let poisoned = |t: &DeviceTensor| gpu.full(t.dtype(), t.shape(), f32::NAN).map_err(err);
         let (mut dq, mut dk, mut dv) = (
@@ -171,6 +175,19 @@ impl Inputs {
     }
 }
 
+/// The forward's kernel for the case: the case's own, unless the forward's tensor cores do not
+/// take the layout's block size (they take 64, and 128 up to head dim 128), where the exact
+/// forward gives O and LSE (the backward under test still runs with the case's kernel).
+fn forward_kernel(c: &Case) -> Kernel {
+    let bs = c.layout.block_size();
+    let tc_takes = bs == 64 || (bs == 128 && c.shape.dim_qk.max(c.shape.dim_v) <= 128);
+    if tc_takes || c.kernel == Kernel::Exact {
+        c.kernel
+    } else {
+        Kernel::Exact
+    }
+}
+
 /// Runs the case and checks dQ, dK, dV against the reference under the layout's mask.
 pub fn backward(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
     let x = Inputs::new(gpu, c)?;
@@ -212,6 +229,31 @@ pub fn bitwise_repeatable(gpu: &Arc<Gpu>, c: &Case, runs: usize) -> CheckResult 
     Ok(())
 }
 
+/// `Kernel::Auto` runs the case (f16/bf16; its own kernel and mode are ignored: deterministic
+/// mode) on the tensor cores: its gradients equal `Kernel::TensorCore`'s bit for bit, and the
+/// exact kernels' differ from them somewhere (so the comparison can tell the two apart).
+pub fn auto_picks_tensor_cores(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
+    let with = |kernel| Case {
+        kernel,
+        mode: Mode::Deterministic,
+        ..c.clone()
+    };
+    let x = Inputs::new(gpu, c)?;
+    let auto = x.grads(gpu, &with(Kernel::Auto), false)?;
+    let tc = x.grads(gpu, &with(Kernel::TensorCore), false)?;
+    if let Some(d) = first_difference(&auto, &tc) {
+        return Err(format!("Auto vs TensorCore: {d} for {}", c.describe()));
+    }
+    let exact = x.grads(gpu, &with(Kernel::Exact), false)?;
+    if first_difference(&exact, &tc).is_none() {
+        return Err(format!(
+            "the exact kernels gave the tensor cores' bits: cannot tell which ran for {}",
+            c.describe()
+        ));
+    }
+    Ok(())
+}
+
 /// The case's layout must keep every block: the sparse backward then gives the dense
 /// backward's gradients bit for bit (same tiles, same order; deterministic mode).
 pub fn equals_dense_bitwise(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
@@ -231,8 +273,9 @@ pub fn equals_dense_bitwise(gpu: &Arc<Gpu>, c: &Case) -> CheckResult {
 }
 
 /// The fixed list `cuattn check` runs: a causal BigBird layout per head (f16, tensor cores,
-/// deterministic), a sliding window with key padding (bf16, fast mode), and a bitmask layout
-/// from an element predicate in blocks of 32 (f32, exact kernels).
+/// deterministic), a sliding window with key padding (bf16, fast mode), a bitmask layout
+/// from an element predicate in blocks of 32 (f32, exact kernels), and one in blocks of 16 at
+/// head dim 200 (bf16, tensor cores: re-blocked to 64, HD 256 column split).
 pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
     use crate::sparse::{BigBird, LayoutHeads};
     let bigbird = BlockLayout::bigbird(
@@ -249,6 +292,8 @@ pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
     )?;
     let window = BlockLayout::sliding_window(260, 64, 40, 0, true)?;
     let predicate = BlockLayout::from_predicate(100, 130, 32, |i, j| (i + 2 * j) % 5 != 0)?;
+    let fine =
+        BlockLayout::from_predicate(150, 150, 16, |i, j| j <= i && (i / 16 + j / 16) % 3 != 1)?;
     Ok(vec![
         (
             "f16 bigbird causal 300 d64 gqa".into(),
@@ -289,6 +334,19 @@ pub fn standard_cases() -> crate::Result<Vec<(String, Case)>> {
                 seed: 3,
             },
         ),
+        (
+            "bf16 causal predicate blocks of 16 150 d200 [tensor cores, fast]".into(),
+            Case {
+                dtype: DType::BF16,
+                shape: Shape::new(1, 4, 2, 150, 150, 200, 200),
+                layout: fine,
+                key_lens: None,
+                bshd: false,
+                kernel: Kernel::TensorCore,
+                mode: Mode::Fast,
+                seed: 4,
+            },
+        ),
     ])
 }
 
@@ -297,7 +355,7 @@ mod tests {
     #[test]
     fn the_standard_cases_build_and_fit_their_shapes() {
         let cases = super::standard_cases().unwrap();
-        assert_eq!(cases.len(), 3);
+        assert_eq!(cases.len(), 4);
         for (name, c) in cases {
             c.layout
                 .check_call(&c.shape, c.layout.block_size())

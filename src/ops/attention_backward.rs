@@ -2,8 +2,10 @@
 //! and LSE, and dO = ∂L/∂O. The CPU reference is [`crate::reference::attention_backward`];
 //! the kernels are `kernels/attention_bwd.cu` (FlashAttention-2's backward on tensor cores for
 //! f16/bf16 with head dims ≤ 256 — above 128 with the columns of dK/dV/dQ split across CTAs —
-//! and an exact f32 path for every dtype and head dim ≤ 256). Block-sparse layouts run on
-//! tensor cores up to head dim 128.
+//! and an exact f32 path for every dtype and head dim ≤ 256). Block-sparse layouts
+//! ([`super::sparse_attention`]) run on the same tensor-core kernels for every head dim up to
+//! 256 and every block size: the kernels' tile is [`SPARSE_TC_BLOCK_SIZE`], and a layout of
+//! another block size runs re-blocked to it ([`crate::sparse::BlockLayout::reblocked`]).
 //!
 //! The call takes the forward's [`attention::Options`] unchanged (scale, causal alignment,
 //! sliding window, key padding or packed sequences) and the same layouts: dO is laid out like O
@@ -34,21 +36,22 @@ use crate::kernels::params::{
     cuattn_attention_bwd_params, CUATTN_ATTN_BWD_BM, CUATTN_ATTN_BWD_BN, CUATTN_ATTN_BWD_COLS,
     CUATTN_ATTN_BWD_ROWS_PER_BLOCK, CUATTN_ATTN_BWD_SPARSE_BS, CUATTN_ATTN_BWD_THREADS,
 };
-use crate::sparse::SUPPORTED_BLOCK_SIZES;
 use std::sync::Arc;
 
 const MODULE: &str = "attention_bwd";
 /// Largest (padded) head dim of the tensor-core backward; larger ones take the exact path.
 /// Head dims 129–256 pad to the 256 tile (any size: the tiles zero-fill past D and Dv).
 pub const TC_MAX_HEAD_DIM: usize = 256;
-/// Largest head dim of the tensor-core block-sparse backward (no HD 256 sparse entries yet).
-pub const SPARSE_TC_MAX_HEAD_DIM: usize = 128;
+/// Largest head dim of the tensor-core block-sparse backward (HD 256 entries with the dense
+/// column split).
+pub const SPARSE_TC_MAX_HEAD_DIM: usize = 256;
 /// Gradient columns per CTA of the HD 256 kernels (column blocks of dK/dV and dQ).
 const COLS: usize = CUATTN_ATTN_BWD_COLS as usize;
 const ROWS: usize = CUATTN_ATTN_BWD_ROWS_PER_BLOCK as usize;
 const BN: usize = CUATTN_ATTN_BWD_BN as usize;
 const BM: usize = CUATTN_ATTN_BWD_BM as usize;
-/// The layout block size of the tensor-core block-sparse backward (one tile of each pass).
+/// The layout block size the tensor-core block-sparse kernels read (one tile of each pass);
+/// layouts of other block sizes are re-blocked to it on the host.
 pub const SPARSE_TC_BLOCK_SIZE: usize = CUATTN_ATTN_BWD_SPARSE_BS as usize;
 
 /// How dQ is summed over the key blocks.
@@ -138,9 +141,9 @@ fn check(
     })
 }
 
-/// Whether the call runs on tensor cores: f16/bf16 with both head dims ≤ 256 (≤ 128 for a
-/// block-sparse call) unless the exact kernel is asked for; asking for tensor cores with f32 or
-/// larger head dims is an error.
+/// Whether the call runs on tensor cores: f16/bf16 with both head dims ≤ 256 (dense) or ≤
+/// [`SPARSE_TC_MAX_HEAD_DIM`] (block-sparse) unless the exact kernel is asked for; asking for
+/// tensor cores with f32 or larger head dims is an error.
 fn use_tensor_cores(c: &Checked, kernel: Kernel, sparse: bool) -> Result<bool> {
     let max = if sparse {
         SPARSE_TC_MAX_HEAD_DIM
@@ -240,13 +243,18 @@ fn tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     }
 }
 
-/// The block-sparse entries, as [`tc_names`] (head dim tiles 64 and 128).
+/// The block-sparse entries, as [`tc_names`].
 fn sparse_tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
     match (dtype, hd) {
         (DType::F16, 64) => [
             "attention_bwd_sparse_dkdv_hd64_f16",
             "attention_bwd_sparse_dkdv_dq_hd64_f16",
             "attention_bwd_sparse_dq_hd64_f16",
+        ],
+        (DType::F16, 256) => [
+            "attention_bwd_sparse_dkdv_hd256_f16",
+            "attention_bwd_sparse_dkdv_dq_hd256_f16",
+            "attention_bwd_sparse_dq_hd256_f16",
         ],
         (DType::F16, _) => [
             "attention_bwd_sparse_dkdv_hd128_f16",
@@ -257,6 +265,11 @@ fn sparse_tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
             "attention_bwd_sparse_dkdv_hd64_bf16",
             "attention_bwd_sparse_dkdv_dq_hd64_bf16",
             "attention_bwd_sparse_dq_hd64_bf16",
+        ],
+        (_, 256) => [
+            "attention_bwd_sparse_dkdv_hd256_bf16",
+            "attention_bwd_sparse_dkdv_dq_hd256_bf16",
+            "attention_bwd_sparse_dq_hd256_bf16",
         ],
         _ => [
             "attention_bwd_sparse_dkdv_hd128_bf16",
@@ -270,28 +283,12 @@ fn sparse_tc_names(dtype: DType, hd: usize) -> [&'static str; 3] {
 pub fn kernel_names() -> Vec<&'static str> {
     let mut v: Vec<&str> = [DELTA, CONVERT, EXACT_DQ, EXACT_DKDV].concat();
     for dt in [DType::F16, DType::BF16] {
-        for hd in [64, 128] {
+        for hd in [64, 128, 256] {
             v.extend(tc_names(dt, hd));
             v.extend(sparse_tc_names(dt, hd));
         }
-        v.extend(tc_names(dt, 256));
     }
     v
-}
-
-/// Errors unless a layout of `block_size` can run on the chosen path: the tensor-core entries
-/// take [`SPARSE_TC_BLOCK_SIZE`] only (a block is one tile of each pass), the exact kernels
-/// every block size of the layout type.
-fn check_sparse_block_size(block_size: usize, tensor_cores: bool) -> Result<()> {
-    if tensor_cores && block_size != SPARSE_TC_BLOCK_SIZE {
-        return Err(crate::error::SparseLayoutError::BlockSize {
-            got: block_size,
-            supported: vec![SPARSE_TC_BLOCK_SIZE],
-        }
-        .into());
-    }
-    debug_assert!(SUPPORTED_BLOCK_SIZES.contains(&block_size));
-    Ok(())
 }
 
 /// Dynamic shared memory of the tensor-core kernels (attention_bwd.cu's header).
@@ -399,10 +396,15 @@ pub(super) fn launch_backward(
     if tensor_cores && hd > COLS && opts.forward.kernel == Kernel::Auto {
         // A GPU whose shared memory cannot hold the tiles (HD 256 needs ~136-145 KB: sm_80/90
         // have it, sm_86/89 do not) runs the exact path instead of failing.
-        let (name, bytes) = if opts.mode == Mode::Fast {
-            (tc_names(c.dtype, hd)[1], shared_bytes(hd, true).0)
+        let names = if sparse.is_some() {
+            sparse_tc_names(c.dtype, hd)
         } else {
-            (tc_names(c.dtype, hd)[0], shared_bytes(hd, false).0)
+            tc_names(c.dtype, hd)
+        };
+        let (name, bytes) = if opts.mode == Mode::Fast {
+            (names[1], shared_bytes(hd, true).0)
+        } else {
+            (names[0], shared_bytes(hd, false).0)
         };
         tensor_cores = bytes <= gpu.kernel(MODULE, name)?.max_dynamic_smem;
     }
@@ -410,8 +412,13 @@ pub(super) fn launch_backward(
         Some(layout) => {
             let bs = layout.layout().block_size();
             layout.layout().check_call(&c.shape, bs)?;
-            check_sparse_block_size(bs, tensor_cores)?;
-            Some(layout.args(gpu)?)
+            // Tensor cores: the layout in the kernels' tiles (re-blocked once if need be); the
+            // exact kernels walk any block size key by key.
+            Some(if tensor_cores {
+                layout.tile_args(gpu, SPARSE_TC_BLOCK_SIZE)?
+            } else {
+                layout.args(gpu)?
+            })
         }
         None => None,
     };
@@ -694,7 +701,7 @@ mod tests {
     }
 
     #[test]
-    fn tensor_cores_take_f16_and_bf16_up_to_head_dim_256_dense_and_128_sparse() {
+    fn tensor_cores_take_f16_and_bf16_up_to_head_dim_256_dense_and_sparse() {
         for (d, dv) in [(192, 64), (256, 256), (64, 129), (136, 200)] {
             let big = run_check(
                 &views(DType::BF16, 1, 1, 1, 4, 4, d, dv),
@@ -704,12 +711,8 @@ mod tests {
             assert!(use_tensor_cores(&big.c, Kernel::Auto, false).unwrap());
             assert!(use_tensor_cores(&big.c, Kernel::TensorCore, false).unwrap());
             assert_eq!(head_dim_tile(d, dv), 256);
-            // No HD 256 block-sparse entries: exact under Auto, an error when asked for.
-            assert!(!use_tensor_cores(&big.c, Kernel::Auto, true).unwrap());
-            assert!(matches!(
-                use_tensor_cores(&big.c, Kernel::TensorCore, true),
-                Err(Error::InvalidArgument { arg: "q", .. })
-            ));
+            assert!(use_tensor_cores(&big.c, Kernel::Auto, true).unwrap());
+            assert!(use_tensor_cores(&big.c, Kernel::TensorCore, true).unwrap());
         }
         let f32c = run_check(
             &views(DType::F32, 1, 1, 1, 4, 4, 64, 64),
@@ -738,9 +741,10 @@ mod tests {
 
     #[cfg(feature = "testing")]
     #[test]
-    fn the_column_split_matches_the_twin_and_the_kernel_header() {
+    fn the_column_split_and_sparse_tile_match_the_twin_and_the_kernel_header() {
         use crate::twin::attention_backward as twin;
         assert_eq!(COLS, twin::KERNEL_COLUMNS);
+        assert_eq!(SPARSE_TC_BLOCK_SIZE, twin::KERNEL_SPARSE_TILE);
         for (d, dv) in [(256, 256), (256, 100), (100, 256), (130, 129)] {
             let cols = twin::Columns::blocks(twin::KERNEL_COLUMNS);
             assert_eq!(

@@ -16,10 +16,11 @@
 //! per query block over its kept key blocks, dK/dV per key block over the query blocks that
 //! keep it (the layout's transposed index, [`crate::sparse::ColumnIndex`], uploaded with the
 //! layout). Options, modes and the exact path are the dense backward's
-//! ([`super::attention_backward`]); the same restrictions as the forward apply, and on tensor
-//! cores the layout's block size must be 64 (the backward's tile), other sizes run with
-//! `Kernel::Exact`, and head dims must be ≤ 128 (above that `Kernel::Auto` runs the exact
-//! kernels: there are no HD 256 block-sparse backward entries).
+//! ([`super::attention_backward`]); the same restrictions as the forward apply. On tensor cores
+//! every block size (16, 32, 64, 128) and head dims up to 256 (the dense backward's column
+//! split) run: the kernels' tile is 64, and a layout of another block size runs as its
+//! re-blocked copy ([`BlockLayout::reblocked`], same element mask, uploaded once per layout),
+//! so the work follows the kept 64-tiles.
 
 use super::attention::{check, launch_forward, Options, Sequences, SparseArgs};
 use super::attention_backward;
@@ -28,13 +29,28 @@ use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, TensorMut, TensorRef};
 use crate::sparse::{BlockLayout, ColumnIndex};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A block-sparse layout uploaded once and reused by every call with the same layout: its
 /// compressed rows, bitmasks and their row unions (the forward and backward), and its
-/// transposed index (the backward's dK/dV pass; [`ColumnIndex::device_bytes`] bytes).
+/// transposed index (the backward's dK/dV pass; [`ColumnIndex::device_bytes`] bytes). The
+/// tensor-core backward reads layouts of its tile
+/// ([`attention_backward::SPARSE_TC_BLOCK_SIZE`]); for another block size its first call
+/// uploads the layout re-blocked to that tile ([`BlockLayout::reblocked`]: the same element
+/// mask), kept here for the later calls.
 pub struct DeviceBlockLayout {
     layout: BlockLayout,
+    arrays: DeviceArrays,
+    /// The layout re-blocked to the tensor-core backward's tile (block sizes other than it).
+    tiles: OnceLock<DeviceArrays>,
+}
+
+/// One layout's arrays on the device.
+struct DeviceArrays {
+    block_size: usize,
+    stored_heads: i32,
+    q_blocks: i32,
+    k_blocks: i32,
     words_per_row: usize,
     ints: [CudaSlice<i32>; 6],
     bits: CudaSlice<u64>,
@@ -51,10 +67,10 @@ pub(super) struct ColumnArgs {
     pub(super) k_blocks: i32,
 }
 
-impl DeviceBlockLayout {
+impl DeviceArrays {
     /// Copies the layout's arrays (and, per bitmask block, the union of its rows, which says
     /// which K/V rows any query of the block may see) to the device.
-    pub fn upload(gpu: &Gpu, layout: &BlockLayout) -> Result<DeviceBlockLayout> {
+    fn upload(gpu: &Gpu, layout: &BlockLayout) -> Result<DeviceArrays> {
         let d = layout.to_device()?;
         let wpr = layout.words_per_row();
         let bs = layout.block_size();
@@ -70,8 +86,11 @@ impl DeviceBlockLayout {
         let cols: ColumnIndex = layout.columns();
         let column_bytes = cols.device_bytes();
         let [offsets, q_blocks, blocks] = cols.to_device()?;
-        Ok(DeviceBlockLayout {
-            layout: layout.clone(),
+        Ok(DeviceArrays {
+            block_size: bs,
+            stored_heads: d.stored_heads,
+            q_blocks: d.q_blocks,
+            k_blocks: d.k_blocks,
             words_per_row: wpr,
             ints: [
                 up_i32(d.row_offsets)?,
@@ -88,15 +107,8 @@ impl DeviceBlockLayout {
         })
     }
 
-    /// Device bytes of the transposed index (see [`ColumnIndex`]).
-    pub fn column_index_bytes(&self) -> usize {
-        self.column_bytes
-    }
-
-    /// The device pointers of the rows (as the forward takes them) and of the columns, after
-    /// checking that the layout lives in `gpu`'s context.
-    pub(super) fn args(&self, gpu: &Gpu) -> Result<(SparseArgs, ColumnArgs)> {
-        gpu.check_context("layout", crate::gpu::ContextId::of(self.bits.context()))?;
+    /// The device pointers of the rows (as the forward takes them) and of the columns.
+    fn args(&self, gpu: &Gpu) -> (SparseArgs, ColumnArgs) {
         let stream = gpu.stream();
         let mut ptrs = [0u64; 8];
         for (p, buf) in ptrs.iter_mut().zip(&self.ints) {
@@ -104,11 +116,10 @@ impl DeviceBlockLayout {
         }
         ptrs[6] = self.bits.device_ptr(stream).0;
         ptrs[7] = self.bits_union.device_ptr(stream).0;
-        let l = &self.layout;
         let rows = SparseArgs {
-            block_size: l.block_size(),
-            stored_heads: l.heads().stored() as i32,
-            q_blocks: l.q_blocks() as i32,
+            block_size: self.block_size,
+            stored_heads: self.stored_heads,
+            q_blocks: self.q_blocks,
             words_per_row: self.words_per_row as i32,
             ptrs,
         };
@@ -118,9 +129,55 @@ impl DeviceBlockLayout {
         }
         let cols = ColumnArgs {
             ptrs: cptrs,
-            k_blocks: l.k_blocks() as i32,
+            k_blocks: self.k_blocks,
         };
-        Ok((rows, cols))
+        (rows, cols)
+    }
+}
+
+impl DeviceBlockLayout {
+    /// Copies the layout's arrays to the device (see [`DeviceBlockLayout`]).
+    pub fn upload(gpu: &Gpu, layout: &BlockLayout) -> Result<DeviceBlockLayout> {
+        Ok(DeviceBlockLayout {
+            layout: layout.clone(),
+            arrays: DeviceArrays::upload(gpu, layout)?,
+            tiles: OnceLock::new(),
+        })
+    }
+
+    /// Device bytes of the transposed index (see [`ColumnIndex`]), of the layout as uploaded
+    /// (a re-blocked copy for the tensor-core backward adds its own).
+    pub fn column_index_bytes(&self) -> usize {
+        self.arrays.column_bytes
+    }
+
+    /// The device pointers of the rows (as the forward takes them) and of the columns, after
+    /// checking that the layout lives in `gpu`'s context.
+    pub(super) fn args(&self, gpu: &Gpu) -> Result<(SparseArgs, ColumnArgs)> {
+        gpu.check_context(
+            "layout",
+            crate::gpu::ContextId::of(self.arrays.bits.context()),
+        )?;
+        Ok(self.arrays.args(gpu))
+    }
+
+    /// As [`Self::args`], for the layout in blocks of `tile`: the uploaded arrays when the
+    /// block size is `tile`, else the re-blocked layout's (uploaded on first use).
+    pub(super) fn tile_args(&self, gpu: &Gpu, tile: usize) -> Result<(SparseArgs, ColumnArgs)> {
+        gpu.check_context(
+            "layout",
+            crate::gpu::ContextId::of(self.arrays.bits.context()),
+        )?;
+        if self.layout.block_size() == tile {
+            return Ok(self.arrays.args(gpu));
+        }
+        if let Some(t) = self.tiles.get() {
+            debug_assert_eq!(t.block_size, tile);
+            return Ok(t.args(gpu));
+        }
+        let built = DeviceArrays::upload(gpu, &self.layout.reblocked(tile)?)?;
+        // Another thread may have stored its copy first: both hold the same arrays.
+        Ok(self.tiles.get_or_init(|| built).args(gpu))
     }
 
     /// The host layout this was uploaded from.
@@ -213,9 +270,8 @@ pub fn forward(
 
 /// Block-sparse attention backward into caller-owned views: dQ, dK, dV of [`forward_into`] run
 /// with the same `layout` and `opts.forward` (see [`attention_backward::backward_into`] for the
-/// views and modes). Errors as the forward for options and layouts that do not fit the call,
-/// and with [`crate::error::SparseLayoutError::BlockSize`] for a tensor-core call whose layout
-/// block size is not [`attention_backward::SPARSE_TC_BLOCK_SIZE`].
+/// views and modes). Errors as the forward for options and layouts that do not fit the call;
+/// every block size runs on tensor cores (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(
     gpu: &Arc<Gpu>,

@@ -8,7 +8,10 @@
 //!   causal versions;
 //! - `classify`: the one place that decides whether a block is dropped, full or partial;
 //! - [`columns`]: the transposed index (key block → query blocks keeping it) the backward's
-//!   dK/dV pass walks.
+//!   dK/dV pass walks;
+//! - `reblock`: the same element mask in blocks of another size
+//!   ([`BlockLayout::reblocked`]), how the tensor-core backward runs every block size on its
+//!   64-tiles.
 //!
 //! The CPU twin of the kernel's block loop is [`crate::twin::sparse_attention`].
 
@@ -17,6 +20,7 @@ pub mod columns;
 pub mod from_masks;
 pub mod layout;
 pub mod patterns;
+mod reblock;
 
 pub use columns::ColumnIndex;
 pub use layout::{

@@ -527,23 +527,9 @@ fn block_keys(
         .collect()
 }
 
-/// The twin of the block-sparse backward (`attention_bwd.cu`, SPARSE entries), tiles being
-/// the layout's blocks (the kernels take blocks of their BM = BN = 64):
-///
-/// - dK/dV program per (batch, K/V head, key block): a key block wholly past the sequence's key
-///   length writes zeros; otherwise the K/V rows loaded are the keys some visited block may
-///   keep ([`block_keys`], OR-ed over the column), the rest read as zero; for each query head
-///   of the GQA group it walks the query blocks that keep the key block, in ascending order,
-///   from the layout's transposed index ([`BlockLayout::columns`]);
-/// - dQ program per (batch, query head, query block) over the row's kept key blocks, ascending
-///   (the forward's walk), skipping blocks past the key length;
-/// - a full block inside both lengths runs unmasked; every other block keeps (i, j) iff
-///   i < len_q, j < key_len and its element mask admits it ([`BlockLayout::kind_admits`]);
-/// - arithmetic and rounding points as in [`backward`].
-///
-/// `o` and `lse` are the sparse forward's ([`crate::twin::sparse_attention::forward`]).
-/// Errors if the layout does not fit the call or `opts` carries a causal or window mask (a
-/// sparse call's masks are in its layout).
+/// The twin of the block-sparse backward with the layout's own blocks as tiles and no column
+/// split: [`backward_sparse_tiled`] with `tile` = the layout's block size and
+/// [`Columns::WHOLE`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward_sparse(
     q: &[f32],
@@ -558,16 +544,77 @@ pub fn backward_sparse(
     mode: Mode,
     dtype: DType,
 ) -> Result<(Grads, Visits)> {
-    let bs = layout.block_size();
-    layout.check_call(shape, bs)?;
+    backward_sparse_tiled(
+        q,
+        k,
+        v,
+        o,
+        lse,
+        d_o,
+        shape,
+        opts,
+        layout,
+        layout.block_size(),
+        Columns::WHOLE,
+        mode,
+        dtype,
+    )
+}
+
+/// The kernels' tile of the block-sparse backward (`CUATTN_ATTN_BWD_SPARSE_BS`).
+pub const KERNEL_SPARSE_TILE: usize = 64;
+
+/// The twin of the block-sparse backward (`attention_bwd.cu`, SPARSE entries) as the kernels
+/// run it: the layout is re-blocked to square tiles of `tile` ([`BlockLayout::reblocked`], what
+/// the host does for a layout whose block size is not the kernels' [`KERNEL_SPARSE_TILE`]),
+/// and the programs walk the re-blocked layout's kept tiles, in the order of their flattened
+/// grid index, with the columns split as `cols` says (the HD 256 entries:
+/// [`Columns::kernel`]):
+///
+/// - dK/dV program per (key tile, column block, K/V head, batch) ([`dkdv_program`]): a key
+///   tile wholly past the sequence's key length writes zeros; otherwise the K/V rows loaded are
+///   the keys some visited tile may keep ([`block_keys`], OR-ed over the column), the rest read
+///   as zero; for each query head of the GQA group it walks the query tiles that keep the key
+///   tile, in ascending order, from the re-blocked layout's transposed index
+///   ([`BlockLayout::columns`]);
+/// - dQ program per (query tile, column block, query head, batch) ([`dq_program`]) over the
+///   row's kept key tiles, ascending (the forward's walk), skipping tiles past the key length;
+/// - a full tile inside both lengths runs unmasked; every other tile keeps (i, j) iff
+///   i < len_q, j < key_len and its element mask admits it ([`BlockLayout::kind_admits`]);
+/// - column block c accumulates its columns of dK/dV (dQ) with the B operands from the same
+///   columns, Sᵀ/dPᵀ over all columns (as [`backward_split`]);
+/// - arithmetic and rounding points as in [`backward`].
+///
+/// `o` and `lse` are the sparse forward's ([`crate::twin::sparse_attention::forward`]).
+/// Errors if the layout does not fit the call, `tile` is not a supported block size, or `opts`
+/// carries a causal or window mask (a sparse call's masks are in its layout).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sparse_tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    shape: &Shape,
+    opts: &Options,
+    layout: &BlockLayout,
+    tile: usize,
+    cols: Columns,
+    mode: Mode,
+    dtype: DType,
+) -> Result<(Grads, Visits)> {
+    layout.check_call(shape, layout.block_size())?;
     if opts.causal.is_some() || opts.window.is_some() {
         return Err(Error::invalid(
             "opts",
             "a sparse call's causal and window masks belong in its layout",
         ));
     }
+    let layout = &layout.reblocked(tile)?;
+    let bs = tile;
     let s = shape;
-    let cols = layout.columns();
+    let index = layout.columns();
     let (d, dvn) = (s.dim_qk, s.dim_v);
     let scale = opts.scale as f32;
     let c = scale * std::f32::consts::LOG2_E;
@@ -584,168 +631,179 @@ pub fn backward_sparse(
     let mut dq_acc = vec![0.0f32; s.q_len()];
     let zeros = vec![0.0f32; d.max(dvn)];
     let len_q = s.len_q;
-
-    for b in 0..s.batch {
-        let key_len = opts
-            .key_lens
+    let key_len_of = |b: usize| {
+        opts.key_lens
             .as_ref()
-            .map_or(s.len_k, |l| l[b].min(s.len_k));
-        // Whether (i, j) of kept block `kind` at (qb, kb) is computed; `full`: unmasked tile.
-        let keeps = |kind: BlockKind, qb: usize, kb: usize, full: bool, i: usize, j: usize| {
-            full || (i < len_q && j < key_len && layout.kind_admits(kind, qb, kb, i, j))
-        };
-        let is_full = |kind: BlockKind, qb: usize, kb: usize| {
-            kind == BlockKind::Full && (kb + 1) * bs <= key_len && (qb + 1) * bs <= len_q
-        };
-        for hk in 0..s.heads_kv {
-            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
-            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
-            for kb in 0..layout.k_blocks() {
-                let key0 = kb * bs;
-                let mut dk = vec![0.0f32; bs * d];
-                let mut dv = vec![0.0f32; bs * dvn];
-                if key0 < key_len {
-                    let mut seen = vec![false; bs];
-                    for gi in 0..group {
-                        let head = layout.head_of(hk * group + gi);
-                        let (qbs, xs) = cols.column(head, kb);
-                        for (&qb, &x) in qbs.iter().zip(xs) {
-                            let keys = block_keys(layout, layout.kinds()[x], qb, kb, key_len);
-                            seen.iter_mut().zip(keys).for_each(|(a, k)| *a |= k);
-                        }
-                    }
-                    let k_row = |kk: usize| {
-                        if seen[kk] {
-                            &k_head[(key0 + kk) * d..(key0 + kk + 1) * d]
-                        } else {
-                            &zeros[..d]
-                        }
-                    };
-                    let v_row = |kk: usize| {
-                        if seen[kk] {
-                            &v_head[(key0 + kk) * dvn..(key0 + kk + 1) * dvn]
-                        } else {
-                            &zeros[..dvn]
-                        }
-                    };
-                    for gi in 0..group {
-                        let h = hk * group + gi;
-                        let r0 = (b * s.heads_q + h) * s.len_q;
-                        let (qbs, xs) = cols.column(layout.head_of(h), kb);
-                        for (&qb, &x) in qbs.iter().zip(xs) {
-                            visits.dkdv_tiles += 1;
-                            let kind = layout.kinds()[x];
-                            let full = is_full(kind, qb, kb);
-                            let q0 = qb * bs;
-                            for kk in 0..bs {
-                                for col in 0..bs {
-                                    let i = q0 + col;
-                                    if !keeps(kind, qb, kb, full, i, key0 + kk) {
-                                        continue; // P = dS = 0
-                                    }
-                                    let r = r0 + i;
-                                    let (qi, doi) =
-                                        (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
-                                    let kj = k_row(kk);
-                                    let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
-                                    let ds = p * (dot(doi, v_row(kk)) - delta[r]);
-                                    let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
-                                    for (a, &x) in dv[kk * dvn..(kk + 1) * dvn].iter_mut().zip(doi)
-                                    {
-                                        *a += p_in * x;
-                                    }
-                                    for (a, &x) in dk[kk * d..(kk + 1) * d].iter_mut().zip(qi) {
-                                        *a += ds_in * x;
-                                    }
-                                    if mode == Mode::Atomic {
-                                        for (a, &x) in dq_acc[r * d..(r + 1) * d].iter_mut().zip(kj)
-                                        {
-                                            *a += ds_in * x;
-                                        }
-                                    }
+            .map_or(s.len_k, |l| l[b].min(s.len_k))
+    };
+    // Whether (i, j) of kept tile `kind` at (qb, kb) is computed; `full`: unmasked tile.
+    let keeps = |kind: BlockKind, qb: usize, kb: usize, full: bool, key_len: usize, i, j| {
+        full || (i < len_q && j < key_len && layout.kind_admits(kind, qb, kb, i, j))
+    };
+    let is_full = |kind: BlockKind, qb: usize, kb: usize, key_len: usize| {
+        kind == BlockKind::Full && (kb + 1) * bs <= key_len && (qb + 1) * bs <= len_q
+    };
+
+    // ---- dK/dV (and in atomic mode dQ) programs ----
+    let k_tiles = layout.k_blocks();
+    let dkdv_cols = dkdv_column_blocks(d, dvn, cols);
+    for flat in 0..k_tiles * dkdv_cols * s.heads_kv * s.batch {
+        let pr = dkdv_program(flat, k_tiles, dkdv_cols, s.heads_kv);
+        let (b, hk, kb) = (pr.batch, pr.head, pr.block);
+        let (ck, cv) = (cols.block(pr.col, d), cols.block(pr.col, dvn));
+        let key_len = key_len_of(b);
+        let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+        let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+        let key0 = kb * bs;
+        // The program's accumulators: its columns of dK and dV for its bs keys.
+        let mut dk = vec![0.0f32; bs * ck.n];
+        let mut dv = vec![0.0f32; bs * cv.n];
+        if key0 < key_len {
+            let mut seen = vec![false; bs];
+            for gi in 0..group {
+                let head = layout.head_of(hk * group + gi);
+                let (qbs, xs) = index.column(head, kb);
+                for (&qb, &x) in qbs.iter().zip(xs) {
+                    let keys = block_keys(layout, layout.kinds()[x], qb, kb, key_len);
+                    seen.iter_mut().zip(keys).for_each(|(a, k)| *a |= k);
+                }
+            }
+            let k_row = |kk: usize| {
+                if seen[kk] {
+                    &k_head[(key0 + kk) * d..(key0 + kk + 1) * d]
+                } else {
+                    &zeros[..d]
+                }
+            };
+            let v_row = |kk: usize| {
+                if seen[kk] {
+                    &v_head[(key0 + kk) * dvn..(key0 + kk + 1) * dvn]
+                } else {
+                    &zeros[..dvn]
+                }
+            };
+            for gi in 0..group {
+                let h = hk * group + gi;
+                let r0 = (b * s.heads_q + h) * s.len_q;
+                let (qbs, xs) = index.column(layout.head_of(h), kb);
+                for (&qb, &x) in qbs.iter().zip(xs) {
+                    visits.dkdv_tiles += 1;
+                    let kind = layout.kinds()[x];
+                    let full = is_full(kind, qb, kb, key_len);
+                    let q0 = qb * bs;
+                    for kk in 0..bs {
+                        for qc in 0..bs {
+                            let i = q0 + qc;
+                            if !keeps(kind, qb, kb, full, key_len, i, key0 + kk) {
+                                continue; // P = dS = 0
+                            }
+                            let r = r0 + i;
+                            let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                            let (kj, vj) = (k_row(kk), v_row(kk));
+                            // Sᵀ and dPᵀ over every column (from k0: only a fault moves it).
+                            let p = (dot(&qi[ck.k0..], &kj[ck.k0..]) * c - lse_log2(lse[r])).exp2();
+                            let ds = p * (dot(&doi[cv.k0..], &vj[cv.k0..]) - delta[r]);
+                            let (p_in, ds_in) = (dtype.round(p), dtype.round(ds));
+                            for (x, a) in dv[kk * cv.n..(kk + 1) * cv.n].iter_mut().enumerate() {
+                                *a += p_in * col(doi, cv.operand0 + x);
+                            }
+                            for (x, a) in dk[kk * ck.n..(kk + 1) * ck.n].iter_mut().enumerate() {
+                                *a += ds_in * col(qi, ck.operand0 + x);
+                            }
+                            if mode == Mode::Atomic {
+                                for (x, a) in dq_acc[r * d + ck.c0..][..ck.n].iter_mut().enumerate()
+                                {
+                                    *a += ds_in * col(kj, ck.operand0 + x);
                                 }
                             }
                         }
                     }
                 }
-                for kk in 0..bs.min(s.len_k - key0) {
-                    let j = key0 + kk;
-                    let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d;
-                    let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn;
-                    for (out, &a) in g.dk[kr..kr + d].iter_mut().zip(&dk[kk * d..(kk + 1) * d]) {
-                        *out = dtype.round(a * scale);
-                    }
-                    for (out, &a) in g.dv[vr..vr + dvn]
-                        .iter_mut()
-                        .zip(&dv[kk * dvn..(kk + 1) * dvn])
-                    {
-                        *out = dtype.round(a);
-                    }
-                }
             }
         }
-        if mode == Mode::Atomic {
-            continue;
-        }
-        for h in 0..s.heads_q {
-            let hk = h / group;
-            let r0 = (b * s.heads_q + h) * s.len_q;
-            let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
-            let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
-            for qb in 0..layout.q_blocks() {
-                let q0 = qb * bs;
-                let mut dq = vec![0.0f32; bs * d];
-                let (kbs, kinds) = layout.row(layout.head_of(h), qb);
-                for (&kb, &kind) in kbs.iter().zip(kinds) {
-                    let key0 = kb * bs;
-                    if key0 >= key_len {
-                        continue; // wholly in the key padding
-                    }
-                    visits.dq_tiles += 1;
-                    let seen = block_keys(layout, kind, qb, kb, key_len);
-                    let full = is_full(kind, qb, kb);
-                    for row in 0..bs.min(len_q - q0) {
-                        let i = q0 + row;
-                        let r = r0 + i;
-                        let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
-                        for (kk, &loaded) in seen.iter().enumerate() {
-                            let j = key0 + kk;
-                            if !keeps(kind, qb, kb, full, i, j) {
-                                continue;
-                            }
-                            let kj = if loaded {
-                                &k_head[j * d..][..d]
-                            } else {
-                                &zeros[..d]
-                            };
-                            let vj = if loaded {
-                                &v_head[j * dvn..][..dvn]
-                            } else {
-                                &zeros[..dvn]
-                            };
-                            let p = (dot(qi, kj) * c - lse_log2(lse[r])).exp2();
-                            let ds = dtype.round(p * (dot(doi, vj) - delta[r]));
-                            for (a, &x) in dq[row * d..(row + 1) * d].iter_mut().zip(kj) {
-                                *a += ds * x;
-                            }
-                        }
-                    }
-                }
-                for row in 0..bs.min(len_q - q0) {
-                    let r = r0 + q0 + row;
-                    for (out, &a) in g.dq[r * d..(r + 1) * d]
-                        .iter_mut()
-                        .zip(&dq[row * d..(row + 1) * d])
-                    {
-                        *out = dtype.round(a * scale);
-                    }
-                }
+        for kk in 0..bs.min(s.len_k - key0) {
+            let j = key0 + kk;
+            let kr = ((b * s.heads_kv + hk) * s.len_k + j) * d + ck.c0;
+            let vr = ((b * s.heads_kv + hk) * s.len_k + j) * dvn + cv.c0;
+            for (out, &a) in g.dk[kr..kr + ck.n]
+                .iter_mut()
+                .zip(&dk[kk * ck.n..(kk + 1) * ck.n])
+            {
+                *out = dtype.round(a * scale);
+            }
+            for (out, &a) in g.dv[vr..vr + cv.n]
+                .iter_mut()
+                .zip(&dv[kk * cv.n..(kk + 1) * cv.n])
+            {
+                *out = dtype.round(a);
             }
         }
     }
     if mode == Mode::Atomic {
         for (out, &a) in g.dq.iter_mut().zip(&dq_acc) {
             *out = dtype.round(a * scale);
+        }
+        return Ok((g, visits));
+    }
+
+    // ---- Deterministic dQ programs: per query tile, its row's kept key tiles ----
+    let q_tiles = layout.q_blocks();
+    let dq_cols = dq_column_blocks(d, cols);
+    for flat in 0..q_tiles * dq_cols * s.heads_q * s.batch {
+        let pr = dq_program(flat, q_tiles, dq_cols, s.heads_q);
+        let (b, h, qb) = (pr.batch, pr.head, pr.block);
+        let (ck, cv) = (cols.block(pr.col, d), cols.block(pr.col, dvn));
+        let key_len = key_len_of(b);
+        let hk = h / group;
+        let r0 = (b * s.heads_q + h) * s.len_q;
+        let k_head = &k[(b * s.heads_kv + hk) * s.len_k * d..][..s.len_k * d];
+        let v_head = &v[(b * s.heads_kv + hk) * s.len_k * dvn..][..s.len_k * dvn];
+        let q0 = qb * bs;
+        let mut dq = vec![0.0f32; bs * ck.n];
+        let (kbs, kinds) = layout.row(layout.head_of(h), qb);
+        for (&kb, &kind) in kbs.iter().zip(kinds) {
+            let key0 = kb * bs;
+            if key0 >= key_len {
+                continue; // wholly in the key padding
+            }
+            visits.dq_tiles += 1;
+            let seen = block_keys(layout, kind, qb, kb, key_len);
+            let full = is_full(kind, qb, kb, key_len);
+            for row in 0..bs.min(len_q - q0) {
+                let i = q0 + row;
+                let r = r0 + i;
+                let (qi, doi) = (&q[r * d..(r + 1) * d], &d_o[r * dvn..(r + 1) * dvn]);
+                for (kk, &loaded) in seen.iter().enumerate() {
+                    let j = key0 + kk;
+                    if !keeps(kind, qb, kb, full, key_len, i, j) {
+                        continue;
+                    }
+                    let kj = if loaded {
+                        &k_head[j * d..][..d]
+                    } else {
+                        &zeros[..d]
+                    };
+                    let vj = if loaded {
+                        &v_head[j * dvn..][..dvn]
+                    } else {
+                        &zeros[..dvn]
+                    };
+                    let p = (dot(&qi[ck.k0..], &kj[ck.k0..]) * c - lse_log2(lse[r])).exp2();
+                    let ds = dtype.round(p * (dot(&doi[cv.k0..], &vj[cv.k0..]) - delta[r]));
+                    for (x, a) in dq[row * ck.n..(row + 1) * ck.n].iter_mut().enumerate() {
+                        *a += ds * col(kj, ck.operand0 + x);
+                    }
+                }
+            }
+        }
+        for row in 0..bs.min(len_q - q0) {
+            let r = r0 + q0 + row;
+            for (out, &a) in g.dq[r * d + ck.c0..][..ck.n]
+                .iter_mut()
+                .zip(&dq[row * ck.n..(row + 1) * ck.n])
+            {
+                *out = dtype.round(a * scale);
+            }
         }
     }
     Ok((g, visits))
