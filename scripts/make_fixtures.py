@@ -88,6 +88,13 @@ tests/fixtures/tiny-bart-untied-denoise-step.json, tiny-bart-untied-denoise-step
                                     `adamw2.<name>`), and with dropout on (our Philox masks
                                     substituted for torch's dropout) the loss and gradients
                                     (`dropout.grad.<name>`) (`--only bart-denoise-step-untied`)
+tests/fixtures/tiny-bart-saved-hf.json, tiny-bart-saved-hf.safetensors
+                                    transformers reading tests/fixtures/tiny-bart-saved and
+                                    tiny-bart-untied-saved (written by our save_pretrained:
+                                    `cargo test --release --test train_bart_save -- --ignored`
+                                    first): its loading report and warnings, the names its own
+                                    re-save writes, and the logits of the denoising batch
+                                    (`--only bart-saved`, not part of the default run)
 
 tests/fixtures/tiny-gpt-neo/        a random 4-layer GPTNeoForCausalLM (global/local alternating, window 4,
                                     hidden 16) with a 320-token byte-level BPE (tokenizer.json)
@@ -944,6 +951,68 @@ def bart_denoise_step():
         json.dump(record, f)
 
 
+def bart_saved():
+    """Hugging Face reading the folders our BART `save_pretrained` wrote
+    (tests/fixtures/tiny-bart-saved, tiny-bart-untied-saved: the ignored test
+    `write_the_saved_fixtures` of tests/train_bart_save.rs writes them). For each: the loading
+    report of `from_pretrained(output_loading_info=True)` (missing, unexpected and mismatched
+    keys, error messages), every warning transformers logged or raised while loading, the tensor
+    names of transformers' own `save_pretrained` of the loaded model, and the eval-mode logits
+    of the denoising fixture's batch (`<name>.logits`, [batch·len_out·vocab] flattened)."""
+    import logging
+    import tempfile
+    import warnings
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import BartForConditionalGeneration
+    step = json.load(open(os.path.join(FIXTURES, "tiny-bart-denoise-step.json")))["variants"]["tiny-bart"]
+    x = torch.tensor(step["input_ids"])
+    lens = step["lens"]
+    mask = torch.tensor([[1] * n + [0] * (x.shape[1] - n) for n in lens])
+    labels = torch.tensor(step["labels"])
+    record = {"generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}"}
+    tensors = {}
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, r):
+            self.messages.append(r.getMessage())
+
+    for name in ["tiny-bart-saved", "tiny-bart-untied-saved"]:
+        folder = os.path.join(FIXTURES, name)
+        handler = Collect()
+        logger = logging.getLogger("transformers")
+        logger.addHandler(handler)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = BartForConditionalGeneration.from_pretrained(
+                folder, attn_implementation="eager", output_loading_info=True)
+        logger.removeHandler(handler)
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=x, attention_mask=mask, labels=labels)
+        tensors[f"{name}.logits"] = out.logits.reshape(-1).contiguous()
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+                resaved = sorted(f.keys())
+        record[name] = {
+            "missing_keys": sorted(info["missing_keys"]),
+            "unexpected_keys": sorted(info["unexpected_keys"]),
+            "mismatched_keys": sorted(str(k) for k in info["mismatched_keys"]),
+            "error_msgs": list(info["error_msgs"]),
+            "warnings": handler.messages + [str(w.message) for w in caught],
+            "resaved_keys": resaved,
+            "loss": out.loss.item(),
+        }
+    save_file(tensors, os.path.join(FIXTURES, "tiny-bart-saved-hf.safetensors"))
+    with open(os.path.join(FIXTURES, "tiny-bart-saved-hf.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
 # Dyadic probabilities: the same numbers in f32 (our config) and f64 (PyTorch's), so the
 # keep threshold round(p·2^32) and the scale 1/(1−p) agree on both sides.
 BART_UNTIED_DROPOUT = {"dropout": 0.25, "attention_dropout": 0.125, "activation_dropout": 0.375,
@@ -1574,7 +1643,7 @@ def lstm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "bart-denoise-step-untied", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "bart-denoise-step-untied", "bart-saved", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1596,6 +1665,9 @@ def main():
         bart_denoise_step()
     if args.only in ("all", "bart", "bart-denoise-step", "bart-denoise-step-untied"):
         bart_denoise_step_untied()
+    if args.only == "bart-saved":
+        # Reads folders our own save_pretrained wrote (tests/train_bart_save.rs): not in "all".
+        bart_saved()
     if args.only in ("all", "bert-pretraining"):
         tiny_bert_pretraining()
     if args.only in ("all", "bert-pretraining", "bert-pretrain-step"):

@@ -512,12 +512,6 @@ fn bad_untied_parameters_options_and_probabilities_are_typed_errors() {
     let mut h = host_params(&m);
     h[0].1.shape = vec![1, h[0].1.values.len()];
     assert!(Model::from_host(&Cpu, m.config.clone(), h, &bias).is_err());
-    // Recomputation is not implemented for BART: refused, not ignored.
-    let opts = StepOptions {
-        recompute: true,
-        ..Default::default()
-    };
-    assert!(m.forward_backward_with(&Cpu, &batch(), &opts).is_err());
     let opts = StepOptions {
         loss_scale: Some(-1.0),
         ..Default::default()

@@ -10,6 +10,7 @@
 
 use super::data::LabelSet;
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::write_json;
 use std::path::Path;
 
 /// Tokenizer files copied when the source folder has them (`tokenizer.json` is required).
@@ -64,48 +65,9 @@ pub fn check_out_dir(out: &Path, model: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// One parameter to save: Hugging Face name, shape, values (row-major f32).
-pub struct NamedTensor<'a> {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub values: &'a [f32],
-}
-
-/// Writes `tensors` to `path` as f32 safetensors with `{"format": "pt"}` metadata.
-pub fn write_safetensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<()> {
-    let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let n: usize = t.shape.iter().product();
-        if n != t.values.len() {
-            return Err(Error::shape(
-                "tensor",
-                format!("{} values for `{}`", t.values.len(), t.name),
-                &t.shape,
-            ));
-        }
-        bytes.push(t.values.iter().flat_map(|v| v.to_le_bytes()).collect());
-    }
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| Error::Checkpoint {
-                    file: path.display().to_string(),
-                    reason: format!("tensor `{}`: {e}", t.name),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::Checkpoint {
-        file: path.display().to_string(),
-        reason: format!("cannot write: {e}"),
-    })
-}
+// The writer lives with the reader (`runtime::checkpoint`) so that training code can save
+// without depending on `finetune`.
+pub use crate::runtime::checkpoint::{write_safetensors, NamedTensor};
 
 /// The classification config: `source` (the model folder's config.json) with the head's
 /// labels and architecture.
@@ -132,12 +94,7 @@ pub fn write_config_and_tokenizer(
     model_dir: &Path,
     config: &serde_json::Value,
 ) -> Result<()> {
-    let path = out.join("config.json");
-    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Config {
-        file: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    std::fs::write(&path, text + "\n").map_err(|e| io_err(&path, e))?;
+    write_json(&out.join("config.json"), config)?;
     for name in TOKENIZER_FILES {
         let src = model_dir.join(name);
         if src.exists() {

@@ -57,6 +57,10 @@ pub struct BartConfig {
     pub dropout: f32,
     pub attention_dropout: f32,
     pub activation_dropout: f32,
+    /// Training only: LayerDrop, the probability that a whole encoder (decoder) layer is
+    /// skipped in a training step (Hugging Face's default 0).
+    pub encoder_layerdrop: f32,
+    pub decoder_layerdrop: f32,
 }
 
 impl BartConfig {
@@ -101,6 +105,14 @@ impl BartConfig {
             }
             Ok(p as f32)
         };
+        // A layer skipped with probability 1 is still a model (embeddings only): [0, 1].
+        let layerdrop = |key: &str| -> Result<f32> {
+            let p = v[key].as_f64().unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&p) {
+                return Err(err(format!("`{key}` = {p} is not a probability in [0, 1]")));
+            }
+            Ok(p as f32)
+        };
         let eos = id("eos_token_id", 2);
         let c = BartConfig {
             vocab_size: int("vocab_size")?,
@@ -124,6 +136,8 @@ impl BartConfig {
             dropout: prob("dropout", 0.1)?,
             attention_dropout: prob("attention_dropout", 0.0)?,
             activation_dropout: prob("activation_dropout", 0.0)?,
+            encoder_layerdrop: layerdrop("encoder_layerdrop")?,
+            decoder_layerdrop: layerdrop("decoder_layerdrop")?,
         };
         for heads in [c.encoder_attention_heads, c.decoder_attention_heads] {
             if heads == 0 || !c.d_model.is_multiple_of(heads) {

@@ -4,6 +4,11 @@
 //! A model takes its tensors by name with the shape it expects; [`Checkpoint::finish`] then
 //! reports every tensor it did not take. So a missing, extra or mis-shaped tensor is an error
 //! that names it, never a silently half-loaded model.
+//!
+//! Writing goes the other way: [`write_safetensors`] (f32 tensors under their Hugging Face
+//! names, with the `{"format": "pt"}` metadata transformers checks) and [`write_json`] for
+//! `config.json`; the fine-tuning export, the GPT-Neo export and BART's `save_pretrained` use
+//! them.
 
 use super::folder::{check_file, read_bounded, CONFIG_LIMIT};
 use crate::error::{Error, Result};
@@ -325,4 +330,60 @@ impl Checkpoint {
             if extra.len() > 8 { ", ..." } else { "" }
         )))
     }
+}
+
+/// One parameter to save: Hugging Face name, shape, values (row-major f32).
+pub struct NamedTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: &'a [f32],
+}
+
+/// Writes `tensors` to `path` as f32 safetensors with `{"format": "pt"}` metadata.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<()> {
+    let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let n: usize = t.shape.iter().product();
+        if n != t.values.len() {
+            return Err(Error::shape(
+                "tensor",
+                format!("{} values for `{}`", t.values.len(), t.name),
+                &t.shape,
+            ));
+        }
+        bytes.push(t.values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    }
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| Error::Checkpoint {
+                    file: path.display().to_string(),
+                    reason: format!("tensor `{}`: {e}", t.name),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::Checkpoint {
+        file: path.display().to_string(),
+        reason: format!("cannot write: {e}"),
+    })
+}
+
+/// Writes `value` to `path` as pretty-printed JSON with a final newline (how Hugging Face
+/// writes `config.json`).
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Config {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
 }

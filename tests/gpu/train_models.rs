@@ -7,7 +7,8 @@
 //! compose into the same losses and gradients. Bounds: the loss within 1e-5 relative and
 //! every gradient within the bound the CPU meets against PyTorch (1e-4·max(1, max|g|) per
 //! element, 1e-4 in relative norm; the key projections' exact-zero bias gradients by size
-//! only).
+//! only). LayerDrop and recomputation: the untied step recomputing on the GPU against the
+//! CPU keeping everything, and a GPU model saved and read back on the CPU.
 
 use cuattn::check::gpu_or_skip;
 use cuattn::runtime::cuda::Cuda;
@@ -168,4 +169,83 @@ fn untied_bart_denoising_step_with_dropout_matches_the_cpu_backend_in_f32() {
         );
         compare(what, &g, &o.grads, &c.grads);
     }
+}
+
+/// LayerDrop and recomputation on the CUDA backend: the untied model with the fixture's dropout
+/// and LayerDrop 0.5 under a draw that skips some layers, recomputing on the GPU, against the
+/// CPU's step that keeps every intermediate (the draw is host-side Philox: the same layers
+/// are skipped on both); then the GPU-trained parameters saved by `save_pretrained` read back
+/// on the CPU bit for bit.
+#[test]
+fn untied_bart_step_with_layerdrop_and_recomputation_matches_the_cpu_backend_in_f32() {
+    let Some(gpu) = gpu_or_skip(
+        "untied_bart_step_with_layerdrop_and_recomputation_matches_the_cpu_backend_in_f32",
+    ) else {
+        return;
+    };
+    let g = Cuda::new(gpu, DType::F32).unwrap();
+    let dir = fixture("tests/fixtures/tiny-bart-untied");
+    let v = &json("tests/fixtures/tiny-bart-denoise-step.json")["variants"]["tiny-bart"];
+    let batch = DenoisingBatch {
+        input_ids: ints(&v["input_ids"]).iter().map(|&i| i as u32).collect(),
+        input_lens: ints(&v["lens"]).iter().map(|&l| l as usize).collect(),
+        labels: ints(&v["labels"]),
+    };
+    let d = &json("tests/fixtures/tiny-bart-untied-denoise-step.json")["dropout"];
+    let p = |k: &str| d[k].as_f64().unwrap() as f32;
+    let mut cm = BartForConditionalGeneration::from_folder(&Cpu, &dir).unwrap();
+    let mut gm = BartForConditionalGeneration::from_folder(&g, &dir).unwrap();
+    for c in [&mut cm.config, &mut gm.config] {
+        c.dropout = p("dropout");
+        c.attention_dropout = p("attention_dropout");
+        c.activation_dropout = p("activation_dropout");
+        c.encoder_layerdrop = 0.5;
+        c.decoder_layerdrop = 0.5;
+    }
+    let mixed = |v: &[bool]| v.iter().any(|&x| x) && !v.iter().all(|&x| x);
+    let opts = (0..200)
+        .map(|seed| StepOptions {
+            dropout_seed: Some(seed),
+            step: 1,
+            ..Default::default()
+        })
+        .find(|o| {
+            let s = cm.skipped_layers(o).unwrap();
+            mixed(&s.encoder) && mixed(&s.decoder)
+        })
+        .expect("a draw that skips some layers");
+    assert_eq!(
+        gm.skipped_layers(&opts).unwrap(),
+        cm.skipped_layers(&opts).unwrap()
+    );
+    let c = cm.forward_backward_with(&Cpu, &batch, &opts).unwrap();
+    let re = StepOptions {
+        recompute: true,
+        ..opts
+    };
+    let o = gm.forward_backward_with(&g, &batch, &re).unwrap();
+    assert!(
+        (o.loss - c.loss).abs() <= 1e-5 * c.loss.abs().max(1.0),
+        "loss {} vs {}",
+        o.loss,
+        c.loss
+    );
+    compare(
+        "untied BART, LayerDrop + recomputation",
+        &g,
+        &o.grads,
+        &c.grads,
+    );
+    let out = std::env::temp_dir().join(format!("cuattn-gpu-bart-save-{}", std::process::id()));
+    gm.save_pretrained(&g, &out).unwrap();
+    let back = BartForConditionalGeneration::from_folder(&Cpu, &out).unwrap();
+    for (a, b) in back.parameters().iter().zip(gm.parameters()) {
+        assert_eq!(
+            Cpu.to_f32(&a.value).unwrap(),
+            g.to_f32(&b.value).unwrap(),
+            "{}",
+            a.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(out);
 }

@@ -14,7 +14,7 @@
 
 use super::gpt3::Gpt3;
 use crate::error::{Error, Result};
-use crate::finetune::export::{write_safetensors, NamedTensor};
+use crate::runtime::checkpoint::{write_json, write_safetensors, NamedTensor};
 use crate::runtime::gpt2_tokenizer::{byte_to_unicode, END_OF_TEXT};
 use crate::runtime::gpt_neo::AttentionKind;
 use crate::runtime::train::TrainBackend;
@@ -41,15 +41,6 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| io_err(path, e))
 }
 
-fn json_text(path: &Path, v: &serde_json::Value) -> Result<String> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| Error::Config {
-            file: path.display().to_string(),
-            reason: e.to_string(),
-        })
-}
-
 /// Writes the byte-level tokenizer (`vocab.json`, `merges.txt`, `tokenizer_config.json`)
 /// into `dir`; `context` is the model's length limit.
 pub fn write_byte_tokenizer(dir: &Path, context: usize) -> Result<()> {
@@ -58,11 +49,9 @@ pub fn write_byte_tokenizer(dir: &Path, context: usize) -> Result<()> {
         vocab.insert(c.to_string(), serde_json::json!(b));
     }
     vocab.insert(END_OF_TEXT.into(), serde_json::json!(END_OF_TEXT_ID));
-    let path = dir.join("vocab.json");
-    write_text(&path, &json_text(&path, &serde_json::Value::Object(vocab))?)?;
+    write_json(&dir.join("vocab.json"), &serde_json::Value::Object(vocab))?;
     // No merges: every token is one byte.
     write_text(&dir.join("merges.txt"), "#version: 0.2\n")?;
-    let path = dir.join("tokenizer_config.json");
     let config = serde_json::json!({
         "tokenizer_class": "GPT2Tokenizer",
         "add_prefix_space": false,
@@ -71,7 +60,7 @@ pub fn write_byte_tokenizer(dir: &Path, context: usize) -> Result<()> {
         "unk_token": END_OF_TEXT,
         "model_max_length": context,
     });
-    write_text(&path, &json_text(&path, &config)?)
+    write_json(&dir.join("tokenizer_config.json"), &config)
 }
 
 /// The `config.json` of a model.
@@ -121,8 +110,7 @@ pub fn save_gpt_neo<B: TrainBackend>(
 ) -> Result<()> {
     use super::Seq2Seq;
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let path = dir.join("config.json");
-    write_text(&path, &json_text(&path, &gpt_neo_config(model))?)?;
+    write_json(&dir.join("config.json"), &gpt_neo_config(model))?;
     let params = model.parameters();
     let values = params
         .iter()

@@ -31,9 +31,40 @@
 //! activation and `fc2`. Masks come from the Philox streams of [`crate::rng`]: site s of step t
 //! uses offset `t·sites + s` (sites numbered in forward order, see [`DropoutSiteInfo`]), so a
 //! step is a pure function of (weights, batch, seed, step) on either backend, and the backward
-//! regenerates each mask. LayerDrop (`encoder_layerdrop`, `decoder_layerdrop`) is not
-//! implemented. The decoder sees every earlier target position (HF's default without a
-//! `decoder_attention_mask`: right padding only ever follows the real tokens).
+//! regenerates each mask. The decoder sees every earlier target position (HF's default without
+//! a `decoder_attention_mask`: right padding only ever follows the real tokens).
+//!
+//! LayerDrop (`encoder_layerdrop`, `decoder_layerdrop`, [`BartForConditionalGeneration::
+//! skipped_layers`]) as Hugging Face's `BartEncoder`/`BartDecoder`: only in training (a
+//! dropout seed set), one uniform draw u per layer and step for the whole batch, the layer
+//! skipped (its output is its input) when u < p; eval never skips. The draw is the Philox word
+//! of (seed, [`LAYERDROP_STREAM`] | step, layer index) against round(p·2^32), so the step stays
+//! a pure function of (weights, batch, seed, step) on either backend and p = 1 skips every
+//! layer. A skipped layer's parameters get zero gradients (autograd leaves them without one;
+//! AdamW's update is then weight decay and the moments' decay only, as torch's with a zero
+//! gradient — not as torch's for a `None` gradient, which skips the parameter); its dropout
+//! sites keep their numbers unused. Hugging Face's decoder skips with `continue`, so with a
+//! cache the skipped layer's entry would be missing; our training step keeps no KV cache and
+//! generation is eval, so the question does not arise here.
+//!
+//! Recomputation ([`StepOptions::recompute`]): the forward keeps only each layer's input
+//! (`Kept::Input`) and the backward runs that layer's forward again, with the same weights
+//! and the same Philox masks, just before the layer's backward, so the gradients are bit for
+//! bit those of the step that keeps everything (tested on the CPU). It saves, per layer, in
+//! f32 with r = batch·len rows of the stack, d = d_model, f = the layer's ffn dim, h = heads
+//! and m = batch·len_in: the encoder layer's q, k, v, attention context, two LayerNorm inputs,
+//! the sub-layer output, fc1's pre-activation and activation and the softmax statistics,
+//! 4·r·(7d + 2f + h) bytes; the decoder layer's 4·(r·(11d + 2f + 2h) + 2·m·d) bytes (its
+//! cross-attention keys and values are m rows). At BART-base's sizes (d 768, f 3072, 12 heads)
+//! that is 45 MiB per encoder layer and 63 MiB per decoder layer for every 4096 rows (and
+//! m = r), for one more forward of every layer (about a third more arithmetic in the layers).
+//! A unit test sums the cache tensors' sizes against these formulas.
+//!
+//! Saving ([`BartForConditionalGeneration::save_pretrained`]): `config.json` (the loaded one,
+//! with every field [`BartConfig`] holds set from the model's config) and `model.safetensors`
+//! with the tensors transformers 5's `save_pretrained` writes — tied: `model.shared.weight`
+//! and no `lm_head.weight`; untied: all four tables — plus `final_logits_bias` `[1, vocab]`.
+//! transformers 5.24 loads it without a missing or unexpected key (tests/train_bart_save.rs).
 
 use super::backend::{DropoutSite, TrainBackend};
 use super::bert_encoder::StepOptions;
@@ -46,9 +77,12 @@ use super::layers::{
 };
 use super::optim::{Gradients, Param};
 use crate::error::{Error, Result};
-use crate::runtime::backend::{AttentionMask, CausalAlign};
+use crate::rng::Dropout;
+use crate::runtime::backend::{Activation, AttentionMask, CausalAlign};
 use crate::runtime::bart::{own_stack_table, BartConfig, POSITION_OFFSET};
-use crate::runtime::checkpoint::{distinct_head, Checkpoint, HostParam};
+use crate::runtime::checkpoint::{
+    distinct_head, read_json, write_json, write_safetensors, Checkpoint, HostParam, NamedTensor,
+};
 use std::path::Path;
 
 /// BART's LayerNorm epsilon (PyTorch's default).
@@ -123,6 +157,31 @@ struct DecIx {
     fc1: Lin,
     fc2: Lin,
     ln3: Lin,
+}
+
+impl AttnIx {
+    fn lins(&self) -> [Lin; 4] {
+        [self.q, self.k, self.v, self.o]
+    }
+}
+
+impl EncIx {
+    /// Every (weight, bias) pair of the layer.
+    fn lins(&self) -> Vec<Lin> {
+        let mut v = self.attn.lins().to_vec();
+        v.extend([self.ln1, self.fc1, self.fc2, self.ln2]);
+        v
+    }
+}
+
+impl DecIx {
+    /// Every (weight, bias) pair of the layer.
+    fn lins(&self) -> Vec<Lin> {
+        let mut v = self.attn.lins().to_vec();
+        v.extend(self.cross.lins());
+        v.extend([self.ln1, self.ln2, self.fc1, self.fc2, self.ln3]);
+        v
+    }
 }
 
 /// Token table, positions table and `layernorm_embedding` of one stack.
@@ -252,6 +311,12 @@ pub struct BartForConditionalGeneration<B: TrainBackend> {
     params: Vec<Param<B::Tensor>>,
     /// `final_logits_bias` `[vocab]` (a buffer: no gradient).
     final_logits_bias: B::Tensor,
+    /// The `config.json` the model was loaded from ([`Self::save_pretrained`] writes it back
+    /// with the fields of `config` updated); `None` for [`Self::from_host`].
+    source_config: Option<serde_json::Value>,
+    /// `model.shared.weight` of an untied model whose every use has a table of its own: no
+    /// parameter (nothing reads it), kept on the host to be saved back as loaded.
+    unused_shared: Option<HostParam>,
     enc_emb: EmbIx,
     dec_emb: EmbIx,
     /// The output projection's table.
@@ -267,20 +332,58 @@ struct Sub<T, C> {
 }
 
 struct EncCache<T> {
-    input: T,
     attn: Sub<T, SelfAttentionCache<T>>,
     h1: T,
     ffn: Sub<T, FeedForwardCache<T>>,
 }
 
 struct DecCache<T> {
-    input: T,
     attn: Sub<T, SelfAttentionCache<T>>,
     h1: T,
     cross: Sub<T, SelfAttentionCache<T>>,
     h2: T,
     ffn: Sub<T, FeedForwardCache<T>>,
 }
+
+/// What the forward keeps of one layer for the backward.
+enum Kept<T, C> {
+    /// LayerDrop skipped it: its output is its input, its parameters get zero gradients.
+    Skipped,
+    /// Recomputation: the layer's input only; the backward runs the layer's forward again
+    /// (same weights, same Philox masks) just before its backward.
+    Input(T),
+    /// The input and every intermediate the layer's backward reads.
+    Full(T, C),
+}
+
+impl<T, C> Kept<T, C> {
+    fn new(recompute: bool, input: T, cache: C) -> Self {
+        if recompute {
+            Kept::Input(input)
+        } else {
+            Kept::Full(input, cache)
+        }
+    }
+}
+
+/// The three attention masks of a step.
+struct Masks<'m> {
+    enc: AttentionMask<'m>,
+    dec_self: AttentionMask<'m>,
+    cross: AttentionMask<'m>,
+}
+
+/// Which layers a training step skips (LayerDrop), by stack and layer index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SkippedLayers {
+    pub encoder: Vec<bool>,
+    pub decoder: Vec<bool>,
+}
+
+/// LayerDrop's Philox streams: step t draws from offset `LAYERDROP_STREAM | t`, element l for
+/// encoder layer l and `encoder_layers + l` for decoder layer l. Dropout's offsets
+/// (`t·sites + s`) stay below 2^63, so the two never share a stream.
+pub const LAYERDROP_STREAM: u64 = 1 << 63;
 
 /// Per-step shapes and ids.
 struct Shapes<'a> {
@@ -308,7 +411,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     /// Loads a `BartForConditionalGeneration` folder, tied or untied (the module doc says
     /// which tables an untied one has).
     pub fn from_folder(be: &B, dir: &Path) -> Result<Self> {
-        let config = BartConfig::from_folder(dir)?;
+        let path = dir.join("config.json");
+        let source_config = read_json(&path)?;
+        let config = BartConfig::from_json(&source_config, &path.display().to_string())?;
         let mut ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
         let v = config.vocab_size;
         let d = config.d_model;
@@ -351,7 +456,11 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             host.push((name, p));
         }
         ckpt.finish()?;
-        Self::from_host(be, config, host, &bias)
+        let mut model = Self::from_host(be, config, host, &bias)?;
+        model.source_config = Some(source_config);
+        // Read by nothing when every use has its own table; kept to be saved back unchanged.
+        model.unused_shared = shared;
+        Ok(model)
     }
 
     /// A model from named host parameters in list order (see [`Self::parameter_names`]) and
@@ -463,6 +572,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             enc_emb: emb("encoder", own.encoder),
             dec_emb: emb("decoder", own.decoder),
             head: table(own.head, "lm_head.weight"),
+            source_config: None,
+            unused_shared: None,
             config,
             params,
             enc,
@@ -722,7 +833,8 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     /// Every active dropout site of a step on `batch` under `opts`, in forward order (which is
     /// also the order of their Philox offsets): where it is, its probability's config field,
     /// its stream and the shape it drops from. Empty without a seed or with all
-    /// probabilities 0.
+    /// probabilities 0. The sites of a layer LayerDrop skips are left out (their offsets stay
+    /// reserved: the other sites keep their streams).
     pub fn dropout_sites(
         &self,
         batch: &DenoisingBatch,
@@ -731,6 +843,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         let s = self.shapes(batch)?;
         let c = &self.config;
         let sites = self.sites(opts);
+        let skip = self.skipped_layers(opts)?;
         let (d, b) = (c.d_model, s.batch);
         let (rin, rout) = (b * s.len_in, b * s.len_out);
         let mut out = Vec::new();
@@ -752,6 +865,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         );
         let eh = c.encoder_attention_heads;
         for (l, [probs, attn_out, act, ffn_out]) in sites.enc.iter().enumerate() {
+            if skip.encoder[l] {
+                continue;
+            }
             let p = format!("model.encoder.layers.{l}");
             let probs_shape = vec![b, eh, s.len_in, s.len_in];
             push(
@@ -783,6 +899,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         );
         let dh = c.decoder_attention_heads;
         for (l, [sp, so, cp, co, act, ffn_out]) in sites.dec.iter().enumerate() {
+            if skip.decoder[l] {
+                continue;
+            }
             let p = format!("model.decoder.layers.{l}");
             let self_shape = vec![b, dh, s.len_out, s.len_out];
             push(
@@ -817,7 +936,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         Ok(out)
     }
 
-    fn masks<'m>(&self, s: &'m Shapes<'_>) -> [AttentionMask<'m>; 3] {
+    fn masks<'m>(&self, s: &'m Shapes<'_>) -> Masks<'m> {
         let m = |len_q, len_k, key_lens, causal| AttentionMask {
             batch: s.batch,
             len_q,
@@ -827,11 +946,35 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             window: None,
             scale: None,
         };
-        [
-            m(s.len_in, s.len_in, s.input_lens, None),
-            m(s.len_out, s.len_out, None, Some(CausalAlign::TopLeft)),
-            m(s.len_out, s.len_in, s.input_lens, None),
-        ]
+        Masks {
+            enc: m(s.len_in, s.len_in, s.input_lens, None),
+            dec_self: m(s.len_out, s.len_out, None, Some(CausalAlign::TopLeft)),
+            cross: m(s.len_out, s.len_in, s.input_lens, None),
+        }
+    }
+
+    /// The layers a step under `opts` skips. LayerDrop as Hugging Face's: only in training
+    /// (`opts.dropout_seed` set; `None` is `model.eval()`, which never skips), one uniform
+    /// draw u per layer and step for the whole batch, the layer skipped when
+    /// u < `encoder_layerdrop` (`decoder_layerdrop`). The draw is the Philox word of
+    /// (seed, [`LAYERDROP_STREAM`] | step, layer) compared with round(p·2^32) as dropout's
+    /// masks are, so p = 0 never skips, p = 1 always does, and either backend draws the same.
+    pub fn skipped_layers(&self, opts: &StepOptions) -> Result<SkippedLayers> {
+        let c = &self.config;
+        let draw = |p: f32, index: usize| -> Result<bool> {
+            let Some(seed) = opts.dropout_seed.filter(|_| p > 0.0) else {
+                return Ok(false);
+            };
+            Ok(!Dropout::new(p)?.keeps(seed, LAYERDROP_STREAM | opts.step, index as u64))
+        };
+        Ok(SkippedLayers {
+            encoder: (0..c.encoder_layers)
+                .map(|l| draw(c.encoder_layerdrop, l))
+                .collect::<Result<_>>()?,
+            decoder: (0..c.decoder_layers)
+                .map(|l| draw(c.decoder_layerdrop, c.encoder_layers + l))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Forward, loss against `batch.labels` and backward without dropout (as
@@ -844,74 +987,224 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         self.forward_backward_with(be, batch, &StepOptions::default())
     }
 
-    /// [`Self::forward_backward`] under `opts`: dropout with the config's probabilities when
-    /// `opts.dropout_seed` is set (streams picked by `opts.step`), `opts.loss` for the
-    /// cross-entropy, `opts.loss_scale` on dL/dlogits (the gradients carry it, the loss does
-    /// not). `opts.recompute` is not implemented for BART (an error).
+    /// One encoder layer: `h1 = ln1(x + drop(attn(x)))`, `out = ln2(h1 + drop(ffn(h1)))`.
+    fn enc_layer_forward(
+        &self,
+        be: &B,
+        l: &EncIx,
+        &[probs, attn_out, act, ffn_out]: &[Option<DropoutSite>; 4],
+        x: &B::Tensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<(B::Tensor, EncCache<B::Tensor>)> {
+        let heads = self.config.encoder_attention_heads;
+        let (a, ac) = self_attention_forward(be, self.attn(&l.attn, heads), x, mask, probs)?;
+        let a = maybe_dropout(be, a, attn_out)?;
+        let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(x))?;
+        let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h1, act)?;
+        let f = maybe_dropout(be, f, ffn_out)?;
+        let (out, s2) = layer_norm_forward(be, self.ln(l.ln2), &f, Some(&h1))?;
+        let cache = EncCache {
+            attn: Sub { s: s1, c: ac },
+            h1,
+            ffn: Sub { s: s2, c: fc },
+        };
+        Ok((out, cache))
+    }
+
+    /// The backward of [`Self::enc_layer_forward`] from dL/d(out): gradients into `grads`,
+    /// returns dL/dx.
+    #[allow(clippy::too_many_arguments)]
+    fn enc_layer_backward(
+        &self,
+        be: &B,
+        l: &EncIx,
+        &[probs, attn_out, act, ffn_out]: &[Option<DropoutSite>; 4],
+        x: &B::Tensor,
+        c: &EncCache<B::Tensor>,
+        mask: &AttentionMask<'_>,
+        dout: &B::Tensor,
+        grads: &mut [Option<B::Tensor>],
+    ) -> Result<B::Tensor> {
+        let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.ffn.s, dout)?;
+        set_ln(grads, l.ln2, ln2.dgamma, ln2.dbeta);
+        let df = dropped(be, &ln2.dx, ffn_out)?;
+        let f = feed_forward_backward_dropout(
+            be,
+            self.ffn(l.fc1, l.fc2),
+            &c.h1,
+            &c.ffn.c,
+            act,
+            df.as_ref().unwrap_or(&ln2.dx),
+        )?;
+        set_lin(grads, l.fc1, f.up.dw, f.up.db);
+        set_lin(grads, l.fc2, f.down.dw, f.down.db);
+        let mut dh1 = ln2.dx;
+        be.accumulate(&mut dh1, &f.dx)?;
+        let sub = (&l.attn, l.ln1, self.config.encoder_attention_heads);
+        self.self_attention_sublayer_backward(
+            be,
+            sub,
+            (probs, attn_out),
+            x,
+            &c.attn,
+            mask,
+            &dh1,
+            grads,
+        )
+    }
+
+    /// One decoder layer: causal self-attention, cross-attention to `mem`, feed-forward, each
+    /// followed by its residual add and LayerNorm.
+    fn dec_layer_forward(
+        &self,
+        be: &B,
+        l: &DecIx,
+        &[sp, so, cp, co, act, ffn_out]: &[Option<DropoutSite>; 6],
+        y: &B::Tensor,
+        mem: &B::Tensor,
+        masks: &Masks<'_>,
+    ) -> Result<(B::Tensor, DecCache<B::Tensor>)> {
+        let dh = self.config.decoder_attention_heads;
+        let (a, ac) = self_attention_forward(be, self.attn(&l.attn, dh), y, &masks.dec_self, sp)?;
+        let a = maybe_dropout(be, a, so)?;
+        let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(y))?;
+        let (c, cc) =
+            cross_attention_forward(be, self.attn(&l.cross, dh), &h1, mem, &masks.cross, cp)?;
+        let c = maybe_dropout(be, c, co)?;
+        let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &c, Some(&h1))?;
+        let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h2, act)?;
+        let f = maybe_dropout(be, f, ffn_out)?;
+        let (out, s3) = layer_norm_forward(be, self.ln(l.ln3), &f, Some(&h2))?;
+        let cache = DecCache {
+            attn: Sub { s: s1, c: ac },
+            h1,
+            cross: Sub { s: s2, c: cc },
+            h2,
+            ffn: Sub { s: s3, c: fc },
+        };
+        Ok((out, cache))
+    }
+
+    /// The backward of [`Self::dec_layer_forward`] from dL/d(out): gradients into `grads`,
+    /// dL/dmem added to `dmem`, returns dL/dy.
+    #[allow(clippy::too_many_arguments)]
+    fn dec_layer_backward(
+        &self,
+        be: &B,
+        l: &DecIx,
+        &[sp, so, cp, co, act, ffn_out]: &[Option<DropoutSite>; 6],
+        y: &B::Tensor,
+        mem: &B::Tensor,
+        c: &DecCache<B::Tensor>,
+        masks: &Masks<'_>,
+        dout: &B::Tensor,
+        grads: &mut [Option<B::Tensor>],
+        dmem: &mut Option<B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let dh = self.config.decoder_attention_heads;
+        let ln3 = layer_norm_backward(be, self.ln(l.ln3), &c.ffn.s, dout)?;
+        set_ln(grads, l.ln3, ln3.dgamma, ln3.dbeta);
+        let df = dropped(be, &ln3.dx, ffn_out)?;
+        let f = feed_forward_backward_dropout(
+            be,
+            self.ffn(l.fc1, l.fc2),
+            &c.h2,
+            &c.ffn.c,
+            act,
+            df.as_ref().unwrap_or(&ln3.dx),
+        )?;
+        set_lin(grads, l.fc1, f.up.dw, f.up.db);
+        set_lin(grads, l.fc2, f.down.dw, f.down.db);
+        let mut dh2 = ln3.dx;
+        be.accumulate(&mut dh2, &f.dx)?;
+        let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.cross.s, &dh2)?;
+        set_ln(grads, l.ln2, ln2.dgamma, ln2.dbeta);
+        let dc = dropped(be, &ln2.dx, co)?;
+        let (dq, dm, cg) = cross_attention_backward(
+            be,
+            self.attn(&l.cross, dh),
+            &c.h1,
+            mem,
+            &c.cross.c,
+            &masks.cross,
+            cp,
+            dc.as_ref().unwrap_or(&ln2.dx),
+        )?;
+        let [gq, gk, gv, go] = cg;
+        for (ix, g) in [
+            (l.cross.q, gq),
+            (l.cross.k, gk),
+            (l.cross.v, gv),
+            (l.cross.o, go),
+        ] {
+            set_lin(grads, ix, g.dw, g.db);
+        }
+        add_grad(be, dmem, dm)?;
+        let mut dh1 = ln2.dx;
+        be.accumulate(&mut dh1, &dq)?;
+        let sub = (&l.attn, l.ln1, dh);
+        self.self_attention_sublayer_backward(
+            be,
+            sub,
+            (sp, so),
+            y,
+            &c.attn,
+            &masks.dec_self,
+            &dh1,
+            grads,
+        )
+    }
+
+    /// Zero gradients for the parameters `lins` (a skipped layer's).
+    fn zero_grads(&self, be: &B, lins: &[Lin], grads: &mut [Option<B::Tensor>]) -> Result<()> {
+        for &(w, b) in lins {
+            for i in [w, b] {
+                grads[i] = Some(be.zeros(be.shape(self.p(i)))?);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::forward_backward`] under `opts`: dropout and LayerDrop with the config's
+    /// probabilities when `opts.dropout_seed` is set (streams picked by `opts.step`),
+    /// `opts.recompute` to keep only each layer's input through the forward, `opts.loss` for
+    /// the cross-entropy, `opts.loss_scale` on dL/dlogits (the gradients carry it, the loss
+    /// does not).
     pub fn forward_backward_with(
         &self,
         be: &B,
         batch: &DenoisingBatch,
         opts: &StepOptions,
     ) -> Result<DenoisingOutput<B::Tensor>> {
-        if opts.recompute {
-            return Err(Error::invalid(
-                "recompute",
-                "recomputation is not implemented for BART's denoising step",
-            ));
-        }
         let loss_scale = opts.scale_factor()?;
         let s = self.shapes(batch)?;
         let sites = self.sites(opts);
-        let [enc_mask, self_mask, cross_mask] = self.masks(&s);
-        let (eh, dh) = (
-            self.config.encoder_attention_heads,
-            self.config.decoder_attention_heads,
-        );
+        let skip = self.skipped_layers(opts)?;
+        let masks = self.masks(&s);
         // Encoder.
         let (h, enc_s) = self.embed(be, self.enc_emb, s.input_ids, &s.in_pos)?;
         let mut h = maybe_dropout(be, h, sites.enc_emb)?;
-        let mut enc_caches = Vec::with_capacity(self.enc.len());
-        for (l, &[probs, attn_out, act, ffn_out]) in self.enc.iter().zip(&sites.enc) {
-            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, eh), &h, &enc_mask, probs)?;
-            let a = maybe_dropout(be, a, attn_out)?;
-            let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&h))?;
-            let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h1, act)?;
-            let f = maybe_dropout(be, f, ffn_out)?;
-            let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &f, Some(&h1))?;
-            enc_caches.push(EncCache {
-                input: h,
-                attn: Sub { s: s1, c: ac },
-                h1,
-                ffn: Sub { s: s2, c: fc },
-            });
-            h = h2;
+        let mut enc_kept = Vec::with_capacity(self.enc.len());
+        for ((l, site), &skipped) in self.enc.iter().zip(&sites.enc).zip(&skip.encoder) {
+            if skipped {
+                enc_kept.push(Kept::Skipped);
+                continue;
+            }
+            let (out, c) = self.enc_layer_forward(be, l, site, &h, &masks.enc)?;
+            enc_kept.push(Kept::new(opts.recompute, std::mem::replace(&mut h, out), c));
         }
         let mem = h;
         // Decoder.
         let (y, dec_s) = self.embed(be, self.dec_emb, &s.decoder_ids, &s.out_pos)?;
         let mut y = maybe_dropout(be, y, sites.dec_emb)?;
-        let mut dec_caches = Vec::with_capacity(self.dec.len());
-        for (l, &[sp, so, cp, co, act, ffn_out]) in self.dec.iter().zip(&sites.dec) {
-            let (a, ac) = self_attention_forward(be, self.attn(&l.attn, dh), &y, &self_mask, sp)?;
-            let a = maybe_dropout(be, a, so)?;
-            let (h1, s1) = layer_norm_forward(be, self.ln(l.ln1), &a, Some(&y))?;
-            let (c, cc) =
-                cross_attention_forward(be, self.attn(&l.cross, dh), &h1, &mem, &cross_mask, cp)?;
-            let c = maybe_dropout(be, c, co)?;
-            let (h2, s2) = layer_norm_forward(be, self.ln(l.ln2), &c, Some(&h1))?;
-            let (f, fc) = feed_forward_forward_dropout(be, self.ffn(l.fc1, l.fc2), &h2, act)?;
-            let f = maybe_dropout(be, f, ffn_out)?;
-            let (h3, s3) = layer_norm_forward(be, self.ln(l.ln3), &f, Some(&h2))?;
-            dec_caches.push(DecCache {
-                input: y,
-                attn: Sub { s: s1, c: ac },
-                h1,
-                cross: Sub { s: s2, c: cc },
-                h2,
-                ffn: Sub { s: s3, c: fc },
-            });
-            y = h3;
+        let mut dec_kept = Vec::with_capacity(self.dec.len());
+        for ((l, site), &skipped) in self.dec.iter().zip(&sites.dec).zip(&skip.decoder) {
+            if skipped {
+                dec_kept.push(Kept::Skipped);
+                continue;
+            }
+            let (out, c) = self.dec_layer_forward(be, l, site, &y, &mem, &masks)?;
+            dec_kept.push(Kept::new(opts.recompute, std::mem::replace(&mut y, out), c));
         }
         // Head (the shared table when tied, else lm_head) + final_logits_bias; the loss.
         let head = LinearParams {
@@ -939,60 +1232,22 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         grads[self.head] = Some(hg.dw);
         let mut dy = hg.dx.expect("asked for dx");
         let mut dmem: Option<B::Tensor> = None;
-        for ((l, c), &[sp, so, cp, co, act, ffn_out]) in
-            self.dec.iter().zip(&dec_caches).zip(&sites.dec).rev()
-        {
-            let ln3 = layer_norm_backward(be, self.ln(l.ln3), &c.ffn.s, &dy)?;
-            set_ln(&mut grads, l.ln3, ln3.dgamma, ln3.dbeta);
-            let df = dropped(be, &ln3.dx, ffn_out)?;
-            let f = feed_forward_backward_dropout(
-                be,
-                self.ffn(l.fc1, l.fc2),
-                &c.h2,
-                &c.ffn.c,
-                act,
-                df.as_ref().unwrap_or(&ln3.dx),
-            )?;
-            set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
-            set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
-            let mut dh2 = ln3.dx;
-            be.accumulate(&mut dh2, &f.dx)?;
-            let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.cross.s, &dh2)?;
-            set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
-            let dc = dropped(be, &ln2.dx, co)?;
-            let (dq, dm, cg) = cross_attention_backward(
-                be,
-                self.attn(&l.cross, dh),
-                &c.h1,
-                &mem,
-                &c.cross.c,
-                &cross_mask,
-                cp,
-                dc.as_ref().unwrap_or(&ln2.dx),
-            )?;
-            let [gq, gk, gv, go] = cg;
-            for (ix, g) in [
-                (l.cross.q, gq),
-                (l.cross.k, gk),
-                (l.cross.v, gv),
-                (l.cross.o, go),
-            ] {
-                set_lin(&mut grads, ix, g.dw, g.db);
-            }
-            add_grad(be, &mut dmem, dm)?;
-            let mut dh1 = ln2.dx;
-            be.accumulate(&mut dh1, &dq)?;
-            let sub = (&l.attn, l.ln1, dh);
-            dy = self.self_attention_sublayer_backward(
-                be,
-                sub,
-                (sp, so),
-                &c.input,
-                &c.attn,
-                &self_mask,
-                &dh1,
-                &mut grads,
-            )?;
+        for ((l, site), kept) in self.dec.iter().zip(&sites.dec).zip(&dec_kept).rev() {
+            // A recomputed layer's cache lives only for its backward.
+            let recomputed;
+            let (x, c) = match kept {
+                Kept::Skipped => {
+                    self.zero_grads(be, &l.lins(), &mut grads)?;
+                    continue;
+                }
+                Kept::Full(x, c) => (x, c),
+                Kept::Input(x) => {
+                    recomputed = self.dec_layer_forward(be, l, site, x, &mem, &masks)?.1;
+                    (x, &recomputed)
+                }
+            };
+            dy = self
+                .dec_layer_backward(be, l, site, x, &mem, c, &masks, &dy, &mut grads, &mut dmem)?;
         }
         let dy = maybe_dropout(be, dy, sites.dec_emb)?;
         self.embed_backward(
@@ -1008,35 +1263,20 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             Some(d) => d,
             None => be.zeros(be.shape(&mem))?,
         };
-        for ((l, c), &[probs, attn_out, act, ffn_out]) in
-            self.enc.iter().zip(&enc_caches).zip(&sites.enc).rev()
-        {
-            let ln2 = layer_norm_backward(be, self.ln(l.ln2), &c.ffn.s, &dh_enc)?;
-            set_ln(&mut grads, l.ln2, ln2.dgamma, ln2.dbeta);
-            let df = dropped(be, &ln2.dx, ffn_out)?;
-            let f = feed_forward_backward_dropout(
-                be,
-                self.ffn(l.fc1, l.fc2),
-                &c.h1,
-                &c.ffn.c,
-                act,
-                df.as_ref().unwrap_or(&ln2.dx),
-            )?;
-            set_lin(&mut grads, l.fc1, f.up.dw, f.up.db);
-            set_lin(&mut grads, l.fc2, f.down.dw, f.down.db);
-            let mut dh1 = ln2.dx;
-            be.accumulate(&mut dh1, &f.dx)?;
-            let sub = (&l.attn, l.ln1, eh);
-            dh_enc = self.self_attention_sublayer_backward(
-                be,
-                sub,
-                (probs, attn_out),
-                &c.input,
-                &c.attn,
-                &enc_mask,
-                &dh1,
-                &mut grads,
-            )?;
+        for ((l, site), kept) in self.enc.iter().zip(&sites.enc).zip(&enc_kept).rev() {
+            let recomputed;
+            let (x, c) = match kept {
+                Kept::Skipped => {
+                    self.zero_grads(be, &l.lins(), &mut grads)?;
+                    continue;
+                }
+                Kept::Full(x, c) => (x, c),
+                Kept::Input(x) => {
+                    recomputed = self.enc_layer_forward(be, l, site, x, &masks.enc)?.1;
+                    (x, &recomputed)
+                }
+            };
+            dh_enc = self.enc_layer_backward(be, l, site, x, c, &masks.enc, &dh_enc, &mut grads)?;
         }
         let dh_enc = maybe_dropout(be, dh_enc, sites.enc_emb)?;
         self.embed_backward(
@@ -1067,6 +1307,197 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
     }
 }
 
+/// Saving: a trained model as the folder `save_pretrained` writes.
+impl<B: TrainBackend> BartForConditionalGeneration<B> {
+    /// Every parameter as host f32 under its Hugging Face name, in list order.
+    pub fn to_host(&self, be: &B) -> Result<Vec<(String, HostParam)>> {
+        self.params
+            .iter()
+            .map(|p| {
+                let shape = be.shape(&p.value).to_vec();
+                Ok((
+                    p.name.clone(),
+                    HostParam {
+                        shape,
+                        values: be.to_f32(&p.value)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// `final_logits_bias` `[vocab]` on the host.
+    pub fn final_logits_bias(&self, be: &B) -> Result<Vec<f32>> {
+        be.to_f32(&self.final_logits_bias)
+    }
+
+    /// The `config.json` of the model as Hugging Face reads it back: the loaded file (if the
+    /// model came from a folder) with every field [`BartConfig`] holds set from `config`, so a
+    /// changed probability is saved too; fields we do not read are carried over, and
+    /// transformers' defaults fill in the rest for a model built from host parameters.
+    pub fn hf_config(&self) -> serde_json::Value {
+        let c = &self.config;
+        let mut v = match &self.source_config {
+            Some(v @ serde_json::Value::Object(_)) => v.clone(),
+            _ => serde_json::json!({}),
+        };
+        let obj = v.as_object_mut().expect("an object");
+        // A float as its shortest f32 spelling (0.1, not 0.10000000149011612), unless the
+        // loaded file already spells this value.
+        let prob = |obj: &serde_json::Map<String, serde_json::Value>, key: &str, p: f32| match obj
+            .get(key)
+            .and_then(|x| x.as_f64())
+        {
+            Some(old) if old as f32 == p => serde_json::json!(old),
+            _ => serde_json::json!(p.to_string().parse::<f64>().unwrap_or(p as f64)),
+        };
+        let activation = match obj.get("activation_function").and_then(|a| a.as_str()) {
+            Some(name) if Activation::from_hf_name(name) == Some(c.activation) => name.to_string(),
+            _ => hf_activation_name(c.activation).to_string(),
+        };
+        let id = |x: Option<u32>| x.map_or(serde_json::Value::Null, |x| serde_json::json!(x));
+        let fields = [
+            (
+                "architectures",
+                serde_json::json!(["BartForConditionalGeneration"]),
+            ),
+            ("model_type", serde_json::json!("bart")),
+            ("is_encoder_decoder", serde_json::json!(true)),
+            ("vocab_size", serde_json::json!(c.vocab_size)),
+            ("d_model", serde_json::json!(c.d_model)),
+            ("encoder_layers", serde_json::json!(c.encoder_layers)),
+            ("decoder_layers", serde_json::json!(c.decoder_layers)),
+            (
+                "encoder_attention_heads",
+                serde_json::json!(c.encoder_attention_heads),
+            ),
+            (
+                "decoder_attention_heads",
+                serde_json::json!(c.decoder_attention_heads),
+            ),
+            ("encoder_ffn_dim", serde_json::json!(c.encoder_ffn_dim)),
+            ("decoder_ffn_dim", serde_json::json!(c.decoder_ffn_dim)),
+            ("activation_function", serde_json::json!(activation)),
+            (
+                "max_position_embeddings",
+                serde_json::json!(c.max_position_embeddings),
+            ),
+            ("scale_embedding", serde_json::json!(c.scale_embedding)),
+            (
+                "tie_word_embeddings",
+                serde_json::json!(c.tie_word_embeddings),
+            ),
+            ("bos_token_id", serde_json::json!(c.bos_token_id)),
+            ("pad_token_id", serde_json::json!(c.pad_token_id)),
+            ("eos_token_id", serde_json::json!(c.eos_token_id)),
+            (
+                "decoder_start_token_id",
+                serde_json::json!(c.decoder_start_token_id),
+            ),
+            // null, not absent: transformers' BartConfig defaults forced_eos_token_id to 2.
+            ("forced_bos_token_id", id(c.forced_bos_token_id)),
+            ("forced_eos_token_id", id(c.forced_eos_token_id)),
+            ("dropout", prob(obj, "dropout", c.dropout)),
+            (
+                "attention_dropout",
+                prob(obj, "attention_dropout", c.attention_dropout),
+            ),
+            (
+                "activation_dropout",
+                prob(obj, "activation_dropout", c.activation_dropout),
+            ),
+            (
+                "encoder_layerdrop",
+                prob(obj, "encoder_layerdrop", c.encoder_layerdrop),
+            ),
+            (
+                "decoder_layerdrop",
+                prob(obj, "decoder_layerdrop", c.decoder_layerdrop),
+            ),
+            // The saved tensors' type.
+            ("dtype", serde_json::json!("float32")),
+        ];
+        for (k, x) in fields {
+            obj.insert(k.to_string(), x);
+        }
+        v
+    }
+
+    /// Writes the model into `dir` (created if missing; `config.json` and `model.safetensors`
+    /// replaced) as transformers 5's `save_pretrained` does: every parameter in f32 under its
+    /// name, `final_logits_bias` `[1, vocab]` (a buffer HF saves), and the token tables as
+    /// HF stores them — tied: `model.shared.weight` only (plus an `lm_head.weight` of its
+    /// own, if the model has one, which transformers 5.24 loads untied with a warning, as it
+    /// does the checkpoint such a model came from); untied: `model.shared.weight`,
+    /// `model.encoder.embed_tokens.weight`, `model.decoder.embed_tokens.weight` and
+    /// `lm_head.weight`. An untied model's `model.shared` that nothing reads is written back
+    /// as it was loaded (a model built by [`Self::from_host`] without it writes the encoder's
+    /// table there); an untied stack that reads `model.shared` (its checkpoint had no table
+    /// for it) gets that table under its own name, so a reload gives it a table of its own
+    /// with the same values. Both loaders here and `BartForConditionalGeneration.from_pretrained`
+    /// read the folder back.
+    pub fn save_pretrained(&self, be: &B, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+        let host = self.to_host(be)?;
+        let bias = self.final_logits_bias(be)?;
+        let mut tensors: Vec<NamedTensor<'_>> = host
+            .iter()
+            .map(|(name, p)| NamedTensor {
+                name: name.clone(),
+                shape: p.shape.clone(),
+                values: &p.values,
+            })
+            .collect();
+        tensors.push(NamedTensor {
+            name: "final_logits_bias".into(),
+            shape: vec![1, bias.len()],
+            values: &bias,
+        });
+        // Untied: a stack reading `model.shared` gets it under its own name too, as
+        // transformers 5 gives every untied BART four tables (else it would start that
+        // stack from a random table).
+        if !self.config.tie_word_embeddings {
+            for (stack, e) in [("encoder", self.enc_emb), ("decoder", self.dec_emb)] {
+                let p = &host[e.tok];
+                if p.0 == "model.shared.weight" {
+                    tensors.push(NamedTensor {
+                        name: format!("model.{stack}.embed_tokens.weight"),
+                        shape: p.1.shape.clone(),
+                        values: &p.1.values,
+                    });
+                }
+            }
+        }
+        if !host.iter().any(|(n, _)| n == "model.shared.weight") {
+            let shared = match &self.unused_shared {
+                Some(p) => p,
+                None => &host[self.enc_emb.tok].1,
+            };
+            tensors.push(NamedTensor {
+                name: "model.shared.weight".into(),
+                shape: shared.shape.clone(),
+                values: &shared.values,
+            });
+        }
+        write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        write_json(&dir.join("config.json"), &self.hf_config())
+    }
+}
+
+/// The `activation_function` name transformers reads as `a`.
+fn hf_activation_name(a: Activation) -> &'static str {
+    match a {
+        Activation::GeluErf => "gelu",
+        Activation::GeluTanh => "gelu_new",
+        Activation::Relu => "relu",
+        Activation::None => "linear",
+        Activation::Tanh => "tanh",
+    }
+}
+
 /// `slot += g` (or `slot = g` when empty).
 fn add_grad<B: TrainBackend>(be: &B, slot: &mut Option<B::Tensor>, g: B::Tensor) -> Result<()> {
     match slot {
@@ -1086,4 +1517,91 @@ fn set_lin<T>(grads: &mut [Option<T>], (w, b): Lin, dw: T, db: Option<T>) {
 fn set_ln<T>(grads: &mut [Option<T>], (g, b): Lin, dg: T, db: T) {
     grads[g] = Some(dg);
     grads[b] = Some(db);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Cpu;
+
+    fn floats<B: TrainBackend>(be: &B, ts: &[&B::Tensor]) -> usize {
+        ts.iter()
+            .map(|t| be.shape(t).iter().product::<usize>())
+            .sum()
+    }
+
+    /// The bytes the module doc says recomputation saves per layer are the f32 sizes of what a
+    /// layer's cache holds (the tiny fixture, its padded two-sequence batch).
+    #[test]
+    fn recomputation_saves_the_bytes_the_docs_state() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bart");
+        let m = BartForConditionalGeneration::from_folder(&Cpu, &dir).unwrap();
+        let c = m.config.clone();
+        let (batch, len_in, len_out) = (2usize, 7usize, 5usize);
+        let b = DenoisingBatch {
+            input_ids: vec![5; batch * len_in],
+            input_lens: vec![len_in, 4],
+            labels: vec![6; batch * len_out],
+        };
+        let s = m.shapes(&b).unwrap();
+        let masks = m.masks(&s);
+        let sites = m.sites(&StepOptions::default());
+        let (x, _) = m.embed(&Cpu, m.enc_emb, s.input_ids, &s.in_pos).unwrap();
+        let (mem, e) = m
+            .enc_layer_forward(&Cpu, &m.enc[0], &sites.enc[0], &x, &masks.enc)
+            .unwrap();
+        let enc = floats(
+            &Cpu,
+            &[
+                &e.attn.s,
+                &e.attn.c.q,
+                &e.attn.c.k,
+                &e.attn.c.v,
+                &e.attn.c.ctx,
+                &e.attn.c.lse,
+                &e.h1,
+                &e.ffn.s,
+                &e.ffn.c.z,
+                &e.ffn.c.a,
+            ],
+        );
+        let (d, r, m_rows) = (c.d_model, batch * len_in, batch * len_in);
+        let (f, h) = (c.encoder_ffn_dim, c.encoder_attention_heads);
+        assert_eq!(4 * enc, 4 * r * (7 * d + 2 * f + h));
+        let (y, _) = m
+            .embed(&Cpu, m.dec_emb, &s.decoder_ids, &s.out_pos)
+            .unwrap();
+        let (_, k) = m
+            .dec_layer_forward(&Cpu, &m.dec[0], &sites.dec[0], &y, &mem, &masks)
+            .unwrap();
+        let dec = floats(
+            &Cpu,
+            &[
+                &k.attn.s,
+                &k.attn.c.q,
+                &k.attn.c.k,
+                &k.attn.c.v,
+                &k.attn.c.ctx,
+                &k.attn.c.lse,
+                &k.h1,
+                &k.cross.s,
+                &k.cross.c.q,
+                &k.cross.c.k,
+                &k.cross.c.v,
+                &k.cross.c.ctx,
+                &k.cross.c.lse,
+                &k.h2,
+                &k.ffn.s,
+                &k.ffn.c.z,
+                &k.ffn.c.a,
+            ],
+        );
+        let (r, f, h) = (
+            batch * len_out,
+            c.decoder_ffn_dim,
+            c.decoder_attention_heads,
+        );
+        assert_eq!(4 * dec, 4 * (r * (11 * d + 2 * f + 2 * h) + 2 * m_rows * d));
+    }
 }

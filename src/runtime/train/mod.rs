@@ -32,7 +32,7 @@ pub use backend::{
 };
 pub use bart::{
     shift_tokens_right, BartForConditionalGeneration, DenoisingBatch, DenoisingOutput,
-    DropoutSiteInfo,
+    DropoutSiteInfo, SkippedLayers,
 };
 pub use bert_cls::{BertForSequenceClassification, ClassifierConfig, Head, StepOutput};
 pub use bert_encoder::StepOptions;
