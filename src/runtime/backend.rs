@@ -56,19 +56,14 @@ impl Activation {
     pub fn apply_slice(self, xs: &mut [f32]) {
         match self {
             Activation::None => {}
-            Activation::GeluErf => gelu_erf_slice(xs),
-            Activation::GeluTanh => {
-                super::cpu::vmath::gelu_tanh(super::cpu::isa::Isa::current(), xs)
+            // Both GELUs in the CPU backend's vectorized copy for this CPU.
+            Activation::GeluErf | Activation::GeluTanh => {
+                super::cpu::vmath::activation(super::cpu::isa::Isa::current(), self, xs)
             }
             Activation::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
             Activation::Tanh => xs.iter_mut().for_each(|x| *x = x.tanh()),
         }
     }
-}
-
-/// GELU (erf form) over a slice, in the CPU backend's vectorized copy for this CPU.
-fn gelu_erf_slice(xs: &mut [f32]) {
-    super::cpu::vmath::gelu_erf(super::cpu::isa::Isa::current(), xs)
 }
 
 /// erf in f32, branch-free so that loops over it vectorize: three degree-9 polynomials in the

@@ -252,8 +252,9 @@ multiversion! {
     }
 }
 
-/// `act` over a slice: GELU (erf) in the copy for `isa`, the rest as
-/// [`Activation::apply_slice`](crate::runtime::Activation::apply_slice) does.
+/// `act` over a slice: both GELUs in the copy for `isa`, the rest as
+/// [`Activation::apply_slice`](crate::runtime::Activation::apply_slice) does (which sends the
+/// GELUs here with [`Isa::current`]).
 pub fn activation(isa: Isa, act: crate::runtime::Activation, xs: &mut [f32]) {
     match act {
         crate::runtime::Activation::GeluErf => gelu_erf(isa, xs),
