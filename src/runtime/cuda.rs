@@ -809,6 +809,7 @@ impl Cuda {
 
     /// Attention of one query per sequence over cached keys through the split-KV decode
     /// kernel, when the call is of that shape: `None` when it is not (the fused kernel runs).
+    #[allow(clippy::too_many_arguments)]
     fn try_decode(
         &self,
         q: &Heads<'_, DeviceTensor>,
