@@ -12,13 +12,11 @@ use super::backend::{
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, I32View, LoadedKernel};
-use crate::kernels::params::{
-    cuattn_add_params, cuattn_append_kv_params, cuattn_bias_act_params, cuattn_gather_rows_params,
-    CUATTN_ACT_GELU_ERF, CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
-};
+use crate::gpu::{DeviceTensor, Gpu, I32View};
+use crate::kernels::params::{cuattn_append_kv_params, cuattn_gather_rows_params};
 use crate::ops::attention::{self as attn, Options, Sequences};
 use crate::ops::decode;
+use crate::ops::elementwise;
 use crate::ops::gemm;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
@@ -137,19 +135,6 @@ impl Cuda {
     pub unsafe fn use_blas_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
         // SAFETY: the caller's contract above, which is the handle's.
         unsafe { self.blas.use_workspace(ptr, bytes) }
-    }
-
-    fn kernel(&self, op: &str) -> Result<LoadedKernel> {
-        let name: &'static str = match (op, self.dtype) {
-            ("bias_act", DType::F32) => "rt_bias_act_f32",
-            ("bias_act", DType::F16) => "rt_bias_act_f16",
-            ("bias_act", DType::BF16) => "rt_bias_act_bf16",
-            ("add", DType::F32) => "rt_add_f32",
-            ("add", DType::F16) => "rt_add_f16",
-            ("add", DType::BF16) => "rt_add_bf16",
-            _ => return Err(Error::invalid("op", format!("no runtime kernel `{op}`"))),
-        };
-        self.gpu.kernel(MODULE, name)
     }
 
     fn grid(&self, elems: usize) -> u32 {
@@ -348,39 +333,13 @@ impl Cuda {
 
     pub(crate) fn bias_act(
         &self,
-        y: &DeviceTensor,
+        y: &mut DeviceTensor,
         bias: Option<&DeviceTensor>,
         act: Activation,
     ) -> Result<()> {
-        self.check_contexts([("y", y)].into_iter().chain(bias.map(|b| ("bias", b))))?;
-        let (rows, cols) = rows_cols("y", y)?;
-        let act = match act {
-            Activation::None => CUATTN_ACT_NONE,
-            Activation::GeluErf => CUATTN_ACT_GELU_ERF,
-            Activation::GeluTanh => CUATTN_ACT_GELU_TANH,
-            Activation::Relu => CUATTN_ACT_RELU,
-            Activation::Tanh => CUATTN_ACT_TANH,
-        } as i32;
-        let p = cuattn_bias_act_params {
-            x: ptr(y),
-            bias: bias.map_or(0, ptr),
-            rows: rows as i64,
-            cols: cols as i64,
-            act,
-        };
-        let k = self.kernel("bias_act")?;
-        // SAFETY: y is a contiguous [rows, cols] tensor of this dtype and bias (checked by
-        // `linear`) holds cols elements of it; the kernel touches exactly rows·cols + cols.
-        unsafe {
-            launch(
-                &self.gpu,
-                &k,
-                &p,
-                (self.grid(rows * cols), 1),
-                (THREADS, 1),
-                0,
-            )
-        }
+        self.check_contexts([("y", &*y)].into_iter().chain(bias.map(|b| ("bias", b))))?;
+        let bias = bias.map(|b| b.view());
+        elementwise::bias_act_into(&self.gpu, &mut y.view_mut(), bias.as_ref(), act)
     }
 }
 
@@ -422,20 +381,7 @@ impl Cuda {
                 out.shape(),
             ));
         }
-        let n: usize = a.shape().iter().product();
-        if n == 0 {
-            return Ok(());
-        }
-        let p = cuattn_add_params {
-            a: ptr(a),
-            b: ptr(b),
-            out: ptr(out),
-            n: n as i64,
-        };
-        let k = self.kernel("add")?;
-        // SAFETY: a, b and out are contiguous tensors of this dtype with n elements each
-        // (shapes and dtypes checked above).
-        unsafe { launch(&self.gpu, &k, &p, (self.grid(n), 1), (THREADS, 1), 0) }
+        elementwise::add_into(&self.gpu, &a.view(), &b.view(), &mut out.view_mut())
     }
 
     fn check_add(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<()> {
