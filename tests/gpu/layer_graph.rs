@@ -4,13 +4,13 @@
 //! allocation node and replayed on new inputs and key lengths, each replay bit-identical to
 //! the runtime's ordinary forward (`runtime::layers`, the code `Bert::forward` runs per layer).
 //! The unfused baseline on a caller workspace against its own-workspace path; the `_into`
-//! calls' typed errors.
+//! calls' typed errors; the elementwise kernels on plain views.
 
 use cuattn::check::gpu_or_skip;
 use cuattn::gpu::{DeviceTensor, Gpu, I32View};
 use cuattn::ops::attention::{self, CausalAlign};
 use cuattn::ops::attention_unfused::{self as unfused, Unfused};
-use cuattn::ops::gemm;
+use cuattn::ops::{elementwise, gemm};
 use cuattn::runtime::checkpoint::HostParam;
 use cuattn::runtime::cuda::{AttentionIntoOptions, Cuda};
 use cuattn::runtime::layers::{FeedForward, LayerNorm, Linear, MultiHeadAttention};
@@ -715,4 +715,57 @@ fn unfused_baseline_on_a_caller_workspace_matches_its_own_workspace_path() {
             }
         }
     }
+}
+
+/// The runtime's elementwise kernels on plain views (`ops::elementwise`), as an embedder with
+/// its own memory calls them: bias + each activation in place and the sum, on fresh random
+/// f16 inputs with poisoned outputs, against the f64 arithmetic of the rounded inputs under the
+/// tolerance rule (the sum's terms are two, the scale 2).
+#[test]
+fn elementwise_ops_on_caller_views_match_the_f64_arithmetic() {
+    let Some(gpu) = gpu_or_skip("elementwise_views") else {
+        return;
+    };
+    let dt = DType::F16;
+    let (rows, cols) = (37, 96);
+    let host = |shape: &[usize], seed: u64| {
+        HostTensor::from_f32(dt, shape, &values(shape.iter().product(), seed, 1.0)).unwrap()
+    };
+    let (xh, bh) = (host(&[rows, cols], 11), host(&[cols], 12));
+    let (xv, bv) = (xh.to_f32_vec(), bh.to_f32_vec());
+    let bias = gpu.upload(&bh).unwrap();
+    let tol = Tolerance::for_output(dt, 2, 2.0);
+    let gelu_erf = |x: f64| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+    let gelu_tanh = |x: f64| {
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+    };
+    let acts: [(Activation, &dyn Fn(f64) -> f64); 5] = [
+        (Activation::None, &|x| x),
+        (Activation::GeluErf, &gelu_erf),
+        (Activation::GeluTanh, &gelu_tanh),
+        (Activation::Relu, &|x: f64| x.max(0.0)),
+        (Activation::Tanh, &|x: f64| x.tanh()),
+    ];
+    for (act, f) in acts {
+        let mut y = gpu.upload(&xh).unwrap();
+        elementwise::bias_act_into(&gpu, &mut y.view_mut(), Some(&bias.view()), act).unwrap();
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|i| f(xv[i] as f64 + bv[i % cols] as f64))
+            .collect();
+        expect_close(&format!("{act:?}"), &y.to_f32_vec().unwrap(), &want, tol).unwrap();
+    }
+    let yh = host(&[rows, cols], 13);
+    let (x, y) = (gpu.upload(&xh).unwrap(), gpu.upload(&yh).unwrap());
+    let mut out = gpu.zeros(dt, &[rows, cols]).unwrap();
+    poison(&mut out);
+    elementwise::add_into(&gpu, &x.view(), &y.view(), &mut out.view_mut()).unwrap();
+    let yv = yh.to_f32_vec();
+    let want: Vec<f64> = (0..rows * cols)
+        .map(|i| xv[i] as f64 + yv[i] as f64)
+        .collect();
+    expect_close("add", &out.to_f32_vec().unwrap(), &want, tol).unwrap();
+    let mut wrong = gpu.zeros(dt, &[rows, cols + 1]).unwrap();
+    let r = elementwise::add_into(&gpu, &x.view(), &y.view(), &mut wrong.view_mut());
+    assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
 }
