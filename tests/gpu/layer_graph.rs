@@ -769,3 +769,112 @@ fn elementwise_ops_on_caller_views_match_the_f64_arithmetic() {
     let r = elementwise::add_into(&gpu, &x.view(), &y.view(), &mut wrong.view_mut());
     assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
 }
+
+/// One query per sequence (a decoding step) through `attention_into` with device key lengths
+/// and the LSE runs the split-KV decode kernel on a Gpu whose scratch is exactly
+/// `attention_workspace_bytes` of the caller's memory (so the query is enough: a call needing
+/// more would be refused): poisoned outputs are written, within the tolerance rule of the
+/// ordinary call with host lengths, and the LSE of the f64 log-sum-exp of the scaled scores.
+#[test]
+fn decode_shaped_attention_into_runs_on_exactly_its_queried_workspace() {
+    let Some(shared) = gpu_or_skip("decode_shaped_attention_into") else {
+        return;
+    };
+    let gpu = shared
+        .on_stream(shared.context().new_stream().unwrap())
+        .unwrap();
+    let dt = DType::F16;
+    let be = Cuda::new(gpu.clone(), dt).expect("cuBLAS on the library path");
+    let (batch, len_k, heads_q, heads_kv, dim) = (3, 300, 4, 2, 64);
+    let bytes = be
+        .attention_workspace_bytes((batch, 1, len_k), (heads_q, heads_kv), (dim, dim))
+        .unwrap();
+    let ws = gpu.zeros(DType::F32, &[bytes.div_ceil(4).max(4)]).unwrap();
+    // SAFETY: `ws` is a live allocation of this context of at least `bytes` bytes, 256-byte
+    // aligned by the allocator, used by nothing else, and outlives every call below.
+    unsafe { gpu.use_workspace(ws.view().device_ptr(), bytes) }.unwrap();
+
+    let (wq, wkv) = (heads_q * dim, heads_kv * dim);
+    let qv = values(batch * wq, 21, 1.0);
+    let kvv = values(batch * len_k * 2 * wkv, 22, 1.0);
+    let q = be.upload(&[batch, wq], &qv).unwrap();
+    let kv = be.upload(&[batch * len_k, 2 * wkv], &kvv).unwrap();
+    let host_lens = [300usize, 77, 1];
+    let dev: CudaSlice<i32> = gpu.stream().clone_htod(&[300i32, 77, 1]).unwrap();
+    let hq = Heads {
+        tensor: &q,
+        col: 0,
+        heads: heads_q,
+        dim,
+    };
+    let hk = |col| Heads {
+        tensor: &kv,
+        col,
+        heads: heads_kv,
+        dim,
+    };
+    let mask = AttentionMask {
+        batch,
+        len_q: 1,
+        len_k,
+        key_lens: None,
+        causal: Some(CausalAlign::BottomRight),
+        window: None,
+        scale: None,
+    };
+    let mut out = gpu.zeros(dt, &[batch, wq]).unwrap();
+    let mut lse = gpu.zeros(DType::F32, &[batch, heads_q, 1]).unwrap();
+    poison(&mut out);
+    poison(&mut lse);
+    let opts = AttentionIntoOptions {
+        device_key_lens: Some(I32View::new(&gpu, &dev)),
+        lse: Some(&mut lse),
+    };
+    be.attention_into(hq, hk(0), hk(wkv), &mask, &mut out, opts)
+        .unwrap();
+    let host_mask = AttentionMask {
+        key_lens: Some(&host_lens),
+        ..mask
+    };
+    let plain = be.attention(hq, hk(0), hk(wkv), &host_mask).unwrap();
+    let want: Vec<f64> = (be.to_f32(&plain).unwrap().iter())
+        .map(|&x| x as f64)
+        .collect();
+    let got = out.to_f32_vec().unwrap();
+    expect_close(
+        "decode out",
+        &got,
+        &want,
+        Tolerance::for_output(dt, len_k, 1.0),
+    )
+    .unwrap();
+
+    // The f64 LSE of the rounded inputs: head h reads K/V head h / (heads_q / heads_kv).
+    let (qr, kvr) = (q.to_f32_vec().unwrap(), kv.to_f32_vec().unwrap());
+    let scale = 1.0 / (dim as f64).sqrt();
+    let mut want_lse = Vec::new();
+    let mut max_score = 0f64;
+    for (b, &len) in host_lens.iter().enumerate() {
+        for h in 0..heads_q {
+            let g = h / (heads_q / heads_kv);
+            let scores: Vec<f64> = (0..len)
+                .map(|j| {
+                    let krow = &kvr[(b * len_k + j) * 2 * wkv + g * dim..][..dim];
+                    let qrow = &qr[b * wq + h * dim..][..dim];
+                    scale
+                        * (qrow.iter().zip(krow))
+                            .map(|(&a, &c)| a as f64 * c as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            max_score = max_score.max(m.abs());
+            want_lse.push(m + scores.iter().map(|s| (s - m).exp()).sum::<f64>().ln());
+        }
+    }
+    let got_lse = lse.to_f32_vec().unwrap();
+    let tol = Tolerance::for_output(DType::F32, dim * len_k, max_score.max(1.0));
+    expect_close("decode LSE", &got_lse, &want_lse, tol).unwrap();
+    gpu.synchronize().unwrap();
+    drop(ws);
+}
