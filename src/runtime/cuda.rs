@@ -2,10 +2,15 @@
 //! products through cuBLAS (f32 accumulation), attention through cuattn's fused kernel (key
 //! padding via `key_lens`, heads read in place through strides; one query per sequence against
 //! many keys goes to the split-KV decode kernel instead), LayerNorm through cuattn's kernel
-//! (residual add fused), and bias + activation, add, the embedding gather and the KV-cache
-//! append through the small kernels of `kernels/runtime_ops.cu`.
+//! (residual add fused), bias + activation and add through `ops::elementwise`, and the
+//! embedding gather and the KV-cache append through the small kernels of
+//! `kernels/runtime_ops.cu`.
 //!
-//! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes.
+//! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes. Every op a
+//! transformer layer runs has a form writing into the caller's tensors (`linear_into`,
+//! `attention_into`, `layer_norm_into`, `add_into`, `batched_matmul_nt_into`) that allocates
+//! nothing, so a layer can be captured in a CUDA graph on the caller's stream; the
+//! allocating [`Backend`] entries size their output and call them.
 
 use super::backend::{
     check_attention, Activation, AttentionMask, Backend, CausalAlign, HasShape, Heads,
