@@ -30,6 +30,7 @@
 //! - [`finetune`]: fine-tuning BERT for sequence classification (data files, schedules, the
 //!   training loop, Hugging Face output folders) and classification inference.
 
+mod activation;
 pub mod attention_types;
 pub mod data;
 pub mod decode_plan;

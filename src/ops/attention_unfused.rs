@@ -7,9 +7,13 @@
 //! Scope: dense BHSD-contiguous Q, K, V, O (and LSE [B, H, Lq]), Hq = Hkv, no key padding;
 //! causal masks of both alignments. Scores are computed for a few heads at a time so the
 //! workspace stays under [`MAX_WORKSPACE_BYTES`].
+//!
+//! The workspace is the [`Unfused`] value's own ([`Unfused::forward_into`], grown on demand)
+//! or the caller's ([`Unfused::forward_into_workspace`], sized by [`workspace_bytes`]).
 
 use super::attention::{check, Options, Sequences};
-use super::BlasHandle;
+use super::{validate, BlasHandle};
+use crate::attention_types::Shape;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, TensorMut, TensorRef};
@@ -48,7 +52,9 @@ impl Unfused {
     }
 
     /// O = softmax(Q·Kᵀ·scale + mask)·V into caller views, LSE optional (as
-    /// [`super::attention::forward_into`], within this module's scope).
+    /// [`super::attention::forward_into`], within this module's scope). The scores live in a
+    /// workspace this value allocates on first use and grows when a call needs more
+    /// ([`workspace_bytes`]); [`Unfused::forward_into_workspace`] takes the caller's instead.
     pub fn forward_into(
         &mut self,
         q: &TensorRef,
@@ -58,67 +64,12 @@ impl Unfused {
         lse: Option<&mut TensorMut>,
         opts: &Options,
     ) -> Result<()> {
-        self.gpu.check_contexts(
-            [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
-                .into_iter()
-                .chain(lse.as_ref().map(|l| ("lse", l.ctx))),
-        )?;
-        let c = check(q, k, v, o, lse.as_deref(), opts)?;
-        let s = c.shape;
-        if !matches!(opts.sequences, Sequences::Dense { key_lens: None }) {
-            return Err(Error::invalid(
-                "sequences",
-                "the unfused baseline takes dense batches without key padding",
-            ));
-        }
-        if s.heads_q != s.heads_kv {
-            return Err(Error::invalid(
-                "k",
-                format!(
-                    "the unfused baseline needs as many K/V heads as Q heads ({} vs {})",
-                    s.heads_kv, s.heads_q
-                ),
-            ));
-        }
-        let bhsd = |st: &super::attention::Strides, len: usize, dim: usize, name| {
-            let want = (s.heads_q * len * dim, len * dim, dim);
-            if (st.batch, st.head, st.row) == (want.0 as i64, want.1 as i64, want.2 as i64) {
-                Ok(())
-            } else {
-                Err(Error::layout(
-                    name,
-                    "the unfused baseline needs contiguous BHSD tensors",
-                ))
-            }
-        };
-        bhsd(&c.q, s.len_q, s.dim_qk, "q")?;
-        bhsd(&c.k, s.len_k, s.dim_qk, "k")?;
-        bhsd(&c.v, s.len_k, s.dim_v, "v")?;
-        bhsd(&c.o, s.len_q, s.dim_v, "o")?;
-        if let Some((bs, hs)) = c.lse {
-            if (bs, hs) != ((s.heads_q * s.len_q) as i64, s.len_q as i64) {
-                return Err(Error::layout(
-                    "lse",
-                    "the unfused baseline needs a contiguous [B, H, Lq] LSE",
-                ));
-            }
-        }
-        let heads = s.batch * s.heads_q;
-        if heads == 0 || s.len_q == 0 {
+        self.check_contexts(q, k, v, o, lse.as_deref(), None)?;
+        let plan = plan(q, k, v, o, lse.as_deref(), opts)?;
+        if plan.heads == 0 || plan.shape.len_q == 0 {
             return Ok(());
         }
-        let esize = c.dtype.size_bytes();
-        let per_head = s.len_q * s.len_k * (4 + esize);
-        let chunk = (MAX_WORKSPACE_BYTES / per_head.max(1)).clamp(1, heads);
-        if per_head > MAX_WORKSPACE_BYTES || chunk * s.len_q > i32::MAX as usize {
-            return Err(Error::invalid(
-                "q",
-                format!(
-                    "one head's scores need {per_head} bytes, over the baseline's {MAX_WORKSPACE_BYTES}"
-                ),
-            ));
-        }
-        let need = chunk * per_head;
+        let need = plan.all_heads_bytes();
         if self.workspace.as_ref().is_none_or(|w| w.len() < need) {
             self.workspace = None; // free the old one first
             self.workspace = Some(
@@ -128,19 +79,82 @@ impl Unfused {
                     .map_err(|e| Error::driver(format!("allocating {need} bytes"), e))?,
             );
         }
-        let ws = self.workspace.as_ref().expect("allocated above");
-        let ws_ptr = ws.device_ptr(self.gpu.stream()).0;
+        let ws = match self.workspace.as_ref() {
+            Some(ws) => ws.device_ptr(self.gpu.stream()).0,
+            None => return Err(Error::invalid("workspace", "not allocated")),
+        };
+        self.launch_all(q, k, v, o, lse, opts, &plan, (ws, need))
+    }
+
+    /// [`Unfused::forward_into`] on the caller's `workspace` (f32, contiguous, at least
+    /// [`workspace_bytes`] bytes for every head in one pass; down to one head's
+    /// `len_q·len_k·(4 + element size)` bytes, which runs the heads in as many passes as it
+    /// takes): allocates nothing, so with a fixed cuBLAS workspace it can be captured in a
+    /// CUDA graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_into_workspace(
+        &self,
+        q: &TensorRef,
+        k: &TensorRef,
+        v: &TensorRef,
+        o: &mut TensorMut,
+        lse: Option<&mut TensorMut>,
+        workspace: &mut TensorMut,
+        opts: &Options,
+    ) -> Result<()> {
+        self.check_contexts(q, k, v, o, lse.as_deref(), Some(&*workspace))?;
+        let plan = plan(q, k, v, o, lse.as_deref(), opts)?;
+        let bytes = check_workspace(&plan, workspace)?;
+        if plan.heads == 0 || plan.shape.len_q == 0 {
+            return Ok(());
+        }
+        self.launch_all(q, k, v, o, lse, opts, &plan, (workspace.ptr, bytes))
+    }
+
+    fn check_contexts(
+        &self,
+        q: &TensorRef,
+        k: &TensorRef,
+        v: &TensorRef,
+        o: &TensorMut,
+        lse: Option<&TensorMut>,
+        workspace: Option<&TensorMut>,
+    ) -> Result<()> {
+        self.gpu.check_contexts(
+            [("q", q.ctx), ("k", k.ctx), ("v", v.ctx), ("o", o.ctx)]
+                .into_iter()
+                .chain(lse.map(|l| ("lse", l.ctx)))
+                .chain(workspace.map(|w| ("workspace", w.ctx))),
+        )
+    }
+
+    /// Queues the three steps for every head, `chunk` heads at a time, the chunk as many heads
+    /// as `ws_bytes` of scratch at `ws` hold (at least one: the callers checked it).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_all(
+        &self,
+        q: &TensorRef,
+        k: &TensorRef,
+        v: &TensorRef,
+        o: &mut TensorMut,
+        lse: Option<&mut TensorMut>,
+        opts: &Options,
+        plan: &Plan,
+        (ws_ptr, ws_bytes): (u64, usize),
+    ) -> Result<()> {
+        let (s, heads, esize) = (plan.shape, plan.heads, plan.dtype.size_bytes());
+        let chunk = plan.chunk(ws_bytes);
         let scores = ws_ptr;
         let probs = ws_ptr + (chunk * s.len_q * s.len_k * 4) as u64;
         let kernel = self.gpu.kernel(
             MODULE,
-            match c.dtype {
+            match plan.dtype {
                 DType::F32 => "attention_softmax_f32",
                 DType::F16 => "attention_softmax_f16",
                 DType::BF16 => "attention_softmax_bf16",
             },
         )?;
-        let ty = match c.dtype {
+        let ty = match plan.dtype {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
@@ -206,7 +220,7 @@ impl Unfused {
                     Some(CausalAlign::TopLeft) => CUATTN_CAUSAL_TOP_LEFT,
                     Some(CausalAlign::BottomRight) => CUATTN_CAUSAL_BOTTOM_RIGHT,
                 } as i32,
-                scale: c.scale,
+                scale: plan.scale,
             };
             // SAFETY: one block per score row of the n heads (n·Lq ≤ i32::MAX, checked), each
             // reading Lk f32 scores and writing Lk probabilities inside the workspace, and one
@@ -259,4 +273,300 @@ impl Unfused {
 
 fn blas_err(what: &str, e: cudarc::cublas::result::CublasError) -> Error {
     Error::blas(format!("cuBLAS {what}"), e)
+}
+
+/// What [`plan`] checked of a call.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    shape: Shape,
+    dtype: DType,
+    scale: f32,
+    /// batch·heads score matrices.
+    heads: usize,
+    /// Scratch bytes of one head: Lq·Lk f32 scores and Lq·Lk probabilities in the dtype.
+    per_head: usize,
+}
+
+impl Plan {
+    /// Heads per pass in `bytes` of scratch: all of them if they fit, never more than
+    /// [`MAX_WORKSPACE_BYTES`] worth, at least one.
+    fn chunk(&self, bytes: usize) -> usize {
+        let cap = bytes.min(MAX_WORKSPACE_BYTES.max(self.per_head));
+        (cap / self.per_head.max(1)).clamp(1, self.heads.max(1))
+    }
+
+    fn all_heads_bytes(&self) -> usize {
+        self.chunk(usize::MAX) * self.per_head
+    }
+}
+
+/// Checks a call against the baseline's scope (dense BHSD, Hq = Hkv, no key padding, one
+/// head's scores under [`MAX_WORKSPACE_BYTES`]) without touching the device.
+fn plan(
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    o: &TensorMut,
+    lse: Option<&TensorMut>,
+    opts: &Options,
+) -> Result<Plan> {
+    let c = check(q, k, v, o, lse, opts)?;
+    let s = c.shape;
+    if !matches!(opts.sequences, Sequences::Dense { key_lens: None }) {
+        return Err(Error::invalid(
+            "sequences",
+            "the unfused baseline takes dense batches without key padding",
+        ));
+    }
+    if s.heads_q != s.heads_kv {
+        return Err(Error::invalid(
+            "k",
+            format!(
+                "the unfused baseline needs as many K/V heads as Q heads ({} vs {})",
+                s.heads_kv, s.heads_q
+            ),
+        ));
+    }
+    let bhsd = |st: &super::attention::Strides, len: usize, dim: usize, name| {
+        let want = (s.heads_q * len * dim, len * dim, dim);
+        if (st.batch, st.head, st.row) == (want.0 as i64, want.1 as i64, want.2 as i64) {
+            Ok(())
+        } else {
+            Err(Error::layout(
+                name,
+                "the unfused baseline needs contiguous BHSD tensors",
+            ))
+        }
+    };
+    bhsd(&c.q, s.len_q, s.dim_qk, "q")?;
+    bhsd(&c.k, s.len_k, s.dim_qk, "k")?;
+    bhsd(&c.v, s.len_k, s.dim_v, "v")?;
+    bhsd(&c.o, s.len_q, s.dim_v, "o")?;
+    if let Some((bs, hs)) = c.lse {
+        if (bs, hs) != ((s.heads_q * s.len_q) as i64, s.len_q as i64) {
+            return Err(Error::layout(
+                "lse",
+                "the unfused baseline needs a contiguous [B, H, Lq] LSE",
+            ));
+        }
+    }
+    let per_head = s.len_q * s.len_k * (4 + c.dtype.size_bytes());
+    let plan = Plan {
+        shape: s,
+        dtype: c.dtype,
+        scale: c.scale,
+        heads: s.batch * s.heads_q,
+        per_head,
+    };
+    if per_head > MAX_WORKSPACE_BYTES || plan.chunk(usize::MAX) * s.len_q > i32::MAX as usize {
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "one head's scores need {per_head} bytes, over the baseline's {MAX_WORKSPACE_BYTES}"
+            ),
+        ));
+    }
+    Ok(plan)
+}
+
+/// The caller's workspace against the plan: f32, its layout within its memory, at least one
+/// head's bytes. Returns the bytes usable.
+fn check_workspace(plan: &Plan, ws: &TensorMut) -> Result<usize> {
+    let info = ws.info("workspace");
+    validate::dtype(&info, DType::F32)?;
+    validate::memory(&info)?;
+    let bytes = (ws.layout.numel() * 4).min(ws.bytes);
+    if plan.heads > 0 && bytes < plan.per_head {
+        return Err(Error::invalid(
+            "workspace",
+            format!(
+                "needs at least {} bytes (one head's scores and probabilities; {} for every \
+                 head in one pass), got {bytes}",
+                plan.per_head,
+                plan.all_heads_bytes()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Bytes of scratch [`Unfused::forward_into_workspace`] uses to run every head of a call in one
+/// pass (at most [`MAX_WORKSPACE_BYTES`], rounded down to whole heads): `batch·heads` heads of
+/// `len_q·len_k` f32 scores and as many probabilities in `dtype`. A head over the maximum is
+/// [`Error::InvalidArgument`], as the call would be.
+pub fn workspace_bytes(
+    dtype: DType,
+    (batch, heads, len_q, len_k): (usize, usize, usize, usize),
+) -> Result<usize> {
+    let per_head = len_q
+        .checked_mul(len_k)
+        .and_then(|n| n.checked_mul(4 + dtype.size_bytes()))
+        .filter(|&b| b <= MAX_WORKSPACE_BYTES)
+        .ok_or_else(|| {
+            Error::invalid(
+                "len_k",
+                format!(
+                    "one head's {len_q}×{len_k} scores are over the baseline's {MAX_WORKSPACE_BYTES} bytes"
+                ),
+            )
+        })?;
+    let plan = Plan {
+        shape: Shape::new(batch, heads, heads, len_q, len_k, 1, 1),
+        dtype,
+        scale: 1.0,
+        heads: batch.saturating_mul(heads),
+        per_head,
+    };
+    if plan.heads == 0 {
+        return Ok(0);
+    }
+    Ok(plan.all_heads_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fake_views::{fake_mut, fake_ref};
+
+    const GIB: u64 = 1 << 30;
+
+    /// Fake BHSD views of one call: q, k, v, o at disjoint addresses.
+    fn views(
+        dt: DType,
+        (b, h, lq, lk, d): (usize, usize, usize, usize, usize),
+    ) -> (
+        TensorRef<'static>,
+        TensorRef<'static>,
+        TensorRef<'static>,
+        TensorMut<'static>,
+    ) {
+        (
+            fake_ref(dt, &[b, h, lq, d], 0),
+            fake_ref(dt, &[b, h, lk, d], GIB),
+            fake_ref(dt, &[b, h, lk, d], 2 * GIB),
+            fake_mut(dt, &[b, h, lq, d], 3 * GIB),
+        )
+    }
+
+    #[test]
+    fn workspace_bytes_is_every_heads_scores_and_probabilities() {
+        // 2·3 heads of 10×20 f32 scores + 10×20 f16 probabilities.
+        let want = 6 * 10 * 20 * (4 + 2);
+        assert_eq!(workspace_bytes(DType::F16, (2, 3, 10, 20)).unwrap(), want);
+        let (q, k, v, o) = views(DType::F16, (2, 3, 10, 20, 16));
+        let p = plan(&q, &k, &v, &o, None, &Options::default()).unwrap();
+        assert_eq!(p.all_heads_bytes(), want);
+        assert_eq!(workspace_bytes(DType::F32, (0, 3, 10, 20)).unwrap(), 0);
+    }
+
+    #[test]
+    fn workspace_bytes_stops_at_the_maximum_in_whole_heads() {
+        // One head of 16384² f32 scores and probabilities is 2 GiB: one head per pass.
+        let per_head = 16384 * 16384 * 8;
+        assert_eq!(per_head, MAX_WORKSPACE_BYTES);
+        assert_eq!(
+            workspace_bytes(DType::F32, (4, 2, 16384, 16384)).unwrap(),
+            per_head
+        );
+        let over = workspace_bytes(DType::F32, (1, 1, 16384, 16385));
+        assert!(
+            matches!(over, Err(Error::InvalidArgument { arg: "len_k", .. })),
+            "{over:?}"
+        );
+        let overflow = workspace_bytes(DType::F32, (1, 1, usize::MAX, 2));
+        assert!(
+            matches!(overflow, Err(Error::InvalidArgument { .. })),
+            "{overflow:?}"
+        );
+    }
+
+    #[test]
+    fn a_workspace_below_one_head_is_an_invalid_argument_naming_it() {
+        let (q, k, v, o) = views(DType::BF16, (1, 2, 8, 12, 16));
+        let p = plan(&q, &k, &v, &o, None, &Options::default()).unwrap();
+        let one_head = 8 * 12 * 6;
+        let small = fake_mut(DType::F32, &[one_head / 4 - 1], 4 * GIB);
+        let r = check_workspace(&p, &small);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidArgument {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // One head: two passes; every head: one.
+        let one = fake_mut(DType::F32, &[one_head / 4], 4 * GIB);
+        assert_eq!(check_workspace(&p, &one).unwrap(), one_head);
+        assert_eq!(p.chunk(one_head), 1);
+        assert_eq!(p.chunk(2 * one_head), 2);
+        assert_eq!(p.chunk(100 * one_head), 2);
+    }
+
+    #[test]
+    fn a_workspace_not_f32_or_misaligned_is_refused() {
+        let (q, k, v, o) = views(DType::F16, (1, 1, 4, 4, 8));
+        let p = plan(&q, &k, &v, &o, None, &Options::default()).unwrap();
+        let half = fake_mut(DType::F16, &[1024], 4 * GIB);
+        let r = check_workspace(&p, &half);
+        assert!(
+            matches!(
+                r,
+                Err(Error::DType {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let odd = fake_mut(DType::F32, &[1024], 4 * GIB + 2);
+        let r = check_workspace(&p, &odd);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Alignment {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn calls_outside_the_baselines_scope_are_refused_before_any_device_work() {
+        let dt = DType::F16;
+        let (q, k, v, o) = views(dt, (1, 2, 8, 8, 16));
+        let lens = [4];
+        let padded = Options {
+            sequences: Sequences::Dense {
+                key_lens: Some(&lens),
+            },
+            ..Options::default()
+        };
+        let r = plan(&q, &k, &v, &o, None, &padded);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidArgument {
+                    arg: "sequences",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Grouped-query heads: 2 Q heads over 1 K/V head.
+        let k1 = fake_ref(dt, &[1, 1, 8, 16], GIB);
+        let v1 = fake_ref(dt, &[1, 1, 8, 16], 2 * GIB);
+        let r = plan(&q, &k1, &v1, &o, None, &Options::default());
+        assert!(
+            matches!(r, Err(Error::InvalidArgument { arg: "k", .. })),
+            "{r:?}"
+        );
+        // A mismatched output shape is the shared check's error.
+        let o_bad = fake_mut(dt, &[1, 2, 7, 16], 3 * GIB);
+        assert!(plan(&q, &k, &v, &o_bad, None, &Options::default()).is_err());
+    }
 }

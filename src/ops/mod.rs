@@ -8,6 +8,7 @@ mod attention_hopper;
 pub mod attention_unfused;
 mod cublas;
 pub mod decode;
+pub mod elementwise;
 #[cfg(test)]
 mod fake_views;
 pub mod gemm;

@@ -11,19 +11,7 @@ pub use crate::attention_types::CausalAlign;
 use crate::error::{Error, Result};
 pub use crate::key_band::Window;
 
-/// Elementwise activations of the feed-forward blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// Identity (a bias add only).
-    None,
-    /// GELU with the exact erf: x·Φ(x) (BERT's `gelu`).
-    GeluErf,
-    /// GELU's tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (GPT-2's `gelu_new`).
-    GeluTanh,
-    Relu,
-    /// tanh (BERT's pooler).
-    Tanh,
-}
+pub use crate::activation::Activation;
 
 impl Activation {
     /// The activation of a Hugging Face `hidden_act` / `activation_function` name.

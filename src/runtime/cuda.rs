@@ -2,23 +2,26 @@
 //! products through cuBLAS (f32 accumulation), attention through cuattn's fused kernel (key
 //! padding via `key_lens`, heads read in place through strides; one query per sequence against
 //! many keys goes to the split-KV decode kernel instead), LayerNorm through cuattn's kernel
-//! (residual add fused), and bias + activation, add, the embedding gather and the KV-cache
-//! append through the small kernels of `kernels/runtime_ops.cu`.
+//! (residual add fused), bias + activation and add through `ops::elementwise`, and the
+//! embedding gather and the KV-cache append through the small kernels of
+//! `kernels/runtime_ops.cu`.
 //!
-//! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes.
+//! All work goes to the [`Gpu`]'s one stream, in order; `to_f32` synchronizes. Every op a
+//! transformer layer runs has a form writing into the caller's tensors (`linear_into`,
+//! `attention_into`, `layer_norm_into`, `add_into`, `batched_matmul_nt_into`) that allocates
+//! nothing, so a layer can be captured in a CUDA graph on the caller's stream; the
+//! allocating [`Backend`] entries size their output and call them.
 
 use super::backend::{
     check_attention, Activation, AttentionMask, Backend, CausalAlign, HasShape, Heads,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceTensor, Gpu, LoadedKernel};
-use crate::kernels::params::{
-    cuattn_add_params, cuattn_append_kv_params, cuattn_bias_act_params, cuattn_gather_rows_params,
-    CUATTN_ACT_GELU_ERF, CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
-};
+use crate::gpu::{DeviceTensor, Gpu, I32View};
+use crate::kernels::params::{cuattn_append_kv_params, cuattn_gather_rows_params};
 use crate::ops::attention::{self as attn, Options, Sequences};
 use crate::ops::decode;
+use crate::ops::elementwise;
 use crate::ops::gemm;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
@@ -137,19 +140,6 @@ impl Cuda {
     pub unsafe fn use_blas_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
         // SAFETY: the caller's contract above, which is the handle's.
         unsafe { self.blas.use_workspace(ptr, bytes) }
-    }
-
-    fn kernel(&self, op: &str) -> Result<LoadedKernel> {
-        let name: &'static str = match (op, self.dtype) {
-            ("bias_act", DType::F32) => "rt_bias_act_f32",
-            ("bias_act", DType::F16) => "rt_bias_act_f16",
-            ("bias_act", DType::BF16) => "rt_bias_act_bf16",
-            ("add", DType::F32) => "rt_add_f32",
-            ("add", DType::F16) => "rt_add_f16",
-            ("add", DType::BF16) => "rt_add_bf16",
-            _ => return Err(Error::invalid("op", format!("no runtime kernel `{op}`"))),
-        };
-        self.gpu.kernel(MODULE, name)
     }
 
     fn grid(&self, elems: usize) -> u32 {
@@ -348,39 +338,308 @@ impl Cuda {
 
     pub(crate) fn bias_act(
         &self,
-        y: &DeviceTensor,
+        y: &mut DeviceTensor,
         bias: Option<&DeviceTensor>,
         act: Activation,
     ) -> Result<()> {
-        self.check_contexts([("y", y)].into_iter().chain(bias.map(|b| ("bias", b))))?;
-        let (rows, cols) = rows_cols("y", y)?;
-        let act = match act {
-            Activation::None => CUATTN_ACT_NONE,
-            Activation::GeluErf => CUATTN_ACT_GELU_ERF,
-            Activation::GeluTanh => CUATTN_ACT_GELU_TANH,
-            Activation::Relu => CUATTN_ACT_RELU,
-            Activation::Tanh => CUATTN_ACT_TANH,
-        } as i32;
-        let p = cuattn_bias_act_params {
-            x: ptr(y),
-            bias: bias.map_or(0, ptr),
-            rows: rows as i64,
-            cols: cols as i64,
-            act,
-        };
-        let k = self.kernel("bias_act")?;
-        // SAFETY: y is a contiguous [rows, cols] tensor of this dtype and bias (checked by
-        // `linear`) holds cols elements of it; the kernel touches exactly rows·cols + cols.
-        unsafe {
-            launch(
-                &self.gpu,
-                &k,
-                &p,
-                (self.grid(rows * cols), 1),
-                (THREADS, 1),
-                0,
-            )
+        self.check_contexts([("y", &*y)].into_iter().chain(bias.map(|b| ("bias", b))))?;
+        let bias = bias.map(|b| b.view());
+        elementwise::bias_act_into(&self.gpu, &mut y.view_mut(), bias.as_ref(), act)
+    }
+}
+
+/// The optional parts of [`Cuda::attention_into`]. `Default`: key lengths from the mask (host,
+/// uploaded by the call), no LSE.
+#[derive(Debug, Default)]
+pub struct AttentionIntoOptions<'v, 'a> {
+    /// One key length per sequence already on the device, in place of the mask's `key_lens`
+    /// (which must then be `None`): the call uploads nothing and can be captured in a CUDA
+    /// graph. The host cannot check the values; the kernels clamp each to `0..=len_k`.
+    pub device_key_lens: Option<I32View<'a>>,
+    /// f32 `[batch, heads_q, len_q]`: each query row's log-sum-exp of its scaled scores
+    /// (natural log; −inf for a row with no admissible key), written when given.
+    pub lse: Option<&'v mut DeviceTensor>,
+}
+
+/// The caller-output forms of the ops a transformer layer runs ([`Backend`]'s allocating entries
+/// call these): every one queues its kernels on the [`Gpu`]'s stream (make the backend from
+/// `gpu.on_stream(your_stream)` to use yours), never synchronises, and allocates nothing when
+/// the parameters are in the backend's dtype and the lengths are on the device, so a whole
+/// layer can be captured in a CUDA graph ([`Cuda::linear_into`] with
+/// [`Cuda::use_blas_workspace`] for the GEMMs). Every check (contexts, dtypes, shapes) comes
+/// before the first launch and is a typed [`Error`].
+impl Cuda {
+    /// [`Backend::add`] into `out` (the caller's, `a`'s shape, the backend's dtype).
+    pub fn add_into(
+        &self,
+        a: &DeviceTensor,
+        b: &DeviceTensor,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        self.check_contexts([("a", a), ("b", b), ("out", &*out)])?;
+        self.check_add(a, b)?;
+        self.check_dtype("out", out)?;
+        if out.shape() != a.shape() {
+            return Err(Error::shape(
+                "out",
+                format!("{:?} (a's shape)", a.shape()),
+                out.shape(),
+            ));
         }
+        elementwise::add_into(&self.gpu, &a.view(), &b.view(), &mut out.view_mut())
+    }
+
+    fn check_add(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<()> {
+        self.check_dtype("a", a)?;
+        self.check_dtype("b", b)?;
+        if a.shape() != b.shape() {
+            return Err(Error::shape(
+                "b",
+                format!("{:?} (a's shape)", a.shape()),
+                b.shape(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Backend::layer_norm`] into `y` (the caller's, `x`'s shape): `y = LayerNorm(x)`, or
+    /// with `residual = Some((r, sum))` the fused `sum = x + r` (added in f32, stored in the
+    /// dtype to the caller's `sum`, `x`'s shape) and `y = LayerNorm(sum)`. No scratch: the
+    /// sum a layer does not keep is still an output, so the caller owns every byte written.
+    /// γ and β stored in another dtype (a trainer's f32 master weights) are converted into a
+    /// temporary first; in the backend's dtype nothing is allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm_into(
+        &self,
+        x: &DeviceTensor,
+        residual: Option<(&DeviceTensor, &mut DeviceTensor)>,
+        gamma: &DeviceTensor,
+        beta: &DeviceTensor,
+        eps: f32,
+        y: &mut DeviceTensor,
+    ) -> Result<()> {
+        // Before γ and β are converted: the conversion is a launch on their memory.
+        self.check_contexts(
+            [("x", x), ("gamma", gamma), ("beta", beta), ("y", &*y)]
+                .into_iter()
+                .chain(
+                    residual
+                        .iter()
+                        .flat_map(|(r, s)| [("residual", *r), ("sum", &**s)]),
+                ),
+        )?;
+        self.check_dtype("x", x)?;
+        self.check_dtype("y", y)?;
+        let (mut g_slot, mut b_slot) = (None, None);
+        let gamma = self.in_compute_dtype(gamma, &mut g_slot)?;
+        let beta = self.in_compute_dtype(beta, &mut b_slot)?;
+        let (g, b) = (gamma.view(), beta.view());
+        match residual {
+            None => ln::forward_into(
+                &self.gpu,
+                &x.view(),
+                Some(&g),
+                Some(&b),
+                eps,
+                &mut y.view_mut(),
+                None,
+                None,
+                Tuning::default(),
+            ),
+            Some((r, sum)) => ln::add_forward_into(
+                &self.gpu,
+                &x.view(),
+                &r.view(),
+                Some(&g),
+                Some(&b),
+                eps,
+                &mut sum.view_mut(),
+                &mut y.view_mut(),
+                None,
+                None,
+                Tuning::default(),
+            ),
+        }
+    }
+
+    /// [`Backend::attention`] into `out` (the caller's, `[batch·len_q, heads_q·dim_v]` of the
+    /// backend's dtype), with the options of [`AttentionIntoOptions`]: key lengths on the
+    /// device and the LSE. A call of one query per sequence runs the split-KV decode kernel,
+    /// whose partials use the [`Gpu`]'s scratch ([`Cuda::attention_workspace_bytes`]); every
+    /// other call needs none.
+    pub fn attention_into(
+        &self,
+        q: Heads<'_, DeviceTensor>,
+        k: Heads<'_, DeviceTensor>,
+        v: Heads<'_, DeviceTensor>,
+        mask: &AttentionMask<'_>,
+        out: &mut DeviceTensor,
+        opts: AttentionIntoOptions<'_, '_>,
+    ) -> Result<()> {
+        let AttentionIntoOptions {
+            device_key_lens,
+            mut lse,
+        } = opts;
+        self.check_contexts(
+            [
+                ("q", q.tensor),
+                ("k", k.tensor),
+                ("v", v.tensor),
+                ("out", &*out),
+            ]
+            .into_iter()
+            .chain(lse.as_deref().map(|l| ("lse", l))),
+        )?;
+        if let Some(lens) = &device_key_lens {
+            self.gpu.check_context("key_lens", lens.context())?;
+        }
+        let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
+        for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
+            self.check_dtype(arg, h.tensor)?;
+        }
+        self.check_dtype("out", out)?;
+        let m = *mask;
+        let width_o = q.heads * v.dim;
+        if out.shape() != [m.batch * m.len_q, width_o] {
+            return Err(Error::shape(
+                "out",
+                format!("[{}, {width_o}]", m.batch * m.len_q),
+                out.shape(),
+            ));
+        }
+        if let Some(l) = lse.as_deref() {
+            if l.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    arg: "lse",
+                    expected: DType::F32,
+                    got: l.dtype(),
+                });
+            }
+            if l.shape() != [m.batch, q.heads, m.len_q] {
+                return Err(Error::shape(
+                    "lse",
+                    format!("[{}, {}, {}]", m.batch, q.heads, m.len_q),
+                    l.shape(),
+                ));
+            }
+        }
+        if let Some(lens) = &device_key_lens {
+            if m.key_lens.is_some() {
+                return Err(Error::invalid(
+                    "key_lens",
+                    "give the key lengths on the host (the mask) or on the device, not both",
+                ));
+            }
+            if lens.len() != m.batch {
+                return Err(Error::shape(
+                    "key_lens",
+                    format!("[{}]", m.batch),
+                    &[lens.len()],
+                ));
+            }
+        }
+        if m.batch == 0 || m.len_q == 0 {
+            return Ok(());
+        }
+        if m.len_k == 0 {
+            // No key at all: every row is 0 and its LSE −inf, as the kernels write for a
+            // fully masked row.
+            self.fill_words(out, None)?;
+            if let Some(l) = lse.as_deref_mut() {
+                self.fill_words(l, Some(f32::NEG_INFINITY.to_bits()))?;
+            }
+            return Ok(());
+        }
+        let lens = device_key_lens;
+        if let Some(done) = self.try_decode(
+            &q,
+            &k,
+            &v,
+            &m,
+            (wq, wk, wv),
+            (lens, lse.as_deref_mut()),
+            out,
+        ) {
+            return done;
+        }
+        // [B, H, L, D] views of the heads in place: rows b·L + t of a `width`-wide tensor.
+        let layout = |len: usize, heads: usize, dim: usize, width: usize| {
+            Layout::strided(
+                "heads",
+                &[m.batch, heads, len, dim],
+                &[len * width, dim, width, 1],
+            )
+        };
+        let qv = q
+            .tensor
+            .view_at(q.col, layout(m.len_q, q.heads, q.dim, wq)?)?;
+        let kv = k
+            .tensor
+            .view_at(k.col, layout(m.len_k, k.heads, k.dim, wk)?)?;
+        let vv = v
+            .tensor
+            .view_at(v.col, layout(m.len_k, v.heads, v.dim, wv)?)?;
+        let host_lens: Option<Vec<i32>> = m.key_lens.map(|l| l.iter().map(|&x| x as i32).collect());
+        let sequences = match lens {
+            Some(key_lens) => Sequences::DenseDevice { key_lens },
+            None => Sequences::Dense {
+                key_lens: host_lens.as_deref(),
+            },
+        };
+        let opts = Options {
+            scale: m.scale,
+            causal: m.causal,
+            window: m.window,
+            sequences,
+            ..Options::default()
+        };
+        let o_layout = layout(m.len_q, q.heads, v.dim, width_o)?;
+        let mut ov = out.view_mut_at(0, o_layout)?;
+        let mut lse_view = lse.map(|l| l.view_mut());
+        attn::forward_into(&self.gpu, &qv, &kv, &vv, &mut ov, lse_view.as_mut(), &opts)
+    }
+
+    /// Scratch bytes [`Cuda::attention_into`] takes from the [`Gpu`] for a call of these
+    /// sizes (reserve them with [`Gpu::reserve_workspace`] or hand them over with
+    /// [`Gpu::use_workspace`] before capturing): the split-KV decode kernel's partials when
+    /// the call is one query per sequence (`len_q == 1`, head dims equal and at most
+    /// [`decode::MAX_HEAD_DIM`]), planned for `len_k` keys; 0 otherwise (the fused kernel
+    /// needs none).
+    pub fn attention_workspace_bytes(
+        &self,
+        (batch, len_q, len_k): (usize, usize, usize),
+        (heads_q, heads_kv): (usize, usize),
+        (dim_qk, dim_v): (usize, usize),
+    ) -> Result<usize> {
+        if len_q != 1 || dim_qk != dim_v || dim_qk > decode::MAX_HEAD_DIM || batch == 0 {
+            return Ok(0);
+        }
+        let splits = decode::planned_splits(
+            &self.gpu,
+            self.dtype,
+            (batch, heads_q, heads_kv, dim_qk),
+            len_k,
+        )?;
+        Ok(decode::workspace_bytes(batch, heads_q, dim_qk, splits))
+    }
+
+    /// Sets every 32-bit word of `t` to `word` (`None`: every byte to 0), in stream order.
+    fn fill_words(&self, t: &mut DeviceTensor, word: Option<u32>) -> Result<()> {
+        let bytes = t.shape().iter().product::<usize>() * t.dtype().size_bytes();
+        let dst = t.view_mut().device_ptr();
+        let stream = self.gpu.stream().cu_stream();
+        // SAFETY: `t` is a contiguous tensor of `bytes` bytes (one word per f32 element when
+        // `word` is given: only f32 LSE tensors are filled so); the memset is queued on the
+        // Gpu's stream, after the work that used the memory before.
+        let r = unsafe {
+            match word {
+                None => cudarc::driver::result::memset_d8_async(dst, 0, bytes, stream),
+                Some(w) => {
+                    cudarc::driver::sys::cuMemsetD32Async(dst, w, bytes / 4, stream).result()
+                }
+            }
+        };
+        r.map_err(|e| Error::driver("filling an output with no keys", e))
     }
 }
 
@@ -501,6 +760,7 @@ impl Cuda {
 
     /// Attention of one query per sequence over cached keys through the split-KV decode
     /// kernel, when the call is of that shape: `None` when it is not (the fused kernel runs).
+    #[allow(clippy::too_many_arguments)]
     fn try_decode(
         &self,
         q: &Heads<'_, DeviceTensor>,
@@ -508,6 +768,7 @@ impl Cuda {
         v: &Heads<'_, DeviceTensor>,
         m: &AttentionMask<'_>,
         (wq, wk, wv): (usize, usize, usize),
+        (device_lens, lse): (Option<I32View<'_>>, Option<&mut DeviceTensor>),
         out: &mut DeviceTensor,
     ) -> Option<Result<()>> {
         // With one query, no mask or the bottom-right one keeps every valid key; top-left would
@@ -521,6 +782,7 @@ impl Cuda {
             w.align == CausalAlign::BottomRight
                 && match m.key_lens {
                     Some(lens) => lens.iter().all(|&l| l <= w.left.saturating_add(1)),
+                    // Device lengths are unknown here: bounded by len_k.
                     None => m.len_k <= w.left.saturating_add(1),
                 }
         });
@@ -548,6 +810,32 @@ impl Cuda {
             let qv = q.tensor.view_at(q.col, rows(q.heads, q.dim, wq)?)?;
             let kv = k.tensor.view_at(k.col, cache(k.heads, k.dim, wk)?)?;
             let vv = v.tensor.view_at(v.col, cache(v.heads, v.dim, wv)?)?;
+            let mut ov = out.view_mut_at(0, rows(q.heads, v.dim, width_o)?)?;
+            // [B, Hq, 1] seen as decode's [B, Hq].
+            let mut lse_view = match lse {
+                Some(l) => Some(l.view_mut_at(0, Layout::contiguous(&[m.batch, q.heads]))?),
+                None => None,
+            };
+            let opts = decode::Options {
+                scale: m.scale,
+                splits: None,
+            };
+            if let Some(lens) = device_lens {
+                // The kernel clamps each length to len_k, the planner plans for len_k.
+                return decode::forward_into(
+                    &self.gpu,
+                    &qv,
+                    &kv,
+                    &vv,
+                    decode::CacheLens::View {
+                        lens,
+                        max_len: m.len_k,
+                    },
+                    &mut ov,
+                    lse_view.as_mut(),
+                    &opts,
+                );
+            }
             // check_attention bounded every length by len_k, which the cache views hold.
             let lens: Vec<i32> = match m.key_lens {
                 Some(l) => l.iter().map(|&x| x as i32).collect(),
@@ -570,7 +858,6 @@ impl Cuda {
                 Some((_, dev)) => dev,
                 None => return Err(Error::invalid("key_lens", "no device copy")),
             };
-            let mut ov = out.view_mut_at(0, rows(q.heads, v.dim, width_o)?)?;
             decode::forward_into(
                 &self.gpu,
                 &qv,
@@ -581,11 +868,8 @@ impl Cuda {
                     max_len,
                 },
                 &mut ov,
-                None,
-                &decode::Options {
-                    scale: m.scale,
-                    splits: None,
-                },
+                lse_view.as_mut(),
+                &opts,
             )
         })())
     }
@@ -656,26 +940,9 @@ impl Backend for Cuda {
 
     fn add(&self, a: &DeviceTensor, b: &DeviceTensor) -> Result<DeviceTensor> {
         self.check_contexts([("a", a), ("b", b)])?;
-        self.check_dtype("a", a)?;
-        self.check_dtype("b", b)?;
-        if a.shape() != b.shape() {
-            return Err(Error::shape(
-                "b",
-                format!("{:?} (a's shape)", a.shape()),
-                b.shape(),
-            ));
-        }
-        let out = self.gpu.zeros(self.dtype, a.shape())?;
-        let n: usize = a.shape().iter().product();
-        let p = cuattn_add_params {
-            a: ptr(a),
-            b: ptr(b),
-            out: ptr(&out),
-            n: n as i64,
-        };
-        let k = self.kernel("add")?;
-        // SAFETY: a, b and out are contiguous tensors of this dtype with n elements each.
-        unsafe { launch(&self.gpu, &k, &p, (self.grid(n), 1), (THREADS, 1), 0) }?;
+        self.check_add(a, b)?;
+        let mut out = self.gpu.zeros(self.dtype, a.shape())?;
+        self.add_into(a, b, &mut out)?;
         Ok(out)
     }
 
@@ -687,44 +954,19 @@ impl Backend for Cuda {
         beta: &DeviceTensor,
         eps: f32,
     ) -> Result<DeviceTensor> {
-        // Before γ and β are converted: the conversion is a launch on their memory.
         self.check_contexts(
             [("x", x), ("gamma", gamma), ("beta", beta)]
                 .into_iter()
                 .chain(residual.map(|r| ("residual", r))),
         )?;
-        let (mut g_slot, mut b_slot) = (None, None);
-        let gamma = self.in_compute_dtype(gamma, &mut g_slot)?;
-        let beta = self.in_compute_dtype(beta, &mut b_slot)?;
-        let (g, b) = (gamma.view(), beta.view());
+        self.check_dtype("x", x)?;
         let mut y = self.gpu.zeros(self.dtype, x.shape())?;
         match residual {
-            None => ln::forward_into(
-                &self.gpu,
-                &x.view(),
-                Some(&g),
-                Some(&b),
-                eps,
-                &mut y.view_mut(),
-                None,
-                None,
-                Tuning::default(),
-            )?,
+            None => self.layer_norm_into(x, None, gamma, beta, eps, &mut y)?,
             Some(r) => {
+                // The sum x + residual is not kept by the model: a temporary.
                 let mut sum = self.gpu.zeros(self.dtype, x.shape())?;
-                ln::add_forward_into(
-                    &self.gpu,
-                    &x.view(),
-                    &r.view(),
-                    Some(&g),
-                    Some(&b),
-                    eps,
-                    &mut sum.view_mut(),
-                    &mut y.view_mut(),
-                    None,
-                    None,
-                    Tuning::default(),
-                )?
+                self.layer_norm_into(x, Some((r, &mut sum)), gamma, beta, eps, &mut y)?
             }
         }
         Ok(y)
@@ -793,50 +1035,13 @@ impl Backend for Cuda {
         v: Heads<'_, DeviceTensor>,
         mask: &AttentionMask<'_>,
     ) -> Result<DeviceTensor> {
+        // The checks before the output is sized by them.
         self.check_contexts([("q", q.tensor), ("k", k.tensor), ("v", v.tensor)])?;
-        let (wq, wk, wv) = check_attention(&q, &k, &v, mask)?;
-        for (arg, h) in [("q", &q), ("k", &k), ("v", &v)] {
-            self.check_dtype(arg, h.tensor)?;
-        }
-        let m = *mask;
-        let width_o = q.heads * v.dim;
-        let mut out = self.gpu.zeros(self.dtype, &[m.batch * m.len_q, width_o])?;
-        if m.batch == 0 || m.len_q == 0 || m.len_k == 0 {
-            return Ok(out);
-        }
-        if let Some(done) = self.try_decode(&q, &k, &v, &m, (wq, wk, wv), &mut out) {
-            return done.map(|()| out);
-        }
-        // [B, H, L, D] views of the heads in place: rows b·L + t of a `width`-wide tensor.
-        let layout = |len: usize, heads: usize, dim: usize, width: usize| {
-            Layout::strided(
-                "heads",
-                &[m.batch, heads, len, dim],
-                &[len * width, dim, width, 1],
-            )
-        };
-        let qv = q
-            .tensor
-            .view_at(q.col, layout(m.len_q, q.heads, q.dim, wq)?)?;
-        let kv = k
-            .tensor
-            .view_at(k.col, layout(m.len_k, k.heads, k.dim, wk)?)?;
-        let vv = v
-            .tensor
-            .view_at(v.col, layout(m.len_k, v.heads, v.dim, wv)?)?;
-        let key_lens: Option<Vec<i32>> = m.key_lens.map(|l| l.iter().map(|&x| x as i32).collect());
-        let opts = Options {
-            scale: m.scale,
-            causal: m.causal,
-            window: m.window,
-            sequences: Sequences::Dense {
-                key_lens: key_lens.as_deref(),
-            },
-            ..Options::default()
-        };
-        let o_layout = layout(m.len_q, q.heads, v.dim, width_o)?;
-        let mut ov = out.view_mut_at(0, o_layout)?;
-        attn::forward_into(&self.gpu, &qv, &kv, &vv, &mut ov, None, &opts)?;
+        check_attention(&q, &k, &v, mask)?;
+        let mut out = self
+            .gpu
+            .zeros(self.dtype, &[mask.batch * mask.len_q, q.heads * v.dim])?;
+        self.attention_into(q, k, v, mask, &mut out, AttentionIntoOptions::default())?;
         Ok(out)
     }
 }

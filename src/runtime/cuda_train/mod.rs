@@ -41,13 +41,12 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceTensor;
 use crate::kernels::params::{
-    cuattn_cast_params, cuattn_copy2d_params, cuattn_ew_params, CUATTN_ACT_GELU_ERF,
-    CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH, CUATTN_EW_ACT_BWD,
-    CUATTN_EW_AXPY, CUATTN_EW_MUL, CUATTN_EW_SCALE, CUATTN_EW_SIGMOID, CUATTN_EW_SIGMOID_BWD,
-    CUATTN_EW_TANH_BWD,
+    cuattn_cast_params, cuattn_copy2d_params, cuattn_ew_params, CUATTN_EW_ACT_BWD, CUATTN_EW_AXPY,
+    CUATTN_EW_MUL, CUATTN_EW_SCALE, CUATTN_EW_SIGMOID, CUATTN_EW_SIGMOID_BWD, CUATTN_EW_TANH_BWD,
 };
 use crate::ops::attention::{self as attn, Sequences};
 use crate::ops::attention_backward::{self as attn_bwd, Mode};
+use crate::ops::elementwise::act_code;
 use crate::ops::launch;
 use crate::ops::layernorm::{self as ln, Tuning};
 use crate::ops::training::bias_gelu::{column_sums_into, ColumnSumOptions};
@@ -109,16 +108,6 @@ fn refuse_window(mask: &AttentionMask<'_>) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-fn act_code(act: Activation) -> i32 {
-    (match act {
-        Activation::None => CUATTN_ACT_NONE,
-        Activation::GeluErf => CUATTN_ACT_GELU_ERF,
-        Activation::GeluTanh => CUATTN_ACT_GELU_TANH,
-        Activation::Relu => CUATTN_ACT_RELU,
-        Activation::Tanh => CUATTN_ACT_TANH,
-    }) as i32
 }
 
 /// One operand of [`Cuda::gemm_rm`]: a row-major matrix at `ptr` with row stride `ld`
@@ -550,9 +539,9 @@ impl TrainBackend for Cuda {
 
     fn activate(&self, x: &DeviceTensor, act: Activation) -> Result<DeviceTensor> {
         self.check_contexts([("x", x)])?;
-        let y = self.converted(x, self.dtype())?;
+        let mut y = self.converted(x, self.dtype())?;
         if numel(&y) > 0 && act != Activation::None {
-            self.bias_act(&y, None, act)?;
+            self.bias_act(&mut y, None, act)?;
         }
         Ok(y)
     }
