@@ -84,7 +84,7 @@
 //   accumulator and dK's and dV's left it 255 registers with 52/60 (sm_80) and 96/128 (sm_90)
 //   bytes spilled; the halves need one more ldmatrix of dSᵀ per 16 keys and spill nothing. The
 //   HD 128 entry keeps one pass (halving it there spilled more on sm_80: 68/52 instead of
-//   12/24 bytes).
+//   12/24 bytes, measured before QDO_ROW_STEP below, with which one pass spills 4/4).
 //
 // Masks are those of the forward (attention_common.cuh: key padding, causal top-left and
 // bottom-right, sliding window, packed sequences): the query tiles a key block visits are those
