@@ -36,7 +36,9 @@ so a fast wrong answer shows (on the 124M-shaped random model, whose logits have
 a rounding difference may legitimately flip a late token, more so in f16).
 
 On the CPU the script also measures the machine's read bandwidth (examples/read_bandwidth.rs:
-a 1 GiB f32 buffer summed with 1 thread and with every thread, best of 5; build it with
+a 1 GiB f32 buffer summed with 1 thread and with every thread, best of 5, from 4 KiB pages and
+from huge pages, the better of the two taken, since our weights sit in huge pages where the
+kernel allows; build it with
 `cargo build --release --example read_bandwidth`), before the first model and after the last,
 and gives each of our rows the weight bytes it streams per decoding step (every parameter of
 the model once, the tied token table once as the LM head, the position table not: one row of
@@ -167,6 +169,15 @@ def read_bandwidth(binary):
     return json.loads(r.stdout)
 
 
+def pages(b):
+    """The read_bandwidth figures by page size, when it reports them (the plain figures are
+    the better of the two)."""
+    if "gbs_all_threads_4k" not in b:
+        return ""
+    return (f"; all threads from 4 KiB pages {b['gbs_all_threads_4k']:.1f}, from huge pages "
+            f"{b['gbs_all_threads_huge']:.1f}" + ("" if b.get("huge_advised") else " (refused)"))
+
+
 def step_bytes(model, storage):
     """Bytes of weights one decoding step reads: every parameter once (the tied wte once, as
     the LM head) except the position table; matrices in `storage`, vectors in f32."""
@@ -210,7 +221,7 @@ def main():
     if bw and bw[0]:
         print(f"# read bandwidth before: {bw[0]['gbs_1_thread']:.1f} GB/s on 1 thread, "
               f"{bw[0]['gbs_all_threads']:.1f} GB/s on {bw[0]['threads']} threads "
-              f"({bw[0]['mib']} MiB, best of {bw[0]['repeats']})", flush=True)
+              f"({bw[0]['mib']} MiB, best of {bw[0]['repeats']}){pages(bw[0])}", flush=True)
     rows = []
     bf16_cpu = dev == "cpu" and dt == "bf16"
     print("| model | batch | HF " + " | HF ".join(impls) + " best/median (tokens/s) | cuattn best/median "
@@ -265,8 +276,8 @@ def main():
         bw.append(read_bandwidth(args.bandwidth_bin))
         best = max(b["gbs_all_threads"] for b in bw)
         print(f"\n# read bandwidth after: {bw[1]['gbs_1_thread']:.1f} GB/s on 1 thread, "
-              f"{bw[1]['gbs_all_threads']:.1f} GB/s on {bw[1]['threads']} threads; best "
-              f"all-thread figure {best:.1f} GB/s is the reference below")
+              f"{bw[1]['gbs_all_threads']:.1f} GB/s on {bw[1]['threads']} threads{pages(bw[1])}; "
+              f"best all-thread figure {best:.1f} GB/s is the reference below")
         print("| model | batch | weight MB per step | cuattn steps/s best / median "
               "| cuattn weights GB/s best / median | % of read bandwidth best / median "
               "| HF f32 weights GB/s best (% of read bandwidth) |")

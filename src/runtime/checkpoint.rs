@@ -38,7 +38,10 @@ impl HostParam {
         };
         // In 32×32 tiles, so both the reads and the writes stay within a few cache lines.
         const TILE: usize = 32;
-        let mut values = vec![0f32; a * b];
+        // A model's weight from here on: in huge pages where the kernel allows.
+        let mut values = super::host_memory::weight_buffer(a * b)
+            .map_err(|e| Error::invalid("param", format!("cannot allocate [{b}, {a}]: {e}")))?;
+        values.resize(a * b, 0f32);
         for i0 in (0..a).step_by(TILE) {
             for j0 in (0..b).step_by(TILE) {
                 for i in i0..(i0 + TILE).min(a) {
@@ -264,9 +267,8 @@ impl Checkpoint {
             }
         };
         // The one allocation proportional to the file: a failure is an error, not an abort.
-        let mut values: Vec<f32> = Vec::new();
-        values
-            .try_reserve_exact(bytes.len() / width)
+        // In huge pages where the kernel allows: decoding streams every weight per token.
+        let mut values: Vec<f32> = super::host_memory::weight_buffer(bytes.len() / width)
             .map_err(|e| self.err(format!("cannot allocate tensor `{full}`: {e}")))?;
         match view.dtype() {
             Dtype::F32 => values.extend(

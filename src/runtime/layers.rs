@@ -69,12 +69,18 @@ impl<B: Backend> Linear<B> {
     /// Several linear layers over the same input fused into one (their outputs side by side,
     /// in order): one GEMM instead of several. Every part needs a bias, or none does.
     pub fn fused(be: &B, parts: &[(&HostParam, Option<&HostParam>)]) -> Result<Self> {
-        let (mut w, mut b) = (Vec::new(), Vec::new());
+        let mut b = Vec::new();
         let mut out = 0;
         let inp = parts
             .first()
             .map_or(0, |(w, _)| w.shape.get(1).copied().unwrap_or(0));
         let with_bias = parts.first().is_some_and(|(_, b)| b.is_some());
+        // The fused weight is a model's weight from here on: in huge pages where the kernel
+        // allows.
+        let total: usize = parts.iter().map(|(pw, _)| pw.values.len()).sum();
+        let mut w = crate::runtime::host_memory::weight_buffer(total).map_err(|e| {
+            Error::invalid("weight", format!("cannot allocate {total} values: {e}"))
+        })?;
         for (pw, pb) in parts {
             if pw.shape.len() != 2 || pw.shape[1] != inp || pb.is_some() != with_bias {
                 return Err(Error::shape(

@@ -14,6 +14,9 @@ use std::path::Path;
 /// Most tokens (padding included) one forward pass of [`SentenceEmbedder::embed`] holds.
 pub const FORWARD_TOKENS: usize = 8192;
 
+/// Bytes of freed CPU activation buffers kept for reuse while a list is embedded.
+const EMBED_KEPT_BYTES: usize = 32 << 20;
+
 /// A sentence-embedding model on backend `B`.
 pub struct SentenceEmbedder<B: Backend> {
     pub bert: Bert<B>,
@@ -87,6 +90,10 @@ impl<B: Backend> SentenceEmbedder<B> {
         // Memory bound: a forward pass holds at most FORWARD_TOKENS tokens (the batch is cut
         // further when it would exceed that; results do not depend on the batching).
         let rows = (FORWARD_TOKENS / self.tokenizer.max_len()).clamp(1, batch_size);
+        // The CPU backend reuses freed activation buffers across layers and batches (the
+        // longest batch comes first, so later ones fit in its buffers) instead of faulting
+        // fresh pages in for every op; 32 MiB kept at most (see `KeepOpBuffers`).
+        let _keep = crate::runtime::cpu::KeepOpBuffers::with_limit(EMBED_KEPT_BYTES);
         for chunk in order.chunks(rows) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let tokens = self.tokenizer.encode_batch(&batch_texts)?;

@@ -9,7 +9,7 @@
 //! registers; a many-row GEMM (a prefill) widens the weight once per call.
 
 use super::{Cpu, CpuTensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::runtime::backend::{Activation, AttentionMask, Backend, Heads};
 
 /// The CPU backend with bf16 weight matrices and f32 arithmetic.
@@ -19,10 +19,12 @@ pub struct CpuBf16;
 impl CpuBf16 {
     fn store(shape: &[usize], values: &[f32]) -> Result<CpuTensor> {
         if shape.len() == 2 {
-            let bits = values
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
+            // Huge pages where the kernel allows: decoding streams these per token.
+            let mut bits =
+                crate::runtime::host_memory::weight_buffer(values.len()).map_err(|e| {
+                    Error::invalid("values", format!("cannot allocate a bf16 matrix: {e}"))
+                })?;
+            bits.extend(values.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
             CpuTensor::from_bf16(shape, bits)
         } else {
             let rounded = values

@@ -53,7 +53,8 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let below = x < -87.3;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p: f32 = 1.0 / 5040.0;
     for c in [
@@ -67,7 +68,11 @@ pub fn exp(x: f32) -> f32 {
     ] {
         p = p.mul_add(r, c);
     }
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the integer bits: `shifted` is 1.5·2^23 + n exactly (|n| ≤ 127 < 2^22), so
+    // its bit pattern is ROUND's plus n. Integer lanes only: `n as i32` (a saturating cast)
+    // made the compiler convert the eight lanes one at a time.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if below {
         0.0
     } else {
@@ -283,6 +288,53 @@ mod tests {
         );
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// 2^n from the rounding constant's bits is bitwise the 2^n of a float-to-int conversion,
+    /// over the whole clamped range (both ends and past them) at a step finer than ln 2's
+    /// rounding boundaries.
+    #[test]
+    fn exp_takes_two_to_the_n_from_the_rounding_bits() {
+        let by_cast = |x: f32| {
+            let below = x < -87.3;
+            let x = x.clamp(-87.3, 88.0);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = (-n).mul_add(1.428_606_8e-6, (-n).mul_add(0.693_145_75, x));
+            let mut p: f32 = 1.0 / 5040.0;
+            for c in [
+                1.0 / 720.0,
+                1.0 / 120.0,
+                1.0 / 24.0,
+                1.0 / 6.0,
+                0.5,
+                1.0,
+                1.0,
+            ] {
+                p = p.mul_add(r, c);
+            }
+            let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+            if below {
+                0.0
+            } else {
+                p * scale
+            }
+        };
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            assert_eq!(exp(x).to_bits(), by_cast(x).to_bits(), "x = {x}");
+            x += 0.000_977;
+        }
+        for x in [
+            -87.3f32,
+            -87.299,
+            88.0,
+            87.999,
+            0.5 * std::f32::consts::LN_2,
+            -0.0,
+            0.0,
+        ] {
+            assert_eq!(exp(x).to_bits(), by_cast(x).to_bits(), "x = {x}");
+        }
     }
 
     /// GELU′ from every ISA's copy: bitwise the same as the portable copy (the same f32
