@@ -39,7 +39,7 @@ impl HostParam {
         // In 32×32 tiles, so both the reads and the writes stay within a few cache lines.
         const TILE: usize = 32;
         // A model's weight from here on: in huge pages where the kernel allows.
-        let mut values = super::host_memory::weight_buffer(a * b)
+        let mut values = super::host_memory::huge_page_buffer(a * b)
             .map_err(|e| Error::invalid("param", format!("cannot allocate [{b}, {a}]: {e}")))?;
         values.resize(a * b, 0f32);
         for i0 in (0..a).step_by(TILE) {
@@ -268,7 +268,7 @@ impl Checkpoint {
         };
         // The one allocation proportional to the file: a failure is an error, not an abort.
         // In huge pages where the kernel allows: decoding streams every weight per token.
-        let mut values: Vec<f32> = super::host_memory::weight_buffer(bytes.len() / width)
+        let mut values: Vec<f32> = super::host_memory::huge_page_buffer(bytes.len() / width)
             .map_err(|e| self.err(format!("cannot allocate tensor `{full}`: {e}")))?;
         match view.dtype() {
             Dtype::F32 => values.extend(

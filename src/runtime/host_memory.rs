@@ -1,4 +1,5 @@
-//! Host buffers for model weights, backed by 2 MiB pages where the kernel allows.
+//! Large host buffers (model weights, the CPU backend's recycled activations), backed by 2 MiB
+//! pages where the kernel allows.
 //!
 //! Why: a CPU decoding step reads every weight once (about 500 MB for GPT-2 124M in f32), so
 //! the few-row kernel is a stream from memory, and with 4 KiB pages that stream also walks a
@@ -7,6 +8,9 @@
 //! BENCHMARKS.md), so an ordinary allocation never gets them. Measured there (two threads,
 //! alternating runs, one GPT-2-124M step of weights): 18.7–20.0 GB/s from 4 KiB pages against
 //! 21.1–21.9 GB/s from huge pages.
+//!
+//! Activations: the CPU backend's kept buffers (`cpu::recycle`) are allocated the same way,
+//! so a GEMM's output faults in 2 MiB at a time instead of 4 KiB.
 //!
 //! The advice is given on the reserved, not yet written capacity, so the pages are faulted in
 //! as huge pages when the values are first written; only the 2 MiB-aligned interior of the
@@ -22,7 +26,7 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// An empty vector with room for exactly `len` values, its aligned interior advised for huge
 /// pages (Linux; a no-op elsewhere). Fails instead of aborting when the memory is not there.
-pub(crate) fn weight_buffer<T>(len: usize) -> Result<Vec<T>, TryReserveError> {
+pub(crate) fn huge_page_buffer<T>(len: usize) -> Result<Vec<T>, TryReserveError> {
     let mut v: Vec<T> = Vec::new();
     v.try_reserve_exact(len)?;
     advise_huge_pages(&mut v);
@@ -60,13 +64,13 @@ mod tests {
     /// The buffer has exactly the room asked for, holds what is written into it, and an
     /// impossible size is an error, not an abort.
     #[test]
-    fn weight_buffers_reserve_exactly_and_refuse_impossible_sizes() {
+    fn huge_page_buffers_reserve_exactly_and_refuse_impossible_sizes() {
         for len in [0usize, 7, MIN_BYTES / 4 - 1, 3 * MIN_BYTES / 4 + 5] {
-            let mut v = weight_buffer::<f32>(len).expect("reserve");
+            let mut v = huge_page_buffer::<f32>(len).expect("reserve");
             assert!(v.is_empty() && v.capacity() == len, "len {len}");
             v.extend((0..len).map(|i| i as f32));
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
         }
-        assert!(weight_buffer::<u64>(usize::MAX / 4).is_err());
+        assert!(huge_page_buffer::<u64>(usize::MAX / 4).is_err());
     }
 }

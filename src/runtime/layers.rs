@@ -78,7 +78,7 @@ impl<B: Backend> Linear<B> {
         // The fused weight is a model's weight from here on: in huge pages where the kernel
         // allows.
         let total: usize = parts.iter().map(|(pw, _)| pw.values.len()).sum();
-        let mut w = crate::runtime::host_memory::weight_buffer(total).map_err(|e| {
+        let mut w = crate::runtime::host_memory::huge_page_buffer(total).map_err(|e| {
             Error::invalid("weight", format!("cannot allocate {total} values: {e}"))
         })?;
         for (pw, pb) in parts {

@@ -21,7 +21,7 @@ impl CpuBf16 {
         if shape.len() == 2 {
             // Huge pages where the kernel allows: decoding streams these per token.
             let mut bits =
-                crate::runtime::host_memory::weight_buffer(values.len()).map_err(|e| {
+                crate::runtime::host_memory::huge_page_buffer(values.len()).map_err(|e| {
                     Error::invalid("values", format!("cannot allocate a bf16 matrix: {e}"))
                 })?;
             bits.extend(values.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
