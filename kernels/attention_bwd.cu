@@ -84,7 +84,7 @@
 //   accumulator and dK's and dV's left it 255 registers with 52/60 (sm_80) and 96/128 (sm_90)
 //   bytes spilled; the halves need one more ldmatrix of dSᵀ per 16 keys and spill nothing. The
 //   HD 128 entry keeps one pass (halving it there spilled more on sm_80: 68/52 instead of
-//   12/24 bytes).
+//   12/24 bytes, measured before QDO_ROW_STEP below, with which one pass spills 4/4).
 //
 // Masks are those of the forward (attention_common.cuh: key padding, causal top-left and
 // bottom-right, sliding window, packed sequences): the query tiles a key block visits are those
@@ -122,6 +122,21 @@ constexpr int BM = CUATTN_ATTN_BWD_BM;  // query rows per dK/dV tile, per dQ CTA
 constexpr int ROWS = CUATTN_ATTN_BWD_ROWS_PER_BLOCK;
 constexpr float LOG2E = 1.4426950408889634f;
 static_assert(BN == 16 * WARPS && BM == 16 * WARPS, "one 16-row slab per warp");
+// How the dK/dV kernel's per-tile Q and dO loads find their copies (load_tile's ROW_STEP; the
+// same copies either way). With the flat index, sm_80's ptxas keeps each copy's row and column
+// offsets (16 copies per tile and thread at HD 256) live across the query-tile loop, and at 255
+// registers spills them: stored once before the loop, reloaded for every tile's loads (not in
+// the MMA loops); 92-140 bytes stored and 148-172 loaded at HD 256, 12-44 / 20-28 at HD 128.
+// With ROW_STEP a thread keeps one row base and one column, and no sm_80 dK/dV entry spills
+// except the sparse fast-mode HD 128 one (4 / 4 bytes, was 12 / 24). sm_90 keeps the flat
+// index: its HD 256 entries did not spill, and with ROW_STEP some do (8-16 bytes at HD 64 and
+// 256, 200-240 at HD 128). compute_80 PTX, JIT-compiled on other GPUs, takes the sm_80 form. Numbers:
+// docs/kernels/attention-backward.md (register report).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool QDO_ROW_STEP = false;
+#else
+constexpr bool QDO_ROW_STEP = true;
+#endif
 
 // Row r of the LSE layout for (b, h) at the sequence's first row (also D's and, times dim_qk,
 // the dQ accumulator's).
@@ -298,10 +313,10 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                 lo = ti.lo, hi = ti.hi, bits = ti.bits, full_kind = ti.kind == CUATTN_SPARSE_FULL;
             }
             __syncthreads();  // every warp is done with the previous tile's Q, dO, dSᵀ, LSE, D
-            load_tile<T, HD, BM, THREADS>(sQ, gq + (int64_t)q0 * p.q_row_stride, p.q_row_stride, 0, len_q - q0, p.dim_qk,
-                                          vec, gq);
-            load_tile<T, HD, BM, THREADS>(sdO, gdo + (int64_t)q0 * bp.do_row_stride, bp.do_row_stride, 0, len_q - q0,
-                                          p.dim_v, vec, gdo);
+            load_tile<T, HD, BM, THREADS, false, QDO_ROW_STEP>(sQ, gq + (int64_t)q0 * p.q_row_stride, p.q_row_stride, 0,
+                                                               len_q - q0, p.dim_qk, vec, gq);
+            load_tile<T, HD, BM, THREADS, false, QDO_ROW_STEP>(sdO, gdo + (int64_t)q0 * bp.do_row_stride, bp.do_row_stride, 0,
+                                                               len_q - q0, p.dim_v, vec, gdo);
             for (int r = threadIdx.x; r < BM; r += THREADS) {
                 const bool in = q0 + r < len_q;
                 sLse[r] = in ? lse_log2(lse[q0 + r]) : INFINITY;

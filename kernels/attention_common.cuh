@@ -51,7 +51,13 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const cuattn_attention
 // cols_valid, become 0. With `vec` the copy is asynchronous (complete after cp_async_wait_all);
 // without it, synchronous. `fallback` is any valid address: zero-fill copies name it instead
 // of the (possibly out-of-range) row they skip.
-template <typename T, int HD, int ROWS, int THREADS, bool KEEP_MASK = false>
+// ROW_STEP (vec copies only) picks how a thread finds its copies, not which: thread x always
+// copies 16-byte chunk x % (HD/8) of rows x / (HD/8) + i·THREADS/(HD/8). The default divides
+// each copy's flat index; ROW_STEP keeps one row base and one column per thread and steps the
+// row by a constant. At the 255-register limit the two allocate differently (ptxas numbers in
+// docs/kernels/attention-backward.md): ROW_STEP is what ends the backward dK/dV kernels' sm_80
+// spills, while the forward's HD 128 tile spills more with it, so callers opt in.
+template <typename T, int HD, int ROWS, int THREADS, bool KEEP_MASK = false, bool ROW_STEP = false>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_lo, int row_hi, int cols_valid,
                                           bool vec, const T* fallback, uint64_t keep_lo = ~0ull, uint64_t keep_hi = ~0ull) {
     constexpr int PITCH = HD + 8;
@@ -65,12 +71,25 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
     if (vec) {
         constexpr int CHUNKS = HD / 8;
         static_assert(ROWS * CHUNKS % THREADS == 0, "tile copies split evenly over the CTA");
+        if constexpr (ROW_STEP) {
+            static_assert(THREADS % CHUNKS == 0, "a thread's copies share one column chunk");
+            constexpr int STEP = THREADS / CHUNKS;  // rows between a thread's copies
+            const int r0 = (int)threadIdx.x / CHUNKS, c = ((int)threadIdx.x % CHUNKS) * 8;
+            const bool col_ok = c < cols_valid;
 #pragma unroll
-        for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-            const int idx = threadIdx.x + i * THREADS;
-            const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-            const bool ok = keep(r) && c < cols_valid;
-            cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : fallback, ok);
+            for (int i = 0; i < ROWS / STEP; ++i) {
+                const int r = r0 + i * STEP;
+                const bool ok = col_ok && keep(r);
+                cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : fallback, ok);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
+                const int idx = threadIdx.x + i * THREADS;
+                const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
+                const bool ok = keep(r) && c < cols_valid;
+                cp_async16(dst + r * PITCH + c, ok ? src + r * row_stride + c : fallback, ok);
+            }
         }
         cp_async_commit();
     } else {

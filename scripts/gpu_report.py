@@ -144,10 +144,12 @@ def header_info(results):
 def test_rows(results):
     rows = []
     for r in results or []:
-        if r["step"] != "test":
+        if r["step"] not in ("test", "test-ptx-jit"):
             continue
         d = kv(r["detail"])
-        rows.append([r["name"], r["status"], d.get("passed", "?"), d.get("failed", "?"), d.get("ignored", "?"),
+        # test-ptx-jit: the backward tests on the compute_80 PTX (gpu-check.sh step b2)
+        name = r["name"] + (" (compute_80 PTX, backward)" if r["step"] == "test-ptx-jit" else "")
+        rows.append([name, r["status"], d.get("passed", "?"), d.get("failed", "?"), d.get("ignored", "?"),
                      d.get("skipped", "?"), d.get("absent", "-"), fmt_secs(r["seconds"])])
     return rows
 

@@ -612,6 +612,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn head_dim_256_and_dense_sm80_dkdv_kernels_do_not_spill() {
+        // The HD 256 entries on both architectures, and on sm_80 every dense dK/dV entry: the
+        // per-tile Q/dO loads' offsets used to spill there (attention_bwd.cu, QDO_ROW_STEP).
+        let built = crate::kernels::resources();
+        let mut checked = 0;
+        for name in kernel_names() {
+            for arch in ["sm_80", "sm_90"] {
+                let dense_dkdv = name.starts_with("attention_bwd_dkdv") && arch == "sm_80";
+                if !(name.contains("_hd256_") || dense_dkdv) {
+                    continue;
+                }
+                let r = built.iter().find(|r| r.kernel == name && r.arch == arch);
+                let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
+                assert_eq!(
+                    (r.spill_store_bytes, r.spill_load_bytes, r.stack_bytes),
+                    (0, 0, 0),
+                    "{name} on {arch}: spill stores, spill loads, stack frame (bytes)"
+                );
+                checked += 1;
+            }
+        }
+        // 2 dtypes × (6 HD 256 entries × 2 archs + 6 dense dK/dV entries on sm_80 less the 2
+        // at HD 256 counted already).
+        assert_eq!(checked, 2 * (6 * 2 + 4));
+    }
+
     struct Views {
         q: TensorRef<'static>,
         k: TensorRef<'static>,
