@@ -1,4 +1,4 @@
-// The transformer runtime's small elementwise ops (src/runtime/cuda.rs): bias + activation
+// The transformer runtime's small elementwise ops (wrapped in src/ops/elementwise.rs; the runtime calls them from src/runtime/cuda.rs): bias + activation
 // after a cuBLAS GEMM, elementwise add, the embedding gather, and the KV-cache append of text
 // generation (src/runtime/kv_cache.rs). All memory-bound, no reuse.
 //
