@@ -376,13 +376,19 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<()>
         reason: format!("cannot write: {e}"),
     };
     // safetensors writes a private temporary file (mode 0600) and renames it over `path`.
-    // Give the result the permissions an ordinary file creation gives here (the process's
-    // umask, or the existing file's mode), so a saved model folder is as readable as its
-    // config.json.
-    let mode = std::fs::File::create(path)
-        .and_then(|f| f.metadata())
-        .map_err(|e| write_err(e.to_string()))?
-        .permissions();
+    // Give the result the existing file's mode, or the one an ordinary file creation gives
+    // here (the process's umask), so a saved model folder is as readable as its config.json.
+    // An existing file is only looked at, never truncated: it may be mapped.
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => Ok(m),
+        Err(_) => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|f| f.metadata()),
+    }
+    .map_err(|e| write_err(e.to_string()))?
+    .permissions();
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| write_err(e.to_string()))?;
     std::fs::set_permissions(path, mode).map_err(|e| write_err(e.to_string()))
 }
