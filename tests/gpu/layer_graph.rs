@@ -4,7 +4,8 @@
 //! allocation node and replayed on new inputs and key lengths, each replay bit-identical to
 //! the runtime's ordinary forward (`runtime::layers`, the code `Bert::forward` runs per layer).
 //! The unfused baseline on a caller workspace against its own-workspace path; the `_into`
-//! calls' typed errors; the elementwise kernels on plain views.
+//! calls' typed errors; the elementwise kernels on plain views; the embedding gather from
+//! device ids in a graph.
 
 use cuattn::check::gpu_or_skip;
 use cuattn::gpu::{DeviceTensor, Gpu, I32View};
@@ -768,6 +769,73 @@ fn elementwise_ops_on_caller_views_match_the_f64_arithmetic() {
     let mut wrong = gpu.zeros(dt, &[rows, cols + 1]).unwrap();
     let r = elementwise::add_into(&gpu, &x.view(), &y.view(), &mut wrong.view_mut());
     assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
+}
+
+/// The embedding gather with its ids on the device, captured in a graph (one kernel node, no
+/// allocation) and replayed with new ids written into the same buffer: every row equals the
+/// table's row bit for bit, in each dtype; an id outside the table (past the end, or negative)
+/// gives a row of NaN. The output is filled with a finite sentinel before each replay, so an
+/// unwritten row fails both checks.
+#[test]
+fn gathered_rows_from_device_ids_replay_from_a_graph_and_outside_ids_give_nan_rows() {
+    let Some(shared) = gpu_or_skip("gather_rows_into") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let (rows, width) = (50usize, 24usize);
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let th = HostTensor::from_f32(dt, &[rows, width], &values(rows * width, 21, 1.0)).unwrap();
+        let tv = th.to_f32_vec();
+        let table = gpu.upload(&th).unwrap();
+        let first = [7i32, 0, 49, 3, 7, 12];
+        let mut ids: CudaSlice<i32> = gpu.stream().clone_htod(&first).unwrap();
+        let mut out = gpu.zeros(dt, &[first.len(), width]).unwrap();
+        let gather = |out: &mut DeviceTensor, ids: &CudaSlice<i32>| {
+            elementwise::gather_rows_into(
+                &gpu,
+                &table.view(),
+                &I32View::new(&gpu, ids),
+                &mut out.view_mut(),
+            )
+        };
+        gather(&mut out, &ids).unwrap(); // loads the kernel outside the capture
+        gpu.synchronize().unwrap();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        let captured = gather(&mut out, &ids);
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("a graph");
+        captured.unwrap();
+        assert_eq!(
+            kernel_and_alloc_nodes(&graph),
+            (1, 0),
+            "{dt:?}: one kernel, no alloc"
+        );
+        for id_set in [first, [49, 50, -1, 0, 2, 48]] {
+            gpu.stream().memcpy_htod(&id_set, &mut ids).unwrap();
+            let sentinel = vec![1234.0f32; id_set.len() * width];
+            out.write(&HostTensor::from_f32(dt, out.shape(), &sentinel).unwrap())
+                .unwrap();
+            graph.launch().unwrap();
+            let got = out.to_f32_vec().unwrap();
+            for (r, &id) in id_set.iter().enumerate() {
+                let row = &got[r * width..(r + 1) * width];
+                if (0..rows as i32).contains(&id) {
+                    let want = &tv[id as usize * width..(id as usize + 1) * width];
+                    assert_bit_equal(&format!("{dt:?} row {r} (id {id})"), row, want);
+                } else {
+                    assert!(
+                        row.iter().all(|x| x.is_nan()),
+                        "{dt:?} row {r}: id {id} is outside the table but gave {row:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// One query per sequence (a decoding step) through `attention_into` with device key lengths
