@@ -132,14 +132,17 @@ static_assert(BN == 16 * WARPS && BM == 16 * WARPS, "one 16-row slab per warp");
 //   column offsets (16 per tile and thread at HD 256) live across the query-tile loop and
 //   spills them (92-140 bytes stored, 148-172 loaded at HD 256; 12-44 / 20-28 at HD 128); with
 //   ROW_STEP a thread keeps one row base and one column. sm_90 keeps the flat index except in
-//   the dense deterministic HD 128 entry: elsewhere ROW_STEP makes sm_90 spill (8-16 bytes at
-//   HD 64 and 256, 200-240 at HD 128).
+//   the deterministic HD 128 entries (with pack_early): elsewhere ROW_STEP makes sm_90 spill
+//   (8-16 bytes at HD 64 and 256, 200-240 in the fast HD 128 ones).
 //   pack_early: whether each Pᵀ and dSᵀ pair is rounded to a T pair as soon as it is computed
 //   (16 + 16 registers for the tile's 32 + 32 floats) rather than where the dV/dK MMAs (and fast
 //   mode's dSᵀ store) take it: the same roundings of the same values, so the same bits. Where the
 //   late form spilled (sm_90 deterministic HD 128, dense 136 / 144 bytes and sparse 48 / 24;
-//   sm_80 sparse fast HD 128, 4 / 4), the floats of Pᵀ were what ptxas stored across the
-//   masking; packed early they die there. (sm_90's dense entry needs ROW_STEP too: 32 / 36.)
+//   sm_80 sparse fast HD 128, 4 / 4), the registers this frees are enough: on sm_90 ptxas had
+//   stored 6 Pᵀ floats per tile across the masking (and, dense, per-CTA scalars), on sm_80 the
+//   column walk's end, reloaded every tile. On sm_90 with ROW_STEP as well: alone, pack_early
+//   leaves the dense entry at 32 / 36 bytes, and the sparse one spill-free but 290 instructions
+//   longer than with both.
 // compute_80 PTX, JIT-compiled on newer GPUs, takes the sm_80 forms.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr bool SM90_FORMS = true;
@@ -147,7 +150,7 @@ constexpr bool SM90_FORMS = true;
 constexpr bool SM90_FORMS = false;
 #endif
 template <int HD, bool ATOMIC_DQ, bool SPARSE> constexpr bool qdo_row_step() {
-    return SM90_FORMS ? HD == 128 && !ATOMIC_DQ && !SPARSE : true;
+    return SM90_FORMS ? HD == 128 && !ATOMIC_DQ : true;
 }
 template <int HD, bool ATOMIC_DQ, bool SPARSE> constexpr bool pack_early() {
     return HD == 128 && (SM90_FORMS ? !ATOMIC_DQ : ATOMIC_DQ && SPARSE);
