@@ -84,7 +84,8 @@
 //   accumulator and dK's and dV's left it 255 registers with 52/60 (sm_80) and 96/128 (sm_90)
 //   bytes spilled; the halves need one more ldmatrix of dSᵀ per 16 keys and spill nothing. The
 //   HD 128 entry keeps one pass (halving it there spilled more on sm_80: 68/52 instead of
-//   12/24 bytes, measured before QDO_ROW_STEP below, with which one pass spills 4/4).
+//   12/24 bytes, measured before the Q/dO load and Pᵀ/dSᵀ packing forms below, with which one
+//   pass spills nothing).
 //
 // Masks are those of the forward (attention_common.cuh: key padding, causal top-left and
 // bottom-right, sliding window, packed sequences): the query tiles a key block visits are those
@@ -122,21 +123,38 @@ constexpr int BM = CUATTN_ATTN_BWD_BM;  // query rows per dK/dV tile, per dQ CTA
 constexpr int ROWS = CUATTN_ATTN_BWD_ROWS_PER_BLOCK;
 constexpr float LOG2E = 1.4426950408889634f;
 static_assert(BN == 16 * WARPS && BM == 16 * WARPS, "one 16-row slab per warp");
-// How the dK/dV kernel's per-tile Q and dO loads find their copies (load_tile's ROW_STEP; the
-// same copies either way). With the flat index, sm_80's ptxas keeps each copy's row and column
-// offsets (16 copies per tile and thread at HD 256) live across the query-tile loop, and at 255
-// registers spills them: stored once before the loop, reloaded for every tile's loads (not in
-// the MMA loops); 92-140 bytes stored and 148-172 loaded at HD 256, 12-44 / 20-28 at HD 128.
-// With ROW_STEP a thread keeps one row base and one column, and no sm_80 dK/dV entry spills
-// except the sparse fast-mode HD 128 one (4 / 4 bytes, was 12 / 24). sm_90 keeps the flat
-// index: its HD 256 entries did not spill, and with ROW_STEP some do (8-16 bytes at HD 64 and
-// 256, 200-240 at HD 128). compute_80 PTX, JIT-compiled on other GPUs, takes the sm_80 form. Numbers:
-// docs/kernels/attention-backward.md (register report).
+// Per dK/dV entry and architecture, two ways of writing the same computation that ptxas
+// allocates differently at the 255-register limit (numbers: docs/kernels/attention-backward.md,
+// register report). Each entry takes the pair with which it does not spill; the others keep
+// the forms they had, so their code is unchanged.
+//   qdo_row_step: how the per-tile Q and dO loads find their copies (load_tile's ROW_STEP; the
+//   same copies either way). With the flat index, sm_80's ptxas keeps each copy's row and
+//   column offsets (16 per tile and thread at HD 256) live across the query-tile loop and
+//   spills them (92-140 bytes stored, 148-172 loaded at HD 256; 12-44 / 20-28 at HD 128); with
+//   ROW_STEP a thread keeps one row base and one column. sm_90 keeps the flat index except in
+//   the deterministic HD 128 entries (with pack_early): elsewhere ROW_STEP makes sm_90 spill
+//   (8-16 bytes at HD 64 and 256, 200-240 in the fast HD 128 ones).
+//   pack_early: whether each Pᵀ and dSᵀ pair is rounded to a T pair as soon as it is computed
+//   (16 + 16 registers for the tile's 32 + 32 floats) rather than where the dV/dK MMAs (and fast
+//   mode's dSᵀ store) take it: the same roundings of the same values, so the same bits. Where the
+//   late form spilled (sm_90 deterministic HD 128, dense 136 / 144 bytes and sparse 48 / 24;
+//   sm_80 sparse fast HD 128, 4 / 4), the registers this frees are enough: on sm_90 ptxas had
+//   stored 6 Pᵀ floats per tile across the masking (and, dense, per-CTA scalars), on sm_80 the
+//   column walk's end, reloaded every tile. On sm_90 with ROW_STEP as well: alone, pack_early
+//   leaves the dense entry at 32 / 36 bytes, and the sparse one spill-free but 290 instructions
+//   longer than with both.
+// compute_80 PTX, JIT-compiled on newer GPUs, takes the sm_80 forms.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool QDO_ROW_STEP = false;
+constexpr bool SM90_FORMS = true;
 #else
-constexpr bool QDO_ROW_STEP = true;
+constexpr bool SM90_FORMS = false;
 #endif
+template <int HD, bool ATOMIC_DQ, bool SPARSE> constexpr bool qdo_row_step() {
+    return SM90_FORMS ? HD == 128 && !ATOMIC_DQ : true;
+}
+template <int HD, bool ATOMIC_DQ, bool SPARSE> constexpr bool pack_early() {
+    return HD == 128 && (SM90_FORMS ? !ATOMIC_DQ : ATOMIC_DQ && SPARSE);
+}
 
 // Row r of the LSE layout for (b, h) at the sequence's first row (also D's and, times dim_qk,
 // the dQ accumulator's).
@@ -218,6 +236,8 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
     constexpr bool SPLIT = CW < HD;
     constexpr int PITCH = HD + 8;
     constexpr int PITCH_S = BM + 8;  // dSᵀ tile: [BN keys][BM queries]
+    constexpr bool QDO_ROW_STEP = qdo_row_step<HD, ATOMIC_DQ, SPARSE>();
+    constexpr bool PACK_EARLY = pack_early<HD, ATOMIC_DQ, SPARSE>();
     T* sK = smem;
     T* sV = sK + BN * PITCH;
     T* sQ = sV + BN * PITCH;
@@ -352,6 +372,7 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
             // sequence are assigned 0 (CTA-uniform test: whole tiles inside skip it).
             const bool full = full_kind && key0 + BN <= key_len && q0 + BM <= len_q && key0 >= q0 + BM - 1 + lo &&
                               key0 + BN - 1 <= q0 + hi;
+            uint32_t p_t[PACK_EARLY ? BM / 16 : 1][4], ds_t[PACK_EARLY ? BM / 16 : 1][4];  // PACK_EARLY only
 #pragma unroll
             for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
@@ -364,6 +385,12 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                     const float pv = keep ? exp2_ftz(fmaf(s[nb][e], c, -sLse[col])) : 0.f;
                     dp[nb][e] = keep ? pv * (dp[nb][e] - sDelta[col]) : 0.f;
                     s[nb][e] = pv;
+                    if constexpr (PACK_EARLY) {
+                        if (e & 1) {  // a pair, where the MMAs' A fragments hold it
+                            p_t[nb / 2][2 * (nb & 1) + e / 2] = pack2<T>(s[nb][e - 1], s[nb][e]);
+                            ds_t[nb / 2][2 * (nb & 1) + e / 2] = pack2<T>(dp[nb][e - 1], dp[nb][e]);
+                        }
+                    }
                 }
 
             // dV += Pᵀ·dO, dK += dSᵀ·Q (queries are the K dimension), the B operands from
@@ -371,14 +398,19 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
 #pragma unroll
             for (int j = 0; j < BM / 16; ++j) {
                 uint32_t pa[4], da[4];
-                pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
-                pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
-                pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
-                pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
-                da[0] = pack2<T>(dp[2 * j][0], dp[2 * j][1]);
-                da[1] = pack2<T>(dp[2 * j][2], dp[2 * j][3]);
-                da[2] = pack2<T>(dp[2 * j + 1][0], dp[2 * j + 1][1]);
-                da[3] = pack2<T>(dp[2 * j + 1][2], dp[2 * j + 1][3]);
+                if constexpr (PACK_EARLY) {
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) pa[x] = p_t[j][x], da[x] = ds_t[j][x];
+                } else {
+                    pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+                    pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+                    pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+                    pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+                    da[0] = pack2<T>(dp[2 * j][0], dp[2 * j][1]);
+                    da[1] = pack2<T>(dp[2 * j][2], dp[2 * j][3]);
+                    da[2] = pack2<T>(dp[2 * j + 1][0], dp[2 * j + 1][1]);
+                    da[3] = pack2<T>(dp[2 * j + 1][2], dp[2 * j + 1][3]);
+                }
 #pragma unroll
                 for (int nd2 = 0; nd2 < CW / 16; ++nd2) {
                     uint32_t ob[4], qb[4];
@@ -402,7 +434,9 @@ __device__ void attention_bwd_dkdv(const cuattn_attention_bwd_params& bp, T* sme
                 for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
                     for (int r2 = 0; r2 < 2; ++r2) {
-                        const uint32_t v2 = pack2<T>(dp[nb][2 * r2], dp[nb][2 * r2 + 1]);
+                        uint32_t v2;
+                        if constexpr (PACK_EARLY) v2 = ds_t[nb / 2][2 * (nb & 1) + r2];
+                        else v2 = pack2<T>(dp[nb][2 * r2], dp[nb][2 * r2 + 1]);
                         memcpy(sdS + (wrow + g + 8 * r2) * PITCH_S + nb * 8 + 2 * t, &v2, 4);
                     }
                 __syncthreads();

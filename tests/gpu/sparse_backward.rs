@@ -100,7 +100,9 @@ fn sparse_backward_runs_every_block_size_and_head_dim_on_tensor_cores_in_both_mo
     };
     let mut seed = 0x5b;
     for bs in [16, 32, 64, 128] {
-        for (d, dv) in [(64, 64), (256, 256), (136, 72)] {
+        // Each head-dim tile (64, 128, 256; 136 splits its columns): the HD 128 dK/dV entries
+        // take per-architecture code forms (attention_bwd.cu, qdo_row_step / pack_early).
+        for (d, dv) in [(64, 64), (128, 96), (256, 256), (136, 72)] {
             for (dtype, mode) in [(DType::BF16, Mode::Deterministic), (DType::F16, Mode::Fast)] {
                 seed += 1;
                 let (len_q, len_k) = (190, 170);
