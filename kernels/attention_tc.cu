@@ -44,6 +44,11 @@
 // The small spills cost less than the extra barriers and row-max passes of half-size key tiles;
 // eight warps of 16 rows each read every K/V fragment twice as often from shared memory.
 // Per thread at HD 128: O is 2·16·4 = 128 f32 registers, S 2·8·4 = 64.
+// At HD 64 those spills were mostly the tile loads' per-copy offsets, kept live across the
+// key loop. Since 2026-11-30 the 128-row tiles' K/V loads find their copies from one row base per
+// thread where ptxas spills less that way (KvLoadForm below; the same copies): spill bytes
+// (stores/loads) sm_80 HD 64 144/136 → 40/40, HD 128 76/72 → 56/56; sm_90 HD 64 160/164 → 0,
+// HD 128 76/84 → 60/72. What is left at HD 64 is the softmax's running sums. Not yet run on a GPU.
 //
 // The mma/ldmatrix/cp.async wrappers (common.cuh) and the tile loads and mask band
 // (attention_common.cuh) are shared with the backward, kernels/attention_bwd.cu.
