@@ -88,7 +88,10 @@ fn check_tile(hd: i32, rows: i32, threads: i32, call: &Call) {
     for tid in 0..threads {
         let flat = flat_index_copies(hd, rows, threads, tid, call);
         let stepped = row_step_copies(hd, rows, threads, tid, call);
-        assert_eq!(flat, stepped, "hd {hd}, {rows} rows, {threads} threads: thread {tid}");
+        assert_eq!(
+            flat, stepped,
+            "hd {hd}, {rows} rows, {threads} threads: thread {tid}"
+        );
         for cp in flat {
             written[cp.dst] += 1;
         }
@@ -128,8 +131,16 @@ fn shapes() -> Vec<(i32, i32, i32)> {
 #[test]
 fn both_load_forms_issue_the_same_copies_in_the_same_order_for_every_tile_shape() {
     let shapes = shapes();
-    for &(hd, rows, threads) in &[(64, 128, 128), (128, 64, 128), (256, 32, 128), (256, 64, 128)] {
-        assert!(shapes.contains(&(hd, rows, threads)), "built tile {hd}/{rows} missing");
+    for &(hd, rows, threads) in &[
+        (64, 128, 128),
+        (128, 64, 128),
+        (256, 32, 128),
+        (256, 64, 128),
+    ] {
+        assert!(
+            shapes.contains(&(hd, rows, threads)),
+            "built tile {hd}/{rows} missing"
+        );
     }
     let full = Call {
         row_stride: 3 * 256 + 5,
