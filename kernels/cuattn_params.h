@@ -306,13 +306,16 @@ typedef struct cuattn_add_params {
     int64_t n;
 } cuattn_add_params;
 
-/* out[r, :] = table[ids[r], :] (embedding lookup); ids are checked on the host. */
+/* out[r, :] = table[ids[r], :] (embedding lookup). Ids that stay on the device cannot be
+ * checked on the host: an id >= table_rows (a negative i32 read as uint32 included) gives a
+ * row of NaN instead of a read outside the table. */
 typedef struct cuattn_gather_rows_params {
     uint64_t table; /* [table_rows, width] T */
     uint64_t ids;   /* [rows] uint32 */
     uint64_t out;   /* [rows, width] T */
     int64_t rows;
     int64_t width;
+    int64_t table_rows;
 } cuattn_gather_rows_params;
 
 /* KV-cache append: for each sequence b and t < count[b], row b·len_new + t of the step's keys

@@ -60,7 +60,9 @@ template <typename T> __device__ void gather_rows(const cuattn_gather_rows_param
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = i / p.width, c = i % p.width;
-        out[i] = table[(int64_t)ids[r] * p.width + c];
+        const uint32_t id = ids[r];
+        out[i] = (int64_t)id < p.table_rows ? table[(int64_t)id * p.width + c]
+                                             : from_f32<T>(__int_as_float(0x7fc00000));
     }
 }
 

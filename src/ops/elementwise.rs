@@ -12,10 +12,10 @@ use super::{launch, validate};
 use crate::activation::Activation;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, TensorMut, TensorRef};
+use crate::gpu::{Gpu, I32View, TensorMut, TensorRef};
 use crate::kernels::params::{
-    cuattn_add_params, cuattn_bias_act_params, CUATTN_ACT_GELU_ERF, CUATTN_ACT_GELU_TANH,
-    CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
+    cuattn_add_params, cuattn_bias_act_params, cuattn_gather_rows_params, CUATTN_ACT_GELU_ERF,
+    CUATTN_ACT_GELU_TANH, CUATTN_ACT_NONE, CUATTN_ACT_RELU, CUATTN_ACT_TANH,
 };
 use crate::tensor::Layout;
 
@@ -79,6 +79,74 @@ fn check_add(a: &TensorRef, b: &TensorRef, out: &TensorMut) -> Result<usize> {
 }
 
 /// The kernels' code of an activation (`CUATTN_ACT_*`).
+/// `[table_rows, width]` table, `[ids, width]` output of its dtype, both contiguous; ids 4-byte
+/// aligned. Returns (table_rows, width).
+fn check_gather(table: &TensorRef, ids: &I32View, out: &TensorMut) -> Result<(usize, usize)> {
+    let (ti, oi) = (table.info("table"), out.info("out"));
+    for (info, layout) in [(&ti, &table.layout), (&oi, &out.layout)] {
+        validate::memory(info)?;
+        contiguous(info.arg, layout)?;
+    }
+    validate::dtype(&oi, table.dtype)?;
+    let [table_rows, width] = table.shape()[..] else {
+        return Err(Error::shape("table", "[rows, width]", table.shape()));
+    };
+    if out.shape() != [ids.len(), width] {
+        return Err(Error::shape(
+            "out",
+            format!("[{}, {width}] (one row per id)", ids.len()),
+            out.shape(),
+        ));
+    }
+    if !ids.device_ptr().is_multiple_of(4) {
+        return Err(Error::Alignment {
+            arg: "ids",
+            ptr: ids.device_ptr(),
+            align: 4,
+        });
+    }
+    Ok((table_rows, width))
+}
+
+/// `out[r, :] = table[ids[r], :]` (an embedding lookup) with the ids in device memory, so
+/// nothing is uploaded and the call can be captured in a CUDA graph. Ids are not checked on the
+/// host: an id outside `0..table_rows` (negative ones included) gives a row of NaN, never a read
+/// outside the table.
+pub fn gather_rows_into(
+    gpu: &Gpu,
+    table: &TensorRef,
+    ids: &I32View,
+    out: &mut TensorMut,
+) -> Result<()> {
+    gpu.check_contexts([("table", table.ctx), ("ids", ids.ctx), ("out", out.ctx)])?;
+    let (table_rows, width) = check_gather(table, ids, out)?;
+    if ids.is_empty() || width == 0 {
+        return Ok(());
+    }
+    let p = cuattn_gather_rows_params {
+        table: table.ptr,
+        ids: ids.device_ptr(),
+        out: out.ptr,
+        rows: ids.len() as i64,
+        width: width as i64,
+        table_rows: table_rows as i64,
+    };
+    let k = gpu.kernel(MODULE, kernel_name("gather_rows", table.dtype))?;
+    // SAFETY: the kernel reads ids.len() i32 (4-byte aligned) from `ids`, reads only rows
+    // id < table_rows of the contiguous [table_rows, width] table, and writes the contiguous
+    // [ids.len(), width] output of the same dtype (all checked above).
+    unsafe {
+        launch(
+            gpu,
+            &k,
+            &p,
+            (grid(gpu, ids.len() * width), 1),
+            (THREADS, 1),
+            0,
+        )
+    }
+}
+
 pub(crate) fn act_code(act: Activation) -> i32 {
     (match act {
         Activation::None => CUATTN_ACT_NONE,
@@ -94,6 +162,9 @@ fn kernel_name(op: &str, dtype: DType) -> &'static str {
         ("bias_act", DType::F32) => "rt_bias_act_f32",
         ("bias_act", DType::F16) => "rt_bias_act_f16",
         ("bias_act", DType::BF16) => "rt_bias_act_bf16",
+        ("gather_rows", DType::F32) => "rt_gather_rows_f32",
+        ("gather_rows", DType::F16) => "rt_gather_rows_f16",
+        ("gather_rows", DType::BF16) => "rt_gather_rows_bf16",
         (_, DType::F32) => "rt_add_f32",
         (_, DType::F16) => "rt_add_f16",
         (_, DType::BF16) => "rt_add_bf16",
@@ -222,5 +293,31 @@ mod tests {
         let out_h = fake_mut(DType::F16, &[6, 4], 2 * GIB);
         let r = check_add(&a, &b, &out_h);
         assert!(matches!(r, Err(Error::DType { arg: "out", .. })), "{r:?}");
+    }
+    /// Device ids: one output row per id, the table's width and dtype, a 2-D table, and
+    /// 4-byte-aligned ids; each mismatch is refused by argument name before any launch.
+    #[test]
+    fn gather_needs_a_row_per_id_of_the_tables_width_and_dtype() {
+        let ctx = ContextId::from_raw(std::ptr::null_mut());
+        // SAFETY: validation only reads the address as a number.
+        let ids = unsafe { I32View::from_raw(ctx, 3 * GIB, 3) };
+        let table = fake_ref(DType::F16, &[10, 8], 0);
+        let out = fake_mut(DType::F16, &[3, 8], GIB);
+        assert_eq!(check_gather(&table, &ids, &out).unwrap(), (10, 8));
+        let r = check_gather(&table, &ids, &fake_mut(DType::F16, &[4, 8], GIB));
+        assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
+        let r = check_gather(&table, &ids, &fake_mut(DType::F16, &[3, 9], GIB));
+        assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
+        let r = check_gather(&table, &ids, &fake_mut(DType::F32, &[3, 8], GIB));
+        assert!(matches!(r, Err(Error::DType { arg: "out", .. })), "{r:?}");
+        let r = check_gather(&fake_ref(DType::F16, &[2, 5, 8], 0), &ids, &out);
+        assert!(matches!(r, Err(Error::Shape { arg: "table", .. })), "{r:?}");
+        // SAFETY: as above.
+        let odd = unsafe { I32View::from_raw(ctx, 3 * GIB + 2, 3) };
+        let r = check_gather(&table, &odd, &out);
+        assert!(
+            matches!(r, Err(Error::Alignment { arg: "ids", .. })),
+            "{r:?}"
+        );
     }
 }

@@ -371,10 +371,26 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<()>
         "format".to_string(),
         "pt".to_string(),
     )]));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::Checkpoint {
+    let write_err = |e: String| Error::Checkpoint {
         file: path.display().to_string(),
         reason: format!("cannot write: {e}"),
-    })
+    };
+    // safetensors writes a private temporary file (mode 0600) and renames it over `path`.
+    // Give the result the existing file's mode, or the one an ordinary file creation gives
+    // here (the process's umask), so a saved model folder is as readable as its config.json.
+    // An existing file is only looked at, never truncated: it may be mapped.
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => Ok(m),
+        Err(_) => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|f| f.metadata()),
+    }
+    .map_err(|e| write_err(e.to_string()))?
+    .permissions();
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| write_err(e.to_string()))?;
+    std::fs::set_permissions(path, mode).map_err(|e| write_err(e.to_string()))
 }
 
 /// Writes `value` to `path` as pretty-printed JSON with a final newline (how Hugging Face
@@ -388,4 +404,39 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
         path: path.display().to_string(),
         source: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A written model file has the mode an ordinary file creation gives in the same folder
+    /// (not the 0600 of safetensors' temporary file), and reads back the same values.
+    #[cfg(unix)]
+    #[test]
+    fn written_safetensors_are_as_readable_as_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cuattn-st-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let plain = dir.join("config.json");
+        std::fs::write(&plain, b"{}").expect("plain file");
+        let values = [1.5f32, -2.0, 0.25, 8.0, 3.0, -0.5];
+        let path = dir.join("model.safetensors");
+        write_safetensors(
+            &path,
+            &[NamedTensor {
+                name: "w".into(),
+                shape: vec![2, 3],
+                values: &values,
+            }],
+        )
+        .expect("write");
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain), "model file mode");
+        let back = Checkpoint::open(&path)
+            .and_then(|mut c| c.take("w", &[2, 3]))
+            .expect("read back");
+        assert_eq!(back.values, values);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

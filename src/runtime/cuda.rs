@@ -18,7 +18,7 @@ use super::backend::{
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceTensor, Gpu, I32View};
-use crate::kernels::params::{cuattn_append_kv_params, cuattn_gather_rows_params};
+use crate::kernels::params::cuattn_append_kv_params;
 use crate::ops::attention::{self as attn, Options, Sequences};
 use crate::ops::decode;
 use crate::ops::elementwise;
@@ -983,44 +983,26 @@ impl Backend for Cuda {
         }
         // A table stored in another dtype (a trainer's f32 master weights) is gathered in its
         // own dtype and the rows converted.
-        let out = self.gpu.zeros(table.dtype(), &[ids.len(), width])?;
+        let mut out = self.gpu.zeros(table.dtype(), &[ids.len(), width])?;
         if ids.is_empty() || width == 0 {
             return self.converted(&out, self.dtype);
         }
+        // Checked < n above, and n rows of a device table fit in i32.
+        let ids: Vec<i32> = ids
+            .iter()
+            .map(|&id| i32::try_from(id).map_err(|_| Error::invalid("ids", "id above i32::MAX")))
+            .collect::<Result<_>>()?;
         let dev_ids = self
             .gpu
             .stream()
-            .clone_htod(ids)
+            .clone_htod(&ids)
             .map_err(|e| Error::driver("copy ids to device", e))?;
-        let (ids_ptr, _sync) = dev_ids.device_ptr(self.gpu.stream());
-        let p = cuattn_gather_rows_params {
-            table: ptr(table),
-            ids: ids_ptr,
-            out: ptr(&out),
-            rows: ids.len() as i64,
-            width: width as i64,
-        };
-        let k = self.gpu.kernel(
-            MODULE,
-            match table.dtype() {
-                DType::F32 => "rt_gather_rows_f32",
-                DType::F16 => "rt_gather_rows_f16",
-                DType::BF16 => "rt_gather_rows_bf16",
-            },
+        elementwise::gather_rows_into(
+            &self.gpu,
+            &table.view(),
+            &I32View::new(&self.gpu, &dev_ids),
+            &mut out.view_mut(),
         )?;
-        // SAFETY: every id was checked < n above, so each read row lies in the [n, width]
-        // table; out holds ids.len()·width elements; dev_ids (ids.len() u32) is freed in
-        // stream order after the kernel.
-        unsafe {
-            launch(
-                &self.gpu,
-                &k,
-                &p,
-                (self.grid(ids.len() * width), 1),
-                (THREADS, 1),
-                0,
-            )
-        }?;
         if out.dtype() == self.dtype {
             Ok(out)
         } else {

@@ -7,6 +7,7 @@
 //! Each replay is compared with an ordinary call on the same data, which the other GPU tests
 //! hold to the f64 reference, and with the reference itself.
 
+use crate::graphs::{assert_finite_and_equal, kernel_and_alloc_nodes, nan_poison};
 use cuattn::check::gpu_or_skip;
 use cuattn::gpu::{ContextId, DeviceTensor, Gpu, I32View, TensorMut, TensorRef};
 use cuattn::ops::gemm::{self, Gemm, WeightGradOptions};
@@ -35,22 +36,6 @@ fn lens_buf(gpu: &Arc<Gpu>, v: &[i32]) -> CudaSlice<i32> {
 
 fn set_lens(gpu: &Arc<Gpu>, buf: &mut CudaSlice<i32>, v: &[i32]) {
     gpu.stream().memcpy_htod(v, buf).unwrap();
-}
-
-fn nan_poison(t: &mut DeviceTensor) {
-    let n: usize = t.shape().iter().product();
-    let host = HostTensor::from_f32(t.dtype(), t.shape(), &vec![f32::NAN; n]).unwrap();
-    t.write(&host).unwrap();
-}
-
-fn assert_finite_and_equal(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.to_bits() == w.to_bits() && !g.is_nan(),
-            "{what}[{i}]: replay {g}, ordinary call {w}"
-        );
-    }
 }
 
 /// Dense attention with device key lengths, captured once, replayed on two sets of inputs.
@@ -239,32 +224,6 @@ fn decode_with_device_lengths_replays_from_a_cuda_graph_with_new_data() {
             assert_eq!(g.to_bits(), w.to_bits(), "lse[{i}]: {g} vs {w}");
         }
     }
-}
-
-/// The node types of a captured graph: (kernels, memory allocations).
-fn kernel_and_alloc_nodes(graph: &cudarc::driver::CudaGraph) -> (usize, usize) {
-    use cudarc::driver::sys::{self, CUgraphNodeType};
-    let mut n = 0usize;
-    // SAFETY: a live graph; with a null array the call only writes the node count.
-    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) };
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-    let mut nodes = vec![std::ptr::null_mut(); n];
-    // SAFETY: `nodes` has room for the n handles the call writes.
-    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut n) };
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-    let (mut kernels, mut allocs) = (0, 0);
-    for node in nodes.into_iter().take(n) {
-        let mut ty = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-        // SAFETY: a node of the live graph; the call writes one node type.
-        let r = unsafe { sys::cuGraphNodeGetType(node, &mut ty) };
-        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-        match ty {
-            CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => kernels += 1,
-            CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => allocs += 1,
-            _ => {}
-        }
-    }
-    (kernels, allocs)
 }
 
 /// The linear layer's three GEMMs (forward, input gradient, accumulated weight gradient) on a

@@ -4,8 +4,10 @@
 //! allocation node and replayed on new inputs and key lengths, each replay bit-identical to
 //! the runtime's ordinary forward (`runtime::layers`, the code `Bert::forward` runs per layer).
 //! The unfused baseline on a caller workspace against its own-workspace path; the `_into`
-//! calls' typed errors; the elementwise kernels on plain views.
+//! calls' typed errors; the elementwise kernels on plain views; the embedding gather from
+//! device ids in a graph.
 
+use crate::graphs::{assert_finite_and_equal, kernel_and_alloc_nodes, nan_poison};
 use cuattn::check::gpu_or_skip;
 use cuattn::gpu::{DeviceTensor, Gpu, I32View};
 use cuattn::ops::attention::{self, CausalAlign};
@@ -34,48 +36,6 @@ fn param(shape: &[usize], seed: u64, scale: f32) -> HostParam {
         shape: shape.to_vec(),
         values: values(shape.iter().product(), seed, scale),
     }
-}
-
-fn poison(t: &mut DeviceTensor) {
-    let n: usize = t.shape().iter().product();
-    let host = HostTensor::from_f32(t.dtype(), t.shape(), &vec![f32::NAN; n]).unwrap();
-    t.write(&host).unwrap();
-}
-
-fn assert_bit_equal(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.to_bits() == w.to_bits() && !g.is_nan(),
-            "{what}[{i}]: replay {g}, ordinary forward {w}"
-        );
-    }
-}
-
-/// The node types of a captured graph: (kernels, memory allocations).
-fn kernel_and_alloc_nodes(graph: &cudarc::driver::CudaGraph) -> (usize, usize) {
-    use cudarc::driver::sys::{self, CUgraphNodeType};
-    let mut n = 0usize;
-    // SAFETY: a live graph; with a null array the call only writes the node count.
-    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) };
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-    let mut nodes = vec![std::ptr::null_mut(); n];
-    // SAFETY: `nodes` has room for the n handles the call writes.
-    let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut n) };
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-    let (mut kernels, mut allocs) = (0, 0);
-    for node in nodes.into_iter().take(n) {
-        let mut ty = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-        // SAFETY: a node of the live graph; the call writes one node type.
-        let r = unsafe { sys::cuGraphNodeGetType(node, &mut ty) };
-        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
-        match ty {
-            CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => kernels += 1,
-            CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => allocs += 1,
-            _ => {}
-        }
-    }
-    (kernels, allocs)
 }
 
 /// A MiniLM-shaped layer, scaled down: hidden 64 in 4 heads of 16, feed-forward 128, GELU.
@@ -231,7 +191,7 @@ impl Buffers {
             &mut self.sum2,
             &mut self.out,
         ] {
-            poison(t);
+            nan_poison(t);
         }
     }
 }
@@ -403,7 +363,7 @@ fn a_bert_layer_of_into_calls_replays_from_a_cuda_graph_equal_to_the_runtime_for
         );
 
         let want = runtime.forward(&be, &s, &x, &host_lens).unwrap();
-        assert_bit_equal(
+        assert_finite_and_equal(
             &format!("round {round} out"),
             &out,
             &be.to_f32(&want).unwrap(),
@@ -414,13 +374,13 @@ fn a_bert_layer_of_into_calls_replays_from_a_cuda_graph_equal_to_the_runtime_for
             .forward_self(&be, &x, s.batch, s.len, Some(&host_lens), false, None)
             .unwrap();
         let h1_want = runtime.norm1.forward(&be, &a, Some(&x)).unwrap();
-        assert_bit_equal(
+        assert_finite_and_equal(
             &format!("round {round} h1"),
             &h1,
             &be.to_f32(&h1_want).unwrap(),
         );
         let sum_want = be.add(&a, &x).unwrap();
-        assert_bit_equal(
+        assert_finite_and_equal(
             &format!("round {round} sum"),
             &sum1,
             &be.to_f32(&sum_want).unwrap(),
@@ -451,13 +411,13 @@ fn a_bert_layer_of_into_calls_replays_from_a_cuda_graph_equal_to_the_runtime_for
         };
         let (q, k, v) = (heads(0), heads(s.hidden), heads(2 * s.hidden));
         be.attention_into(q, k, v, &mask, &mut ctx2, opts).unwrap();
-        assert_bit_equal(
+        assert_finite_and_equal(
             &format!("round {round} lse"),
             &lse,
             &lse2.to_f32_vec().unwrap(),
         );
         assert!(lse.iter().all(|l| l.is_finite()), "round {round}: LSE");
-        assert_bit_equal(
+        assert_finite_and_equal(
             &format!("round {round} attention"),
             &got(&bufs.ctx),
             &ctx2.to_f32_vec().unwrap(),
@@ -598,8 +558,8 @@ fn into_calls_with_bad_outputs_are_typed_errors_and_no_keys_give_zeros() {
         ..mask
     };
     let mut lse = gpu.zeros(DType::F32, &[batch, heads, len]).unwrap();
-    poison(&mut out);
-    poison(&mut lse);
+    nan_poison(&mut out);
+    nan_poison(&mut lse);
     let opts = AttentionIntoOptions {
         device_key_lens: None,
         lse: Some(&mut lse),
@@ -646,8 +606,8 @@ fn unfused_baseline_on_a_caller_workspace_matches_its_own_workspace_path() {
         };
         let mut o1 = gpu.zeros(dt, &[b, h, lq, d]).unwrap();
         let mut l1 = gpu.zeros(DType::F32, &[b, h, lq]).unwrap();
-        poison(&mut o1);
-        poison(&mut l1);
+        nan_poison(&mut o1);
+        nan_poison(&mut l1);
         own.forward_into(
             &q.view(),
             &k.view(),
@@ -664,11 +624,11 @@ fn unfused_baseline_on_a_caller_workspace_matches_its_own_workspace_path() {
         assert_eq!(all, b * h * one_head);
         for (bytes, exact) in [(all, true), (one_head, false), (one_head - 4, false)] {
             let mut ws = gpu.zeros(DType::F32, &[bytes / 4]).unwrap();
-            poison(&mut ws);
+            nan_poison(&mut ws);
             let mut o2 = gpu.zeros(dt, &[b, h, lq, d]).unwrap();
             let mut l2 = gpu.zeros(DType::F32, &[b, h, lq]).unwrap();
-            poison(&mut o2);
-            poison(&mut l2);
+            nan_poison(&mut o2);
+            nan_poison(&mut l2);
             let r = own.forward_into_workspace(
                 &q.view(),
                 &k.view(),
@@ -694,8 +654,8 @@ fn unfused_baseline_on_a_caller_workspace_matches_its_own_workspace_path() {
             r.unwrap();
             let (o2, l2) = (o2.to_f32_vec().unwrap(), l2.to_f32_vec().unwrap());
             if exact {
-                assert_bit_equal(&format!("{dt} O"), &o2, &o1);
-                assert_bit_equal(&format!("{dt} LSE"), &l2, &l1);
+                assert_finite_and_equal(&format!("{dt} O"), &o2, &o1);
+                assert_finite_and_equal(&format!("{dt} LSE"), &l2, &l1);
             } else {
                 let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
                 expect_close(
@@ -758,7 +718,7 @@ fn elementwise_ops_on_caller_views_match_the_f64_arithmetic() {
     let yh = host(&[rows, cols], 13);
     let (x, y) = (gpu.upload(&xh).unwrap(), gpu.upload(&yh).unwrap());
     let mut out = gpu.zeros(dt, &[rows, cols]).unwrap();
-    poison(&mut out);
+    nan_poison(&mut out);
     elementwise::add_into(&gpu, &x.view(), &y.view(), &mut out.view_mut()).unwrap();
     let yv = yh.to_f32_vec();
     let want: Vec<f64> = (0..rows * cols)
@@ -768,6 +728,73 @@ fn elementwise_ops_on_caller_views_match_the_f64_arithmetic() {
     let mut wrong = gpu.zeros(dt, &[rows, cols + 1]).unwrap();
     let r = elementwise::add_into(&gpu, &x.view(), &y.view(), &mut wrong.view_mut());
     assert!(matches!(r, Err(Error::Shape { arg: "out", .. })), "{r:?}");
+}
+
+/// The embedding gather with its ids on the device, captured in a graph (one kernel node, no
+/// allocation) and replayed with new ids written into the same buffer: every row equals the
+/// table's row bit for bit, in each dtype; an id outside the table (past the end, or negative)
+/// gives a row of NaN. The output is filled with a finite sentinel before each replay, so an
+/// unwritten row fails both checks.
+#[test]
+fn gathered_rows_from_device_ids_replay_from_a_graph_and_outside_ids_give_nan_rows() {
+    let Some(shared) = gpu_or_skip("gather_rows_into") else {
+        return;
+    };
+    let stream = shared.context().new_stream().unwrap();
+    let gpu = shared.on_stream(stream.clone()).unwrap();
+    let (rows, width) = (50usize, 24usize);
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let th = HostTensor::from_f32(dt, &[rows, width], &values(rows * width, 21, 1.0)).unwrap();
+        let tv = th.to_f32_vec();
+        let table = gpu.upload(&th).unwrap();
+        let first = [7i32, 0, 49, 3, 7, 12];
+        let mut ids: CudaSlice<i32> = gpu.stream().clone_htod(&first).unwrap();
+        let mut out = gpu.zeros(dt, &[first.len(), width]).unwrap();
+        let gather = |out: &mut DeviceTensor, ids: &CudaSlice<i32>| {
+            elementwise::gather_rows_into(
+                &gpu,
+                &table.view(),
+                &I32View::new(&gpu, ids),
+                &mut out.view_mut(),
+            )
+        };
+        gather(&mut out, &ids).unwrap(); // loads the kernel outside the capture
+        gpu.synchronize().unwrap();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        let captured = gather(&mut out, &ids);
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("a graph");
+        captured.unwrap();
+        assert_eq!(
+            kernel_and_alloc_nodes(&graph),
+            (1, 0),
+            "{dt:?}: one kernel, no alloc"
+        );
+        for id_set in [first, [49, 50, -1, 0, 2, 48]] {
+            gpu.stream().memcpy_htod(&id_set, &mut ids).unwrap();
+            let sentinel = vec![1234.0f32; id_set.len() * width];
+            out.write(&HostTensor::from_f32(dt, out.shape(), &sentinel).unwrap())
+                .unwrap();
+            graph.launch().unwrap();
+            let got = out.to_f32_vec().unwrap();
+            for (r, &id) in id_set.iter().enumerate() {
+                let row = &got[r * width..(r + 1) * width];
+                if (0..rows as i32).contains(&id) {
+                    let want = &tv[id as usize * width..(id as usize + 1) * width];
+                    assert_finite_and_equal(&format!("{dt:?} row {r} (id {id})"), row, want);
+                } else {
+                    assert!(
+                        row.iter().all(|x| x.is_nan()),
+                        "{dt:?} row {r}: id {id} is outside the table but gave {row:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// One query per sequence (a decoding step) through `attention_into` with device key lengths
@@ -824,8 +851,8 @@ fn decode_shaped_attention_into_runs_on_exactly_its_queried_workspace() {
     };
     let mut out = gpu.zeros(dt, &[batch, wq]).unwrap();
     let mut lse = gpu.zeros(DType::F32, &[batch, heads_q, 1]).unwrap();
-    poison(&mut out);
-    poison(&mut lse);
+    nan_poison(&mut out);
+    nan_poison(&mut lse);
     let opts = AttentionIntoOptions {
         device_key_lens: Some(I32View::new(&gpu, &dev)),
         lse: Some(&mut lse),
