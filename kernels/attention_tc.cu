@@ -44,6 +44,11 @@
 // The small spills cost less than the extra barriers and row-max passes of half-size key tiles;
 // eight warps of 16 rows each read every K/V fragment twice as often from shared memory.
 // Per thread at HD 128: O is 2·16·4 = 128 f32 registers, S 2·8·4 = 64.
+// At HD 64 those spills were mostly the tile loads' per-copy offsets, kept live across the
+// key loop. Since 2026-11-30 the 128-row tiles' K/V loads find their copies from one row base per
+// thread where ptxas spills less that way (KvLoadForm below; the same copies): spill bytes
+// (stores/loads) sm_80 HD 64 144/136 → 40/40, HD 128 76/72 → 56/56; sm_90 HD 64 160/164 → 0,
+// HD 128 76/84 → 60/72. What is left at HD 64 is the softmax's running sums. Not yet run on a GPU.
 //
 // The mma/ldmatrix/cp.async wrappers (common.cuh) and the tile loads and mask band
 // (attention_common.cuh) are shared with the backward, kernels/attention_bwd.cu.
@@ -60,6 +65,28 @@ namespace {
 
 constexpr int WARPS = CUATTN_ATTN_TC_THREADS / 32;  // of the built kernels; dev variants vary it
 
+// How the K and V tile loads find their copies (load_tile's ROW_STEP; the same copies in the same
+// order either way, tests/load_tile_forms.rs). The 128-row tiles of HD ≤ 128 sit at 255
+// registers; with the flat index ptxas keeps every copy's row and column offsets of the K/V loads
+// live across the key loop and spills them (HD 64: 144 / 136 bytes on sm_80, 160 / 164 on sm_90).
+// With ROW_STEP a thread keeps one row base and one column. Which loads take it is what ptxas
+// gives the fewest spills for, per tile and arch (never more than the flat index): `k` is
+// K_{n+1}'s load in the loop, `k0` K_0's before it, `v` V_n's. The dense HD 128 tile spills more
+// with a ROW_STEP K load (92 / 212 bytes on sm_80) and less with only V's (56 / 56); sm_90's
+// sparse HD 64 entry keeps the flat index for K_0 (56 spilled bytes instead of 140). The 64-row
+// tiles do not spill and keep the flat index. Numbers per entry and arch:
+// docs/kernels/attention-forward.md (register report).
+template <int HD, int BM, bool SPARSE>
+struct KvLoadForm {
+    static constexpr bool v = BM == 128 && HD <= 128;
+    static constexpr bool k = v && (HD == 64 || SPARSE);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    static constexpr bool k0 = k && !(SPARSE && HD == 64);
+#else
+    static constexpr bool k0 = k;
+#endif
+};
+
 // SPARSE: the key tiles are the kept blocks of the block-sparse layout in `p` (sp_*), each of
 // BM = block size keys cut into BM/BN tiles; otherwise every tile of the dense band.
 template <typename T, int HD, int BM, int BN, int WARPS, bool SPARSE>
@@ -68,6 +95,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     constexpr int THREADS = 32 * WARPS;
     constexpr int MT = BM / (16 * WARPS);  // 16-row slabs per warp
     static_assert(MT * 16 * WARPS == BM, "BM is a multiple of 16 rows per warp");
+    using KvForm = KvLoadForm<HD, BM, SPARSE>;
     T* sQ = smem;
     T* sK = sQ + BM * PITCH;
     T* sV = sK + BN * PITCH;
@@ -168,7 +196,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
     TileInfo ti{};  // the tile being computed; K of tile 0 starts loading now
     if (n_tiles > 0) ti = tile_info(0);
     if (n_tiles > 0)
-        load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)ti.key0 * p.k_row_stride, p.k_row_stride, ti.kv_lo, ti.kv_hi,
+        load_tile<T, HD, BN, THREADS, SPARSE, KvForm::k0>(sK, gk + (int64_t)ti.key0 * p.k_row_stride, p.k_row_stride, ti.kv_lo, ti.kv_hi,
                                       p.dim_qk, vec, gk, ti.keep_lo, ti.keep_hi);
 
     float o[MT][HD / 8][4];
@@ -189,7 +217,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         const int key0 = ti.key0;
         if (vec) cp_async_wait_all();  // K_n (and Q, the first time)
         __syncthreads();               // ... visible to all; every warp is done with V_{n-1}
-        load_tile<T, HD, BN, THREADS, SPARSE>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, ti.kv_lo, ti.kv_hi,
+        load_tile<T, HD, BN, THREADS, SPARSE, KvForm::v>(sV, gv + (int64_t)key0 * p.v_row_stride, p.v_row_stride, ti.kv_lo, ti.kv_hi,
                                       p.dim_v, vec, gv, ti.keep_lo, ti.keep_hi);
 
         // S = Q·Kᵀ for this warp's MT slabs: BN/8 accumulators of 16×8 each.
@@ -279,7 +307,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
         __syncthreads();               // ... visible to all; every warp is done with K_n
         const TileInfo next = tile_info(n + 1 < n_tiles ? n + 1 : n);
         if (n + 1 < n_tiles)
-            load_tile<T, HD, BN, THREADS, SPARSE>(sK, gk + (int64_t)next.key0 * p.k_row_stride, p.k_row_stride, next.kv_lo,
+            load_tile<T, HD, BN, THREADS, SPARSE, KvForm::k>(sK, gk + (int64_t)next.key0 * p.k_row_stride, p.k_row_stride, next.kv_lo,
                                           next.kv_hi, p.dim_qk, vec, gk, next.keep_lo, next.keep_hi);
 
         // O += P·V, P taken from the S accumulators as A fragments (notes §3).

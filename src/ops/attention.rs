@@ -974,6 +974,36 @@ mod tests {
     }
 
     #[test]
+    fn the_128_row_tiles_spill_at_most_what_their_row_step_kv_loads_leave() {
+        // Their K/V loads find copies by row base and column where that spills less
+        // (attention_tc.cu, KvLoadForm). With the flat index they spilled (stores / loads, sm_80
+        // and sm_90): HD 64 144/136 and 160/164, HD 128 76/72 and 76/84, sparse blocks of 128
+        // HD 64 156/192 and 164/208, HD 128 76/72 and 84/80. Bounds: (spill stores, spill loads,
+        // stack frame) in bytes, what ptxas gives now.
+        let built = crate::kernels::resources();
+        for dt in [DType::F16, DType::BF16] {
+            for (name, arch, bound) in [
+                (tc_kernel_name(dt, 64), "sm_80", (40, 40, 24)),
+                (tc_kernel_name(dt, 64), "sm_90", (0, 0, 0)),
+                (tc_kernel_name(dt, 128), "sm_80", (56, 56, 32)),
+                (tc_kernel_name(dt, 128), "sm_90", (60, 72, 32)),
+                (sparse_kernel_name(dt, 128, 64), "sm_80", (140, 144, 104)),
+                (sparse_kernel_name(dt, 128, 64), "sm_90", (56, 56, 32)),
+                (sparse_kernel_name(dt, 128, 128), "sm_80", (8, 8, 8)),
+                (sparse_kernel_name(dt, 128, 128), "sm_90", (8, 8, 8)),
+            ] {
+                let r = built.iter().find(|r| r.kernel == name && r.arch == arch);
+                let r = r.unwrap_or_else(|| panic!("{name} was not compiled for {arch}"));
+                let got = (r.spill_store_bytes, r.spill_load_bytes, r.stack_bytes);
+                assert!(
+                    got.0 <= bound.0 && got.1 <= bound.1 && got.2 <= bound.2,
+                    "{name} on {arch}: spill stores, spill loads, stack frame {got:?} (bound {bound:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn good_dense_arguments_pass_with_gqa_and_unequal_head_dims() {
         let c = dense(2, 8, 2, 5, 7, 72, 40).unwrap();
         assert_eq!(
