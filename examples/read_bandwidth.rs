@@ -49,13 +49,20 @@ fn sum_bytes(bytes: &[u8]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Best GB/s of `repeats` passes over `buf` split into `threads` contiguous shares.
-fn best_gbs(buf: &[f32], threads: usize, repeats: usize) -> (f64, f32) {
+/// Best GB/s of `repeats` passes of `sum` over `buf` split into `threads` contiguous shares
+/// (each a multiple of `unit` elements), and the last pass's total.
+fn best_gbs<T: Sync>(
+    buf: &[T],
+    unit: usize,
+    sum: fn(&[T]) -> f32,
+    threads: usize,
+    repeats: usize,
+) -> (f64, f32) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap_or_else(|e| usage(&format!("no thread pool: {e}")));
-    let share = buf.len().div_ceil(threads);
+    let share = buf.len().div_ceil(threads).next_multiple_of(unit);
     let mut best = f64::MAX;
     let mut total = 0.0;
     for _ in 0..repeats {
@@ -64,23 +71,6 @@ fn best_gbs(buf: &[f32], threads: usize, repeats: usize) -> (f64, f32) {
         best = best.min(t.elapsed().as_secs_f64());
     }
     (std::mem::size_of_val(buf) as f64 / best / 1e9, total)
-}
-
-/// [`best_gbs`] over the bytes of the huge-page mapping.
-fn best_gbs_bytes(buf: &[u8], threads: usize, repeats: usize) -> (f64, f32) {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap_or_else(|e| usage(&format!("no thread pool: {e}")));
-    let share = buf.len().div_ceil(threads).next_multiple_of(4 * LANES);
-    let mut best = f64::MAX;
-    let mut total = 0.0;
-    for _ in 0..repeats {
-        let t = Instant::now();
-        total = pool.install(|| buf.par_chunks(share).map(sum_bytes).sum::<f32>());
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (buf.len() as f64 / best / 1e9, total)
 }
 
 fn usage(problem: &str) -> ! {
@@ -114,8 +104,8 @@ fn main() {
     // that are not all equal, so the sums are not foldable.
     let buf: Vec<f32> = (0..n).map(|i| (i % 1024) as f32 * 1e-3).collect();
     let all = rayon::current_num_threads();
-    let (one_4k, s1) = best_gbs(&buf, 1, repeats);
-    let (every_4k, s2) = best_gbs(&buf, all, repeats);
+    let (one_4k, s1) = best_gbs(&buf, 1, sum, 1, repeats);
+    let (every_4k, s2) = best_gbs(&buf, 1, sum, all, repeats);
     drop(buf);
     let mut map = memmap2::MmapMut::map_anon(n * 4)
         .unwrap_or_else(|e| usage(&format!("cannot map {mib} MiB: {e}")));
@@ -125,8 +115,8 @@ fn main() {
     for (i, b) in map.chunks_exact_mut(4).enumerate() {
         b.copy_from_slice(&((i % 1024) as f32 * 1e-3).to_ne_bytes());
     }
-    let (one_huge, s3) = best_gbs_bytes(&map, 1, repeats);
-    let (every_huge, s4) = best_gbs_bytes(&map, all, repeats);
+    let (one_huge, s3) = best_gbs(&map, 4 * LANES, sum_bytes, 1, repeats);
+    let (every_huge, s4) = best_gbs(&map, 4 * LANES, sum_bytes, all, repeats);
     let (one, every) = (one_4k.max(one_huge), every_4k.max(every_huge));
     if json {
         println!(
