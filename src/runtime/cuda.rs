@@ -28,7 +28,7 @@ use crate::ops::layernorm::{self as ln, Tuning};
 use crate::ops::BlasHandle;
 use crate::tensor::{HostTensor, Layout};
 use cudarc::cublas::{result as blas, sys as blas_sys};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::CudaSlice;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -47,6 +47,9 @@ pub struct Cuda {
     /// after upload (a change allocates a new buffer; the old one is freed in stream order),
     /// so kernels still queued keep reading the lengths they were launched with.
     decode_lens: std::sync::Mutex<Option<(Vec<i32>, CudaSlice<i32>)>>,
+    /// Generation replays its one-token steps from a CUDA graph
+    /// ([`super::graph_step`]); off: every step runs op by op (the eager path).
+    decode_graph: bool,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -94,7 +97,23 @@ impl Cuda {
             dtype,
             blas,
             decode_lens: std::sync::Mutex::new(None),
+            decode_graph: super::graph_step::graph_enabled_by_env(
+                std::env::var(super::graph_step::ENV).ok().as_deref(),
+            ),
         })
+    }
+
+    /// Whether generation on this backend replays its one-token decoding steps from a CUDA
+    /// graph ([`super::graph_step`]). On unless the environment variable
+    /// `CUATTN_DECODE_GRAPH` is `0` (or `off`, `false`) when the backend is made.
+    pub fn decode_graph(&self) -> bool {
+        self.decode_graph
+    }
+
+    /// Turns the CUDA-graph decoding step on or off (off: every step runs op by op, the
+    /// eager path, for comparisons).
+    pub fn set_decode_graph(&mut self, on: bool) {
+        self.decode_graph = on;
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -659,14 +678,33 @@ impl Cuda {
         batch: usize,
         len_new: usize,
     ) -> Result<()> {
+        self.gpu
+            .check_context("kv_cache", crate::gpu::ContextId::of(start_count.context()))?;
+        let dev = I32View::new(&self.gpu, start_count);
+        let caches = (k_cache, v_cache);
+        self.append_kv_view(k, v, caches, (dev, Some(host_start_count)), batch, len_new)
+    }
+
+    /// [`Cuda::append_kv`] with the step array as a device view (a captured decoding step
+    /// reads it from a buffer a graph's copy fills): with `host_start_count` `None` the values
+    /// are not checked here, and need not be: the kernel skips every row outside
+    /// `0..capacity` and every t ≥ count, so any values stay inside the caches.
+    pub(crate) fn append_kv_view(
+        &self,
+        k: Heads<'_, DeviceTensor>,
+        v: Heads<'_, DeviceTensor>,
+        (k_cache, v_cache): (&mut DeviceTensor, &mut DeviceTensor),
+        (start_count, host_start_count): (I32View<'_>, Option<&[i32]>),
+        batch: usize,
+        len_new: usize,
+    ) -> Result<()> {
         self.check_contexts([
             ("k", k.tensor),
             ("v", v.tensor),
             ("k_cache", &*k_cache),
             ("v_cache", &*v_cache),
         ])?;
-        self.gpu
-            .check_context("kv_cache", crate::gpu::ContextId::of(start_count.context()))?;
+        self.gpu.check_context("kv_cache", start_count.context())?;
         let width = k.heads * k.dim;
         let (src_rows, src_width) = rows_cols("k", k.tensor)?;
         let (cache_rows, cache_width) = rows_cols("k_cache", k_cache)?;
@@ -701,15 +739,24 @@ impl Cuda {
             ));
         }
         let capacity = cache_rows / batch;
+        if start_count.len() != 2 * batch {
+            return Err(Error::shape(
+                "kv_cache",
+                format!("[2·{batch}] starts and counts"),
+                &[start_count.len()],
+            ));
+        }
+        let checked = host_start_count.is_some();
+        let host_start_count = host_start_count.unwrap_or_default();
         let (start, count) = host_start_count.split_at(batch.min(host_start_count.len()));
-        if host_start_count.len() != 2 * batch
-            || start_count.len() != 2 * batch
-            || (0..batch).any(|b| {
+        if checked
+            && (host_start_count.len() != 2 * batch
+                || (0..batch).any(|b| {
                 start[b] < 0
                     || count[b] < 0
                     || count[b] as usize > len_new
                     || start[b] as i64 + count[b] as i64 > capacity as i64
-            })
+                }))
         {
             return Err(Error::invalid(
                 "kv_cache",
@@ -734,7 +781,7 @@ impl Cuda {
             src_v: ptr(v.tensor) + v.col as u64 * size,
             dst_k: ptr(k_cache),
             dst_v: ptr(v_cache),
-            start_count: start_count.device_ptr(self.gpu.stream()).0,
+            start_count: start_count.device_ptr(),
             src_row_stride: src_width as i64,
             batch: batch as i64,
             len_new: len_new as i64,
@@ -743,9 +790,10 @@ impl Cuda {
         };
         // SAFETY: the sources are [batch·len_new, src_width] tensors of this dtype with the
         // key and value blocks inside each row (col + width ≤ src_width, checked); the caches
-        // are [batch·capacity, width]; the device array holds 2·batch i32 equal to the host
-        // array checked above (0 ≤ start, 0 ≤ count ≤ len_new, start + count ≤ capacity), and
-        // the kernel also skips any row at or past the capacity.
+        // are [batch·capacity, width]; the device array holds 2·batch i32 (its length checked;
+        // when the host copy is given, equal to it and checked above: 0 ≤ start, 0 ≤ count ≤
+        // len_new, start + count ≤ capacity), and the kernel skips every row t ≥ count[b] and
+        // every destination outside 0..capacity, so any values stay inside the caches.
         unsafe {
             launch(
                 &self.gpu,

@@ -18,6 +18,7 @@
 use super::backend::{Activation, Backend};
 use super::checkpoint::Checkpoint;
 use super::generate::TokenModel;
+use super::kv_cache::DecodeStep;
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -185,6 +186,25 @@ impl<B: Backend> DecoderOnly<B> {
     }
 }
 
+/// Backends that may run a decoder-only model's one-token decoding steps their own way
+/// ([`TokenModel::captured_step`]): the CUDA backend replays them from a CUDA graph
+/// (`super::graph_step`); the CPU backends keep the default, none.
+pub trait DecoderStepBackend: Backend + Sized {
+    /// A step for `batch` sequences of up to `capacity` positions of `lm`, or `None` where
+    /// this backend (or its settings, or the model's structure) has none.
+    fn decoder_step<'m>(
+        &'m self,
+        _lm: &'m DecoderOnly<Self>,
+        _batch: usize,
+        _capacity: usize,
+    ) -> Result<Option<Box<dyn DecodeStep<Self> + 'm>>> {
+        Ok(None)
+    }
+}
+
+impl DecoderStepBackend for super::cpu::Cpu {}
+impl DecoderStepBackend for super::cpu::CpuBf16 {}
+
 /// What a decoder-only family (GPT-1, GPT-2, GPT-Neo) supplies to [`DecoderLm`]: how to read
 /// its `config.json`, its token ids, and how to build the stack from its weight names.
 pub trait DecoderConfig: Sized {
@@ -264,7 +284,7 @@ impl<B: Backend, C: DecoderConfig> DecoderLm<B, C> {
     }
 }
 
-impl<B: Backend, C: DecoderConfig> TokenModel<B> for DecoderLm<B, C> {
+impl<B: DecoderStepBackend, C: DecoderConfig> TokenModel<B> for DecoderLm<B, C> {
     type Memory = ();
 
     fn vocab_size(&self) -> usize {
@@ -297,6 +317,15 @@ impl<B: Backend, C: DecoderConfig> TokenModel<B> for DecoderLm<B, C> {
 
     fn select_memory(&self, _be: &B, _memory: &(), _keep: &[usize]) -> Result<()> {
         Ok(())
+    }
+
+    fn captured_step<'s>(
+        &'s self,
+        be: &'s B,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Option<Box<dyn DecodeStep<B> + 's>>> {
+        be.decoder_step(&self.lm, batch, capacity)
     }
 
     fn decode(

@@ -27,7 +27,7 @@
 
 use super::backend::Backend;
 use super::cpu::Cpu;
-pub use super::kv_cache::{HostKvCache, StepKvCache};
+pub use super::kv_cache::{DecodeStep, HostKvCache, StepKvCache};
 use super::layers::KvCache;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -440,6 +440,18 @@ pub trait TokenModel<B: Backend> {
     /// The memory of rows `keep` (indices into `memory`'s rows, in order): what remains when
     /// finished rows leave the batch.
     fn select_memory(&self, be: &B, memory: &Self::Memory, keep: &[usize]) -> Result<Self::Memory>;
+    /// A decoding step for `batch` rows of up to `capacity` positions that the backend runs
+    /// its own way (the CUDA backend: one CUDA graph replayed per token), used for the
+    /// one-token steps after the prefill; `None` (the default): every step goes through
+    /// [`TokenModel::decode`].
+    fn captured_step<'s>(
+        &'s self,
+        _be: &'s B,
+        _batch: usize,
+        _capacity: usize,
+    ) -> Result<Option<Box<dyn DecodeStep<B> + 's>>> {
+        Ok(None)
+    }
     /// Runs the decoder over `batch` rows of `len` tokens (`ids`, `positions` row-major) and
     /// returns the logits `[rows.len(), vocab]` of the hidden-state rows `rows` (b·len + t).
     #[allow(clippy::too_many_arguments)]
@@ -467,6 +479,18 @@ pub fn check_vocab(index: usize, input: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
+/// A step after the prefill: each row's last token and its position (capped to the context).
+fn last_tokens<B: Backend, M: TokenModel<B>>(model: &M, run: &[&Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
+    let pad = model.pad_token_id();
+    let max_pos = model.max_positions().max(1) - 1;
+    let ids = run.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+    let positions = run
+        .iter()
+        .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
+        .collect();
+    (ids, positions)
+}
+
 /// Runs a model step by step for the decoding loops: the KV cache (or full recomputation),
 /// padding, positions, which logits come back, and (with `compact`) which rows still run.
 pub(crate) struct Stepper<'a, B: GenerateBackend, M: TokenModel<B>> {
@@ -474,6 +498,15 @@ pub(crate) struct Stepper<'a, B: GenerateBackend, M: TokenModel<B>> {
     model: &'a M,
     memory: M::Memory,
     cache: Option<Box<dyn StepKvCache<B>>>,
+    /// The model's captured step ([`TokenModel::captured_step`]) for the current batch, made
+    /// at the first step after the prefill and again when finished rows leave the batch.
+    captured: Option<Box<dyn DecodeStep<B> + 'a>>,
+    /// Whether to ask for a captured step: greedy and sampling only. Beam search reorders
+    /// the cache after every step (new buffers, so a graph captured on the old ones would be
+    /// stale each step) and keeps the eager path; so does a model or backend that offers
+    /// none (this turns false at the first `None`).
+    try_captured: bool,
+    capacity: usize,
     prefilled: bool,
     /// The caller's row of each row the model still runs (the identity until rows finish).
     active: Vec<usize>,
@@ -503,6 +536,9 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
             model,
             memory,
             cache,
+            captured: None,
+            try_captured: opts.num_beams == 1,
+            capacity,
             prefilled: false,
             active: (0..rows).collect(),
             compact: opts.compact_finished,
@@ -549,7 +585,14 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
         let pad = model.pad_token_id();
         self.steps += 1;
         self.rows_per_step.push(batch);
-        let logits = if let Some(cache) = self.cache.as_mut() {
+        let captured = if self.prefilled {
+            self.captured_logits(&run, &run_live)?
+        } else {
+            None
+        };
+        let logits = if let Some(logits) = captured {
+            logits
+        } else if let Some(cache) = self.cache.as_mut() {
             let (ids, positions, len, valid): (Vec<u32>, Vec<u32>, usize, Vec<usize>) =
                 if !self.prefilled {
                     let longest = run.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -565,12 +608,7 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
                         run.iter().map(|s| s.len()).collect(),
                     )
                 } else {
-                    let max_pos = model.max_positions().max(1) - 1;
-                    let ids = run.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
-                    let positions = run
-                        .iter()
-                        .map(|s| (s.len().saturating_sub(1)).min(max_pos) as u32)
-                        .collect();
+                    let (ids, positions) = last_tokens(model, &run);
                     (
                         ids,
                         positions,
@@ -621,6 +659,39 @@ impl<'a, B: GenerateBackend, M: TokenModel<B>> Stepper<'a, B, M> {
             full[r * vocab..(r + 1) * vocab].copy_from_slice(&logits[j * vocab..(j + 1) * vocab]);
         }
         Ok(full)
+    }
+
+    /// A step after the prefill through the model's captured step, when there is one (see
+    /// [`Stepper::try_captured`]); `None`: the caller runs the ordinary path.
+    fn captured_logits(&mut self, run: &[&Vec<u32>], live: &[bool]) -> Result<Option<Vec<f32>>> {
+        let batch = run.len();
+        let Some(cache) = self.cache.as_mut() else {
+            return Ok(None);
+        };
+        if !self.try_captured || cache.step_view().is_none() {
+            return Ok(None);
+        }
+        if self.captured.as_ref().is_some_and(|c| c.batch() != batch) {
+            // Finished rows left the batch: the step's buffers are sized for the old one.
+            self.captured = None;
+        }
+        if self.captured.is_none() {
+            self.captured = self.model.captured_step(self.be, batch, self.capacity)?;
+            if self.captured.is_none() {
+                self.try_captured = false;
+                return Ok(None);
+            }
+        }
+        let (Some(step), Some(cache)) = (self.captured.as_mut(), self.cache.as_mut()) else {
+            return Ok(None);
+        };
+        let (ids, positions) = last_tokens(self.model, run);
+        let valid: Vec<usize> = live.iter().map(|&l| usize::from(l)).collect();
+        cache.begin_step_lengths_only(&valid)?;
+        let Some(view) = cache.step_view() else {
+            return Err(Error::invalid("kv_cache", "the cache lost its step view"));
+        };
+        step.run(view, &ids, &positions).map(Some)
     }
 
     /// Row r continues from row `src[r]` (beam search; `src` in the caller's rows): reorders

@@ -39,6 +39,51 @@ pub trait StepKvCache<B: Backend> {
     /// lengths are gathered accordingly. `src` may be shorter than the batch: the cache then
     /// holds `src.len()` sequences (finished ones dropped).
     fn reorder(&mut self, be: &B, src: &[usize]) -> Result<()>;
+    /// [`Self::begin_step`] for a step the backend runs from its own copy of the step's
+    /// lengths (a captured decoding step, `super::graph_step`): the lengths are committed as
+    /// there, but a cache that keeps a device copy of them for its appends does not update
+    /// it (the next `begin_step` does).
+    fn begin_step_lengths_only(&mut self, valid_new: &[usize]) -> Result<()> {
+        self.begin_step(valid_new)
+    }
+    /// The buffers and this step's lengths for a backend's captured decoding step
+    /// (`super::graph_step`); `None` (the default) where the cache offers none.
+    fn step_view(&mut self) -> Option<StepView<'_, B::Tensor>> {
+        None
+    }
+}
+
+/// A model's one-token decoding step run by the backend its own way, after the prefill
+/// (`super::graph_step`: the CUDA backend replays it from a CUDA graph). The generation loop
+/// begins the step on the cache ([`StepKvCache::begin_step_lengths_only`]) and hands over
+/// the cache's [`StepView`].
+pub trait DecodeStep<B: Backend> {
+    /// The sequences the step was built for.
+    fn batch(&self) -> usize;
+    /// One token per sequence (`ids`, `positions`: `[batch]`) appended to the cache and
+    /// attending to it; the logits `[batch, vocab]`.
+    fn run(
+        &mut self,
+        cache: StepView<'_, B::Tensor>,
+        ids: &[u32],
+        positions: &[u32],
+    ) -> Result<Vec<f32>>;
+}
+
+/// A cache's buffers and the lengths of the step just begun, for a decoding step that writes
+/// the buffers itself (`super::graph_step`: one CUDA graph per step).
+pub struct StepView<'a, T> {
+    /// Per layer: keys and values `[batch·capacity, width]`.
+    pub layers: Vec<(&'a mut T, &'a mut T)>,
+    /// Positions cached per sequence before this step.
+    pub start: &'a [usize],
+    /// This step's new positions per sequence (0 or 1 after the prefill).
+    pub count: &'a [usize],
+    /// start + count.
+    pub lens: &'a [usize],
+    pub capacity: usize,
+    /// The step follows the prefill (queries attend to the cache).
+    pub after_prefill: bool,
 }
 
 /// The lengths every layer of a cache shares, and this step's bookkeeping.
@@ -448,6 +493,22 @@ mod device {
 
         fn lens(&self) -> &[usize] {
             &self.step.lens
+        }
+
+        fn begin_step_lengths_only(&mut self, valid_new: &[usize]) -> Result<()> {
+            self.step.begin(valid_new)
+        }
+
+        fn step_view(&mut self) -> Option<StepView<'_, DeviceTensor>> {
+            let step = &self.step;
+            Some(StepView {
+                layers: self.layers.iter_mut().map(|(k, v)| (k, v)).collect(),
+                start: &step.start,
+                count: &step.valid,
+                lens: &step.lens,
+                capacity: step.capacity,
+                after_prefill: !step.prefill,
+            })
         }
 
         fn layers(&mut self) -> Vec<Box<dyn KvCache<Cuda> + '_>> {

@@ -409,9 +409,18 @@ impl<B: Backend> MultiHeadAttention<B> {
         })
     }
 
+    /// The fused `[3·heads·dim, in]` Q/K/V projection of a self-attention layer (`None` for
+    /// cross-attention): what a captured decoding step (`super::graph_step`) runs.
+    pub fn self_qkv(&self) -> Option<&Linear<B>> {
+        match &self.projections {
+            Projections::SelfQkv(qkv) => Some(qkv),
+            Projections::Cross { .. } => None,
+        }
+    }
+
     /// The attention band of [`Self::local_window`] (windows are ≥ 1 position: the model
     /// configs refuse 0, which would be read as 1 here).
-    fn window(&self, align: CausalAlign) -> Option<Window> {
+    pub(crate) fn window(&self, align: CausalAlign) -> Option<Window> {
         self.local_window
             .map(|w| Window::new(w.saturating_sub(1), 0, align))
     }

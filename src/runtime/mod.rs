@@ -45,6 +45,7 @@ pub mod gpt1_tokenizer;
 pub mod gpt2;
 pub mod gpt2_tokenizer;
 pub mod gpt_neo;
+pub mod graph_step;
 pub(crate) mod host_memory;
 pub mod kv_cache;
 pub mod layers;
