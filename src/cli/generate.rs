@@ -79,6 +79,10 @@ pub struct GenerateArgs {
     /// Recompute the whole sequence every step instead of using the KV cache (for comparisons).
     #[arg(long)]
     recompute: bool,
+    /// On the GPU, run every decoding step op by op instead of replaying it from a CUDA graph
+    /// (for comparisons; the environment variable CUATTN_DECODE_GRAPH=0 does the same).
+    #[arg(long)]
+    no_cuda_graph: bool,
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
@@ -110,7 +114,12 @@ pub fn run(args: GenerateArgs) -> CliResult {
 fn generate_cuda(args: &GenerateArgs, fallback: bool) -> CliResult {
     let dtype = args.dtype.unwrap_or(cuattn::DType::F32);
     match cuattn::gpu::Gpu::shared().and_then(|gpu| cuattn::runtime::cuda::Cuda::new(gpu, dtype)) {
-        Ok(be) => generate_on(&be, args),
+        Ok(mut be) => {
+            if args.no_cuda_graph {
+                be.set_decode_graph(false);
+            }
+            generate_on(&be, args)
+        }
         Err(e) if fallback => {
             cpu_dtype(args.dtype)?;
             eprintln!("no usable GPU ({e}); generating on the CPU");

@@ -24,8 +24,9 @@
 //! between two buffers through the LayerNorm's fused residual add (`x + residual` rounded to
 //! the dtype, then normalized: the same arithmetic as the eager path's add followed by its
 //! LayerNorm). The step's GEMMs use a cuBLAS handle with a fixed workspace and the decode
-//! kernel a reserved scratch buffer of the step's own [`crate::gpu::Gpu`] handle (same
-//! context and stream as the model's backend), so the step allocates nothing and is
+//! kernel a reserved scratch buffer of the step's own [`crate::gpu::Gpu`] handle (the model
+//! backend's context, a stream of its own that waits for the model's stream before each step),
+//! so the step allocates nothing and is
 //! capturable; its first run executes the calls eagerly (loading every kernel and cuBLAS's
 //! state, and producing that step's logits) and then captures them; later steps write the
 //! metadata and replay. The graph is bound to the KV-cache buffers it was captured on: if
@@ -290,7 +291,7 @@ mod device {
     use crate::runtime::decoder_only::DecoderStepBackend;
     use crate::runtime::kv_cache::{DecodeStep, StepView};
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, PinnedHostSlice};
+    use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
     use std::sync::Arc;
 
     /// The static buffers (see [`StackFacts::buffers`]).
@@ -312,9 +313,11 @@ mod device {
     /// positions, replayed from a CUDA graph (see the module docs).
     pub struct CudaGraphStep<'m> {
         lm: &'m DecoderOnly<Cuda>,
+        /// The model backend's stream: the prefill's cache writes are queued there.
+        model_stream: Arc<CudaStream>,
         facts: StackFacts,
-        /// The step's own backend: the model backend's context and stream, its own scratch
-        /// (reserved) and a cuBLAS handle with a fixed workspace.
+        /// The step's own backend: the model backend's context, its own stream, its own
+        /// scratch (reserved) and a cuBLAS handle with a fixed workspace.
         be: Cuda,
         meta: StepMeta,
         capacity: usize,
@@ -405,7 +408,14 @@ mod device {
                 ));
             }
             let outer = model_be.gpu();
-            let gpu: Arc<Gpu> = outer.on_stream(outer.stream().clone())?;
+            // A stream of its own: a capture takes in whatever any thread queues on the
+            // capturing stream, and other users of the model's Gpu (other threads' calls on
+            // the shared handle) must not land in the graph.
+            let own = outer
+                .stream()
+                .fork()
+                .map_err(|e| Error::driver("create the decoding step's stream", e))?;
+            let gpu: Arc<Gpu> = outer.on_stream(own)?;
             let mut be = Cuda::new(gpu.clone(), dtype)?;
             be.reserve_blas_workspace(be.blas_workspace_bytes())?;
             let (heads, dim) = (facts.heads, facts.head_dim);
@@ -443,6 +453,7 @@ mod device {
             };
             Ok(Some(CudaGraphStep {
                 lm,
+                model_stream: outer.stream().clone(),
                 facts,
                 be,
                 meta,
@@ -673,6 +684,15 @@ mod device {
                 .flat_map(|(k, v)| [k.view().device_ptr(), v.view().device_ptr()])
                 .collect();
             self.steps += 1;
+            // The step's stream waits for the model's: the cache rows the prefill (or any
+            // other work of the model's backend) wrote. The other way round needs no event:
+            // the step ends with a blocking read of its stream, before the host queues
+            // anything else.
+            self.be
+                .gpu()
+                .stream()
+                .join(&self.model_stream)
+                .map_err(|e| Error::driver("order the decoding step after the model's stream", e))?;
             match &self.graph {
                 Some((graph, bound)) if *bound == ptrs => {
                     graph
@@ -685,5 +705,146 @@ mod device {
             // Blocking: after it the stream is idle and the pinned metadata free to rewrite.
             self.bufs.logits.to_f32_vec()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::cpu::Cpu;
+    use crate::runtime::gpt1::Gpt1;
+    use crate::runtime::gpt2::Gpt2;
+    use crate::runtime::gpt_neo::GptNeo;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    const LIMITS: MetaLimits = MetaLimits {
+        vocab: 100,
+        n_positions: 64,
+        capacity: 20,
+    };
+
+    #[test]
+    fn the_env_opt_out_turns_the_graph_off_only_for_its_off_values() {
+        assert!(graph_enabled_by_env(None));
+        for on in ["1", "on", "yes", "", "2"] {
+            assert!(graph_enabled_by_env(Some(on)), "{on:?}");
+        }
+        for off in ["0", "off", "false", "no", " OFF ", "False"] {
+            assert!(!graph_enabled_by_env(Some(off)), "{off:?}");
+        }
+    }
+
+    #[test]
+    fn step_metadata_fields_tile_one_array_and_fill_puts_each_value_in_its_field() {
+        for batch in [1usize, 3, 8] {
+            let m = StepMeta { batch };
+            assert_eq!(m.len(), 5 * batch);
+            let mut seen = vec![0u8; m.len()];
+            for r in [m.ids(), m.positions(), m.start_count(), m.lens()] {
+                r.for_each(|i| seen[i] += 1);
+            }
+            assert!(seen.iter().all(|&n| n == 1), "batch {batch}: {seen:?}");
+            assert_eq!(m.start_count().len(), 2 * batch);
+        }
+        let m = StepMeta { batch: 3 };
+        let mut out = vec![-7; m.len()];
+        m.fill(
+            &mut out,
+            (&[5, 99, 0], &[4, 0, 63]),
+            (&[4, 0, 19], &[1, 1, 0], &[5, 1, 19]),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(&out[m.ids()], &[5, 99, 0]);
+        assert_eq!(&out[m.positions()], &[4, 0, 63]);
+        assert_eq!(&out[m.start_count()], &[4, 0, 19, 1, 1, 0]);
+        assert_eq!(&out[m.lens()], &[5, 1, 19]);
+    }
+
+    #[test]
+    fn step_metadata_outside_the_model_or_the_cache_is_a_typed_error() {
+        let m = StepMeta { batch: 2 };
+        let mut out = vec![0; m.len()];
+        let ok_lens: (&[usize], &[usize], &[usize]) = (&[3, 4], &[1, 1], &[4, 5]);
+        let mut fill = |ids: &[u32], pos: &[u32], lens| m.fill(&mut out, (ids, pos), lens, LIMITS);
+        let e = fill(&[1, 100], &[0, 0], ok_lens);
+        assert!(matches!(e, Err(Error::InvalidArgument { arg: "ids", .. })), "{e:?}");
+        let e = fill(&[1, 2], &[64, 0], ok_lens);
+        assert!(matches!(e, Err(Error::InvalidArgument { arg: "positions", .. })), "{e:?}");
+        let e = fill(&[1], &[0, 0], ok_lens);
+        assert!(matches!(e, Err(Error::Shape { arg: "ids", .. })), "{e:?}");
+        for bad in [
+            (&[3usize, 4][..], &[2usize, 1][..], &[5usize, 5][..]), // two tokens in one step
+            (&[3, 4], &[1, 1], &[4, 6]),                             // lens ≠ start + count
+            (&[19, 4], &[1, 1], &[20, 5]),                           // fits (boundary) ...
+        ] {
+            let r = fill(&[1, 2], &[0, 0], bad);
+            if bad.2[0] == 20 {
+                assert!(r.is_ok(), "a cache filled to its capacity: {r:?}");
+            } else {
+                assert!(matches!(r, Err(Error::InvalidArgument { arg: "kv_cache", .. })), "{r:?}");
+            }
+        }
+        let r = fill(&[1, 2], &[0, 0], (&[20, 4], &[1, 1], &[21, 5]));
+        assert!(matches!(r, Err(Error::InvalidArgument { arg: "kv_cache", .. })), "past the capacity: {r:?}");
+        let mut short = vec![0; m.len() - 1];
+        let r = m.fill(&mut short, (&[1, 2], &[0, 0]), ok_lens, LIMITS);
+        assert!(matches!(r, Err(Error::Shape { arg: "meta", .. })), "{r:?}");
+    }
+
+    #[test]
+    fn gpt2_and_gpt_neo_stacks_take_the_graph_step_and_gpt1_keeps_the_eager_path() {
+        let be = Cpu;
+        let gpt2 = Gpt2::from_folder(&be, &fixture("tiny-gpt2")).unwrap();
+        let facts = StackFacts::of(&be, gpt2.decoder());
+        assert_eq!(facts.applies(), Ok(()));
+        assert_eq!(
+            (facts.layers, facts.width, facts.heads, facts.head_dim, facts.ffn, facts.vocab),
+            (2, 16, 2, 8, 64, 50257)
+        );
+        let neo = GptNeo::from_folder(&be, &fixture("tiny-gpt-neo")).unwrap();
+        assert_eq!(StackFacts::of(&be, neo.decoder()).applies(), Ok(()));
+        let gpt1 = Gpt1::from_folder(&be, &fixture("tiny-gpt1")).unwrap();
+        let facts1 = StackFacts::of(&be, gpt1.decoder());
+        assert_eq!(facts1.norm, Norm::Post);
+        assert!(facts1.applies().is_err());
+        // A stack without its final LayerNorm or with a cross-attention-shaped block.
+        let mut no_final = facts.clone();
+        no_final.has_final_norm = false;
+        assert!(no_final.applies().is_err());
+        let mut unfused = facts.clone();
+        unfused.fused_self_attention = false;
+        assert!(unfused.applies().is_err());
+    }
+
+    #[test]
+    fn static_buffers_are_sized_by_batch_width_ffn_and_vocabulary() {
+        // GPT-2 124M's shape.
+        let facts = StackFacts {
+            norm: Norm::Pre,
+            has_final_norm: true,
+            fused_self_attention: true,
+            layers: 12,
+            width: 768,
+            heads: 12,
+            head_dim: 64,
+            ffn: 3072,
+            vocab: 50257,
+            n_positions: 1024,
+        };
+        for batch in [1usize, 8] {
+            let bufs = facts.buffers(batch);
+            assert_eq!(bufs.len(), 11);
+            assert!(bufs.iter().all(|(_, [r, _])| *r == batch));
+            // 8 of width, qkv 3·width, the FFN's hidden layer, the logits.
+            let elems = batch * (8 * 768 + 3 * 768 + 3072 + 50257);
+            assert_eq!(facts.buffer_bytes(batch, 2), 2 * elems);
+        }
+        // At batch 1 in f16 the buffers are about 0.1 MB, the logits most of it.
+        assert_eq!(facts.buffer_bytes(1, 2), 2 * (11 * 768 + 3072 + 50257));
     }
 }
