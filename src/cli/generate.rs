@@ -146,7 +146,7 @@ fn generate_cpu(args: &GenerateArgs) -> CliResult {
     }
 }
 
-fn generate_on<B: cuattn::runtime::generate::GenerateBackend>(
+fn generate_on<B: GenerateBackend + cuattn::runtime::decoder_only::DecoderStepBackend>(
     be: &B,
     args: &GenerateArgs,
 ) -> CliResult {

@@ -12,6 +12,7 @@ mod fixture_files;
 mod foreign_context;
 #[path = "../gpt2_cache/mod.rs"]
 mod gpt2_cache;
+mod graph_decode;
 mod graphs;
 mod layer_graph;
 mod layernorm;
