@@ -18,7 +18,9 @@ GPU (the device machine, from the bundle; scripts/gpu-check.sh runs it):
 On the GPU both sides store weights and activations in --dtype, and Hugging Face runs twice:
 with its default attention (`sdpa`) and with `attn_implementation="eager"` (the issue's "HF
 eager" baseline). Our side also runs once without its KV cache (`--recompute`), to show what
-the cache buys.
+the cache buys, and on the GPU also with `--no-cuda-graph` (every decoding step launched op by
+op instead of replayed from its CUDA graph), alternating with the graph runs, with a
+"graph / eager" ratio of the best tokens/s and a note when the two give different ids.
 
 CPU with `--dtype bf16`: our side stores its weight matrices in bf16 (f32 arithmetic); Hugging
 Face runs in f32 (the baseline the CPU target names), and our f32 run's greedy ids are compared
@@ -224,10 +226,15 @@ def main():
               f"({bw[0]['mib']} MiB, best of {bw[0]['repeats']}){pages(bw[0])}", flush=True)
     rows = []
     bf16_cpu = dev == "cpu" and dt == "bf16"
+    # On the GPU our decoding steps replay a CUDA graph (runtime/graph_step.rs); the eager
+    # column runs the same binary with --no-cuda-graph (every step op by op), alternating.
+    gpu = dev == "cuda"
     print("| model | batch | HF " + " | HF ".join(impls) + " best/median (tokens/s) | cuattn best/median "
-          "| cuattn recompute | ratio vs HF " + impls[-1] + " best/median | greedy ids equal to HF "
+          + ("| cuattn eager (no graph) best/median | graph / eager best " if gpu else "")
+          + "| cuattn recompute | ratio vs HF " + impls[-1] + " best/median | greedy ids equal to HF "
           + ("| ids equal to our f32 " if bf16_cpu else "") + "| cuattn peak RSS (MB) |")
     print("|---|---|" + "---|" * len(impls) + "---|---|---|---|" + ("---|" if bf16_cpu else "")
+          + ("---|---|" if gpu else "")
           + "---|", flush=True)
     for name in args.models.split(","):
         folder = folders[name]
@@ -244,6 +251,7 @@ def main():
                 hf_run(m, ids, 2, dev)  # warm-up
             hf_times = {impl: [] for impl in impls}
             our_times, our_gen, hf_gen, rss = [], None, None, 0
+            eager_times, eager_gen = [], None
             for _ in range(args.repeats):
                 for impl, m in models.items():
                     s, gen = hf_run(m, ids, args.max_new_tokens, dev)
@@ -252,6 +260,10 @@ def main():
                 s, our_gen, _, peak = ours(args.bin, folder, prompts, args.max_new_tokens, dev, dt)
                 our_times.append(s)
                 rss = max(rss, peak)
+                if gpu:
+                    s, eager_gen, _, _ = ours(args.bin, folder, prompts, args.max_new_tokens, dev,
+                                              dt, ["--no-cuda-graph"])
+                    eager_times.append(s)
             n_tokens = batch * args.max_new_tokens
             n_ours = sum(len(g) for g in our_gen)
             hf_tps = {i: (n_tokens / min(t), n_tokens / statistics.median(t))
@@ -266,8 +278,15 @@ def main():
             if bf16_cpu:
                 _, f32_gen, _, _ = ours(args.bin, folder, prompts, args.max_new_tokens, dev, "f32")
                 f32_col = f" {sum(a == b for a, b in zip(our_gen, f32_gen))}/{batch} |"
+            eager_col = ""
+            if gpu:
+                n_eager = sum(len(g) for g in eager_gen)
+                eager_tps = (n_eager / min(eager_times), n_eager / statistics.median(eager_times))
+                same = "" if eager_gen == our_gen else " (ids differ)"
+                eager_col = (f"| {eager_tps[0]:.1f} / {eager_tps[1]:.1f} "
+                             f"| {our_tps[0] / eager_tps[0]:.2f}{same} ")
             print(f"| {name} | {batch} | {cols} | {our_tps[0]:.1f} / {our_tps[1]:.1f} "
-                  f"| {n_ours / s_re:.1f} | {our_tps[0] / base[0]:.2f} / {our_tps[1] / base[1]:.2f} "
+                  f"{eager_col}| {n_ours / s_re:.1f} | {our_tps[0] / base[0]:.2f} / {our_tps[1] / base[1]:.2f} "
                   f"| {equal}/{batch} |{f32_col} {rss / 1024:.0f} |", flush=True)
             rows.append((name, batch, step_bytes(models[impls[0]], dt),
                          step_bytes(models[impls[0]], "f32"), our_tps[0] / batch,
