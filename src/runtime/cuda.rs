@@ -752,10 +752,10 @@ impl Cuda {
         if checked
             && (host_start_count.len() != 2 * batch
                 || (0..batch).any(|b| {
-                start[b] < 0
-                    || count[b] < 0
-                    || count[b] as usize > len_new
-                    || start[b] as i64 + count[b] as i64 > capacity as i64
+                    start[b] < 0
+                        || count[b] < 0
+                        || count[b] as usize > len_new
+                        || start[b] as i64 + count[b] as i64 > capacity as i64
                 }))
         {
             return Err(Error::invalid(

@@ -37,7 +37,7 @@
 //! why): post-LayerNorm stacks (GPT-1), beam search (it reorders the cache after every step,
 //! see `generate::Stepper`), weights stored in another dtype than the backend's (a GEMM
 //! would convert them into a temporary inside the step), and the opt-out: the environment
-//! variable [`ENV`] set to `0` (or [`crate::runtime::cuda::Cuda::set_decode_graph`]).
+//! variable [`ENV`] set to `0` (or `Cuda::set_decode_graph(false)`).
 
 use super::backend::Backend;
 use super::decoder_only::{DecoderOnly, Norm};
@@ -116,7 +116,11 @@ impl StepMeta {
     ) -> Result<()> {
         let b = self.batch;
         if out.len() != self.len() {
-            return Err(Error::shape("meta", format!("[{}]", self.len()), &[out.len()]));
+            return Err(Error::shape(
+                "meta",
+                format!("[{}]", self.len()),
+                &[out.len()],
+            ));
         }
         for (arg, n) in [
             ("ids", ids.len()),
@@ -132,7 +136,10 @@ impl StepMeta {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= limits.vocab) {
             return Err(Error::invalid(
                 "ids",
-                format!("token id {bad} is outside the vocabulary of {}", limits.vocab),
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    limits.vocab
+                ),
             ));
         }
         if let Some(&bad) = positions
@@ -360,11 +367,11 @@ mod device {
             for ln in [&b.ln_1, &b.ln_2] {
                 all.extend([&ln.gamma, &ln.beta]);
             }
-            let lins = b.attn.self_qkv().into_iter().chain([
-                &b.attn.out,
-                &b.mlp.up,
-                &b.mlp.down,
-            ]);
+            let lins = b
+                .attn
+                .self_qkv()
+                .into_iter()
+                .chain([&b.attn.out, &b.mlp.up, &b.mlp.down]);
             for l in lins {
                 all.push(&l.weight);
                 all.extend(l.bias.as_ref());
@@ -426,8 +433,9 @@ mod device {
             }
             let meta = StepMeta { batch };
             // SAFETY: the memory is written in full (zeros) right below, before any read.
-            let mut host_meta = unsafe { gpu.context().alloc_pinned_with_flags::<i32>(meta.len(), 0) }
-                .map_err(|e| Error::driver("allocate the step's pinned metadata", e))?;
+            let mut host_meta =
+                unsafe { gpu.context().alloc_pinned_with_flags::<i32>(meta.len(), 0) }
+                    .map_err(|e| Error::driver("allocate the step's pinned metadata", e))?;
             host_meta
                 .as_mut_slice()
                 .map_err(|e| Error::driver("write the step's pinned metadata", e))?
@@ -579,7 +587,13 @@ mod device {
                 let res = Some((&bf.x, &mut bf.sum));
                 be.layer_norm_into(&bf.attn, res, &ln2.gamma, &ln2.beta, ln2.eps, &mut bf.h)?;
                 let (up, down) = (&block.mlp.up, &block.mlp.down);
-                be.linear_into(&bf.h, &up.weight, up.bias.as_ref(), block.mlp.act, &mut bf.up)?;
+                be.linear_into(
+                    &bf.h,
+                    &up.weight,
+                    up.bias.as_ref(),
+                    block.mlp.act,
+                    &mut bf.up,
+                )?;
                 be.linear_into(&bf.up, &down.weight, down.bias.as_ref(), none, &mut bf.down)?;
                 // The next block (or the final LayerNorm) adds `down` to `sum` into `x`.
             }
@@ -692,7 +706,9 @@ mod device {
                 .gpu()
                 .stream()
                 .join(&self.model_stream)
-                .map_err(|e| Error::driver("order the decoding step after the model's stream", e))?;
+                .map_err(|e| {
+                    Error::driver("order the decoding step after the model's stream", e)
+                })?;
             match &self.graph {
                 Some((graph, bound)) if *bound == ptrs => {
                     graph
@@ -718,7 +734,9 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
     }
 
     const LIMITS: MetaLimits = MetaLimits {
@@ -772,25 +790,55 @@ mod tests {
         let ok_lens: (&[usize], &[usize], &[usize]) = (&[3, 4], &[1, 1], &[4, 5]);
         let mut fill = |ids: &[u32], pos: &[u32], lens| m.fill(&mut out, (ids, pos), lens, LIMITS);
         let e = fill(&[1, 100], &[0, 0], ok_lens);
-        assert!(matches!(e, Err(Error::InvalidArgument { arg: "ids", .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(Error::InvalidArgument { arg: "ids", .. })),
+            "{e:?}"
+        );
         let e = fill(&[1, 2], &[64, 0], ok_lens);
-        assert!(matches!(e, Err(Error::InvalidArgument { arg: "positions", .. })), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                Err(Error::InvalidArgument {
+                    arg: "positions",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
         let e = fill(&[1], &[0, 0], ok_lens);
         assert!(matches!(e, Err(Error::Shape { arg: "ids", .. })), "{e:?}");
         for bad in [
             (&[3usize, 4][..], &[2usize, 1][..], &[5usize, 5][..]), // two tokens in one step
-            (&[3, 4], &[1, 1], &[4, 6]),                             // lens ≠ start + count
-            (&[19, 4], &[1, 1], &[20, 5]),                           // fits (boundary) ...
+            (&[3, 4], &[1, 1], &[4, 6]),                            // lens ≠ start + count
+            (&[19, 4], &[1, 1], &[20, 5]),                          // fits (boundary) ...
         ] {
             let r = fill(&[1, 2], &[0, 0], bad);
             if bad.2[0] == 20 {
                 assert!(r.is_ok(), "a cache filled to its capacity: {r:?}");
             } else {
-                assert!(matches!(r, Err(Error::InvalidArgument { arg: "kv_cache", .. })), "{r:?}");
+                assert!(
+                    matches!(
+                        r,
+                        Err(Error::InvalidArgument {
+                            arg: "kv_cache",
+                            ..
+                        })
+                    ),
+                    "{r:?}"
+                );
             }
         }
         let r = fill(&[1, 2], &[0, 0], (&[20, 4], &[1, 1], &[21, 5]));
-        assert!(matches!(r, Err(Error::InvalidArgument { arg: "kv_cache", .. })), "past the capacity: {r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidArgument {
+                    arg: "kv_cache",
+                    ..
+                })
+            ),
+            "past the capacity: {r:?}"
+        );
         let mut short = vec![0; m.len() - 1];
         let r = m.fill(&mut short, (&[1, 2], &[0, 0]), ok_lens, LIMITS);
         assert!(matches!(r, Err(Error::Shape { arg: "meta", .. })), "{r:?}");
@@ -803,7 +851,14 @@ mod tests {
         let facts = StackFacts::of(&be, gpt2.decoder());
         assert_eq!(facts.applies(), Ok(()));
         assert_eq!(
-            (facts.layers, facts.width, facts.heads, facts.head_dim, facts.ffn, facts.vocab),
+            (
+                facts.layers,
+                facts.width,
+                facts.heads,
+                facts.head_dim,
+                facts.ffn,
+                facts.vocab
+            ),
             (2, 16, 2, 8, 64, 50257)
         );
         let neo = GptNeo::from_folder(&be, &fixture("tiny-gpt-neo")).unwrap();

@@ -27,7 +27,11 @@ fn cases() -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
     let cases = f["cases"].as_array().unwrap();
     let prompts = cases.iter().map(|c| uints(&c["ids"])).collect();
     let greedy = cases.iter().map(|c| uints(&c["greedy"])).collect();
-    (prompts, greedy, f["max_new_tokens"].as_u64().unwrap() as usize)
+    (
+        prompts,
+        greedy,
+        f["max_new_tokens"].as_u64().unwrap() as usize,
+    )
 }
 
 /// f32 greedy generation with the graph step gives Hugging Face's tokens (as the eager path
@@ -82,8 +86,14 @@ fn graph_decoding_gives_the_eager_cpu_and_hugging_face_tokens_on_tiny_gpt2() {
     let (g, e, c) = run(&batch, &to_the_end);
     assert_eq!(g.stop[2], StopReason::ContextFull);
     assert_eq!(g.generated[2].len(), 6);
-    assert_eq!(g.generated, e.generated, "graph vs eager with a row finishing");
-    assert_eq!(g.generated, c.generated, "graph vs cpu with a row finishing");
+    assert_eq!(
+        g.generated, e.generated,
+        "graph vs eager with a row finishing"
+    );
+    assert_eq!(
+        g.generated, c.generated,
+        "graph vs cpu with a row finishing"
+    );
     assert_eq!(g.rows_per_step, e.rows_per_step);
     assert!(
         g.rows_per_step.contains(&3),
@@ -178,8 +188,14 @@ fn a_captured_step_replays_new_pinned_metadata_and_matches_the_eager_step() {
         let prompts = [vec![464u32, 2068, 7586, 21831, 18045], vec![15496u32, 11]];
         let (batch, longest, steps) = (2usize, 5usize, 12usize);
         let capacity = longest + steps + 3;
-        let mut eager = be.kv_cache(layers, batch, capacity, width).unwrap().unwrap();
-        let mut graph = be.kv_cache(layers, batch, capacity, width).unwrap().unwrap();
+        let mut eager = be
+            .kv_cache(layers, batch, capacity, width)
+            .unwrap()
+            .unwrap();
+        let mut graph = be
+            .kv_cache(layers, batch, capacity, width)
+            .unwrap()
+            .unwrap();
         // The prefill, eagerly, into both caches.
         let mut ids = vec![0u32; batch * longest];
         for (b, p) in prompts.iter().enumerate() {
@@ -217,7 +233,7 @@ fn a_captured_step_replays_new_pinned_metadata_and_matches_the_eager_step() {
                 .decode(&be, &(), ids, pos, batch, 1, &[0, 1], Some(&mut refs))
                 .unwrap()
         };
-        let mut lens = vec![5usize, 2];
+        let mut lens = [5usize, 2];
         let mut previous: Option<Vec<f32>> = None;
         for s in 0..steps {
             let valid = [1usize, usize::from(s < steps / 2)];
@@ -228,21 +244,29 @@ fn a_captured_step_replays_new_pinned_metadata_and_matches_the_eager_step() {
             let pos: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
             let want = eager_step(&mut eager, &ids, &pos, &valid);
             graph.begin_step_lengths_only(&valid).unwrap();
-            let got = step
-                .run(graph.step_view().unwrap(), &ids, &pos)
-                .unwrap();
+            let got = step.run(graph.step_view().unwrap(), &ids, &pos).unwrap();
             assert!(got.iter().all(|x| x.is_finite()), "{dtype} step {s}");
             let d = max_abs_diff(&got, &want);
-            assert!(d <= bound, "{dtype} step {s}: graph vs eager {d:e} > {bound:e}");
+            assert!(
+                d <= bound,
+                "{dtype} step {s}: graph vs eager {d:e} > {bound:e}"
+            );
             if let Some(prev) = &previous {
-                assert!(max_abs_diff(&got, prev) > 0.0, "{dtype} step {s}: stale logits");
+                assert!(
+                    max_abs_diff(&got, prev) > 0.0,
+                    "{dtype} step {s}: stale logits"
+                );
             }
             previous = Some(got);
             for (l, v) in lens.iter_mut().zip(valid) {
                 *l += v;
             }
         }
-        assert_eq!(step.counts(), (steps, steps - 1), "{dtype}: one capture, then replays");
+        assert_eq!(
+            step.counts(),
+            (steps, steps - 1),
+            "{dtype}: one capture, then replays"
+        );
         let (kernels, allocs) = kernel_and_alloc_nodes(step.graph().expect("captured"));
         // 2 gathers; per layer 2 LayerNorms, 4 GEMMs, 4 bias kernels, the append, the
         // attention; the final LayerNorm and the LM head.
@@ -262,9 +286,16 @@ fn a_captured_step_replays_new_pinned_metadata_and_matches_the_eager_step() {
             assert!(d <= bound, "{dtype} ids {ids:?}: graph vs eager {d:e}");
             got.push(g);
         }
-        assert_eq!(step.counts(), (steps + 3, steps + 2), "{dtype}: replays only");
+        assert_eq!(
+            step.counts(),
+            (steps + 3, steps + 2),
+            "{dtype}: replays only"
+        );
         assert!(
-            got[0].iter().zip(&got[2]).all(|(x, y)| x.to_bits() == y.to_bits()),
+            got[0]
+                .iter()
+                .zip(&got[2])
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
             "{dtype}: the same metadata replayed gives other logits"
         );
         assert!(
