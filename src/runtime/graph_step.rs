@@ -329,7 +329,12 @@ mod device {
         meta: StepMeta,
         capacity: usize,
         host_meta: PinnedHostSlice<i32>,
-        dev_meta: CudaSlice<i32>,
+        /// `host_meta`'s address, the source of the graph's copy node.
+        host_ptr: *const i32,
+        /// Kept alive for the graph, which reads it at `dev_ptr`.
+        _dev_meta: CudaSlice<i32>,
+        /// `dev_meta`'s device address, taken once outside any capture.
+        dev_ptr: u64,
         bufs: Buffers,
         /// The graph and the KV-cache buffers (device addresses) it was captured on.
         graph: Option<(CudaGraph, Vec<u64>)>,
@@ -440,10 +445,17 @@ mod device {
                 .as_mut_slice()
                 .map_err(|e| Error::driver("write the step's pinned metadata", e))?
                 .fill(0);
+            let host_ptr = host_meta
+                .as_ptr()
+                .map_err(|e| Error::driver("address the step's pinned metadata", e))?;
             let dev_meta = gpu
                 .stream()
                 .alloc_zeros::<i32>(meta.len())
                 .map_err(|e| Error::driver("allocate the step's device metadata", e))?;
+            let dev_ptr = {
+                let (ptr, _record) = dev_meta.device_ptr(gpu.stream());
+                ptr
+            };
             let z = |[r, c]: [usize; 2]| gpu.zeros(dtype, &[r, c]);
             let shapes: Vec<[usize; 2]> = facts.buffers(batch).iter().map(|(_, s)| *s).collect();
             let bufs = Buffers {
@@ -467,7 +479,9 @@ mod device {
                 meta,
                 capacity,
                 host_meta,
-                dev_meta,
+                host_ptr,
+                dev_ptr,
+                _dev_meta: dev_meta,
                 bufs,
                 graph: None,
                 steps: 0,
@@ -492,21 +506,22 @@ mod device {
             let gpu = self.be.gpu().clone();
             let stream = gpu.stream();
             let (b, w) = (self.meta.batch, self.facts.width);
-            let base = self.dev_meta.device_ptr(stream).0;
-            {
-                let host = self
-                    .host_meta
-                    .as_slice()
-                    .map_err(|e| Error::driver("read the step's pinned metadata", e))?;
-                // SAFETY: `host` is page-locked memory of `meta.len()` i32 and `dev_meta` a
-                // device array of as many, both owned by this step and alive as long as the
-                // graph; the host writes `host` only between steps, when the stream is idle
-                // (see the module docs).
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(base, host, stream.cu_stream())
-                }
-                .map_err(|e| Error::driver("copy the step's metadata", e))?;
+            let base = self.dev_ptr;
+            // SAFETY: `host_ptr` is the page-locked allocation of `host_meta` (`meta.len()`
+            // i32) and `dev_meta` a device array of as many, both owned by this step and alive
+            // as long as its graph; the host writes the pinned array only between steps, when
+            // the stream is idle (see the module docs). The raw pointer, taken when the step
+            // was made, keeps cudarc's accessors (which wait on an event) out of the capture.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    base,
+                    self.host_ptr.cast(),
+                    self.meta.len() * std::mem::size_of::<i32>(),
+                    stream.cu_stream(),
+                )
             }
+            .result()
+            .map_err(|e| Error::driver("copy the step's metadata", e))?;
             let ctx = crate::gpu::ContextId::of(gpu.context());
             // SAFETY: each range lies inside `dev_meta` (StepMeta's layout), alive and written
             // only by the copy above, which stream order puts before every reader.
