@@ -353,6 +353,15 @@ mod device {
         }
     }
 
+    impl Drop for CudaGraphStep<'_> {
+        fn drop(&mut self) {
+            // Before the fields go: a step that failed half-way may have left work queued that
+            // reads the pinned array or the buffers. An error here has nowhere to go; the next
+            // call on the context reports a sticky fault.
+            let _ = self.be.gpu().synchronize();
+        }
+    }
+
     impl DecoderStepBackend for Cuda {
         fn decoder_step<'m>(
             &'m self,
