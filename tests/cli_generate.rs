@@ -146,6 +146,8 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         (vec!["--prompt", "Hi", "--top-p", "1.5"], "top_p"),
         (vec!["--prompt", "Hi", "--temperature=-1"], "temperature"),
         (vec!["--prompt", &long], "context"),
+        // The CPU has no decoding graph to turn off.
+        (vec!["--prompt", "Hi", "--no-cuda-graph"], "--no-cuda-graph"),
     ] {
         let o = run(&[&["--device", "cpu"][..], &args[..]].concat());
         let err = stderr(&o);
@@ -165,22 +167,36 @@ fn bad_input_is_a_clear_error_not_a_panic() {
 fn cuda_device_matches_hugging_face_in_f32_or_says_there_is_no_gpu() {
     let (prompt, ids, greedy, text) = case(0);
     let n = greedy.len().to_string();
-    let o = run(&[
+    // The decoding steps from a CUDA graph (the default), then op by op.
+    for extra in [None, Some("--no-cuda-graph")] {
+        cuda_case(&prompt, &n, extra, (&ids, &greedy, &text));
+    }
+}
+
+fn cuda_case(
+    prompt: &str,
+    n: &str,
+    extra: Option<&str>,
+    (ids, greedy, text): (&[u32], &[u32], &str),
+) {
+    let mut args = vec![
         "--device",
         "cuda",
         "--dtype",
         "f32",
         "--json",
         "--prompt",
-        &prompt,
+        prompt,
         "--max-new-tokens",
-        &n,
-    ]);
+        n,
+    ];
+    args.extend(extra);
+    let o = run(&args);
     let required = std::env::var("CUATTN_REQUIRE_GPU").is_ok_and(|v| v == "1");
     if o.status.success() || required {
         // f32 on the GPU: the logits stay within 1e-4 of Hugging Face's, far inside the
         // smallest greedy margin (8.7e-3), so the tokens are the same.
-        check_json(&o, &ids, &greedy, &text);
+        check_json(&o, ids, greedy, text);
     } else {
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "{err}");

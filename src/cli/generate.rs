@@ -103,6 +103,13 @@ pub fn run(args: GenerateArgs) -> CliResult {
         )
         .into());
     }
+    if args.no_cuda_graph && matches!(args.device, DeviceChoice::Cpu) {
+        return Err(cuattn::Error::invalid(
+            "--no-cuda-graph",
+            "it turns off the CUDA graph of the GPU's decoding steps, and --device cpu has none",
+        )
+        .into());
+    }
     match args.device {
         DeviceChoice::Cpu => generate_cpu(&args),
         DeviceChoice::Cuda => generate_cuda(&args, false),
