@@ -39,7 +39,8 @@ fn cases() -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
 /// prompt alone and for the four prompts of different lengths in one batch; so do the eager
 /// CUDA path and the CPU backend. A batch with a prompt 6 positions short of the context
 /// finishes that row early (its row leaves the batch and the step is made again for 3 rows):
-/// the graph path's tokens equal the eager path's and the CPU's for every row. Sampling
+/// the graph path's tokens equal the eager path's for every row, and Hugging Face's (as the
+/// CPU's do) for the other three. Sampling
 /// (temperature, top-k, seed) gives the eager path's tokens.
 #[test]
 fn graph_decoding_gives_the_eager_cpu_and_hugging_face_tokens_on_tiny_gpt2() {
@@ -90,10 +91,18 @@ fn graph_decoding_gives_the_eager_cpu_and_hugging_face_tokens_on_tiny_gpt2() {
         g.generated, e.generated,
         "graph vs eager with a row finishing"
     );
-    assert_eq!(
-        g.generated, c.generated,
-        "graph vs cpu with a row finishing"
-    );
+    // The other rows keep Hugging Face's tokens through the change of batch (the long
+    // prompt's own tokens have no Hugging Face margins to lean on: compared with eager only).
+    for r in [0, 1, 3] {
+        assert_eq!(
+            g.generated[r], greedy[r],
+            "graph, row {r} beside a finishing row"
+        );
+        assert_eq!(
+            c.generated[r], greedy[r],
+            "cpu, row {r} beside a finishing row"
+        );
+    }
     assert_eq!(g.rows_per_step, e.rows_per_step);
     assert!(
         g.rows_per_step.contains(&3),
