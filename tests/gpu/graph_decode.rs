@@ -19,6 +19,15 @@ use cuattn::runtime::layers::KvCache;
 use cuattn::runtime::Cpu;
 use cuattn::DType;
 
+/// Two f32 backends on `gpu`: the default one (graph steps) and one with the graph off.
+fn graph_and_eager(gpu: std::sync::Arc<cuattn::gpu::Gpu>) -> (Cuda, Cuda) {
+    let graph_be = Cuda::new(gpu.clone(), DType::F32).unwrap();
+    assert!(graph_be.decode_graph(), "the graph step is on by default");
+    let mut eager_be = Cuda::new(gpu, DType::F32).unwrap();
+    eager_be.set_decode_graph(false);
+    (graph_be, eager_be)
+}
+
 fn cases() -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
     let f: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("tests/fixtures/tiny-gpt2-outputs.json")).unwrap(),
@@ -40,18 +49,15 @@ fn cases() -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
 /// CUDA path and the CPU backend. A batch with a prompt 6 positions short of the context
 /// finishes that row early (its row leaves the batch and the step is made again for 3 rows):
 /// the graph path's tokens equal the eager path's for every row, and Hugging Face's (as the
-/// CPU's do) for the other three. Sampling
-/// (temperature, top-k, seed) gives the eager path's tokens.
+/// CPU's do) for the other three. Sampling (temperature, top-k, seed) gives the eager path's
+/// tokens.
 #[test]
 fn graph_decoding_gives_the_eager_cpu_and_hugging_face_tokens_on_tiny_gpt2() {
     let Some(gpu) = gpu_or_skip("graph_decoding_tiny_gpt2") else {
         return;
     };
     let dir = fixture("tests/fixtures/tiny-gpt2");
-    let graph_be = Cuda::new(gpu.clone(), DType::F32).unwrap();
-    assert!(graph_be.decode_graph(), "the graph step is on by default");
-    let mut eager_be = Cuda::new(gpu, DType::F32).unwrap();
-    eager_be.set_decode_graph(false);
+    let (graph_be, eager_be) = graph_and_eager(gpu);
     let graph_model = Gpt2::from_folder(&graph_be, &dir).unwrap();
     let eager_model = Gpt2::from_folder(&eager_be, &dir).unwrap();
     let cpu_model = Gpt2::from_folder(&Cpu, &dir).unwrap();
@@ -132,9 +138,7 @@ fn graph_decoding_gives_the_eager_tokens_on_tiny_gpt_neo_local_layers() {
         return;
     };
     let dir = fixture("tests/fixtures/tiny-gpt-neo");
-    let graph_be = Cuda::new(gpu.clone(), DType::F32).unwrap();
-    let mut eager_be = Cuda::new(gpu, DType::F32).unwrap();
-    eager_be.set_decode_graph(false);
+    let (graph_be, eager_be) = graph_and_eager(gpu);
     let graph_model = GptNeo::from_folder(&graph_be, &dir).unwrap();
     let eager_model = GptNeo::from_folder(&eager_be, &dir).unwrap();
     let cpu_model = GptNeo::from_folder(&Cpu, &dir).unwrap();
