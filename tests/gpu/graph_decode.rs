@@ -19,10 +19,11 @@ use cuattn::runtime::layers::KvCache;
 use cuattn::runtime::Cpu;
 use cuattn::DType;
 
-/// Two f32 backends on `gpu`: the default one (graph steps) and one with the graph off.
+/// Two f32 backends on `gpu`: one with the graph step on, one with it off.
 fn graph_and_eager(gpu: std::sync::Arc<cuattn::gpu::Gpu>) -> (Cuda, Cuda) {
-    let graph_be = Cuda::new(gpu.clone(), DType::F32).unwrap();
-    assert!(graph_be.decode_graph(), "the graph step is on by default");
+    // Set, not assumed: CUATTN_DECODE_GRAPH=0 in the environment turns the default off.
+    let mut graph_be = Cuda::new(gpu.clone(), DType::F32).unwrap();
+    graph_be.set_decode_graph(true);
     let mut eager_be = Cuda::new(gpu, DType::F32).unwrap();
     eager_be.set_decode_graph(false);
     (graph_be, eager_be)
@@ -194,7 +195,8 @@ fn a_captured_step_replays_new_pinned_metadata_and_matches_the_eager_step() {
     // f16: the bound of runtime_gpt2's F16_CACHE_BOUND (two paths each within the f16
     // per-logit budget of the exact logits).
     for (dtype, bound) in [(DType::F32, 1e-4f32), (DType::F16, 0.08)] {
-        let be = Cuda::new(gpu.clone(), dtype).unwrap();
+        let mut be = Cuda::new(gpu.clone(), dtype).unwrap();
+        be.set_decode_graph(true);
         let model = Gpt2::from_folder(&be, &dir).unwrap();
         let (layers, width) = model.cache_layout();
         let vocab = model.vocab_size();
