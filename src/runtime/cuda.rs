@@ -50,6 +50,10 @@ pub struct Cuda {
     /// Generation replays its one-token steps from a CUDA graph
     /// ([`super::graph_step`]); off: every step runs op by op (the eager path).
     decode_graph: bool,
+    /// A decoding step's own backend (a stream of its own, a cuBLAS handle with a fixed
+    /// workspace, reserved scratch), kept between generation calls so that each call does not
+    /// create them again ([`super::graph_step`]); taken by one step at a time.
+    step_backend: std::sync::Mutex<Option<Box<Cuda>>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -100,7 +104,24 @@ impl Cuda {
             decode_graph: super::graph_step::graph_enabled_by_env(
                 std::env::var(super::graph_step::ENV).ok().as_deref(),
             ),
+            step_backend: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The kept decoding-step backend, if one is free (see `step_backend`).
+    pub(crate) fn take_step_backend(&self) -> Option<Box<Cuda>> {
+        self.step_backend
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    /// Keeps a decoding step's backend for the next step made on this backend.
+    pub(crate) fn keep_step_backend(&self, be: Box<Cuda>) {
+        *self
+            .step_backend
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(be);
     }
 
     /// Whether generation on this backend replays its one-token decoding steps from a CUDA

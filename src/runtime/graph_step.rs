@@ -25,9 +25,10 @@
 //! the dtype, then normalized: the same arithmetic as the eager path's add followed by its
 //! LayerNorm). The step's GEMMs use a cuBLAS handle with a fixed workspace and the decode
 //! kernel a reserved scratch buffer of the step's own [`crate::gpu::Gpu`] handle (the model
-//! backend's context, a stream of its own that waits for the model's stream before each step),
-//! so the step allocates nothing and is
-//! capturable; its first run executes the calls eagerly (loading every kernel and cuBLAS's
+//! backend's context, a stream of its own that waits for the model's stream before each
+//! step; handle, workspace and stream are kept by the model's backend from one generation
+//! call to the next), so the step allocates nothing and is capturable; its first run
+//! executes the calls eagerly (loading every kernel and cuBLAS's
 //! state, and producing that step's logits) and then captures them; later steps write the
 //! metadata and replay. The graph is bound to the KV-cache buffers it was captured on: if
 //! they change (the cache was reordered), it is captured again; when finished rows leave the
@@ -324,8 +325,12 @@ mod device {
         model_stream: Arc<CudaStream>,
         facts: StackFacts,
         /// The step's own backend: the model backend's context, its own stream, its own
-        /// scratch (reserved) and a cuBLAS handle with a fixed workspace.
-        be: Cuda,
+        /// scratch (reserved) and a cuBLAS handle with a fixed workspace. Taken from the
+        /// model backend's keeping when one is there, and handed back when the step goes
+        /// (`None` only then).
+        be: Option<Box<Cuda>>,
+        /// The model's backend, which keeps `be` between steps.
+        model_be: &'m Cuda,
         meta: StepMeta,
         capacity: usize,
         host_meta: PinnedHostSlice<i32>,
@@ -357,8 +362,12 @@ mod device {
         fn drop(&mut self) {
             // Before the fields go: a step that failed half-way may have left work queued that
             // reads the pinned array or the buffers. An error here has nowhere to go; the next
-            // call on the context reports a sticky fault.
-            let _ = self.be.gpu().synchronize();
+            // call on the context reports a sticky fault (and the backend is not kept).
+            if let Some(be) = self.be.take() {
+                if be.gpu().synchronize().is_ok() {
+                    self.model_be.keep_step_backend(be);
+                }
+            }
         }
     }
 
@@ -406,7 +415,7 @@ mod device {
         /// backend's [`Cuda::decode_graph`] off, or [`StackFacts::applies`], or parameters in
         /// another dtype than the backend's).
         pub fn new(
-            model_be: &Cuda,
+            model_be: &'m Cuda,
             lm: &'m DecoderOnly<Cuda>,
             batch: usize,
             capacity: usize,
@@ -429,16 +438,22 @@ mod device {
                 ));
             }
             let outer = model_be.gpu();
-            // A stream of its own: a capture takes in whatever any thread queues on the
-            // capturing stream, and other users of the model's Gpu (other threads' calls on
-            // the shared handle) must not land in the graph.
-            let own = outer
-                .stream()
-                .fork()
-                .map_err(|e| Error::driver("create the decoding step's stream", e))?;
-            let gpu: Arc<Gpu> = outer.on_stream(own)?;
-            let mut be = Cuda::new(gpu.clone(), dtype)?;
-            be.reserve_blas_workspace(be.blas_workspace_bytes())?;
+            let be = match model_be.take_step_backend() {
+                Some(kept) => kept,
+                None => {
+                    // A stream of its own: a capture takes in whatever any thread queues on
+                    // the capturing stream, and other users of the model's Gpu (other
+                    // threads' calls on the shared handle) must not land in the graph.
+                    let own = outer
+                        .stream()
+                        .fork()
+                        .map_err(|e| Error::driver("create the decoding step's stream", e))?;
+                    let mut be = Cuda::new(outer.on_stream(own)?, dtype)?;
+                    be.reserve_blas_workspace(be.blas_workspace_bytes())?;
+                    Box::new(be)
+                }
+            };
+            let gpu: Arc<Gpu> = be.gpu().clone();
             let (heads, dim) = (facts.heads, facts.head_dim);
             let scratch =
                 be.attention_workspace_bytes((batch, 1, capacity), (heads, heads), (dim, dim))?;
@@ -482,9 +497,10 @@ mod device {
             };
             Ok(Some(CudaGraphStep {
                 lm,
+                model_be,
                 model_stream: outer.stream().clone(),
                 facts,
-                be,
+                be: Some(be),
                 meta,
                 capacity,
                 host_meta,
@@ -496,6 +512,12 @@ mod device {
                 steps: 0,
                 replays: 0,
             }))
+        }
+
+        fn be(&self) -> Result<&Cuda> {
+            self.be
+                .as_deref()
+                .ok_or_else(|| Error::invalid("graph", "the step's backend is gone"))
         }
 
         /// Steps run so far, and how many of them replayed the captured graph (all but the
@@ -512,7 +534,7 @@ mod device {
         /// Queues the whole step on the stream: the metadata copy from pinned memory, then
         /// every layer. Called once eagerly and once under capture per set of cache buffers.
         fn record(&mut self, layers: &mut [(&mut DeviceTensor, &mut DeviceTensor)]) -> Result<()> {
-            let gpu = self.be.gpu().clone();
+            let gpu = self.be()?.gpu().clone();
             let stream = gpu.stream();
             let (b, w) = (self.meta.batch, self.facts.width);
             let base = self.dev_ptr;
@@ -539,7 +561,10 @@ mod device {
             };
             let (ids, positions) = (part(self.meta.ids()), part(self.meta.positions()));
             let (start_count, lens) = (part(self.meta.start_count()), part(self.meta.lens()));
-            let (lm, be, bf) = (self.lm, &self.be, &mut self.bufs);
+            let Some(be) = self.be.as_deref() else {
+                return Err(Error::invalid("graph", "the step's backend is gone"));
+            };
+            let (lm, bf) = (self.lm, &mut self.bufs);
             crate::ops::elementwise::gather_rows_into(
                 &gpu,
                 &lm.wte.table.view(),
@@ -641,7 +666,7 @@ mod device {
         ) -> Result<()> {
             self.graph = None;
             self.record(layers)?;
-            let stream = self.be.gpu().stream().clone();
+            let stream = self.be()?.gpu().stream().clone();
             stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(|e| Error::driver("begin capturing the decoding step", e))?;
@@ -726,7 +751,7 @@ mod device {
             // other work of the model's backend) wrote. The other way round needs no event:
             // the step ends with a blocking read of its stream, before the host queues
             // anything else.
-            self.be
+            self.be()?
                 .gpu()
                 .stream()
                 .join(&self.model_stream)
