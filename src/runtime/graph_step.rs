@@ -28,9 +28,8 @@
 //! backend's context, a stream of its own that waits for the model's stream before each
 //! step; handle, workspace and stream are kept by the model's backend from one generation
 //! call to the next), so the step allocates nothing and is capturable; its first run
-//! executes the calls eagerly (loading every kernel and cuBLAS's
-//! state, and producing that step's logits) and then captures them; later steps write the
-//! metadata and replay. The graph is bound to the KV-cache buffers it was captured on: if
+//! executes the calls eagerly (loading every kernel and cuBLAS's state, and producing that
+//! step's logits) and then captures them; later steps write the metadata and replay. The graph is bound to the KV-cache buffers it was captured on: if
 //! they change (the cache was reordered), it is captured again; when finished rows leave the
 //! batch, the generation loop makes a new step for the smaller batch.
 //!
