@@ -425,7 +425,8 @@ impl Backend for Cpu {
         }
         let (m, n) = (ar / batch, br / batch);
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut c = zeroed(ar * n);
+        // Every value is written by a GEMM (zeros when k = 0).
+        let mut c = recycle::scratch(ar * n);
         c.par_chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, cb)| {
@@ -445,7 +446,7 @@ impl Backend for Cpu {
             ));
         }
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut out = zeroed(ad.len());
+        let mut out = recycle::scratch(ad.len());
         let width = a.shape.last().copied().unwrap_or(1).max(1);
         let block = rows_per_block(out.len() / width) * width;
         let isa = Isa::current();
@@ -491,7 +492,7 @@ impl Backend for Cpu {
         let rd = residual.map(|r| r.f32s());
         let rd = rd.as_deref();
         let (gd, bd) = (gamma.values_f32(), beta.values_f32());
-        let mut y = zeroed(xd.len());
+        let mut y = recycle::scratch(xd.len());
         let isa = Isa::current();
         let block = rows_per_block(y.len() / width) * width;
         y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
@@ -611,7 +612,8 @@ impl Backend for Cpu {
         let group = q.heads / k.heads;
         let width_o = q.heads * dim_v;
         let isa = Isa::current();
-        let mut out = zeroed(total * width_o);
+        // Every row of every sequence is written by its heads' second GEMM.
+        let mut out = recycle::scratch(total * width_o);
         // (first row, rows, output rows) per sequence.
         let mut seqs = Vec::with_capacity(lens.len());
         let (mut rest, mut start) = (out.as_mut_slice(), 0);

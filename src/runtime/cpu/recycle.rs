@@ -149,23 +149,31 @@ fn bytes_of(v: &Vec<f32>) -> usize {
 /// memory, so the reserve costs nothing until a later, larger output of the same op reuses
 /// the buffer.
 fn buffer(n: usize) -> Vec<f32> {
-    let mut v = kept_or_new(n);
-    v.clear();
-    v
+    match kept(n) {
+        Some(mut v) => {
+            v.clear();
+            v
+        }
+        None => fresh(n),
+    }
 }
 
-/// A kept buffer as it was given back (its old values), or a new empty one; see [`buffer`].
-fn kept_or_new(n: usize) -> Vec<f32> {
+/// A new empty buffer reserving `2n`, in huge pages where the kernel allows (fewer faults,
+/// fewer TLB misses). On a failed reservation the caller's fill reports the missing memory
+/// as any allocation does.
+fn fresh(n: usize) -> Vec<f32> {
+    crate::runtime::host_memory::huge_page_buffer(n.saturating_mul(2)).unwrap_or_default()
+}
+
+/// A kept buffer that fits `n` values, as it was given back (its old values), if any.
+fn kept(n: usize) -> Option<Vec<f32>> {
     let taken = pool().take(n);
     match taken {
-        Ok(v) => v,
+        Ok(v) => Some(v),
         Err(stale) => {
             // Freed outside the lock.
             drop(stale);
-            // In huge pages where the kernel allows (fewer faults, fewer TLB misses). On a
-            // failed reservation the caller's fill reports the missing memory as any
-            // allocation does.
-            crate::runtime::host_memory::huge_page_buffer(n.saturating_mul(2)).unwrap_or_default()
+            None
         }
     }
 }
@@ -187,7 +195,7 @@ pub fn scratch(n: usize) -> Vec<f32> {
     if n < MIN_LEN || !active() {
         return vec![0.0; n];
     }
-    let mut v = kept_or_new(n);
+    let mut v = kept(n).unwrap_or_else(|| fresh(n));
     v.truncate(n);
     v.resize(n, 0.0);
     v
