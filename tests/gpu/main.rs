@@ -29,6 +29,7 @@ mod train_backend;
 mod train_models;
 mod train_rnn;
 mod training_ops;
+mod unfused_graph;
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
