@@ -263,9 +263,7 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
                         const int col = key0 + nb * 8 + 2 * t + (e & 1);
                         bool keep = col < key_len && col >= row + ti.lo && col <= row + ti.hi;
                         if (bits) {
-                            const int c = col - block_col0;
-                            keep = col < key_len && row < len_q &&
-                                   ((bits[(int64_t)(row - q0) * p.sp_words_per_row + c / 64] >> (c % 64)) & 1);
+                            keep = col < key_len && row < len_q && sparse_bit(p, bits, q0, block_col0, row, col);
                         }
                         if (!keep) s[mt][nb][e] = -INFINITY;
                     }
