@@ -46,3 +46,46 @@ fn zero_gradients_instead_of_missing_ones_do_not_match_torch() {
     let (r, at) = worst(&ours, &t, bound(t.lr));
     assert!(r > 100.0, "only {r:.3} of the bound at {at}");
 }
+
+/// `no_grad` out of order or naming a parameter the list does not have is refused by name
+/// before any parameter moves; accumulation keeps a parameter gradient-less only if neither
+/// micro-batch gave it a gradient.
+#[test]
+fn bad_no_grad_lists_are_refused_and_accumulation_intersects_them() {
+    use cuattn::runtime::train::{AdamW, AdamWConfig, Gradients, Param, TrainBackend};
+    use cuattn::runtime::{Backend, CpuTensor};
+    let t = |v: f32| Cpu.upload_as(&[2], &[v, v], DType::F32).unwrap();
+    let mut params: Vec<Param<CpuTensor>> = (0..3)
+        .map(|i| Param {
+            name: format!("p{i}"),
+            value: t(1.0),
+            decay: true,
+        })
+        .collect();
+    let mut opt = AdamW::new(&Cpu, &params, AdamWConfig::default()).unwrap();
+    let grads = |no_grad: Vec<usize>| Gradients {
+        names: (0..3).map(|i| format!("p{i}")).collect(),
+        tensors: (0..3).map(|_| t(0.5)).collect(),
+        no_grad,
+    };
+    for bad in [vec![2, 1], vec![1, 1], vec![3]] {
+        let r = opt.step(&Cpu, &mut params, &grads(bad.clone()), 1e-3);
+        assert!(
+            matches!(r, Err(cuattn::Error::InvalidArgument { arg: "grads", .. })),
+            "{bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(opt.steps(), 0);
+    assert!(params
+        .iter()
+        .all(|p| Cpu.to_f32(&p.value).unwrap() == [1.0, 1.0]));
+
+    let mut a = grads(vec![0, 2]);
+    a.accumulate(&Cpu, &grads(vec![1, 2])).unwrap();
+    assert_eq!(a.no_grad, [2]);
+    assert!(a.has_grad(0) && a.has_grad(1) && !a.has_grad(2));
+    opt.step(&Cpu, &mut params, &a, 1e-3).unwrap();
+    assert_eq!(opt.param_steps(), [1, 1, 0]);
+    assert_eq!(Cpu.to_f32(&params[2].value).unwrap(), [1.0, 1.0]);
+    assert_ne!(Cpu.to_f32(&params[0].value).unwrap(), [1.0, 1.0]);
+}
