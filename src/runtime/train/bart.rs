@@ -41,7 +41,9 @@
 //! of (seed, [`LAYERDROP_STREAM`] | step, layer index) against round(p·2^32), so the step stays
 //! a pure function of (weights, batch, seed, step) on either backend and p = 1 skips every
 //! layer. A skipped layer's parameters are listed in the output's [`Gradients::no_grad`]
-//! (autograd leaves them without a gradient, `.grad is None`) and hold zero tensors, so the
+//! (autograd leaves them without a gradient, `.grad is None`), and so are the encoder's own
+//! parameters when every decoder layer is skipped (nothing reads the encoder's output then);
+//! they hold zero tensors, so the
 //! global norm and clipping read them as torch's do (not at all); [`super::AdamW::step`]
 //! skips them as `torch.optim.AdamW` does: no weight decay, no moment update, and their
 //! per-parameter step count, which their bias correction uses, does not advance. Its dropout
@@ -1157,6 +1159,26 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         )
     }
 
+    /// The encoder's parameters that nothing after it reads: its layers and embeddings, less
+    /// a token table shared with the decoder or the head.
+    fn encoder_only_params(&self) -> Vec<usize> {
+        let pairs = |lins: Vec<Lin>| lins.into_iter().flat_map(|(w, b)| [w, b]);
+        let emb = |e: EmbIx| [e.tok, e.pos, e.ln.0, e.ln.1];
+        let elsewhere: Vec<usize> = self
+            .dec
+            .iter()
+            .flat_map(|l| pairs(l.lins()))
+            .chain(emb(self.dec_emb))
+            .chain([self.head])
+            .collect();
+        self.enc
+            .iter()
+            .flat_map(|l| pairs(l.lins()))
+            .chain(emb(self.enc_emb))
+            .filter(|i| !elsewhere.contains(i))
+            .collect()
+    }
+
     /// Zero gradients for the parameters `lins` (a skipped layer's), listed in `no_grad`.
     fn zero_grads(
         &self,
@@ -1269,6 +1291,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             &dy,
             &mut grads,
         )?;
+        // No decoder layer ran (LayerDrop skipped them all): nothing read the encoder, whose
+        // parameters then have no gradient in torch (their zero one is computed anyway).
+        let memory_unread = dmem.is_none();
         let mut dh_enc = match dmem {
             Some(d) => d,
             None => be.zeros(be.shape(&mem))?,
@@ -1298,6 +1323,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             &dh_enc,
             &mut grads,
         )?;
+        if memory_unread {
+            no_grad.extend(self.encoder_only_params());
+        }
         let tensors = grads
             .into_iter()
             .zip(&self.params)
