@@ -56,7 +56,8 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const cuattn_attention
 // each copy's flat index; ROW_STEP keeps one row base and one column per thread and steps the
 // row by a constant. At the 255-register limit the two allocate differently (ptxas numbers in
 // docs/kernels/attention-backward.md): ROW_STEP is what ends the backward dK/dV kernels' sm_80
-// spills, while the forward's HD 128 tile spills more with it, so callers opt in.
+// spills, while the forward's dense HD 128 tile spills more when its K load takes it (its V
+// load does take it: KvLoadForm in attention_tc.cu), so callers opt in per load.
 template <typename T, int HD, int ROWS, int THREADS, bool KEEP_MASK = false, bool ROW_STEP = false>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_lo, int row_hi, int cols_valid,
                                           bool vec, const T* fallback, uint64_t keep_lo = ~0ull, uint64_t keep_hi = ~0ull) {

@@ -262,6 +262,10 @@ __device__ void attention_tc(const cuattn_attention_fwd_params& p, T* smem) {
                         const int row = row_base + 16 * mt + 8 * (e >> 1);
                         const int col = key0 + nb * 8 + 2 * t + (e & 1);
                         bool keep = col < key_len && col >= row + ti.lo && col <= row + ti.hi;
+                        // sparse_bit's test written out: the call computes the same bit, but
+                        // ptxas then allocates the sm_80 bs128 HD 64 entry worse (spill bytes
+                        // 140/144 -> 184/200; sm_90 56/56 -> 48/48), over its bound in
+                        // ops::attention's spill test.
                         if (bits) {
                             const int c = col - block_col0;
                             keep = col < key_len && row < len_q &&

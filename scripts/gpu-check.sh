@@ -10,7 +10,7 @@
 #   f. scripts/gpu_report.py -> $OUT/report.md and the summary (printed last);
 #      $OUT/logs/ is packed into $OUT/logs.tar.gz.
 #   e3. GPT-2 generation tokens/s against Hugging Face (scripts/bench-generate.py -> $OUT/generate.md)
-#   b2. the backward GPU tests once more on the compute_80 PTX (CUDA_FORCE_PTX_JIT=1; optional)
+#   b2. the backward and forward attention GPU tests once more on the compute_80 PTX (CUDA_FORCE_PTX_JIT=1; optional)
 # Order run: a b d e e3 c e2 c2 b2 f, so the benchmark data is taken before the slow sanitizer runs.
 #
 # results.tsv: header "step name status detail seconds", tab-separated, one row per run;
@@ -26,7 +26,7 @@
 #   GPU_CHECK_SANITIZERS=0 to skip memcheck/racecheck/initcheck/synccheck (never for a final report),
 #   GPU_CHECK_CRITERION=0 to skip the criterion benches,
 #   GPU_CHECK_GENERATE=0 to skip the GPT-2 generation benchmark (e3: scripts/bench-generate.py, 240 s cap: graph and --no-cuda-graph runs),
-#   GPU_CHECK_PTX_JIT=0 to skip b2 (the backward GPU tests once more on the compute_80 PTX; optional),
+#   GPU_CHECK_PTX_JIT=0 to skip b2 (the backward and forward attention GPU tests once more on the compute_80 PTX; optional),
 #   GPU_TEST_ARGS: extra arguments for every test binary (e.g. "--skip runtime_minilm" when the
 #   MiniLM folder is not carried; docs/gpu-runs/README.md runs that test in a second call).
 #   Families: layernorm, attention, sparse, decode (cuattn bench decode + torch_baseline.py decode,
@@ -439,8 +439,11 @@ fi
 # The backward's dK/dV kernels have an sm_80-only form of their Q/dO tile loads (attention_bwd.cu,
 # QDO_ROW_STEP), which step b never runs on a newer card (it runs the sm_90 SASS).
 # CUDA_FORCE_PTX_JIT=1 makes the driver JIT-compile the fatbins' compute_80 PTX, built with the
-# sm_80 forms, for this card instead; the backward GPU tests then run on that code. Only those
-# tests: the Hopper module carries no PTX. The first load of a module JIT-compiles all of it.
+# sm_80 forms, for this card instead; the backward GPU tests then run on that code. The forward's
+# sm_80 and sm_90 code differ too (attention_tc.cu, KvLoadForm: sm_90's sparse HD 64 K_0 load), so
+# its dense and sparse GPU tests (`attention::`, `sparse::`, explicit TensorCore/Exact kernels)
+# run as well, less the two that mostly time cuBLAS (the unfused baseline's). Only those tests:
+# the Hopper module carries no PTX. The first load of a module JIT-compiles all of it.
 if [ "${GPU_CHECK_PTX_JIT:-1}" = 0 ]; then
   record test-ptx-jit "-" skip "GPU_CHECK_PTX_JIT=0" 0
 else
@@ -451,7 +454,8 @@ else
       continue
     fi
     log="$LOGS/test-ptx-jit-$name.log"
-    run_timed 240 "$log" env CUDA_FORCE_PTX_JIT=1 CUATTN_REQUIRE_GPU=1 "$bin" --show-output attention_backward:: sparse_backward::
+    run_timed 240 "$log" env CUDA_FORCE_PTX_JIT=1 CUATTN_REQUIRE_GPU=1 "$bin" --show-output \
+      attention_backward:: sparse_backward:: attention:: sparse:: --skip fused_matches_unfused --skip unfused_baseline
     rm -f "$log.failures"
     counts="$(parse_test "$log" 1)"
     case "$RC" in 0) status=ok ;; 124 | 200) status=timeout ;; *) status=fail ;; esac

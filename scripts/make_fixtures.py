@@ -111,6 +111,12 @@ tests/fixtures/tiny-gpt1-outputs.json
                                     top 8) at every position, 12 greedy tokens
                                     (`--only gpt1`)
 
+tests/fixtures/adamw-no-grad.json  three torch.optim.AdamW steps (f32, single-tensor) over three
+                                    parameters, some with `grad = None` in a step (skipped, with
+                                    per-parameter step counts): start values, gradients (null
+                                    for None), parameters and torch's step counts after each
+                                    step (`--only adamw-no-grad`)
+
 Run with `--only gpt2` to rewrite the GPT-2 fixtures alone (the tokenizer files come from the
 tiktoken-rs crate's assets in the cargo registry, found with `--gpt2-bpe-dir` or by search).
 
@@ -623,6 +629,48 @@ def training_ops():
     out["torch_version"] = torch.__version__
     with open(os.path.join(FIXTURES, "training-ops.json"), "w") as fh:
         json.dump(out, fh)
+def adamw_no_grad():
+    """torch.optim.AdamW (single-tensor, f32) over three parameters for three steps, where a
+    parameter whose gradient is None in a step is skipped (no decay, no moment update, its own
+    step count): c has none in step 1, b none in step 2. Two groups: a and c decayed, b not."""
+    torch.manual_seed(2024)
+
+    def rand(*shape, spread=1.0):
+        return (torch.rand(*shape, dtype=torch.float32) * 2 - 1) * spread
+
+    def flat(t):
+        return t.detach().reshape(-1).tolist()
+
+    a, b, c = rand(6).requires_grad_(True), rand(4).requires_grad_(True), rand(3, 2).requires_grad_(True)
+    params = [a, b, c]
+    start = [flat(p_) for p_ in params]
+    lr, wd = 1e-2, 0.1
+    opt = torch.optim.AdamW([{"params": [a, c], "weight_decay": wd},
+                             {"params": [b], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    missing = [[2], [1], []]  # indices into params without a gradient, per step
+    steps = []
+    for none in missing:
+        grads = []
+        for i, p_ in enumerate(params):
+            if i in none:
+                p_.grad = None
+                grads.append(None)
+            else:
+                g = rand(*p_.shape, spread=2.0)
+                p_.grad = g.clone()
+                grads.append(flat(g))
+        opt.step()
+        steps.append({"grads": grads, "params": [flat(p_) for p_ in params],
+                      "torch_steps": [int(opt.state[p_]["step"]) if p_ in opt.state else 0
+                                      for p_ in params]})
+    out = {"lr": lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": wd,
+           "decay": [True, False, True], "shapes": [list(p_.shape) for p_ in params],
+           "start": start, "steps": steps, "torch_version": torch.__version__}
+    with open(os.path.join(FIXTURES, "adamw-no-grad.json"), "w") as fh:
+        json.dump(out, fh)
+
+
 def attention_backward():
     """dQ, dK, dV by autograd for a few option combinations. Masks are built as boolean
     matrices (key j visible to query i), independently of the crate's band code; inputs are
@@ -1643,7 +1691,7 @@ def lstm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "bart-denoise-step-untied", "bart-saved", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm"], default="all")
+    ap.add_argument("--only", choices=["all", "bert", "bert-cls", "minilm", "gpt2", "gpt2-beams", "bart", "bert-pretraining", "bert-pretrain-step", "bart-denoise-step", "bart-denoise-step-untied", "bart-saved", "finetune", "training", "attention-backward", "gpt-neo", "gpt1", "bahdanau", "bahdanau-lstm", "lstm", "adamw-no-grad"], default="all")
     ap.add_argument("--gpt2-bpe-dir", default=None,
                     help="folder with GPT-2's encoder.json and vocab.bpe (tiktoken-rs assets)")
     args = ap.parse_args()
@@ -1676,6 +1724,8 @@ def main():
         finetune_tiny()
     if args.only in ("all", "training"):
         training_ops()
+    if args.only in ("all", "adamw-no-grad"):
+        adamw_no_grad()
     if args.only in ("all", "attention-backward"):
         attention_backward()
     if args.only in ("all", "gpt-neo"):

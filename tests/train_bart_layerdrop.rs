@@ -6,7 +6,8 @@
 //! never in eval; our draw is the Philox word of (seed, LAYERDROP_STREAM | step, layer), so a
 //! step stays a function of (weights, batch, seed, step). Proven here: p = 0 never skips and
 //! is the same step as a draw that happens to skip nothing, bit for bit; p = 1 skips every
-//! layer, the step still runs and every layer parameter's gradient is exactly zero; the
+//! layer, the step still runs and every layer parameter's gradient is exactly zero and listed
+//! in `Gradients::no_grad` (with the encoder's own parameters when nothing reads it); the
 //! gradient with a draw that skips some layers matches central differences of the loss under
 //! the same draw; the same (seed, step) twice is the same step; eval ignores p; the draws skip
 //! about p of the layers.
@@ -175,12 +176,18 @@ fn layerdrop_one_skips_every_layer_and_their_gradients_are_zero() {
             assert_eq!(sites.len(), 2 + per_dec_layer);
             let out = m.forward_backward_with(&Cpu, &b, &opts).unwrap();
             assert!(out.loss.is_finite());
-            for (name, g) in out.grads.names.iter().zip(&out.grads.tensors) {
+            for (i, (name, g)) in out.grads.names.iter().zip(&out.grads.tensors).enumerate() {
                 let g = host(g);
                 assert!(g.iter().all(|x| x.is_finite()), "{name}");
                 let skipped_layer = name.starts_with("model.encoder.layers.")
                     || (dec_p == 1.0 && name.starts_with("model.decoder.layers."));
                 let unread = dec_p == 1.0 && name.starts_with("model.encoder.");
+                // Torch's autograd leaves exactly these without a gradient (AdamW skips them).
+                assert_eq!(
+                    out.grads.has_grad(i),
+                    !(skipped_layer || unread),
+                    "{name}: in no_grad"
+                );
                 if skipped_layer || unread {
                     assert!(g.iter().all(|&x| x == 0.0), "{name}: a non-zero gradient");
                 } else if !name.ends_with("k_proj.bias") {

@@ -8,11 +8,32 @@
 //! causal masks of both alignments. Scores are computed for a few heads at a time so the
 //! workspace stays under [`MAX_WORKSPACE_BYTES`].
 //!
-//! The workspace is the [`Unfused`] value's own ([`Unfused::forward_into`], grown on demand)
-//! or the caller's ([`Unfused::forward_into_workspace`], sized by [`workspace_bytes`]).
+//! Two kinds of scratch:
+//! - the scores and probabilities: the [`Unfused`] value's own ([`Unfused::forward_into`],
+//!   grown on demand) or the caller's ([`Unfused::forward_into_workspace`], sized by
+//!   [`workspace_bytes`]);
+//! - cuBLAS's own workspace for the two GEMMs. Left alone, the handle draws it from a pool
+//!   cuBLAS manages and may allocate inside a call. [`Unfused::reserve_blas_workspace`]
+//!   (allocated here, once), [`Unfused::use_blas_workspace`] (the caller's address) or
+//!   [`Unfused::use_blas_workspace_view`] (the caller's view) fix it instead
+//!   ([`blas_workspace_bytes`] is the size to give; `ops::cublas` holds the checks, shared
+//!   with [`super::gemm::Gemm`] and the runtime backend).
+//!
+//! With both fixed, [`Unfused::forward_into_workspace`] allocates nothing and can be captured
+//! in a CUDA graph.
+//!
+//! Streams: an `Unfused` queues its GEMMs and its softmax kernel on the stream of the [`Gpu`]
+//! it was made from, and never synchronises. For the caller's stream make it from
+//! `gpu.on_stream(stream)` (or `unsafe { gpu.on_raw_stream(cu_stream) }`), as for every op;
+//! cuBLAS's handle is bound to that stream once and never rebound (a `cublasSetStream` would
+//! drop the fixed workspace).
 
 use super::attention::{check, Options, Sequences};
-use super::{validate, BlasHandle};
+pub use super::cublas::{
+    workspace_bytes as blas_workspace_bytes, MIN_WORKSPACE_BYTES as MIN_BLAS_WORKSPACE_BYTES,
+    WORKSPACE_ALIGN as BLAS_WORKSPACE_ALIGN,
+};
+use super::{cublas, validate, BlasHandle};
 use crate::attention_types::Shape;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -32,16 +53,27 @@ const SOFTMAX_THREADS: u32 = 256;
 /// Largest scores-plus-probabilities workspace one call allocates.
 pub const MAX_WORKSPACE_BYTES: usize = 2 << 30;
 
-/// cuBLAS handle and a reusable workspace on one Gpu.
+/// cuBLAS handle and a reusable workspace on one Gpu's stream.
 pub struct Unfused {
     gpu: Arc<Gpu>,
-    /// Its own cuBLAS handle (cuBLAS's pool for cuBLAS's scratch).
+    /// Its own cuBLAS handle: cuBLAS's pool for cuBLAS's scratch until a `*_blas_workspace`
+    /// call fixes it.
     blas: BlasHandle,
     workspace: Option<CudaSlice<u8>>,
 }
 
+impl std::fmt::Debug for Unfused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unfused")
+            .field("blas_workspace", &self.blas.workspace())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Unfused {
-    /// Loads cuBLAS (it must be on the library path) and binds it to the Gpu's stream.
+    /// Loads cuBLAS (it must be on the library path) and binds it to the Gpu's stream: for a
+    /// stream of your own, make the Unfused from `gpu.on_stream(stream)`. Every call refuses
+    /// views of another context than the Gpu's ([`Error::Device`]).
     pub fn new(gpu: &Arc<Gpu>) -> Result<Unfused> {
         let blas = BlasHandle::new(gpu)?;
         Ok(Unfused {
@@ -49,6 +81,55 @@ impl Unfused {
             blas,
             workspace: None,
         })
+    }
+
+    /// The handle whose stream every call is queued on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The size of cuBLAS's fixed workspace, or `None` while cuBLAS draws from its own pool.
+    pub fn blas_workspace(&self) -> Option<usize> {
+        self.blas.workspace()
+    }
+
+    /// Allocates `bytes` of device memory (at least [`MIN_BLAS_WORKSPACE_BYTES`];
+    /// [`blas_workspace_bytes`] is the recommended size) and makes it cuBLAS's workspace: later
+    /// GEMMs allocate nothing. A cuBLAS workspace this value allocated before is freed in
+    /// stream order, after the GEMMs already queued.
+    pub fn reserve_blas_workspace(&mut self, bytes: usize) -> Result<()> {
+        self.blas.reserve_workspace(bytes)
+    }
+
+    /// Makes `bytes` at `ptr` (the caller's device memory) cuBLAS's workspace. Refused before
+    /// cuBLAS sees it: `bytes` below [`MIN_BLAS_WORKSPACE_BYTES`] ([`Error::InvalidArgument`]),
+    /// `ptr` not [`BLAS_WORKSPACE_ALIGN`]-byte aligned ([`Error::Alignment`]), NULL, host
+    /// memory or memory of another context ([`Error::Device`], [`Gpu::check_device_pointer`]);
+    /// each with `arg: "workspace"`.
+    ///
+    /// # Safety
+    /// `ptr` must be device memory usable by the Gpu's context, valid for reads and writes of
+    /// `bytes` bytes for as long as this value is used (or until another cuBLAS workspace
+    /// replaces it; a captured graph holds the address for every replay), and touched by
+    /// nothing else while GEMMs of the Gpu's stream may use it.
+    pub unsafe fn use_blas_workspace(&mut self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller's contract above, which is the handle's.
+        unsafe { self.blas.use_workspace(ptr, bytes) }
+    }
+
+    /// [`Unfused::use_blas_workspace`] on a view of the caller's memory: contiguous, inside
+    /// its memory, any dtype (cuBLAS sees bytes). The view's context must be the Gpu's
+    /// ([`Error::Device`]); its address and extent are checked as in `use_blas_workspace`.
+    ///
+    /// # Safety
+    /// The view's memory must stay valid, and untouched by anything else, for as long as
+    /// this value uses it (the view's borrow ends with the call; cuBLAS keeps the address).
+    pub unsafe fn use_blas_workspace_view(&mut self, workspace: &mut TensorMut) -> Result<()> {
+        self.gpu.check_context("workspace", workspace.ctx)?;
+        let (ptr, bytes) = blas_workspace_of(workspace)?;
+        // SAFETY: the view is device memory of the Gpu's context (checked) of `bytes` bytes
+        // (its layout, checked to fit its memory); its lifetime is the caller's contract.
+        unsafe { self.blas.use_workspace(ptr, bytes) }
     }
 
     /// O = softmax(Q·Kᵀ·scale + mask)·V into caller views, LSE optional (as
@@ -89,8 +170,9 @@ impl Unfused {
     /// [`Unfused::forward_into`] on the caller's `workspace` (f32, contiguous, at least
     /// [`workspace_bytes`] bytes for every head in one pass; down to one head's
     /// `len_q·len_k·(4 + element size)` bytes, which runs the heads in as many passes as it
-    /// takes): allocates nothing, so with a fixed cuBLAS workspace it can be captured in a
-    /// CUDA graph.
+    /// takes): allocates nothing, so with a fixed cuBLAS workspace
+    /// ([`Unfused::reserve_blas_workspace`], [`Unfused::use_blas_workspace`]) it can be
+    /// captured in a CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_into_workspace(
         &self,
@@ -390,6 +472,21 @@ fn check_workspace(plan: &Plan, ws: &TensorMut) -> Result<usize> {
     Ok(bytes)
 }
 
+/// The address and bytes of a cuBLAS workspace view: a contiguous layout inside the view's
+/// memory, at least [`MIN_BLAS_WORKSPACE_BYTES`], 256-byte aligned. Checks numbers only (the
+/// context and the driver's view of the pointer are the caller's checks).
+fn blas_workspace_of(ws: &TensorMut) -> Result<(u64, usize)> {
+    let info = ws.info("workspace");
+    validate::memory(&info)?;
+    if !ws.layout.is_contiguous() {
+        return Err(Error::layout("workspace", "must be contiguous"));
+    }
+    let bytes = ws.layout.numel() * ws.dtype.size_bytes();
+    cublas::check_workspace_size(bytes)?;
+    cublas::check_workspace_align(ws.ptr)?;
+    Ok((ws.ptr, bytes))
+}
+
 /// Bytes of scratch [`Unfused::forward_into_workspace`] uses to run every head of a call in one
 /// pass (at most [`MAX_WORKSPACE_BYTES`], rounded down to whole heads): `batch·heads` heads of
 /// `len_q·len_k` f32 scores and as many probabilities in `dtype`. A head over the maximum is
@@ -426,7 +523,7 @@ pub fn workspace_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::fake_views::{fake_mut, fake_ref};
+    use crate::ops::fake_views::{fake_mut, fake_ref, BASE};
 
     const GIB: u64 = 1 << 30;
 
@@ -533,6 +630,81 @@ mod tests {
             ),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn a_blas_workspace_view_is_its_bytes_when_large_contiguous_and_aligned() {
+        let min = MIN_BLAS_WORKSPACE_BYTES;
+        // Any dtype: cuBLAS sees bytes.
+        let f16 = fake_mut(DType::F16, &[min / 2], 4 * GIB);
+        assert_eq!(blas_workspace_of(&f16).unwrap(), (BASE + 4 * GIB, min));
+        let f32 = fake_mut(DType::F32, &[4, min / 16], 4 * GIB + 256);
+        assert_eq!(
+            blas_workspace_of(&f32).unwrap(),
+            (BASE + 4 * GIB + 256, min)
+        );
+    }
+
+    #[test]
+    fn a_blas_workspace_view_small_misaligned_strided_or_outside_its_memory_is_refused() {
+        let min = MIN_BLAS_WORKSPACE_BYTES;
+        let small = fake_mut(DType::F32, &[min / 4 - 1], 4 * GIB);
+        let r = blas_workspace_of(&small);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidArgument {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Aligned to its element but not to cuBLAS's 256 bytes.
+        let odd = fake_mut(DType::F32, &[min / 4], 4 * GIB + 128);
+        let r = blas_workspace_of(&odd);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Alignment {
+                    arg: "workspace",
+                    align: 256,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Every other row of a [rows, cols] allocation: not one block of bytes.
+        let (rows, cols) = (8, min / 4);
+        let mut strided = fake_mut(DType::F32, &[2 * rows, cols], 4 * GIB);
+        strided.layout =
+            crate::tensor::Layout::strided("workspace", &[rows, cols], &[2 * cols, 1]).unwrap();
+        let r = blas_workspace_of(&strided);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Layout {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // A layout longer than the memory behind the view.
+        let mut short = fake_mut(DType::F32, &[min / 4], 4 * GIB);
+        short.bytes = min - 4;
+        let r = blas_workspace_of(&short);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Layout {
+                    arg: "workspace",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // NULL passes these number checks; `Gpu::check_device_pointer` refuses it (GPU test).
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A cuBLAS handle on a Gpu's stream and the workspace it computes in: the one implementation
-//! behind [`super::gemm::Gemm`] (the linear layer's GEMMs) and the CUDA runtime backend
-//! (`runtime::cuda::Cuda`, whose linear layers and batched products run on cuBLAS).
+//! behind [`super::gemm::Gemm`] (the linear layer's GEMMs), the unfused attention baseline
+//! ([`super::attention_unfused::Unfused`]) and the CUDA runtime backend (`runtime::cuda::Cuda`,
+//! whose linear layers and batched products run on cuBLAS).
 //!
 //! Left alone, a cuBLAS handle draws its scratch from a pool cuBLAS manages and may allocate
 //! when a call needs more, which a CUDA graph capture cannot hold. A fixed workspace
@@ -38,7 +39,7 @@ fn recommended_workspace_bytes((major, _minor): (i32, i32)) -> usize {
     }
 }
 
-fn check_workspace_size(bytes: usize) -> Result<()> {
+pub(crate) fn check_workspace_size(bytes: usize) -> Result<()> {
     if bytes < MIN_WORKSPACE_BYTES {
         return Err(Error::invalid(
             "workspace",
@@ -50,7 +51,7 @@ fn check_workspace_size(bytes: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_workspace_align(ptr: u64) -> Result<()> {
+pub(crate) fn check_workspace_align(ptr: u64) -> Result<()> {
     if !ptr.is_multiple_of(WORKSPACE_ALIGN) {
         return Err(Error::Alignment {
             arg: "workspace",

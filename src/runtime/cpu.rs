@@ -173,12 +173,24 @@ pub(super) fn sgemm(
         c,
         rsc,
         parallel,
-        false,
+        Epilogue::Overwrite,
     )
 }
 
-/// [`sgemm`], adding the product to `c` when `accumulate` (`c += a·b`, so a bias written into
-/// `c` beforehand costs no pass of its own) instead of overwriting it.
+/// What a GEMM's output gets besides the product.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// c = a·b.
+    Overwrite,
+    /// c = act(a·b + bias) (bias per column; `None` for neither). The bias alone is written
+    /// into each piece of rows just before its GEMM adds the product to it; with an
+    /// activation, bias and activation are one pass over the piece right after its GEMM.
+    /// Either way the piece is still in cache, where a pass over the whole output would
+    /// stream it from memory once more.
+    BiasAct(Option<&'a [f32]>, Activation),
+}
+
+/// [`sgemm`] with an [`Epilogue`] applied piece by piece.
 #[allow(clippy::too_many_arguments)]
 fn sgemm_into(
     m: usize,
@@ -191,10 +203,13 @@ fn sgemm_into(
     c: &mut [f32],
     rsc: usize,
     parallel: bool,
-    accumulate: bool,
+    epilogue: Epilogue<'_>,
 ) {
     if m == 0 || n == 0 {
         return;
+    }
+    if let Epilogue::BiasAct(Some(bias), _) = epilogue {
+        assert_eq!(bias.len(), n, "sgemm: bias length");
     }
     // Bounds the kernel will touch, checked here so the unsafe call reads and writes only
     // inside the slices.
@@ -234,7 +249,7 @@ fn sgemm_into(
                 cp,
                 rsc,
                 false,
-                accumulate,
+                epilogue,
             )
         };
         if parallel {
@@ -252,6 +267,20 @@ fn sgemm_into(
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
+    };
+    fn rows_of(c: &mut [f32], (m, n, rsc): (usize, usize, usize)) -> Vec<&mut [f32]> {
+        let rows = c.chunks_mut(rsc).map(|row| &mut row[..n]);
+        rows.take(m).collect()
+    }
+    let (accumulate, after) = match epilogue {
+        Epilogue::BiasAct(Some(bias), Activation::None) => {
+            rows_of(c, (m, n, rsc))
+                .into_iter()
+                .for_each(|row| row.copy_from_slice(bias));
+            (true, None)
+        }
+        Epilogue::BiasAct(_, Activation::None) | Epilogue::Overwrite => (false, None),
+        Epilogue::BiasAct(bias, act) => (false, Some((bias, act))),
     };
     // SAFETY: the asserts above keep every element the GEMM addresses inside `a`, `b` and
     // `c`; `c` is borrowed mutably, so nothing else aliases it. With `accumulate` (read_dst)
@@ -279,6 +308,16 @@ fn sgemm_into(
             false,
             parallelism,
         )
+    }
+    if let Some((bias, act)) = after {
+        let isa = Isa::current();
+        let rows = rows_of(c, (m, n, rsc));
+        let apply = |row: &mut [f32]| vmath::bias_activation(isa, act, bias, row);
+        if parallel {
+            rows.into_par_iter().for_each(apply);
+        } else {
+            rows.into_iter().for_each(apply);
+        }
     }
 }
 
@@ -351,16 +390,12 @@ impl Backend for Cpu {
             );
             return CpuTensor::new(&[rows, out], y);
         }
-        // One GEMM over all rows, threaded inside the GEMM (the weight is packed once, not
-        // once per thread). The output starts as the bias repeated over the rows (instead of
-        // zeros) and the GEMM adds the product to it, so the bias costs no pass of its own;
-        // an activation is one more pass, by row blocks.
+        // Pieces of rows over the threads, each one GEMM with the bias and activation
+        // applied while the piece is in cache (see `Epilogue`); every output value is
+        // written, so the buffer needs no clearing.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
-        let mut y = match &bias {
-            Some(b) => recycle::repeated(b, rows),
-            None => zeroed(rows * out),
-        };
+        let mut y = recycle::scratch(rows * out);
         let wd = w.values_f32();
         sgemm_into(
             rows,
@@ -373,14 +408,8 @@ impl Backend for Cpu {
             &mut y,
             out,
             true,
-            bias.is_some(),
+            Epilogue::BiasAct(bias.as_deref(), act),
         );
-        if act != Activation::None {
-            let block = rows_per_block(rows) * out;
-            let isa = Isa::current();
-            y.par_chunks_mut(block)
-                .for_each(|yb| vmath::activation(isa, act, yb));
-        }
         CpuTensor::new(&[rows, out], y)
     }
 
@@ -396,7 +425,8 @@ impl Backend for Cpu {
         }
         let (m, n) = (ar / batch, br / batch);
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut c = zeroed(ar * n);
+        // Every value is written by a GEMM (zeros when k = 0).
+        let mut c = recycle::scratch(ar * n);
         c.par_chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, cb)| {
@@ -416,7 +446,7 @@ impl Backend for Cpu {
             ));
         }
         let (ad, bd) = (a.f32s(), b.f32s());
-        let mut out = zeroed(ad.len());
+        let mut out = recycle::scratch(ad.len());
         let width = a.shape.last().copied().unwrap_or(1).max(1);
         let block = rows_per_block(out.len() / width) * width;
         let isa = Isa::current();
@@ -462,7 +492,7 @@ impl Backend for Cpu {
         let rd = residual.map(|r| r.f32s());
         let rd = rd.as_deref();
         let (gd, bd) = (gamma.values_f32(), beta.values_f32());
-        let mut y = zeroed(xd.len());
+        let mut y = recycle::scratch(xd.len());
         let isa = Isa::current();
         let block = rows_per_block(y.len() / width) * width;
         y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
@@ -582,7 +612,8 @@ impl Backend for Cpu {
         let group = q.heads / k.heads;
         let width_o = q.heads * dim_v;
         let isa = Isa::current();
-        let mut out = zeroed(total * width_o);
+        // Every row of every sequence is written by its heads' second GEMM.
+        let mut out = recycle::scratch(total * width_o);
         // (first row, rows, output rows) per sequence.
         let mut seqs = Vec::with_capacity(lens.len());
         let (mut rest, mut start) = (out.as_mut_slice(), 0);
@@ -697,12 +728,13 @@ impl HasShape for CpuTensor {
 mod tests {
     use super::*;
 
-    /// Row-pieced GEMMs (m ≥ 2·ROW_PIECE) against an f64 product: row-major and transposed
-    /// `a`, `c` rows wider than n, overwrite and accumulate, on one thread and split over a
-    /// pool of three (pieces not a multiple of the threads' count of rows); `c`'s padding
-    /// columns must stay untouched.
+    /// GEMMs against an f64 product: row-pieced (m ≥ 2·ROW_PIECE) and one call, row-major
+    /// and transposed `a`, `c` rows wider than n, each epilogue (none, bias, bias + GELU,
+    /// activation alone), on one thread and split over a pool of three (pieces not a
+    /// multiple of the threads' count of rows). `c` starts as NaN, so a value the GEMM or its
+    /// epilogue leaves unwritten shows; its padding columns must stay untouched.
     #[test]
-    fn row_pieced_gemms_match_an_f64_product() {
+    fn gemms_and_their_epilogues_match_an_f64_product() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
@@ -710,6 +742,7 @@ mod tests {
         for &(m, k, n) in &[
             (2 * ROW_PIECE + 5, 19usize, 7usize),
             (3 * ROW_PIECE - 1, 8, 12),
+            (45, 33, 10),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
@@ -717,6 +750,14 @@ mod tests {
             let b: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0)
                 .collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / 4.0 - 1.0).collect();
+            let epilogues = [
+                (None, Activation::None),
+                (Some(&bias[..]), Activation::None),
+                (Some(&bias[..]), Activation::GeluErf),
+                (Some(&bias[..]), Activation::GeluTanh),
+                (None, Activation::Relu),
+            ];
             for transposed in [false, true] {
                 // a as [m, k] row-major, or the same matrix stored [k, m] (strides 1, m).
                 let (ad, strides) = if transposed {
@@ -731,9 +772,17 @@ mod tests {
                     (a.clone(), (k, 1))
                 };
                 for parallel in [false, true] {
-                    for accumulate in [false, true] {
+                    for (bias, act) in epilogues {
                         let rsc = n + 3;
-                        let mut c: Vec<f32> = (0..m * rsc).map(|i| (i % 5) as f32).collect();
+                        let mut c: Vec<f32> = (0..m * rsc)
+                            .map(|i| {
+                                if i % rsc < n {
+                                    f32::NAN
+                                } else {
+                                    (i % 5) as f32
+                                }
+                            })
+                            .collect();
                         let before = c.clone();
                         pool.install(|| {
                             sgemm_into(
@@ -747,7 +796,7 @@ mod tests {
                                 &mut c,
                                 rsc,
                                 parallel,
-                                accumulate,
+                                Epilogue::BiasAct(bias, act),
                             )
                         });
                         for i in 0..m {
@@ -757,21 +806,24 @@ mod tests {
                                     assert_eq!(got, before[i * rsc + j], "padding [{i},{j}]");
                                     continue;
                                 }
-                                let mut want = if accumulate {
-                                    before[i * rsc + j] as f64
-                                } else {
-                                    0.0
-                                };
-                                let mut mag = want.abs();
+                                let mut sum = bias.map_or(0.0, |b| b[j] as f64);
+                                let mut mag = sum.abs();
                                 for l in 0..k {
                                     let p = a[i * k + l] as f64 * b[l * n + j] as f64;
-                                    want += p;
+                                    sum += p;
                                     mag += p.abs();
                                 }
+                                // The f32 sum's error bound, carried through the activation
+                                // (slope ≤ 1.13), plus the activation's own few ulps.
+                                let want = act.apply(sum as f32) as f64;
+                                let bound = (k as f64 + 2.0) * 1.2e-7 * mag * 1.13
+                                    + 4.0 * 1.2e-7 * want.abs().max(sum.abs())
+                                    + 1e-30;
                                 assert!(
-                                    (got as f64 - want).abs() <= (k as f64 + 2.0) * 1.2e-7 * mag,
+                                    (got as f64 - want).abs() <= bound,
                                     "m {m} transposed {transposed} parallel {parallel} \
-                                     accumulate {accumulate} [{i},{j}]: {got} vs {want}"
+                                     {act:?} bias {} [{i},{j}]: {got} vs {want}",
+                                    bias.is_some()
                                 );
                             }
                         }

@@ -2,6 +2,8 @@
 //! check carries the binaries to the device under a size limit). Without a GPU each test
 //! prints `SKIPPED (no CUDA device)`; with `CUATTN_REQUIRE_GPU=1` that is a failure.
 
+#[path = "../adamw_no_grad/mod.rs"]
+mod adamw_no_grad;
 mod attention;
 mod attention_backward;
 mod attention_hopper;
@@ -26,10 +28,12 @@ mod sparse_backward;
 #[path = "../sparse_layouts/mod.rs"]
 #[allow(dead_code)] // the CPU tests use the independent element masks too
 mod sparse_layouts;
+mod train_adamw_no_grad;
 mod train_backend;
 mod train_models;
 mod train_rnn;
 mod training_ops;
+mod unfused_graph;
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

@@ -149,18 +149,31 @@ fn bytes_of(v: &Vec<f32>) -> usize {
 /// memory, so the reserve costs nothing until a later, larger output of the same op reuses
 /// the buffer.
 fn buffer(n: usize) -> Vec<f32> {
-    let taken = pool().take(n);
-    match taken {
-        Ok(mut v) => {
+    match kept(n) {
+        Some(mut v) => {
             v.clear();
             v
         }
+        None => fresh(n),
+    }
+}
+
+/// A new empty buffer reserving `2n`, in huge pages where the kernel allows (fewer faults,
+/// fewer TLB misses). On a failed reservation the caller's fill reports the missing memory
+/// as any allocation does.
+fn fresh(n: usize) -> Vec<f32> {
+    crate::runtime::host_memory::huge_page_buffer(n.saturating_mul(2)).unwrap_or_default()
+}
+
+/// A kept buffer that fits `n` values, as it was given back (its old values), if any.
+fn kept(n: usize) -> Option<Vec<f32>> {
+    let taken = pool().take(n);
+    match taken {
+        Ok(v) => Some(v),
         Err(stale) => {
-            drop(stale); // freed outside the lock
-                         // In huge pages where the kernel allows (fewer faults, fewer TLB misses). On a
-                         // failed reservation the caller's fill reports the missing memory as any
-                         // allocation does.
-            crate::runtime::host_memory::huge_page_buffer(n.saturating_mul(2)).unwrap_or_default()
+            // Freed outside the lock.
+            drop(stale);
+            None
         }
     }
 }
@@ -175,6 +188,19 @@ pub fn zeroed(n: usize) -> Vec<f32> {
     v
 }
 
+/// `n` values of no particular content, for an output its op overwrites whole: a kept
+/// buffer keeps an earlier op's values (no clearing pass over memory the op is about to
+/// write); only values past its old length, or a new buffer's, are zeroed.
+pub fn scratch(n: usize) -> Vec<f32> {
+    if n < MIN_LEN || !active() {
+        return vec![0.0; n];
+    }
+    let mut v = kept(n).unwrap_or_else(|| fresh(n));
+    v.truncate(n);
+    v.resize(n, 0.0);
+    v
+}
+
 /// A copy of `src`, in a recycled buffer (see [`buffer`]) from [`MIN_LEN`] values up.
 pub fn copied(src: &[f32]) -> Vec<f32> {
     if src.len() < MIN_LEN || !active() {
@@ -182,18 +208,6 @@ pub fn copied(src: &[f32]) -> Vec<f32> {
     }
     let mut v = buffer(src.len());
     v.extend_from_slice(src);
-    v
-}
-
-/// `row` repeated `rows` times, in a recycled buffer (see [`buffer`]) from [`MIN_LEN`]
-/// values up.
-pub fn repeated(row: &[f32], rows: usize) -> Vec<f32> {
-    let n = row.len().saturating_mul(rows);
-    if n < MIN_LEN || !active() {
-        return row.repeat(rows);
-    }
-    let mut v = buffer(n);
-    (0..rows).for_each(|_| v.extend_from_slice(row));
     v
 }
 
@@ -291,7 +305,11 @@ mod tests {
         give_back(w);
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
         assert_eq!(copied(&src), src);
-        let row = [1.0, -2.0, 3.5];
-        assert_eq!(repeated(&row, MIN_LEN), row.repeat(MIN_LEN));
+        // A scratch buffer has the length asked for, whatever it held before.
+        give_back(vec![f32::NAN; n]);
+        let s = scratch(n - 3);
+        assert_eq!(s.len(), n - 3);
+        give_back(s);
+        assert_eq!(scratch(n).len(), n);
     }
 }

@@ -267,6 +267,7 @@ impl<T> GradAcc<T> {
         Ok(Gradients {
             names: params.iter().map(|p| p.name.clone()).collect(),
             tensors,
+            no_grad: Vec::new(),
         })
     }
 }

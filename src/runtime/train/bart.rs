@@ -40,9 +40,13 @@
 //! skipped (its output is its input) when u < p; eval never skips. The draw is the Philox word
 //! of (seed, [`LAYERDROP_STREAM`] | step, layer index) against round(p·2^32), so the step stays
 //! a pure function of (weights, batch, seed, step) on either backend and p = 1 skips every
-//! layer. A skipped layer's parameters get zero gradients (autograd leaves them without one;
-//! AdamW's update is then weight decay and the moments' decay only, as torch's with a zero
-//! gradient — not as torch's for a `None` gradient, which skips the parameter); its dropout
+//! layer. A skipped layer's parameters are listed in the output's [`Gradients::no_grad`]
+//! (autograd leaves them without a gradient, `.grad is None`), and so are the encoder's own
+//! parameters when every decoder layer is skipped (nothing reads the encoder's output then);
+//! they hold zero tensors, so the
+//! global norm and clipping read them as torch's do (not at all); [`super::AdamW::step`]
+//! skips them as `torch.optim.AdamW` does: no weight decay, no moment update, and their
+//! per-parameter step count, which their bias correction uses, does not advance. Its dropout
 //! sites keep their numbers unused. Hugging Face's decoder skips with `continue`, so with a
 //! cache the skipped layer's entry would be missing; our training step keeps no KV cache and
 //! generation is eval, so the question does not arise here.
@@ -1155,11 +1159,38 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         )
     }
 
-    /// Zero gradients for the parameters `lins` (a skipped layer's).
-    fn zero_grads(&self, be: &B, lins: &[Lin], grads: &mut [Option<B::Tensor>]) -> Result<()> {
+    /// The encoder's parameters that nothing after it reads: its layers and embeddings, less
+    /// a token table shared with the decoder or the head.
+    fn encoder_only_params(&self) -> Vec<usize> {
+        let pairs = |lins: Vec<Lin>| lins.into_iter().flat_map(|(w, b)| [w, b]);
+        let emb = |e: EmbIx| [e.tok, e.pos, e.ln.0, e.ln.1];
+        let elsewhere: Vec<usize> = self
+            .dec
+            .iter()
+            .flat_map(|l| pairs(l.lins()))
+            .chain(emb(self.dec_emb))
+            .chain([self.head])
+            .collect();
+        self.enc
+            .iter()
+            .flat_map(|l| pairs(l.lins()))
+            .chain(emb(self.enc_emb))
+            .filter(|i| !elsewhere.contains(i))
+            .collect()
+    }
+
+    /// Zero gradients for the parameters `lins` (a skipped layer's), listed in `no_grad`.
+    fn zero_grads(
+        &self,
+        be: &B,
+        lins: &[Lin],
+        grads: &mut [Option<B::Tensor>],
+        no_grad: &mut Vec<usize>,
+    ) -> Result<()> {
         for &(w, b) in lins {
             for i in [w, b] {
                 grads[i] = Some(be.zeros(be.shape(self.p(i)))?);
+                no_grad.push(i);
             }
         }
         Ok(())
@@ -1218,6 +1249,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
         }
 
         let mut grads: Vec<Option<B::Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        let mut no_grad = Vec::new();
         // The bias is a buffer: no gradient asked (b: None).
         let hg = linear_backward(
             be,
@@ -1237,7 +1269,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             let recomputed;
             let (x, c) = match kept {
                 Kept::Skipped => {
-                    self.zero_grads(be, &l.lins(), &mut grads)?;
+                    self.zero_grads(be, &l.lins(), &mut grads, &mut no_grad)?;
                     continue;
                 }
                 Kept::Full(x, c) => (x, c),
@@ -1259,6 +1291,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             &dy,
             &mut grads,
         )?;
+        // No decoder layer ran (LayerDrop skipped them all): nothing read the encoder, whose
+        // parameters then have no gradient in torch (their zero one is computed anyway).
+        let memory_unread = dmem.is_none();
         let mut dh_enc = match dmem {
             Some(d) => d,
             None => be.zeros(be.shape(&mem))?,
@@ -1267,7 +1302,7 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             let recomputed;
             let (x, c) = match kept {
                 Kept::Skipped => {
-                    self.zero_grads(be, &l.lins(), &mut grads)?;
+                    self.zero_grads(be, &l.lins(), &mut grads, &mut no_grad)?;
                     continue;
                 }
                 Kept::Full(x, c) => (x, c),
@@ -1288,6 +1323,9 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             &dh_enc,
             &mut grads,
         )?;
+        if memory_unread {
+            no_grad.extend(self.encoder_only_params());
+        }
         let tensors = grads
             .into_iter()
             .zip(&self.params)
@@ -1302,6 +1340,11 @@ impl<B: TrainBackend> BartForConditionalGeneration<B> {
             grads: Gradients {
                 names: self.parameter_names(),
                 tensors,
+                no_grad: {
+                    no_grad.sort_unstable();
+                    no_grad.dedup();
+                    no_grad
+                },
             },
         })
     }

@@ -337,6 +337,7 @@ impl<B: TrainBackend> BertForSequenceClassification<B> {
             grads: Gradients {
                 names: self.parameter_names(),
                 tensors: collect_grads(grads, &self.params)?,
+                no_grad: Vec::new(),
             },
         })
     }

@@ -323,6 +323,7 @@ impl<B: TrainBackend> BertForPreTraining<B> {
             grads: Gradients {
                 names: self.parameter_names(),
                 tensors: collect_grads(grads, &self.params)?,
+                no_grad: Vec::new(),
             },
         })
     }

@@ -13,9 +13,15 @@ pub struct Param<T> {
 }
 
 /// Gradients of a model's parameters, in the order of its parameter list.
+///
+/// `no_grad` lists (ascending) the parameters the step did not touch, PyTorch's `.grad is
+/// None` (a layer LayerDrop skipped): their tensors hold zeros, so norms, clipping and
+/// accumulation need no special case, and [`AdamW::step`] skips them entirely as
+/// `torch.optim.AdamW` does. Empty: every parameter has a gradient.
 pub struct Gradients<T> {
     pub names: Vec<String>,
     pub tensors: Vec<T>,
+    pub no_grad: Vec<usize>,
 }
 
 impl<T> Gradients<T> {
@@ -27,7 +33,13 @@ impl<T> Gradients<T> {
             .map(|i| &self.tensors[i])
     }
 
-    /// `self += other` (gradient accumulation over micro-batches).
+    /// Whether parameter `i` has a gradient (is not in [`Gradients::no_grad`]).
+    pub fn has_grad(&self, i: usize) -> bool {
+        self.no_grad.binary_search(&i).is_err()
+    }
+
+    /// `self += other` (gradient accumulation over micro-batches). A parameter is left without
+    /// a gradient only if neither side has one (as PyTorch's `.grad` after two backwards).
     pub fn accumulate<B: TrainBackend<Tensor = T>>(&mut self, be: &B, other: &Self) -> Result<()> {
         if self.names != other.names {
             return Err(Error::invalid(
@@ -38,6 +50,7 @@ impl<T> Gradients<T> {
         for (a, b) in self.tensors.iter_mut().zip(&other.tensors) {
             be.accumulate(a, b)?;
         }
+        self.no_grad.retain(|i| !other.has_grad(*i));
         Ok(())
     }
 
@@ -100,11 +113,16 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW over a parameter list: f32 moments per parameter, one step counter.
+/// AdamW over a parameter list: f32 moments and a step counter per parameter (PyTorch's
+/// per-parameter `state["step"]`: a parameter without a gradient in a step is not stepped, so
+/// its bias correction counts only the steps that moved it).
 pub struct AdamW<T> {
     pub config: AdamWConfig,
     moments: Vec<(T, T)>,
+    /// Calls of [`AdamW::step`].
     step: u64,
+    /// Steps each parameter took.
+    param_steps: Vec<u64>,
 }
 
 impl<T> AdamW<T> {
@@ -147,16 +165,24 @@ impl<T> AdamW<T> {
             config,
             moments,
             step: 0,
+            param_steps: vec![0; params.len()],
         })
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far (calls of [`AdamW::step`]).
     pub fn steps(&self) -> u64 {
         self.step
     }
 
+    /// Steps each parameter took, in list order: [`AdamW::steps`] less the steps where it had
+    /// no gradient.
+    pub fn param_steps(&self) -> &[u64] {
+        &self.param_steps
+    }
+
     /// One step of every parameter with its gradient, at learning rate `lr` (a schedule's
-    /// value for this step; the config's `lr` is the default).
+    /// value for this step; the config's `lr` is the default). Parameters in
+    /// [`Gradients::no_grad`] are skipped: no weight decay, no moment update, no step counted.
     pub fn step<B: TrainBackend<Tensor = T>>(
         &mut self,
         be: &B,
@@ -181,18 +207,39 @@ impl<T> AdamW<T> {
                 format!("must be finite and ≥ 0, got {lr}"),
             ));
         }
+        if !grads.no_grad.windows(2).all(|w| w[0] < w[1])
+            || grads.no_grad.last().is_some_and(|&i| i >= params.len())
+        {
+            return Err(Error::invalid(
+                "grads",
+                format!(
+                    "no_grad must be ascending indices below {}, got {:?}",
+                    params.len(),
+                    grads.no_grad
+                ),
+            ));
+        }
         self.step += 1;
         let c = self.config;
-        for ((p, g), (m, v)) in params.iter_mut().zip(&grads.tensors).zip(&mut self.moments) {
+        for (i, ((p, g), (m, v))) in params
+            .iter_mut()
+            .zip(&grads.tensors)
+            .zip(&mut self.moments)
+            .enumerate()
+        {
+            if !grads.has_grad(i) {
+                continue;
+            }
             let hp = AdamWStep {
                 lr,
                 beta1: c.beta1,
                 beta2: c.beta2,
                 eps: c.eps,
                 weight_decay: if p.decay { c.weight_decay } else { 0.0 },
-                step: self.step,
+                step: self.param_steps[i] + 1,
             };
             be.adamw_step(&mut p.value, g, m, v, &hp)?;
+            self.param_steps[i] += 1;
         }
         Ok(())
     }
