@@ -173,21 +173,27 @@ pub(super) fn sgemm(
         c,
         rsc,
         parallel,
-        Epilogue::Overwrite,
+        Epilogue::NONE,
     )
 }
 
-/// What a GEMM's output gets besides the product.
+/// What a GEMM's output gets besides the product: c = act(a·b + bias), the bias per column.
+/// The bias alone is written into each piece of rows just before its GEMM adds the product
+/// to it; with an activation, bias and activation are one pass over the piece right after
+/// its GEMM. Either way the piece is still in cache, where a pass over the whole output
+/// would stream it from memory once more.
 #[derive(Clone, Copy)]
-enum Epilogue<'a> {
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    act: Activation,
+}
+
+impl Epilogue<'_> {
     /// c = a·b.
-    Overwrite,
-    /// c = act(a·b + bias) (bias per column; `None` for neither). The bias alone is written
-    /// into each piece of rows just before its GEMM adds the product to it; with an
-    /// activation, bias and activation are one pass over the piece right after its GEMM.
-    /// Either way the piece is still in cache, where a pass over the whole output would
-    /// stream it from memory once more.
-    BiasAct(Option<&'a [f32]>, Activation),
+    const NONE: Epilogue<'static> = Epilogue {
+        bias: None,
+        act: Activation::None,
+    };
 }
 
 /// [`sgemm`] with an [`Epilogue`] applied piece by piece.
@@ -208,7 +214,7 @@ fn sgemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    if let Epilogue::BiasAct(Some(bias), _) = epilogue {
+    if let Some(bias) = epilogue.bias {
         assert_eq!(bias.len(), n, "sgemm: bias length");
     }
     // Bounds the kernel will touch, checked here so the unsafe call reads and writes only
@@ -272,16 +278,13 @@ fn sgemm_into(
         let rows = c.chunks_mut(rsc).map(|row| &mut row[..n]);
         rows.take(m).collect()
     }
-    let (accumulate, after) = match epilogue {
-        Epilogue::BiasAct(Some(bias), Activation::None) => {
-            rows_of(c, (m, n, rsc))
-                .into_iter()
-                .for_each(|row| row.copy_from_slice(bias));
-            (true, None)
-        }
-        Epilogue::BiasAct(_, Activation::None) | Epilogue::Overwrite => (false, None),
-        Epilogue::BiasAct(bias, act) => (false, Some((bias, act))),
-    };
+    let Epilogue { bias, act } = epilogue;
+    // A bias alone is written first and accumulated onto; with an activation the pass after
+    // the GEMM adds it.
+    let accumulate = act == Activation::None && bias.is_some();
+    if let (true, Some(bias)) = (accumulate, bias) {
+        (rows_of(c, (m, n, rsc)).into_iter()).for_each(|row| row.copy_from_slice(bias));
+    }
     // SAFETY: the asserts above keep every element the GEMM addresses inside `a`, `b` and
     // `c`; `c` is borrowed mutably, so nothing else aliases it. With `accumulate` (read_dst)
     // c = 1·c + 1·a·b, else c = 1·a·b (c only written).
@@ -309,7 +312,7 @@ fn sgemm_into(
             parallelism,
         )
     }
-    if let Some((bias, act)) = after {
+    if act != Activation::None {
         let isa = Isa::current();
         let rows = rows_of(c, (m, n, rsc));
         let apply = |row: &mut [f32]| vmath::bias_activation(isa, act, bias, row);
@@ -408,7 +411,10 @@ impl Backend for Cpu {
             &mut y,
             out,
             true,
-            Epilogue::BiasAct(bias.as_deref(), act),
+            Epilogue {
+                bias: bias.as_deref(),
+                act,
+            },
         );
         CpuTensor::new(&[rows, out], y)
     }
@@ -796,7 +802,7 @@ mod tests {
                                 &mut c,
                                 rsc,
                                 parallel,
-                                Epilogue::BiasAct(bias, act),
+                                Epilogue { bias, act },
                             )
                         });
                         for i in 0..m {

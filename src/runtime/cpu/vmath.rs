@@ -215,12 +215,31 @@ multiversion! {
     }
 }
 
+/// GELU with the exact erf, x·Φ(x) (the formula of
+/// [`Activation::apply`](crate::runtime::Activation::apply), erf's Horner steps fused);
+/// inlined so the loops below vectorize it.
+#[inline(always)]
+fn gelu_erf_one(x: f32) -> f32 {
+    0.5 * x * (1.0 + crate::runtime::backend::erf_fused(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU's tanh form as x·σ(2u) (see [`gelu_tanh`]); inlined so the loops vectorize it.
+#[inline(always)]
+fn gelu_tanh_one(v: f32) -> f32 {
+    let t = -2.0 * 0.797_884_6 * (0.044715 * v * v).mul_add(v, v);
+    // Past e^80 the true value is below |x|·1.9e-35: 0, as f32's 1 + tanh u gives.
+    if t > 80.0 {
+        0.0
+    } else {
+        v / (1.0 + exp(t))
+    }
+}
+
 multiversion! {
-    /// In place: GELU with the exact erf, x·Φ(x) (the formula of
-    /// [`Activation::apply`](crate::runtime::Activation::apply), erf's Horner steps fused).
+    /// In place: GELU with the exact erf ([`gelu_erf_one`]).
     pub fn gelu_erf(xs: &mut [f32]) {
         for x in xs.iter_mut() {
-            *x = 0.5 * *x * (1.0 + crate::runtime::backend::erf_fused(*x * std::f32::consts::FRAC_1_SQRT_2));
+            *x = gelu_erf_one(*x);
         }
     }
 }
@@ -232,10 +251,7 @@ multiversion! {
     /// it avoids the cancellation in 1 + tanh u.
     pub fn gelu_tanh(xs: &mut [f32]) {
         for x in xs.iter_mut() {
-            let v = *x;
-            let t = -2.0 * 0.797_884_6 * (0.044715 * v * v).mul_add(v, v);
-            // Past e^80 the true value is below |x|·1.9e-35: 0, as f32's 1 + tanh u gives.
-            *x = if t > 80.0 { 0.0 } else { v / (1.0 + exp(t)) };
+            *x = gelu_tanh_one(*x);
         }
     }
 }
@@ -263,8 +279,7 @@ multiversion! {
     pub fn bias_gelu_erf(bias: &[f32], xs: &mut [f32]) {
         for row in xs.chunks_exact_mut(bias.len()) {
             for (x, &b) in row.iter_mut().zip(bias) {
-                let v = *x + b;
-                *x = 0.5 * v * (1.0 + crate::runtime::backend::erf_fused(v * std::f32::consts::FRAC_1_SQRT_2));
+                *x = gelu_erf_one(*x + b);
             }
         }
     }
@@ -276,9 +291,7 @@ multiversion! {
     pub fn bias_gelu_tanh(bias: &[f32], xs: &mut [f32]) {
         for row in xs.chunks_exact_mut(bias.len()) {
             for (x, &b) in row.iter_mut().zip(bias) {
-                let v = *x + b;
-                let t = -2.0 * 0.797_884_6 * (0.044715 * v * v).mul_add(v, v);
-                *x = if t > 80.0 { 0.0 } else { v / (1.0 + exp(t)) };
+                *x = gelu_tanh_one(*x + b);
             }
         }
     }
