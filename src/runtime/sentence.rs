@@ -14,8 +14,25 @@ use std::path::Path;
 /// Most tokens (padding included) one forward pass of [`SentenceEmbedder::embed`] holds.
 pub const FORWARD_TOKENS: usize = 8192;
 
-/// Bytes of freed CPU activation buffers kept for reuse while a list is embedded.
-const EMBED_KEPT_BYTES: usize = 32 << 20;
+/// Fewest bytes of freed CPU activation buffers kept for reuse while a list is embedded
+/// (see [`kept_bytes`]).
+const EMBED_KEPT_MIN: usize = 32 << 20;
+
+/// Bytes of freed CPU activation buffers to keep while batches of at most `tokens` tokens go
+/// through an encoder of width `hidden`. This is what one layer gives back to the pool: its
+/// fused QKV output (3·hidden values per token) and four hidden-width outputs, each in a
+/// buffer reserved at twice its size (`recycle`'s fresh buffers). It is never below
+/// [`EMBED_KEPT_MIN`].
+///
+/// Measured on the 512 mixed sentences of `bench-embed-cpu.py` (first batch 3081 tokens):
+/// - a fixed 32 MiB freed the largest buffers of every layer and faulted them in again:
+///   1.3 GB of new pages per run;
+/// - this rule keeps 63 MiB, and 0.45 GB of new pages are faulted in;
+/// - past ~70 MiB the peak RSS rises with no further gain.
+fn kept_bytes(tokens: usize, hidden: usize) -> usize {
+    let layer = tokens.saturating_mul(hidden).saturating_mul(2 * 7 * 4);
+    layer.max(EMBED_KEPT_MIN)
+}
 
 /// A sentence-embedding model on backend `B`.
 pub struct SentenceEmbedder<B: Backend> {
@@ -90,13 +107,17 @@ impl<B: Backend> SentenceEmbedder<B> {
         // Memory bound: a forward pass holds at most FORWARD_TOKENS tokens (the batch is cut
         // further when it would exceed that; results do not depend on the batching).
         let rows = (FORWARD_TOKENS / self.tokenizer.max_len()).clamp(1, batch_size);
-        // The CPU backend reuses freed activation buffers across layers and batches (the
-        // longest batch comes first, so later ones fit in its buffers) instead of faulting
-        // fresh pages in for every op; 32 MiB kept at most (see `KeepOpBuffers`).
-        let _keep = crate::runtime::cpu::KeepOpBuffers::with_limit(EMBED_KEPT_BYTES);
+        // The CPU backend reuses freed activation buffers across layers and batches instead
+        // of faulting fresh pages in for every op (see `KeepOpBuffers`). The longest batch
+        // comes first, so later ones fit in its buffers, and its size sets how much is kept.
+        let mut keep = None;
         for chunk in order.chunks(rows) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let tokens = self.tokenizer.encode_batch(&batch_texts)?;
+            keep.get_or_insert_with(|| {
+                let n = tokens.lens.iter().sum();
+                crate::runtime::cpu::KeepOpBuffers::with_limit(kept_bytes(n, width))
+            });
             truncated.extend(tokens.truncated.iter().map(|&j| chunk[j]));
             // Packed: no GEMM row is spent on padding (the pooling reads real tokens only).
             let hidden = be.to_f32(&self.bert.forward_packed(be, &tokens)?)?;
@@ -122,5 +143,22 @@ impl<B: Backend> SentenceEmbedder<B> {
             dim: width,
             truncated,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_bytes_follow_the_first_batch() {
+        // Short batches keep the floor.
+        assert_eq!(kept_bytes(0, 384), EMBED_KEPT_MIN);
+        assert_eq!(kept_bytes(900, 384), EMBED_KEPT_MIN);
+        // Long batches keep what one layer frees: QKV and four hidden-width outputs, each at
+        // twice its size (the mixed benchmark's first batch: 3081 tokens through MiniLM).
+        assert_eq!(kept_bytes(3081, 384), 3081 * 384 * (3 + 4) * 2 * 4);
+        // Saturates instead of overflowing; the pool caps it at its own bound.
+        assert_eq!(kept_bytes(usize::MAX, 384), usize::MAX);
     }
 }
