@@ -141,10 +141,24 @@ fn rows_per_block(rows: usize) -> usize {
     rows.div_ceil(rayon::current_num_threads()).max(32)
 }
 
-/// Rows per piece of a many-row GEMM. On MiniLM's shapes (k, n of 384–1536) the `gemm` crate
-/// ran about 10% faster (2-core Zen 3, one thread and two) on pieces of 384 rows than on
-/// 1700–3400 rows at once, whether it split those over the threads itself or not.
+/// Rows per piece of a many-row GEMM, on CPUs where pieces pay (see [`row_piece`]).
 const ROW_PIECE: usize = 384;
+
+/// How this CPU's many-row GEMMs are run: in pieces of [`ROW_PIECE`] rows, or (`None`) as one
+/// call over all rows. Measured on MiniLM's shapes (k, n of 384–1536), one thread and two:
+/// - 2-core Zen 3, 512 KiB of L2 per core: pieces of 384 rows ran about 10% faster than
+///   1700–3400 rows at once, whether `gemm` split those over the threads itself or not;
+/// - 2-core Zen 5, 1 MiB of L2 per core: one call ran 6–8% faster than pieces of 384 with
+///   `gemm`'s AVX-512 kernels and 2.5–3.5% with its AVX2 ones (mixed-length embedding, the
+///   whole run); pieces of 768 and 1536 rows fell in between.
+///
+/// So pieces are cut where the L2 is below 1 MiB, or not known.
+fn row_piece() -> Option<usize> {
+    match isa::l2_cache_bytes() {
+        Some(bytes) if bytes >= 1 << 20 => None,
+        _ => Some(ROW_PIECE),
+    }
+}
 
 /// `c[m, n] = a[m, k] · b[k, n]` for strided row-major views (strides in elements), on
 /// rayon's threads when `parallel` (one big GEMM) or on the calling thread (many small ones
@@ -174,6 +188,7 @@ pub(super) fn sgemm(
         rsc,
         parallel,
         Epilogue::NONE,
+        row_piece(),
     )
 }
 
@@ -181,7 +196,8 @@ pub(super) fn sgemm(
 /// The bias alone is written into each piece of rows just before its GEMM adds the product
 /// to it; with an activation, bias and activation are one pass over the piece right after
 /// its GEMM. Either way the piece is still in cache, where a pass over the whole output
-/// would stream it from memory once more.
+/// would stream it from memory once more. Without pieces (see [`row_piece`]) the same is done
+/// once over the whole output.
 #[derive(Clone, Copy)]
 struct Epilogue<'a> {
     bias: Option<&'a [f32]>,
@@ -196,7 +212,8 @@ impl Epilogue<'_> {
     };
 }
 
-/// [`sgemm`] with an [`Epilogue`] applied piece by piece.
+/// [`sgemm`] with an [`Epilogue`], in pieces of `piece` rows when there are at least two
+/// such pieces (see [`row_piece`]), else as one call.
 #[allow(clippy::too_many_arguments)]
 fn sgemm_into(
     m: usize,
@@ -210,6 +227,7 @@ fn sgemm_into(
     rsc: usize,
     parallel: bool,
     epilogue: Epilogue<'_>,
+    piece: Option<usize>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -229,18 +247,18 @@ fn sgemm_into(
         "sgemm: b out of bounds"
     );
     assert!(last(m, rsc, n, 1) < c.len(), "sgemm: c out of bounds");
-    if m >= 2 * ROW_PIECE && k > 0 {
-        // Many rows: pieces of about ROW_PIECE rows, each one single-threaded GEMM, spread
+    if let Some(piece) = piece.filter(|&p| p > 0 && m >= 2 * p && k > 0) {
+        // Many rows: pieces of about `piece` rows, each one single-threaded GEMM, spread
         // over the threads when `parallel` (a whole number of pieces per thread).
         let threads = if parallel {
             rayon::current_num_threads().max(1)
         } else {
             1
         };
-        let pieces = threads * m.div_ceil(threads * ROW_PIECE);
+        let pieces = threads * m.div_ceil(threads * piece);
         let rows = m.div_ceil(pieces);
         let c = &mut c[..last(m, rsc, n, 1) + 1];
-        let piece = |i: usize, cp: &mut [f32]| {
+        let one = |i: usize, cp: &mut [f32]| {
             let r0 = i * rows;
             let a = &a[r0 * rsa..];
             let mp = rows.min(m - r0);
@@ -256,16 +274,17 @@ fn sgemm_into(
                 rsc,
                 false,
                 epilogue,
+                None,
             )
         };
         if parallel {
             c.par_chunks_mut(rows * rsc)
                 .enumerate()
-                .for_each(|(i, cp)| piece(i, cp));
+                .for_each(|(i, cp)| one(i, cp));
         } else {
             c.chunks_mut(rows * rsc)
                 .enumerate()
-                .for_each(|(i, cp)| piece(i, cp));
+                .for_each(|(i, cp)| one(i, cp));
         }
         return;
     }
@@ -393,9 +412,9 @@ impl Backend for Cpu {
             );
             return CpuTensor::new(&[rows, out], y);
         }
-        // Pieces of rows over the threads, each one GEMM with the bias and activation
-        // applied while the piece is in cache (see `Epilogue`); every output value is
-        // written, so the buffer needs no clearing.
+        // Where pieces pay (`row_piece`), pieces of rows over the threads, each one GEMM with
+        // the bias and activation applied while the piece is in cache (see `Epilogue`);
+        // every output value is written, so the buffer needs no clearing.
         // wᵀ[i, o] = w[o, i]: row stride 1, column stride `inp`. A bf16 weight is widened
         // once per call here (a prefill, not the per-token path).
         let mut y = recycle::scratch(rows * out);
@@ -415,6 +434,7 @@ impl Backend for Cpu {
                 bias: bias.as_deref(),
                 act,
             },
+            row_piece(),
         );
         CpuTensor::new(&[rows, out], y)
     }
@@ -734,10 +754,11 @@ impl HasShape for CpuTensor {
 mod tests {
     use super::*;
 
-    /// GEMMs against an f64 product: row-pieced (m ≥ 2·ROW_PIECE) and one call, row-major
-    /// and transposed `a`, `c` rows wider than n, each epilogue (none, bias, bias + GELU,
-    /// activation alone), on one thread and split over a pool of three (pieces not a
-    /// multiple of the threads' count of rows). `c` starts as NaN, so a value the GEMM or its
+    /// GEMMs against an f64 product: row-pieced (m ≥ 2·ROW_PIECE) and one call (fewer rows,
+    /// or pieces turned off as on CPUs with a large L2), row-major and transposed `a`, `c`
+    /// rows wider than n, each epilogue (none, bias, bias + GELU, activation alone), on one
+    /// thread and split over a pool of three (pieces not a multiple of the threads' count of
+    /// rows). `c` starts as NaN, so a value the GEMM or its
     /// epilogue leaves unwritten shows; its padding columns must stay untouched.
     #[test]
     fn gemms_and_their_epilogues_match_an_f64_product() {
@@ -777,7 +798,10 @@ mod tests {
                 } else {
                     (a.clone(), (k, 1))
                 };
-                for parallel in [false, true] {
+                for (parallel, piece) in [false, true]
+                    .into_iter()
+                    .flat_map(|p| [(p, Some(ROW_PIECE)), (p, None)])
+                {
                     for (bias, act) in epilogues {
                         let rsc = n + 3;
                         let mut c: Vec<f32> = (0..m * rsc)
@@ -803,6 +827,7 @@ mod tests {
                                 rsc,
                                 parallel,
                                 Epilogue { bias, act },
+                                piece,
                             )
                         });
                         for i in 0..m {
@@ -828,7 +853,7 @@ mod tests {
                                 assert!(
                                     (got as f64 - want).abs() <= bound,
                                     "m {m} transposed {transposed} parallel {parallel} \
-                                     {act:?} bias {} [{i},{j}]: {got} vs {want}",
+                                     piece {piece:?} {act:?} bias {} [{i},{j}]: {got} vs {want}",
                                     bias.is_some()
                                 );
                             }

@@ -7,6 +7,9 @@
 //!
 //! (The `gemm` crate, used for the many-row GEMMs, makes the same choice itself at run time:
 //! its AVX-512 kernels run only where `avx512f` is detected.)
+//!
+//! Also here: the size of the per-core L2 cache, which decides how many-row GEMMs are cut
+//! (see `cpu::row_piece`).
 
 use std::sync::OnceLock;
 
@@ -75,6 +78,51 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Bytes of level-2 cache per core (cpu0's unified or data L2, from Linux's sysfs), or `None`
+/// where the system does not say. Read once.
+pub fn l2_cache_bytes() -> Option<usize> {
+    static L2: OnceLock<Option<usize>> = OnceLock::new();
+    *L2.get_or_init(|| {
+        let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+        (0..16).find_map(|i| {
+            let index = dir.join(format!("index{i}"));
+            let read = |file: &str| std::fs::read_to_string(index.join(file)).ok();
+            let level = read("level")?;
+            let kind = read("type")?;
+            if level.trim() != "2" || kind.trim() == "Instruction" {
+                return None;
+            }
+            parse_cache_size(read("size")?.trim())
+        })
+    })
+}
+
+/// A cache size as sysfs writes it: "1024K", "2M", or bytes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 10),
+        b'M' => (&s[..s.len() - 1], 20),
+        b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_cache_size("2M"), Some(2 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        for bad in ["", "K", "x1K", "-1K", "99999999999999999999G"] {
+            assert_eq!(parse_cache_size(bad), None, "{bad:?}");
         }
     }
 }
