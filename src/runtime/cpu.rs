@@ -758,8 +758,8 @@ mod tests {
     /// or pieces turned off as on CPUs with a large L2), row-major and transposed `a`, `c`
     /// rows wider than n, each epilogue (none, bias, bias + GELU, activation alone), on one
     /// thread and split over a pool of three (pieces not a multiple of the threads' count of
-    /// rows). `c` starts as NaN, so a value the GEMM or its
-    /// epilogue leaves unwritten shows; its padding columns must stay untouched.
+    /// rows). `c` starts as NaN, so a value the GEMM or its epilogue leaves unwritten shows;
+    /// its padding columns must stay untouched.
     #[test]
     fn gemms_and_their_epilogues_match_an_f64_product() {
         let pool = rayon::ThreadPoolBuilder::new()
