@@ -73,68 +73,78 @@ pub(crate) fn erf_fused(x: f32) -> f32 {
     erf_with(x, true)
 }
 
+/// The three pieces of [`erf`]'s fit: |x| from `ERF_BOUNDS[r]` (0 for the first) maps to
+/// t = |x|·`ERF_T_SCALE[r]` − `ERF_T_SHIFT[r]` ∈ [-1, 1], where the piece's polynomial has
+/// the coefficients `ERF_FIT[r]` (constant term first). The scalings are multiplications (t =
+/// 2a − 1, (2a − 3.2)/1.2 and (2a − 6.2)/1.8): a division per lane costs more than the rest of
+/// a polynomial; the difference is < 1 ulp of t. Shared with the CPU's GELU kernels, which
+/// evaluate the same pieces lane by lane.
+pub(crate) const ERF_BOUNDS: [f32; 3] = [0.0, 1.0, 2.2];
+pub(crate) const ERF_T_SCALE: [f32; 3] = [2.0, 2.0 / 1.2, 2.0 / 1.8];
+pub(crate) const ERF_T_SHIFT: [f32; 3] = [1.0, 3.2 / 1.2, 6.2 / 1.8];
+/// erf rounds to 1 in f32 from here on.
+pub(crate) const ERF_ONE_FROM: f32 = 4.0;
+// The fit's values rounded to f32, printed with 10 digits.
+#[allow(clippy::excessive_precision)]
+pub(crate) const ERF_FIT: [[f32; 10]; 3] = [
+    [
+        5.204998851e-01,
+        4.393912852e-01,
+        -1.098476872e-01,
+        -1.830801740e-02,
+        1.144137233e-02,
+        2.291105338e-04,
+        -7.787714130e-04,
+        4.162420009e-05,
+        3.560730693e-05,
+        -3.613595254e-06,
+    ],
+    [
+        9.763484001e-01,
+        5.233743042e-02,
+        -5.024379492e-02,
+        2.587574534e-02,
+        -6.392185111e-03,
+        -3.410727659e-04,
+        7.258107071e-04,
+        -1.674748200e-04,
+        -1.923436139e-05,
+        1.355346467e-05,
+    ],
+    [
+        9.999883771e-01,
+        6.807142927e-05,
+        -1.903684315e-04,
+        3.355061053e-04,
+        -4.130818706e-04,
+        3.800234117e-04,
+        -2.740477794e-04,
+        1.448757976e-04,
+        -4.230003105e-05,
+        2.941000275e-06,
+    ],
+];
+
 #[inline(always)]
 fn erf_with(x: f32, fused: bool) -> f32 {
-    // The fit's values rounded to f32, printed with 10 digits.
-    #[allow(clippy::excessive_precision)]
-    const C: [[f32; 10]; 3] = [
-        [
-            5.204998851e-01,
-            4.393912852e-01,
-            -1.098476872e-01,
-            -1.830801740e-02,
-            1.144137233e-02,
-            2.291105338e-04,
-            -7.787714130e-04,
-            4.162420009e-05,
-            3.560730693e-05,
-            -3.613595254e-06,
-        ],
-        [
-            9.763484001e-01,
-            5.233743042e-02,
-            -5.024379492e-02,
-            2.587574534e-02,
-            -6.392185111e-03,
-            -3.410727659e-04,
-            7.258107071e-04,
-            -1.674748200e-04,
-            -1.923436139e-05,
-            1.355346467e-05,
-        ],
-        [
-            9.999883771e-01,
-            6.807142927e-05,
-            -1.903684315e-04,
-            3.355061053e-04,
-            -4.130818706e-04,
-            3.800234117e-04,
-            -2.740477794e-04,
-            1.448757976e-04,
-            -4.230003105e-05,
-            2.941000275e-06,
-        ],
-    ];
-    let a = x.abs().min(4.0);
-    let horner = |c: &[f32; 10], t: f32| {
-        (c.iter().rev()).fold(0.0f32, |acc, &k| match fused {
+    let a = x.abs().min(ERF_ONE_FROM);
+    let piece = |r: usize| {
+        let t = a * ERF_T_SCALE[r] - ERF_T_SHIFT[r];
+        (ERF_FIT[r].iter().rev()).fold(0.0f32, |acc, &k| match fused {
             true => acc.mul_add(t, k),
             false => acc * t + k,
         })
     };
-    let y0 = horner(&C[0], 2.0 * a - 1.0);
-    // The scalings as multiplications (t = (2a − 3.2)/1.2 and (2a − 6.2)/1.8): a division
-    // per lane costs more than the rest of a polynomial; the difference is < 1 ulp of t.
-    let y1 = horner(&C[1], a * (2.0 / 1.2) - 3.2 / 1.2);
-    let y2 = horner(&C[2], a * (2.0 / 1.8) - 6.2 / 1.8);
-    let y = if a < 1.0 {
+    // All three evaluated, one kept: branch-free, so loops over it vectorize.
+    let (y0, y1, y2) = (piece(0), piece(1), piece(2));
+    let y = if a < ERF_BOUNDS[1] {
         y0
-    } else if a < 2.2 {
+    } else if a < ERF_BOUNDS[2] {
         y1
     } else {
         y2
     };
-    let y = if a >= 4.0 { 1.0 } else { y };
+    let y = if a >= ERF_ONE_FROM { 1.0 } else { y };
     // `min` above maps NaN to 4; keep NaN a NaN.
     if x.is_nan() {
         x
