@@ -314,11 +314,10 @@ multiversion! {
 /// lane does the same f32 operations as [`gelu_erf_one`] on its piece, with the same
 /// roundings, so the values are bitwise the portable ones (the tests hold them to that).
 ///
-/// Measured on a Zen 5 core (bias + GELU over 2000 rows of 1536): 0.55–0.56 ns per value
-/// against 0.78–0.80 for the three-chain loop; two vectors per step. The same scheme with
-/// AVX-512 ran 0.29–0.31 against 0.37–0.39 in that microbenchmark, but 5–6% slower than the
-/// three-chain copy in whole embedding runs (its loop there behaved like the one-vector
-/// form, 0.85–0.90), so AVX-512 keeps the three chains.
+/// Measured on a Zen 5 core (bias + GELU over 2000 rows of 1536): 0.54–0.58 ns per value
+/// against 0.78–0.83 for the three-chain loop, two vectors per step. The same scheme with
+/// AVX-512 ran 0.29–0.31 against 0.37–0.39 there, yet made whole embedding runs 4–6% slower
+/// (its share of the profile 7.1% against 3.1%), so AVX-512 keeps the three chains.
 #[cfg(target_arch = "x86_64")]
 mod gelu_lanes {
     use super::gelu_erf_one;
