@@ -327,8 +327,8 @@ mod gelu_lanes {
 
     /// Per-piece values in the first three lanes of each 128-bit half (in-lane permutes pick
     /// within a half; the fourth lane is never picked).
-    fn lanes<const L: usize>(per_piece: [f32; 3]) -> [f32; L] {
-        let mut v = [0.0; L];
+    fn lanes(per_piece: [f32; 3]) -> [f32; 8] {
+        let mut v = [0.0; 8];
         for half in v.chunks_exact_mut(4) {
             half[..3].copy_from_slice(&per_piece);
         }
@@ -336,10 +336,10 @@ mod gelu_lanes {
     }
 
     /// The pieces' constants, one vector each, piece r in lane r of each half.
-    struct Pieces<V> {
-        fit: [V; 10],
-        scale: V,
-        shift: V,
+    struct Pieces {
+        fit: [__m256; 10],
+        scale: __m256,
+        shift: __m256,
     }
 
     /// The first 8 values of `s`.
@@ -363,7 +363,7 @@ mod gelu_lanes {
     /// GELU_erf of 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn gelu8(x: __m256, k: &Pieces<__m256>) -> __m256 {
+    fn gelu8(x: __m256, k: &Pieces) -> __m256 {
         let sign = _mm256_set1_ps(-0.0);
         let u = _mm256_mul_ps(x, _mm256_set1_ps(FRAC_1_SQRT_2));
         let a = _mm256_min_ps(_mm256_andnot_ps(sign, u), _mm256_set1_ps(ERF_ONE_FROM));
@@ -389,8 +389,8 @@ mod gelu_lanes {
     /// has AVX2 and FMA).
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn rows_avx2(bias: Option<&[f32]>, xs: &mut [f32]) {
-        let v = |per_piece: [f32; 3]| load8(&lanes::<8>(per_piece));
-        let k = Pieces::<__m256> {
+        let v = |per_piece: [f32; 3]| load8(&lanes(per_piece));
+        let k = Pieces {
             fit: std::array::from_fn(|i| v([ERF_FIT[0][i], ERF_FIT[1][i], ERF_FIT[2][i]])),
             scale: v(ERF_T_SCALE),
             shift: v(ERF_T_SHIFT),
