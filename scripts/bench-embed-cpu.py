@@ -20,6 +20,10 @@ alike; the table gives each side's best and median over the rounds, and the rati
 and of the medians. The outputs are compared (worst cosine over all sentences) so a fast wrong
 answer cannot pass; the script exits non-zero when it is below 0.9999.
 
+The header also gives PyTorch's own GEMM speed on a MiniLM feed-forward shape, so the
+reader can see which MKL code ran: on an AMD CPU, MKL keeps to AVX2 unless the script runs
+under `scripts/mkl-any-cpu.sh`, which lets it use the AVX-512 kernels an Intel CPU gets.
+
 Our process's peak resident memory (model loading included) is measured with GNU time
 (`/usr/bin/time -f %M`, when present) and printed beside the size of model.safetensors.
 """
@@ -68,6 +72,19 @@ def sentences(kind, n):
 GNU_TIME = next((t for t in ("/usr/bin/time", shutil.which("gtime")) if t and os.access(t, os.X_OK)), None)
 
 
+def torch_gemm_gflops(threads):
+    """Best of 10 `F.linear` calls on 3072 tokens, 384 -> 1536 (MiniLM's FFN up-projection)."""
+    torch.set_num_threads(threads)
+    x, w = torch.randn(3072, 384), torch.randn(1536, 384)
+    best = float("inf")
+    for i in range(13):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if i >= 3:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * 3072 * 384 * 1536 / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
@@ -89,6 +106,7 @@ def main():
             f.write("\n".join(t) + "\n")
             paths[s] = f.name
     st.encode(texts[cases[0][0]][: args.batch_size], batch_size=args.batch_size)  # warm-up
+    gemm = {t: torch_gemm_gflops(t or default_threads) for t in sorted({c[1] for c in cases})}
     times = {c: ([], []) for c in cases}
     peak_kib = {c: 0 for c in cases}
     worst = {c: 1.0 for c in cases}
@@ -130,6 +148,10 @@ def main():
     ckpt = os.path.getsize(os.path.join(args.model, "model.safetensors"))
     print(f"# model.safetensors {ckpt / 2**20:.1f} MiB; our peak RSS is GNU time's maximum "
           "resident set over the rounds" + ("" if GNU_TIME else " (not measured: no GNU time)"))
+    shim = "mkl-any-cpu" in os.environ.get("LD_PRELOAD", "")
+    print("# PyTorch's F.linear, 3072x384 -> 1536: " + ", ".join(
+        f"{g:.0f} GFLOP/s on {t or f'all ({default_threads})'} thread(s)" for t, g in gemm.items())
+        + ("; MKL allowed its AVX-512 kernels (scripts/mkl-any-cpu.sh)" if shim else ""))
     print("| set | threads | ours best (sent/s) | ours median | s-t best | s-t median "
           "| ratio (best) | ratio (median) | worst cosine | our peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
