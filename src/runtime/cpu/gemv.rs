@@ -17,11 +17,12 @@
 //!   GEMM at 16 rows). With more than 4 input rows the next 4 re-read the same R weight rows
 //!   (≤ 48 KB at k = 3072) from L1/L2, so each weight byte comes from DRAM once per call
 //!   however many rows there are.
-//! - Prefetch: with 2 or more input rows, every pass over a tile also prefetches the next
-//!   tile's weight rows, one cache line per row per step. Without it the second pass over a
-//!   tile (rows 5–8) ran from cache while DRAM idled, and even one pass of 4 rows kept too
-//!   few reads in flight: GPT-2-124M decoding at batch 8 took 1.8× batch 1's step time.
-//!   With one row the hardware prefetcher alone was faster (BENCHMARKS.md).
+//! - Prefetch: with 2 or more input rows, or bf16 weights, every pass over a tile also
+//!   prefetches the next tile's weight rows, one cache line per row per step. Without it the
+//!   second pass over a tile (rows 5–8) ran from cache while DRAM idled, and even one pass of
+//!   4 rows kept too few reads in flight: GPT-2-124M decoding at batch 8 took 1.8× batch 1's
+//!   step time. bf16 at batch 1 gained 10–20%. With one row of f32 weights the hardware
+//!   prefetcher alone was faster (BENCHMARKS.md).
 //! - bf16 weights are widened to f32 in registers (a bf16 is the top 16 bits of an f32); the
 //!   arithmetic is f32 either way.
 //! - Bytes: n·k·(4 or 2) of weights, rows·k·4 of input per block (cached), rows·n·4 out.
@@ -189,10 +190,13 @@ fn block<W: Elem + Kernels>(
     while o < cols {
         let r = if cols - o >= rw { rw } else { 1 };
         let wr = &w[o * k..(o + r) * k];
-        // With several input rows each weight load feeds several FMAs, and the loads alone
-        // no longer keep enough DRAM reads in flight: every pass over this tile also
-        // prefetches the next one (when it is as tall). Not with one row, where it was slower.
-        let next = (rows > 1 && cols - (o + r) >= r).then(|| &w[(o + r) * k..(o + 2 * r) * k]);
+        // With several input rows each weight load feeds several FMAs (with bf16 weights,
+        // widening instructions too), and the loads alone no longer keep enough DRAM reads in
+        // flight: every pass over this tile also prefetches the next one (when it is as
+        // tall). Not for one row of f32 weights, where it was slower.
+        let widened = std::mem::size_of::<W>() < std::mem::size_of::<f32>();
+        let next = ((rows > 1 || widened) && cols - (o + r) >= r)
+            .then(|| &w[(o + r) * k..(o + 2 * r) * k]);
         let mut m0 = 0;
         while m0 < rows {
             let mb = (rows - m0).min(4);
