@@ -4,8 +4,8 @@
 # Runs COMMAND (a benchmark script) with MKL free to use its AVX-512 kernels on a non-Intel
 # CPU, as it does on Intel. Without this, PyTorch's GEMMs on an AMD CPU with AVX-512 run MKL's
 # AVX2 code at about half the speed they would reach on an Intel CPU with AVX-512, and a
-# benchmark against that baseline flatters us. See mkl-any-cpu.c; BENCHMARKS.md ("PyTorch with
-# MKL's AVX-512 kernels") records what it changed. Needs a C compiler (cc).
+# benchmark against that baseline flatters us. See mkl-any-cpu.c; BENCHMARKS.md ("An Intel-like
+# baseline: PyTorch with MKL's AVX-512 kernels") records what it changed. Needs a C compiler (cc).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out="$here/../target/mkl-any-cpu"
