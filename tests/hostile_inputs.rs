@@ -192,6 +192,58 @@ fn nan_or_infinite_weights_make_embedding_an_error_naming_the_input() {
     }
 }
 
+/// Embedding on lanes (several batches at once, one per thread) gives bit for bit what one
+/// batch after another gives, for a list whose batches do not divide evenly among the lanes,
+/// and the same error when every batch fails.
+#[test]
+fn embedding_on_lanes_gives_the_serial_results_and_errors() {
+    let dir = tiny_bert("lanes");
+    let model = SentenceEmbedder::from_folder(&Cpu, &dir).unwrap();
+    let words = [
+        "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "home", "9",
+    ];
+    let texts: Vec<String> = (0..43)
+        .map(|i| {
+            let n = 1 + (i * 7) % 23;
+            (0..n)
+                .map(|j| words[(i + j * 3) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let on = |threads: usize, model: &SentenceEmbedder<Cpu>| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut seen = Vec::new();
+        let out = pool.install(|| model.embed(&Cpu, &texts, 4, |n| seen.push(n)));
+        (out, seen)
+    };
+    let (serial, serial_progress) = on(1, &model);
+    let serial = serial.unwrap();
+    for threads in [2, 3] {
+        let (lanes, progress) = on(threads, &model);
+        let lanes = lanes.unwrap();
+        assert_eq!(lanes, serial, "{threads} lanes");
+        // Every batch reported once, the counts rising to the total.
+        assert_eq!(progress.len(), serial_progress.len());
+        assert!(progress.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(progress.last(), Some(&texts.len()));
+    }
+    fill_tensor(
+        &dir.join("model.safetensors"),
+        "embeddings.LayerNorm.bias",
+        f32::NAN,
+    );
+    let model = SentenceEmbedder::from_folder(&Cpu, &dir).unwrap();
+    let serial = on(1, &model).0.unwrap_err().to_string();
+    for threads in [2, 3] {
+        assert_eq!(on(threads, &model).0.unwrap_err().to_string(), serial);
+    }
+}
+
 #[test]
 fn an_infinite_logit_is_certain_and_nan_or_all_minus_infinity_is_an_error() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

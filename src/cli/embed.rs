@@ -35,7 +35,8 @@ pub struct EmbedArgs {
     #[arg(long)]
     dtype: Option<cuattn::DType>,
     /// Sentences per batch (≥ 1). A batch runs in forward passes of at most 8192 tokens
-    /// (32 sentences at MiniLM's 256), which bounds memory whatever the batch size.
+    /// (32 sentences at MiniLM's 256), which bounds memory whatever the batch size. On the
+    /// CPU, batches go through up to one per thread at once, at most 16384 tokens in all.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Read sentences from FILE, one per line (`-`: standard input), after any TEXT. Lines must
@@ -160,7 +161,11 @@ impl Sentences {
     }
 }
 
-fn embed_on<B: cuattn::runtime::Backend>(be: &B, args: &EmbedArgs) -> CliResult {
+fn embed_on<B>(be: &B, args: &EmbedArgs) -> CliResult
+where
+    B: cuattn::runtime::Backend + Sync,
+    B::Tensor: Sync,
+{
     let model = SentenceEmbedder::from_folder(be, &args.model)?;
     let mut sentences = Sentences::new(args)?;
     let mut out = std::io::stdout().lock();

@@ -283,6 +283,21 @@ pub trait Backend {
         let _ = (q, k, v, lens, window, scale);
         Ok(None)
     }
+
+    /// How many independent forward passes this backend runs best at the same time (see
+    /// [`Backend::run_lanes`]); 1, the default, means one after another.
+    fn lanes(&self) -> usize {
+        1
+    }
+
+    /// Runs `work` on `lanes` workers at once and returns when every one has returned. Each
+    /// worker's ops run on that worker alone, so independent inputs (batches) go through in
+    /// parallel instead of each op being split over the threads. The default runs `work`
+    /// once, here.
+    fn run_lanes(&self, lanes: usize, work: &(dyn Fn() + Sync)) {
+        let _ = lanes;
+        work();
+    }
 }
 
 /// Checks an attention call's views against its mask; returns the row widths of q, k and v.

@@ -4,7 +4,9 @@
 //! ([`gemv`]), which streams the weights from every core; attention one (sequence, head) per
 //! task with single-threaded GEMMs and a vectorized softmax; LayerNorm and the other row ops
 //! vectorized ([`vmath`]) and parallel over rows. The vector kernels of this module pick
-//! AVX-512, AVX2 or portable code at run time ([`isa`]).
+//! AVX-512, AVX2 or portable code at run time ([`isa`]). Independent batches can instead run
+//! on lanes (`Backend::run_lanes`), a rayon pool of their own each, so every op of a batch
+//! stays on its lane's threads.
 
 mod bf16;
 mod gemv;
@@ -669,6 +671,41 @@ impl Backend for Cpu {
             }
         });
         CpuTensor::new(&[total, width_o], out).map(Some)
+    }
+
+    /// One lane per thread of the calling pool.
+    fn lanes(&self) -> usize {
+        rayon::current_num_threads()
+    }
+
+    /// Each lane is a rayon pool of its own, the calling pool's threads shared out among
+    /// them (one each when there are as many lanes as threads), so an op inside a lane is
+    /// split over that lane's threads only, or, with one, takes its single-thread path. A
+    /// lane whose pool or thread cannot be started is not run; if none can, `work` runs
+    /// once on the calling thread.
+    fn run_lanes(&self, lanes: usize, work: &(dyn Fn() + Sync)) {
+        let threads = rayon::current_num_threads().max(lanes);
+        let pools: Vec<rayon::ThreadPool> = (0..lanes)
+            .filter_map(|i| {
+                let share = threads / lanes + usize::from(i < threads % lanes);
+                // 8 MiB of stack, as the CLI's pool and the main thread have; each lane
+                // keeps its freed buffers in a pool of its own.
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(share);
+                let pool = pool.start_handler(move |_| recycle::set_lane(i + 1));
+                pool.stack_size(8 << 20).build().ok()
+            })
+            .collect();
+        let started = std::thread::scope(|s| {
+            let mut started = 0;
+            for pool in &pools {
+                let lane = std::thread::Builder::new().stack_size(64 << 10);
+                started += usize::from(lane.spawn_scoped(s, || pool.install(work)).is_ok());
+            }
+            started
+        });
+        if started == 0 {
+            work();
+        }
     }
 }
 

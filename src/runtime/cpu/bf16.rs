@@ -121,6 +121,14 @@ impl Backend for CpuBf16 {
     ) -> Result<Option<CpuTensor>> {
         Cpu.attention_packed(q, k, v, lens, window, scale)
     }
+
+    fn lanes(&self) -> usize {
+        Cpu.lanes()
+    }
+
+    fn run_lanes(&self, lanes: usize, work: &(dyn Fn() + Sync)) {
+        Cpu.run_lanes(lanes, work)
+    }
 }
 
 impl crate::runtime::generate::GenerateBackend for CpuBf16 {
