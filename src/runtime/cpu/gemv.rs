@@ -190,6 +190,8 @@ fn block<W: Elem + Kernels>(
     let rw = weight_rows(isa, rows);
     let mut sums = [0f32; 16];
     let mut o = 0;
+    let widened = std::mem::size_of::<W>() < std::mem::size_of::<f32>();
+    let prefetch = rows > 1 || widened;
     while o < cols {
         let r = if cols - o >= rw { rw } else { 1 };
         let wr = &w[o * k..(o + r) * k];
@@ -197,9 +199,7 @@ fn block<W: Elem + Kernels>(
         // widening instructions too), and the loads alone no longer keep enough DRAM reads in
         // flight: every pass over this tile also prefetches the next one (when it is as
         // tall). Not for one row of f32 weights, where it was slower.
-        let widened = std::mem::size_of::<W>() < std::mem::size_of::<f32>();
-        let next = ((rows > 1 || widened) && cols - (o + r) >= r)
-            .then(|| &w[(o + r) * k..(o + 2 * r) * k]);
+        let next = (prefetch && cols - (o + r) >= r).then(|| &w[(o + r) * k..(o + 2 * r) * k]);
         let mut m0 = 0;
         while m0 < rows {
             let mb = (rows - m0).min(4);

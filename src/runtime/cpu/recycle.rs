@@ -22,9 +22,8 @@ use std::sync::Mutex;
 /// While one is alive (any thread), the CPU backend keeps the buffers of dropped tensors of
 /// at least 256 KiB (up to 64 of them, 256 MiB, or less with [`KeepOpBuffers::with_limit`];
 /// each per lane) and gives them to later op outputs, instead of returning them to the
-/// allocator. Training
-/// loops hold one (`cuattn finetune` does), and so does sentence embedding with a smaller
-/// limit; when the last one is dropped, the kept buffers are freed.
+/// allocator. Training loops hold one (`cuattn finetune` does), and so does sentence
+/// embedding with a smaller limit; when the last one is dropped, the kept buffers are freed.
 #[must_use = "buffers are kept only while the guard is alive"]
 pub struct KeepOpBuffers(());
 
