@@ -192,6 +192,16 @@ pub struct AttentionMask<'a> {
     pub scale: Option<f32>,
 }
 
+/// How a model calls a linear layer, so a backend can store its weight for that
+/// ([`Backend::upload_linear_weight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightUse {
+    /// Any number of rows, one-token decoding steps included: stored as uploaded.
+    AnyRows,
+    /// Whole sequences at a time (an encoder's layers); a handful of rows only rarely.
+    ManyRows,
+}
+
 /// The ops a model needs. Every op checks its inputs' shapes and returns
 /// [`crate::Error`] on a mismatch.
 pub trait Backend {
@@ -211,6 +221,20 @@ pub trait Backend {
     /// without copying (model loading uploads each parameter this way once).
     fn upload_owned(&self, shape: &[usize], values: Vec<f32>) -> Result<Self::Tensor> {
         self.upload(shape, &values)
+    }
+
+    /// A linear layer's weight `[out, in]` for [`Backend::linear`], given away like
+    /// [`Backend::upload_owned`]. With [`WeightUse::ManyRows`] a backend may store it in a
+    /// form that only `linear` reads, faster there (the CPU's panels); [`Backend::to_f32`]
+    /// still gives the row-major values.
+    fn upload_linear_weight(
+        &self,
+        shape: &[usize],
+        values: Vec<f32>,
+        usage: WeightUse,
+    ) -> Result<Self::Tensor> {
+        let _ = usage;
+        self.upload_owned(shape, values)
     }
 
     /// The tensor's values, row-major, as f32.

@@ -2,7 +2,7 @@
 //! post-LayerNorm encoder layers (multi-head self-attention with the key-padding mask, GELU
 //! feed-forward) and the optional pooler (tanh of a linear layer on the first token).
 
-use super::backend::{Activation, Backend};
+use super::backend::{Activation, Backend, WeightUse};
 use super::checkpoint::{read_json, Checkpoint};
 use super::config::{Fields, MAX_COUNT, MAX_LAYERS, MAX_WIDTH};
 use super::layers::{Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention, Packing};
@@ -161,20 +161,24 @@ impl<B: Backend> Bert<B> {
             let o = lin("attention.output.dense", h, h)?;
             let up = lin("intermediate.dense", inter, h)?;
             let down = lin("output.dense", h, inter)?;
-            let attention = MultiHeadAttention::self_attention(
+            // Encoder layers see whole sequences: weights stored for many-row GEMMs.
+            let attention = MultiHeadAttention::self_attention_for(
                 be,
                 c.num_attention_heads,
-                (&q.0, Some(&q.1)),
-                (&k.0, Some(&k.1)),
-                (&v.0, Some(&v.1)),
-                (&o.0, Some(&o.1)),
+                [
+                    (&q.0, Some(&q.1)),
+                    (&k.0, Some(&k.1)),
+                    (&v.0, Some(&v.1)),
+                    (&o.0, Some(&o.1)),
+                ],
+                WeightUse::ManyRows,
             )?;
             layers.push(EncoderLayer {
                 attention,
                 attention_norm: ln(ckpt, &format!("{p}.attention.output.LayerNorm"))?,
                 ffn: FeedForward {
-                    up: Linear::from_owned(be, up.0, Some(up.1))?,
-                    down: Linear::from_owned(be, down.0, Some(down.1))?,
+                    up: Linear::from_owned_for(be, up.0, Some(up.1), WeightUse::ManyRows)?,
+                    down: Linear::from_owned_for(be, down.0, Some(down.1), WeightUse::ManyRows)?,
                     act: c.hidden_act,
                 },
                 output_norm: ln(ckpt, &format!("{p}.output.LayerNorm"))?,

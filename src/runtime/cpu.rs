@@ -1,7 +1,9 @@
 //! The CPU backend: f32 tensors in host memory. Many-row GEMMs through the `gemm` crate
-//! (threaded over rayon's pool; its AVX-512 or AVX2 kernels chosen at run time); linear layers
-//! of at most [`gemv::MAX_ROWS`] rows (decoding) through our own column-split kernel
-//! ([`gemv`]), which streams the weights from every core; attention one (sequence, head) per
+//! (threaded over rayon's pool; its AVX-512 or AVX2 kernels chosen at run time); an
+//! encoder's linear layers from weights stored once in `gemm`'s own order ([`panels`],
+//! `Backend::upload_linear_weight`); other linear layers of at most [`gemv::MAX_ROWS`] rows
+//! (decoding) through our own column-split kernel ([`gemv`]), which streams the weights from
+//! every core; attention one (sequence, head) per
 //! task with single-threaded GEMMs and a vectorized softmax; LayerNorm and the other row ops
 //! vectorized ([`vmath`]) and parallel over rows. The vector kernels of this module pick
 //! AVX-512, AVX2 or portable code at run time ([`isa`]). Independent batches can instead run
@@ -11,6 +13,7 @@
 mod bf16;
 mod gemv;
 pub mod isa;
+mod panels;
 mod recycle;
 pub(super) mod vmath;
 
@@ -18,19 +21,24 @@ pub use bf16::CpuBf16;
 pub use recycle::KeepOpBuffers;
 pub(crate) use recycle::{copied, zeroed};
 
-use super::backend::{check_attention, Activation, AttentionMask, Backend, HasShape, Heads};
+use super::backend::{
+    check_attention, Activation, AttentionMask, Backend, HasShape, Heads, WeightUse,
+};
 use crate::error::{Error, Result};
 use crate::key_band::KeyBand;
 use isa::Isa;
 use rayon::prelude::*;
 
-/// A row-major tensor in host memory: f32, or bf16 for the weight matrices of [`CpuBf16`].
+/// A row-major tensor in host memory: f32, or bf16 for the weight matrices of [`CpuBf16`],
+/// or a linear layer's weight in panels ([`Backend::upload_linear_weight`]).
 #[derive(Debug, PartialEq)]
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Vec<f32>,
     /// The values as bf16 bit patterns instead of `data` (then empty).
     bf16: Option<Vec<u16>>,
+    /// A `[out, in]` weight in [`panels`] order instead of `data` (then empty).
+    panels: Option<Vec<f32>>,
 }
 
 impl CpuTensor {
@@ -48,6 +56,7 @@ impl CpuTensor {
             shape: shape.to_vec(),
             data,
             bf16: None,
+            panels: None,
         })
     }
 
@@ -65,18 +74,45 @@ impl CpuTensor {
             shape: shape.to_vec(),
             data: Vec::new(),
             bf16: Some(bits),
+            panels: None,
+        })
+    }
+
+    /// A `[out, in]` weight stored in panels for many-row GEMMs (see [`panels`]); kept
+    /// row-major when it has fewer than [`panels::MIN_OUT`] rows.
+    fn linear_weight(shape: &[usize], w: Vec<f32>) -> Result<Self> {
+        let t = CpuTensor::new(shape, w)?;
+        let &[out, inp] = shape else {
+            return Err(Error::shape("weight", "[out, in]", shape));
+        };
+        if out < panels::MIN_OUT {
+            return Ok(t);
+        }
+        let n = panels::len(out, inp);
+        let mut p = crate::runtime::host_memory::huge_page_buffer(n)
+            .map_err(|e| Error::invalid("weight", format!("cannot allocate {n} values: {e}")))?;
+        panels::pack(&t.data, out, inp, &mut p);
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: Vec::new(),
+            bf16: None,
+            panels: Some(p),
         })
     }
 
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
-    /// The f32 values; empty for a bf16 tensor (see [`CpuTensor::is_bf16`]).
+    /// The f32 values; empty for a bf16 tensor (see [`CpuTensor::is_bf16`]) and for a weight
+    /// stored in panels ([`Backend::upload_linear_weight`]).
     pub fn data(&self) -> &[f32] {
         &self.data
     }
     /// The values as f32 (converted from bf16 when stored so).
     pub fn into_data(mut self) -> Vec<f32> {
+        if self.panels.is_some() {
+            return self.values_f32().into_owned();
+        }
         match self.bf16.take() {
             Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
             None => std::mem::take(&mut self.data),
@@ -101,8 +137,11 @@ impl CpuTensor {
         self.values_f32()
     }
     /// The values as f32, converted only when stored as bf16 (small parameters, or a whole
-    /// weight for a many-row GEMM).
+    /// weight for a many-row GEMM) or in panels (read back, not an op's path).
     fn values_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        if let (Some(p), [out, inp]) = (&self.panels, self.shape.as_slice()) {
+            return std::borrow::Cow::Owned(panels::unpack(p, *out, *inp));
+        }
         match &self.bf16 {
             Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
             None => std::borrow::Cow::Borrowed(&self.data),
@@ -122,6 +161,7 @@ impl Clone for CpuTensor {
             shape: self.shape.clone(),
             data: copied(&self.data),
             bf16: self.bf16.clone(),
+            panels: self.panels.clone(),
         }
     }
 }
@@ -368,6 +408,18 @@ impl Backend for Cpu {
         CpuTensor::new(shape, values)
     }
 
+    fn upload_linear_weight(
+        &self,
+        shape: &[usize],
+        values: Vec<f32>,
+        usage: WeightUse,
+    ) -> Result<CpuTensor> {
+        match usage {
+            WeightUse::ManyRows => CpuTensor::linear_weight(shape, values),
+            WeightUse::AnyRows => CpuTensor::new(shape, values),
+        }
+    }
+
     fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.values_f32().into_owned())
     }
@@ -397,6 +449,13 @@ impl Backend for Cpu {
         let bias = bias.map(|b| b.values_f32());
         if out == 0 {
             return CpuTensor::new(&[rows, out], Vec::new());
+        }
+        if let Some(p) = &w.panels {
+            // An encoder's weight (any row count): one GEMM per panel, see `panels`.
+            let mut y = recycle::scratch(rows * out);
+            let bias = bias.as_deref();
+            panels::linear(&xd, rows, inp, p, out, bias, act, &mut y, row_piece());
+            return CpuTensor::new(&[rows, out], y);
         }
         if rows <= gemv::MAX_ROWS {
             let mut y = vec![0f32; rows * out];

@@ -5,7 +5,7 @@
 //!
 //! Parameters arrive as [`HostParam`]s (f32, checkpoint shapes) and are uploaded once.
 
-use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads, Window};
+use super::backend::{Activation, AttentionMask, Backend, CausalAlign, Heads, WeightUse, Window};
 use super::checkpoint::HostParam;
 use crate::error::{Error, Result};
 
@@ -43,6 +43,17 @@ impl<B: Backend> Linear<B> {
     /// [`Linear::new`] from parameters the layer takes over (uploaded without a host copy
     /// on the CPU backend).
     pub fn from_owned(be: &B, weight: HostParam, bias: Option<HostParam>) -> Result<Self> {
+        Self::from_owned_for(be, weight, bias, WeightUse::AnyRows)
+    }
+
+    /// [`Linear::from_owned`] for a layer the model calls as `usage` says (the backend may
+    /// store the weight for it: [`Backend::upload_linear_weight`]).
+    pub fn from_owned_for(
+        be: &B,
+        weight: HostParam,
+        bias: Option<HostParam>,
+        usage: WeightUse,
+    ) -> Result<Self> {
         let [out, inp] = weight.shape[..] else {
             return Err(Error::shape("weight", "[out, in]", &weight.shape));
         };
@@ -52,7 +63,7 @@ impl<B: Backend> Linear<B> {
             }
         }
         Ok(Linear {
-            weight: be.upload_owned(&weight.shape, weight.values)?,
+            weight: be.upload_linear_weight(&weight.shape, weight.values, usage)?,
             bias: bias
                 .map(|b| be.upload_owned(&b.shape, b.values))
                 .transpose()?,
@@ -69,6 +80,15 @@ impl<B: Backend> Linear<B> {
     /// Several linear layers over the same input fused into one (their outputs side by side,
     /// in order): one GEMM instead of several. Every part needs a bias, or none does.
     pub fn fused(be: &B, parts: &[(&HostParam, Option<&HostParam>)]) -> Result<Self> {
+        Self::fused_for(be, parts, WeightUse::AnyRows)
+    }
+
+    /// [`Linear::fused`] for a layer the model calls as `usage` says.
+    pub fn fused_for(
+        be: &B,
+        parts: &[(&HostParam, Option<&HostParam>)],
+        usage: WeightUse,
+    ) -> Result<Self> {
         let mut b = Vec::new();
         let mut out = 0;
         let inp = parts
@@ -103,7 +123,7 @@ impl<B: Backend> Linear<B> {
             shape: vec![out],
             values: b,
         });
-        Self::from_owned(be, weight, bias)
+        Self::from_owned_for(be, weight, bias, usage)
     }
 
     pub fn forward(&self, be: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
@@ -356,10 +376,22 @@ impl<B: Backend> MultiHeadAttention<B> {
         v: LinearParts<'_>,
         out: LinearParts<'_>,
     ) -> Result<Self> {
+        Self::self_attention_for(be, heads, [q, k, v, out], WeightUse::AnyRows)
+    }
+
+    /// [`MultiHeadAttention::self_attention`] (Q, K, V, output in that order) for a layer
+    /// the model calls as `usage` says ([`Backend::upload_linear_weight`]).
+    pub fn self_attention_for(
+        be: &B,
+        heads: usize,
+        [q, k, v, out]: [LinearParts<'_>; 4],
+        usage: WeightUse,
+    ) -> Result<Self> {
         let head_dim = Self::check_heads(q.0.shape.first().copied().unwrap_or(0), heads)?;
+        let out = Linear::from_owned_for(be, out.0.clone(), out.1.cloned(), usage)?;
         Ok(MultiHeadAttention {
-            projections: Projections::SelfQkv(Linear::fused(be, &[q, k, v])?),
-            out: Linear::new(be, out.0, out.1)?,
+            projections: Projections::SelfQkv(Linear::fused_for(be, &[q, k, v], usage)?),
+            out,
             heads,
             head_dim,
             scale: None,

@@ -55,5 +55,5 @@ pub mod seq2seq;
 pub mod tokenizer;
 pub mod train;
 
-pub use backend::{Activation, AttentionMask, Backend, CausalAlign, Heads};
+pub use backend::{Activation, AttentionMask, Backend, CausalAlign, Heads, WeightUse};
 pub use cpu::{Cpu, CpuBf16, CpuTensor};
