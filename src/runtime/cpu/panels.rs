@@ -10,8 +10,9 @@
 //! call, which was 4.4% of a one-thread MiniLM embedding run, and more with two batches
 //! gathering from memory at once. From a panel it reads contiguous rows (or copies them
 //! whole), so the gather is done once, at load. Measured, one `gemm` call per linear layer
-//! against one per panel, one thread, caches flushed before each call (GFLOP/s): 550 rows
-//! 225–250 → 262–268, 1700 rows 253–267 → 250–272 (BENCHMARKS.md has the whole runs).
+//! against one per panel, one thread, caches flushed before each call (GFLOP/s, MiniLM's
+//! shapes): 550 rows 202–247 → 252–265, 1700 rows 236–271 → 253–276, 3000 rows about even;
+//! whole embedding runs 5–6.5% faster (BENCHMARKS.md).
 //!
 //! The GEMM: output rows in blocks and panels in groups, one task per (block, group), each a
 //! single-threaded `gemm` call per panel then the bias/activation pass over its rows of the
