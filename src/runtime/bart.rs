@@ -16,7 +16,7 @@
 //! Encoder inputs are right-padded in a batch; the cross-attention masks the padding by each
 //! input's length.
 
-use super::backend::{Activation, Backend};
+use super::backend::{Activation, Backend, WeightUse};
 use super::checkpoint::{distinct_head, read_json, Checkpoint, HostParam};
 use super::generate::{check_vocab, TokenModel};
 use super::layers::{Embedding, FeedForward, KvCache, LayerNorm, Linear, MultiHeadAttention};
@@ -292,40 +292,45 @@ impl<B: Backend> Bart<B> {
                 ckpt.take(&format!("{name}.bias"), &[out])?,
             ))
         };
-        let attention = |ckpt: &mut Checkpoint, name: &str, heads: usize, cross: bool| {
-            let q = linear(ckpt, &format!("{name}.q_proj"), d, d)?;
-            let k = linear(ckpt, &format!("{name}.k_proj"), d, d)?;
-            let val = linear(ckpt, &format!("{name}.v_proj"), d, d)?;
-            let o = linear(ckpt, &format!("{name}.out_proj"), d, d)?;
-            fn part(p: &(HostParam, HostParam)) -> (&HostParam, Option<&HostParam>) {
-                (&p.0, Some(&p.1))
-            }
-            if cross {
-                MultiHeadAttention::cross_attention(
-                    be,
-                    heads,
-                    part(&q),
-                    part(&k),
-                    part(&val),
-                    part(&o),
-                )
-            } else {
-                MultiHeadAttention::self_attention(
-                    be,
-                    heads,
-                    part(&q),
-                    part(&k),
-                    part(&val),
-                    part(&o),
-                )
-            }
-        };
-        let ffn = |ckpt: &mut Checkpoint, name: &str, inner: usize| -> Result<FeedForward<B>> {
+        // `usage`: the encoder's layers see whole inputs (WeightUse::ManyRows), the decoder's
+        // one token per step.
+        let attention =
+            |ckpt: &mut Checkpoint, name: &str, heads: usize, cross: bool, usage: WeightUse| {
+                let q = linear(ckpt, &format!("{name}.q_proj"), d, d)?;
+                let k = linear(ckpt, &format!("{name}.k_proj"), d, d)?;
+                let val = linear(ckpt, &format!("{name}.v_proj"), d, d)?;
+                let o = linear(ckpt, &format!("{name}.out_proj"), d, d)?;
+                fn part(p: &(HostParam, HostParam)) -> (&HostParam, Option<&HostParam>) {
+                    (&p.0, Some(&p.1))
+                }
+                if cross {
+                    MultiHeadAttention::cross_attention(
+                        be,
+                        heads,
+                        part(&q),
+                        part(&k),
+                        part(&val),
+                        part(&o),
+                    )
+                } else {
+                    MultiHeadAttention::self_attention_for(
+                        be,
+                        heads,
+                        [part(&q), part(&k), part(&val), part(&o)],
+                        usage,
+                    )
+                }
+            };
+        let ffn = |ckpt: &mut Checkpoint,
+                   name: &str,
+                   inner: usize,
+                   usage: WeightUse|
+         -> Result<FeedForward<B>> {
             let (w1, b1) = linear(ckpt, &format!("{name}.fc1"), inner, d)?;
             let (w2, b2) = linear(ckpt, &format!("{name}.fc2"), d, inner)?;
             Ok(FeedForward {
-                up: Linear::from_owned(be, w1, Some(b1))?,
-                down: Linear::from_owned(be, w2, Some(b2))?,
+                up: Linear::from_owned_for(be, w1, Some(b1), usage)?,
+                down: Linear::from_owned_for(be, w2, Some(b2), usage)?,
                 act: c.activation,
             })
         };
@@ -366,9 +371,10 @@ impl<B: Backend> Bart<B> {
                     &format!("{p}.self_attn"),
                     c.encoder_attention_heads,
                     false,
+                    WeightUse::ManyRows,
                 )?,
                 self_attn_layer_norm: ln(ckpt, &format!("{p}.self_attn_layer_norm"))?,
-                ffn: ffn(ckpt, &p, c.encoder_ffn_dim)?,
+                ffn: ffn(ckpt, &p, c.encoder_ffn_dim, WeightUse::ManyRows)?,
                 final_layer_norm: ln(ckpt, &format!("{p}.final_layer_norm"))?,
             });
         }
@@ -378,11 +384,23 @@ impl<B: Backend> Bart<B> {
             let p = format!("decoder.layers.{i}");
             let heads = c.decoder_attention_heads;
             decoder.push(DecoderLayer {
-                self_attn: attention(ckpt, &format!("{p}.self_attn"), heads, false)?,
+                self_attn: attention(
+                    ckpt,
+                    &format!("{p}.self_attn"),
+                    heads,
+                    false,
+                    WeightUse::AnyRows,
+                )?,
                 self_attn_layer_norm: ln(ckpt, &format!("{p}.self_attn_layer_norm"))?,
-                encoder_attn: attention(ckpt, &format!("{p}.encoder_attn"), heads, true)?,
+                encoder_attn: attention(
+                    ckpt,
+                    &format!("{p}.encoder_attn"),
+                    heads,
+                    true,
+                    WeightUse::AnyRows,
+                )?,
                 encoder_attn_layer_norm: ln(ckpt, &format!("{p}.encoder_attn_layer_norm"))?,
-                ffn: ffn(ckpt, &p, c.decoder_ffn_dim)?,
+                ffn: ffn(ckpt, &p, c.decoder_ffn_dim, WeightUse::AnyRows)?,
                 final_layer_norm: ln(ckpt, &format!("{p}.final_layer_norm"))?,
             });
         }

@@ -79,19 +79,21 @@ impl CpuTensor {
     }
 
     /// A `[out, in]` weight stored in panels for many-row GEMMs (see [`panels`]); kept
-    /// row-major when it has fewer than [`panels::MIN_OUT`] rows.
+    /// row-major when it has fewer than [`panels::MIN_OUT`] rows (or is not `[out, in]`).
     fn linear_weight(shape: &[usize], w: Vec<f32>) -> Result<Self> {
-        let t = CpuTensor::new(shape, w)?;
         let &[out, inp] = shape else {
-            return Err(Error::shape("weight", "[out, in]", shape));
+            return CpuTensor::new(shape, w);
         };
-        if out < panels::MIN_OUT {
-            return Ok(t);
+        if out < panels::MIN_OUT || w.len() != out.saturating_mul(inp) {
+            // Too few rows to pay, or a length `new` reports.
+            return CpuTensor::new(shape, w);
         }
         let n = panels::len(out, inp);
         let mut p = crate::runtime::host_memory::huge_page_buffer(n)
             .map_err(|e| Error::invalid("weight", format!("cannot allocate {n} values: {e}")))?;
-        panels::pack(&t.data, out, inp, &mut p);
+        panels::pack(&w, out, inp, &mut p);
+        // The row-major values are freed here, not kept for op outputs.
+        drop(w);
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data: Vec::new(),
@@ -958,5 +960,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A weight uploaded for many rows reads back as uploaded and gives `linear` the values
+    /// the row-major weight gives (the few-row kernel for 5 rows, the GEMM for 300), within
+    /// f32 rounding; too few rows stay row-major; a wrong length is an error.
+    #[test]
+    fn panel_weights_read_back_and_match_row_major_weights() {
+        let (out, inp) = (130, 40);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let b: Vec<f32> = (0..out).map(|i| (i as f32 - 60.0) / 32.0).collect();
+        let be = Cpu;
+        let packed = be
+            .upload_linear_weight(&[out, inp], w.clone(), WeightUse::ManyRows)
+            .unwrap();
+        assert!(packed.panels.is_some() && packed.data().is_empty());
+        assert_eq!(be.to_f32(&packed).unwrap(), w);
+        assert_eq!(packed.clone().into_data(), w);
+        let plain = be.upload(&[out, inp], &w).unwrap();
+        let bias = be.upload(&[out], &b).unwrap();
+        for rows in [5, 300] {
+            let x: Vec<f32> = (0..rows * inp)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0)
+                .collect();
+            let x = be.upload(&[rows, inp], &x).unwrap();
+            for act in [Activation::None, Activation::GeluErf] {
+                let want = be
+                    .to_f32(&be.linear(&x, &plain, Some(&bias), act).unwrap())
+                    .unwrap();
+                let got = be
+                    .to_f32(&be.linear(&x, &packed, Some(&bias), act).unwrap())
+                    .unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{rows} rows {act:?}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        let few = be
+            .upload_linear_weight(&[63, inp], vec![1.0; 63 * inp], WeightUse::ManyRows)
+            .unwrap();
+        assert!(few.panels.is_none());
+        assert!(be
+            .upload_linear_weight(&[out, inp], vec![1.0; 7], WeightUse::ManyRows)
+            .is_err());
     }
 }
