@@ -35,7 +35,8 @@ use rayon::prelude::*;
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Vec<f32>,
-    /// The values as bf16 bit patterns instead of `data` (then empty).
+    /// The values as bf16 bit patterns instead of `data` (then empty): row-major, or in
+    /// [`gemv::tiles`] order for a matrix whose shape it applies to.
     bf16: Option<Vec<u16>>,
     /// A `[out, in]` weight in [`panels`] order instead of `data` (then empty).
     panels: Option<Vec<f32>>,
@@ -60,8 +61,22 @@ impl CpuTensor {
         })
     }
 
-    /// A bf16 tensor of `shape` over bf16 bit patterns.
+    /// A bf16 tensor of `shape` over bf16 bit patterns (row-major).
     pub fn from_bf16(shape: &[usize], bits: Vec<u16>) -> Result<Self> {
+        match shape {
+            &[rows, k]
+                if gemv::tiles::applies(shape) && rows.checked_mul(k) == Some(bits.len()) =>
+            {
+                let mut t = Vec::with_capacity(bits.len());
+                gemv::tiles::append(&bits, (rows, k), tile_height(), &mut t, |b| b);
+                CpuTensor::from_bf16_stored(shape, t)
+            }
+            _ => CpuTensor::from_bf16_stored(shape, bits),
+        }
+    }
+
+    /// A bf16 tensor over bits already in its stored order (see the `bf16` field).
+    pub(crate) fn from_bf16_stored(shape: &[usize], bits: Vec<u16>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if bits.len() != n {
             return Err(Error::shape(
@@ -76,6 +91,30 @@ impl CpuTensor {
             bf16: Some(bits),
             panels: None,
         })
+    }
+
+    /// Whether the bf16 values are in [`gemv::tiles`] order (a matrix it applies to).
+    fn bf16_tiled(&self) -> bool {
+        self.bf16.is_some() && gemv::tiles::applies(&self.shape)
+    }
+
+    /// Row-major bf16 bits as f32.
+    fn widened(bits: &[u16]) -> Vec<f32> {
+        bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect()
+    }
+
+    /// The stored bf16 bits as row-major f32 values.
+    fn bf16_values(&self, bits: &[u16]) -> Vec<f32> {
+        match self.shape.as_slice() {
+            &[n, k] if self.bf16_tiled() => {
+                let mut out = Vec::with_capacity(n * k);
+                for o in 0..n {
+                    gemv::tiles::row(bits, (n, k), tile_height(), o, &mut out, gemv::Elem::to_f32);
+                }
+                out
+            }
+            _ => Self::widened(bits),
+        }
     }
 
     /// A `[out, in]` weight stored in panels for many-row GEMMs (see [`panels`]); kept
@@ -115,8 +154,8 @@ impl CpuTensor {
         if self.panels.is_some() {
             return self.values_f32().into_owned();
         }
-        match self.bf16.take() {
-            Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
+        match &self.bf16 {
+            Some(bits) => self.bf16_values(bits),
             None => std::mem::take(&mut self.data),
         }
     }
@@ -145,12 +184,13 @@ impl CpuTensor {
             return std::borrow::Cow::Owned(panels::unpack(p, *out, *inp));
         }
         match &self.bf16 {
-            Some(bits) => bits.iter().map(|&b| gemv::Elem::to_f32(b)).collect(),
+            Some(bits) => std::borrow::Cow::Owned(self.bf16_values(bits)),
             None => std::borrow::Cow::Borrowed(&self.data),
         }
     }
     fn weights(&self) -> gemv::Weights<'_> {
         match &self.bf16 {
+            Some(bits) if self.bf16_tiled() => gemv::Weights::Bf16Tiles(bits, tile_height()),
             Some(bits) => gemv::Weights::Bf16(bits),
             None => gemv::Weights::F32(&self.data),
         }
@@ -173,6 +213,12 @@ impl Drop for CpuTensor {
     fn drop(&mut self) {
         recycle::give_back(std::mem::take(&mut self.data));
     }
+}
+
+/// The tile height of the bf16 matrices stored in this process (see [`gemv::tiles`]): fixed,
+/// as [`Isa::current`] is.
+pub(crate) fn tile_height() -> usize {
+    gemv::tiles::height(Isa::current())
 }
 
 /// Runs on the host in f32, with rayon's global thread pool.
@@ -607,6 +653,10 @@ impl Backend for Cpu {
                 ));
             }
             match &table.bf16 {
+                Some(bits) if table.bf16_tiled() => {
+                    let h = tile_height();
+                    gemv::tiles::row(bits, (n, width), h, id, &mut out, gemv::Elem::to_f32)
+                }
                 Some(bits) => out.extend(
                     bits[id * width..(id + 1) * width]
                         .iter()

@@ -5,8 +5,10 @@
 //! returns, is f32, exactly as on [`Cpu`].
 //!
 //! Why: decoding is a stream of the weights from memory, so half the bytes per weight is up
-//! to twice the tokens per second. The few-row kernel ([`super::gemv`]) widens bf16 to f32 in
-//! registers; a many-row GEMM (a prefill) widens the weight once per call.
+//! to twice the tokens per second. Matrices are stored in the few-row kernel's tile order
+//! ([`super::gemv::tiles`]: one sequential stream per task, where row-major bf16 rows were
+//! too short for the hardware prefetcher); that kernel ([`super::gemv`]) widens bf16 to f32 in
+//! registers; a many-row GEMM (a prefill) widens the weight, back in row order, once per call.
 
 use super::{Cpu, CpuTensor};
 use crate::error::{Error, Result};
@@ -24,8 +26,19 @@ impl CpuBf16 {
                 crate::runtime::host_memory::huge_page_buffer(values.len()).map_err(|e| {
                     Error::invalid("values", format!("cannot allocate a bf16 matrix: {e}"))
                 })?;
-            bits.extend(values.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
-            CpuTensor::from_bf16(shape, bits)
+            let to_bits = |v: f32| half::bf16::from_f32(v).to_bits();
+            match shape {
+                // The order the few-row kernel streams (see `gemv::tiles`).
+                &[n, k]
+                    if super::gemv::tiles::applies(shape)
+                        && n.checked_mul(k) == Some(values.len()) =>
+                {
+                    let h = super::tile_height();
+                    super::gemv::tiles::append(values, (n, k), h, &mut bits, to_bits)
+                }
+                _ => bits.extend(values.iter().map(|&v| to_bits(v))),
+            }
+            CpuTensor::from_bf16_stored(shape, bits)
         } else {
             let rounded = values
                 .iter()

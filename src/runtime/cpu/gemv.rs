@@ -24,7 +24,10 @@
 //!   step time. bf16 at batch 1 gained 10–20%. With one row of f32 weights the hardware
 //!   prefetcher alone was faster (BENCHMARKS.md).
 //! - bf16 weights are widened to f32 in registers (a bf16 is the top 16 bits of an f32); the
-//!   arithmetic is f32 either way.
+//!   arithmetic is f32 either way. [`CpuBf16`](super::CpuBf16) stores them in [`tiles`]
+//!   order, which a block reads front to back (`block_tiled`): tiles of 4 rows with AVX-512, 3
+//!   with AVX2, up to 4 input rows per pass, a software prefetch 2 KiB ahead (or, when several
+//!   passes share a tile, one tile ahead).
 //! - Bytes: n·k·(4 or 2) of weights, rows·k·4 of input per block (cached), rows·n·4 out.
 //!   FLOPs: 2·rows·n·k. At batch 1 that is 2 flop per weight: the call is memory-bound.
 //! - Output: with one row the blocks write y directly; with more, each block writes its
@@ -42,11 +45,92 @@ use rayon::prelude::*;
 /// 64 rows 0.86–4.9 ms against 0.28–1.35; from about 128 rows (k ≤ 768) the GEMM is faster.
 pub const MAX_ROWS: usize = 64;
 
-/// The weight matrix `[n, k]`, row-major: f32, or bf16 bit patterns.
+/// The weight matrix `[n, k]`: f32 or bf16 bit patterns row-major, or bf16 in [`tiles`]
+/// order with tiles of the given height.
 #[derive(Clone, Copy, Debug)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
+    Bf16Tiles(&'a [u16], usize),
+}
+
+/// The tile order of a bf16 weight `[n, k]`, for k a multiple of [`tiles::CHUNK`]: the rows in
+/// tiles of h (the last one shorter when n is not a multiple of h), each tile's values chunk
+/// by chunk along k and, within a chunk, row by row: `(o, i)` at
+/// `t0·k + ((i / CHUNK)·ht + o − t0)·CHUNK + i % CHUNK` for the tile's first row `t0` and its
+/// height `ht`. So a tile is still the slice `w[t0·k..(t0 + ht)·k]`.
+///
+/// Why: the few-row kernel reads a tile's rows side by side. Row-major, that is 3 or 4
+/// streams 1.5 KiB long each at k = 768 (bf16), too short for the hardware prefetcher to get
+/// ahead; in tile order it is one sequential stream per task. Measured on a 2-core Zen 3, a
+/// 240 MiB bf16 stream over both cores (k = 768, tasks of 288 rows): 16.6–17.0 GB/s
+/// row-major with the next-tile prefetch, 21.2–22.4 in tile order with a prefetch 2 KiB
+/// ahead. f32 rows are twice as long and gained nothing measurable there (24–25 GB/s either
+/// way), so f32 stays row-major.
+///
+/// The height is the kernel's weight rows per step on this CPU ([`tiles::height`]): 4 with
+/// AVX-512, 3 with AVX2, whose 16 registers hold a 3×4 tile (12 accumulators, 3 weight
+/// vectors, 1 input vector) for 4 input rows at a time but not a 4×3 one (it spilled).
+pub mod tiles {
+    use super::Isa;
+
+    /// Values of one row per chunk: one AVX-512 vector, two AVX2 ones.
+    pub const CHUNK: usize = 16;
+
+    /// Rows per tile for kernels of `isa`.
+    pub fn height(isa: Isa) -> usize {
+        if isa.capped() == Isa::Avx2 {
+            3
+        } else {
+            4
+        }
+    }
+
+    /// Whether a bf16 matrix of `shape` is stored in tile order.
+    pub fn applies(shape: &[usize]) -> bool {
+        matches!(shape, [n, k] if *n > 0 && *k > 0 && k.is_multiple_of(CHUNK))
+    }
+
+    /// Row-major values of `[n, k]` in tile order with tiles of `h` rows, through `f` (e.g.
+    /// f32 to bf16 bits), appended to `out`.
+    pub fn append<S: Copy, T>(
+        rows: &[S],
+        (n, k): (usize, usize),
+        h: usize,
+        out: &mut Vec<T>,
+        f: impl Fn(S) -> T,
+    ) {
+        assert!(
+            rows.len() == n * k && k.is_multiple_of(CHUNK) && h > 0,
+            "tiles::append: [{n}, {k}] in tiles of {h}"
+        );
+        for t0 in (0..n).step_by(h) {
+            let ht = h.min(n - t0);
+            for c in (0..k).step_by(CHUNK) {
+                for o in t0..t0 + ht {
+                    out.extend(rows[o * k + c..o * k + c + CHUNK].iter().map(|&v| f(v)));
+                }
+            }
+        }
+    }
+
+    /// Row `o` of a tile-ordered `[n, k]` with tiles of `h` rows, through `f`, appended to
+    /// `out`.
+    pub fn row<S: Copy, T>(
+        tiled: &[S],
+        (n, k): (usize, usize),
+        h: usize,
+        o: usize,
+        out: &mut Vec<T>,
+        f: impl Fn(S) -> T,
+    ) {
+        let t0 = o - o % h;
+        let ht = h.min(n - t0);
+        for c in 0..k / CHUNK {
+            let at = t0 * k + (c * ht + o - t0) * CHUNK;
+            out.extend(tiled[at..at + CHUNK].iter().map(|&v| f(v)));
+        }
+    }
 }
 
 /// A stored weight element.
@@ -86,8 +170,9 @@ pub fn linear(
 ) {
     let isa = isa.capped();
     match w {
-        Weights::F32(w) => run(isa, x, rows, k, w, n, bias, act, y),
-        Weights::Bf16(w) => run(isa, x, rows, k, w, n, bias, act, y),
+        Weights::F32(w) => run(isa, x, rows, k, w, 0, n, bias, act, y),
+        Weights::Bf16(w) => run(isa, x, rows, k, w, 0, n, bias, act, y),
+        Weights::Bf16Tiles(w, h) => run(isa, x, rows, k, w, h, n, bias, act, y),
     }
 }
 
@@ -117,6 +202,7 @@ fn run<W: Elem + Kernels>(
     rows: usize,
     k: usize,
     w: &[W],
+    tile_height: usize,
     n: usize,
     bias: Option<&[f32]>,
     act: Activation,
@@ -126,7 +212,8 @@ fn run<W: Elem + Kernels>(
         x.len() == rows * k
             && w.len() == n * k
             && y.len() == rows * n
-            && bias.is_none_or(|b| b.len() == n),
+            && bias.is_none_or(|b| b.len() == n)
+            && (tile_height == 0 || (k.is_multiple_of(tiles::CHUNK) && tile_height <= 4)),
         "gemv::linear: shapes were not checked by the caller"
     );
     if rows == 0 || n == 0 {
@@ -146,15 +233,15 @@ fn run<W: Elem + Kernels>(
     let task = |c: usize, out: &mut [f32]| {
         let o0 = c * cols;
         let o1 = o0 + out.len() / rows;
-        block(
-            isa,
-            x,
-            rows,
-            k,
-            &w[o0 * k..o1 * k],
-            bias.map(|b| &b[o0..o1]),
-            out,
-        );
+        // A block starts on a tile boundary (`column_block` is a multiple of 12), so in tile
+        // order its rows are the same slice as row-major.
+        let w = &w[o0 * k..o1 * k];
+        let bias = bias.map(|b| &b[o0..o1]);
+        if tile_height > 0 {
+            block_tiled(isa, x, rows, k, (w, tile_height), bias, out);
+        } else {
+            block(isa, x, rows, k, w, bias, out);
+        }
         super::vmath::activation(isa, act, out);
     };
     if rows == 1 {
@@ -225,6 +312,99 @@ fn block<W: Elem + Kernels>(
     }
 }
 
+/// [`block`] for weights in [`tiles`] order (tiles of `h` rows, the last one of the matrix
+/// maybe shorter), read front to back; each pass over a tile meets up to 4 input rows. The
+/// first pass prefetches ahead within the block: [`TILE_PREFETCH`] bytes when it is the only
+/// one, else the next tile, so DRAM works on it while the later passes read this one from
+/// cache (with 2 KiB, 8 input rows ran 5–10% slower than the row-major kernel).
+fn block_tiled<W: Elem + Kernels>(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    (w, h): (&[W], usize),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let cols = out.len() / rows;
+    let mut sums = [0f32; 16];
+    let mut o = 0;
+    while o < cols {
+        let ht = h.min(cols - o);
+        let mut m0 = 0;
+        while m0 < rows {
+            let mb = (rows - m0).min(4);
+            let ahead = match m0 {
+                0 if rows > 4 => ht * k,
+                0 => TILE_PREFETCH / std::mem::size_of::<W>(),
+                _ => 0,
+            };
+            let xs = &x[m0 * k..(m0 + mb) * k];
+            tile_tiled(isa, ht, mb, &w[o * k..], ahead, xs, k, &mut sums);
+            for ri in 0..ht {
+                let b = bias.map_or(0.0, |b| b[o + ri]);
+                for mi in 0..mb {
+                    out[(m0 + mi) * cols + o + ri] = sums[ri * 4 + mi] + b;
+                }
+            }
+            m0 += mb;
+        }
+        o += ht;
+    }
+}
+
+/// Bytes a tile-order pass prefetches ahead of its reads (one line per 64 bytes read).
+const TILE_PREFETCH: usize = 2048;
+
+/// `sums[r·4 + m] = w_row_r · x_row_m` for the tile of `r` rows at the start of `w` (in
+/// [`tiles`] order; `w` runs on to the end of the block, which bounds the prefetches;
+/// `ahead` values ahead of each read, none when 0), and x exactly `mb` rows of k.
+#[allow(clippy::too_many_arguments)]
+fn tile_tiled<W: Elem + Kernels>(
+    isa: Isa,
+    r: usize,
+    mb: usize,
+    w: &[W],
+    ahead: usize,
+    x: &[f32],
+    k: usize,
+    sums: &mut [f32; 16],
+) {
+    assert!(
+        (1..=4).contains(&r)
+            && (1..=4).contains(&mb)
+            && w.len() >= r * k
+            && x.len() == mb * k
+            && k.is_multiple_of(tiles::CHUNK),
+        "gemv tile (tile order): {r}×{mb} rows of {k}"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            let (w, len) = (w.as_ptr(), w.len());
+            // SAFETY: the assert above keeps every read inside `w` (the kernels read its first
+            // r·k values) and `x` (mb rows of k); the prefetched addresses stay below
+            // `w.len()`; `isa` was capped at what this CPU supports (see `linear`).
+            unsafe { W::tile_tiled_x86(isa, r, mb, w, len, ahead, x.as_ptr(), k, sums) }
+        }
+        _ => {
+            for ri in 0..r {
+                for mi in 0..mb {
+                    let mut s = 0f32;
+                    for c in 0..k / tiles::CHUNK {
+                        let wc = &w[(c * r + ri) * tiles::CHUNK..][..tiles::CHUNK];
+                        let xc = &x[mi * k + c * tiles::CHUNK..][..tiles::CHUNK];
+                        for (a, b) in wc.iter().zip(xc) {
+                            s += a.to_f32() * b;
+                        }
+                    }
+                    sums[ri * 4 + mi] = s;
+                }
+            }
+        }
+    }
+}
+
 /// `sums[r·4 + m] = w_row_r · x_row_m` for r < `r`, m < `mb`: w holds exactly r rows of k,
 /// x exactly mb rows of k. `ahead` (r rows of k too) is prefetched into the cache meanwhile.
 #[allow(clippy::too_many_arguments)]
@@ -285,6 +465,51 @@ pub(crate) trait Kernels: Sized {
         k: usize,
         sums: &mut [f32; 16],
     );
+
+    /// # Safety
+    /// `w` points to `len` elements, the first `r·k` of them a tile of `r` rows in [`tiles`]
+    /// order (k a multiple of its chunk); `x` to `mb` rows of `k`; `r` and `mb` are 1 to 4
+    /// (`r·mb` ≤ 12 with Avx2); the CPU supports `isa`, which is Avx2 or Avx512. `ahead`
+    /// values past each read are prefetched where they lie inside `len`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_tiled_x86(
+        isa: Isa,
+        r: usize,
+        mb: usize,
+        w: *const Self,
+        len: usize,
+        ahead: usize,
+        x: *const f32,
+        k: usize,
+        sums: &mut [f32; 16],
+    );
+}
+
+/// Calls the (R, MB) instance of tile-order kernel `$f`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_tile_shape {
+    ($f:ident, $r:expr, $mb:expr, $($a:expr),*) => {
+        match ($r, $mb) {
+            (4, 1) => $f::<4, 1>($($a),*),
+            (4, 2) => $f::<4, 2>($($a),*),
+            (4, 3) => $f::<4, 3>($($a),*),
+            (4, 4) => $f::<4, 4>($($a),*),
+            (3, 1) => $f::<3, 1>($($a),*),
+            (3, 2) => $f::<3, 2>($($a),*),
+            (3, 3) => $f::<3, 3>($($a),*),
+            (3, 4) => $f::<3, 4>($($a),*),
+            (2, 1) => $f::<2, 1>($($a),*),
+            (2, 2) => $f::<2, 2>($($a),*),
+            (2, 3) => $f::<2, 3>($($a),*),
+            (2, 4) => $f::<2, 4>($($a),*),
+            (1, 1) => $f::<1, 1>($($a),*),
+            (1, 2) => $f::<1, 2>($($a),*),
+            (1, 3) => $f::<1, 3>($($a),*),
+            (1, 4) => $f::<1, 4>($($a),*),
+            _ => unreachable!("tiles are 1 to 4 weight rows by 1 to 4 input rows"),
+        }
+    };
 }
 
 /// Calls the (R, MB) instance of kernel `$f`.
@@ -311,7 +536,7 @@ macro_rules! by_shape {
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! impl_kernels {
-    ($W:ty, $avx512:ident, $avx2:ident) => {
+    ($W:ty, $avx512:ident, $avx2:ident, $tiled512:ident, $tiled2:ident) => {
         impl Kernels for $W {
             unsafe fn tile_x86(
                 isa: Isa,
@@ -330,14 +555,39 @@ macro_rules! impl_kernels {
                     by_shape!($avx2, r, mb, w, ahead, x, k, sums)
                 }
             }
+
+            unsafe fn tile_tiled_x86(
+                isa: Isa,
+                r: usize,
+                mb: usize,
+                w: *const Self,
+                len: usize,
+                ahead: usize,
+                x: *const f32,
+                k: usize,
+                sums: &mut [f32; 16],
+            ) {
+                use x86::*;
+                if isa == Isa::Avx512 {
+                    by_tile_shape!($tiled512, r, mb, w, len, ahead, x, k, sums)
+                } else {
+                    by_tile_shape!($tiled2, r, mb, w, len, ahead, x, k, sums)
+                }
+            }
         }
     };
 }
 
 #[cfg(target_arch = "x86_64")]
-impl_kernels!(f32, avx512_f32, avx2_f32);
+impl_kernels!(f32, avx512_f32, avx2_f32, avx512_f32_tiles, avx2_f32_tiles);
 #[cfg(target_arch = "x86_64")]
-impl_kernels!(u16, avx512_bf16, avx2_bf16);
+impl_kernels!(
+    u16,
+    avx512_bf16,
+    avx2_bf16,
+    avx512_bf16_tiles,
+    avx2_bf16_tiles
+);
 
 #[cfg(not(target_arch = "x86_64"))]
 impl Kernels for f32 {}
@@ -435,6 +685,110 @@ mod x86 {
         };
     }
 
+    /// Defines one tile-order kernel (see [`super::tiles`]): R weight rows · MB input rows,
+    /// `$lanes` elements per vector, so CHUNK / `$lanes` vectors per row and chunk.
+    macro_rules! tiled_kernel {
+        ($name:ident, $feat:literal, $W:ty, $lanes:literal, $zero:ident, $loadw:ident,
+         $loadx:ident, $fma:ident, $hsum:ident) => {
+            /// # Safety
+            /// See [`super::Kernels::tile_tiled_x86`].
+            #[target_feature(enable = $feat)]
+            #[allow(clippy::needless_range_loop)]
+            pub(super) unsafe fn $name<const R: usize, const MB: usize>(
+                w: *const $W,
+                len: usize,
+                ahead: usize,
+                x: *const f32,
+                k: usize,
+                sums: &mut [f32; 16],
+            ) {
+                const CHUNK: usize = super::tiles::CHUNK;
+                let step = R * CHUNK; // values per chunk of the tile
+                let bytes = if ahead > 0 {
+                    step * std::mem::size_of::<$W>()
+                } else {
+                    0
+                };
+                let mut acc = [[$zero(); MB]; R];
+                let mut at = 0; // offset of this chunk in `w`
+                for c in 0..k / CHUNK {
+                    // One prefetch per 64 bytes of the tile's chunk, `ahead` on, inside `w`.
+                    let mut b = 0;
+                    while b < bytes {
+                        let p = at + ahead + b / std::mem::size_of::<$W>();
+                        if p < len {
+                            _mm_prefetch::<_MM_HINT_T0>(w.add(p).cast());
+                        }
+                        b += 64;
+                    }
+                    for h in 0..CHUNK / $lanes {
+                        let mut wv = [$zero(); R];
+                        for r in 0..R {
+                            wv[r] = $loadw(w.add(at + r * CHUNK + h * $lanes));
+                        }
+                        for m in 0..MB {
+                            let xv = $loadx(x.add(m * k + c * CHUNK + h * $lanes));
+                            for r in 0..R {
+                                acc[r][m] = $fma(wv[r], xv, acc[r][m]);
+                            }
+                        }
+                    }
+                    at += step;
+                }
+                for r in 0..R {
+                    for m in 0..MB {
+                        sums[r * 4 + m] = $hsum(acc[r][m]);
+                    }
+                }
+            }
+        };
+    }
+
+    tiled_kernel!(
+        avx512_f32_tiles,
+        "avx512f",
+        f32,
+        16,
+        _mm512_setzero_ps,
+        load16_f32,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    tiled_kernel!(
+        avx512_bf16_tiles,
+        "avx512f",
+        u16,
+        16,
+        _mm512_setzero_ps,
+        load16_bf16,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    tiled_kernel!(
+        avx2_f32_tiles,
+        "avx2,fma",
+        f32,
+        8,
+        _mm256_setzero_ps,
+        load8_f32,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum8
+    );
+    tiled_kernel!(
+        avx2_bf16_tiles,
+        "avx2,fma",
+        u16,
+        8,
+        _mm256_setzero_ps,
+        load8_bf16,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum8
+    );
+
     kernel!(
         avx512_f32,
         "avx512f",
@@ -504,6 +858,11 @@ mod tests {
                 (13, 24, 7),
                 (37, 50, 29),
                 (64, 33, 20),
+                (1, 64, 70),
+                (2, 32, 13),
+                (5, 48, 25),
+                (9, 96, 40),
+                (64, 32, 29),
             ] {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -512,10 +871,27 @@ mod tests {
                     .map(|&v| half::bf16::from_f32(v).to_bits())
                     .collect();
                 let bias: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                for (weights, name) in [(Weights::F32(&wf), "f32"), (Weights::Bf16(&wb), "bf16")] {
+                // bf16 in tile order too, in tiles of 3 and of 4 rows, where k allows.
+                let tiled = |h: usize| {
+                    let mut t = Vec::new();
+                    tiles::append(&wb, (n, k), h, &mut t, |b| b);
+                    t
+                };
+                let (t3, t4) = if k.is_multiple_of(tiles::CHUNK) {
+                    (tiled(3), tiled(4))
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                let mut all = vec![(Weights::F32(&wf), "f32"), (Weights::Bf16(&wb), "bf16")];
+                if k.is_multiple_of(tiles::CHUNK) {
+                    all.push((Weights::Bf16Tiles(&t3, 3), "bf16 tiles of 3"));
+                    all.push((Weights::Bf16Tiles(&t4, 4), "bf16 tiles of 4"));
+                }
+                for (weights, name) in all {
+                    // The reference reads the row-major values.
                     let wv = |i: usize| match weights {
                         Weights::F32(w) => w[i] as f64,
-                        Weights::Bf16(w) => w[i].to_f32() as f64,
+                        Weights::Bf16(_) | Weights::Bf16Tiles(..) => wb[i].to_f32() as f64,
                     };
                     let mut y = vec![f32::NAN; rows * n];
                     linear(
@@ -548,6 +924,34 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Tile order holds every value once and gives each row back, for tile heights that do
+    /// and do not divide n.
+    #[test]
+    fn tile_order_round_trips_every_row() {
+        for (n, k) in [(1, 16), (7, 32), (12, 48), (13, 16)] {
+            let w: Vec<u32> = (0..(n * k) as u32).collect();
+            for h in 1..=4 {
+                let mut t = Vec::new();
+                tiles::append(&w, (n, k), h, &mut t, |v| v);
+                let mut sorted = t.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, w, "[{n}, {k}] h {h}: a permutation");
+                for o in 0..n {
+                    let mut row = Vec::new();
+                    tiles::row(&t, (n, k), h, o, &mut row, |v| v);
+                    assert_eq!(row, w[o * k..(o + 1) * k], "[{n}, {k}] h {h} row {o}");
+                }
+                // A tile of rows is the row-major slice of those rows.
+                for t0 in (0..n).step_by(h) {
+                    let ht = h.min(n - t0);
+                    let mut part = t[t0 * k..(t0 + ht) * k].to_vec();
+                    part.sort_unstable();
+                    assert_eq!(part, w[t0 * k..(t0 + ht) * k], "[{n}, {k}] h {h} tile {t0}");
                 }
             }
         }
