@@ -12,7 +12,10 @@
 //! whole), so the gather is done once, at load. Measured, one `gemm` call per linear layer
 //! against one per panel, one thread, caches flushed before each call (GFLOP/s, MiniLM's
 //! shapes): 550 rows 202–247 → 252–265, 1700 rows 236–271 → 253–276, 3000 rows about even;
-//! whole embedding runs 5–6.5% faster (BENCHMARKS.md).
+//! whole embedding runs 5–6.5% faster (BENCHMARKS.md). With more than 48 input rows per
+//! call `gemm` still copies the panel into its own strips (16 features wide with AVX2);
+//! storing 16-wide panels and switching that copy off measured no faster: the copy's time is
+//! the time to bring the weights into L1, which the microkernel would spend waiting instead.
 //!
 //! The GEMM: output rows in blocks and panels in groups, one task per (block, group), each a
 //! single-threaded `gemm` call per panel then the bias/activation pass over its rows of the
