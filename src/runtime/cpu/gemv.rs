@@ -486,9 +486,10 @@ pub(crate) trait Kernels: Sized {
     );
 }
 
-/// Calls the (R, MB) instance of tile-order kernel `$f`.
+/// Calls the (R, MB) instance of kernel `$f` (row-major kernels take R of 1, 3 or 4; 2 only
+/// occurs at the end of a tile-order matrix).
 #[cfg(target_arch = "x86_64")]
-macro_rules! by_tile_shape {
+macro_rules! by_shape {
     ($f:ident, $r:expr, $mb:expr, $($a:expr),*) => {
         match ($r, $mb) {
             (4, 1) => $f::<4, 1>($($a),*),
@@ -508,28 +509,6 @@ macro_rules! by_tile_shape {
             (1, 3) => $f::<1, 3>($($a),*),
             (1, 4) => $f::<1, 4>($($a),*),
             _ => unreachable!("tiles are 1 to 4 weight rows by 1 to 4 input rows"),
-        }
-    };
-}
-
-/// Calls the (R, MB) instance of kernel `$f`.
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_shape {
-    ($f:ident, $r:expr, $mb:expr, $($a:expr),*) => {
-        match ($r, $mb) {
-            (4, 1) => $f::<4, 1>($($a),*),
-            (4, 2) => $f::<4, 2>($($a),*),
-            (4, 3) => $f::<4, 3>($($a),*),
-            (4, 4) => $f::<4, 4>($($a),*),
-            (3, 1) => $f::<3, 1>($($a),*),
-            (3, 2) => $f::<3, 2>($($a),*),
-            (3, 3) => $f::<3, 3>($($a),*),
-            (3, 4) => $f::<3, 4>($($a),*),
-            (1, 1) => $f::<1, 1>($($a),*),
-            (1, 2) => $f::<1, 2>($($a),*),
-            (1, 3) => $f::<1, 3>($($a),*),
-            (1, 4) => $f::<1, 4>($($a),*),
-            _ => unreachable!("tiles are 1, 3 or 4 weight rows by 1 to 4 input rows"),
         }
     };
 }
@@ -569,9 +548,9 @@ macro_rules! impl_kernels {
             ) {
                 use x86::*;
                 if isa == Isa::Avx512 {
-                    by_tile_shape!($tiled512, r, mb, w, len, ahead, x, k, sums)
+                    by_shape!($tiled512, r, mb, w, len, ahead, x, k, sums)
                 } else {
-                    by_tile_shape!($tiled2, r, mb, w, len, ahead, x, k, sums)
+                    by_shape!($tiled2, r, mb, w, len, ahead, x, k, sums)
                 }
             }
         }
@@ -636,6 +615,25 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// One step of a kernel: R weight vectors (the r-th at `$w`) each times MB input vectors
+    /// (the m-th at `$x`), into `acc[r][m]`; `$between` runs after the weight loads.
+    macro_rules! fma_step {
+        ($acc:ident, $zero:ident, $loadw:ident, $loadx:ident, $fma:ident,
+         |$r:ident| $w:expr, |$m:ident| $x:expr, $between:block) => {{
+            let mut wv = [$zero(); R];
+            for $r in 0..R {
+                wv[$r] = $loadw($w);
+            }
+            $between
+            for $m in 0..MB {
+                let xv = $loadx($x);
+                for r in 0..R {
+                    $acc[r][$m] = $fma(wv[r], xv, $acc[r][$m]);
+                }
+            }
+        }};
+    }
+
     /// Defines one kernel: R weight rows · MB input rows, `$lanes` elements per step.
     macro_rules! kernel {
         ($name:ident, $feat:literal, $W:ty, $lanes:literal, $zero:ident, $loadw:ident,
@@ -655,21 +653,22 @@ mod x86 {
                 let body = k - k % $lanes;
                 let mut i = 0;
                 while i < body {
-                    let mut wv = [$zero(); R];
-                    for r in 0..R {
-                        wv[r] = $loadw(w.add(r * k + i));
-                    }
-                    if !ahead.is_null() {
-                        for r in 0..R {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(r * k + i).cast());
+                    fma_step!(
+                        acc,
+                        $zero,
+                        $loadw,
+                        $loadx,
+                        $fma,
+                        |r| w.add(r * k + i),
+                        |m| x.add(m * k + i),
+                        {
+                            if !ahead.is_null() {
+                                for r in 0..R {
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(r * k + i).cast());
+                                }
+                            }
                         }
-                    }
-                    for m in 0..MB {
-                        let xv = $loadx(x.add(m * k + i));
-                        for r in 0..R {
-                            acc[r][m] = $fma(wv[r], xv, acc[r][m]);
-                        }
-                    }
+                    );
                     i += $lanes;
                 }
                 for r in 0..R {
@@ -722,16 +721,16 @@ mod x86 {
                         b += 64;
                     }
                     for h in 0..CHUNK / $lanes {
-                        let mut wv = [$zero(); R];
-                        for r in 0..R {
-                            wv[r] = $loadw(w.add(at + r * CHUNK + h * $lanes));
-                        }
-                        for m in 0..MB {
-                            let xv = $loadx(x.add(m * k + c * CHUNK + h * $lanes));
-                            for r in 0..R {
-                                acc[r][m] = $fma(wv[r], xv, acc[r][m]);
-                            }
-                        }
+                        fma_step!(
+                            acc,
+                            $zero,
+                            $loadw,
+                            $loadx,
+                            $fma,
+                            |r| w.add(at + r * CHUNK + h * $lanes),
+                            |m| x.add(m * k + c * CHUNK + h * $lanes),
+                            {}
+                        );
                     }
                     at += step;
                 }
