@@ -170,9 +170,15 @@ pub fn linear(
 ) {
     let isa = isa.capped();
     match w {
-        Weights::F32(w) => run(isa, x, rows, k, w, 0, n, bias, act, y),
-        Weights::Bf16(w) => run(isa, x, rows, k, w, 0, n, bias, act, y),
-        Weights::Bf16Tiles(w, h) => run(isa, x, rows, k, w, h, n, bias, act, y),
+        Weights::F32(w) => run(isa, x, rows, k, w, n, bias, act, y, |w, b, out| {
+            block(isa, x, rows, k, w, b, out)
+        }),
+        Weights::Bf16(w) => run(isa, x, rows, k, w, n, bias, act, y, |w, b, out| {
+            block(isa, x, rows, k, w, b, out)
+        }),
+        Weights::Bf16Tiles(w, h) => run(isa, x, rows, k, w, n, bias, act, y, |w, b, out| {
+            block_tiled(isa, x, rows, k, (w, h), b, out)
+        }),
     }
 }
 
@@ -195,25 +201,26 @@ fn weight_rows(isa: Isa, rows: usize) -> usize {
     }
 }
 
+/// The split over the threads (see the module docs); `block` computes one task's outputs
+/// from its weight rows and bias (`block` or `block_tiled`).
 #[allow(clippy::too_many_arguments)]
-fn run<W: Elem + Kernels>(
+fn run<W: Sync>(
     isa: Isa,
     x: &[f32],
     rows: usize,
     k: usize,
     w: &[W],
-    tile_height: usize,
     n: usize,
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
+    block: impl Fn(&[W], Option<&[f32]>, &mut [f32]) + Sync,
 ) {
     assert!(
         x.len() == rows * k
             && w.len() == n * k
             && y.len() == rows * n
-            && bias.is_none_or(|b| b.len() == n)
-            && (tile_height == 0 || (k.is_multiple_of(tiles::CHUNK) && tile_height <= 4)),
+            && bias.is_none_or(|b| b.len() == n),
         "gemv::linear: shapes were not checked by the caller"
     );
     if rows == 0 || n == 0 {
@@ -235,13 +242,7 @@ fn run<W: Elem + Kernels>(
         let o1 = o0 + out.len() / rows;
         // A block starts on a tile boundary (`column_block` is a multiple of 12), so in tile
         // order its rows are the same slice as row-major.
-        let w = &w[o0 * k..o1 * k];
-        let bias = bias.map(|b| &b[o0..o1]);
-        if tile_height > 0 {
-            block_tiled(isa, x, rows, k, (w, tile_height), bias, out);
-        } else {
-            block(isa, x, rows, k, w, bias, out);
-        }
+        block(&w[o0 * k..o1 * k], bias.map(|b| &b[o0..o1]), out);
         super::vmath::activation(isa, act, out);
     };
     if rows == 1 {
@@ -300,15 +301,55 @@ fn block<W: Elem + Kernels>(
                 k,
                 &mut sums,
             );
-            for ri in 0..r {
-                let b = bias.map_or(0.0, |b| b[o + ri]);
-                for mi in 0..mb {
-                    out[(m0 + mi) * cols + o + ri] = sums[ri * 4 + mi] + b;
-                }
-            }
+            store(&sums, bias, cols, (o, r), (m0, mb), out);
             m0 += mb;
         }
         o += r;
+    }
+}
+
+/// Calls the (R, MB) instance of kernel `$f` (row-major kernels take R of 1, 3 or 4; 2 only
+/// occurs at the end of a tile-order matrix).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($f:ident, $r:expr, $mb:expr, $($a:expr),*) => {
+        match ($r, $mb) {
+            (4, 1) => $f::<4, 1>($($a),*),
+            (4, 2) => $f::<4, 2>($($a),*),
+            (4, 3) => $f::<4, 3>($($a),*),
+            (4, 4) => $f::<4, 4>($($a),*),
+            (3, 1) => $f::<3, 1>($($a),*),
+            (3, 2) => $f::<3, 2>($($a),*),
+            (3, 3) => $f::<3, 3>($($a),*),
+            (3, 4) => $f::<3, 4>($($a),*),
+            (2, 1) => $f::<2, 1>($($a),*),
+            (2, 2) => $f::<2, 2>($($a),*),
+            (2, 3) => $f::<2, 3>($($a),*),
+            (2, 4) => $f::<2, 4>($($a),*),
+            (1, 1) => $f::<1, 1>($($a),*),
+            (1, 2) => $f::<1, 2>($($a),*),
+            (1, 3) => $f::<1, 3>($($a),*),
+            (1, 4) => $f::<1, 4>($($a),*),
+            _ => unreachable!("tiles are 1 to 4 weight rows by 1 to 4 input rows"),
+        }
+    };
+}
+
+/// A tile's sums plus bias into a block's output (`[row, col]`, rows of `cols`): weight rows
+/// o..o+r, input rows m0..m0+mb.
+fn store(
+    sums: &[f32; 16],
+    bias: Option<&[f32]>,
+    cols: usize,
+    (o, r): (usize, usize),
+    (m0, mb): (usize, usize),
+    out: &mut [f32],
+) {
+    for ri in 0..r {
+        let b = bias.map_or(0.0, |b| b[o + ri]);
+        for mi in 0..mb {
+            out[(m0 + mi) * cols + o + ri] = sums[ri * 4 + mi] + b;
+        }
     }
 }
 
@@ -317,12 +358,12 @@ fn block<W: Elem + Kernels>(
 /// first pass prefetches ahead within the block: [`TILE_PREFETCH`] bytes when it is the only
 /// one, else the next tile, so DRAM works on it while the later passes read this one from
 /// cache (with 2 KiB, 8 input rows ran 5–10% slower than the row-major kernel).
-fn block_tiled<W: Elem + Kernels>(
+fn block_tiled(
     isa: Isa,
     x: &[f32],
     rows: usize,
     k: usize,
-    (w, h): (&[W], usize),
+    (w, h): (&[u16], usize),
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
@@ -336,17 +377,12 @@ fn block_tiled<W: Elem + Kernels>(
             let mb = (rows - m0).min(4);
             let ahead = match m0 {
                 0 if rows > 4 => ht * k,
-                0 => TILE_PREFETCH / std::mem::size_of::<W>(),
+                0 => TILE_PREFETCH / 2,
                 _ => 0,
             };
             let xs = &x[m0 * k..(m0 + mb) * k];
             tile_tiled(isa, ht, mb, &w[o * k..], ahead, xs, k, &mut sums);
-            for ri in 0..ht {
-                let b = bias.map_or(0.0, |b| b[o + ri]);
-                for mi in 0..mb {
-                    out[(m0 + mi) * cols + o + ri] = sums[ri * 4 + mi] + b;
-                }
-            }
+            store(&sums, bias, cols, (o, ht), (m0, mb), out);
             m0 += mb;
         }
         o += ht;
@@ -360,11 +396,11 @@ const TILE_PREFETCH: usize = 2048;
 /// [`tiles`] order; `w` runs on to the end of the block, which bounds the prefetches;
 /// `ahead` values ahead of each read, none when 0), and x exactly `mb` rows of k.
 #[allow(clippy::too_many_arguments)]
-fn tile_tiled<W: Elem + Kernels>(
+fn tile_tiled(
     isa: Isa,
     r: usize,
     mb: usize,
-    w: &[W],
+    w: &[u16],
     ahead: usize,
     x: &[f32],
     k: usize,
@@ -381,11 +417,19 @@ fn tile_tiled<W: Elem + Kernels>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => {
-            let (w, len) = (w.as_ptr(), w.len());
+            use x86::*;
+            let (w, len, x) = (w.as_ptr(), w.len(), x.as_ptr());
             // SAFETY: the assert above keeps every read inside `w` (the kernels read its first
             // r·k values) and `x` (mb rows of k); the prefetched addresses stay below
-            // `w.len()`; `isa` was capped at what this CPU supports (see `linear`).
-            unsafe { W::tile_tiled_x86(isa, r, mb, w, len, ahead, x.as_ptr(), k, sums) }
+            // `w.len()`; `isa` was capped at what this CPU supports (see `linear`), and the
+            // kernel is the one compiled for it.
+            unsafe {
+                if isa == Isa::Avx512 {
+                    by_shape!(avx512_bf16_tiles, r, mb, w, len, ahead, x, k, sums)
+                } else {
+                    by_shape!(avx2_bf16_tiles, r, mb, w, len, ahead, x, k, sums)
+                }
+            }
         }
         _ => {
             for ri in 0..r {
@@ -465,57 +509,11 @@ pub(crate) trait Kernels: Sized {
         k: usize,
         sums: &mut [f32; 16],
     );
-
-    /// # Safety
-    /// `w` points to `len` elements, the first `r·k` of them a tile of `r` rows in [`tiles`]
-    /// order (k a multiple of its chunk); `x` to `mb` rows of `k`; `r` and `mb` are 1 to 4
-    /// (`r·mb` ≤ 12 with Avx2); the CPU supports `isa`, which is Avx2 or Avx512. `ahead`
-    /// values past each read are prefetched where they lie inside `len`.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_tiled_x86(
-        isa: Isa,
-        r: usize,
-        mb: usize,
-        w: *const Self,
-        len: usize,
-        ahead: usize,
-        x: *const f32,
-        k: usize,
-        sums: &mut [f32; 16],
-    );
-}
-
-/// Calls the (R, MB) instance of kernel `$f` (row-major kernels take R of 1, 3 or 4; 2 only
-/// occurs at the end of a tile-order matrix).
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_shape {
-    ($f:ident, $r:expr, $mb:expr, $($a:expr),*) => {
-        match ($r, $mb) {
-            (4, 1) => $f::<4, 1>($($a),*),
-            (4, 2) => $f::<4, 2>($($a),*),
-            (4, 3) => $f::<4, 3>($($a),*),
-            (4, 4) => $f::<4, 4>($($a),*),
-            (3, 1) => $f::<3, 1>($($a),*),
-            (3, 2) => $f::<3, 2>($($a),*),
-            (3, 3) => $f::<3, 3>($($a),*),
-            (3, 4) => $f::<3, 4>($($a),*),
-            (2, 1) => $f::<2, 1>($($a),*),
-            (2, 2) => $f::<2, 2>($($a),*),
-            (2, 3) => $f::<2, 3>($($a),*),
-            (2, 4) => $f::<2, 4>($($a),*),
-            (1, 1) => $f::<1, 1>($($a),*),
-            (1, 2) => $f::<1, 2>($($a),*),
-            (1, 3) => $f::<1, 3>($($a),*),
-            (1, 4) => $f::<1, 4>($($a),*),
-            _ => unreachable!("tiles are 1 to 4 weight rows by 1 to 4 input rows"),
-        }
-    };
 }
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! impl_kernels {
-    ($W:ty, $avx512:ident, $avx2:ident, $tiled512:ident, $tiled2:ident) => {
+    ($W:ty, $avx512:ident, $avx2:ident) => {
         impl Kernels for $W {
             unsafe fn tile_x86(
                 isa: Isa,
@@ -534,39 +532,14 @@ macro_rules! impl_kernels {
                     by_shape!($avx2, r, mb, w, ahead, x, k, sums)
                 }
             }
-
-            unsafe fn tile_tiled_x86(
-                isa: Isa,
-                r: usize,
-                mb: usize,
-                w: *const Self,
-                len: usize,
-                ahead: usize,
-                x: *const f32,
-                k: usize,
-                sums: &mut [f32; 16],
-            ) {
-                use x86::*;
-                if isa == Isa::Avx512 {
-                    by_shape!($tiled512, r, mb, w, len, ahead, x, k, sums)
-                } else {
-                    by_shape!($tiled2, r, mb, w, len, ahead, x, k, sums)
-                }
-            }
         }
     };
 }
 
 #[cfg(target_arch = "x86_64")]
-impl_kernels!(f32, avx512_f32, avx2_f32, avx512_f32_tiles, avx2_f32_tiles);
+impl_kernels!(f32, avx512_f32, avx2_f32);
 #[cfg(target_arch = "x86_64")]
-impl_kernels!(
-    u16,
-    avx512_bf16,
-    avx2_bf16,
-    avx512_bf16_tiles,
-    avx2_bf16_tiles
-);
+impl_kernels!(u16, avx512_bf16, avx2_bf16);
 
 #[cfg(not(target_arch = "x86_64"))]
 impl Kernels for f32 {}
@@ -686,11 +659,16 @@ mod x86 {
 
     /// Defines one tile-order kernel (see [`super::tiles`]): R weight rows · MB input rows,
     /// `$lanes` elements per vector, so CHUNK / `$lanes` vectors per row and chunk.
+    ///
+    /// # Safety (of the kernels)
+    /// `w` points to `len` elements, the first `R·k` of them a tile of R rows in tile order
+    /// (k a multiple of its chunk); `x` to MB rows of `k`; the CPU supports the kernel's
+    /// features. `ahead` values past each read are prefetched where they lie inside `len`.
     macro_rules! tiled_kernel {
         ($name:ident, $feat:literal, $W:ty, $lanes:literal, $zero:ident, $loadw:ident,
          $loadx:ident, $fma:ident, $hsum:ident) => {
             /// # Safety
-            /// See [`super::Kernels::tile_tiled_x86`].
+            /// See [`tiled_kernel`].
             #[target_feature(enable = $feat)]
             #[allow(clippy::needless_range_loop)]
             pub(super) unsafe fn $name<const R: usize, const MB: usize>(
@@ -744,17 +722,6 @@ mod x86 {
     }
 
     tiled_kernel!(
-        avx512_f32_tiles,
-        "avx512f",
-        f32,
-        16,
-        _mm512_setzero_ps,
-        load16_f32,
-        _mm512_loadu_ps,
-        _mm512_fmadd_ps,
-        _mm512_reduce_add_ps
-    );
-    tiled_kernel!(
         avx512_bf16_tiles,
         "avx512f",
         u16,
@@ -764,17 +731,6 @@ mod x86 {
         _mm512_loadu_ps,
         _mm512_fmadd_ps,
         _mm512_reduce_add_ps
-    );
-    tiled_kernel!(
-        avx2_f32_tiles,
-        "avx2,fma",
-        f32,
-        8,
-        _mm256_setzero_ps,
-        load8_f32,
-        _mm256_loadu_ps,
-        _mm256_fmadd_ps,
-        hsum8
     );
     tiled_kernel!(
         avx2_bf16_tiles,
